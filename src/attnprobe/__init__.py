@@ -1,0 +1,56 @@
+"""attnprobe: record, per denoiser call, site, head and text token, the cross-attention of diffusers pipelines.
+
+    >>> import attnprobe
+    >>> from attnprobe.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> with attnprobe.probe(pipe, heads="mean") as store:
+    ...     _ = pipe("a picture of dog", num_inference_steps=3, height=64, width=64, output_type="latent")
+    >>> attnprobe.trajectory(store, "dog").shape
+    torch.Size([3])
+"""
+
+__version__ = "0.1.0"
+
+from .analysis import Comparison, auc, compare, heatmap, trajectory  # noqa: E402
+from .errors import (  # noqa: E402
+    AttnprobeError,
+    ConceptError,
+    ModelLoadError,
+    NoSitesError,
+    ProbeError,
+    StoreError,
+    UnknownSiteError,
+)
+from .probe import probe  # noqa: E402
+from .sites import Site, list_sites  # noqa: E402
+from .store import AttentionStore, Call, Sample  # noqa: E402
+
+
+def study(*args, **kwargs):
+    """Run the unlearning study (see ``attnprobe.study_run.study``); imported lazily (matplotlib, scipy)."""
+    from .study import study as _study
+
+    return _study(*args, **kwargs)
+
+
+__all__ = [
+    "AttentionStore",
+    "AttnprobeError",
+    "Call",
+    "Comparison",
+    "ConceptError",
+    "ModelLoadError",
+    "NoSitesError",
+    "ProbeError",
+    "Sample",
+    "Site",
+    "StoreError",
+    "UnknownSiteError",
+    "auc",
+    "compare",
+    "heatmap",
+    "list_sites",
+    "probe",
+    "study",
+    "trajectory",
+]

@@ -1,0 +1,32 @@
+"""Errors raised by attnprobe. Every one says what was passed, what exists, and what to do."""
+
+
+class AttnprobeError(Exception):
+    """Base class of every error attnprobe raises on purpose."""
+
+
+class NoSitesError(AttnprobeError):
+    """The denoiser has no cross-attention site (or the selection left none)."""
+
+
+class UnknownSiteError(AttnprobeError, KeyError):
+    """A site name or pattern matched no cross-attention site."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ProbeError(AttnprobeError):
+    """The probe could not record what it was asked to (replaced processors, missing q/k, bad options)."""
+
+
+class ConceptError(AttnprobeError):
+    """A concept is not in a sample's prompt, or lies past the tokenizer's maximum length."""
+
+
+class StoreError(AttnprobeError):
+    """A store file is corrupt or truncated, or two stores cannot be compared."""
+
+
+class ModelLoadError(AttnprobeError):
+    """A pipeline could not be built or loaded (offline, unknown id, missing weights)."""

@@ -1,0 +1,169 @@
+"""Find the cross-attention sites of a diffusers denoiser.
+
+A *site* is one attention layer whose keys are text tokens, named by its module path in the denoiser
+(exactly what ``denoiser.named_modules()`` and ``print(denoiser)`` show).
+
+    >>> from attnprobe.testing import tiny_sd_pipeline
+    >>> sites = list_sites(tiny_sd_pipeline())
+    >>> sites[0].name, len(sites)
+    ('down_blocks.0.attentions.0.transformer_blocks.0.attn2', 16)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import weakref
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Union
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+from .errors import NoSitesError, UnknownSiteError
+
+__all__ = ["Site", "list_sites", "select_sites", "denoiser_of"]
+
+# Execution order observed by a probe, per denoiser (weak: forgotten with the model). A cache of a fact
+# about the model, not a store of captured data.
+_OBSERVED_ORDER: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+SiteSelector = Union[None, str, Iterable[str], Callable[["Site"], bool]]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One cross-attention layer of a denoiser.
+
+    Attributes:
+        name: module path in the denoiser, e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn2``.
+        kind: ``"cross"`` (queries are image positions, keys are text tokens).
+        heads: number of attention heads.
+        head_dim: channels per head (query/key width divided by ``heads``).
+        group: block group: ``"down"``, ``"mid"``, ``"up"`` for UNets (the first path component without
+            ``_blocks``/``_block``).
+        block: the block the site lives in, e.g. ``"down_blocks.1"`` or ``"mid_block"``.
+        order: position in execution order, or ``None`` until a probe has seen one denoiser call.
+    """
+
+    name: str
+    kind: str
+    heads: int
+    head_dim: int
+    group: str
+    block: str
+    order: int | None = None
+
+
+def denoiser_of(pipe_or_denoiser) -> torch.nn.Module:
+    """The denoiser of a pipeline (``pipe.unet`` or ``pipe.transformer``), or the module itself.
+
+    Raises:
+        NoSitesError: the object is neither a pipeline with a denoiser nor a ``torch.nn.Module``.
+    """
+    if isinstance(pipe_or_denoiser, torch.nn.Module):
+        return pipe_or_denoiser
+    for attr in ("unet", "transformer", "prior"):
+        module = getattr(pipe_or_denoiser, attr, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise NoSitesError(
+        f"{type(pipe_or_denoiser).__name__} is neither a torch.nn.Module nor a pipeline with a denoiser "
+        "(looked for .unet, .transformer, .prior): pass a diffusers pipeline or its denoiser."
+    )
+
+
+def _group_and_block(name: str) -> tuple[str, str]:
+    parts = name.split(".")
+    head = parts[0]
+    group = head.removesuffix("_blocks").removesuffix("_block")
+    if len(parts) > 1 and parts[1].isdigit():
+        return group, f"{head}.{parts[1]}"
+    return group, head
+
+
+def list_sites(pipe_or_denoiser) -> list[Site]:
+    """The cross-attention sites of a pipeline's denoiser (or of a denoiser module).
+
+    A site is a ``diffusers`` ``Attention`` module built as cross-attention (``is_cross_attention``): in
+    SD 1.x/2.x/SDXL UNets these are the ``attn2`` layers of the transformer blocks.
+
+    Args:
+        pipe_or_denoiser: a diffusers pipeline (its ``unet``/``transformer`` is used) or the denoiser module.
+
+    Returns:
+        The sites, in execution order once a probe has seen one denoiser call of this denoiser (``Site.order``
+        set), otherwise in ``named_modules()`` order (which lists ``up_blocks`` before ``mid_block``).
+
+    Raises:
+        NoSitesError: the denoiser has no cross-attention layer (says what attention layers it has).
+
+    Examples:
+        >>> from attnprobe.testing import tiny_sd_pipeline
+        >>> [s.group for s in list_sites(tiny_sd_pipeline())][:3]
+        ['down', 'down', 'down']
+    """
+    denoiser = denoiser_of(pipe_or_denoiser)
+    found, other = [], 0
+    for name, module in denoiser.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        if not module.is_cross_attention:
+            other += 1
+            continue
+        group, block = _group_and_block(name)
+        heads = int(module.heads)
+        head_dim = int(module.inner_dim // heads) if getattr(module, "inner_dim", None) else 0
+        found.append(Site(name=name, kind="cross", heads=heads, head_dim=head_dim, group=group, block=block))
+    if not found:
+        raise NoSitesError(
+            f"{type(denoiser).__name__} has no cross-attention site ({other} self-attention layers, "
+            "0 with encoder states): attnprobe records attention from image positions to text tokens, "
+            "so it needs a text-conditioned denoiser."
+        )
+    order = _OBSERVED_ORDER.get(denoiser)
+    if order:
+        rank = {n: i for i, n in enumerate(order)}
+        found = [replace(s, order=rank.get(s.name)) for s in found]
+        found.sort(key=lambda s: (s.order is None, s.order if s.order is not None else 0))
+    return found
+
+
+def select_sites(sites: list[Site], selector: SiteSelector) -> list[Site]:
+    """The sites a selector picks, keeping the order of ``sites``.
+
+    Args:
+        sites: the candidates (from ``list_sites``).
+        selector: ``None`` (all), a name or glob (``"up_blocks.*"``, ``"*attn2"``), a list of names/globs
+            (their union), or a predicate ``Site -> bool``.
+
+    Raises:
+        UnknownSiteError: a name or glob matched nothing (the message lists the sites there are).
+        NoSitesError: a predicate picked no site.
+    """
+    if selector is None:
+        return list(sites)
+    if callable(selector) and not isinstance(selector, str):
+        picked = [s for s in sites if selector(s)]
+        if not picked:
+            raise NoSitesError(f"the site predicate {selector!r} picked none of the {len(sites)} sites")
+        return picked
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    keep = set()
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise UnknownSiteError(f"site patterns must be strings; got {pattern!r} ({type(pattern).__name__})")
+        hits = {s.name for s in sites if s.name == pattern or fnmatch.fnmatchcase(s.name, pattern)}
+        if not hits:
+            shown = "\n  ".join(s.name for s in sites[:40])
+            more = f"\n  … and {len(sites) - 40} more" if len(sites) > 40 else ""
+            raise UnknownSiteError(
+                f"site pattern {pattern!r} matches none of the {len(sites)} cross-attention sites:\n  {shown}{more}"
+            )
+        keep |= hits
+    return [s for s in sites if s.name in keep]
+
+
+def _record_order(denoiser: torch.nn.Module, names: list[str]) -> None:
+    known = _OBSERVED_ORDER.get(denoiser)
+    if known is None or len(names) > len(known):
+        _OBSERVED_ORDER[denoiser] = tuple(names)

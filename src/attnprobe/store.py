@@ -1,0 +1,261 @@
+"""AttentionStore: the recorded cross-attention maps of one probe, with their coordinates.
+
+    >>> from attnprobe.testing import synthetic_store
+    >>> store = synthetic_store(calls=3, grid=(2, 4))
+    >>> site = store.sites[0].name
+    >>> tuple(store[site].shape)        # [call, sample, head, qh, qw, token]
+    (3, 1, 2, 2, 4, 77)
+
+Per site, ``store[site]`` is ``[call, sample, head, qh, qw, token]``: for denoiser call ``c`` and captured
+sample ``s``, the probability that image position ``(qh, qw)`` of head ``h`` attends to text token ``t``.
+Values sum to 1 over ``token``. ``head`` has length 1 when heads were averaged (``heads="mean"``). Sites whose
+query count does not factor into the latent grid (token merging) are kept flat: ``qh = 1``, ``qw = query``,
+listed in ``store.flat_sites``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import StoreError
+from .sites import Site
+from .tokens import TokenLayout, find_concept
+
+__all__ = ["AttentionStore", "Call", "Sample", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_META_KEY = "attnprobe"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One denoiser call.
+
+    Attributes:
+        index: call index from 0, counted by a pre-forward hook on the denoiser (Heun makes 2 per step).
+        timestep: the scheduler timestep the denoiser got (its first element when it is per sample).
+        generation: which pipeline call (0 for the first) within the probe.
+        layout: the pass label of every batch row of the call, e.g. ``("uncond", "uncond", "cond", "cond")``.
+    """
+
+    index: int
+    timestep: float
+    generation: int
+    layout: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One captured batch row (the ``sample`` axis of the maps).
+
+    Attributes:
+        index: position on the ``sample`` axis.
+        pass_label: ``"cond"`` or ``"uncond"`` (classifier-free guidance's conditional / unconditional pass).
+        prompt_index: which prompt of the pipeline call (``prompt[i]`` or ``negative_prompt[i]``).
+        image_index: which image of that prompt (``num_images_per_prompt``).
+        row: the batch row in the denoiser call.
+        text: the prompt text, or ``None`` when unknown (``prompt_embeds`` passed).
+    """
+
+    index: int
+    pass_label: str
+    prompt_index: int
+    image_index: int
+    row: int
+    text: str | None
+
+
+class AttentionStore:
+    """Cross-attention maps keyed by site, with call, sample and token coordinates.
+
+    Built by ``attnprobe.probe``; loaded by ``AttentionStore.load``. Attributes: ``sites`` (``list[Site]``,
+    execution order), ``calls`` (``list[Call]``), ``samples`` (``list[Sample]``), ``meta`` (dict: pipeline and
+    denoiser class, versions, scheduler, timesteps, prompts, image size, capture options), ``flat_sites``.
+    """
+
+    def __init__(self, sites, calls, samples, layouts, maps, meta, flat_sites=()):
+        self.sites: list[Site] = list(sites)
+        self.calls: list[Call] = list(calls)
+        self.samples: list[Sample] = list(samples)
+        self.meta: dict = dict(meta)
+        self.flat_sites: set[str] = set(flat_sites)
+        self._layouts: list[TokenLayout] = list(layouts)
+        self._chunks: dict[str, list[torch.Tensor]] = {s.name: [] for s in self.sites}
+        self._maps: dict[str, torch.Tensor] = dict(maps)
+
+    # ------------------------------------------------------------------ access
+    @property
+    def site_names(self) -> list[str]:
+        """Names of the captured sites, in execution order."""
+        return [s.name for s in self.sites]
+
+    def _site_name(self, site) -> str:
+        name = site.name if isinstance(site, Site) else site
+        if name not in self._chunks and name not in self._maps:
+            shown = "\n  ".join(self.site_names[:40])
+            raise KeyError(f"site {name!r} is not in this store; its {len(self.sites)} sites are:\n  {shown}")
+        return name
+
+    def __getitem__(self, site) -> torch.Tensor:
+        """``[call, sample, head, qh, qw, token]`` probabilities of one site (``Site`` or its name).
+
+        Raises:
+            KeyError: the site is not in the store (the message lists the sites).
+        """
+        name = self._site_name(site)
+        chunks = self._chunks.get(name)
+        if chunks:
+            prior = [self._maps[name]] if name in self._maps else []
+            self._maps[name] = torch.cat(prior + [torch.stack(chunks)], dim=0)
+            chunks.clear()
+        if name not in self._maps:
+            return torch.empty(0)
+        return self._maps[name]
+
+    def __contains__(self, site) -> bool:
+        name = site.name if isinstance(site, Site) else site
+        return name in self._chunks or name in self._maps
+
+    def __iter__(self):
+        return iter(self.site_names)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def _append(self, site: str, maps: torch.Tensor) -> None:
+        self._chunks[site].append(maps)
+
+    def _consolidate(self) -> None:
+        for name in self.site_names:
+            self[name]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the maps (kept values × dtype size)."""
+        total = sum(t.numel() * t.element_size() for t in self._maps.values())
+        total += sum(t.numel() * t.element_size() for ch in self._chunks.values() for t in ch)
+        return total
+
+    def _sample_index(self, sample) -> int:
+        idx = sample.index if isinstance(sample, Sample) else sample
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(self.samples):
+            listing = "\n  ".join(
+                f"{s.index}: {s.pass_label} prompt {s.prompt_index} image {s.image_index}: {s.text!r}" for s in self.samples
+            )
+            raise IndexError(f"sample {sample!r} is not in this store; its {len(self.samples)} samples are:\n  {listing}")
+        return idx
+
+    def layout(self, sample) -> TokenLayout:
+        """The token layout of a sample (strings, kinds, ids, text, offsets)."""
+        return self._layouts[self._sample_index(sample)]
+
+    def tokens(self, sample) -> list[str]:
+        """Every key position's string for a sample: ``<|startoftext|>``, words, ``<|endoftext|>``, padding.
+
+        Positions whose text is unknown (``prompt_embeds`` passed) are ``""``. Length = the ``token`` axis.
+        """
+        return list(self.layout(sample).strings)
+
+    def token_kinds(self, sample) -> list[str]:
+        """Per position ``"start"``, ``"word"``, ``"end"``, ``"pad"`` or ``"unknown"``."""
+        return list(self.layout(sample).kinds)
+
+    def token_indices(self, sample, concept: str) -> list[list[int]]:
+        """Positions of every occurrence of ``concept`` in a sample's prompt: one list per occurrence.
+
+        Raises:
+            ConceptError: not in the prompt (shows its tokens), truncated away, or the sample has no text.
+
+        Examples:
+            >>> from attnprobe.testing import synthetic_store
+            >>> synthetic_store(prompt="a dog and a van gogh dog").token_indices(0, "dog")
+            [[2], [7]]
+        """
+        idx = self._sample_index(sample)
+        s = self.samples[idx]
+        where = f"sample {idx} ({s.pass_label} pass, prompt {s.prompt_index})"
+        return find_concept(self._layouts[idx], concept, where=where)
+
+    def __repr__(self) -> str:
+        grids = sorted({tuple(self[n].shape[3:5]) for n in self.site_names if self[n].numel()})
+        return (
+            f"AttentionStore({len(self.sites)} sites, {len(self.calls)} calls, {len(self.samples)} samples, "
+            f"grids {grids}, {self.nbytes / 1e6:.1f} MB)"
+        )
+
+    # ------------------------------------------------------------------ files
+    def _header(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "sites": [asdict(s) for s in self.sites],
+            "calls": [asdict(c) for c in self.calls],
+            "samples": [asdict(s) for s in self.samples],
+            "layouts": [lay.to_dict() for lay in self._layouts],
+            "flat_sites": sorted(self.flat_sites),
+            "meta": self.meta,
+        }
+
+    def save(self, path) -> Path:
+        """Write the store to one safetensors file (maps) with a JSON header (coordinates, metadata).
+
+        The file is written to a temporary name and renamed, so a crash never leaves a half-written store.
+        No pickle is involved. Returns the path.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: self[name].contiguous() for name in self.site_names}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(self._header())})
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+    @classmethod
+    def load(cls, path) -> "AttentionStore":
+        """Read a store written by ``save``.
+
+        Raises:
+            StoreError: no such file, or the file is corrupt, truncated or not an attnprobe store.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise StoreError(f"no store file at {str(path)!r}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header_text = (f.metadata() or {}).get(_META_KEY)
+                if header_text is None:
+                    raise StoreError(f"{str(path)!r} is a safetensors file but not an attnprobe store (no header)")
+                header = json.loads(header_text)
+                maps = {k: f.get_tensor(k) for k in f.keys()}
+        except StoreError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt/truncated files
+            raise StoreError(f"{str(path)!r} is not a readable attnprobe store (corrupt or truncated?): {exc}") from exc
+        if header.get("format") != FORMAT_VERSION:
+            raise StoreError(f"{str(path)!r} has store format {header.get('format')!r}; this attnprobe reads {FORMAT_VERSION}")
+        sites = [Site(**s) for s in header["sites"]]
+        calls = [Call(**{**c, "layout": tuple(c["layout"])}) for c in header["calls"]]
+        samples = [Sample(**s) for s in header["samples"]]
+        layouts = [TokenLayout.from_dict(d) for d in header["layouts"]]
+        missing = [s.name for s in sites if s.name not in maps]
+        if missing:
+            raise StoreError(f"{str(path)!r} lacks the maps of sites {missing[:5]} (truncated or edited?)")
+        for name, t in maps.items():
+            if t.ndim != 6 or t.shape[0] != len(calls) or t.shape[1] != len(samples):
+                raise StoreError(
+                    f"{str(path)!r}: site {name} has shape {tuple(t.shape)}, expected "
+                    f"[{len(calls)} calls, {len(samples)} samples, head, qh, qw, token]"
+                )
+        return cls(sites, calls, samples, layouts, maps, header["meta"], header.get("flat_sites", ()))

@@ -1,0 +1,183 @@
+"""Prompts → token strings, and concepts → token positions (per occurrence).
+
+Positions are found with the tokenizer's character offsets, so multi-token words ("van gogh" → ``van``,
+``gogh``), repeats ("… dog … dog") and case ("Dog") map to the positions the text encoder saw.
+
+    >>> from attnprobe.testing import clip_tokenizer
+    >>> layout = token_layout(clip_tokenizer(), "a picture of Van Gogh. Van Gogh!")
+    >>> find_concept(layout, "van gogh")
+    [[4, 5], [7, 8]]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import ConceptError
+
+__all__ = ["TokenLayout", "token_layout", "find_concept", "unlabelled_layout"]
+
+
+@dataclass
+class TokenLayout:
+    """What one sample's text keys are.
+
+    Attributes:
+        strings: one readable string per key position (``<|startoftext|>``, word pieces without ``</w>``,
+            ``<|endoftext|>``; ``""`` where unknown). Length = the number of keys.
+        kinds: per position ``"start"``, ``"word"``, ``"end"``, ``"pad"`` or ``"unknown"``.
+        ids: token ids, or ``None`` when the text encoder call was not seen (``prompt_embeds`` passed).
+        text: the prompt text the positions come from, or ``None``.
+        offsets: per position the ``[start, end)`` character span in ``text`` (``None`` for special tokens).
+        truncated_at: character index in ``text`` where the tokenizer's maximum length cut it, or ``None``.
+        source: how the text is known: ``"prompt"`` (the pipeline call's prompt), ``"decoded"`` (decoded from
+            the ids), ``"caller"`` (given to ``probe(prompts=…)``), ``"zeros"`` (no text: zero embeddings) or
+            ``"none"``.
+    """
+
+    strings: list[str]
+    kinds: list[str]
+    ids: list[int] | None = None
+    text: str | None = None
+    offsets: list[tuple[int, int] | None] = field(default_factory=list)
+    truncated_at: int | None = None
+    source: str = "none"
+
+    def to_dict(self) -> dict:
+        return {
+            "strings": self.strings,
+            "kinds": self.kinds,
+            "ids": self.ids,
+            "text": self.text,
+            "offsets": [list(o) if o is not None else None for o in self.offsets],
+            "truncated_at": self.truncated_at,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenLayout":
+        return cls(
+            strings=list(d["strings"]),
+            kinds=list(d["kinds"]),
+            ids=d.get("ids"),
+            text=d.get("text"),
+            offsets=[tuple(o) if o is not None else None for o in d.get("offsets", [])],
+            truncated_at=d.get("truncated_at"),
+            source=d.get("source", "none"),
+        )
+
+
+def unlabelled_layout(n_keys: int, source: str = "none") -> TokenLayout:
+    """A layout of ``n_keys`` positions without strings (``prompt_embeds`` passed, or zero embeddings)."""
+    return TokenLayout(strings=[""] * n_keys, kinds=["unknown"] * n_keys, source=source)
+
+
+def _readable(token: str) -> str:
+    return token[: -len("</w>")] if token.endswith("</w>") and len(token) > 4 else token
+
+
+def token_layout(tokenizer, text: str, n_keys: int | None = None, source: str = "prompt") -> TokenLayout:
+    """Tokenize ``text`` as diffusers pipelines do (padding to the maximum length, truncation) with offsets.
+
+    Args:
+        tokenizer: a ``transformers`` fast tokenizer (``CLIPTokenizer`` in transformers ≥ 5 is one).
+        text: the prompt.
+        n_keys: number of key positions; default the tokenizer's ``model_max_length``.
+        source: recorded in ``TokenLayout.source``.
+
+    Returns:
+        The layout: ``n_keys`` positions with strings, kinds, ids and character offsets.
+    """
+    n = int(n_keys or tokenizer.model_max_length)
+    full = tokenizer(text, truncation=False, add_special_tokens=True, return_offsets_mapping=True)
+    enc = tokenizer(
+        text, padding="max_length", max_length=n, truncation=True, add_special_tokens=True, return_offsets_mapping=True
+    )
+    ids = list(enc["input_ids"])
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    kinds, offsets, seen_end = [], [], False
+    for pos, (tid, off) in enumerate(zip(ids, enc["offset_mapping"])):
+        if seen_end:
+            kinds.append("pad")
+        elif pos == 0 and tid == tokenizer.bos_token_id:
+            kinds.append("start")
+        elif tid == tokenizer.eos_token_id:
+            kinds.append("end")
+            seen_end = True
+        elif tid == tokenizer.pad_token_id and tid in special:
+            kinds.append("pad")
+            seen_end = True
+        else:
+            kinds.append("word")
+        offsets.append(tuple(off) if kinds[-1] == "word" else None)
+    truncated_at = None
+    kept_words = sum(k == "word" for k in kinds)
+    full_words = [tuple(o) for t, o in zip(full["input_ids"], full["offset_mapping"]) if t not in special]
+    if len(full_words) > kept_words:
+        truncated_at = full_words[kept_words][0]
+    return TokenLayout(
+        strings=[_readable(t) for t in tokens],
+        kinds=kinds,
+        ids=ids,
+        text=text,
+        offsets=offsets,
+        truncated_at=truncated_at,
+        source=source,
+    )
+
+
+def _concept_pattern(concept: str) -> re.Pattern:
+    words = concept.strip().split()
+    if not words:
+        raise ConceptError(f"the concept {concept!r} is empty: pass a word or phrase of the prompt")
+    body = r"\s+".join(re.escape(w) for w in words)
+    return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
+
+
+def find_concept(layout: TokenLayout, concept: str, where: str = "the prompt") -> list[list[int]]:
+    """Token positions of every occurrence of ``concept`` in a layout's text.
+
+    Matching is case-insensitive, on whole words (``"dog"`` does not match ``"dogs"``), with any whitespace
+    between a phrase's words. Each occurrence maps to the positions whose character span overlaps it.
+
+    Args:
+        layout: from ``token_layout`` (or a store's sample).
+        concept: a word or phrase, e.g. ``"van gogh"``.
+        where: how to name the sample in errors.
+
+    Returns:
+        One list of key positions per occurrence, in text order.
+
+    Raises:
+        ConceptError: the layout has no text; the concept is not in it (the message shows the tokens); or an
+            occurrence lies past the tokenizer's maximum length (truncated).
+    """
+    if layout.text is None:
+        raise ConceptError(
+            f"{where} has no prompt text (source: {layout.source}): the pipeline was called with prompt_embeds "
+            "or zero embeddings. Pass the texts with probe(..., prompts=[...]) to label its positions."
+        )
+    pattern = _concept_pattern(concept)
+    found = []
+    for match in pattern.finditer(layout.text):
+        start, end = match.span()
+        if layout.truncated_at is not None and end > layout.truncated_at:
+            raise ConceptError(
+                f"concept {concept!r} (occurrence {len(found) + 1}, characters {start}-{end}) in {where} lies past "
+                f"the tokenizer's maximum length of {len(layout.strings)} tokens: the text encoder never saw it. "
+                f"The kept text ends at character {layout.truncated_at}: {layout.text[: layout.truncated_at]!r}"
+            )
+        positions = [
+            p for p, off in enumerate(layout.offsets) if off is not None and off[0] < end and off[1] > start
+        ]
+        if positions:
+            found.append(positions)
+    if not found:
+        words = [s for s, k in zip(layout.strings, layout.kinds) if k == "word"]
+        raise ConceptError(
+            f"concept {concept!r} is not in {where}: {layout.text!r}. Its word tokens are {words}. "
+            "Concepts match whole words, case-insensitively."
+        )
+    return found
