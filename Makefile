@@ -1,0 +1,29 @@
+# Two commands do everything from a fresh clone:
+#   make study   — set up .venv and run the main job on the offline tiny pipeline (writes out/study/)
+#   make test    — set up .venv and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup study test clean
+
+setup: $(STAMP)
+
+# torch is pinned: `pip install torch==2.13.0` takes the local CPU build on these machines; an open range would
+# pull a multi-GB CUDA build. On a GPU machine, install your own torch first and `pip install -e .[study]`.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[study,test]"
+	touch $(STAMP)
+
+study: $(STAMP)
+	$(VENV)/bin/attnprobe study --model tiny --out out/study
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

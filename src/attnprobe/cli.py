@@ -1,0 +1,104 @@
+"""Command line: ``attnprobe study …`` (the main job) and ``attnprobe sites …``.
+
+    attnprobe study --model tiny --out out/study
+    attnprobe study --concepts "dog,Van Gogh" --variants baseline,instruction --seeds 0,1 --steps 4
+    attnprobe sites --model tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import AttnprobeError
+
+__all__ = ["main"]
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(p) for p in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas; got {text!r}") from None
+
+
+def _dtype(text: str):
+    import torch
+
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(names)}; got {text!r}")
+    return names[text]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .study import DEFAULT_CONCEPTS, DEFAULT_VARIANTS
+
+    parser = argparse.ArgumentParser(prog="attnprobe", description="Cross-attention probes for diffusers pipelines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    st = sub.add_parser(
+        "study",
+        help="concepts × prompt variants × seeds: concept-attention trajectories, AUC, Δ AUC, figures",
+        description="Does an unlearning instruction lower the denoiser's attention to a concept? Writes CSVs and "
+        "PNGs to --out and prints the summary.",
+    )
+    st.add_argument("--model", default="tiny", help="'tiny' (default, offline SD 1.5 layout), 'tiny-xl', or a hub id / local folder")
+    st.add_argument("--out", default="attnprobe-study", help="output folder (default: attnprobe-study)")
+    st.add_argument("--concepts", type=_csv, default=None, help=f"comma-separated (default: {', '.join(DEFAULT_CONCEPTS)})")
+    st.add_argument("--variants", default=None,
+                    help=f"comma-separated names from {list(DEFAULT_VARIANTS)} or name=template with {{c}} (default: all)")
+    st.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated integers (default: 0,1,2)")
+    st.add_argument("--steps", type=int, default=10, help="inference steps (default: 10)")
+    st.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    st.add_argument("--size", type=int, default=None, help="image side in pixels (default: 64 for tiny, else native)")
+    st.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 …")
+    st.add_argument("--dtype", type=_dtype, default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)")
+    st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    si = sub.add_parser("sites", help="list a model's cross-attention sites")
+    si.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', or a hub id / local folder")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``attnprobe`` command. Returns the exit status (2 on a user error)."""
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        if args.command == "study":
+            from .study import study
+
+            result = study(
+                model=args.model, out=args.out, concepts=args.concepts, variants=args.variants, seeds=args.seeds,
+                steps=args.steps, guidance=args.guidance, size=args.size, device=args.device, dtype=args.dtype,
+                progress=not args.no_progress,
+            )
+            return 1 if result.failures and not result.aucs else 0
+        if args.command == "sites":
+            from .sites import list_sites
+            from .study import load_pipeline
+
+            for s in list_sites(load_pipeline(args.model)):
+                print(f"{s.name}\t{s.group}\theads={s.heads}\thead_dim={s.head_dim}")
+            return 0
+    except (AttnprobeError, ValueError) as exc:
+        print(f"attnprobe: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Figures for studies and stores. matplotlib is imported only when a function here is called.
+
+Every function returns a ``matplotlib.figure.Figure`` (saved by the caller); nothing is shown.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["plot_trajectories", "plot_delta_auc", "plot_heatmaps"]
+
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_trajectories(
+    trajectories: Mapping[str, Mapping[str, np.ndarray]],
+    ylabel: str = "attention mass on concept tokens",
+    xlabel: str = "denoiser call",
+):
+    """One panel per concept; per variant the mean trajectory across seeds with a min–max band.
+
+    Args:
+        trajectories: ``{concept: {variant: array [seed, call]}}``.
+        ylabel, xlabel: axis labels.
+
+    Returns:
+        The figure (panels share the y axis).
+    """
+    plt = _plt()
+    concepts = list(trajectories)
+    cols = min(5, max(1, len(concepts)))
+    rows = math.ceil(len(concepts) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(concepts):]:
+        ax.set_visible(False)
+    for ax, concept in zip(axes.flat, concepts):
+        for variant, arr in trajectories[concept].items():
+            arr = np.asarray(arr, dtype=float)
+            x = np.arange(arr.shape[1])
+            mean = arr.mean(axis=0)
+            (line,) = ax.plot(x, mean, label=variant, lw=1.6)
+            if arr.shape[0] > 1:
+                ax.fill_between(x, arr.min(axis=0), arr.max(axis=0), color=line.get_color(), alpha=0.2, lw=0)
+        ax.set_title(concept, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle("Concept-token attention per denoiser call (mean over seeds, band: min–max)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return fig
+
+
+def plot_delta_auc(summary: Sequence[Mapping], value: str = "delta_auc", low: str = "ci_low", high: str = "ci_high"):
+    """Grouped bars: per concept, Δ AUC vs the baseline of each variant, with its 95% interval.
+
+    Args:
+        summary: rows with ``concept``, ``variant``, and the ``value``/``low``/``high`` columns (NaN allowed).
+
+    Returns:
+        The figure.
+    """
+    plt = _plt()
+    concepts = list(dict.fromkeys(r["concept"] for r in summary))
+    variants = list(dict.fromkeys(r["variant"] for r in summary))
+    table = {(r["concept"], r["variant"]): r for r in summary}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(concepts) + 2), 3.6))
+    width = 0.8 / max(1, len(variants))
+    for i, variant in enumerate(variants):
+        vals, errs = [], [[], []]
+        for c in concepts:
+            r = table.get((c, variant), {})
+            v = float(r.get(value, float("nan")))
+            lo, hi = float(r.get(low, float("nan"))), float(r.get(high, float("nan")))
+            vals.append(v)
+            errs[0].append(v - lo if math.isfinite(lo) else 0.0)
+            errs[1].append(hi - v if math.isfinite(hi) else 0.0)
+        x = np.arange(len(concepts)) + (i - (len(variants) - 1) / 2) * width
+        ax.bar(x, vals, width, yerr=errs, capsize=2, label=variant)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(np.arange(len(concepts)), concepts, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Δ AUC of concept attention vs baseline", fontsize=8)
+    ax.set_title("Does the prompt variant lower attention to the concept? (bars: mean over seeds, 95% CI)", fontsize=9)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, np.ndarray]]):
+    """A grid of heat maps over the generated images: rows are concepts, columns variants.
+
+    Args:
+        images: ``{concept: {variant: image}}`` as PIL images or ``[H, W, 3]`` arrays in ``[0, 1]``.
+        maps: ``{concept: {variant: [H, W] array}}``, the same size as the images. Each map is scaled to
+            ``[0, 1]`` by its own minimum and maximum before plotting (its contrast, not its level, is shown:
+            the level is in the trajectories).
+
+    Returns:
+        The figure, with one colour bar.
+    """
+    plt = _plt()
+    concepts = list(maps)
+    variants = list(dict.fromkeys(v for c in concepts for v in maps[c]))
+    fig, axes = plt.subplots(
+        len(concepts), len(variants), figsize=(2.0 * len(variants) + 0.8, 2.0 * len(concepts)), squeeze=False
+    )
+    im = None
+    for i, c in enumerate(concepts):
+        for j, v in enumerate(variants):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if v not in maps[c]:
+                ax.set_visible(False)
+                continue
+            img = images.get(c, {}).get(v)
+            if img is not None:
+                ax.imshow(np.asarray(img))
+            m = np.asarray(maps[c][v], dtype=float)
+            span = m.max() - m.min()
+            m = (m - m.min()) / span if span > 0 else np.zeros_like(m)
+            im = ax.imshow(m, cmap="jet", alpha=0.5 if img is not None else 1.0, vmin=0, vmax=1)
+            if i == 0:
+                ax.set_title(v, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(c, fontsize=8)
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.6, label="attention on concept (min–max scaled)")
+    return fig
