@@ -1,0 +1,108 @@
+"""The wrapper around installed processors: fused projections, extra processor kwargs, token merging."""
+
+import inspect
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+
+import attnprobe
+from attnprobe.testing import tiny_sd_pipeline
+
+GEN = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
+
+
+def test_fused_qkv_before_the_probe_is_read_through_to_kv():
+    pipe = tiny_sd_pipeline()
+    pipe.fuse_qkv_projections()
+    site = "mid_block.attentions.0.transformer_blocks.0.attn2"
+    assert pipe.unet.get_submodule(site).fused_projections
+    plain = pipe("a dog", generator=torch.Generator().manual_seed(0), **GEN).images
+    with attnprobe.probe(pipe, sites=site, passes="all", dtype=torch.float32) as store:
+        probed = pipe("a dog", generator=torch.Generator().manual_seed(0), **GEN).images
+    assert torch.equal(plain, probed)
+    attn = pipe.unet.get_submodule(site)
+    # reference from the fused weights: the key is the first half of to_kv
+    captured = []
+    h = attn.register_forward_pre_hook(lambda m, a, k: captured.append((a[0], k["encoder_hidden_states"])), with_kwargs=True)
+    pipe("a dog", generator=torch.Generator().manual_seed(0), **GEN)
+    h.remove()
+    want = []
+    for hs, enc in captured:
+        q = attn.to_q(hs).double()
+        k = attn.to_kv(enc).chunk(2, dim=-1)[0].double()
+        q = q.view(q.shape[0], q.shape[1], attn.heads, -1).transpose(1, 2)
+        k = k.view(k.shape[0], k.shape[1], attn.heads, -1).transpose(1, 2)
+        want.append((q @ k.transpose(-1, -2) * attn.scale).softmax(-1))
+    got = store[site].flatten(3, 4).double()
+    assert torch.allclose(got, torch.stack(want), atol=1e-6)
+
+
+class KwargProcessor(AttnProcessor):
+    """A custom processor with an extra keyword that cross_attention_kwargs must still reach."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, boost=1.0):
+        self.seen.append(boost)
+        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return out * boost
+
+
+def test_processor_keywords_still_reach_the_wrapped_processor():
+    pipe = tiny_sd_pipeline()
+    site = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    custom = KwargProcessor()
+    pipe.unet.get_submodule(site).set_processor(custom)
+    kw = dict(cross_attention_kwargs={"boost": 1.5}, generator=torch.Generator().manual_seed(0))
+    plain = pipe("a dog", **GEN, **kw).images
+    assert custom.seen and set(custom.seen) == {1.5}
+    custom.seen.clear()
+    kw["generator"] = torch.Generator().manual_seed(0)
+    with attnprobe.probe(pipe, sites=site) as store:
+        wrapper = pipe.unet.get_submodule(site).processor
+        assert "boost" in inspect.signature(wrapper.__call__).parameters
+        probed = pipe("a dog", **GEN, **kw).images
+    assert set(custom.seen) == {1.5}
+    assert torch.equal(plain, probed)
+    assert pipe.unet.get_submodule(site).processor is custom
+    assert store[site].shape[0] == 2
+
+
+class MergingProcessor(AttnProcessor):
+    """Imitates token merging: attends from one query fewer and copies a row back (changes the query count)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        kept = hidden_states[:, :-1]
+        out = super().__call__(attn, kept, encoder_hidden_states, attention_mask, temb)
+        return torch.cat([out, out[:, -1:]], dim=1)
+
+
+def test_a_site_whose_queries_do_not_fit_the_grid_is_kept_flat_with_a_warning():
+    pipe = tiny_sd_pipeline()
+    site = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    pipe.unet.get_submodule(site).set_processor(MergingProcessor())
+    with pytest.warns(UserWarning, match="kept flat"):
+        with attnprobe.probe(pipe, sites=[site, "mid_block.*"]) as store:
+            pipe("a dog", generator=torch.Generator().manual_seed(0), **GEN)
+    assert store.flat_sites == {site}
+    assert tuple(store[site].shape[3:5]) == (1, 63)
+    assert tuple(store["mid_block.attentions.0.transformer_blocks.0.attn2"].shape[3:5]) == (1, 1)
+    heat = attnprobe.heatmap(store, "dog")  # flat sites are skipped, the others still count
+    assert heat.shape == (64, 64)
+
+
+def test_a_processor_that_never_calls_to_k_gives_a_clear_error():
+    class NoKey:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+            attn.to_q(hidden_states)
+            return hidden_states
+
+    pipe = tiny_sd_pipeline()
+    site = "mid_block.attentions.0.transformer_blocks.0.attn2"
+    pipe.unet.get_submodule(site).set_processor(NoKey())
+    with pytest.raises(attnprobe.ProbeError, match="did not call attn.to_k"):
+        with attnprobe.probe(pipe, sites=site):
+            pipe("a dog", **GEN)
+    assert isinstance(pipe.unet.get_submodule(site).processor, NoKey)

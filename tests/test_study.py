@@ -1,0 +1,107 @@
+"""The main job, end to end on the tiny pipeline, and the CLI."""
+
+import csv
+import math
+
+import pytest
+
+from attnprobe import cli
+from attnprobe.study import DEFAULT_CONCEPTS, DEFAULT_VARIANTS, parse_variants, study
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return study(out=out, concepts=["dog", "Van Gogh"], seeds=[0, 1], steps=4, progress=False, echo=False)
+
+
+def test_study_writes_every_output(result):
+    names = {p.name for p in result.files}
+    assert names == {"trajectories.csv", "auc.csv", "summary.csv", "failures.csv",
+                     "trajectories.png", "delta_auc.png", "heatmaps.png"}
+    for p in result.files:
+        assert p.stat().st_size > 0
+        assert p.parent == result.out
+    assert not list(result.out.glob(".*tmp"))  # atomic writes leave no temporary files
+
+
+def test_tidy_tables_cover_the_grid(result):
+    traj = read(result.out / "trajectories.csv")
+    # 2 concepts × 4 variants × 2 seeds × 4 calls (DDIM: one call per step)
+    assert len(traj) == 2 * 4 * 2 * 4
+    assert {r["variant"] for r in traj} == set(DEFAULT_VARIANTS)
+    for r in traj:
+        assert 0.0 <= float(r["mass_last"]) <= float(r["mass"]) <= 1.0
+    aucs = read(result.out / "auc.csv")
+    assert len(aucs) == 2 * 4 * 2
+    for r in aucs:
+        assert int(r["mentions"]) == (1 if r["variant"] == "baseline" else 2)
+        if r["variant"] == "baseline":
+            assert float(r["delta_auc"]) == 0.0
+    summary = read(result.out / "summary.csv")
+    assert len(summary) == 2 * 4
+    row = next(r for r in summary if r["concept"] == "dog" and r["variant"] == "instruction")
+    assert float(row["ci_low"]) <= float(row["delta_auc"]) <= float(row["ci_high"])
+    assert read(result.out / "failures.csv") == []
+
+
+def test_delta_auc_is_variant_minus_baseline_of_the_same_seed(result):
+    aucs = {(r["concept"], r["variant"], r["seed"]): r for r in result.aucs}
+    for (concept, variant, seed), r in aucs.items():
+        base = aucs[(concept, "baseline", seed)]
+        assert math.isclose(r["delta_auc"], r["auc"] - base["auc"], abs_tol=1e-12)
+
+
+def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path):
+    # a concept that tokenizes past 77 tokens fails (truncated); the other concept is still measured
+    long_concept = " ".join(["word"] * 80) + " dog"
+    res = study(out=tmp_path, concepts=[long_concept, "cat"], seeds=[0], steps=2, progress=False, echo=False)
+    assert len(res.failures) == 1 and "ConceptError" in res.failures[0]["error"]
+    assert {r["concept"] for r in res.aucs} == {"cat"}
+    assert (tmp_path / "summary.csv").exists()
+
+
+def test_variants_parse_names_and_templates():
+    assert list(parse_variants("instruction")) == ["baseline", "instruction"]
+    v = parse_variants("baseline,mine=Draw {c} twice: {c}")
+    assert v["mine"] == "Draw {c} twice: {c}"
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
+        parse_variants("nope")
+    with pytest.raises(ValueError, match="has no"):
+        parse_variants("x=no concept here")
+    assert len(DEFAULT_CONCEPTS) == 10
+
+
+def test_cli_runs_the_main_job(tmp_path, capsys):
+    code = cli.main(["study", "--out", str(tmp_path), "--concepts", "cat", "--variants", "instruction",
+                     "--seeds", "3", "--steps", "2", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "instruction" in printed and "1 generations done, 0 failed" in printed
+    assert (tmp_path / "delta_auc.png").exists()
+
+
+def test_cli_offline_model_fails_in_one_line(tmp_path, capsys):
+    code = cli.main(["study", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnprobe: error: could not load model") and "\n" not in err
+    assert "Traceback" not in err
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--seeds", "a,b"])
+    assert "seeds must be integers" in capsys.readouterr().err
+    assert cli.main(["study", "--variants", "bogus", "--out", "/tmp/attnprobe-never"]) == 2
+
+
+def test_cli_lists_sites(capsys):
+    assert cli.main(["sites", "--model", "tiny"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 16 and lines[0].startswith("down_blocks.0.attentions.0.transformer_blocks.0.attn2")
