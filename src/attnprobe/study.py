@@ -3,8 +3,8 @@
     >>> from attnprobe.study import study
     >>> import tempfile
     >>> result = study(out=tempfile.mkdtemp(), concepts=["dog"], seeds=[0], steps=2, progress=False, echo=False)
-    >>> sorted(p.name for p in result.files)[:3]
-    ['auc.csv', 'delta_auc.png', 'heatmaps.png']
+    >>> sorted(p.name for p in result.files)
+    ['auc.csv', 'delta_auc.png', 'failures.csv', 'heatmaps.png', 'summary.csv', 'trajectories.csv', 'trajectories.png']
 
 For every concept × seed, one pipeline call generates every prompt variant from the *same* initial latents
 (the seed's noise repeated), under a probe (conditional pass, head mean, fp16). From each sample's maps:
@@ -74,17 +74,17 @@ class StudyResult:
     """What ``study`` wrote and computed.
 
     Attributes:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   out: the output folder. files: every file written.
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   trajectories: tidy rows (concept, variant, seed, prompt, call, timestep, mass, mass_last).
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   aucs: rows per (concept, variant, seed). summary: rows per (concept, variant).
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   failures: rows per failed (concept, seed) cell: what failed and why.
+        out: the output folder. files: every file written.
+        trajectories: tidy rows (concept, variant, seed, prompt, call, timestep, mass, mass_last).
+        aucs: rows per (concept, variant, seed). summary: rows per (concept, variant).
+        failures: rows per failed (concept, seed) cell: what failed and why.
     """
 
     out: Path
     files: list[Path] = field(default_factory=list)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']rajectories: list[dict] = field(default_factory=list)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ucs: list[dict] = field(default_factory=list)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ummary: list[dict] = field(default_factory=list)
+    trajectories: list[dict] = field(default_factory=list)
+    aucs: list[dict] = field(default_factory=list)
+    summary: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
 
 
@@ -94,67 +94,67 @@ def parse_variants(spec) -> dict[str, str]:
     Accepts a dict, a list, or a comma-separated string. ``baseline`` is always included.
 
     Raises:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   ValueError: an unknown name or a template without ``{c}`` (says which exist).
+        ValueError: an unknown name or a template without ``{c}`` (says which exist).
     """
     if spec is None:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   return dict(DEFAULT_VARIANTS)
+        return dict(DEFAULT_VARIANTS)
     if isinstance(spec, Mapping):
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   items = list(spec.items())
-    ['auc.csv', 'delta_auc.png', 'failures.csv']lse:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   items = []
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   for p in parts:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       if "=" in p:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           name, template = p.split("=", 1)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           items.append((name.strip(), template.strip()))
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       elif p in DEFAULT_VARIANTS:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           items.append((p, DEFAULT_VARIANTS[p]))
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       else:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           raise ValueError(f"unknown variant {p!r}: use one of {list(DEFAULT_VARIANTS)} or name=template with {{c}}")
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ariants = dict(items)
+        items = list(spec.items())
+    else:
+        parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
+        items = []
+        for p in parts:
+            if "=" in p:
+                name, template = p.split("=", 1)
+                items.append((name.strip(), template.strip()))
+            elif p in DEFAULT_VARIANTS:
+                items.append((p, DEFAULT_VARIANTS[p]))
+            else:
+                raise ValueError(f"unknown variant {p!r}: use one of {list(DEFAULT_VARIANTS)} or name=template with {{c}}")
+    variants = dict(items)
     for name, template in variants.items():
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   if "{c}" not in template:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       raise ValueError(f"variant {name!r} template {template!r} has no {{c}} for the concept")
+        if "{c}" not in template:
+            raise ValueError(f"variant {name!r} template {template!r} has no {{c}} for the concept")
     if "baseline" not in variants:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   variants = {"baseline": DEFAULT_VARIANTS["baseline"], **variants}
+        variants = {"baseline": DEFAULT_VARIANTS["baseline"], **variants}
     return variants
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ext = str(exc).strip().splitlines()
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ine = text[0] if text else ""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
     return f"{type(exc).__name__}: {line if len(line) <= limit else line[: limit - 1] + '…'}"
 
 
 def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None):
     """A pipeline by name: ``"tiny"`` (SD 1.5 layout) or ``"tiny-xl"`` (SDXL layout) built offline, else any
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ub id or local folder through ``DiffusionPipeline.from_pretrained``.
+    hub id or local folder through ``DiffusionPipeline.from_pretrained``.
 
     Raises:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   ModelLoadError: the model could not be loaded (offline, unknown id, missing files), in one line.
+        ModelLoadError: the model could not be loaded (offline, unknown id, missing files), in one line.
     """
     from .testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
     if model in TINY_MODELS:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   pipe = (tiny_sd_pipeline if model == "tiny" else tiny_sdxl_pipeline)(dtype=dtype or torch.float32)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   return pipe.to(device)
+        pipe = (tiny_sd_pipeline if model == "tiny" else tiny_sdxl_pipeline)(dtype=dtype or torch.float32)
+        return pipe.to(device)
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    ['auc.csv', 'delta_auc.png', 'failures.csv']evel = diffusers_logging.get_verbosity()
-    ['auc.csv', 'delta_auc.png', 'failures.csv']iffusers_logging.set_verbosity_error()  # its offline retries print several lines before the error
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ry:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']xcept Exception as exc:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   raise ModelLoadError(
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       f"could not load model {model!r} ({_first_line(exc)}). Real checkpoints need their weights on this "
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       "machine (a local folder or the hub cache) or network access to the hub; offline, use --model tiny."
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   ) from None
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its offline retries print several lines before the error
+    try:
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load model {model!r} ({_first_line(exc)}). Real checkpoints need their weights on this "
+            "machine (a local folder or the hub cache) or network access to the hub; offline, use --model tiny."
+        ) from None
     finally:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   diffusers_logging.set_verbosity(level)
+        diffusers_logging.set_verbosity(level)
     if hasattr(pipe, "set_progress_bar_config"):
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   pipe.set_progress_bar_config(disable=True)
+        pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
@@ -163,13 +163,13 @@ def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> Path
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     return _write_atomic(path, buf.getvalue().encode())
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']mp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    ['auc.csv', 'delta_auc.png', 'failures.csv']mp.write_bytes(data)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
 
@@ -179,199 +179,199 @@ def _save_figure(fig, path: Path) -> Path:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']lt.close(fig)
+    plt.close(fig)
     return _write_atomic(path, buf.getvalue())
 
 
 def _interval(values: Sequence[float]) -> tuple[float, float, float]:
     """Mean and 95% Student-t interval (NaN bounds with fewer than 2 values)."""
-    ['auc.csv', 'delta_auc.png', 'failures.csv']als = [v for v in values if math.isfinite(v)]
-    ['auc.csv', 'delta_auc.png', 'failures.csv'] = len(vals)
+    vals = [v for v in values if math.isfinite(v)]
+    n = len(vals)
     if n == 0:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   return float("nan"), float("nan"), float("nan")
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ean = sum(vals) / n
+        return float("nan"), float("nan"), float("nan")
+    mean = sum(vals) / n
     if n < 2:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   return mean, float("nan"), float("nan")
+        return mean, float("nan"), float("nan")
     from scipy.stats import t
 
-    ['auc.csv', 'delta_auc.png', 'failures.csv']d = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    ['auc.csv', 'delta_auc.png', 'failures.csv']alf = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
 
 
 def _default_size(pipe, model: str) -> int:
     if model in TINY_MODELS:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   return 64
-    ['auc.csv', 'delta_auc.png', 'failures.csv']enoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ample = int(getattr(denoiser.config, "sample_size", 64))
+        return 64
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample = int(getattr(denoiser.config, "sample_size", 64))
     return sample * int(getattr(pipe, "vae_scale_factor", 8))
 
 
 def _initial_latents(pipe, seed: int, size: int, copies: int, device, dtype) -> torch.Tensor:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']hannels = pipe.unet.config.in_channels
-    ['auc.csv', 'delta_auc.png', 'failures.csv']cale = int(getattr(pipe, "vae_scale_factor", 8))
-    ['auc.csv', 'delta_auc.png', 'failures.csv'] = torch.Generator("cpu").manual_seed(seed)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']oise = torch.randn((1, channels, size // scale, size // scale), generator=g, dtype=torch.float32)
+    channels = pipe.unet.config.in_channels
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    g = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((1, channels, size // scale, size // scale), generator=g, dtype=torch.float32)
     return noise.repeat(copies, 1, 1, 1).to(device=device, dtype=dtype)
 
 
 def study(
-    ['auc.csv', 'delta_auc.png', 'failures.csv']odel: str = "tiny",
+    model: str = "tiny",
     out="attnprobe-study",
-    ['auc.csv', 'delta_auc.png', 'failures.csv']oncepts: Sequence[str] | None = None,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ariants=None,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']eeds: Sequence[int] = (0, 1, 2),
-    ['auc.csv', 'delta_auc.png', 'failures.csv']teps: int = 10,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']uidance: float = 7.5,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ize: int | None = None,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']evice: str = "auto",
-    ['auc.csv', 'delta_auc.png', 'failures.csv']type: torch.dtype | None = None,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']rogress: bool = True,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']cho: bool = True,
+    concepts: Sequence[str] | None = None,
+    variants=None,
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int = 10,
+    guidance: float = 7.5,
+    size: int | None = None,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    echo: bool = True,
 ) -> StudyResult:
     """Concepts × prompt variants × seeds on one pipeline: concept-attention trajectories, AUC, Δ AUC, figures.
 
     Args:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   model: ``"tiny"`` (default, offline), ``"tiny-xl"``, or a hub id / local folder of a diffusers
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       text-to-image UNet pipeline.
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   out: output folder (created). concepts: default ``DEFAULT_CONCEPTS``.
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   variants: names of ``DEFAULT_VARIANTS`` and/or ``name=template`` (see ``parse_variants``). Default: all.
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   seeds: one generation per concept and seed (all variants share its initial noise). Default (0, 1, 2).
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   steps: inference steps. guidance: classifier-free guidance scale. size: image side in pixels
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       (default 64 for tiny models, the model's native size otherwise).
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``… dtype: default fp16 on CUDA, fp32 on CPU.
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   progress: show a progress bar. echo: print the summary table.
+        model: ``"tiny"`` (default, offline), ``"tiny-xl"``, or a hub id / local folder of a diffusers
+            text-to-image UNet pipeline.
+        out: output folder (created). concepts: default ``DEFAULT_CONCEPTS``.
+        variants: names of ``DEFAULT_VARIANTS`` and/or ``name=template`` (see ``parse_variants``). Default: all.
+        seeds: one generation per concept and seed (all variants share its initial noise). Default (0, 1, 2).
+        steps: inference steps. guidance: classifier-free guidance scale. size: image side in pixels
+            (default 64 for tiny models, the model's native size otherwise).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``… dtype: default fp16 on CUDA, fp32 on CPU.
+        progress: show a progress bar. echo: print the summary table.
 
     Writes to ``out``: ``trajectories.csv`` (per call), ``auc.csv`` (per seed), ``summary.csv`` (mean Δ AUC with
     95% interval), ``failures.csv`` (cells that failed; the study goes on), ``trajectories.png``,
     ``delta_auc.png``, ``heatmaps.png`` (first seed, each map min–max scaled, over the generated images).
 
     Raises:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   ModelLoadError: the model cannot be loaded. ValueError: bad concepts/variants/seeds/steps.
+        ModelLoadError: the model cannot be loaded. ValueError: bad concepts/variants/seeds/steps.
     """
     from tqdm.auto import tqdm
 
     from .plot import plot_delta_auc, plot_heatmaps, plot_trajectories
 
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ariants = parse_variants(variants)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']oncepts = list(DEFAULT_CONCEPTS if concepts is None else concepts)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']eeds = [int(s) for s in seeds]
+    variants = parse_variants(variants)
+    concepts = list(DEFAULT_CONCEPTS if concepts is None else concepts)
+    seeds = [int(s) for s in seeds]
     if not concepts or not seeds:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   raise ValueError(f"need at least one concept and one seed; got concepts={concepts}, seeds={seeds}")
+        raise ValueError(f"need at least one concept and one seed; got concepts={concepts}, seeds={seeds}")
     if any(not c.strip() for c in concepts):
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   raise ValueError(f"concepts must be non-empty words or phrases; got {concepts}")
+        raise ValueError(f"concepts must be non-empty words or phrases; got {concepts}")
     if int(steps) < 1:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   raise ValueError(f"steps must be ≥ 1; got {steps}")
+        raise ValueError(f"steps must be ≥ 1; got {steps}")
     if device == "auto":
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ipe = load_pipeline(model, device, dtype)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ize = int(size or _default_size(pipe, model))
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ames = list(variants)
+    pipe = load_pipeline(model, device, dtype)
+    size = int(size or _default_size(pipe, model))
+    names = list(variants)
     result = StudyResult(out=out)
     images: dict[str, dict] = {}
-    ['auc.csv', 'delta_auc.png', 'failures.csv']aps: dict[str, dict] = {}
-    ['auc.csv', 'delta_auc.png', 'failures.csv']urves: dict[str, dict[str, list]] = {}
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ells = [(c, s) for c in concepts for s in seeds]
+    maps: dict[str, dict] = {}
+    curves: dict[str, dict[str, list]] = {}
+    cells = [(c, s) for c in concepts for s in seeds]
     bar = tqdm(cells, desc="attnprobe study", unit="gen", disable=not progress, file=sys.stderr)
     for concept, seed in bar:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   bar.set_postfix_str(f"{concept}, seed {seed}")
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   prompts = [variants[v].format(c=concept) for v in names]
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   try:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       latents = _initial_latents(pipe, seed, size, len(prompts), device, pipe.unet.dtype)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       with probe(pipe, passes="cond", heads="mean", dtype=torch.float16) as store:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           generated = pipe(
-    ['auc.csv', 'delta_auc.png', 'failures.csv']               prompts,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']               latents=latents,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']               num_inference_steps=int(steps),
-    ['auc.csv', 'delta_auc.png', 'failures.csv']               guidance_scale=float(guidance),
-    ['auc.csv', 'delta_auc.png', 'failures.csv']               height=size,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']               width=size,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           )
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       cell_rows, cell_aucs = [], []
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       for i, variant in enumerate(names):
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           mass = trajectory(store, concept, i)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           mass_last = trajectory(store, concept, i, occurrence=-1)
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           n_mentions = len(store.token_indices(i, concept))
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           for call, (m, ml) in enumerate(zip(mass.tolist(), mass_last.tolist())):
-    ['auc.csv', 'delta_auc.png', 'failures.csv']               cell_rows.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompts[i], call=call,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']                                     timestep=store.calls[call].timestep, mass=m, mass_last=ml))
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           cell_aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompts[i],
-    ['auc.csv', 'delta_auc.png', 'failures.csv']                                 mentions=n_mentions, auc=auc(mass), auc_last=auc(mass_last)))
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           curves.setdefault(concept, {}).setdefault(variant, []).append(mass.numpy())
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           if seed == seeds[0]:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']               maps.setdefault(concept, {})[variant] = heatmap(store, concept, i).numpy()
-    ['auc.csv', 'delta_auc.png', 'failures.csv']               images.setdefault(concept, {})[variant] = generated.images[i]
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       base = next(r for r in cell_aucs if r["variant"] == "baseline")
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       for r in cell_aucs:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           r["delta_auc"] = r["auc"] - base["auc"]
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           r["delta_auc_last"] = r["auc_last"] - base["auc_last"]
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       result.trajectories += cell_rows
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       result.aucs += cell_aucs
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   except Exception as exc:  # one failed cell must not lose the others
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       result.failures.append(dict(concept=concept, seed=seed, error=_first_line(exc),
-    ['auc.csv', 'delta_auc.png', 'failures.csv']                                   detail=traceback.format_exc(limit=3).replace("\n", " | ")))
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       tqdm.write(f"attnprobe study: {concept!r} seed {seed} failed: {_first_line(exc)}", file=sys.stderr)
+        bar.set_postfix_str(f"{concept}, seed {seed}")
+        prompts = [variants[v].format(c=concept) for v in names]
+        try:
+            latents = _initial_latents(pipe, seed, size, len(prompts), device, pipe.unet.dtype)
+            with probe(pipe, passes="cond", heads="mean", dtype=torch.float16) as store:
+                generated = pipe(
+                    prompts,
+                    latents=latents,
+                    num_inference_steps=int(steps),
+                    guidance_scale=float(guidance),
+                    height=size,
+                    width=size,
+                )
+            cell_rows, cell_aucs = [], []
+            for i, variant in enumerate(names):
+                mass = trajectory(store, concept, i)
+                mass_last = trajectory(store, concept, i, occurrence=-1)
+                n_mentions = len(store.token_indices(i, concept))
+                for call, (m, ml) in enumerate(zip(mass.tolist(), mass_last.tolist())):
+                    cell_rows.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompts[i], call=call,
+                                          timestep=store.calls[call].timestep, mass=m, mass_last=ml))
+                cell_aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompts[i],
+                                      mentions=n_mentions, auc=auc(mass), auc_last=auc(mass_last)))
+                curves.setdefault(concept, {}).setdefault(variant, []).append(mass.numpy())
+                if seed == seeds[0]:
+                    maps.setdefault(concept, {})[variant] = heatmap(store, concept, i).numpy()
+                    images.setdefault(concept, {})[variant] = generated.images[i]
+            base = next(r for r in cell_aucs if r["variant"] == "baseline")
+            for r in cell_aucs:
+                r["delta_auc"] = r["auc"] - base["auc"]
+                r["delta_auc_last"] = r["auc_last"] - base["auc_last"]
+            result.trajectories += cell_rows
+            result.aucs += cell_aucs
+        except Exception as exc:  # one failed cell must not lose the others
+            result.failures.append(dict(concept=concept, seed=seed, error=_first_line(exc),
+                                        detail=traceback.format_exc(limit=3).replace("\n", " | ")))
+            tqdm.write(f"attnprobe study: {concept!r} seed {seed} failed: {_first_line(exc)}", file=sys.stderr)
     bar.close()
 
     for concept in concepts:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   for variant in names:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       rows = [r for r in result.aucs if r["concept"] == concept and r["variant"] == variant]
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       if not rows:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           continue
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       d, lo, hi = _interval([r["delta_auc"] for r in rows])
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       dl, lol, hil = _interval([r["delta_auc_last"] for r in rows])
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       result.summary.append(dict(
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           concept=concept, variant=variant, seeds=len(rows),
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           auc=sum(r["auc"] for r in rows) / len(rows), delta_auc=d, ci_low=lo, ci_high=hi,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           auc_last=sum(r["auc_last"] for r in rows) / len(rows), delta_auc_last=dl, ci_low_last=lol,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']           ci_high_last=hil,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       ))
+        for variant in names:
+            rows = [r for r in result.aucs if r["concept"] == concept and r["variant"] == variant]
+            if not rows:
+                continue
+            d, lo, hi = _interval([r["delta_auc"] for r in rows])
+            dl, lol, hil = _interval([r["delta_auc_last"] for r in rows])
+            result.summary.append(dict(
+                concept=concept, variant=variant, seeds=len(rows),
+                auc=sum(r["auc"] for r in rows) / len(rows), delta_auc=d, ci_low=lo, ci_high=hi,
+                auc_last=sum(r["auc_last"] for r in rows) / len(rows), delta_auc_last=dl, ci_low_last=lol,
+                ci_high_last=hil,
+            ))
 
     files = result.files
     files.append(_write_csv(out / "trajectories.csv", result.trajectories,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']                       ["concept", "variant", "seed", "prompt", "call", "timestep", "mass", "mass_last"]))
+                            ["concept", "variant", "seed", "prompt", "call", "timestep", "mass", "mass_last"]))
     files.append(_write_csv(out / "auc.csv", result.aucs,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']                       ["concept", "variant", "seed", "prompt", "mentions", "auc", "auc_last", "delta_auc", "delta_auc_last"]))
+                            ["concept", "variant", "seed", "prompt", "mentions", "auc", "auc_last", "delta_auc", "delta_auc_last"]))
     files.append(_write_csv(out / "summary.csv", result.summary,
-    ['auc.csv', 'delta_auc.png', 'failures.csv']                       ["concept", "variant", "seeds", "auc", "delta_auc", "ci_low", "ci_high",
-    ['auc.csv', 'delta_auc.png', 'failures.csv']                        "auc_last", "delta_auc_last", "ci_low_last", "ci_high_last"]))
+                            ["concept", "variant", "seeds", "auc", "delta_auc", "ci_low", "ci_high",
+                             "auc_last", "delta_auc_last", "ci_low_last", "ci_high_last"]))
     files.append(_write_csv(out / "failures.csv", result.failures, ["concept", "seed", "error", "detail"]))
     if curves:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   stacked = {c: {v: np.stack(a) for v, a in vs.items()} for c, vs in curves.items()}
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   files.append(_save_figure(plot_trajectories(stacked), out / "trajectories.png"))
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   files.append(_save_figure(plot_delta_auc([r for r in result.summary if r["variant"] != "baseline"]), out / "delta_auc.png"))
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   files.append(_save_figure(plot_heatmaps(images, maps), out / "heatmaps.png"))
+        stacked = {c: {v: np.stack(a) for v, a in vs.items()} for c, vs in curves.items()}
+        files.append(_save_figure(plot_trajectories(stacked), out / "trajectories.png"))
+        files.append(_save_figure(plot_delta_auc([r for r in result.summary if r["variant"] != "baseline"]), out / "delta_auc.png"))
+        files.append(_save_figure(plot_heatmaps(images, maps), out / "heatmaps.png"))
     if echo:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   print(format_summary(result, model=model, steps=steps, guidance=guidance, size=size))
+        print(format_summary(result, model=model, steps=steps, guidance=guidance, size=size))
     return result
 
 
 def format_summary(result: StudyResult, **settings) -> str:
     """The summary table as text: per concept and variant, AUC and Δ AUC (mean [95% CI]) over seeds."""
 
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ef ci(v, lo, hi, baseline=False):
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   if baseline:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       return "(reference)"
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   if not math.isfinite(v):
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       return "n/a"
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   return f"{v:+.4f}" + (f" [{lo:+.4f}, {hi:+.4f}]" if math.isfinite(lo) else "")
+    def ci(v, lo, hi, baseline=False):
+        if baseline:
+            return "(reference)"
+        if not math.isfinite(v):
+            return "n/a"
+        return f"{v:+.4f}" + (f" [{lo:+.4f}, {hi:+.4f}]" if math.isfinite(lo) else "")
 
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ines = ["attnprobe study: " + ", ".join(f"{k}={v}" for k, v in settings.items())]
-    ['auc.csv', 'delta_auc.png', 'failures.csv']eader = f"{'concept':<16}{'variant':<13}{'AUC':>8}  {'Δ AUC vs baseline (all mentions)':<34}{'Δ AUC (last mention)':<30}"
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ines += [header, "-" * len(header)]
+    lines = ["attnprobe study: " + ", ".join(f"{k}={v}" for k, v in settings.items())]
+    header = f"{'concept':<16}{'variant':<13}{'AUC':>8}  {'Δ AUC vs baseline (all mentions)':<34}{'Δ AUC (last mention)':<30}"
+    lines += [header, "-" * len(header)]
     for r in result.summary:
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   base = r["variant"] == "baseline"
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   lines.append(
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       f"{r['concept'][:15]:<16}{r['variant'][:12]:<13}{r['auc']:>8.4f}  "
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       f"{ci(r['delta_auc'], r['ci_low'], r['ci_high'], base):<34}"
-    ['auc.csv', 'delta_auc.png', 'failures.csv']       f"{ci(r['delta_auc_last'], r['ci_low_last'], r['ci_high_last'], base):<30}"
-    ['auc.csv', 'delta_auc.png', 'failures.csv']   )
-    ['auc.csv', 'delta_auc.png', 'failures.csv']one = len({(r['concept'], r['seed']) for r in result.aucs})
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ines.append(f"{done} generations done, {len(result.failures)} failed. Files in {result.out}/")
-    ['auc.csv', 'delta_auc.png', 'failures.csv']ines.append("AUC: mean attention mass on the concept's tokens over the denoising (0-1). Δ < 0: the variant "
-    ['auc.csv', 'delta_auc.png', 'failures.csv']            "lowers attention to the concept.")
+        base = r["variant"] == "baseline"
+        lines.append(
+            f"{r['concept'][:15]:<16}{r['variant'][:12]:<13}{r['auc']:>8.4f}  "
+            f"{ci(r['delta_auc'], r['ci_low'], r['ci_high'], base):<34}"
+            f"{ci(r['delta_auc_last'], r['ci_low_last'], r['ci_high_last'], base):<30}"
+        )
+    done = len({(r['concept'], r['seed']) for r in result.aucs})
+    lines.append(f"{done} generations done, {len(result.failures)} failed. Files in {result.out}/")
+    lines.append("AUC: mean attention mass on the concept's tokens over the denoising (0-1). Δ < 0: the variant "
+                 "lowers attention to the concept.")
     return "\n".join(lines)
