@@ -106,3 +106,41 @@ def test_a_processor_that_never_calls_to_k_gives_a_clear_error():
         with attnprobe.probe(pipe, sites=site):
             pipe("a dog", **GEN)
     assert isinstance(pipe.unet.get_submodule(site).processor, NoKey)
+
+
+def test_ip_adapter_processors_are_wrapped_and_record_the_text_attention():
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+    unet = tiny_sd_pipeline().unet
+    torch.manual_seed(0)
+    procs = {}
+    for name in unet.attn_processors:
+        mod = unet.get_submodule(name.removesuffix(".processor"))
+        procs[name] = (
+            IPAdapterAttnProcessor2_0(hidden_size=mod.inner_dim, cross_attention_dim=32, num_tokens=(4,), scale=0.7)
+            if mod.is_cross_attention
+            else AttnProcessor2_0()
+        )
+    unet.set_attn_processor(dict(procs))  # diffusers pops from the dict it is given
+    x, text, ip = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), [torch.randn(2, 1, 4, 32)]
+    n_params = sum(p.numel() for p in unet.parameters())
+    with torch.no_grad():
+        plain = unet(x, 10, encoder_hidden_states=(text, ip)).sample
+        with attnprobe.probe(unet, dtype=torch.float32) as store:
+            probed = unet(x, 10, encoder_hidden_states=(text, ip)).sample
+    assert torch.equal(plain, probed)
+    site = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    attn = unet.get_submodule(site)
+    assert attn.processor is procs[site + ".processor"]
+    assert sum(p.numel() for p in unet.parameters()) == n_params  # the adapter weights are back in the tree
+    # the recorded map is the text attention: softmax over the 77 text keys only
+    maps = store[site]
+    assert maps.shape[-1] == 77
+    assert torch.allclose(maps.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_prompts_need_the_pipeline_tokenizer():
+    pipe = tiny_sd_pipeline()
+    with pytest.raises(attnprobe.ProbeError, match="pass the pipeline"):
+        with attnprobe.probe(pipe.unet, prompts=["a dog"]):
+            pass

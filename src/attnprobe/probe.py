@@ -24,6 +24,7 @@ import warnings
 from typing import Iterator, Sequence
 
 import torch
+from einops import rearrange
 
 from . import __version__
 from .errors import ProbeError
@@ -150,6 +151,8 @@ class _Recorder:
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         states = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        if isinstance(states, (tuple, list)) and states:  # IP-Adapter: (text states, image-prompt states)
+            states = states[0]
         if not isinstance(sample, torch.Tensor) or sample.ndim != 4:
             raise ProbeError(
                 f"the denoiser {type(module).__name__} was called without a 4-D latent sample "
@@ -204,7 +207,7 @@ class _Recorder:
         if self.heads == "mean":
             probs = probs.mean(dim=1, keepdim=True)
         qh, qw = self._grid(site, probs.shape[2])
-        probs = probs.reshape(probs.shape[0], probs.shape[1], qh, qw, probs.shape[-1])
+        probs = rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw)
         self.store._append(site, probs.to(dtype=self.dtype).to(self.device))
 
     # -------------------------------------------------------------- batch layout
@@ -444,6 +447,11 @@ def probe(
     denoiser = denoiser_of(pipe)
     chosen = select_sites(list_sites(denoiser), sites)
     recorder = _Recorder(pipe, denoiser, chosen, passes, heads, dtype, device, prompts)
+    if prompts is not None and recorder.tokenizer is None:
+        raise ProbeError(
+            f"prompts= needs a tokenizer to label positions, and {type(pipe).__name__} has none: pass the pipeline "
+            "(its tokenizer is used), not its denoiser"
+        )
     recorder.install()
     try:
         yield recorder.store

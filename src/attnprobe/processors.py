@@ -15,6 +15,7 @@ import inspect
 from typing import Any, Callable
 
 import torch
+from einops import rearrange
 
 from .errors import ProbeError
 
@@ -36,14 +37,11 @@ def attention_probs(
     Returns:
         ``[sample, head, query, token]`` float32 probabilities; each row sums to 1 over ``token``.
     """
-    batch, n_query, inner = query.shape
-    n_keys = key.shape[1]
-    heads = attn.heads
-    head_dim = key.shape[-1] // heads
+    batch, n_keys, heads = query.shape[0], key.shape[1], attn.heads
     if rows is not None:
         query, key = query.index_select(0, rows), key.index_select(0, rows)
-    query = query.reshape(query.shape[0], n_query, heads, -1).transpose(1, 2)
-    key = key.reshape(key.shape[0], n_keys, heads, head_dim).transpose(1, 2)
+    query = rearrange(query, "sample query (head d) -> sample head query d", head=heads)
+    key = rearrange(key, "sample token (head d) -> sample head token d", head=heads)
     if getattr(attn, "norm_q", None) is not None:
         query = attn.norm_q(query)
     if getattr(attn, "norm_k", None) is not None:
