@@ -98,11 +98,6 @@ def test_sdxl_execution_order(sdxl_pipe, run):
     assert len(store.sites) == 17
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a probe of some sites only, list_sites() ranks the probed sites first (order 0..n-1 within "
-    "the selection) and the others after them with order None: up_blocks before down_blocks, not execution order",
-)
 def test_execution_order_after_a_partial_probe(run):
     pipe = tiny_sd_pipeline(seed=0)
     with probe(pipe, sites="up_blocks.*", heads="mean") as store:

@@ -189,11 +189,6 @@ def test_foreign_or_edited_files(tmp_path):
         AttentionStore.load(_write(tmp_path / "e", bad_shape, json.dumps(header)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a header that parses as JSON but lacks fields (or is not an object) raises KeyError/"
-    "AttributeError/TypeError from AttentionStore.load instead of StoreError",
-)
 @pytest.mark.parametrize("header", ['{"format": 1}', "[]", '{"format": 1, "sites": [{"name": 1}]}'])
 def test_malformed_header_is_a_store_error(tmp_path, header):
     with pytest.raises(StoreError):

@@ -17,6 +17,7 @@ removed in ``finally``, also when generation raises.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import platform
@@ -52,7 +53,7 @@ def _as_list(value) -> list[str] | None:
 class _Recorder:
     """The state of one probe: installed wrappers and hooks, the call counter, the batch layout."""
 
-    def __init__(self, pipe, denoiser, sites, passes, heads, dtype, device, prompts):
+    def __init__(self, pipe, denoiser, sites, passes, heads, dtype, device, prompts, all_sites=()):
         self.pipe = pipe if pipe is not denoiser else None
         self.denoiser = denoiser
         self.sites = sites
@@ -62,6 +63,8 @@ class _Recorder:
         self.device = torch.device(device)
         self.caller_prompts = _as_list(prompts)
         self.modules = {s.name: denoiser.get_submodule(s.name) for s in sites}
+        self.all_sites = [s.name for s in all_sites] or list(self.modules)
+        self.order_handles = []
         self.originals: dict[str, object] = {}
         self.wrappers: dict[str, ProbeProcessor] = {}
         self.handles = []
@@ -69,7 +72,10 @@ class _Recorder:
         self.generation = -1
         self.calls_in_generation = 0
         self.encoded: list[torch.Tensor] = []
+        self.given: dict | None = None
         self.rows: torch.Tensor | None = None
+        self.layout: tuple[str, ...] = ()
+        self.last_timestep = float("inf")
         self.latent_hw: tuple[int, int] = (0, 0)
         self.seen: list[str] = []
         self.order: list[str] = []
@@ -98,16 +104,31 @@ class _Recorder:
                 self.wrappers[name] = wrapper
                 attn.set_processor(wrapper)
             self.handles.append(self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True))
+            # execution order of every cross-attention site (not only the probed ones), during the first call
+            for name in self.all_sites:
+                hook = functools.partial(self._on_site_order, name)
+                self.order_handles.append(self.denoiser.get_submodule(name).register_forward_pre_hook(hook))
+            self.order_handles.append(self.denoiser.register_forward_hook(self._after_first_call))
             if self.encoder is not None:
                 self.handles.append(self.encoder.register_forward_pre_hook(self._on_encode, with_kwargs=True))
         except BaseException:
             self.remove()
             raise
 
+    def _on_site_order(self, name, module, args) -> None:
+        if name not in self.order:
+            self.order.append(name)
+
+    def _after_first_call(self, module, args, output) -> None:
+        for handle in self.order_handles:
+            handle.remove()
+        self.order_handles.clear()
+
     def remove(self) -> None:
-        for handle in self.handles:
+        for handle in self.handles + self.order_handles:
             handle.remove()
         self.handles.clear()
+        self.order_handles.clear()
         for name, wrapper in self.wrappers.items():
             wrapper.remove_hooks()
             attn = self.modules[name]
@@ -121,6 +142,9 @@ class _Recorder:
         if self.calls_in_generation > 0:
             self.calls_in_generation = 0
             self.encoded = []
+            self.given = None
+        if self.given is None:  # read the call's arguments before the pipeline overwrites them with embeddings
+            self.given = self._call_arguments()
         if isinstance(ids, torch.Tensor):
             self.encoded.append(ids.detach().to("cpu"))
 
@@ -131,8 +155,8 @@ class _Recorder:
                     f"the processor of site {name} was replaced during the probe by "
                     f"{type(attn.processor).__name__} (attention slicing, fuse_qkv_projections, "
                     "set_default_attn_processor, xformers or a LoRA/adapter load do this). Enable such options "
-                    "before opening the probe, not inside it. The store holds calls 0.."
-                    f"{max(self.call - 1, -1)} only."
+                    "before opening the probe, not inside it. "
+                    + (f"The store holds calls 0..{self.call} only." if self.call >= 0 else "The store holds no call.")
                 )
 
     def _check_previous_call(self) -> None:
@@ -158,19 +182,37 @@ class _Recorder:
                 f"the denoiser {type(module).__name__} was called without a 4-D latent sample "
                 f"(got {type(sample).__name__}); attnprobe supports UNet denoisers called as diffusers pipelines do"
             )
+        if isinstance(timestep, torch.Tensor):
+            t = float(timestep.reshape(-1)[0]) if timestep.numel() else float("nan")
+        else:
+            t = float(timestep) if timestep is not None else float("nan")
+        if self.calls_in_generation > 0 and self._starts_generation(int(sample.shape[0]), t):
+            self.calls_in_generation = 0
+            self.encoded = []  # no text-encoder call announced this pipeline call (prompt_embeds passed)
+            self.given = None
         if self.calls_in_generation == 0:
             self.generation += 1
             self._set_layout(int(sample.shape[0]), int(states.shape[1]) if isinstance(states, torch.Tensor) else 0)
         self.call += 1
         self.calls_in_generation += 1
+        self.last_timestep = t
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         self.rows = self.rows.to(sample.device)
-        if isinstance(timestep, torch.Tensor):
-            t = float(timestep.reshape(-1)[0]) if timestep.numel() else float("nan")
-        else:
-            t = float(timestep) if timestep is not None else float("nan")
         self.store.calls.append(Call(index=self.call, timestep=t, generation=self.generation, layout=self.layout))
         self.seen = []
+
+    def _starts_generation(self, batch: int, timestep: float) -> bool:
+        """Whether this denoiser call starts a new pipeline call although no text encoder ran before it.
+
+        Schedulers count down: a timestep above the previous call's, a scheduler step index back at 0, or another
+        batch size means a new pipeline call.
+        """
+        if batch != len(self.layout) or timestep > self.last_timestep:
+            return True
+        scheduler = getattr(self.pipe, "scheduler", None)
+        if scheduler is not None and isinstance(getattr(type(scheduler), "step_index", None), property):
+            return scheduler.step_index in (None, 0)
+        return False
 
     def _grid(self, site: str, n_query: int) -> tuple[int, int]:
         h, w = self.latent_hw
@@ -201,8 +243,6 @@ class _Recorder:
         if site in self.seen:
             raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
         self.seen.append(site)
-        if self.generation == 0 and self.calls_in_generation == 1:
-            self.order.append(site)
         probs = attention_probs(attn, query, key, mask, self.rows)  # [sample, head, query, token]
         if self.heads == "mean":
             probs = probs.mean(dim=1, keepdim=True)
@@ -220,8 +260,12 @@ class _Recorder:
             scale = getattr(self.pipe, "_guidance_scale", None)
             return bool(scale is not None and scale > 1)
 
-    def _call_prompts(self) -> tuple[list[str] | None, list[str] | None]:
-        """``prompt`` and ``negative_prompt`` of the pipeline call in progress, read from its frame."""
+    def _call_arguments(self) -> dict:
+        """What the pipeline call in progress was given, read from its ``__call__`` frame (empty if not found):
+        ``prompt`` and ``negative_prompt`` (lists of texts or None), and whether ``prompt_embeds`` and
+        ``negative_prompt_embeds`` were passed."""
+        if self.pipe is None:
+            return {}
         frame = inspect.currentframe()
         try:
             for _ in range(200):
@@ -230,10 +274,15 @@ class _Recorder:
                     break
                 if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is self.pipe:
                     loc = frame.f_locals
-                    return _as_list(loc.get("prompt")), _as_list(loc.get("negative_prompt"))
+                    return {
+                        "prompt": _as_list(loc.get("prompt")),
+                        "negative_prompt": _as_list(loc.get("negative_prompt")),
+                        "prompt_embeds": loc.get("prompt_embeds") is not None,
+                        "negative_prompt_embeds": loc.get("negative_prompt_embeds") is not None,
+                    }
         finally:
             del frame
-        return None, None
+        return {}
 
     def _layout_for(self, text: str | None, ids: list[int] | None, n_keys: int, source: str) -> TokenLayout:
         tok = self.tokenizer
@@ -259,10 +308,17 @@ class _Recorder:
             raise ProbeError(f"classifier-free guidance is on but the denoiser batch has an odd size {batch}")
         n = batch // 2 if cfg else batch
         labels = ["uncond"] * n + ["cond"] * n if cfg else ["cond"] * batch
-        cond_ids = self.encoded[0] if self.encoded else None
-        uncond_ids = self.encoded[1] if cfg and len(self.encoded) > 1 else None
-        frame_prompt, frame_negative = self._call_prompts() if self.pipe is not None else (None, None)
-        cond_texts = self.caller_prompts or frame_prompt
+        given = self.given if self.given is not None else self._call_arguments()
+        # diffusers encodes the prompt, then the negative prompt, skipping whichever came as embeddings
+        encoded = list(self.encoded)
+        cond_ids = None if given.get("prompt_embeds") else (encoded.pop(0) if encoded else None)
+        uncond_ids = encoded.pop(0) if cfg and encoded and not given.get("negative_prompt_embeds") else None
+        zeros = bool(
+            cfg and given and not given["negative_prompt_embeds"] and given["negative_prompt"] is None
+            and getattr(getattr(self.pipe, "config", None), "force_zeros_for_empty_prompt", False)
+        )
+        frame_negative = given.get("negative_prompt")
+        cond_texts = self.caller_prompts or given.get("prompt")
         n_prompts = cond_ids.shape[0] if cond_ids is not None else len(cond_texts) if cond_texts else n
         if cond_texts is not None and len(cond_texts) != n_prompts:
             cond_texts = None
@@ -299,7 +355,7 @@ class _Recorder:
                 id_list = ids[prompt_index].tolist() if ids is not None else None
                 source = "caller" if (label == "cond" and self.caller_prompts) else "prompt"
                 if label == "uncond" and ids is None and text is None:
-                    layouts[(label, prompt_index)] = unlabelled_layout(n_keys, source="zeros")
+                    layouts[(label, prompt_index)] = unlabelled_layout(n_keys, source="zeros" if zeros else "none")
                 else:
                     layouts[(label, prompt_index)] = self._layout_for(text, id_list, n_keys, source)
             lay = layouts[(label, prompt_index)]
@@ -445,8 +501,8 @@ def probe(
     if prompts is not None and _as_list(prompts) is None:
         raise ProbeError(f"prompts must be a string or a list of strings; got {type(prompts).__name__}")
     denoiser = denoiser_of(pipe)
-    chosen = select_sites(list_sites(denoiser), sites)
-    recorder = _Recorder(pipe, denoiser, chosen, passes, heads, dtype, device, prompts)
+    every = list_sites(denoiser)
+    recorder = _Recorder(pipe, denoiser, select_sites(every, sites), passes, heads, dtype, device, prompts, every)
     if prompts is not None and recorder.tokenizer is None:
         raise ProbeError(
             f"prompts= needs a tokenizer to label positions, and {type(pipe).__name__} has none: pass the pipeline "

@@ -70,6 +70,7 @@ class ProbeProcessor:
         self.site = site
         self._on_probs = on_probs
         self._armed = False
+        self._removed = False
         self._query: torch.Tensor | None = None
         self._key: torch.Tensor | None = None
         self._hooks = []
@@ -92,11 +93,16 @@ class ProbeProcessor:
             self._key = output.chunk(2, dim=-1)[0]
 
     def remove_hooks(self) -> None:
+        """Detach from the module; from now on the wrapper only forwards to ``inner`` (diffusers may have kept a
+        reference, e.g. ``fuse_qkv_projections`` saves the processors it replaces and ``unfuse`` restores them)."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._removed = True
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
+        if self._removed:
+            return self.inner(attn, hidden_states, *args, **kwargs)
         self._query = self._key = None
         self._armed = True
         try:

@@ -164,6 +164,6 @@ def select_sites(sites: list[Site], selector: SiteSelector) -> list[Site]:
 
 
 def _record_order(denoiser: torch.nn.Module, names: list[str]) -> None:
-    known = _OBSERVED_ORDER.get(denoiser)
-    if known is None or len(names) > len(known):
+    """Remember the execution order of a denoiser's cross-attention sites (every site, seen in one call)."""
+    if names:
         _OBSERVED_ORDER[denoiser] = tuple(names)

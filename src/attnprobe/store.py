@@ -243,12 +243,19 @@ class AttentionStore:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt/truncated files
             raise StoreError(f"{str(path)!r} is not a readable attnprobe store (corrupt or truncated?): {exc}") from exc
-        if header.get("format") != FORMAT_VERSION:
-            raise StoreError(f"{str(path)!r} has store format {header.get('format')!r}; this attnprobe reads {FORMAT_VERSION}")
-        sites = [Site(**s) for s in header["sites"]]
-        calls = [Call(**{**c, "layout": tuple(c["layout"])}) for c in header["calls"]]
-        samples = [Sample(**s) for s in header["samples"]]
-        layouts = [TokenLayout.from_dict(d) for d in header["layouts"]]
+        if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+            found = header.get("format") if isinstance(header, dict) else type(header).__name__
+            raise StoreError(f"{str(path)!r} has store format {found!r}; this attnprobe reads {FORMAT_VERSION}")
+        try:
+            sites = [Site(**s) for s in header["sites"]]
+            calls = [Call(**{**c, "layout": tuple(c["layout"])}) for c in header["calls"]]
+            samples = [Sample(**s) for s in header["samples"]]
+            layouts = [TokenLayout.from_dict(d) for d in header["layouts"]]
+            meta, flat = dict(header["meta"]), list(header.get("flat_sites", ()))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise StoreError(f"{str(path)!r} has a malformed header ({type(exc).__name__}: {exc}); edited by hand?") from None
+        if len(layouts) != len(samples):
+            raise StoreError(f"{str(path)!r} has {len(layouts)} token layouts for {len(samples)} samples")
         missing = [s.name for s in sites if s.name not in maps]
         if missing:
             raise StoreError(f"{str(path)!r} lacks the maps of sites {missing[:5]} (truncated or edited?)")
@@ -258,4 +265,4 @@ class AttentionStore:
                     f"{str(path)!r}: site {name} has shape {tuple(t.shape)}, expected "
                     f"[{len(calls)} calls, {len(samples)} samples, head, qh, qw, token]"
                 )
-        return cls(sites, calls, samples, layouts, maps, header["meta"], header.get("flat_sites", ()))
+        return cls(sites, calls, samples, layouts, maps, meta, flat)

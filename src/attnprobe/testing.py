@@ -138,7 +138,7 @@ def _scheduler(name: str):
         "ddim": lambda: DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         "euler": lambda: EulerDiscreteScheduler(**common),
         "heun": lambda: HeunDiscreteScheduler(**common),
-        "pndm": lambda: PNDMScheduler(**common, skip_prk_steps=False, steps_offset=1),
+        "pndm": lambda: PNDMScheduler(**common, skip_prk_steps=True, steps_offset=1),  # as SD 1.5 ships it
     }
     if name not in kinds:
         raise ValueError(f"scheduler {name!r} is not one of {sorted(kinds)}")
