@@ -59,43 +59,52 @@ def plot_trajectories(
         ax.set_ylabel(ylabel, fontsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle("Concept-token attention per denoiser call (mean over seeds, band: min–max)", fontsize=10)
+    fig.suptitle("Attention on every mention of the concept, per denoiser call (mean over seeds, band: min–max)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     return fig
 
 
-def plot_delta_auc(summary: Sequence[Mapping], value: str = "delta_auc", low: str = "ci_low", high: str = "ci_high"):
+def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, str, str]] | None = None):
     """Grouped bars: per concept, Δ AUC vs the baseline of each variant, with its 95% interval.
 
     Args:
-        summary: rows with ``concept``, ``variant``, and the ``value``/``low``/``high`` columns (NaN allowed).
+        summary: rows with ``concept``, ``variant`` and, per panel, a value and its interval columns (NaN allowed).
+        panels: ``(title, value, low, high)`` column names per panel. Default: two panels, every mention
+            (``delta_auc``, ``ci_low``, ``ci_high``) and the last mention (``delta_auc_last``, …``_last``).
 
     Returns:
         The figure.
     """
     plt = _plt()
+    panels = panels or [
+        ("every mention of the concept", "delta_auc", "ci_low", "ci_high"),
+        ("last mention only (aligned with the baseline's)", "delta_auc_last", "ci_low_last", "ci_high_last"),
+    ]
     concepts = list(dict.fromkeys(r["concept"] for r in summary))
     variants = list(dict.fromkeys(r["variant"] for r in summary))
     table = {(r["concept"], r["variant"]): r for r in summary}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(concepts) + 2), 3.6))
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(6.0, 0.9 * len(concepts) + 2), 3.0 * len(panels)), squeeze=False
+    )
     width = 0.8 / max(1, len(variants))
-    for i, variant in enumerate(variants):
-        vals, errs = [], [[], []]
-        for c in concepts:
-            r = table.get((c, variant), {})
-            v = float(r.get(value, float("nan")))
-            lo, hi = float(r.get(low, float("nan"))), float(r.get(high, float("nan")))
-            vals.append(v)
-            errs[0].append(v - lo if math.isfinite(lo) else 0.0)
-            errs[1].append(hi - v if math.isfinite(hi) else 0.0)
-        x = np.arange(len(concepts)) + (i - (len(variants) - 1) / 2) * width
-        ax.bar(x, vals, width, yerr=errs, capsize=2, label=variant)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(np.arange(len(concepts)), concepts, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("Δ AUC of concept attention vs baseline", fontsize=8)
-    ax.set_title("Does the prompt variant lower attention to the concept? (bars: mean over seeds, 95% CI)", fontsize=9)
-    ax.legend(fontsize=8, frameon=False)
-    ax.grid(axis="y", alpha=0.3)
+    for ax, (title, value, low, high) in zip(axes[:, 0], panels):
+        for i, variant in enumerate(variants):
+            vals, errs = [], [[], []]
+            for c in concepts:
+                r = table.get((c, variant), {})
+                v = float(r.get(value, float("nan")))
+                lo, hi = float(r.get(low, float("nan"))), float(r.get(high, float("nan")))
+                vals.append(v)
+                errs[0].append(v - lo if math.isfinite(lo) else 0.0)
+                errs[1].append(hi - v if math.isfinite(hi) else 0.0)
+            x = np.arange(len(concepts)) + (i - (len(variants) - 1) / 2) * width
+            ax.bar(x, vals, width, yerr=errs, capsize=2, label=variant)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(np.arange(len(concepts)), concepts, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("Δ AUC vs baseline", fontsize=8)
+        ax.set_title(f"Δ concept attention, {title} (mean over seeds, 95% CI)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -116,7 +125,8 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
     concepts = list(maps)
     variants = list(dict.fromkeys(v for c in concepts for v in maps[c]))
     fig, axes = plt.subplots(
-        len(concepts), len(variants), figsize=(2.0 * len(variants) + 0.8, 2.0 * len(concepts)), squeeze=False
+        len(concepts), len(variants), figsize=(2.0 * len(variants) + 1.2, 2.0 * len(concepts)), squeeze=False,
+        layout="constrained",
     )
     im = None
     for i, c in enumerate(concepts):
@@ -139,5 +149,5 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
             if j == 0:
                 ax.set_ylabel(c, fontsize=8)
     if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.6, label="attention on concept (min–max scaled)")
+        fig.colorbar(im, ax=axes, shrink=min(0.8, 3.0 / len(concepts) + 0.2), label="attention on concept (min–max scaled)")
     return fig
