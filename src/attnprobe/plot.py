@@ -78,7 +78,7 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
     plt = _plt()
     panels = panels or [
         ("every mention of the concept", "delta_auc", "ci_low", "ci_high"),
-        ("last mention only (aligned with the baseline's)", "delta_auc_last", "ci_low_last", "ci_high_last"),
+        ("last mention only", "delta_auc_last", "ci_low_last", "ci_high_last"),
     ]
     concepts = list(dict.fromkeys(r["concept"] for r in summary))
     variants = list(dict.fromkeys(r["variant"] for r in summary))
@@ -102,7 +102,7 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(np.arange(len(concepts)), concepts, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("Δ AUC vs baseline", fontsize=8)
-        ax.set_title(f"Δ concept attention, {title} (mean over seeds, 95% CI)", fontsize=9)
+        ax.set_title(f"Δ attention, {title} (mean over seeds, 95% CI)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=8, frameon=False)
     fig.tight_layout()
