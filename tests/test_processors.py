@@ -144,3 +144,22 @@ def test_prompts_need_the_pipeline_tokenizer():
     with pytest.raises(attnprobe.ProbeError, match="pass the pipeline"):
         with attnprobe.probe(pipe.unet, prompts=["a dog"]):
             pass
+
+
+def test_nested_probes_both_record_and_restore_in_any_order():
+    pipe = tiny_sd_pipeline()
+    before = dict(pipe.unet.attn_processors)
+    plain = pipe("a dog", generator=torch.Generator().manual_seed(0), **GEN).images
+    with attnprobe.probe(pipe, dtype=torch.float32) as outer:
+        with attnprobe.probe(pipe, sites="mid_block.*", passes="all", dtype=torch.float32) as inner:
+            probed = pipe("a dog", generator=torch.Generator().manual_seed(0), **GEN).images
+    assert torch.equal(plain, probed)
+    site = "mid_block.attentions.0.transformer_blocks.0.attn2"
+    assert torch.allclose(outer[site][:, 0], inner[site][:, 1], atol=1e-6)  # the same cond maps, seen by both
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+    # closed out of order: the outer probe first
+    a, b = attnprobe.probe(pipe), attnprobe.probe(pipe)
+    a.__enter__(); b.__enter__()
+    pipe("a dog", **GEN)
+    a.__exit__(None, None, None); b.__exit__(None, None, None)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())

@@ -37,6 +37,7 @@ def _dtype(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``attnprobe`` argument parser (subcommands ``study`` and ``sites``)."""
     from .study import DEFAULT_CONCEPTS, DEFAULT_VARIANTS
 
     parser = argparse.ArgumentParser(prog="attnprobe", description="Cross-attention probes for diffusers pipelines.")

@@ -134,6 +134,11 @@ class _Recorder:
             attn = self.modules[name]
             if attn.processor is wrapper:
                 attn.set_processor(self.originals[name])
+                continue
+            for outer in self._chain(attn.processor):  # a probe opened inside this one is still installed
+                if isinstance(outer, ProbeProcessor) and outer.inner is wrapper:
+                    outer.inner = self.originals[name]
+                    break
         self.wrappers.clear()
 
     # -------------------------------------------------------------- hooks
@@ -148,9 +153,18 @@ class _Recorder:
         if isinstance(ids, torch.Tensor):
             self.encoded.append(ids.detach().to("cpu"))
 
+    @staticmethod
+    def _chain(processor):
+        """The processor and every ProbeProcessor it wraps (a probe inside another probe wraps its wrapper)."""
+        while True:
+            yield processor
+            if not isinstance(processor, ProbeProcessor):
+                return
+            processor = processor.inner
+
     def _check_intact(self) -> None:
         for name, attn in self.modules.items():
-            if attn.processor is not self.wrappers[name]:
+            if not any(p is self.wrappers[name] for p in self._chain(attn.processor)):
                 raise ProbeError(
                     f"the processor of site {name} was replaced during the probe by "
                     f"{type(attn.processor).__name__} (attention slicing, fuse_qkv_projections, "
