@@ -132,12 +132,15 @@ class _Recorder:
         for name, wrapper in self.wrappers.items():
             wrapper.remove_hooks()
             attn = self.modules[name]
+            original = self.originals[name]
+            while isinstance(original, ProbeProcessor) and original._removed:  # an outer probe closed first
+                original = original.inner
             if attn.processor is wrapper:
-                attn.set_processor(self.originals[name])
+                attn.set_processor(original)
                 continue
             for outer in self._chain(attn.processor):  # a probe opened inside this one is still installed
                 if isinstance(outer, ProbeProcessor) and outer.inner is wrapper:
-                    outer.inner = self.originals[name]
+                    outer.inner = original
                     break
         self.wrappers.clear()
 
