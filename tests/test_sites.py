@@ -15,10 +15,11 @@ from attnprobe.testing import SD15_UNET, SD21_UNET, SDXL_UNET, tiny_sd_pipeline,
 
 
 def sd_names():
-    """Cross-attention site names of SD 1.x/2.x, in named_modules() order (up_blocks before mid_block)."""
+    """Cross-attention site names of SD 1.x/2.x in execution order (down, mid, up), which list_sites gives
+    before any probe although named_modules() lists up_blocks before mid_block."""
     down = [f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2" for b in range(3) for a in range(2)]
     up = [f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2" for b in (1, 2, 3) for a in range(3)]
-    return down + up + ["mid_block.attentions.0.transformer_blocks.0.attn2"]
+    return down + ["mid_block.attentions.0.transformer_blocks.0.attn2"] + up
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_sd15_meta_sites(sd15):
     assert (head_dim["down_blocks.0"], head_dim["down_blocks.1"], head_dim["down_blocks.2"]) == (40, 80, 160)
     assert head_dim["mid_block"] == 160 and head_dim["up_blocks.3"] == 40
     assert all(s.kind == "cross" and s.order is None for s in sd15)
-    assert [s.group for s in sd15] == ["down"] * 6 + ["up"] * 9 + ["mid"]
+    assert [s.group for s in sd15] == ["down"] * 6 + ["mid"] + ["up"] * 9
 
 
 def test_sd21_meta_heads():

@@ -23,7 +23,7 @@ def result(tmp_path_factory):
 def test_study_writes_every_output(result):
     names = {p.name for p in result.files}
     assert names == {"trajectories.csv", "auc.csv", "summary.csv", "failures.csv",
-                     "trajectories.png", "delta_auc.png", "heatmaps.png"}
+                     "trajectories.png", "delta_auc.png", "heatmaps.png", "text_similarity.csv", "text_similarity.png"}
     for p in result.files:
         assert p.stat().st_size > 0
         assert p.parent == result.out
@@ -48,6 +48,11 @@ def test_tidy_tables_cover_the_grid(result):
     row = next(r for r in summary if r["concept"] == "dog" and r["variant"] == "instruction")
     assert float(row["ci_low"]) <= float(row["delta_auc"]) <= float(row["ci_high"])
     assert read(result.out / "failures.csv") == []
+    text = read(result.out / "text_similarity.csv")
+    cond = {(r["concept"], r["variant"]): r for r in text if r["encoder"] == "conditioning"}
+    assert len(cond) == 2 * 4 and float(cond[("dog", "baseline")]["concept_cos"]) == pytest.approx(1.0)
+    assert float(cond[("dog", "repetition")]["delta_vs_repetition"]) == 0.0
+    assert {"text_concept_cos", "text_delta_vs_repetition"} <= set(summary[0])
 
 
 def test_delta_auc_is_variant_minus_baseline_of_the_same_seed(result):
@@ -61,7 +66,8 @@ def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path):
     # a concept that tokenizes past 77 tokens fails (truncated); the other concept is still measured
     long_concept = " ".join(["word"] * 80) + " dog"
     res = study(out=tmp_path, concepts=[long_concept, "cat"], seeds=[0], steps=2, progress=False, echo=False)
-    assert len(res.failures) == 1 and "ConceptError" in res.failures[0]["error"]
+    assert [f["seed"] for f in res.failures] == [0, "text"]  # its generation and its text analysis
+    assert all("ConceptError" in f["error"] for f in res.failures)
     assert {r["concept"] for r in res.aucs} == {"cat"}
     assert (tmp_path / "summary.csv").exists()
 

@@ -97,7 +97,11 @@ def auc(traj: torch.Tensor, x: Sequence[float] | torch.Tensor | None = None) -> 
     Returns:
         A float for ``[call]``, a ``[site]`` tensor for ``[call, site]``. With one call: its value.
     """
+    if isinstance(traj, AttentionStore):
+        raise TypeError("auc takes a trajectory ([call] or [call, site]), not a store: auc(trajectory(store, concept))")
     traj = torch.as_tensor(traj, dtype=torch.float64)
+    if traj.ndim not in (1, 2):
+        raise ValueError(f"auc takes a [call] or [call, site] trajectory; got shape {tuple(traj.shape)}")
     n = traj.shape[0]
     if n == 0:
         raise ValueError("auc of an empty trajectory")
@@ -135,7 +139,8 @@ class Comparison:
 
 
 def check_comparable(base: AttentionStore, other: AttentionStore) -> None:
-    """Raise ``StoreError`` unless two stores come from the same denoiser, sites and call count."""
+    """Raise ``StoreError`` unless two stores come from the same pipeline and denoiser (class and config),
+    sites, timesteps (so calls pair at the same noise level) and latent size."""
     problems = []
     for key in ("denoiser", "pipeline"):
         if base.meta.get(key) != other.meta.get(key):
@@ -146,6 +151,13 @@ def check_comparable(base: AttentionStore, other: AttentionStore) -> None:
         problems.append(f"sites: {len(base.sites)} vs {len(other.sites)} ({sorted(set(base.site_names) ^ set(other.site_names))[:3]} differ)")
     if len(base.calls) != len(other.calls):
         problems.append(f"calls: {len(base.calls)} vs {len(other.calls)}")
+    elif [c.timestep for c in base.calls] != [c.timestep for c in other.calls]:
+        problems.append(
+            f"timesteps differ (scheduler {base.meta.get('scheduler')} vs {other.meta.get('scheduler')}): calls "
+            "would be paired at different noise levels"
+        )
+    if base.meta.get("latent_size") != other.meta.get("latent_size"):
+        problems.append(f"latent sizes: {base.meta.get('latent_size')} vs {other.meta.get('latent_size')}")
     if problems:
         raise StoreError("the stores cannot be compared: " + "; ".join(problems))
 
@@ -174,7 +186,7 @@ def compare(
         sites: site selector applied to both. Default: all.
 
     Raises:
-        StoreError: the stores come from different pipelines/denoisers, sites or call counts.
+        StoreError: the stores come from different pipelines/denoisers, sites, timesteps or sizes.
         ConceptError: the concept is missing from either prompt.
     """
     if align not in ("last", "first"):
@@ -225,7 +237,8 @@ def heatmap(
 
     Args:
         store, concept, sample, occurrence: as for ``trajectory``.
-        calls: call indices (an int, a slice or a list). Default: every call.
+        calls: call indices (an int, a slice or a list). Default: every call. An empty or out-of-range choice
+            raises ``IndexError``.
         sites: site selector. Default: every site (flat sites are skipped: they have no grid).
         size: output ``(H, W)``. Default: the image size in pixels recorded in the store's metadata, else
             the largest site grid.
@@ -242,9 +255,16 @@ def heatmap(
         raise StoreError("no chosen site has a spatial grid (all are flat)")
     if size is None:
         size = tuple(store.meta.get("image_size") or ()) or max(tuple(store[s.name].shape[3:5]) for s in chosen)
-    call_idx = list(range(len(store.calls)))
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
+        raise ValueError(f"size={size!r} is not a (height, width) pair of positive ints")
+    n_calls = len(store.calls)
+    call_idx = list(range(n_calls))
     if calls is not None:
         call_idx = [calls] if isinstance(calls, int) else (call_idx[calls] if isinstance(calls, slice) else list(calls))
+    if not call_idx or any(not isinstance(c, int) or not -n_calls <= c < n_calls for c in call_idx):
+        raise IndexError(f"calls={calls!r} picks no call or a call out of range; the store has calls 0..{n_calls - 1}")
+
     total = torch.zeros(size, dtype=torch.float32)
     for s in chosen:
         maps = store[s.name][call_idx, idx].float()[..., positions].sum(-1)  # [call, head, qh, qw]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import replace
 import inspect
 import math
 import platform
@@ -32,7 +33,7 @@ from .errors import ProbeError
 from .processors import ProbeProcessor, attention_probs, wrap_processor
 from .sites import SiteSelector, _record_order, denoiser_of, list_sites, select_sites
 from .store import AttentionStore, Call, Sample
-from .tokens import TokenLayout, token_layout, unlabelled_layout
+from .tokens import TokenLayout, decode_ids, token_layout, unlabelled_layout
 
 __all__ = ["probe"]
 
@@ -203,13 +204,14 @@ class _Recorder:
             t = float(timestep.reshape(-1)[0]) if timestep.numel() else float("nan")
         else:
             t = float(timestep) if timestep is not None else float("nan")
-        if self.calls_in_generation > 0 and self._starts_generation(int(sample.shape[0]), t):
+        hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        if self.calls_in_generation > 0 and self._starts_generation(int(sample.shape[0]), t, hw):
             self.calls_in_generation = 0
             self.encoded = []  # no text-encoder call announced this pipeline call (prompt_embeds passed)
             self.given = None
         if self.calls_in_generation == 0:
             self.generation += 1
-            self._set_layout(int(sample.shape[0]), int(states.shape[1]) if isinstance(states, torch.Tensor) else 0)
+            self._set_layout(int(sample.shape[0]), int(states.shape[1]) if isinstance(states, torch.Tensor) else 0, hw)
         self.call += 1
         self.calls_in_generation += 1
         self.last_timestep = t
@@ -218,13 +220,13 @@ class _Recorder:
         self.store.calls.append(Call(index=self.call, timestep=t, generation=self.generation, layout=self.layout))
         self.seen = []
 
-    def _starts_generation(self, batch: int, timestep: float) -> bool:
+    def _starts_generation(self, batch: int, timestep: float, hw: tuple[int, int]) -> bool:
         """Whether this denoiser call starts a new pipeline call although no text encoder ran before it.
 
         Schedulers count down: a timestep above the previous call's, a scheduler step index back at 0, or another
         batch size means a new pipeline call.
         """
-        if batch != len(self.layout) or timestep > self.last_timestep:
+        if batch != len(self.layout) or timestep > self.last_timestep or hw != self.latent_hw:
             return True
         scheduler = getattr(self.pipe, "scheduler", None)
         if scheduler is not None and isinstance(getattr(type(scheduler), "step_index", None), property):
@@ -281,16 +283,27 @@ class _Recorder:
         """What the pipeline call in progress was given, read from its ``__call__`` frame (empty if not found):
         ``prompt`` and ``negative_prompt`` (lists of texts or None), and whether ``prompt_embeds`` and
         ``negative_prompt_embeds`` were passed."""
-        if self.pipe is None:
-            return {}
         frame = inspect.currentframe()
         try:
             for _ in range(200):
                 frame = frame.f_back if frame is not None else None
                 if frame is None:
                     break
-                if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is self.pipe:
+                owner = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
+                if owner is not None and self.pipe is None and any(
+                    getattr(owner, a, None) is self.denoiser for a in ("unet", "transformer", "prior")
+                ):
+                    self.pipe = owner  # the denoiser was probed on its own, but a pipeline is driving it
+                    self.encoder, self.tokenizer = self._primary_text_encoder()
+                if owner is not None and owner is self.pipe:
                     loc = frame.f_locals
+                    prompt_2 = _as_list(loc.get("prompt_2"))
+                    if prompt_2 is not None and prompt_2 != _as_list(loc.get("prompt")):
+                        warnings.warn(
+                            "prompt_2 differs from prompt: token labels follow the first tokenizer's prompt; the "
+                            "second encoder's half of the conditioning came from prompt_2",
+                            stacklevel=2,
+                        )
                     return {
                         "prompt": _as_list(loc.get("prompt")),
                         "negative_prompt": _as_list(loc.get("negative_prompt")),
@@ -309,23 +322,27 @@ class _Recorder:
             lay = token_layout(tok, text, n_keys, source=source)
             if ids is None or lay.ids == ids:
                 return lay
+            if source == "caller":
+                raise ProbeError(
+                    f"probe(prompts=...) says {text!r}, but the text encoder saw {decode_ids(tok, ids)!r}: "
+                    "give the texts of the prompts the pipeline encodes"
+                )
         if ids is not None:
-            decoded = tok.decode(ids, skip_special_tokens=True)
-            lay = token_layout(tok, decoded, n_keys, source="decoded")
+            lay = token_layout(tok, decode_ids(tok, ids), n_keys, source="decoded")
             if lay.ids == ids:
                 return lay
-            strings = [s.removesuffix("</w>") or s for s in tok.convert_ids_to_tokens(ids)]
+            strings = [(s.removesuffix("</w>") or s) for s in tok.convert_ids_to_tokens(ids)]
             if len(strings) == n_keys:
                 return TokenLayout(strings=strings, kinds=["unknown"] * n_keys, ids=ids, source="ids")
         return unlabelled_layout(n_keys, source="none")
 
-    def _set_layout(self, batch: int, n_keys: int) -> None:
+    def _set_layout(self, batch: int, n_keys: int, hw: tuple[int, int] = (0, 0)) -> None:
+        given = self.given if self.given is not None else self._call_arguments()  # may find the driving pipeline
         cfg = self._guidance_on()
         if cfg and batch % 2:
             raise ProbeError(f"classifier-free guidance is on but the denoiser batch has an odd size {batch}")
         n = batch // 2 if cfg else batch
         labels = ["uncond"] * n + ["cond"] * n if cfg else ["cond"] * batch
-        given = self.given if self.given is not None else self._call_arguments()
         # diffusers encodes the prompt, then the negative prompt, skipping whichever came as embeddings
         encoded = list(self.encoded)
         cond_ids = None if given.get("prompt_embeds") else (encoded.pop(0) if encoded else None)
@@ -337,6 +354,11 @@ class _Recorder:
         frame_negative = given.get("negative_prompt")
         cond_texts = self.caller_prompts or given.get("prompt")
         n_prompts = cond_ids.shape[0] if cond_ids is not None else len(cond_texts) if cond_texts else n
+        if self.caller_prompts is not None and (len(self.caller_prompts) != n_prompts or n % n_prompts):
+            raise ProbeError(
+                f"probe(prompts=...) gave {len(self.caller_prompts)} texts, but this pipeline call encodes "
+                f"{n_prompts} prompts ({n} conditional rows): give one text per prompt"
+            )
         if cond_texts is not None and len(cond_texts) != n_prompts:
             cond_texts = None
         if n_prompts == 0 or n % n_prompts:
@@ -379,12 +401,13 @@ class _Recorder:
             samples.append(Sample(len(samples), label, prompt_index, image_index, row, lay.text))
             sample_layouts.append(lay)
 
-        key = (tuple(labels), tuple((s.pass_label, s.prompt_index, s.image_index, s.text) for s in samples))
+        key = (tuple(labels), tuple((s.pass_label, s.prompt_index, s.image_index, s.text) for s in samples), hw, n_keys)
         if self.sample_key is not None and key != self.sample_key:
             raise ProbeError(
-                f"this probe holds generation 0 with samples {list(self.sample_key[1])}; pipeline call "
-                f"{self.generation} has {list(key[1])}. One store holds one sample layout: open a new probe() "
-                "for each pipeline call with other prompts or batch sizes."
+                f"this probe holds generation 0 with samples {list(self.sample_key[1])} on a "
+                f"{self.sample_key[2][0]}×{self.sample_key[2][1]} latent; pipeline call {self.generation} has "
+                f"{list(key[1])} on {hw[0]}×{hw[1]}. One store holds one sample layout and size: open a new probe() "
+                "for each pipeline call with other prompts, batch sizes or image sizes."
             )
         self.layout = tuple(labels)
         self.rows = torch.tensor(keep, dtype=torch.long)
@@ -422,21 +445,26 @@ class _Recorder:
             },
         }
 
-    def finish(self) -> None:
-        self._check_previous_call()
-        if self.call < 0:
-            raise ProbeError(
-                "the probe saw no denoiser call: call the pipeline inside the `with attnprobe.probe(pipe) as store:` block"
-            )
-        _record_order(self.denoiser, self.order)
+    def finish(self, complete: bool) -> None:
+        """Close the store: keep whole calls only, set execution order and metadata; when the block ended
+        normally (``complete``), raise if the last call lacks a site or no call was seen."""
+        store = self.store
+        counts = [len(store._chunks[n]) + (store._maps[n].shape[0] if n in store._maps else 0) for n in self.modules]
+        whole = min(counts + [len(store.calls)])
+        partial = whole < len(store.calls)
+        for name in self.modules:  # drop the maps of a call that did not finish
+            extra = counts[list(self.modules).index(name)] - whole
+            if extra > 0:
+                del store._chunks[name][len(store._chunks[name]) - extra:]
+        del store.calls[whole:]
+        store.meta["complete"] = complete and not partial
+        if self.order:
+            _record_order(self.denoiser, self.order)
         rank = {n: i for i, n in enumerate(self.order)}
-        from dataclasses import replace
-
-        self.store.sites = sorted(
-            (replace(s, order=rank.get(s.name)) for s in self.store.sites), key=lambda s: rank.get(s.name, len(rank))
+        store.sites = sorted(
+            (replace(s, order=rank.get(s.name)) for s in store.sites), key=lambda s: rank.get(s.name, len(rank))
         )
-        meta = self.store.meta
-        pipe = self.pipe
+        meta, pipe = store.meta, self.pipe
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is not None:
             meta["scheduler"] = type(scheduler).__name__
@@ -447,7 +475,17 @@ class _Recorder:
         scale = int(getattr(pipe, "vae_scale_factor", 1) or 1) if pipe is not None else 1
         meta["latent_size"] = [h, w]
         meta["image_size"] = [h * scale, w * scale]
-        self.store._consolidate()
+        store._consolidate()
+        if complete and partial:
+            missing = [n for n, c in zip(self.modules, counts) if c == whole]
+            raise ProbeError(
+                f"denoiser call {whole} ran without {len(missing)} of the {len(self.modules)} probed sites "
+                f"(e.g. {missing[:3]}): their processors were bypassed or replaced. The store keeps calls 0..{whole - 1}."
+            )
+        if complete and not store.calls:
+            raise ProbeError(
+                "the probe saw no denoiser call: call the pipeline inside the `with attnprobe.probe(pipe) as store:` block"
+            )
 
 
 def _json_safe(value):
@@ -515,6 +553,8 @@ def probe(
         torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ProbeError(f"device={device!r} is not a torch device: {exc}") from None
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ProbeError(f"device={device!r}, but this torch sees no CUDA device: keep the maps on 'cpu'")
     if prompts is not None and _as_list(prompts) is None:
         raise ProbeError(f"prompts must be a string or a list of strings; got {type(prompts).__name__}")
     denoiser = denoiser_of(pipe)
@@ -527,8 +567,12 @@ def probe(
         )
     recorder.install()
     try:
-        yield recorder.store
-        recorder.finish()
+        try:
+            yield recorder.store
+        except BaseException:
+            recorder.finish(complete=False)  # keep whole calls only; the error that ended the block goes on
+            raise
+        recorder.finish(complete=True)
     finally:
         recorder.remove()
         recorder.store.meta = _json_safe(recorder.store.meta)

@@ -91,8 +91,9 @@ def list_sites(pipe_or_denoiser) -> list[Site]:
         pipe_or_denoiser: a diffusers pipeline (its ``unet``/``transformer`` is used) or the denoiser module.
 
     Returns:
-        The sites, in execution order once a probe has seen one denoiser call of this denoiser (``Site.order``
-        set), otherwise in ``named_modules()`` order (which lists ``up_blocks`` before ``mid_block``).
+        The sites in execution order: as a probe saw it in one denoiser call (``Site.order`` set), or before
+        that in ``named_modules()`` order with a UNet's ``mid_block`` sites moved between ``down_blocks`` and
+        ``up_blocks`` (``named_modules()`` lists ``up_blocks`` first; ``Site.order`` is ``None``).
 
     Raises:
         NoSitesError: the denoiser has no cross-attention layer (says what attention layers it has).
@@ -120,6 +121,10 @@ def list_sites(pipe_or_denoiser) -> list[Site]:
             "0 with encoder states): attnprobe records attention from image positions to text tokens, "
             "so it needs a text-conditioned denoiser."
         )
+    if all(hasattr(denoiser, a) for a in ("down_blocks", "mid_block", "up_blocks")):
+        # a UNet runs down → mid → up, while named_modules() lists up_blocks before mid_block
+        rank = {"down": 0, "mid": 1, "up": 2}
+        found.sort(key=lambda s: rank.get(s.group, 3))
     order = _OBSERVED_ORDER.get(denoiser)
     if order:
         rank = {n: i for i, n in enumerate(order)}
@@ -133,12 +138,13 @@ def select_sites(sites: list[Site], selector: SiteSelector) -> list[Site]:
 
     Args:
         sites: the candidates (from ``list_sites``).
-        selector: ``None`` (all), a name or glob (``"up_blocks.*"``, ``"*attn2"``), a list of names/globs
-            (their union), or a predicate ``Site -> bool``.
+        selector: ``None`` (all), a name or glob (``"up_blocks.*"``, ``"*attn2"``), a ``Site``, a list of
+            names/globs/Sites (their union), or a predicate ``Site -> bool``.
 
     Raises:
-        UnknownSiteError: a name or glob matched nothing (the message lists the sites there are).
-        NoSitesError: a predicate picked no site.
+        UnknownSiteError: a name or glob matched nothing (the message lists the sites there are), or the
+            selector is of another type.
+        NoSitesError: a predicate picked no site, or the list is empty.
     """
     if selector is None:
         return list(sites)
@@ -147,7 +153,15 @@ def select_sites(sites: list[Site], selector: SiteSelector) -> list[Site]:
         if not picked:
             raise NoSitesError(f"the site predicate {selector!r} picked none of the {len(sites)} sites")
         return picked
-    patterns = [selector] if isinstance(selector, str) else list(selector)
+    if isinstance(selector, Site):
+        selector = selector.name
+    if not isinstance(selector, str) and not isinstance(selector, Iterable):
+        raise UnknownSiteError(
+            f"sites={selector!r} ({type(selector).__name__}) is not a name, glob, list of them, Site or predicate"
+        )
+    patterns = [selector] if isinstance(selector, str) else [p.name if isinstance(p, Site) else p for p in selector]
+    if not patterns:
+        raise NoSitesError(f"the site selection is empty; there are {len(sites)} sites (sites=None takes all)")
     keep = set()
     for pattern in patterns:
         if not isinstance(pattern, str):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import StoreError
+from .errors import StoreError, UnknownSiteError
 from .sites import Site
 from .tokens import TokenLayout, find_concept
 
@@ -98,14 +98,14 @@ class AttentionStore:
         name = site.name if isinstance(site, Site) else site
         if name not in self._chunks and name not in self._maps:
             shown = "\n  ".join(self.site_names[:40])
-            raise KeyError(f"site {name!r} is not in this store; its {len(self.sites)} sites are:\n  {shown}")
+            raise UnknownSiteError(f"site {name!r} is not in this store; its {len(self.sites)} sites are:\n  {shown}")
         return name
 
     def __getitem__(self, site) -> torch.Tensor:
         """``[call, sample, head, qh, qw, token]`` probabilities of one site (``Site`` or its name).
 
         Raises:
-            KeyError: the site is not in the store (the message lists the sites).
+            UnknownSiteError (a KeyError): the site is not in the store (the message lists the sites).
         """
         name = self._site_name(site)
         chunks = self._chunks.get(name)
@@ -209,6 +209,8 @@ class AttentionStore:
         from safetensors.torch import save_file
 
         path = Path(path)
+        if path.is_dir():
+            raise StoreError(f"{str(path)!r} is a folder; give a file name such as {str(path / 'store.safetensors')!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: self[name].contiguous() for name in self.site_names}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -4,7 +4,7 @@
     >>> import tempfile
     >>> result = study(out=tempfile.mkdtemp(), concepts=["dog"], seeds=[0], steps=2, progress=False, echo=False)
     >>> sorted(p.name for p in result.files)
-    ['auc.csv', 'delta_auc.png', 'failures.csv', 'heatmaps.png', 'summary.csv', 'trajectories.csv', 'trajectories.png']
+    ['auc.csv', 'delta_auc.png', 'failures.csv', 'heatmaps.png', 'summary.csv', 'text_similarity.csv', 'text_similarity.png', 'trajectories.csv', 'trajectories.png']
 
 For every concept × seed, one pipeline call generates every prompt variant from the *same* initial latents
 (the seed's noise repeated), under a probe (conditional pass, head mean, fp16). From each sample's maps:
@@ -24,8 +24,10 @@ import csv
 import io
 import math
 import os
+import re
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -36,6 +38,7 @@ import torch
 from .analysis import auc, heatmap, trajectory
 from .errors import ModelLoadError
 from .probe import probe
+from .text import similarity_rows
 
 __all__ = ["study", "StudyResult", "DEFAULT_CONCEPTS", "DEFAULT_VARIANTS", "load_pipeline", "parse_variants"]
 
@@ -77,7 +80,8 @@ class StudyResult:
         out: the output folder. files: every file written.
         trajectories: tidy rows (concept, variant, seed, prompt, call, timestep, mass, mass_last).
         aucs: rows per (concept, variant, seed). summary: rows per (concept, variant).
-        failures: rows per failed (concept, seed) cell: what failed and why.
+        failures: rows per failed (concept, seed) cell: what failed and why (seed ``"text"``: the text analysis).
+        text: text-encoder similarity rows (``attnprobe.text.similarity_rows``) per concept and variant.
     """
 
     out: Path
@@ -86,6 +90,7 @@ class StudyResult:
     aucs: list[dict] = field(default_factory=list)
     summary: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    text: list[dict] = field(default_factory=list)
 
 
 def parse_variants(spec) -> dict[str, str]:
@@ -101,7 +106,11 @@ def parse_variants(spec) -> dict[str, str]:
     if isinstance(spec, Mapping):
         items = list(spec.items())
     else:
-        parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
+        if isinstance(spec, str):
+            # split on the commas that start a new entry (a known name or "name="), so templates may hold commas
+            known = "|".join(re.escape(k) for k in DEFAULT_VARIANTS)
+            spec = re.split(rf",\s*(?=[A-Za-z_][\w-]*\s*=|(?:{known})\s*(?:,|$))", spec)
+        parts = [p.strip() for p in spec if p.strip()]
         items = []
         for p in parts:
             if "=" in p:
@@ -115,6 +124,13 @@ def parse_variants(spec) -> dict[str, str]:
     for name, template in variants.items():
         if "{c}" not in template:
             raise ValueError(f"variant {name!r} template {template!r} has no {{c}} for the concept")
+        try:
+            template.format(c="concept")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"variant {name!r} template {template!r} has braces other than {{c}} ({type(exc).__name__}: {exc}); "
+                "write a literal brace as {{ or }}"
+            ) from None
     if "baseline" not in variants:
         variants = {"baseline": DEFAULT_VARIANTS["baseline"], **variants}
     return variants
@@ -143,6 +159,9 @@ def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype |
 
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its offline retries print several lines before the error
+    looks_local = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 2)[-1]
+    if looks_local and not Path(model).expanduser().exists():
+        raise ModelLoadError(f"could not load model {model!r}: no such folder (and it is not a hub id)")
     try:
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
@@ -244,79 +263,139 @@ def study(
 
     Writes to ``out``: ``trajectories.csv`` (per call), ``auc.csv`` (per seed), ``summary.csv`` (mean Δ AUC with
     95% interval), ``failures.csv`` (cells that failed; the study goes on), ``trajectories.png``,
-    ``delta_auc.png``, ``heatmaps.png`` (first seed, each map min–max scaled, over the generated images).
+    ``delta_auc.png``, ``heatmaps.png`` (first seed, each map min–max scaled, over the generated images),
+    ``text_similarity.csv`` / ``text_similarity.png`` (``attnprobe.text``: the concept's text-encoder
+    representation in each variant against the baseline, per layer).
 
     Raises:
         ModelLoadError: the model cannot be loaded. ValueError: bad concepts/variants/seeds/steps.
     """
     from tqdm.auto import tqdm
 
-    from .plot import plot_delta_auc, plot_heatmaps, plot_trajectories
-
     variants = parse_variants(variants)
     concepts = list(DEFAULT_CONCEPTS if concepts is None else concepts)
     seeds = [int(s) for s in seeds]
-    if not concepts or not seeds:
-        raise ValueError(f"need at least one concept and one seed; got concepts={concepts}, seeds={seeds}")
-    if any(not c.strip() for c in concepts):
-        raise ValueError(f"concepts must be non-empty words or phrases; got {concepts}")
-    if int(steps) < 1:
-        raise ValueError(f"steps must be ≥ 1; got {steps}")
+    _check_grid(concepts, seeds, steps, guidance, size)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, …)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but this torch ({torch.__version__}) sees no CUDA device")
     if dtype is None:
-        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(model, device, dtype)
+    for name in OUTPUT_FILES:  # outputs of an earlier run here would mix with this one's
+        (out / name).unlink(missing_ok=True)
+    pipe = load_pipeline(model, str(device), dtype)
     size = int(size or _default_size(pipe, model))
     names = list(variants)
     result = StudyResult(out=out)
-    images: dict[str, dict] = {}
-    maps: dict[str, dict] = {}
-    curves: dict[str, dict[str, list]] = {}
+    figures: dict[str, dict] = {"images": {}, "maps": {}, "curves": {}}
     cells = [(c, s) for c in concepts for s in seeds]
     bar = tqdm(cells, desc="attnprobe study", unit="gen", disable=not progress, file=sys.stderr)
-    for concept, seed in bar:
-        bar.set_postfix_str(f"{concept}, seed {seed}")
-        prompts = [variants[v].format(c=concept) for v in names]
-        try:
-            latents = _initial_latents(pipe, seed, size, len(prompts), device, pipe.unet.dtype)
-            with probe(pipe, passes="cond", heads="mean", dtype=torch.float16) as store:
-                generated = pipe(
-                    prompts,
-                    latents=latents,
-                    num_inference_steps=int(steps),
-                    guidance_scale=float(guidance),
-                    height=size,
-                    width=size,
-                )
-            cell_rows, cell_aucs = [], []
-            for i, variant in enumerate(names):
-                mass = trajectory(store, concept, i)
-                mass_last = trajectory(store, concept, i, occurrence=-1)
-                n_mentions = len(store.token_indices(i, concept))
-                for call, (m, ml) in enumerate(zip(mass.tolist(), mass_last.tolist())):
-                    cell_rows.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompts[i], call=call,
-                                          timestep=store.calls[call].timestep, mass=m, mass_last=ml))
-                cell_aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompts[i],
-                                      mentions=n_mentions, auc=auc(mass), auc_last=auc(mass_last)))
-                curves.setdefault(concept, {}).setdefault(variant, []).append(mass.numpy())
-                if seed == seeds[0]:
-                    maps.setdefault(concept, {})[variant] = heatmap(store, concept, i).numpy()
-                    images.setdefault(concept, {})[variant] = generated.images[i]
-            base = next(r for r in cell_aucs if r["variant"] == "baseline")
-            for r in cell_aucs:
-                r["delta_auc"] = r["auc"] - base["auc"]
-                r["delta_auc_last"] = r["auc_last"] - base["auc_last"]
-            result.trajectories += cell_rows
-            result.aucs += cell_aucs
-        except Exception as exc:  # one failed cell must not lose the others
-            result.failures.append(dict(concept=concept, seed=seed, error=_first_line(exc),
-                                        detail=traceback.format_exc(limit=3).replace("\n", " | ")))
-            tqdm.write(f"attnprobe study: {concept!r} seed {seed} failed: {_first_line(exc)}", file=sys.stderr)
-    bar.close()
+    interrupted = False
+    try:
+        for concept, seed in bar:
+            bar.set_postfix_str(f"{concept}, seed {seed}")
+            try:
+                _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, figures,
+                              first_seed=seed == seeds[0])
+            except Exception as exc:  # one failed cell must not lose the others
+                _fail(result, concept, seed, exc)
+                tqdm.write(f"attnprobe study: {concept!r} seed {seed} failed: {_first_line(exc)}", file=sys.stderr)
+            _write_tables(result, out)  # after every generation: an interrupted run keeps what it measured
+    except KeyboardInterrupt:
+        interrupted = True
+        tqdm.write("attnprobe study: interrupted; writing what was measured", file=sys.stderr)
+    finally:
+        bar.close()
 
+    if not interrupted:
+        for concept in concepts:  # the text encoder's side: seed-independent, one pass per concept
+            try:
+                result.text += similarity_rows(pipe, concept, {v: variants[v].format(c=concept) for v in names})
+            except Exception as exc:  # one failed concept must not lose the others
+                _fail(result, concept, "text", exc)
+    result.summary = _summarize(result, concepts, names)
+    result.files = _write_tables(result, out) + _write_figures(result, out, figures)
+    if echo:
+        print(format_summary(result, model=model, steps=steps, guidance=guidance, size=size))
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
+OUTPUT_FILES = (
+    "trajectories.csv", "auc.csv", "summary.csv", "text_similarity.csv", "failures.csv",
+    "trajectories.png", "delta_auc.png", "heatmaps.png", "text_similarity.png",
+)
+
+
+def _check_grid(concepts, seeds, steps, guidance, size) -> None:
+    if not concepts or not seeds:
+        raise ValueError(f"need at least one concept and one seed; got concepts={concepts}, seeds={seeds}")
+    if any(not isinstance(c, str) or not c.strip() for c in concepts):
+        raise ValueError(f"concepts must be non-empty words or phrases; got {concepts}")
+    for kind, values in (("concepts", concepts), ("seeds", seeds)):
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if repeated:
+            raise ValueError(f"{kind} repeat {repeated}: each must be given once (a repeated seed fakes a narrower interval)")
+    if int(steps) < 1:
+        raise ValueError(f"steps must be ≥ 1; got {steps}")
+    if not math.isfinite(float(guidance)) or float(guidance) < 0:
+        raise ValueError(f"guidance must be a finite number ≥ 0; got {guidance}")
+    if size is not None and (int(size) < 8 or int(size) % 8):
+        raise ValueError(f"size {size} is not a positive multiple of 8 (the VAE downsamples by 8)")
+
+
+def _fail(result: StudyResult, concept: str, seed, exc: BaseException) -> None:
+    result.failures.append(dict(concept=concept, seed=seed, error=_first_line(exc),
+                                detail=traceback.format_exc(limit=3).replace("\n", " | ")))
+
+
+def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, figures, first_seed) -> None:
+    """One generation: every variant of one concept from one seed's noise, under one probe."""
+    names = list(variants)
+    prompts = [variants[v].format(c=concept) for v in names]
+    latents = _initial_latents(pipe, seed, size, len(prompts), pipe.device, pipe.unet.dtype)
+    with probe(pipe, passes="cond", heads="mean", dtype=torch.float16) as store:
+        generated = pipe(prompts, latents=latents, num_inference_steps=int(steps), guidance_scale=float(guidance),
+                         height=size, width=size)
+    rows, aucs = [], []
+    for i, variant in enumerate(names):
+        mentions = len(store.token_indices(i, concept))
+        expected = variants[variant].count("{c}")
+        if mentions != expected:
+            warnings.warn(f"{concept!r} occurs {mentions} times in {prompts[i]!r}, its template mentions it "
+                          f"{expected} times: the template's own words contain it, so 'last mention' may be one of them")
+        mass = trajectory(store, concept, i)
+        mass_last = trajectory(store, concept, i, occurrence=-1)
+        for call, (m, ml) in enumerate(zip(mass.tolist(), mass_last.tolist())):
+            rows.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompts[i], call=call,
+                             timestep=store.calls[call].timestep, mass=m, mass_last=ml))
+        aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompts[i], mentions=mentions,
+                         auc=auc(mass), auc_last=auc(mass_last)))
+        figures["curves"].setdefault(concept, {}).setdefault(variant, []).append(mass.numpy())
+        if first_seed:
+            figures["maps"].setdefault(concept, {})[variant] = heatmap(store, concept, i).numpy()
+            figures["images"].setdefault(concept, {})[variant] = generated.images[i]
+    base = next(r for r in aucs if r["variant"] == "baseline")
+    for r in aucs:
+        r["delta_auc"] = r["auc"] - base["auc"]
+        r["delta_auc_last"] = r["auc_last"] - base["auc_last"]
+    result.trajectories += rows
+    result.aucs += aucs
+
+
+def _summarize(result: StudyResult, concepts, names) -> list[dict]:
+    cond_text = {(r["concept"], r["variant"]): r for r in result.text if r["encoder"] == "conditioning"}
+    summary = []
     for concept in concepts:
         for variant in names:
             rows = [r for r in result.aucs if r["concept"] == concept and r["variant"] == variant]
@@ -324,30 +403,48 @@ def study(
                 continue
             d, lo, hi = _interval([r["delta_auc"] for r in rows])
             dl, lol, hil = _interval([r["delta_auc_last"] for r in rows])
-            result.summary.append(dict(
+            text = cond_text.get((concept, variant), {})
+            summary.append(dict(
                 concept=concept, variant=variant, seeds=len(rows),
-                auc=sum(r["auc"] for r in rows) / len(rows), delta_auc=d, ci_low=lo, ci_high=hi,
                 auc_last=sum(r["auc_last"] for r in rows) / len(rows), delta_auc_last=dl, ci_low_last=lol,
                 ci_high_last=hil,
+                auc=sum(r["auc"] for r in rows) / len(rows), delta_auc=d, ci_low=lo, ci_high=hi,
+                text_concept_cos=text.get("concept_cos", float("nan")),
+                text_delta_vs_repetition=text.get("delta_vs_repetition", float("nan")),
             ))
+    return summary
 
-    files = result.files
-    files.append(_write_csv(out / "trajectories.csv", result.trajectories,
-                            ["concept", "variant", "seed", "prompt", "call", "timestep", "mass", "mass_last"]))
-    files.append(_write_csv(out / "auc.csv", result.aucs,
-                            ["concept", "variant", "seed", "prompt", "mentions", "auc", "auc_last", "delta_auc", "delta_auc_last"]))
-    files.append(_write_csv(out / "summary.csv", result.summary,
-                            ["concept", "variant", "seeds", "auc", "delta_auc", "ci_low", "ci_high",
-                             "auc_last", "delta_auc_last", "ci_low_last", "ci_high_last"]))
-    files.append(_write_csv(out / "failures.csv", result.failures, ["concept", "seed", "error", "detail"]))
-    if curves:
-        stacked = {c: {v: np.stack(a) for v, a in vs.items()} for c, vs in curves.items()}
+
+def _write_tables(result: StudyResult, out: Path) -> list[Path]:
+    return [
+        _write_csv(out / "trajectories.csv", result.trajectories,
+                   ["concept", "variant", "seed", "prompt", "call", "timestep", "mass", "mass_last"]),
+        _write_csv(out / "auc.csv", result.aucs, ["concept", "variant", "seed", "prompt", "mentions", "auc_last",
+                                                  "auc", "delta_auc_last", "delta_auc"]),
+        _write_csv(out / "summary.csv", result.summary,
+                   ["concept", "variant", "seeds", "auc_last", "delta_auc_last", "ci_low_last", "ci_high_last",
+                    "auc", "delta_auc", "ci_low", "ci_high", "text_concept_cos", "text_delta_vs_repetition"]),
+        _write_csv(out / "text_similarity.csv", result.text,
+                   ["concept", "variant", "encoder", "layer", "concept_cos", "concept_cos_last", "eos_cos",
+                    "seq_flat_cos", "seq_mean_cos", "delta_vs_repetition"]),
+        _write_csv(out / "failures.csv", result.failures, ["concept", "seed", "error", "detail"]),
+    ]
+
+
+def _write_figures(result: StudyResult, out: Path, figures: dict) -> list[Path]:
+    from .plot import plot_delta_auc, plot_heatmaps, plot_text_similarity, plot_trajectories
+
+    files = []
+    if figures["curves"]:
+        stacked = {c: {v: np.stack(a) for v, a in vs.items()} for c, vs in figures["curves"].items()}
         files.append(_save_figure(plot_trajectories(stacked), out / "trajectories.png"))
-        files.append(_save_figure(plot_delta_auc([r for r in result.summary if r["variant"] != "baseline"]), out / "delta_auc.png"))
-        files.append(_save_figure(plot_heatmaps(images, maps), out / "heatmaps.png"))
-    if echo:
-        print(format_summary(result, model=model, steps=steps, guidance=guidance, size=size))
-    return result
+        deltas = [r for r in result.summary if r["variant"] != "baseline"]
+        if deltas:
+            files.append(_save_figure(plot_delta_auc(deltas), out / "delta_auc.png"))
+        files.append(_save_figure(plot_heatmaps(figures["images"], figures["maps"]), out / "heatmaps.png"))
+    if result.text:
+        files.append(_save_figure(plot_text_similarity(result.text), out / "text_similarity.png"))
+    return files
 
 
 def format_summary(result: StudyResult, **settings) -> str:
@@ -360,18 +457,29 @@ def format_summary(result: StudyResult, **settings) -> str:
             return "n/a"
         return f"{v:+.4f}" + (f" [{lo:+.4f}, {hi:+.4f}]" if math.isfinite(lo) else "")
 
+    def num(v, sign=""):
+        return f"{v:>{sign}9.4f}" if math.isfinite(v) else f"{'n/a':>9}"
+
     lines = ["attnprobe study: " + ", ".join(f"{k}={v}" for k, v in settings.items())]
-    header = f"{'concept':<16}{'variant':<13}{'AUC':>8}  {'Δ AUC vs baseline (all mentions)':<34}{'Δ AUC (last mention)':<30}"
+    header = (f"{'concept':<16}{'variant':<13}{'AUC':>8}  {'Δ AUC, requested mention':<30}"
+              f"{'Δ AUC, all mentions':<30}{'text cos':>9}{'Δ vs rep':>9}")
     lines += [header, "-" * len(header)]
     for r in result.summary:
         base = r["variant"] == "baseline"
         lines.append(
-            f"{r['concept'][:15]:<16}{r['variant'][:12]:<13}{r['auc']:>8.4f}  "
-            f"{ci(r['delta_auc'], r['ci_low'], r['ci_high'], base):<34}"
+            f"{r['concept'][:15]:<16}{r['variant'][:12]:<13}{r['auc_last']:>8.4f}  "
             f"{ci(r['delta_auc_last'], r['ci_low_last'], r['ci_high_last'], base):<30}"
+            f"{ci(r['delta_auc'], r['ci_low'], r['ci_high'], base):<30}"
+            f"{num(r['text_concept_cos'])}{'' if base else num(r['text_delta_vs_repetition'], '+')}"
         )
-    done = len({(r['concept'], r['seed']) for r in result.aucs})
+    done = len({(r["concept"], r["seed"]) for r in result.aucs})
     lines.append(f"{done} generations done, {len(result.failures)} failed. Files in {result.out}/")
-    lines.append("AUC: mean attention mass on the concept's tokens over the denoising (0-1). Δ < 0: the variant "
-                 "lowers attention to the concept.")
+    lines += [
+        "AUC: attention mass on the concept's tokens (summed over its tokens, averaged over image positions, heads",
+        "  and sites) over the denoising, 0-1, for the requested mention (the last one, the 'picture of {c}').",
+        "Δ AUC, requested mention: the question of the study; < 0 means the variant lowers attention to the concept.",
+        "Δ AUC, all mentions: every mention summed; a variant that names the concept twice is > 0 by construction.",
+        "text cos: cosine of the concept's conditioning vector to the baseline's (1 = unchanged); Δ vs rep: minus",
+        "  the repetition control's (< 0: the variant moves the concept more than naming it twice does).",
+    ]
     return "\n".join(lines)

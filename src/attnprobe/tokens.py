@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConceptError
 
-__all__ = ["TokenLayout", "token_layout", "find_concept", "unlabelled_layout"]
+__all__ = ["TokenLayout", "token_layout", "find_concept", "unlabelled_layout", "decode_ids"]
 
 
 @dataclass
@@ -73,8 +73,23 @@ def unlabelled_layout(n_keys: int, source: str = "none") -> TokenLayout:
     return TokenLayout(strings=[""] * n_keys, kinds=["unknown"] * n_keys, source=source)
 
 
-def _readable(token: str) -> str:
-    return token[: -len("</w>")] if token.endswith("</w>") and len(token) > 4 else token
+def _readable(tokenizer, token: str) -> str:
+    """A token as text: byte-level characters decoded (``cafÃ©`` → ``café``), CLIP's ``</w>`` dropped."""
+    if token in tokenizer.all_special_tokens:
+        return token
+    try:
+        text = tokenizer.convert_tokens_to_string([token])
+    except Exception:  # a tokenizer without a byte-level decoder
+        text = token
+    text = text.replace("</w>", "").strip() if text.strip() != "</w>" else text
+    return text or token
+
+
+def decode_ids(tokenizer, ids: list[int]) -> str:
+    """The text a list of ids stands for (special tokens dropped; CLIP's word ends become spaces)."""
+    special = set(tokenizer.all_special_ids)
+    tokens = [t for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if i not in special]
+    return " ".join(tokenizer.convert_tokens_to_string(tokens).replace("</w>", " ").split())
 
 
 def token_layout(tokenizer, text: str, n_keys: int | None = None, source: str = "prompt") -> TokenLayout:
@@ -118,7 +133,7 @@ def token_layout(tokenizer, text: str, n_keys: int | None = None, source: str = 
     if len(full_words) > kept_words:
         truncated_at = full_words[kept_words][0]
     return TokenLayout(
-        strings=[_readable(t) for t in tokens],
+        strings=[_readable(tokenizer, t) for t in tokens],
         kinds=kinds,
         ids=ids,
         text=text,
@@ -129,6 +144,8 @@ def token_layout(tokenizer, text: str, n_keys: int | None = None, source: str = 
 
 
 def _concept_pattern(concept: str) -> re.Pattern:
+    if not isinstance(concept, str):
+        raise ConceptError(f"a concept is a word or phrase (str); got {concept!r} ({type(concept).__name__})")
     words = concept.strip().split()
     if not words:
         raise ConceptError(f"the concept {concept!r} is empty: pass a word or phrase of the prompt")

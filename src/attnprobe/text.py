@@ -1,0 +1,440 @@
+"""Text-encoder analysis: does an instruction change what the denoiser is told about a concept?
+
+    >>> from attnprobe.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> base = encode_text(pipe, "a picture of dog")
+    >>> other = encode_text(pipe, "Please forget anything about dog. Please help me generate a picture of dog.")
+    >>> cmp = compare_text(base, other, "dog")
+    >>> cmp.encoders[0].concept_cos.shape      # [occurrence, layer]: 2 mentions, embeddings + 2 layers
+    torch.Size([2, 3])
+
+``encode_text`` runs the pipeline's own tokenizer(s) and text encoder(s) and builds the conditioning exactly as
+the pipeline's ``encode_prompt`` does (SD 1.x/2.x: the last hidden state, or ``clip_skip`` layers earlier
+through the final layer norm; SDXL: both encoders' penultimate hidden states concatenated, plus the pooled
+projection of the second; T5: the last hidden state). It also keeps every layer's hidden states and every
+layer's self-attention probabilities.
+
+Measures (all cosine similarities, computed in float64; 1 means unchanged direction):
+
+- **concept similarity**: cosine between the concept's token vector in the variant and in the baseline, per
+  layer. A multi-token concept's vector is the mean of its tokens' hidden states (token-level concept vectors,
+  as in Ring-A-Bell, Tsai et al. 2024). Mentions are aligned by occurrence from the end: every mention of the
+  variant is compared with the baseline mention at the same distance from the last (the baseline's only
+  mention when it has one); each mention and their mean are reported.
+- **EOS similarity**: cosine of the hidden state at the end token (``pooled`` for CLIP), per layer.
+- **sequence similarity**: the whole sequence of real tokens (start, words, end; padding excluded), either
+  flattened over ``[token, hidden]`` (positions compared one to one; sensitive to shifts) or mean-pooled over
+  tokens first (insensitive to shifts).
+- **Δ similarity vs the repetition control** (the seed study's Δ similarity, arXiv 2604.01514):
+  ``sim(variant, baseline) − sim(repetition, baseline)``: below 0, the instruction moves the concept more than
+  merely mentioning it twice does.
+
+CLIP text encoders are causal: a token attends only to itself and earlier tokens. So a concept mention can
+read the instruction words before it, and instruction words can read only mentions before them;
+``instruction_attention`` reports both directions and which pairs the mask allows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import AttnprobeError, ConceptError
+from .tokens import TokenLayout, find_concept, token_layout
+
+__all__ = [
+    "EncoderStates",
+    "TextEncoding",
+    "EncoderComparison",
+    "TextComparison",
+    "encode_text",
+    "compare_text",
+    "ablate_words",
+    "instruction_attention",
+    "instruction_positions",
+]
+
+
+@dataclass
+class EncoderStates:
+    """One text encoder's view of a prompt.
+
+    Attributes:
+        name: the pipeline attribute (``text_encoder``, ``text_encoder_2``).
+        layout: token strings, kinds and offsets of its tokenizer.
+        hidden_states: ``[layer, token, hidden]`` float32; layer 0 is the input embeddings, the last is the
+            final layer's output (before CLIP's final layer norm).
+        attentions: ``[layer, head, token, token]`` float32 self-attention probabilities (rows sum to 1 over the
+            last axis), or ``None`` when not asked for.
+        pooled: ``[hidden]`` the encoder's pooled output (CLIP: final-normed end token; with projection: the
+            projected one), or ``None`` (T5).
+    """
+
+    name: str
+    layout: TokenLayout
+    hidden_states: torch.Tensor
+    attentions: torch.Tensor | None
+    pooled: torch.Tensor | None
+
+
+@dataclass
+class TextEncoding:
+    """A prompt as the denoiser is told it.
+
+    Attributes:
+        prompt: the text. encoders: every text encoder's states.
+        conditioning: ``[token, hidden]`` float32, exactly the ``encoder_hidden_states`` the pipeline passes to
+            the denoiser for this prompt.
+        pooled: SDXL's pooled projection ``[hidden]`` (``add_text_embeds``), else ``None``.
+        layout: the token layout of the conditioning's positions (the first tokenizer's).
+    """
+
+    prompt: str
+    encoders: list[EncoderStates]
+    conditioning: torch.Tensor
+    pooled: torch.Tensor | None
+    layout: TokenLayout
+
+
+def _encoders(pipe):
+    found = []
+    for enc_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")):
+        enc, tok = getattr(pipe, enc_name, None), getattr(pipe, tok_name, None)
+        if isinstance(enc, torch.nn.Module) and tok is not None:
+            found.append((enc_name, enc, tok))
+    if not found:
+        raise AttnprobeError(
+            f"{type(pipe).__name__} has no text encoder with a tokenizer (looked for text_encoder/tokenizer, "
+            "text_encoder_2/tokenizer_2): the text analysis needs the pipeline's own text encoder"
+        )
+    return found
+
+
+def _run_encoder(enc, ids, attention_mask, attentions: bool):
+    kwargs = dict(output_hidden_states=True)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    with torch.no_grad():
+        out = enc(ids, **kwargs)
+        probs = None
+        if attentions:
+            impl = getattr(enc.config, "_attn_implementation", None)
+            try:
+                if impl not in (None, "eager"):
+                    enc.set_attn_implementation("eager")  # only eager returns probabilities
+                probs = enc(ids, output_attentions=True, **kwargs).attentions
+            finally:
+                if impl not in (None, "eager"):
+                    enc.set_attn_implementation(impl)
+    return out, probs
+
+
+def encode_text(pipe, prompt: str, *, attentions: bool = True, clip_skip: int | None = None,
+                mask_positions: list[int] | None = None) -> TextEncoding:
+    """Encode one prompt through the pipeline's tokenizer(s) and text encoder(s), as its ``encode_prompt`` does.
+
+    Args:
+        pipe: a diffusers pipeline with ``text_encoder`` (and ``text_encoder_2`` for SDXL).
+        prompt: the text.
+        attentions: also return every layer's self-attention probabilities. Default: True.
+        clip_skip: as the pipeline's ``clip_skip``. Default: None (the pipeline's default).
+        mask_positions: token positions whose ids are replaced by the tokenizer's padding id (ablation: the
+            position then carries the padding embedding). Default: none.
+
+    Returns:
+        A ``TextEncoding`` (conditioning ``[token, hidden]``, per encoder ``[layer, token, hidden]``).
+
+    Raises:
+        AttnprobeError: the pipeline has no text encoder.
+    """
+    encoders = _encoders(pipe)
+    sdxl = len(encoders) >= 2 and encoders[1][0] == "text_encoder_2" and "XL" in type(pipe).__name__
+    states, parts, pooled_xl = [], [], None
+    for name, enc, tok in encoders:
+        n = int(tok.model_max_length) if tok.model_max_length < 100_000 else 77
+        layout = token_layout(tok, prompt, n)
+        ids = torch.tensor([layout.ids])
+        if mask_positions:
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            ids[0, list(mask_positions)] = pad
+        device = next(enc.parameters()).device
+        ids = ids.to(device)
+        mask = None
+        if getattr(enc.config, "use_attention_mask", False) or type(enc).__name__.startswith("T5"):
+            mask = torch.tensor([[k != "pad" for k in layout.kinds]], dtype=torch.long, device=device)
+        out, probs = _run_encoder(enc, ids, mask, attentions)
+        hidden = torch.stack([h[0] for h in out.hidden_states]).float().cpu()
+        pooled = None
+        if getattr(out, "text_embeds", None) is not None:
+            pooled = out.text_embeds[0].float().cpu()
+        elif getattr(out, "pooler_output", None) is not None:
+            pooled = out.pooler_output[0].float().cpu()
+        attn = torch.stack([a[0] for a in probs]).float().cpu() if probs else None
+        states.append(EncoderStates(name, layout, hidden, attn, pooled))
+        if sdxl:
+            parts.append(out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)][0])
+            if name == "text_encoder_2":
+                pooled_xl = out[0][0].float().cpu()
+        elif not parts:  # SD 1.x/2.x, T5 pipelines: the first encoder conditions the denoiser
+            if clip_skip is None:
+                parts.append(out[0][0])
+            else:
+                # transformers ≥ 5 keeps final_layer_norm on the model itself; earlier, under .text_model
+                norm = getattr(getattr(enc, "text_model", enc), "final_layer_norm")
+                parts.append(norm(out.hidden_states[-(clip_skip + 1)])[0])
+    dtype = encoders[0][1].dtype
+    conditioning = torch.cat([p.to(dtype) for p in parts], dim=-1).float().cpu()
+    return TextEncoding(prompt, states, conditioning, pooled_xl, states[0].layout)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+def _real(layout: TokenLayout) -> list[int]:
+    return [i for i, k in enumerate(layout.kinds) if k in ("start", "word", "end")]
+
+
+def _end(layout: TokenLayout) -> int:
+    return layout.kinds.index("end") if "end" in layout.kinds else len(layout.kinds) - 1
+
+
+def _aligned(n_base: int, n_other: int) -> list[int]:
+    """For each of the variant's mentions, the baseline mention it is compared with (aligned from the end)."""
+    return [max(0, n_base - n_other + j) for j in range(n_other)]
+
+
+def _occurrences(layout: TokenLayout, concept: str, where: str, other: TokenLayout | None = None) -> list[list[int]]:
+    try:
+        return find_concept(layout, concept, where=where)
+    except ConceptError as exc:
+        if other is None:
+            raise
+        words = [s for s, k in zip(other.strings, other.kinds) if k == "word"]
+        raise ConceptError(f"{exc} The other prompt {other.text!r} has tokens {words}.") from None
+
+
+@dataclass
+class EncoderComparison:
+    """Per-layer similarities of one encoder between a variant and its baseline (all float64).
+
+    Attributes:
+        name: the encoder. concept_cos: ``[occurrence, layer]`` (variant mentions, aligned from the end).
+        eos_cos: ``[layer]`` at the end token. seq_flat_cos, seq_mean_cos: ``[layer]``, see the module doc.
+        pooled_cos: cosine of the pooled outputs (a float, NaN when there is none).
+    """
+
+    name: str
+    concept_cos: torch.Tensor
+    eos_cos: torch.Tensor
+    seq_flat_cos: torch.Tensor
+    seq_mean_cos: torch.Tensor
+    pooled_cos: float
+
+
+@dataclass
+class TextComparison:
+    """``compare_text``'s result: per encoder per layer, and for the conditioning the denoiser gets.
+
+    Attributes:
+        encoders: one ``EncoderComparison`` per text encoder.
+        concept_cos: ``[occurrence]`` concept similarity in the conditioning. concept_cos_mean: their mean.
+        seq_flat_cos, seq_mean_cos: conditioning sequence similarity. pooled_cos: SDXL's pooled projection
+            (NaN otherwise). pairs: (baseline mention, variant mention) compared.
+    """
+
+    encoders: list[EncoderComparison]
+    concept_cos: torch.Tensor
+    concept_cos_mean: float
+    seq_flat_cos: float
+    seq_mean_cos: float
+    pooled_cos: float
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _concept_vec(x: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    return x[..., positions, :].mean(dim=-2)  # [..., token, hidden] → [..., hidden]
+
+
+def _seq_cos(a: torch.Tensor, b: torch.Tensor, real_a: list[int], real_b: list[int]):
+    n = min(len(real_a), len(real_b))
+    flat = _cos(a[..., real_a[:n], :].flatten(-2), b[..., real_b[:n], :].flatten(-2))
+    mean = _cos(a[..., real_a, :].mean(-2), b[..., real_b, :].mean(-2))
+    return flat, mean
+
+
+def compare_text(base: TextEncoding, other: TextEncoding, concept: str) -> TextComparison:
+    """Similarity of a variant's encoding to its baseline's, per encoder and layer and for the conditioning.
+
+    Args:
+        base, other: from ``encode_text`` on the same pipeline.
+        concept: word or phrase in both prompts.
+
+    Returns:
+        A ``TextComparison`` (see the module doc for every measure; shapes ``[occurrence, layer]``, ``[layer]``).
+
+    Raises:
+        ConceptError: the concept is missing from either prompt (the message shows both token lists).
+    """
+    per_encoder = []
+    pairs = []
+    for eb, eo in zip(base.encoders, other.encoders):
+        occ_b = _occurrences(eb.layout, concept, f"the baseline {base.prompt!r}", eo.layout)
+        occ_o = _occurrences(eo.layout, concept, f"the variant {other.prompt!r}", eb.layout)
+        pairs = list(zip(_aligned(len(occ_b), len(occ_o)), range(len(occ_o))))
+        concept_cos = torch.stack([
+            _cos(_concept_vec(eo.hidden_states, occ_o[j]), _concept_vec(eb.hidden_states, occ_b[i])) for i, j in pairs
+        ])
+        eos = _cos(eo.hidden_states[:, _end(eo.layout)], eb.hidden_states[:, _end(eb.layout)])
+        flat, mean = _seq_cos(eo.hidden_states, eb.hidden_states, _real(eo.layout), _real(eb.layout))
+        pooled = float(_cos(eo.pooled, eb.pooled)) if eo.pooled is not None and eb.pooled is not None else float("nan")
+        per_encoder.append(EncoderComparison(eo.name, concept_cos, eos, flat, mean, pooled))
+    occ_b = _occurrences(base.layout, concept, f"the baseline {base.prompt!r}")
+    occ_o = _occurrences(other.layout, concept, f"the variant {other.prompt!r}")
+    cond = torch.stack([
+        _cos(_concept_vec(other.conditioning, occ_o[j]), _concept_vec(base.conditioning, occ_b[i])) for i, j in pairs
+    ])
+    flat, mean = _seq_cos(other.conditioning, base.conditioning, _real(other.layout), _real(base.layout))
+    pooled = float(_cos(other.pooled, base.pooled)) if other.pooled is not None and base.pooled is not None else float("nan")
+    return TextComparison(per_encoder, cond, float(cond.mean()), float(flat), float(mean), pooled, pairs)
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def ablate_words(pipe, prompt: str, concept: str, *, mode: str = "mask", clip_skip: int | None = None) -> list[dict]:
+    """How much each word of the prompt moves the concept and the conditioning (one row per word).
+
+    Each word (``\\w+`` or one punctuation mark) is ablated on its own: ``mode="mask"`` replaces its tokens by
+    the padding token (positions keep their place), ``mode="remove"`` deletes it from the text and re-encodes.
+    A last row ablates the concept's own tokens (masked with the padding embedding) as the reference of what
+    "the concept removed" looks like.
+
+    Returns:
+        Rows ``{"word", "start", "is_concept", "mode", "concept_change", "conditioning_change"}``:
+        ``concept_change`` = 1 − cosine of the concept's last mention in the conditioning (ablated vs intact;
+        NaN when the ablation removes that mention), ``conditioning_change`` = 1 − cosine of the mean-pooled
+        conditioning over real tokens. 0 means no change.
+
+    Raises:
+        ConceptError: the concept is not in the prompt. ValueError: an unknown mode.
+    """
+    if mode not in ("mask", "remove"):
+        raise ValueError(f"mode={mode!r} is not 'mask' or 'remove'")
+    intact = encode_text(pipe, prompt, attentions=False, clip_skip=clip_skip)
+    occ = _occurrences(intact.layout, concept, f"the prompt {prompt!r}")
+    ref_vec = _concept_vec(intact.conditioning, occ[-1])
+    ref_mean = intact.conditioning[_real(intact.layout)].mean(0)
+    concept_spans = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(concept)}(?!\w)", prompt, re.IGNORECASE)]
+
+    def changes(enc: TextEncoding, positions: list[int] | None) -> tuple[float, float]:
+        cc = float("nan") if positions is None else 1 - float(_cos(_concept_vec(enc.conditioning, positions), ref_vec))
+        return cc, 1 - float(_cos(enc.conditioning[_real(enc.layout)].mean(0), ref_mean))
+
+    rows = []
+    for match in _WORD.finditer(prompt):
+        s, e = match.span()
+        in_concept = any(cs <= s and e <= ce for cs, ce in concept_spans)
+        if mode == "mask":
+            pos = [p for p, off in enumerate(intact.layout.offsets) if off and off[0] < e and off[1] > s]
+            enc = encode_text(pipe, prompt, attentions=False, clip_skip=clip_skip, mask_positions=pos)
+            last = None if set(pos) & set(occ[-1]) else occ[-1]
+        else:
+            text = (prompt[:s] + prompt[e:]).replace("  ", " ").strip()
+            enc = encode_text(pipe, text, attentions=False, clip_skip=clip_skip)
+            try:
+                last = find_concept(enc.layout, concept)[-1] if len(find_concept(enc.layout, concept)) == len(occ) else None
+            except ConceptError:
+                last = None
+        cc, sc = changes(enc, last)
+        rows.append(dict(word=match.group(), start=s, is_concept=in_concept, mode=mode, concept_change=cc,
+                         conditioning_change=sc))
+    all_concept = sorted({p for o in occ for p in o})
+    enc = encode_text(pipe, prompt, attentions=False, clip_skip=clip_skip, mask_positions=all_concept)
+    cc, sc = changes(enc, occ[-1])
+    rows.append(dict(word=f"<{concept} → padding>", start=-1, is_concept=True, mode="mask", concept_change=cc,
+                     conditioning_change=sc))
+    return rows
+
+
+def instruction_positions(variant: TokenLayout, baseline: TokenLayout) -> list[int]:
+    """Word positions of the variant whose word is not in the baseline prompt (case-insensitive): the
+    instruction's tokens, e.g. ``please``, ``forget``, ``anything``, ``about``… against ``a picture of dog``."""
+    base_words = {s.lower() for s, k in zip(baseline.strings, baseline.kinds) if k == "word"}
+    return [i for i, (s, k) in enumerate(zip(variant.strings, variant.kinds)) if k == "word" and s.lower() not in base_words]
+
+
+def instruction_attention(encoding: TextEncoding, concept: str, instruction: list[int], encoder: int = 0) -> dict:
+    """Self-attention between the concept's mentions and the instruction's tokens inside a text encoder.
+
+    Args:
+        encoding: from ``encode_text(..., attentions=True)``. concept: word or phrase of its prompt.
+        instruction: token positions of the instruction (see ``instruction_positions``).
+        encoder: which text encoder. Default: the first.
+
+    Returns:
+        ``{"concept_to_instruction": [occurrence, layer, head], "instruction_to_concept": [occurrence, layer,
+        head], "allowed_concept_to_instruction": [occurrence], "allowed_instruction_to_concept": [occurrence]}``:
+        attention mass (sum of probabilities) from each mention's tokens (averaged) to the instruction tokens, and
+        from the instruction tokens (averaged) to each mention; the ``allowed_*`` counts say how many
+        (query, key) pairs the causal mask lets through (CLIP: a token sees only itself and earlier tokens).
+
+    Raises:
+        ConceptError: the concept is not in the prompt. ValueError: attentions were not computed.
+    """
+    states = encoding.encoders[encoder]
+    if states.attentions is None:
+        raise ValueError("encode_text(..., attentions=True) is needed for instruction_attention")
+    occ = find_concept(states.layout, concept)
+    att = states.attentions.double()  # [layer, head, query, key]
+    inst = list(instruction)
+    c2i, i2c, allowed_c2i, allowed_i2c = [], [], [], []
+    for positions in occ:
+        c2i.append(att[:, :, positions][..., inst].sum(-1).mean(-1) if inst else torch.zeros(att.shape[:2]))
+        i2c.append(att[:, :, inst][..., positions].sum(-1).mean(-1) if inst else torch.zeros(att.shape[:2]))
+        allowed_c2i.append(sum(1 for q in positions for k in inst if k <= q))
+        allowed_i2c.append(sum(1 for q in inst for k in positions if k <= q))
+    return {
+        "concept_to_instruction": torch.stack(c2i),
+        "instruction_to_concept": torch.stack(i2c),
+        "allowed_concept_to_instruction": allowed_c2i,
+        "allowed_instruction_to_concept": allowed_i2c,
+    }
+
+
+def similarity_rows(pipe, concept: str, prompts: dict[str, str], baseline: str = "baseline",
+                    control: str = "repetition") -> list[dict]:
+    """Tidy rows of ``compare_text`` for every variant against the baseline, per encoder and layer.
+
+    Args:
+        pipe: the pipeline. concept: the concept. prompts: ``{variant: prompt}``, including ``baseline``.
+        baseline, control: variant names of the baseline and of the repetition control.
+
+    Returns:
+        Rows ``{concept, variant, encoder, layer, concept_cos, concept_cos_last, eos_cos, seq_flat_cos,
+        seq_mean_cos, delta_vs_repetition}``; ``encoder="conditioning"`` (``layer=-1``) is what the denoiser
+        gets. ``delta_vs_repetition`` = ``concept_cos`` − the control's (NaN without a control).
+
+    Raises:
+        ConceptError: the concept is missing from a prompt. KeyError: no baseline prompt.
+    """
+    encoded = {name: encode_text(pipe, text, attentions=False) for name, text in prompts.items()}
+    base = encoded[baseline]
+    rows = []
+    for name, enc in encoded.items():
+        cmp = compare_text(base, enc, concept)
+        for ec in cmp.encoders:
+            for layer in range(ec.concept_cos.shape[1]):
+                rows.append(dict(concept=concept, variant=name, encoder=ec.name, layer=layer,
+                                 concept_cos=float(ec.concept_cos[:, layer].mean()),
+                                 concept_cos_last=float(ec.concept_cos[-1, layer]), eos_cos=float(ec.eos_cos[layer]),
+                                 seq_flat_cos=float(ec.seq_flat_cos[layer]), seq_mean_cos=float(ec.seq_mean_cos[layer])))
+        rows.append(dict(concept=concept, variant=name, encoder="conditioning", layer=-1,
+                         concept_cos=cmp.concept_cos_mean, concept_cos_last=float(cmp.concept_cos[-1]),
+                         eos_cos=cmp.pooled_cos, seq_flat_cos=cmp.seq_flat_cos, seq_mean_cos=cmp.seq_mean_cos))
+    control_cos = {(r["encoder"], r["layer"]): r["concept_cos"] for r in rows if r["variant"] == control}
+    for r in rows:
+        r["delta_vs_repetition"] = r["concept_cos"] - control_cos.get((r["encoder"], r["layer"]), float("nan"))
+    return rows

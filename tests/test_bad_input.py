@@ -1,0 +1,169 @@
+"""Bad input and failure paths found by trying to break attnprobe: clear errors, nothing silently wrong or lost."""
+
+import pytest
+import torch
+
+import attnprobe
+from attnprobe import NoSitesError, ProbeError, StoreError, UnknownSiteError, list_sites, probe
+from attnprobe import study as study_mod  # noqa: F401  (the lazy wrapper)
+from attnprobe.study import parse_variants, study
+from attnprobe.testing import clip_tokenizer, tiny_sd_pipeline
+from attnprobe.tokens import token_layout
+
+KW = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
+MID = "mid_block.attentions.0.transformer_blocks.0.attn2"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline()
+
+
+def gen(pipe, prompt="a dog", seed=0, **kw):
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **{**KW, **kw})
+
+
+def test_probing_the_bare_denoiser_still_labels_the_guidance_passes(pipe):
+    with probe(pipe.unet, sites=MID, passes="all") as store:
+        gen(pipe)
+    assert [(s.pass_label, s.row) for s in store.samples] == [("uncond", 0), ("cond", 1)]
+    assert store.samples[1].text == "a dog"
+
+
+def test_an_error_inside_the_block_leaves_whole_calls_that_save_and_load(pipe, tmp_path):
+    calls = []
+
+    def boom(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 2 * 16 + 5:  # in the middle of the third denoiser call
+            raise RuntimeError("boom")
+
+    handles = [m.register_forward_pre_hook(boom, with_kwargs=True) for m in pipe.unet.modules()
+               if type(m).__name__ == "Attention" and m.is_cross_attention]
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with probe(pipe) as store:
+                gen(pipe, num_inference_steps=4)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(store.calls) == 2 and {store[n].shape[0] for n in store} == {2}
+    assert store.meta["complete"] is False
+    back = attnprobe.AttentionStore.load(store.save(tmp_path / "partial.safetensors"))
+    assert len(back.calls) == 2 and attnprobe.trajectory(back, "dog").shape == (2,)
+
+
+def test_ids_without_a_pipeline_call_frame_are_decoded_to_text(pipe):
+    with probe(pipe, sites=MID) as store:
+        cond, uncond = pipe.encode_prompt("a picture of Dog", "cpu", 1, True)
+        pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, **KW)
+    assert store.layout(0).source == "decoded" and store.samples[0].text == "a picture of dog"
+    assert store.token_indices(0, "dog") == [[4]]
+
+
+def test_prompts_that_do_not_fit_are_refused(pipe):
+    cond, uncond = pipe.encode_prompt(["a dog", "a cat"], "cpu", 1, True)
+    with pytest.raises(ProbeError, match="gave 3 texts"):
+        with probe(pipe, prompts=["a", "b", "c"]):
+            pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, **KW)
+    with pytest.raises(ProbeError, match="the text encoder saw 'a dog'"):
+        with probe(pipe, prompts=["a cat"]):
+            gen(pipe, "a dog")
+
+
+def test_site_selectors(pipe):
+    sites = list_sites(pipe)
+    with pytest.raises(NoSitesError, match="empty"):
+        with probe(pipe, sites=[]):
+            pass
+    with pytest.raises(UnknownSiteError, match="is not a name, glob"):
+        with probe(pipe, sites=123):
+            pass
+    with probe(pipe, sites=sites[:2]) as store:
+        gen(pipe)
+    assert store.site_names == [s.name for s in sites[:2]]
+    with pytest.raises(UnknownSiteError) as info:
+        store["nope"]
+    assert "\\n" not in str(info.value) and "nope" in str(info.value)
+
+
+def test_another_image_size_in_the_same_probe_is_refused_at_once(pipe):
+    with pytest.raises(ProbeError, match="image sizes"):
+        with probe(pipe, sites=MID) as store:
+            gen(pipe)
+            gen(pipe, height=128)
+    assert [c.generation for c in store.calls] == [0, 0] and store[MID].shape[0] == 2
+
+
+def test_compare_refuses_other_timesteps():
+    ddim, heun = tiny_sd_pipeline(), tiny_sd_pipeline(scheduler="heun")
+    with probe(ddim, sites=MID) as a:
+        gen(ddim, num_inference_steps=5)
+    with probe(heun, sites=MID) as b:
+        gen(heun, num_inference_steps=3)
+    assert len(a.calls) == len(b.calls) == 5
+    with pytest.raises(StoreError, match="timesteps differ"):
+        attnprobe.compare(a, b, "dog")
+
+
+def test_analysis_argument_errors(pipe):
+    with probe(pipe, sites=MID) as store:
+        gen(pipe)
+    with pytest.raises(IndexError, match="calls 0..1"):
+        attnprobe.heatmap(store, "dog", calls=[])
+    with pytest.raises(IndexError):
+        attnprobe.heatmap(store, "dog", calls=10)
+    with pytest.raises(ValueError, match="size"):
+        attnprobe.heatmap(store, "dog", size=(0, 0))
+    assert attnprobe.heatmap(store, "dog", size=16).shape == (16, 16)
+    with pytest.raises(ValueError, match="trajectory"):
+        attnprobe.auc(0.5)
+    with pytest.raises(TypeError, match="not a store"):
+        attnprobe.auc(store)
+    with pytest.raises(attnprobe.ConceptError, match="str"):
+        store.token_indices(0, None)
+    with pytest.raises(StoreError, match="is a folder"):
+        store.save(pipe and __import__("tempfile").mkdtemp())
+
+
+def test_token_strings_are_readable_text():
+    layout = token_layout(clip_tokenizer(), "a café 🐶")
+    assert layout.strings[:4] == ["<|startoftext|>", "a", "café", "🐶"]
+
+
+def test_study_refuses_a_bad_grid_before_generating(tmp_path):
+    with pytest.raises(ValueError, match="seeds repeat"):
+        study(out=tmp_path, concepts=["dog"], seeds=[0, 0], progress=False, echo=False)
+    with pytest.raises(ValueError, match="braces"):
+        parse_variants("mine=a {c} {x}")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        study(out=tmp_path, concepts=["dog"], seeds=[0], size=30, progress=False, echo=False)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        study(out=tmp_path, concepts=["dog"], seeds=[0], size=0, progress=False, echo=False)
+    with pytest.raises(ValueError, match="guidance"):
+        study(out=tmp_path, concepts=["dog"], seeds=[0], guidance=float("nan"), progress=False, echo=False)
+    with pytest.raises(ValueError, match="not a torch device"):
+        study(out=tmp_path, concepts=["dog"], seeds=[0], device="nope", progress=False, echo=False)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        study(out=afile, concepts=["dog"], seeds=[0], progress=False, echo=False)
+
+
+def test_an_interrupted_study_keeps_what_it_measured_and_old_outputs_go(tmp_path, monkeypatch):
+    import attnprobe.study as st
+
+    (tmp_path / "heatmaps.png").write_bytes(b"stale")
+    real, seen = st._measure_cell, []
+
+    def stop_on_second(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(st, "_measure_cell", stop_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        study(out=tmp_path, concepts=["dog", "cat"], seeds=[0], steps=2, progress=False, echo=False)
+    assert (tmp_path / "auc.csv").read_text().count("\ndog,") == 4  # the first generation's 4 variants
+    assert (tmp_path / "heatmaps.png").read_bytes() != b"stale"
