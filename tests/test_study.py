@@ -52,7 +52,7 @@ def test_tidy_tables_cover_the_grid(result):
     cond = {(r["concept"], r["variant"]): r for r in text if r["encoder"] == "conditioning"}
     assert len(cond) == 2 * 4 and float(cond[("dog", "baseline")]["concept_cos"]) == pytest.approx(1.0)
     assert float(cond[("dog", "repetition")]["delta_vs_repetition"]) == 0.0
-    assert {"text_concept_cos", "text_delta_vs_repetition"} <= set(summary[0])
+    assert {"text_concept_cos_last", "text_delta_last_vs_repetition", "text_concept_cos"} <= set(summary[0])
 
 
 def test_delta_auc_is_variant_minus_baseline_of_the_same_seed(result):

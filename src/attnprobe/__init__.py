@@ -24,6 +24,7 @@ from .errors import (  # noqa: E402
 from .probe import probe  # noqa: E402
 from .sites import Site, list_sites  # noqa: E402
 from .store import AttentionStore, Call, Sample  # noqa: E402
+from . import text  # noqa: E402  (attnprobe.text: text-encoder analysis)
 
 
 def study(*args, **kwargs):

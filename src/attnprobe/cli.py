@@ -72,6 +72,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    try:  # already imported by then: the environment variables alone come too late
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - a transformers without this API
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

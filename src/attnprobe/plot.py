@@ -153,40 +153,44 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
     return fig
 
 
-def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos"):
-    """Per concept, the concept-token similarity to the baseline across the first text encoder's layers, one
-    line per variant (1 = unchanged; the repetition control shows what mentioning the concept twice does).
+def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last"):
+    """Per concept (columns) and text encoder (rows), the concept-token similarity to the baseline across the
+    encoder's layers, one line per variant (1 = unchanged; the repetition control shows what naming the
+    concept twice does).
 
     Args:
-        rows: ``attnprobe.text.similarity_rows`` rows. value: the column to plot. Default ``concept_cos``.
+        rows: ``attnprobe.text.similarity_rows`` rows. value: the column to plot. Default ``concept_cos_last``
+            (the last mention, as the study's headline).
 
     Returns:
         The figure.
     """
     plt = _plt()
     concepts = list(dict.fromkeys(r["concept"] for r in rows))
-    first = next((r["encoder"] for r in rows if r["encoder"] != "conditioning"), None)
-    cols = min(5, max(1, len(concepts)))
-    nrows = math.ceil(len(concepts) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False, sharey=True)
-    for ax in axes.flat[len(concepts):]:
-        ax.set_visible(False)
-    for ax, concept in zip(axes.flat, concepts):
-        mine = [r for r in rows if r["concept"] == concept and r["encoder"] == first]
-        for variant in dict.fromkeys(r["variant"] for r in mine):
-            if variant == "baseline":
-                continue
-            pts = sorted((r["layer"], r[value]) for r in mine if r["variant"] == variant)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=variant)
-        ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_title(concept, fontsize=10)
-        ax.set_xlabel(f"{first} layer (0 = embeddings)", fontsize=8)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("cosine to the baseline's concept", fontsize=8)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    encoders = list(dict.fromkeys(r["encoder"] for r in rows if r["encoder"] != "conditioning"))
+    fig, axes = plt.subplots(len(encoders), len(concepts), figsize=(3.0 * len(concepts) + 0.5, 2.6 * len(encoders) + 0.6),
+                             squeeze=False, sharey=True)
+    for i, encoder in enumerate(encoders):
+        for j, concept in enumerate(concepts):
+            ax = axes[i, j]
+            mine = [r for r in rows if r["concept"] == concept and r["encoder"] == encoder]
+            for variant in dict.fromkeys(r["variant"] for r in mine):
+                if variant == "baseline":
+                    continue
+                pts = sorted((r["layer"], r[value]) for r in mine if r["variant"] == variant)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=variant)
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(concept, fontsize=10)
+            if i == len(encoders) - 1:
+                ax.set_xlabel("layer (0 = embeddings)", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{encoder}\ncosine to baseline", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8, frameon=False)
-    fig.suptitle("Does the text encoder change the concept's representation? (mean over mentions)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.suptitle("Does the text encoder change the concept? Last mention vs the baseline's\n"
+                 "(layer 0 already differs: the position embeddings of other positions)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     return fig

@@ -27,7 +27,6 @@ import os
 import re
 import sys
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -354,6 +353,12 @@ def _check_grid(concepts, seeds, steps, guidance, size) -> None:
         raise ValueError(f"size {size} is not a positive multiple of 8 (the VAE downsamples by 8)")
 
 
+def _warn(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"attnprobe study: warning: {message}", file=sys.stderr)
+
+
 def _fail(result: StudyResult, concept: str, seed, exc: BaseException) -> None:
     result.failures.append(dict(concept=concept, seed=seed, error=_first_line(exc),
                                 detail=traceback.format_exc(limit=3).replace("\n", " | ")))
@@ -372,8 +377,8 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, 
         mentions = len(store.token_indices(i, concept))
         expected = variants[variant].count("{c}")
         if mentions != expected:
-            warnings.warn(f"{concept!r} occurs {mentions} times in {prompts[i]!r}, its template mentions it "
-                          f"{expected} times: the template's own words contain it, so 'last mention' may be one of them")
+            _warn(f"{concept!r} occurs {mentions} times in {prompts[i]!r}, its template mentions it {expected} "
+                  "times: the template's own words contain it, so 'last mention' may be one of them")
         mass = trajectory(store, concept, i)
         mass_last = trajectory(store, concept, i, occurrence=-1)
         for call, (m, ml) in enumerate(zip(mass.tolist(), mass_last.tolist())):
@@ -383,7 +388,7 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, 
                          auc=auc(mass), auc_last=auc(mass_last)))
         figures["curves"].setdefault(concept, {}).setdefault(variant, []).append(mass.numpy())
         if first_seed:
-            figures["maps"].setdefault(concept, {})[variant] = heatmap(store, concept, i).numpy()
+            figures["maps"].setdefault(concept, {})[variant] = heatmap(store, concept, i, occurrence=-1).numpy()
             figures["images"].setdefault(concept, {})[variant] = generated.images[i]
     base = next(r for r in aucs if r["variant"] == "baseline")
     for r in aucs:
@@ -409,6 +414,8 @@ def _summarize(result: StudyResult, concepts, names) -> list[dict]:
                 auc_last=sum(r["auc_last"] for r in rows) / len(rows), delta_auc_last=dl, ci_low_last=lol,
                 ci_high_last=hil,
                 auc=sum(r["auc"] for r in rows) / len(rows), delta_auc=d, ci_low=lo, ci_high=hi,
+                text_concept_cos_last=text.get("concept_cos_last", float("nan")),
+                text_delta_last_vs_repetition=text.get("delta_last_vs_repetition", float("nan")),
                 text_concept_cos=text.get("concept_cos", float("nan")),
                 text_delta_vs_repetition=text.get("delta_vs_repetition", float("nan")),
             ))
@@ -423,10 +430,11 @@ def _write_tables(result: StudyResult, out: Path) -> list[Path]:
                                                   "auc", "delta_auc_last", "delta_auc"]),
         _write_csv(out / "summary.csv", result.summary,
                    ["concept", "variant", "seeds", "auc_last", "delta_auc_last", "ci_low_last", "ci_high_last",
-                    "auc", "delta_auc", "ci_low", "ci_high", "text_concept_cos", "text_delta_vs_repetition"]),
+                    "auc", "delta_auc", "ci_low", "ci_high", "text_concept_cos_last", "text_delta_last_vs_repetition",
+                    "text_concept_cos", "text_delta_vs_repetition"]),
         _write_csv(out / "text_similarity.csv", result.text,
                    ["concept", "variant", "encoder", "layer", "concept_cos", "concept_cos_last", "eos_cos",
-                    "seq_flat_cos", "seq_mean_cos", "delta_vs_repetition"]),
+                    "seq_flat_cos", "seq_mean_cos", "delta_last_vs_repetition", "delta_vs_repetition"]),
         _write_csv(out / "failures.csv", result.failures, ["concept", "seed", "error", "detail"]),
     ]
 
@@ -470,16 +478,17 @@ def format_summary(result: StudyResult, **settings) -> str:
             f"{r['concept'][:15]:<16}{r['variant'][:12]:<13}{r['auc_last']:>8.4f}  "
             f"{ci(r['delta_auc_last'], r['ci_low_last'], r['ci_high_last'], base):<30}"
             f"{ci(r['delta_auc'], r['ci_low'], r['ci_high'], base):<30}"
-            f"{num(r['text_concept_cos'])}{'' if base else num(r['text_delta_vs_repetition'], '+')}"
+            f"{num(r['text_concept_cos_last'])}{'' if base else num(r['text_delta_last_vs_repetition'], '+')}"
         )
     done = len({(r["concept"], r["seed"]) for r in result.aucs})
     lines.append(f"{done} generations done, {len(result.failures)} failed. Files in {result.out}/")
     lines += [
         "AUC: attention mass on the concept's tokens (summed over its tokens, averaged over image positions, heads",
-        "  and sites) over the denoising, 0-1, for the requested mention (the last one, the 'picture of {c}').",
+        "  and sites) over the denoising, 0-1, for the requested mention: the last one (in the default variants,",
+        "  the one in 'a picture of {c}').",
         "Δ AUC, requested mention: the question of the study; < 0 means the variant lowers attention to the concept.",
         "Δ AUC, all mentions: every mention summed; a variant that names the concept twice is > 0 by construction.",
-        "text cos: cosine of the concept's conditioning vector to the baseline's (1 = unchanged); Δ vs rep: minus",
-        "  the repetition control's (< 0: the variant moves the concept more than naming it twice does).",
+        "text cos: cosine of the requested mention's conditioning vector to the baseline's (1 = unchanged); Δ vs rep:",
+        "  minus the repetition control's (< 0: the variant moves the concept more than naming it twice does).",
     ]
     return "\n".join(lines)

@@ -414,8 +414,10 @@ def similarity_rows(pipe, concept: str, prompts: dict[str, str], baseline: str =
 
     Returns:
         Rows ``{concept, variant, encoder, layer, concept_cos, concept_cos_last, eos_cos, seq_flat_cos,
-        seq_mean_cos, delta_vs_repetition}``; ``encoder="conditioning"`` (``layer=-1``) is what the denoiser
-        gets. ``delta_vs_repetition`` = ``concept_cos`` − the control's (NaN without a control).
+        seq_mean_cos, delta_vs_repetition, delta_last_vs_repetition}``; ``encoder="conditioning"`` (``layer=-1``)
+        is what the denoiser gets, and its ``eos_cos`` is the pooled projection's cosine (SDXL; NaN without one).
+        ``delta_vs_repetition`` = ``concept_cos`` (mean over mentions) − the control's;
+        ``delta_last_vs_repetition`` = the same for the last mention (NaN without a control).
 
     Raises:
         ConceptError: the concept is missing from a prompt. KeyError: no baseline prompt.
@@ -434,7 +436,9 @@ def similarity_rows(pipe, concept: str, prompts: dict[str, str], baseline: str =
         rows.append(dict(concept=concept, variant=name, encoder="conditioning", layer=-1,
                          concept_cos=cmp.concept_cos_mean, concept_cos_last=float(cmp.concept_cos[-1]),
                          eos_cos=cmp.pooled_cos, seq_flat_cos=cmp.seq_flat_cos, seq_mean_cos=cmp.seq_mean_cos))
-    control_cos = {(r["encoder"], r["layer"]): r["concept_cos"] for r in rows if r["variant"] == control}
+    control = {(r["encoder"], r["layer"]): r for r in rows if r["variant"] == control}
     for r in rows:
-        r["delta_vs_repetition"] = r["concept_cos"] - control_cos.get((r["encoder"], r["layer"]), float("nan"))
+        c = control.get((r["encoder"], r["layer"]), {})
+        r["delta_vs_repetition"] = r["concept_cos"] - c.get("concept_cos", float("nan"))
+        r["delta_last_vs_repetition"] = r["concept_cos_last"] - c.get("concept_cos_last", float("nan"))
     return rows
