@@ -53,12 +53,28 @@ def test_an_error_inside_the_block_leaves_whole_calls_that_save_and_load(pipe, t
     assert len(back.calls) == 2 and attnprobe.trajectory(back, "dog").shape == (2,)
 
 
-def test_ids_without_a_pipeline_call_frame_are_decoded_to_text(pipe):
+def test_text_encoder_calls_outside_the_pipeline_call_are_ignored(pipe):
+    from attnprobe.text import encode_text
+
     with probe(pipe, sites=MID) as store:
-        cond, uncond = pipe.encode_prompt("a picture of Dog", "cpu", 1, True)
-        pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, **KW)
-    assert store.layout(0).source == "decoded" and store.samples[0].text == "a picture of dog"
-    assert store.token_indices(0, "dog") == [[4]]
+        encode_text(pipe, "dog in a picture")
+        pipe.encode_prompt("a cat", "cpu", 1, True)
+        gen(pipe, "a picture of dog")
+    assert store.samples[0].text == "a picture of dog" and store.token_indices(0, "dog") == [[4]]
+
+
+def test_ids_decode_to_text():
+    from attnprobe.tokens import decode_ids
+
+    tok = clip_tokenizer()
+    assert decode_ids(tok, tok("a picture of Dog, café!").input_ids) == "a picture of dog , café !"
+
+
+def test_literal_exclamation_marks_are_words_where_they_also_pad():
+    layout = token_layout(clip_tokenizer("!"), "Stop! a picture of dog", 77)
+    assert layout.kinds[:8] == ["start", "word", "word", "word", "word", "word", "word", "end"]
+    assert layout.kinds[8:] == ["pad"] * 69
+    assert attnprobe.tokens.find_concept(layout, "dog") == [[6]]
 
 
 def test_prompts_that_do_not_fit_are_refused(pipe):
@@ -148,6 +164,10 @@ def test_study_refuses_a_bad_grid_before_generating(tmp_path):
     afile.write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         study(out=afile, concepts=["dog"], seeds=[0], progress=False, echo=False)
+    with pytest.raises(ValueError, match="cannot be made a folder"):
+        study(out=afile / "sub", concepts=["dog"], seeds=[0], progress=False, echo=False)
+    with pytest.raises(ValueError, match="is not in it as whole words"):
+        study(out=tmp_path, concepts=["dog"], seeds=[0], variants="plural=many {c}s", progress=False, echo=False)
 
 
 def test_an_interrupted_study_keeps_what_it_measured_and_old_outputs_go(tmp_path, monkeypatch):
@@ -167,3 +187,11 @@ def test_an_interrupted_study_keeps_what_it_measured_and_old_outputs_go(tmp_path
         study(out=tmp_path, concepts=["dog", "cat"], seeds=[0], steps=2, progress=False, echo=False)
     assert (tmp_path / "auc.csv").read_text().count("\ndog,") == 4  # the first generation's 4 variants
     assert (tmp_path / "heatmaps.png").read_bytes() != b"stale"
+
+
+def test_a_store_that_saw_no_call_saves_and_loads(pipe, tmp_path):
+    with pytest.raises(RuntimeError):
+        with probe(pipe, sites=MID) as store:
+            raise RuntimeError("before any call")
+    back = attnprobe.AttentionStore.load(store.save(tmp_path / "empty.safetensors"))
+    assert back.calls == [] and back.meta["complete"] is False

@@ -62,14 +62,28 @@ def test_delta_auc_is_variant_minus_baseline_of_the_same_seed(result):
         assert math.isclose(r["delta_auc"], r["auc"] - base["auc"], abs_tol=1e-12)
 
 
-def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path):
-    # a concept that tokenizes past 77 tokens fails (truncated); the other concept is still measured
-    long_concept = " ".join(["word"] * 80) + " dog"
-    res = study(out=tmp_path, concepts=[long_concept, "cat"], seeds=[0], steps=2, progress=False, echo=False)
-    assert [f["seed"] for f in res.failures] == [0, "text"]  # its generation and its text analysis
-    assert all("ConceptError" in f["error"] for f in res.failures)
+def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
+    import attnprobe.study as st
+
+    real = st._measure_cell
+
+    def nan_latents_for_dog(pipe, concept, *args, **kwargs):
+        if concept == "dog":
+            raise RuntimeError("nan latents")
+        return real(pipe, concept, *args, **kwargs)
+
+    monkeypatch.setattr(st, "_measure_cell", nan_latents_for_dog)
+    res = study(out=tmp_path, concepts=["dog", "cat"], seeds=[0], steps=2, progress=False, echo=False)
+    assert [(f["concept"], f["seed"]) for f in res.failures] == [("dog", 0)]
+    assert "RuntimeError: nan latents" in res.failures[0]["error"]
     assert {r["concept"] for r in res.aucs} == {"cat"}
-    assert (tmp_path / "summary.csv").exists()
+    assert "dog" in (tmp_path / "failures.csv").read_text() and (tmp_path / "summary.csv").exists()
+
+
+def test_a_truncated_concept_is_refused_before_generating(tmp_path):
+    long_concept = " ".join(["word"] * 80) + " dog"
+    with pytest.raises(ValueError, match="past the tokenizer's maximum length"):
+        study(out=tmp_path, concepts=[long_concept, "cat"], seeds=[0], steps=2, progress=False, echo=False)
 
 
 def test_variants_parse_names_and_templates():

@@ -170,3 +170,30 @@ def test_t5_encoder_positions():
     assert enc.encoders[0].attentions.shape == (2, 2, 77, 77)
     cmp = compare_text(enc, encode_text(pipe, INSTRUCTION), "dog")
     assert cmp.pairs == [(0, 0), (0, 1)]
+
+
+def test_sdxl_refiner_layout_with_only_the_second_encoder():
+    pipe = tiny_sdxl_pipeline()
+    pipe.text_encoder = pipe.tokenizer = None
+    enc = encode_text(pipe, "a picture of dog")
+    want, _, pooled, _ = pipe.encode_prompt("a picture of dog", device="cpu", num_images_per_prompt=1,
+                                            do_classifier_free_guidance=False)
+    assert torch.equal(enc.conditioning, want[0].float()) and torch.equal(enc.pooled, pooled[0].float())
+
+
+def test_ablation_edge_cases():
+    pipe = tiny_sd_pipeline()
+    rows = ablate_words(pipe, INSTRUCTION, "dog", mode="remove")
+    first_dog = next(r for r in rows if r["word"] == "dog")
+    assert first_dog["concept_change"] == first_dog["concept_change"]  # a number: the last mention survives
+    long = " ".join(["word"] * 80) + " and a dog"
+    with pytest.raises(ConceptError):
+        ablate_words(pipe, long, "dog")
+    tail = ablate_words(pipe, "a dog " + " ".join(["word"] * 80), "dog")
+    assert tail[-2]["concept_change"] != tail[-2]["concept_change"]  # NaN: past the cut, nothing masked
+    with pytest.raises(ValueError, match="clip_skip"):
+        encode_text(pipe, "a dog", clip_skip=5)
+    with pytest.raises(ValueError, match="mask_positions"):
+        encode_text(pipe, "a dog", mask_positions=[80])
+    with pytest.raises(TypeError, match="one prompt"):
+        encode_text(pipe, ["a", "b"])

@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except (AttnprobeError, ValueError) as exc:
         print(f"attnprobe: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("attnprobe: interrupted; the tables written so far are kept", file=sys.stderr)
+        return 130
     return 0
 
 

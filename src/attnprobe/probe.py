@@ -152,8 +152,11 @@ class _Recorder:
             self.calls_in_generation = 0
             self.encoded = []
             self.given = None
+        given = self._call_arguments()
+        if not given:
+            return  # the text encoder ran outside a pipeline call (encode_prompt, attnprobe.text): not this call's
         if self.given is None:  # read the call's arguments before the pipeline overwrites them with embeddings
-            self.given = self._call_arguments()
+            self.given = given
         if isinstance(ids, torch.Tensor):
             self.encoded.append(ids.detach().to("cpu"))
 

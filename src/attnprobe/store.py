@@ -262,6 +262,8 @@ class AttentionStore:
         if missing:
             raise StoreError(f"{str(path)!r} lacks the maps of sites {missing[:5]} (truncated or edited?)")
         for name, t in maps.items():
+            if not calls and t.numel() == 0:
+                continue  # a probe whose block raised before any denoiser call
             if t.ndim != 6 or t.shape[0] != len(calls) or t.shape[1] != len(samples):
                 raise StoreError(
                     f"{str(path)!r}: site {name} has shape {tuple(t.shape)}, expected "

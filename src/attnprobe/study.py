@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from .analysis import auc, heatmap, trajectory
-from .errors import ModelLoadError
+from .errors import ConceptError, ModelLoadError
 from .probe import probe
 from .text import similarity_rows
+from .tokens import find_concept, token_layout
 
 __all__ = ["study", "StudyResult", "DEFAULT_CONCEPTS", "DEFAULT_VARIANTS", "load_pipeline", "parse_variants"]
 
@@ -288,10 +289,14 @@ def study(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {str(out)!r} cannot be made a folder: {exc.strerror}") from None
     for name in OUTPUT_FILES:  # outputs of an earlier run here would mix with this one's
         (out / name).unlink(missing_ok=True)
     pipe = load_pipeline(model, str(device), dtype)
+    _check_prompts(pipe, concepts, variants)
     size = int(size or _default_size(pipe, model))
     names = list(variants)
     result = StudyResult(out=out)
@@ -359,6 +364,25 @@ def _warn(message: str) -> None:
     tqdm.write(f"attnprobe study: warning: {message}", file=sys.stderr)
 
 
+def _check_prompts(pipe, concepts, variants) -> None:
+    """Every concept must be found (whole words) in every variant's prompt, before anything is generated."""
+    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    if tokenizer is None:
+        return
+    problems = []
+    for concept in concepts:
+        for name, template in variants.items():
+            prompt = template.format(c=concept)
+            try:
+                find_concept(token_layout(tokenizer, prompt), concept, where=f"variant {name!r}")
+            except ConceptError as exc:
+                why = "lies past the tokenizer's maximum length" if "maximum length" in str(exc) else "is not in it as whole words"
+                shown = concept if len(concept) <= 40 else concept[:39] + "…"
+                problems.append(f"{shown!r} {why} in variant {name!r} ({prompt[:60]!r})")
+    if problems:
+        raise ValueError("checking the prompts before generating: " + "; ".join(problems[:5]))
+
+
 def _fail(result: StudyResult, concept: str, seed, exc: BaseException) -> None:
     result.failures.append(dict(concept=concept, seed=seed, error=_first_line(exc),
                                 detail=traceback.format_exc(limit=3).replace("\n", " | ")))
@@ -375,7 +399,7 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, 
     rows, aucs = [], []
     for i, variant in enumerate(names):
         mentions = len(store.token_indices(i, concept))
-        expected = variants[variant].count("{c}")
+        expected = variants[variant].format(c="\0").count("\0")
         if mentions != expected:
             _warn(f"{concept!r} occurs {mentions} times in {prompts[i]!r}, its template mentions it {expected} "
                   "times: the template's own words contain it, so 'last mention' may be one of them")

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import AttnprobeError, ConceptError
-from .tokens import TokenLayout, find_concept, token_layout
+from .tokens import TokenLayout, _concept_pattern, find_concept, token_layout
 
 __all__ = [
     "EncoderStates",
@@ -66,8 +66,8 @@ class EncoderStates:
         layout: token strings, kinds and offsets of its tokenizer.
         hidden_states: ``[layer, token, hidden]`` float32; layer 0 is the input embeddings, the last is the
             final layer's output (before CLIP's final layer norm).
-        attentions: ``[layer, head, token, token]`` float32 self-attention probabilities (rows sum to 1 over the
-            last axis), or ``None`` when not asked for.
+        attentions: ``[layer, head, token, token]`` self-attention probabilities (rows sum to 1 over the last
+            axis), computed in the encoder's own dtype and returned as float32, or ``None`` when not asked for.
         pooled: ``[hidden]`` the encoder's pooled output (CLIP: final-normed end token; with projection: the
             projected one), or ``None`` (T5).
     """
@@ -141,7 +141,8 @@ def encode_text(pipe, prompt: str, *, attentions: bool = True, clip_skip: int | 
         attentions: also return every layer's self-attention probabilities. Default: True.
         clip_skip: as the pipeline's ``clip_skip``. Default: None (the pipeline's default).
         mask_positions: token positions whose ids are replaced by the tokenizer's padding id (ablation: the
-            position then carries the padding embedding). Default: none.
+            position then carries the padding embedding). CLIP pools at the first end-token id, and SD 1.x pads
+            with the end token, so with SD 1.x's tokenizer a masked position also moves ``pooled``. Default: none.
 
     Returns:
         A ``TextEncoding`` (conditioning ``[token, hidden]``, per encoder ``[layer, token, hidden]``).
@@ -149,14 +150,22 @@ def encode_text(pipe, prompt: str, *, attentions: bool = True, clip_skip: int | 
     Raises:
         AttnprobeError: the pipeline has no text encoder.
     """
+    if not isinstance(prompt, str):
+        raise TypeError(f"encode_text takes one prompt (str); got {type(prompt).__name__}: call it per prompt")
+    if clip_skip is not None and (not isinstance(clip_skip, int) or clip_skip < 0):
+        raise ValueError(f"clip_skip={clip_skip!r} must be None or an int ≥ 0")
     encoders = _encoders(pipe)
-    sdxl = len(encoders) >= 2 and encoders[1][0] == "text_encoder_2" and "XL" in type(pipe).__name__
+    # SDXL (and its refiner, which has only text_encoder_2): penultimate states of each encoder, concatenated
+    sdxl = "XL" in type(pipe).__name__ and any(name == "text_encoder_2" for name, _, _ in encoders)
     states, parts, pooled_xl = [], [], None
     for name, enc, tok in encoders:
         n = int(tok.model_max_length) if tok.model_max_length < 100_000 else 77
         layout = token_layout(tok, prompt, n)
         ids = torch.tensor([layout.ids])
         if mask_positions:
+            bad = [p for p in mask_positions if not isinstance(p, int) or not 0 <= p < n]
+            if bad:
+                raise ValueError(f"mask_positions {bad} are not positions 0..{n - 1}")
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             ids[0, list(mask_positions)] = pad
         device = next(enc.parameters()).device
@@ -165,6 +174,10 @@ def encode_text(pipe, prompt: str, *, attentions: bool = True, clip_skip: int | 
         if getattr(enc.config, "use_attention_mask", False) or type(enc).__name__.startswith("T5"):
             mask = torch.tensor([[k != "pad" for k in layout.kinds]], dtype=torch.long, device=device)
         out, probs = _run_encoder(enc, ids, mask, attentions)
+        depth = len(out.hidden_states) - (2 if sdxl else 1)
+        if clip_skip is not None and clip_skip >= depth:
+            raise ValueError(f"clip_skip={clip_skip} skips all of {name}'s {len(out.hidden_states) - 1} layers; "
+                             f"use 0..{depth - 1}")
         hidden = torch.stack([h[0] for h in out.hidden_states]).float().cpu()
         pooled = None
         if getattr(out, "text_embeds", None) is not None:
@@ -327,25 +340,31 @@ def ablate_words(pipe, prompt: str, concept: str, *, mode: str = "mask", clip_sk
     occ = _occurrences(intact.layout, concept, f"the prompt {prompt!r}")
     ref_vec = _concept_vec(intact.conditioning, occ[-1])
     ref_mean = intact.conditioning[_real(intact.layout)].mean(0)
-    concept_spans = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(concept)}(?!\w)", prompt, re.IGNORECASE)]
+    concept_spans = [m.span() for m in _concept_pattern(concept).finditer(prompt)]
 
     def changes(enc: TextEncoding, positions: list[int] | None) -> tuple[float, float]:
         cc = float("nan") if positions is None else 1 - float(_cos(_concept_vec(enc.conditioning, positions), ref_vec))
         return cc, 1 - float(_cos(enc.conditioning[_real(enc.layout)].mean(0), ref_mean))
 
     rows = []
+    last_span = [m.span() for m in _concept_pattern(concept).finditer(prompt)][-1]
     for match in _WORD.finditer(prompt):
         s, e = match.span()
         in_concept = any(cs <= s and e <= ce for cs, ce in concept_spans)
+        hits_last = last_span[0] <= s and e <= last_span[1]
         if mode == "mask":
             pos = [p for p, off in enumerate(intact.layout.offsets) if off and off[0] < e and off[1] > s]
+            if not pos:  # past the tokenizer's maximum length: nothing to mask
+                rows.append(dict(word=match.group(), start=s, is_concept=in_concept, mode=mode,
+                                 concept_change=float("nan"), conditioning_change=float("nan")))
+                continue
             enc = encode_text(pipe, prompt, attentions=False, clip_skip=clip_skip, mask_positions=pos)
-            last = None if set(pos) & set(occ[-1]) else occ[-1]
+            last = None if hits_last else occ[-1]
         else:
-            text = (prompt[:s] + prompt[e:]).replace("  ", " ").strip()
+            text = " ".join((prompt[:s] + prompt[e:]).split())
             enc = encode_text(pipe, text, attentions=False, clip_skip=clip_skip)
             try:
-                last = find_concept(enc.layout, concept)[-1] if len(find_concept(enc.layout, concept)) == len(occ) else None
+                last = None if hits_last else find_concept(enc.layout, concept)[-1]
             except ConceptError:
                 last = None
         cc, sc = changes(enc, last)

@@ -105,31 +105,28 @@ def token_layout(tokenizer, text: str, n_keys: int | None = None, source: str = 
         The layout: ``n_keys`` positions with strings, kinds, ids and character offsets.
     """
     n = int(n_keys or tokenizer.model_max_length)
-    full = tokenizer(text, truncation=False, add_special_tokens=True, return_offsets_mapping=True)
-    enc = tokenizer(
-        text, padding="max_length", max_length=n, truncation=True, add_special_tokens=True, return_offsets_mapping=True
-    )
+    common = dict(add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True, verbose=False)
+    full = tokenizer(text, truncation=False, **common)
+    enc = tokenizer(text, padding="max_length", max_length=n, truncation=True, return_attention_mask=True, **common)
     ids = list(enc["input_ids"])
-    special = set(tokenizer.all_special_ids)
     tokens = tokenizer.convert_ids_to_tokens(ids)
-    kinds, offsets, seen_end = [], [], False
-    for pos, (tid, off) in enumerate(zip(ids, enc["offset_mapping"])):
-        if seen_end:
+    # padding is what the attention mask leaves out (a literal "!" stays a word where "!" also pads);
+    # special tokens the tokenizer added are the start and end
+    kinds, offsets, seen_word = [], [], False
+    for tid, off, special, attended in zip(ids, enc["offset_mapping"], enc["special_tokens_mask"], enc["attention_mask"]):
+        if not attended:
             kinds.append("pad")
-        elif pos == 0 and tid == tokenizer.bos_token_id:
-            kinds.append("start")
-        elif tid == tokenizer.eos_token_id:
-            kinds.append("end")
-            seen_end = True
-        elif tid == tokenizer.pad_token_id and tid in special:
-            kinds.append("pad")
-            seen_end = True
+        elif special:
+            kinds.append("end" if seen_word or tid == tokenizer.eos_token_id else "start")
         else:
             kinds.append("word")
+            seen_word = True
         offsets.append(tuple(off) if kinds[-1] == "word" else None)
+    if "end" not in kinds and "start" in kinds[1:]:  # an empty prompt: start, then end
+        kinds[kinds.index("start", 1)] = "end"
     truncated_at = None
-    kept_words = sum(k == "word" for k in kinds)
-    full_words = [tuple(o) for t, o in zip(full["input_ids"], full["offset_mapping"]) if t not in special]
+    kept_words = kinds.count("word")
+    full_words = [tuple(o) for o, sp in zip(full["offset_mapping"], full["special_tokens_mask"]) if not sp]
     if len(full_words) > kept_words:
         truncated_at = full_words[kept_words][0]
     return TokenLayout(
