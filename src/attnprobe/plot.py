@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["plot_trajectories", "plot_delta_auc", "plot_heatmaps", "plot_text_similarity"]
+__all__ = ["plot_trajectories", "plot_delta_auc", "plot_heatmaps", "plot_text_similarity", "plot_site_call_grid"]
 
 
 def _plt():
@@ -193,4 +193,46 @@ def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last
     fig.suptitle("Does the text encoder change the concept? Last mention vs the baseline's\n"
                  "(layer 0 already differs: the position embeddings of other positions)", fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    return fig
+
+
+def plot_site_call_grid(store, concept: str, sample: int = 0, calls=None, max_calls: int = 6, occurrence="all"):
+    """A grid of one concept's maps: rows are sites (execution order), columns denoiser calls.
+
+    Each panel is the attention on the concept's tokens (summed over them, averaged over heads) at that site
+    and call, on the site's own ``qh × qw`` grid; one colour scale for all panels.
+
+    Args:
+        store: an ``AttentionStore``. concept, sample, occurrence: as for ``attnprobe.trajectory``.
+        calls: call indices to show. Default: ``max_calls`` evenly spaced calls.
+
+    Returns:
+        The figure (axes titled ``call c (t=…)``, rows labelled with the site's block).
+    """
+    from .analysis import concept_positions
+
+    plt = _plt()
+    positions = concept_positions(store, concept, sample, occurrence)
+    n = len(store.calls)
+    if calls is None:
+        calls = sorted({round(i * (n - 1) / max(1, max_calls - 1)) for i in range(min(max_calls, n))})
+    sites = [s for s in store.sites if s.name not in store.flat_sites]
+    grids = {s.name: store[s.name][list(calls), sample].float()[..., positions].sum(-1).mean(1).numpy() for s in sites}
+    vmax = max(float(g.max()) for g in grids.values()) if grids else 1.0
+    fig, axes = plt.subplots(len(sites), len(calls), figsize=(1.1 * len(calls) + 1.5, 1.1 * len(sites) + 0.8),
+                             squeeze=False, layout="constrained")
+    im = None
+    for i, site in enumerate(sites):
+        for j, call in enumerate(calls):
+            ax = axes[i, j]
+            im = ax.imshow(grids[site.name][j], cmap="viridis", vmin=0, vmax=vmax)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"call {call}\n(t={store.calls[call].timestep:g})", fontsize=7)
+            if j == 0:
+                label = site.name.replace(".transformer_blocks.0.attn2", "").replace("attentions.", "a")
+                ax.set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.5, label=f"attention on {concept!r}")
     return fig

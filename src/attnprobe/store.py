@@ -181,6 +181,80 @@ class AttentionStore:
         where = f"sample {idx} ({s.pass_label} pass, prompt {s.prompt_index})"
         return find_concept(self._layouts[idx], concept, where=where)
 
+    # ------------------------------------------------------------------ export
+    def to_xarray(self, site=None):
+        """One site's maps as a labelled ``xarray.DataArray`` (needs the ``xarray`` extra).
+
+        Dims ``call sample head qh qw token``; coordinates: ``timestep`` and ``generation`` per call,
+        ``pass_label``, ``prompt_index``, ``image_index`` and ``text`` per sample, ``token_string`` per
+        ``(sample, token)``. Values are probabilities (sum to 1 over ``token``).
+
+        Args:
+            site: a site name or ``Site``. Default: the first site in execution order.
+
+        Examples:
+            >>> from attnprobe.testing import synthetic_store
+            >>> da = synthetic_store(calls=3).to_xarray()
+            >>> da.dims, round(float(da.sum("token").mean()), 6)
+            (('call', 'sample', 'head', 'qh', 'qw', 'token'), 1.0)
+        """
+        import xarray as xr
+
+        name = self._site_name(site if site is not None else self.sites[0])
+        maps = self[name]
+        return xr.DataArray(
+            maps.float().numpy(),
+            dims=("call", "sample", "head", "qh", "qw", "token"),
+            coords={
+                "call": [c.index for c in self.calls],
+                "timestep": ("call", [c.timestep for c in self.calls]),
+                "generation": ("call", [c.generation for c in self.calls]),
+                "sample": [s.index for s in self.samples],
+                "pass_label": ("sample", [s.pass_label for s in self.samples]),
+                "prompt_index": ("sample", [s.prompt_index for s in self.samples]),
+                "image_index": ("sample", [s.image_index for s in self.samples]),
+                "text": ("sample", [s.text or "" for s in self.samples]),
+                "token": list(range(maps.shape[-1])),
+                "token_string": (("sample", "token"), [self.tokens(s.index) for s in self.samples]),
+            },
+            name=name,
+            attrs={"site": name, "pipeline": str(self.meta.get("pipeline")), "denoiser": str(self.meta.get("denoiser"))},
+        )
+
+    def to_pandas(self):
+        """A tidy ``pandas.DataFrame``: one row per call, sample, site and token position, with the token's
+        attention mass there (averaged over heads and image positions; sums to 1 over a sample's tokens).
+
+        Columns: ``call timestep generation sample pass_label prompt_index image_index site token token_string
+        mass``. Needs ``pandas``.
+
+        Examples:
+            >>> from attnprobe.testing import synthetic_store
+            >>> df = synthetic_store(calls=2).to_pandas()
+            >>> len(df), round(float(df.groupby(["call", "site"]).mass.sum().iloc[0]), 6)
+            (154, 1.0)
+        """
+        import numpy as np
+        import pandas as pd
+
+        frames = []
+        for site in self.site_names:
+            mass = self[site].float().mean(dim=(2, 3, 4)).numpy()  # [call, sample, token]
+            n_calls, n_samples, n_tokens = mass.shape
+            call, sample, token = np.meshgrid(np.arange(n_calls), np.arange(n_samples), np.arange(n_tokens), indexing="ij")
+            frames.append(pd.DataFrame({"call": call.ravel(), "sample": sample.ravel(), "site": site,
+                                        "token": token.ravel(), "mass": mass.ravel()}))
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["call", "sample", "site", "token", "mass"])
+        calls = pd.DataFrame([{"call": c.index, "timestep": c.timestep, "generation": c.generation} for c in self.calls])
+        samples = pd.DataFrame([{"sample": s.index, "pass_label": s.pass_label, "prompt_index": s.prompt_index,
+                                 "image_index": s.image_index} for s in self.samples])
+        strings = pd.DataFrame([{"sample": s.index, "token": t, "token_string": text}
+                                for s in self.samples for t, text in enumerate(self.tokens(s.index))])
+        df["call"] = df["call"].map(dict(enumerate(c.index for c in self.calls)))
+        df = df.merge(calls, on="call").merge(samples, on="sample").merge(strings, on=["sample", "token"])
+        return df[["call", "timestep", "generation", "sample", "pass_label", "prompt_index", "image_index", "site",
+                   "token", "token_string", "mass"]]
+
     def __repr__(self) -> str:
         grids = sorted({tuple(self[n].shape[3:5]) for n in self.site_names if self[n].numel()})
         return (
