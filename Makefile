@@ -1,12 +1,12 @@
 # Two commands do everything from a fresh clone:
 #   make study   — set up .venv and run the main job on the offline tiny pipeline (writes out/study/)
-#   make test    — set up .venv and run the test suite
+#   make test    — set up .venv, run the test suite (with the example notebooks) and build the docs strictly
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup study test clean
+.PHONY: setup study test docs clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ study: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet -d build/site
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

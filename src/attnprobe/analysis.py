@@ -179,9 +179,11 @@ def compare(
     start; unpaired mentions count only in the all-mentions trajectories.
 
     Args:
-        base, other: stores from the same denoiser, sites and call count.
+        base: the reference store (e.g. the baseline prompt's).
+        other: a store from the same pipeline, sites, timesteps and size (e.g. the instruction's).
         concept: word or phrase present in both prompts.
-        sample, other_sample: sample index in each store (``other_sample`` defaults to ``sample``).
+        sample: sample index in ``base``.
+        other_sample: sample index in ``other``. Default: ``sample``.
         align: ``"last"`` or ``"first"``. Default ``"last"``.
         sites: site selector applied to both. Default: all.
 
@@ -236,7 +238,10 @@ def heatmap(
     figures do.
 
     Args:
-        store, concept, sample, occurrence: as for ``trajectory``.
+        store: the capture.
+        concept: word or phrase of the sample's prompt.
+        sample: index on the ``sample`` axis. Default: 0.
+        occurrence: ``"all"`` or one mention's index (``-1``: the last).
         calls: call indices (an int, a slice or a list). Default: every call. An empty or out-of-range choice
             raises ``IndexError``.
         sites: site selector. Default: every site (flat sites are skipped: they have no grid).

@@ -32,7 +32,8 @@ def plot_trajectories(
 
     Args:
         trajectories: ``{concept: {variant: array [seed, call]}}``.
-        ylabel, xlabel: axis labels.
+        ylabel: the y axis label.
+        xlabel: the x axis label.
 
     Returns:
         The figure (panels share the y axis).

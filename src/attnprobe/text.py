@@ -282,7 +282,8 @@ def compare_text(base: TextEncoding, other: TextEncoding, concept: str) -> TextC
     """Similarity of a variant's encoding to its baseline's, per encoder and layer and for the conditioning.
 
     Args:
-        base, other: from ``encode_text`` on the same pipeline.
+        base: the baseline's ``encode_text``.
+        other: the variant's, from the same pipeline.
         concept: word or phrase in both prompts.
 
     Returns:
@@ -429,7 +430,8 @@ def similarity_rows(pipe, concept: str, prompts: dict[str, str], baseline: str =
 
     Args:
         pipe: the pipeline. concept: the concept. prompts: ``{variant: prompt}``, including ``baseline``.
-        baseline, control: variant names of the baseline and of the repetition control.
+        baseline: the baseline's variant name.
+        control: the repetition control's variant name.
 
     Returns:
         Rows ``{concept, variant, encoder, layer, concept_cos, concept_cos_last, eos_cos, seq_flat_cos,
