@@ -47,4 +47,8 @@ def test_text_similarity_rows_per_encoder():
             for v in ("baseline", "instruction") for e in ("text_encoder", "text_encoder_2", "conditioning")
             for l in range(3)]
     fig = plot_text_similarity(rows)
-    assert len(fig.axes) == 2 and "text_encoder_2" in fig.axes[1].get_ylabel()
+    visible = [a for a in fig.axes if a.get_visible()]
+    assert len(visible) == 2 and "text_encoder_2" in visible[1].get_title()
+    many = [dict(r, concept=f"c{k}") for k in range(7) for r in rows]
+    fig = plot_text_similarity(many, cols=5)
+    assert len([a for a in fig.axes if a.get_visible()]) == 14 and len(fig.axes) == 2 * 2 * 5

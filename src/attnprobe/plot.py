@@ -27,6 +27,7 @@ def plot_trajectories(
     trajectories: Mapping[str, Mapping[str, np.ndarray]],
     ylabel: str = "attention mass on concept tokens",
     xlabel: str = "denoiser call",
+    title: str = "Attention on the concept per denoiser call (mean over seeds, band: min–max)",
 ):
     """One panel per concept; per variant the mean trajectory across seeds with a min–max band.
 
@@ -34,6 +35,7 @@ def plot_trajectories(
         trajectories: ``{concept: {variant: array [seed, call]}}``.
         ylabel: the y axis label.
         xlabel: the x axis label.
+        title: the figure title.
 
     Returns:
         The figure (panels share the y axis).
@@ -55,12 +57,13 @@ def plot_trajectories(
                 ax.fill_between(x, arr.min(axis=0), arr.max(axis=0), color=line.get_color(), alpha=0.2, lw=0)
         ax.set_title(concept, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel, fontsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle("Attention on every mention of the concept, per denoiser call (mean over seeds, band: min–max)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     return fig
 
@@ -154,14 +157,14 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
     return fig
 
 
-def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last"):
-    """Per concept (columns) and text encoder (rows), the concept-token similarity to the baseline across the
-    encoder's layers, one line per variant (1 = unchanged; the repetition control shows what naming the
-    concept twice does).
+def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last", cols: int = 5):
+    """Per concept and text encoder, the concept-token similarity to the baseline across the encoder's layers,
+    one line per variant (1 = unchanged; the repetition control shows what naming the concept twice does).
 
     Args:
         rows: ``attnprobe.text.similarity_rows`` rows. value: the column to plot. Default ``concept_cos_last``
             (the last mention, as the study's headline).
+        cols: panels per row; each encoder gets its own block of rows.
 
     Returns:
         The figure.
@@ -169,11 +172,16 @@ def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last
     plt = _plt()
     concepts = list(dict.fromkeys(r["concept"] for r in rows))
     encoders = list(dict.fromkeys(r["encoder"] for r in rows if r["encoder"] != "conditioning"))
-    fig, axes = plt.subplots(len(encoders), len(concepts), figsize=(3.0 * len(concepts) + 0.5, 2.6 * len(encoders) + 0.6),
+    cols = max(1, min(cols, len(concepts)))
+    per_encoder = math.ceil(len(concepts) / cols)
+    fig, axes = plt.subplots(len(encoders) * per_encoder, cols, figsize=(3.0 * cols + 0.5, 2.4 * len(encoders) * per_encoder + 0.8),
                              squeeze=False, sharey=True)
+    for ax in axes.flat:
+        ax.set_visible(False)
     for i, encoder in enumerate(encoders):
         for j, concept in enumerate(concepts):
-            ax = axes[i, j]
+            ax = axes[i * per_encoder + j // cols, j % cols]
+            ax.set_visible(True)
             mine = [r for r in rows if r["concept"] == concept and r["encoder"] == encoder]
             for variant in dict.fromkeys(r["variant"] for r in mine):
                 if variant == "baseline":
@@ -183,17 +191,15 @@ def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last
             ax.axhline(1.0, color="black", lw=0.8)
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)
-            if i == 0:
-                ax.set_title(concept, fontsize=10)
-            if i == len(encoders) - 1:
-                ax.set_xlabel("layer (0 = embeddings)", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(f"{encoder}\ncosine to baseline", fontsize=8)
+            ax.set_title(f"{concept} ({encoder})" if len(encoders) > 1 else concept, fontsize=9)
+            ax.set_xlabel("layer (0 = embeddings)", fontsize=7)
+            if j % cols == 0:
+                ax.set_ylabel("cosine to baseline", fontsize=8)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8, frameon=False)
     fig.suptitle("Does the text encoder change the concept? Last mention vs the baseline's\n"
                  "(layer 0 already differs: the position embeddings of other positions)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     return fig
 
 

@@ -410,7 +410,7 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, 
                              timestep=store.calls[call].timestep, mass=m, mass_last=ml))
         aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompts[i], mentions=mentions,
                          auc=auc(mass), auc_last=auc(mass_last)))
-        figures["curves"].setdefault(concept, {}).setdefault(variant, []).append(mass.numpy())
+        figures["curves"].setdefault(concept, {}).setdefault(variant, []).append(mass_last.numpy())
         if first_seed:
             figures["maps"].setdefault(concept, {})[variant] = heatmap(store, concept, i, occurrence=-1).numpy()
             figures["images"].setdefault(concept, {})[variant] = generated.images[i]
@@ -469,7 +469,8 @@ def _write_figures(result: StudyResult, out: Path, figures: dict) -> list[Path]:
     files = []
     if figures["curves"]:
         stacked = {c: {v: np.stack(a) for v, a in vs.items()} for c, vs in figures["curves"].items()}
-        files.append(_save_figure(plot_trajectories(stacked), out / "trajectories.png"))
+        title = "Attention on the requested (last) mention of the concept, per denoiser call (mean over seeds, band: min–max)"
+        files.append(_save_figure(plot_trajectories(stacked, title=title), out / "trajectories.png"))
         deltas = [r for r in result.summary if r["variant"] != "baseline"]
         if deltas:
             files.append(_save_figure(plot_delta_auc(deltas), out / "delta_auc.png"))
