@@ -13,6 +13,20 @@ import numpy as np
 __all__ = ["plot_trajectories", "plot_delta_auc", "plot_heatmaps", "plot_text_similarity", "plot_site_call_grid"]
 
 
+_KNOWN = ("baseline", "instruction", "implicit", "repetition")
+
+
+def _colours(variants) -> dict[str, str]:
+    """One colour per variant, the same in every figure: the default variants keep theirs; others follow."""
+    names = list(dict.fromkeys(variants))
+    out = {v: f"C{_KNOWN.index(v)}" for v in names if v in _KNOWN}
+    free = (f"C{i}" for i in range(len(_KNOWN), 10))
+    for v in names:
+        if v not in out:
+            out[v] = next(free, "gray")
+    return out
+
+
 def _plt():
     import matplotlib
 
@@ -47,12 +61,13 @@ def plot_trajectories(
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False, sharey=True)
     for ax in axes.flat[len(concepts):]:
         ax.set_visible(False)
+    colours = _colours(v for c in concepts for v in trajectories[c])
     for ax, concept in zip(axes.flat, concepts):
         for variant, arr in trajectories[concept].items():
             arr = np.asarray(arr, dtype=float)
             x = np.arange(arr.shape[1])
             mean = arr.mean(axis=0)
-            (line,) = ax.plot(x, mean, label=variant, lw=1.6)
+            (line,) = ax.plot(x, mean, label=variant, lw=1.6, color=colours[variant])
             if arr.shape[0] > 1:
                 ax.fill_between(x, arr.min(axis=0), arr.max(axis=0), color=line.get_color(), alpha=0.2, lw=0)
         ax.set_title(concept, fontsize=10)
@@ -82,7 +97,7 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
     plt = _plt()
     panels = panels or [
         ("every mention of the concept", "delta_auc", "ci_low", "ci_high"),
-        ("last mention only", "delta_auc_last", "ci_low_last", "ci_high_last"),
+        ("requested (last) mention", "delta_auc_last", "ci_low_last", "ci_high_last"),
     ]
     concepts = list(dict.fromkeys(r["concept"] for r in summary))
     variants = list(dict.fromkeys(r["variant"] for r in summary))
@@ -102,7 +117,7 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
                 errs[0].append(v - lo if math.isfinite(lo) else 0.0)
                 errs[1].append(hi - v if math.isfinite(hi) else 0.0)
             x = np.arange(len(concepts)) + (i - (len(variants) - 1) / 2) * width
-            ax.bar(x, vals, width, yerr=errs, capsize=2, label=variant)
+            ax.bar(x, vals, width, yerr=errs, capsize=2, label=variant, color=_colours(variants)[variant])
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(np.arange(len(concepts)), concepts, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("Δ AUC vs baseline", fontsize=8)
@@ -187,7 +202,8 @@ def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last
                 if variant == "baseline":
                     continue
                 pts = sorted((r["layer"], r[value]) for r in mine if r["variant"] == variant)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=variant)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=variant,
+                        color=_colours([variant])[variant])
             ax.axhline(1.0, color="black", lw=0.8)
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)

@@ -270,7 +270,7 @@ def study(
     Raises:
         ModelLoadError: the model cannot be loaded. ValueError: bad concepts/variants/seeds/steps.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     variants = parse_variants(variants)
     concepts = list(DEFAULT_CONCEPTS if concepts is None else concepts)
@@ -359,7 +359,7 @@ def _check_grid(concepts, seeds, steps, guidance, size) -> None:
 
 
 def _warn(message: str) -> None:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     tqdm.write(f"attnprobe study: warning: {message}", file=sys.stderr)
 
@@ -433,6 +433,8 @@ def _summarize(result: StudyResult, concepts, names) -> list[dict]:
             d, lo, hi = _interval([r["delta_auc"] for r in rows])
             dl, lol, hil = _interval([r["delta_auc_last"] for r in rows])
             text = cond_text.get((concept, variant), {})
+            if variant == "baseline":  # the reference has no Δ against the control
+                text = {k: v for k, v in text.items() if not k.startswith("delta")}
             summary.append(dict(
                 concept=concept, variant=variant, seeds=len(rows),
                 auc_last=sum(r["auc_last"] for r in rows) / len(rows), delta_auc_last=dl, ci_low_last=lol,
