@@ -23,7 +23,7 @@ def test_delta_auc_two_panels():
     rows = [dict(concept="dog", variant="instruction", delta_auc=0.1, ci_low=0.0, ci_high=0.2, delta_auc_last=-0.1,
                  ci_low_last=float("nan"), ci_high_last=float("nan"))]
     fig = plot_delta_auc(rows)
-    assert len(fig.axes) == 2 and "every mention" in fig.axes[0].get_title()
+    assert len(fig.axes) == 2 and "requested" in fig.axes[0].get_title() and "every mention" in fig.axes[1].get_title()
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["dog"]
 
 

@@ -89,7 +89,7 @@ plumbing, not a finding; a trained model is needed for the real measurement.""")
     new_code_cell("display(Image(f\"{out}/trajectories.png\"))"),
     new_markdown_cell("""Δ AUC vs the baseline for the requested (last) mention, mean and 95% interval across seeds (< 0: the
 variant lowers the attention paid to the concept). The seeds share one model, so intervals are narrow. The figure's
-top panel sums every mention: a variant that names the concept twice is above 0 there by construction."""),
+bottom panel sums every mention: a variant that names the concept twice is above 0 there by construction."""),
     new_code_cell("""summary = pd.read_csv(f"{out}/summary.csv")
 summary[["concept", "variant", "auc_last", "delta_auc_last", "ci_low_last", "ci_high_last"]].round(4)"""),
     new_code_cell("display(Image(f\"{out}/delta_auc.png\"))"),

@@ -88,16 +88,18 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
 
     Args:
         summary: rows with ``concept``, ``variant`` and, per panel, a value and its interval columns (NaN allowed).
-        panels: ``(title, value, low, high)`` column names per panel. Default: two panels, every mention
-            (``delta_auc``, ``ci_low``, ``ci_high``) and the last mention (``delta_auc_last``, …``_last``).
+        panels: ``(title, value, low, high)`` column names per panel. Default: two panels, the requested
+            (last) mention (``delta_auc_last``, …``_last``), then every mention (``delta_auc``, ``ci_low``,
+            ``ci_high``).
 
     Returns:
         The figure.
     """
     plt = _plt()
     panels = panels or [
-        ("every mention of the concept", "delta_auc", "ci_low", "ci_high"),
         ("requested (last) mention", "delta_auc_last", "ci_low_last", "ci_high_last"),
+        ("every mention summed (> 0 by construction when a variant names the concept twice)", "delta_auc",
+         "ci_low", "ci_high"),
     ]
     concepts = list(dict.fromkeys(r["concept"] for r in summary))
     variants = list(dict.fromkeys(r["variant"] for r in summary))
