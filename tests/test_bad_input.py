@@ -1,11 +1,12 @@
 """Bad input and failure paths found by trying to break attnprobe: clear errors, nothing silently wrong or lost."""
 
+import importlib
+
 import pytest
 import torch
 
 import attnprobe
 from attnprobe import NoSitesError, ProbeError, StoreError, UnknownSiteError, list_sites, probe
-from attnprobe import study as study_mod  # noqa: F401  (the lazy wrapper)
 from attnprobe.study import parse_variants, study
 from attnprobe.testing import clip_tokenizer, tiny_sd_pipeline
 from attnprobe.tokens import token_layout
@@ -171,7 +172,7 @@ def test_study_refuses_a_bad_grid_before_generating(tmp_path):
 
 
 def test_an_interrupted_study_keeps_what_it_measured_and_old_outputs_go(tmp_path, monkeypatch):
-    import attnprobe.study as st
+    st = importlib.import_module("attnprobe.study")  # the module: attnprobe.study is the function
 
     (tmp_path / "heatmaps.png").write_bytes(b"stale")
     real, seen = st._measure_cell, []

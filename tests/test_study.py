@@ -1,6 +1,7 @@
 """The main job, end to end on the tiny pipeline, and the CLI."""
 
 import csv
+import importlib
 import math
 
 import pytest
@@ -63,7 +64,7 @@ def test_delta_auc_is_variant_minus_baseline_of_the_same_seed(result):
 
 
 def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
-    import attnprobe.study as st
+    st = importlib.import_module("attnprobe.study")  # the module: attnprobe.study is the function
 
     real = st._measure_cell
 
@@ -125,3 +126,13 @@ def test_cli_lists_sites(capsys):
     assert cli.main(["sites", "--model", "tiny"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 16 and lines[0].startswith("down_blocks.0.attentions.0.transformer_blocks.0.attn2")
+
+
+def test_attnprobe_study_stays_the_function_after_its_module_is_imported(tmp_path):
+    import attnprobe
+    from attnprobe.study import load_pipeline  # noqa: F401  (imports the submodule of the same name)
+
+    assert callable(attnprobe.study)
+    for i in range(2):
+        attnprobe.study(out=tmp_path / str(i), concepts=["cat"], variants="baseline", seeds=[0], steps=1,
+                        progress=False, echo=False)

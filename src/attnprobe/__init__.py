@@ -25,13 +25,9 @@ from .probe import probe  # noqa: E402
 from .sites import Site, list_sites  # noqa: E402
 from .store import AttentionStore, Call, Sample  # noqa: E402
 from . import text  # noqa: E402  (attnprobe.text: text-encoder analysis)
-
-
-def study(*args, **kwargs):
-    """Run the unlearning study (see ``attnprobe.study_run.study``); imported lazily (matplotlib, scipy)."""
-    from .study import study as _study
-
-    return _study(*args, **kwargs)
+# imported eagerly: the function must shadow its submodule's name (a lazy import would rebind
+# attnprobe.study to the module on first use)
+from .study import study  # noqa: E402
 
 
 __all__ = [
