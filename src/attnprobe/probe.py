@@ -148,13 +148,13 @@ class _Recorder:
     # -------------------------------------------------------------- hooks
     def _on_encode(self, module, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
-        if self.calls_in_generation > 0:
-            self.calls_in_generation = 0
-            self.encoded = []
-            self.given = None
         given = self._call_arguments()
         if not given:
             return  # the text encoder ran outside a pipeline call (encode_prompt, attnprobe.text): not this call's
+        if self.calls_in_generation > 0:  # a new pipeline call begins by encoding its prompts
+            self.calls_in_generation = 0
+            self.encoded = []
+            self.given = None
         if self.given is None:  # read the call's arguments before the pipeline overwrites them with embeddings
             self.given = given
         if isinstance(ids, torch.Tensor):
