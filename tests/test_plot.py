@@ -52,3 +52,11 @@ def test_text_similarity_rows_per_encoder():
     many = [dict(r, concept=f"c{k}") for k in range(7) for r in rows]
     fig = plot_text_similarity(many, cols=5)
     assert len([a for a in fig.axes if a.get_visible()]) == 14 and len(fig.axes) == 2 * 2 * 5
+
+
+def test_custom_variants_keep_distinct_colours_in_every_figure():
+    rows = [dict(concept="dog", variant=v, encoder="text_encoder", layer=l, concept_cos_last=1.0)
+            for v in ("baseline", "mine", "yours") for l in range(2)]
+    fig = plot_text_similarity(rows)
+    colours = [line.get_color() for line in fig.axes[0].lines if line.get_label() in ("mine", "yours")]
+    assert len(set(colours)) == 2

@@ -108,6 +108,7 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
         len(panels), 1, figsize=(max(6.0, 0.9 * len(concepts) + 2), 3.0 * len(panels)), squeeze=False
     )
     width = 0.8 / max(1, len(variants))
+    colours = _colours(variants)
     for ax, (title, value, low, high) in zip(axes[:, 0], panels):
         for i, variant in enumerate(variants):
             vals, errs = [], [[], []]
@@ -119,7 +120,7 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
                 errs[0].append(v - lo if math.isfinite(lo) else 0.0)
                 errs[1].append(hi - v if math.isfinite(hi) else 0.0)
             x = np.arange(len(concepts)) + (i - (len(variants) - 1) / 2) * width
-            ax.bar(x, vals, width, yerr=errs, capsize=2, label=variant, color=_colours(variants)[variant])
+            ax.bar(x, vals, width, yerr=errs, capsize=2, label=variant, color=colours[variant])
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(np.arange(len(concepts)), concepts, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("Δ AUC vs baseline", fontsize=8)
@@ -189,6 +190,7 @@ def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last
     plt = _plt()
     concepts = list(dict.fromkeys(r["concept"] for r in rows))
     encoders = list(dict.fromkeys(r["encoder"] for r in rows if r["encoder"] != "conditioning"))
+    colours = _colours(r["variant"] for r in rows)
     cols = max(1, min(cols, len(concepts)))
     per_encoder = math.ceil(len(concepts) / cols)
     fig, axes = plt.subplots(len(encoders) * per_encoder, cols, figsize=(3.0 * cols + 0.5, 2.4 * len(encoders) * per_encoder + 0.8),
@@ -205,7 +207,7 @@ def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last
                     continue
                 pts = sorted((r["layer"], r[value]) for r in mine if r["variant"] == variant)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=variant,
-                        color=_colours([variant])[variant])
+                        color=colours[variant])
             ax.axhline(1.0, color="black", lw=0.8)
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)

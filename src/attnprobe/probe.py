@@ -185,10 +185,13 @@ class _Recorder:
             return
         missing = [n for n in self.modules if n not in self.seen]
         if missing:
-            raise ProbeError(
-                f"denoiser call {self.call} ran without {len(missing)} of the {len(self.modules)} probed sites "
-                f"(e.g. {missing[:3]}): their processors were bypassed or replaced, so the store would be partial."
-            )
+            raise self._missing_sites(self.call, missing)
+
+    def _missing_sites(self, call: int, missing: list[str]) -> ProbeError:
+        return ProbeError(
+            f"denoiser call {call} ran without {len(missing)} of the {len(self.modules)} probed sites "
+            f"(e.g. {missing[:3]}): their processors were bypassed or replaced. The store keeps calls 0..{call - 1}."
+        )
 
     def _on_denoiser_call(self, module, args, kwargs):
         self._check_intact()
@@ -455,8 +458,8 @@ class _Recorder:
         counts = [len(store._chunks[n]) + (store._maps[n].shape[0] if n in store._maps else 0) for n in self.modules]
         whole = min(counts + [len(store.calls)])
         partial = whole < len(store.calls)
-        for name in self.modules:  # drop the maps of a call that did not finish
-            extra = counts[list(self.modules).index(name)] - whole
+        for name, count in zip(self.modules, counts):  # drop the maps of a call that did not finish
+            extra = count - whole
             if extra > 0:
                 del store._chunks[name][len(store._chunks[name]) - extra:]
         del store.calls[whole:]
@@ -480,11 +483,7 @@ class _Recorder:
         meta["image_size"] = [h * scale, w * scale]
         store._consolidate()
         if complete and partial:
-            missing = [n for n, c in zip(self.modules, counts) if c == whole]
-            raise ProbeError(
-                f"denoiser call {whole} ran without {len(missing)} of the {len(self.modules)} probed sites "
-                f"(e.g. {missing[:3]}): their processors were bypassed or replaced. The store keeps calls 0..{whole - 1}."
-            )
+            raise self._missing_sites(whole, [n for n, c in zip(self.modules, counts) if c == whole])
         if complete and not store.calls:
             raise ProbeError(
                 "the probe saw no denoiser call: call the pipeline inside the `with attnprobe.probe(pipe) as store:` block"
