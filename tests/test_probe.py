@@ -483,7 +483,8 @@ def test_store_meta(sd_pipe, run):
     meta = store.meta
     assert meta["pipeline"] == "StableDiffusionPipeline" and meta["denoiser"] == "UNet2DConditionModel"
     capture = dict(meta["capture"], sites=sorted(meta["capture"]["sites"]))
-    assert capture == {"passes": "all", "heads": "mean", "dtype": "bfloat16", "sites": sorted(store.site_names)}
+    assert capture == {"passes": "all", "heads": "mean", "dtype": "bfloat16", "sites": sorted(store.site_names),
+                       "calls": None, "tokens": None, "aggregate": None, "stream_to": None}
     assert meta["timesteps"] == [c.timestep for c in store.calls]
     assert meta["prompts"] == ["a dog"] and meta["negative_prompts"] == [""] and meta["guidance"] is True
     assert meta["denoiser_config"]["cross_attention_dim"] == 32

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import replace
+from collections import deque
+from dataclasses import asdict, replace
 import inspect
 import math
 import platform
@@ -29,8 +30,10 @@ import torch
 from einops import rearrange
 
 from . import __version__
+from .capture import AGGREGATES, call_filter, check_tokens, resolve_tokens
 from .errors import ProbeError
-from .processors import ProbeProcessor, attention_probs, wrap_processor
+from .processors import CaptureState, ProbeProcessor, wrap_processor
+from .shards import ShardWriter
 from .sites import SiteSelector, _record_order, denoiser_of, list_sites, select_sites
 from .store import AttentionStore, Call, Sample
 from .tokens import TokenLayout, decode_ids, token_layout, unlabelled_layout
@@ -39,6 +42,8 @@ __all__ = ["probe"]
 
 PASSES = ("cond", "uncond", "all")
 HEADS = ("keep", "mean")
+#: device → host copies in flight (denoiser calls) before the probe waits for the oldest
+IN_FLIGHT = 2
 
 
 def _as_list(value) -> list[str] | None:
@@ -54,7 +59,8 @@ def _as_list(value) -> list[str] | None:
 class _Recorder:
     """The state of one probe: installed wrappers and hooks, the call counter, the batch layout."""
 
-    def __init__(self, pipe, denoiser, sites, passes, heads, dtype, device, prompts, all_sites=()):
+    def __init__(self, pipe, denoiser, sites, passes, heads, dtype, device, prompts, all_sites=(),
+                 calls=None, tokens=None, aggregate=None, stream_to=None):
         self.pipe = pipe if pipe is not denoiser else None
         self.denoiser = denoiser
         self.sites = sites
@@ -65,6 +71,18 @@ class _Recorder:
         self.caller_prompts = _as_list(prompts)
         self.modules = {s.name: denoiser.get_submodule(s.name) for s in sites}
         self.all_sites = [s.name for s in all_sites] or list(self.modules)
+        self.known = {s.name: s.order for s in all_sites}
+        self.known_order = bool(self.known) and None not in self.known.values()  # seen by an earlier probe
+        self.state = CaptureState(heads=heads)
+        self.calls_spec, self.keep_call = calls, call_filter(calls)
+        self.tokens_spec = check_tokens(tokens)
+        self.aggregate = aggregate
+        self.writer = ShardWriter(stream_to) if stream_to is not None else None
+        self.current: dict[str, torch.Tensor] = {}  # the maps of the denoiser call in progress
+        self.current_call: Call | None = None
+        self.pending: deque = deque()  # (event, call, maps) whose device → host copies are in flight
+        self.sums: dict[str, torch.Tensor] = {}  # aggregate="sum"/"mean": running fp32 sums per site
+        self.summed: list[Call] = []
         self.order_handles = []
         self.originals: dict[str, object] = {}
         self.wrappers: dict[str, ProbeProcessor] = {}
@@ -74,16 +92,14 @@ class _Recorder:
         self.calls_in_generation = 0
         self.encoded: list[torch.Tensor] = []
         self.given: dict | None = None
-        self.rows: torch.Tensor | None = None
         self.layout: tuple[str, ...] = ()
         self.last_timestep = float("inf")
         self.latent_hw: tuple[int, int] = (0, 0)
-        self.seen: list[str] = []
         self.order: list[str] = []
         self.grids: dict[tuple[str, int, int, int], tuple[int, int]] = {}
         self.sample_key = None
         self.prompt_texts: dict[str, list[str] | None] = {}
-        self.store = AttentionStore(sites, [], [], [], {}, self._meta())
+        self.store = AttentionStore(sites, [], [], [], {}, self._meta(), folder=stream_to)
         self.encoder, self.tokenizer = self._primary_text_encoder()
 
     # -------------------------------------------------------------- install / remove
@@ -100,16 +116,18 @@ class _Recorder:
         try:
             for name, attn in self.modules.items():
                 original = attn.processor
-                wrapper = wrap_processor(original, name, self._on_probs, attn)
+                wrapper = wrap_processor(original, name, None, attn, self.state)
                 self.originals[name] = original
                 self.wrappers[name] = wrapper
                 attn.set_processor(wrapper)
             self.handles.append(self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True))
             # execution order of every cross-attention site (not only the probed ones), during the first call
-            for name in self.all_sites:
+            # (once per denoiser: hooks added and removed change what a compiled denoiser guards on)
+            for name in self.all_sites if not self.known_order else ():
                 hook = functools.partial(self._on_site_order, name)
                 self.order_handles.append(self.denoiser.get_submodule(name).register_forward_pre_hook(hook))
-            self.order_handles.append(self.denoiser.register_forward_hook(self._after_first_call))
+            if self.order_handles:
+                self.order_handles.append(self.denoiser.register_forward_hook(self._after_first_call))
             if self.encoder is not None:
                 self.handles.append(self.encoder.register_forward_pre_hook(self._on_encode, with_kwargs=True))
         except BaseException:
@@ -146,6 +164,7 @@ class _Recorder:
         self.wrappers.clear()
 
     # -------------------------------------------------------------- hooks
+    @torch.compiler.disable
     def _on_encode(self, module, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         given = self._call_arguments()
@@ -180,12 +199,51 @@ class _Recorder:
                     + (f"The store holds calls 0..{self.call} only." if self.call >= 0 else "The store holds no call.")
                 )
 
-    def _check_previous_call(self) -> None:
-        if self.call < 0:
-            return
-        missing = [n for n in self.modules if n not in self.seen]
+    def _close_call(self) -> None:
+        """The denoiser call in progress is over: check that every probed site ran, hand its maps on."""
+        self._collect()
+        call, maps = self.current_call, self.current
+        self.current_call, self.current = None, {}
+        if call is None:
+            return  # not kept (calls=...), or no call yet
+        missing = [n for n in self.modules if n not in maps]
         if missing:
-            raise self._missing_sites(self.call, missing)
+            raise self._missing_sites(call.index, missing)
+        if self.aggregate:
+            for site, m in maps.items():  # fp32, on the device the maps were computed on
+                self.sums[site] = m if site not in self.sums else self.sums[site].add_(m)
+            self.summed.append(call)
+            return
+        if self.device.type == "cpu" and any(m.is_cuda for m in maps.values()):
+            # copy into pinned host buffers without waiting; the maps reach the store once the copy is done
+            host = {}
+            for site, m in maps.items():
+                host[site] = torch.empty(m.shape, dtype=m.dtype, pin_memory=True)
+                host[site].copy_(m, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((event, call, host))
+            self._drain(IN_FLIGHT)
+            return
+        self._keep(call, {site: m.to(self.device) for site, m in maps.items()})
+
+    def _drain(self, limit: int) -> None:
+        """Hand on the calls whose device → host copies are done; wait for the oldest while more than ``limit``
+        are in flight (never on a call whose copy is still running otherwise)."""
+        while self.pending and (len(self.pending) > limit or self.pending[0][0].query()):
+            event, call, host = self.pending.popleft()
+            event.synchronize()
+            # into pageable memory, so that the pinned buffers go back to torch's host allocator for reuse
+            self._keep(call, {site: torch.empty(m.shape, dtype=m.dtype).copy_(m) for site, m in host.items()})
+
+    def _keep(self, call: Call, maps: dict[str, torch.Tensor]) -> None:
+        store = self.store
+        if self.writer is not None:
+            store._shards.append(self.writer.write(asdict(call), maps))
+        else:
+            for site, m in maps.items():
+                store._append(site, m)
+        store.calls.append(call)
 
     def _missing_sites(self, call: int, missing: list[str]) -> ProbeError:
         return ProbeError(
@@ -193,9 +251,10 @@ class _Recorder:
             f"(e.g. {missing[:3]}): their processors were bypassed or replaced. The store keeps calls 0..{call - 1}."
         )
 
+    @torch.compiler.disable
     def _on_denoiser_call(self, module, args, kwargs):
         self._check_intact()
-        self._check_previous_call()
+        self._close_call()
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         states = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
@@ -222,9 +281,14 @@ class _Recorder:
         self.calls_in_generation += 1
         self.last_timestep = t
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-        self.rows = self.rows.to(sample.device)
-        self.store.calls.append(Call(index=self.call, timestep=t, generation=self.generation, layout=self.layout))
-        self.seen = []
+        state = self.state
+        for name in ("rows", "tokens"):  # on the device the maps are computed on (moved once, not per call)
+            value = getattr(state, name)
+            if isinstance(value, torch.Tensor) and value.device != sample.device:
+                setattr(state, name, value.to(sample.device))
+        state.keep = self.keep_call is None or bool(self.keep_call(self.calls_in_generation - 1, t))
+        if state.keep:
+            self.current_call = Call(index=self.call, timestep=t, generation=self.generation, layout=self.layout)
 
     def _starts_generation(self, batch: int, timestep: float, hw: tuple[int, int]) -> bool:
         """Whether this denoiser call starts a new pipeline call although no text encoder ran before it.
@@ -261,19 +325,19 @@ class _Recorder:
             self.grids[key] = grid
         return self.grids[key]
 
-    @torch.no_grad()
-    def _on_probs(self, site, attn, query, key, mask) -> None:
-        if self.call < 0:
-            return  # a site ran outside a denoiser call: nothing to key it by
-        if site in self.seen:
-            raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
-        self.seen.append(site)
-        probs = attention_probs(attn, query, key, mask, self.rows)  # [sample, head, query, token]
-        if self.heads == "mean":
-            probs = probs.mean(dim=1, keepdim=True)
-        qh, qw = self._grid(site, probs.shape[2])
-        probs = rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw)
-        self.store._append(site, probs.to(dtype=self.dtype).to(self.device))
+    def _collect(self) -> None:
+        """Take the maps the wrappers left in ``state.outbox`` (``[sample, head, query, token]``, fp32)."""
+        outbox = self.state.outbox
+        if self.current_call is None:
+            outbox.clear()  # sites that ran outside a kept denoiser call: nothing to key them by
+            return
+        for site, probs in outbox:
+            if site in self.current:
+                raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
+            qh, qw = self._grid(site, probs.shape[2])
+            probs = rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw)
+            self.current[site] = probs if self.aggregate else probs.to(self.dtype)  # sums stay fp32
+        outbox.clear()
 
     # -------------------------------------------------------------- batch layout
     def _guidance_on(self) -> bool:
@@ -416,7 +480,8 @@ class _Recorder:
                 "for each pipeline call with other prompts, batch sizes or image sizes."
             )
         self.layout = tuple(labels)
-        self.rows = torch.tensor(keep, dtype=torch.long)
+        contiguous = keep == list(range(keep[0], keep[-1] + 1))
+        self.state.rows = slice(keep[0], keep[-1] + 1) if contiguous else torch.tensor(keep, dtype=torch.long)
         if self.sample_key is None:
             self.sample_key = key
             self.store.samples[:] = samples
@@ -425,6 +490,12 @@ class _Recorder:
             self.store.meta["negative_prompts"] = neg_texts
             self.store.meta["num_images_per_prompt"] = per_prompt
             self.store.meta["guidance"] = cfg
+            if self.tokens_spec is not None:
+                positions = resolve_tokens(self.tokens_spec, sample_layouts, n_keys)
+                self.store.token_positions = positions
+                self.state.tokens = torch.tensor(positions, dtype=torch.long)
+            if self.writer is not None:  # readable from the first shard on, also if the run dies
+                self.writer.write_header(_json_safe({**self.store._header(), "meta": {**self.store.meta, "complete": False}}))
 
     # -------------------------------------------------------------- metadata
     def _meta(self) -> dict:
@@ -448,25 +519,44 @@ class _Recorder:
                 "heads": self.heads,
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "sites": [s.name for s in self.sites],
+                "calls": None if self.calls_spec is None else repr(self.calls_spec),
+                "tokens": None if self.tokens_spec is None else list(self.tokens_spec),
+                "aggregate": self.aggregate,
+                "stream_to": None if self.writer is None else str(self.writer.folder),
             },
         }
 
     def finish(self, complete: bool) -> None:
         """Close the store: keep whole calls only, set execution order and metadata; when the block ended
         normally (``complete``), raise if the last call lacks a site or no call was seen."""
-        store = self.store
-        counts = [len(store._chunks[n]) + (store._maps[n].shape[0] if n in store._maps else 0) for n in self.modules]
-        whole = min(counts + [len(store.calls)])
-        partial = whole < len(store.calls)
-        for name, count in zip(self.modules, counts):  # drop the maps of a call that did not finish
-            extra = count - whole
-            if extra > 0:
-                del store._chunks[name][len(store._chunks[name]) - extra:]
-        del store.calls[whole:]
-        store.meta["complete"] = complete and not partial
+        store, error = self.store, None
+        self._collect()
+        if self.current_call is not None:
+            missing = [n for n in self.modules if n not in self.current]
+            if not missing:
+                self._close_call()
+            else:  # the call in progress did not finish: drop it
+                if complete:
+                    error = self._missing_sites(self.current_call.index, missing)
+                self.current_call, self.current = None, {}
+        self._drain(0)
+        if self.aggregate:
+            n = max(len(self.summed), 1)
+            maps = {site: (m / n if self.aggregate == "mean" else m).to(self.dtype).to(self.device).unsqueeze(0)
+                    for site, m in self.sums.items()}
+            store.calls[:] = self.summed
+            if self.writer is not None and maps:
+                store._shards.append(self.writer.write(
+                    {"index": -1, "timestep": float("nan"), "generation": -1, "layout": list(self.layout)},
+                    {site: m[0] for site, m in maps.items()}))
+            elif maps:
+                store._maps.update(maps)
+            self.sums.clear()
+        store.meta["complete"] = complete and error is None
         if self.order:
             _record_order(self.denoiser, self.order)
-        rank = {n: i for i, n in enumerate(self.order)}
+        order = self.order or (sorted(self.known, key=self.known.get) if self.known_order else [])
+        rank = {n: i for i, n in enumerate(order)}
         store.sites = sorted(
             (replace(s, order=rank.get(s.name)) for s in store.sites), key=lambda s: rank.get(s.name, len(rank))
         )
@@ -481,10 +571,20 @@ class _Recorder:
         scale = int(getattr(pipe, "vae_scale_factor", 1) or 1) if pipe is not None else 1
         meta["latent_size"] = [h, w]
         meta["image_size"] = [h * scale, w * scale]
-        store._consolidate()
-        if complete and partial:
-            raise self._missing_sites(whole, [n for n, c in zip(self.modules, counts) if c == whole])
+        store.meta = _json_safe(meta)
+        if self.writer is not None:
+            self.writer.write_header(store._header())
+        else:
+            store._consolidate()
+        if error is not None:
+            raise error
         if complete and not store.calls:
+            if self.call >= 0:
+                raise ProbeError(
+                    f"calls={self.calls_spec!r} kept none of the {self.calls_in_generation} denoiser calls of the "
+                    f"pipeline call (indices 0..{self.calls_in_generation - 1}, timesteps counting down from "
+                    f"{meta['timesteps'][0] if meta.get('timesteps') else '?'})"
+                )
             raise ProbeError(
                 "the probe saw no denoiser call: call the pipeline inside the `with attnprobe.probe(pipe) as store:` block"
             )
@@ -509,6 +609,10 @@ def probe(
     dtype: torch.dtype = torch.float16,
     device="cpu",
     prompts: Sequence[str] | None = None,
+    calls=None,
+    tokens=None,
+    aggregate: str | None = None,
+    stream_to=None,
 ) -> Iterator[AttentionStore]:
     """Record the cross-attention probabilities of every denoiser call while the pipeline runs as usual.
 
@@ -526,6 +630,20 @@ def probe(
         device: where the maps are kept. Default: ``"cpu"``.
         prompts: texts that label the conditional samples when the pipeline is called with ``prompt_embeds``
             (no text-encoder call to observe). Default: ``None``.
+        calls: which denoiser calls to record, counted from 0 in each pipeline call: an int, a list or ``range``
+            of ints, a ``slice``, or a predicate ``(index, timestep) -> bool`` (``lambda i, t: t > 500``). The
+            others run untouched, at no cost. ``Call.index`` keeps the true call count. Default: ``None`` (all).
+        tokens: which text-token positions to keep: a concept (``"dog"``), a list of concepts (every position of
+            every occurrence in any sample of the call), or a list of prompt positions. The ``token`` axis then
+            holds ``store.token_positions`` only, and values hold their share of the full softmax (they do not sum
+            to 1); ``store.tokens`` and ``token_indices`` follow. Default: ``None`` (all).
+        aggregate: ``"sum"`` or ``"mean"``: keep one running fp32 aggregate over the recorded calls instead of a
+            map per call (for heat maps; memory of one call). The ``call`` axis then has length 1;
+            ``store.calls`` lists the calls it holds. Default: ``None`` (a map per call).
+        stream_to: a new or empty folder: every recorded call is written there as it finishes (one safetensors
+            shard per call, token-major; see ``attnprobe.shards``) and freed, so memory stays flat over long
+            runs. The yielded store reads its maps from that folder; ``AttentionStore.load(folder)`` reopens it,
+            also after a crash (every finished call is kept). Default: ``None`` (in memory).
 
     Yields:
         An ``AttentionStore``, filled while the block runs: ``store[site]`` is
@@ -533,7 +651,9 @@ def probe(
 
     Raises:
         ProbeError: bad options; a processor was replaced during the run (attention slicing, fused QKV,
-            xformers…); a site did not run; ``passes="uncond"`` with no unconditional pass; no denoiser call.
+            xformers…); a site did not run; ``passes="uncond"`` with no unconditional pass; no denoiser call
+            (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
+            ``stream_to`` is a file or a folder that is not empty.
         NoSitesError, UnknownSiteError: see ``list_sites`` / ``select_sites``.
 
     Examples:
@@ -559,9 +679,14 @@ def probe(
         raise ProbeError(f"device={device!r}, but this torch sees no CUDA device: keep the maps on 'cpu'")
     if prompts is not None and _as_list(prompts) is None:
         raise ProbeError(f"prompts must be a string or a list of strings; got {type(prompts).__name__}")
+    if aggregate not in (None, *AGGREGATES):
+        raise ProbeError(f"aggregate={aggregate!r} is not one of None, {', '.join(map(repr, AGGREGATES))}")
+    call_filter(calls), check_tokens(tokens)  # bad selections fail here, before the pipeline runs
     denoiser = denoiser_of(pipe)
     every = list_sites(denoiser)
-    recorder = _Recorder(pipe, denoiser, select_sites(every, sites), passes, heads, dtype, device, prompts, every)
+    chosen = select_sites(every, sites)
+    recorder = _Recorder(pipe, denoiser, chosen, passes, heads, dtype, device, prompts, every, calls, tokens,
+                         aggregate, stream_to)
     if prompts is not None and recorder.tokenizer is None:
         raise ProbeError(
             f"prompts= needs a tokenizer to label positions, and {type(pipe).__name__} has none: pass the pipeline "

@@ -12,6 +12,7 @@ projections), captured by forward hooks while the processor runs, then ``attn.no
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -19,11 +20,11 @@ from einops import rearrange
 
 from .errors import ProbeError
 
-__all__ = ["ProbeProcessor", "wrap_processor", "attention_probs"]
+__all__ = ["ProbeProcessor", "CaptureState", "wrap_processor", "attention_probs", "reduce_probs"]
 
 
 def attention_probs(
-    attn, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, rows: torch.Tensor | None
+    attn, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, rows=None
 ) -> torch.Tensor:
     """Cross-attention probabilities of one site call, computed in fp32.
 
@@ -32,13 +33,15 @@ def attention_probs(
         query: ``attn.to_q`` output, ``[batch, query, heads * head_dim]``.
         key: ``attn.to_k`` output, ``[batch, token, heads * head_dim]``.
         attention_mask: the mask the processor got (additive bias or boolean), or ``None``.
-        rows: batch rows to keep (the captured passes), or ``None`` for all.
+        rows: batch rows to keep (the captured passes): a ``slice``, a long tensor of indices, or ``None`` for all.
 
     Returns:
         ``[sample, head, query, token]`` float32 probabilities; each row sums to 1 over ``token``.
     """
     batch, n_keys, heads = query.shape[0], key.shape[1], attn.heads
-    if rows is not None:
+    if isinstance(rows, slice):  # a view: no copy of q and k
+        query, key = query[rows], key[rows]
+    elif rows is not None:
         query, key = query.index_select(0, rows), key.index_select(0, rows)
     query = rearrange(query, "sample query (head d) -> sample head query d", head=heads)
     key = rearrange(key, "sample token (head d) -> sample head token d", head=heads)
@@ -46,11 +49,14 @@ def attention_probs(
         query = attn.norm_q(query)
     if getattr(attn, "norm_k", None) is not None:
         key = attn.norm_k(key)
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+    # the scale goes on q ([query, d]) rather than on the logits ([query, token]): fewer multiplications
+    logits = torch.matmul(query.float() * attn.scale, key.float().transpose(-1, -2))
     if attention_mask is not None:
         mask = attn.prepare_attention_mask(attention_mask, n_keys, batch)
         mask = mask.reshape(batch, heads, -1, mask.shape[-1])
-        if rows is not None:
+        if isinstance(rows, slice):
+            mask = mask[rows]
+        elif rows is not None:
             mask = mask.index_select(0, rows)
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, float("-inf"))
@@ -59,16 +65,58 @@ def attention_probs(
     return logits.softmax(dim=-1)
 
 
+def reduce_probs(probs: torch.Tensor, heads: str, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The capture-time reductions of ``probe``: keep token positions, then average heads.
+
+    ``probs``: ``[sample, head, query, token]`` → ``[sample, head or 1, query, kept token]``. Selected tokens no
+    longer sum to 1 (they hold their share of the full softmax).
+    """
+    if tokens is not None:
+        probs = probs.index_select(-1, tokens)
+    if heads == "mean":
+        probs = probs.mean(dim=1, keepdim=True)
+    return probs
+
+
+@dataclass
+class CaptureState:
+    """What every wrapper of one probe reads at each site call; the probe updates it once per denoiser call.
+
+    Only bools, constant strings, tensors and slices that change when the batch layout changes:
+    ``torch.compile`` guards on these values, so nothing here may take a new value at every call.
+
+    Attributes:
+        keep: record this denoiser call (``probe(calls=...)``); ``False`` before the first denoiser call.
+        rows: batch rows of the captured passes (a ``slice`` when contiguous, else a long tensor), or ``None``.
+        heads: ``"keep"`` or ``"mean"``.
+        tokens: token positions to keep (long tensor) or ``None`` for all.
+        outbox: ``(site, probs)`` of the call in progress, appended by the wrappers and emptied by the probe at
+            the end of each denoiser call (a list append traces without a graph break; a call back into the
+            probe's Python state would break the graph at every site).
+    """
+
+    keep: bool = False
+    rows: Any = None
+    heads: str = "keep"
+    tokens: torch.Tensor | None = None
+    outbox: list = field(default_factory=list)
+
+
 class ProbeProcessor:
     """Wraps one site's processor: the original computes the output, the wrapper records the probabilities.
 
-    Built by ``wrap_processor``; ``inner`` is the wrapped processor, restored by the probe on exit.
+    Built by ``wrap_processor``; ``inner`` is the wrapped processor, restored by the probe on exit. The
+    probabilities (``attention_probs``, then ``reduce_probs``) are computed inside the denoiser's forward, so a
+    compiled denoiser traces them, and go to ``state.outbox``; without a ``state``, ``on_probs(site, probs)``
+    gets them at once.
     """
 
-    def __init__(self, inner: Any, site: str, on_probs: Callable, attn) -> None:
+    def __init__(self, inner: Any, site: str, on_probs: Callable, attn, state: CaptureState | None = None) -> None:
         self.inner = inner
         self.site = site
         self._on_probs = on_probs
+        self._direct = state is None
+        self.state = state if state is not None else CaptureState(keep=True)
         self._armed = False
         self._removed = False
         self._query: torch.Tensor | None = None
@@ -101,7 +149,8 @@ class ProbeProcessor:
         self._removed = True
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
-        if self._removed:
+        state = self.state
+        if self._removed or not state.keep:
             return self.inner(attn, hidden_states, *args, **kwargs)
         self._query = self._key = None
         self._armed = True
@@ -118,25 +167,42 @@ class ProbeProcessor:
                 f"{'query' if query is None else 'key'}. Processors that compute q/k another way are not supported."
             )
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        self._on_probs(self.site, attn, query, key, mask)
+        with torch.no_grad():
+            probs = reduce_probs(attention_probs(attn, query, key, mask, state.rows), state.heads, state.tokens)
+        if self._direct:
+            self._on_probs(self.site, probs)
+        else:
+            state.outbox.append((self.site, probs))
         return output
 
     def __repr__(self) -> str:
         return f"ProbeProcessor(site={self.site!r}, inner={self.inner!r})"
 
 
-def wrap_processor(inner: Any, site: str, on_probs: Callable, attn) -> ProbeProcessor:
+def wrap_processor(inner: Any, site: str, on_probs: Callable, attn, state: CaptureState | None = None) -> ProbeProcessor:
     """A ``ProbeProcessor`` whose ``__call__`` shows ``inner``'s signature.
 
     ``Attention.forward`` drops every ``cross_attention_kwargs`` entry that its processor's ``__call__`` does
     not name (e.g. IP-Adapter's ``ip_adapter_masks``), so the wrapper must name exactly what ``inner`` names.
     """
+    return _wrapper_class(inner)(inner, site, on_probs, attn, state)
+
+
+_CLASSES: dict = {}
+
+
+def _wrapper_class(inner: Any) -> type:
+    """One wrapper class per signature of the wrapped processors (cached), so that every site of a model, and
+    every probe opened on it, has the same processor type: ``torch.compile`` guards on the processor's type and
+    would recompile ``Attention.forward`` for each new class."""
     sig = inspect.signature(inner.__call__ if not inspect.isfunction(inner) else inner)
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()]
+    key = (type(inner).__name__, tuple((p.name, p.kind, repr(p.default)) for p in sig.parameters.values()))
+    if key not in _CLASSES:
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()]
 
-    def __call__(self, *args, **kwargs):
-        return ProbeProcessor.__call__(self, *args, **kwargs)
+        def __call__(self, *args, **kwargs):
+            return ProbeProcessor.__call__(self, *args, **kwargs)
 
-    __call__.__signature__ = inspect.Signature(params)
-    cls = type(f"Probe{type(inner).__name__}", (ProbeProcessor,), {"__call__": __call__})
-    return cls(inner, site, on_probs, attn)
+        __call__.__signature__ = inspect.Signature(params)
+        _CLASSES[key] = type(f"Probe{type(inner).__name__}", (ProbeProcessor,), {"__call__": __call__})
+    return _CLASSES[key]

@@ -55,21 +55,28 @@ class Site:
 
 
 def denoiser_of(pipe_or_denoiser) -> torch.nn.Module:
-    """The denoiser of a pipeline (``pipe.unet`` or ``pipe.transformer``), or the module itself.
+    """The denoiser of a pipeline (``pipe.unet`` or ``pipe.transformer``), or the module itself; the module
+    inside ``torch.compile``'s wrapper when compiled that way.
 
     Raises:
         NoSitesError: the object is neither a pipeline with a denoiser nor a ``torch.nn.Module``.
     """
     if isinstance(pipe_or_denoiser, torch.nn.Module):
-        return pipe_or_denoiser
+        return _uncompiled(pipe_or_denoiser)
     for attr in ("unet", "transformer", "prior"):
         module = getattr(pipe_or_denoiser, attr, None)
         if isinstance(module, torch.nn.Module):
-            return module
+            return _uncompiled(module)
     raise NoSitesError(
         f"{type(pipe_or_denoiser).__name__} is neither a torch.nn.Module nor a pipeline with a denoiser "
         "(looked for .unet, .transformer, .prior): pass a diffusers pipeline or its denoiser."
     )
+
+
+def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``torch.compile(module)``'s wrapper (its hooks and processors run in the compiled
+    forward; site names stay those of ``print(module)``)."""
+    return getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
 
 
 def _group_and_block(name: str) -> tuple[str, str]:

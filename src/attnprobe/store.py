@@ -11,22 +11,32 @@ sample ``s``, the probability that image position ``(qh, qw)`` of head ``h`` att
 Values sum to 1 over ``token``. ``head`` has length 1 when heads were averaged (``heads="mean"``). Sites whose
 query count does not factor into the latent grid (token merging) are kept flat: ``qh = 1``, ``qw = query``,
 listed in ``store.flat_sites``.
+
+Capture-time reductions change two axes, and say so: with ``probe(tokens=...)`` the ``token`` axis holds only
+the kept positions (``store.token_positions``; their values are their share of the full softmax, so they no
+longer sum to 1); with ``probe(aggregate="mean")`` the ``call`` axis has length 1 and holds the mean over
+``store.calls`` (``store.aggregate``). A store streamed to a folder (``probe(stream_to=...)``) reads its maps
+from disk on each access (``store.maps`` reads only what it is asked for).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import StoreError, UnknownSiteError
+from . import shards
+from .errors import ConceptError, StoreError, UnknownSiteError
 from .sites import Site
 from .tokens import TokenLayout, find_concept
 
 __all__ = ["AttentionStore", "Call", "Sample", "FORMAT_VERSION"]
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 FORMAT_VERSION = 1
 _META_KEY = "attnprobe"
@@ -78,15 +88,29 @@ class AttentionStore:
     denoiser class, versions, scheduler, timesteps, prompts, image size, capture options), ``flat_sites``.
     """
 
-    def __init__(self, sites, calls, samples, layouts, maps, meta, flat_sites=()):
+    def __init__(self, sites, calls, samples, layouts, maps, meta, flat_sites=(), token_positions=None, folder=None):
         self.sites: list[Site] = list(sites)
         self.calls: list[Call] = list(calls)
         self.samples: list[Sample] = list(samples)
         self.meta: dict = dict(meta)
         self.flat_sites: set[str] = set(flat_sites)
+        #: the prompt positions on the ``token`` axis (``probe(tokens=...)``), or ``None`` for all positions
+        self.token_positions: list[int] | None = list(token_positions) if token_positions is not None else None
         self._layouts: list[TokenLayout] = list(layouts)
         self._chunks: dict[str, list[torch.Tensor]] = {s.name: [] for s in self.sites}
         self._maps: dict[str, torch.Tensor] = dict(maps)
+        self._folder: Path | None = Path(folder) if folder is not None else None
+        self._shards: list[Path] = []  # a streamed store's finished shards, one per entry of self.calls
+
+    @property
+    def aggregate(self) -> str | None:
+        """``"sum"`` or ``"mean"`` when the call axis holds one aggregate over ``calls`` (``probe(aggregate=)``)."""
+        return (self.meta.get("capture") or {}).get("aggregate")
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder a streamed store lives in (``probe(stream_to=...)``), else ``None``."""
+        return self._folder
 
     # ------------------------------------------------------------------ access
     @property
@@ -108,6 +132,8 @@ class AttentionStore:
             UnknownSiteError (a KeyError): the site is not in the store (the message lists the sites).
         """
         name = self._site_name(site)
+        if self._folder is not None:
+            return shards.read_site(self._shards, name)
         chunks = self._chunks.get(name)
         if chunks:
             prior = [self._maps[name]] if name in self._maps else []
@@ -116,6 +142,54 @@ class AttentionStore:
         if name not in self._maps:
             return torch.empty(0)
         return self._maps[name]
+
+    def maps(self, site, calls=None, samples=None, tokens=None) -> torch.Tensor:
+        """A slice of one site's maps: ``[call, sample, head, qh, qw, token]`` for the chosen entries.
+
+        Reads only what it returns from a streamed store (token rows of each chosen call's shard).
+
+        Args:
+            site: a site name or ``Site``.
+            calls: positions on the ``call`` axis (a list of ints). Default: all.
+            samples: positions on the ``sample`` axis. Default: all.
+            tokens: positions on the ``token`` axis (e.g. from ``token_indices``). Default: all.
+
+        Raises:
+            UnknownSiteError: no such site. IndexError: a position out of range (says the axis length).
+
+        Examples:
+            >>> from attnprobe.testing import synthetic_store
+            >>> store = synthetic_store(calls=4)
+            >>> tuple(store.maps(store.sites[0], calls=[0, 3], tokens=[2]).shape)
+            (2, 1, 2, 2, 2, 1)
+        """
+        name = self._site_name(site)
+        n_calls = len(self._shards) if self._folder is not None else (self[name].shape[0] if self[name].numel() else 0)
+        for axis, chosen, length in (("call", calls, n_calls), ("sample", samples, len(self.samples)),
+                                     ("token", tokens, self.n_tokens)):
+            if chosen is not None and any(not -length <= int(i) < length for i in chosen):
+                raise IndexError(f"{axis} positions {list(chosen)} are out of range: the {axis} axis has {length} entries")
+        calls = None if calls is None else [int(i) % n_calls for i in calls]
+        samples = None if samples is None else [int(i) % len(self.samples) for i in samples]
+        tokens = None if tokens is None else [int(i) % self.n_tokens for i in tokens]
+        if self._folder is not None:
+            paths = self._shards if calls is None else [self._shards[i] for i in calls]
+            return shards.read_site(paths, name, samples, tokens)
+        out = self[name]
+        if calls is not None:
+            out = out[calls]
+        if samples is not None:
+            out = out[:, samples]
+        if tokens is not None:
+            out = out[..., tokens]
+        return out
+
+    @property
+    def n_tokens(self) -> int:
+        """Length of the ``token`` axis."""
+        if self.token_positions is not None:
+            return len(self.token_positions)
+        return len(self._layouts[0].strings) if self._layouts else 0
 
     def __contains__(self, site) -> bool:
         name = site.name if isinstance(site, Site) else site
@@ -136,7 +210,13 @@ class AttentionStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the maps (kept values × dtype size)."""
+        """Bytes of the maps (kept values × dtype size); for a streamed store, the bytes of its shards' maps."""
+        if self._folder is not None:
+            total = 0
+            for path in self._shards:
+                _, shapes, dtypes = shards.read_shard_call(path)
+                total += sum(math.prod(shape) * _DTYPE_BYTES.get(dtypes[n], 4) for n, shape in shapes.items())
+            return total
         total = sum(t.numel() * t.element_size() for t in self._maps.values())
         total += sum(t.numel() * t.element_size() for ch in self._chunks.values() for t in ch)
         return total
@@ -154,16 +234,20 @@ class AttentionStore:
         """The token layout of a sample (strings, kinds, ids, text, offsets)."""
         return self._layouts[self._sample_index(sample)]
 
+    def _kept(self, values: list) -> list:
+        return list(values) if self.token_positions is None else [values[p] for p in self.token_positions]
+
     def tokens(self, sample) -> list[str]:
-        """Every key position's string for a sample: ``<|startoftext|>``, words, ``<|endoftext|>``, padding.
+        """The string of every position on the ``token`` axis for a sample: ``<|startoftext|>``, words,
+        ``<|endoftext|>``, padding (only the kept positions after ``probe(tokens=...)``).
 
         Positions whose text is unknown (``prompt_embeds`` passed) are ``""``. Length = the ``token`` axis.
         """
-        return list(self.layout(sample).strings)
+        return self._kept(self.layout(sample).strings)
 
     def token_kinds(self, sample) -> list[str]:
-        """Per position ``"start"``, ``"word"``, ``"end"``, ``"pad"`` or ``"unknown"``."""
-        return list(self.layout(sample).kinds)
+        """Per position on the ``token`` axis ``"start"``, ``"word"``, ``"end"``, ``"pad"`` or ``"unknown"``."""
+        return self._kept(self.layout(sample).kinds)
 
     def token_indices(self, sample, concept: str) -> list[list[int]]:
         """Positions of every occurrence of ``concept`` in a sample's prompt: one list per occurrence.
@@ -179,7 +263,24 @@ class AttentionStore:
         idx = self._sample_index(sample)
         s = self.samples[idx]
         where = f"sample {idx} ({s.pass_label} pass, prompt {s.prompt_index})"
-        return find_concept(self._layouts[idx], concept, where=where)
+        found = find_concept(self._layouts[idx], concept, where=where)
+        if self.token_positions is None:
+            return found
+        axis = {p: i for i, p in enumerate(self.token_positions)}
+        kept = [[axis[p] for p in occ] for occ in found if all(p in axis for p in occ)]
+        if not kept:
+            raise ConceptError(
+                f"{concept!r} is at prompt positions {found} of {where}, but this store kept only positions "
+                f"{self.token_positions} (probe(tokens=...)): capture with tokens={concept!r} or tokens=None"
+            )
+        return kept
+
+    def _call_coords(self) -> tuple[list, list, list]:
+        """Per entry of the ``call`` axis: call index, timestep, generation (one entry ``-1, nan, -1`` for an
+        aggregate over calls)."""
+        if self.aggregate:
+            return [-1], [float("nan")], [-1]
+        return [c.index for c in self.calls], [c.timestep for c in self.calls], [c.generation for c in self.calls]
 
     # ------------------------------------------------------------------ export
     def to_xarray(self, site=None):
@@ -202,19 +303,20 @@ class AttentionStore:
 
         name = self._site_name(site if site is not None else self.sites[0])
         maps = self[name]
+        index, timestep, generation = self._call_coords()
         return xr.DataArray(
             maps.float().numpy(),
             dims=("call", "sample", "head", "qh", "qw", "token"),
             coords={
-                "call": [c.index for c in self.calls],
-                "timestep": ("call", [c.timestep for c in self.calls]),
-                "generation": ("call", [c.generation for c in self.calls]),
+                "call": index,
+                "timestep": ("call", timestep),
+                "generation": ("call", generation),
                 "sample": [s.index for s in self.samples],
                 "pass_label": ("sample", [s.pass_label for s in self.samples]),
                 "prompt_index": ("sample", [s.prompt_index for s in self.samples]),
                 "image_index": ("sample", [s.image_index for s in self.samples]),
                 "text": ("sample", [s.text or "" for s in self.samples]),
-                "token": list(range(maps.shape[-1])),
+                "token": self.token_positions if self.token_positions is not None else list(range(maps.shape[-1])),
                 "token_string": (("sample", "token"), [self.tokens(s.index) for s in self.samples]),
             },
             name=name,
@@ -226,7 +328,7 @@ class AttentionStore:
         attention mass there (averaged over heads and image positions; sums to 1 over a sample's tokens).
 
         Columns: ``call timestep generation sample pass_label prompt_index image_index site token token_string
-        mass``. Needs ``pandas``.
+        mass`` (``token``: the position in the prompt). Needs ``pandas``.
 
         Examples:
             >>> from attnprobe.testing import synthetic_store
@@ -245,13 +347,16 @@ class AttentionStore:
             frames.append(pd.DataFrame({"call": call.ravel(), "sample": sample.ravel(), "site": site,
                                         "token": token.ravel(), "mass": mass.ravel()}))
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["call", "sample", "site", "token", "mass"])
-        calls = pd.DataFrame([{"call": c.index, "timestep": c.timestep, "generation": c.generation} for c in self.calls])
+        index, timestep, generation = self._call_coords()
+        calls = pd.DataFrame({"call": index, "timestep": timestep, "generation": generation})
         samples = pd.DataFrame([{"sample": s.index, "pass_label": s.pass_label, "prompt_index": s.prompt_index,
                                  "image_index": s.image_index} for s in self.samples])
         strings = pd.DataFrame([{"sample": s.index, "token": t, "token_string": text}
                                 for s in self.samples for t, text in enumerate(self.tokens(s.index))])
-        df["call"] = df["call"].map(dict(enumerate(c.index for c in self.calls)))
+        df["call"] = df["call"].map(dict(enumerate(index)))
         df = df.merge(calls, on="call").merge(samples, on="sample").merge(strings, on=["sample", "token"])
+        if self.token_positions is not None:  # the prompt position, as in to_xarray's token coordinate
+            df["token"] = df["token"].map(dict(enumerate(self.token_positions)))
         return df[["call", "timestep", "generation", "sample", "pass_label", "prompt_index", "image_index", "site",
                    "token", "token_string", "mass"]]
 
@@ -271,6 +376,7 @@ class AttentionStore:
             "samples": [asdict(s) for s in self.samples],
             "layouts": [lay.to_dict() for lay in self._layouts],
             "flat_sites": sorted(self.flat_sites),
+            "token_positions": self.token_positions,
             "meta": self.meta,
         }
 
@@ -298,16 +404,19 @@ class AttentionStore:
 
     @classmethod
     def load(cls, path) -> "AttentionStore":
-        """Read a store written by ``save``.
+        """Read a store: a file written by ``save`` (maps loaded into memory), or a folder written by
+        ``probe(stream_to=...)`` (maps stay on disk and are read on access; see ``maps``).
 
         Raises:
-            StoreError: no such file, or the file is corrupt, truncated or not an attnprobe store.
+            StoreError: no such file or folder, or it is corrupt, truncated or not an attnprobe store.
         """
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            return cls._open_folder(path)
         if not path.is_file():
-            raise StoreError(f"no store file at {str(path)!r}")
+            raise StoreError(f"no store file or folder at {str(path)!r}")
         try:
             with safe_open(str(path), framework="pt") as f:
                 header_text = (f.metadata() or {}).get(_META_KEY)
@@ -319,6 +428,23 @@ class AttentionStore:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt/truncated files
             raise StoreError(f"{str(path)!r} is not a readable attnprobe store (corrupt or truncated?): {exc}") from exc
+        store = cls._from_header(path, header, maps)
+        n_calls = 1 if store.aggregate else len(store.calls)
+        missing = [s.name for s in store.sites if s.name not in maps]
+        if missing:
+            raise StoreError(f"{str(path)!r} lacks the maps of sites {missing[:5]} (truncated or edited?)")
+        for name, t in maps.items():
+            if not store.calls and t.numel() == 0:
+                continue  # a probe whose block raised before any denoiser call
+            if t.ndim != 6 or t.shape[0] != n_calls or t.shape[1] != len(store.samples):
+                raise StoreError(
+                    f"{str(path)!r}: site {name} has shape {tuple(t.shape)}, expected "
+                    f"[{n_calls} calls, {len(store.samples)} samples, head, qh, qw, token]"
+                )
+        return store
+
+    @classmethod
+    def _from_header(cls, path: Path, header, maps: dict, folder: Path | None = None) -> "AttentionStore":
         if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
             found = header.get("format") if isinstance(header, dict) else type(header).__name__
             raise StoreError(f"{str(path)!r} has store format {found!r}; this attnprobe reads {FORMAT_VERSION}")
@@ -328,19 +454,34 @@ class AttentionStore:
             samples = [Sample(**s) for s in header["samples"]]
             layouts = [TokenLayout.from_dict(d) for d in header["layouts"]]
             meta, flat = dict(header["meta"]), list(header.get("flat_sites", ()))
+            positions = header.get("token_positions")
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise StoreError(f"{str(path)!r} has a malformed header ({type(exc).__name__}: {exc}); edited by hand?") from None
         if len(layouts) != len(samples):
             raise StoreError(f"{str(path)!r} has {len(layouts)} token layouts for {len(samples)} samples")
-        missing = [s.name for s in sites if s.name not in maps]
-        if missing:
-            raise StoreError(f"{str(path)!r} lacks the maps of sites {missing[:5]} (truncated or edited?)")
-        for name, t in maps.items():
-            if not calls and t.numel() == 0:
-                continue  # a probe whose block raised before any denoiser call
-            if t.ndim != 6 or t.shape[0] != len(calls) or t.shape[1] != len(samples):
-                raise StoreError(
-                    f"{str(path)!r}: site {name} has shape {tuple(t.shape)}, expected "
-                    f"[{len(calls)} calls, {len(samples)} samples, head, qh, qw, token]"
-                )
-        return cls(sites, calls, samples, layouts, maps, meta, flat)
+        return cls(sites, calls, samples, layouts, maps, meta, flat, positions, folder)
+
+    @classmethod
+    def _open_folder(cls, folder: Path) -> "AttentionStore":
+        header_path = folder / shards.HEADER
+        try:
+            header = json.loads(header_path.read_text())
+        except FileNotFoundError:
+            raise StoreError(
+                f"{str(folder)!r} is a folder without {shards.HEADER}: not a streamed attnprobe store "
+                "(a file written by store.save() is opened by its file name)"
+            ) from None
+        except ValueError as exc:
+            raise StoreError(f"{str(header_path)!r} is not valid JSON (edited by hand?): {exc}") from None
+        store = cls._from_header(folder, header, {}, folder)
+        store.calls, store._shards = [], []
+        for path in shards.shard_paths(folder):  # the calls that finished, also after a crash
+            call, shapes, _ = shards.read_shard_call(path)
+            missing = [s.name for s in store.sites if s.name not in shapes]
+            if missing:
+                raise StoreError(f"{str(path)!r} lacks the maps of sites {missing[:5]} (edited by hand?)")
+            store.calls.append(Call(**{**call, "layout": tuple(call["layout"])}))
+            store._shards.append(path)
+        if store.aggregate and len(store._shards) == 1:
+            store.calls = [Call(**{**c, "layout": tuple(c["layout"])}) for c in header["calls"]]
+        return store
