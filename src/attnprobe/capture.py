@@ -11,12 +11,19 @@ pipeline runs.
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import asdict
 from typing import Callable, Sequence
+
+import torch
 
 from .errors import ConceptError, ProbeError
 from .tokens import TokenLayout, find_concept
 
-__all__ = ["call_filter", "check_tokens", "resolve_tokens", "AGGREGATES"]
+__all__ = ["call_filter", "check_tokens", "resolve_tokens", "CallSink", "AGGREGATES", "IN_FLIGHT"]
+
+#: device → host copies in flight (denoiser calls) before the probe waits for the oldest
+IN_FLIGHT = 2
 
 AGGREGATES = ("sum", "mean")
 CallFilter = Callable[[int, float], bool]
@@ -117,3 +124,71 @@ def resolve_tokens(spec: tuple, layouts: Sequence[TokenLayout], n_keys: int) -> 
         if not found:
             raise ConceptError(f"probe(tokens={concept!r}): the concept is in none of this call's prompts. {errors[0]}")
     return sorted(positions)
+
+
+class CallSink:
+    """Where each finished denoiser call's maps go: the store's memory, a streamed folder, or a running aggregate.
+
+    ``put(call, maps)`` takes ``site -> [sample, head, qh, qw, token]`` on the device they were computed on
+    (fp32 with an aggregate, else the store's dtype). Maps computed on a GPU for a CPU store are copied into
+    pinned host buffers without waiting (``non_blocking``), and reach the store once a CUDA event says the copy is
+    done: the probe never synchronises per site, and per call only when more than ``IN_FLIGHT`` calls are in
+    flight. ``close`` waits for the rest and writes the aggregate.
+    """
+
+    def __init__(self, store, device: torch.device, aggregate: str | None, writer=None) -> None:
+        self.store, self.device, self.aggregate, self.writer = store, device, aggregate, writer
+        self.pending: deque = deque()  # (event, call, host maps) whose device → host copies are in flight
+        self.sums: dict[str, torch.Tensor] = {}  # running fp32 sums per site, on the compute device
+        self.summed: list = []
+
+    def put(self, call, maps: dict[str, torch.Tensor]) -> None:
+        if self.aggregate:
+            for site, m in maps.items():
+                self.sums[site] = m if site not in self.sums else self.sums[site].add_(m)
+            self.summed.append(call)
+            return
+        if self.device.type == "cpu" and any(m.is_cuda for m in maps.values()):
+            host = {}
+            for site, m in maps.items():
+                host[site] = torch.empty(m.shape, dtype=m.dtype, pin_memory=True)
+                host[site].copy_(m, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((event, call, host))
+            self.drain(IN_FLIGHT)
+            return
+        self._keep(call, {site: m.to(self.device) for site, m in maps.items()})
+
+    def drain(self, limit: int) -> None:
+        """Hand on the calls whose copies are done; wait for the oldest while more than ``limit`` are in flight."""
+        while self.pending and (len(self.pending) > limit or self.pending[0][0].query()):
+            event, call, host = self.pending.popleft()
+            event.synchronize()
+            # into pageable memory, so that the pinned buffers go back to torch's host allocator for reuse
+            self._keep(call, {site: torch.empty(m.shape, dtype=m.dtype).copy_(m) for site, m in host.items()})
+
+    def _keep(self, call, maps: dict[str, torch.Tensor]) -> None:
+        store = self.store
+        if self.writer is not None:
+            store._shards.append(self.writer.write(asdict(call), maps))
+        else:
+            for site, m in maps.items():
+                store._append(site, m)
+        store.calls.append(call)
+
+    def close(self, dtype: torch.dtype, layout: tuple[str, ...]) -> None:
+        """Wait for the copies in flight; with an aggregate, put the sum (or mean) over the calls in the store."""
+        self.drain(0)
+        if not self.aggregate:
+            return
+        n = max(len(self.summed), 1)
+        maps = {site: (m / n if self.aggregate == "mean" else m).to(dtype).to(self.device)
+                for site, m in self.sums.items()}
+        self.store.calls[:] = self.summed
+        if self.writer is not None and maps:
+            record = {"index": -1, "timestep": float("nan"), "generation": -1, "layout": list(layout)}
+            self.store._shards.append(self.writer.write(record, maps))
+        else:
+            self.store._maps.update({site: m.unsqueeze(0) for site, m in maps.items()})
+        self.sums.clear()

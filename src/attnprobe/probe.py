@@ -8,19 +8,21 @@
     >>> len(store.calls), tuple(store[store.sites[0].name].shape)
     (2, (2, 1, 1, 8, 8, 77))
 
-How it works: each selected site's installed processor is wrapped (``processors.ProbeProcessor``); a
-pre-forward hook on the denoiser counts denoiser calls and reads the timestep and the latent size; a
-pre-forward hook on the (first) text encoder records the token ids each pipeline call encodes. Everything is
-removed in ``finally``, also when generation raises.
+How it works: each selected site's installed processor is wrapped (``processors.ProbeProcessor``), which
+computes the site's maps beside the processor and leaves them in a shared outbox; a pre-forward hook on the
+denoiser counts denoiser calls, reads the timestep and the latent size, and hands the previous call's maps to
+the store (``capture.CallSink``: memory, a streamed folder, or a running aggregate); a pre-forward hook on the
+(first) text encoder records the token ids each pipeline call encodes (``layout.BatchLayout`` labels the rows).
+The hooks run outside ``torch.compile``'s trace and the wrappers read only values that stay fixed between calls,
+so a compiled denoiser does not recompile after its first generation. Everything is removed in ``finally``,
+also when generation raises.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections import deque
-from dataclasses import asdict, replace
-import inspect
+from dataclasses import replace
 import math
 import platform
 import warnings
@@ -30,33 +32,21 @@ import torch
 from einops import rearrange
 
 from . import __version__
-from .capture import AGGREGATES, call_filter, check_tokens, resolve_tokens
+from .capture import AGGREGATES, CallSink, call_filter, check_tokens
 from .errors import ProbeError
 from .processors import CaptureState, ProbeProcessor, wrap_processor
 from .shards import ShardWriter
+from .layout import BatchLayout, _as_list
 from .sites import SiteSelector, _record_order, denoiser_of, list_sites, select_sites
-from .store import AttentionStore, Call, Sample
-from .tokens import TokenLayout, decode_ids, token_layout, unlabelled_layout
+from .store import AttentionStore, Call, _json_safe
 
 __all__ = ["probe"]
 
 PASSES = ("cond", "uncond", "all")
 HEADS = ("keep", "mean")
-#: device → host copies in flight (denoiser calls) before the probe waits for the oldest
-IN_FLIGHT = 2
 
 
-def _as_list(value) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    return None
-
-
-class _Recorder:
+class _Recorder(BatchLayout):
     """The state of one probe: installed wrappers and hooks, the call counter, the batch layout."""
 
     def __init__(self, pipe, denoiser, sites, passes, heads, dtype, device, prompts, all_sites=(),
@@ -80,9 +70,6 @@ class _Recorder:
         self.writer = ShardWriter(stream_to) if stream_to is not None else None
         self.current: dict[str, torch.Tensor] = {}  # the maps of the denoiser call in progress
         self.current_call: Call | None = None
-        self.pending: deque = deque()  # (event, call, maps) whose device → host copies are in flight
-        self.sums: dict[str, torch.Tensor] = {}  # aggregate="sum"/"mean": running fp32 sums per site
-        self.summed: list[Call] = []
         self.order_handles = []
         self.originals: dict[str, object] = {}
         self.wrappers: dict[str, ProbeProcessor] = {}
@@ -100,6 +87,7 @@ class _Recorder:
         self.sample_key = None
         self.prompt_texts: dict[str, list[str] | None] = {}
         self.store = AttentionStore(sites, [], [], [], {}, self._meta(), folder=stream_to)
+        self.sink = CallSink(self.store, self.device, aggregate, self.writer)
         self.encoder, self.tokenizer = self._primary_text_encoder()
 
     # -------------------------------------------------------------- install / remove
@@ -209,41 +197,7 @@ class _Recorder:
         missing = [n for n in self.modules if n not in maps]
         if missing:
             raise self._missing_sites(call.index, missing)
-        if self.aggregate:
-            for site, m in maps.items():  # fp32, on the device the maps were computed on
-                self.sums[site] = m if site not in self.sums else self.sums[site].add_(m)
-            self.summed.append(call)
-            return
-        if self.device.type == "cpu" and any(m.is_cuda for m in maps.values()):
-            # copy into pinned host buffers without waiting; the maps reach the store once the copy is done
-            host = {}
-            for site, m in maps.items():
-                host[site] = torch.empty(m.shape, dtype=m.dtype, pin_memory=True)
-                host[site].copy_(m, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.pending.append((event, call, host))
-            self._drain(IN_FLIGHT)
-            return
-        self._keep(call, {site: m.to(self.device) for site, m in maps.items()})
-
-    def _drain(self, limit: int) -> None:
-        """Hand on the calls whose device → host copies are done; wait for the oldest while more than ``limit``
-        are in flight (never on a call whose copy is still running otherwise)."""
-        while self.pending and (len(self.pending) > limit or self.pending[0][0].query()):
-            event, call, host = self.pending.popleft()
-            event.synchronize()
-            # into pageable memory, so that the pinned buffers go back to torch's host allocator for reuse
-            self._keep(call, {site: torch.empty(m.shape, dtype=m.dtype).copy_(m) for site, m in host.items()})
-
-    def _keep(self, call: Call, maps: dict[str, torch.Tensor]) -> None:
-        store = self.store
-        if self.writer is not None:
-            store._shards.append(self.writer.write(asdict(call), maps))
-        else:
-            for site, m in maps.items():
-                store._append(site, m)
-        store.calls.append(call)
+        self.sink.put(call, maps)
 
     def _missing_sites(self, call: int, missing: list[str]) -> ProbeError:
         return ProbeError(
@@ -277,6 +231,8 @@ class _Recorder:
         if self.calls_in_generation == 0:
             self.generation += 1
             self._set_layout(int(sample.shape[0]), int(states.shape[1]) if isinstance(states, torch.Tensor) else 0, hw)
+            if self.writer is not None and self.generation == 0:  # readable from the first shard on, also after a crash
+                self.writer.write_header(_json_safe({**self.store._header(), "meta": {**self.store.meta, "complete": False}}))
         self.call += 1
         self.calls_in_generation += 1
         self.last_timestep = t
@@ -339,164 +295,6 @@ class _Recorder:
             self.current[site] = probs if self.aggregate else probs.to(self.dtype)  # sums stay fp32
         outbox.clear()
 
-    # -------------------------------------------------------------- batch layout
-    def _guidance_on(self) -> bool:
-        if self.pipe is None:
-            return False
-        try:
-            return bool(self.pipe.do_classifier_free_guidance)
-        except Exception:  # pipelines without the property, or not set yet
-            scale = getattr(self.pipe, "_guidance_scale", None)
-            return bool(scale is not None and scale > 1)
-
-    def _call_arguments(self) -> dict:
-        """What the pipeline call in progress was given, read from its ``__call__`` frame (empty if not found):
-        ``prompt`` and ``negative_prompt`` (lists of texts or None), and whether ``prompt_embeds`` and
-        ``negative_prompt_embeds`` were passed."""
-        frame = inspect.currentframe()
-        try:
-            for _ in range(200):
-                frame = frame.f_back if frame is not None else None
-                if frame is None:
-                    break
-                owner = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
-                if owner is not None and self.pipe is None and any(
-                    getattr(owner, a, None) is self.denoiser for a in ("unet", "transformer", "prior")
-                ):
-                    self.pipe = owner  # the denoiser was probed on its own, but a pipeline is driving it
-                    self.encoder, self.tokenizer = self._primary_text_encoder()
-                if owner is not None and owner is self.pipe:
-                    loc = frame.f_locals
-                    prompt_2 = _as_list(loc.get("prompt_2"))
-                    if prompt_2 is not None and prompt_2 != _as_list(loc.get("prompt")):
-                        warnings.warn(
-                            "prompt_2 differs from prompt: token labels follow the first tokenizer's prompt; the "
-                            "second encoder's half of the conditioning came from prompt_2",
-                            stacklevel=2,
-                        )
-                    return {
-                        "prompt": _as_list(loc.get("prompt")),
-                        "negative_prompt": _as_list(loc.get("negative_prompt")),
-                        "prompt_embeds": loc.get("prompt_embeds") is not None,
-                        "negative_prompt_embeds": loc.get("negative_prompt_embeds") is not None,
-                    }
-        finally:
-            del frame
-        return {}
-
-    def _layout_for(self, text: str | None, ids: list[int] | None, n_keys: int, source: str) -> TokenLayout:
-        tok = self.tokenizer
-        if tok is None or not getattr(tok, "is_fast", False):
-            return unlabelled_layout(n_keys, source="none")
-        if text is not None:
-            lay = token_layout(tok, text, n_keys, source=source)
-            if ids is None or lay.ids == ids:
-                return lay
-            if source == "caller":
-                raise ProbeError(
-                    f"probe(prompts=...) says {text!r}, but the text encoder saw {decode_ids(tok, ids)!r}: "
-                    "give the texts of the prompts the pipeline encodes"
-                )
-        if ids is not None:
-            lay = token_layout(tok, decode_ids(tok, ids), n_keys, source="decoded")
-            if lay.ids == ids:
-                return lay
-            strings = [(s.removesuffix("</w>") or s) for s in tok.convert_ids_to_tokens(ids)]
-            if len(strings) == n_keys:
-                return TokenLayout(strings=strings, kinds=["unknown"] * n_keys, ids=ids, source="ids")
-        return unlabelled_layout(n_keys, source="none")
-
-    def _set_layout(self, batch: int, n_keys: int, hw: tuple[int, int] = (0, 0)) -> None:
-        given = self.given if self.given is not None else self._call_arguments()  # may find the driving pipeline
-        cfg = self._guidance_on()
-        if cfg and batch % 2:
-            raise ProbeError(f"classifier-free guidance is on but the denoiser batch has an odd size {batch}")
-        n = batch // 2 if cfg else batch
-        labels = ["uncond"] * n + ["cond"] * n if cfg else ["cond"] * batch
-        # diffusers encodes the prompt, then the negative prompt, skipping whichever came as embeddings
-        encoded = list(self.encoded)
-        cond_ids = None if given.get("prompt_embeds") else (encoded.pop(0) if encoded else None)
-        uncond_ids = encoded.pop(0) if cfg and encoded and not given.get("negative_prompt_embeds") else None
-        zeros = bool(
-            cfg and given and not given["negative_prompt_embeds"] and given["negative_prompt"] is None
-            and getattr(getattr(self.pipe, "config", None), "force_zeros_for_empty_prompt", False)
-        )
-        frame_negative = given.get("negative_prompt")
-        cond_texts = self.caller_prompts or given.get("prompt")
-        n_prompts = cond_ids.shape[0] if cond_ids is not None else len(cond_texts) if cond_texts else n
-        if self.caller_prompts is not None and (len(self.caller_prompts) != n_prompts or n % n_prompts):
-            raise ProbeError(
-                f"probe(prompts=...) gave {len(self.caller_prompts)} texts, but this pipeline call encodes "
-                f"{n_prompts} prompts ({n} conditional rows): give one text per prompt"
-            )
-        if cond_texts is not None and len(cond_texts) != n_prompts:
-            cond_texts = None
-        if n_prompts == 0 or n % n_prompts:
-            n_prompts = n
-            cond_texts, cond_ids = None, None
-        per_prompt = n // n_prompts
-        neg_texts = frame_negative
-        if uncond_ids is not None and neg_texts is None:
-            neg_texts = [""] * n_prompts  # diffusers encodes "" when no negative prompt is given
-        if neg_texts is not None and len(neg_texts) == 1 and n_prompts > 1:
-            neg_texts = neg_texts * n_prompts
-        if neg_texts is not None and len(neg_texts) != n_prompts:
-            neg_texts = None
-        if uncond_ids is not None and uncond_ids.shape[0] != n_prompts:
-            uncond_ids = None
-
-        keep = [i for i, lab in enumerate(labels) if self.passes == "all" or lab == self.passes]
-        if not keep:
-            raise ProbeError(
-                f"passes={self.passes!r} but this pipeline call has no {self.passes} pass: its batch of {batch} "
-                f"rows is all {set(labels)} (guidance ≤ 1 or a distilled model runs no unconditional pass). "
-                "Use passes='cond' or 'all'."
-            )
-        layouts: dict[tuple[str, int], TokenLayout] = {}
-        samples, sample_layouts = [], []
-        for row in keep:
-            label = labels[row]
-            j = row - n if (cfg and label == "cond") else row
-            prompt_index, image_index = divmod(j, per_prompt)
-            if (label, prompt_index) not in layouts:
-                texts, ids = (cond_texts, cond_ids) if label == "cond" else (neg_texts, uncond_ids)
-                text = texts[prompt_index] if texts is not None else None
-                id_list = ids[prompt_index].tolist() if ids is not None else None
-                source = "caller" if (label == "cond" and self.caller_prompts) else "prompt"
-                if label == "uncond" and ids is None and text is None:
-                    layouts[(label, prompt_index)] = unlabelled_layout(n_keys, source="zeros" if zeros else "none")
-                else:
-                    layouts[(label, prompt_index)] = self._layout_for(text, id_list, n_keys, source)
-            lay = layouts[(label, prompt_index)]
-            samples.append(Sample(len(samples), label, prompt_index, image_index, row, lay.text))
-            sample_layouts.append(lay)
-
-        key = (tuple(labels), tuple((s.pass_label, s.prompt_index, s.image_index, s.text) for s in samples), hw, n_keys)
-        if self.sample_key is not None and key != self.sample_key:
-            raise ProbeError(
-                f"this probe holds generation 0 with samples {list(self.sample_key[1])} on a "
-                f"{self.sample_key[2][0]}×{self.sample_key[2][1]} latent; pipeline call {self.generation} has "
-                f"{list(key[1])} on {hw[0]}×{hw[1]}. One store holds one sample layout and size: open a new probe() "
-                "for each pipeline call with other prompts, batch sizes or image sizes."
-            )
-        self.layout = tuple(labels)
-        contiguous = keep == list(range(keep[0], keep[-1] + 1))
-        self.state.rows = slice(keep[0], keep[-1] + 1) if contiguous else torch.tensor(keep, dtype=torch.long)
-        if self.sample_key is None:
-            self.sample_key = key
-            self.store.samples[:] = samples
-            self.store._layouts[:] = sample_layouts
-            self.store.meta["prompts"] = cond_texts
-            self.store.meta["negative_prompts"] = neg_texts
-            self.store.meta["num_images_per_prompt"] = per_prompt
-            self.store.meta["guidance"] = cfg
-            if self.tokens_spec is not None:
-                positions = resolve_tokens(self.tokens_spec, sample_layouts, n_keys)
-                self.store.token_positions = positions
-                self.state.tokens = torch.tensor(positions, dtype=torch.long)
-            if self.writer is not None:  # readable from the first shard on, also if the run dies
-                self.writer.write_header(_json_safe({**self.store._header(), "meta": {**self.store.meta, "complete": False}}))
-
     # -------------------------------------------------------------- metadata
     def _meta(self) -> dict:
         import diffusers
@@ -539,19 +337,7 @@ class _Recorder:
                 if complete:
                     error = self._missing_sites(self.current_call.index, missing)
                 self.current_call, self.current = None, {}
-        self._drain(0)
-        if self.aggregate:
-            n = max(len(self.summed), 1)
-            maps = {site: (m / n if self.aggregate == "mean" else m).to(self.dtype).to(self.device).unsqueeze(0)
-                    for site, m in self.sums.items()}
-            store.calls[:] = self.summed
-            if self.writer is not None and maps:
-                store._shards.append(self.writer.write(
-                    {"index": -1, "timestep": float("nan"), "generation": -1, "layout": list(self.layout)},
-                    {site: m[0] for site, m in maps.items()}))
-            elif maps:
-                store._maps.update(maps)
-            self.sums.clear()
+        self.sink.close(self.dtype, self.layout)
         store.meta["complete"] = complete and error is None
         if self.order:
             _record_order(self.denoiser, self.order)
@@ -588,16 +374,6 @@ class _Recorder:
             raise ProbeError(
                 "the probe saw no denoiser call: call the pipeline inside the `with attnprobe.probe(pipe) as store:` block"
             )
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 @contextlib.contextmanager

@@ -42,6 +42,16 @@ FORMAT_VERSION = 1
 _META_KEY = "attnprobe"
 
 
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Call:
     """One denoiser call.

@@ -1,0 +1,191 @@
+"""The batch layout of a denoiser call: which rows are the conditional / unconditional passes of
+classifier-free guidance, which prompt and image each row belongs to, and each row's token layout.
+
+The probe learns it from what the pipeline was given (its ``__call__`` frame: ``prompt``, ``negative_prompt``,
+whether embeddings were passed), from the token ids its text encoder saw, and from the pipeline's
+``do_classifier_free_guidance``. diffusers puts the unconditional rows first (``torch.cat([uncond, cond])``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+
+from .capture import resolve_tokens
+from .errors import ProbeError
+from .store import Sample
+from .tokens import TokenLayout, decode_ids, token_layout, unlabelled_layout
+
+__all__ = ["BatchLayout"]
+
+
+def _as_list(value) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+class BatchLayout:
+    """The part of the probe's recorder that labels batch rows (a mixin of ``probe._Recorder``)."""
+
+    def _guidance_on(self) -> bool:
+        if self.pipe is None:
+            return False
+        try:
+            return bool(self.pipe.do_classifier_free_guidance)
+        except Exception:  # pipelines without the property, or not set yet
+            scale = getattr(self.pipe, "_guidance_scale", None)
+            return bool(scale is not None and scale > 1)
+
+    def _call_arguments(self) -> dict:
+        """What the pipeline call in progress was given, read from its ``__call__`` frame (empty if not found):
+        ``prompt`` and ``negative_prompt`` (lists of texts or None), and whether ``prompt_embeds`` and
+        ``negative_prompt_embeds`` were passed."""
+        frame = inspect.currentframe()
+        try:
+            for _ in range(200):
+                frame = frame.f_back if frame is not None else None
+                if frame is None:
+                    break
+                owner = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
+                if owner is not None and self.pipe is None and any(
+                    getattr(owner, a, None) is self.denoiser for a in ("unet", "transformer", "prior")
+                ):
+                    self.pipe = owner  # the denoiser was probed on its own, but a pipeline is driving it
+                    self.encoder, self.tokenizer = self._primary_text_encoder()
+                if owner is not None and owner is self.pipe:
+                    loc = frame.f_locals
+                    prompt_2 = _as_list(loc.get("prompt_2"))
+                    if prompt_2 is not None and prompt_2 != _as_list(loc.get("prompt")):
+                        warnings.warn(
+                            "prompt_2 differs from prompt: token labels follow the first tokenizer's prompt; the "
+                            "second encoder's half of the conditioning came from prompt_2",
+                            stacklevel=2,
+                        )
+                    return {
+                        "prompt": _as_list(loc.get("prompt")),
+                        "negative_prompt": _as_list(loc.get("negative_prompt")),
+                        "prompt_embeds": loc.get("prompt_embeds") is not None,
+                        "negative_prompt_embeds": loc.get("negative_prompt_embeds") is not None,
+                    }
+        finally:
+            del frame
+        return {}
+
+    def _layout_for(self, text: str | None, ids: list[int] | None, n_keys: int, source: str) -> TokenLayout:
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "is_fast", False):
+            return unlabelled_layout(n_keys, source="none")
+        if text is not None:
+            lay = token_layout(tok, text, n_keys, source=source)
+            if ids is None or lay.ids == ids:
+                return lay
+            if source == "caller":
+                raise ProbeError(
+                    f"probe(prompts=...) says {text!r}, but the text encoder saw {decode_ids(tok, ids)!r}: "
+                    "give the texts of the prompts the pipeline encodes"
+                )
+        if ids is not None:
+            lay = token_layout(tok, decode_ids(tok, ids), n_keys, source="decoded")
+            if lay.ids == ids:
+                return lay
+            strings = [(s.removesuffix("</w>") or s) for s in tok.convert_ids_to_tokens(ids)]
+            if len(strings) == n_keys:
+                return TokenLayout(strings=strings, kinds=["unknown"] * n_keys, ids=ids, source="ids")
+        return unlabelled_layout(n_keys, source="none")
+
+    def _set_layout(self, batch: int, n_keys: int, hw: tuple[int, int] = (0, 0)) -> None:
+        given = self.given if self.given is not None else self._call_arguments()  # may find the driving pipeline
+        cfg = self._guidance_on()
+        if cfg and batch % 2:
+            raise ProbeError(f"classifier-free guidance is on but the denoiser batch has an odd size {batch}")
+        n = batch // 2 if cfg else batch
+        labels = ["uncond"] * n + ["cond"] * n if cfg else ["cond"] * batch
+        # diffusers encodes the prompt, then the negative prompt, skipping whichever came as embeddings
+        encoded = list(self.encoded)
+        cond_ids = None if given.get("prompt_embeds") else (encoded.pop(0) if encoded else None)
+        uncond_ids = encoded.pop(0) if cfg and encoded and not given.get("negative_prompt_embeds") else None
+        zeros = bool(
+            cfg and given and not given["negative_prompt_embeds"] and given["negative_prompt"] is None
+            and getattr(getattr(self.pipe, "config", None), "force_zeros_for_empty_prompt", False)
+        )
+        frame_negative = given.get("negative_prompt")
+        cond_texts = self.caller_prompts or given.get("prompt")
+        n_prompts = cond_ids.shape[0] if cond_ids is not None else len(cond_texts) if cond_texts else n
+        if self.caller_prompts is not None and (len(self.caller_prompts) != n_prompts or n % n_prompts):
+            raise ProbeError(
+                f"probe(prompts=...) gave {len(self.caller_prompts)} texts, but this pipeline call encodes "
+                f"{n_prompts} prompts ({n} conditional rows): give one text per prompt"
+            )
+        if cond_texts is not None and len(cond_texts) != n_prompts:
+            cond_texts = None
+        if n_prompts == 0 or n % n_prompts:
+            n_prompts = n
+            cond_texts, cond_ids = None, None
+        per_prompt = n // n_prompts
+        neg_texts = frame_negative
+        if uncond_ids is not None and neg_texts is None:
+            neg_texts = [""] * n_prompts  # diffusers encodes "" when no negative prompt is given
+        if neg_texts is not None and len(neg_texts) == 1 and n_prompts > 1:
+            neg_texts = neg_texts * n_prompts
+        if neg_texts is not None and len(neg_texts) != n_prompts:
+            neg_texts = None
+        if uncond_ids is not None and uncond_ids.shape[0] != n_prompts:
+            uncond_ids = None
+
+        keep = [i for i, lab in enumerate(labels) if self.passes == "all" or lab == self.passes]
+        if not keep:
+            raise ProbeError(
+                f"passes={self.passes!r} but this pipeline call has no {self.passes} pass: its batch of {batch} "
+                f"rows is all {set(labels)} (guidance ≤ 1 or a distilled model runs no unconditional pass). "
+                "Use passes='cond' or 'all'."
+            )
+        layouts: dict[tuple[str, int], TokenLayout] = {}
+        samples, sample_layouts = [], []
+        for row in keep:
+            label = labels[row]
+            j = row - n if (cfg and label == "cond") else row
+            prompt_index, image_index = divmod(j, per_prompt)
+            if (label, prompt_index) not in layouts:
+                texts, ids = (cond_texts, cond_ids) if label == "cond" else (neg_texts, uncond_ids)
+                text = texts[prompt_index] if texts is not None else None
+                id_list = ids[prompt_index].tolist() if ids is not None else None
+                source = "caller" if (label == "cond" and self.caller_prompts) else "prompt"
+                if label == "uncond" and ids is None and text is None:
+                    layouts[(label, prompt_index)] = unlabelled_layout(n_keys, source="zeros" if zeros else "none")
+                else:
+                    layouts[(label, prompt_index)] = self._layout_for(text, id_list, n_keys, source)
+            lay = layouts[(label, prompt_index)]
+            samples.append(Sample(len(samples), label, prompt_index, image_index, row, lay.text))
+            sample_layouts.append(lay)
+
+        key = (tuple(labels), tuple((s.pass_label, s.prompt_index, s.image_index, s.text) for s in samples), hw, n_keys)
+        if self.sample_key is not None and key != self.sample_key:
+            raise ProbeError(
+                f"this probe holds generation 0 with samples {list(self.sample_key[1])} on a "
+                f"{self.sample_key[2][0]}×{self.sample_key[2][1]} latent; pipeline call {self.generation} has "
+                f"{list(key[1])} on {hw[0]}×{hw[1]}. One store holds one sample layout and size: open a new probe() "
+                "for each pipeline call with other prompts, batch sizes or image sizes."
+            )
+        self.layout = tuple(labels)
+        contiguous = keep == list(range(keep[0], keep[-1] + 1))
+        self.state.rows = slice(keep[0], keep[-1] + 1) if contiguous else torch.tensor(keep, dtype=torch.long)
+        if self.sample_key is None:
+            self.sample_key = key
+            self.store.samples[:] = samples
+            self.store._layouts[:] = sample_layouts
+            self.store.meta["prompts"] = cond_texts
+            self.store.meta["negative_prompts"] = neg_texts
+            self.store.meta["num_images_per_prompt"] = per_prompt
+            self.store.meta["guidance"] = cfg
+            if self.tokens_spec is not None:
+                positions = resolve_tokens(self.tokens_spec, sample_layouts, n_keys)
+                self.store.token_positions = positions
+                self.state.tokens = torch.tensor(positions, dtype=torch.long)
+
