@@ -48,10 +48,19 @@ def concept_positions(store: AttentionStore, concept: str, sample: int = 0, occu
     return list(found[occurrence])
 
 
-def _site_mass(maps: torch.Tensor, sample: int, positions: list[int]) -> torch.Tensor:
-    # maps: [call, sample, head, qh, qw, token] → [call]
-    picked = maps[:, sample].float()[..., positions].sum(dim=-1)
-    return picked.mean(dim=(1, 2, 3))
+def _site_mass(store: AttentionStore, site: str, sample: int, positions: list[int]) -> torch.Tensor:
+    # [call, 1, head, qh, qw, len(positions)] → [call]; reads only these tokens from a streamed store
+    picked = store.maps(site, samples=[sample], tokens=positions).float().sum(dim=-1)
+    return picked.mean(dim=(1, 2, 3, 4))
+
+
+def _per_call(store: AttentionStore, what: str) -> None:
+    if store.aggregate:
+        raise StoreError(
+            f"{what} needs a map per denoiser call, but this store holds the {store.aggregate} over its "
+            f"{len(store.calls)} calls (probe(aggregate={store.aggregate!r})): capture without aggregate= for "
+            "trajectories; heatmap() works on it"
+        )
 
 
 def trajectory(
@@ -80,10 +89,11 @@ def trajectory(
     Raises:
         ConceptError: concept not in the sample's prompt, or truncated.
     """
+    _per_call(store, "trajectory")
     positions = concept_positions(store, concept, sample, occurrence)
     idx = store._sample_index(sample)
     chosen = select_sites(store.sites, sites)
-    per_site = torch.stack([_site_mass(store[s.name], idx, positions) for s in chosen], dim=1)
+    per_site = torch.stack([_site_mass(store, s.name, idx, positions) for s in chosen], dim=1)
     return per_site if by_site else per_site.mean(dim=1)
 
 
@@ -242,8 +252,8 @@ def heatmap(
         concept: word or phrase of the sample's prompt.
         sample: index on the ``sample`` axis. Default: 0.
         occurrence: ``"all"`` or one mention's index (``-1``: the last).
-        calls: call indices (an int, a slice or a list). Default: every call. An empty or out-of-range choice
-            raises ``IndexError``.
+        calls: call indices (an int, a slice or a list). Default: every call (for a store captured with
+            ``aggregate=``, its one aggregate). An empty or out-of-range choice raises ``IndexError``.
         sites: site selector. Default: every site (flat sites are skipped: they have no grid).
         size: output ``(H, W)``. Default: the image size in pixels recorded in the store's metadata, else
             the largest site grid.
@@ -263,7 +273,7 @@ def heatmap(
     size = (size, size) if isinstance(size, int) else tuple(size)
     if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
         raise ValueError(f"size={size!r} is not a (height, width) pair of positive ints")
-    n_calls = len(store.calls)
+    n_calls = 1 if store.aggregate else len(store.calls)  # an aggregate is one entry on the call axis
     call_idx = list(range(n_calls))
     if calls is not None:
         call_idx = [calls] if isinstance(calls, int) else (call_idx[calls] if isinstance(calls, slice) else list(calls))
@@ -272,8 +282,8 @@ def heatmap(
 
     total = torch.zeros(size, dtype=torch.float32)
     for s in chosen:
-        maps = store[s.name][call_idx, idx].float()[..., positions].sum(-1)  # [call, head, qh, qw]
-        grid = maps.mean(dim=(0, 1))[None, None]
+        maps = store.maps(s.name, calls=call_idx, samples=[idx], tokens=positions).float().sum(-1)  # [call, 1, head, qh, qw]
+        grid = maps.mean(dim=(0, 1, 2))[None, None]
         total += torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
     total /= len(chosen)
     if normalize and total.max() > 0:

@@ -236,15 +236,17 @@ def plot_site_call_grid(store, concept: str, sample: int = 0, calls=None, max_ca
     Returns:
         The figure (axes titled ``call c (t=…)``, rows labelled with the site's block).
     """
-    from .analysis import concept_positions
+    from .analysis import _per_call, concept_positions
 
+    _per_call(store, "plot_site_call_grid")
     plt = _plt()
     positions = concept_positions(store, concept, sample, occurrence)
     n = len(store.calls)
     if calls is None:
         calls = sorted({round(i * (n - 1) / max(1, max_calls - 1)) for i in range(min(max_calls, n))})
     sites = [s for s in store.sites if s.name not in store.flat_sites]
-    grids = {s.name: store[s.name][list(calls), sample].float()[..., positions].sum(-1).mean(1).numpy() for s in sites}
+    grids = {s.name: store.maps(s.name, calls=list(calls), samples=[sample], tokens=positions).float()
+             .sum(-1).mean(dim=(1, 2)).numpy() for s in sites}
     vmax = max(float(g.max()) for g in grids.values()) if grids else 1.0
     fig, axes = plt.subplots(len(sites), len(calls), figsize=(1.1 * len(calls) + 1.5, 1.1 * len(sites) + 0.8),
                              squeeze=False, layout="constrained")
