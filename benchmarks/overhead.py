@@ -1,31 +1,51 @@
-"""Probe overhead and store size on SD 1.5- and SDXL-shaped pipelines built from configs (CPU, no downloads).
+"""Probe overhead, store size, peak memory and torch.compile recompiles on SD 1.5- and SDXL-shaped pipelines
+built from configs (CPU, no downloads, random weights: the timings do not depend on the weights).
 
-    .venv/bin/python benchmarks/overhead.py            # the full table (a few minutes on 2 cores)
-    .venv/bin/python benchmarks/overhead.py --quick    # fewer repeats
+    .venv/bin/python benchmarks/overhead.py            # the full table (about 5 minutes on 2 cores)
+    .venv/bin/python benchmarks/overhead.py --quick    # 5 pairs per row instead of 9, fewer generations
 
-Each row times plain and probed generations alternately in one process (median of N pairs; the ratio is
-taken per pair, then the median), so machine noise hits both sides alike. Store bytes are compared with the
-information kept (values × dtype size). Peak RSS is the process's maximum resident size so far.
+Every row runs in a fresh interpreter (its own peak RSS). Timed rows alternate plain and probed generations
+in one process (median of N pairs; the ratio is taken per pair, then the median), so that machine noise hits
+both sides alike. "values MB" is the information kept (values × dtype size); "store MB" what the store holds.
+The streaming rows run G generations into one probe: in memory the store grows with G, streamed to a folder
+the peak RSS stays flat; "read MB" is the memory a concept's trajectory took to read back from that store.
+The SD 1.5-shaped pipeline has SD 1.5's block layout (16 cross-attention sites, 8 heads, 4 resolutions) with
+channels (32, 64, 64, 64) so that it runs on 2 CPU cores; the attention work that the probe repeats weighs
+more against such narrow convolutions than in the real model (see benchmarks/gpu.py for full size).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
-import statistics
-import time
+import json
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
-import attnprobe
-from attnprobe.testing import SD15_UNET, SDXL_UNET
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import generate, in_child, measure, pairs, peak_rss_mb, print_table  # noqa: E402
+
+STEPS = 10
+TIMED = {  # name: (model, px, probe options)
+    "SD1.5-shaped, cond, head mean (target)": ("sd15", 256, dict(heads="mean")),
+    "SD1.5-shaped, cond, head mean, 64 px": ("sd15", 64, dict(heads="mean")),
+    "SD1.5-shaped, cond, heads keep": ("sd15", 256, dict(heads="keep")),
+    "SD1.5-shaped, all passes, head mean": ("sd15", 256, dict(heads="mean", passes="all")),
+    "SD1.5-shaped, tokens='dog', head mean": ("sd15", 256, dict(heads="mean", tokens="dog")),
+    "SD1.5-shaped, calls 0-4, head mean": ("sd15", 256, dict(heads="mean", calls=range(5))),
+    "SD1.5-shaped, aggregate mean, head mean": ("sd15", 256, dict(heads="mean", aggregate="mean")),
+    "SD1.5-shaped, streamed, head mean": ("sd15", 256, dict(heads="mean", stream=True)),
+    "SDXL-shaped, cond, head mean": ("sdxl", 256, dict(heads="mean")),
+}
 
 
 def sd15_shaped(seed=0):
     """SD 1.5's real block layout (16 sites, 8 heads, 4 resolutions) with narrow channels."""
     from diffusers import UNet2DConditionModel
 
-    from attnprobe.testing import tiny_sd_pipeline
+    from attnprobe.testing import SD15_UNET, tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline(seed)
     torch.manual_seed(seed)
@@ -40,57 +60,86 @@ def sdxl_shaped(seed=0):
     return tiny_sdxl_pipeline(seed)
 
 
-def run(pipe, size, steps, probe_kwargs=None):
-    kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, output_type="latent",
-              generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
-    if probe_kwargs is None:
-        pipe("a picture of dog", **kw)
-        return time.perf_counter() - t0, None
-    with attnprobe.probe(pipe, **probe_kwargs) as store:
-        pipe("a picture of dog", **kw)
-    return time.perf_counter() - t0, store
+def current_rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 1e6
 
 
-def row(name, pipe, size, steps, repeats, **probe_kwargs):
-    run(pipe, size, steps)  # warm-up
-    run(pipe, size, steps, probe_kwargs)
-    ratios, plain_t, probed_t = [], [], []
-    for _ in range(repeats):
-        a, _ = run(pipe, size, steps)
-        b, store = run(pipe, size, steps, probe_kwargs)
-        plain_t.append(a)
-        probed_t.append(b)
-        ratios.append(b / a)
-    values = sum(store[n].numel() for n in store)
-    info = values * torch.finfo(probe_kwargs.get("dtype", torch.float16)).bits // 8
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return (name, size, statistics.median(plain_t), statistics.median(probed_t), statistics.median(ratios),
-            store.nbytes, info, rss)
+def child_timed(name: str, repeats: int) -> dict:
+    model, size, options = TIMED[name]
+    pipe = sd15_shaped() if model == "sd15" else sdxl_shaped()
+    return {"case": name, "px": size, **measure(pipe, size, STEPS, options, repeats)}
+
+
+def child_memory(mode: str, generations: int) -> dict:
+    """G generations at 64 px into one probe (heads kept): in memory, or streamed to a folder."""
+    import attnprobe
+
+    pipe = sd15_shaped()
+    generate(pipe, 64, STEPS)  # warm-up outside the measure
+    with tempfile.TemporaryDirectory() as tmp:
+        kwargs = {"stream_to": Path(tmp) / "s"} if mode == "streamed" else {}
+        with attnprobe.probe(pipe, heads="keep", **kwargs) as store:
+            for seed in range(generations):
+                generate(pipe, 64, STEPS, seed=seed)
+        peak = peak_rss_mb()
+        before = current_rss_mb()
+        attnprobe.trajectory(store, "dog")
+        read = current_rss_mb() - before
+        return {"case": f"{mode}, {generations} generation(s), heads keep", "px": 64, "calls": len(store.calls),
+                "store_mb": store.nbytes / 1e6, "rss_mb": peak, "read_mb": max(read, 0.0)}
+
+
+def child_compile(repeats: int) -> dict:
+    """torch.compile (dynamo, eager backend on the CPU: the guards are what is measured) with the probe on."""
+    import attnprobe
+    from torch._dynamo.utils import counters
+
+    pipe = sd15_shaped()
+    pipe.unet.compile(backend="eager")
+
+    def probed():
+        with attnprobe.probe(pipe, heads="mean") as store:
+            generate(pipe, 64, STEPS)
+        return store
+
+    for _ in range(2):  # warm-up: both variants compiled
+        generate(pipe, 64, STEPS), probed()
+    graphs = counters["stats"]["unique_graphs"]
+    row = pairs(lambda: generate(pipe, 64, STEPS), probed, repeats)
+    row.pop("result")
+    return {"case": "compiled UNet (dynamo), cond, head mean", "px": 64, **row,
+            "recompiles": counters["stats"]["unique_graphs"] - graphs, "rss_mb": peak_rss_mb()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 pairs per row instead of 7")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="5 pairs per row instead of 9; 30 generations, not 100")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    repeats = 3 if args.quick else 7
-    sd, xl = sd15_shaped(), sdxl_shaped()
-    rows = [
-        row("SD1.5-shaped, cond, head mean", sd, 256, args.steps, repeats, heads="mean"),
-        row("SD1.5-shaped, cond, head mean", sd, 64, args.steps, repeats, heads="mean"),
-        row("SD1.5-shaped, cond, heads keep", sd, 256, args.steps, repeats, heads="keep"),
-        row("SD1.5-shaped, all passes, mean", sd, 256, args.steps, repeats, heads="mean", passes="all"),
-        row("SDXL-shaped, cond, head mean", xl, 256, args.steps, repeats, heads="mean"),
-    ]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps, guidance 7.5, "
-          f"median of {repeats} alternating pairs")
-    head = f"{'case':<34}{'px':>5}{'plain s':>9}{'probed s':>10}{'ratio':>7}{'store MB':>10}{'values MB':>10}{'RSS MB':>8}"
-    print(head)
-    print("-" * len(head))
-    for name, size, a, b, r, nbytes, info, rss in rows:
-        print(f"{name:<34}{size:>5}{a:>9.3f}{b:>10.3f}{r:>7.3f}{nbytes / 1e6:>10.2f}{info / 1e6:>10.2f}{rss:>8.0f}")
+    if args.child:
+        kind, *rest = args.child
+        row = (child_timed(rest[0], int(rest[1])) if kind == "timed" else child_memory(rest[0], int(rest[1]))
+               if kind == "memory" else child_compile(int(rest[0])))
+        print(json.dumps(row))
+        return
+    repeats, many = (5, 30) if args.quick else (9, 100)
+    rows = []
+    for name in TIMED:
+        rows.append(in_child(__file__, "timed", name, str(repeats)))
+        print(f"  {name}: ×{rows[-1]['ratio']:.3f}", file=sys.stderr)
+    rows.append(in_child(__file__, "compile", str(repeats)))
+    for mode, g in (("in memory", 1), ("in memory", many), ("streamed", 1), ("streamed", many)):
+        rows.append(in_child(__file__, "memory", mode.split()[-1] if mode == "streamed" else "memory", str(g)))
+        rows[-1]["case"] = f"{mode}, {g} generation(s), heads keep"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {STEPS} steps, guidance 7.5, fp16 maps on "
+          f"the CPU; median of {repeats} alternating pairs (ratio range in brackets)")
+    for row in rows:
+        if "ratio" in row:
+            row["range"] = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
+    print_table(rows, [("case", "case", ""), ("px", "px", "d"), ("plain_s", "plain s", ".3f"),
+                       ("probed_s", "probed s", ".3f"), ("ratio", "ratio", ".3f"), ("range", "range", ""),
+                       ("store_mb", "store MB", ".2f"), ("values_mb", "values MB", ".2f"), ("rss_mb", "peak RSS MB", ".0f"),
+                       ("read_mb", "read MB", ".1f"), ("recompiles", "recompiles", "d")])
 
 
 if __name__ == "__main__":

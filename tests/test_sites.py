@@ -162,3 +162,17 @@ def test_unet2d_without_cross_attention():
 def test_plain_module_has_no_sites():
     with pytest.raises(NoSitesError, match="no cross-attention site"):
         list_sites(torch.nn.Linear(4, 4))
+
+
+def test_full_size_pipelines_have_the_real_topology():
+    """The benchmark pipelines (``testing.full_size_pipeline``), built on meta: real site counts and sizes."""
+    from attnprobe.testing import full_size_pipeline
+
+    sd = full_size_pipeline("sd15", device="meta")
+    xl = full_size_pipeline("sdxl", device="meta")
+    assert [s.name for s in list_sites(sd)] == sd_names() and len(list_sites(xl)) == 70
+    assert round(sum(p.numel() for p in sd.unet.parameters()) / 1e6, 2) == 859.52  # SD 1.5's UNet
+    assert round(sum(p.numel() for p in xl.unet.parameters()) / 1e9, 2) == 2.57  # SDXL's UNet
+    assert xl.text_encoder_2.config.hidden_size == 1280 and sd.text_encoder.config.num_hidden_layers == 12
+    with pytest.raises(ValueError, match="'sd3' is not 'sd15' or 'sdxl'"):
+        full_size_pipeline("sd3", device="meta")

@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "clip_tokenizer",
+    "full_size_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "SD15_UNET",
@@ -94,39 +95,40 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     return copy.deepcopy(_tokenizer(pad_token))
 
 
-def _text_encoder(hidden: int, seed: int, projection: bool = False):
+def _text_encoder(hidden: int, seed: int, projection: bool = False, layers: int = 2, heads: int = 2,
+                  intermediate: int | None = None, act: str = "quick_gelu"):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         projection_dim=hidden,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
-        hidden_act="quick_gelu",
+        hidden_act=act,
     )
     torch.manual_seed(seed)
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
     return model.eval()
 
 
-def _vae(seed: int):
+def _vae(seed: int, full: bool = False):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
+        block_out_channels=(128, 256, 512, 512) if full else (8, 8, 8, 8),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=64,
+        norm_num_groups=32 if full else 4,
+        layers_per_block=2 if full else 1,
+        sample_size=512 if full else 64,
     ).eval()
 
 
@@ -263,3 +265,42 @@ def synthetic_store(
         {"pipeline": "Synthetic", "denoiser": "Synthetic", "image_size": list(grid), "prompts": [prompt]},
     )
     return store
+
+
+def full_size_pipeline(model: str = "sd15", device="cpu", dtype: torch.dtype = torch.float16, seed: int = 0):
+    """SD 1.5 or SDXL at full size with seeded random weights, built directly on ``device``: the real UNet
+    (``SD15_UNET`` / ``SDXL_UNET``), CLIP ViT-L/14 text encoder(s) (and OpenCLIP bigG for SDXL), the real VAE
+    layout and the real CLIP tokenizer. Timings and memory equal those of the real weights; images are noise.
+
+    For benchmarks on a GPU (``benchmarks/gpu.py``); ``device="meta"`` builds the topology without memory.
+
+    Args:
+        model: ``"sd15"`` or ``"sdxl"``. device: where to build. dtype: parameter dtype. seed: weight seed.
+
+    Raises:
+        ValueError: another model name.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    if model not in ("sd15", "sdxl"):
+        raise ValueError(f"model={model!r} is not 'sd15' or 'sdxl'")
+    with torch.device(device):  # the modules only: schedulers keep their tables on the CPU
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**(SD15_UNET if model == "sd15" else SDXL_UNET)).eval()
+        clip_l = _text_encoder(768, seed + 2, layers=12, heads=12, intermediate=3072)
+        vae = _vae(seed + 1, full=True)
+        if model == "sdxl":
+            big_g = _text_encoder(1280, seed + 3, projection=True, layers=32, heads=20, intermediate=5120, act="gelu")
+    if model == "sd15":
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=clip_l, tokenizer=clip_tokenizer(), unet=unet, scheduler=_scheduler("pndm"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    else:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=clip_l, text_encoder_2=big_g, tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=_scheduler("euler"),
+            force_zeros_for_empty_prompt=True,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 or torch.device(device).type == "meta" else pipe.to(dtype=dtype)
