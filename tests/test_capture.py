@@ -280,3 +280,39 @@ def test_compiled_denoiser_same_maps_and_no_recompile_after_warm_up():
     for site in eager.site_names:
         torch.testing.assert_close(compiled[site], eager[site], rtol=0, atol=1e-6)
     assert math.isfinite(compiled.calls[-1].timestep)
+
+
+# ---------------------------------------------------------------------------------------------- device copies
+def test_call_sink_hands_on_copies_in_order_and_waits_only_past_the_limit():
+    """The GPU path's queue, with fake CUDA events: calls reach the store in call order; a call whose copy is
+    still running is not waited for until more than ``IN_FLIGHT`` calls are in flight; ``close`` waits for all."""
+    from attnprobe.capture import IN_FLIGHT, CallSink
+    from attnprobe.store import Call
+
+    class Event:
+        def __init__(self):
+            self.done, self.waited = False, False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.waited = True
+
+    store = AttentionStore([], [], [], [], {}, {})
+    store._chunks["s"] = []
+    sink = CallSink(store, torch.device("cpu"), None)
+    events = []
+    for i in range(IN_FLIGHT + 2):
+        events.append(Event())
+        sink.pending.append((events[-1], Call(i, 1000.0 - i, 0, ("cond",)), {"s": torch.full((1, 1, 1, 1, 2), i)}))
+        sink.drain(IN_FLIGHT)
+    assert [c.index for c in store.calls] == [0, 1]  # waited for the two oldest, once 3 and then 4 were in flight
+    assert [e.waited for e in events] == [True, True, False, False]
+    events[2].done = True
+    sink.drain(IN_FLIGHT)  # a finished copy is handed on without waiting for anything else
+    assert [c.index for c in store.calls] == [0, 1, 2] and not events[3].waited
+    sink.close(torch.float16, ("cond",))
+    assert [c.index for c in store.calls] == [0, 1, 2, 3]
+    assert store["s"][:, 0, 0, 0, 0, 0].tolist() == [0, 1, 2, 3]
+    assert not store["s"].is_pinned()

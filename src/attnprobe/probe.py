@@ -70,6 +70,7 @@ class _Recorder(BatchLayout):
         self.writer = ShardWriter(stream_to) if stream_to is not None else None
         self.current: dict[str, torch.Tensor] = {}  # the maps of the denoiser call in progress
         self.current_call: Call | None = None
+        self._timesteps: tuple[torch.Tensor, list[float]] | None = None  # scheduler.timesteps and its host copy
         self.order_handles = []
         self.originals: dict[str, object] = {}
         self.wrappers: dict[str, ProbeProcessor] = {}
@@ -219,10 +220,7 @@ class _Recorder(BatchLayout):
                 f"the denoiser {type(module).__name__} was called without a 4-D latent sample "
                 f"(got {type(sample).__name__}); attnprobe supports UNet denoisers called as diffusers pipelines do"
             )
-        if isinstance(timestep, torch.Tensor):
-            t = float(timestep.reshape(-1)[0]) if timestep.numel() else float("nan")
-        else:
-            t = float(timestep) if timestep is not None else float("nan")
+        t = self._timestep_value(timestep)
         hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         if self.calls_in_generation > 0 and self._starts_generation(int(sample.shape[0]), t, hw):
             self.calls_in_generation = 0
@@ -245,6 +243,25 @@ class _Recorder(BatchLayout):
         state.keep = self.keep_call is None or bool(self.keep_call(self.calls_in_generation - 1, t))
         if state.keep:
             self.current_call = Call(index=self.call, timestep=t, generation=self.generation, layout=self.layout)
+
+    def _timestep_value(self, timestep) -> float:
+        """The call's timestep as a float. A timestep taken from ``scheduler.timesteps`` (diffusers' loops
+        iterate over it) is looked up in a host copy of that table, made once per ``set_timesteps``: reading a
+        GPU scalar would synchronise with the GPU at every denoiser call."""
+        if not isinstance(timestep, torch.Tensor):
+            return float(timestep) if timestep is not None else float("nan")
+        if not timestep.numel():
+            return float("nan")
+        table = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        if (isinstance(table, torch.Tensor) and table.ndim == 1 and timestep.numel() == 1 and table.stride(0) == 1
+                and timestep.device == table.device
+                and timestep.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()):
+            if self._timesteps is None or self._timesteps[0] is not table:
+                self._timesteps = (table, table.float().tolist())
+            i = timestep.storage_offset() - table.storage_offset()
+            if 0 <= i < len(self._timesteps[1]):
+                return self._timesteps[1][i]
+        return float(timestep.reshape(-1)[0])
 
     def _starts_generation(self, batch: int, timestep: float, hw: tuple[int, int]) -> bool:
         """Whether this denoiser call starts a new pipeline call although no text encoder ran before it.
