@@ -225,6 +225,7 @@ class _Recorder:
         self.rows = self.rows.to(sample.device)
         self.store.calls.append(Call(index=self.call, timestep=t, generation=self.generation, layout=self.layout))
         self.seen = []
+        self._note_interventions(module)
 
     def _starts_generation(self, batch: int, timestep: float, hw: tuple[int, int]) -> bool:
         """Whether this denoiser call starts a new pipeline call although no text encoder ran before it.
@@ -425,6 +426,14 @@ class _Recorder:
             self.store.meta["negative_prompts"] = neg_texts
             self.store.meta["num_images_per_prompt"] = per_prompt
             self.store.meta["guidance"] = cfg
+
+    def _note_interventions(self, denoiser) -> None:
+        """``meta["interventions"]``: every intervention active during a denoiser call (``attnprobe.intervene``
+        lists them on the denoiser while its block is open); empty when the maps show an unedited run."""
+        notes = self.store.meta.setdefault("interventions", [])
+        for note in getattr(denoiser, "_attnprobe_interventions", ()):
+            if note not in notes:
+                notes.append(note)
 
     # -------------------------------------------------------------- metadata
     def _meta(self) -> dict:
