@@ -56,7 +56,8 @@ class SiteIO:
         self.calls = {n: [] for n in names}
 
     def __enter__(self):
-        self.handles = [m.register_forward_hook(partial(self._keep, n), with_kwargs=True) for n, m in self.modules.items()]
+        self.handles = [m.register_forward_hook(partial(self._keep, n), with_kwargs=True)
+                        for n, m in self.modules.items()]
         return self
 
     def __exit__(self, *exc):
@@ -70,8 +71,8 @@ class SiteIO:
 
     @torch.no_grad()
     def reference(self, name, call, bias=None, weights=None):
-        """float64 ``softmax(q·kᵀ·scale + bias)`` ``[batch, head, query, token]`` from the raw projections (never the
-        mask the site got), and the site output ``to_out((p · weights) @ v)`` from it."""
+        """float64 ``softmax(q·kᵀ·scale + bias)`` ``[batch, head, query, token]`` from the raw projections
+        (never the mask the site got), and the site output ``to_out((p · weights) @ v)`` from it."""
         attn = self.modules[name]
         hidden, states, _ = self.calls[name][call]
         proj = lambda layer, x: torch.nn.functional.linear(x.double(), layer.weight.double(),  # noqa: E731
@@ -211,8 +212,9 @@ def test_conditioning_edit_changes_only_the_concepts_positions(sd_pipe, mode):
     pos = positions()
     with SiteIO(sd_pipe.unet, [FIRST]) as plain:
         gen(sd_pipe, num_inference_steps=1)
-    with SiteIO(sd_pipe.unet, [FIRST]) as io, intervene(sd_pipe, ConditioningEdit(mode), PROMPT, concept=CONCEPT) as run:
-        gen(run, num_inference_steps=1)
+    with SiteIO(sd_pipe.unet, [FIRST]) as io:
+        with intervene(sd_pipe, ConditioningEdit(mode), PROMPT, concept=CONCEPT) as run:
+            gen(run, num_inference_steps=1)
     before, after = plain.calls[FIRST][0][1], io.calls[FIRST][0][1]  # [batch, token, hidden]: uncond, cond
     changed = (before != after).any(-1).nonzero().tolist()
     assert sorted(changed) == [[1, p] for p in pos]
@@ -261,6 +263,19 @@ def test_sdxl_edits_restore_and_sld_is_refused(sdxl_pipe, processors_of, assert_
     with pytest.raises(InterventionError, match="second text encoder"):
         with intervene(sdxl_pipe, SafeLatentDiffusion(), PROMPT, concept=CONCEPT):
             pass
+
+
+def test_half_precision_edits_stay_finite_and_restore(assert_clean):
+    from attnprobe.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(dtype=torch.float16)  # the bias is made in the states' dtype, as SDPA requires
+    before = gen(pipe, num_inference_steps=1).images
+    edits = [AttentionEdit(0.0), AttentionEdit(0.5, renormalize=False, sites="up_blocks.*"), ConditioningEdit("project")]
+    with intervene(pipe, edits, PROMPT, concept=CONCEPT) as run, probe(run.pipe) as store:
+        out = gen(run, num_inference_steps=1).images
+    assert torch.isfinite(out).all() and attnprobe.trajectory(store, CONCEPT).max().item() == 0.0
+    assert_clean(pipe)
+    assert torch.equal(gen(pipe, num_inference_steps=1).images, before)
 
 
 def test_the_probe_records_the_edit_opened_either_side(sd_pipe):

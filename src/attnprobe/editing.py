@@ -221,7 +221,8 @@ class Intervened:
         per_prompt, rest = divmod(batch, passes * n_prompts)
         if rest or not per_prompt:
             raise InterventionError(
-                f"the denoiser batch has {batch} rows, not {passes} passes × {n_prompts} prompts × images per prompt: "
+                f"the denoiser batch has {batch} rows, not {passes} passes × {n_prompts} prompts × images per "
+                "prompt: "
                 f"call the pipeline with the prompts given to intervene ({self.prompts})"
             )
         first = (1 if passes > 1 else 0) * n_prompts * per_prompt
@@ -400,8 +401,8 @@ def _safe_pipeline(pipe):
     cls = getattr(diffusers, "StableDiffusionPipelineSafe", None)
     if cls is None:
         raise InterventionError(
-            f"SafeLatentDiffusion needs diffusers' StableDiffusionPipelineSafe, which diffusers {diffusers.__version__} "
-            "does not have (deprecated since 0.33): install a diffusers that ships it, or leave 'sld' out"
+            "SafeLatentDiffusion needs diffusers' StableDiffusionPipelineSafe, which diffusers "
+            f"{diffusers.__version__} does not have (deprecated since 0.33): install a diffusers that ships it, or leave 'sld' out"
         )
     parts = {name: getattr(pipe, name, None) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
     missing = [k for k, v in parts.items() if v is None]

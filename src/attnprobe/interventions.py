@@ -14,9 +14,10 @@ denoiser then attends to.
     'AttentionEdit(scale=0.0)'
 
 Each intervention is a frozen dataclass (a config, with a readable ``repr``); ``intervene`` (``attnprobe.editing``)
-applies any number of them to one pipeline for the ``with`` block and removes everything in ``finally``: no processor is replaced
-(the edits are forward hooks on the attention modules, their ``to_v`` projections and the denoiser), so a
-``probe`` may be opened inside or outside the block, and afterwards the pipeline generates bit-identical images.
+applies any number of them to one pipeline for the ``with`` block and removes everything in ``finally``. No
+processor is replaced (the edits are forward hooks on the attention modules, their ``to_v`` projections and the
+denoiser), so a ``probe`` may be opened inside or outside the block, and afterwards the pipeline generates
+bit-identical images with the same processor objects.
 
 | config | what it changes | recorded maps |
 |---|---|---|
@@ -225,7 +226,8 @@ class SafeLatentDiffusion(_Config):
         if not 0 <= self.warmup <= 1:
             raise InterventionError(f"SafeLatentDiffusion warmup={self.warmup!r} is a share of the steps, in [0, 1]")
         if not self.guidance_scale > 1:
-            raise InterventionError(f"SafeLatentDiffusion guidance_scale={self.guidance_scale!r} must be > 1 (≤ 1 is off)")
+            raise InterventionError(f"SafeLatentDiffusion guidance_scale={self.guidance_scale!r} must be > 1 "
+                                    "(≤ 1 turns SLD off)")
 
 
 Intervention = Union[AttentionEdit, ConditioningEdit, NegativePrompt, SafeLatentDiffusion]

@@ -158,9 +158,11 @@ def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
     for k, variant in enumerate(variants):
         mine = [r for r in rows if r["variant"] == variant]
         for j, r in enumerate(mine):
-            ax.errorbar(r["delta_auc_last"], r["delta_presence"], xerr=err(r, "delta_auc_last", "ci_low_last", "ci_high_last"),
-                        yerr=err(r, "delta_presence", "ci_low_presence", "ci_high_presence"), fmt=markers[k % len(markers)],
-                        color=colours[variant], ms=5, capsize=2, lw=0.8, label=variant if j == 0 else None)
+            ax.errorbar(r["delta_auc_last"], r["delta_presence"],
+                        xerr=err(r, "delta_auc_last", "ci_low_last", "ci_high_last"),
+                        yerr=err(r, "delta_presence", "ci_low_presence", "ci_high_presence"),
+                        fmt=markers[k % len(markers)], color=colours[variant], ms=5, capsize=2, lw=0.8,
+                        label=variant if j == 0 else None)
             ax.annotate(r["concept"], (r["delta_auc_last"], r["delta_presence"]), fontsize=6, alpha=0.7,
                         xytext=(3, 3), textcoords="offset points")
     ax.axhline(0, color="black", lw=0.8)

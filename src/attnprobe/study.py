@@ -589,8 +589,8 @@ def format_summary(result: StudyResult, **settings) -> str:
     ]
     scorer = settings.get("scorer")
     if scorer:
-        lines += [f"Δ presence: CLIPScore (2.5·max(cos, 0), Hessel et al. 2021; scorer {scorer}) of the image against",
-                  "  'a picture of {c}', minus the baseline image's of the same seed; < 0: the concept shows less."]
+        lines += ["Δ presence: CLIPScore (2.5·max(cos, 0), Hessel et al. 2021) of the image against 'a picture of {c}',",
+                  f"  minus the baseline image's of the same seed (scorer: {scorer}); < 0: the concept shows less."]
         if "random" in scorer:
             lines.append("  Random weights: plumbing only. --scorer openai/clip-vit-large-patch14 gives real scores.")
     if any(r["intervention"] for r in result.summary):
