@@ -351,3 +351,5 @@ def test_parse_composes_labels_and_options():
     assert repr(rows["both"][1]) == "NegativePrompt(template='blurry {c}')"
     assert parse_interventions({"mine": [AttentionEdit(0.5, renormalize=False)]})["mine"][0].renormalize is False
     assert parse_interventions(None) == {}
+    assert parse_interventions([AttentionEdit(0.5), "sld"]) == {"AttentionEdit(scale=0.5)": (AttentionEdit(0.5),),
+                                                               "sld": (SafeLatentDiffusion(),)}

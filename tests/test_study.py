@@ -192,6 +192,23 @@ def test_bad_interventions_fail_before_generating(tmp_path, interventions, error
     assert not (tmp_path / "auc.csv").exists()
 
 
+def test_a_failing_intervention_row_is_recorded_and_the_cell_kept(tmp_path, monkeypatch):
+    from attnprobe.editing import Intervened
+
+    real = Intervened.__call__
+
+    def nan_for_halves(self, **kwargs):
+        if self.interventions[0].scale == 0.5:
+            raise RuntimeError("nan latents")
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(Intervened, "__call__", nan_for_halves)
+    res = study(out=tmp_path, concepts=["dog"], variants="baseline", seeds=[0], steps=2, progress=False, echo=False,
+                scorer="none", interventions={"half": AttentionEdit(0.5), "zero": AttentionEdit(0.0)})
+    assert [r["variant"] for r in res.aucs] == ["baseline", "zero"]
+    assert [(f["seed"], f["error"]) for f in res.failures] == [(0, "row half: RuntimeError: nan latents")]
+
+
 def test_cli_unloadable_scorer_fails_in_one_line_before_generating(tmp_path, capsys):
     code = cli.main(["study", "--scorer", str(tmp_path / "no-clip"), "--out", str(tmp_path / "o"), "--concepts", "cat"])
     err = capsys.readouterr().err.strip()

@@ -333,12 +333,17 @@ def parse_interventions(spec) -> dict[str, tuple[Intervention, ...]]:
         return rows
     entries = spec.split(",") if isinstance(spec, str) else list(spec)
     rows: dict[str, tuple[Intervention, ...]] = {}
-    for entry in (e.strip() for e in entries):
-        if not entry:
-            continue
-        head = re.split(r"[:+]", entry, maxsplit=1)[0]
-        label, body = (p.strip() for p in entry.split("=", 1)) if "=" in head else (entry, entry)
+    for entry in entries:
+        if isinstance(entry, KINDS):  # a config in a list: labelled by its repr
+            label, items = repr(entry), (entry,)
+        else:
+            entry = str(entry).strip()
+            if not entry:
+                continue
+            head = re.split(r"[:+]", entry, maxsplit=1)[0]
+            label, body = (p.strip() for p in entry.split("=", 1)) if "=" in head else (entry, entry)
+            items = tuple(_parse_one(p) for p in body.split("+"))
         if label in rows:
             raise InterventionError(f"the row label {label!r} is given twice; label rows as name=spec")
-        rows[label] = tuple(_parse_one(p) for p in body.split("+"))
+        rows[label] = items
     return rows

@@ -33,6 +33,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -409,8 +410,8 @@ def _check_prompts(pipe, concepts, variants) -> None:
         raise ValueError("checking the prompts before generating: " + "; ".join(problems[:5]))
 
 
-def _fail(result: StudyResult, concept: str, seed, exc: BaseException) -> None:
-    result.failures.append(dict(concept=concept, seed=seed, error=_first_line(exc),
+def _fail(result: StudyResult, concept: str, seed, exc: BaseException, row: str = "") -> None:
+    result.failures.append(dict(concept=concept, seed=seed, error=(f"row {row}: " if row else "") + _first_line(exc),
                                 detail=traceback.format_exc(limit=3).replace("\n", " | ")))
 
 
@@ -428,9 +429,13 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, 
     runs = [(v, store, i, prompts[i], generated.images[i], "", None) for i, v in enumerate(names)]
     base = prompts[names.index("baseline")]
     for label, items in (interventions or {}).items():
-        with intervene(pipe, items, base, concept=concept) as run:
-            with probe(run.pipe, passes="cond", heads="mean", dtype=torch.float16) as st:
-                out = run(latents=latents[:1], **options)
+        try:
+            with intervene(pipe, items, base, concept=concept) as run:
+                with probe(run.pipe, passes="cond", heads="mean", dtype=torch.float16) as st:
+                    out = run(latents=latents[:1], **options)
+        except Exception as exc:  # one failed row must not lose the cell's others
+            _fail(result, concept, seed, exc, row=label)
+            continue
         runs.append((label, st, run.conditional_sample(st), base, out.images[0],
                      " + ".join(n["intervention"] for n in run.notes), run.mass_factors(st, concept)))
     presence, accuracy = _presence(scorer, [r[4] for r in runs], concept)
@@ -499,16 +504,11 @@ def _summarize(result: StudyResult, concepts, names) -> list[dict]:
                 text_delta_last_vs_repetition=text.get("delta_last_vs_repetition", float("nan")),
                 text_concept_cos=text.get("concept_cos", float("nan")),
                 text_delta_vs_repetition=text.get("delta_vs_repetition", float("nan")),
-                presence=_mean(r["presence"] for r in rows), delta_presence=dp, ci_low_presence=lop,
-                ci_high_presence=hip, clip_accuracy=_mean(r["clip_accuracy"] for r in rows),
-                delta_clip_accuracy=_mean(r["delta_clip_accuracy"] for r in rows),
+                presence=fmean(r["presence"] for r in rows), delta_presence=dp, ci_low_presence=lop,
+                ci_high_presence=hip, clip_accuracy=fmean(r["clip_accuracy"] for r in rows),
+                delta_clip_accuracy=fmean(r["delta_clip_accuracy"] for r in rows),
             ))
     return summary
-
-
-def _mean(values) -> float:
-    vals = list(values)
-    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def _write_tables(result: StudyResult, out: Path) -> list[Path]:
