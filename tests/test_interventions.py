@@ -328,6 +328,11 @@ def test_bad_input_is_refused_before_generating(sd_pipe):
     with pytest.raises(ConceptError, match="concept 'cat' is not in the prompt"):
         with intervene(sd_pipe, AttentionEdit(0.0), PROMPT, concept="cat"):
             pass
+    with pytest.raises(InterventionError, match="is not an intervention"):
+        with intervene(sd_pipe, [3], PROMPT, concept=CONCEPT):
+            pass
+    with intervene(sd_pipe, "zero-attention:calls=0-0+negative-prompt", PROMPT, concept=CONCEPT) as run:
+        assert run.interventions == [AttentionEdit(0.0, calls=(0, 0), concept=CONCEPT), NegativePrompt(concept=CONCEPT)]
     with pytest.raises(InterventionError, match="has no concept"):
         with intervene(sd_pipe, AttentionEdit(0.0), PROMPT):
             pass

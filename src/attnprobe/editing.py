@@ -45,6 +45,7 @@ from .interventions import (
     Intervention,
     NegativePrompt,
     SafeLatentDiffusion,
+    parse_interventions,
 )
 from .sites import denoiser_of, list_sites, select_sites
 from .tokens import find_concept, token_layout
@@ -370,7 +371,7 @@ class Intervened:
     def mass_factors(self, store, concept: str) -> torch.Tensor:
         """Per call and site of ``store``, the factor by which ``renormalize=False`` edits scaled the concept's
         attention weights in this block's last pipeline call (1 where none did): ``trajectory(store, concept,
-        by_site=True) * mass_factors(store)`` is the attention weight the denoiser used.
+        by_site=True) * mass_factors(store, concept)`` is the attention weight the denoiser used.
 
         Returns:
             float32 ``[call, site]`` (sites in ``store.sites`` order).
@@ -402,7 +403,8 @@ def _safe_pipeline(pipe):
     if cls is None:
         raise InterventionError(
             "SafeLatentDiffusion needs diffusers' StableDiffusionPipelineSafe, which diffusers "
-            f"{diffusers.__version__} does not have (deprecated since 0.33): install a diffusers that ships it, or leave 'sld' out"
+            f"{diffusers.__version__} does not have (deprecated since 0.33): install a diffusers that ships it, "
+            "or leave 'sld' out"
         )
     parts = {name: getattr(pipe, name, None) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
     missing = [k for k, v in parts.items() if v is None]
@@ -430,8 +432,8 @@ def intervene(pipe, interventions: Intervention | Sequence[Intervention], prompt
 
     Args:
         pipe: a diffusers UNet pipeline (SD 1.x/2.x, SDXL).
-        interventions: one config or a list (they compose: edits add up, at most one ``NegativePrompt`` and one
-            ``SafeLatentDiffusion``).
+        interventions: one config, a name of ``INTERVENTIONS`` (with options, see ``parse_interventions``), or a
+            list of them (they compose: edits add up; at most one ``NegativePrompt`` and one ``SafeLatentDiffusion``).
         prompt: the prompt(s) of the pipeline calls (the concept's tokens are found in them).
         concept: the concept of configs whose ``concept`` is None. Default: None.
         steps: when given, windows are checked against a call of this many steps now, before generating.
@@ -454,11 +456,15 @@ def intervene(pipe, interventions: Intervention | Sequence[Intervention], prompt
         Traceback (most recent call last):
         attnprobe.errors.InterventionError: AttentionEdit(scale=0.0, calls=(5, 6), concept='dog'): calls 5-6 lie outside the run: 4 steps with DDIMScheduler make 4 denoiser calls, 0-3. Give a window within 0-3.
     """
-    items = [interventions] if isinstance(interventions, KINDS) else list(interventions)
-    bad = [iv for iv in items if not isinstance(iv, KINDS)]
-    if bad:
-        raise InterventionError(f"{bad[0]!r} is not an intervention: use {', '.join(k.__name__ for k in KINDS)} "
-                                f"or a name of {list(INTERVENTIONS)} through parse_interventions")
+    items = []
+    for iv in [interventions] if isinstance(interventions, (str, *KINDS)) else list(interventions):
+        if isinstance(iv, str):  # a name with options: "zero-attention:calls=0-3+negative-prompt"
+            items += [x for row in parse_interventions({"": iv}).values() for x in row]
+        elif isinstance(iv, KINDS):
+            items.append(iv)
+        else:
+            raise InterventionError(f"{iv!r} is not an intervention: use {', '.join(k.__name__ for k in KINDS)} "
+                                    f"or a name of {list(INTERVENTIONS)}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise InterventionError(f"prompt must be a string or a list of strings; got {prompt!r}")
