@@ -21,7 +21,9 @@ def _colours(variants) -> dict[str, str]:
     """One colour per variant, the same in every figure: the default variants keep theirs; others follow."""
     names = list(dict.fromkeys(variants))
     out = {v: f"C{_KNOWN.index(v)}" for v in names if v in _KNOWN}
-    free = (f"C{i}" for i in range(len(_KNOWN), 10))
+    # then the light shades of tab20 (intervention rows can make more than ten)
+    light = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
+    free = iter([f"C{i}" for i in range(len(_KNOWN), 10)] + list(light))
     for v in names:
         if v not in out:
             out[v] = next(free, "gray")
