@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from attnprobe import cli
+from attnprobe import AttentionEdit, ConceptError, InterventionError, cli
 from attnprobe.study import DEFAULT_CONCEPTS, DEFAULT_VARIANTS, parse_variants, study
 
 
@@ -23,8 +23,8 @@ def result(tmp_path_factory):
 
 def test_study_writes_every_output(result):
     names = {p.name for p in result.files}
-    assert names == {"trajectories.csv", "auc.csv", "summary.csv", "failures.csv",
-                     "trajectories.png", "delta_auc.png", "heatmaps.png", "text_similarity.csv", "text_similarity.png"}
+    assert names == {"trajectories.csv", "auc.csv", "summary.csv", "failures.csv", "trajectories.png",
+                     "delta_auc.png", "heatmaps.png", "text_similarity.csv", "text_similarity.png", "presence.png"}
     for p in result.files:
         assert p.stat().st_size > 0
         assert p.parent == result.out
@@ -136,3 +136,81 @@ def test_attnprobe_study_stays_the_function_after_its_module_is_imported(tmp_pat
     for i in range(2):
         attnprobe.study(out=tmp_path / str(i), concepts=["cat"], variants="baseline", seeds=[0], steps=1,
                         progress=False, echo=False)
+
+
+# ------------------------------------------------------------------ interventions and presence
+@pytest.fixture(scope="module")
+def with_interventions(tmp_path_factory):
+    out = tmp_path_factory.mktemp("interventions")
+    return study(out=out, concepts=["dog"], variants="instruction", seeds=[0, 1], steps=2, progress=False, echo=False,
+                 interventions="zero-attention,negative-prompt,sld,early=zero-attention-raw:calls=0-0")
+
+
+def test_intervention_rows_sit_beside_the_variants(with_interventions):
+    out = with_interventions.out
+    aucs = {(r["variant"], r["seed"]): r for r in read(out / "auc.csv")}
+    rows = ["baseline", "instruction", "zero-attention", "negative-prompt", "sld", "early"]
+    assert {v for v, _ in aucs} == set(rows)
+    for seed in ("0", "1"):
+        zero, base = aucs[("zero-attention", seed)], aucs[("baseline", seed)]
+        assert float(zero["auc_last"]) == 0.0 and zero["intervention"] == "AttentionEdit(scale=0.0)"
+        assert float(zero["delta_auc_last"]) == pytest.approx(-float(base["auc_last"]), abs=1e-6)
+        assert base["intervention"] == "" and float(base["delta_presence"]) == 0.0
+        assert aucs[("early", seed)]["intervention"] == "AttentionEdit(scale=0.0, renormalize=False, calls=(0, 0))"
+        assert aucs[("negative-prompt", seed)]["prompt"] == base["prompt"] == "a picture of dog"
+        for r in (aucs[(v, seed)] for v in rows):
+            assert 0.0 <= float(r["presence"]) <= 2.5 and float(r["clip_accuracy"]) in (0.0, 1.0)
+    traj = [r for r in read(out / "trajectories.csv") if r["variant"] == "early"]
+    assert [float(r["mass_last"]) == 0.0 for r in traj] == [True, False, True, False]  # call 0 of each seed
+    summary = {r["variant"]: r for r in read(out / "summary.csv")}
+    assert set(summary) == set(rows) and summary["sld"]["intervention"] == "SafeLatentDiffusion()"
+    assert {"presence", "delta_presence", "ci_low_presence", "clip_accuracy"} <= set(summary["sld"])
+    assert (out / "presence.png").stat().st_size > 0
+
+
+def test_cli_interventions_without_a_scorer(tmp_path, capsys):
+    code = cli.main(["study", "--out", str(tmp_path), "--concepts", "cat", "--variants", "baseline", "--seeds", "0",
+                     "--steps", "2", "--no-progress", "--interventions", "both=pad-conditioning+negative-prompt",
+                     "--scorer", "none"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "both " in printed and "Δ presence" in printed
+    assert not (tmp_path / "presence.png").exists()
+    assert {r["presence"] for r in read(tmp_path / "auc.csv")} == {"nan"}
+
+
+@pytest.mark.parametrize("interventions, error, match", [
+    ("zero", InterventionError, "unknown intervention 'zero'"),
+    ("zero-attention:calls=5-6", InterventionError, "make 2 denoiser calls, 0-1"),
+    ({"cat": AttentionEdit(0.0, concept="cat")}, ConceptError, "concept 'cat' is not in the prompt"),
+    ("instruction=zero-attention", ValueError, "have the names of variants"),
+])
+def test_bad_interventions_fail_before_generating(tmp_path, interventions, error, match):
+    with pytest.raises(error, match=match):
+        study(out=tmp_path, concepts=["dog"], variants="instruction", seeds=[0], steps=2, progress=False,
+              echo=False, interventions=interventions)
+    assert not (tmp_path / "auc.csv").exists()
+
+
+def test_a_failing_intervention_row_is_recorded_and_the_cell_kept(tmp_path, monkeypatch):
+    from attnprobe.editing import Intervened
+
+    real = Intervened.__call__
+
+    def nan_for_halves(self, **kwargs):
+        if self.interventions[0].scale == 0.5:
+            raise RuntimeError("nan latents")
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(Intervened, "__call__", nan_for_halves)
+    res = study(out=tmp_path, concepts=["dog"], variants="baseline", seeds=[0], steps=2, progress=False, echo=False,
+                scorer="none", interventions={"half": AttentionEdit(0.5), "zero": AttentionEdit(0.0)})
+    assert [r["variant"] for r in res.aucs] == ["baseline", "zero"]
+    assert [(f["seed"], f["error"]) for f in res.failures] == [(0, "row half: RuntimeError: nan latents")]
+
+
+def test_cli_unloadable_scorer_fails_in_one_line_before_generating(tmp_path, capsys):
+    code = cli.main(["study", "--scorer", str(tmp_path / "no-clip"), "--out", str(tmp_path / "o"), "--concepts", "cat"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("attnprobe: error: could not load scorer") and "\n" not in err
+    assert not (tmp_path / "o" / "auc.csv").exists()

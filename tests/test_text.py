@@ -195,5 +195,9 @@ def test_ablation_edge_cases():
         encode_text(pipe, "a dog", clip_skip=5)
     with pytest.raises(ValueError, match="mask_positions"):
         encode_text(pipe, "a dog", mask_positions=[80])
+    with pytest.raises(ValueError, match="mask_with='van gogh' is 2 tokens"):
+        encode_text(pipe, "a dog", mask_positions=[2], mask_with="van gogh")
+    word = encode_text(pipe, "a dog", mask_positions=[2], mask_with="cat").conditioning
+    assert torch.equal(word, encode_text(pipe, "a cat").conditioning)  # the id swapped in, nothing else
     with pytest.raises(TypeError, match="one prompt"):
         encode_text(pipe, ["a", "b"])

@@ -15,6 +15,7 @@ from .analysis import Comparison, auc, compare, heatmap, trajectory  # noqa: E40
 from .errors import (  # noqa: E402
     AttnprobeError,
     ConceptError,
+    InterventionError,
     ModelLoadError,
     NoSitesError,
     ProbeError,
@@ -22,6 +23,14 @@ from .errors import (  # noqa: E402
     UnknownSiteError,
 )
 from .probe import probe  # noqa: E402
+from .interventions import (  # noqa: E402
+    AttentionEdit,
+    ConditioningEdit,
+    NegativePrompt,
+    SafeLatentDiffusion,
+    parse_interventions,
+)
+from .editing import Intervened, intervene  # noqa: E402
 from .sites import Site, list_sites  # noqa: E402
 from .store import AttentionStore, Call, Sample  # noqa: E402
 from . import text  # noqa: E402  (attnprobe.text: text-encoder analysis)
@@ -31,14 +40,20 @@ from .study import study  # noqa: E402
 
 
 __all__ = [
+    "AttentionEdit",
     "AttentionStore",
     "AttnprobeError",
     "Call",
     "Comparison",
     "ConceptError",
+    "ConditioningEdit",
+    "Intervened",
+    "InterventionError",
     "ModelLoadError",
+    "NegativePrompt",
     "NoSitesError",
     "ProbeError",
+    "SafeLatentDiffusion",
     "Sample",
     "Site",
     "StoreError",
@@ -46,7 +61,9 @@ __all__ = [
     "auc",
     "compare",
     "heatmap",
+    "intervene",
     "list_sites",
+    "parse_interventions",
     "probe",
     "study",
     "trajectory",

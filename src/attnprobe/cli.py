@@ -2,6 +2,7 @@
 
     attnprobe study --model tiny --out out/study
     attnprobe study --concepts "dog,Van Gogh" --variants baseline,instruction --seeds 0,1 --steps 4
+    attnprobe study --interventions "zero-attention,negative-prompt,early=zero-attention:calls=0-3"
     attnprobe sites --model tiny
 """
 
@@ -38,6 +39,7 @@ def _dtype(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnprobe`` argument parser (subcommands ``study`` and ``sites``)."""
+    from .interventions import INTERVENTIONS
     from .study import DEFAULT_CONCEPTS, DEFAULT_VARIANTS
 
     parser = argparse.ArgumentParser(prog="attnprobe", description="Cross-attention probes for diffusers pipelines.")
@@ -59,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--size", type=int, default=None, help="image side in pixels (default: 64 for tiny, else native)")
     st.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 …")
     st.add_argument("--dtype", type=_dtype, default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)")
+    st.add_argument("--interventions", default=None,
+                    help=f"rows beside the variants, comma-separated: names from {list(INTERVENTIONS)}, with options "
+                    "name:key=value (e.g. zero-attention:calls=0-3:sites=up_blocks.*), composed with +, labelled "
+                    "label=spec (default: none)")
+    st.add_argument("--scorer", default="tiny",
+                    help="concept presence in the images: 'tiny' (default: random-weight CLIP, plumbing only), 'none', "
+                    "or a CLIP hub id / local folder, e.g. openai/clip-vit-large-patch14")
     st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     si = sub.add_parser("sites", help="list a model's cross-attention sites")
     si.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', or a hub id / local folder")
@@ -91,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             result = study(
                 model=args.model, out=args.out, concepts=args.concepts, variants=args.variants, seeds=args.seeds,
                 steps=args.steps, guidance=args.guidance, size=args.size, device=args.device, dtype=args.dtype,
-                progress=not args.no_progress,
+                progress=not args.no_progress, interventions=args.interventions, scorer=args.scorer,
             )
             return 1 if result.failures and not result.aucs else 0
         if args.command == "sites":

@@ -30,3 +30,7 @@ class StoreError(AttnprobeError):
 
 class ModelLoadError(AttnprobeError):
     """A pipeline could not be built or loaded (offline, unknown id, missing weights)."""
+
+
+class InterventionError(AttnprobeError):
+    """An intervention is malformed, unknown, outside the run (its window), or cannot be applied to this pipeline."""

@@ -10,7 +10,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["plot_trajectories", "plot_delta_auc", "plot_heatmaps", "plot_text_similarity", "plot_site_call_grid"]
+__all__ = ["plot_trajectories", "plot_delta_auc", "plot_heatmaps", "plot_text_similarity", "plot_site_call_grid",
+           "plot_presence"]
 
 
 _KNOWN = ("baseline", "instruction", "implicit", "repetition")
@@ -20,7 +21,9 @@ def _colours(variants) -> dict[str, str]:
     """One colour per variant, the same in every figure: the default variants keep theirs; others follow."""
     names = list(dict.fromkeys(variants))
     out = {v: f"C{_KNOWN.index(v)}" for v in names if v in _KNOWN}
-    free = (f"C{i}" for i in range(len(_KNOWN), 10))
+    # then the light shades of tab20 (intervention rows can make more than ten)
+    light = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
+    free = iter([f"C{i}" for i in range(len(_KNOWN), 10)] + list(light))
     for v in names:
         if v not in out:
             out[v] = next(free, "gray")
@@ -127,6 +130,50 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
         ax.set_title(f"Δ attention, {title} (mean over seeds, 95% CI)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
+    """Δ attention against Δ presence: per concept and row (variant or intervention), the mean Δ AUC of the
+    requested mention (x) and the mean Δ presence score (y) vs the baseline, with their 95% intervals.
+
+    Args:
+        summary: rows with ``concept``, ``variant``, ``delta_auc_last``, ``ci_low_last``, ``ci_high_last``,
+            ``delta_presence``, ``ci_low_presence``, ``ci_high_presence`` (NaN allowed); baseline rows are skipped.
+        scorer: the scorer's name, for the axis label.
+
+    Returns:
+        The figure: lower left means less attention to the concept and less of it in the image.
+    """
+    plt = _plt()
+    rows = [r for r in summary if r["variant"] != "baseline"]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    colours = _colours(variants)
+    markers = "osD^vP*Xh<>p"
+    fig, ax = plt.subplots(figsize=(7.0, 5.0))
+
+    def err(r, value, low, high):
+        v, lo, hi = (float(r.get(k, float("nan"))) for k in (value, low, high))
+        return [[v - lo if math.isfinite(lo) else 0.0], [hi - v if math.isfinite(hi) else 0.0]]
+
+    for k, variant in enumerate(variants):
+        mine = [r for r in rows if r["variant"] == variant]
+        for j, r in enumerate(mine):
+            ax.errorbar(r["delta_auc_last"], r["delta_presence"],
+                        xerr=err(r, "delta_auc_last", "ci_low_last", "ci_high_last"),
+                        yerr=err(r, "delta_presence", "ci_low_presence", "ci_high_presence"),
+                        fmt=markers[k % len(markers)], color=colours[variant], ms=5, capsize=2, lw=0.8,
+                        label=variant if j == 0 else None)
+            ax.annotate(r["concept"], (r["delta_auc_last"], r["delta_presence"]), fontsize=6, alpha=0.7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("Δ attention AUC vs baseline, requested mention", fontsize=8)
+    ax.set_ylabel(f"Δ presence vs baseline ({scorer or 'scorer'})", fontsize=8)
+    ax.set_title("Does lowering attention remove the concept from the image? (mean over seeds, 95% CI)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False, loc="best")
     fig.tight_layout()
     return fig
 

@@ -243,6 +243,7 @@ class _Recorder(BatchLayout):
         state.keep = self.keep_call is None or bool(self.keep_call(self.calls_in_generation - 1, t))
         if state.keep:
             self.current_call = Call(index=self.call, timestep=t, generation=self.generation, layout=self.layout)
+        self._note_interventions(module)
 
     def _timestep_value(self, timestep) -> float:
         """The call's timestep as a float. A timestep taken from ``scheduler.timesteps`` (diffusers' loops
@@ -311,6 +312,14 @@ class _Recorder(BatchLayout):
             probs = rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw)
             self.current[site] = probs if self.aggregate else probs.to(self.dtype)  # sums stay fp32
         outbox.clear()
+
+    def _note_interventions(self, denoiser) -> None:
+        """``meta["interventions"]``: every intervention active during a denoiser call (``attnprobe.intervene``
+        lists them on the denoiser while its block is open); empty when the maps show an unedited run."""
+        notes = self.store.meta.setdefault("interventions", [])
+        for note in getattr(denoiser, "_attnprobe_interventions", ()):
+            if note not in notes:
+                notes.append(note)
 
     # -------------------------------------------------------------- metadata
     def _meta(self) -> dict:

@@ -4,7 +4,7 @@
     >>> import tempfile
     >>> result = study(out=tempfile.mkdtemp(), concepts=["dog"], seeds=[0], steps=2, progress=False, echo=False)
     >>> sorted(p.name for p in result.files)
-    ['auc.csv', 'delta_auc.png', 'failures.csv', 'heatmaps.png', 'summary.csv', 'text_similarity.csv', 'text_similarity.png', 'trajectories.csv', 'trajectories.png']
+    ['auc.csv', 'delta_auc.png', 'failures.csv', 'heatmaps.png', 'presence.png', 'summary.csv', 'text_similarity.csv', 'text_similarity.png', 'trajectories.csv', 'trajectories.png']
 
 For every concept × seed, one pipeline call generates every prompt variant from the *same* initial latents
 (the seed's noise repeated), under a probe (conditional pass, head mean, fp16). From each sample's maps:
@@ -16,6 +16,10 @@ For every concept × seed, one pipeline call generates every prompt variant from
 Per (concept, variant, seed): ``auc`` / ``auc_last`` (``attnprobe.auc``) and their Δ vs the baseline of the
 same concept and seed; per (concept, variant): the mean Δ over seeds with a 95% t-interval. The question and
 the prompts follow arXiv 2604.01514 ("Why Instruction-Based Unlearning Fails in Diffusion Models?").
+
+Interventions (``attnprobe.interventions``) add rows beside the variants: each is one more pipeline call of the
+baseline prompt from the same noise, with the intervention applied, measured the same way. A presence scorer
+(``attnprobe.scorer``) scores every image for the concept, so that each row shows Δ attention next to Δ presence.
 """
 
 from __future__ import annotations
@@ -29,14 +33,18 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .analysis import auc, heatmap, trajectory
+from .editing import intervene
 from .errors import ConceptError, ModelLoadError
+from .interventions import parse_interventions
 from .probe import probe
+from .scorer import PresenceScorer, load_scorer
 from .text import similarity_rows
 from .tokens import find_concept, token_layout
 
@@ -247,6 +255,8 @@ def study(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     echo: bool = True,
+    interventions=None,
+    scorer: str | PresenceScorer | None = "tiny",
 ) -> StudyResult:
     """Concepts × prompt variants × seeds on one pipeline: concept-attention trajectories, AUC, Δ AUC, figures.
 
@@ -260,19 +270,30 @@ def study(
             (default 64 for tiny models, the model's native size otherwise).
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``… dtype: default fp16 on CUDA, fp32 on CPU.
         progress: show a progress bar. echo: print the summary table.
+        interventions: rows of interventions beside the variants (``parse_interventions``: a spec such as
+            ``"zero-attention,negative-prompt"`` or ``{label: config(s)}``), each applied to the baseline prompt
+            in its own pipeline call from the same noise. Default: none.
+        scorer: concept presence in each image: ``"tiny"`` (default: random-weight CLIP, plumbing only), a CLIP
+            hub id / folder (``"openai/clip-vit-large-patch14"``), a ``PresenceScorer``, or ``"none"``.
 
     Writes to ``out``: ``trajectories.csv`` (per call), ``auc.csv`` (per seed), ``summary.csv`` (mean Δ AUC with
     95% interval), ``failures.csv`` (cells that failed; the study goes on), ``trajectories.png``,
     ``delta_auc.png``, ``heatmaps.png`` (first seed, each map min–max scaled, over the generated images),
     ``text_similarity.csv`` / ``text_similarity.png`` (``attnprobe.text``: the concept's text-encoder
-    representation in each variant against the baseline, per layer).
+    representation in each variant against the baseline, per layer), ``presence.png`` (Δ presence against
+    Δ attention per row, with a scorer).
 
     Raises:
-        ModelLoadError: the model cannot be loaded. ValueError: bad concepts/variants/seeds/steps.
+        ModelLoadError: the model or the scorer cannot be loaded. ValueError: bad concepts/variants/seeds/steps.
+        InterventionError, ConceptError: an intervention that cannot run here (checked before generating).
     """
     from tqdm import tqdm
 
     variants = parse_variants(variants)
+    rows = parse_interventions(interventions)
+    clash = sorted(set(rows) & set(variants))
+    if clash:
+        raise ValueError(f"intervention rows {clash} have the names of variants: label them (label=spec)")
     concepts = list(DEFAULT_CONCEPTS if concepts is None else concepts)
     seeds = [int(s) for s in seeds]
     _check_grid(concepts, seeds, steps, guidance, size)
@@ -295,12 +316,17 @@ def study(
         raise ValueError(f"--out {str(out)!r} cannot be made a folder: {exc.strerror}") from None
     for name in OUTPUT_FILES:  # outputs of an earlier run here would mix with this one's
         (out / name).unlink(missing_ok=True)
+    scorer = scorer if isinstance(scorer, PresenceScorer) else load_scorer(scorer, device)
     pipe = load_pipeline(model, str(device), dtype)
     _check_prompts(pipe, concepts, variants)
+    for concept in concepts:  # every intervention row must apply here (concept, window, pipeline), before generating
+        for items in rows.values():
+            with intervene(pipe, items, variants["baseline"].format(c=concept), concept=concept) as run:
+                run.check(steps, guidance)
     size = int(size or _default_size(pipe, model))
-    names = list(variants)
+    names = list(variants) + list(rows)
     result = StudyResult(out=out)
-    figures: dict[str, dict] = {"images": {}, "maps": {}, "curves": {}}
+    figures: dict = {"images": {}, "maps": {}, "curves": {}, "scorer": getattr(scorer, "name", None)}
     cells = [(c, s) for c in concepts for s in seeds]
     bar = tqdm(cells, desc="attnprobe study", unit="gen", disable=not progress, file=sys.stderr)
     interrupted = False
@@ -309,7 +335,7 @@ def study(
             bar.set_postfix_str(f"{concept}, seed {seed}")
             try:
                 _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, figures,
-                              first_seed=seed == seeds[0])
+                              first_seed=seed == seeds[0], interventions=rows, scorer=scorer)
             except Exception as exc:  # one failed cell must not lose the others
                 _fail(result, concept, seed, exc)
                 tqdm.write(f"attnprobe study: {concept!r} seed {seed} failed: {_first_line(exc)}", file=sys.stderr)
@@ -323,13 +349,14 @@ def study(
     if not interrupted:
         for concept in concepts:  # the text encoder's side: seed-independent, one pass per concept
             try:
-                result.text += similarity_rows(pipe, concept, {v: variants[v].format(c=concept) for v in names})
+                result.text += similarity_rows(pipe, concept, {v: t.format(c=concept) for v, t in variants.items()})
             except Exception as exc:  # one failed concept must not lose the others
                 _fail(result, concept, "text", exc)
     result.summary = _summarize(result, concepts, names)
     result.files = _write_tables(result, out) + _write_figures(result, out, figures)
     if echo:
-        print(format_summary(result, model=model, steps=steps, guidance=guidance, size=size))
+        print(format_summary(result, model=model, steps=steps, guidance=guidance, size=size,
+                             scorer=getattr(scorer, "name", None)))
     if interrupted:
         raise KeyboardInterrupt
     return result
@@ -337,7 +364,7 @@ def study(
 
 OUTPUT_FILES = (
     "trajectories.csv", "auc.csv", "summary.csv", "text_similarity.csv", "failures.csv",
-    "trajectories.png", "delta_auc.png", "heatmaps.png", "text_similarity.png",
+    "trajectories.png", "delta_auc.png", "heatmaps.png", "text_similarity.png", "presence.png",
 )
 
 
@@ -383,43 +410,75 @@ def _check_prompts(pipe, concepts, variants) -> None:
         raise ValueError("checking the prompts before generating: " + "; ".join(problems[:5]))
 
 
-def _fail(result: StudyResult, concept: str, seed, exc: BaseException) -> None:
-    result.failures.append(dict(concept=concept, seed=seed, error=_first_line(exc),
+def _fail(result: StudyResult, concept: str, seed, exc: BaseException, row: str = "") -> None:
+    result.failures.append(dict(concept=concept, seed=seed, error=(f"row {row}: " if row else "") + _first_line(exc),
                                 detail=traceback.format_exc(limit=3).replace("\n", " | ")))
 
 
-def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, figures, first_seed) -> None:
-    """One generation: every variant of one concept from one seed's noise, under one probe."""
+def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, figures, first_seed,
+                  interventions=None, scorer=None) -> None:
+    """One concept and seed: every variant in one pipeline call from the seed's noise, then one call of the baseline
+    prompt per intervention row from the same noise, each under a probe; every image scored for presence."""
     names = list(variants)
     prompts = [variants[v].format(c=concept) for v in names]
     latents = _initial_latents(pipe, seed, size, len(prompts), pipe.device, pipe.unet.dtype)
+    options = dict(num_inference_steps=int(steps), guidance_scale=float(guidance), height=size, width=size)
     with probe(pipe, passes="cond", heads="mean", dtype=torch.float16) as store:
-        generated = pipe(prompts, latents=latents, num_inference_steps=int(steps), guidance_scale=float(guidance),
-                         height=size, width=size)
+        generated = pipe(prompts, latents=latents, **options)
+    # per row: (name, store, sample, prompt, image, intervention, mass factors)
+    runs = [(v, store, i, prompts[i], generated.images[i], "", None) for i, v in enumerate(names)]
+    base = prompts[names.index("baseline")]
+    for label, items in (interventions or {}).items():
+        try:
+            with intervene(pipe, items, base, concept=concept) as run:
+                with probe(run.pipe, passes="cond", heads="mean", dtype=torch.float16) as st:
+                    out = run(latents=latents[:1], **options)
+        except Exception as exc:  # one failed row must not lose the cell's others
+            _fail(result, concept, seed, exc, row=label)
+            continue
+        runs.append((label, st, run.conditional_sample(st), base, out.images[0],
+                     " + ".join(n["intervention"] for n in run.notes), run.mass_factors(st, concept)))
+    presence, accuracy = _presence(scorer, [r[4] for r in runs], concept)
     rows, aucs = [], []
-    for i, variant in enumerate(names):
-        mentions = len(store.token_indices(i, concept))
-        expected = variants[variant].format(c="\0").count("\0")
+    for (variant, st, i, prompt, image, what, factors), p, a in zip(runs, presence, accuracy):
+        mentions = len(st.token_indices(i, concept))
+        expected = variants.get(variant, variants["baseline"]).format(c="\0").count("\0")
         if mentions != expected:
-            _warn(f"{concept!r} occurs {mentions} times in {prompts[i]!r}, its template mentions it {expected} "
+            _warn(f"{concept!r} occurs {mentions} times in {prompt!r}, its template mentions it {expected} "
                   "times: the template's own words contain it, so 'last mention' may be one of them")
-        mass = trajectory(store, concept, i)
-        mass_last = trajectory(store, concept, i, occurrence=-1)
+        mass, mass_last = (_mass(st, concept, i, occurrence, factors) for occurrence in ("all", -1))
         for call, (m, ml) in enumerate(zip(mass.tolist(), mass_last.tolist())):
-            rows.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompts[i], call=call,
-                             timestep=store.calls[call].timestep, mass=m, mass_last=ml))
-        aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompts[i], mentions=mentions,
-                         auc=auc(mass), auc_last=auc(mass_last)))
+            rows.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, call=call,
+                             timestep=st.calls[call].timestep, mass=m, mass_last=ml))
+        aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, intervention=what,
+                         mentions=mentions, auc=auc(mass), auc_last=auc(mass_last), presence=p, clip_accuracy=a))
         figures["curves"].setdefault(concept, {}).setdefault(variant, []).append(mass_last.numpy())
         if first_seed:
-            figures["maps"].setdefault(concept, {})[variant] = heatmap(store, concept, i, occurrence=-1).numpy()
-            figures["images"].setdefault(concept, {})[variant] = generated.images[i]
-    base = next(r for r in aucs if r["variant"] == "baseline")
+            figures["maps"].setdefault(concept, {})[variant] = heatmap(st, concept, i, occurrence=-1).numpy()
+            figures["images"].setdefault(concept, {})[variant] = image
+    base_row = next(r for r in aucs if r["variant"] == "baseline")
     for r in aucs:
-        r["delta_auc"] = r["auc"] - base["auc"]
-        r["delta_auc_last"] = r["auc_last"] - base["auc_last"]
+        for key in ("auc", "auc_last", "presence", "clip_accuracy"):
+            r[f"delta_{key}"] = r[key] - base_row[key]
     result.trajectories += rows
     result.aucs += aucs
+
+
+def _mass(store, concept, sample, occurrence, factors) -> torch.Tensor:
+    """The concept trajectory ``[call]``; with ``renormalize=False`` edits, the weights the denoiser used."""
+    if factors is None or bool((factors == 1).all()):
+        return trajectory(store, concept, sample, occurrence=occurrence)
+    return (trajectory(store, concept, sample, occurrence=occurrence, by_site=True) * factors).mean(dim=1)
+
+
+def _presence(scorer, images, concept) -> tuple[list[float], list[float]]:
+    """Per image, the scorer's presence score and CLIP accuracy (NaN without a scorer / an ``accuracy``)."""
+    nan = [float("nan")] * len(images)
+    if scorer is None:
+        return nan, nan
+    score = [float(v) for v in scorer.score(images, concept)]
+    accuracy = getattr(scorer, "accuracy", None)
+    return score, ([float(v) for v in accuracy(images, concept)] if accuracy is not None else nan)
 
 
 def _summarize(result: StudyResult, concepts, names) -> list[dict]:
@@ -432,11 +491,12 @@ def _summarize(result: StudyResult, concepts, names) -> list[dict]:
                 continue
             d, lo, hi = _interval([r["delta_auc"] for r in rows])
             dl, lol, hil = _interval([r["delta_auc_last"] for r in rows])
+            dp, lop, hip = _interval([r["delta_presence"] for r in rows])
             text = cond_text.get((concept, variant), {})
             if variant == "baseline":  # the reference has no Δ against the control
                 text = {k: v for k, v in text.items() if not k.startswith("delta")}
             summary.append(dict(
-                concept=concept, variant=variant, seeds=len(rows),
+                concept=concept, variant=variant, intervention=rows[0]["intervention"], seeds=len(rows),
                 auc_last=sum(r["auc_last"] for r in rows) / len(rows), delta_auc_last=dl, ci_low_last=lol,
                 ci_high_last=hil,
                 auc=sum(r["auc"] for r in rows) / len(rows), delta_auc=d, ci_low=lo, ci_high=hi,
@@ -444,6 +504,9 @@ def _summarize(result: StudyResult, concepts, names) -> list[dict]:
                 text_delta_last_vs_repetition=text.get("delta_last_vs_repetition", float("nan")),
                 text_concept_cos=text.get("concept_cos", float("nan")),
                 text_delta_vs_repetition=text.get("delta_vs_repetition", float("nan")),
+                presence=fmean(r["presence"] for r in rows), delta_presence=dp, ci_low_presence=lop,
+                ci_high_presence=hip, clip_accuracy=fmean(r["clip_accuracy"] for r in rows),
+                delta_clip_accuracy=fmean(r["delta_clip_accuracy"] for r in rows),
             ))
     return summary
 
@@ -452,12 +515,14 @@ def _write_tables(result: StudyResult, out: Path) -> list[Path]:
     return [
         _write_csv(out / "trajectories.csv", result.trajectories,
                    ["concept", "variant", "seed", "prompt", "call", "timestep", "mass", "mass_last"]),
-        _write_csv(out / "auc.csv", result.aucs, ["concept", "variant", "seed", "prompt", "mentions", "auc_last",
-                                                  "auc", "delta_auc_last", "delta_auc"]),
+        _write_csv(out / "auc.csv", result.aucs, ["concept", "variant", "seed", "prompt", "intervention", "mentions",
+                                                  "auc_last", "auc", "delta_auc_last", "delta_auc", "presence",
+                                                  "delta_presence", "clip_accuracy", "delta_clip_accuracy"]),
         _write_csv(out / "summary.csv", result.summary,
                    ["concept", "variant", "seeds", "auc_last", "delta_auc_last", "ci_low_last", "ci_high_last",
                     "auc", "delta_auc", "ci_low", "ci_high", "text_concept_cos_last", "text_delta_last_vs_repetition",
-                    "text_concept_cos", "text_delta_vs_repetition"]),
+                    "text_concept_cos", "text_delta_vs_repetition", "presence", "delta_presence", "ci_low_presence",
+                    "ci_high_presence", "clip_accuracy", "delta_clip_accuracy", "intervention"]),
         _write_csv(out / "text_similarity.csv", result.text,
                    ["concept", "variant", "encoder", "layer", "concept_cos", "concept_cos_last", "eos_cos",
                     "seq_flat_cos", "seq_mean_cos", "delta_last_vs_repetition", "delta_vs_repetition"]),
@@ -466,7 +531,7 @@ def _write_tables(result: StudyResult, out: Path) -> list[Path]:
 
 
 def _write_figures(result: StudyResult, out: Path, figures: dict) -> list[Path]:
-    from .plot import plot_delta_auc, plot_heatmaps, plot_text_similarity, plot_trajectories
+    from .plot import plot_delta_auc, plot_heatmaps, plot_presence, plot_text_similarity, plot_trajectories
 
     files = []
     if figures["curves"]:
@@ -477,6 +542,8 @@ def _write_figures(result: StudyResult, out: Path, figures: dict) -> list[Path]:
         if deltas:
             files.append(_save_figure(plot_delta_auc(deltas), out / "delta_auc.png"))
         files.append(_save_figure(plot_heatmaps(figures["images"], figures["maps"]), out / "heatmaps.png"))
+        if deltas and any(math.isfinite(r["presence"]) for r in deltas):
+            files.append(_save_figure(plot_presence(deltas, scorer=figures.get("scorer")), out / "presence.png"))
     if result.text:
         files.append(_save_figure(plot_text_similarity(result.text), out / "text_similarity.png"))
     return files
@@ -495,15 +562,17 @@ def format_summary(result: StudyResult, **settings) -> str:
     def num(v, sign=""):
         return f"{v:>{sign}9.4f}" if math.isfinite(v) else f"{'n/a':>9}"
 
-    lines = ["attnprobe study: " + ", ".join(f"{k}={v}" for k, v in settings.items())]
-    header = (f"{'concept':<16}{'variant':<13}{'AUC':>8}  {'Δ AUC, requested mention':<30}"
+    lines = ["attnprobe study: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)]
+    width = max([13] + [min(len(r["variant"]) + 1, 25) for r in result.summary])
+    header = (f"{'concept':<16}{'variant':<{width}}{'AUC':>8}  {'Δ AUC, requested mention':<30}{'Δ presence':>10}  "
               f"{'Δ AUC, all mentions':<30}{'text cos':>9}{'Δ vs rep':>9}")
     lines += [header, "-" * len(header)]
     for r in result.summary:
         base = r["variant"] == "baseline"
         lines.append(
-            f"{r['concept'][:15]:<16}{r['variant'][:12]:<13}{r['auc_last']:>8.4f}  "
+            f"{r['concept'][:15]:<16}{r['variant'][:width - 1]:<{width}}{r['auc_last']:>8.4f}  "
             f"{ci(r['delta_auc_last'], r['ci_low_last'], r['ci_high_last'], base):<30}"
+            f"{'(ref)' if base else num(r['delta_presence'], '+'):>10}  "
             f"{ci(r['delta_auc'], r['ci_low'], r['ci_high'], base):<30}"
             f"{num(r['text_concept_cos_last'])}{'' if base else num(r['text_delta_last_vs_repetition'], '+')}"
         )
@@ -518,4 +587,13 @@ def format_summary(result: StudyResult, **settings) -> str:
         "text cos: cosine of the requested mention's conditioning vector to the baseline's (1 = unchanged); Δ vs rep:",
         "  minus the repetition control's (< 0: the variant moves the concept more than naming it twice does).",
     ]
+    scorer = settings.get("scorer")
+    if scorer:
+        lines += ["Δ presence: CLIPScore (2.5·max(cos, 0), Hessel et al. 2021) of the image against 'a picture of {c}',",
+                  f"  minus the baseline image's of the same seed (scorer: {scorer}); < 0: the concept shows less."]
+        if "random" in scorer:
+            lines.append("  Random weights: plumbing only. --scorer openai/clip-vit-large-patch14 gives real scores.")
+    if any(r["intervention"] for r in result.summary):
+        lines.append("Intervention rows: the baseline prompt with the intervention (auc.csv: 'intervention'), one more "
+                     "pipeline call from the same noise.")
     return "\n".join(lines)

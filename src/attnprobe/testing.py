@@ -23,6 +23,7 @@ __all__ = [
     "full_size_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
+    "tiny_clip",
     "SD15_UNET",
     "SD21_UNET",
     "SDXL_UNET",
@@ -208,6 +209,39 @@ def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, schedu
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def tiny_clip(seed: int = 0):
+    """A ``CLIPModel`` (text and vision towers of width 32, 2 layers, 32×32 px images in 8×8 patches, projection 16)
+    with seeded random weights, and a ``CLIPProcessor`` of the real CLIP tokenizer and an image processor made in
+    code (no files). For the presence scorer's tests and the offline study: its scores are plumbing, not meaning.
+
+    Returns:
+        ``(model, processor)``, the model in eval mode on the CPU.
+
+        >>> model, processor = tiny_clip()
+        >>> model.config.projection_dim, processor.image_processor.crop_size["height"]
+        (16, 32)
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    try:  # transformers ≥ 5 without torchvision: the PIL backend (CLIPImageProcessor would warn and fall back to it)
+        from transformers.models.clip import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(tower, vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=49407),
+        vision_config=dict(tower, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    # offset: with it the random towers give positive image-text cosines, which CLIPScore does not clip to 0
+    torch.manual_seed(seed + 7)
+    model = CLIPModel(config).eval()
+    images = ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, CLIPProcessor(image_processor=images, tokenizer=clip_tokenizer())
 
 
 def synthetic_store(

@@ -132,7 +132,7 @@ def _run_encoder(enc, ids, attention_mask, attentions: bool):
 
 
 def encode_text(pipe, prompt: str, *, attentions: bool = True, clip_skip: int | None = None,
-                mask_positions: list[int] | None = None) -> TextEncoding:
+                mask_positions: list[int] | None = None, mask_with: str | None = None) -> TextEncoding:
     """Encode one prompt through the pipeline's tokenizer(s) and text encoder(s), as its ``encode_prompt`` does.
 
     Args:
@@ -143,12 +143,14 @@ def encode_text(pipe, prompt: str, *, attentions: bool = True, clip_skip: int | 
         mask_positions: token positions whose ids are replaced by the tokenizer's padding id (ablation: the
             position then carries the padding embedding). CLIP pools at the first end-token id, and SD 1.x pads
             with the end token, so with SD 1.x's tokenizer a masked position also moves ``pooled``. Default: none.
+        mask_with: a word of one token (in every tokenizer of the pipeline) whose id replaces the masked
+            positions instead of the padding id, e.g. ``"thing"``. Default: None (the padding id).
 
     Returns:
         A ``TextEncoding`` (conditioning ``[token, hidden]``, per encoder ``[layer, token, hidden]``).
 
     Raises:
-        AttnprobeError: the pipeline has no text encoder.
+        AttnprobeError: the pipeline has no text encoder. ValueError: ``mask_with`` is not one token.
     """
     if not isinstance(prompt, str):
         raise TypeError(f"encode_text takes one prompt (str); got {type(prompt).__name__}: call it per prompt")
@@ -167,6 +169,12 @@ def encode_text(pipe, prompt: str, *, attentions: bool = True, clip_skip: int | 
             if bad:
                 raise ValueError(f"mask_positions {bad} are not positions 0..{n - 1}")
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            if mask_with is not None:
+                word = tok(mask_with, add_special_tokens=False).input_ids
+                if len(word) != 1:
+                    raise ValueError(f"mask_with={mask_with!r} is {len(word)} tokens for {name}'s tokenizer; give a "
+                                     "word of one token (e.g. 'thing')")
+                pad = word[0]
             ids[0, list(mask_positions)] = pad
         device = next(enc.parameters()).device
         ids = ids.to(device)

@@ -1,0 +1,181 @@
+"""Concept presence in generated images: does the picture still show the concept?
+
+    >>> import torch
+    >>> from attnprobe.scorer import load_scorer
+    >>> scorer = load_scorer("tiny")                   # random weights: plumbing, not meaning
+    >>> images = torch.rand(2, 3, 64, 64)              # [image, channel, H, W] in [0, 1]; PIL images work too
+    >>> presence = scorer.score(images, "dog")         # [image], CLIPScore in [0, 2.5]
+    >>> presence.shape, bool(((presence >= 0) & (presence <= 2.5)).all())
+    (torch.Size([2]), True)
+    >>> scorer.accuracy(images, "dog").unique().tolist() in ([0.0], [1.0], [0.0, 1.0])   # [image], 1 or 0
+    True
+
+A scorer is any object with a ``name`` and ``score(images, concept) -> [image]`` (``PresenceScorer``); the study
+scores every generated image and writes the score and its Δ vs the baseline image of the same seed, next to the
+attention Δ. ``CLIPScorer`` gives two measures from one CLIP model (image and text embeddings, cosine ``cos``):
+
+- **CLIPScore** (Hessel et al. 2021, EMNLP): ``w · max(cos(image, target text), 0)`` with ``w = 2.5``; in
+  ``[0, 2.5]``, higher = the image matches the concept's text more. The target text is ``"a picture of {c}"``
+  (the study's baseline prompt); the paper's own prefix is "A photo depicts".
+- **CLIP accuracy** (Kumari et al. 2023, ICCV, "Ablating Concepts in Text-to-Image Diffusion Models"): per image,
+  1 when it is closer to the target text than to an anchor text (``"a picture"``), else 0; its mean over
+  images is the share of images CLIP still classifies as the concept.
+
+Real scores need real weights: ``load_scorer("openai/clip-vit-large-patch14")`` (the CLIP of SD 1.x's text
+encoder) on a machine that has them. ``load_scorer("tiny")`` builds a random-weight CLIP offline
+(``attnprobe.testing.tiny_clip``), to run the plumbing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from .errors import ModelLoadError
+
+__all__ = ["PresenceScorer", "CLIPScorer", "load_scorer", "CLIPSCORE_W"]
+
+#: CLIPScore's rescaling weight (Hessel et al. 2021).
+CLIPSCORE_W = 2.5
+
+
+@runtime_checkable
+class PresenceScorer(Protocol):
+    """What the study needs of a presence scorer.
+
+    Attributes:
+        name: how the scores are labelled in the outputs (e.g. ``"openai/clip-vit-large-patch14"``).
+    """
+
+    name: str
+
+    def score(self, images, concept: str) -> torch.Tensor:
+        """One float per image (``[image]``): how much of ``concept`` each image shows (higher = more)."""
+        ...
+
+
+def _pil_images(images) -> list:
+    """PIL images from a PIL image, a list of them, ``[image, 3, H, W]`` / ``[3, H, W]`` tensors in ``[0, 1]``, or
+    ``[image, H, W, 3]`` / ``[H, W, 3]`` arrays (floats in ``[0, 1]`` or uint8)."""
+    from PIL import Image
+
+    if isinstance(images, Image.Image):
+        return [images]
+    if isinstance(images, torch.Tensor):
+        array = images.detach().float().cpu()
+        array = array.unsqueeze(0) if array.ndim == 3 else array
+        if array.ndim != 4 or array.shape[1] not in (1, 3):
+            raise ValueError(f"image tensors must be [image, 3, H, W] in [0, 1]; got shape {tuple(images.shape)}")
+        images = array.permute(0, 2, 3, 1).numpy()
+    if isinstance(images, np.ndarray):
+        array = images[None] if images.ndim == 3 else images
+        if array.ndim != 4 or array.shape[-1] not in (1, 3):
+            raise ValueError(f"image arrays must be [image, H, W, 3]; got shape {images.shape}")
+        if array.dtype != np.uint8:
+            array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+        return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
+    if isinstance(images, Sequence) and images and all(isinstance(i, Image.Image) for i in images):
+        return list(images)
+    raise TypeError(f"images must be PIL images, a [image, 3, H, W] tensor or [image, H, W, 3] array; got "
+                    f"{type(images).__name__}")
+
+
+class CLIPScorer:
+    """CLIPScore and CLIP accuracy of images against a concept (see the module doc for both measures).
+
+    Args:
+        model: a ``transformers.CLIPModel``. processor: its ``CLIPProcessor``.
+        name: the label in outputs. Default ``"clip"``.
+        target: the concept's text, ``{c}`` standing for the concept. Default ``"a picture of {c}"``.
+        anchor: CLIP accuracy's anchor text. Default ``"a picture"``.
+        random_weights: the model has random weights (its scores are plumbing). Default False.
+
+    Examples:
+        >>> from attnprobe.testing import tiny_clip
+        >>> scorer = CLIPScorer(*tiny_clip(), name="tiny")
+        >>> scorer.similarity(torch.rand(3, 3, 32, 32), ["a picture of dog", "a picture"]).shape   # [image, text]
+        torch.Size([3, 2])
+    """
+
+    def __init__(self, model, processor, *, name: str = "clip", target: str = "a picture of {c}",
+                 anchor: str = "a picture", random_weights: bool = False) -> None:
+        if "{c}" not in target:
+            raise ValueError(f"target={target!r} has no {{c}} for the concept")
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name
+        self.target = target
+        self.anchor = anchor
+        self.random_weights = random_weights
+
+    def __repr__(self) -> str:
+        return f"CLIPScorer(name={self.name!r}, target={self.target!r}, anchor={self.anchor!r})"
+
+    @torch.no_grad()
+    def similarity(self, images, texts: Sequence[str]) -> torch.Tensor:
+        """Cosine of each image's CLIP embedding to each text's: float32 ``[image, text]`` in ``[-1, 1]``."""
+        device = next(self.model.parameters()).device
+        inputs = self.processor(text=list(texts), images=_pil_images(images), return_tensors="pt", padding=True)
+        out = self.model(**{k: v.to(device) for k, v in inputs.items()})
+        image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
+        text = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
+        return (image @ text.T).cpu()
+
+    def score(self, images, concept: str) -> torch.Tensor:
+        """CLIPScore, ``2.5 · max(cos(image, target), 0)``: float32 ``[image]`` in ``[0, 2.5]``."""
+        return CLIPSCORE_W * self.similarity(images, [self.target.format(c=concept)])[:, 0].clamp(min=0)
+
+    def accuracy(self, images, concept: str) -> torch.Tensor:
+        """CLIP accuracy per image: 1.0 where ``cos(image, target) > cos(image, anchor)``, else 0.0 (``[image]``)."""
+        sim = self.similarity(images, [self.target.format(c=concept), self.anchor])
+        return (sim[:, 0] > sim[:, 1]).float()
+
+
+def load_scorer(name: str | None = "tiny", device="cpu") -> CLIPScorer | None:
+    """A presence scorer by name.
+
+    Args:
+        name: ``"tiny"`` (random-weight CLIP built offline), ``"none"`` / ``None`` (no scorer), or a hub id / local
+            folder of a CLIP model (``CLIPModel`` + its processor), e.g. ``"openai/clip-vit-large-patch14"``.
+            Default ``"tiny"``.
+        device: where the model runs. Default ``"cpu"``.
+
+    Returns:
+        A ``CLIPScorer``, or None for ``"none"``.
+
+    Raises:
+        ModelLoadError: the model could not be loaded (offline, unknown id, not a CLIP model), in one line.
+    """
+    if name is None or name == "none":
+        return None
+    if name == "tiny":
+        from .testing import tiny_clip
+
+        model, processor = tiny_clip()
+        return CLIPScorer(model.to(device), processor, name="tiny-clip (random weights)", random_weights=True)
+    from transformers import CLIPModel, CLIPProcessor
+    from transformers.utils import logging as transformers_logging
+
+    from .study import _first_line
+
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 2)[-1]
+    if looks_local and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"could not load scorer {name!r}: no such folder (and it is not a hub id)")
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model = CLIPModel.from_pretrained(name)
+        processor = CLIPProcessor.from_pretrained(name)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load scorer {name!r} ({_first_line(exc)}). Real presence scores need a CLIP model's weights "
+            "on this machine (a local folder or the hub cache) or network access; offline, use --scorer tiny "
+            "(random weights) or --scorer none."
+        ) from None
+    finally:
+        transformers_logging.set_verbosity(level)
+    return CLIPScorer(model.to(device), processor, name=name)
