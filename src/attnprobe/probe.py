@@ -63,7 +63,7 @@ class _Recorder(BatchLayout):
         self.all_sites = [s.name for s in all_sites] or list(self.modules)
         self.known = {s.name: s.order for s in all_sites}
         self.known_order = bool(self.known) and None not in self.known.values()  # seen by an earlier probe
-        self.state = CaptureState(heads=heads)
+        self.state = CaptureState(heads=heads, dtype=torch.float32 if aggregate else dtype)
         self.calls_spec, self.keep_call = calls, call_filter(calls)
         self.tokens_spec = check_tokens(tokens)
         self.aggregate = aggregate
@@ -133,6 +133,7 @@ class _Recorder(BatchLayout):
         self.order_handles.clear()
 
     def remove(self) -> None:
+        self.state.workspace.clear()
         for handle in self.handles + self.order_handles:
             handle.remove()
         self.handles.clear()
@@ -310,7 +311,7 @@ class _Recorder(BatchLayout):
                 raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
             qh, qw = self._grid(site, probs.shape[2])
             probs = rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw)
-            self.current[site] = probs if self.aggregate else probs.to(self.dtype)  # sums stay fp32
+            self.current[site] = probs  # in the store's dtype (fp32 for an aggregate), see CaptureState.dtype
         outbox.clear()
 
     def _note_interventions(self, denoiser) -> None:

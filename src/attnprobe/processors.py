@@ -23,8 +23,20 @@ from .errors import ProbeError
 __all__ = ["ProbeProcessor", "CaptureState", "wrap_processor", "attention_probs", "reduce_probs"]
 
 
+def _buffer(workspace: dict | None, name: str, shape, device) -> torch.Tensor | None:
+    """A reusable fp32 scratch tensor (CPU only): fresh multi-MB temporaries at every site call make glibc map and
+    unmap memory, and the page faults cost more than the arithmetic. ``None`` without a workspace."""
+    if workspace is None:
+        return None
+    key = (name, tuple(shape), device)
+    if key not in workspace:
+        workspace[key] = torch.empty(tuple(shape), dtype=torch.float32, device=device)
+    return workspace[key]
+
+
 def attention_probs(
-    attn, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, rows=None
+    attn, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, rows=None,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Cross-attention probabilities of one site call, computed in fp32.
 
@@ -34,6 +46,8 @@ def attention_probs(
         key: ``attn.to_k`` output, ``[batch, token, heads * head_dim]``.
         attention_mask: the mask the processor got (additive bias or boolean), or ``None``.
         rows: batch rows to keep (the captured passes): a ``slice``, a long tensor of indices, or ``None`` for all.
+        workspace: a dict of scratch buffers to compute in (reused between calls); the result is then one of
+            them, valid until the next call with the same workspace. Default: ``None`` (fresh tensors).
 
     Returns:
         ``[sample, head, query, token]`` float32 probabilities; each row sums to 1 over ``token``.
@@ -50,7 +64,9 @@ def attention_probs(
     if getattr(attn, "norm_k", None) is not None:
         key = attn.norm_k(key)
     # the scale goes on q ([query, d]) rather than on the logits ([query, token]): fewer multiplications
-    logits = torch.matmul(query.float() * attn.scale, key.float().transpose(-1, -2))
+    query, key_t = query.float() * attn.scale, key.float().transpose(-1, -2)
+    shape = (*query.shape[:-1], key_t.shape[-1])
+    logits = torch.matmul(query, key_t, out=_buffer(workspace, "logits", shape, query.device))
     if attention_mask is not None:
         mask = attn.prepare_attention_mask(attention_mask, n_keys, batch)
         mask = mask.reshape(batch, heads, -1, mask.shape[-1])
@@ -59,22 +75,26 @@ def attention_probs(
         elif rows is not None:
             mask = mask.index_select(0, rows)
         if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, float("-inf"))
+            logits = logits.masked_fill_(~mask, float("-inf"))
         else:
-            logits = logits + mask.float()
-    return logits.softmax(dim=-1)
+            logits = logits.add_(mask.float())
+    if workspace is None:
+        return logits.softmax(dim=-1)
+    return torch.ops.aten._softmax.out(logits, -1, False, out=_buffer(workspace, "probs", shape, logits.device))
 
 
-def reduce_probs(probs: torch.Tensor, heads: str, tokens: torch.Tensor | None) -> torch.Tensor:
+def reduce_probs(probs: torch.Tensor, heads: str, tokens: torch.Tensor | None, workspace: dict | None = None) -> torch.Tensor:
     """The capture-time reductions of ``probe``: keep token positions, then average heads.
 
     ``probs``: ``[sample, head, query, token]`` → ``[sample, head or 1, query, kept token]``. Selected tokens no
-    longer sum to 1 (they hold their share of the full softmax).
+    longer sum to 1 (they hold their share of the full softmax). ``workspace``: as for ``attention_probs``.
     """
     if tokens is not None:
-        probs = probs.index_select(-1, tokens)
+        shape = (*probs.shape[:-1], tokens.numel())
+        probs = torch.index_select(probs, -1, tokens, out=_buffer(workspace, "tokens", shape, probs.device))
     if heads == "mean":
-        probs = probs.mean(dim=1, keepdim=True)
+        shape = (probs.shape[0], 1, *probs.shape[2:])
+        probs = torch.mean(probs, dim=1, keepdim=True, out=_buffer(workspace, "mean", shape, probs.device))
     return probs
 
 
@@ -90,6 +110,8 @@ class CaptureState:
         rows: batch rows of the captured passes (a ``slice`` when contiguous, else a long tensor), or ``None``.
         heads: ``"keep"`` or ``"mean"``.
         tokens: token positions to keep (long tensor) or ``None`` for all.
+        dtype: the dtype of the maps handed to the probe (the store's, or fp32 for a running aggregate).
+        workspace: scratch buffers for computing on the CPU outside ``torch.compile`` (see ``attention_probs``).
         outbox: ``(site, probs)`` of the call in progress, appended by the wrappers and emptied by the probe at
             the end of each denoiser call (a list append traces without a graph break; a call back into the
             probe's Python state would break the graph at every site).
@@ -99,7 +121,9 @@ class CaptureState:
     rows: Any = None
     heads: str = "keep"
     tokens: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32
     outbox: list = field(default_factory=list)
+    workspace: dict = field(default_factory=dict)
 
 
 class ProbeProcessor:
@@ -167,8 +191,11 @@ class ProbeProcessor:
                 f"{'query' if query is None else 'key'}. Processors that compute q/k another way are not supported."
             )
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        scratch = state.workspace if query.device.type == "cpu" and not torch.compiler.is_compiling() else None
         with torch.no_grad():
-            probs = reduce_probs(attention_probs(attn, query, key, mask, state.rows), state.heads, state.tokens)
+            probs = attention_probs(attn, query, key, mask, state.rows, scratch)
+            probs = reduce_probs(probs, state.heads, state.tokens, scratch)
+            probs = probs.to(state.dtype, copy=scratch is not None)  # never hand on a scratch buffer
         if self._direct:
             self._on_probs(self.site, probs)
         else:
