@@ -316,3 +316,56 @@ def test_call_sink_hands_on_copies_in_order_and_waits_only_past_the_limit():
     assert [c.index for c in store.calls] == [0, 1, 2, 3]
     assert store["s"][:, 0, 0, 0, 0, 0].tolist() == [0, 1, 2, 3]
     assert not store["s"].is_pinned()
+
+
+# ---------------------------------------------------------------------------------------------- found by breaking
+def test_a_call_that_failed_after_encoding_does_not_label_the_next(sd_pipe):
+    kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
+    with probe(sd_pipe, heads="mean", tokens="dog") as store:
+        with pytest.raises(ValueError):  # DDIM takes no custom sigmas: raised after the prompt was encoded
+            sd_pipe("a picture of cat and dog", sigmas=[1.0, 0.5], **kwargs)
+        sd_pipe("a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs)
+    ref, _ = _capture(sd_pipe, "a picture of dog", steps=2, heads="mean", tokens="dog", dtype=torch.float16)
+    assert store.samples[0].text == "a picture of dog" and store.token_positions == ref.token_positions
+    _equal(trajectory(store, "dog"), trajectory(ref, "dog"))
+
+
+def test_a_streamed_store_with_a_missing_twice_or_foreign_shard_is_refused(sd_pipe, tmp_path):
+    import shutil
+
+    _capture(sd_pipe, stream_to=tmp_path / "s", steps=3)
+    calls = tmp_path / "s" / "calls"
+    shutil.copy(calls / "00000001.safetensors", tmp_path / "keep.safetensors")
+    (calls / "00000001.safetensors").unlink()
+    with pytest.raises(StoreError, match=r"header lists 3 calls \[0, 1, 2\] but calls/ holds 2 \[0, 2\]"):
+        AttentionStore.load(tmp_path / "s")
+    shutil.copy(tmp_path / "keep.safetensors", calls / "00000001.safetensors")
+    shutil.copy(calls / "00000000.safetensors", calls / "00000000 (copy).safetensors")
+    with pytest.raises(StoreError, match="holds 4"):
+        AttentionStore.load(tmp_path / "s")
+    (calls / "00000000 (copy).safetensors").unlink()
+    _capture(sd_pipe, stream_to=tmp_path / "other", steps=3, passes="all")
+    shutil.copy(tmp_path / "other" / "calls" / "00000001.safetensors", calls / "00000001.safetensors")
+    with pytest.raises(StoreError, match="a shard of another store"):
+        AttentionStore.load(tmp_path / "s")
+    store, _ = _capture(sd_pipe, steps=3)
+    (calls / "00000001.safetensors").unlink()
+    store.save(calls / "00000001.safetensors")
+    with pytest.raises(StoreError, match="without an attnprobe call record"):
+        AttentionStore.load(tmp_path / "s")
+
+
+def test_maps_takes_ints_slices_and_refuses_non_ints(full):
+    store, _ = full
+    site = store.site_names[0]
+    _equal(store.maps(site, calls=1), store[site][[1]])
+    _equal(store.maps(site, calls=slice(0, None, 2)), store[site][[0, 2]])
+    with pytest.raises(TypeError, match="must be ints"):
+        store.maps(site, calls=[0.7])
+
+
+def test_a_probe_that_fails_to_open_leaves_no_folder(sd_pipe, tmp_path):
+    with pytest.raises(ProbeError):
+        with probe(sd_pipe.unet, prompts=["a"], stream_to=tmp_path / "s"):
+            pass
+    assert not (tmp_path / "s").exists()

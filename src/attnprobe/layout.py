@@ -108,7 +108,9 @@ class BatchLayout:
         n = batch // 2 if cfg else batch
         labels = ["uncond"] * n + ["cond"] * n if cfg else ["cond"] * batch
         # diffusers encodes the prompt, then the negative prompt, skipping whichever came as embeddings
-        encoded = list(self.encoded)
+        # the last encodes are this call's (a failed call with the same arguments may have left its own before)
+        expected = int(not given.get("prompt_embeds")) + int(bool(cfg and not given.get("negative_prompt_embeds")))
+        encoded = list(self.encoded)[-expected:] if expected else []
         cond_ids = None if given.get("prompt_embeds") else (encoded.pop(0) if encoded else None)
         uncond_ids = encoded.pop(0) if cfg and encoded and not given.get("negative_prompt_embeds") else None
         zeros = bool(

@@ -160,7 +160,9 @@ class _Recorder(BatchLayout):
         given = self._call_arguments()
         if not given:
             return  # the text encoder ran outside a pipeline call (encode_prompt, attnprobe.text): not this call's
-        if self.calls_in_generation > 0:  # a new pipeline call begins by encoding its prompts
+        # a new pipeline call begins by encoding its prompts; one with other arguments may follow a call that
+        # failed after encoding (its ids must not label this one)
+        if self.calls_in_generation > 0 or (self.given is not None and given != self.given):
             self.calls_in_generation = 0
             self.encoded = []
             self.given = None

@@ -165,8 +165,11 @@ def load_scorer(name: str | None = "tiny", device="cpu") -> CLIPScorer | None:
     looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 2)[-1]
     if looks_local and not Path(name).expanduser().exists():
         raise ModelLoadError(f"could not load scorer {name!r}: no such folder (and it is not a hub id)")
-    level = transformers_logging.get_verbosity()
+    from huggingface_hub.utils import logging as hub_logging
+
+    level, hub_level = transformers_logging.get_verbosity(), hub_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # offline, the hub client logs every retry before the error
     try:
         model = CLIPModel.from_pretrained(name)
         processor = CLIPProcessor.from_pretrained(name)
@@ -178,4 +181,5 @@ def load_scorer(name: str | None = "tiny", device="cpu") -> CLIPScorer | None:
         ) from None
     finally:
         transformers_logging.set_verbosity(level)
+        hub_logging.set_verbosity(hub_level)
     return CLIPScorer(model.to(device), processor, name=name)

@@ -55,13 +55,13 @@ class ShardWriter:
             raise StoreError(
                 f"stream_to={str(self.folder)!r} is {what}: give a new or empty folder (a store is never overwritten)"
             )
-        (self.folder / CALLS).mkdir(parents=True, exist_ok=True)
-        self.count = 0
+        self.count = 0  # the folder is made when the first pipeline call starts, not before the probe opens
 
     def write(self, call: dict, maps: dict[str, torch.Tensor]) -> Path:
         """Write one call's maps (``site -> [sample, head, qh, qw, token]``) as a token-major shard."""
         from safetensors.torch import save_file
 
+        (self.folder / CALLS).mkdir(parents=True, exist_ok=True)
         path = self.folder / CALLS / f"{self.count:08d}.safetensors"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tensors = {site: t.permute(4, 0, 1, 2, 3).contiguous() for site, t in maps.items()}
@@ -75,12 +75,13 @@ class ShardWriter:
         return path
 
     def write_header(self, header: dict) -> None:
+        (self.folder / CALLS).mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.folder / HEADER, header)
 
 
 def shard_paths(folder: Path) -> list[Path]:
     """The finished shards of a streamed store, in call order (temporary files of a crash are ignored)."""
-    return sorted(p for p in (folder / CALLS).glob("*.safetensors") if not p.name.startswith("."))
+    return sorted(p for p in (folder / CALLS).glob("*.safetensors") if not p.name.startswith(".") and p.is_file())
 
 
 def read_shard_call(path: Path) -> tuple[dict, dict[str, tuple[int, ...]], dict[str, str]]:
@@ -90,13 +91,19 @@ def read_shard_call(path: Path) -> tuple[dict, dict[str, tuple[int, ...]], dict[
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            call = json.loads((f.metadata() or {})[_CALL_KEY])
+            record = (f.metadata() or {}).get(_CALL_KEY)
+            if record is None:
+                raise StoreError(f"{str(path)!r} is a safetensors file without an attnprobe call record (a file "
+                                 "written by store.save()? Keep other files out of a streamed store's calls/ folder)")
+            call = json.loads(record)
             shapes, dtypes = {}, {}
             for site in f.keys():
                 sl = f.get_slice(site)
                 token, *rest = sl.get_shape()
                 shapes[site] = (*rest, token)
                 dtypes[site] = sl.get_dtype()
+    except StoreError:
+        raise
     except Exception as exc:
         raise StoreError(f"{str(path)!r} is not a readable attnprobe shard (corrupt or truncated?): {exc}") from exc
     return call, shapes, dtypes
@@ -119,6 +126,9 @@ def read_site(
                 sl = f.get_slice(site)
                 if tokens is None:
                     t = sl[:]
+                elif not tokens:
+                    token, *rest = sl.get_shape()
+                    t = torch.empty((0, *rest))
                 else:
                     lo, hi = min(tokens), max(tokens) + 1
                     t = sl[lo:hi]
@@ -130,4 +140,8 @@ def read_site(
         out.append(t.permute(1, 2, 3, 4, 0))  # → [sample, head, qh, qw, token]
     if not out:
         return torch.empty(0)
-    return torch.stack(out).contiguous()
+    try:
+        return torch.stack(out).contiguous()
+    except RuntimeError:
+        shapes = {str(p.name): tuple(t.shape) for p, t in zip(paths, out)}
+        raise StoreError(f"site {site}: the shards disagree on its shape {shapes} (edited or mixed stores?)") from None

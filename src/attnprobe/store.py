@@ -52,6 +52,26 @@ def _json_safe(value):
     return str(value)
 
 
+def _positions(axis: str, chosen, length: int) -> list[int] | None:
+    """``chosen`` (None, an int, a slice or a sequence of ints) as a list of non-negative positions on an axis.
+
+    Raises:
+        IndexError: a position out of range. TypeError: not ints.
+    """
+    if chosen is None:
+        return None
+    if isinstance(chosen, slice):
+        return list(range(length))[chosen]
+    if isinstance(chosen, int) and not isinstance(chosen, bool):
+        chosen = [chosen]
+    chosen = list(chosen)
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in chosen):
+        raise TypeError(f"{axis} positions must be ints; got {chosen!r}")
+    if any(not -length <= i < length for i in chosen):
+        raise IndexError(f"{axis} positions {chosen} are out of range: the {axis} axis has {length} entries")
+    return [i % length for i in chosen]
+
+
 @dataclass(frozen=True)
 class Call:
     """One denoiser call.
@@ -160,12 +180,13 @@ class AttentionStore:
 
         Args:
             site: a site name or ``Site``.
-            calls: positions on the ``call`` axis (a list of ints). Default: all.
-            samples: positions on the ``sample`` axis. Default: all.
-            tokens: positions on the ``token`` axis (e.g. from ``token_indices``). Default: all.
+            calls: positions on the ``call`` axis (an int, a slice or a list of ints). Default: all.
+            samples: positions on the ``sample`` axis (same forms). Default: all.
+            tokens: positions on the ``token`` axis (e.g. from ``token_indices``; same forms). Default: all.
 
         Raises:
             UnknownSiteError: no such site. IndexError: a position out of range (says the axis length).
+            TypeError: positions that are not ints.
 
         Examples:
             >>> from attnprobe.testing import synthetic_store
@@ -175,13 +196,9 @@ class AttentionStore:
         """
         name = self._site_name(site)
         n_calls = len(self._shards) if self._folder is not None else (self[name].shape[0] if self[name].numel() else 0)
-        for axis, chosen, length in (("call", calls, n_calls), ("sample", samples, len(self.samples)),
-                                     ("token", tokens, self.n_tokens)):
-            if chosen is not None and any(not -length <= int(i) < length for i in chosen):
-                raise IndexError(f"{axis} positions {list(chosen)} are out of range: the {axis} axis has {length} entries")
-        calls = None if calls is None else [int(i) % n_calls for i in calls]
-        samples = None if samples is None else [int(i) % len(self.samples) for i in samples]
-        tokens = None if tokens is None else [int(i) % self.n_tokens for i in tokens]
+        calls = _positions("call", calls, n_calls)
+        samples = _positions("sample", samples, len(self.samples))
+        tokens = _positions("token", tokens, self.n_tokens)
         if self._folder is not None:
             paths = self._shards if calls is None else [self._shards[i] for i in calls]
             return shards.read_site(paths, name, samples, tokens)
@@ -484,14 +501,32 @@ class AttentionStore:
         except ValueError as exc:
             raise StoreError(f"{str(header_path)!r} is not valid JSON (edited by hand?): {exc}") from None
         store = cls._from_header(folder, header, {}, folder)
+        listed = store.calls  # the header's: every call at the end of a complete run
         store.calls, store._shards = [], []
+        first: dict | None = None
         for path in shards.shard_paths(folder):  # the calls that finished, also after a crash
             call, shapes, _ = shards.read_shard_call(path)
             missing = [s.name for s in store.sites if s.name not in shapes]
             if missing:
                 raise StoreError(f"{str(path)!r} lacks the maps of sites {missing[:5]} (edited by hand?)")
+            first = first or shapes
+            bad = [n for n in shapes if shapes[n] != first.get(n) or shapes[n][0] != len(store.samples)]
+            if bad:
+                raise StoreError(
+                    f"{str(path)!r}: site {bad[0]} has shape {list(shapes[bad[0]])}, other shards "
+                    f"{list(first.get(bad[0], ()))} and the header {len(store.samples)} samples (a shard of another store?)"
+                )
             store.calls.append(Call(**{**call, "layout": tuple(call["layout"])}))
             store._shards.append(path)
         if store.aggregate and len(store._shards) == 1:
-            store.calls = [Call(**{**c, "layout": tuple(c["layout"])}) for c in header["calls"]]
+            store.calls = listed
+        elif store.meta.get("complete") and store.calls != listed:
+            raise StoreError(
+                f"{str(folder)!r}: its header lists {len(listed)} calls {[c.index for c in listed][:12]} but calls/ "
+                f"holds {len(store.calls)} {[c.index for c in store.calls][:12]} (a shard deleted, copied or added)"
+            )
+        else:
+            order = [(c.generation, c.index) for c in store.calls]
+            if order != sorted(set(order)):
+                raise StoreError(f"{str(folder)!r}: calls/ holds calls out of order or twice: {order[:12]}")
         return store
