@@ -358,3 +358,25 @@ def test_parse_composes_labels_and_options():
     assert parse_interventions(None) == {}
     assert parse_interventions([AttentionEdit(0.5), "sld"]) == {"AttentionEdit(scale=0.5)": (AttentionEdit(0.5),),
                                                                "sld": (SafeLatentDiffusion(),)}
+
+
+@pytest.mark.parametrize("spec, match", [(",", "names no intervention"), ("", "names no intervention"),
+                                         ("=zero-attention", "both parts"), ("early=", "both parts")])
+def test_specs_that_name_nothing_are_refused(spec, match):
+    from attnprobe import parse_interventions
+    from attnprobe.errors import InterventionError
+
+    with pytest.raises(InterventionError, match=match):
+        parse_interventions(spec)
+
+
+def test_bad_negative_prompt_template_and_non_config_are_refused_at_once():
+    from attnprobe import NegativePrompt, intervene
+    from attnprobe.errors import InterventionError
+    from attnprobe.testing import tiny_sd_pipeline
+
+    with pytest.raises(InterventionError, match=r"only \{c\}"):
+        NegativePrompt("{x}")
+    with pytest.raises(InterventionError, match="42 is not an intervention"):
+        with intervene(tiny_sd_pipeline(), 42, "a picture of dog", concept="dog"):
+            pass

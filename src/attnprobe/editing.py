@@ -457,6 +457,9 @@ def intervene(pipe, interventions: Intervention | Sequence[Intervention], prompt
         attnprobe.errors.InterventionError: AttentionEdit(scale=0.0, calls=(5, 6), concept='dog'): calls 5-6 lie outside the run: 4 steps with DDIMScheduler make 4 denoiser calls, 0-3. Give a window within 0-3.
     """
     items = []
+    if not isinstance(interventions, (str, *KINDS, list, tuple)):
+        raise InterventionError(f"{interventions!r} is not an intervention: use {', '.join(k.__name__ for k in KINDS)}, "
+                                f"a name of {list(INTERVENTIONS)}, or a list of them")
     for iv in [interventions] if isinstance(interventions, (str, *KINDS)) else list(interventions):
         if isinstance(iv, str):  # a name with options: "zero-attention:calls=0-3+negative-prompt"
             items += [x for row in parse_interventions({"": iv}).values() for x in row]

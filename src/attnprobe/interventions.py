@@ -196,6 +196,16 @@ class NegativePrompt(_Config):
     template: str = "{c}"
     concept: str | None = None
 
+    def __post_init__(self) -> None:
+        try:
+            filled = self.template.format(c="x")
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise InterventionError(
+                f"NegativePrompt template={self.template!r}: only {{c}} (the concept) may be filled in ({exc!r})"
+            ) from None
+        if not filled.strip():
+            raise InterventionError("NegativePrompt template is empty")
+
 
 @dataclass(frozen=True, repr=False)
 class SafeLatentDiffusion(_Config):
@@ -332,6 +342,8 @@ def parse_interventions(spec) -> dict[str, tuple[Intervention, ...]]:
             rows[str(label)] = items
         return rows
     entries = spec.split(",") if isinstance(spec, str) else list(spec)
+    if isinstance(spec, str) and not any(e.strip() for e in entries):
+        raise InterventionError(f"interventions={spec!r} names no intervention; known: {list(INTERVENTIONS)}")
     rows: dict[str, tuple[Intervention, ...]] = {}
     for entry in entries:
         if isinstance(entry, KINDS):  # a config in a list: labelled by its repr
@@ -342,6 +354,8 @@ def parse_interventions(spec) -> dict[str, tuple[Intervention, ...]]:
                 continue
             head = re.split(r"[:+]", entry, maxsplit=1)[0]
             label, body = (p.strip() for p in entry.split("=", 1)) if "=" in head else (entry, entry)
+            if not label or not body:
+                raise InterventionError(f"row {entry!r}: give label=spec with both parts, or just a spec")
             items = tuple(_parse_one(p) for p in body.split("+"))
         if label in rows:
             raise InterventionError(f"the row label {label!r} is given twice; label rows as name=spec")

@@ -389,9 +389,12 @@ class AttentionStore:
 
     def __repr__(self) -> str:
         grids = sorted({tuple(self[n].shape[3:5]) for n in self.site_names if self[n].numel()})
+        calls = f"the {self.aggregate} over {len(self.calls)} calls" if self.aggregate else f"{len(self.calls)} calls"
+        tokens = f", tokens {self.token_positions}" if self.token_positions is not None else ""
+        where = f", in {str(self._folder)!r}" if self._folder is not None else ""
         return (
-            f"AttentionStore({len(self.sites)} sites, {len(self.calls)} calls, {len(self.samples)} samples, "
-            f"grids {grids}, {self.nbytes / 1e6:.1f} MB)"
+            f"AttentionStore({len(self.sites)} sites, {calls}, {len(self.samples)} samples, "
+            f"grids {grids}{tokens}, {self.nbytes / 1e6:.3g} MB{where})"
         )
 
     # ------------------------------------------------------------------ files
