@@ -1,7 +1,7 @@
 """Probe overhead, store size, peak memory and torch.compile recompiles on SD 1.5- and SDXL-shaped pipelines
 built from configs (CPU, no downloads, random weights: the timings do not depend on the weights).
 
-    .venv/bin/python benchmarks/overhead.py            # the full table (about 5 minutes on 2 cores)
+    .venv/bin/python benchmarks/overhead.py            # the full table (about 10 minutes on 2 idle cores)
     .venv/bin/python benchmarks/overhead.py --quick    # 5 pairs per row instead of 9, fewer generations
 
 Every row runs in a fresh interpreter (its own peak RSS). Timed rows alternate plain and probed generations
