@@ -196,3 +196,18 @@ def test_a_store_that_saw_no_call_saves_and_loads(pipe, tmp_path):
             raise RuntimeError("before any call")
     back = attnprobe.AttentionStore.load(store.save(tmp_path / "empty.safetensors"))
     assert back.calls == [] and back.meta["complete"] is False
+
+
+def test_a_study_that_cannot_start_leaves_its_folder_alone(tmp_path):
+    """A model that cannot load must not delete an earlier run's outputs, nor create an empty folder."""
+    from attnprobe.errors import ModelLoadError
+
+    study_fn = importlib.import_module("attnprobe.study").study
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.csv").write_text("earlier results")
+    for out in (tmp_path / "old", tmp_path / "new"):
+        with pytest.raises(ModelLoadError):
+            study_fn(model=str(tmp_path / "no_such_model"), out=out, concepts=["dog"], seeds=[0], steps=2,
+                     progress=False, echo=False)
+    assert (tmp_path / "old" / "summary.csv").read_text() == "earlier results"
+    assert not (tmp_path / "new").exists()

@@ -310,12 +310,6 @@ def study(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--out {str(out)!r} cannot be made a folder: {exc.strerror}") from None
-    for name in OUTPUT_FILES:  # outputs of an earlier run here would mix with this one's
-        (out / name).unlink(missing_ok=True)
     scorer = scorer if isinstance(scorer, PresenceScorer) else load_scorer(scorer, device)
     pipe = load_pipeline(model, str(device), dtype)
     _check_prompts(pipe, concepts, variants)
@@ -325,6 +319,13 @@ def study(
                 run.check(steps, guidance)
     size = int(size or _default_size(pipe, model))
     names = list(variants) + list(rows)
+    # only now, when everything has been checked and loaded: a run that cannot start leaves the folder as it was
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {str(out)!r} cannot be made a folder: {exc.strerror}") from None
+    for name in OUTPUT_FILES:  # outputs of an earlier run here would mix with this one's
+        (out / name).unlink(missing_ok=True)
     result = StudyResult(out=out)
     figures: dict = {"images": {}, "maps": {}, "curves": {}, "scorer": getattr(scorer, "name", None)}
     cells = [(c, s) for c in concepts for s in seeds]
