@@ -105,7 +105,7 @@ class _Recorder(BatchLayout):
         try:
             for name, attn in self.modules.items():
                 original = attn.processor
-                wrapper = wrap_processor(original, name, None, attn, self.state)
+                wrapper = wrap_processor(original, name, attn, self.state)
                 self.originals[name] = original
                 self.wrappers[name] = wrapper
                 attn.set_processor(wrapper)
@@ -198,10 +198,13 @@ class _Recorder(BatchLayout):
         self.current_call, self.current = None, {}
         if call is None:
             return  # not kept (calls=...), or no call yet
-        missing = [n for n in self.modules if n not in maps]
+        missing = self._missing(maps)
         if missing:
             raise self._missing_sites(call.index, missing)
         self.sink.put(call, maps)
+
+    def _missing(self, maps: dict) -> list[str]:
+        return [n for n in self.modules if n not in maps]
 
     def _missing_sites(self, call: int, missing: list[str]) -> ProbeError:
         return ProbeError(
@@ -359,7 +362,7 @@ class _Recorder(BatchLayout):
         store, error = self.store, None
         self._collect()
         if self.current_call is not None:
-            missing = [n for n in self.modules if n not in self.current]
+            missing = self._missing(self.current)
             if not missing:
                 self._close_call()
             else:  # the call in progress did not finish: drop it

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -131,16 +131,13 @@ class ProbeProcessor:
 
     Built by ``wrap_processor``; ``inner`` is the wrapped processor, restored by the probe on exit. The
     probabilities (``attention_probs``, then ``reduce_probs``) are computed inside the denoiser's forward, so a
-    compiled denoiser traces them, and go to ``state.outbox``; without a ``state``, ``on_probs(site, probs)``
-    gets them at once.
+    compiled denoiser traces them, and go to ``state.outbox`` for the probe to collect.
     """
 
-    def __init__(self, inner: Any, site: str, on_probs: Callable, attn, state: CaptureState | None = None) -> None:
+    def __init__(self, inner: Any, site: str, attn, state: CaptureState) -> None:
         self.inner = inner
         self.site = site
-        self._on_probs = on_probs
-        self._direct = state is None
-        self.state = state if state is not None else CaptureState(keep=True)
+        self.state = state
         self._armed = False
         self._removed = False
         self._query: torch.Tensor | None = None
@@ -196,23 +193,20 @@ class ProbeProcessor:
             probs = attention_probs(attn, query, key, mask, state.rows, scratch)
             probs = reduce_probs(probs, state.heads, state.tokens, scratch)
             probs = probs.to(state.dtype, copy=scratch is not None)  # never hand on a scratch buffer
-        if self._direct:
-            self._on_probs(self.site, probs)
-        else:
-            state.outbox.append((self.site, probs))
+        state.outbox.append((self.site, probs))
         return output
 
     def __repr__(self) -> str:
         return f"ProbeProcessor(site={self.site!r}, inner={self.inner!r})"
 
 
-def wrap_processor(inner: Any, site: str, on_probs: Callable, attn, state: CaptureState | None = None) -> ProbeProcessor:
+def wrap_processor(inner: Any, site: str, attn, state: CaptureState) -> ProbeProcessor:
     """A ``ProbeProcessor`` whose ``__call__`` shows ``inner``'s signature.
 
     ``Attention.forward`` drops every ``cross_attention_kwargs`` entry that its processor's ``__call__`` does
     not name (e.g. IP-Adapter's ``ip_adapter_masks``), so the wrapper must name exactly what ``inner`` names.
     """
-    return _wrapper_class(inner)(inner, site, on_probs, attn, state)
+    return _wrapper_class(inner)(inner, site, attn, state)
 
 
 _CLASSES: dict = {}

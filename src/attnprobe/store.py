@@ -195,14 +195,14 @@ class AttentionStore:
             (2, 1, 2, 2, 2, 1)
         """
         name = self._site_name(site)
-        n_calls = len(self._shards) if self._folder is not None else (self[name].shape[0] if self[name].numel() else 0)
+        out = self[name] if self._folder is None else None
+        n_calls = len(self._shards) if out is None else (out.shape[0] if out.numel() else 0)
         calls = _positions("call", calls, n_calls)
         samples = _positions("sample", samples, len(self.samples))
         tokens = _positions("token", tokens, self.n_tokens)
-        if self._folder is not None:
+        if out is None:
             paths = self._shards if calls is None else [self._shards[i] for i in calls]
             return shards.read_site(paths, name, samples, tokens)
-        out = self[name]
         if calls is not None:
             out = out[calls]
         if samples is not None:
