@@ -186,7 +186,7 @@ def test_an_interrupted_study_keeps_what_it_measured_and_old_outputs_go(tmp_path
     monkeypatch.setattr(st, "_measure_cell", stop_on_second)
     with pytest.raises(KeyboardInterrupt):
         study(out=tmp_path, concepts=["dog", "cat"], seeds=[0], steps=2, progress=False, echo=False)
-    assert (tmp_path / "auc.csv").read_text().count("\ndog,") == 4  # the first generation's 4 variants
+    assert (tmp_path / "auc.csv").read_text().count("\ntiny,dog,") == 4  # the first generation's 4 variants
     assert (tmp_path / "heatmaps.png").read_bytes() != b"stale"
 
 

@@ -30,6 +30,7 @@ from .interventions import (  # noqa: E402
     SafeLatentDiffusion,
     parse_interventions,
 )
+from .config import load_config  # noqa: E402
 from .editing import Intervened, intervene  # noqa: E402
 from .sites import Site, list_sites  # noqa: E402
 from .store import AttentionStore, Call, Sample  # noqa: E402
@@ -63,6 +64,7 @@ __all__ = [
     "heatmap",
     "intervene",
     "list_sites",
+    "load_config",
     "parse_interventions",
     "probe",
     "study",

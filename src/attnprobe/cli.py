@@ -3,6 +3,8 @@
     attnprobe study --model tiny --out out/study
     attnprobe study --concepts "dog,Van Gogh" --variants baseline,instruction --seeds 0,1 --steps 4
     attnprobe study --interventions "zero-attention,negative-prompt,early=zero-attention:calls=0-3"
+    attnprobe study --config study.toml                       # resumable; run it again after a crash
+    accelerate launch -m attnprobe study --config study.toml  # the grid split across processes (GPUs)
     attnprobe sites --model tiny
 """
 
@@ -50,28 +52,53 @@ def build_parser() -> argparse.ArgumentParser:
         description="Does an unlearning instruction lower the denoiser's attention to a concept? Writes CSVs and "
         "PNGs to --out and prints the summary.",
     )
-    st.add_argument("--model", default="tiny", help="'tiny' (default, offline SD 1.5 layout), 'tiny-xl', or a hub id / local folder")
-    st.add_argument("--out", default="attnprobe-study", help="output folder (default: attnprobe-study)")
+    st.add_argument("--config", default=None,
+                    help="a study file (TOML: models, concepts, variants, interventions, seeds, steps, guidance, size, "
+                    "capture, out); the options below override its values")
+    st.add_argument("--model", default=None,
+                    help="'tiny' (default, offline SD 1.5 layout), 'tiny-xl', or a hub id / local folder; "
+                    "several separated by commas")
+    st.add_argument("--out", default=None, help="output folder (default: attnprobe-study)")
     st.add_argument("--concepts", type=_csv, default=None, help=f"comma-separated (default: {', '.join(DEFAULT_CONCEPTS)})")
     st.add_argument("--variants", default=None,
                     help=f"comma-separated names from {list(DEFAULT_VARIANTS)} or name=template with {{c}} (default: all)")
-    st.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated integers (default: 0,1,2)")
-    st.add_argument("--steps", type=int, default=10, help="inference steps (default: 10)")
-    st.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    st.add_argument("--seeds", type=_seeds, default=None, help="comma-separated integers (default: 0,1,2)")
+    st.add_argument("--steps", type=int, default=None, help="inference steps (default: 10)")
+    st.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 7.5)")
     st.add_argument("--size", type=int, default=None, help="image side in pixels (default: 64 for tiny, else native)")
-    st.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 …")
+    st.add_argument("--device", default=None, help="auto (default: CUDA if available), cpu, cuda, cuda:1 …")
     st.add_argument("--dtype", type=_dtype, default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)")
     st.add_argument("--interventions", default=None,
                     help=f"rows beside the variants, comma-separated: names from {list(INTERVENTIONS)}, with options "
                     "name:key=value (e.g. zero-attention:calls=0-3:sites=up_blocks.*), composed with +, labelled "
                     "label=spec (default: none)")
-    st.add_argument("--scorer", default="tiny",
+    st.add_argument("--scorer", default=None,
                     help="concept presence in the images: 'tiny' (default: random-weight CLIP, plumbing only), 'none', "
                     "or a CLIP hub id / local folder, e.g. openai/clip-vit-large-patch14")
+    st.add_argument("--save-maps", action="store_true", default=None,
+                    help="also stream every generation's attention maps to OUT/maps/ (AttentionStore.load reads them)")
+    st.add_argument("--restart", action="store_true",
+                    help="discard the finished generations of an earlier run in --out instead of resuming them")
     st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     si = sub.add_parser("sites", help="list a model's cross-attention sites")
     si.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', or a hub id / local folder")
     return parser
+
+
+def _study_arguments(args) -> dict:
+    """``study``'s arguments: the config file's values, then every option given on the command line."""
+    from .config import load_config
+
+    kwargs = load_config(args.config) if args.config else {}
+    flags = dict(model=args.model, out=args.out, concepts=args.concepts, variants=args.variants, seeds=args.seeds,
+                 steps=args.steps, guidance=args.guidance, size=args.size, device=args.device, dtype=args.dtype,
+                 interventions=args.interventions, scorer=args.scorer)
+    kwargs.update({k: v for k, v in flags.items() if v is not None})
+    if isinstance(kwargs.get("model"), str):
+        kwargs["model"] = _csv(kwargs["model"]) if "," in kwargs["model"] else kwargs["model"]
+    if args.save_maps:
+        kwargs["capture"] = {**kwargs.get("capture", {}), "save": True}
+    return dict(kwargs, progress=not args.no_progress, restart=args.restart)
 
 
 def _quiet_libraries() -> None:
@@ -97,11 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "study":
             from .study import study
 
-            result = study(
-                model=args.model, out=args.out, concepts=args.concepts, variants=args.variants, seeds=args.seeds,
-                steps=args.steps, guidance=args.guidance, size=args.size, device=args.device, dtype=args.dtype,
-                progress=not args.no_progress, interventions=args.interventions, scorer=args.scorer,
-            )
+            result = study(**_study_arguments(args))
             return 1 if result.failures and not result.aucs else 0
         if args.command == "sites":
             from .sites import list_sites
@@ -114,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attnprobe: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("attnprobe: interrupted; the tables written so far are kept", file=sys.stderr)
+        print("attnprobe: interrupted; every finished generation is kept: run the same command again to resume",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -24,16 +24,15 @@ baseline prompt from the same noise, with the intervention applied, measured the
 
 from __future__ import annotations
 
-import csv
-import io
+import json
 import math
 import os
 import re
+import shutil
 import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import fmean
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -44,6 +43,8 @@ from .editing import intervene
 from .errors import ConceptError, ModelLoadError
 from .interventions import parse_interventions
 from .probe import probe
+from .report import OUTPUT_FILES, done_line, format_summary, summarize, write_atomic, write_figures, write_tables
+from .runner import Manifest, _slug, collect, grid, processes, write_cell
 from .scorer import PresenceScorer, load_scorer
 from .text import similarity_rows
 from .tokens import find_concept, token_layout
@@ -82,14 +83,18 @@ TINY_MODELS = ("tiny", "tiny-xl")
 
 @dataclass
 class StudyResult:
-    """What ``study`` wrote and computed.
+    """What ``study`` wrote and computed (every row has a ``model`` key).
 
     Attributes:
-        out: the output folder. files: every file written.
-        trajectories: tidy rows (concept, variant, seed, prompt, call, timestep, mass, mass_last).
-        aucs: rows per (concept, variant, seed). summary: rows per (concept, variant).
-        failures: rows per failed (concept, seed) cell: what failed and why (seed ``"text"``: the text analysis).
-        text: text-encoder similarity rows (``attnprobe.text.similarity_rows``) per concept and variant.
+        out: the output folder. files: every table and figure written.
+        trajectories: tidy rows (model, concept, variant, seed, prompt, call, timestep, mass, mass_last).
+        aucs: rows per (model, concept, variant, seed). summary: rows per (model, concept, variant).
+        failures: rows per failed (model, concept, seed) cell or row: what failed and why (seed ``"text"``: the
+            text analysis).
+        text: text-encoder similarity rows (``attnprobe.text.similarity_rows``) per model, concept and variant.
+        done: generations with results (this run's and earlier runs' in the same folder); skipped: those finished
+            by an earlier run; failed: generations that failed. In a process other than the main one of a
+            multi-process run, only that process's counts (the main process merges the rows).
     """
 
     out: Path
@@ -99,6 +104,9 @@ class StudyResult:
     summary: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     text: list[dict] = field(default_factory=list)
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
 
 
 def parse_variants(spec) -> dict[str, str]:
@@ -185,47 +193,6 @@ def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype |
     return pipe.to(device)
 
 
-def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> Path:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return _write_atomic(path, buf.getvalue().encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-def _save_figure(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return _write_atomic(path, buf.getvalue())
-
-
-def _interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and 95% Student-t interval (NaN bounds with fewer than 2 values)."""
-    vals = [v for v in values if math.isfinite(v)]
-    n = len(vals)
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    mean = sum(vals) / n
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    from scipy.stats import t
-
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
 def _default_size(pipe, model: str) -> int:
     if model in TINY_MODELS:
         return 64
@@ -243,7 +210,7 @@ def _initial_latents(pipe, seed: int, size: int, copies: int, device, dtype) -> 
 
 
 def study(
-    model: str = "tiny",
+    model: str | Sequence[str] = "tiny",
     out="attnprobe-study",
     concepts: Sequence[str] | None = None,
     variants=None,
@@ -257,12 +224,21 @@ def study(
     echo: bool = True,
     interventions=None,
     scorer: str | PresenceScorer | None = "tiny",
+    capture: Mapping | None = None,
+    restart: bool = False,
 ) -> StudyResult:
-    """Concepts × prompt variants × seeds on one pipeline: concept-attention trajectories, AUC, Δ AUC, figures.
+    """Concepts × prompt variants × seeds on one or more pipelines: concept-attention trajectories, AUC, Δ AUC, figures.
+
+    Resumable and multi-process (``attnprobe.runner``): every finished generation is written to its own shard in
+    ``out/cells/`` and recorded in a manifest, so a run started again on the same folder skips what finished (and
+    redoes a damaged shard); launched by ``accelerate launch``, the processes split the grid and the main one
+    merges every shard into the same tables and figures as one process. A study can be a TOML file
+    (``attnprobe.load_config``).
 
     Args:
         model: ``"tiny"`` (default, offline), ``"tiny-xl"``, or a hub id / local folder of a diffusers
-            text-to-image UNet pipeline.
+            text-to-image UNet pipeline; or a list of them (each a grid axis: tables get rows per model, figures go
+            to ``out/figures/<model>/``).
         out: output folder (created). concepts: default ``DEFAULT_CONCEPTS``.
         variants: names of ``DEFAULT_VARIANTS`` and/or ``name=template`` (see ``parse_variants``). Default: all.
         seeds: one generation per concept and seed (all variants share its initial noise). Default (0, 1, 2).
@@ -275,6 +251,11 @@ def study(
             in its own pipeline call from the same noise. Default: none.
         scorer: concept presence in each image: ``"tiny"`` (default: random-weight CLIP, plumbing only), a CLIP
             hub id / folder (``"openai/clip-vit-large-patch14"``), a ``PresenceScorer``, or ``"none"``.
+        capture: the probe's settings: ``save`` (default ``False``; ``True`` streams every generation's maps to
+            ``out/maps/<cell>/``, readable with ``AttentionStore.load``), ``heads`` (``"mean"``, default, or
+            ``"keep"``), ``dtype`` (``"float16"``, default, ``"bfloat16"`` or ``"float32"``).
+        restart: discard the finished generations of an earlier run in ``out`` instead of resuming. Default ``False``;
+            resuming a folder whose study had other settings (steps, variants…) is refused.
 
     Writes to ``out``: ``trajectories.csv`` (per call), ``auc.csv`` (per seed), ``summary.csv`` (mean Δ AUC with
     95% interval), ``failures.csv`` (cells that failed; the study goes on), ``trajectories.png``,
@@ -284,7 +265,8 @@ def study(
     Δ attention per row, with a scorer).
 
     Raises:
-        ModelLoadError: the model or the scorer cannot be loaded. ValueError: bad concepts/variants/seeds/steps.
+        ModelLoadError: the model or the scorer cannot be loaded. ValueError: bad concepts/variants/seeds/steps, or an
+            ``out`` that holds a study with other settings.
         InterventionError, ConceptError: an intervention that cannot run here (checked before generating).
     """
     from tqdm import tqdm
@@ -294,79 +276,209 @@ def study(
     clash = sorted(set(rows) & set(variants))
     if clash:
         raise ValueError(f"intervention rows {clash} have the names of variants: label them (label=spec)")
+    models = _models(model)
     concepts = list(DEFAULT_CONCEPTS if concepts is None else concepts)
     seeds = [int(s) for s in seeds]
     _check_grid(concepts, seeds, steps, guidance, size)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, …)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but this torch ({torch.__version__}) sees no CUDA device")
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    capture = _check_capture(capture)
+    procs = processes()
+    device = _device(device, procs)
+    dtype = _dtype(dtype, device)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a folder")
+    scorer_name = scorer if isinstance(scorer, str) or scorer is None else getattr(scorer, "name", type(scorer).__name__)
+    from . import __version__
+
+    settings = dict(attnprobe=__version__, variants=variants, steps=int(steps), guidance=float(guidance), size=size,
+                    dtype=str(dtype).replace("torch.", ""), scorer=scorer_name, capture=capture,
+                    interventions={k: [repr(c) for c in v] for k, v in rows.items()})
+    if not restart:
+        _check_earlier_run(out, settings)
     scorer = scorer if isinstance(scorer, PresenceScorer) else load_scorer(scorer, device)
-    pipe = load_pipeline(model, str(device), dtype)
-    _check_prompts(pipe, concepts, variants)
-    for concept in concepts:  # every intervention row must apply here (concept, window, pipeline), before generating
-        for items in rows.values():
-            with intervene(pipe, items, variants["baseline"].format(c=concept), concept=concept) as run:
-                run.check(steps, guidance)
-    size = int(size or _default_size(pipe, model))
+    pipe = _ready_pipeline(models[0], device, dtype, concepts, variants, rows, steps, guidance)
+    loaded = models[0]
     names = list(variants) + list(rows)
     # only now, when everything has been checked and loaded: a run that cannot start leaves the folder as it was
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--out {str(out)!r} cannot be made a folder: {exc.strerror}") from None
-    for name in OUTPUT_FILES:  # outputs of an earlier run here would mix with this one's
-        (out / name).unlink(missing_ok=True)
-    result = StudyResult(out=out)
-    figures: dict = {"images": {}, "maps": {}, "curves": {}, "scorer": getattr(scorer, "name", None)}
-    cells = [(c, s) for c in concepts for s in seeds]
-    bar = tqdm(cells, desc="attnprobe study", unit="gen", disable=not progress, file=sys.stderr)
+    if procs.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--out {str(out)!r} cannot be made a folder: {exc.strerror}") from None
+        if restart:
+            for name in ("cells", "manifest", "failed", "maps"):
+                shutil.rmtree(out / name, ignore_errors=True)
+        write_atomic(out / "study.json", json.dumps(settings, indent=1).encode())
+    procs.wait()
+    cells = grid(models, concepts, seeds)
+    manifest = Manifest(out, procs.rank)
+    finished = manifest.finished(cells, warn=_warn if procs.is_main else None)
+    procs.wait()  # no process writes its manifest before every process has read them all
+    mine = procs.share([c for c in cells if c.id not in finished])
+    skipped = sum(1 for c in cells if c.id in finished and c.kind == "generation")
+    counts = {"done": 0, "failed": 0}
+    where = f" [process {procs.rank + 1}/{procs.world}]" if procs.world > 1 else ""
+    bar = tqdm(total=len(mine), desc=f"attnprobe study{where}", unit="cell", disable=not progress, file=sys.stderr,
+               position=procs.rank)
     interrupted = False
     try:
-        for concept, seed in bar:
-            bar.set_postfix_str(f"{concept}, seed {seed}")
+        for cell in mine:
+            bar.set_postfix_str(f"{cell.concept}, {'text' if cell.seed is None else f'seed {cell.seed}'}")
+            if cell.model != loaded:
+                pipe = None  # one pipeline in memory at a time
+                pipe = _ready_pipeline(cell.model, device, dtype, concepts, variants, rows, steps, guidance)
+                loaded = cell.model
+            failure = out / "failed" / f"{cell.id}.json"
             try:
-                _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, figures,
-                              first_seed=seed == seeds[0], interventions=rows, scorer=scorer)
+                if cell.kind == "text":
+                    record, tensors = {"text": similarity_rows(pipe, cell.concept, {v: t.format(c=cell.concept)
+                                                                                   for v, t in variants.items()})}, {}
+                else:
+                    cell_size = int(size or _default_size(pipe, cell.model))
+                    maps = out / "maps" / cell.id if capture["save"] else None
+                    record, tensors = _measure_cell(pipe, cell.concept, cell.seed, variants, steps, guidance, cell_size,
+                                                    interventions=rows, scorer=scorer, keep_image=cell.seed == seeds[0],
+                                                    capture=capture, maps=maps)
+                record = _with_model(record, cell.model)
+                manifest.record(cell, write_cell(out, cell, record, tensors))
+                failure.unlink(missing_ok=True)
+                counts["done"] += cell.kind == "generation"
             except Exception as exc:  # one failed cell must not lose the others
-                _fail(result, concept, seed, exc)
-                tqdm.write(f"attnprobe study: {concept!r} seed {seed} failed: {_first_line(exc)}", file=sys.stderr)
-            _write_tables(result, out)  # after every generation: an interrupted run keeps what it measured
+                counts["failed"] += cell.kind == "generation"
+                failure.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(failure, json.dumps(_failure(cell.model, cell.concept, "text" if cell.seed is None else cell.seed, exc)).encode())
+                tqdm.write(f"attnprobe study: {cell.describe()} failed: {_first_line(exc)}", file=sys.stderr)
+            bar.update()
     except KeyboardInterrupt:
         interrupted = True
-        tqdm.write("attnprobe study: interrupted; writing what was measured", file=sys.stderr)
+        tqdm.write("attnprobe study: interrupted; what finished is kept (run again to resume)", file=sys.stderr)
     finally:
         bar.close()
-
-    if not interrupted:
-        for concept in concepts:  # the text encoder's side: seed-independent, one pass per concept
-            try:
-                result.text += similarity_rows(pipe, concept, {v: t.format(c=concept) for v, t in variants.items()})
-            except Exception as exc:  # one failed concept must not lose the others
-                _fail(result, concept, "text", exc)
-    result.summary = _summarize(result, concepts, names)
-    result.files = _write_tables(result, out) + _write_figures(result, out, figures)
+    if procs.world > 1:
+        print(f"attnprobe study{where}: {done_line(counts['done'], skipped if procs.is_main else 0, counts['failed'])}",
+              file=sys.stderr)
+        if interrupted:
+            raise KeyboardInterrupt
+        procs.wait()  # every process's cells are written: the main process merges them
+    if not procs.is_main:
+        return StudyResult(out=out, done=counts["done"], failed=counts["failed"])
+    result = _merge(out, cells, models, concepts, seeds, names, scorer_name=getattr(scorer, "name", None))
+    result.skipped = skipped
     if echo:
-        print(format_summary(result, model=model, steps=steps, guidance=guidance, size=size,
+        print(format_summary(result, model=", ".join(models), steps=steps, guidance=guidance, size=size or (_default_size(pipe, models[0]) if len(models) == 1 else "native"),
                              scorer=getattr(scorer, "name", None)))
     if interrupted:
         raise KeyboardInterrupt
     return result
 
 
-OUTPUT_FILES = (
-    "trajectories.csv", "auc.csv", "summary.csv", "text_similarity.csv", "failures.csv",
-    "trajectories.png", "delta_auc.png", "heatmaps.png", "text_similarity.png", "presence.png",
-)
+def _models(model) -> list[str]:
+    models = [model] if isinstance(model, (str, os.PathLike)) else list(model or [])
+    models = [str(m) for m in models]
+    if not models or any(not m.strip() for m in models):
+        raise ValueError(f"need at least one model name; got {model!r}")
+    repeated = sorted({m for m in models if models.count(m) > 1})
+    if repeated:
+        raise ValueError(f"models repeat {repeated}: each must be given once")
+    return models
+
+
+def _device(device, procs) -> torch.device:
+    if device == "auto":
+        device = procs.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, …)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but this torch ({torch.__version__}) sees no CUDA device")
+    return device
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def _dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+CAPTURE = {"save": False, "heads": "mean", "dtype": "float16"}
+
+
+def _check_capture(capture) -> dict:
+    """The probe settings of a study: ``save`` (stream every generation's maps to ``out/maps/``), ``heads``
+    (``"mean"`` or ``"keep"``) and ``dtype`` (``"float16"`` or ``"float32"``) of the maps."""
+    given = dict(capture or {})
+    unknown = sorted(set(given) - set(CAPTURE))
+    if unknown:
+        raise ValueError(f"unknown capture settings {unknown}; the settings are {sorted(CAPTURE)}")
+    capture = {**CAPTURE, **given}
+    if not isinstance(capture["save"], bool):
+        raise ValueError(f"capture save must be true or false; got {capture['save']!r}")
+    if capture["heads"] not in ("mean", "keep"):
+        raise ValueError(f"capture heads must be 'mean' or 'keep'; got {capture['heads']!r}")
+    if capture["dtype"] not in ("float16", "float32", "bfloat16"):
+        raise ValueError(f"capture dtype must be 'float16', 'bfloat16' or 'float32'; got {capture['dtype']!r}")
+    return capture
+
+
+def _check_earlier_run(out: Path, settings: dict) -> None:
+    """A folder that holds a study with other settings is not resumed (its cells would mix with this run's)."""
+    try:
+        earlier = json.loads((out / "study.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return
+    differ = [f"{k}: {earlier.get(k)!r} there, {v!r} now" for k, v in settings.items() if earlier.get(k) != v]
+    if differ and (out / "cells").exists():
+        raise ValueError(
+            f"{str(out)!r} holds a study with other settings ({'; '.join(differ)[:300]}): its finished generations "
+            "would mix with this run's. Use another --out, or --restart to discard them."
+        )
+
+
+def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guidance):
+    """Load a model and check that every prompt and intervention row applies to it, before it generates."""
+    pipe = load_pipeline(model, str(device), dtype)
+    _check_prompts(pipe, concepts, variants)
+    for concept in concepts:  # every intervention row must apply here (concept, window, pipeline), before generating
+        for items in rows.values():
+            with intervene(pipe, items, variants["baseline"].format(c=concept), concept=concept) as run:
+                run.check(steps, guidance)
+    return pipe
+
+
+def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None) -> "StudyResult":
+    """The study's outputs from every shard of the grid: the same files whichever processes measured the cells."""
+    from types import SimpleNamespace
+
+    result = StudyResult(out=out)
+    figures = collect(out, cells, seeds, result, scorer_name)
+    result.summary = summarize(result.aucs, result.text, models, concepts, names)
+    for name in OUTPUT_FILES:  # an old output that this run does not write again would mix with this one's
+        (out / name).unlink(missing_ok=True)
+    result.files = write_tables(result, out)
+    for model in models:
+        folder = out if len(models) == 1 else out / "figures" / _slug(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUT_FILES if folder != out else ():
+            (folder / name).unlink(missing_ok=True)
+        mine = SimpleNamespace(summary=[r for r in result.summary if r["model"] == model],
+                               text=[r for r in result.text if r["model"] == model])
+        result.files += write_figures(mine, folder, figures[model])
+    return result
+
+
+def _with_model(record: dict, model: str) -> dict:
+    for key in ("trajectories", "aucs", "failures", "text"):
+        record[key] = [{"model": model, **r} for r in record.get(key, [])]
+    return record
 
 
 def _check_grid(concepts, seeds, steps, guidance, size) -> None:
@@ -411,58 +523,83 @@ def _check_prompts(pipe, concepts, variants) -> None:
         raise ValueError("checking the prompts before generating: " + "; ".join(problems[:5]))
 
 
-def _fail(result: StudyResult, concept: str, seed, exc: BaseException, row: str = "") -> None:
-    result.failures.append(dict(concept=concept, seed=seed, error=(f"row {row}: " if row else "") + _first_line(exc),
-                                detail=traceback.format_exc(limit=3).replace("\n", " | ")))
+def _failure(model: str, concept: str, seed, exc: BaseException, row: str = "") -> dict:
+    return dict(model=model, concept=concept, seed=seed, error=(f"row {row}: " if row else "") + _first_line(exc),
+                detail=traceback.format_exc(limit=3).replace("\n", " | "))
 
 
-def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, figures, first_seed,
-                  interventions=None, scorer=None) -> None:
+def _check_finite(mass: torch.Tensor, what: str) -> None:
+    bad = (~torch.isfinite(mass)).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(f"non-finite attention for {what} from denoiser call {bad[0]} on (nan or inf latents)")
+
+
+def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, interventions=None, scorer=None,
+                  keep_image=False, capture=None, maps=None) -> tuple[dict, dict]:
     """One concept and seed: every variant in one pipeline call from the seed's noise, then one call of the baseline
-    prompt per intervention row from the same noise, each under a probe; every image scored for presence."""
+    prompt per intervention row from the same noise, each under a probe; every image scored for presence.
+
+    Returns the cell's record (``trajectories``, ``aucs`` and ``failures`` rows, ``rows``: the row names) and its
+    tensors: ``map.<k>`` (heat map of row k, ``[qh, qw]``) and, with ``keep_image``, ``image.<k>`` (uint8 RGB).
+    With ``maps`` (a folder), every probe streams its store there (``AttentionStore.load`` reads it back).
+    """
+    capture = capture or _check_capture(None)
     names = list(variants)
     prompts = [variants[v].format(c=concept) for v in names]
     latents = _initial_latents(pipe, seed, size, len(prompts), pipe.device, pipe.unet.dtype)
     options = dict(num_inference_steps=int(steps), guidance_scale=float(guidance), height=size, width=size)
-    with probe(pipe, passes="cond", heads="mean", dtype=torch.float16) as store:
+    if maps is not None:
+        shutil.rmtree(maps, ignore_errors=True)  # a half-written earlier attempt of this cell
+
+    def recording(p, row: str):
+        return probe(p, passes="cond", heads=capture["heads"], dtype=getattr(torch, capture["dtype"]),
+                     stream_to=None if maps is None else Path(maps) / row)
+
+    with recording(pipe, "variants") as store:
         generated = pipe(prompts, latents=latents, **options)
     # per row: (name, store, sample, prompt, image, intervention, mass factors)
     runs = [(v, store, i, prompts[i], generated.images[i], "", None) for i, v in enumerate(names)]
+    failures = []
     base = prompts[names.index("baseline")]
     for label, items in (interventions or {}).items():
         try:
             with intervene(pipe, items, base, concept=concept) as run:
-                with probe(run.pipe, passes="cond", heads="mean", dtype=torch.float16) as st:
+                with recording(run.pipe, f"row-{_row_folder(label)}") as st:
                     out = run(latents=latents[:1], **options)
+            factors = run.mass_factors(st, concept)
+            _check_finite(_mass(st, concept, run.conditional_sample(st), "all", factors), f"row {label!r}")
         except Exception as exc:  # one failed row must not lose the cell's others
-            _fail(result, concept, seed, exc, row=label)
+            failures.append(_failure("", concept, seed, exc, row=label))
             continue
         runs.append((label, st, run.conditional_sample(st), base, out.images[0],
-                     " + ".join(n["intervention"] for n in run.notes), run.mass_factors(st, concept)))
+                     " + ".join(n["intervention"] for n in run.notes), factors))
     presence, accuracy = _presence(scorer, [r[4] for r in runs], concept)
-    rows, aucs = [], []
-    for (variant, st, i, prompt, image, what, factors), p, a in zip(runs, presence, accuracy):
+    rows, aucs, tensors = [], [], {}
+    for k, ((variant, st, i, prompt, image, what, factors), p, a) in enumerate(zip(runs, presence, accuracy)):
         mentions = len(st.token_indices(i, concept))
         expected = variants.get(variant, variants["baseline"]).format(c="\0").count("\0")
         if mentions != expected:
             _warn(f"{concept!r} occurs {mentions} times in {prompt!r}, its template mentions it {expected} "
                   "times: the template's own words contain it, so 'last mention' may be one of them")
         mass, mass_last = (_mass(st, concept, i, occurrence, factors) for occurrence in ("all", -1))
+        _check_finite(mass, f"variant {variant!r}")
         for call, (m, ml) in enumerate(zip(mass.tolist(), mass_last.tolist())):
             rows.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, call=call,
                              timestep=st.calls[call].timestep, mass=m, mass_last=ml))
         aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, intervention=what,
                          mentions=mentions, auc=auc(mass), auc_last=auc(mass_last), presence=p, clip_accuracy=a))
-        figures["curves"].setdefault(concept, {}).setdefault(variant, []).append(mass_last.numpy())
-        if first_seed:
-            figures["maps"].setdefault(concept, {})[variant] = heatmap(st, concept, i, occurrence=-1).numpy()
-            figures["images"].setdefault(concept, {})[variant] = image
+        tensors[f"map.{k}"] = heatmap(st, concept, i, occurrence=-1).float()
+        if keep_image:
+            tensors[f"image.{k}"] = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
     base_row = next(r for r in aucs if r["variant"] == "baseline")
     for r in aucs:
         for key in ("auc", "auc_last", "presence", "clip_accuracy"):
             r[f"delta_{key}"] = r[key] - base_row[key]
-    result.trajectories += rows
-    result.aucs += aucs
+    return dict(rows=[r[0] for r in runs], trajectories=rows, aucs=aucs, failures=failures), tensors
+
+
+def _row_folder(row: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", row).strip("-.") or "row"
 
 
 def _mass(store, concept, sample, occurrence, factors) -> torch.Tensor:
@@ -482,119 +619,3 @@ def _presence(scorer, images, concept) -> tuple[list[float], list[float]]:
     return score, ([float(v) for v in accuracy(images, concept)] if accuracy is not None else nan)
 
 
-def _summarize(result: StudyResult, concepts, names) -> list[dict]:
-    cond_text = {(r["concept"], r["variant"]): r for r in result.text if r["encoder"] == "conditioning"}
-    summary = []
-    for concept in concepts:
-        for variant in names:
-            rows = [r for r in result.aucs if r["concept"] == concept and r["variant"] == variant]
-            if not rows:
-                continue
-            d, lo, hi = _interval([r["delta_auc"] for r in rows])
-            dl, lol, hil = _interval([r["delta_auc_last"] for r in rows])
-            dp, lop, hip = _interval([r["delta_presence"] for r in rows])
-            text = cond_text.get((concept, variant), {})
-            if variant == "baseline":  # the reference has no Δ against the control
-                text = {k: v for k, v in text.items() if not k.startswith("delta")}
-            summary.append(dict(
-                concept=concept, variant=variant, intervention=rows[0]["intervention"], seeds=len(rows),
-                auc_last=sum(r["auc_last"] for r in rows) / len(rows), delta_auc_last=dl, ci_low_last=lol,
-                ci_high_last=hil,
-                auc=sum(r["auc"] for r in rows) / len(rows), delta_auc=d, ci_low=lo, ci_high=hi,
-                text_concept_cos_last=text.get("concept_cos_last", float("nan")),
-                text_delta_last_vs_repetition=text.get("delta_last_vs_repetition", float("nan")),
-                text_concept_cos=text.get("concept_cos", float("nan")),
-                text_delta_vs_repetition=text.get("delta_vs_repetition", float("nan")),
-                presence=fmean(r["presence"] for r in rows), delta_presence=dp, ci_low_presence=lop,
-                ci_high_presence=hip, clip_accuracy=fmean(r["clip_accuracy"] for r in rows),
-                delta_clip_accuracy=fmean(r["delta_clip_accuracy"] for r in rows),
-            ))
-    return summary
-
-
-def _write_tables(result: StudyResult, out: Path) -> list[Path]:
-    return [
-        _write_csv(out / "trajectories.csv", result.trajectories,
-                   ["concept", "variant", "seed", "prompt", "call", "timestep", "mass", "mass_last"]),
-        _write_csv(out / "auc.csv", result.aucs, ["concept", "variant", "seed", "prompt", "intervention", "mentions",
-                                                  "auc_last", "auc", "delta_auc_last", "delta_auc", "presence",
-                                                  "delta_presence", "clip_accuracy", "delta_clip_accuracy"]),
-        _write_csv(out / "summary.csv", result.summary,
-                   ["concept", "variant", "seeds", "auc_last", "delta_auc_last", "ci_low_last", "ci_high_last",
-                    "auc", "delta_auc", "ci_low", "ci_high", "text_concept_cos_last", "text_delta_last_vs_repetition",
-                    "text_concept_cos", "text_delta_vs_repetition", "presence", "delta_presence", "ci_low_presence",
-                    "ci_high_presence", "clip_accuracy", "delta_clip_accuracy", "intervention"]),
-        _write_csv(out / "text_similarity.csv", result.text,
-                   ["concept", "variant", "encoder", "layer", "concept_cos", "concept_cos_last", "eos_cos",
-                    "seq_flat_cos", "seq_mean_cos", "delta_last_vs_repetition", "delta_vs_repetition"]),
-        _write_csv(out / "failures.csv", result.failures, ["concept", "seed", "error", "detail"]),
-    ]
-
-
-def _write_figures(result: StudyResult, out: Path, figures: dict) -> list[Path]:
-    from .plot import plot_delta_auc, plot_heatmaps, plot_presence, plot_text_similarity, plot_trajectories
-
-    files = []
-    if figures["curves"]:
-        stacked = {c: {v: np.stack(a) for v, a in vs.items()} for c, vs in figures["curves"].items()}
-        title = "Attention on the requested (last) mention of the concept, per denoiser call (mean over seeds, band: min–max)"
-        files.append(_save_figure(plot_trajectories(stacked, title=title), out / "trajectories.png"))
-        deltas = [r for r in result.summary if r["variant"] != "baseline"]
-        if deltas:
-            files.append(_save_figure(plot_delta_auc(deltas), out / "delta_auc.png"))
-        files.append(_save_figure(plot_heatmaps(figures["images"], figures["maps"]), out / "heatmaps.png"))
-        if deltas and any(math.isfinite(r["presence"]) for r in deltas):
-            files.append(_save_figure(plot_presence(deltas, scorer=figures.get("scorer")), out / "presence.png"))
-    if result.text:
-        files.append(_save_figure(plot_text_similarity(result.text), out / "text_similarity.png"))
-    return files
-
-
-def format_summary(result: StudyResult, **settings) -> str:
-    """The summary table as text: per concept and variant, AUC and Δ AUC (mean [95% CI]) over seeds."""
-
-    def ci(v, lo, hi, baseline=False):
-        if baseline:
-            return "(reference)"
-        if not math.isfinite(v):
-            return "n/a"
-        return f"{v:+.4f}" + (f" [{lo:+.4f}, {hi:+.4f}]" if math.isfinite(lo) else "")
-
-    def num(v, sign=""):
-        return f"{v:>{sign}9.4f}" if math.isfinite(v) else f"{'n/a':>9}"
-
-    lines = ["attnprobe study: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)]
-    width = max([13] + [min(len(r["variant"]) + 1, 25) for r in result.summary])
-    header = (f"{'concept':<16}{'variant':<{width}}{'AUC':>8}  {'Δ AUC, requested mention':<30}{'Δ presence':>10}  "
-              f"{'Δ AUC, all mentions':<30}{'text cos':>9}{'Δ vs rep':>9}")
-    lines += [header, "-" * len(header)]
-    for r in result.summary:
-        base = r["variant"] == "baseline"
-        lines.append(
-            f"{r['concept'][:15]:<16}{r['variant'][:width - 1]:<{width}}{r['auc_last']:>8.4f}  "
-            f"{ci(r['delta_auc_last'], r['ci_low_last'], r['ci_high_last'], base):<30}"
-            f"{'(ref)' if base else num(r['delta_presence'], '+'):>10}  "
-            f"{ci(r['delta_auc'], r['ci_low'], r['ci_high'], base):<30}"
-            f"{num(r['text_concept_cos_last'])}{'' if base else num(r['text_delta_last_vs_repetition'], '+')}"
-        )
-    done = len({(r["concept"], r["seed"]) for r in result.aucs})
-    lines.append(f"{done} generations done, {len(result.failures)} failed. Files in {result.out}/")
-    lines += [
-        "AUC: attention mass on the concept's tokens (summed over its tokens, averaged over image positions, heads",
-        "  and sites) over the denoising, 0-1, for the requested mention: the last one (in the default variants,",
-        "  the one in 'a picture of {c}').",
-        "Δ AUC, requested mention: the question of the study; < 0 means the variant lowers attention to the concept.",
-        "Δ AUC, all mentions: every mention summed; a variant that names the concept twice is > 0 by construction.",
-        "text cos: cosine of the requested mention's conditioning vector to the baseline's (1 = unchanged); Δ vs rep:",
-        "  minus the repetition control's (< 0: the variant moves the concept more than naming it twice does).",
-    ]
-    scorer = settings.get("scorer")
-    if scorer:
-        lines += ["Δ presence: CLIPScore (2.5·max(cos, 0), Hessel et al. 2021) of the image against 'a picture of {c}',",
-                  f"  minus the baseline image's of the same seed (scorer: {scorer}); < 0: the concept shows less."]
-        if "random" in scorer:
-            lines.append("  Random weights: plumbing only. --scorer openai/clip-vit-large-patch14 gives real scores.")
-    if any(r["intervention"] for r in result.summary):
-        lines.append("Intervention rows: the baseline prompt with the intervention (auc.csv: 'intervention'), one more "
-                     "pipeline call from the same noise.")
-    return "\n".join(lines)

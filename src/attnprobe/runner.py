@@ -1,0 +1,254 @@
+"""Running a study's grid at scale: cells, shards, a manifest of finished work, processes, resume.
+
+A study's grid is split into **cells**: one *generation cell* per (model, concept, seed) — one pipeline call for
+every prompt variant plus one per intervention row — and one *text cell* per (model, concept) for the text
+encoder's side. Each finished cell is written to its own **shard** (``cells/<model>/<concept>/<seed or text>
+.safetensors``: the cell's rows as JSON metadata, its heat maps and first-seed images as tensors) under a temporary
+name and then renamed, and recorded in its process's **manifest** (``manifest/process-<rank>.json``: file, size and
+SHA-256 per finished cell, rewritten atomically after each cell). A run that starts again reads every manifest and
+skips the cells whose shard is intact; a missing, truncated or altered shard is redone. No two processes write one
+file: each process writes only its own cells' shards and its own manifest.
+
+Processes: launched by ``accelerate launch`` (or ``torchrun``), the processes agree through accelerate's
+``PartialState`` (``WORLD_SIZE`` > 1): they read the manifests, wait for each other, and each takes every
+``world``-th pending cell (whole generations); when all have finished, the main process merges every shard of the
+grid into the tables and figures, so that the outputs equal those of one process (same seeds, same numbers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .report import write_atomic
+
+__all__ = ["Cell", "grid", "Manifest", "Processes", "processes", "write_cell", "read_cell"]
+
+_RECORD = "attnprobe.cell"
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe, collision-free name: readable part plus a short hash of the exact text."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-.")[:40] or "x"
+    return f"{readable}-{hashlib.sha1(str(text).encode()).hexdigest()[:8]}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work of a study: a generation (``seed`` set) or the text analysis (``seed`` is ``None``)."""
+
+    model: str
+    concept: str
+    seed: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.seed is None else "generation"
+
+    @property
+    def id(self) -> str:
+        """The cell's shard path inside ``cells/`` without suffix, e.g. ``tiny-…/dog-…/seed0``."""
+        return f"{_slug(self.model)}/{_slug(self.concept)}/{'text' if self.seed is None else f'seed{self.seed}'}"
+
+    def describe(self) -> str:
+        what = "text analysis" if self.seed is None else f"seed {self.seed}"
+        return f"model {self.model!r}, concept {self.concept!r}, {what}"
+
+
+def grid(models, concepts, seeds) -> list[Cell]:
+    """The cells of a study in their fixed order: per model, every concept × seed, then the text cells."""
+    cells = []
+    for model in models:
+        cells += [Cell(model, c, int(s)) for c in concepts for s in seeds]
+        cells += [Cell(model, c) for c in concepts]
+    return cells
+
+
+def shard_path(out: Path, cell: Cell) -> Path:
+    return Path(out) / "cells" / f"{cell.id}.safetensors"
+
+
+def write_cell(out: Path, cell: Cell, record: dict, tensors: dict[str, torch.Tensor] | None = None) -> dict:
+    """Write a finished cell's shard atomically; returns its manifest entry (file, bytes, sha256)."""
+    from safetensors.torch import save
+
+    path = shard_path(out, cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
+    data = save(tensors, metadata={_RECORD: json.dumps(record, allow_nan=True)})
+    write_atomic(path, data)
+    return {"file": str(path.relative_to(out)), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_cell(out: Path, entry: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A shard's record and tensors.
+
+    Raises:
+        ValueError: the file is not a readable cell shard (the caller redoes the cell).
+    """
+    from safetensors.torch import load
+
+    data = (Path(out) / entry["file"]).read_bytes()
+    try:
+        size = int.from_bytes(data[:8], "little")
+        record = json.loads(json.loads(data[8:8 + size])["__metadata__"][_RECORD])
+        tensors = load(data)
+    except Exception as exc:
+        raise ValueError(f"{entry['file']} is not a readable cell shard ({type(exc).__name__}: {exc})") from None
+    return record, tensors
+
+
+def _problem(out: Path, entry: dict) -> str | None:
+    """Why a manifest entry's shard cannot be trusted, or ``None`` when it is intact."""
+    path = Path(out) / entry.get("file", "")
+    if not path.is_file():
+        return "its shard is missing"
+    if path.stat().st_size != entry.get("bytes"):
+        return f"its shard has {path.stat().st_size} bytes, the manifest says {entry.get('bytes')} (truncated?)"
+    if hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
+        return "its shard's checksum differs from the manifest's (changed after it was written)"
+    return None
+
+
+class Manifest:
+    """The finished cells of a study folder: the union of every process's ``manifest/process-<rank>.json``.
+
+    Each process rewrites only its own file (atomically), keeping the entries an earlier run of the same rank wrote.
+    """
+
+    def __init__(self, out: Path, rank: int = 0) -> None:
+        self.out = Path(out)
+        self.folder = self.out / "manifest"
+        self.own = self.folder / f"process-{rank}.json"
+        self.mine: dict[str, dict] = self._read(self.own)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, dict]:
+        try:
+            return dict(json.loads(path.read_text())["cells"])
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError):  # an unreadable manifest (never half-written: atomic)
+            return {}
+
+    def finished(self, cells, warn=None) -> dict[str, dict]:
+        """``{cell id: entry}`` for the cells of ``cells`` whose shard is intact; ``warn(message)`` for the others."""
+        entries: dict[str, dict] = {}
+        for path in sorted(self.folder.glob("process-*.json")):
+            entries.update(self._read(path))
+        done = {}
+        for cell in cells:
+            entry = entries.get(cell.id)
+            if entry is None:
+                continue
+            why = _problem(self.out, entry)
+            if why is None:
+                done[cell.id] = entry
+            elif warn is not None:
+                warn(f"redoing {cell.describe()}: {why}")
+        return done
+
+    def record(self, cell: Cell, entry: dict) -> None:
+        """Add a finished cell and rewrite this process's manifest atomically."""
+        self.mine[cell.id] = entry
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.own, json.dumps({"cells": self.mine}, indent=0).encode())
+
+
+class Processes:
+    """This process's place among the study's processes (one, or those of ``accelerate launch``)."""
+
+    def __init__(self, state=None) -> None:
+        self.state = state
+        self.rank = state.process_index if state is not None else 0
+        self.world = state.num_processes if state is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device accelerate gives this process (``None`` in a one-process run)."""
+        return self.state.device if self.state is not None else None
+
+    def wait(self) -> None:
+        """Wait for every process (a barrier; nothing in a one-process run)."""
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def share(self, items: list) -> list:
+        """This process's part of ``items``: every ``world``-th, from its rank."""
+        return items[self.rank::self.world]
+
+
+def processes() -> Processes:
+    """The study's processes: accelerate's ``PartialState`` when launched with ``WORLD_SIZE`` > 1, else one.
+
+    Raises:
+        ValueError: launched as several processes but accelerate is not installed.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Processes()
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        raise ValueError(
+            f"this study was launched as {world} processes (WORLD_SIZE={world}) but accelerate is not installed: "
+            "pip install 'attnprobe[scale]'"
+        ) from None
+    # without an accelerator (or with ACCELERATE_USE_CPU), accelerate makes a gloo group only when told cpu=True
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return Processes(PartialState(cpu=cpu))
+
+
+def collect(out: Path, cells, seeds, result, scorer_name=None) -> dict[str, dict]:
+    """Fill ``result`` (a ``StudyResult``) with the rows of every finished cell of ``cells``, in grid order, and the
+    failures of the others; returns per model the figure data (``curves``, first-seed ``maps`` and ``images``)."""
+    import numpy as np
+
+    out = Path(out)
+    finished = Manifest(out).finished(cells)
+    figures: dict[str, dict] = {}
+    for cell in cells:
+        fig = figures.setdefault(cell.model, {"images": {}, "maps": {}, "curves": {}, "scorer": scorer_name})
+        entry = finished.get(cell.id)
+        record = None
+        if entry is not None:
+            try:
+                record, tensors = read_cell(out, entry)
+            except ValueError as exc:
+                result.failures.append(dict(model=cell.model, concept=cell.concept, seed="text" if cell.seed is None else cell.seed,
+                                            error=f"ValueError: {exc}", detail=""))
+        if record is None:
+            failure = out / "failed" / f"{cell.id}.json"
+            if failure.is_file():
+                result.failures.append(json.loads(failure.read_text()))
+                result.failed += cell.kind == "generation"
+            continue
+        result.failures += [{**f, "model": cell.model} for f in record.get("failures", [])]
+        if cell.kind == "text":
+            result.text += record["text"]
+            continue
+        result.done += 1
+        result.trajectories += record["trajectories"]
+        result.aucs += record["aucs"]
+        for row in record["rows"]:
+            curve = [r["mass_last"] for r in record["trajectories"] if r["variant"] == row]
+            fig["curves"].setdefault(cell.concept, {}).setdefault(row, []).append(np.asarray(curve, dtype=np.float64))
+        if cell.seed == seeds[0]:
+            for k, row in enumerate(record["rows"]):
+                if f"map.{k}" in tensors:
+                    fig["maps"].setdefault(cell.concept, {})[row] = tensors[f"map.{k}"].numpy()
+                if f"image.{k}" in tensors:
+                    from PIL import Image
+
+                    fig["images"].setdefault(cell.concept, {})[row] = Image.fromarray(tensors[f"image.{k}"].numpy())
+    return figures
