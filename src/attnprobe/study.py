@@ -262,7 +262,9 @@ def study(
     ``delta_auc.png``, ``heatmaps.png`` (first seed, each map min–max scaled, over the generated images),
     ``text_similarity.csv`` / ``text_similarity.png`` (``attnprobe.text``: the concept's text-encoder
     representation in each variant against the baseline, per layer), ``presence.png`` (Δ presence against
-    Δ attention per row, with a scorer).
+    Δ attention per row, with a scorer); and what a rerun resumes from: ``study.json`` (the settings), ``cells/``
+    (one shard per finished generation), ``manifest/`` (the finished ones), ``failed/``, ``maps/`` (with
+    ``capture={"save": True}``). See docs/scale.md.
 
     Raises:
         ModelLoadError: the model or the scorer cannot be loaded. ValueError: bad concepts/variants/seeds/steps, or an
@@ -409,12 +411,13 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-CAPTURE = {"save": False, "heads": "mean", "dtype": "float16"}
+CAPTURE = {"save": False, "heads": "mean", "dtype": "float16", "tokens": "concept"}
 
 
 def _check_capture(capture) -> dict:
     """The probe settings of a study: ``save`` (stream every generation's maps to ``out/maps/``), ``heads``
-    (``"mean"`` or ``"keep"``) and ``dtype`` (``"float16"`` or ``"float32"``) of the maps."""
+    (``"mean"`` or ``"keep"``), ``dtype`` (``"float16"``, ``"bfloat16"`` or ``"float32"``) and ``tokens`` (``"concept"``:
+    only the concept's positions, all the study reads; or ``"all"``) of the maps."""
     given = dict(capture or {})
     unknown = sorted(set(given) - set(CAPTURE))
     if unknown:
@@ -424,6 +427,8 @@ def _check_capture(capture) -> dict:
         raise ValueError(f"capture save must be true or false; got {capture['save']!r}")
     if capture["heads"] not in ("mean", "keep"):
         raise ValueError(f"capture heads must be 'mean' or 'keep'; got {capture['heads']!r}")
+    if capture["tokens"] not in ("concept", "all"):
+        raise ValueError(f"capture tokens must be 'concept' or 'all'; got {capture['tokens']!r}")
     if capture["dtype"] not in ("float16", "float32", "bfloat16"):
         raise ValueError(f"capture dtype must be 'float16', 'bfloat16' or 'float32'; got {capture['dtype']!r}")
     return capture
@@ -553,6 +558,7 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, interven
 
     def recording(p, row: str):
         return probe(p, passes="cond", heads=capture["heads"], dtype=getattr(torch, capture["dtype"]),
+                     tokens=concept if capture["tokens"] == "concept" else None,
                      stream_to=None if maps is None else Path(maps) / row)
 
     with recording(pipe, "variants") as store:
