@@ -22,6 +22,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -206,7 +207,14 @@ def processes() -> Processes:
         ) from None
     # without an accelerator (or with ACCELERATE_USE_CPU), accelerate makes a gloo group only when told cpu=True
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return Processes(PartialState(cpu=cpu))
+    # the processes wait for each other before the merge, however unequal their shares turn out: no 30-minute limit
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return Processes(PartialState(cpu=cpu, **InitProcessGroupKwargs(timeout=timedelta(hours=WAIT_HOURS)).to_kwargs()))
+
+
+#: How long a process waits for the others at a barrier (hours) before the run fails.
+WAIT_HOURS = 72
 
 
 def collect(out: Path, cells, seeds, result, scorer_name=None) -> dict[str, dict]:

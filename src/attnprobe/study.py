@@ -319,6 +319,7 @@ def study(
     mine = procs.share([c for c in cells if c.id not in finished])
     skipped = sum(1 for c in cells if c.id in finished and c.kind == "generation")
     counts = {"done": 0, "failed": 0}
+    broken: dict[str, Exception] = {}
     where = f" [process {procs.rank + 1}/{procs.world}]" if procs.world > 1 else ""
     bar = tqdm(total=len(mine), desc=f"attnprobe study{where}", unit="cell", disable=not progress, file=sys.stderr,
                position=procs.rank)
@@ -326,12 +327,18 @@ def study(
     try:
         for cell in mine:
             bar.set_postfix_str(f"{cell.concept}, {'text' if cell.seed is None else f'seed {cell.seed}'}")
-            if cell.model != loaded:
-                pipe = None  # one pipeline in memory at a time
-                pipe = _ready_pipeline(cell.model, device, dtype, concepts, variants, rows, steps, guidance)
-                loaded = cell.model
             failure = out / "failed" / f"{cell.id}.json"
             try:
+                if cell.model in broken:  # a model that could not load: its cells fail at once, the others go on
+                    raise broken[cell.model]
+                if cell.model != loaded:
+                    pipe = loaded = None  # one pipeline in memory at a time
+                    try:
+                        pipe = _ready_pipeline(cell.model, device, dtype, concepts, variants, rows, steps, guidance)
+                    except Exception as exc:
+                        broken[cell.model] = exc
+                        raise
+                    loaded = cell.model
                 if cell.kind == "text":
                     record, tensors = {"text": similarity_rows(pipe, cell.concept, {v: t.format(c=cell.concept)
                                                                                    for v, t in variants.items()})}, {}
