@@ -30,13 +30,11 @@ def _seeds(text: str) -> list[int]:
 
 
 def _dtype(text: str):
-    import torch
+    from .config import DTYPES
 
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if text not in names:
-        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(names)}; got {text!r}")
-    return names[text]
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(DTYPES)}; got {text!r}")
+    return DTYPES[text]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""A study as a TOML file: the arguments of ``attnprobe.study``, checked before anything is loaded.
+"""A study's settings: the TOML file (the arguments of ``attnprobe.study``) and the checks every setting passes
+before anything is loaded or generated.
 
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "study.toml"
@@ -22,10 +23,16 @@ study.toml`` (the grid split across processes), or ``attnprobe.study(**load_conf
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import tomllib
 from pathlib import Path
 
-__all__ = ["load_config", "CONFIG_KEYS"]
+import torch
+
+__all__ = ["load_config", "CONFIG_KEYS", "CAPTURE", "DTYPES", "check_grid", "check_capture", "check_models",
+           "check_earlier_run", "resolve_dtype"]
 
 #: Every key a study file may hold, with the TOML type it takes (``variants`` and ``interventions`` may also be
 #: tables of ``name = "template or spec"``; ``[capture]`` takes ``save``, ``heads``, ``dtype``).
@@ -101,3 +108,82 @@ def load_config(path) -> dict:
     elif isinstance(interventions, list):
         config["interventions"] = ",".join(str(spec) for spec in interventions)
     return config
+
+
+def check_models(model) -> list[str]:
+    models = [model] if isinstance(model, (str, os.PathLike)) else list(model or [])
+    models = [str(m) for m in models]
+    if not models or any(not m.strip() for m in models):
+        raise ValueError(f"need at least one model name; got {model!r}")
+    repeated = sorted({m for m in models if models.count(m) > 1})
+    if repeated:
+        raise ValueError(f"models repeat {repeated}: each must be given once")
+    return models
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+CAPTURE = {"save": False, "heads": "mean", "dtype": "float16", "tokens": "concept"}
+
+
+def check_capture(capture) -> dict:
+    """The probe settings of a study: ``save`` (stream every generation's maps to ``out/maps/``), ``heads``
+    (``"mean"`` or ``"keep"``), ``dtype`` (``"float16"``, ``"bfloat16"`` or ``"float32"``) and ``tokens`` (``"concept"``:
+    only the concept's positions, all the study reads; or ``"all"``) of the maps."""
+    given = dict(capture or {})
+    unknown = sorted(set(given) - set(CAPTURE))
+    if unknown:
+        raise ValueError(f"unknown capture settings {unknown}; the settings are {sorted(CAPTURE)}")
+    capture = {**CAPTURE, **given}
+    if not isinstance(capture["save"], bool):
+        raise ValueError(f"capture save must be true or false; got {capture['save']!r}")
+    if capture["heads"] not in ("mean", "keep"):
+        raise ValueError(f"capture heads must be 'mean' or 'keep'; got {capture['heads']!r}")
+    if capture["tokens"] not in ("concept", "all"):
+        raise ValueError(f"capture tokens must be 'concept' or 'all'; got {capture['tokens']!r}")
+    if capture["dtype"] not in ("float16", "float32", "bfloat16"):
+        raise ValueError(f"capture dtype must be 'float16', 'bfloat16' or 'float32'; got {capture['dtype']!r}")
+    return capture
+
+
+def check_earlier_run(out: Path, settings: dict) -> None:
+    """A folder that holds a study with other settings is not resumed (its cells would mix with this run's)."""
+    try:
+        earlier = json.loads((out / "study.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return
+    differ = [f"{k}: {earlier.get(k)!r} there, {v!r} now" for k, v in settings.items() if earlier.get(k) != v]
+    if differ and (out / "cells").exists():
+        raise ValueError(
+            f"{str(out)!r} holds a study with other settings ({'; '.join(differ)[:300]}): its finished generations "
+            "would mix with this run's. Use another --out, or --restart to discard them."
+        )
+
+
+def check_grid(concepts, seeds, steps, guidance, size) -> None:
+    if not concepts or not seeds:
+        raise ValueError(f"need at least one concept and one seed; got concepts={concepts}, seeds={seeds}")
+    if any(not isinstance(c, str) or not c.strip() for c in concepts):
+        raise ValueError(f"concepts must be non-empty words or phrases; got {concepts}")
+    for kind, values in (("concepts", concepts), ("seeds", seeds)):
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if repeated:
+            raise ValueError(f"{kind} repeat {repeated}: each must be given once (a repeated seed fakes a narrower interval)")
+    if int(steps) < 1:
+        raise ValueError(f"steps must be ≥ 1; got {steps}")
+    if not math.isfinite(float(guidance)) or float(guidance) < 0:
+        raise ValueError(f"guidance must be a finite number ≥ 0; got {guidance}")
+    if size is not None and (int(size) < 8 or int(size) % 8):
+        raise ValueError(f"size {size} is not a positive multiple of 8 (the VAE downsamples by 8)")

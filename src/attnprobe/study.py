@@ -25,7 +25,6 @@ baseline prompt from the same noise, with the intervention applied, measured the
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from .analysis import auc, heatmap, trajectory
+from .config import check_capture, check_earlier_run, check_grid, check_models, resolve_dtype
 from .editing import intervene
 from .errors import ConceptError, ModelLoadError
 from .interventions import parse_interventions
@@ -278,14 +278,14 @@ def study(
     clash = sorted(set(rows) & set(variants))
     if clash:
         raise ValueError(f"intervention rows {clash} have the names of variants: label them (label=spec)")
-    models = _models(model)
+    models = check_models(model)
     concepts = list(DEFAULT_CONCEPTS if concepts is None else concepts)
     seeds = [int(s) for s in seeds]
-    _check_grid(concepts, seeds, steps, guidance, size)
-    capture = _check_capture(capture)
+    check_grid(concepts, seeds, steps, guidance, size)
+    capture = check_capture(capture)
     procs = processes()
     device = _device(device, procs)
-    dtype = _dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a folder")
@@ -296,7 +296,7 @@ def study(
                     dtype=str(dtype).replace("torch.", ""), scorer=scorer_name, capture=capture,
                     interventions={k: [repr(c) for c in v] for k, v in rows.items()})
     if not restart:
-        _check_earlier_run(out, settings)
+        check_earlier_run(out, settings)
     scorer = scorer if isinstance(scorer, PresenceScorer) else load_scorer(scorer, device)
     pipe = _ready_pipeline(models[0], device, dtype, concepts, variants, rows, steps, guidance)
     loaded = models[0]
@@ -339,23 +339,16 @@ def study(
                         broken[cell.model] = exc
                         raise
                     loaded = cell.model
-                if cell.kind == "text":
-                    record, tensors = {"text": similarity_rows(pipe, cell.concept, {v: t.format(c=cell.concept)
-                                                                                   for v, t in variants.items()})}, {}
-                else:
-                    cell_size = int(size or _default_size(pipe, cell.model))
-                    maps = out / "maps" / cell.id if capture["save"] else None
-                    record, tensors = _measure_cell(pipe, cell.concept, cell.seed, variants, steps, guidance, cell_size,
-                                                    interventions=rows, scorer=scorer, keep_image=cell.seed == seeds[0],
-                                                    capture=capture, maps=maps)
-                record = _with_model(record, cell.model)
+                record, tensors = _run_cell(pipe, cell, out, variants, rows, steps, guidance, size, scorer, capture,
+                                            keep_image=cell.seed == seeds[0])
                 manifest.record(cell, write_cell(out, cell, record, tensors))
                 failure.unlink(missing_ok=True)
                 counts["done"] += cell.kind == "generation"
             except Exception as exc:  # one failed cell must not lose the others
                 counts["failed"] += cell.kind == "generation"
                 failure.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(failure, json.dumps(_failure(cell.model, cell.concept, "text" if cell.seed is None else cell.seed, exc)).encode())
+                seed = "text" if cell.seed is None else cell.seed
+                write_atomic(failure, json.dumps(_failure(cell.model, cell.concept, seed, exc)).encode())
                 tqdm.write(f"attnprobe study: {cell.describe()} failed: {_first_line(exc)}", file=sys.stderr)
             bar.update()
     except KeyboardInterrupt:
@@ -374,22 +367,12 @@ def study(
     result = _merge(out, cells, models, concepts, seeds, names, scorer_name=getattr(scorer, "name", None))
     result.skipped = skipped
     if echo:
-        print(format_summary(result, model=", ".join(models), steps=steps, guidance=guidance, size=size or (_default_size(pipe, models[0]) if len(models) == 1 else "native"),
+        shown = size or (_default_size(pipe, models[0]) if len(models) == 1 else "native")
+        print(format_summary(result, model=", ".join(models), steps=steps, guidance=guidance, size=shown,
                              scorer=getattr(scorer, "name", None)))
     if interrupted:
         raise KeyboardInterrupt
     return result
-
-
-def _models(model) -> list[str]:
-    models = [model] if isinstance(model, (str, os.PathLike)) else list(model or [])
-    models = [str(m) for m in models]
-    if not models or any(not m.strip() for m in models):
-        raise ValueError(f"need at least one model name; got {model!r}")
-    repeated = sorted({m for m in models if models.count(m) > 1})
-    if repeated:
-        raise ValueError(f"models repeat {repeated}: each must be given once")
-    return models
 
 
 def _device(device, procs) -> torch.device:
@@ -402,57 +385,6 @@ def _device(device, procs) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but this torch ({torch.__version__}) sees no CUDA device")
     return device
-
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def _dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
-
-
-CAPTURE = {"save": False, "heads": "mean", "dtype": "float16", "tokens": "concept"}
-
-
-def _check_capture(capture) -> dict:
-    """The probe settings of a study: ``save`` (stream every generation's maps to ``out/maps/``), ``heads``
-    (``"mean"`` or ``"keep"``), ``dtype`` (``"float16"``, ``"bfloat16"`` or ``"float32"``) and ``tokens`` (``"concept"``:
-    only the concept's positions, all the study reads; or ``"all"``) of the maps."""
-    given = dict(capture or {})
-    unknown = sorted(set(given) - set(CAPTURE))
-    if unknown:
-        raise ValueError(f"unknown capture settings {unknown}; the settings are {sorted(CAPTURE)}")
-    capture = {**CAPTURE, **given}
-    if not isinstance(capture["save"], bool):
-        raise ValueError(f"capture save must be true or false; got {capture['save']!r}")
-    if capture["heads"] not in ("mean", "keep"):
-        raise ValueError(f"capture heads must be 'mean' or 'keep'; got {capture['heads']!r}")
-    if capture["tokens"] not in ("concept", "all"):
-        raise ValueError(f"capture tokens must be 'concept' or 'all'; got {capture['tokens']!r}")
-    if capture["dtype"] not in ("float16", "float32", "bfloat16"):
-        raise ValueError(f"capture dtype must be 'float16', 'bfloat16' or 'float32'; got {capture['dtype']!r}")
-    return capture
-
-
-def _check_earlier_run(out: Path, settings: dict) -> None:
-    """A folder that holds a study with other settings is not resumed (its cells would mix with this run's)."""
-    try:
-        earlier = json.loads((out / "study.json").read_text())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return
-    differ = [f"{k}: {earlier.get(k)!r} there, {v!r} now" for k, v in settings.items() if earlier.get(k) != v]
-    if differ and (out / "cells").exists():
-        raise ValueError(
-            f"{str(out)!r} holds a study with other settings ({'; '.join(differ)[:300]}): its finished generations "
-            "would mix with this run's. Use another --out, or --restart to discard them."
-        )
 
 
 def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guidance):
@@ -487,27 +419,19 @@ def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None) -
     return result
 
 
-def _with_model(record: dict, model: str) -> dict:
+def _run_cell(pipe, cell, out: Path, variants, rows, steps, guidance, size, scorer, capture, keep_image):
+    """One cell's record (every row with its ``model``) and tensors: a generation, or the text analysis."""
+    if cell.kind == "text":
+        prompts = {v: t.format(c=cell.concept) for v, t in variants.items()}
+        record, tensors = {"text": similarity_rows(pipe, cell.concept, prompts)}, {}
+    else:
+        record, tensors = _measure_cell(pipe, cell.concept, cell.seed, variants, steps, guidance,
+                                        int(size or _default_size(pipe, cell.model)), interventions=rows, scorer=scorer,
+                                        keep_image=keep_image, capture=capture,
+                                        maps=out / "maps" / cell.id if capture["save"] else None)
     for key in ("trajectories", "aucs", "failures", "text"):
-        record[key] = [{"model": model, **r} for r in record.get(key, [])]
-    return record
-
-
-def _check_grid(concepts, seeds, steps, guidance, size) -> None:
-    if not concepts or not seeds:
-        raise ValueError(f"need at least one concept and one seed; got concepts={concepts}, seeds={seeds}")
-    if any(not isinstance(c, str) or not c.strip() for c in concepts):
-        raise ValueError(f"concepts must be non-empty words or phrases; got {concepts}")
-    for kind, values in (("concepts", concepts), ("seeds", seeds)):
-        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
-        if repeated:
-            raise ValueError(f"{kind} repeat {repeated}: each must be given once (a repeated seed fakes a narrower interval)")
-    if int(steps) < 1:
-        raise ValueError(f"steps must be ≥ 1; got {steps}")
-    if not math.isfinite(float(guidance)) or float(guidance) < 0:
-        raise ValueError(f"guidance must be a finite number ≥ 0; got {guidance}")
-    if size is not None and (int(size) < 8 or int(size) % 8):
-        raise ValueError(f"size {size} is not a positive multiple of 8 (the VAE downsamples by 8)")
+        record[key] = [{"model": cell.model, **r} for r in record.get(key, [])]
+    return record, tensors
 
 
 def _warn(message: str) -> None:
@@ -555,7 +479,7 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, interven
     tensors: ``map.<k>`` (heat map of row k, ``[qh, qw]``) and, with ``keep_image``, ``image.<k>`` (uint8 RGB).
     With ``maps`` (a folder), every probe streams its store there (``AttentionStore.load`` reads it back).
     """
-    capture = capture or _check_capture(None)
+    capture = capture or check_capture(None)
     names = list(variants)
     prompts = [variants[v].format(c=concept) for v in names]
     latents = _initial_latents(pipe, seed, size, len(prompts), pipe.device, pipe.unet.dtype)
