@@ -141,8 +141,8 @@ def test_a_failing_generation_is_logged_with_its_cell_and_the_run_goes_on(tmp_pa
 
 @pytest.mark.parametrize("text, match", [
     ("stepz = 3\n", r"unknown key \['stepz'\]; the keys are \[.*'steps'"),
-    ("steps = 'ten'\n", "steps = 'ten' is a str; it takes a integer"),
-    ("seeds = [0, 'one']\n", "must be a list of ints"),
+    ("steps = 'ten'\n", "steps = 'ten' is a str; steps takes: integer"),
+    ("seeds = [0, 'one']\n", "must hold only integers"),
     ("model = 'tiny'\nmodels = ['tiny']\n", "model or models, not both"),
     ("steps = [\n", "not valid TOML"),
     ("[capture]\nsave = 'yes'\n", "capture save must be true or false"),
@@ -198,3 +198,89 @@ def test_saved_maps_and_two_models(tmp_path):
     rows = [r["mass"] for r in result.trajectories if r["model"] == "tiny"]
     assert mass == pytest.approx(rows, abs=1e-12)
     assert len(Manifest(tmp_path).finished(grid(["tiny", "tiny-xl"], ["cat"], [0]))) == 4
+
+
+def small(out, **kwargs):
+    args = dict(out=out, concepts=["dog"], variants="baseline", seeds=[0, 1], steps=2, scorer="none", progress=False,
+                echo=False)
+    return st.study(**{**args, **kwargs})
+
+
+def test_manifests_that_disagree_damaged_ones_and_foreign_entries(tmp_path, capsys):
+    first = small(tmp_path)
+    own = tmp_path / "manifest" / "process-0.json"
+    cells = json.loads(own.read_text())["cells"]
+    seed0, seed1 = (k for k in cells if k.endswith("seed0")), (k for k in cells if k.endswith("seed1"))
+    seed0, seed1 = next(seed0), next(seed1)
+    # another process's stale entry for a cell that was redone since: the intact entry counts, whichever file it is in
+    stale = {**cells[seed1], "sha256": "0" * 64}
+    (tmp_path / "manifest" / "process-1.json").write_text(json.dumps({"cells": {seed1: stale}}))
+    again = small(tmp_path)
+    assert (again.done, again.skipped) == (2, 2) and again.aucs == first.aucs
+    # an entry that points at another cell's shard is not trusted: the cell is redone
+    cells[seed1] = cells[seed0]
+    own.write_text(json.dumps({"cells": cells}))
+    (tmp_path / "manifest" / "process-1.json").unlink()
+    capsys.readouterr()
+    again = small(tmp_path)
+    assert "redoing model 'tiny', concept 'dog', seed 1: its manifest entry names another file" in capsys.readouterr().err
+    assert [r["seed"] for r in again.aucs] == [0, 1] and again.skipped == 1
+    # an unreadable manifest is said, and its cells redone
+    own.write_text('{"cells": {')
+    again = small(tmp_path)
+    assert "ignoring the unreadable manifest" in capsys.readouterr().err and again.skipped == 0
+    # a folder with cells but no readable settings is not resumed
+    (tmp_path / "study.json").unlink()
+    with pytest.raises(ValueError, match="study.json cannot be read"):
+        small(tmp_path)
+
+
+def test_one_run_at_a_time_and_a_lock_left_by_a_killed_run(tmp_path):
+    import socket
+
+    tmp_path.joinpath(".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "x"}))
+    with pytest.raises(ValueError, match=r"in use by another run \(pid \d+"):
+        small(tmp_path, seeds=[0])
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tmp_path.joinpath(".lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    assert small(tmp_path, seeds=[0]).done == 1 and not tmp_path.joinpath(".lock").exists()
+
+
+def test_a_failed_row_makes_its_cell_redone_and_labels_do_not_collide(tmp_path, monkeypatch):
+    from attnprobe.editing import Intervened
+
+    real, calls = Intervened.__call__, []
+
+    def fail_first(self, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(Intervened, "__call__", fail_first)
+    rows = {"x y": "zero-attention", "x-y": "zero-attention-raw"}
+    spec = ",".join(f"{k}={v}" for k, v in rows.items())
+    first = small(tmp_path, seeds=[0], interventions=spec, capture={"save": True})
+    assert first.failed == 1 and [r["variant"] for r in first.aucs] == ["baseline", "x-y"]
+    again = small(tmp_path, seeds=[0], interventions=spec, capture={"save": True})
+    assert (again.skipped, again.failed, again.failures) == (0, 0, [])
+    assert [r["variant"] for r in again.aucs] == ["baseline", "x y", "x-y"]
+    assert len(list((tmp_path / "maps").rglob("row-*"))) == 2
+
+
+def test_restart_and_out_guards(tmp_path):
+    notes = tmp_path / "notes"
+    (notes / "maps").mkdir(parents=True)
+    (notes / "maps" / "mine.txt").write_text("precious")
+    with pytest.raises(ValueError, match="holds files but no study"):
+        small(notes, seeds=[0], restart=True)
+    assert (notes / "maps" / "mine.txt").read_text() == "precious"
+    with pytest.raises(ValueError, match="out must name a folder"):
+        small("", seeds=[0])
+    with pytest.raises(ValueError, match=r"outside 0 … 2\*\*63"):
+        small(tmp_path / "o", seeds=[-1])
+    with pytest.raises(ValueError, match="variants must be names"):
+        small(tmp_path / "o", variants=[1])
+    small(tmp_path / "o", seeds=[0])
+    with pytest.raises(ValueError, match=r"variants.instruction: '\(none\)' there, 'Please forget"):
+        small(tmp_path / "o", seeds=[0], variants="baseline,instruction")

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_config", "CONFIG_KEYS", "CAPTURE", "DTYPES", "check_grid", "check_capture", "check_models",
-           "check_earlier_run", "resolve_dtype"]
+__all__ = ["load_config", "CONFIG_KEYS", "CAPTURE", "DTYPES", "STUDY_PARTS", "check_grid", "check_capture",
+           "check_models", "check_earlier_run", "check_out", "is_study_folder", "resolve_dtype"]
 
 #: Every key a study file may hold, with the TOML type it takes (``variants`` and ``interventions`` may also be
 #: tables of ``name = "template or spec"``; ``[capture]`` takes ``save``, ``heads``, ``dtype``).
@@ -50,7 +50,8 @@ CONFIG_KEYS = {
     "device": "string: auto, cpu, cuda, …",
     "dtype": "string: fp32, fp16 or bf16",
     "scorer": "string: tiny, none, or a CLIP hub id / folder",
-    "capture": "table: save (bool), heads ('mean' or 'keep'), dtype ('float16', 'bfloat16', 'float32')",
+    "capture": "table: save (bool), heads ('mean' or 'keep'), dtype ('float16', 'bfloat16', 'float32'), "
+               "tokens ('concept' or 'all')",
 }
 
 _TYPES = {
@@ -76,11 +77,13 @@ def load_config(path) -> dict:
     """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ValueError(f"study config {str(path)!r} does not exist") from None
     except IsADirectoryError:
         raise ValueError(f"study config {str(path)!r} is a folder; give a .toml file") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"study config {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"study config {str(path)!r} is not valid TOML: {exc}") from None
     unknown = sorted(set(data) - set(CONFIG_KEYS))
@@ -90,11 +93,14 @@ def load_config(path) -> dict:
     for key, value in data.items():
         expected = _TYPES[key]
         if not isinstance(value, expected) or isinstance(value, bool) and expected in (int, (int, float)):
-            raise ValueError(f"study config {str(path)!r}: {key} = {value!r} is a {type(value).__name__}; "
-                             f"it takes a {CONFIG_KEYS[key]}")
-    for key, kind in (("concepts", str), ("models", str), ("seeds", int)):
-        if key in data and any(not isinstance(v, kind) or isinstance(v, bool) for v in data[key]):
-            raise ValueError(f"study config {str(path)!r}: {key} = {data[key]!r} must be a list of {kind.__name__}s")
+            raise ValueError(f"study config {str(path)!r}: {key} = {_short(value)} is a {type(value).__name__}; "
+                             f"{key} takes: {CONFIG_KEYS[key]}")
+    for key, kind in (("concepts", str), ("models", str), ("seeds", int), ("variants", str), ("interventions", str)):
+        values = data.get(key, [])
+        values = list(values.values()) if isinstance(values, dict) else values if isinstance(values, list) else []
+        if any(not isinstance(v, kind) or isinstance(v, bool) for v in values):
+            raise ValueError(f"study config {str(path)!r}: {key} = {_short(data[key])} must hold only "
+                             f"{'strings' if kind is str else 'integers'}")
     if "model" in data and "models" in data:
         raise ValueError(f"study config {str(path)!r}: give model or models, not both")
     config = dict(data)
@@ -158,18 +164,78 @@ def check_capture(capture) -> dict:
     return capture
 
 
+#: Files and folders of a study folder that a run writes (``--restart`` and the merge replace them, nothing else).
+STUDY_PARTS = ("study.json", "cells", "manifest", "failed", "maps", "figures")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def settings_differences(earlier: dict, now: dict) -> list[str]:
+    """``key: old there, new now`` for each setting that differs (inside tables: ``variants.mine: …``)."""
+    differ = []
+    for key in sorted(set(earlier) | set(now)):
+        a, b = earlier.get(key), now.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += [f"{key}.{k}: {_short(a.get(k, '(none)'))} there, {_short(b.get(k, '(none)'))} now"
+                       for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        else:
+            differ.append(f"{key}: {_short(a)} there, {_short(b)} now")
+    return differ
+
+
 def check_earlier_run(out: Path, settings: dict) -> None:
-    """A folder that holds a study with other settings is not resumed (its cells would mix with this run's)."""
+    """A folder that holds finished cells is resumed only with the same settings (its cells would mix with this run's).
+
+    Raises:
+        ValueError: ``out`` holds cells measured with other settings, or cells whose settings cannot be read.
+    """
+    if not (out / "cells").is_dir():
+        return
     try:
         earlier = json.loads((out / "study.json").read_text())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return
-    differ = [f"{k}: {earlier.get(k)!r} there, {v!r} now" for k, v in settings.items() if earlier.get(k) != v]
-    if differ and (out / "cells").exists():
+        if not isinstance(earlier, dict):
+            raise ValueError("not a table")
+    except (OSError, ValueError) as exc:
         raise ValueError(
-            f"{str(out)!r} holds a study with other settings ({'; '.join(differ)[:300]}): its finished generations "
-            "would mix with this run's. Use another --out, or --restart to discard them."
+            f"{str(out)!r} holds finished generations but its study.json cannot be read ({type(exc).__name__}), so "
+            "their settings are unknown: use another --out, or --restart to discard them"
+        ) from None
+    differ = settings_differences({k: v for k, v in earlier.items() if k != "attnprobe"}, settings)
+    if differ:
+        shown = "; ".join(differ[:4]) + (f"; and {len(differ) - 4} more" if len(differ) > 4 else "")
+        raise ValueError(
+            f"{str(out)!r} holds a study with other settings ({shown}): its finished generations would mix with this "
+            "run's. Use another --out, or --restart to discard them."
         )
+
+
+def check_out(out) -> Path:
+    """The output folder as a path (``~`` expanded); refuses an empty name and study parts that are not folders.
+
+    Raises:
+        ValueError: an empty ``out``, ``out`` or a part of it (``cells``, ``manifest``…) that is a file.
+    """
+    if out is None or not str(out).strip():
+        raise ValueError(f"out must name a folder; got {out!r}")
+    out = Path(str(out)).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} is a file; give a folder")
+    for part in STUDY_PARTS[1:]:
+        if (out / part).exists() and not (out / part).is_dir():
+            raise ValueError(f"out {str(out)!r}: {part!r} there is a file, not the study's folder of that name")
+    if (out / "study.json").is_dir():
+        raise ValueError(f"out {str(out)!r}: 'study.json' there is a folder, not the study's settings file")
+    return out
+
+
+def is_study_folder(out: Path) -> bool:
+    """Whether ``out`` holds a study's files (``--restart`` deletes them only there)."""
+    return (out / "study.json").is_file() or (out / "manifest").is_dir()
 
 
 def check_grid(concepts, seeds, steps, guidance, size) -> None:
@@ -177,6 +243,9 @@ def check_grid(concepts, seeds, steps, guidance, size) -> None:
         raise ValueError(f"need at least one concept and one seed; got concepts={concepts}, seeds={seeds}")
     if any(not isinstance(c, str) or not c.strip() for c in concepts):
         raise ValueError(f"concepts must be non-empty words or phrases; got {concepts}")
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise ValueError(f"seeds {bad} are outside 0 … 2**63 − 1 (torch's generator seeds)")
     for kind, values in (("concepts", concepts), ("seeds", seeds)):
         repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
         if repeated:

@@ -207,12 +207,15 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
                 ax.set_visible(False)
                 continue
             img = images.get(c, {}).get(v)
+            extent = None
             if img is not None:
-                ax.imshow(np.asarray(img))
+                img = np.asarray(img)
+                extent = (0, img.shape[1], img.shape[0], 0)  # the map over the whole image, whatever its resolution
+                ax.imshow(img, extent=extent)
             m = np.asarray(maps[c][v], dtype=float)
             span = m.max() - m.min()
             m = (m - m.min()) / span if span > 0 else np.zeros_like(m)
-            im = ax.imshow(m, cmap="jet", alpha=0.5 if img is not None else 1.0, vmin=0, vmax=1)
+            im = ax.imshow(m, cmap="jet", alpha=0.5 if img is not None else 1.0, vmin=0, vmax=1, extent=extent)
             if i == 0:
                 ax.set_title(v, fontsize=8)
             if j == 0:

@@ -29,7 +29,8 @@ import torch
 
 from .report import write_atomic
 
-__all__ = ["Cell", "grid", "Manifest", "Processes", "processes", "write_cell", "read_cell"]
+__all__ = ["Cell", "grid", "Manifest", "Processes", "processes", "write_cell", "read_cell", "collect", "settings_key",
+           "FolderLock"]
 
 _RECORD = "attnprobe.cell"
 
@@ -75,16 +76,20 @@ def shard_path(out: Path, cell: Cell) -> Path:
     return Path(out) / "cells" / f"{cell.id}.safetensors"
 
 
-def write_cell(out: Path, cell: Cell, record: dict, tensors: dict[str, torch.Tensor] | None = None) -> dict:
-    """Write a finished cell's shard atomically; returns its manifest entry (file, bytes, sha256)."""
+def write_cell(out: Path, cell: Cell, record: dict, tensors: dict[str, torch.Tensor] | None = None,
+               settings: str | None = None) -> dict:
+    """Write a finished cell's shard atomically; returns its manifest entry (file, bytes, sha256, the settings key,
+    and ``complete``: no row of the cell failed)."""
     from safetensors.torch import save
 
     path = shard_path(out, cell)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
+    record = {**record, "cell": {"model": cell.model, "concept": cell.concept, "seed": cell.seed}}
     data = save(tensors, metadata={_RECORD: json.dumps(record, allow_nan=True)})
     write_atomic(path, data)
-    return {"file": str(path.relative_to(out)), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"file": str(path.relative_to(out)), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "settings": settings, "complete": not record.get("failures")}
 
 
 def read_cell(out: Path, entry: dict) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -105,9 +110,15 @@ def read_cell(out: Path, entry: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     return record, tensors
 
 
-def _problem(out: Path, entry: dict) -> str | None:
-    """Why a manifest entry's shard cannot be trusted, or ``None`` when it is intact."""
-    path = Path(out) / entry.get("file", "")
+def _problem(out: Path, cell: Cell, entry, settings: str | None) -> str | None:
+    """Why a manifest entry's shard cannot be trusted for ``cell``, or ``None`` when it is intact."""
+    if not isinstance(entry, dict):
+        return "its manifest entry is not a record"
+    if entry.get("file") != str(shard_path(out, cell).relative_to(out)):
+        return f"its manifest entry names another file ({str(entry.get('file'))[:80]!r})"
+    if settings is not None and entry.get("settings") != settings:
+        return "it was measured with other settings"
+    path = shard_path(out, cell)
     if not path.is_file():
         return "its shard is missing"
     if path.stat().st_size != entry.get("bytes"):
@@ -118,41 +129,66 @@ def _problem(out: Path, entry: dict) -> str | None:
 
 
 class Manifest:
-    """The finished cells of a study folder: the union of every process's ``manifest/process-<rank>.json``.
+    """The finished cells of a study folder: every process's ``manifest/process-<rank>.json`` together.
 
     Each process rewrites only its own file (atomically), keeping the entries an earlier run of the same rank wrote.
+    A cell may be listed by several files (redone by another process, or by a later run): it counts as finished when
+    any entry matches its shard as it is now (file, size and SHA-256) and the study's settings.
+
+    Args:
+        out: the study folder. rank: this process's rank (the file it writes).
+        settings: the key of the study's settings (``settings_key``); entries with another key are not finished.
+            Default ``None``: not checked.
+        warn: called with a message for an unreadable manifest file. Default: none.
     """
 
-    def __init__(self, out: Path, rank: int = 0) -> None:
+    def __init__(self, out: Path, rank: int = 0, settings: str | None = None, warn=None) -> None:
         self.out = Path(out)
         self.folder = self.out / "manifest"
         self.own = self.folder / f"process-{rank}.json"
+        self.settings = settings
+        self.warn = warn
         self.mine: dict[str, dict] = self._read(self.own)
 
-    @staticmethod
-    def _read(path: Path) -> dict[str, dict]:
+    def _read(self, path: Path) -> dict:
         try:
-            return dict(json.loads(path.read_text())["cells"])
+            cells = json.loads(path.read_text())["cells"]
+            if not isinstance(cells, dict):
+                raise TypeError("cells is not a table")
+            return dict(cells)
         except FileNotFoundError:
             return {}
-        except (ValueError, KeyError, TypeError):  # an unreadable manifest (never half-written: atomic)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # written atomically: damaged from outside
+            if self.warn is not None:
+                self.warn(f"ignoring the unreadable manifest {str(path)!r} ({type(exc).__name__}: {exc}); "
+                          "the cells it listed are redone")
             return {}
 
-    def finished(self, cells, warn=None) -> dict[str, dict]:
-        """``{cell id: entry}`` for the cells of ``cells`` whose shard is intact; ``warn(message)`` for the others."""
-        entries: dict[str, dict] = {}
-        for path in sorted(self.folder.glob("process-*.json")):
-            entries.update(self._read(path))
+    def entries(self) -> dict[str, list]:
+        """Every manifest entry per cell id, from every process's file."""
+        found: dict[str, list] = {}
+        paths = sorted(self.folder.glob("process-*.json")) if self.folder.is_dir() else []
+        for path in paths:
+            for cell_id, entry in (self.mine if path == self.own else self._read(path)).items():
+                found.setdefault(cell_id, []).append(entry)
+        return found
+
+    def finished(self, cells, warn=None, complete: bool = True) -> dict[str, dict]:
+        """``{cell id: entry}`` for the cells of ``cells`` whose shard is intact (and, with ``complete``, none of whose
+        rows failed); ``warn(message)`` for the cells listed whose shard cannot be trusted (they are redone)."""
+        entries = self.entries()
         done = {}
         for cell in cells:
-            entry = entries.get(cell.id)
-            if entry is None:
-                continue
-            why = _problem(self.out, entry)
-            if why is None:
-                done[cell.id] = entry
-            elif warn is not None:
-                warn(f"redoing {cell.describe()}: {why}")
+            problems = []
+            for entry in entries.get(cell.id, []):
+                why = _problem(self.out, cell, entry, self.settings)
+                if why is None and (entry.get("complete", True) or not complete):
+                    done[cell.id] = entry
+                    break
+                problems.append(why or "some of its rows failed")
+            else:
+                if problems and warn is not None:
+                    warn(f"redoing {cell.describe()}: {problems[-1]}")
         return done
 
     def record(self, cell: Cell, entry: dict) -> None:
@@ -160,6 +196,11 @@ class Manifest:
         self.mine[cell.id] = entry
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(self.own, json.dumps({"cells": self.mine}, indent=0).encode())
+
+
+def settings_key(settings: dict) -> str:
+    """A short hash of a study's settings (what every finished cell was measured with)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Processes:
@@ -217,46 +258,118 @@ def processes() -> Processes:
 WAIT_HOURS = 72
 
 
-def collect(out: Path, cells, seeds, result, scorer_name=None) -> dict[str, dict]:
+def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | None = None) -> dict[str, dict]:
     """Fill ``result`` (a ``StudyResult``) with the rows of every finished cell of ``cells``, in grid order, and the
-    failures of the others; returns per model the figure data (``curves``, first-seed ``maps`` and ``images``)."""
+    failures of the others; returns per model the figure data: ``curves`` per concept and row, and the heat maps and
+    images of each concept's first finished seed (in the order of ``seeds``)."""
     import numpy as np
 
     out = Path(out)
-    finished = Manifest(out).finished(cells)
+    finished = Manifest(out, settings=settings).finished(cells, complete=False)
     figures: dict[str, dict] = {}
     for cell in cells:
         fig = figures.setdefault(cell.model, {"images": {}, "maps": {}, "curves": {}, "scorer": scorer_name})
         entry = finished.get(cell.id)
-        record = None
+        record, seed = None, "text" if cell.seed is None else cell.seed
         if entry is not None:
             try:
                 record, tensors = read_cell(out, entry)
+                if record.get("cell") != {"model": cell.model, "concept": cell.concept, "seed": cell.seed}:
+                    raise ValueError(f"it holds another cell ({record.get('cell')})")
             except ValueError as exc:
-                result.failures.append(dict(model=cell.model, concept=cell.concept, seed="text" if cell.seed is None else cell.seed,
+                record = None
+                result.failures.append(dict(model=cell.model, concept=cell.concept, seed=seed,
                                             error=f"ValueError: {exc}", detail=""))
         if record is None:
             failure = out / "failed" / f"{cell.id}.json"
-            if failure.is_file():
-                result.failures.append(json.loads(failure.read_text()))
+            try:
+                result.failures.append({**json.loads(failure.read_text()), "model": cell.model,
+                                        "concept": cell.concept, "seed": seed})
                 result.failed += cell.kind == "generation"
+            except (OSError, ValueError, TypeError):
+                pass
             continue
         result.failures += [{**f, "model": cell.model} for f in record.get("failures", [])]
         if cell.kind == "text":
             result.text += record["text"]
             continue
         result.done += 1
+        result.failed += bool(record.get("failures"))
         result.trajectories += record["trajectories"]
         result.aucs += record["aucs"]
         for row in record["rows"]:
             curve = [r["mass_last"] for r in record["trajectories"] if r["variant"] == row]
             fig["curves"].setdefault(cell.concept, {}).setdefault(row, []).append(np.asarray(curve, dtype=np.float64))
-        if cell.seed == seeds[0]:
+        if cell.concept not in fig["maps"]:  # the concept's first finished seed
+            from PIL import Image
+
             for k, row in enumerate(record["rows"]):
                 if f"map.{k}" in tensors:
                     fig["maps"].setdefault(cell.concept, {})[row] = tensors[f"map.{k}"].numpy()
                 if f"image.{k}" in tensors:
-                    from PIL import Image
-
                     fig["images"].setdefault(cell.concept, {})[row] = Image.fromarray(tensors[f"image.{k}"].numpy())
     return figures
+
+
+class FolderLock:
+    """One run at a time per study folder: ``out/.lock`` holds the main process's pid and host while it runs.
+
+    A lock left by a process that no longer runs (same host) is taken over; on another host it cannot be checked, so
+    it is refused with the file to delete.
+
+    Raises:
+        ValueError: another live run holds the folder.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / ".lock"
+        self.held = False
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def __enter__(self) -> "FolderLock":
+        import socket
+        import time
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    self.path.unlink(missing_ok=True)  # left by a run that was killed
+                    continue
+                raise ValueError(
+                    f"{str(self.path.parent)!r} is in use by another run (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {holder.get('since')}): wait for it to end, or, if it is gone, "
+                    f"delete {str(self.path)!r}"
+                ) from None
+            except OSError as exc:
+                raise ValueError(f"out {str(self.path.parent)!r} cannot be written to ({exc.strerror})") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise ValueError(f"could not take {str(self.path)!r}: another run keeps taking it")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -24,6 +24,7 @@ baseline prompt from the same noise, with the intervention applied, measured the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,13 +39,15 @@ import numpy as np
 import torch
 
 from .analysis import auc, heatmap, trajectory
-from .config import check_capture, check_earlier_run, check_grid, check_models, resolve_dtype
+from .config import (
+    STUDY_PARTS, check_capture, check_earlier_run, check_grid, check_models, check_out, is_study_folder, resolve_dtype,
+)
 from .editing import intervene
 from .errors import ConceptError, ModelLoadError
 from .interventions import parse_interventions
 from .probe import probe
 from .report import OUTPUT_FILES, done_line, format_summary, summarize, write_atomic, write_figures, write_tables
-from .runner import Manifest, _slug, collect, grid, processes, write_cell
+from .runner import FolderLock, Manifest, _slug, collect, grid, processes, settings_key, write_cell
 from .scorer import PresenceScorer, load_scorer
 from .text import similarity_rows
 from .tokens import find_concept, token_layout
@@ -126,6 +129,8 @@ def parse_variants(spec) -> dict[str, str]:
             # split on the commas that start a new entry (a known name or "name="), so templates may hold commas
             known = "|".join(re.escape(k) for k in DEFAULT_VARIANTS)
             spec = re.split(rf",\s*(?=[A-Za-z_][\w-]*\s*=|(?:{known})\s*(?:,|$))", spec)
+        if any(not isinstance(p, str) for p in spec):
+            raise ValueError(f"variants must be names or name=template texts; got {list(spec)!r}")
         parts = [p.strip() for p in spec if p.strip()]
         items = []
         for p in parts:
@@ -136,6 +141,9 @@ def parse_variants(spec) -> dict[str, str]:
                 items.append((p, DEFAULT_VARIANTS[p]))
             else:
                 raise ValueError(f"unknown variant {p!r}: use one of {list(DEFAULT_VARIANTS)} or name=template with {{c}}")
+    bad = [(n, t) for n, t in items if not isinstance(n, str) or not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"variants must be names and templates as text; got {bad[0][0]!r}: {bad[0][1]!r}")
     variants = dict(items)
     for name, template in variants.items():
         if "{c}" not in template:
@@ -158,6 +166,15 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: {line if len(line) <= limit else line[: limit - 1] + '…'}"
 
 
+def _check_model_name(model: str) -> None:
+    """A name that looks like a local path must exist (checked for every model before a study generates)."""
+    if model in TINY_MODELS:
+        return
+    looks_local = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 2)[-1]
+    if looks_local and not Path(model).expanduser().exists():
+        raise ModelLoadError(f"could not load model {model!r}: no such folder (and it is not a hub id)")
+
+
 def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None):
     """A pipeline by name: ``"tiny"`` (SD 1.5 layout) or ``"tiny-xl"`` (SDXL layout) built offline, else any
     hub id or local folder through ``DiffusionPipeline.from_pretrained``.
@@ -173,11 +190,9 @@ def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype |
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
+    _check_model_name(model)
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its offline retries print several lines before the error
-    looks_local = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 2)[-1]
-    if looks_local and not Path(model).expanduser().exists():
-        raise ModelLoadError(f"could not load model {model!r}: no such folder (and it is not a hub id)")
     try:
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
@@ -271,8 +286,6 @@ def study(
             ``out`` that holds a study with other settings.
         InterventionError, ConceptError: an intervention that cannot run here (checked before generating).
     """
-    from tqdm import tqdm
-
     variants = parse_variants(variants)
     rows = parse_interventions(interventions)
     clash = sorted(set(rows) & set(variants))
@@ -286,34 +299,81 @@ def study(
     procs = processes()
     device = _device(device, procs)
     dtype = resolve_dtype(dtype, device)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; give a folder")
+    out = check_out(out)
+    for name in models:
+        _check_model_name(name)
     scorer_name = scorer if isinstance(scorer, str) or scorer is None else getattr(scorer, "name", type(scorer).__name__)
-    from . import __version__
-
-    settings = dict(attnprobe=__version__, variants=variants, steps=int(steps), guidance=float(guidance), size=size,
+    settings = dict(variants=variants, steps=int(steps), guidance=float(guidance),
+                    size=size if size or any(m not in TINY_MODELS for m in models) else 64,
                     dtype=str(dtype).replace("torch.", ""), scorer=scorer_name, capture=capture,
                     interventions={k: [repr(c) for c in v] for k, v in rows.items()})
-    if not restart:
+    if restart:
+        if out.is_dir() and any(out.iterdir()) and not is_study_folder(out):
+            raise ValueError(f"--restart: {str(out)!r} holds files but no study (no study.json or manifest/); "
+                             "nothing was deleted. Give the folder of a study, or a new one.")
+    else:
         check_earlier_run(out, settings)
     scorer = scorer if isinstance(scorer, PresenceScorer) else load_scorer(scorer, device)
     pipe = _ready_pipeline(models[0], device, dtype, concepts, variants, rows, steps, guidance)
-    loaded = models[0]
-    names = list(variants) + list(rows)
+    plan = _Plan(out=out, procs=procs, settings=settings, models=models, concepts=concepts, seeds=seeds,
+                 variants=variants, rows=rows, steps=steps, guidance=guidance, size=size, capture=capture, scorer=scorer,
+                 device=device, dtype=dtype)
     # only now, when everything has been checked and loaded: a run that cannot start leaves the folder as it was
     if procs.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ValueError(f"--out {str(out)!r} cannot be made a folder: {exc.strerror}") from None
-        if restart:
-            for name in ("cells", "manifest", "failed", "maps"):
-                shutil.rmtree(out / name, ignore_errors=True)
-        write_atomic(out / "study.json", json.dumps(settings, indent=1).encode())
-    procs.wait()
-    cells = grid(models, concepts, seeds)
-    manifest = Manifest(out, procs.rank)
+            raise ValueError(f"out {str(out)!r} cannot be made a folder: {exc.strerror}") from None
+    with FolderLock(out) if procs.is_main else contextlib.nullcontext():
+        if procs.is_main:
+            _start(plan, restart)
+        procs.wait()
+        return _run(plan, pipe, progress, echo)
+
+
+@dataclass
+class _Plan:
+    """A checked study: what every process runs."""
+
+    out: Path
+    procs: object
+    settings: dict
+    models: list
+    concepts: list
+    seeds: list
+    variants: dict
+    rows: dict
+    steps: int
+    guidance: float
+    size: int | None
+    capture: dict
+    scorer: object
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _start(plan: _Plan, restart: bool) -> None:
+    """The main process, holding the folder's lock: clear an earlier run (``restart``), then write the settings."""
+    from . import __version__
+
+    out = plan.out
+    if restart:
+        for name in STUDY_PARTS:
+            shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    try:
+        write_atomic(out / "study.json", json.dumps({"attnprobe": __version__, **plan.settings}, indent=1).encode())
+    except OSError as exc:
+        raise ValueError(f"out {str(out)!r} cannot be written to ({exc.strerror})") from None
+
+
+def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
+    """Every process: take a share of the pending cells, measure them, then the main process merges every shard."""
+    from tqdm import tqdm
+
+    out, procs, key = plan.out, plan.procs, settings_key(plan.settings)
+    loaded = plan.models[0]
+    cells = grid(plan.models, plan.concepts, plan.seeds)
+    manifest = Manifest(out, procs.rank, settings=key, warn=_warn if procs.is_main else None)
     finished = manifest.finished(cells, warn=_warn if procs.is_main else None)
     procs.wait()  # no process writes its manifest before every process has read them all
     mine = procs.share([c for c in cells if c.id not in finished])
@@ -334,21 +394,25 @@ def study(
                 if cell.model != loaded:
                     pipe = loaded = None  # one pipeline in memory at a time
                     try:
-                        pipe = _ready_pipeline(cell.model, device, dtype, concepts, variants, rows, steps, guidance)
+                        pipe = _ready_pipeline(cell.model, plan.device, plan.dtype, plan.concepts, plan.variants,
+                                               plan.rows, plan.steps, plan.guidance)
                     except Exception as exc:
                         broken[cell.model] = exc
                         raise
                     loaded = cell.model
-                record, tensors = _run_cell(pipe, cell, out, variants, rows, steps, guidance, size, scorer, capture,
-                                            keep_image=cell.seed == seeds[0])
-                manifest.record(cell, write_cell(out, cell, record, tensors))
+                record, tensors = _run_cell(pipe, cell, plan)
+                manifest.record(cell, write_cell(out, cell, record, tensors, settings=key))
                 failure.unlink(missing_ok=True)
-                counts["done"] += cell.kind == "generation"
+                counts["done"] += cell.kind == "generation" and not record["failures"]
+                counts["failed"] += bool(record["failures"])  # rows failed: the cell is redone by the next run
             except Exception as exc:  # one failed cell must not lose the others
                 counts["failed"] += cell.kind == "generation"
-                failure.parent.mkdir(parents=True, exist_ok=True)
                 seed = "text" if cell.seed is None else cell.seed
-                write_atomic(failure, json.dumps(_failure(cell.model, cell.concept, seed, exc)).encode())
+                try:
+                    failure.parent.mkdir(parents=True, exist_ok=True)
+                    write_atomic(failure, json.dumps(_failure(cell.model, cell.concept, seed, exc)).encode())
+                except OSError:
+                    pass  # the console line below still says it
                 tqdm.write(f"attnprobe study: {cell.describe()} failed: {_first_line(exc)}", file=sys.stderr)
             bar.update()
     except KeyboardInterrupt:
@@ -364,18 +428,21 @@ def study(
         procs.wait()  # every process's cells are written: the main process merges them
     if not procs.is_main:
         return StudyResult(out=out, done=counts["done"], failed=counts["failed"])
-    result = _merge(out, cells, models, concepts, seeds, names, scorer_name=getattr(scorer, "name", None))
+    scorer_name = getattr(plan.scorer, "name", None)
+    result = _merge(out, cells, plan.models, plan.concepts, plan.seeds, list(plan.variants) + list(plan.rows),
+                    scorer_name=scorer_name, settings=key)
     result.skipped = skipped
     if echo:
-        shown = size or (_default_size(pipe, models[0]) if len(models) == 1 else "native")
-        print(format_summary(result, model=", ".join(models), steps=steps, guidance=guidance, size=shown,
-                             scorer=getattr(scorer, "name", None)))
+        shown = plan.size or (_default_size(pipe, plan.models[0]) if len(plan.models) == 1 and pipe else "native")
+        print(format_summary(result, model=", ".join(plan.models), steps=plan.steps, guidance=plan.guidance,
+                             size=shown, scorer=scorer_name))
     if interrupted:
         raise KeyboardInterrupt
     return result
 
 
 def _device(device, procs) -> torch.device:
+    """The device of this process: ``"auto"``: CUDA if available (under accelerate, the process's own GPU)."""
     if device == "auto":
         device = procs.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -384,6 +451,11 @@ def _device(device, procs) -> torch.device:
         raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, …)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but this torch ({torch.__version__}) sees no CUDA device")
+    if procs.world > 1 and procs.device is not None and device.type == procs.device.type and device != procs.device:
+        if procs.is_main:
+            _warn(f"device {str(device)!r} under {procs.world} processes: each process uses its own, "
+                  f"{str(procs.device)!r} here")
+        device = procs.device
     return device
 
 
@@ -398,37 +470,40 @@ def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guida
     return pipe
 
 
-def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None) -> "StudyResult":
+def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None, settings=None) -> "StudyResult":
     """The study's outputs from every shard of the grid: the same files whichever processes measured the cells."""
     from types import SimpleNamespace
 
     result = StudyResult(out=out)
-    figures = collect(out, cells, seeds, result, scorer_name)
+    figures = collect(out, cells, seeds, result, scorer_name, settings=settings)
     result.summary = summarize(result.aucs, result.text, models, concepts, names)
     for name in OUTPUT_FILES:  # an old output that this run does not write again would mix with this one's
         (out / name).unlink(missing_ok=True)
     result.files = write_tables(result, out)
+    shutil.rmtree(out / "figures", ignore_errors=True)  # figures of models no longer in the grid
     for model in models:
         folder = out if len(models) == 1 else out / "figures" / _slug(model)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_FILES if folder != out else ():
-            (folder / name).unlink(missing_ok=True)
         mine = SimpleNamespace(summary=[r for r in result.summary if r["model"] == model],
                                text=[r for r in result.text if r["model"] == model])
         result.files += write_figures(mine, folder, figures[model])
     return result
 
 
-def _run_cell(pipe, cell, out: Path, variants, rows, steps, guidance, size, scorer, capture, keep_image):
+#: The largest side of the images a cell shard keeps for the heat-map figure (pixels).
+THUMBNAIL = 128
+
+
+def _run_cell(pipe, cell, plan: "_Plan"):
     """One cell's record (every row with its ``model``) and tensors: a generation, or the text analysis."""
     if cell.kind == "text":
-        prompts = {v: t.format(c=cell.concept) for v, t in variants.items()}
+        prompts = {v: t.format(c=cell.concept) for v, t in plan.variants.items()}
         record, tensors = {"text": similarity_rows(pipe, cell.concept, prompts)}, {}
     else:
-        record, tensors = _measure_cell(pipe, cell.concept, cell.seed, variants, steps, guidance,
-                                        int(size or _default_size(pipe, cell.model)), interventions=rows, scorer=scorer,
-                                        keep_image=keep_image, capture=capture,
-                                        maps=out / "maps" / cell.id if capture["save"] else None)
+        size = int(plan.size or _default_size(pipe, cell.model))
+        maps = plan.out / "maps" / cell.id if plan.capture["save"] else None
+        record, tensors = _measure_cell(pipe, cell.concept, cell.seed, plan.variants, plan.steps, plan.guidance, size,
+                                        interventions=plan.rows, scorer=plan.scorer, capture=plan.capture, maps=maps)
     for key in ("trajectories", "aucs", "failures", "text"):
         record[key] = [{"model": cell.model, **r} for r in record.get(key, [])]
     return record, tensors
@@ -471,12 +546,13 @@ def _check_finite(mass: torch.Tensor, what: str) -> None:
 
 
 def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, interventions=None, scorer=None,
-                  keep_image=False, capture=None, maps=None) -> tuple[dict, dict]:
+                  capture=None, maps=None) -> tuple[dict, dict]:
     """One concept and seed: every variant in one pipeline call from the seed's noise, then one call of the baseline
     prompt per intervention row from the same noise, each under a probe; every image scored for presence.
 
     Returns the cell's record (``trajectories``, ``aucs`` and ``failures`` rows, ``rows``: the row names) and its
-    tensors: ``map.<k>`` (heat map of row k, ``[qh, qw]``) and, with ``keep_image``, ``image.<k>`` (uint8 RGB).
+    tensors: ``map.<k>`` (heat map of row k, ``[H, W]``) and ``image.<k>`` (its image as uint8 RGB, at most
+    ``THUMBNAIL`` pixels a side).
     With ``maps`` (a folder), every probe streams its store there (``AttentionStore.load`` reads it back).
     """
     capture = capture or check_capture(None)
@@ -501,7 +577,7 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, interven
     for label, items in (interventions or {}).items():
         try:
             with intervene(pipe, items, base, concept=concept) as run:
-                with recording(run.pipe, f"row-{_row_folder(label)}") as st:
+                with recording(run.pipe, f"row-{_slug(label)}") as st:
                     out = run(latents=latents[:1], **options)
             factors = run.mass_factors(st, concept)
             _check_finite(_mass(st, concept, run.conditional_sample(st), "all", factors), f"row {label!r}")
@@ -526,17 +602,14 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, interven
         aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, intervention=what,
                          mentions=mentions, auc=auc(mass), auc_last=auc(mass_last), presence=p, clip_accuracy=a))
         tensors[f"map.{k}"] = heatmap(st, concept, i, occurrence=-1).float()
-        if keep_image:
-            tensors[f"image.{k}"] = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
+        thumb = image.convert("RGB")
+        thumb.thumbnail((THUMBNAIL, THUMBNAIL))  # for the heat-map figure: small, so every cell can keep its images
+        tensors[f"image.{k}"] = torch.from_numpy(np.asarray(thumb, dtype=np.uint8).copy())
     base_row = next(r for r in aucs if r["variant"] == "baseline")
     for r in aucs:
         for key in ("auc", "auc_last", "presence", "clip_accuracy"):
             r[f"delta_{key}"] = r[key] - base_row[key]
     return dict(rows=[r[0] for r in runs], trajectories=rows, aucs=aucs, failures=failures), tensors
-
-
-def _row_folder(row: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", row).strip("-.") or "row"
 
 
 def _mass(store, concept, sample, occurrence, factors) -> torch.Tensor:
