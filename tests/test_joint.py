@@ -287,3 +287,31 @@ def test_pixart_padded_t5_tokens_get_exactly_zero(pipes):
             assert torch.allclose(maps.sum(-1), torch.ones(()), atol=1e-5)
     cond = [s for s in store.samples if s.pass_label == "cond"][0]
     assert store.token_indices(cond.index, "dog") == [[3]]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_sites_and_study_on_tiny_transformers(tmp_path, capsys):
+    from attnprobe import cli
+
+    assert cli.main(["sites", "--model", "tiny-flux"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[2] for line in listed] == ["joint", "single", "single"]
+    out = tmp_path / "sd3"
+    assert cli.main(["study", "--model", "tiny-sd3", "--out", str(out), "--concepts", "dog", "--seeds", "0",
+                     "--steps", "2", "--variants", "baseline,instruction", "--scorer", "none", "--no-progress"]) == 0
+    rows = (out / "auc.csv").read_text().splitlines()
+    assert len(rows) == 3 and (out / "heatmaps.png").exists()
+    assert (out / "failures.csv").read_text().splitlines() == ["concept,seed,error,detail"]
+
+
+def test_wrapper_forwards_the_attention_backend_to_the_installed_processor(pipes):
+    pipe = pipes["flux"]
+    attn = pipe.transformer.get_submodule("transformer_blocks.0.attn")
+    with attnprobe.probe(pipe):
+        wrapper = attn.processor
+        assert isinstance(wrapper, ProbeProcessor)
+        wrapper._attention_backend = "native"  # what diffusers' set_attention_backend does to each processor
+        assert wrapper.inner._attention_backend == "native" and wrapper._parallel_config is None
+        generate(pipe, "flux")
+    assert attn.processor._attention_backend == "native"
+    attn.processor._attention_backend = None

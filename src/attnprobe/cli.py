@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Does an unlearning instruction lower the denoiser's attention to a concept? Writes CSVs and "
         "PNGs to --out and prints the summary.",
     )
-    st.add_argument("--model", default="tiny", help="'tiny' (default, offline SD 1.5 layout), 'tiny-xl', or a hub id / local folder")
+    st.add_argument("--model", default="tiny", help="'tiny' (default, offline SD 1.5 layout), 'tiny-xl', 'tiny-sd3', 'tiny-flux', or a hub id / local folder")
     st.add_argument("--out", default="attnprobe-study", help="output folder (default: attnprobe-study)")
     st.add_argument("--concepts", type=_csv, default=None, help=f"comma-separated (default: {', '.join(DEFAULT_CONCEPTS)})")
     st.add_argument("--variants", default=None,
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or a CLIP hub id / local folder, e.g. openai/clip-vit-large-patch14")
     st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     si = sub.add_parser("sites", help="list a model's cross-attention sites")
-    si.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', or a hub id / local folder")
+    si.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', 'tiny-sd3', 'tiny-flux', or a hub id / local folder")
     return parser
 
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             from .study import load_pipeline
 
             for s in list_sites(load_pipeline(args.model)):
-                print(f"{s.name}\t{s.group}\theads={s.heads}\thead_dim={s.head_dim}")
+                print(f"{s.name}\t{s.group}\t{s.kind}\theads={s.heads}\thead_dim={s.head_dim}")
             return 0
     except (AttnprobeError, ValueError) as exc:
         print(f"attnprobe: error: {exc}", file=sys.stderr)

@@ -77,7 +77,7 @@ DEFAULT_VARIANTS = {
     "repetition": "a picture of {c}. a picture of {c}.",
 }
 
-TINY_MODELS = ("tiny", "tiny-xl")
+TINY_MODELS = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux")
 
 
 @dataclass
@@ -151,17 +151,19 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None):
-    """A pipeline by name: ``"tiny"`` (SD 1.5 layout) or ``"tiny-xl"`` (SDXL layout) built offline, else any
-    hub id or local folder through ``DiffusionPipeline.from_pretrained``.
+    """A pipeline by name: ``"tiny"`` (SD 1.5 layout), ``"tiny-xl"`` (SDXL layout), ``"tiny-sd3"`` (SD3: joint
+    attention, CLIP + T5 keys) or ``"tiny-flux"`` (Flux: double- and single-stream blocks, T5 keys) built offline,
+    else any hub id or local folder through ``DiffusionPipeline.from_pretrained``.
 
     Raises:
         ModelLoadError: the model could not be loaded (offline, unknown id, missing files), in one line.
     """
-    from .testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+    from . import testing
 
     if model in TINY_MODELS:
-        pipe = (tiny_sd_pipeline if model == "tiny" else tiny_sdxl_pipeline)(dtype=dtype or torch.float32)
-        return pipe.to(device)
+        build = {"tiny": testing.tiny_sd_pipeline, "tiny-xl": testing.tiny_sdxl_pipeline,
+                 "tiny-sd3": testing.tiny_sd3_pipeline, "tiny-flux": testing.tiny_flux_pipeline}[model]
+        return build(dtype=dtype or torch.float32).to(device)
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -235,11 +237,19 @@ def _default_size(pipe, model: str) -> int:
 
 
 def _initial_latents(pipe, seed: int, size: int, copies: int, device, dtype) -> torch.Tensor:
-    channels = pipe.unet.config.in_channels
+    channels = _denoiser(pipe).config.in_channels
+    packed = hasattr(pipe, "_pack_latents")  # Flux: 2×2 latent patches packed into tokens (in_channels = 4 × C)
+    channels = channels // 4 if packed else channels
     scale = int(getattr(pipe, "vae_scale_factor", 8))
     g = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn((1, channels, size // scale, size // scale), generator=g, dtype=torch.float32)
-    return noise.repeat(copies, 1, 1, 1).to(device=device, dtype=dtype)
+    if packed:
+        noise = pipe._pack_latents(noise, 1, channels, size // scale, size // scale)
+    return noise.repeat(copies, *[1] * (noise.ndim - 1)).to(device=device, dtype=dtype)
+
+
+def _denoiser(pipe):
+    return getattr(pipe, "unet", None) or pipe.transformer
 
 
 def study(
@@ -347,7 +357,10 @@ def study(
     finally:
         bar.close()
 
-    if not interrupted:
+    if not interrupted and _denoiser(pipe) is not getattr(pipe, "unet", None):
+        _warn("text similarity skipped: attnprobe.text rebuilds the conditioning of UNet pipelines (CLIP encoders) "
+              "only, not of transformer pipelines (SD3: CLIP + T5, Flux: T5)")
+    elif not interrupted:
         for concept in concepts:  # the text encoder's side: seed-independent, one pass per concept
             try:
                 result.text += similarity_rows(pipe, concept, {v: t.format(c=concept) for v, t in variants.items()})
@@ -422,7 +435,7 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, result, 
     prompt per intervention row from the same noise, each under a probe; every image scored for presence."""
     names = list(variants)
     prompts = [variants[v].format(c=concept) for v in names]
-    latents = _initial_latents(pipe, seed, size, len(prompts), pipe.device, pipe.unet.dtype)
+    latents = _initial_latents(pipe, seed, size, len(prompts), pipe.device, _denoiser(pipe).dtype)
     options = dict(num_inference_steps=int(steps), guidance_scale=float(guidance), height=size, width=size)
     with probe(pipe, passes="cond", heads="mean", dtype=torch.float16) as store:
         generated = pipe(prompts, latents=latents, **options)
