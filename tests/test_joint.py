@@ -57,6 +57,20 @@ def test_sites_by_structure(pipes):
     assert kinds(sd35) == kinds(pipes["sd3"])
 
 
+def test_real_topologies_on_meta():
+    from collections import Counter
+
+    from attnprobe.testing import FLUX_DEV_TRANSFORMER, SD3_MEDIUM_TRANSFORMER, SD35_MEDIUM_TRANSFORMER, transformer_on_meta
+
+    found = {name: attnprobe.list_sites(transformer_on_meta(config)) for name, config in
+             [("sd3", SD3_MEDIUM_TRANSFORMER), ("sd35", SD35_MEDIUM_TRANSFORMER), ("flux", FLUX_DEV_TRANSFORMER)]}
+    assert Counter(s.kind for s in found["sd3"]) == {"joint": 24}
+    assert [s.name for s in found["sd35"]] == [s.name for s in found["sd3"]]  # 13 attn2 layers are not sites
+    assert Counter(s.kind for s in found["flux"]) == {"joint": 19, "single": 38}
+    assert {(s.heads, s.head_dim) for s in found["flux"]} == {(24, 128)}
+    assert {(s.heads, s.head_dim) for s in found["sd3"]} == {(24, 64)}
+
+
 # ---------------------------------------------------------------------------------------------- images
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["sd3", "flux", "pixart"])

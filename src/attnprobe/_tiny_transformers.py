@@ -16,7 +16,31 @@ from importlib import resources
 
 import torch
 
-__all__ = ["t5_tokenizer", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_pixart_pipeline"]
+__all__ = ["t5_tokenizer", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_pixart_pipeline", "SD3_MEDIUM_TRANSFORMER",
+           "SD35_MEDIUM_TRANSFORMER", "FLUX_DEV_TRANSFORMER", "transformer_on_meta"]
+
+# Real transformer configs (the values of the public transformer/config.json files), for the meta device
+SD3_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+SD35_MEDIUM_TRANSFORMER = dict(
+    SD3_MEDIUM_TRANSFORMER, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+
+
+def transformer_on_meta(config: dict):
+    """An ``SD3Transformer2DModel`` (or a ``FluxTransformer2DModel`` when ``config`` has ``num_single_layers``) with a
+    real config on the ``meta`` device: the topology without weights or memory."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    with torch.device("meta"):
+        return (FluxTransformer2DModel if "num_single_layers" in config else SD3Transformer2DModel)(**config)
 
 
 @lru_cache(maxsize=1)

@@ -29,6 +29,10 @@ __all__ = [
     "tiny_flux_pipeline",
     "tiny_pixart_pipeline",
     "t5_tokenizer",
+    "SD3_MEDIUM_TRANSFORMER",
+    "SD35_MEDIUM_TRANSFORMER",
+    "FLUX_DEV_TRANSFORMER",
+    "transformer_on_meta",
     "SD15_UNET",
     "SD21_UNET",
     "SDXL_UNET",
@@ -346,4 +350,13 @@ def full_size_pipeline(model: str = "sd15", device="cpu", dtype: torch.dtype = t
 
 
 # transformer denoisers (SD3, Flux, PixArt-α) and the offline T5-style tokenizer live in their own module
-from ._tiny_transformers import t5_tokenizer, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline  # noqa: E402
+from ._tiny_transformers import (  # noqa: E402
+    FLUX_DEV_TRANSFORMER,
+    SD3_MEDIUM_TRANSFORMER,
+    SD35_MEDIUM_TRANSFORMER,
+    t5_tokenizer,
+    tiny_flux_pipeline,
+    tiny_pixart_pipeline,
+    tiny_sd3_pipeline,
+    transformer_on_meta,
+)
