@@ -476,9 +476,12 @@ def probe(
 
     The pipeline's outputs are unchanged (bit-identical): the installed processors still compute every
     output; the probe only reads q and k and computes ``softmax(q·kᵀ·scale + mask)`` beside them, in fp32.
+    For joint attention (SD3, Flux) the map is the image-query × text-key block of the softmax over image and
+    text keys (``joint``; see ``attnprobe.joint``).
 
     Args:
-        pipe: a diffusers pipeline (SD 1.x/2.x, SDXL and other UNet pipelines) or its denoiser module.
+        pipe: a diffusers pipeline (SD 1.x/2.x, SDXL and other UNet pipelines; SD3, Flux, PixArt-α) or its
+            denoiser module.
         sites: which sites: ``None`` (all cross-attention sites), a name, a glob (``"up_blocks.*"``), a list of
             them, or a predicate ``Site -> bool``. Default: ``None``.
         passes: ``"cond"`` (conditional rows only), ``"uncond"`` (unconditional rows of classifier-free
@@ -488,7 +491,8 @@ def probe(
         device: where the maps are kept. Default: ``"cpu"``.
         prompts: texts that label the conditional samples when the pipeline is called with ``prompt_embeds``
             (no text-encoder call to observe). Default: ``None``.
-        calls: which denoiser calls to record, counted from 0 in each pipeline call: an int, a list or ``range``
+        calls: which denoiser calls to record, counted from 0 in each pipeline call (Flux true CFG's separate
+            unconditional calls count too): an int, a list or ``range``
             of ints, a ``slice``, or a predicate ``(index, timestep) -> bool`` (``lambda i, t: t > 500``). The
             others run untouched, at no cost. ``Call.index`` keeps the true call count. Default: ``None`` (all).
         tokens: which text-token positions to keep: a concept (``"dog"``), a list of concepts (every position of
@@ -502,15 +506,23 @@ def probe(
             shard per call, token-major; see ``attnprobe.shards``) and freed, so memory stays flat over long
             runs. The yielded store reads its maps from that folder; ``AttentionStore.load(folder)`` reopens it,
             also after a crash (every finished call is kept). Default: ``None`` (in memory).
+        joint: the map of joint-attention sites (``Site.kind`` ``"joint"`` or ``"single"``): ``"exact"``, the
+            image-query × text-key block of the full softmax over ``[image; text]`` keys (a row sums to that image
+            position's text share, in [0, 1]; computed in chunks of image queries, never the whole ``N × (N + T)``
+            matrix), or ``"renorm"``, the softmax over the text keys only (rows sum to 1). Cross-attention sites
+            ignore it. The mean text share per call, sample and head is kept either way
+            (``store.text_share(site)``). Default: ``"exact"``.
 
     Yields:
         An ``AttentionStore``, filled while the block runs: ``store[site]`` is
-        ``[call, sample, head, qh, qw, token]``, summing to 1 over ``token``.
+        ``[call, sample, head, qh, qw, token]``, summing to 1 over ``token`` (to the text share for ``exact`` joint
+        sites).
 
     Raises:
         ProbeError: bad options; a processor was replaced during the run (attention slicing, fused QKV,
-            xformers…); a site did not run; ``passes="uncond"`` with no unconditional pass; no denoiser call
-            (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
+            xformers…); a site did not run; ``passes="uncond"`` with no unconditional pass; ``passes="all"`` when
+            the unconditional pass runs as separate denoiser calls (Flux true CFG: open a ``"cond"`` and an
+            ``"uncond"`` probe); an attention mask at a joint site; no denoiser call (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
             ``stream_to`` is a file or a folder that is not empty.
         NoSitesError, UnknownSiteError: see ``list_sites`` / ``select_sites``.
 
