@@ -57,6 +57,30 @@ def test_sites_by_structure(pipes):
     assert kinds(sd35) == kinds(pipes["sd3"])
 
 
+def test_a_class_conditional_dit_has_no_sites():
+    from diffusers import Transformer2DModel
+
+    from attnprobe.errors import NoSitesError
+
+    dit = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, sample_size=8,
+                             patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=10, norm_num_groups=4)
+    with pytest.raises(NoSitesError, match="no cross-attention site"):
+        attnprobe.list_sites(dit)
+
+
+def test_fused_projections_before_the_probe(pipes):
+    pipe = tiny_flux_pipeline()
+    with attnprobe.probe(pipe, dtype=torch.float32) as plain:
+        generate(pipe, "flux")
+    pipe.transformer.fuse_qkv_projections()
+    assert pipe.transformer.get_submodule("single_transformer_blocks.0.attn").fused_projections
+    before = generate(pipe, "flux")
+    with attnprobe.probe(pipe, dtype=torch.float32) as fused:
+        assert torch.equal(generate(pipe, "flux"), before)
+    for site in plain.site_names:
+        assert torch.allclose(plain[site], fused[site], atol=1e-5)
+
+
 def test_real_topologies_on_meta():
     from collections import Counter
 

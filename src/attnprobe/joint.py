@@ -45,7 +45,8 @@ def site_kind(module: torch.nn.Module, parent: torch.nn.Module | None) -> str | 
         ``"cross"`` (keys are the encoder states: ``is_cross_attention``), ``"joint"`` (added text projections:
         ``add_k_proj`` or a fused ``to_added_qkv``), ``"single"`` (a self-attention whose block is called with
         ``encoder_hidden_states`` and holds no other text attention: Flux's single-stream blocks, which attend over
-        ``[text; image]``), or ``None`` (image self-attention: UNet ``attn1``, SD3.5's ``attn2``).
+        ``[text; image]``; ``list_sites`` keeps these only in a denoiser that also has joint sites), or ``None``
+        (image self-attention: UNet ``attn1``, SD3.5's ``attn2``).
     """
     if getattr(module, "is_cross_attention", False):
         return "cross"

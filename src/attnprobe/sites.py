@@ -130,6 +130,11 @@ def list_sites(pipe_or_denoiser) -> list[Site]:
         heads = int(module.heads)
         head_dim = int(module.inner_dim // heads) if getattr(module, "inner_dim", None) else 0
         found.append(Site(name=name, kind=kind, heads=heads, head_dim=head_dim, group=group, block=block))
+    if found and not any(s.kind == "joint" for s in found):
+        # a block called with encoder_hidden_states whose only attention is image self-attention (a class-
+        # conditional DiT's attn1, attn2 being None) is single-stream only in an MM-DiT, next to joint blocks
+        other += sum(s.kind == "single" for s in found)
+        found = [s for s in found if s.kind != "single"]
     if not found:
         raise NoSitesError(
             f"{type(denoiser).__name__} has no cross-attention site ({other} self-attention layers, "
