@@ -299,6 +299,7 @@ def test_flux_true_cfg_uncond_calls_are_labelled_apart(pipes):
     assert torch.equal(plain, probed)
     assert [c.index for c in cond.calls] == [0, 2] and [c.index for c in uncond.calls] == [1, 3]
     assert all(c.layout == ("cond",) for c in cond.calls) and all(c.layout == ("uncond",) for c in uncond.calls)
+    assert {c.generation for c in cond.calls + uncond.calls} == {0}  # an uncond call does not start a generation
     assert cond.samples[0].text == PROMPT and uncond.samples[0].pass_label == "uncond"
     assert uncond.samples[0].text == "blurry" and uncond.token_indices(0, "blurry") == [[0]]
     site = cond.site_names[0]

@@ -34,16 +34,18 @@ def _as_list(value) -> list[str] | None:
 class BatchLayout:
     """The part of the probe's recorder that labels batch rows (a mixin of ``probe._Recorder``)."""
 
-    def _guidance_on(self, given: dict | None = None) -> bool:
+    def _guidance_on(self, given: dict | None = None, batch: int = 0) -> bool:
         """Whether the batch holds both passes of classifier-free guidance (``[uncond × N, cond × N]``); ``False``
-        for pipelines that run the unconditional pass as separate denoiser calls (Flux's true CFG)."""
+        for pipelines that run the unconditional pass as separate denoiser calls (Flux's true CFG). Without a
+        ``do_classifier_free_guidance`` property, the call's ``guidance_scale`` decides, for batches that split in
+        two (PixArt; not SLD's ``[uncond, cond, safety]``, whose rows stay unlabelled as conditional)."""
         if self.pipe is None or (given or {}).get("separate_cfg") is not None:
             return False
         try:
             return bool(self.pipe.do_classifier_free_guidance)
         except Exception:  # pipelines without the property, or not set yet
             pass
-        scale = (given or {}).get("guidance_scale")  # PixArt: a local of __call__, not a property
+        scale = (given or {}).get("guidance_scale") if batch % 2 == 0 else None  # PixArt: a local of __call__
         if scale is None:
             scale = getattr(self.pipe, "_guidance_scale", None)
         return bool(scale is not None and scale > 1)
@@ -143,13 +145,14 @@ class BatchLayout:
 
     def _stream_layout(self, text, ids_per_stream, prompt_index, n_keys, source) -> TokenLayout:
         """One sample's token layout: each text stream's positions in key order (SD3: CLIP then T5)."""
-        if len(self.streams) <= 1:
-            ids = ids_per_stream[0] if ids_per_stream else None
-            return self._layout_for(text, ids[prompt_index].tolist() if ids is not None else None, n_keys, source)
+        first = ids_per_stream[0] if ids_per_stream else None
+        if len(self.streams) <= 1 and (first is None or first.shape[1] == n_keys):
+            return self._layout_for(text, first[prompt_index].tolist() if first is not None else None, n_keys, source)
+        # several streams, or fewer encoded positions than keys (SD3 without T5: zeros after CLIP's 77)
         parts, left = [], n_keys
         for i, ((encoder, tok), ids) in enumerate(zip(self.streams, ids_per_stream)):
             last = i == len(self.streams) - 1
-            size = left if last else int(ids.shape[1]) if ids is not None else int(tok.model_max_length)
+            size = int(ids.shape[1]) if ids is not None else left if last else int(tok.model_max_length)
             size = min(size, left)
             parts.append((self.stream_names[i], self._layout_for(
                 text, ids[prompt_index].tolist() if ids is not None else None, size, source, tok)))
@@ -159,7 +162,7 @@ class BatchLayout:
     def _set_layout(self, batch: int, n_keys: int, hw: tuple[int, int] = (0, 0)) -> None:
         given = self.given if self.given is not None else self._call_arguments()  # may find the driving pipeline
         separate = bool(given.get("separate_cfg"))
-        cfg = self._guidance_on(given)
+        cfg = self._guidance_on(given, batch)
         if cfg and batch % 2:
             raise ProbeError(f"classifier-free guidance is on but the denoiser batch has an odd size {batch}")
         if separate and self.passes == "all":

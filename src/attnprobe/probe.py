@@ -236,7 +236,8 @@ class _Recorder(BatchLayout):
         t = self._timestep_value(timestep)
         hw = self._packed_hw(kwargs["img_ids"]) if packed else (int(sample.shape[-2]), int(sample.shape[-1]))
         self.state.text_len = int(states.shape[1]) if isinstance(states, torch.Tensor) and states.ndim == 3 else 0
-        if self.calls_in_generation > 0 and self._starts_generation(int(sample.shape[0]), t, hw):
+        uncond_call = bool(self.store.meta.get("separate_uncond_calls")) and self._uncond_call(states)
+        if self.calls_in_generation > 0 and not uncond_call and self._starts_generation(int(sample.shape[0]), t, hw):
             self.calls_in_generation = 0
             self.encoded_streams = [[] for _ in self.streams]  # no text-encoder call announced it (prompt_embeds)
             self.given = None
@@ -261,7 +262,7 @@ class _Recorder(BatchLayout):
         state.keep = self.keep_call is None or bool(self.keep_call(self.calls_in_generation - 1, t))
         layout = self.layout
         if self.store.meta.get("separate_uncond_calls"):  # Flux true CFG: a whole call is one pass
-            label = "uncond" if self._uncond_call(states) else "cond"
+            label = "uncond" if uncond_call else "cond"
             layout = (label,) * len(self.layout)
             state.keep = state.keep and label == self.passes
         if state.keep:
