@@ -15,7 +15,7 @@ import torch
 
 import attnprobe
 from attnprobe import joint
-from attnprobe.errors import ProbeError
+from attnprobe.errors import ProbeError, StoreError
 from attnprobe.processors import ProbeProcessor
 from attnprobe.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
 
@@ -219,6 +219,9 @@ def test_exact_equals_float64_full_softmax_and_renorm(pipes, family):
             assert torch.allclose(got / share.unsqueeze(-1), renormed, atol=1e-6)
             assert torch.allclose(renormed.sum(-1), torch.ones(()).double(), atol=1e-6)
     assert exact.meta["capture"]["joint"] == "exact" and renorm.meta["capture"]["joint"] == "renorm"
+    assert exact.text_share(sites[0]).shape == (len(exact.calls), len(exact.samples), sites[0].heads)
+    with pytest.raises(StoreError, match="joint='renorm'"):
+        renorm.text_share(sites[0])
 
 
 def test_chunked_equals_unchunked(pipes, monkeypatch):

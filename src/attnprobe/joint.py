@@ -94,14 +94,13 @@ def joint_probs(
     Returns:
         ``(probs, share)``: ``probs`` ``[sample, head, query, token]`` float32 (rows sum to the text share for
         ``exact``, to 1 for ``renorm``) and ``share`` ``[sample, head]``, the text share averaged over image queries
-        (1 for ``renorm``).
+        (``None`` for ``renorm``, which never computes the image keys' logits).
     """
     query, text_t = query.float(), text_keys.float().transpose(-1, -2)
     s, h, n, _ = query.shape
     t = text_t.shape[-1]
     if mode == "renorm":
-        probs = torch.matmul(query, text_t).softmax(dim=-1)
-        return probs, torch.ones(s, h, device=probs.device)
+        return torch.matmul(query, text_t).softmax(dim=-1), None
     image_t = image_keys.float().transpose(-1, -2)
     keys = image_t.shape[-1] + t
     step = chunk or max(1, CHUNK_ELEMENTS // max(1, s * h * keys))
@@ -206,9 +205,9 @@ class JointProbeProcessor(ProbeProcessor):
             probs, share = joint_probs(q_img, k_img, k_txt, state.joint, workspace=scratch)
             probs = reduce_probs(probs, state.heads, state.tokens, scratch)
             probs = probs.to(state.dtype, copy=scratch is not None)
-            share = share.mean(1, keepdim=True) if state.heads == "mean" else share
         state.outbox.append((self.site, probs))
-        state.shares.append((self.site, share))
+        if share is not None:
+            state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))
         return output
 
     def _split(self, attn, query, key, text_key, emb, state):

@@ -413,7 +413,7 @@ class _Recorder(BatchLayout):
                 self.current_call, self.current = None, {}
         self.sink.close(self.dtype, self.layout)
         kept = {c.index for c in store.calls}
-        if any(k != "cross" for k in self.kinds.values()):  # [call][sample][head] mean text share per joint site
+        if self.joint == "exact" and any(k != "cross" for k in self.kinds.values()):  # [call][sample][head] per site
             store.meta["text_share"] = {
                 name: [[[round(v, 7) for v in row] for row in share.float().cpu().tolist()]
                        for call, site, share in self.shares if site == name and call in kept]
@@ -511,7 +511,7 @@ def probe(
             image-query × text-key block of the full softmax over ``[image; text]`` keys (a row sums to that image
             position's text share, in [0, 1]; computed in chunks of image queries, never the whole ``N × (N + T)``
             matrix), or ``"renorm"``, the softmax over the text keys only (rows sum to 1). Cross-attention sites
-            ignore it. The mean text share per call, sample and head is kept either way
+            ignore it. With ``"exact"`` the mean text share per call, sample and head is kept too
             (``store.text_share(site)``). Default: ``"exact"``.
 
     Yields:
