@@ -116,7 +116,8 @@ class CaptureState:
             the end of each denoiser call (a list append traces without a graph break; a call back into the
             probe's Python state would break the graph at every site).
         joint: ``"exact"`` or ``"renorm"``: the map of joint-attention sites (``attnprobe.joint``).
-        text_len: text tokens of the denoiser call in progress (for Flux's single-stream sites).
+        text_len: text tokens of the denoiser call in progress (for Flux's single-stream sites; fixed for a
+            pipeline and ``max_sequence_length``, so it does not make a compiled denoiser recompile per call).
         shares: ``(site, [sample, head])`` mean text share of each joint site of the call in progress.
     """
 
