@@ -357,3 +357,22 @@ def test_wrapper_forwards_the_attention_backend_to_the_installed_processor(pipes
         generate(pipe, "flux")
     assert attn.processor._attention_backend == "native"
     attn.processor._attention_backend = None
+
+
+def test_compiled_flux_transformer_same_maps_and_no_recompile_after_warm_up(pipes):
+    """Joint and single-stream wrappers under ``torch.compile`` (dynamo's eager backend)."""
+    pipe = tiny_flux_pipeline()
+    with attnprobe.probe(pipe, dtype=torch.float32) as eager:
+        plain = generate(pipe, "flux")
+    torch._dynamo.reset()
+    pipe.transformer.compile(backend="eager")
+    try:
+        with attnprobe.probe(pipe, dtype=torch.float32):  # warm-up: compiles
+            generate(pipe, "flux")
+        with torch.compiler.set_stance("fail_on_recompile"):
+            with attnprobe.probe(pipe, dtype=torch.float32) as compiled:
+                assert torch.equal(generate(pipe, "flux"), plain)
+    finally:
+        torch._dynamo.reset()
+    for site in eager.site_names:
+        torch.testing.assert_close(compiled[site], eager[site], rtol=0, atol=1e-6)
