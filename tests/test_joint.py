@@ -346,6 +346,15 @@ def test_cli_sites_and_study_on_tiny_transformers(tmp_path, capsys):
     assert (out / "failures.csv").read_text().splitlines() == ["concept,seed,error,detail"]
 
 
+def test_interventions_refuse_transformer_pipelines_before_generating(pipes):
+    from attnprobe import NegativePrompt, intervene
+    from attnprobe.errors import InterventionError
+
+    with pytest.raises(InterventionError, match="UNet pipelines.*StableDiffusion3Pipeline"):
+        with intervene(pipes["sd3"], NegativePrompt(), PROMPT, concept="dog"):
+            pass
+
+
 def test_wrapper_forwards_the_attention_backend_to_the_installed_processor(pipes):
     pipe = pipes["flux"]
     attn = pipe.transformer.get_submodule("transformer_blocks.0.attn")

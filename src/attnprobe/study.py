@@ -249,7 +249,8 @@ def _initial_latents(pipe, seed: int, size: int, copies: int, device, dtype) -> 
 
 
 def _denoiser(pipe):
-    return getattr(pipe, "unet", None) or pipe.transformer
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
 
 def study(
