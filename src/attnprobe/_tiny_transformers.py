@@ -190,7 +190,8 @@ def tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``PixArtAlphaPipeline`` with PixArt-α's structure: 2 DiT blocks (2 heads of 8 channels, patch size 2,
     ``ada_norm_single``) whose ``attn2`` cross-attends to T5 keys with the padding mask, a T5 encoder of width 32
     with the offline ``t5_tokenizer`` (keys: ``max_sequence_length`` positions, default 120), a 4-level VAE and a
-    DDIM scheduler. Call it with ``use_resolution_binning=False`` and ``clean_caption=False`` at tiny sizes.
+    DDIM scheduler. ``sample_size`` 32 (256 px), so that PixArt's resolution binning (on by default) bins to its
+    256 px table; pass ``use_resolution_binning=False`` (and ``clean_caption=False``) to run at the given size.
 
     Args:
         seed: weight seed. dtype: parameter dtype.
@@ -202,7 +203,7 @@ def tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=32, norm_num_groups=4,
+        cross_attention_dim=16, sample_size=32, patch_size=2, caption_channels=32, norm_num_groups=4,
     ).eval()
     pipe = PixArtAlphaPipeline(
         tokenizer=t5_tokenizer(),

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Does an unlearning instruction lower the denoiser's attention to a concept? Writes CSVs and "
         "PNGs to --out and prints the summary.",
     )
-    st.add_argument("--model", default="tiny", help="'tiny' (default, offline SD 1.5 layout), 'tiny-xl', 'tiny-sd3', 'tiny-flux', or a hub id / local folder")
+    st.add_argument("--model", default="tiny", help="'tiny' (default, offline SD 1.5 layout), 'tiny-xl', 'tiny-sd3', 'tiny-flux', 'tiny-pixart', or a hub id / local folder")
     st.add_argument("--out", default="attnprobe-study", help="output folder (default: attnprobe-study)")
     st.add_argument("--concepts", type=_csv, default=None, help=f"comma-separated (default: {', '.join(DEFAULT_CONCEPTS)})")
     st.add_argument("--variants", default=None,
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or a CLIP hub id / local folder, e.g. openai/clip-vit-large-patch14")
     st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     si = sub.add_parser("sites", help="list a model's cross-attention sites")
-    si.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', 'tiny-sd3', 'tiny-flux', or a hub id / local folder")
+    si.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', 'tiny-sd3', 'tiny-flux', 'tiny-pixart', or a hub id / local folder")
     return parser
 
 

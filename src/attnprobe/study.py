@@ -77,7 +77,7 @@ DEFAULT_VARIANTS = {
     "repetition": "a picture of {c}. a picture of {c}.",
 }
 
-TINY_MODELS = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux")
+TINY_MODELS = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux", "tiny-pixart")
 
 
 @dataclass
@@ -152,7 +152,8 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
 
 def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None):
     """A pipeline by name: ``"tiny"`` (SD 1.5 layout), ``"tiny-xl"`` (SDXL layout), ``"tiny-sd3"`` (SD3: joint
-    attention, CLIP + T5 keys) or ``"tiny-flux"`` (Flux: double- and single-stream blocks, T5 keys) built offline,
+    attention, CLIP + T5 keys) or ``"tiny-flux"`` (Flux: double- and single-stream blocks, T5 keys) or ``"tiny-pixart"`` (PixArt-α:
+    cross-attention to masked T5 keys) built offline,
     else any hub id or local folder through ``DiffusionPipeline.from_pretrained``.
 
     Raises:
@@ -162,7 +163,8 @@ def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype |
 
     if model in TINY_MODELS:
         build = {"tiny": testing.tiny_sd_pipeline, "tiny-xl": testing.tiny_sdxl_pipeline,
-                 "tiny-sd3": testing.tiny_sd3_pipeline, "tiny-flux": testing.tiny_flux_pipeline}[model]
+                 "tiny-sd3": testing.tiny_sd3_pipeline, "tiny-flux": testing.tiny_flux_pipeline,
+                 "tiny-pixart": testing.tiny_pixart_pipeline}[model]
         return build(dtype=dtype or torch.float32).to(device)
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
