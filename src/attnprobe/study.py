@@ -274,8 +274,8 @@ def study(
     """Concepts × prompt variants × seeds on one pipeline: concept-attention trajectories, AUC, Δ AUC, figures.
 
     Args:
-        model: ``"tiny"`` (default, offline), ``"tiny-xl"``, or a hub id / local folder of a diffusers
-            text-to-image UNet pipeline.
+        model: ``"tiny"`` (default, offline), ``"tiny-xl"``, ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-pixart"``,
+            or a hub id / local folder of a diffusers text-to-image pipeline (UNet, SD3, Flux, PixArt).
         out: output folder (created). concepts: default ``DEFAULT_CONCEPTS``.
         variants: names of ``DEFAULT_VARIANTS`` and/or ``name=template`` (see ``parse_variants``). Default: all.
         seeds: one generation per concept and seed (all variants share its initial noise). Default (0, 1, 2).
