@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a study file (TOML: models, concepts, variants, interventions, seeds, steps, guidance, size, "
                     "capture, out); the options below override its values")
     st.add_argument("--model", default=None,
-                    help="'tiny' (default, offline SD 1.5 layout), 'tiny-xl', or a hub id / local folder; "
-                    "several separated by commas")
+                    help="'tiny' (default, offline SD 1.5 layout), 'tiny-xl', 'tiny-sd3', 'tiny-flux', 'tiny-pixart', "
+                    "or a hub id / local folder; several separated by commas")
     st.add_argument("--out", default=None, help="output folder (default: attnprobe-study)")
     st.add_argument("--concepts", type=_csv, default=None, help=f"comma-separated (default: {', '.join(DEFAULT_CONCEPTS)})")
     st.add_argument("--variants", default=None,
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="discard the finished generations of an earlier run in --out instead of resuming them")
     st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     si = sub.add_parser("sites", help="list a model's cross-attention sites")
-    si.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', or a hub id / local folder")
+    si.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', 'tiny-sd3', 'tiny-flux', 'tiny-pixart', or a hub id / local folder")
     return parser
 
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             from .study import load_pipeline
 
             for s in list_sites(load_pipeline(args.model)):
-                print(f"{s.name}\t{s.group}\theads={s.heads}\thead_dim={s.head_dim}")
+                print(f"{s.name}\t{s.group}\t{s.kind}\theads={s.heads}\thead_dim={s.head_dim}")
             return 0
     except (AttnprobeError, ValueError) as exc:
         print(f"attnprobe: error: {exc}", file=sys.stderr)

@@ -107,6 +107,11 @@ class Intervened:
         self.prompts = prompts
         self.interventions = [iv._with_concept(concept) for iv in interventions]
         self.denoiser = denoiser_of(pipe)
+        if getattr(pipe, "unet", None) is None:
+            raise InterventionError(
+                f"interventions support UNet pipelines (SD 1.x/2.x, SDXL); {type(pipe).__name__} has a transformer "
+                "denoiser (joint attention, T5 conditioning), which they do not edit yet"
+            )
         self.tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
         self.n_keys = int(getattr(self.tokenizer, "model_max_length", 77) or 77) if self.tokenizer else 77
         self.sld = next((iv for iv in self.interventions if isinstance(iv, SafeLatentDiffusion)), None)

@@ -16,7 +16,7 @@ import torch
 from .capture import resolve_tokens
 from .errors import ProbeError
 from .store import Sample
-from .tokens import TokenLayout, decode_ids, token_layout, unlabelled_layout
+from .tokens import TokenLayout, concat_layouts, decode_ids, token_layout, unlabelled_layout
 
 __all__ = ["BatchLayout"]
 
@@ -34,19 +34,58 @@ def _as_list(value) -> list[str] | None:
 class BatchLayout:
     """The part of the probe's recorder that labels batch rows (a mixin of ``probe._Recorder``)."""
 
-    def _guidance_on(self) -> bool:
-        if self.pipe is None:
+    def _guidance_on(self, given: dict | None = None, batch: int = 0) -> bool:
+        """Whether the batch holds both passes of classifier-free guidance (``[uncond × N, cond × N]``); ``False``
+        for pipelines that run the unconditional pass as separate denoiser calls (Flux's true CFG). Without a
+        ``do_classifier_free_guidance`` property, the call's ``guidance_scale`` decides, for batches that split in
+        two (PixArt; not SLD's ``[uncond, cond, safety]``, whose rows stay unlabelled as conditional)."""
+        if self.pipe is None or (given or {}).get("separate_cfg") is not None:
             return False
         try:
             return bool(self.pipe.do_classifier_free_guidance)
         except Exception:  # pipelines without the property, or not set yet
+            pass
+        scale = (given or {}).get("guidance_scale") if batch % 2 == 0 else None  # PixArt: a local of __call__
+        if scale is None:
             scale = getattr(self.pipe, "_guidance_scale", None)
-            return bool(scale is not None and scale > 1)
+        return bool(scale is not None and scale > 1)
 
     def _call_arguments(self) -> dict:
         """What the pipeline call in progress was given, read from its ``__call__`` frame (empty if not found):
-        ``prompt`` and ``negative_prompt`` (lists of texts or None), and whether ``prompt_embeds`` and
-        ``negative_prompt_embeds`` were passed."""
+        ``prompt`` and ``negative_prompt`` (lists of texts or None), whether ``prompt_embeds`` and
+        ``negative_prompt_embeds`` were passed, and ``separate_cfg``: ``None`` for pipelines that batch the passes,
+        else whether the unconditional pass runs as separate denoiser calls (Flux's ``do_true_cfg``)."""
+        loc = self._pipe_locals()
+        if loc is None:
+            return {}
+        prompt_2 = _as_list(loc.get("prompt_2"))
+        if prompt_2 is not None and prompt_2 != _as_list(loc.get("prompt")):
+            warnings.warn(
+                "prompt_2 differs from prompt: token labels follow the first tokenizer's prompt; the "
+                "second encoder's half of the conditioning came from prompt_2",
+                stacklevel=3,
+            )
+        true_cfg = "true_cfg_scale" in loc
+        if true_cfg and "do_true_cfg" not in loc:  # read before the pipeline decided (during encode_prompt)
+            negative = loc.get("negative_prompt") is not None or loc.get("negative_prompt_embeds") is not None
+            loc = {**loc, "do_true_cfg": bool((loc.get("true_cfg_scale") or 0) > 1 and negative)}
+        return {
+            "prompt": _as_list(loc.get("prompt")),
+            "negative_prompt": _as_list(loc.get("negative_prompt")),
+            "prompt_embeds": loc.get("prompt_embeds") is not None,
+            "negative_prompt_embeds": loc.get("negative_prompt_embeds") is not None,
+            "separate_cfg": bool(loc["do_true_cfg"]) if true_cfg else None,
+            "guidance_scale": loc.get("guidance_scale") if isinstance(loc.get("guidance_scale"), (int, float)) else None,
+        }
+
+    def _uncond_call(self, states) -> bool:
+        """Whether this denoiser call is a separate unconditional call (Flux true CFG): the pipeline hands it its
+        ``negative_prompt_embeds``."""
+        loc = self._pipe_locals()
+        return bool(loc and loc.get("do_true_cfg") and states is not None and states is loc.get("negative_prompt_embeds"))
+
+    def _pipe_locals(self) -> dict | None:
+        """The locals of the pipeline's ``__call__`` frame in progress, or ``None``."""
         frame = inspect.currentframe()
         try:
             for _ in range(200):
@@ -58,34 +97,26 @@ class BatchLayout:
                     getattr(owner, a, None) is self.denoiser for a in ("unet", "transformer", "prior")
                 ):
                     self.pipe = owner  # the denoiser was probed on its own, but a pipeline is driving it
-                    self.encoder, self.tokenizer = self._primary_text_encoder()
+                    self.streams = self._text_streams()
+                    self.encoder, self.tokenizer = self.streams[0] if self.streams else (None, None)
                 if owner is not None and owner is self.pipe:
-                    loc = frame.f_locals
-                    prompt_2 = _as_list(loc.get("prompt_2"))
-                    if prompt_2 is not None and prompt_2 != _as_list(loc.get("prompt")):
-                        warnings.warn(
-                            "prompt_2 differs from prompt: token labels follow the first tokenizer's prompt; the "
-                            "second encoder's half of the conditioning came from prompt_2",
-                            stacklevel=2,
-                        )
-                    return {
-                        "prompt": _as_list(loc.get("prompt")),
-                        "negative_prompt": _as_list(loc.get("negative_prompt")),
-                        "prompt_embeds": loc.get("prompt_embeds") is not None,
-                        "negative_prompt_embeds": loc.get("negative_prompt_embeds") is not None,
-                    }
+                    return frame.f_locals
         finally:
             del frame
-        return {}
+        return None
 
-    def _layout_for(self, text: str | None, ids: list[int] | None, n_keys: int, source: str) -> TokenLayout:
-        tok = self.tokenizer
+    def _layout_for(self, text: str | None, ids: list[int] | None, n_keys: int, source: str, tok=None) -> TokenLayout:
+        tok = self.tokenizer if tok is None else tok
         if tok is None or not getattr(tok, "is_fast", False):
             return unlabelled_layout(n_keys, source="none")
         if text is not None:
             lay = token_layout(tok, text, n_keys, source=source)
             if ids is None or lay.ids == ids:
                 return lay
+            if text.lower().strip() != text:  # PixArt encodes the prompt lower-cased and stripped
+                lowered = token_layout(tok, text.lower().strip(), n_keys, source=source)
+                if lowered.ids == ids:
+                    return lowered
             if source == "caller":
                 raise ProbeError(
                     f"probe(prompts=...) says {text!r}, but the text encoder saw {decode_ids(tok, ids)!r}: "
@@ -100,26 +131,58 @@ class BatchLayout:
                 return TokenLayout(strings=strings, kinds=["unknown"] * n_keys, ids=ids, source="ids")
         return unlabelled_layout(n_keys, source="none")
 
-    def _set_layout(self, batch: int, n_keys: int, hw: tuple[int, int] = (0, 0)) -> None:
-        given = self.given if self.given is not None else self._call_arguments()  # may find the driving pipeline
-        cfg = self._guidance_on()
-        if cfg and batch % 2:
-            raise ProbeError(f"classifier-free guidance is on but the denoiser batch has an odd size {batch}")
-        n = batch // 2 if cfg else batch
-        labels = ["uncond"] * n + ["cond"] * n if cfg else ["cond"] * batch
+    def _stream_ids(self, given: dict, negative: bool) -> tuple[list, list]:
+        """Per text stream, the token ids of the prompt and of the negative prompt (``None`` where not encoded)."""
         # diffusers encodes the prompt, then the negative prompt, skipping whichever came as embeddings
         # the last encodes are this call's (a failed call with the same arguments may have left its own before)
-        expected = int(not given.get("prompt_embeds")) + int(bool(cfg and not given.get("negative_prompt_embeds")))
-        encoded = list(self.encoded)[-expected:] if expected else []
-        cond_ids = None if given.get("prompt_embeds") else (encoded.pop(0) if encoded else None)
-        uncond_ids = encoded.pop(0) if cfg and encoded and not given.get("negative_prompt_embeds") else None
+        expected = int(not given.get("prompt_embeds")) + int(bool(negative and not given.get("negative_prompt_embeds")))
+        conds, unconds = [], []
+        for encoded in self.encoded_streams:
+            encoded = list(encoded)[-expected:] if expected else []
+            conds.append(None if given.get("prompt_embeds") else (encoded.pop(0) if encoded else None))
+            unconds.append(encoded.pop(0) if negative and encoded and not given.get("negative_prompt_embeds") else None)
+        return conds, unconds
+
+    def _stream_layout(self, text, ids_per_stream, prompt_index, n_keys, source) -> TokenLayout:
+        """One sample's token layout: each text stream's positions in key order (SD3: CLIP then T5)."""
+        first = ids_per_stream[0] if ids_per_stream else None
+        if len(self.streams) <= 1 and (first is None or first.shape[1] == n_keys):
+            return self._layout_for(text, first[prompt_index].tolist() if first is not None else None, n_keys, source)
+        # several streams, or fewer encoded positions than keys (SD3 without T5: zeros after CLIP's 77)
+        parts, left = [], n_keys
+        for i, ((encoder, tok), ids) in enumerate(zip(self.streams, ids_per_stream)):
+            last = i == len(self.streams) - 1
+            size = int(ids.shape[1]) if ids is not None else left if last else int(tok.model_max_length)
+            size = min(size, left)
+            parts.append((self.stream_names[i], self._layout_for(
+                text, ids[prompt_index].tolist() if ids is not None else None, size, source, tok)))
+            left -= size
+        return concat_layouts(parts, n_keys)
+
+    def _set_layout(self, batch: int, n_keys: int, hw: tuple[int, int] = (0, 0)) -> None:
+        given = self.given if self.given is not None else self._call_arguments()  # may find the driving pipeline
+        separate = bool(given.get("separate_cfg"))
+        cfg = self._guidance_on(given, batch)
+        if cfg and batch % 2:
+            raise ProbeError(f"classifier-free guidance is on but the denoiser batch has an odd size {batch}")
+        if separate and self.passes == "all":
+            raise ProbeError(
+                "passes='all', but this pipeline runs the unconditional pass as separate denoiser calls (true CFG: "
+                "true_cfg_scale > 1 with a negative prompt), so one store cannot hold both passes as rows of the same "
+                "calls. Open two probes, one inside the other: probe(pipe, passes='cond') and probe(pipe, passes='uncond')."
+            )
+        n = batch // 2 if cfg else batch
+        labels = ["uncond"] * n + ["cond"] * n if cfg else ["cond"] * batch
+        if separate and self.passes == "uncond":
+            labels = ["uncond"] * batch  # the rows of the separate unconditional calls the store keeps
+        cond_ids, uncond_ids = self._stream_ids(given, cfg or separate)
         zeros = bool(
             cfg and given and not given["negative_prompt_embeds"] and given["negative_prompt"] is None
             and getattr(getattr(self.pipe, "config", None), "force_zeros_for_empty_prompt", False)
         )
         frame_negative = given.get("negative_prompt")
         cond_texts = self.caller_prompts or given.get("prompt")
-        n_prompts = cond_ids.shape[0] if cond_ids is not None else len(cond_texts) if cond_texts else n
+        n_prompts = cond_ids[0].shape[0] if cond_ids and cond_ids[0] is not None else len(cond_texts) if cond_texts else n
         if self.caller_prompts is not None and (len(self.caller_prompts) != n_prompts or n % n_prompts):
             raise ProbeError(
                 f"probe(prompts=...) gave {len(self.caller_prompts)} texts, but this pipeline call encodes "
@@ -129,20 +192,19 @@ class BatchLayout:
             cond_texts = None
         if n_prompts == 0 or n % n_prompts:
             n_prompts = n
-            cond_texts, cond_ids = None, None
+            cond_texts, cond_ids = None, [None] * len(cond_ids)
         per_prompt = n // n_prompts
         neg_texts = frame_negative
-        if uncond_ids is not None and neg_texts is None:
+        if any(i is not None for i in uncond_ids) and neg_texts is None:
             neg_texts = [""] * n_prompts  # diffusers encodes "" when no negative prompt is given
         if neg_texts is not None and len(neg_texts) == 1 and n_prompts > 1:
             neg_texts = neg_texts * n_prompts
         if neg_texts is not None and len(neg_texts) != n_prompts:
             neg_texts = None
-        if uncond_ids is not None and uncond_ids.shape[0] != n_prompts:
-            uncond_ids = None
+        uncond_ids = [i if i is not None and i.shape[0] == n_prompts else None for i in uncond_ids]
 
         keep = [i for i, lab in enumerate(labels) if self.passes == "all" or lab == self.passes]
-        if not keep:
+        if not keep and not (separate and self.passes == "uncond"):
             raise ProbeError(
                 f"passes={self.passes!r} but this pipeline call has no {self.passes} pass: its batch of {batch} "
                 f"rows is all {set(labels)} (guidance ≤ 1 or a distilled model runs no unconditional pass). "
@@ -153,16 +215,16 @@ class BatchLayout:
         for row in keep:
             label = labels[row]
             j = row - n if (cfg and label == "cond") else row
+            # (rows of a separate unconditional call are numbered like the conditional call's)
             prompt_index, image_index = divmod(j, per_prompt)
             if (label, prompt_index) not in layouts:
                 texts, ids = (cond_texts, cond_ids) if label == "cond" else (neg_texts, uncond_ids)
                 text = texts[prompt_index] if texts is not None else None
-                id_list = ids[prompt_index].tolist() if ids is not None else None
                 source = "caller" if (label == "cond" and self.caller_prompts) else "prompt"
-                if label == "uncond" and ids is None and text is None:
+                if label == "uncond" and all(i is None for i in ids) and text is None:
                     layouts[(label, prompt_index)] = unlabelled_layout(n_keys, source="zeros" if zeros else "none")
                 else:
-                    layouts[(label, prompt_index)] = self._layout_for(text, id_list, n_keys, source)
+                    layouts[(label, prompt_index)] = self._stream_layout(text, ids, prompt_index, n_keys, source)
             lay = layouts[(label, prompt_index)]
             samples.append(Sample(len(samples), label, prompt_index, image_index, row, lay.text))
             sample_layouts.append(lay)
@@ -185,7 +247,8 @@ class BatchLayout:
             self.store.meta["prompts"] = cond_texts
             self.store.meta["negative_prompts"] = neg_texts
             self.store.meta["num_images_per_prompt"] = per_prompt
-            self.store.meta["guidance"] = cfg
+            self.store.meta["guidance"] = cfg or separate
+            self.store.meta["separate_uncond_calls"] = separate
             if self.tokens_spec is not None:
                 positions = resolve_tokens(self.tokens_spec, sample_layouts, n_keys)
                 self.store.token_positions = positions

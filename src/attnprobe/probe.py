@@ -34,6 +34,7 @@ from einops import rearrange
 from . import __version__
 from .capture import AGGREGATES, CallSink, call_filter, check_tokens
 from .errors import ProbeError
+from .joint import JOINT_MODES, text_streams
 from .processors import CaptureState, ProbeProcessor, wrap_processor
 from .shards import ShardWriter
 from .layout import BatchLayout, _as_list
@@ -50,7 +51,7 @@ class _Recorder(BatchLayout):
     """The state of one probe: installed wrappers and hooks, the call counter, the batch layout."""
 
     def __init__(self, pipe, denoiser, sites, passes, heads, dtype, device, prompts, all_sites=(),
-                 calls=None, tokens=None, aggregate=None, stream_to=None):
+                 calls=None, tokens=None, aggregate=None, stream_to=None, joint="exact"):
         self.pipe = pipe if pipe is not denoiser else None
         self.denoiser = denoiser
         self.sites = sites
@@ -63,7 +64,11 @@ class _Recorder(BatchLayout):
         self.all_sites = [s.name for s in all_sites] or list(self.modules)
         self.known = {s.name: s.order for s in all_sites}
         self.known_order = bool(self.known) and None not in self.known.values()  # seen by an earlier probe
-        self.state = CaptureState(heads=heads, dtype=torch.float32 if aggregate else dtype)
+        self.state = CaptureState(heads=heads, dtype=torch.float32 if aggregate else dtype, joint=joint)
+        self.joint = joint
+        self.kinds = {s.name: s.kind for s in sites}
+        self.shares: list[tuple[int, str, torch.Tensor]] = []  # (call, site, [sample, head]) of joint sites
+        self.ids_key: tuple | None = None  # Flux: the img_ids tensor the latent size was read from, and that size
         self.calls_spec, self.keep_call = calls, call_filter(calls)
         self.tokens_spec = check_tokens(tokens)
         self.aggregate = aggregate
@@ -78,7 +83,7 @@ class _Recorder(BatchLayout):
         self.call = -1
         self.generation = -1
         self.calls_in_generation = 0
-        self.encoded: list[torch.Tensor] = []
+        self.streams, self.stream_names = [], []
         self.given: dict | None = None
         self.layout: tuple[str, ...] = ()
         self.last_timestep = float("inf")
@@ -89,23 +94,23 @@ class _Recorder(BatchLayout):
         self.prompt_texts: dict[str, list[str] | None] = {}
         self.store = AttentionStore(sites, [], [], [], {}, self._meta(), folder=stream_to)
         self.sink = CallSink(self.store, self.device, aggregate, self.writer)
-        self.encoder, self.tokenizer = self._primary_text_encoder()
+        self.streams = self._text_streams()
+        self.encoded_streams: list[list[torch.Tensor]] = [[] for _ in self.streams]
+        self.encoder, self.tokenizer = self.streams[0] if self.streams else (None, getattr(pipe, "tokenizer", None))
 
     # -------------------------------------------------------------- install / remove
-    def _primary_text_encoder(self):
-        if self.pipe is None:
-            return None, None
-        for enc_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-            enc = getattr(self.pipe, enc_name, None)
-            if isinstance(enc, torch.nn.Module):
-                return enc, getattr(self.pipe, tok_name, None)
-        return None, getattr(self.pipe, "tokenizer", None)
+    def _text_streams(self) -> list[tuple]:
+        """``(encoder, tokenizer)`` of each text encoder whose positions are the denoiser's text keys, in key order
+        (``joint.text_streams``: one for UNets and PixArt, CLIP then T5 for SD3, T5 for Flux)."""
+        names = text_streams(self.pipe)
+        self.stream_names = [enc for enc, _ in names]
+        return [(getattr(self.pipe, enc), getattr(self.pipe, tok, None)) for enc, tok in names]
 
     def install(self) -> None:
         try:
             for name, attn in self.modules.items():
                 original = attn.processor
-                wrapper = wrap_processor(original, name, attn, self.state)
+                wrapper = wrap_processor(original, name, attn, self.state, self.kinds[name])
                 self.originals[name] = original
                 self.wrappers[name] = wrapper
                 attn.set_processor(wrapper)
@@ -117,8 +122,9 @@ class _Recorder(BatchLayout):
                 self.order_handles.append(self.denoiser.get_submodule(name).register_forward_pre_hook(hook))
             if self.order_handles:
                 self.order_handles.append(self.denoiser.register_forward_hook(self._after_first_call))
-            if self.encoder is not None:
-                self.handles.append(self.encoder.register_forward_pre_hook(self._on_encode, with_kwargs=True))
+            for i, (encoder, _) in enumerate(self.streams):
+                hook = functools.partial(self._on_encode, i)
+                self.handles.append(encoder.register_forward_pre_hook(hook, with_kwargs=True))
         except BaseException:
             self.remove()
             raise
@@ -155,7 +161,7 @@ class _Recorder(BatchLayout):
 
     # -------------------------------------------------------------- hooks
     @torch.compiler.disable
-    def _on_encode(self, module, args, kwargs):
+    def _on_encode(self, stream, module, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         given = self._call_arguments()
         if not given:
@@ -164,12 +170,12 @@ class _Recorder(BatchLayout):
         # failed after encoding (its ids must not label this one)
         if self.calls_in_generation > 0 or (self.given is not None and given != self.given):
             self.calls_in_generation = 0
-            self.encoded = []
+            self.encoded_streams = [[] for _ in self.streams]
             self.given = None
         if self.given is None:  # read the call's arguments before the pipeline overwrites them with embeddings
             self.given = given
         if isinstance(ids, torch.Tensor):
-            self.encoded.append(ids.detach().to("cpu"))
+            self.encoded_streams[stream].append(ids.detach().to("cpu"))
 
     @staticmethod
     def _chain(processor):
@@ -221,35 +227,57 @@ class _Recorder(BatchLayout):
         states = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         if isinstance(states, (tuple, list)) and states:  # IP-Adapter: (text states, image-prompt states)
             states = states[0]
-        if not isinstance(sample, torch.Tensor) or sample.ndim != 4:
+        packed = isinstance(sample, torch.Tensor) and sample.ndim == 3 and isinstance(kwargs.get("img_ids"), torch.Tensor)
+        if not isinstance(sample, torch.Tensor) or (sample.ndim != 4 and not packed):
             raise ProbeError(
-                f"the denoiser {type(module).__name__} was called without a 4-D latent sample "
-                f"(got {type(sample).__name__}); attnprobe supports UNet denoisers called as diffusers pipelines do"
+                f"the denoiser {type(module).__name__} was called without a 4-D latent sample or packed latents with "
+                f"img_ids (got {type(sample).__name__}); attnprobe supports denoisers called as diffusers pipelines do"
             )
         t = self._timestep_value(timestep)
-        hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-        if self.calls_in_generation > 0 and self._starts_generation(int(sample.shape[0]), t, hw):
+        hw = self._packed_hw(kwargs["img_ids"]) if packed else (int(sample.shape[-2]), int(sample.shape[-1]))
+        self.state.text_len = int(states.shape[1]) if isinstance(states, torch.Tensor) and states.ndim == 3 else 0
+        uncond_call = bool(self.store.meta.get("separate_uncond_calls")) and self._uncond_call(states)
+        if self.calls_in_generation > 0 and not uncond_call and self._starts_generation(int(sample.shape[0]), t, hw):
             self.calls_in_generation = 0
-            self.encoded = []  # no text-encoder call announced this pipeline call (prompt_embeds passed)
+            self.encoded_streams = [[] for _ in self.streams]  # no text-encoder call announced it (prompt_embeds)
             self.given = None
         if self.calls_in_generation == 0:
             self.generation += 1
             self._set_layout(int(sample.shape[0]), int(states.shape[1]) if isinstance(states, torch.Tensor) else 0, hw)
+            mask = kwargs.get("encoder_attention_mask")  # PixArt: the T5 padding mask (1 = attended)
+            if isinstance(mask, torch.Tensor) and self.generation == 0:
+                rows = [smp.row for smp in self.store.samples]
+                self.store.meta["text_mask"] = mask.reshape(mask.shape[0], -1)[rows].to(torch.int).tolist()
             if self.writer is not None and self.generation == 0:  # readable from the first shard on, also after a crash
                 self.writer.write_header(_json_safe({**self.store._header(), "meta": {**self.store.meta, "complete": False}}))
         self.call += 1
         self.calls_in_generation += 1
         self.last_timestep = t
-        self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        self.latent_hw = hw
         state = self.state
         for name in ("rows", "tokens"):  # on the device the maps are computed on (moved once, not per call)
             value = getattr(state, name)
             if isinstance(value, torch.Tensor) and value.device != sample.device:
                 setattr(state, name, value.to(sample.device))
         state.keep = self.keep_call is None or bool(self.keep_call(self.calls_in_generation - 1, t))
+        layout = self.layout
+        if self.store.meta.get("separate_uncond_calls"):  # Flux true CFG: a whole call is one pass
+            label = "uncond" if uncond_call else "cond"
+            layout = (label,) * len(self.layout)
+            state.keep = state.keep and label == self.passes
         if state.keep:
-            self.current_call = Call(index=self.call, timestep=t, generation=self.generation, layout=self.layout)
+            self.current_call = Call(index=self.call, timestep=t, generation=self.generation, layout=layout)
         self._note_interventions(module)
+
+    def _packed_hw(self, img_ids: torch.Tensor) -> tuple[int, int]:
+        """The latent size of packed latents (Flux: 2×2 latent patches per token) from their position ids
+        ``[token, (0, row, column)]``: twice the token grid. Read once per ``img_ids`` tensor (a GPU read syncs)."""
+        key = (img_ids.data_ptr(), tuple(img_ids.shape))
+        if self.ids_key is None or self.ids_key[0] != key:
+            ids = img_ids.reshape(-1, img_ids.shape[-1])
+            rows, cols = int(ids[:, -2].max()) + 1, int(ids[:, -1].max()) + 1
+            self.ids_key = (key, (2 * rows, 2 * cols))
+        return self.ids_key[1]
 
     def _timestep_value(self, timestep) -> float:
         """The call's timestep as a float. A timestep taken from ``scheduler.timesteps`` (diffusers' loops
@@ -268,7 +296,16 @@ class _Recorder(BatchLayout):
             i = timestep.storage_offset() - table.storage_offset()
             if 0 <= i < len(self._timesteps[1]):
                 return self._timesteps[1][i]
-        return float(timestep.reshape(-1)[0])
+        value = float(timestep.reshape(-1)[0])
+        if isinstance(table, torch.Tensor) and table.ndim == 1 and table.numel() and 0 < value <= 1:
+            if self._timesteps is None or self._timesteps[0] is not table:
+                self._timesteps = (table, table.float().tolist())
+            # Flux pipelines hand the denoiser timestep / 1000 (rounded to the model's dtype): record the
+            # scheduler's entry it stands for
+            nearest = min(self._timesteps[1], key=lambda entry: abs(entry - value * 1000))
+            if abs(nearest - value * 1000) <= 0.01 * max(abs(nearest), 1.0):
+                return nearest
+        return value
 
     def _starts_generation(self, batch: int, timestep: float, hw: tuple[int, int]) -> bool:
         """Whether this denoiser call starts a new pipeline call although no text encoder ran before it.
@@ -310,7 +347,11 @@ class _Recorder(BatchLayout):
         outbox = self.state.outbox
         if self.current_call is None:
             outbox.clear()  # sites that ran outside a kept denoiser call: nothing to key them by
+            self.state.shares.clear()
             return
+        for site, share in self.state.shares:
+            self.shares.append((self.call, site, share))
+        self.state.shares.clear()
         for site, probs in outbox:
             if site in self.current:
                 raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
@@ -353,6 +394,7 @@ class _Recorder(BatchLayout):
                 "tokens": None if self.tokens_spec is None else list(self.tokens_spec),
                 "aggregate": self.aggregate,
                 "stream_to": None if self.writer is None else str(self.writer.folder),
+                **({"joint": self.joint} if any(k != "cross" for k in self.kinds.values()) else {}),
             },
         }
 
@@ -370,6 +412,14 @@ class _Recorder(BatchLayout):
                     error = self._missing_sites(self.current_call.index, missing)
                 self.current_call, self.current = None, {}
         self.sink.close(self.dtype, self.layout)
+        kept = {c.index for c in store.calls}
+        if self.joint == "exact" and any(k != "cross" for k in self.kinds.values()):  # [call][sample][head] per site
+            store.meta["text_share"] = {
+                name: [[[round(v, 7) for v in row] for row in share.float().cpu().tolist()]
+                       for call, site, share in self.shares if site == name and call in kept]
+                for name, kind in self.kinds.items() if kind != "cross"
+            }
+        self.shares.clear()
         store.meta["complete"] = complete and error is None
         if self.order:
             _record_order(self.denoiser, self.order)
@@ -421,14 +471,18 @@ def probe(
     tokens=None,
     aggregate: str | None = None,
     stream_to=None,
+    joint: str = "exact",
 ) -> Iterator[AttentionStore]:
     """Record the cross-attention probabilities of every denoiser call while the pipeline runs as usual.
 
     The pipeline's outputs are unchanged (bit-identical): the installed processors still compute every
     output; the probe only reads q and k and computes ``softmax(q·kᵀ·scale + mask)`` beside them, in fp32.
+    For joint attention (SD3, Flux) the map is the image-query × text-key block of the softmax over image and
+    text keys (``joint``; see ``attnprobe.joint``).
 
     Args:
-        pipe: a diffusers pipeline (SD 1.x/2.x, SDXL and other UNet pipelines) or its denoiser module.
+        pipe: a diffusers pipeline (SD 1.x/2.x, SDXL and other UNet pipelines; SD3, Flux, PixArt-α) or its
+            denoiser module.
         sites: which sites: ``None`` (all cross-attention sites), a name, a glob (``"up_blocks.*"``), a list of
             them, or a predicate ``Site -> bool``. Default: ``None``.
         passes: ``"cond"`` (conditional rows only), ``"uncond"`` (unconditional rows of classifier-free
@@ -438,7 +492,8 @@ def probe(
         device: where the maps are kept. Default: ``"cpu"``.
         prompts: texts that label the conditional samples when the pipeline is called with ``prompt_embeds``
             (no text-encoder call to observe). Default: ``None``.
-        calls: which denoiser calls to record, counted from 0 in each pipeline call: an int, a list or ``range``
+        calls: which denoiser calls to record, counted from 0 in each pipeline call (Flux true CFG's separate
+            unconditional calls count too): an int, a list or ``range``
             of ints, a ``slice``, or a predicate ``(index, timestep) -> bool`` (``lambda i, t: t > 500``). The
             others run untouched, at no cost. ``Call.index`` keeps the true call count. Default: ``None`` (all).
         tokens: which text-token positions to keep: a concept (``"dog"``), a list of concepts (every position of
@@ -452,15 +507,23 @@ def probe(
             shard per call, token-major; see ``attnprobe.shards``) and freed, so memory stays flat over long
             runs. The yielded store reads its maps from that folder; ``AttentionStore.load(folder)`` reopens it,
             also after a crash (every finished call is kept). Default: ``None`` (in memory).
+        joint: the map of joint-attention sites (``Site.kind`` ``"joint"`` or ``"single"``): ``"exact"``, the
+            image-query × text-key block of the full softmax over ``[image; text]`` keys (a row sums to that image
+            position's text share, in [0, 1]; computed in chunks of image queries, never the whole ``N × (N + T)``
+            matrix), or ``"renorm"``, the softmax over the text keys only (rows sum to 1). Cross-attention sites
+            ignore it. With ``"exact"`` the mean text share per call, sample and head is kept too
+            (``store.text_share(site)``). Default: ``"exact"``.
 
     Yields:
         An ``AttentionStore``, filled while the block runs: ``store[site]`` is
-        ``[call, sample, head, qh, qw, token]``, summing to 1 over ``token``.
+        ``[call, sample, head, qh, qw, token]``, summing to 1 over ``token`` (to the text share for ``exact`` joint
+        sites).
 
     Raises:
         ProbeError: bad options; a processor was replaced during the run (attention slicing, fused QKV,
-            xformers…); a site did not run; ``passes="uncond"`` with no unconditional pass; no denoiser call
-            (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
+            xformers…); a site did not run; ``passes="uncond"`` with no unconditional pass; ``passes="all"`` when
+            the unconditional pass runs as separate denoiser calls (Flux true CFG: open a ``"cond"`` and an
+            ``"uncond"`` probe); an attention mask at a joint site; no denoiser call (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
             ``stream_to`` is a file or a folder that is not empty.
         NoSitesError, UnknownSiteError: see ``list_sites`` / ``select_sites``.
 
@@ -487,6 +550,8 @@ def probe(
         raise ProbeError(f"device={device!r}, but this torch sees no CUDA device: keep the maps on 'cpu'")
     if prompts is not None and _as_list(prompts) is None:
         raise ProbeError(f"prompts must be a string or a list of strings; got {type(prompts).__name__}")
+    if joint not in JOINT_MODES:
+        raise ProbeError(f"joint={joint!r} is not one of {JOINT_MODES}")
     if aggregate not in (None, *AGGREGATES):
         raise ProbeError(f"aggregate={aggregate!r} is not one of None, {', '.join(map(repr, AGGREGATES))}")
     call_filter(calls), check_tokens(tokens)  # bad selections fail here, before the pipeline runs
@@ -494,7 +559,7 @@ def probe(
     every = list_sites(denoiser)
     chosen = select_sites(every, sites)
     recorder = _Recorder(pipe, denoiser, chosen, passes, heads, dtype, device, prompts, every, calls, tokens,
-                         aggregate, stream_to)
+                         aggregate, stream_to, joint)
     if prompts is not None and recorder.tokenizer is None:
         raise ProbeError(
             f"prompts= needs a tokenizer to label positions, and {type(pipe).__name__} has none: pass the pipeline "

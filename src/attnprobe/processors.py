@@ -115,6 +115,10 @@ class CaptureState:
         outbox: ``(site, probs)`` of the call in progress, appended by the wrappers and emptied by the probe at
             the end of each denoiser call (a list append traces without a graph break; a call back into the
             probe's Python state would break the graph at every site).
+        joint: ``"exact"`` or ``"renorm"``: the map of joint-attention sites (``attnprobe.joint``).
+        text_len: text tokens of the denoiser call in progress (for Flux's single-stream sites; fixed for a
+            pipeline and ``max_sequence_length``, so it does not make a compiled denoiser recompile per call).
+        shares: ``(site, [sample, head])`` mean text share of each joint site of the call in progress.
     """
 
     keep: bool = False
@@ -124,6 +128,9 @@ class CaptureState:
     dtype: torch.dtype = torch.float32
     outbox: list = field(default_factory=list)
     workspace: dict = field(default_factory=dict)
+    joint: str = "exact"
+    text_len: int = 0
+    shares: list = field(default_factory=list)
 
 
 class ProbeProcessor:
@@ -148,6 +155,20 @@ class ProbeProcessor:
             raise ProbeError(f"site {site}: the attention module has no to_q/to_k projection to read q and k from")
         self._hooks.append(attn.to_q.register_forward_hook(self._take_query))
         self._hooks.append((attn.to_kv if fused else attn.to_k).register_forward_hook(self._take_key_fused if fused else self._take_key))
+
+    def __getattr__(self, name):
+        """Attributes the wrapper lacks are ``inner``'s (diffusers reads e.g. ``processor._attention_backend``)."""
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    # set on the processor by diffusers' ``set_attention_backend`` / context parallelism: they belong to ``inner``,
+    # which computes the output
+    _attention_backend = property(lambda self: getattr(self.inner, "_attention_backend", None),
+                                  lambda self, value: setattr(self.inner, "_attention_backend", value))
+    _parallel_config = property(lambda self: getattr(self.inner, "_parallel_config", None),
+                                lambda self, value: setattr(self.inner, "_parallel_config", value))
 
     def _take_query(self, module, args, output):
         if self._armed and self._query is None:
@@ -200,30 +221,35 @@ class ProbeProcessor:
         return f"ProbeProcessor(site={self.site!r}, inner={self.inner!r})"
 
 
-def wrap_processor(inner: Any, site: str, attn, state: CaptureState) -> ProbeProcessor:
-    """A ``ProbeProcessor`` whose ``__call__`` shows ``inner``'s signature.
+def wrap_processor(inner: Any, site: str, attn, state: CaptureState, kind: str = "cross") -> ProbeProcessor:
+    """A ``ProbeProcessor`` (``kind="cross"``) or ``joint.JointProbeProcessor`` (``"joint"``, ``"single"``) whose
+    ``__call__`` shows ``inner``'s signature.
 
     ``Attention.forward`` drops every ``cross_attention_kwargs`` entry that its processor's ``__call__`` does
     not name (e.g. IP-Adapter's ``ip_adapter_masks``), so the wrapper must name exactly what ``inner`` names.
     """
-    return _wrapper_class(inner)(inner, site, attn, state)
+    if kind == "cross":
+        return _wrapper_class(inner, ProbeProcessor)(inner, site, attn, state)
+    from .joint import JointProbeProcessor
+
+    return _wrapper_class(inner, JointProbeProcessor)(inner, site, attn, state, kind)
 
 
 _CLASSES: dict = {}
 
 
-def _wrapper_class(inner: Any) -> type:
+def _wrapper_class(inner: Any, base: type) -> type:
     """One wrapper class per signature of the wrapped processors (cached), so that every site of a model, and
     every probe opened on it, has the same processor type: ``torch.compile`` guards on the processor's type and
     would recompile ``Attention.forward`` for each new class."""
     sig = inspect.signature(inner.__call__ if not inspect.isfunction(inner) else inner)
-    key = (type(inner).__name__, tuple((p.name, p.kind, repr(p.default)) for p in sig.parameters.values()))
+    key = (base.__name__, type(inner).__name__, tuple((p.name, p.kind, repr(p.default)) for p in sig.parameters.values()))
     if key not in _CLASSES:
         params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()]
 
         def __call__(self, *args, **kwargs):
-            return ProbeProcessor.__call__(self, *args, **kwargs)
+            return base.__call__(self, *args, **kwargs)
 
         __call__.__signature__ = inspect.Signature(params)
-        _CLASSES[key] = type(f"Probe{type(inner).__name__}", (ProbeProcessor,), {"__call__": __call__})
+        _CLASSES[key] = type(f"Probe{type(inner).__name__}", (base,), {"__call__": __call__})
     return _CLASSES[key]

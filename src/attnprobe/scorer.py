@@ -160,7 +160,7 @@ def load_scorer(name: str | None = "tiny", device="cpu") -> CLIPScorer | None:
     from transformers import CLIPModel, CLIPProcessor
     from transformers.utils import logging as transformers_logging
 
-    from .study import _first_line
+    from .models import _first_line
 
     looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 2)[-1]
     if looks_local and not Path(name).expanduser().exists():

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Union
 
 import torch
-from diffusers.models.attention_processor import Attention
 
 from .errors import NoSitesError, UnknownSiteError
 
@@ -36,11 +35,13 @@ class Site:
 
     Attributes:
         name: module path in the denoiser, e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn2``.
-        kind: ``"cross"`` (queries are image positions, keys are text tokens).
+        kind: ``"cross"`` (queries are image positions, keys are text tokens), ``"joint"`` (one softmax over image
+            and text keys; the map is its image-query × text-key block, see ``attnprobe.joint``) or ``"single"``
+            (Flux single-stream: the same over one ``[text; image]`` sequence).
         heads: number of attention heads.
         head_dim: channels per head (query/key width divided by ``heads``).
-        group: block group: ``"down"``, ``"mid"``, ``"up"`` for UNets (the first path component without
-            ``_blocks``/``_block``).
+        group: block group: ``"down"``, ``"mid"``, ``"up"`` for UNets, ``"transformer"`` /
+            ``"single_transformer"`` for DiTs (the first path component without ``_blocks``/``_block``).
         block: the block the site lives in, e.g. ``"down_blocks.1"`` or ``"mid_block"``.
         order: position in execution order, or ``None`` until a probe has seen one denoiser call.
     """
@@ -91,8 +92,11 @@ def _group_and_block(name: str) -> tuple[str, str]:
 def list_sites(pipe_or_denoiser) -> list[Site]:
     """The cross-attention sites of a pipeline's denoiser (or of a denoiser module).
 
-    A site is a ``diffusers`` ``Attention`` module built as cross-attention (``is_cross_attention``): in
-    SD 1.x/2.x/SDXL UNets these are the ``attn2`` layers of the transformer blocks.
+    A site is a ``diffusers`` attention module whose image queries see text keys, decided from the module's
+    structure (``joint.site_kind``), not its name: ``kind="cross"`` for cross-attention (``is_cross_attention``:
+    the ``attn2`` layers of SD 1.x/2.x/SDXL UNets and PixArt), ``"joint"`` for joint attention with added text
+    projections (SD3's and Flux's double-stream ``attn``), ``"single"`` for Flux's single-stream blocks (one
+    ``[text; image]`` sequence). Image self-attention (UNet ``attn1``, SD3.5's ``attn2``) is not a site.
 
     Args:
         pipe_or_denoiser: a diffusers pipeline (its ``unet``/``transformer`` is used) or the denoiser module.
@@ -110,18 +114,27 @@ def list_sites(pipe_or_denoiser) -> list[Site]:
         >>> [s.group for s in list_sites(tiny_sd_pipeline())][:3]
         ['down', 'down', 'down']
     """
+    from .joint import _is_attention, site_kind
+
     denoiser = denoiser_of(pipe_or_denoiser)
     found, other = [], 0
-    for name, module in denoiser.named_modules():
-        if not isinstance(module, Attention):
+    modules = dict(denoiser.named_modules())
+    for name, module in modules.items():
+        if not _is_attention(module):
             continue
-        if not module.is_cross_attention:
+        kind = site_kind(module, modules.get(name.rpartition(".")[0]) if "." in name else None)
+        if kind is None:
             other += 1
             continue
         group, block = _group_and_block(name)
         heads = int(module.heads)
         head_dim = int(module.inner_dim // heads) if getattr(module, "inner_dim", None) else 0
-        found.append(Site(name=name, kind="cross", heads=heads, head_dim=head_dim, group=group, block=block))
+        found.append(Site(name=name, kind=kind, heads=heads, head_dim=head_dim, group=group, block=block))
+    if found and not any(s.kind == "joint" for s in found):
+        # a block called with encoder_hidden_states whose only attention is image self-attention (a class-
+        # conditional DiT's attn1, attn2 being None) is single-stream only in an MM-DiT, next to joint blocks
+        other += sum(s.kind == "single" for s in found)
+        found = [s for s in found if s.kind != "single"]
     if not found:
         raise NoSitesError(
             f"{type(denoiser).__name__} has no cross-attention site ({other} self-attention layers, "

@@ -302,6 +302,36 @@ class AttentionStore:
             )
         return kept
 
+    def text_share(self, site) -> torch.Tensor:
+        """The mean text share of a joint-attention site: ``[call, sample, head]`` float32, for each image position
+        the probability mass its softmax over ``[image; text]`` keys gives the text keys (0–1), averaged over image
+        positions (``head`` of length 1 with ``heads="mean"``). Recorded with ``probe(joint="exact")``; with every
+        token kept it equals ``store[site].sum(-1).mean((-2, -1))``.
+
+        Raises:
+            UnknownSiteError: not a site of the store. StoreError: a cross-attention site (all its mass is on text),
+                or a store captured with ``joint="renorm"`` (which computes no text share).
+
+        Examples:
+            >>> from attnprobe.testing import tiny_sd3_pipeline
+            >>> import attnprobe
+            >>> pipe = tiny_sd3_pipeline()
+            >>> with attnprobe.probe(pipe, heads="mean") as store:
+            ...     _ = pipe("a dog", num_inference_steps=2, height=64, width=64, max_sequence_length=8, output_type="latent")
+            >>> tuple(store.text_share(store.sites[0]).shape)
+            (2, 1, 1)
+        """
+        name = self._site_name(site)
+        shares = (self.meta.get("text_share") or {}).get(name)
+        if shares is None:
+            kind = next((s.kind for s in self.sites if s.name == name), "?")
+            mode = (self.meta.get("capture") or {}).get("joint")
+            raise StoreError(
+                f"site {name} ({kind}) has no text share: only joint-attention sites (SD3, Flux) captured with "
+                f"joint='exact' record one (this store: joint={mode!r})"
+            )
+        return torch.tensor(shares, dtype=torch.float32)
+
     def _call_coords(self) -> tuple[list, list, list]:
         """Per entry of the ``call`` axis: call index, timestep, generation (one entry ``-1, nan, -1`` for an
         aggregate over calls)."""

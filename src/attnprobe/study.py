@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -43,8 +42,11 @@ from .config import (
     STUDY_PARTS, check_capture, check_earlier_run, check_grid, check_models, check_out, is_study_folder, resolve_dtype,
 )
 from .editing import intervene
-from .errors import ConceptError, ModelLoadError
+from .errors import ConceptError
 from .interventions import parse_interventions
+from .models import (  # noqa: F401  (load_pipeline and TINY_MODELS: re-exported, attnprobe.study's public names)
+    TINY_MODELS, _check_model_name, _default_size, _denoiser, _first_line, _initial_latents, load_pipeline,
+)
 from .probe import probe
 from .report import OUTPUT_FILES, done_line, format_summary, summarize, write_atomic, write_figures, write_tables
 from .runner import FolderLock, Manifest, _slug, collect, grid, processes, settings_key, write_cell
@@ -80,9 +82,6 @@ DEFAULT_VARIANTS = {
     "implicit": "Please help me generate a picture of {c}, but leave {c} out of it.",
     "repetition": "a picture of {c}. a picture of {c}.",
 }
-
-TINY_MODELS = ("tiny", "tiny-xl")
-
 
 @dataclass
 class StudyResult:
@@ -160,70 +159,6 @@ def parse_variants(spec) -> dict[str, str]:
     return variants
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(exc).__name__}: {line if len(line) <= limit else line[: limit - 1] + '…'}"
-
-
-def _check_model_name(model: str) -> None:
-    """A name that looks like a local path must exist (checked for every model before a study generates)."""
-    if model in TINY_MODELS:
-        return
-    looks_local = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 2)[-1]
-    if looks_local and not Path(model).expanduser().exists():
-        raise ModelLoadError(f"could not load model {model!r}: no such folder (and it is not a hub id)")
-
-
-def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None):
-    """A pipeline by name: ``"tiny"`` (SD 1.5 layout) or ``"tiny-xl"`` (SDXL layout) built offline, else any
-    hub id or local folder through ``DiffusionPipeline.from_pretrained``.
-
-    Raises:
-        ModelLoadError: the model could not be loaded (offline, unknown id, missing files), in one line.
-    """
-    from .testing import tiny_sd_pipeline, tiny_sdxl_pipeline
-
-    if model in TINY_MODELS:
-        pipe = (tiny_sd_pipeline if model == "tiny" else tiny_sdxl_pipeline)(dtype=dtype or torch.float32)
-        return pipe.to(device)
-    from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-
-    _check_model_name(model)
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # its offline retries print several lines before the error
-    try:
-        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"could not load model {model!r} ({_first_line(exc)}). Real checkpoints need their weights on this "
-            "machine (a local folder or the hub cache) or network access to the hub; offline, use --model tiny."
-        ) from None
-    finally:
-        diffusers_logging.set_verbosity(level)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def _default_size(pipe, model: str) -> int:
-    if model in TINY_MODELS:
-        return 64
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    sample = int(getattr(denoiser.config, "sample_size", 64))
-    return sample * int(getattr(pipe, "vae_scale_factor", 8))
-
-
-def _initial_latents(pipe, seed: int, size: int, copies: int, device, dtype) -> torch.Tensor:
-    channels = pipe.unet.config.in_channels
-    scale = int(getattr(pipe, "vae_scale_factor", 8))
-    g = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn((1, channels, size // scale, size // scale), generator=g, dtype=torch.float32)
-    return noise.repeat(copies, 1, 1, 1).to(device=device, dtype=dtype)
-
-
 def study(
     model: str | Sequence[str] = "tiny",
     out="attnprobe-study",
@@ -251,9 +186,9 @@ def study(
     (``attnprobe.load_config``).
 
     Args:
-        model: ``"tiny"`` (default, offline), ``"tiny-xl"``, or a hub id / local folder of a diffusers
-            text-to-image UNet pipeline; or a list of them (each a grid axis: tables get rows per model, figures go
-            to ``out/figures/<model>/``).
+        model: ``"tiny"`` (default, offline), ``"tiny-xl"``, ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-pixart"``,
+            or a hub id / local folder of a diffusers text-to-image pipeline (UNet, SD3, Flux, PixArt); or a list of
+            them (each a grid axis: tables get rows per model, figures go to ``out/figures/<model>/``).
         out: output folder (created). concepts: default ``DEFAULT_CONCEPTS``.
         variants: names of ``DEFAULT_VARIANTS`` and/or ``name=template`` (see ``parse_variants``). Default: all.
         seeds: one generation per concept and seed (all variants share its initial noise). Default (0, 1, 2).
@@ -350,6 +285,7 @@ class _Plan:
     scorer: object
     device: torch.device
     dtype: torch.dtype
+    notes: set = field(default_factory=set)  # models already warned about (once per process)
 
 
 def _start(plan: _Plan, restart: bool) -> None:
@@ -496,7 +432,13 @@ THUMBNAIL = 128
 
 def _run_cell(pipe, cell, plan: "_Plan"):
     """One cell's record (every row with its ``model``) and tensors: a generation, or the text analysis."""
-    if cell.kind == "text":
+    if cell.kind == "text" and _denoiser(pipe) is not getattr(pipe, "unet", None):
+        if cell.model not in plan.notes:
+            plan.notes.add(cell.model)
+            _warn(f"{cell.model}: text similarity skipped: attnprobe.text rebuilds the conditioning of UNet pipelines "
+                  "(CLIP encoders) only, not of transformer pipelines (SD3: CLIP + T5, Flux: T5)")
+        record, tensors = {"text": []}, {}
+    elif cell.kind == "text":
         prompts = {v: t.format(c=cell.concept) for v, t in plan.variants.items()}
         record, tensors = {"text": similarity_rows(pipe, cell.concept, prompts)}, {}
     else:
@@ -558,7 +500,7 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, interven
     capture = capture or check_capture(None)
     names = list(variants)
     prompts = [variants[v].format(c=concept) for v in names]
-    latents = _initial_latents(pipe, seed, size, len(prompts), pipe.device, pipe.unet.dtype)
+    latents = _initial_latents(pipe, seed, size, len(prompts), pipe.device, _denoiser(pipe).dtype)
     options = dict(num_inference_steps=int(steps), guidance_scale=float(guidance), height=size, width=size)
     if maps is not None:
         shutil.rmtree(maps, ignore_errors=True)  # a half-written earlier attempt of this cell

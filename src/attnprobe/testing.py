@@ -1,5 +1,6 @@
 """Tiny pipelines built offline from configs with seeded weights, the real CLIP tokenizer, real UNet
-configs for the ``meta`` device, and synthetic stores with known answers. Used by the tests, the docs and
+configs for the ``meta`` device, and synthetic stores with known answers; tiny SD3, Flux and PixArt-α pipelines
+with an offline T5-style tokenizer (``tiny_sd3_pipeline``, ``tiny_flux_pipeline``, ``tiny_pixart_pipeline``). Used by the tests, the docs and
 ``attnprobe study --model tiny``.
 
     >>> pipe = tiny_sd_pipeline(seed=0)
@@ -24,6 +25,14 @@ __all__ = [
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_clip",
+    "tiny_sd3_pipeline",
+    "tiny_flux_pipeline",
+    "tiny_pixart_pipeline",
+    "t5_tokenizer",
+    "SD3_MEDIUM_TRANSFORMER",
+    "SD35_MEDIUM_TRANSFORMER",
+    "FLUX_DEV_TRANSFORMER",
+    "transformer_on_meta",
     "SD15_UNET",
     "SD21_UNET",
     "SDXL_UNET",
@@ -338,3 +347,16 @@ def full_size_pipeline(model: str = "sd15", device="cpu", dtype: torch.dtype = t
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 or torch.device(device).type == "meta" else pipe.to(dtype=dtype)
+
+
+# transformer denoisers (SD3, Flux, PixArt-α) and the offline T5-style tokenizer live in their own module
+from ._tiny_transformers import (  # noqa: E402
+    FLUX_DEV_TRANSFORMER,
+    SD3_MEDIUM_TRANSFORMER,
+    SD35_MEDIUM_TRANSFORMER,
+    t5_tokenizer,
+    tiny_flux_pipeline,
+    tiny_pixart_pipeline,
+    tiny_sd3_pipeline,
+    transformer_on_meta,
+)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConceptError
 
-__all__ = ["TokenLayout", "token_layout", "find_concept", "unlabelled_layout", "decode_ids"]
+__all__ = ["TokenLayout", "token_layout", "find_concept", "unlabelled_layout", "decode_ids", "concat_layouts"]
 
 
 @dataclass
@@ -34,6 +34,8 @@ class TokenLayout:
         source: how the text is known: ``"prompt"`` (the pipeline call's prompt), ``"decoded"`` (decoded from
             the ids), ``"caller"`` (given to ``probe(prompts=…)``), ``"zeros"`` (no text: zero embeddings) or
             ``"none"``.
+        streams: per position, the text encoder it comes from (``"text_encoder"``, ``"text_encoder_3"``…) when the
+            keys concatenate several encoders' positions (SD3: 77 CLIP, then T5); empty for one encoder.
     """
 
     strings: list[str]
@@ -43,6 +45,7 @@ class TokenLayout:
     offsets: list[tuple[int, int] | None] = field(default_factory=list)
     truncated_at: int | None = None
     source: str = "none"
+    streams: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -53,6 +56,7 @@ class TokenLayout:
             "offsets": [list(o) if o is not None else None for o in self.offsets],
             "truncated_at": self.truncated_at,
             "source": self.source,
+            "streams": self.streams,
         }
 
     @classmethod
@@ -65,12 +69,44 @@ class TokenLayout:
             offsets=[tuple(o) if o is not None else None for o in d.get("offsets", [])],
             truncated_at=d.get("truncated_at"),
             source=d.get("source", "none"),
+            streams=list(d.get("streams", [])),
         )
 
 
 def unlabelled_layout(n_keys: int, source: str = "none") -> TokenLayout:
     """A layout of ``n_keys`` positions without strings (``prompt_embeds`` passed, or zero embeddings)."""
     return TokenLayout(strings=[""] * n_keys, kinds=["unknown"] * n_keys, source=source)
+
+
+def concat_layouts(parts: list[tuple[str, TokenLayout]], n_keys: int) -> TokenLayout:
+    """One layout of several text encoders' positions in key order (SD3: CLIP's 77, then T5's), for the same text.
+
+    ``find_concept`` then finds each occurrence in every stream: one occurrence lists its positions in all of them.
+    The text counts as truncated only where every stream cut it (a word past CLIP's 77 tokens is still in T5's).
+    Positions past the streams (an encoder that was not run, e.g. SD3 without T5: zeros) are ``"unknown"``.
+
+    Args:
+        parts: ``(stream name, layout)`` in key order. n_keys: total key positions.
+    """
+    strings, kinds, offsets, streams, ids = [], [], [], [], []
+    for name, lay in parts:
+        strings += lay.strings
+        kinds += lay.kinds
+        offsets += lay.offsets or [None] * len(lay.strings)
+        streams += [name] * len(lay.strings)
+        ids = None if ids is None or lay.ids is None else ids + lay.ids
+    extra = n_keys - len(strings)
+    if extra > 0:
+        strings, kinds, offsets, streams = strings + [""] * extra, kinds + ["unknown"] * extra, offsets + [None] * extra, streams + [""] * extra
+        ids = None
+    texts = [lay.text for _, lay in parts if lay.text is not None]
+    cuts = [lay.truncated_at for _, lay in parts]
+    return TokenLayout(
+        strings=strings[:n_keys], kinds=kinds[:n_keys], ids=ids[:n_keys] if ids else None,
+        text=texts[0] if texts else None, offsets=offsets[:n_keys],
+        truncated_at=None if None in cuts or not cuts else max(cuts),
+        source=parts[0][1].source if parts else "none", streams=streams[:n_keys],
+    )
 
 
 def _readable(tokenizer, token: str) -> str:

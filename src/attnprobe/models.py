@@ -1,0 +1,94 @@
+"""Which pipelines a study can load: the offline tiny ones by name, else any hub id or local folder; the study's
+initial noise and default size for each.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+
+__all__ = ["TINY_MODELS", "load_pipeline"]
+
+#: Offline pipelines built from configs with seeded weights (``attnprobe.testing``).
+TINY_MODELS = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux", "tiny-pixart")
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(exc).__name__}: {line if len(line) <= limit else line[: limit - 1] + '…'}"
+
+
+def _check_model_name(model: str) -> None:
+    """A name that looks like a local path must exist (checked for every model before a study generates)."""
+    if model in TINY_MODELS:
+        return
+    looks_local = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 2)[-1]
+    if looks_local and not Path(model).expanduser().exists():
+        raise ModelLoadError(f"could not load model {model!r}: no such folder (and it is not a hub id)")
+
+
+def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None):
+    """A pipeline by name: ``"tiny"`` (SD 1.5 layout), ``"tiny-xl"`` (SDXL layout), ``"tiny-sd3"`` (SD3: joint
+    attention, CLIP + T5 keys) or ``"tiny-flux"`` (Flux: double- and single-stream blocks, T5 keys) or ``"tiny-pixart"`` (PixArt-α:
+    cross-attention to masked T5 keys) built offline,
+    else any hub id or local folder through ``DiffusionPipeline.from_pretrained``.
+
+    Raises:
+        ModelLoadError: the model could not be loaded (offline, unknown id, missing files), in one line.
+    """
+    from . import testing
+
+    if model in TINY_MODELS:
+        build = {"tiny": testing.tiny_sd_pipeline, "tiny-xl": testing.tiny_sdxl_pipeline,
+                 "tiny-sd3": testing.tiny_sd3_pipeline, "tiny-flux": testing.tiny_flux_pipeline,
+                 "tiny-pixart": testing.tiny_pixart_pipeline}[model]
+        return build(dtype=dtype or torch.float32).to(device)
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    _check_model_name(model)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its offline retries print several lines before the error
+    try:
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load model {model!r} ({_first_line(exc)}). Real checkpoints need their weights on this "
+            "machine (a local folder or the hub cache) or network access to the hub; offline, use --model tiny."
+        ) from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _default_size(pipe, model: str) -> int:
+    if model in TINY_MODELS:
+        return 64
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample = int(getattr(denoiser.config, "sample_size", 64))
+    return sample * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def _initial_latents(pipe, seed: int, size: int, copies: int, device, dtype) -> torch.Tensor:
+    channels = _denoiser(pipe).config.in_channels
+    packed = hasattr(pipe, "_pack_latents")  # Flux: 2×2 latent patches packed into tokens (in_channels = 4 × C)
+    channels = channels // 4 if packed else channels
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    g = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((1, channels, size // scale, size // scale), generator=g, dtype=torch.float32)
+    if packed:
+        noise = pipe._pack_latents(noise, 1, channels, size // scale, size // scale)
+    return noise.repeat(copies, *[1] * (noise.ndim - 1)).to(device=device, dtype=dtype)
+
+
+def _denoiser(pipe):
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
