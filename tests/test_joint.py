@@ -387,3 +387,56 @@ def test_compiled_flux_transformer_same_maps_and_no_recompile_after_warm_up(pipe
         torch._dynamo.reset()
     for site in eager.site_names:
         torch.testing.assert_close(compiled[site], eager[site], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ fixes from a breaking session
+
+
+def test_sd3_prompt_3_is_labelled_but_not_searched_with_prompts_offsets(pipes):
+    pipe = pipes["sd3"]
+    with pytest.warns(UserWarning, match="prompt_3 differs from prompt"):
+        with attnprobe.probe(pipe) as store:
+            generate(pipe, "sd3", prompt="a dog", prompt_3="the big dog")
+    assert store.tokens(0)[77:80] == ["the", "big", "dog"]
+    assert store.token_indices(0, "dog") == [[2]]  # the CLIP mention only: T5 read another text
+
+
+def test_flux_true_cfg_with_one_tensor_for_both_passes(pipes):
+    pipe = pipes["flux"]
+    embeds, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, max_sequence_length=T5_LEN)
+    options = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=embeds,
+                   negative_pooled_prompt_embeds=pooled, true_cfg_scale=2.0)
+    with attnprobe.probe(pipe, passes="cond") as cond, attnprobe.probe(pipe, passes="uncond") as uncond:
+        generate(pipe, "flux", prompt=None, **options)
+    assert [c.index for c in cond.calls] == [0, 2] and [c.index for c in uncond.calls] == [1, 3]
+
+
+def test_flux_bf16_timesteps_are_the_schedulers():
+    pipe = tiny_flux_pipeline(dtype=torch.bfloat16)
+    with attnprobe.probe(pipe, heads="mean", tokens=[0]) as store:
+        generate(pipe, "flux", steps=60, height=32, width=32)
+    assert [c.timestep for c in store.calls] == pipe.scheduler.timesteps.float().tolist()
+
+
+def test_exact_and_renorm_stores_are_not_compared(pipes):
+    pipe = pipes["sd3"]
+    with attnprobe.probe(pipe, joint="exact") as a:
+        generate(pipe, "sd3")
+    with attnprobe.probe(pipe, joint="renorm") as b:
+        generate(pipe, "sd3")
+    with pytest.raises(attnprobe.StoreError, match="joint maps: 'exact' vs 'renorm'"):
+        attnprobe.compare(a, b, "dog")
+
+
+def test_skip_layer_guidance_and_fusing_inside_the_probe_say_so(pipes):
+    with pytest.raises(ProbeError, match="skip_guidance_layers"):
+        with attnprobe.probe(pipes["sd3"]):
+            generate(pipes["sd3"], "sd3", steps=4, skip_guidance_layers=[0], skip_layer_guidance_start=0.0,
+                     skip_layer_guidance_stop=1.0)
+    flux = tiny_flux_pipeline()
+    before = processors(flux)
+    with pytest.raises(ProbeError, match="were changed during the probe"):
+        with attnprobe.probe(flux):
+            flux.transformer.fuse_qkv_projections()
+            generate(flux, "flux")
+    assert processors(flux) == before

@@ -168,6 +168,9 @@ def check_comparable(base: AttentionStore, other: AttentionStore) -> None:
         )
     if base.meta.get("latent_size") != other.meta.get("latent_size"):
         problems.append(f"latent sizes: {base.meta.get('latent_size')} vs {other.meta.get('latent_size')}")
+    joint = [(s.meta.get("capture") or {}).get("joint") for s in (base, other)]
+    if joint[0] != joint[1]:
+        problems.append(f"joint maps: {joint[0]!r} vs {joint[1]!r} (exact rows sum to the text share, renorm rows to 1)")
     if problems:
         raise StoreError("the stores cannot be compared: " + "; ".join(problems))
 

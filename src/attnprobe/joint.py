@@ -109,7 +109,11 @@ def joint_probs(
     for start in range(0, n, step):
         q = query[:, :, start:start + step]
         text = torch.matmul(q, text_t)                                  # [sample, head, chunk, T]
-        lse = torch.logaddexp(torch.matmul(q, image_t).logsumexp(-1), text.logsumexp(-1))  # over all N + T keys
+        image = torch.matmul(q, image_t)                                # [sample, head, chunk, N]
+        top = image.amax(-1, keepdim=True)
+        image_lse = image.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))  # in place: one chunk-sized tensor
+        lse = torch.logaddexp(image_lse, text.logsumexp(-1))           # over all N + T keys
+        del image
         torch.exp(text.sub_(lse.unsqueeze(-1)), out=out[:, :, start:start + step])
     return out, out.sum(-1).mean(-1)
 

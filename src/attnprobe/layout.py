@@ -58,13 +58,14 @@ class BatchLayout:
         loc = self._pipe_locals()
         if loc is None:
             return {}
-        prompt_2 = _as_list(loc.get("prompt_2"))
-        if prompt_2 is not None and prompt_2 != _as_list(loc.get("prompt")):
-            warnings.warn(
-                "prompt_2 differs from prompt: token labels follow the first tokenizer's prompt; the "
-                "second encoder's half of the conditioning came from prompt_2",
-                stacklevel=3,
-            )
+        for other in ("prompt_2", "prompt_3"):
+            texts = _as_list(loc.get(other))
+            if texts is not None and texts != _as_list(loc.get("prompt")):
+                warnings.warn(
+                    f"{other} differs from prompt: each text stream's positions are labelled from the ids it encoded; "
+                    "with several streams (SD3), concepts are looked up only in those that encoded prompt",
+                    stacklevel=3,
+                )
         true_cfg = "true_cfg_scale" in loc
         if true_cfg and "do_true_cfg" not in loc:  # read before the pipeline decided (during encode_prompt)
             negative = loc.get("negative_prompt") is not None or loc.get("negative_prompt_embeds") is not None
@@ -80,12 +81,19 @@ class BatchLayout:
 
     def _uncond_call(self, states) -> bool:
         """Whether this denoiser call is a separate unconditional call (Flux true CFG): the pipeline hands it its
-        ``negative_prompt_embeds``."""
+        ``negative_prompt_embeds``. When those are the very tensor of ``prompt_embeds`` (a caller may pass one
+        tensor for both), the call site tells: the pipeline makes the conditional call first, from its own line."""
         loc = self._pipe_locals()
-        return bool(loc and loc.get("do_true_cfg") and states is not None and states is loc.get("negative_prompt_embeds"))
+        if not (loc and loc.get("do_true_cfg") and states is not None):
+            return False
+        negative, positive = loc.get("negative_prompt_embeds"), loc.get("prompt_embeds")
+        if states is not positive or states is not negative:
+            return states is negative
+        return getattr(self, "_cond_line", None) is not None and self._pipe_line != self._cond_line
 
     def _pipe_locals(self) -> dict | None:
-        """The locals of the pipeline's ``__call__`` frame in progress, or ``None``."""
+        """The locals of the pipeline's ``__call__`` frame in progress, or ``None`` (its current line in
+        ``self._pipe_line``)."""
         frame = inspect.currentframe()
         try:
             for _ in range(200):
@@ -100,6 +108,7 @@ class BatchLayout:
                     self.streams = self._text_streams()
                     self.encoder, self.tokenizer = self.streams[0] if self.streams else (None, None)
                 if owner is not None and owner is self.pipe:
+                    self._pipe_line = frame.f_lineno
                     return frame.f_locals
         finally:
             del frame
@@ -164,6 +173,12 @@ class BatchLayout:
         separate = bool(given.get("separate_cfg"))
         cfg = self._guidance_on(given, batch)
         if cfg and batch % 2:
+            loc = self._pipe_locals() or {}
+            if loc.get("skip_guidance_layers"):
+                raise ProbeError(
+                    f"skip-layer guidance (skip_guidance_layers={loc['skip_guidance_layers']}) runs extra denoiser "
+                    "calls that skip blocks, which attnprobe does not label: run without skip_guidance_layers"
+                )
             raise ProbeError(f"classifier-free guidance is on but the denoiser batch has an odd size {batch}")
         if separate and self.passes == "all":
             raise ProbeError(

@@ -61,6 +61,8 @@ class _Recorder(BatchLayout):
         self.device = torch.device(device)
         self.caller_prompts = _as_list(prompts)
         self.modules = {s.name: denoiser.get_submodule(s.name) for s in sites}
+        # projections fused or not when the probe opened (fusing keeps Flux's processor, so check this too)
+        self._fused = {name: bool(getattr(attn, "fused_projections", False)) for name, attn in self.modules.items()}
         self.all_sites = [s.name for s in all_sites] or list(self.modules)
         self.known = {s.name: s.order for s in all_sites}
         self.known_order = bool(self.known) and None not in self.known.values()  # seen by an earlier probe
@@ -188,10 +190,11 @@ class _Recorder(BatchLayout):
 
     def _check_intact(self) -> None:
         for name, attn in self.modules.items():
-            if not any(p is self.wrappers[name] for p in self._chain(attn.processor)):
+            if (not any(p is self.wrappers[name] for p in self._chain(attn.processor))
+                    or bool(getattr(attn, "fused_projections", False)) != self._fused[name]):
                 raise ProbeError(
-                    f"the processor of site {name} was replaced during the probe by "
-                    f"{type(attn.processor).__name__} (attention slicing, fuse_qkv_projections, "
+                    f"the processor or projections of site {name} were changed during the probe (now "
+                    f"{type(attn.processor).__name__}; attention slicing, fuse_qkv_projections, "
                     "set_default_attn_processor, xformers or a LoRA/adapter load do this). Enable such options "
                     "before opening the probe, not inside it. "
                     + (f"The store holds calls 0..{self.call} only." if self.call >= 0 else "The store holds no call.")
@@ -243,6 +246,9 @@ class _Recorder(BatchLayout):
             self.given = None
         if self.calls_in_generation == 0:
             self.generation += 1
+            self._pipe_line = None
+            self._pipe_locals()  # the pipeline line of a generation's first call: a conditional one (true CFG)
+            self._cond_line = self._pipe_line
             self._set_layout(int(sample.shape[0]), int(states.shape[1]) if isinstance(states, torch.Tensor) else 0, hw)
             mask = kwargs.get("encoder_attention_mask")  # PixArt: the T5 padding mask (1 = attended)
             if isinstance(mask, torch.Tensor) and self.generation == 0:
@@ -301,7 +307,15 @@ class _Recorder(BatchLayout):
             if self._timesteps is None or self._timesteps[0] is not table:
                 self._timesteps = (table, table.float().tolist())
             # Flux pipelines hand the denoiser timestep / 1000 (rounded to the model's dtype): record the
-            # scheduler's entry it stands for
+            # scheduler's entry it stands for — the current step's when it matches (bf16 rounding can land nearer
+            # a neighbouring entry), else the nearest one
+            scheduler = self.pipe.scheduler
+            index = getattr(scheduler, "step_index", None)
+            index = index if index is not None else (getattr(scheduler, "begin_index", None) or 0)
+            if 0 <= index < len(self._timesteps[1]):
+                current = self._timesteps[1][index]
+                if abs(current - value * 1000) <= 0.01 * max(abs(current), 1.0):
+                    return current
             nearest = min(self._timesteps[1], key=lambda entry: abs(entry - value * 1000))
             if abs(nearest - value * 1000) <= 0.01 * max(abs(nearest), 1.0):
                 return nearest

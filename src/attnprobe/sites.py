@@ -191,7 +191,7 @@ def select_sites(sites: list[Site], selector: SiteSelector) -> list[Site]:
             shown = "\n  ".join(s.name for s in sites[:40])
             more = f"\n  … and {len(sites) - 40} more" if len(sites) > 40 else ""
             raise UnknownSiteError(
-                f"site pattern {pattern!r} matches none of the {len(sites)} cross-attention sites:\n  {shown}{more}"
+                f"site pattern {pattern!r} matches none of the {len(sites)} sites:\n  {shown}{more}"
             )
         keep |= hits
     return [s for s in sites if s.name in keep]

@@ -306,7 +306,7 @@ class AttentionStore:
         """The mean text share of a joint-attention site: ``[call, sample, head]`` float32, for each image position
         the probability mass its softmax over ``[image; text]`` keys gives the text keys (0–1), averaged over image
         positions (``head`` of length 1 with ``heads="mean"``). Recorded with ``probe(joint="exact")``; with every
-        token kept it equals ``store[site].sum(-1).mean((-2, -1))``.
+        token kept (and no ``aggregate``: the share keeps every call) it equals ``store[site].sum(-1).mean((-2, -1))``.
 
         Raises:
             UnknownSiteError: not a site of the store. StoreError: a cross-attention site (all its mass is on text),

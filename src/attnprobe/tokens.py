@@ -81,7 +81,8 @@ def unlabelled_layout(n_keys: int, source: str = "none") -> TokenLayout:
 def concat_layouts(parts: list[tuple[str, TokenLayout]], n_keys: int) -> TokenLayout:
     """One layout of several text encoders' positions in key order (SD3: CLIP's 77, then T5's), for the same text.
 
-    ``find_concept`` then finds each occurrence in every stream: one occurrence lists its positions in all of them.
+    ``find_concept`` then finds each occurrence in every stream: one occurrence lists its positions in all of them;
+    a stream that encoded another text (``prompt_3``) keeps its labels but is not searched.
     The text counts as truncated only where every stream cut it (a word past CLIP's 77 tokens is still in T5's).
     Positions past the streams (an encoder that was not run, e.g. SD3 without T5: zeros) are ``"unknown"``.
 
@@ -89,10 +90,14 @@ def concat_layouts(parts: list[tuple[str, TokenLayout]], n_keys: int) -> TokenLa
         parts: ``(stream name, layout)`` in key order. n_keys: total key positions.
     """
     strings, kinds, offsets, streams, ids = [], [], [], [], []
+    base = next((lay.text for _, lay in parts if lay.text is not None), None)
     for name, lay in parts:
         strings += lay.strings
         kinds += lay.kinds
-        offsets += lay.offsets or [None] * len(lay.strings)
+        # a stream that read another text (SD3's prompt_3) keeps its labels, but its offsets point into that text:
+        # concepts are found only in the streams that read the first text
+        same = lay.text == base
+        offsets += (lay.offsets if same else None) or [None] * len(lay.strings)
         streams += [name] * len(lay.strings)
         ids = None if ids is None or lay.ids is None else ids + lay.ids
     extra = n_keys - len(strings)
@@ -214,9 +219,11 @@ def find_concept(layout: TokenLayout, concept: str, where: str = "the prompt") -
     for match in pattern.finditer(layout.text):
         start, end = match.span()
         if layout.truncated_at is not None and end > layout.truncated_at:
+            streams = list(dict.fromkeys(s for s in layout.streams if s))
+            over = f" over {' + '.join(streams)}" if len(streams) > 1 else ""
             raise ConceptError(
                 f"concept {concept!r} (occurrence {len(found) + 1}, characters {start}-{end}) in {where} lies past "
-                f"the tokenizer's maximum length of {len(layout.strings)} tokens: the text encoder never saw it. "
+                f"the maximum length ({len(layout.strings)} token positions{over}): the text encoder never saw it. "
                 f"The kept text ends at character {layout.truncated_at}: {layout.text[: layout.truncated_at]!r}"
             )
         positions = [
