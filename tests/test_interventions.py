@@ -301,11 +301,18 @@ def test_negative_prompt_and_sld_rows(sd_pipe):
     with probe(sd_pipe, dtype=torch.float32) as plain:
         gen(sd_pipe, num_inference_steps=3)
     with intervene(sd_pipe, SafeLatentDiffusion(), PROMPT, concept=CONCEPT) as run:
-        with probe(run.pipe, dtype=torch.float32) as sld:
+        with probe(run.pipe, passes="all", dtype=torch.float32) as sld:
             gen(run, num_inference_steps=3)
     assert type(run.pipe).__name__ == "StableDiffusionPipelineSafe" and run.pipe.unet is sd_pipe.unet
     cond = run.conditional_sample(sld)
-    assert [s.row for s in sld.samples] == [0, 1, 2] and cond == 1
+    # the batch [uncond, cond, safety concept] is labelled pass by pass, each with the text it encoded
+    assert [(s.row, s.pass_label, s.text) for s in sld.samples] == [(0, "uncond", ""), (1, "cond", PROMPT),
+                                                                    (2, "safety", CONCEPT)]
+    assert cond == 1 and sld.token_indices(cond, CONCEPT) == plain.token_indices(0, CONCEPT)
+    with intervene(sd_pipe, SafeLatentDiffusion(), PROMPT, concept=CONCEPT) as run:
+        with probe(run.pipe, dtype=torch.float32) as cond_only:  # passes="cond": the conditional row only
+            gen(run, num_inference_steps=3)
+    assert [s.row for s in cond_only.samples] == [1] and run.conditional_sample(cond_only) == 0
     # call 0 has the same latents: the cond row's maps match the plain run's; the uncond row's do not
     assert (sld[FIRST][0, cond] - plain[FIRST][0, 0]).abs().max() < 1e-5
     assert (sld[FIRST][0, 0] - plain[FIRST][0, 0]).abs().max() > 1e-3

@@ -38,7 +38,8 @@ class BatchLayout:
         """Whether the batch holds both passes of classifier-free guidance (``[uncond × N, cond × N]``); ``False``
         for pipelines that run the unconditional pass as separate denoiser calls (Flux's true CFG). Without a
         ``do_classifier_free_guidance`` property, the call's ``guidance_scale`` decides, for batches that split in
-        two (PixArt; not SLD's ``[uncond, cond, safety]``, whose rows stay unlabelled as conditional)."""
+        two (PixArt; not SLD's ``[uncond, cond, safety]``, which ``_set_layout`` labels from the pipeline's
+        ``enable_safety_guidance``)."""
         if self.pipe is None or (given or {}).get("separate_cfg") is not None:
             return False
         try:
@@ -140,14 +141,21 @@ class BatchLayout:
                 return TokenLayout(strings=strings, kinds=["unknown"] * n_keys, ids=ids, source="ids")
         return unlabelled_layout(n_keys, source="none")
 
-    def _stream_ids(self, given: dict, negative: bool) -> tuple[list, list]:
-        """Per text stream, the token ids of the prompt and of the negative prompt (``None`` where not encoded)."""
+    def _last_encodes(self, count: int) -> list:
+        """Per text stream, the ids of the last of ``count`` encodes (``None`` where fewer were seen)."""
+        return [list(encoded)[-1] if len(encoded) >= count else None for encoded in self.encoded_streams]
+
+    def _stream_ids(self, given: dict, negative: bool, extra: int = 0) -> tuple[list, list]:
+        """Per text stream, the token ids of the prompt and of the negative prompt (``None`` where not encoded);
+        ``extra``: encodes that follow them (SLD's safety concept)."""
         # diffusers encodes the prompt, then the negative prompt, skipping whichever came as embeddings
         # the last encodes are this call's (a failed call with the same arguments may have left its own before)
         expected = int(not given.get("prompt_embeds")) + int(bool(negative and not given.get("negative_prompt_embeds")))
+        expected += extra
         conds, unconds = [], []
         for encoded in self.encoded_streams:
             encoded = list(encoded)[-expected:] if expected else []
+            encoded = encoded[: len(encoded) - extra] if extra else encoded
             conds.append(None if given.get("prompt_embeds") else (encoded.pop(0) if encoded else None))
             unconds.append(encoded.pop(0) if negative and encoded and not given.get("negative_prompt_embeds") else None)
         return conds, unconds
@@ -186,11 +194,16 @@ class BatchLayout:
                 "true_cfg_scale > 1 with a negative prompt), so one store cannot hold both passes as rows of the same "
                 "calls. Open two probes, one inside the other: probe(pipe, passes='cond') and probe(pipe, passes='uncond')."
             )
-        n = batch // 2 if cfg else batch
-        labels = ["uncond"] * n + ["cond"] * n if cfg else ["cond"] * batch
+        # Safe Latent Diffusion batches [uncond × N, cond × N, safety concept × N] and encodes them in that order
+        sld = batch % 3 == 0 and bool((self._pipe_locals() or {}).get("enable_safety_guidance"))
+        n = batch // 3 if sld else batch // 2 if cfg else batch
+        labels = ["uncond"] * n + ["cond"] * n if cfg or sld else ["cond"] * batch
+        labels += ["safety"] * n if sld else []
         if separate and self.passes == "uncond":
             labels = ["uncond"] * batch  # the rows of the separate unconditional calls the store keeps
-        cond_ids, uncond_ids = self._stream_ids(given, cfg or separate)
+        cond_ids, uncond_ids = self._stream_ids(given, cfg or separate or sld, extra=int(sld))
+        safety_ids = self._last_encodes(1) if sld else []
+        safety_text = getattr(self.pipe, "safety_concept", None) if sld else None
         zeros = bool(
             cfg and given and not given["negative_prompt_embeds"] and given["negative_prompt"] is None
             and getattr(getattr(self.pipe, "config", None), "force_zeros_for_empty_prompt", False)
@@ -229,10 +242,15 @@ class BatchLayout:
         samples, sample_layouts = [], []
         for row in keep:
             label = labels[row]
-            j = row - n if (cfg and label == "cond") else row
+            j = row - n if ((cfg or sld) and label == "cond") else row - 2 * n if label == "safety" else row
             # (rows of a separate unconditional call are numbered like the conditional call's)
             prompt_index, image_index = divmod(j, per_prompt)
-            if (label, prompt_index) not in layouts:
+            if label == "safety":  # one safety concept for every prompt, encoded once
+                prompt_index = 0
+                if (label, 0) not in layouts:
+                    ids = [i if i is not None and i.shape[0] == 1 else None for i in safety_ids]
+                    layouts[(label, 0)] = self._stream_layout(safety_text, ids, 0, n_keys, "prompt")
+            elif (label, prompt_index) not in layouts:
                 texts, ids = (cond_texts, cond_ids) if label == "cond" else (neg_texts, uncond_ids)
                 text = texts[prompt_index] if texts is not None else None
                 source = "caller" if (label == "cond" and self.caller_prompts) else "prompt"
