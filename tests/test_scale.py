@@ -71,7 +71,7 @@ def test_two_processes_merge_to_the_one_process_outputs(reference, tmp_path):
     ids = [set(json.loads((out / "manifest" / m).read_text())["cells"]) for m in manifests]
     assert ids[0] and ids[1] and not ids[0] & ids[1]  # whole cells, each done once
     assert "[process 1/2]" in done.stderr and "[process 2/2]" in done.stderr
-    assert "4 generations done (0 skipped" in done.stdout and done.stdout.count("attnprobe study:") == 1
+    assert "4 generations done (0 of them skipped" in done.stdout and done.stdout.count("attnprobe study:") == 1
 
 
 def test_a_killed_run_resumes_to_the_same_outputs(reference, tmp_path):
@@ -95,7 +95,7 @@ def test_a_killed_run_resumes_to_the_same_outputs(reference, tmp_path):
     finished = len(json.loads(manifest.read_text())["cells"])
     assert 2 <= finished < 6 and not (tmp_path / "out" / "auc.csv").exists()
     done = run(sys.executable, "-m", "attnprobe", "study", "--config", str(config), "--no-progress")
-    assert f"4 generations done ({min(finished, 4)} skipped: finished by an earlier run), 0 failed" in done.stdout
+    assert f"4 generations done ({min(finished, 4)} of them skipped: finished by an earlier run), 0 failed" in done.stdout
     same_tables(reference, tmp_path / "out")
 
 
@@ -170,7 +170,7 @@ def test_a_folder_with_other_settings_is_not_resumed_unless_restarted(tmp_path, 
     assert cli.main([*args, "--steps", "3"]) == 2
     assert "holds a study with other settings (steps: 2 there, 3 now)" in capsys.readouterr().err
     assert cli.main([*args, "--steps", "3", "--restart"]) == 0
-    assert "1 generation done (0 skipped" in capsys.readouterr().out
+    assert "1 generation done (0 of them skipped" in capsys.readouterr().out
     assert {r.split(",")[5] for r in (tmp_path / "trajectories.csv").read_text().splitlines()[1:]} == {"0", "1", "2"}
 
 

@@ -103,7 +103,7 @@ def test_cli_runs_the_main_job(tmp_path, capsys):
                      "--seeds", "3", "--steps", "2", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "instruction" in printed and "1 generation done (0 skipped: finished by an earlier run), 0 failed" in printed
+    assert "instruction" in printed and "1 generation done (0 of them skipped: finished by an earlier run), 0 failed" in printed
     assert (tmp_path / "delta_auc.png").exists()
 
 

@@ -142,9 +142,9 @@ def write_figures(result, out: Path, figures: dict) -> list[Path]:
         files.append(_save_figure(plot_text_similarity(result.text), out / "text_similarity.png"))
     return files
 def done_line(done: int, skipped: int, failed: int) -> str:
-    """``N generations done (S skipped: finished by an earlier run), F failed.``"""
-    return (f"{done} generation{'s' if done != 1 else ''} done ({skipped} skipped: finished by an earlier run), "
-            f"{failed} failed.")
+    """``N generations done (S of them skipped: finished by an earlier run), F failed.``"""
+    return (f"{done} generation{'s' if done != 1 else ''} done ({skipped} of them skipped: finished by an earlier "
+            f"run), {failed} failed.")
 
 
 def format_summary(result, **settings) -> str:
@@ -185,7 +185,8 @@ def format_summary(result, **settings) -> str:
         "  and sites) over the denoising, 0-1, for the requested mention: the last one (in the default variants,",
         "  the one in 'a picture of {c}').",
         "Δ AUC, requested mention: the question of the study; < 0 means the variant lowers attention to the concept.",
-        "Δ AUC, all mentions: every mention summed; a variant that names the concept twice is > 0 by construction.",
+        "Δ AUC, all mentions: every mention summed; a variant that names the concept twice is > 0 by construction",
+        "  (with CLIP's unmasked padding; PixArt masks its padding, so there a longer prompt lowers every token).",
         "text cos: cosine of the requested mention's conditioning vector to the baseline's (1 = unchanged); Δ vs rep:",
         "  minus the repetition control's (< 0: the variant moves the concept more than naming it twice does).",
     ]
