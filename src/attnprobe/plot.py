@@ -6,6 +6,7 @@ Every function returns a ``matplotlib.figure.Figure`` (saved by the caller); not
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -55,13 +56,14 @@ def plot_trajectories(
         title: the figure title.
 
     Returns:
-        The figure (panels share the y axis).
+        The figure (each panel has its own y axis: variants are compared within a concept, and a two-token concept
+        sits near twice a one-token one's level).
     """
     plt = _plt()
     concepts = list(trajectories)
     cols = min(5, max(1, len(concepts)))
     rows = math.ceil(len(concepts) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.flat[len(concepts):]:
         ax.set_visible(False)
     colours = _colours(v for c in concepts for v in trajectories[c])
@@ -127,7 +129,7 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(np.arange(len(concepts)), concepts, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("Δ AUC vs baseline", fontsize=8)
-        ax.set_title(f"Δ attention, {title} (mean over seeds, 95% CI)", fontsize=9)
+        ax.set_title(textwrap.fill(f"Δ attention, {title} (mean over seeds, 95% CI)", 90), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=8, frameon=False)
     fig.tight_layout()
