@@ -117,6 +117,11 @@ def load_config(path) -> dict:
 
 
 def check_models(model) -> list[str]:
+    """The study's models as a list of names (one name or a list).
+
+    Raises:
+        ValueError: no model, a blank name, or a name given twice.
+    """
     models = [model] if isinstance(model, (str, os.PathLike)) else list(model or [])
     models = [str(m) for m in models]
     if not models or any(not m.strip() for m in models):
@@ -132,6 +137,11 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The pipeline's dtype: a torch dtype or a name of ``DTYPES``; ``None``: fp16 on CUDA, fp32 elsewhere.
+
+    Raises:
+        ValueError: a name not in ``DTYPES``.
+    """
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
@@ -239,6 +249,13 @@ def is_study_folder(out: Path) -> bool:
 
 
 def check_grid(concepts, seeds, steps, guidance, size) -> None:
+    """Refuse a grid that cannot run, before anything is loaded.
+
+    Raises:
+        ValueError: no concept or seed; a blank concept; a concept or seed given twice (a repeated seed fakes a
+            narrower interval); a seed outside 0 … 2**63 − 1; steps < 1; guidance not finite or < 0; a size (pixels)
+            that is not a positive multiple of 8.
+    """
     if not concepts or not seeds:
         raise ValueError(f"need at least one concept and one seed; got concepts={concepts}, seeds={seeds}")
     if any(not isinstance(c, str) or not c.strip() for c in concepts):

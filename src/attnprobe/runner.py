@@ -73,6 +73,7 @@ def grid(models, concepts, seeds) -> list[Cell]:
 
 
 def shard_path(out: Path, cell: Cell) -> Path:
+    """Where a cell's shard lives: ``out/cells/<model>/<concept>/<seed N or text>.safetensors``."""
     return Path(out) / "cells" / f"{cell.id}.safetensors"
 
 
