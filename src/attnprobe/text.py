@@ -446,7 +446,7 @@ def similarity_rows(pipe, concept: str, prompts: dict[str, str], baseline: str =
         seq_mean_cos, delta_vs_repetition, delta_last_vs_repetition}``; ``encoder="conditioning"`` (``layer=-1``)
         is what the denoiser gets, and its ``eos_cos`` is the pooled projection's cosine (SDXL; NaN without one).
         ``delta_vs_repetition`` = ``concept_cos`` (mean over mentions) − the control's;
-        ``delta_last_vs_repetition`` = the same for the last mention (NaN without a control).
+        ``delta_last_vs_repetition`` = the same for the last mention (NaN without a control, and for the baseline).
 
     Raises:
         ConceptError: the concept is missing from a prompt. KeyError: no baseline prompt.
@@ -467,7 +467,8 @@ def similarity_rows(pipe, concept: str, prompts: dict[str, str], baseline: str =
                          eos_cos=cmp.pooled_cos, seq_flat_cos=cmp.seq_flat_cos, seq_mean_cos=cmp.seq_mean_cos))
     control = {(r["encoder"], r["layer"]): r for r in rows if r["variant"] == control}
     for r in rows:
-        c = control.get((r["encoder"], r["layer"]), {})
+        # the baseline is the reference of every cosine (1 against itself): it has no Δ against the control
+        c = {} if r["variant"] == baseline else control.get((r["encoder"], r["layer"]), {})
         r["delta_vs_repetition"] = r["concept_cos"] - c.get("concept_cos", float("nan"))
         r["delta_last_vs_repetition"] = r["concept_cos_last"] - c.get("concept_cos_last", float("nan"))
     return rows
