@@ -301,14 +301,17 @@ def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | N
         for row in record["rows"]:
             curve = [r["mass_last"] for r in record["trajectories"] if r["variant"] == row]
             fig["curves"].setdefault(cell.concept, {}).setdefault(row, []).append(np.asarray(curve, dtype=np.float64))
-        if cell.concept not in fig["maps"]:  # the concept's first finished seed
+        shown = fig.setdefault("shown", set())
+        if cell.concept not in shown:  # the concept's first finished seed, named on its row of the figure
             from PIL import Image
 
+            shown.add(cell.concept)
+            label = f"{cell.concept} (seed {cell.seed})"
             for k, row in enumerate(record["rows"]):
                 if f"map.{k}" in tensors:
-                    fig["maps"].setdefault(cell.concept, {})[row] = tensors[f"map.{k}"].numpy()
+                    fig["maps"].setdefault(label, {})[row] = tensors[f"map.{k}"].numpy()
                 if f"image.{k}" in tensors:
-                    fig["images"].setdefault(cell.concept, {})[row] = Image.fromarray(tensors[f"image.{k}"].numpy())
+                    fig["images"].setdefault(label, {})[row] = Image.fromarray(tensors[f"image.{k}"].numpy())
     return figures
 
 
