@@ -55,7 +55,8 @@ class BatchLayout:
         """What the pipeline call in progress was given, read from its ``__call__`` frame (empty if not found):
         ``prompt`` and ``negative_prompt`` (lists of texts or None), whether ``prompt_embeds`` and
         ``negative_prompt_embeds`` were passed, and ``separate_cfg``: ``None`` for pipelines that batch the passes,
-        else whether the unconditional pass runs as separate denoiser calls (Flux's ``do_true_cfg``)."""
+        else whether the unconditional pass runs as separate denoiser calls (Flux's ``do_true_cfg``), and
+        ``safety_pass``: whether Safe Latent Diffusion adds a safety-concept pass (``enable_safety_guidance``)."""
         loc = self._pipe_locals()
         if loc is None:
             return {}
@@ -78,6 +79,7 @@ class BatchLayout:
             "negative_prompt_embeds": loc.get("negative_prompt_embeds") is not None,
             "separate_cfg": bool(loc["do_true_cfg"]) if true_cfg else None,
             "guidance_scale": loc.get("guidance_scale") if isinstance(loc.get("guidance_scale"), (int, float)) else None,
+            "safety_pass": bool(loc.get("enable_safety_guidance")),  # SLD: [uncond, cond, safety concept] rows
         }
 
     def _uncond_call(self, states) -> bool:
@@ -195,7 +197,7 @@ class BatchLayout:
                 "calls. Open two probes, one inside the other: probe(pipe, passes='cond') and probe(pipe, passes='uncond')."
             )
         # Safe Latent Diffusion batches [uncond × N, cond × N, safety concept × N] and encodes them in that order
-        sld = batch % 3 == 0 and bool((self._pipe_locals() or {}).get("enable_safety_guidance"))
+        sld = batch % 3 == 0 and bool(given.get("safety_pass"))
         n = batch // 3 if sld else batch // 2 if cfg else batch
         labels = ["uncond"] * n + ["cond"] * n if cfg or sld else ["cond"] * batch
         labels += ["safety"] * n if sld else []
