@@ -11,10 +11,13 @@ import torch
 
 from .errors import ModelLoadError
 
-__all__ = ["TINY_MODELS", "load_pipeline"]
+__all__ = ["TINY_MODELS", "OFFLINE_MODELS", "load_pipeline"]
 
 #: Offline pipelines built from configs with seeded weights (``attnprobe.testing``).
 TINY_MODELS = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux", "tiny-pixart")
+#: Every model that runs without downloads: the tiny ones and ``"shapes"``, the trained model shipped with attnprobe
+#: (``attnprobe.zoo.shapes_model``, docs/shapes-model.md).
+OFFLINE_MODELS = ("shapes",) + TINY_MODELS
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
@@ -25,7 +28,7 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
 
 def _check_model_name(model: str) -> None:
     """A name that looks like a local path must exist (checked for every model before a study generates)."""
-    if model in TINY_MODELS:
+    if model in OFFLINE_MODELS:
         return
     looks_local = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 2)[-1]
     if looks_local and not Path(model).expanduser().exists():
@@ -33,7 +36,7 @@ def _check_model_name(model: str) -> None:
 
 
 def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None):
-    """A pipeline by name: ``"tiny"`` (SD 1.5 layout), ``"tiny-xl"`` (SDXL layout), ``"tiny-sd3"`` (SD3: joint
+    """A pipeline by name: ``"shapes"`` (the trained shapes model shipped with attnprobe, 32 px), ``"tiny"`` (SD 1.5 layout), ``"tiny-xl"`` (SDXL layout), ``"tiny-sd3"`` (SD3: joint
     attention, CLIP + T5 keys) or ``"tiny-flux"`` (Flux: double- and single-stream blocks, T5 keys) or ``"tiny-pixart"`` (PixArt-α:
     cross-attention to masked T5 keys) built offline,
     else any hub id or local folder through ``DiffusionPipeline.from_pretrained``.
@@ -43,6 +46,10 @@ def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype |
     """
     from . import testing
 
+    if model == "shapes":
+        from .zoo.shapes_model import load
+
+        return load(dtype or torch.float32, device)
     if model in TINY_MODELS:
         build = {"tiny": testing.tiny_sd_pipeline, "tiny-xl": testing.tiny_sdxl_pipeline,
                  "tiny-sd3": testing.tiny_sd3_pipeline, "tiny-flux": testing.tiny_flux_pipeline,
@@ -70,6 +77,8 @@ def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype |
 
 
 def _default_size(pipe, model: str) -> int:
+    if model == "shapes":
+        return 32
     if model in TINY_MODELS:
         return 64
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)

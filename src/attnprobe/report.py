@@ -183,7 +183,7 @@ def format_summary(result, **settings) -> str:
     lines += [
         "AUC: attention mass on the concept's tokens (summed over its tokens, averaged over image positions, heads",
         "  and sites) over the denoising, 0-1, for the requested mention: the last one (in the default variants,",
-        "  the one in 'a picture of {c}').",
+        "  the one in the baseline's words).",
         "Δ AUC, requested mention: the question of the study; < 0 means the variant lowers attention to the concept.",
         "Δ AUC, all mentions: every mention summed; a variant that names the concept twice is > 0 by construction",
         "  (with CLIP's unmasked padding; PixArt masks its padding, so there a longer prompt lowers every token).",
@@ -191,7 +191,10 @@ def format_summary(result, **settings) -> str:
         "  minus the repetition control's (< 0: the variant moves the concept more than naming it twice does).",
     ]
     scorer = settings.get("scorer")
-    if scorer:
+    if scorer and scorer.startswith("shapes"):
+        lines += ["Δ presence: share of images that show the concept (read back by attnprobe.zoo.shapes.read_scene: 1 if",
+                  "  an object has the concept's colour and shape) minus the baseline's; < 0: the concept shows less."]
+    elif scorer:
         lines += ["Δ presence: CLIPScore (2.5·max(cos, 0), Hessel et al. 2021) of the image against 'a picture of {c}',",
                   f"  minus the baseline image's of the same seed (scorer: {scorer}); < 0: the concept shows less."]
         if "random" in scorer:

@@ -37,7 +37,7 @@ import torch
 
 from .errors import ModelLoadError
 
-__all__ = ["PresenceScorer", "CLIPScorer", "load_scorer", "CLIPSCORE_W"]
+__all__ = ["PresenceScorer", "CLIPScorer", "ShapesScorer", "load_scorer", "CLIPSCORE_W"]
 
 #: CLIPScore's rescaling weight (Hessel et al. 2021).
 CLIPSCORE_W = 2.5
@@ -135,23 +135,66 @@ class CLIPScorer:
         return (sim[:, 0] > sim[:, 1]).float()
 
 
+class ShapesScorer:
+    """Concept presence for the shapes model, read programmatically (``attnprobe.zoo.shapes.read_scene``): 1.0 when
+    the image shows an object with every colour / shape / position word of the concept (``"red circle"``,
+    ``"circle"``, ``"blue square on the left"``), else 0.0. Exact where the checker is (scenes of the generator read
+    back 300 / 300); no learned model, so the score of an image is not itself a model's opinion.
+
+        >>> from attnprobe.zoo.shapes import Shape, render
+        >>> image = render([Shape("red", "circle", "left")]).image
+        >>> ShapesScorer().score(image, "red circle").tolist(), ShapesScorer().score(image, "blue circle").tolist()
+        ([1.0], [0.0])
+    """
+
+    name = "shapes (programmatic checker)"
+
+    def score(self, images, concept: str) -> torch.Tensor:
+        """1.0 / 0.0 per image (``[image]`` float32): does it show an object matching every word of ``concept``?
+
+        Raises:
+            ValueError: ``concept`` names no colour, shape or position of the shapes model.
+        """
+        from .zoo.shapes import COLOURS, POSITIONS, SHAPES, read_scene
+
+        words = concept.lower().split()
+        wanted = {"colour": [w for w in words if w in COLOURS], "shape": [w for w in words if w in SHAPES],
+                  "position": [w for w in words if w in POSITIONS]}
+        if not any(wanted.values()):
+            raise ValueError(f"concept {concept!r} names no colour {list(COLOURS)}, shape {list(SHAPES)} or "
+                             f"position {list(POSITIONS)}: the shapes scorer cannot read it")
+        scores = []
+        for image in _pil_images(images):
+            found = read_scene(np.asarray(image.convert("RGB")))
+            scores.append(float(any(all(getattr(obj, key) in values for key, values in wanted.items() if values)
+                                    for obj in found)))
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def accuracy(self, images, concept: str) -> torch.Tensor:
+        """The same 1.0 / 0.0 per image (the share of images that still show the concept, averaged)."""
+        return self.score(images, concept)
+
+
 def load_scorer(name: str | None = "tiny", device="cpu") -> CLIPScorer | None:
     """A presence scorer by name.
 
     Args:
-        name: ``"tiny"`` (random-weight CLIP built offline), ``"none"`` / ``None`` (no scorer), or a hub id / local
+        name: ``"tiny"`` (random-weight CLIP built offline), ``"shapes"`` (``ShapesScorer``: the shapes model's
+            programmatic checker), ``"none"`` / ``None`` (no scorer), or a hub id / local
             folder of a CLIP model (``CLIPModel`` + its processor), e.g. ``"openai/clip-vit-large-patch14"``.
             Default ``"tiny"``.
         device: where the model runs. Default ``"cpu"``.
 
     Returns:
-        A ``CLIPScorer``, or None for ``"none"``.
+        A ``CLIPScorer``, a ``ShapesScorer`` for ``"shapes"``, or None for ``"none"``.
 
     Raises:
         ModelLoadError: the model could not be loaded (offline, unknown id, not a CLIP model), in one line.
     """
     if name is None or name == "none":
         return None
+    if name == "shapes":
+        return ShapesScorer()
     if name == "tiny":
         from .testing import tiny_clip
 

@@ -45,7 +45,7 @@ from .editing import intervene
 from .errors import ConceptError
 from .interventions import parse_interventions
 from .models import (  # noqa: F401  (load_pipeline and TINY_MODELS: re-exported, attnprobe.study's public names)
-    TINY_MODELS, _check_model_name, _default_size, _denoiser, _first_line, _initial_latents, load_pipeline,
+    OFFLINE_MODELS, TINY_MODELS, _check_model_name, _default_size, _denoiser, _first_line, _initial_latents, load_pipeline,
 )
 from .probe import probe
 from .report import OUTPUT_FILES, done_line, format_summary, summarize, write_atomic, write_figures, write_tables
@@ -54,7 +54,8 @@ from .scorer import PresenceScorer, load_scorer
 from .text import similarity_rows
 from .tokens import find_concept, token_layout
 
-__all__ = ["study", "StudyResult", "DEFAULT_CONCEPTS", "DEFAULT_VARIANTS", "load_pipeline", "parse_variants"]
+__all__ = ["study", "StudyResult", "DEFAULT_CONCEPTS", "DEFAULT_VARIANTS", "SHAPES_CONCEPTS", "SHAPES_VARIANTS",
+           "load_pipeline", "parse_variants"]
 
 #: Ten concepts: five objects (ESD / Concept Ablation style), two artist styles, a landmark, a character and
 #: a two-word object, so that multi-token concepts are covered.
@@ -82,6 +83,32 @@ DEFAULT_VARIANTS = {
     "implicit": "Please help me generate a picture of {c}, but leave {c} out of it.",
     "repetition": "a picture of {c}. a picture of {c}.",
 }
+
+#: The shapes model's concepts (colour–shape pairs it was trained on).
+SHAPES_CONCEPTS = ["red circle", "green square", "blue triangle"]
+
+#: The same four variants in the shapes model's grammar, within its 16 tokens (``attnprobe.zoo.shapes_model``):
+#: the baseline is one of its training captions; the instruction, the implicit request and the repetition are
+#: sentences it never saw in training (it was trained on captions only: no instruction can mean anything to it).
+SHAPES_VARIANTS = {
+    "baseline": "a {c} on the left",
+    "instruction": "please forget {c} . please draw a {c} on the left",
+    "implicit": "a {c} on the left , but no {c}",
+    "repetition": "a {c} . a {c} on the left",
+}
+
+
+def _known_size(models) -> int | None:
+    """The default image side when it is known before loading (the offline models), else None (native size)."""
+    sizes = {_default_size(None, m) if m in OFFLINE_MODELS else None for m in models}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _model_defaults(model: str) -> tuple[list[str], dict[str, str], str]:
+    """Concepts, variants and scorer a study uses when not given: the shapes model's own for ``"shapes"``."""
+    if model == "shapes":
+        return SHAPES_CONCEPTS, SHAPES_VARIANTS, "shapes"
+    return DEFAULT_CONCEPTS, DEFAULT_VARIANTS, "tiny"
 
 @dataclass
 class StudyResult:
@@ -111,8 +138,9 @@ class StudyResult:
     failed: int = 0
 
 
-def parse_variants(spec) -> dict[str, str]:
-    """Variants from names of ``DEFAULT_VARIANTS`` and/or ``name=template`` entries (template has ``{c}``).
+def parse_variants(spec, defaults: Mapping[str, str] = DEFAULT_VARIANTS) -> dict[str, str]:
+    """Variants from names of ``defaults`` (``DEFAULT_VARIANTS``; ``SHAPES_VARIANTS`` for the shapes model) and/or
+    ``name=template`` entries (template has ``{c}``).
 
     Accepts a dict, a list, or a comma-separated string. ``baseline`` is always included.
 
@@ -120,13 +148,13 @@ def parse_variants(spec) -> dict[str, str]:
         ValueError: an unknown name or a template without ``{c}`` (says which exist).
     """
     if spec is None:
-        return dict(DEFAULT_VARIANTS)
+        return dict(defaults)
     if isinstance(spec, Mapping):
         items = list(spec.items())
     else:
         if isinstance(spec, str):
             # split on the commas that start a new entry (a known name or "name="), so templates may hold commas
-            known = "|".join(re.escape(k) for k in DEFAULT_VARIANTS)
+            known = "|".join(re.escape(k) for k in defaults)
             spec = re.split(rf",\s*(?=[A-Za-z_][\w-]*\s*=|(?:{known})\s*(?:,|$))", spec)
         if any(not isinstance(p, str) for p in spec):
             raise ValueError(f"variants must be names or name=template texts; got {list(spec)!r}")
@@ -136,10 +164,10 @@ def parse_variants(spec) -> dict[str, str]:
             if "=" in p:
                 name, template = p.split("=", 1)
                 items.append((name.strip(), template.strip()))
-            elif p in DEFAULT_VARIANTS:
-                items.append((p, DEFAULT_VARIANTS[p]))
+            elif p in defaults:
+                items.append((p, defaults[p]))
             else:
-                raise ValueError(f"unknown variant {p!r}: use one of {list(DEFAULT_VARIANTS)} or name=template with {{c}}")
+                raise ValueError(f"unknown variant {p!r}: use one of {list(defaults)} or name=template with {{c}}")
     bad = [(n, t) for n, t in items if not isinstance(n, str) or not isinstance(t, str)]
     if bad:
         raise ValueError(f"variants must be names and templates as text; got {bad[0][0]!r}: {bad[0][1]!r}")
@@ -155,7 +183,7 @@ def parse_variants(spec) -> dict[str, str]:
                 "write a literal brace as {{ or }}"
             ) from None
     if "baseline" not in variants:
-        variants = {"baseline": DEFAULT_VARIANTS["baseline"], **variants}
+        variants = {"baseline": defaults["baseline"], **variants}
     return variants
 
 
@@ -173,7 +201,7 @@ def study(
     progress: bool = True,
     echo: bool = True,
     interventions=None,
-    scorer: str | PresenceScorer | None = "tiny",
+    scorer: str | PresenceScorer | None = "auto",
     capture: Mapping | None = None,
     restart: bool = False,
 ) -> StudyResult:
@@ -189,8 +217,10 @@ def study(
         model: ``"tiny"`` (default, offline), ``"tiny-xl"``, ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-pixart"``,
             or a hub id / local folder of a diffusers text-to-image pipeline (UNet, SD3, Flux, PixArt); or a list of
             them (each a grid axis: tables get rows per model, figures go to ``out/figures/<model>/``).
-        out: output folder (created). concepts: default ``DEFAULT_CONCEPTS``.
-        variants: names of ``DEFAULT_VARIANTS`` and/or ``name=template`` (see ``parse_variants``). Default: all.
+        out: output folder (created). concepts: default ``DEFAULT_CONCEPTS`` (``SHAPES_CONCEPTS`` when the first
+            model is ``"shapes"``).
+        variants: names of ``DEFAULT_VARIANTS`` (``SHAPES_VARIANTS`` when the first model is ``"shapes"``) and/or
+            ``name=template`` (see ``parse_variants``). Default: all.
         seeds: one generation per concept and seed (all variants share its initial noise). Default (0, 1, 2).
         steps: inference steps. guidance: classifier-free guidance scale. size: image side in pixels
             (default 64 for tiny models, the model's native size otherwise).
@@ -199,8 +229,10 @@ def study(
         interventions: rows of interventions beside the variants (``parse_interventions``: a spec such as
             ``"zero-attention,negative-prompt"`` or ``{label: config(s)}``), each applied to the baseline prompt
             in its own pipeline call from the same noise. Default: none.
-        scorer: concept presence in each image: ``"tiny"`` (default: random-weight CLIP, plumbing only), a CLIP
-            hub id / folder (``"openai/clip-vit-large-patch14"``), a ``PresenceScorer``, or ``"none"``.
+        scorer: concept presence in each image: ``"auto"`` (default: ``"shapes"`` for the shapes model, else
+            ``"tiny"``), ``"shapes"`` (the shapes model's programmatic checker, ``ShapesScorer``), ``"tiny"``
+            (random-weight CLIP, plumbing only), a CLIP hub id / folder (``"openai/clip-vit-large-patch14"``), a
+            ``PresenceScorer``, or ``"none"``.
         capture: the probe's settings: ``save`` (default ``False``; ``True`` streams every generation's maps to
             ``out/maps/<cell>/``, readable with ``AttentionStore.load``), ``heads`` (``"mean"``, default, or
             ``"keep"``), ``dtype`` (``"float16"``, default, ``"bfloat16"`` or ``"float32"``).
@@ -221,13 +253,15 @@ def study(
             ``out`` that holds a study with other settings.
         InterventionError, ConceptError: an intervention that cannot run here (checked before generating).
     """
-    variants = parse_variants(variants)
+    models = check_models(model)
+    default_concepts, default_variants, default_scorer = _model_defaults(models[0])
+    variants = parse_variants(variants, default_variants)
     rows = parse_interventions(interventions)
     clash = sorted(set(rows) & set(variants))
     if clash:
         raise ValueError(f"intervention rows {clash} have the names of variants: label them (label=spec)")
-    models = check_models(model)
-    concepts = list(DEFAULT_CONCEPTS if concepts is None else concepts)
+    concepts = list(default_concepts if concepts is None else concepts)
+    scorer = default_scorer if isinstance(scorer, str) and scorer == "auto" else scorer
     seeds = [int(s) for s in seeds]
     check_grid(concepts, seeds, steps, guidance, size)
     capture = check_capture(capture)
@@ -239,7 +273,7 @@ def study(
         _check_model_name(name)
     scorer_name = scorer if isinstance(scorer, str) or scorer is None else getattr(scorer, "name", type(scorer).__name__)
     settings = dict(variants=variants, steps=int(steps), guidance=float(guidance),
-                    size=size if size or any(m not in TINY_MODELS for m in models) else 64,
+                    size=size or _known_size(models),
                     dtype=str(dtype).replace("torch.", ""), scorer=scorer_name, capture=capture,
                     interventions={k: [repr(c) for c in v] for k, v in rows.items()})
     if restart:

@@ -182,11 +182,18 @@ def encode_text(pipe, prompt: str, *, attentions: bool = True, clip_skip: int | 
         if getattr(enc.config, "use_attention_mask", False) or type(enc).__name__.startswith("T5"):
             mask = torch.tensor([[k != "pad" for k in layout.kinds]], dtype=torch.long, device=device)
         out, probs = _run_encoder(enc, ids, mask, attentions)
-        depth = len(out.hidden_states) - (2 if sdxl else 1)
+        layers = out.hidden_states
+        if not layers:  # a 0-layer encoder (the shapes model's): transformers records no hidden state
+            embeddings = getattr(getattr(enc, "text_model", enc), "embeddings", None)
+            if embeddings is None:
+                raise AttnprobeError(f"{name} ({type(enc).__name__}) returned no hidden states")
+            with torch.no_grad():
+                layers = (embeddings(input_ids=ids),)  # layer 0: the input embeddings
+        depth = len(layers) - (2 if sdxl else 1)
         if clip_skip is not None and clip_skip >= depth:
-            raise ValueError(f"clip_skip={clip_skip} skips all of {name}'s {len(out.hidden_states) - 1} layers; "
+            raise ValueError(f"clip_skip={clip_skip} skips all of {name}'s {len(layers) - 1} layers; "
                              f"use 0..{depth - 1}")
-        hidden = torch.stack([h[0] for h in out.hidden_states]).float().cpu()
+        hidden = torch.stack([h[0] for h in layers]).float().cpu()
         pooled = None
         if getattr(out, "text_embeds", None) is not None:
             pooled = out.text_embeds[0].float().cpu()

@@ -222,3 +222,49 @@ def mass_inside(heat, mask) -> float:
     heat = np.clip(heat, 0, None)
     total = heat.sum()
     return float(heat[mask].sum() / total) if total > 0 else float("nan")
+
+
+def main(argv=None) -> int:
+    """``python -m attnprobe.zoo.shapes train|evaluate …``: train the shapes model, or measure it against its targets."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m attnprobe.zoo.shapes",
+                                     description="Train or evaluate attnprobe's shapes model (docs/shapes-model.md).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train from nothing on CPU (seeded) and write a pipeline folder")
+    tr.add_argument("--out", default="shapes-model", help="output folder (default: shapes-model)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--scenes", type=int, default=30000, help="training scenes (default 30000)")
+    tr.add_argument("--vae-steps", type=int, default=1000)
+    tr.add_argument("--unet-steps", type=int, default=4500)
+    tr.add_argument("--batch", type=int, default=64)
+    tr.add_argument("--threads", type=int, default=2)
+    ev = sub.add_parser("evaluate", help="measure caption following and heat-map localisation (writes JSON)")
+    ev.add_argument("--model", default="shapes", help="'shapes' (the shipped weights, default) or a pipeline folder")
+    ev.add_argument("--out", default="shapes-eval.json")
+    ev.add_argument("--captions", type=int, default=200)
+    ev.add_argument("--scenes", type=int, default=60)
+    ev.add_argument("--generated", type=int, default=40)
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--guidance", type=float, default=4.0)
+    ev.add_argument("--no-baseline", action="store_true", help="skip the random-weight baseline")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from .shapes_model import train
+
+        folder = train(args.out, seed=args.seed, scenes=args.scenes, vae_steps=args.vae_steps,
+                       unet_steps=args.unet_steps, batch=args.batch, threads=args.threads)
+        print(f"wrote {folder}")
+        return 0
+    from .shapes_eval import evaluate
+
+    result = evaluate(args.model, args.out, captions=args.captions, scenes=args.scenes, generated=args.generated,
+                      steps=args.steps, guidance=args.guidance, baseline=not args.no_baseline)
+    print(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
