@@ -396,6 +396,17 @@ def test_prompt_embeds_with_caller_prompts(sd_pipe, run, dog_embeds):
     assert store.layout(0).source == "caller"
 
 
+def test_a_direct_denoiser_call_after_a_guided_pipeline_call_has_no_guidance(sd_pipe, run, dog_embeds):
+    run(sd_pipe, "a picture of cat")  # leaves guidance_scale 7.5 on the pipeline
+    texts = ["a picture of dog", "a picture of cat"]
+    ids = sd_pipe.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with probe(sd_pipe, prompts=texts, dtype=torch.float32) as store:
+        sd_pipe.unet(latents, torch.tensor([500, 500]), sd_pipe.text_encoder(ids)[0])
+    assert [s.text for s in store.samples] == texts and [s.pass_label for s in store.samples] == ["cond", "cond"]
+    assert store.token_indices(1, "cat") == [[4]]
+
+
 def test_prompt_embeds_without_negative_embeds(sd_pipe, run, dog_embeds):
     with probe(sd_pipe, prompts=["a picture of dog"]) as store:
         run(sd_pipe, None, prompt_embeds=dog_embeds[0])

@@ -40,7 +40,7 @@ def _dtype(text: str):
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnprobe`` argument parser (subcommands ``study`` and ``sites``)."""
     from .interventions import INTERVENTIONS
-    from .study import DEFAULT_CONCEPTS, DEFAULT_VARIANTS
+    from .study import DEFAULT_CONCEPTS, DEFAULT_VARIANTS, SHAPES_CONCEPTS
 
     parser = argparse.ArgumentParser(prog="attnprobe", description="Cross-attention probes for diffusers pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,12 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a study file (TOML: models, concepts, variants, interventions, seeds, steps, guidance, size, "
                     "capture, out); the options below override its values")
     st.add_argument("--model", default=None,
-                    help="'tiny' (default, offline SD 1.5 layout), 'tiny-xl', 'tiny-sd3', 'tiny-flux', 'tiny-pixart', "
-                    "or a hub id / local folder; several separated by commas")
+                    help="'tiny' (default, offline SD 1.5 layout, random weights), 'shapes' (offline, trained on "
+                    "coloured shapes: its own concepts, variants and scorer), 'tiny-xl', 'tiny-sd3', 'tiny-flux', "
+                    "'tiny-pixart', or a hub id / local folder; several separated by commas")
     st.add_argument("--out", default=None, help="output folder (default: attnprobe-study)")
-    st.add_argument("--concepts", type=_csv, default=None, help=f"comma-separated (default: {', '.join(DEFAULT_CONCEPTS)})")
+    st.add_argument("--concepts", type=_csv, default=None, help=f"comma-separated (default: {', '.join(DEFAULT_CONCEPTS)}; "
+                    f"for --model shapes: {', '.join(SHAPES_CONCEPTS)})")
     st.add_argument("--variants", default=None,
-                    help=f"comma-separated names from {list(DEFAULT_VARIANTS)} or name=template with {{c}} (default: all)")
+                    help=f"comma-separated names from {list(DEFAULT_VARIANTS)} or name=template with {{c}} (default: all; "
+                    "--model shapes has the same names in its own words)")
     st.add_argument("--seeds", type=_seeds, default=None, help="comma-separated integers (default: 0,1,2)")
     st.add_argument("--steps", type=int, default=None, help="inference steps (default: 10)")
     st.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 7.5)")
@@ -71,15 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "name:key=value (e.g. zero-attention:calls=0-3:sites=up_blocks.*), composed with +, labelled "
                     "label=spec (default: none)")
     st.add_argument("--scorer", default=None,
-                    help="concept presence in the images: 'tiny' (default: random-weight CLIP, plumbing only), 'none', "
-                    "or a CLIP hub id / local folder, e.g. openai/clip-vit-large-patch14")
+                    help="concept presence in the images: 'auto' (default: 'shapes' for the shapes model, else 'tiny'), "
+                    "'shapes' (the shapes model's programmatic checker), 'tiny' (random-weight CLIP, plumbing only), "
+                    "'none', or a CLIP hub id / local folder, e.g. openai/clip-vit-large-patch14")
     st.add_argument("--save-maps", action="store_true", default=None,
                     help="also stream every generation's attention maps to OUT/maps/ (AttentionStore.load reads them)")
     st.add_argument("--restart", action="store_true",
                     help="discard the finished generations of an earlier run in --out instead of resuming them")
     st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     si = sub.add_parser("sites", help="list a model's cross-attention sites")
-    si.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', 'tiny-sd3', 'tiny-flux', 'tiny-pixart', or a hub id / local folder")
+    si.add_argument("--model", default="tiny", help="'tiny', 'shapes', 'tiny-xl', 'tiny-sd3', 'tiny-flux', 'tiny-pixart', or a hub "
+                    "id / local folder")
     return parser
 
 

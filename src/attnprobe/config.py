@@ -49,7 +49,7 @@ CONFIG_KEYS = {
     "size": "integer (pixels, a multiple of 8)",
     "device": "string: auto, cpu, cuda, …",
     "dtype": "string: fp32, fp16 or bf16",
-    "scorer": "string: tiny, none, or a CLIP hub id / folder",
+    "scorer": "string: auto, shapes, tiny, none, or a CLIP hub id / folder",
     "capture": "table: save (bool), heads ('mean' or 'keep'), dtype ('float16', 'bfloat16', 'float32'), "
                "tokens ('concept' or 'all')",
 }

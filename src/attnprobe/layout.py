@@ -39,9 +39,12 @@ class BatchLayout:
         for pipelines that run the unconditional pass as separate denoiser calls (Flux's true CFG). Without a
         ``do_classifier_free_guidance`` property, the call's ``guidance_scale`` decides, for batches that split in
         two (PixArt; not SLD's ``[uncond, cond, safety]``, which ``_set_layout`` labels from the pipeline's
-        ``enable_safety_guidance``)."""
+        ``enable_safety_guidance``). A denoiser called directly (no pipeline call in progress) has no guidance, even
+        after a guided pipeline call left its ``guidance_scale`` behind."""
         if self.pipe is None or (given or {}).get("separate_cfg") is not None:
             return False
+        if not given and self._pipe_locals() is None:
+            return False  # the denoiser called directly, outside any pipeline call: its rows are what it was given
         try:
             return bool(self.pipe.do_classifier_free_guidance)
         except Exception:  # pipelines without the property, or not set yet

@@ -96,7 +96,8 @@ def _occurrence(objects, index: int, word: str) -> int:
 
 def _scores(heat, mask, other) -> dict:
     row = {"iou": shapes.area_matched_iou(heat, mask), "iou_thr": shapes.threshold_iou(heat, mask),
-           "peak": float(shapes.peak_inside(heat, mask)), "mass": shapes.mass_inside(heat, mask)}
+           "peak": float(shapes.peak_inside(heat, mask)), "mass": shapes.mass_inside(heat, mask),
+           "area": float(mask.mean())}  # the object's share of the image: chance for peak and mass
     if other is not None and other.any():
         row["iou_other"] = shapes.area_matched_iou(heat, other)
     return row
@@ -109,7 +110,7 @@ def _summarise(rows) -> dict:
         if not chosen:
             continue
         out[kind] = {k: float(np.nanmean([r[k] for r in chosen if k in r]))
-                     for k in ("iou", "iou_thr", "peak", "mass", "iou_other") if any(k in r for r in chosen)}
+                     for k in ("iou", "iou_thr", "peak", "mass", "area", "iou_other") if any(k in r for r in chosen)}
         out[kind]["n"] = len(chosen)
     return out
 

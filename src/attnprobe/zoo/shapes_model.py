@@ -244,9 +244,37 @@ def save(pipe, folder: Path) -> None:
         pipe.to(torch.float32)
     finally:
         diffusers_logging.set_verbosity(level)
+    slim_tokenizer(tmp / "tokenizer")
+    run_in_fp32(tmp / "text_encoder")
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def slim_tokenizer(folder: Path) -> None:
+    """Store the tokenizer as CLIP's own vocab.json + merges.txt (1.5 MB, shipped with attnprobe) instead of the
+    3.6 MB tokenizer.json that transformers writes: the same tokenizer, loaded the same way."""
+    import shutil
+    from importlib import resources
+
+    folder = Path(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+    source = resources.files("attnprobe") / "data" / "clip"
+    for name in ("vocab.json", "merges.txt"):
+        with resources.as_file(source / name) as path:
+            shutil.copyfile(path, folder / name)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def run_in_fp32(folder: Path) -> None:
+    """Mark a transformers model saved in fp16 as one that loads in fp32 (its config's ``dtype``): transformers
+    loads a checkpoint in the config's dtype by default and diffusers in fp32, so without this a plain
+    ``DiffusionPipeline.from_pretrained(folder)`` mixes fp16 text keys with an fp32 UNet and fails."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = "float32"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
