@@ -10,6 +10,8 @@ with an offline T5-style tokenizer (``tiny_sd3_pipeline``, ``tiny_flux_pipeline`
 The tiny UNets keep the real block layout (SD 1.5: 16 cross-attention sites with the same names, 4
 resolutions; SDXL: ``DownBlock2D`` first, two text encoders) with narrow channels, so they run in
 milliseconds on a CPU. Their weights are random: maps and images show the plumbing, not meaning.
+``shapes_pipeline`` is the exception: the trained shapes model shipped with attnprobe (docs/shapes-model.md),
+whose maps can be scored against ground truth.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 __all__ = [
     "clip_tokenizer",
+    "shapes_pipeline",
     "full_size_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
@@ -218,6 +221,16 @@ def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, schedu
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def shapes_pipeline(dtype: torch.dtype = torch.float32):
+    """The trained shapes model shipped with attnprobe (``attnprobe.zoo.shapes_model.load``): a
+    ``StableDiffusionPipeline`` generating 32 × 32 px scenes of coloured shapes from captions such as
+    ``"a red circle on the left and a blue square on the right"``; no training, no download.
+    """
+    from .zoo.shapes_model import load
+
+    return load(dtype)
 
 
 def tiny_clip(seed: int = 0):

@@ -218,6 +218,8 @@ def evaluate(model, out=None, captions: int = 200, scenes: int = 60, generated: 
     result["following"] = caption_following(pipe, captions, steps=steps, guidance=guidance)
     result["following_held_out"] = caption_following(pipe, max(captions // 4, 20), seed=5000, steps=steps,
                                                      guidance=guidance, held_out_only=True)
+    result["following_study_settings"] = caption_following(pipe, max(captions // 2, 20), seed=7000, steps=10,
+                                                           guidance=7.5)  # attnprobe study's defaults
     result["localisation_real"] = localisation_real(pipe, scenes)
     result["localisation_generated"] = localisation_generated(pipe, generated, steps=steps, guidance=guidance)
     if baseline:

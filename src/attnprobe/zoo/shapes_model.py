@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,20 @@ def load(dtype: torch.dtype = torch.float32, device="cpu"):
     folder = weights_folder()
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"the shapes model's weights are missing from {folder}: reinstall attnprobe")
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    try:  # a 15 MB model: no "Loading pipeline components" bars
+        for module, _ in bars:
+            module.disable_progress_bar()
+        with warnings.catch_warnings():  # diffusers ≥ 0.40 prefers dtype=, which older ones do not take
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+    finally:
+        for module, enabled in bars:
+            if enabled:
+                module.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -1,0 +1,101 @@
+"""The shipped shapes model (attnprobe.zoo.shapes_model): loads as a normal pipeline, generates what it generated
+when its figures were measured, runs through the study; its training script and evaluation helpers."""
+
+import numpy as np
+import pytest
+import torch
+
+import attnprobe
+from attnprobe.models import load_pipeline
+from attnprobe.scorer import ShapesScorer, load_scorer
+from attnprobe.zoo import shapes
+from attnprobe.zoo.shapes import Shape, render
+from attnprobe.zoo.shapes_eval import colour_masks, match_objects, _occurrence
+from attnprobe.zoo.shapes_model import MAX_TOKENS, weights_folder
+
+# image statistics of the 4-step generation below, when the shipped weights were measured (docs/shapes-model.md)
+CAPTION = "a red circle on the left and a blue square on the right"
+STORED_MEAN = [0.5653, 0.4434, 0.4447]  # per RGB channel, 0–1
+STORED_STD = [0.1306, 0.1314, 0.1377]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("shapes")
+
+
+def test_shipped_weights_load_as_a_stable_diffusion_pipeline(pipe):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert type(pipe) is StableDiffusionPipeline
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and pipe.text_encoder.config.num_hidden_layers == 0
+    assert isinstance(pipe.tokenizer, CLIPTokenizer) and pipe.tokenizer.model_max_length == MAX_TOKENS
+    assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]  # the real CLIP BPE
+    plain = DiffusionPipeline.from_pretrained(str(weights_folder()))  # a normal diffusers folder
+    assert type(plain) is StableDiffusionPipeline
+    size = sum(f.stat().st_size for f in weights_folder().rglob("*") if f.is_file())
+    assert size < 16e6, size
+
+
+def test_a_fixed_generation_matches_the_stored_statistics(pipe):
+    image = pipe(CAPTION, num_inference_steps=4, generator=torch.Generator().manual_seed(0), height=32, width=32,
+                 output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+    mean, std = image.reshape(-1, 3).mean(0), image.reshape(-1, 3).std(0)
+    np.testing.assert_allclose(mean, STORED_MEAN, atol=0.02)
+    np.testing.assert_allclose(std, STORED_STD, atol=0.02)
+
+
+def test_the_study_runs_on_the_shapes_model_with_its_own_defaults(tmp_path):
+    result = attnprobe.study("shapes", out=tmp_path / "s", concepts=["red circle"], seeds=[0], steps=3,
+                             progress=False, echo=False)
+    assert not result.failures
+    assert {r["variant"] for r in result.summary} == {"baseline", "instruction", "implicit", "repetition"}
+    assert {r["prompt"] for r in result.aucs} >= {"a red circle on the left",
+                                                  "please forget red circle . please draw a red circle on the left"}
+    assert result.text and all(np.isfinite(r["concept_cos"]) for r in result.text)  # a 0-layer text encoder
+    presence = [r["presence"] for r in result.aucs]
+    assert set(presence) <= {0.0, 1.0}
+
+
+def test_the_shapes_scorer_reads_rendered_scenes():
+    scorer = load_scorer("shapes")
+    assert isinstance(scorer, ShapesScorer)
+    images = np.stack([render([Shape("red", "circle", "left"), Shape("blue", "square", "right")]).image,
+                       render([Shape("green", "triangle", "top")]).image])
+    assert scorer.score(images, "red circle").tolist() == [1.0, 0.0]
+    assert scorer.score(images, "triangle").tolist() == [0.0, 1.0]
+    assert scorer.score(images, "blue square on the right").tolist() == [1.0, 0.0]
+    assert scorer.score(images, "blue square on the left").tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="names no colour"):
+        scorer.score(images, "dog")
+
+
+def test_objects_are_matched_by_colour_then_position():
+    wanted = [Shape("red", "circle", "left"), Shape("red", "square", "right")]
+    found = [Shape("red", "square", "right"), Shape("red", "triangle", "left")]
+    assert match_objects(wanted, found) == [{"colour": True, "shape": False, "position": True},
+                                            {"colour": True, "shape": True, "position": True}]
+    assert match_objects(wanted[:1], []) == [{"colour": False, "shape": False, "position": False}]
+    objects = (Shape("red", "circle", "left"), Shape("blue", "circle", "right"))
+    assert [_occurrence(objects, k, "circle") for k in (0, 1)] == [0, 1]
+
+
+def test_colour_segmentation_masks_of_a_rendered_scene_are_its_masks():
+    scene = render([Shape("green", "circle", "top"), Shape("green", "square", "bottom")], size=32)
+    masks = colour_masks(scene.image, scene.objects)
+    np.testing.assert_array_equal(np.stack(masks), scene.masks)
+
+
+def test_training_is_seeded_and_writes_a_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from attnprobe.zoo.shapes_model import train
+
+    folders = [train(tmp_path / name, seed=0, scenes=64, vae_steps=2, unet_steps=2, batch=4, save_every=2, threads=1,
+                     quiet=True) for name in ("a", "b")]
+    loaded = [StableDiffusionPipeline.from_pretrained(str(f)) for f in folders]
+    for p, q in zip(loaded[0].unet.parameters(), loaded[1].unet.parameters()):
+        assert torch.equal(p, q)
+    assert shapes.caption([Shape("red", "circle", "left")]) == "a red circle on the left"
