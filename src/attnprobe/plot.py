@@ -262,6 +262,10 @@ def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last
                         color=colours[variant])
             ax.axhline(1.0, color="black", lw=0.8)
             ax.xaxis.get_major_locator().set_params(integer=True)
+            layers = sorted({r["layer"] for r in mine})
+            if len(layers) == 1:  # a 0-layer encoder (the shapes model): the embeddings only
+                ax.set_xticks(layers)
+                ax.set_xlim(layers[0] - 0.5, layers[0] + 0.5)
             ax.grid(alpha=0.3)
             ax.set_title(f"{concept} ({encoder})" if len(encoders) > 1 else concept, fontsize=9)
             ax.set_xlabel("layer (0 = embeddings)", fontsize=7)
