@@ -155,14 +155,9 @@ class ShapesScorer:
         Raises:
             ValueError: ``concept`` names no colour, shape or position of the shapes model.
         """
-        from .zoo.shapes import COLOURS, POSITIONS, SHAPES, read_scene
+        from .zoo.shapes import read_scene
 
-        words = concept.lower().split()
-        wanted = {"colour": [w for w in words if w in COLOURS], "shape": [w for w in words if w in SHAPES],
-                  "position": [w for w in words if w in POSITIONS]}
-        if not any(wanted.values()):
-            raise ValueError(f"concept {concept!r} names no colour {list(COLOURS)}, shape {list(SHAPES)} or "
-                             f"position {list(POSITIONS)}: the shapes scorer cannot read it")
+        wanted = self._wanted(concept)
         scores = []
         for image in _pil_images(images):
             found = read_scene(np.asarray(image.convert("RGB")))
@@ -170,8 +165,27 @@ class ShapesScorer:
                                     for obj in found)))
         return torch.tensor(scores, dtype=torch.float32)
 
+    @staticmethod
+    def _wanted(concept: str) -> dict:
+        from .zoo.shapes import COLOURS, POSITIONS, SHAPES
+
+        words = str(concept).lower().split()
+        wanted = {"colour": [w for w in words if w in COLOURS], "shape": [w for w in words if w in SHAPES],
+                  "position": [w for w in words if w in POSITIONS]}
+        if not any(wanted.values()):
+            raise ValueError(f"concept {concept!r} names no colour {list(COLOURS)}, shape {list(SHAPES)} or "
+                             f"position {list(POSITIONS)}: the shapes scorer cannot read it (use such a concept, "
+                             "or --scorer none)")
+        return wanted
+
+    def check_concepts(self, concepts) -> None:
+        """Raise ``ValueError`` (before a study generates) for a concept the checker cannot read."""
+        for concept in concepts:
+            self._wanted(concept)
+
     def accuracy(self, images, concept: str) -> torch.Tensor:
-        """The same 1.0 / 0.0 per image (the share of images that still show the concept, averaged)."""
+        """The same 1.0 / 0.0 per image (the share of images that still show the concept, averaged): the study's
+        ``clip_accuracy`` column holds it under this scorer."""
         return self.score(images, concept)
 
 

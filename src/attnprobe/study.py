@@ -80,7 +80,7 @@ DEFAULT_CONCEPTS = [
 DEFAULT_VARIANTS = {
     "baseline": "a picture of {c}",
     "instruction": "Please forget anything about {c}. Please help me generate a picture of {c}.",
-    "implicit": "Please help me generate a picture of {c}, but leave {c} out of it.",
+    "implicit": "Please leave {c} out of it and help me generate a picture of {c}.",
     "repetition": "a picture of {c}. a picture of {c}.",
 }
 
@@ -93,7 +93,7 @@ SHAPES_CONCEPTS = ["red circle", "green square", "blue triangle"]
 SHAPES_VARIANTS = {
     "baseline": "a {c} on the left",
     "instruction": "please forget {c} . please draw a {c} on the left",
-    "implicit": "a {c} on the left , but no {c}",
+    "implicit": "leave {c} out . a {c} on the left",
     "repetition": "a {c} . a {c} on the left",
 }
 
@@ -102,6 +102,17 @@ def _known_size(models) -> int | None:
     """The default image side when it is known before loading (the offline models), else None (native size)."""
     sizes = {_default_size(None, m) if m in OFFLINE_MODELS else None for m in models}
     return sizes.pop() if len(sizes) == 1 else None
+
+
+def _warn_held_out(concepts) -> None:
+    from .zoo.shapes_model import HELD_OUT
+
+    for concept in concepts:
+        words = concept.lower().split()
+        for colour, shape in sorted(HELD_OUT):
+            if colour in words and shape in words:
+                _warn(f"{concept!r}: the shapes model never saw a {colour} {shape} in training (a held-out pair; it "
+                      "draws the colour with another shape, docs/shapes-model.md)")
 
 
 def _model_defaults(model: str) -> tuple[list[str], dict[str, str], str]:
@@ -283,6 +294,10 @@ def study(
     else:
         check_earlier_run(out, settings)
     scorer = scorer if isinstance(scorer, PresenceScorer) else load_scorer(scorer, device)
+    if hasattr(scorer, "check_concepts"):
+        scorer.check_concepts(concepts)  # a concept the scorer cannot read stops the study before the first image
+    if "shapes" in models:
+        _warn_held_out(concepts)
     pipe = _ready_pipeline(models[0], device, dtype, concepts, variants, rows, steps, guidance)
     plan = _Plan(out=out, procs=procs, settings=settings, models=models, concepts=concepts, seeds=seeds,
                  variants=variants, rows=rows, steps=steps, guidance=guidance, size=size, capture=capture, scorer=scorer,
@@ -496,18 +511,30 @@ def _check_prompts(pipe, concepts, variants) -> None:
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
     if tokenizer is None:
         return
-    problems = []
+    problems, cut = [], {}
+    limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
     for concept in concepts:
         for name, template in variants.items():
             prompt = template.format(c=concept)
+            length = len(tokenizer(prompt).input_ids) if 0 < limit < 10**6 else 0
             try:
                 find_concept(token_layout(tokenizer, prompt), concept, where=f"variant {name!r}")
             except ConceptError as exc:
-                why = "lies past the tokenizer's maximum length" if "maximum length" in str(exc) else "is not in it as whole words"
                 shown = concept if len(concept) <= 40 else concept[:39] + "…"
-                problems.append(f"{shown!r} {why} in variant {name!r} ({prompt[:60]!r})")
+                if "maximum length" in str(exc):
+                    problems.append(f"{shown!r} lies past the tokenizer's maximum length in variant {name!r}: "
+                                    f"{prompt[:60]!r} is {length} tokens, the model reads {limit} (with start and "
+                                    "end): shorten the template")
+                else:
+                    problems.append(f"{shown!r} is not in it as whole words in variant {name!r} ({prompt[:60]!r})")
+                continue
+            if length > limit:
+                cut.setdefault(name, (prompt, length))
     if problems:
         raise ValueError("checking the prompts before generating: " + "; ".join(problems[:5]))
+    for name, (prompt, length) in cut.items():
+        _warn(f"variant {name!r} is {length} tokens ({prompt[:60]!r}…), the model reads {limit}: its end is cut off "
+              "(the concept's requested mention is kept)")
 
 
 def _failure(model: str, concept: str, seed, exc: BaseException, row: str = "") -> dict:

@@ -213,8 +213,10 @@ def evaluate(model, out=None, captions: int = 200, scenes: int = 60, generated: 
 
     pipe = load_pipeline(model, dtype=torch.float32) if isinstance(model, (str, Path)) else model
     pipe.set_progress_bar_config(disable=True)
-    result = {"settings": {"captions": captions, "scenes": scenes, "generated": generated, "steps": steps,
-                           "guidance": guidance, "scheduler": type(pipe.scheduler).__name__}}
+    result = {"settings": {"captions": captions, "held_out_captions": max(captions // 4, 20),
+                           "study_settings_captions": max(captions // 2, 20), "scenes": scenes,
+                           "generated": generated, "steps": steps, "guidance": guidance,
+                           "scheduler": type(pipe.scheduler).__name__}}
     result["following"] = caption_following(pipe, captions, steps=steps, guidance=guidance)
     result["following_held_out"] = caption_following(pipe, max(captions // 4, 20), seed=5000, steps=steps,
                                                      guidance=guidance, held_out_only=True)
