@@ -67,3 +67,22 @@ def test_heat_map_scores_on_known_overlaps():
         area_matched_iou(np.ones((8, 8)), mask)
     with pytest.raises(ValueError, match="mask is empty"):
         mass_inside(uniform, np.zeros((10, 10), dtype=bool))
+
+
+def test_bad_maps_images_and_objects_get_clear_errors():
+    from attnprobe.zoo.shapes import Shape, area_matched_iou, read_scene, render
+
+    mask = np.zeros((4, 4), bool)
+    mask[0] = True
+    with pytest.raises(ValueError, match="non-finite"):
+        area_matched_iou(np.full((4, 4), np.nan), mask)
+    with pytest.raises(ValueError, match="boolean"):
+        area_matched_iou(np.ones((4, 4)), np.full((4, 4), 0.1))
+    with pytest.raises(TypeError, match="Shape"):
+        render(["red circle"])
+    with pytest.raises(ValueError, match="size"):
+        render([Shape("red", "circle", "left")], size=0)
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        read_scene(np.zeros((8, 8)))
+    image = render([Shape("red", "circle", "left")]).image
+    assert read_scene(image / 255.0) == read_scene(image) == [Shape("red", "circle", "left")]

@@ -68,8 +68,10 @@ def test_the_shapes_scorer_reads_rendered_scenes():
     assert scorer.score(images, "triangle").tolist() == [0.0, 1.0]
     assert scorer.score(images, "blue square on the right").tolist() == [1.0, 0.0]
     assert scorer.score(images, "blue square on the left").tolist() == [0.0, 0.0]
-    with pytest.raises(ValueError, match="names no colour"):
+    with pytest.raises(ValueError, match="does not know"):
         scorer.score(images, "dog")
+    with pytest.raises(ValueError, match="names no colour"):
+        scorer.score(images, "the")
 
 
 def test_objects_are_matched_by_colour_then_position():
@@ -99,3 +101,41 @@ def test_training_is_seeded_and_writes_a_loadable_pipeline(tmp_path):
     for p, q in zip(loaded[0].unet.parameters(), loaded[1].unet.parameters()):
         assert torch.equal(p, q)
     assert shapes.caption([Shape("red", "circle", "left")]) == "a red circle on the left"
+
+
+def test_bad_shapes_studies_stop_before_generating(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"does not know \['dog'\]"):
+        attnprobe.study("shapes", out=tmp_path / "a", concepts=["dog"], seeds=[0], steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"does not know \['purple'\]"):
+        attnprobe.study("shapes", out=tmp_path / "b", concepts=["purple circle"], seeds=[0], steps=2, progress=False)
+    with pytest.raises(ValueError, match="model 'shapes' \\(16 tokens\\).*put 'shapes' first"):
+        attnprobe.study(["tiny", "shapes"], out=tmp_path / "c", concepts=["red circle"], seeds=[0], steps=2,
+                        progress=False)
+    assert not any(tmp_path.iterdir())  # nothing was made
+
+
+def test_a_template_cut_by_the_16_tokens_is_warned_about(tmp_path, capsys):
+    long = "long=a {c} on the left and a green square on the right and more words"
+    attnprobe.study("shapes", out=tmp_path / "s", concepts=["red circle"], variants=[long], seeds=[0], steps=2,
+                    progress=False, echo=False)
+    assert "variant 'long' is 18 tokens" in capsys.readouterr().err
+
+
+def test_the_shapes_command_line_refuses_bad_input(tmp_path, capsys):
+    from attnprobe.zoo.shapes import main
+    from attnprobe.zoo.shapes_model import train
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train.jsonl").write_text("{}\n")
+    for argv, message in ((["train", "--out", str(tmp_path / "run")], "already holds a run"),
+                          (["train", "--unet-steps", "0"], "must be ≥ 1"),
+                          (["evaluate", "--out", str(tmp_path / "no" / "e.json")], "existing folder"),
+                          (["evaluate", "--captions", "-5"], "must be ≥ 1"),
+                          (["evaluate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "e.json")],
+                           "no such folder")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+    assert (tmp_path / "run" / "train.jsonl").read_text() == "{}\n"  # the earlier run is kept
+    with pytest.raises(ValueError, match="batch must be"):
+        train(tmp_path / "x", batch=0)

@@ -172,6 +172,10 @@ class ShapesScorer:
         words = str(concept).lower().split()
         wanted = {"colour": [w for w in words if w in COLOURS], "shape": [w for w in words if w in SHAPES],
                   "position": [w for w in words if w in POSITIONS]}
+        unknown = [w for w in words if w not in (*COLOURS, *SHAPES, *POSITIONS, "a", "an", "the", "on")]
+        if unknown:
+            raise ValueError(f"concept {concept!r}: the shapes scorer does not know {unknown} (colours {list(COLOURS)}, "
+                             f"shapes {list(SHAPES)}, positions {list(POSITIONS)}; or use --scorer none)")
         if not any(wanted.values()):
             raise ValueError(f"concept {concept!r} names no colour {list(COLOURS)}, shape {list(SHAPES)} or "
                              f"position {list(POSITIONS)}: the shapes scorer cannot read it (use such a concept, "

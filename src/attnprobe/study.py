@@ -104,6 +104,25 @@ def _known_size(models) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def _check_other_models(models, concepts, variants) -> None:
+    """Models after the first use its concepts, variants and scorer: say so, and check the shapes model's short
+    prompts (16 tokens) before anything is generated."""
+    if len(models) < 2:
+        return
+    if len({_model_defaults(m)[2] for m in models}) > 1:
+        _warn(f"concepts, variants and scorer not given follow the first model, {models[0]!r}, for every model")
+    if "shapes" in models[1:]:
+        from types import SimpleNamespace
+
+        from .zoo.shapes_model import tokenizer
+
+        try:
+            _check_prompts(SimpleNamespace(tokenizer=tokenizer()), concepts, variants)
+        except ValueError as exc:
+            raise ValueError(f"model 'shapes' (16 tokens): {exc}; put 'shapes' first (its own concepts and "
+                             "variants) or give --concepts and --variants that fit it") from None
+
+
 def _warn_held_out(concepts) -> None:
     from .zoo.shapes_model import HELD_OUT
 
@@ -298,6 +317,7 @@ def study(
         scorer.check_concepts(concepts)  # a concept the scorer cannot read stops the study before the first image
     if "shapes" in models:
         _warn_held_out(concepts)
+    _check_other_models(models, concepts, variants)
     pipe = _ready_pipeline(models[0], device, dtype, concepts, variants, rows, steps, guidance)
     plan = _Plan(out=out, procs=procs, settings=settings, models=models, concepts=concepts, seeds=seeds,
                  variants=variants, rows=rows, steps=steps, guidance=guidance, size=size, capture=capture, scorer=scorer,

@@ -103,6 +103,10 @@ def render(objects, size: int = 32, jitter: np.random.Generator | None = None) -
         ValueError: no object, more than two, or two that are not on opposite sides.
     """
     objects = tuple(objects)
+    if not all(isinstance(o, Shape) for o in objects):
+        raise TypeError(f"objects must be Shape(colour, shape, position) values; got {[type(o).__name__ for o in objects]}")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an integer ≥ 8 pixels; got {size!r}")
     if not 1 <= len(objects) <= 2:
         raise ValueError(f"a scene holds one or two objects; got {len(objects)}")
     if len(objects) == 2 and _OPPOSITE[objects[0].position] != objects[1].position:
@@ -147,8 +151,16 @@ def read_scene(image: np.ndarray, min_area: float = 0.01) -> list[Shape]:
     triangle 1/2) and position (the side its centroid is nearest to). Sorted left→right, then top→bottom.
 
     The checker for generated images (caption following); on rendered scenes it reads back exactly their objects.
+
+    Raises:
+        ValueError: not an ``[H, W, 3]`` (or RGBA) image.
     """
-    image = np.asarray(image)[..., :3]
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] not in (3, 4):
+        raise ValueError(f"read_scene takes an [H, W, 3] RGB image (uint8, or floats in 0–1); got shape {image.shape}")
+    image = image[..., :3]
+    if image.dtype != np.uint8:  # floats in 0–1, as pipelines return with output_type="np"
+        image = (np.clip(image.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
     size_h, size_w = image.shape[:2]
     labels = _nearest_colour(image)
     found = []
@@ -182,7 +194,12 @@ def _split_sides(xs, ys, width, height):
 
 
 def _check(heat: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    heat, mask = np.asarray(heat, dtype=np.float64), np.asarray(mask, dtype=bool)
+    heat, mask = np.asarray(heat, dtype=np.float64), np.asarray(mask)
+    if not np.isfinite(heat).all():
+        raise ValueError(f"the heat map has {int((~np.isfinite(heat)).sum())} non-finite values (nan or inf)")
+    if mask.dtype != bool and not np.isin(mask, (0, 1)).all():
+        raise ValueError("the mask must be boolean (or 0 / 1); got other values: threshold it first")
+    mask = mask.astype(bool)
     if heat.shape != mask.shape:
         raise ValueError(f"heat map {heat.shape} and mask {mask.shape} differ in shape: resize the map to the image")
     if not mask.any():
@@ -240,6 +257,7 @@ def main(argv=None) -> int:
     tr.add_argument("--unet-steps", type=_positive, default=4500, help="denoiser steps (default 4500)")
     tr.add_argument("--batch", type=_positive, default=64, help="denoiser batch (default 64)")
     tr.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default 2)")
+    tr.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a run")
     ev = sub.add_parser("evaluate", help="measure caption following and heat-map localisation (writes JSON)")
     ev.add_argument("--model", default="shapes", help="'shapes' (the shipped weights, default) or a pipeline folder")
     ev.add_argument("--out", default="shapes-eval.json", help="JSON file of every figure (default: shapes-eval.json)")
@@ -255,14 +273,23 @@ def main(argv=None) -> int:
     if args.command == "train":
         from .shapes_model import train
 
-        folder = train(args.out, seed=args.seed, scenes=args.scenes, vae_steps=args.vae_steps,
-                       unet_steps=args.unet_steps, batch=args.batch, threads=args.threads)
+        try:
+            folder = train(args.out, seed=args.seed, scenes=args.scenes, vae_steps=args.vae_steps,
+                           unet_steps=args.unet_steps, batch=args.batch, threads=args.threads,
+                           overwrite=args.overwrite)
+        except (OSError, ValueError) as exc:
+            parser.exit(2, f"{parser.prog}: error: {exc}\n")
         print(f"wrote {folder}")
         return 0
     from .shapes_eval import evaluate
 
+    from pathlib import Path
+
     from ..errors import AttnprobeError
 
+    out = Path(args.out).expanduser()
+    if out.is_dir() or not out.parent.is_dir():
+        parser.exit(2, f"{parser.prog}: error: --out {args.out!r} must be a file in an existing folder\n")
     try:
         result = evaluate(args.model, args.out, captions=args.captions, scenes=args.scenes, generated=args.generated,
                           steps=args.steps, guidance=args.guidance, baseline=not args.no_baseline)

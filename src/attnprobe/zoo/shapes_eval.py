@@ -211,7 +211,13 @@ def evaluate(model, out=None, captions: int = 200, scenes: int = 60, generated: 
     written to ``out`` (JSON) when given."""
     from ..models import load_pipeline
 
-    pipe = load_pipeline(model, dtype=torch.float32) if isinstance(model, (str, Path)) else model
+    for name, value in (("captions", captions), ("scenes", scenes), ("generated", generated), ("steps", steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1; got {value!r}")
+    pipe = load_pipeline(str(model), dtype=torch.float32) if isinstance(model, (str, Path)) else model
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
+        raise ValueError(f"the evaluation needs a UNet pipeline of the shapes model's kind; {model!r} is a "
+                         f"{type(pipe).__name__}")
     pipe.set_progress_bar_config(disable=True)
     result = {"settings": {"captions": captions, "held_out_captions": max(captions // 4, 20),
                            "study_settings_captions": max(captions // 2, 20), "scenes": scenes,
@@ -229,6 +235,8 @@ def evaluate(model, out=None, captions: int = 200, scenes: int = 60, generated: 
         rand.set_progress_bar_config(disable=True)
         result["random"] = {"following": caption_following(rand, 40, steps=steps, guidance=guidance),
                             "localisation_real": localisation_real(rand, scenes)}
-    if out is not None:
-        Path(out).write_text(json.dumps(result, indent=1))
+    if out is not None:  # written whole or not at all
+        from ..report import write_atomic
+
+        write_atomic(Path(out), json.dumps(result, indent=1).encode())
     return result

@@ -144,13 +144,27 @@ def _log(path: Path, quiet: bool = False, **row):
 
 def train(out: str | Path, seed: int = 0, scenes: int = 30000, vae_steps: int = 1000, unet_steps: int = 4500,
           batch: int = 64, lr: float = 1e-3, ema: float = 0.999, drop_caption: float = 0.1,
-          save_every: int = 500, threads: int = 2, quiet: bool = False) -> Path:
+          save_every: int = 500, threads: int = 2, quiet: bool = False, overwrite: bool = False) -> Path:
     """Train the shapes model from nothing and write the pipeline folder to ``out`` (fp16 safetensors).
 
     Deterministic for a given seed and thread count on one machine (torch CPU kernels). Checkpoints the EMA
     pipeline every ``save_every`` denoiser steps, so a stopped run still leaves a usable model. Logs to
     ``out/train.jsonl`` (and prints each row unless ``quiet``).
+
+    Raises:
+        ValueError: a count < 1, or ``out`` already holds a run (``train.jsonl`` or ``pipeline/``) and not
+            ``overwrite``. OSError: ``out`` cannot be made a folder.
     """
+    for name, value in (("scenes", scenes), ("vae_steps", vae_steps), ("unet_steps", unet_steps), ("batch", batch),
+                        ("save_every", save_every), ("threads", threads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1; got {value!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be ≥ 0; got {seed}")
+    held = [p for p in ("train.jsonl", "pipeline") if (Path(out) / p).exists()]
+    if held and not overwrite:
+        raise ValueError(f"{str(out)!r} already holds a run ({', '.join(held)}): give another folder, or overwrite=True "
+                         "(--overwrite) to replace it")
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     torch.set_num_threads(threads)
