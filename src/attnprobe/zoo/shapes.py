@@ -244,7 +244,6 @@ def mass_inside(heat, mask) -> float:
 def main(argv=None) -> int:
     """``python -m attnprobe.zoo.shapes train|evaluate …``: train the shapes model, or measure it against its targets."""
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(prog="python -m attnprobe.zoo.shapes",
                                      description="Train or evaluate attnprobe's shapes model (docs/shapes-model.md).")

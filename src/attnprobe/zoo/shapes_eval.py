@@ -7,14 +7,13 @@ baseline and writes ``shapes-eval.json``; docs/shapes-model.md reports its numbe
 from __future__ import annotations
 
 import json
-from itertools import product
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import shapes
-from .shapes import COLOURS, SHAPES, Shape
+from .shapes import COLOURS, Shape
 
 __all__ = ["caption_following", "match_objects", "localisation_real", "localisation_generated", "evaluate",
            "sample_captions"]
