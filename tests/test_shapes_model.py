@@ -68,6 +68,8 @@ def test_the_shapes_scorer_reads_rendered_scenes():
     assert scorer.score(images, "triangle").tolist() == [0.0, 1.0]
     assert scorer.score(images, "blue square on the right").tolist() == [1.0, 0.0]
     assert scorer.score(images, "blue square on the left").tolist() == [0.0, 0.0]
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 tensors are read as 0–255 pixels
+    assert scorer.score(pixels, "red circle").tolist() == scorer.score(pixels / 255, "red circle").tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="does not know"):
         scorer.score(images, "dog")
     with pytest.raises(ValueError, match="names no colour"):

@@ -272,4 +272,4 @@ def check_grid(concepts, seeds, steps, guidance, size) -> None:
     if not math.isfinite(float(guidance)) or float(guidance) < 0:
         raise ValueError(f"guidance must be a finite number ≥ 0; got {guidance}")
     if size is not None and (int(size) < 8 or int(size) % 8):
-        raise ValueError(f"size {size} is not a positive multiple of 8 (the VAE downsamples by 8)")
+        raise ValueError(f"size {size} is not a positive multiple of 8 (latent grids: SD's VAE downsamples by 8)")

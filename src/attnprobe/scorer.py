@@ -59,13 +59,19 @@ class PresenceScorer(Protocol):
 
 
 def _pil_images(images) -> list:
-    """PIL images from a PIL image, a list of them, ``[image, 3, H, W]`` / ``[3, H, W]`` tensors in ``[0, 1]``, or
+    """PIL images from a PIL image, a list of them, ``[image, 3, H, W]`` / ``[3, H, W]`` tensors in ``[0, 1]`` (or uint8), or
     ``[image, H, W, 3]`` / ``[H, W, 3]`` arrays (floats in ``[0, 1]`` or uint8)."""
     from PIL import Image
 
     if isinstance(images, Image.Image):
         return [images]
     if isinstance(images, torch.Tensor):
+        if images.dtype == torch.uint8:  # 0–255 pixels, as they are
+            array = images.detach().cpu()
+            array = array.unsqueeze(0) if array.ndim == 3 else array
+            if array.ndim == 4 and array.shape[1] in (1, 3):
+                return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a)
+                        for a in array.permute(0, 2, 3, 1).numpy()]
         array = images.detach().float().cpu()
         array = array.unsqueeze(0) if array.ndim == 3 else array
         if array.ndim != 4 or array.shape[1] not in (1, 3):
