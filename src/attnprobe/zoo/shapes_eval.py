@@ -62,6 +62,7 @@ def _images(pipe, captions, seeds, steps, guidance, batch=25, probe_words=False)
 
 
 def shapes_size(pipe) -> int:
+    """The pipeline's native image side in pixels (the UNet's sample size × the VAE's downsampling: 32)."""
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 

@@ -74,6 +74,7 @@ def load(dtype: torch.dtype = torch.float32, device="cpu"):
 
 
 def tokenizer():
+    """The real CLIP BPE tokenizer (``attnprobe.testing.clip_tokenizer``) cut to ``MAX_TOKENS`` (16) positions."""
     from ..testing import clip_tokenizer
 
     tok = clip_tokenizer()
@@ -82,6 +83,8 @@ def tokenizer():
 
 
 def text_encoder(seed: int = 0):
+    """A seeded ``CLIPTextModel`` with 0 layers, width ``TEXT_WIDTH`` (48), 16 positions: each key is its token's
+    embedding plus its position's, after the final layer norm (``[token, 48]`` per prompt)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=TEXT_WIDTH,
@@ -92,6 +95,7 @@ def text_encoder(seed: int = 0):
 
 
 def vae(seed: int = 0):
+    """A seeded 2-level ``AutoencoderKL``: ``[3, 32, 32]`` images in −1..1 ↔ ``[4, 16, 16]`` latents."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -101,6 +105,8 @@ def vae(seed: int = 0):
 
 
 def unet(seed: int = 0):
+    """A seeded 3-level ``UNet2DConditionModel`` on ``[4, 16, 16]`` latents, channels ``UNET_CHANNELS``, cross-attention
+    to 48-wide text keys at every level (10 sites, 4 heads each)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -111,6 +117,7 @@ def unet(seed: int = 0):
 
 
 def scheduler():
+    """``DDIMScheduler`` with Stable Diffusion's betas (``SCHEDULER``), ``steps_offset=1`` as SD 1.5 ships it."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**SCHEDULER, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
