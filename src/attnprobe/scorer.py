@@ -66,13 +66,8 @@ def _pil_images(images) -> list:
     if isinstance(images, Image.Image):
         return [images]
     if isinstance(images, torch.Tensor):
-        if images.dtype == torch.uint8:  # 0–255 pixels, as they are
-            array = images.detach().cpu()
-            array = array.unsqueeze(0) if array.ndim == 3 else array
-            if array.ndim == 4 and array.shape[1] in (1, 3):
-                return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a)
-                        for a in array.permute(0, 2, 3, 1).numpy()]
-        array = images.detach().float().cpu()
+        array = images.detach().cpu()
+        array = array if array.dtype == torch.uint8 else array.float()  # uint8: 0–255 pixels, kept as they are
         array = array.unsqueeze(0) if array.ndim == 3 else array
         if array.ndim != 4 or array.shape[1] not in (1, 3):
             raise ValueError(f"image tensors must be [image, 3, H, W] in [0, 1]; got shape {tuple(images.shape)}")

@@ -314,15 +314,13 @@ def _positive(text: str) -> int:
 def _evaluation_table(result: dict) -> str:
     """The evaluation's figures as the tables of docs/shapes-model.md (the JSON file holds every number)."""
     lines = ["caption following          n   colour   shape  position   count     all"]
-    for key, label in (("following", "training distribution"), ("following_held_out", "held-out pairs"),
-                       ("following_study_settings", "study settings (10, 7.5)")):
-        r = result[key]
+    following = [("training distribution", result["following"]), ("held-out pairs", result["following_held_out"]),
+                 ("study settings (10, 7.5)", result["following_study_settings"])]
+    if "random" in result:
+        following.append(("random weights", result["random"]["following"]))
+    for label, r in following:
         lines.append(f"{label:<24}{r['n']:>5}" + "".join(f"{r[k]:>8.1%}" for k in ("colour", "shape", "position",
                                                                                     "count", "all")))
-    if "random" in result:
-        r = result["random"]["following"]
-        lines.append(f"{'random weights':<24}{r['n']:>5}" + "".join(f"{r[k]:>8.1%}" for k in ("colour", "shape",
-                                                                                             "position", "count", "all")))
     lines.append("localisation (word)        IoU  IoU@0.5    peak    mass    area  IoU other")
     rows = [("real", result["localisation_real"]["all"]), ("generated", result["localisation_generated"])]
     if "random" in result:

@@ -51,7 +51,7 @@ def match_objects(wanted, found) -> list[dict]:
     return rows
 
 
-def _images(pipe, captions, seeds, steps, guidance, batch=25, probe_words=False):
+def _images(pipe, captions, seeds, steps, guidance, batch=25):
     out = []
     for i in range(0, len(captions), batch):
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch]]
