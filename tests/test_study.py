@@ -214,3 +214,17 @@ def test_cli_unloadable_scorer_fails_in_one_line_before_generating(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("attnprobe: error: could not load scorer") and "\n" not in err
     assert not (tmp_path / "o" / "auc.csv").exists()
+
+
+def test_presence_interval_stays_in_the_scores_range():
+    """A t-interval of three 0/1 differences runs past ±1; clipped to the scorer's range, it stays inside it."""
+    from attnprobe.report import summarize
+
+    rows = [dict(model="m", concept="c", variant="v", intervention="", auc_last=0.5, auc=0.5, delta_auc=0.0,
+                 delta_auc_last=0.0, presence=p, delta_presence=d, clip_accuracy=0.0, delta_clip_accuracy=0.0)
+            for p, d in ((0.0, -1.0), (1.0, 0.0), (1.0, 0.0))]
+    free = summarize(rows, [], ["m"], ["c"], ["v"])[0]
+    assert free["ci_low_presence"] < -1 and free["ci_high_presence"] > 1  # unclipped: −1/3 ± 1.43 (t(2) = 4.30)
+    clipped = summarize(rows, [], ["m"], ["c"], ["v"], presence_range=(0.0, 1.0))[0]
+    assert clipped["delta_presence"] == pytest.approx(-1 / 3)
+    assert (clipped["ci_low_presence"], clipped["ci_high_presence"]) == (-1.0, 1.0)

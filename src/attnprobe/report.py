@@ -65,8 +65,9 @@ def _save_figure(fig, path: Path) -> Path:
     return write_atomic(path, buf.getvalue())
 
 
-def _interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and 95% Student-t interval (NaN bounds with fewer than 2 values)."""
+def _interval(values: Sequence[float], bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
+    """Mean and 95% Student-t interval (NaN bounds with fewer than 2 values), clipped to ``bounds`` when given (the
+    range the values can take: a mean cannot leave it, while a t-interval of a few 0/1 values does)."""
     vals = [v for v in values if math.isfinite(v)]
     n = len(vals)
     if n == 0:
@@ -78,11 +79,19 @@ def _interval(values: Sequence[float]) -> tuple[float, float, float]:
 
     sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
     half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+    if bounds is None:
+        return mean, mean - half, mean + half
+    return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])
 
 
-def summarize(aucs: Sequence[dict], text: Sequence[dict], models, concepts, names) -> list[dict]:
-    """Per model, concept and row (variant or intervention): mean AUC, mean Δ with a 95% t-interval over seeds."""
+def summarize(aucs: Sequence[dict], text: Sequence[dict], models, concepts, names,
+              presence_range: tuple[float, float] | None = None) -> list[dict]:
+    """Per model, concept and row (variant or intervention): mean AUC, mean Δ with a 95% t-interval over seeds.
+
+    ``presence_range``: the scorer's ``score_range`` (e.g. ``(0, 1)`` for a 0/1 checker); the Δ presence interval is
+    clipped to what a difference of two such scores can be, ``±(high − low)``. ``None``: not clipped.
+    """
+    spread = None if presence_range is None else presence_range[1] - presence_range[0]
     cond_text = {(r["model"], r["concept"], r["variant"]): r for r in text if r["encoder"] == "conditioning"}
     summary = []
     for model in models:
@@ -93,7 +102,7 @@ def summarize(aucs: Sequence[dict], text: Sequence[dict], models, concepts, name
                     continue
                 d, lo, hi = _interval([r["delta_auc"] for r in rows])
                 dl, lol, hil = _interval([r["delta_auc_last"] for r in rows])
-                dp, lop, hip = _interval([r["delta_presence"] for r in rows])
+                dp, lop, hip = _interval([r["delta_presence"] for r in rows], None if spread is None else (-spread, spread))
                 txt = cond_text.get((model, concept, variant), {})
                 if variant == "baseline":  # the reference has no Δ against the control
                     txt = {k: v for k, v in txt.items() if not k.startswith("delta")}

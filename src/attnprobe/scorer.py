@@ -49,6 +49,8 @@ class PresenceScorer(Protocol):
 
     Attributes:
         name: how the scores are labelled in the outputs (e.g. ``"openai/clip-vit-large-patch14"``).
+        score_range: optional ``(low, high)``, the values ``score`` can return; the study clips its Δ presence
+            intervals to ``±(high − low)`` when a scorer has it.
     """
 
     name: str
@@ -109,6 +111,7 @@ class CLIPScorer:
         self.model = model.eval()
         self.processor = processor
         self.name = name
+        self.score_range = (0.0, CLIPSCORE_W)
         self.target = target
         self.anchor = anchor
         self.random_weights = random_weights
@@ -149,6 +152,7 @@ class ShapesScorer:
     """
 
     name = "shapes (programmatic checker)"
+    score_range = (0.0, 1.0)
 
     def score(self, images, concept: str) -> torch.Tensor:
         """1.0 / 0.0 per image (``[image]`` float32): does it show an object matching every word of ``concept``?

@@ -435,7 +435,7 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
         return StudyResult(out=out, done=counts["done"], failed=counts["failed"])
     scorer_name = getattr(plan.scorer, "name", None)
     result = _merge(out, cells, plan.models, plan.concepts, plan.seeds, list(plan.variants) + list(plan.rows),
-                    scorer_name=scorer_name, settings=key)
+                    scorer_name=scorer_name, settings=key, presence_range=getattr(plan.scorer, "score_range", None))
     result.skipped = skipped
     if echo:
         shown = plan.size or (_default_size(pipe, plan.models[0]) if len(plan.models) == 1 and pipe else "native")
@@ -475,13 +475,14 @@ def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guida
     return pipe
 
 
-def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None, settings=None) -> "StudyResult":
+def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None, settings=None,
+           presence_range=None) -> "StudyResult":
     """The study's outputs from every shard of the grid: the same files whichever processes measured the cells."""
     from types import SimpleNamespace
 
     result = StudyResult(out=out)
     figures = collect(out, cells, seeds, result, scorer_name, settings=settings)
-    result.summary = summarize(result.aucs, result.text, models, concepts, names)
+    result.summary = summarize(result.aucs, result.text, models, concepts, names, presence_range)
     for name in OUTPUT_FILES:  # an old output that this run does not write again would mix with this one's
         (out / name).unlink(missing_ok=True)
     result.files = write_tables(result, out)
