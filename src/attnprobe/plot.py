@@ -109,9 +109,8 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
     concepts = list(dict.fromkeys(r["concept"] for r in summary))
     variants = list(dict.fromkeys(r["variant"] for r in summary))
     table = {(r["concept"], r["variant"]): r for r in summary}
-    fig, axes = plt.subplots(
-        len(panels), 1, figsize=(max(6.0, 0.9 * len(concepts) + 2), 3.0 * len(panels)), squeeze=False
-    )
+    width_in = max(6.0, 0.9 * len(concepts) + 2)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 3.0 * len(panels)), squeeze=False)
     width = 0.8 / max(1, len(variants))
     colours = _colours(variants)
     for ax, (title, value, low, high) in zip(axes[:, 0], panels):
@@ -129,9 +128,10 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(np.arange(len(concepts)), concepts, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("Δ AUC vs baseline", fontsize=8)
-        ax.set_title(textwrap.fill(f"Δ attention, {title} (mean over seeds, 95% CI)", 90), fontsize=9)
+        # ~11 characters of 9-point text per inch of figure: the title wraps inside the figure
+        ax.set_title(textwrap.fill(f"Δ attention, {title} (mean over seeds, 95% CI)", int(11 * width_in)), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=8, frameon=False)
+    axes[0, 0].legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars
     fig.tight_layout()
     return fig
 

@@ -60,7 +60,7 @@ def _save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1)  # no label cut at the edge
     plt.close(fig)
     return write_atomic(path, buf.getvalue())
 
