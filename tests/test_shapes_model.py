@@ -123,6 +123,15 @@ def test_a_template_cut_by_the_16_tokens_is_warned_about(tmp_path, capsys):
     assert "variant 'long' is 18 tokens" in capsys.readouterr().err
 
 
+def test_concepts_the_shapes_model_cannot_draw_are_warned_about(capsys):
+    from attnprobe.study import _warn_shapes_concepts
+
+    _warn_shapes_concepts(["dog", "red circle", "blue circle"])  # what --scorer none lets through
+    err = capsys.readouterr().err
+    assert "'dog': the shapes model knows only the colours red, green, blue" in err
+    assert "'blue circle': the shapes model never saw a blue circle" in err and "'red circle'" not in err
+
+
 def test_the_shapes_command_line_refuses_bad_input(tmp_path, capsys):
     from attnprobe.zoo.shapes import main
     from attnprobe.zoo.shapes_model import train

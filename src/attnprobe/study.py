@@ -123,11 +123,16 @@ def _check_other_models(models, concepts, variants) -> None:
                              "variants) or give --concepts and --variants that fit it") from None
 
 
-def _warn_held_out(concepts) -> None:
+def _warn_shapes_concepts(concepts) -> None:
+    """Warn about concepts the shapes model cannot draw: no colour or shape word of its grammar, or a held-out pair."""
+    from .zoo.shapes import COLOURS, SHAPES
     from .zoo.shapes_model import HELD_OUT
 
     for concept in concepts:
         words = concept.lower().split()
+        if not set(words) & (set(COLOURS) | set(SHAPES)):
+            _warn(f"{concept!r}: the shapes model knows only the colours {', '.join(COLOURS)} and the shapes "
+                  f"{', '.join(SHAPES)}; its images cannot show this concept (attention to it is still measured)")
         for colour, shape in sorted(HELD_OUT):
             if colour in words and shape in words:
                 _warn(f"{concept!r}: the shapes model never saw a {colour} {shape} in training (a held-out pair; it "
@@ -316,7 +321,7 @@ def study(
     if hasattr(scorer, "check_concepts"):
         scorer.check_concepts(concepts)  # a concept the scorer cannot read stops the study before the first image
     if "shapes" in models:
-        _warn_held_out(concepts)
+        _warn_shapes_concepts(concepts)
     _check_other_models(models, concepts, variants)
     pipe = _ready_pipeline(models[0], device, dtype, concepts, variants, rows, steps, guidance)
     plan = _Plan(out=out, procs=procs, settings=settings, models=models, concepts=concepts, seeds=seeds,
