@@ -22,6 +22,7 @@ Site kinds: ``"joint"`` (a double-stream block: image tokens through ``to_q``/``
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -66,14 +67,19 @@ def site_kind(module: torch.nn.Module, parent: torch.nn.Module | None) -> str | 
     return None
 
 
-def _is_attention(module) -> bool:
+@functools.cache
+def _attention_classes() -> tuple[type, ...]:
     from diffusers.models.attention_processor import Attention
 
     try:
         from diffusers.models.attention import AttentionModuleMixin
     except ImportError:  # pragma: no cover - diffusers without the mixin
-        AttentionModuleMixin = Attention
-    return isinstance(module, (Attention, AttentionModuleMixin)) and hasattr(module, "processor")
+        return (Attention,)
+    return (Attention, AttentionModuleMixin)
+
+
+def _is_attention(module) -> bool:
+    return isinstance(module, _attention_classes()) and hasattr(module, "processor")
 
 
 def joint_probs(
