@@ -12,8 +12,9 @@ the peak RSS stays flat; "read MB" is the memory a concept's trajectory took to 
 The SD 1.5-shaped pipeline has SD 1.5's block layout (16 cross-attention sites, 8 heads, 4 resolutions) with
 channels (32, 64, 64, 64) so that it runs on 2 CPU cores (head size 4-8; SD 1.5's is 40-160). The probe's
 softmax over image positions × 77 tokens × 8 heads does not shrink with the channels while the convolutions
-do, so it weighs more here than in the real model: the "×2 channels" row shows the trend (benchmarks/gpu.py
-measures full size).
+do, so it weighs more here than in the real model: the "×2" and "×4 channels" rows show the trend (benchmarks/gpu.py
+measures full size). Before the table, one line splits the target row's probed time: the probe's softmax and its
+reductions timed inside the wrappers (``--child breakdown N``), the floor of that row's ratio in exact mode.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ STEPS = 10
 TIMED = {  # name: (model, px, probe options)
     "SD1.5-shaped, cond, head mean (target)": ("sd15", 256, dict(heads="mean")),
     "SD1.5-shaped ×2 channels, cond, head mean": ("sd15x2", 256, dict(heads="mean")),
+    "SD1.5-shaped ×4 channels, cond, head mean": ("sd15x4", 256, dict(heads="mean")),
     "SD1.5-shaped, cond, head mean, 64 px": ("sd15", 64, dict(heads="mean")),
     "SD1.5-shaped, cond, heads keep": ("sd15", 256, dict(heads="keep")),
     "SD1.5-shaped, all passes, head mean": ("sd15", 256, dict(heads="mean", passes="all")),
@@ -71,7 +73,8 @@ def current_rss_mb() -> float:
 
 def child_timed(name: str, repeats: int) -> dict:
     model, size, options = TIMED[name]
-    pipe = sd15_shaped() if model == "sd15" else sd15_shaped(width=2) if model == "sd15x2" else sdxl_shaped()
+    widths = {"sd15": 1, "sd15x2": 2, "sd15x4": 4}
+    pipe = sd15_shaped(width=widths[model]) if model in widths else sdxl_shaped()
     return {"case": name, "px": size, **measure(pipe, size, STEPS, options, repeats)}
 
 
@@ -116,6 +119,46 @@ def child_compile(repeats: int) -> dict:
             "recompiles": counters["stats"]["unique_graphs"] - graphs, "rss_mb": peak_rss_mb()}
 
 
+def child_breakdown(repeats: int) -> dict:
+    """Where the target row's probed time goes: the probe's softmax (``attention_probs``) and capture-time reductions
+    (``reduce_probs``) timed inside the wrappers, per generation (median of ``repeats``), against a plain generation."""
+    import statistics
+    import time
+
+    import attnprobe
+    from attnprobe import processors
+
+    pipe = sd15_shaped()
+    spent: dict[str, float] = {}
+
+    def timing(name):
+        inner = getattr(processors, name)
+
+        def timed_fn(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return timed_fn
+
+    for name in ("attention_probs", "reduce_probs"):
+        setattr(processors, name, timing(name))
+    rows: dict[str, list[float]] = {"plain": [], "attention_probs": [], "reduce_probs": []}
+    generate(pipe, 256, STEPS)
+    for _ in range(repeats + 1):
+        spent.clear()
+        with attnprobe.probe(pipe, heads="mean"):
+            generate(pipe, 256, STEPS)
+        rows["attention_probs"].append(spent["attention_probs"])
+        rows["reduce_probs"].append(spent["reduce_probs"])
+        t0 = time.perf_counter()
+        generate(pipe, 256, STEPS)
+        rows["plain"].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v[1:]) for k, v in rows.items()}
+    return {"plain_s": med["plain"], "softmax_s": med["attention_probs"], "reduce_s": med["reduce_probs"],
+            "share": (med["attention_probs"] + med["reduce_probs"]) / med["plain"]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 pairs per row instead of 9; 30 generations, not 100")
@@ -124,7 +167,8 @@ def main():
     if args.child:
         kind, *rest = args.child
         row = (child_timed(rest[0], int(rest[1])) if kind == "timed" else child_memory(rest[0], int(rest[1]))
-               if kind == "memory" else child_compile(int(rest[0])))
+               if kind == "memory" else child_breakdown(int(rest[0])) if kind == "breakdown"
+               else child_compile(int(rest[0])))
         print(json.dumps(row))
         return
     repeats, many = (5, 30) if args.quick else (9, 100)
@@ -136,6 +180,10 @@ def main():
     for mode, g in (("in memory", 1), ("in memory", many), ("streamed", 1), ("streamed", many)):
         rows.append(in_child(__file__, "memory", mode.split()[-1] if mode == "streamed" else "memory", str(g)))
         rows[-1]["case"] = f"{mode}, {g} generation(s), heads keep"
+    split = in_child(__file__, "breakdown", str(repeats))
+    print(f"target row, probed: the probe's softmax {split['softmax_s'] * 1e3:.0f} ms + reductions "
+          f"{split['reduce_s'] * 1e3:.0f} ms per generation = {split['share']:.1%} of a plain one "
+          f"({split['plain_s']:.3f} s): the floor of its ratio in exact mode")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {STEPS} steps, guidance 7.5, fp16 maps on "
           f"the CPU; median of {repeats} alternating pairs (ratio range in brackets)")
     for row in rows:
