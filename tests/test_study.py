@@ -228,3 +228,10 @@ def test_presence_interval_stays_in_the_scores_range():
     clipped = summarize(rows, [], ["m"], ["c"], ["v"], presence_range=(0.0, 1.0))[0]
     assert clipped["delta_presence"] == pytest.approx(-1 / 3)
     assert (clipped["ci_low_presence"], clipped["ci_high_presence"]) == (-1.0, 1.0)
+
+
+def test_a_cell_warning_is_printed_once_per_study(tmp_path, capsys):
+    """A template whose own words contain the concept is warned about once, not once per seed."""
+    study("tiny", out=tmp_path / "s", concepts=["dog"], variants=["baseline=a dog and a {c}"], seeds=[0, 1],
+          steps=2, progress=False, echo=False, scorer="none")
+    assert capsys.readouterr().err.count("'dog' occurs 2 times") == 1

@@ -289,6 +289,7 @@ def study(
         InterventionError, ConceptError: an intervention that cannot run here (checked before generating).
     """
     models = check_models(model)
+    _WARNED.clear()
     default_concepts, default_variants, default_scorer = _model_defaults(models[0])
     variants = parse_variants(variants, default_variants)
     rows = parse_interventions(interventions)
@@ -526,9 +527,17 @@ def _run_cell(pipe, cell, plan: "_Plan"):
     return record, tensors
 
 
+#: warnings already printed by the study in progress (a cell-level warning would repeat for every seed)
+_WARNED: set[str] = set()
+
+
 def _warn(message: str) -> None:
+    """Print a study warning to stderr once per study (``study`` clears the record when it starts)."""
     from tqdm import tqdm
 
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
     tqdm.write(f"attnprobe study: warning: {message}", file=sys.stderr)
 
 
