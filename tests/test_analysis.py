@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnprobe import ConceptError, StoreError, auc, compare, heatmap, probe, trajectory
+from attnprobe import ConceptError, SelectionError, StoreError, auc, compare, heatmap, probe, trajectory
 from attnprobe.analysis import concept_positions
 from attnprobe.testing import synthetic_store
 
@@ -42,8 +42,10 @@ def test_occurrences():
     assert concept_positions(store, "dog", occurrence=-1) == [14]
     assert close(trajectory(store, "dog", occurrence=0), [0.3, 0.1])
     assert close(trajectory(store, "dog", occurrence=-1), [0.3, 0.1])
-    with pytest.raises(IndexError, match="2 times"):
+    with pytest.raises(SelectionError, match=r"2 times \(occurrences 0..1"):
         trajectory(store, "dog", occurrence=2)
+    with pytest.raises(IndexError, match="mentions it once"):  # a SelectionError is an IndexError too
+        trajectory(synthetic_store(calls=2, mass={"dog": [0.6, 0.2]}), "dog", occurrence=1)
     with pytest.raises(ConceptError, match="cat"):
         trajectory(store, "cat")
 

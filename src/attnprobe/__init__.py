@@ -19,6 +19,7 @@ from .errors import (  # noqa: E402
     ModelLoadError,
     NoSitesError,
     ProbeError,
+    SelectionError,
     StoreError,
     UnknownSiteError,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "ProbeError",
     "SafeLatentDiffusion",
     "Sample",
+    "SelectionError",
     "Site",
     "StoreError",
     "UnknownSiteError",

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import StoreError
+from .errors import SelectionError, StoreError
 from .sites import select_sites
 from .store import AttentionStore
 
@@ -38,13 +38,15 @@ def concept_positions(store: AttentionStore, concept: str, sample: int = 0, occu
 
     Raises:
         ConceptError: see ``AttentionStore.token_indices``.
-        IndexError: no such occurrence (says how many there are).
+        SelectionError: no such occurrence (says how many there are; an ``IndexError`` too).
     """
     found = store.token_indices(sample, concept)
     if occurrence == "all":
         return sorted({p for occ in found for p in occ})
     if not isinstance(occurrence, int) or not -len(found) <= occurrence < len(found):
-        raise IndexError(f"occurrence {occurrence!r} of {concept!r}: sample {sample} mentions it {len(found)} times")
+        times = "once" if len(found) == 1 else f"{len(found)} times"
+        raise SelectionError(f"occurrence {occurrence!r} of {concept!r}: sample {sample} mentions it {times} "
+                             f"(occurrences 0..{len(found) - 1}, or -1 for the last)")
     return list(found[occurrence])
 
 
@@ -256,7 +258,7 @@ def heatmap(
         sample: index on the ``sample`` axis. Default: 0.
         occurrence: ``"all"`` or one mention's index (``-1``: the last).
         calls: call indices (an int, a slice or a list). Default: every call (for a store captured with
-            ``aggregate=``, its one aggregate). An empty or out-of-range choice raises ``IndexError``.
+            ``aggregate=``, its one aggregate). An empty or out-of-range choice raises ``SelectionError`` (an ``IndexError``).
         sites: site selector. Default: every site (flat sites are skipped: they have no grid).
         size: output ``(H, W)``. Default: the image size in pixels recorded in the store's metadata, else
             the largest site grid.
@@ -281,7 +283,7 @@ def heatmap(
     if calls is not None:
         call_idx = [calls] if isinstance(calls, int) else (call_idx[calls] if isinstance(calls, slice) else list(calls))
     if not call_idx or any(not isinstance(c, int) or not -n_calls <= c < n_calls for c in call_idx):
-        raise IndexError(f"calls={calls!r} picks no call or a call out of range; the store has calls 0..{n_calls - 1}")
+        raise SelectionError(f"calls={calls!r} picks no call or a call out of range; the store has calls 0..{n_calls - 1}")
 
     total = torch.zeros(size, dtype=torch.float32)
     for s in chosen:

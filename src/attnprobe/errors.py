@@ -24,6 +24,10 @@ class ConceptError(AttnprobeError):
     """A concept is not in a sample's prompt, or lies past the tokenizer's maximum length."""
 
 
+class SelectionError(AttnprobeError, IndexError):
+    """A position, sample, call or occurrence chosen from a store is out of range (says what range exists)."""
+
+
 class StoreError(AttnprobeError):
     """A store file is corrupt or truncated, or two stores cannot be compared."""
 

@@ -67,7 +67,7 @@ def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype |
     except Exception as exc:
         raise ModelLoadError(
             f"could not load model {model!r} ({_first_line(exc)}). Real checkpoints need their weights on this "
-            "machine (a local folder or the hub cache) or network access to the hub; offline, use --model tiny."
+            "machine (a local folder or the hub cache) or network access to the hub; offline, use --model shapes (trained) or tiny (random weights)."
         ) from None
     finally:
         diffusers_logging.set_verbosity(level)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from . import shards
-from .errors import ConceptError, StoreError, UnknownSiteError
+from .errors import ConceptError, SelectionError, StoreError, UnknownSiteError
 from .sites import Site
 from .tokens import TokenLayout, find_concept
 
@@ -56,7 +56,7 @@ def _positions(axis: str, chosen, length: int) -> list[int] | None:
     """``chosen`` (None, an int, a slice or a sequence of ints) as a list of non-negative positions on an axis.
 
     Raises:
-        IndexError: a position out of range. TypeError: not ints.
+        SelectionError: a position out of range (an ``IndexError``). TypeError: not ints.
     """
     if chosen is None:
         return None
@@ -68,7 +68,7 @@ def _positions(axis: str, chosen, length: int) -> list[int] | None:
     if any(not isinstance(i, int) or isinstance(i, bool) for i in chosen):
         raise TypeError(f"{axis} positions must be ints; got {chosen!r}")
     if any(not -length <= i < length for i in chosen):
-        raise IndexError(f"{axis} positions {chosen} are out of range: the {axis} axis has {length} entries")
+        raise SelectionError(f"{axis} positions {chosen} are out of range: the {axis} axis has {length} entries")
     return [i % length for i in chosen]
 
 
@@ -185,7 +185,7 @@ class AttentionStore:
             tokens: positions on the ``token`` axis (e.g. from ``token_indices``; same forms). Default: all.
 
         Raises:
-            UnknownSiteError: no such site. IndexError: a position out of range (says the axis length).
+            UnknownSiteError: no such site. SelectionError: a position out of range (says the axis length).
             TypeError: positions that are not ints.
 
         Examples:
@@ -254,7 +254,7 @@ class AttentionStore:
             listing = "\n  ".join(
                 f"{s.index}: {s.pass_label} prompt {s.prompt_index} image {s.image_index}: {s.text!r}" for s in self.samples
             )
-            raise IndexError(f"sample {sample!r} is not in this store; its {len(self.samples)} samples are:\n  {listing}")
+            raise SelectionError(f"sample {sample!r} is not in this store; its {len(self.samples)} samples are:\n  {listing}")
         return idx
 
     def layout(self, sample) -> TokenLayout:
