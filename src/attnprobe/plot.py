@@ -63,7 +63,8 @@ def plot_trajectories(
     concepts = list(trajectories)
     cols = min(5, max(1, len(concepts)))
     rows = math.ceil(len(concepts) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    width_in = max(3.2 * cols, 5.0)  # one concept: a wider panel rather than a title wider than the figure
+    fig, axes = plt.subplots(rows, cols, figsize=(width_in, 2.8 * rows), squeeze=False)
     for ax in axes.flat[len(concepts):]:
         ax.set_visible(False)
     colours = _colours(v for c in concepts for v in trajectories[c])
@@ -83,7 +84,7 @@ def plot_trajectories(
         ax.set_ylabel(ylabel, fontsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, int(10 * width_in)), fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     return fig
 
@@ -159,23 +160,26 @@ def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
         v, lo, hi = (float(r.get(k, float("nan"))) for k in (value, low, high))
         return [[v - lo if math.isfinite(lo) else 0.0], [hi - v if math.isfinite(hi) else 0.0]]
 
+    handles = []
     for k, variant in enumerate(variants):
         mine = [r for r in rows if r["variant"] == variant]
-        for j, r in enumerate(mine):
+        marker = markers[k % len(markers)]
+        for r in mine:
             ax.errorbar(r["delta_auc_last"], r["delta_presence"],
                         xerr=err(r, "delta_auc_last", "ci_low_last", "ci_high_last"),
                         yerr=err(r, "delta_presence", "ci_low_presence", "ci_high_presence"),
-                        fmt=markers[k % len(markers)], color=colours[variant], ms=5, capsize=2, lw=0.8,
-                        label=variant if j == 0 else None)
-            ax.annotate(r["concept"], (r["delta_auc_last"], r["delta_presence"]), fontsize=6, alpha=0.7,
-                        xytext=(3, 3), textcoords="offset points")
+                        fmt=marker, color=colours[variant], ms=5, capsize=2, lw=0.8)
+            # each variant's labels on their own line beside the point: points that coincide keep readable labels
+            ax.annotate(r["concept"], (r["delta_auc_last"], r["delta_presence"]), fontsize=6, alpha=0.8,
+                        color=colours[variant], xytext=(4, 4 - 8 * k), textcoords="offset points")
+        handles.append(plt.Line2D([], [], ls="none", marker=marker, color=colours[variant], ms=5, label=variant))
     ax.axhline(0, color="black", lw=0.8)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("Δ attention AUC vs baseline, requested mention", fontsize=8)
     ax.set_ylabel(f"Δ presence vs baseline ({scorer or 'scorer'})", fontsize=8)
     ax.set_title("Does lowering attention remove the concept from the image? (mean over seeds, 95% CI)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, frameon=False, loc="best")
+    ax.legend(handles=handles, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
 
@@ -184,7 +188,8 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
     """A grid of heat maps over the generated images: rows are concepts, columns variants.
 
     Args:
-        images: ``{concept: {variant: image}}`` as PIL images or ``[H, W, 3]`` arrays in ``[0, 1]``.
+        images: ``{concept: {variant: image}}`` as PIL images or ``[H, W, 3]`` arrays in ``[0, 1]``, drawn in grey
+            under the maps (so that the image's colours are not read as the colour scale's).
         maps: ``{concept: {variant: [H, W] array}}``, the same size as the images. Each map is scaled to
             ``[0, 1]`` by its own minimum and maximum before plotting (its contrast, not its level, is shown:
             the level is in the trajectories).
@@ -213,7 +218,9 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
             if img is not None:
                 img = np.asarray(img)
                 extent = (0, img.shape[1], img.shape[0], 0)  # the map over the whole image, whatever its resolution
-                ax.imshow(img, extent=extent)
+                # the image in grey under the map: its own colours would read as values of the colour scale
+                grey = img[..., :3].mean(axis=-1) if img.ndim == 3 else img
+                ax.imshow(grey, cmap="gray", extent=extent)
             m = np.asarray(maps[c][v], dtype=float)
             span = m.max() - m.min()
             m = (m - m.min()) / span if span > 0 else np.zeros_like(m)

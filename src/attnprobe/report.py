@@ -208,6 +208,9 @@ def format_summary(result, **settings) -> str:
                   f"  minus the baseline image's of the same seed (scorer: {scorer}); < 0: the concept shows less."]
         if "random" in scorer:
             lines.append("  Random weights: plumbing only. --scorer openai/clip-vit-large-patch14 gives real scores.")
+    if scorer:
+        lines.append("  Its 95% interval over seeds is in summary.csv (ci_low_presence, ci_high_presence) and presence.png, "
+                     "cut to the range a difference of two scores can take (±1 for 0/1 presence).")
     if any(r["intervention"] for r in result.summary):
         lines.append("Intervention rows: the baseline prompt with the intervention (auc.csv: 'intervention'), one more "
                      "pipeline call from the same noise.")
