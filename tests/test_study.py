@@ -3,8 +3,10 @@
 import csv
 import importlib
 import math
+import re
 
 import pytest
+import torch
 
 from attnprobe import AttentionEdit, ConceptError, InterventionError, cli
 from attnprobe.study import DEFAULT_CONCEPTS, DEFAULT_VARIANTS, parse_variants, study
@@ -235,3 +237,48 @@ def test_a_cell_warning_is_printed_once_per_study(tmp_path, capsys):
     study("tiny", out=tmp_path / "s", concepts=["dog"], variants=["baseline=a dog and a {c}"], seeds=[0, 1],
           steps=2, progress=False, echo=False, scorer="none")
     assert capsys.readouterr().err.count("'dog' occurs 2 times") == 1
+
+
+class _Scorer:
+    name = "mine"
+
+    def __init__(self, values=None, score_range=None, fail=False):
+        self.values, self.score_range, self.fail = values, score_range, fail
+
+    def score(self, images, concept):
+        if self.fail:
+            raise RuntimeError("the scorer broke")
+        return torch.tensor(self.values if self.values is not None else [0.5] * len(images))
+
+
+@pytest.mark.parametrize("score_range", [(1.0, 0.0), 1.0, "0,1", (0.0, float("nan"))])
+def test_a_bad_score_range_stops_the_study_before_generating(tmp_path, score_range):
+    with pytest.raises(ValueError, match=r"scorer 'mine' has score_range=.*low < high"):
+        study("tiny", out=tmp_path / "s", concepts=["dog"], seeds=[0], steps=2, progress=False, echo=False,
+              scorer=_Scorer(score_range=score_range))
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("scorer, message", [
+    (_Scorer(values=[0.5]), r"presence: ValueError: scorer 'mine': score\(\) returned shape \[1\] for 4 images"),
+    (_Scorer(values=[0.5, 5.0, 0.1, 0.2], score_range=(0.0, 1.0)), r"returned 5, outside its range \[0, 1\]"),
+    (_Scorer(fail=True), r"presence: RuntimeError: the scorer broke"),
+])
+def test_a_failing_scorer_keeps_the_attention_measured(tmp_path, scorer, message):
+    """What the scorer returns is checked; when it fails, the cell's attention rows stay, with NaN presence."""
+    result = study("tiny", out=tmp_path / "s", concepts=["dog"], seeds=[0], steps=2, progress=False, echo=False,
+                   scorer=scorer)
+    assert {r["variant"] for r in result.aucs} == set(DEFAULT_VARIANTS)
+    assert all(math.isnan(r["presence"]) for r in result.aucs)
+    assert len(result.failures) == 1 and re.search(message, result.failures[0]["error"])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("=a {c}", "variant name ''"),
+    ("x=a {c},x=b {c}", "'x' is given 2 times"),
+    ("instruction,my variant=a {c}", "variant name 'instruction,my variant'"),
+])
+def test_variant_names_are_checked(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_variants(spec)
+    assert list(parse_variants("instruction,über=ein {c}")) == ["baseline", "instruction", "über"]

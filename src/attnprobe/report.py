@@ -156,8 +156,12 @@ def done_line(done: int, skipped: int, failed: int) -> str:
             f"run), {failed} failed.")
 
 
-def format_summary(result, **settings) -> str:
-    """The summary table as text: per concept and variant, AUC and Δ AUC (mean [95% CI]) over seeds."""
+def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str:
+    """The summary table as text: per concept and variant, AUC and Δ AUC (mean [95% CI]) over seeds.
+
+    ``scorer_kind``: ``"clip"`` (CLIPScore), ``"shapes"`` (the shapes checker) or anything else (a user's scorer,
+    described by its name only); ``None``: taken from the ``scorer`` setting's name.
+    """
 
     def ci(v, lo, hi, baseline=False):
         if baseline:
@@ -200,7 +204,12 @@ def format_summary(result, **settings) -> str:
         "  minus the repetition control's (< 0: the variant moves the concept more than naming it twice does).",
     ]
     scorer = settings.get("scorer")
-    if scorer and scorer.startswith("shapes"):
+    if scorer_kind is None and scorer:
+        scorer_kind = "shapes" if scorer.startswith("shapes") else "clip"
+    if scorer and scorer_kind not in ("shapes", "clip"):
+        lines += [f"Δ presence: the score of scorer {scorer!r} for the image minus the baseline image's of the same "
+                  "seed; < 0: the concept shows less."]
+    elif scorer and scorer_kind == "shapes":
         lines += ["Δ presence: share of images that show the concept (read back by attnprobe.zoo.shapes.read_scene: 1 if",
                   "  an object has the concept's colour and shape) minus the baseline's; < 0: the concept shows less."]
     elif scorer:

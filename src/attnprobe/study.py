@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import shutil
 import sys
@@ -180,17 +181,19 @@ def parse_variants(spec, defaults: Mapping[str, str] = DEFAULT_VARIANTS) -> dict
     Accepts a dict, a list, or a comma-separated string. ``baseline`` is always included.
 
     Raises:
-        ValueError: an unknown name or a template without ``{c}`` (says which exist).
+        ValueError: an unknown name, a template without ``{c}`` (says which exist), a name that is empty or holds
+            characters other than letters, digits, ``_`` and ``-``, or a name given twice.
     """
     if spec is None:
         return dict(defaults)
+    given = spec
     if isinstance(spec, Mapping):
         items = list(spec.items())
     else:
         if isinstance(spec, str):
             # split on the commas that start a new entry (a known name or "name="), so templates may hold commas
             known = "|".join(re.escape(k) for k in defaults)
-            spec = re.split(rf",\s*(?=[A-Za-z_][\w-]*\s*=|(?:{known})\s*(?:,|$))", spec)
+            spec = re.split(rf",\s*(?=\w[\w-]*\s*=|(?:{known})\s*(?:,|$))", spec)
         if any(not isinstance(p, str) for p in spec):
             raise ValueError(f"variants must be names or name=template texts; got {list(spec)!r}")
         parts = [p.strip() for p in spec if p.strip()]
@@ -206,6 +209,14 @@ def parse_variants(spec, defaults: Mapping[str, str] = DEFAULT_VARIANTS) -> dict
     bad = [(n, t) for n, t in items if not isinstance(n, str) or not isinstance(t, str)]
     if bad:
         raise ValueError(f"variants must be names and templates as text; got {bad[0][0]!r}: {bad[0][1]!r}")
+    names = [n for n, _ in items]
+    for name in names:
+        if not re.fullmatch(r"\w[\w-]*", name):
+            raise ValueError(f"variant name {name!r}: a name is letters, digits, _ and - (no spaces or commas); "
+                             f"got it from {given!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"variant {repeated[0]!r} is given {names.count(repeated[0])} times; give each name once")
     variants = dict(items)
     for name, template in variants.items():
         if "{c}" not in template:
@@ -319,6 +330,7 @@ def study(
     else:
         check_earlier_run(out, settings)
     scorer = scorer if isinstance(scorer, PresenceScorer) else load_scorer(scorer, device)
+    check_score_range(scorer)
     if hasattr(scorer, "check_concepts"):
         scorer.check_concepts(concepts)  # a concept the scorer cannot read stops the study before the first image
     if "shapes" in models:
@@ -446,7 +458,7 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
     if echo:
         shown = plan.size or (_default_size(pipe, plan.models[0]) if len(plan.models) == 1 and pipe else "native")
         print(format_summary(result, model=", ".join(plan.models), steps=plan.steps, guidance=plan.guidance,
-                             size=shown, scorer=scorer_name))
+                             size=shown, scorer=scorer_name, scorer_kind=_scorer_kind(plan.scorer)))
     if interrupted:
         raise KeyboardInterrupt
     return result
@@ -624,7 +636,11 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, interven
             continue
         runs.append((label, st, run.conditional_sample(st), base, out.images[0],
                      " + ".join(n["intervention"] for n in run.notes), factors))
-    presence, accuracy = _presence(scorer, [r[4] for r in runs], concept)
+    try:
+        presence, accuracy = _presence(scorer, [r[4] for r in runs], concept)
+    except Exception as exc:  # the scorer failed: keep the attention measured, with no presence
+        failures.append(_failure("", concept, seed, exc, row="presence"))
+        presence = accuracy = [float("nan")] * len(runs)
     rows, aucs, tensors = [], [], {}
     for k, ((variant, st, i, prompt, image, what, factors), p, a) in enumerate(zip(runs, presence, accuracy)):
         mentions = len(st.token_indices(i, concept))
@@ -657,13 +673,71 @@ def _mass(store, concept, sample, occurrence, factors) -> torch.Tensor:
     return (trajectory(store, concept, sample, occurrence=occurrence, by_site=True) * factors).mean(dim=1)
 
 
+def _scorer_label(scorer) -> str:
+    return str(getattr(scorer, "name", type(scorer).__name__))
+
+
+def _scorer_kind(scorer) -> str | None:
+    from .scorer import CLIPScorer, ShapesScorer
+
+    if scorer is None:
+        return None
+    return "shapes" if isinstance(scorer, ShapesScorer) else "clip" if isinstance(scorer, CLIPScorer) else "custom"
+
+
+def check_score_range(scorer) -> None:
+    """A scorer's optional ``score_range`` must be two finite numbers, low < high (checked before any image).
+
+    Raises:
+        ValueError: anything else, naming the scorer and the value.
+    """
+    value = getattr(scorer, "score_range", None)
+    if value is None:
+        return
+    try:
+        low, high = (float(v) for v in value)
+        ok = math.isfinite(low) and math.isfinite(high) and low < high
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"scorer {_scorer_label(scorer)!r} has score_range={value!r}: it must be (low, high), two "
+                         "finite numbers with low < high, or None")
+
+
+def _scores(scorer, method: str, images, concept) -> list[float]:
+    """One float per image from ``scorer.<method>``, checked: ``[image]`` values, inside ``score_range`` if any.
+
+    Raises:
+        ValueError: another shape or count, or a value outside the scorer's ``score_range`` (NaN is allowed).
+    """
+    values = getattr(scorer, method)(images, concept)
+    label = f"scorer {_scorer_label(scorer)!r}: {method}()"
+    try:
+        scores = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{label} returned {type(values).__name__}, not numbers ({exc})") from None
+    if scores.shape != (len(images),):
+        raise ValueError(f"{label} returned shape {list(scores.shape)} for {len(images)} images; it must return "
+                         f"one value per image ([{len(images)}])")
+    bounds = getattr(scorer, "score_range", None) if method == "score" else (0.0, 1.0)
+    if bounds is not None:
+        low, high = (float(b) for b in bounds)
+        outside = scores[~scores.isnan() & ((scores < low) | (scores > high))]
+        if outside.numel():
+            raise ValueError(f"{label} returned {outside[0].item():g}, outside its range [{low:g}, {high:g}]")
+    return scores.tolist()
+
+
 def _presence(scorer, images, concept) -> tuple[list[float], list[float]]:
-    """Per image, the scorer's presence score and CLIP accuracy (NaN without a scorer / an ``accuracy``)."""
+    """Per image, the scorer's presence score and CLIP accuracy (NaN without a scorer / an ``accuracy``).
+
+    Raises:
+        ValueError: the scorer returned something other than one in-range value per image (``_scores``).
+    """
     nan = [float("nan")] * len(images)
     if scorer is None:
         return nan, nan
-    score = [float(v) for v in scorer.score(images, concept)]
-    accuracy = getattr(scorer, "accuracy", None)
-    return score, ([float(v) for v in accuracy(images, concept)] if accuracy is not None else nan)
+    score = _scores(scorer, "score", images, concept)
+    return score, (_scores(scorer, "accuracy", images, concept) if hasattr(scorer, "accuracy") else nan)
 
 
