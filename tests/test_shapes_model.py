@@ -142,6 +142,8 @@ def test_the_shapes_command_line_refuses_bad_input(tmp_path, capsys):
                           (["train", "--unet-steps", "0"], "must be ≥ 1"),
                           (["evaluate", "--out", str(tmp_path / "no" / "e.json")], "existing folder"),
                           (["evaluate", "--captions", "-5"], "must be ≥ 1"),
+                          (["evaluate", "--guidance", "nan"], "finite number ≥ 0; got nan"),
+                          (["evaluate", "--guidance", "inf"], "finite number ≥ 0; got inf"),
                           (["evaluate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "e.json")],
                            "no such folder")):
         with pytest.raises(SystemExit) as exit_:

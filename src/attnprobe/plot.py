@@ -76,7 +76,7 @@ def plot_trajectories(
             (line,) = ax.plot(x, mean, label=variant, lw=1.6, color=colours[variant])
             if arr.shape[0] > 1:
                 ax.fill_between(x, arr.min(axis=0), arr.max(axis=0), color=line.get_color(), alpha=0.2, lw=0)
-        ax.set_title(concept, fontsize=10)
+        ax.set_title(_short(concept, 30), fontsize=10)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
@@ -87,6 +87,19 @@ def plot_trajectories(
     fig.suptitle(textwrap.fill(title, int(10 * width_in)), fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     return fig
+
+
+def _short(text: str, limit: int) -> str:
+    """A label cut to ``limit`` characters with an ellipsis (the tables keep the whole text)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _err_length(upper: float, lower: float) -> float:
+    """An error bar's length from its ends: NaN (drawn as no bar) when an end is missing, never negative."""
+    if not (math.isfinite(upper) and math.isfinite(lower)):
+        return float("nan")
+    return max(upper - lower, 0.0)
 
 
 def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, str, str]] | None = None):
@@ -122,12 +135,12 @@ def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, 
                 v = float(r.get(value, float("nan")))
                 lo, hi = float(r.get(low, float("nan"))), float(r.get(high, float("nan")))
                 vals.append(v)
-                errs[0].append(v - lo if math.isfinite(lo) else 0.0)
-                errs[1].append(hi - v if math.isfinite(hi) else 0.0)
+                errs[0].append(_err_length(v, lo))  # NaN (one seed): no error bar rather than a zero-width one
+                errs[1].append(_err_length(hi, v))
             x = np.arange(len(concepts)) + (i - (len(variants) - 1) / 2) * width
             ax.bar(x, vals, width, yerr=errs, capsize=2, label=variant, color=colours[variant])
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(np.arange(len(concepts)), concepts, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(np.arange(len(concepts)), [_short(c, 24) for c in concepts], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("Δ AUC vs baseline", fontsize=8)
         # ~11 characters of 9-point text per inch of figure: the title wraps inside the figure
         ax.set_title(textwrap.fill(f"Δ attention, {title} (mean over seeds, 95% CI)", int(11 * width_in)), fontsize=9)
@@ -158,7 +171,7 @@ def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
 
     def err(r, value, low, high):
         v, lo, hi = (float(r.get(k, float("nan"))) for k in (value, low, high))
-        return [[v - lo if math.isfinite(lo) else 0.0], [hi - v if math.isfinite(hi) else 0.0]]
+        return [[_err_length(v, lo)], [_err_length(hi, v)]]
 
     handles = []
     for k, variant in enumerate(variants):
@@ -170,13 +183,13 @@ def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
                         yerr=err(r, "delta_presence", "ci_low_presence", "ci_high_presence"),
                         fmt=marker, color=colours[variant], ms=5, capsize=2, lw=0.8)
             # each variant's labels on their own line beside the point: points that coincide keep readable labels
-            ax.annotate(r["concept"], (r["delta_auc_last"], r["delta_presence"]), fontsize=6, alpha=0.8,
+            ax.annotate(_short(r["concept"], 20), (r["delta_auc_last"], r["delta_presence"]), fontsize=6, alpha=0.8,
                         color=colours[variant], xytext=(4, 4 - 8 * k), textcoords="offset points")
         handles.append(plt.Line2D([], [], ls="none", marker=marker, color=colours[variant], ms=5, label=variant))
     ax.axhline(0, color="black", lw=0.8)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("Δ attention AUC vs baseline, requested mention", fontsize=8)
-    ax.set_ylabel(f"Δ presence vs baseline ({scorer or 'scorer'})", fontsize=8)
+    ax.set_ylabel(f"Δ presence vs baseline ({_short(scorer or 'scorer', 40)})", fontsize=8)
     ax.set_title("Does lowering attention remove the concept from the image? (mean over seeds, 95% CI)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -222,13 +235,17 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
                 grey = img[..., :3].mean(axis=-1) if img.ndim == 3 else img
                 ax.imshow(grey, cmap="gray", extent=extent)
             m = np.asarray(maps[c][v], dtype=float)
-            span = m.max() - m.min()
-            m = (m - m.min()) / span if span > 0 else np.zeros_like(m)
+            finite = np.isfinite(m)
+            if finite.any():  # NaN pixels stay blank; the rest is scaled by the finite values
+                low, span = m[finite].min(), m[finite].max() - m[finite].min()
+                m = np.where(finite, (m - low) / span if span > 0 else 0.0, np.nan)
+            else:
+                ax.text(0.5, 0.5, "no finite values", ha="center", va="center", fontsize=7, transform=ax.transAxes)
             im = ax.imshow(m, cmap="jet", alpha=0.5 if img is not None else 1.0, vmin=0, vmax=1, extent=extent)
             if i == 0:
-                ax.set_title(v, fontsize=8)
+                ax.set_title(_short(v, 24), fontsize=8)
             if j == 0:
-                ax.set_ylabel(c, fontsize=8)
+                ax.set_ylabel(textwrap.fill(c, 24, max_lines=3, placeholder="…"), fontsize=8)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=min(0.8, 3.0 / len(concepts) + 0.2), label="attention on concept (min–max scaled)")
     return fig
@@ -274,7 +291,7 @@ def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last
                 ax.set_xticks(layers)
                 ax.set_xlim(layers[0] - 0.5, layers[0] + 0.5)
             ax.grid(alpha=0.3)
-            ax.set_title(f"{concept} ({encoder})" if len(encoders) > 1 else concept, fontsize=9)
+            ax.set_title(_short(f"{concept} ({encoder})" if len(encoders) > 1 else concept, 30), fontsize=9)
             ax.set_xlabel("layer (0 = embeddings)", fontsize=7)
             if j % cols == 0:
                 ax.set_ylabel("cosine to baseline", fontsize=8)

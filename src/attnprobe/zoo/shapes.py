@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     ev.add_argument("--scenes", type=_positive, default=60, help="real scenes for localisation (default 60)")
     ev.add_argument("--generated", type=_positive, default=40, help="generations for localisation (default 40)")
     ev.add_argument("--steps", type=_positive, default=20, help="inference steps (default 20)")
-    ev.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    ev.add_argument("--guidance", type=_guidance, default=4.0, help="classifier-free guidance scale (default 4)")
     ev.add_argument("--no-baseline", action="store_true", help="skip the random-weight baseline")
     args = parser.parse_args(argv)
     if args.command == "train":
@@ -308,6 +308,19 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1; got {value}")
+    return value
+
+
+def _guidance(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0; got {text}")
     return value
 
 
