@@ -132,6 +132,12 @@ def test_analysis_argument_errors(pipe):
         attnprobe.heatmap(store, "dog", calls=10)
     with pytest.raises(ValueError, match="size"):
         attnprobe.heatmap(store, "dog", size=(0, 0))
+    with pytest.raises(ValueError, match=r"size=64.0 is not a positive int"):
+        attnprobe.heatmap(store, "dog", size=64.0)
+    with pytest.raises(attnprobe.SelectionError, match=r"calls=1.0: give a call index"):
+        attnprobe.heatmap(store, "dog", calls=1.0)
+    with pytest.raises(ValueError, match="normalize='yes'"):
+        attnprobe.heatmap(store, "dog", normalize="yes")
     assert attnprobe.heatmap(store, "dog", size=16).shape == (16, 16)
     with pytest.raises(ValueError, match="trajectory"):
         attnprobe.auc(0.5)

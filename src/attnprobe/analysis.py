@@ -275,12 +275,18 @@ def heatmap(
         raise StoreError("no chosen site has a spatial grid (all are flat)")
     if size is None:
         size = tuple(store.meta.get("image_size") or ()) or max(tuple(store[s.name].shape[3:5]) for s in chosen)
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    given = size
+    size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
     if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
-        raise ValueError(f"size={size!r} is not a (height, width) pair of positive ints")
+        raise ValueError(f"size={given!r} is not a positive int or a (height, width) pair of positive ints")
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize={normalize!r}: give True or False")
     n_calls = 1 if store.aggregate else len(store.calls)  # an aggregate is one entry on the call axis
     call_idx = list(range(n_calls))
     if calls is not None:
+        if not isinstance(calls, (int, slice, list, tuple, range)):
+            raise SelectionError(f"calls={calls!r}: give a call index (int), a slice or a list of ints; the store has "
+                                 f"calls 0..{n_calls - 1}")
         call_idx = [calls] if isinstance(calls, int) else (call_idx[calls] if isinstance(calls, slice) else list(calls))
     if not call_idx or any(not isinstance(c, int) or not -n_calls <= c < n_calls for c in call_idx):
         raise SelectionError(f"calls={calls!r} picks no call or a call out of range; the store has calls 0..{n_calls - 1}")
