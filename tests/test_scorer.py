@@ -57,6 +57,8 @@ def test_pil_tensor_and_array_inputs_agree(scorer, images):
         scorer.score("a picture", "dog")
     with pytest.raises(ValueError, match=r"\[image, 3, H, W\]"):
         scorer.score(torch.rand(2, 5, 8, 8), "dog")
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]; got values from [0-9.e-]+ to 2[0-9.]+ \(pass uint8"):
+        scorer.score(images * 255, "dog")  # 0–255 floats would have read as a white image
 
 
 def test_loading(tmp_path):

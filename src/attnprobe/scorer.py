@@ -62,7 +62,11 @@ class PresenceScorer(Protocol):
 
 def _pil_images(images) -> list:
     """PIL images from a PIL image, a list of them, ``[image, 3, H, W]`` / ``[3, H, W]`` tensors in ``[0, 1]`` (or uint8), or
-    ``[image, H, W, 3]`` / ``[H, W, 3]`` arrays (floats in ``[0, 1]`` or uint8)."""
+    ``[image, H, W, 3]`` / ``[H, W, 3]`` arrays (floats in ``[0, 1]`` or uint8).
+
+    Raises:
+        ValueError: another shape, or floats outside ``[0, 1]`` (by more than 0.01). TypeError: another type.
+    """
     from PIL import Image
 
     if isinstance(images, Image.Image):
@@ -79,6 +83,10 @@ def _pil_images(images) -> list:
         if array.ndim != 4 or array.shape[-1] not in (1, 3):
             raise ValueError(f"image arrays must be [image, H, W, 3]; got shape {images.shape}")
         if array.dtype != np.uint8:
+            low, high = float(np.nanmin(array)), float(np.nanmax(array))
+            if low < -0.01 or high > 1.01:  # 0–255 floats or −1..1 decoder output would be clipped to white/black
+                raise ValueError(f"float images must be in [0, 1]; got values from {low:g} to {high:g} (pass uint8 for "
+                                 "0–255 pixels, or (x + 1) / 2 for −1..1)")
             array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
         return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
     if isinstance(images, Sequence) and images and all(isinstance(i, Image.Image) for i in images):
