@@ -134,8 +134,16 @@ def test_analysis_argument_errors(pipe):
         attnprobe.heatmap(store, "dog", size=(0, 0))
     with pytest.raises(ValueError, match=r"size=64.0 is not a positive int"):
         attnprobe.heatmap(store, "dog", size=64.0)
-    with pytest.raises(attnprobe.SelectionError, match=r"calls=1.0: give a call index"):
+    with pytest.raises(TypeError, match=r"call positions must be an int, a slice or a list of ints; got 1.0"):
         attnprobe.heatmap(store, "dog", calls=1.0)
+    with pytest.raises(TypeError, match=r"call positions must be ints; got \[True\]"):
+        attnprobe.heatmap(store, "dog", calls=[True])
+    with pytest.raises(ValueError, match="at most 16384"):
+        attnprobe.heatmap(store, "dog", size=(1, 10**9))
+    import numpy as np  # numpy integers are indices like ints
+    assert attnprobe.heatmap(store, "dog", size=np.int64(8), calls=[np.int64(0)], sample=np.int64(0),
+                             occurrence=np.int64(0)).shape == (8, 8)
+    assert torch.equal(attnprobe.heatmap(store, "dog", sample=-1), attnprobe.heatmap(store, "dog", sample=0))
     with pytest.raises(ValueError, match="normalize='yes'"):
         attnprobe.heatmap(store, "dog", normalize="yes")
     assert attnprobe.heatmap(store, "dog", size=16).shape == (16, 16)

@@ -242,8 +242,8 @@ def test_a_cell_warning_is_printed_once_per_study(tmp_path, capsys):
 class _Scorer:
     name = "mine"
 
-    def __init__(self, values=None, score_range=None, fail=False):
-        self.values, self.score_range, self.fail = values, score_range, fail
+    def __init__(self, values=None, score_range=None, fail=False, accuracy=None):
+        self.values, self.score_range, self.fail, self.accuracy = values, score_range, fail, accuracy
 
     def score(self, images, concept):
         if self.fail:
@@ -251,7 +251,7 @@ class _Scorer:
         return torch.tensor(self.values if self.values is not None else [0.5] * len(images))
 
 
-@pytest.mark.parametrize("score_range", [(1.0, 0.0), 1.0, "0,1", (0.0, float("nan"))])
+@pytest.mark.parametrize("score_range", [(1.0, 0.0), 1.0, "0,1", "01", (0.0, float("nan")), (True, 2)])
 def test_a_bad_score_range_stops_the_study_before_generating(tmp_path, score_range):
     with pytest.raises(ValueError, match=r"scorer 'mine' has score_range=.*low < high"):
         study("tiny", out=tmp_path / "s", concepts=["dog"], seeds=[0], steps=2, progress=False, echo=False,
@@ -263,6 +263,7 @@ def test_a_bad_score_range_stops_the_study_before_generating(tmp_path, score_ran
     (_Scorer(values=[0.5]), r"presence: ValueError: scorer 'mine': score\(\) returned shape \[1\] for 4 images"),
     (_Scorer(values=[0.5, 5.0, 0.1, 0.2], score_range=(0.0, 1.0)), r"returned 5, outside its range \[0, 1\]"),
     (_Scorer(fail=True), r"presence: RuntimeError: the scorer broke"),
+    (_Scorer(values=[0.5, float("inf"), 0.1, 0.2]), r"returned an infinite value"),
 ])
 def test_a_failing_scorer_keeps_the_attention_measured(tmp_path, scorer, message):
     """What the scorer returns is checked; when it fails, the cell's attention rows stay, with NaN presence."""
@@ -282,3 +283,16 @@ def test_variant_names_are_checked(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_variants(spec)
     assert list(parse_variants("instruction,über=ein {c}")) == ["baseline", "instruction", "über"]
+    assert list(parse_variants("instruction,implicit,")) == ["baseline", "instruction", "implicit"]
+
+
+def test_a_failing_accuracy_loses_only_itself_and_a_tensor_range_is_read_as_floats(tmp_path):
+    bad = _Scorer(score_range=torch.tensor([0.0, 1.0]), accuracy=lambda images, concept: [2.0] * len(images))
+    result = study("tiny", out=tmp_path / "s", concepts=["dog"], seeds=[0, 1], steps=2, progress=False, echo=False,
+                   scorer=bad)
+    assert all(r["presence"] == 0.5 for r in result.aucs) and all(math.isnan(r["clip_accuracy"]) for r in result.aucs)
+    assert {f["error"].split(":")[0] for f in result.failures} == {"row accuracy"}
+    assert all(type(r["ci_low_presence"]) is float for r in result.summary)
+    none = study("tiny", out=tmp_path / "n", concepts=["dog"], seeds=[0], steps=2, progress=False, echo=False,
+                 scorer=_Scorer())  # accuracy = None: no accuracy, no failure
+    assert not none.failures and all(r["presence"] == 0.5 for r in none.aucs)

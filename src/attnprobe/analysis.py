@@ -27,7 +27,10 @@ import torch
 
 from .errors import SelectionError, StoreError
 from .sites import select_sites
-from .store import AttentionStore
+from .store import AttentionStore, _positions, as_index
+
+#: the largest heat-map side heatmap() makes (pixels): a larger size is a mistake, not a request
+MAX_SIDE = 16384
 
 __all__ = ["trajectory", "auc", "compare", "heatmap", "Comparison", "concept_positions"]
 
@@ -43,11 +46,12 @@ def concept_positions(store: AttentionStore, concept: str, sample: int = 0, occu
     found = store.token_indices(sample, concept)
     if occurrence == "all":
         return sorted({p for occ in found for p in occ})
-    if not isinstance(occurrence, int) or not -len(found) <= occurrence < len(found):
+    index = as_index(occurrence)
+    if index is None or not -len(found) <= index < len(found):
         times = "once" if len(found) == 1 else f"{len(found)} times"
         raise SelectionError(f"occurrence {occurrence!r} of {concept!r}: sample {sample} mentions it {times} "
                              f"(occurrences 0..{len(found) - 1}, or -1 for the last)")
-    return list(found[occurrence])
+    return list(found[index])
 
 
 def _site_mass(store: AttentionStore, site: str, sample: int, positions: list[int]) -> torch.Tensor:
@@ -260,7 +264,7 @@ def heatmap(
         calls: call indices (an int, a slice or a list). Default: every call (for a store captured with
             ``aggregate=``, its one aggregate). An empty or out-of-range choice raises ``SelectionError`` (an ``IndexError``).
         sites: site selector. Default: every site (flat sites are skipped: they have no grid).
-        size: output ``(H, W)``. Default: the image size in pixels recorded in the store's metadata, else
+        size: output ``(H, W)`` or one int for both (1 to ``MAX_SIDE``, 16384). Default: the image size in pixels recorded in the store's metadata, else
             the largest site grid.
         normalize: divide by the maximum so that values lie in ``[0, 1]``. Default: False (units: attention
             probability on the concept, averaged).
@@ -276,20 +280,17 @@ def heatmap(
     if size is None:
         size = tuple(store.meta.get("image_size") or ()) or max(tuple(store[s.name].shape[3:5]) for s in chosen)
     given = size
-    size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
-    if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
-        raise ValueError(f"size={given!r} is not a positive int or a (height, width) pair of positive ints")
+    size = (size, size) if as_index(size) is not None else tuple(size) if isinstance(size, (tuple, list)) else ()
+    size = tuple(as_index(v) for v in size)
+    if len(size) != 2 or not all(v is not None and 1 <= v <= MAX_SIDE for v in size):
+        raise ValueError(f"size={given!r} is not a positive int or a (height, width) pair of positive ints, each at "
+                         f"most {MAX_SIDE}")
     if not isinstance(normalize, bool):
         raise ValueError(f"normalize={normalize!r}: give True or False")
     n_calls = 1 if store.aggregate else len(store.calls)  # an aggregate is one entry on the call axis
-    call_idx = list(range(n_calls))
-    if calls is not None:
-        if not isinstance(calls, (int, slice, list, tuple, range)):
-            raise SelectionError(f"calls={calls!r}: give a call index (int), a slice or a list of ints; the store has "
-                                 f"calls 0..{n_calls - 1}")
-        call_idx = [calls] if isinstance(calls, int) else (call_idx[calls] if isinstance(calls, slice) else list(calls))
-    if not call_idx or any(not isinstance(c, int) or not -n_calls <= c < n_calls for c in call_idx):
-        raise SelectionError(f"calls={calls!r} picks no call or a call out of range; the store has calls 0..{n_calls - 1}")
+    call_idx = list(range(n_calls)) if calls is None else _positions("call", calls, n_calls)
+    if not call_idx:
+        raise SelectionError(f"calls={calls!r} picks no call; the store has calls 0..{n_calls - 1}")
 
     total = torch.zeros(size, dtype=torch.float32)
     for s in chosen:

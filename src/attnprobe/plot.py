@@ -90,9 +90,13 @@ def plot_trajectories(
 
 
 def _short(text: str, limit: int) -> str:
-    """A label cut to ``limit`` characters with an ellipsis (the tables keep the whole text)."""
+    """A label of at most ``limit`` characters: its start and its end around an ellipsis, so that long names that
+    differ only at the end stay apart (the tables keep the whole text)."""
     text = str(text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    tail = (limit - 1) // 3
+    return text[: limit - 1 - tail] + "…" + text[len(text) - tail:]
 
 
 def _err_length(upper: float, lower: float) -> float:
@@ -188,6 +192,7 @@ def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
         handles.append(plt.Line2D([], [], ls="none", marker=marker, color=colours[variant], ms=5, label=variant))
     ax.axhline(0, color="black", lw=0.8)
     ax.axvline(0, color="black", lw=0.8)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(6))  # small Δ values have long tick labels
     ax.set_xlabel("Δ attention AUC vs baseline, requested mention", fontsize=8)
     ax.set_ylabel(f"Δ presence vs baseline ({_short(scorer or 'scorer', 40)})", fontsize=8)
     ax.set_title("Does lowering attention remove the concept from the image? (mean over seeds, 95% CI)", fontsize=9)
@@ -247,7 +252,9 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
             if j == 0:
                 ax.set_ylabel(textwrap.fill(c, 24, max_lines=3, placeholder="…"), fontsize=8)
     if im is not None:
-        fig.colorbar(im, ax=axes, shrink=min(0.8, 3.0 / len(concepts) + 0.2), label="attention on concept (min–max scaled)")
+        label = "attention on concept (min–max scaled)" if len(concepts) > 1 else "attention\n(min–max scaled)"
+        bar = fig.colorbar(im, ax=axes, shrink=min(0.8, 3.0 / len(concepts) + 0.2))
+        bar.set_label(label, fontsize=8)  # one row of maps: a shorter label, as tall as the bar
     return fig
 
 

@@ -163,6 +163,8 @@ def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str
     described by its name only); ``None``: taken from the ``scorer`` setting's name.
     """
 
+    from .plot import _short
+
     def ci(v, lo, hi, baseline=False):
         if baseline:
             return "(reference)"
@@ -186,7 +188,7 @@ def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str
             lines.append(f"model {model}:")
         base = r["variant"] == "baseline"
         lines.append(
-            f"{r['concept'][:15]:<16}{r['variant'][:width - 1]:<{width}}{r['auc_last']:>8.4f}  "
+            f"{_short(r['concept'], 15):<16}{_short(r['variant'], width - 1):<{width}}{r['auc_last']:>8.4f}  "
             f"{ci(r['delta_auc_last'], r['ci_low_last'], r['ci_high_last'], base):<30}"
             f"{'(ref)' if base else num(r['delta_presence'], '+'):>10}  "
             f"{ci(r['delta_auc'], r['ci_low'], r['ci_high'], base):<30}"
@@ -219,7 +221,7 @@ def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str
             lines.append("  Random weights: plumbing only. --scorer openai/clip-vit-large-patch14 gives real scores.")
     if scorer:
         lines.append("  Its 95% interval over seeds is in summary.csv (ci_low_presence, ci_high_presence) and presence.png, "
-                     "cut to the range a difference of two scores can take (±1 for 0/1 presence).")
+                     "cut to the range a difference of two scores can take (±(high − low) of the scorer's score_range).")
     if any(r["intervention"] for r in result.summary):
         lines.append("Intervention rows: the baseline prompt with the intervention (auc.csv: 'intervention'), one more "
                      "pipeline call from the same noise.")

@@ -221,7 +221,12 @@ def load_scorer(name: str | None = "tiny", device="cpu") -> CLIPScorer | None:
 
     Raises:
         ModelLoadError: the model could not be loaded (offline, unknown id, not a CLIP model), in one line.
+        TypeError: neither a name nor a scorer object (says what it lacks).
     """
+    if not (name is None or isinstance(name, str)):
+        missing = [a for a in ("name", "score") if not hasattr(name, a)]
+        raise TypeError(f"scorer must be a name or an object with a name and score(images, concept); got "
+                        f"{type(name).__name__}" + (f" (it has no {' or '.join(missing)})" if missing else ""))
     if name is None or name == "none":
         return None
     if name == "shapes":

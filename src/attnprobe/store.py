@@ -27,6 +27,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import shards
@@ -52,21 +53,40 @@ def _json_safe(value):
     return str(value)
 
 
+def as_index(value) -> int | None:
+    """``value`` as a Python int if it is an integer — a Python, numpy or 0-d torch integer, never a bool — else None."""
+    import numbers
+
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype in (torch.int8, torch.uint8, torch.int16,
+                                                                               torch.int32, torch.int64):
+        return int(value)
+    return None
+
+
 def _positions(axis: str, chosen, length: int) -> list[int] | None:
-    """``chosen`` (None, an int, a slice or a sequence of ints) as a list of non-negative positions on an axis.
+    """``chosen`` (None, an int, a slice or a sequence of ints; numpy ints too) as a list of non-negative positions
+    on an axis.
 
     Raises:
-        SelectionError: a position out of range (an ``IndexError``). TypeError: not ints.
+        SelectionError: a position out of range (an ``IndexError``). TypeError: not ints (bools are not positions).
     """
     if chosen is None:
         return None
     if isinstance(chosen, slice):
         return list(range(length))[chosen]
-    if isinstance(chosen, int) and not isinstance(chosen, bool):
+    if as_index(chosen) is not None:
         chosen = [chosen]
-    chosen = list(chosen)
-    if any(not isinstance(i, int) or isinstance(i, bool) for i in chosen):
-        raise TypeError(f"{axis} positions must be ints; got {chosen!r}")
+    try:
+        items = list(chosen.tolist() if isinstance(chosen, (np.ndarray, torch.Tensor)) else chosen)
+    except TypeError:
+        raise TypeError(f"{axis} positions must be an int, a slice or a list of ints; got {chosen!r}") from None
+    if any(as_index(i) is None for i in items):
+        raise TypeError(f"{axis} positions must be ints; got {items!r}")
+    chosen = [as_index(i) for i in items]
     if any(not -length <= i < length for i in chosen):
         raise SelectionError(f"{axis} positions {chosen} are out of range: the {axis} axis has {length} entries")
     return [i % length for i in chosen]
@@ -249,13 +269,13 @@ class AttentionStore:
         return total
 
     def _sample_index(self, sample) -> int:
-        idx = sample.index if isinstance(sample, Sample) else sample
-        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(self.samples):
+        idx = sample.index if isinstance(sample, Sample) else as_index(sample)
+        if idx is None or not -len(self.samples) <= idx < len(self.samples):
             listing = "\n  ".join(
                 f"{s.index}: {s.pass_label} prompt {s.prompt_index} image {s.image_index}: {s.text!r}" for s in self.samples
             )
             raise SelectionError(f"sample {sample!r} is not in this store; its {len(self.samples)} samples are:\n  {listing}")
-        return idx
+        return idx % len(self.samples)  # -1: the last sample
 
     def layout(self, sample) -> TokenLayout:
         """The token layout of a sample (strings, kinds, ids, text, offsets)."""

@@ -191,6 +191,7 @@ def parse_variants(spec, defaults: Mapping[str, str] = DEFAULT_VARIANTS) -> dict
         items = list(spec.items())
     else:
         if isinstance(spec, str):
+            spec = spec.strip().rstrip(",")  # a trailing comma adds no variant
             # split on the commas that start a new entry (a known name or "name="), so templates may hold commas
             known = "|".join(re.escape(k) for k in defaults)
             spec = re.split(rf",\s*(?=\w[\w-]*\s*=|(?:{known})\s*(?:,|$))", spec)
@@ -330,7 +331,7 @@ def study(
     else:
         check_earlier_run(out, settings)
     scorer = scorer if isinstance(scorer, PresenceScorer) else load_scorer(scorer, device)
-    check_score_range(scorer)
+    _score_range(scorer)  # a malformed range stops the study before the first image
     if hasattr(scorer, "check_concepts"):
         scorer.check_concepts(concepts)  # a concept the scorer cannot read stops the study before the first image
     if "shapes" in models:
@@ -453,7 +454,7 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
         return StudyResult(out=out, done=counts["done"], failed=counts["failed"])
     scorer_name = getattr(plan.scorer, "name", None)
     result = _merge(out, cells, plan.models, plan.concepts, plan.seeds, list(plan.variants) + list(plan.rows),
-                    scorer_name=scorer_name, settings=key, presence_range=getattr(plan.scorer, "score_range", None))
+                    scorer_name=scorer_name, settings=key, presence_range=_score_range(plan.scorer))
     result.skipped = skipped
     if echo:
         shown = plan.size or (_default_size(pipe, plan.models[0]) if len(plan.models) == 1 and pipe else "native")
@@ -636,11 +637,7 @@ def _measure_cell(pipe, concept, seed, variants, steps, guidance, size, interven
             continue
         runs.append((label, st, run.conditional_sample(st), base, out.images[0],
                      " + ".join(n["intervention"] for n in run.notes), factors))
-    try:
-        presence, accuracy = _presence(scorer, [r[4] for r in runs], concept)
-    except Exception as exc:  # the scorer failed: keep the attention measured, with no presence
-        failures.append(_failure("", concept, seed, exc, row="presence"))
-        presence = accuracy = [float("nan")] * len(runs)
+    presence, accuracy = _presence(scorer, [r[4] for r in runs], concept, seed, failures)
     rows, aucs, tensors = [], [], {}
     for k, ((variant, st, i, prompt, image, what, factors), p, a) in enumerate(zip(runs, presence, accuracy)):
         mentions = len(st.token_indices(i, concept))
@@ -685,59 +682,74 @@ def _scorer_kind(scorer) -> str | None:
     return "shapes" if isinstance(scorer, ShapesScorer) else "clip" if isinstance(scorer, CLIPScorer) else "custom"
 
 
-def check_score_range(scorer) -> None:
-    """A scorer's optional ``score_range`` must be two finite numbers, low < high (checked before any image).
+def _score_range(scorer) -> tuple[float, float] | None:
+    """A scorer's optional ``score_range`` as two floats ``(low, high)``, checked before any image is made.
 
     Raises:
-        ValueError: anything else, naming the scorer and the value.
+        ValueError: not two finite real numbers with low < high (text, one number, NaN…), naming the scorer.
     """
+    import numbers
+
     value = getattr(scorer, "score_range", None)
     if value is None:
-        return
+        return None
     try:
-        low, high = (float(v) for v in value)
-        ok = math.isfinite(low) and math.isfinite(high) and low < high
-    except (TypeError, ValueError):
+        items = list(value.tolist() if hasattr(value, "tolist") else value)
+        ok = len(items) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items)
+        low, high = (float(v) for v in items) if ok else (0.0, 0.0)
+        ok = ok and math.isfinite(low) and math.isfinite(high) and low < high
+    except TypeError:
         ok = False
     if not ok:
         raise ValueError(f"scorer {_scorer_label(scorer)!r} has score_range={value!r}: it must be (low, high), two "
                          "finite numbers with low < high, or None")
+    return low, high
 
 
 def _scores(scorer, method: str, images, concept) -> list[float]:
-    """One float per image from ``scorer.<method>``, checked: ``[image]`` values, inside ``score_range`` if any.
+    """One float per image from ``scorer.<method>``, checked: ``[image]`` real values, finite or NaN, inside the
+    scorer's ``score_range`` (``score``) or ``[0, 1]`` (``accuracy``).
 
     Raises:
-        ValueError: another shape or count, or a value outside the scorer's ``score_range`` (NaN is allowed).
+        ValueError: another shape or count, a non-real or infinite value, or a value outside the range.
     """
     values = getattr(scorer, method)(images, concept)
     label = f"scorer {_scorer_label(scorer)!r}: {method}()"
     try:
-        scores = torch.as_tensor(values, dtype=torch.float64)
+        raw = torch.as_tensor(values)
+        if raw.is_complex():
+            raise TypeError("complex values")
+        scores = raw.to(torch.float64)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{label} returned {type(values).__name__}, not numbers ({exc})") from None
+        raise ValueError(f"{label} returned {type(values).__name__}, not real numbers ({exc})") from None
     if scores.shape != (len(images),):
         raise ValueError(f"{label} returned shape {list(scores.shape)} for {len(images)} images; it must return "
                          f"one value per image ([{len(images)}])")
-    bounds = getattr(scorer, "score_range", None) if method == "score" else (0.0, 1.0)
+    if scores.isinf().any():
+        raise ValueError(f"{label} returned an infinite value ({scores.tolist()}); give NaN for 'no score'")
+    bounds = _score_range(scorer) if method == "score" else (0.0, 1.0)
     if bounds is not None:
-        low, high = (float(b) for b in bounds)
+        low, high = bounds
         outside = scores[~scores.isnan() & ((scores < low) | (scores > high))]
         if outside.numel():
             raise ValueError(f"{label} returned {outside[0].item():g}, outside its range [{low:g}, {high:g}]")
     return scores.tolist()
 
 
-def _presence(scorer, images, concept) -> tuple[list[float], list[float]]:
-    """Per image, the scorer's presence score and CLIP accuracy (NaN without a scorer / an ``accuracy``).
-
-    Raises:
-        ValueError: the scorer returned something other than one in-range value per image (``_scores``).
-    """
+def _presence(scorer, images, concept, seed, failures: list) -> tuple[list[float], list[float]]:
+    """Per image, the scorer's presence score and CLIP accuracy: NaN without a scorer, without an ``accuracy``
+    method, or where that method failed (its failure appended to ``failures``: the cell keeps its attention rows)."""
     nan = [float("nan")] * len(images)
     if scorer is None:
         return nan, nan
-    score = _scores(scorer, "score", images, concept)
-    return score, (_scores(scorer, "accuracy", images, concept) if hasattr(scorer, "accuracy") else nan)
+    found = {}
+    for method in ("score", "accuracy"):
+        if not callable(getattr(scorer, method, None)):
+            continue
+        try:
+            found[method] = _scores(scorer, method, images, concept)
+        except Exception as exc:  # one failed measure loses only itself
+            failures.append(_failure("", concept, seed, exc, row="presence" if method == "score" else method))
+    return found.get("score", nan), found.get("accuracy", nan)
 
 
