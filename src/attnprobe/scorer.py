@@ -28,6 +28,7 @@ encoder) on a machine that has them. ``load_scorer("tiny")`` builds a random-wei
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
@@ -37,7 +38,7 @@ import torch
 
 from .errors import ModelLoadError
 
-__all__ = ["PresenceScorer", "CLIPScorer", "ShapesScorer", "load_scorer", "CLIPSCORE_W"]
+__all__ = ["PresenceScorer", "CLIPScorer", "ShapesScorer", "load_scorer", "CLIPSCORE_W", "checked_range", "checked_scores"]
 
 #: CLIPScore's rescaling weight (Hessel et al. 2021).
 CLIPSCORE_W = 2.5
@@ -204,6 +205,72 @@ class ShapesScorer:
         """The same 1.0 / 0.0 per image (the share of images that still show the concept, averaged): the study's
         ``clip_accuracy`` column holds it under this scorer."""
         return self.score(images, concept)
+
+
+def scorer_label(scorer) -> str:
+    """The name a scorer is reported under (its ``name``, else its class name)."""
+    return str(getattr(scorer, "name", type(scorer).__name__))
+
+
+def scorer_kind(scorer) -> str | None:
+    """``"shapes"``, ``"clip"`` or ``"custom"`` (a user's object): how the study describes its presence scores."""
+    if scorer is None:
+        return None
+    return "shapes" if isinstance(scorer, ShapesScorer) else "clip" if isinstance(scorer, CLIPScorer) else "custom"
+
+
+def checked_range(scorer) -> tuple[float, float] | None:
+    """A scorer's optional ``score_range`` as two floats ``(low, high)``, checked before any image is made.
+
+    Raises:
+        ValueError: not two finite real numbers with low < high (text, one number, NaN…), naming the scorer.
+    """
+    import numbers
+
+    value = getattr(scorer, "score_range", None)
+    if value is None:
+        return None
+    try:
+        items = list(value.tolist() if hasattr(value, "tolist") else value)
+        ok = len(items) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items)
+        low, high = (float(v) for v in items) if ok else (0.0, 0.0)
+        ok = ok and math.isfinite(low) and math.isfinite(high) and low < high
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"scorer {scorer_label(scorer)!r} has score_range={value!r}: it must be (low, high), two "
+                         "finite numbers with low < high, or None")
+    return low, high
+
+
+def checked_scores(scorer, method: str, images, concept) -> list[float]:
+    """One float per image from ``scorer.<method>``, checked: ``[image]`` real values, finite or NaN, inside the
+    scorer's ``score_range`` (``score``) or ``[0, 1]`` (``accuracy``).
+
+    Raises:
+        ValueError: another shape or count, a non-real or infinite value, or a value outside the range.
+    """
+    values = getattr(scorer, method)(images, concept)
+    label = f"scorer {scorer_label(scorer)!r}: {method}()"
+    try:
+        raw = torch.as_tensor(values)
+        if raw.is_complex():
+            raise TypeError("complex values")
+        scores = raw.to(torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{label} returned {type(values).__name__}, not real numbers ({exc})") from None
+    if scores.shape != (len(images),):
+        raise ValueError(f"{label} returned shape {list(scores.shape)} for {len(images)} images; it must return "
+                         f"one value per image ([{len(images)}])")
+    if scores.isinf().any():
+        raise ValueError(f"{label} returned an infinite value ({scores.tolist()}); give NaN for 'no score'")
+    bounds = checked_range(scorer) if method == "score" else (0.0, 1.0)
+    if bounds is not None:
+        low, high = bounds
+        outside = scores[~scores.isnan() & ((scores < low) | (scores > high))]
+        if outside.numel():
+            raise ValueError(f"{label} returned {outside[0].item():g}, outside its range [{low:g}, {high:g}]")
+    return scores.tolist()
 
 
 def load_scorer(name: str | None = "tiny", device="cpu") -> CLIPScorer | None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import shutil
 import sys
@@ -51,7 +50,7 @@ from .models import (  # noqa: F401  (load_pipeline and TINY_MODELS: re-exported
 from .probe import probe
 from .report import OUTPUT_FILES, done_line, format_summary, summarize, write_atomic, write_figures, write_tables
 from .runner import FolderLock, Manifest, _slug, collect, grid, processes, settings_key, write_cell
-from .scorer import PresenceScorer, load_scorer
+from .scorer import PresenceScorer, checked_range, checked_scores, load_scorer, scorer_kind
 from .text import similarity_rows
 from .tokens import find_concept, token_layout
 
@@ -331,7 +330,7 @@ def study(
     else:
         check_earlier_run(out, settings)
     scorer = scorer if isinstance(scorer, PresenceScorer) else load_scorer(scorer, device)
-    _score_range(scorer)  # a malformed range stops the study before the first image
+    checked_range(scorer)  # a malformed range stops the study before the first image
     if hasattr(scorer, "check_concepts"):
         scorer.check_concepts(concepts)  # a concept the scorer cannot read stops the study before the first image
     if "shapes" in models:
@@ -454,12 +453,12 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
         return StudyResult(out=out, done=counts["done"], failed=counts["failed"])
     scorer_name = getattr(plan.scorer, "name", None)
     result = _merge(out, cells, plan.models, plan.concepts, plan.seeds, list(plan.variants) + list(plan.rows),
-                    scorer_name=scorer_name, settings=key, presence_range=_score_range(plan.scorer))
+                    scorer_name=scorer_name, settings=key, presence_range=checked_range(plan.scorer))
     result.skipped = skipped
     if echo:
         shown = plan.size or (_default_size(pipe, plan.models[0]) if len(plan.models) == 1 and pipe else "native")
         print(format_summary(result, model=", ".join(plan.models), steps=plan.steps, guidance=plan.guidance,
-                             size=shown, scorer=scorer_name, scorer_kind=_scorer_kind(plan.scorer)))
+                             size=shown, scorer=scorer_name, scorer_kind=scorer_kind(plan.scorer)))
     if interrupted:
         raise KeyboardInterrupt
     return result
@@ -670,72 +669,6 @@ def _mass(store, concept, sample, occurrence, factors) -> torch.Tensor:
     return (trajectory(store, concept, sample, occurrence=occurrence, by_site=True) * factors).mean(dim=1)
 
 
-def _scorer_label(scorer) -> str:
-    return str(getattr(scorer, "name", type(scorer).__name__))
-
-
-def _scorer_kind(scorer) -> str | None:
-    from .scorer import CLIPScorer, ShapesScorer
-
-    if scorer is None:
-        return None
-    return "shapes" if isinstance(scorer, ShapesScorer) else "clip" if isinstance(scorer, CLIPScorer) else "custom"
-
-
-def _score_range(scorer) -> tuple[float, float] | None:
-    """A scorer's optional ``score_range`` as two floats ``(low, high)``, checked before any image is made.
-
-    Raises:
-        ValueError: not two finite real numbers with low < high (text, one number, NaN…), naming the scorer.
-    """
-    import numbers
-
-    value = getattr(scorer, "score_range", None)
-    if value is None:
-        return None
-    try:
-        items = list(value.tolist() if hasattr(value, "tolist") else value)
-        ok = len(items) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items)
-        low, high = (float(v) for v in items) if ok else (0.0, 0.0)
-        ok = ok and math.isfinite(low) and math.isfinite(high) and low < high
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"scorer {_scorer_label(scorer)!r} has score_range={value!r}: it must be (low, high), two "
-                         "finite numbers with low < high, or None")
-    return low, high
-
-
-def _scores(scorer, method: str, images, concept) -> list[float]:
-    """One float per image from ``scorer.<method>``, checked: ``[image]`` real values, finite or NaN, inside the
-    scorer's ``score_range`` (``score``) or ``[0, 1]`` (``accuracy``).
-
-    Raises:
-        ValueError: another shape or count, a non-real or infinite value, or a value outside the range.
-    """
-    values = getattr(scorer, method)(images, concept)
-    label = f"scorer {_scorer_label(scorer)!r}: {method}()"
-    try:
-        raw = torch.as_tensor(values)
-        if raw.is_complex():
-            raise TypeError("complex values")
-        scores = raw.to(torch.float64)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{label} returned {type(values).__name__}, not real numbers ({exc})") from None
-    if scores.shape != (len(images),):
-        raise ValueError(f"{label} returned shape {list(scores.shape)} for {len(images)} images; it must return "
-                         f"one value per image ([{len(images)}])")
-    if scores.isinf().any():
-        raise ValueError(f"{label} returned an infinite value ({scores.tolist()}); give NaN for 'no score'")
-    bounds = _score_range(scorer) if method == "score" else (0.0, 1.0)
-    if bounds is not None:
-        low, high = bounds
-        outside = scores[~scores.isnan() & ((scores < low) | (scores > high))]
-        if outside.numel():
-            raise ValueError(f"{label} returned {outside[0].item():g}, outside its range [{low:g}, {high:g}]")
-    return scores.tolist()
-
-
 def _presence(scorer, images, concept, seed, failures: list) -> tuple[list[float], list[float]]:
     """Per image, the scorer's presence score and CLIP accuracy: NaN without a scorer, without an ``accuracy``
     method, or where that method failed (its failure appended to ``failures``: the cell keeps its attention rows)."""
@@ -747,7 +680,7 @@ def _presence(scorer, images, concept, seed, failures: list) -> tuple[list[float
         if not callable(getattr(scorer, method, None)):
             continue
         try:
-            found[method] = _scores(scorer, method, images, concept)
+            found[method] = checked_scores(scorer, method, images, concept)
         except Exception as exc:  # one failed measure loses only itself
             failures.append(_failure("", concept, seed, exc, row="presence" if method == "score" else method))
     return found.get("score", nan), found.get("accuracy", nan)
