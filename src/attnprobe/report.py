@@ -151,9 +151,12 @@ def write_figures(result, out: Path, figures: dict) -> list[Path]:
         files.append(_save_figure(plot_text_similarity(result.text), out / "text_similarity.png"))
     return files
 def done_line(done: int, skipped: int, failed: int) -> str:
-    """``N generations done (S of them skipped: finished by an earlier run), F failed.``"""
+    """``N generations done (S of them skipped: finished by an earlier run), F failed …`` — F counts generations that
+    failed wholly or in part (a row or a measure: failures.csv); what they measured is kept, and running the study
+    again redoes them."""
+    tail = " (wholly or in part: failures.csv; running again redoes them)" if failed else ""
     return (f"{done} generation{'s' if done != 1 else ''} done ({skipped} of them skipped: finished by an earlier "
-            f"run), {failed} failed.")
+            f"run), {failed} failed{tail}.")
 
 
 def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str:

@@ -294,7 +294,7 @@ def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | N
         if cell.kind == "text":
             result.text += record["text"]
             continue
-        result.done += 1
+        result.done += not record.get("failures")  # a cell with a failed row counts once, as failed (as while running)
         result.failed += bool(record.get("failures"))
         result.trajectories += record["trajectories"]
         result.aucs += record["aucs"]
