@@ -14,7 +14,7 @@ channels (32, 64, 64, 64) so that it runs on 2 CPU cores (head size 4-8; SD 1.5'
 softmax over image positions × 77 tokens × 8 heads does not shrink with the channels while the convolutions
 do, so it weighs more here than in the real model: the "×2" and "×4 channels" rows show the trend (benchmarks/gpu.py
 measures full size). Before the table, one line splits the target row's probed time: the probe's softmax and its
-reductions timed inside the wrappers (``--child breakdown N``), the floor of that row's ratio in exact mode.
+reductions timed inside the wrappers (``--child breakdown N``), what the probe's own compute costs in exact mode.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def child_compile(repeats: int) -> dict:
 
 def child_breakdown(repeats: int) -> dict:
     """Where the target row's probed time goes: the probe's softmax (``attention_probs``) and capture-time reductions
-    (``reduce_probs``) timed inside the wrappers, per generation (median of ``repeats``), against a plain generation."""
+    (``reduce_probs``) timed inside the wrappers, per generation (median of ``repeats``), against a plain generation.
+    Returns seconds per generation (``plain_s``, ``softmax_s``, ``reduce_s``) and ``share`` = (softmax + reduce) / plain."""
     import statistics
     import time
 
@@ -183,7 +184,7 @@ def main():
     split = in_child(__file__, "breakdown", str(repeats))
     print(f"target row, probed: the probe's softmax {split['softmax_s'] * 1e3:.0f} ms + reductions "
           f"{split['reduce_s'] * 1e3:.0f} ms per generation = {split['share']:.1%} of a plain one "
-          f"({split['plain_s']:.3f} s): the floor of its ratio in exact mode")
+          f"({split['plain_s']:.3f} s): the probe's own compute in exact mode")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {STEPS} steps, guidance 7.5, fp16 maps on "
           f"the CPU; median of {repeats} alternating pairs (ratio range in brackets)")
     for row in rows:
