@@ -272,7 +272,7 @@ def test_a_failing_scorer_keeps_the_attention_measured(tmp_path, scorer, message
     assert {r["variant"] for r in result.aucs} == set(DEFAULT_VARIANTS)
     assert all(math.isnan(r["presence"]) for r in result.aucs)
     assert len(result.failures) == 1 and re.search(message, result.failures[0]["error"])
-    assert (result.done, result.failed) == (0, 1)  # counted once, as failed in part
+    assert (result.done, result.partial, result.failed) == (1, 1, 0)  # done, with a failed part
 
 
 @pytest.mark.parametrize("spec, message", [

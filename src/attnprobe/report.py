@@ -150,13 +150,15 @@ def write_figures(result, out: Path, figures: dict) -> list[Path]:
     if result.text:
         files.append(_save_figure(plot_text_similarity(result.text), out / "text_similarity.png"))
     return files
-def done_line(done: int, skipped: int, failed: int) -> str:
-    """``N generations done (S of them skipped: finished by an earlier run), F failed …`` — F counts generations that
-    failed wholly or in part (a row or a measure: failures.csv); what they measured is kept, and running the study
-    again redoes them."""
-    tail = " (wholly or in part: failures.csv; running again redoes them)" if failed else ""
+def done_line(done: int, skipped: int, failed: int, partial: int = 0) -> str:
+    """``N generations done (S of them skipped: finished by an earlier run; P with a failed part …), F failed.``
+
+    ``partial``: generations done whose presence or one of whose rows failed (kept; failures.csv); ``failed``:
+    generations that failed with nothing kept. Running the study again redoes both."""
+    part = f"; {partial} with a failed part: failures.csv" if partial else ""
+    again = " (running again redoes them)" if partial or failed else ""
     return (f"{done} generation{'s' if done != 1 else ''} done ({skipped} of them skipped: finished by an earlier "
-            f"run), {failed} failed{tail}.")
+            f"run{part}), {failed} failed{again}.")
 
 
 def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str:
@@ -197,7 +199,7 @@ def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str
             f"{ci(r['delta_auc'], r['ci_low'], r['ci_high'], base):<30}"
             f"{num(r['text_concept_cos_last'])}{'' if base else num(r['text_delta_last_vs_repetition'], '+')}"
         )
-    lines.append(f"{done_line(result.done, result.skipped, result.failed)} Files in {result.out}/")
+    lines.append(f"{done_line(result.done, result.skipped, result.failed, result.partial)} Files in {result.out}/")
     lines += [
         "AUC: attention mass on the concept's tokens (summed over its tokens, averaged over image positions, heads",
         "  and sites) over the denoising, 0-1, for the requested mention: the last one (in the default variants,",
@@ -212,8 +214,8 @@ def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str
     if scorer_kind is None and scorer:
         scorer_kind = "shapes" if scorer.startswith("shapes") else "clip"
     if scorer and scorer_kind not in ("shapes", "clip"):
-        lines += [f"Δ presence: the score of scorer {scorer!r} for the image minus the baseline image's of the same "
-                  "seed; < 0: the concept shows less."]
+        lines += [f"Δ presence: the score of scorer {scorer!r} for the image minus the baseline image's of the same seed;",
+                  "  < 0: the concept shows less."]
     elif scorer and scorer_kind == "shapes":
         lines += ["Δ presence: share of images that show the concept (read back by attnprobe.zoo.shapes.read_scene: 1 if",
                   "  an object has the concept's colour and shape) minus the baseline's; < 0: the concept shows less."]
@@ -223,8 +225,9 @@ def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str
         if "random" in scorer:
             lines.append("  Random weights: plumbing only. --scorer openai/clip-vit-large-patch14 gives real scores.")
     if scorer:
-        lines.append("  Its 95% interval over seeds is in summary.csv (ci_low_presence, ci_high_presence) and presence.png, "
-                     "cut to the range a difference of two scores can take (±(high − low) of the scorer's score_range).")
+        figure = " and presence.png" if any(math.isfinite(r["delta_presence"]) for r in result.summary) else ""
+        lines += [f"  Its 95% interval over seeds is in summary.csv (ci_low_presence, ci_high_presence){figure},",
+                  "  cut to the range a difference of two scores can take (±(high − low) of the scorer's score_range)."]
     if any(r["intervention"] for r in result.summary):
         lines.append("Intervention rows: the baseline prompt with the intervention (auc.csv: 'intervention'), one more "
                      "pipeline call from the same noise.")

@@ -294,8 +294,8 @@ def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | N
         if cell.kind == "text":
             result.text += record["text"]
             continue
-        result.done += not record.get("failures")  # a cell with a failed row counts once, as failed (as while running)
-        result.failed += bool(record.get("failures"))
+        result.done += 1
+        result.partial += bool(record.get("failures"))  # done, with a failed row or measure (its rows are kept)
         result.trajectories += record["trajectories"]
         result.aucs += record["aucs"]
         for row in record["rows"]:

@@ -157,8 +157,10 @@ class StudyResult:
             text analysis).
         text: text-encoder similarity rows (``attnprobe.text.similarity_rows``) per model, concept and variant.
         done: generations with results (this run's and earlier runs' in the same folder); skipped: those finished
-            by an earlier run; failed: generations that failed. In a process other than the main one of a
-            multi-process run, only that process's counts (the main process merges the rows).
+            by an earlier run; partial: those done with a failed row or measure (their other rows are kept, the
+            failure is in ``failures``, and running the study again redoes them); failed: generations that failed
+            with nothing kept. In a process other than the main one of a multi-process run, only that process's
+            counts (the main process merges the rows).
     """
 
     out: Path
@@ -171,6 +173,7 @@ class StudyResult:
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    partial: int = 0
 
 
 def parse_variants(spec, defaults: Mapping[str, str] = DEFAULT_VARIANTS) -> dict[str, str]:
@@ -401,7 +404,7 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
     procs.wait()  # no process writes its manifest before every process has read them all
     mine = procs.share([c for c in cells if c.id not in finished])
     skipped = sum(1 for c in cells if c.id in finished and c.kind == "generation")
-    counts = {"done": 0, "failed": 0}
+    counts = {"done": 0, "failed": 0, "partial": 0}
     broken: dict[str, Exception] = {}
     where = f" [process {procs.rank + 1}/{procs.world}]" if procs.world > 1 else ""
     bar = tqdm(total=len(mine), desc=f"attnprobe study{where}", unit="cell", disable=not progress, file=sys.stderr,
@@ -426,8 +429,8 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
                 record, tensors = _run_cell(pipe, cell, plan)
                 manifest.record(cell, write_cell(out, cell, record, tensors, settings=key))
                 failure.unlink(missing_ok=True)
-                counts["done"] += cell.kind == "generation" and not record["failures"]
-                counts["failed"] += bool(record["failures"])  # rows failed: the cell is redone by the next run
+                counts["done"] += cell.kind == "generation"
+                counts["partial"] += bool(record["failures"])  # a row or measure failed: redone by the next run
             except Exception as exc:  # one failed cell must not lose the others
                 counts["failed"] += cell.kind == "generation"
                 seed = "text" if cell.seed is None else cell.seed
@@ -444,13 +447,13 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
     finally:
         bar.close()
     if procs.world > 1:
-        print(f"attnprobe study{where}: {done_line(counts['done'], skipped if procs.is_main else 0, counts['failed'])}",
-              file=sys.stderr)
+        line = done_line(counts["done"], skipped if procs.is_main else 0, counts["failed"], counts["partial"])
+        print(f"attnprobe study{where}: {line}", file=sys.stderr)
         if interrupted:
             raise KeyboardInterrupt
         procs.wait()  # every process's cells are written: the main process merges them
     if not procs.is_main:
-        return StudyResult(out=out, done=counts["done"], failed=counts["failed"])
+        return StudyResult(out=out, done=counts["done"], failed=counts["failed"], partial=counts["partial"])
     scorer_name = getattr(plan.scorer, "name", None)
     result = _merge(out, cells, plan.models, plan.concepts, plan.seeds, list(plan.variants) + list(plan.rows),
                     scorer_name=scorer_name, settings=key, presence_range=checked_range(plan.scorer))
