@@ -248,6 +248,21 @@ def is_study_folder(out: Path) -> bool:
     return (out / "study.json").is_file() or (out / "manifest").is_dir()
 
 
+def check_guidance(guidance) -> float:
+    """A classifier-free guidance scale as a float.
+
+    Raises:
+        ValueError: not a number, not finite, or < 0 (says what was given).
+    """
+    try:
+        value = float(guidance)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(guidance, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"guidance must be a finite number ≥ 0; got {guidance}")
+    return value
+
+
 def check_grid(concepts, seeds, steps, guidance, size) -> None:
     """Refuse a grid that cannot run, before anything is loaded.
 
@@ -269,7 +284,6 @@ def check_grid(concepts, seeds, steps, guidance, size) -> None:
             raise ValueError(f"{kind} repeat {repeated}: each must be given once (a repeated seed fakes a narrower interval)")
     if int(steps) < 1:
         raise ValueError(f"steps must be ≥ 1; got {steps}")
-    if not math.isfinite(float(guidance)) or float(guidance) < 0:
-        raise ValueError(f"guidance must be a finite number ≥ 0; got {guidance}")
+    check_guidance(guidance)
     if size is not None and (int(size) < 8 or int(size) % 8):
         raise ValueError(f"size {size} is not a positive multiple of 8 (latent grids: SD's VAE downsamples by 8)")

@@ -313,15 +313,13 @@ def _positive(text: str) -> int:
 
 def _guidance(text: str) -> float:
     import argparse
-    import math
+
+    from ..config import check_guidance
 
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0; got {text}")
-    return value
+        return check_guidance(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _evaluation_table(result: dict) -> str:

@@ -213,13 +213,13 @@ def evaluate(model, out=None, captions: int = 200, scenes: int = 60, generated: 
     Raises:
         ValueError: a count < 1, a guidance that is not a finite number ≥ 0, or a model that is not a UNet pipeline.
     """
+    from ..config import check_guidance
     from ..models import load_pipeline
 
     for name, value in (("captions", captions), ("scenes", scenes), ("generated", generated), ("steps", steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer ≥ 1; got {value!r}")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < float("inf"):
-        raise ValueError(f"guidance must be a finite number ≥ 0; got {guidance!r}")
+    check_guidance(guidance)
     pipe = load_pipeline(str(model), dtype=torch.float32) if isinstance(model, (str, Path)) else model
     if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
         raise ValueError(f"the evaluation needs a UNet pipeline of the shapes model's kind; {model!r} is a "
