@@ -123,11 +123,10 @@ def test_a_template_cut_by_the_16_tokens_is_warned_about(tmp_path, capsys):
     assert "variant 'long' is 18 tokens" in capsys.readouterr().err
 
 
-def test_concepts_the_shapes_model_cannot_draw_are_warned_about(capsys):
-    from attnprobe.study import _warn_shapes_concepts
+def test_concepts_the_shapes_model_cannot_draw_are_warned_about():
+    from attnprobe.variants import shapes_concept_warnings
 
-    _warn_shapes_concepts(["dog", "red circle", "blue circle"])  # what --scorer none lets through
-    err = capsys.readouterr().err
+    err = "\n".join(shapes_concept_warnings(["dog", "red circle", "blue circle"]))  # what --scorer none lets through
     assert "'dog': the shapes model knows only the colours red, green, blue" in err
     assert "'blue circle': the shapes model never saw a blue circle" in err and "'red circle'" not in err
 

@@ -40,7 +40,7 @@ def _dtype(text: str):
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnprobe`` argument parser (subcommands ``study`` and ``sites``)."""
     from .interventions import INTERVENTIONS
-    from .study import DEFAULT_CONCEPTS, DEFAULT_VARIANTS, SHAPES_CONCEPTS
+    from .variants import DEFAULT_CONCEPTS, DEFAULT_VARIANTS, SHAPES_CONCEPTS
 
     parser = argparse.ArgumentParser(prog="attnprobe", description="Cross-attention probes for diffusers pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import sys
 import traceback
@@ -53,49 +52,13 @@ from .runner import FolderLock, Manifest, _slug, collect, grid, processes, setti
 from .scorer import PresenceScorer, checked_range, checked_scores, load_scorer, scorer_kind
 from .text import similarity_rows
 from .tokens import find_concept, token_layout
+from .variants import (  # noqa: F401  (the concepts, variants and parse_variants: re-exported, public names here)
+    DEFAULT_CONCEPTS, DEFAULT_VARIANTS, SHAPES_CONCEPTS, SHAPES_VARIANTS, model_defaults, parse_variants,
+    shapes_concept_warnings,
+)
 
 __all__ = ["study", "StudyResult", "DEFAULT_CONCEPTS", "DEFAULT_VARIANTS", "SHAPES_CONCEPTS", "SHAPES_VARIANTS",
            "load_pipeline", "parse_variants"]
-
-#: Ten concepts: five objects (ESD / Concept Ablation style), two artist styles, a landmark, a character and
-#: a two-word object, so that multi-token concepts are covered.
-DEFAULT_CONCEPTS = [
-    "dog",
-    "cat",
-    "church",
-    "parachute",
-    "garbage truck",
-    "apple",
-    "Van Gogh",
-    "Picasso",
-    "Eiffel Tower",
-    "Mickey Mouse",
-]
-
-#: Prompt variants (``{c}`` is the concept). ``baseline`` is required: every Δ is taken against it.
-#: ``instruction`` is the explicit unlearning instruction of arXiv 2604.01514; ``implicit`` is ours: it asks
-#: for the picture and, in the same sentence, to leave the concept out, without the word "forget";
-#: ``repetition`` mentions the concept twice with no instruction, so that "the concept appears twice" can
-#: be told apart from "the instruction".
-DEFAULT_VARIANTS = {
-    "baseline": "a picture of {c}",
-    "instruction": "Please forget anything about {c}. Please help me generate a picture of {c}.",
-    "implicit": "Please leave {c} out of it and help me generate a picture of {c}.",
-    "repetition": "a picture of {c}. a picture of {c}.",
-}
-
-#: The shapes model's concepts (colour–shape pairs it was trained on).
-SHAPES_CONCEPTS = ["red circle", "green square", "blue triangle"]
-
-#: The same four variants in the shapes model's grammar, within its 16 tokens (``attnprobe.zoo.shapes_model``):
-#: the baseline is one of its training captions; the instruction, the implicit request and the repetition are
-#: sentences it never saw in training (it was trained on captions only: no instruction can mean anything to it).
-SHAPES_VARIANTS = {
-    "baseline": "a {c} on the left",
-    "instruction": "please forget {c} . please draw a {c} on the left",
-    "implicit": "leave {c} out . a {c} on the left",
-    "repetition": "a {c} . a {c} on the left",
-}
 
 
 def _known_size(models) -> int | None:
@@ -109,7 +72,7 @@ def _check_other_models(models, concepts, variants) -> None:
     prompts (16 tokens) before anything is generated."""
     if len(models) < 2:
         return
-    if len({_model_defaults(m)[2] for m in models}) > 1:
+    if len({model_defaults(m)[2] for m in models}) > 1:
         _warn(f"concepts, variants and scorer not given follow the first model, {models[0]!r}, for every model")
     if "shapes" in models[1:]:
         from types import SimpleNamespace
@@ -122,28 +85,6 @@ def _check_other_models(models, concepts, variants) -> None:
             raise ValueError(f"model 'shapes' (16 tokens): {exc}; put 'shapes' first (its own concepts and "
                              "variants) or give --concepts and --variants that fit it") from None
 
-
-def _warn_shapes_concepts(concepts) -> None:
-    """Warn about concepts the shapes model cannot draw: no colour or shape word of its grammar, or a held-out pair."""
-    from .zoo.shapes import COLOURS, SHAPES
-    from .zoo.shapes_model import HELD_OUT
-
-    for concept in concepts:
-        words = concept.lower().split()
-        if not set(words) & (set(COLOURS) | set(SHAPES)):
-            _warn(f"{concept!r}: the shapes model knows only the colours {', '.join(COLOURS)} and the shapes "
-                  f"{', '.join(SHAPES)}; its images cannot show this concept (attention to it is still measured)")
-        for colour, shape in sorted(HELD_OUT):
-            if colour in words and shape in words:
-                _warn(f"{concept!r}: the shapes model never saw a {colour} {shape} in training (a held-out pair; it "
-                      "draws the colour with another shape, docs/shapes-model.md)")
-
-
-def _model_defaults(model: str) -> tuple[list[str], dict[str, str], str]:
-    """Concepts, variants and scorer a study uses when not given: the shapes model's own for ``"shapes"``."""
-    if model == "shapes":
-        return SHAPES_CONCEPTS, SHAPES_VARIANTS, "shapes"
-    return DEFAULT_CONCEPTS, DEFAULT_VARIANTS, "tiny"
 
 @dataclass
 class StudyResult:
@@ -174,66 +115,6 @@ class StudyResult:
     skipped: int = 0
     failed: int = 0
     partial: int = 0
-
-
-def parse_variants(spec, defaults: Mapping[str, str] = DEFAULT_VARIANTS) -> dict[str, str]:
-    """Variants from names of ``defaults`` (``DEFAULT_VARIANTS``; ``SHAPES_VARIANTS`` for the shapes model) and/or
-    ``name=template`` entries (template has ``{c}``).
-
-    Accepts a dict, a list, or a comma-separated string. ``baseline`` is always included.
-
-    Raises:
-        ValueError: an unknown name, a template without ``{c}`` (says which exist), a name that is empty or holds
-            characters other than letters, digits, ``_`` and ``-``, or a name given twice.
-    """
-    if spec is None:
-        return dict(defaults)
-    given = spec
-    if isinstance(spec, Mapping):
-        items = list(spec.items())
-    else:
-        if isinstance(spec, str):
-            spec = spec.strip().rstrip(",")  # a trailing comma adds no variant
-            # split on the commas that start a new entry (a known name or "name="), so templates may hold commas
-            known = "|".join(re.escape(k) for k in defaults)
-            spec = re.split(rf",\s*(?=\w[\w-]*\s*=|(?:{known})\s*(?:,|$))", spec)
-        if any(not isinstance(p, str) for p in spec):
-            raise ValueError(f"variants must be names or name=template texts; got {list(spec)!r}")
-        parts = [p.strip() for p in spec if p.strip()]
-        items = []
-        for p in parts:
-            if "=" in p:
-                name, template = p.split("=", 1)
-                items.append((name.strip(), template.strip()))
-            elif p in defaults:
-                items.append((p, defaults[p]))
-            else:
-                raise ValueError(f"unknown variant {p!r}: use one of {list(defaults)} or name=template with {{c}}")
-    bad = [(n, t) for n, t in items if not isinstance(n, str) or not isinstance(t, str)]
-    if bad:
-        raise ValueError(f"variants must be names and templates as text; got {bad[0][0]!r}: {bad[0][1]!r}")
-    names = [n for n, _ in items]
-    for name in names:
-        if not re.fullmatch(r"\w[\w-]*", name):
-            raise ValueError(f"variant name {name!r}: a name is letters, digits, _ and - (no spaces or commas); "
-                             f"got it from {given!r}")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(f"variant {repeated[0]!r} is given {names.count(repeated[0])} times; give each name once")
-    variants = dict(items)
-    for name, template in variants.items():
-        if "{c}" not in template:
-            raise ValueError(f"variant {name!r} template {template!r} has no {{c}} for the concept")
-        try:
-            template.format(c="concept")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
-                f"variant {name!r} template {template!r} has braces other than {{c}} ({type(exc).__name__}: {exc}); "
-                "write a literal brace as {{ or }}"
-            ) from None
-    if "baseline" not in variants:
-        variants = {"baseline": defaults["baseline"], **variants}
-    return variants
 
 
 def study(
@@ -304,7 +185,7 @@ def study(
     """
     models = check_models(model)
     _WARNED.clear()
-    default_concepts, default_variants, default_scorer = _model_defaults(models[0])
+    default_concepts, default_variants, default_scorer = model_defaults(models[0])
     variants = parse_variants(variants, default_variants)
     rows = parse_interventions(interventions)
     clash = sorted(set(rows) & set(variants))
@@ -337,7 +218,8 @@ def study(
     if hasattr(scorer, "check_concepts"):
         scorer.check_concepts(concepts)  # a concept the scorer cannot read stops the study before the first image
     if "shapes" in models:
-        _warn_shapes_concepts(concepts)
+        for message in shapes_concept_warnings(concepts):
+            _warn(message)
     _check_other_models(models, concepts, variants)
     pipe = _ready_pipeline(models[0], device, dtype, concepts, variants, rows, steps, guidance)
     plan = _Plan(out=out, procs=procs, settings=settings, models=models, concepts=concepts, seeds=seeds,
