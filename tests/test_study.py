@@ -297,3 +297,9 @@ def test_a_failing_accuracy_loses_only_itself_and_a_tensor_range_is_read_as_floa
     none = study("tiny", out=tmp_path / "n", concepts=["dog"], seeds=[0], steps=2, progress=False, echo=False,
                  scorer=_Scorer())  # accuracy = None: no accuracy, no failure
     assert not none.failures and all(r["presence"] == 0.5 for r in none.aucs)
+
+
+def test_a_study_of_the_baseline_alone_is_warned_about(tmp_path, capsys):
+    study("tiny", out=tmp_path / "s", concepts=["dog"], variants="baseline", seeds=[0], steps=2, progress=False,
+          echo=False, scorer="none")
+    assert "only the baseline variant: every Δ is against itself" in capsys.readouterr().err

@@ -191,6 +191,9 @@ def study(
     clash = sorted(set(rows) & set(variants))
     if clash:
         raise ValueError(f"intervention rows {clash} have the names of variants: label them (label=spec)")
+    if len(variants) == 1 and not rows:
+        _warn("only the baseline variant: every Δ is against itself; add a variant (--variants instruction) or an "
+              "intervention row to compare")
     concepts = list(default_concepts if concepts is None else concepts)
     scorer = default_scorer if isinstance(scorer, str) and scorer == "auto" else scorer
     seeds = [int(s) for s in seeds]
