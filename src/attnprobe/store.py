@@ -84,9 +84,9 @@ def _positions(axis: str, chosen, length: int) -> list[int] | None:
         items = list(chosen.tolist() if isinstance(chosen, (np.ndarray, torch.Tensor)) else chosen)
     except TypeError:
         raise TypeError(f"{axis} positions must be an int, a slice or a list of ints; got {chosen!r}") from None
-    if any(as_index(i) is None for i in items):
-        raise TypeError(f"{axis} positions must be ints; got {items!r}")
     chosen = [as_index(i) for i in items]
+    if None in chosen:
+        raise TypeError(f"{axis} positions must be ints; got {items!r}")
     if any(not -length <= i < length for i in chosen):
         raise SelectionError(f"{axis} positions {chosen} are out of range: the {axis} axis has {length} entries")
     return [i % length for i in chosen]
