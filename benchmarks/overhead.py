@@ -127,7 +127,7 @@ def child_breakdown(repeats: int) -> dict:
     import time
 
     import attnprobe
-    from attnprobe import processors
+    from attnprobe.capture import cross as processors  # the cross-attention wrapper calls both by these names
 
     pipe = sd15_shaped()
     spent: dict[str, float] = {}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from attnprobe.processors import ProbeProcessor
+from attnprobe.capture.cross import ProbeProcessor
 from attnprobe.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 # Small and fast: 64×64 px (8×8 latents), two denoiser steps, no VAE decode.

@@ -9,7 +9,7 @@ import attnprobe
 from attnprobe import NoSitesError, ProbeError, StoreError, UnknownSiteError, list_sites, probe
 from attnprobe.study import parse_variants, study
 from attnprobe.testing import clip_tokenizer, tiny_sd_pipeline
-from attnprobe.tokens import token_layout
+from attnprobe.text.tokens import token_layout
 
 KW = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
 MID = "mid_block.attentions.0.transformer_blocks.0.attn2"
@@ -65,7 +65,7 @@ def test_text_encoder_calls_outside_the_pipeline_call_are_ignored(pipe):
 
 
 def test_ids_decode_to_text():
-    from attnprobe.tokens import decode_ids
+    from attnprobe.text.tokens import decode_ids
 
     tok = clip_tokenizer()
     assert decode_ids(tok, tok("a picture of Dog, café!").input_ids) == "a picture of dog , café !"
@@ -75,7 +75,7 @@ def test_literal_exclamation_marks_are_words_where_they_also_pad():
     layout = token_layout(clip_tokenizer("!"), "Stop! a picture of dog", 77)
     assert layout.kinds[:8] == ["start", "word", "word", "word", "word", "word", "word", "end"]
     assert layout.kinds[8:] == ["pad"] * 69
-    assert attnprobe.tokens.find_concept(layout, "dog") == [[6]]
+    assert attnprobe.text.tokens.find_concept(layout, "dog") == [[6]]
 
 
 def test_prompts_that_do_not_fit_are_refused(pipe):
@@ -186,10 +186,10 @@ def test_study_refuses_a_bad_grid_before_generating(tmp_path):
 
 
 def test_an_interrupted_study_keeps_what_it_measured_and_old_outputs_go(tmp_path, monkeypatch):
-    st = importlib.import_module("attnprobe.study")  # the module: attnprobe.study is the function
+    st = importlib.import_module("attnprobe.study.measure")
 
     (tmp_path / "heatmaps.png").write_bytes(b"stale")
-    real, seen = st._measure_cell, []
+    real, seen = st.measure_cell, []
 
     def stop_on_second(*args, **kwargs):
         seen.append(1)
@@ -197,7 +197,7 @@ def test_an_interrupted_study_keeps_what_it_measured_and_old_outputs_go(tmp_path
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(st, "_measure_cell", stop_on_second)
+    monkeypatch.setattr(st, "measure_cell", stop_on_second)
     with pytest.raises(KeyboardInterrupt):
         study(out=tmp_path, concepts=["dog", "cat"], seeds=[0], steps=2, progress=False, echo=False)
     assert (tmp_path / "auc.csv").read_text().count("\ntiny,dog,") == 4  # the first generation's 4 variants

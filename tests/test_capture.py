@@ -286,8 +286,8 @@ def test_compiled_denoiser_same_maps_and_no_recompile_after_warm_up():
 def test_call_sink_hands_on_copies_in_order_and_waits_only_past_the_limit():
     """The GPU path's queue, with fake CUDA events: calls reach the store in call order; a call whose copy is
     still running is not waited for until more than ``IN_FLIGHT`` calls are in flight; ``close`` waits for all."""
-    from attnprobe.capture import IN_FLIGHT, CallSink
-    from attnprobe.store import Call
+    from attnprobe.capture.sink import IN_FLIGHT, CallSink
+    from attnprobe.store import Call, Site, StoreWriter
 
     class Event:
         def __init__(self):
@@ -299,9 +299,9 @@ def test_call_sink_hands_on_copies_in_order_and_waits_only_past_the_limit():
         def synchronize(self):
             self.waited = True
 
-    store = AttentionStore([], [], [], [], {}, {})
-    store._chunks["s"] = []
-    sink = CallSink(store, torch.device("cpu"), None)
+    writer = StoreWriter([Site("s", "cross", 1, 1, "up", "up_blocks.0")], {})
+    store = writer.store
+    sink = CallSink(writer, torch.device("cpu"), None)
     events = []
     for i in range(IN_FLIGHT + 2):
         events.append(Event())

@@ -1,4 +1,4 @@
-"""Interventions (attnprobe.interventions, attnprobe.editing) on the tiny pipelines: the edited attention equals an
+"""Interventions (attnprobe.interventions: configs and apply) on the tiny pipelines: the edited attention equals an
 independent float64 recompute (maps and site outputs, any processor), windows, the conditioning edit touches only
 the concept's positions, every intervention restores the pipeline, and bad input fails before generating."""
 
@@ -24,7 +24,7 @@ from attnprobe import (
 )
 from attnprobe.interventions import INTERVENTIONS
 from attnprobe.testing import clip_tokenizer
-from attnprobe.tokens import find_concept, token_layout
+from attnprobe.text.tokens import find_concept, token_layout
 
 PROMPT = "a picture of Van Gogh"
 CONCEPT = "Van Gogh"

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import attnprobe
-from attnprobe import joint
+from attnprobe.capture import joint
 from attnprobe.errors import ProbeError, StoreError
-from attnprobe.processors import ProbeProcessor
+from attnprobe.capture.cross import ProbeProcessor
 from attnprobe.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
 
 PROMPT = "a picture of dog"
@@ -333,7 +333,7 @@ def test_pixart_padded_t5_tokens_get_exactly_zero(pipes):
 
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_sites_and_study_on_tiny_transformers(tmp_path, capsys):
-    from attnprobe import cli
+    from attnprobe.study import cli
 
     assert cli.main(["sites", "--model", "tiny-flux"]) == 0
     listed = capsys.readouterr().out.splitlines()

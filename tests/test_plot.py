@@ -6,7 +6,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 
-from attnprobe.plot import plot_delta_auc, plot_heatmaps, plot_site_call_grid, plot_text_similarity, plot_trajectories  # noqa: E402
+from attnprobe.analysis.figures import plot_delta_auc, plot_heatmaps, plot_site_call_grid, plot_text_similarity, plot_trajectories  # noqa: E402
 from attnprobe.testing import synthetic_store  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import attnprobe
 from attnprobe import ConceptError, NoSitesError, ProbeError, probe
 from attnprobe.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-probe_module = importlib.import_module("attnprobe.probe")  # `attnprobe.probe` is the function
+probe_module = importlib.import_module("attnprobe.capture.recorder")
 
 MID = "mid_block.attentions.0.transformer_blocks.0.attn2"
 FIRST = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnprobe import cli, load_config
-from attnprobe.runner import Manifest, grid
+from attnprobe import load_config
+from attnprobe.study import cli
+from attnprobe.study.cells import Manifest, grid
 
-st = importlib.import_module("attnprobe.study")  # the module: attnprobe.study is the function
+st = importlib.import_module("attnprobe.study.run")
+measure = importlib.import_module("attnprobe.study.measure")
 
 TABLES = ("trajectories.csv", "auc.csv", "summary.csv", "text_similarity.csv", "failures.csv")
 GRID = """
@@ -119,21 +121,21 @@ def test_a_truncated_shard_is_redone(reference, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # diffusers, nan images
 def test_a_failing_generation_is_logged_with_its_cell_and_the_run_goes_on(tmp_path, monkeypatch):
-    real = st._initial_latents
+    real = measure.initial_latents
 
     def nan_for_seed_1(pipe, seed, *args):
         latents = real(pipe, seed, *args)
         return latents * float("nan") if seed == 1 else latents
 
-    monkeypatch.setattr(st, "_initial_latents", nan_for_seed_1)
+    monkeypatch.setattr(measure, "initial_latents", nan_for_seed_1)
     result = st.study(out=tmp_path, concepts=["dog"], variants="baseline", seeds=[0, 1], steps=2, scorer="none",
                       progress=False, echo=False)
     assert (result.done, result.failed) == (1, 1)
     (failure,) = result.failures
     assert (failure["model"], failure["concept"], failure["seed"]) == ("tiny", "dog", 1)
-    assert "FloatingPointError: non-finite attention" in failure["error"]
+    assert "NumericalError: non-finite attention" in failure["error"]  # a FloatingPointError
     # a failed cell is not finished: the next run tries it again (and succeeds once the cause is gone)
-    monkeypatch.setattr(st, "_initial_latents", real)
+    monkeypatch.setattr(measure, "initial_latents", real)
     again = st.study(out=tmp_path, concepts=["dog"], variants="baseline", seeds=[0, 1], steps=2, scorer="none",
                      progress=False, echo=False)
     assert (again.done, again.skipped, again.failed, again.failures) == (2, 1, 0, [])
@@ -247,7 +249,7 @@ def test_one_run_at_a_time_and_a_lock_left_by_a_killed_run(tmp_path):
 
 
 def test_a_failed_row_makes_its_cell_redone_and_labels_do_not_collide(tmp_path, monkeypatch):
-    from attnprobe.editing import Intervened
+    from attnprobe.interventions import Intervened
 
     real, calls = Intervened.__call__, []
 

@@ -1,4 +1,4 @@
-"""The presence scorer (attnprobe.scorer) on a tiny random-weight CLIP: shapes, ranges, the two measures against
+"""The presence scorer (attnprobe.study.scorer) on a tiny random-weight CLIP: shapes, ranges, the two measures against
 their definitions recomputed from the model's own towers, input types, and loading errors."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from attnprobe import ModelLoadError
-from attnprobe.scorer import CLIPSCORE_W, CLIPScorer, PresenceScorer, load_scorer
+from attnprobe.study.scorer import CLIPSCORE_W, CLIPScorer, PresenceScorer, load_scorer
 from attnprobe.testing import tiny_clip
 
 

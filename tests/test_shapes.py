@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from attnprobe.zoo.shapes import (
+from attnprobe.models.shapes.scenes import (
     BACKGROUND, COLOURS, Shape, area_matched_iou, mass_inside, peak_inside, read_scene, render, sample_objects,
     threshold_iou,
 )
@@ -70,7 +70,7 @@ def test_heat_map_scores_on_known_overlaps():
 
 
 def test_bad_maps_images_and_objects_get_clear_errors():
-    from attnprobe.zoo.shapes import Shape, area_matched_iou, read_scene, render
+    from attnprobe.models.shapes.scenes import Shape, area_matched_iou, read_scene, render
 
     mask = np.zeros((4, 4), bool)
     mask[0] = True

@@ -1,4 +1,4 @@
-"""The shipped shapes model (attnprobe.zoo.shapes_model): loads as a normal pipeline, generates what it generated
+"""The shipped shapes model (attnprobe.models.shapes.model): loads as a normal pipeline, generates what it generated
 when its figures were measured, runs through the study; its training script and evaluation helpers."""
 
 import numpy as np
@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import attnprobe
-from attnprobe.models import load_pipeline
-from attnprobe.scorer import ShapesScorer, load_scorer
-from attnprobe.zoo import shapes
-from attnprobe.zoo.shapes import Shape, render
-from attnprobe.zoo.shapes_eval import colour_masks, match_objects, _occurrence
-from attnprobe.zoo.shapes_model import MAX_TOKENS, weights_folder
+from attnprobe.models.loader import load_pipeline
+from attnprobe.study.scorer import ShapesScorer, load_scorer
+from attnprobe.models.shapes import scenes as shapes
+from attnprobe.models.shapes.scenes import Shape, render
+from attnprobe.models.shapes.evaluate import _occurrence, colour_masks, match_objects
+from attnprobe.models.shapes.model import MAX_TOKENS, weights_folder
 
 # image statistics of the 4-step generation below, when the shipped weights were measured (docs/shapes-model.md)
 CAPTION = "a red circle on the left and a blue square on the right"
@@ -95,7 +95,7 @@ def test_colour_segmentation_masks_of_a_rendered_scene_are_its_masks():
 def test_training_is_seeded_and_writes_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from attnprobe.zoo.shapes_model import train
+    from attnprobe.models.shapes.model import train
 
     folders = [train(tmp_path / name, seed=0, scenes=64, vae_steps=2, unet_steps=2, batch=4, save_every=2, threads=1,
                      quiet=True) for name in ("a", "b")]
@@ -124,7 +124,7 @@ def test_a_template_cut_by_the_16_tokens_is_warned_about(tmp_path, capsys):
 
 
 def test_concepts_the_shapes_model_cannot_draw_are_warned_about():
-    from attnprobe.variants import shapes_concept_warnings
+    from attnprobe.study.variants import shapes_concept_warnings
 
     err = "\n".join(shapes_concept_warnings(["dog", "red circle", "blue circle"]))  # what --scorer none lets through
     assert "'dog': the shapes model knows only the colours red, green, blue" in err
@@ -132,8 +132,8 @@ def test_concepts_the_shapes_model_cannot_draw_are_warned_about():
 
 
 def test_the_shapes_command_line_refuses_bad_input(tmp_path, capsys):
-    from attnprobe.zoo.shapes import main
-    from attnprobe.zoo.shapes_model import train
+    from attnprobe.models.shapes.__main__ import main
+    from attnprobe.models.shapes.model import train
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "train.jsonl").write_text("{}\n")

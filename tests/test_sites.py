@@ -10,7 +10,7 @@ import torch
 
 import attnprobe
 from attnprobe import NoSitesError, UnknownSiteError, list_sites, probe
-from attnprobe.sites import denoiser_of, select_sites
+from attnprobe.capture.sites import denoiser_of, select_sites
 from attnprobe.testing import SD15_UNET, SD21_UNET, SDXL_UNET, tiny_sd_pipeline, unet_on_meta
 
 

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import attnprobe.store.files
 from attnprobe import AttentionStore, StoreError, probe
 from attnprobe.testing import synthetic_store
 
@@ -174,7 +175,7 @@ def _write(path, tensors, header):
 
 def test_foreign_or_edited_files(tmp_path):
     good = synthetic_store()
-    header = good._header()
+    header = attnprobe.store.files.header(good)
     maps = {n: good[n] for n in good}
     with pytest.raises(StoreError, match="not an attnprobe store"):
         AttentionStore.load(_write(tmp_path / "a", maps, None))

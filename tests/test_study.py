@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from attnprobe import AttentionEdit, ConceptError, InterventionError, cli
+from attnprobe import AttentionEdit, ConceptError, InterventionError
+from attnprobe.study import cli
 from attnprobe.study import DEFAULT_CONCEPTS, DEFAULT_VARIANTS, parse_variants, study
 
 
@@ -66,16 +67,16 @@ def test_delta_auc_is_variant_minus_baseline_of_the_same_seed(result):
 
 
 def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
-    st = importlib.import_module("attnprobe.study")  # the module: attnprobe.study is the function
+    st = importlib.import_module("attnprobe.study.measure")
 
-    real = st._measure_cell
+    real = st.measure_cell
 
     def nan_latents_for_dog(pipe, concept, *args, **kwargs):
         if concept == "dog":
             raise RuntimeError("nan latents")
         return real(pipe, concept, *args, **kwargs)
 
-    monkeypatch.setattr(st, "_measure_cell", nan_latents_for_dog)
+    monkeypatch.setattr(st, "measure_cell", nan_latents_for_dog)
     res = study(out=tmp_path, concepts=["dog", "cat"], seeds=[0], steps=2, progress=False, echo=False)
     assert [(f["concept"], f["seed"]) for f in res.failures] == [("dog", 0)]
     assert "RuntimeError: nan latents" in res.failures[0]["error"]
@@ -195,7 +196,7 @@ def test_bad_interventions_fail_before_generating(tmp_path, interventions, error
 
 
 def test_a_failing_intervention_row_is_recorded_and_the_cell_kept(tmp_path, monkeypatch):
-    from attnprobe.editing import Intervened
+    from attnprobe.interventions import Intervened
 
     real = Intervened.__call__
 
@@ -220,7 +221,7 @@ def test_cli_unloadable_scorer_fails_in_one_line_before_generating(tmp_path, cap
 
 def test_presence_interval_stays_in_the_scores_range():
     """A t-interval of three 0/1 differences runs past ±1; clipped to the scorer's range, it stays inside it."""
-    from attnprobe.report import summarize
+    from attnprobe.study.report import summarize
 
     rows = [dict(model="m", concept="c", variant="v", intervention="", auc_last=0.5, auc=0.5, delta_auc=0.0,
                  delta_auc_last=0.0, presence=p, delta_presence=d, clip_accuracy=0.0, delta_clip_accuracy=0.0)
@@ -260,7 +261,7 @@ def test_a_bad_score_range_stops_the_study_before_generating(tmp_path, score_ran
 
 
 @pytest.mark.parametrize("scorer, message", [
-    (_Scorer(values=[0.5]), r"presence: ValueError: scorer 'mine': score\(\) returned shape \[1\] for 4 images"),
+    (_Scorer(values=[0.5]), r"presence: ScorerError: scorer 'mine': score\(\) returned shape \[1\] for 4 images"),
     (_Scorer(values=[0.5, 5.0, 0.1, 0.2], score_range=(0.0, 1.0)), r"returned 5, outside its range \[0, 1\]"),
     (_Scorer(fail=True), r"presence: RuntimeError: the scorer broke"),
     (_Scorer(values=[0.5, float("inf"), 0.1, 0.2]), r"returned an infinite value"),

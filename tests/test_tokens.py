@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from attnprobe import ConceptError
 from attnprobe.testing import clip_tokenizer
-from attnprobe.tokens import TokenLayout, find_concept, token_layout, unlabelled_layout
+from attnprobe.text.tokens import TokenLayout, find_concept, token_layout, unlabelled_layout
 
 
 @pytest.fixture(scope="module")

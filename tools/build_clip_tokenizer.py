@@ -1,4 +1,4 @@
-"""Derive the CLIP BPE tokenizer files shipped in ``src/attnprobe/data/clip`` (run once; the output is committed).
+"""Derive the CLIP BPE tokenizer files shipped in ``src/attnprobe/models/data/clip`` (run once; the output is committed).
 
 Source: ``open_clip/bpe_simple_vocab_16e6.txt.gz`` from the open_clip_torch wheel (MIT), the same file as
 OpenAI CLIP's. The vocabulary is built as CLIP builds it: the 256 byte characters, the same with ``</w>``,
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "src" / "attnprobe" / "data" / "clip"
+OUT = Path(__file__).resolve().parents[1] / "src" / "attnprobe" / "models" / "data" / "clip"
 
 
 def bytes_to_unicode() -> dict[int, str]:

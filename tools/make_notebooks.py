@@ -46,7 +46,7 @@ print(store.tokens(0)[:18])
 print("'dog' at positions", store.token_indices(0, "dog"))"""),
     new_markdown_cell("Where the last *dog* (the one asking for the picture) is attended, over the image. The panel "
                       "is scaled to its own minimum and maximum: it shows *where*, not *how much*."),
-    new_code_cell("""from attnprobe.plot import plot_heatmaps, plot_site_call_grid, plot_trajectories
+    new_code_cell("""from attnprobe.analysis.figures import plot_heatmaps, plot_site_call_grid, plot_trajectories
 
 heat = attnprobe.heatmap(store, "dog", occurrence=-1)
 fig = plot_heatmaps({"dog": {"instruction, last mention": image}}, {"dog": {"instruction, last mention": heat.numpy()}})"""),

@@ -9,53 +9,59 @@
     torch.Size([3])
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-from .analysis import Comparison, auc, compare, heatmap, trajectory  # noqa: E402
-from .errors import (  # noqa: E402
+from . import study, text  # attnprobe.text: the text side; attnprobe.study: the study, callable
+from .analysis import Comparison, auc, compare, heatmap, trajectory
+from .capture import list_sites, probe
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
     AttnprobeError,
     ConceptError,
+    ConfigError,
     InterventionError,
     ModelLoadError,
     NoSitesError,
+    NumericalError,
     ProbeError,
+    ScorerError,
     SelectionError,
     StoreError,
     UnknownSiteError,
 )
-from .probe import probe  # noqa: E402
-from .interventions import (  # noqa: E402
+from .interventions import (
     AttentionEdit,
     ConditioningEdit,
+    Intervened,
     NegativePrompt,
     SafeLatentDiffusion,
+    intervene,
     parse_interventions,
 )
-from .config import load_config  # noqa: E402
-from .editing import Intervened, intervene  # noqa: E402
-from .sites import Site, list_sites  # noqa: E402
-from .store import AttentionStore, Call, Sample  # noqa: E402
-from . import text  # noqa: E402  (attnprobe.text: text-encoder analysis)
-# imported eagerly: the function must shadow its submodule's name (a lazy import would rebind
-# attnprobe.study to the module on first use)
-from .study import study  # noqa: E402
-
+from .store import AttentionStore, Call, Sample, Site
+from .study.config import load_config
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "AttentionEdit",
     "AttentionStore",
     "AttnprobeError",
     "Call",
     "Comparison",
     "ConceptError",
+    "ConfigError",
     "ConditioningEdit",
     "Intervened",
     "InterventionError",
     "ModelLoadError",
     "NegativePrompt",
     "NoSitesError",
+    "NumericalError",
     "ProbeError",
     "SafeLatentDiffusion",
+    "ScorerError",
     "Sample",
     "SelectionError",
     "Site",

@@ -1,8 +1,33 @@
-"""Errors raised by attnprobe. Every one says what was passed, what exists, and what to do."""
+"""Errors raised by attnprobe. Every one says what was passed, what exists, and what to do.
+
+Every error attnprobe raises on purpose is an ``AttnprobeError``. Those that stand for a builtin error also subclass
+it (``ArgumentError`` is a ``ValueError``, ``SelectionError`` an ``IndexError``, ``UnknownSiteError`` a ``KeyError``),
+so that ``except ValueError`` in a user's code keeps working.
+"""
 
 
 class AttnprobeError(Exception):
     """Base class of every error attnprobe raises on purpose."""
+
+
+class ArgumentError(AttnprobeError, ValueError):
+    """An argument has a value attnprobe cannot use (says what was passed and what is allowed)."""
+
+
+class ArgumentTypeError(AttnprobeError, TypeError):
+    """An argument is of a type attnprobe cannot use (says what was passed and what is allowed)."""
+
+
+class ConfigError(ArgumentError):
+    """A study setting is invalid: a key or value of a study file, a command-line option, the grid, the output folder."""
+
+
+class ScorerError(AttnprobeError, ValueError):
+    """A presence scorer returned what the study cannot use (another count, a value outside its range, no numbers)."""
+
+
+class NumericalError(AttnprobeError, FloatingPointError):
+    """A computation gave non-finite values (NaN or inf), e.g. the attention of a generation whose latents diverged."""
 
 
 class NoSitesError(AttnprobeError):

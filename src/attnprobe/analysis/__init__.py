@@ -1,0 +1,17 @@
+"""Analysis: pure functions over stores, and figures.
+
+    >>> from attnprobe.testing import synthetic_store
+    >>> store = synthetic_store(calls=3, prompt="a picture of dog", mass={"dog": [0.5, 0.25, 0.0]})
+    >>> auc(trajectory(store, "dog"))
+    0.25
+
+- ``measures``: a concept's attention mass per denoiser call (``trajectory``), its area (``auc``), two captures
+  compared (``compare``), a heat map over the image (``heatmap``).
+- ``figures``: matplotlib figures of stores and studies (matplotlib imported when a figure is drawn).
+
+Analyses read a store only through its public methods; they never run a pipeline.
+"""
+
+from .measures import Comparison, auc, compare, concept_positions, heatmap, trajectory
+
+__all__ = ["trajectory", "auc", "compare", "heatmap", "Comparison", "concept_positions"]

@@ -1,0 +1,354 @@
+"""Figures for studies and stores. matplotlib is imported only when a function here is called.
+
+Every function returns a ``matplotlib.figure.Figure`` (saved by the caller); nothing is shown.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .measures import concept_positions, require_per_call
+
+__all__ = ["plot_trajectories", "plot_delta_auc", "plot_heatmaps", "plot_text_similarity", "plot_site_call_grid", "shorten",
+           "plot_presence"]
+
+
+_KNOWN = ("baseline", "instruction", "implicit", "repetition")
+
+
+def _colours(variants) -> dict[str, str]:
+    """One colour per variant, the same in every figure: the default variants keep theirs; others follow."""
+    names = list(dict.fromkeys(variants))
+    out = {v: f"C{_KNOWN.index(v)}" for v in names if v in _KNOWN}
+    # then the light shades of tab20 (intervention rows can make more than ten)
+    light = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
+    free = iter([f"C{i}" for i in range(len(_KNOWN), 10)] + list(light))
+    for v in names:
+        if v not in out:
+            out[v] = next(free, "gray")
+    return out
+
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_trajectories(
+    trajectories: Mapping[str, Mapping[str, np.ndarray]],
+    ylabel: str = "attention mass on concept tokens",
+    xlabel: str = "denoiser call",
+    title: str = "Attention on the concept per denoiser call (mean over seeds, band: min–max)",
+):
+    """One panel per concept; per variant the mean trajectory across seeds with a min–max band.
+
+    Args:
+        trajectories: ``{concept: {variant: array [seed, call]}}``.
+        ylabel: the y axis label.
+        xlabel: the x axis label.
+        title: the figure title.
+
+    Returns:
+        The figure (each panel has its own y axis: variants are compared within a concept, and a two-token concept
+        sits near twice a one-token one's level).
+    """
+    plt = _plt()
+    concepts = list(trajectories)
+    cols = min(5, max(1, len(concepts)))
+    rows = math.ceil(len(concepts) / cols)
+    width_in = max(3.2 * cols, 5.0)  # one concept: a wider panel rather than a title wider than the figure
+    fig, axes = plt.subplots(rows, cols, figsize=(width_in, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(concepts):]:
+        ax.set_visible(False)
+    colours = _colours(v for c in concepts for v in trajectories[c])
+    for ax, concept in zip(axes.flat, concepts):
+        for variant, arr in trajectories[concept].items():
+            arr = np.asarray(arr, dtype=float)
+            x = np.arange(arr.shape[1])
+            mean = arr.mean(axis=0)
+            (line,) = ax.plot(x, mean, label=variant, lw=1.6, color=colours[variant])
+            if arr.shape[0] > 1:
+                ax.fill_between(x, arr.min(axis=0), arr.max(axis=0), color=line.get_color(), alpha=0.2, lw=0)
+        ax.set_title(shorten(concept, 30), fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(textwrap.fill(title, int(10 * width_in)), fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return fig
+
+
+def shorten(text: str, limit: int) -> str:
+    """A label of at most ``limit`` characters: its start and its end around an ellipsis, so that long names that
+    differ only at the end stay apart (the tables keep the whole text)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    tail = (limit - 1) // 3
+    return text[: limit - 1 - tail] + "…" + text[len(text) - tail:]
+
+
+def _err_length(upper: float, lower: float) -> float:
+    """An error bar's length from its ends: NaN (drawn as no bar) when an end is missing, never negative."""
+    if not (math.isfinite(upper) and math.isfinite(lower)):
+        return float("nan")
+    return max(upper - lower, 0.0)
+
+
+def plot_delta_auc(summary: Sequence[Mapping], panels: Sequence[tuple[str, str, str, str]] | None = None):
+    """Grouped bars: per concept, Δ AUC vs the baseline of each variant, with its 95% interval.
+
+    Args:
+        summary: rows with ``concept``, ``variant`` and, per panel, a value and its interval columns (NaN allowed).
+        panels: ``(title, value, low, high)`` column names per panel. Default: two panels, the requested
+            (last) mention (``delta_auc_last``, …``_last``), then every mention (``delta_auc``, ``ci_low``,
+            ``ci_high``).
+
+    Returns:
+        The figure.
+    """
+    plt = _plt()
+    panels = panels or [
+        ("requested (last) mention", "delta_auc_last", "ci_low_last", "ci_high_last"),
+        ("every mention summed (> 0 by construction when a variant names the concept twice)", "delta_auc",
+         "ci_low", "ci_high"),
+    ]
+    concepts = list(dict.fromkeys(r["concept"] for r in summary))
+    variants = list(dict.fromkeys(r["variant"] for r in summary))
+    table = {(r["concept"], r["variant"]): r for r in summary}
+    width_in = max(6.0, 0.9 * len(concepts) + 2)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 3.0 * len(panels)), squeeze=False)
+    width = 0.8 / max(1, len(variants))
+    colours = _colours(variants)
+    for ax, (title, value, low, high) in zip(axes[:, 0], panels):
+        for i, variant in enumerate(variants):
+            vals, errs = [], [[], []]
+            for c in concepts:
+                r = table.get((c, variant), {})
+                v = float(r.get(value, float("nan")))
+                lo, hi = float(r.get(low, float("nan"))), float(r.get(high, float("nan")))
+                vals.append(v)
+                errs[0].append(_err_length(v, lo))  # NaN (one seed): no error bar rather than a zero-width one
+                errs[1].append(_err_length(hi, v))
+            x = np.arange(len(concepts)) + (i - (len(variants) - 1) / 2) * width
+            ax.bar(x, vals, width, yerr=errs, capsize=2, label=variant, color=colours[variant])
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(np.arange(len(concepts)), [shorten(c, 24) for c in concepts], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("Δ AUC vs baseline", fontsize=8)
+        # ~11 characters of 9-point text per inch of figure: the title wraps inside the figure
+        ax.set_title(textwrap.fill(f"Δ attention, {title} (mean over seeds, 95% CI)", int(11 * width_in)), fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars
+    fig.tight_layout()
+    return fig
+
+
+def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
+    """Δ attention against Δ presence: per concept and row (variant or intervention), the mean Δ AUC of the
+    requested mention (x) and the mean Δ presence score (y) vs the baseline, with their 95% intervals.
+
+    Args:
+        summary: rows with ``concept``, ``variant``, ``delta_auc_last``, ``ci_low_last``, ``ci_high_last``,
+            ``delta_presence``, ``ci_low_presence``, ``ci_high_presence`` (NaN allowed); baseline rows are skipped.
+        scorer: the scorer's name, for the axis label.
+
+    Returns:
+        The figure: lower left means less attention to the concept and less of it in the image.
+    """
+    plt = _plt()
+    rows = [r for r in summary if r["variant"] != "baseline"]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    colours = _colours(variants)
+    markers = "osD^vP*Xh<>p"
+    fig, ax = plt.subplots(figsize=(7.0, 5.0))
+
+    def err(r, value, low, high):
+        v, lo, hi = (float(r.get(k, float("nan"))) for k in (value, low, high))
+        return [[_err_length(v, lo)], [_err_length(hi, v)]]
+
+    handles = []
+    for k, variant in enumerate(variants):
+        mine = [r for r in rows if r["variant"] == variant]
+        marker = markers[k % len(markers)]
+        for r in mine:
+            ax.errorbar(r["delta_auc_last"], r["delta_presence"],
+                        xerr=err(r, "delta_auc_last", "ci_low_last", "ci_high_last"),
+                        yerr=err(r, "delta_presence", "ci_low_presence", "ci_high_presence"),
+                        fmt=marker, color=colours[variant], ms=5, capsize=2, lw=0.8)
+            # each variant's labels on their own line beside the point: points that coincide keep readable labels
+            ax.annotate(shorten(r["concept"], 20), (r["delta_auc_last"], r["delta_presence"]), fontsize=6, alpha=0.8,
+                        color=colours[variant], xytext=(4, 4 - 8 * k), textcoords="offset points")
+        handles.append(plt.Line2D([], [], ls="none", marker=marker, color=colours[variant], ms=5, label=variant))
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(6))  # small Δ values have long tick labels
+    ax.set_xlabel("Δ attention AUC vs baseline, requested mention", fontsize=8)
+    ax.set_ylabel(f"Δ presence vs baseline ({shorten(scorer or 'scorer', 40)})", fontsize=8)
+    ax.set_title("Does lowering attention remove the concept from the image? (mean over seeds, 95% CI)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, np.ndarray]]):
+    """A grid of heat maps over the generated images: rows are concepts, columns variants.
+
+    Args:
+        images: ``{concept: {variant: image}}`` as PIL images or ``[H, W, 3]`` arrays in ``[0, 1]``, drawn in grey
+            under the maps (so that the image's colours are not read as the colour scale's).
+        maps: ``{concept: {variant: [H, W] array}}``, the same size as the images. Each map is scaled to
+            ``[0, 1]`` by its own minimum and maximum before plotting (its contrast, not its level, is shown:
+            the level is in the trajectories).
+
+    Returns:
+        The figure, with one colour bar.
+    """
+    plt = _plt()
+    concepts = list(maps)
+    variants = list(dict.fromkeys(v for c in concepts for v in maps[c]))
+    fig, axes = plt.subplots(
+        len(concepts), len(variants), figsize=(2.0 * len(variants) + 1.2, 2.0 * len(concepts)), squeeze=False,
+        layout="constrained",
+    )
+    im = None
+    for i, c in enumerate(concepts):
+        for j, v in enumerate(variants):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if v not in maps[c]:
+                ax.set_visible(False)
+                continue
+            img = images.get(c, {}).get(v)
+            extent = None
+            if img is not None:
+                img = np.asarray(img)
+                extent = (0, img.shape[1], img.shape[0], 0)  # the map over the whole image, whatever its resolution
+                # the image in grey under the map: its own colours would read as values of the colour scale
+                grey = img[..., :3].mean(axis=-1) if img.ndim == 3 else img
+                ax.imshow(grey, cmap="gray", extent=extent)
+            m = np.asarray(maps[c][v], dtype=float)
+            finite = np.isfinite(m)
+            if finite.any():  # NaN pixels stay blank; the rest is scaled by the finite values
+                low, span = m[finite].min(), m[finite].max() - m[finite].min()
+                m = np.where(finite, (m - low) / span if span > 0 else 0.0, np.nan)
+            else:
+                ax.text(0.5, 0.5, "no finite values", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+            im = ax.imshow(m, cmap="jet", alpha=0.5 if img is not None else 1.0, vmin=0, vmax=1, extent=extent)
+            if i == 0:
+                ax.set_title(shorten(v, 24), fontsize=8)
+            if j == 0:
+                ax.set_ylabel(textwrap.fill(c, 24, max_lines=3, placeholder="…"), fontsize=8)
+    if im is not None:
+        label = "attention on concept (min–max scaled)" if len(concepts) > 1 else "attention\n(min–max scaled)"
+        bar = fig.colorbar(im, ax=axes, shrink=min(0.8, 3.0 / len(concepts) + 0.2))
+        bar.set_label(label, fontsize=8)  # one row of maps: a shorter label, as tall as the bar
+    return fig
+
+
+def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last", cols: int = 5):
+    """Per concept and text encoder, the concept-token similarity to the baseline across the encoder's layers,
+    one line per variant (1 = unchanged; the repetition control shows what naming the concept twice does).
+
+    Args:
+        rows: ``attnprobe.text.similarity_rows`` rows. value: the column to plot. Default ``concept_cos_last``
+            (the last mention, as the study's headline).
+        cols: panels per row; each encoder gets its own block of rows.
+
+    Returns:
+        The figure.
+    """
+    plt = _plt()
+    concepts = list(dict.fromkeys(r["concept"] for r in rows))
+    encoders = list(dict.fromkeys(r["encoder"] for r in rows if r["encoder"] != "conditioning"))
+    colours = _colours(r["variant"] for r in rows)
+    cols = max(1, min(cols, len(concepts)))
+    per_encoder = math.ceil(len(concepts) / cols)
+    fig, axes = plt.subplots(len(encoders) * per_encoder, cols, figsize=(3.0 * cols + 0.5, 2.4 * len(encoders) * per_encoder + 0.8),
+                             squeeze=False, sharey=True)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for i, encoder in enumerate(encoders):
+        for j, concept in enumerate(concepts):
+            ax = axes[i * per_encoder + j // cols, j % cols]
+            ax.set_visible(True)
+            mine = [r for r in rows if r["concept"] == concept and r["encoder"] == encoder]
+            for variant in dict.fromkeys(r["variant"] for r in mine):
+                if variant == "baseline":
+                    continue
+                pts = sorted((r["layer"], r[value]) for r in mine if r["variant"] == variant)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=variant,
+                        color=colours[variant])
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            layers = sorted({r["layer"] for r in mine})
+            if len(layers) == 1:  # a 0-layer encoder (the shapes model): the embeddings only
+                ax.set_xticks(layers)
+                ax.set_xlim(layers[0] - 0.5, layers[0] + 0.5)
+            ax.grid(alpha=0.3)
+            ax.set_title(shorten(f"{concept} ({encoder})" if len(encoders) > 1 else concept, 30), fontsize=9)
+            ax.set_xlabel("layer (0 = embeddings)", fontsize=7)
+            if j % cols == 0:
+                ax.set_ylabel("cosine to baseline", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle("Does the text encoder change the concept? Last mention vs the baseline's\n"
+                 "(layer 0 already differs: the position embeddings of other positions)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    return fig
+
+
+def plot_site_call_grid(store, concept: str, sample: int = 0, calls=None, max_calls: int = 6, occurrence="all"):
+    """A grid of one concept's maps: rows are sites (execution order), columns denoiser calls.
+
+    Each panel is the attention on the concept's tokens (summed over them, averaged over heads) at that site
+    and call, on the site's own ``qh × qw`` grid; one colour scale for all panels.
+
+    Args:
+        store: an ``AttentionStore``. concept, sample, occurrence: as for ``attnprobe.trajectory``.
+        calls: call indices to show. Default: ``max_calls`` evenly spaced calls.
+
+    Returns:
+        The figure (axes titled ``call c (t=…)``, rows labelled with the site's block).
+    """
+    require_per_call(store, "plot_site_call_grid")
+    plt = _plt()
+    positions = concept_positions(store, concept, sample, occurrence)
+    n = len(store.calls)
+    if calls is None:
+        calls = sorted({round(i * (n - 1) / max(1, max_calls - 1)) for i in range(min(max_calls, n))})
+    sites = [s for s in store.sites if s.name not in store.flat_sites]
+    grids = {s.name: store.maps(s.name, calls=list(calls), samples=[sample], tokens=positions).float()
+             .sum(-1).mean(dim=(1, 2)).numpy() for s in sites}
+    vmax = max(float(g.max()) for g in grids.values()) if grids else 1.0
+    fig, axes = plt.subplots(len(sites), len(calls), figsize=(1.1 * len(calls) + 1.5, 1.1 * len(sites) + 0.8),
+                             squeeze=False, layout="constrained")
+    im = None
+    for i, site in enumerate(sites):
+        for j, call in enumerate(calls):
+            ax = axes[i, j]
+            im = ax.imshow(grids[site.name][j], cmap="viridis", vmin=0, vmax=vmax)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"call {call}\n(t={store.calls[call].timestep:g})", fontsize=7)
+            if j == 0:
+                label = site.name.replace(".transformer_blocks.0.attn2", "").replace("attentions.", "a")
+                ax.set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.5, label=f"attention on {concept!r}")
+    return fig

@@ -1,0 +1,306 @@
+"""Pure functions over stores: concept-token attention trajectories, their area, comparisons, heat maps.
+
+    >>> from attnprobe.testing import synthetic_store
+    >>> store = synthetic_store(calls=3, prompt="a picture of dog", mass={"dog": [0.5, 0.25, 0.0]})
+    >>> trajectory(store, "dog").tolist()
+    [0.5, 0.25, 0.0]
+    >>> auc(trajectory(store, "dog"))
+    0.25
+
+Measures:
+
+- **Concept mass** of a site at a call: the attention probability on the concept's token positions, summed
+  over those positions (all occurrences, or one), averaged over heads and image positions. In ``[0, 1]``;
+  1 means every image position attends only to the concept. (Prompt-to-Prompt and DAAM read the same
+  per-token maps; the averaging here weighs every image position and head equally.)
+- **Trajectory**: the concept mass per denoiser call, averaged over sites (every site weighs the same).
+- **AUC**: the trapezoidal area under a trajectory over denoising progress ``x = call / (calls - 1)`` in
+  ``[0, 1]``, so a flat trajectory at ``m`` has AUC ``m`` (units: attention mass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..capture.sites import select_sites
+from ..errors import ArgumentError, ArgumentTypeError, SelectionError, StoreError
+from ..store import AttentionStore
+from ..store.axes import as_index, positions as axis_positions
+
+#: the largest heat-map side heatmap() makes (pixels): a larger size is a mistake, not a request
+MAX_SIDE = 16384
+
+__all__ = ["trajectory", "auc", "compare", "heatmap", "Comparison", "concept_positions", "check_comparable",
+           "require_per_call", "MAX_SIDE"]
+
+
+def concept_positions(store: AttentionStore, concept: str, sample: int = 0, occurrence="all") -> list[int]:
+    """Token positions of ``concept`` in a sample: every occurrence (``"all"``), or one (an int; negative
+    counts from the end, so ``-1`` is the last mention).
+
+    Raises:
+        ConceptError: see ``AttentionStore.token_indices``.
+        SelectionError: no such occurrence (says how many there are; an ``IndexError`` too).
+    """
+    found = store.token_indices(sample, concept)
+    if occurrence == "all":
+        return sorted({p for occ in found for p in occ})
+    index = as_index(occurrence)
+    if index is None or not -len(found) <= index < len(found):
+        times = "once" if len(found) == 1 else f"{len(found)} times"
+        raise SelectionError(f"occurrence {occurrence!r} of {concept!r}: sample {sample} mentions it {times} "
+                             f"(occurrences 0..{len(found) - 1}, or -1 for the last)")
+    return list(found[index])
+
+
+def _site_mass(store: AttentionStore, site: str, sample: int, positions: list[int]) -> torch.Tensor:
+    # [call, 1, head, qh, qw, len(positions)] → [call]; reads only these tokens from a streamed store
+    picked = store.maps(site, samples=[sample], tokens=positions).float().sum(dim=-1)
+    return picked.mean(dim=(1, 2, 3, 4))
+
+
+def require_per_call(store: AttentionStore, what: str) -> None:
+    """Raise ``StoreError`` when ``store`` holds an aggregate over calls (``probe(aggregate=...)``), not a map per call."""
+    if store.aggregate:
+        raise StoreError(
+            f"{what} needs a map per denoiser call, but this store holds the {store.aggregate} over its "
+            f"{len(store.calls)} calls (probe(aggregate={store.aggregate!r})): capture without aggregate= for "
+            "trajectories; heatmap() works on it"
+        )
+
+
+def trajectory(
+    store: AttentionStore,
+    concept: str,
+    sample: int = 0,
+    *,
+    occurrence="all",
+    by_site: bool = False,
+    sites=None,
+) -> torch.Tensor:
+    """Attention mass on a concept's tokens per denoiser call.
+
+    Args:
+        store: the capture.
+        concept: word or phrase of the sample's prompt (``"van gogh"``).
+        sample: index on the store's ``sample`` axis. Default: 0.
+        occurrence: ``"all"`` (sum over every mention) or an int (one mention; ``-1`` is the last).
+        by_site: return ``[call, site]`` instead of the site mean. Default: False.
+        sites: site selector (names, globs, predicate) within the store. Default: all.
+
+    Returns:
+        float32 ``[call]`` (mean over sites) or ``[call, site]`` (sites in ``store.sites`` order); values in
+        ``[0, 1]``: the share of attention on the concept's tokens.
+
+    Raises:
+        ConceptError: concept not in the sample's prompt, or truncated.
+    """
+    require_per_call(store, "trajectory")
+    positions = concept_positions(store, concept, sample, occurrence)
+    idx = store.sample_index(sample)
+    chosen = select_sites(store.sites, sites)
+    per_site = torch.stack([_site_mass(store, s.name, idx, positions) for s in chosen], dim=1)
+    return per_site if by_site else per_site.mean(dim=1)
+
+
+def auc(traj: torch.Tensor, x: Sequence[float] | torch.Tensor | None = None) -> float | torch.Tensor:
+    """Area under a trajectory (trapezoid rule) over denoising progress.
+
+    Args:
+        traj: ``[call]`` or ``[call, site]``.
+        x: abscissa per call; default ``linspace(0, 1, calls)`` (progress through the denoising).
+
+    Returns:
+        A float for ``[call]``, a ``[site]`` tensor for ``[call, site]``. With one call: its value.
+    """
+    if isinstance(traj, AttentionStore):
+        raise ArgumentTypeError("auc takes a trajectory ([call] or [call, site]), not a store: auc(trajectory(store, concept))")
+    traj = torch.as_tensor(traj, dtype=torch.float64)
+    if traj.ndim not in (1, 2):
+        raise ArgumentError(f"auc takes a [call] or [call, site] trajectory; got shape {tuple(traj.shape)}")
+    n = traj.shape[0]
+    if n == 0:
+        raise ArgumentError("auc of an empty trajectory")
+    if n == 1:
+        out = traj[0]
+    else:
+        xs = torch.linspace(0, 1, n, dtype=torch.float64) if x is None else torch.as_tensor(x, dtype=torch.float64)
+        if xs.shape[0] != n:
+            raise ArgumentError(f"x has {xs.shape[0]} values for a trajectory of {n} calls")
+        out = torch.trapezoid(traj, xs, dim=0)
+    return float(out) if out.ndim == 0 else out.float()
+
+
+@dataclass
+class Comparison:
+    """What ``compare`` returns (every trajectory ``[call]``, float32).
+
+    Attributes:
+        base, other: trajectories summed over every mention of the concept.
+        delta: ``other - base``; delta_auc: ``auc(other) - auc(base)``.
+        base_aligned, other_aligned: the mentions paired by occurrence (see ``align``), one trajectory each.
+        delta_aligned: ``other_aligned - base_aligned``; delta_auc_aligned: its AUC.
+        pairs: the (base occurrence, other occurrence) indices that were paired.
+    """
+
+    base: torch.Tensor
+    other: torch.Tensor
+    delta: torch.Tensor
+    delta_auc: float
+    base_aligned: torch.Tensor
+    other_aligned: torch.Tensor
+    delta_aligned: torch.Tensor
+    delta_auc_aligned: float
+    pairs: list[tuple[int, int]]
+
+
+def check_comparable(base: AttentionStore, other: AttentionStore) -> None:
+    """Raise ``StoreError`` unless two stores come from the same pipeline and denoiser (class and config),
+    sites, timesteps (so calls pair at the same noise level) and latent size."""
+    problems = []
+    for key in ("denoiser", "pipeline"):
+        if base.meta.get(key) != other.meta.get(key):
+            problems.append(f"{key}: {base.meta.get(key)} vs {other.meta.get(key)}")
+    if base.meta.get("denoiser_config") != other.meta.get("denoiser_config"):
+        problems.append("denoiser configs differ")
+    if base.site_names != other.site_names:
+        problems.append(f"sites: {len(base.sites)} vs {len(other.sites)} ({sorted(set(base.site_names) ^ set(other.site_names))[:3]} differ)")
+    if len(base.calls) != len(other.calls):
+        problems.append(f"calls: {len(base.calls)} vs {len(other.calls)}")
+    elif [c.timestep for c in base.calls] != [c.timestep for c in other.calls]:
+        problems.append(
+            f"timesteps differ (scheduler {base.meta.get('scheduler')} vs {other.meta.get('scheduler')}): calls "
+            "would be paired at different noise levels"
+        )
+    if base.meta.get("latent_size") != other.meta.get("latent_size"):
+        problems.append(f"latent sizes: {base.meta.get('latent_size')} vs {other.meta.get('latent_size')}")
+    joint = [(s.meta.get("capture") or {}).get("joint") for s in (base, other)]
+    if joint[0] != joint[1]:
+        problems.append(f"joint maps: {joint[0]!r} vs {joint[1]!r} (exact rows sum to the text share, renorm rows to 1)")
+    if problems:
+        raise StoreError("the stores cannot be compared: " + "; ".join(problems))
+
+
+def compare(
+    base: AttentionStore,
+    other: AttentionStore,
+    concept: str,
+    *,
+    sample: int = 0,
+    other_sample: int | None = None,
+    align: str = "last",
+    sites=None,
+) -> Comparison:
+    """Δ concept trajectory and Δ AUC between two captures of the same pipeline (e.g. baseline vs instruction).
+
+    Mentions are aligned by occurrence: ``align="last"`` pairs them counting from the end (the baseline's
+    only "…a picture of dog" with the instruction's last "…generate a picture of dog"), ``"first"`` from the
+    start; unpaired mentions count only in the all-mentions trajectories.
+
+    Args:
+        base: the reference store (e.g. the baseline prompt's).
+        other: a store from the same pipeline, sites, timesteps and size (e.g. the instruction's).
+        concept: word or phrase present in both prompts.
+        sample: sample index in ``base``.
+        other_sample: sample index in ``other``. Default: ``sample``.
+        align: ``"last"`` or ``"first"``. Default ``"last"``.
+        sites: site selector applied to both. Default: all.
+
+    Raises:
+        StoreError: the stores come from different pipelines/denoisers, sites, timesteps or sizes.
+        ConceptError: the concept is missing from either prompt.
+    """
+    if align not in ("last", "first"):
+        raise ArgumentError(f"align={align!r} is not 'last' or 'first'")
+    check_comparable(base, other)
+    other_sample = sample if other_sample is None else other_sample
+    t_base = trajectory(base, concept, sample, sites=sites)
+    t_other = trajectory(other, concept, other_sample, sites=sites)
+    n_base = len(base.token_indices(sample, concept))
+    n_other = len(other.token_indices(other_sample, concept))
+    k = min(n_base, n_other)
+    pairs = [(n_base - k + i, n_other - k + i) if align == "last" else (i, i) for i in range(k)]
+    base_al = sum(trajectory(base, concept, sample, occurrence=i, sites=sites) for i, _ in pairs)
+    other_al = sum(trajectory(other, concept, other_sample, occurrence=j, sites=sites) for _, j in pairs)
+    delta, delta_al = t_other - t_base, other_al - base_al
+    return Comparison(
+        base=t_base,
+        other=t_other,
+        delta=delta,
+        delta_auc=auc(t_other) - auc(t_base),
+        base_aligned=base_al,
+        other_aligned=other_al,
+        delta_aligned=delta_al,
+        delta_auc_aligned=auc(other_al) - auc(base_al),
+        pairs=pairs,
+    )
+
+
+def heatmap(
+    store: AttentionStore,
+    concept: str,
+    sample: int = 0,
+    *,
+    calls=None,
+    sites=None,
+    occurrence="all",
+    size: tuple[int, int] | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """A concept's attention over the image, ``[H, W]`` float32.
+
+    Aggregation (DAAM-style, Tang et al. 2023, "What the DAAM: Interpreting Stable Diffusion Using Cross
+    Attention"): for each chosen site and call, the maps of the concept's tokens are summed over those tokens
+    and averaged over heads, giving ``[qh, qw]``; each is resized to ``size`` (bilinear, as DAAM upsamples
+    every layer to a common size); the result is the mean over sites and calls. DAAM sums instead of
+    averaging, which differs by a constant factor; ``normalize=True`` divides by the maximum, as DAAM's
+    figures do.
+
+    Args:
+        store: the capture.
+        concept: word or phrase of the sample's prompt.
+        sample: index on the ``sample`` axis. Default: 0.
+        occurrence: ``"all"`` or one mention's index (``-1``: the last).
+        calls: call indices (an int, a slice or a list). Default: every call (for a store captured with
+            ``aggregate=``, its one aggregate). An empty or out-of-range choice raises ``SelectionError`` (an ``IndexError``).
+        sites: site selector. Default: every site (flat sites are skipped: they have no grid).
+        size: output ``(H, W)`` or one int for both (1 to ``MAX_SIDE``, 16384). Default: the image size in pixels recorded in the store's metadata, else
+            the largest site grid.
+        normalize: divide by the maximum so that values lie in ``[0, 1]``. Default: False (units: attention
+            probability on the concept, averaged).
+
+    Raises:
+        ConceptError: see ``trajectory``. StoreError: no site with a spatial grid was chosen.
+    """
+    positions = concept_positions(store, concept, sample, occurrence)
+    idx = store.sample_index(sample)
+    chosen = [s for s in select_sites(store.sites, sites) if s.name not in store.flat_sites]
+    if not chosen:
+        raise StoreError("no chosen site has a spatial grid (all are flat)")
+    if size is None:
+        size = tuple(store.meta.get("image_size") or ()) or max(tuple(store[s.name].shape[3:5]) for s in chosen)
+    given = size
+    size = (size, size) if as_index(size) is not None else tuple(size) if isinstance(size, (tuple, list)) else ()
+    size = tuple(as_index(v) for v in size)
+    if len(size) != 2 or not all(v is not None and 1 <= v <= MAX_SIDE for v in size):
+        raise ArgumentError(f"size={given!r} is not a positive int or a (height, width) pair of positive ints, each at "
+                         f"most {MAX_SIDE}")
+    if not isinstance(normalize, bool):
+        raise ArgumentError(f"normalize={normalize!r}: give True or False")
+    n_calls = 1 if store.aggregate else len(store.calls)  # an aggregate is one entry on the call axis
+    call_idx = list(range(n_calls)) if calls is None else axis_positions("call", calls, n_calls)
+    if not call_idx:
+        raise SelectionError(f"calls={calls!r} picks no call; the store has calls 0..{n_calls - 1}")
+
+    total = torch.zeros(size, dtype=torch.float32)
+    for s in chosen:
+        maps = store.maps(s.name, calls=call_idx, samples=[idx], tokens=positions).float().sum(-1)  # [call, 1, head, qh, qw]
+        grid = maps.mean(dim=(0, 1, 2))[None, None]
+        total += torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
+    total /= len(chosen)
+    if normalize and total.max() > 0:
+        total = total / total.max()
+    return total

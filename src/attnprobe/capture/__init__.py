@@ -1,0 +1,31 @@
+"""Capture: record a pipeline's cross-attention while it generates, without changing what it generates.
+
+    >>> import attnprobe
+    >>> from attnprobe.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> with attnprobe.probe(pipe, heads="mean") as store:
+    ...     _ = pipe("a picture of dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+    >>> len(store.calls), store.meta["family"]
+    (2, 'unet')
+
+One probed generation, in order:
+
+1. ``probe()`` (``recorder``) finds the denoiser's family (``families``) and its sites (``sites``: attention modules
+   of the family's site ``kinds``), wraps each site's processor (``kinds.wrap_processor``: ``cross.ProbeProcessor``
+   or ``joint.JointProbeProcessor``) and hooks the denoiser and the text encoders whose positions are the text keys.
+2. Each text-encoder call hands its token ids to ``rows.BatchRows``.
+3. Each denoiser call (``denoiser_call``): its timestep and latent grid are read; at a pipeline call's first
+   denoiser call the batch rows are labelled (``rows``: pass, prompt, image, token layout) and the rows to record
+   chosen; ``selection`` says which calls and token positions are kept.
+4. Inside the denoiser, each wrapper calls the installed processor unchanged, reads q and k from the module's own
+   projections, and computes the map beside it in fp32 (``processor.reduce_probs``: token selection, head mean).
+5. At the next denoiser call (or the end of the block) the call's maps go to ``sink.CallSink``, which writes them
+   into the store through its ``StoreWriter`` (memory, a streamed folder) or adds them to a running aggregate.
+6. On exit everything is removed (``finally``) and the store gets its execution order and metadata.
+"""
+
+from .families import FAMILIES, Family, family_of
+from .recorder import probe
+from .sites import denoiser_of, list_sites, select_sites
+
+__all__ = ["probe", "list_sites", "select_sites", "denoiser_of", "Family", "FAMILIES", "family_of"]

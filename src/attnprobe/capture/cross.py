@@ -1,0 +1,159 @@
+"""Cross-attention sites: the recording wrapper (``ProbeProcessor``) and ``attention_probs``.
+
+The wrapper calls the installed processor unchanged (its output is the site's output, so images stay
+bit-identical) and, in a side branch, recomputes the attention probabilities from the module's own query
+and key: the outputs of ``attn.to_q`` and ``attn.to_k`` (or the key half of ``attn.to_kv`` for fused
+projections), captured by forward hooks while the processor runs, then ``attn.norm_q`` / ``attn.norm_k``,
+``attn.scale`` and the prepared attention mask, exactly as diffusers' processors use them::
+
+    p = softmax(q · kᵀ · attn.scale + mask)      # [sample, head, query, token], fp32, sums to 1 over token
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+
+from ..errors import ProbeError
+from .processor import CaptureState, reduce_probs, scratch
+
+__all__ = ["ProbeProcessor", "attention_probs"]
+
+
+def attention_probs(
+    attn, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, rows=None,
+    workspace: dict | None = None,
+) -> torch.Tensor:
+    """Cross-attention probabilities of one site call, computed in fp32.
+
+    Args:
+        attn: the diffusers ``Attention`` module.
+        query: ``attn.to_q`` output, ``[batch, query, heads * head_dim]``.
+        key: ``attn.to_k`` output, ``[batch, token, heads * head_dim]``.
+        attention_mask: the mask the processor got (additive bias or boolean), or ``None``.
+        rows: batch rows to keep (the captured passes): a ``slice``, a long tensor of indices, or ``None`` for all.
+        workspace: a dict of scratch buffers to compute in (reused between calls); the result is then one of
+            them, valid until the next call with the same workspace. Default: ``None`` (fresh tensors).
+
+    Returns:
+        ``[sample, head, query, token]`` float32 probabilities; each row sums to 1 over ``token``.
+    """
+    batch, n_keys, heads = query.shape[0], key.shape[1], attn.heads
+    if isinstance(rows, slice):  # a view: no copy of q and k
+        query, key = query[rows], key[rows]
+    elif rows is not None:
+        query, key = query.index_select(0, rows), key.index_select(0, rows)
+    query = rearrange(query, "sample query (head d) -> sample head query d", head=heads)
+    key = rearrange(key, "sample token (head d) -> sample head token d", head=heads)
+    if getattr(attn, "norm_q", None) is not None:
+        query = attn.norm_q(query)
+    if getattr(attn, "norm_k", None) is not None:
+        key = attn.norm_k(key)
+    # the scale goes on q ([query, d]) rather than on the logits ([query, token]): fewer multiplications
+    query, key_t = query.float() * attn.scale, key.float().transpose(-1, -2)
+    shape = (*query.shape[:-1], key_t.shape[-1])
+    logits = torch.matmul(query, key_t, out=scratch(workspace, "logits", shape, query.device))
+    if attention_mask is not None:
+        mask = attn.prepare_attention_mask(attention_mask, n_keys, batch)
+        mask = mask.reshape(batch, heads, -1, mask.shape[-1])
+        if isinstance(rows, slice):
+            mask = mask[rows]
+        elif rows is not None:
+            mask = mask.index_select(0, rows)
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill_(~mask, float("-inf"))
+        else:
+            logits = logits.add_(mask.float())
+    if workspace is None:
+        return logits.softmax(dim=-1)
+    return torch.ops.aten._softmax.out(logits, -1, False, out=scratch(workspace, "probs", shape, logits.device))
+
+
+class ProbeProcessor:
+    """Wraps one site's processor: the original computes the output, the wrapper records the probabilities.
+
+    Built by ``attnprobe.capture.kinds.wrap_processor``; ``inner`` is the wrapped processor, restored by the probe on exit. The
+    probabilities (``attention_probs``, then ``reduce_probs``) are computed inside the denoiser's forward, so a
+    compiled denoiser traces them, and go to ``state.outbox`` for the probe to collect.
+    """
+
+    def __init__(self, inner: Any, site: str, attn, state: CaptureState) -> None:
+        self.inner = inner
+        self.site = site
+        self.state = state
+        self._armed = False
+        self._removed = False
+        self._query: torch.Tensor | None = None
+        self._key: torch.Tensor | None = None
+        self._hooks = []
+        fused = bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_kv", None) is not None
+        if getattr(attn, "to_q", None) is None or (getattr(attn, "to_k", None) is None and not fused):
+            raise ProbeError(f"site {site}: the attention module has no to_q/to_k projection to read q and k from")
+        self._hooks.append(attn.to_q.register_forward_hook(self._take_query))
+        self._hooks.append((attn.to_kv if fused else attn.to_k).register_forward_hook(self._take_key_fused if fused else self._take_key))
+
+    def __getattr__(self, name):
+        """Attributes the wrapper lacks are ``inner``'s (diffusers reads e.g. ``processor._attention_backend``)."""
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    # set on the processor by diffusers' ``set_attention_backend`` / context parallelism: they belong to ``inner``,
+    # which computes the output
+    _attention_backend = property(lambda self: getattr(self.inner, "_attention_backend", None),
+                                  lambda self, value: setattr(self.inner, "_attention_backend", value))
+    _parallel_config = property(lambda self: getattr(self.inner, "_parallel_config", None),
+                                lambda self, value: setattr(self.inner, "_parallel_config", value))
+
+    def _take_query(self, module, args, output):
+        if self._armed and self._query is None:
+            self._query = output
+
+    def _take_key(self, module, args, output):
+        if self._armed and self._key is None:
+            self._key = output
+
+    def _take_key_fused(self, module, args, output):
+        if self._armed and self._key is None:
+            self._key = output.chunk(2, dim=-1)[0]
+
+    def remove_hooks(self) -> None:
+        """Detach from the module; from now on the wrapper only forwards to ``inner`` (diffusers may have kept a
+        reference, e.g. ``fuse_qkv_projections`` saves the processors it replaces and ``unfuse`` restores them)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._removed = True
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        state = self.state
+        if self._removed or not state.keep:
+            return self.inner(attn, hidden_states, *args, **kwargs)
+        self._query = self._key = None
+        self._armed = True
+        try:
+            output = self.inner(attn, hidden_states, *args, **kwargs)
+        finally:
+            self._armed = False
+        query, key = self._query, self._key
+        self._query = self._key = None
+        if query is None or key is None:
+            raise ProbeError(
+                f"site {self.site}: the installed processor {type(self.inner).__name__} did not call "
+                f"attn.{'to_q' if query is None else 'to_k'}, so attnprobe cannot read its "
+                f"{'query' if query is None else 'key'}. Processors that compute q/k another way are not supported."
+            )
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        workspace = state.workspace if query.device.type == "cpu" and not torch.compiler.is_compiling() else None
+        with torch.no_grad():
+            probs = attention_probs(attn, query, key, mask, state.rows, workspace)
+            probs = reduce_probs(probs, state.heads, state.tokens, workspace)
+            probs = probs.to(state.dtype, copy=workspace is not None)  # never hand on a scratch buffer
+        state.outbox.append((self.site, probs))
+        return output
+
+    def __repr__(self) -> str:
+        return f"ProbeProcessor(site={self.site!r}, inner={self.inner!r})"

@@ -1,0 +1,172 @@
+"""One denoiser call as the hooks see it: its arguments (``DenoiserCall.read``), the scheduler timestep it stands for
+(``Timesteps``), and the grid of each site's image queries (``query_grid``).
+
+    >>> import torch
+    >>> call = DenoiserCall.read((torch.zeros(2, 4, 8, 12), torch.tensor(981)), {"encoder_hidden_states": torch.zeros(2, 77, 32)})
+    >>> call.batch, call.latent_hw(), call.text_len
+    (2, (8, 12), 77)
+    >>> query_grid(24, (8, 12))            # a site at half the latent resolution
+    (4, 6)
+
+The probe (``attnprobe.capture.recorder``) and the interventions (``attnprobe.interventions``) read the arguments of
+the same pre-forward hook the same way: ``(sample, timestep, encoder_hidden_states)`` positionally or by name, as
+diffusers' pipelines call UNets and transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ProbeError
+
+__all__ = ["DenoiserCall", "Timesteps", "query_grid", "packed_grid", "first_value"]
+
+
+def first_value(timestep) -> float:
+    """A timestep argument as one float: its first element when it is a tensor per sample; NaN when there is none."""
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() else float("nan")
+    return float(timestep) if timestep is not None else float("nan")
+
+
+@dataclass
+class DenoiserCall:
+    """The arguments of one denoiser call.
+
+    Attributes:
+        sample: the latents, ``[batch, channel, h, w]`` (or ``[batch, token, channel]`` packed, with ``img_ids``).
+        timestep: as passed (a tensor, a number or ``None``).
+        states: ``encoder_hidden_states`` ``[batch, token, hidden]`` (the text part of IP-Adapter's tuple), or ``None``.
+        mask: ``encoder_attention_mask`` (PixArt: T5's padding mask, 1 = attended), or ``None``.
+        img_ids: Flux's packed-latent position ids ``[token, (0, row, column)]``, or ``None``.
+        image_prompt: ``encoder_hidden_states`` came as IP-Adapter's ``(text states, image-prompt states)``.
+    """
+
+    sample: object
+    timestep: object
+    states: object
+    mask: object
+    img_ids: object
+    image_prompt: bool
+
+    @classmethod
+    def read(cls, args: tuple, kwargs: dict) -> "DenoiserCall":
+        """Read a pre-forward hook's ``(args, kwargs)``."""
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        states = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        image_prompt = isinstance(states, (tuple, list)) and bool(states)
+        if image_prompt:  # IP-Adapter: (text states, image-prompt states)
+            states = states[0]
+        mask, ids = kwargs.get("encoder_attention_mask"), kwargs.get("img_ids")
+        return cls(sample, timestep, states, mask if isinstance(mask, torch.Tensor) else None,
+                   ids if isinstance(ids, torch.Tensor) else None, image_prompt)
+
+    @staticmethod
+    def with_states(args: tuple, kwargs: dict, states) -> tuple[tuple, dict]:
+        """A pre-forward hook's ``(args, kwargs)`` with ``encoder_hidden_states`` replaced by ``states``."""
+        if len(args) > 2:
+            return (*args[:2], states, *args[3:]), kwargs
+        return args, {**kwargs, "encoder_hidden_states": states}
+
+    @property
+    def batch(self) -> int:
+        return int(self.sample.shape[0])
+
+    @property
+    def packed(self) -> bool:
+        """Flux-style packed latents: ``[batch, token, channel]`` with ``img_ids``."""
+        return isinstance(self.sample, torch.Tensor) and self.sample.ndim == 3 and self.img_ids is not None
+
+    @property
+    def text_len(self) -> int:
+        """Text tokens the denoiser was called with (0 without encoder states)."""
+        states = self.states
+        return int(states.shape[1]) if isinstance(states, torch.Tensor) and states.ndim == 3 else 0
+
+    def check(self, denoiser: torch.nn.Module) -> None:
+        """Raise ``ProbeError`` unless the call has 4-D latents or packed latents with ``img_ids``."""
+        if not isinstance(self.sample, torch.Tensor) or (self.sample.ndim != 4 and not self.packed):
+            raise ProbeError(
+                f"the denoiser {type(denoiser).__name__} was called without a 4-D latent sample or packed latents with "
+                f"img_ids (got {type(self.sample).__name__}); attnprobe supports denoisers called as diffusers "
+                "pipelines do"
+            )
+
+    def latent_hw(self, packed_hw=None) -> tuple[int, int]:
+        """The latent grid: the sample's last two axes, or for packed latents ``packed_hw(img_ids)`` (default:
+        ``packed_grid``; the probe passes a cached one, as reading GPU ids synchronises)."""
+        if self.packed:
+            return (packed_hw or packed_grid)(self.img_ids)
+        return int(self.sample.shape[-2]), int(self.sample.shape[-1])
+
+
+def packed_grid(img_ids: torch.Tensor) -> tuple[int, int]:
+    """The latent size of packed latents (Flux: 2×2 latent patches per token) from their position ids
+    ``[token, (0, row, column)]``: twice the token grid."""
+    ids = img_ids.reshape(-1, img_ids.shape[-1])
+    rows, cols = int(ids[:, -2].max()) + 1, int(ids[:, -1].max()) + 1
+    return 2 * rows, 2 * cols
+
+
+def query_grid(n_query: int, hw: tuple[int, int]) -> tuple[int, int] | None:
+    """The ``(qh, qw)`` grid of a site with ``n_query`` image queries on an ``hw`` latent: the latent grid at the
+    first power-of-two scale (1, 1/2, … 1/128, rounding up) whose size is ``n_query``; ``None`` when none is (token
+    merging)."""
+    h, w = hw
+    for k in range(8):
+        f = 2**k
+        gh, gw = math.ceil(h / f), math.ceil(w / f)
+        if gh * gw == n_query:
+            return gh, gw
+    return None
+
+
+class Timesteps:
+    """The scheduler timestep of each denoiser call, as a float, without a GPU synchronisation per call.
+
+    A timestep taken from ``scheduler.timesteps`` (diffusers' loops iterate over it) is looked up in a host copy of
+    that table, made once per ``set_timesteps``: reading a GPU scalar would synchronise with the GPU at every
+    denoiser call. Flux pipelines hand the denoiser ``timestep / 1000`` (rounded to the model's dtype): the
+    scheduler's entry it stands for is recorded.
+
+    """
+
+    def __init__(self) -> None:
+        self._table: tuple[torch.Tensor, list[float]] | None = None  # scheduler.timesteps and its host copy
+
+    def _host(self, table: torch.Tensor) -> list[float]:
+        if self._table is None or self._table[0] is not table:
+            self._table = (table, table.float().tolist())
+        return self._table[1]
+
+    def value(self, timestep, scheduler=None) -> float:
+        """The call's timestep as a float (NaN when there is none), looked up in ``scheduler.timesteps``."""
+        if not isinstance(timestep, torch.Tensor) or not timestep.numel():
+            return first_value(timestep)
+        table = getattr(scheduler, "timesteps", None)
+        if (isinstance(table, torch.Tensor) and table.ndim == 1 and timestep.numel() == 1 and table.stride(0) == 1
+                and timestep.device == table.device
+                and timestep.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()):
+            i = timestep.storage_offset() - table.storage_offset()
+            host = self._host(table)
+            if 0 <= i < len(host):
+                return host[i]
+        value = first_value(timestep)
+        if isinstance(table, torch.Tensor) and table.ndim == 1 and table.numel() and 0 < value <= 1:
+            host = self._host(table)
+            # the current step's entry when it matches (bf16 rounding can land nearer a neighbouring entry), else the
+            # nearest one
+            index = getattr(scheduler, "step_index", None)
+            index = index if index is not None else (getattr(scheduler, "begin_index", None) or 0)
+            if 0 <= index < len(host):
+                current = host[index]
+                if abs(current - value * 1000) <= 0.01 * max(abs(current), 1.0):
+                    return current
+            nearest = min(host, key=lambda entry: abs(entry - value * 1000))
+            if abs(nearest - value * 1000) <= 0.01 * max(abs(nearest), 1.0):
+                return nearest
+        return value

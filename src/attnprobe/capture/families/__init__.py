@@ -1,0 +1,30 @@
+"""Denoiser families: one file per family says how to find its sites, which encoders give its text keys, and which
+site kinds (so how q and k are read) it has. ``family_of`` picks a denoiser's family.
+
+    >>> from attnprobe.testing import tiny_flux_pipeline
+    >>> family_of(tiny_flux_pipeline().transformer).name
+    'flux'
+
+To add a family: a file here with its ``FAMILY = Family(...)`` (``registry.Family``), a line in ``FAMILIES``, and a
+tiny builder in ``attnprobe.models`` for its tests (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import flux, generic, pixart, sd3, unet
+from .registry import Family
+
+__all__ = ["Family", "FAMILIES", "GENERIC", "family_of"]
+
+#: The known families, in the order they are tried.
+FAMILIES: tuple[Family, ...] = (unet.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY)
+#: The family of every other denoiser: sites from structure alone.
+GENERIC: Family = generic.FAMILY
+
+
+def family_of(denoiser: torch.nn.Module) -> Family:
+    """The family of a denoiser module (``attnprobe.capture.sites.denoiser_of`` finds a pipeline's): the first of
+    ``FAMILIES`` that covers its class, else ``GENERIC``."""
+    return next((f for f in FAMILIES if f.covers(denoiser)), GENERIC)

@@ -1,0 +1,74 @@
+"""The record each denoiser family fills in: ``Family``.
+
+A family says, for the denoisers it covers, how to find their sites (which site kinds they have, ``attnprobe.capture
+.kinds``, and in what order they run before a probe has seen one call), which text encoders give their text keys
+(in key order) and so how every key position is labelled, and — through its kinds — how q and k are read as the model
+uses them (norms, rotary embeddings, masks). Everything else of the probe is the same for every family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["Family", "first_text_encoder", "unet_order"]
+
+#: ``(encoder attribute, tokenizer attribute)`` pairs of a pipeline, in the order of the denoiser's text keys
+TextStreams = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What attnprobe knows about one family of diffusers denoisers.
+
+    Attributes:
+        name: short name, e.g. ``"flux"`` (recorded as ``store.meta["family"]``).
+        title: the models it covers, for people, e.g. ``"Flux.1 (FluxTransformer2DModel)"``.
+        denoisers: names of the ``diffusers`` classes it covers (a subclass belongs to the family too); empty for the
+            generic family, which covers every other denoiser.
+        kinds: the site kinds its sites may have (``"cross"``, ``"joint"``, ``"single"``); an attention module of
+            another kind is not a site.
+        text_streams: ``pipe -> [(encoder attribute, tokenizer attribute), …]``: the text encoders whose positions
+            are the denoiser's text keys, in key order (SD3: CLIP's 77, then T5's).
+        order: ``(denoiser, sites) -> sites`` in execution order before a probe has seen a denoiser call (UNets run
+            ``down → mid → up`` while ``named_modules()`` lists ``up_blocks`` first). Default: as listed.
+        single_needs_joint: keep ``single`` sites only in a denoiser that also has ``joint`` ones (an MM-DiT); in
+            another, a block called with encoder states whose only attention is self-attention is not single-stream.
+    """
+
+    name: str
+    title: str
+    denoisers: tuple[str, ...]
+    kinds: tuple[str, ...]
+    text_streams: Callable[[object], TextStreams]
+    order: Callable[[torch.nn.Module, list], list] = lambda denoiser, sites: sites
+    single_needs_joint: bool = False
+
+    def covers(self, denoiser: torch.nn.Module) -> bool:
+        """Whether ``denoiser`` is an instance of one of the family's diffusers classes."""
+        import diffusers
+
+        classes = tuple(c for c in (getattr(diffusers, name, None) for name in self.denoisers) if isinstance(c, type))
+        return bool(classes) and isinstance(denoiser, classes)
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r}: {self.title})"
+
+
+def first_text_encoder(pipe) -> TextStreams:
+    """The first of ``text_encoder`` / ``text_encoder_2`` the pipeline has (SD 1.x/2.x, SDXL and its refiner, PixArt)."""
+    for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if isinstance(getattr(pipe, enc, None), torch.nn.Module):
+            return [(enc, tok)]
+    return []
+
+
+def unet_order(denoiser: torch.nn.Module, sites: list) -> list:
+    """A UNet's sites in execution order: ``down_blocks``, ``mid_block``, ``up_blocks`` (``named_modules()`` lists
+    ``up_blocks`` before ``mid_block``)."""
+    if not all(hasattr(denoiser, a) for a in ("down_blocks", "mid_block", "up_blocks")):
+        return sites
+    rank = {"down": 0, "mid": 1, "up": 2}
+    return sorted(sites, key=lambda s: rank.get(s.group, 3))

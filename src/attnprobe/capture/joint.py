@@ -1,0 +1,212 @@
+"""Joint attention (SD3, Flux): the image-query × text-key block of attention over ``[image; text]`` keys.
+
+In a joint-attention layer (an MM-DiT block) image and text tokens attend to each other in one softmax over all
+keys. A site's map is the block where image positions query text keys, in one of two definitions
+(``probe(joint=...)``):
+
+- ``"exact"`` (default): that block of the full softmax, ``p[i, t] = exp(l[i, t] − logsumexp_j l[i, j])`` with
+  ``j`` over every key (image and text). A row sums to the query's **text share** ``Σ_t p[i, t]`` ∈ [0, 1]: what
+  the image position takes from the text at all.
+- ``"renorm"``: softmax over the text keys only, ``p[i, t] = exp(l[i, t] − logsumexp_t' l[i, t'])``: rows sum to 1,
+  comparable with UNet cross-attention; ``exact / exact.sum(-1)`` equals it.
+
+Logits are ``l = q·kᵀ / √head_dim`` (the scaled-dot-product default the processors use) in fp32, from the
+processor's own q and k (after ``norm_q``/``norm_k``/``norm_added_q``/``norm_added_k`` and, for Flux, the rotary
+embedding). ``exact`` runs over image queries in chunks with the full-row logsumexp, so the ``N × (N + T)``
+matrix is never held for all image queries at once (``CHUNK_ELEMENTS``).
+
+Site kinds: ``"joint"`` (a double-stream block: image tokens through ``to_q``/``to_k``, text through
+``add_q_proj``/``add_k_proj``) and ``"single"`` (a Flux single-stream block: one ``[text; image]`` sequence through
+``to_q``/``to_k``; the text length is that of the ``encoder_hidden_states`` the transformer was called with).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..errors import ProbeError
+from .cross import ProbeProcessor
+from .processor import reduce_probs, scratch
+
+__all__ = ["JOINT_MODES", "CHUNK_ELEMENTS", "joint_probs", "JointProbeProcessor"]
+
+JOINT_MODES = ("exact", "renorm")
+
+#: ``exact``: image queries per chunk are chosen so that a chunk's logits (sample × head × chunk × (N + T)) hold at
+#: most this many fp32 values (2**26: 256 MiB)
+CHUNK_ELEMENTS = 2**26
+
+
+def joint_probs(
+    query: torch.Tensor, image_keys: torch.Tensor, text_keys: torch.Tensor, mode: str = "exact",
+    chunk: int | None = None, workspace: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-query × text-key probabilities of one joint-attention call, in fp32.
+
+    Args:
+        query: image queries, already scaled, ``[sample, head, query, d]``.
+        image_keys: ``[sample, head, N, d]`` (the image keys of the same softmax).
+        text_keys: ``[sample, head, T, d]``.
+        mode: ``"exact"`` (the text block of the softmax over all N + T keys) or ``"renorm"`` (softmax over the T
+            text keys). Default ``"exact"``.
+        chunk: image queries per step (``exact``). Default: from ``CHUNK_ELEMENTS``.
+        workspace: scratch buffers (CPU), as for ``attnprobe.capture.cross.attention_probs``.
+
+    Returns:
+        ``(probs, share)``: ``probs`` ``[sample, head, query, token]`` float32 (rows sum to the text share for
+        ``exact``, to 1 for ``renorm``) and ``share`` ``[sample, head]``, the text share averaged over image queries
+        (``None`` for ``renorm``, which never computes the image keys' logits).
+    """
+    query, text_t = query.float(), text_keys.float().transpose(-1, -2)
+    s, h, n, _ = query.shape
+    t = text_t.shape[-1]
+    if mode == "renorm":
+        return torch.matmul(query, text_t).softmax(dim=-1), None
+    image_t = image_keys.float().transpose(-1, -2)
+    keys = image_t.shape[-1] + t
+    step = chunk or max(1, CHUNK_ELEMENTS // max(1, s * h * keys))
+    out = scratch(workspace, "joint", (s, h, n, t), query.device)
+    out = torch.empty((s, h, n, t), device=query.device) if out is None else out
+    for start in range(0, n, step):
+        q = query[:, :, start:start + step]
+        text = torch.matmul(q, text_t)                                  # [sample, head, chunk, T]
+        image = torch.matmul(q, image_t)                                # [sample, head, chunk, N]
+        top = image.amax(-1, keepdim=True)
+        image_lse = image.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))  # in place: one chunk-sized tensor
+        lse = torch.logaddexp(image_lse, text.logsumexp(-1))           # over all N + T keys
+        del image
+        torch.exp(text.sub_(lse.unsqueeze(-1)), out=out[:, :, start:start + step])
+    return out, out.sum(-1).mean(-1)
+
+
+def _rotary(x: torch.Tensor, emb, start: int, stop: int | None) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb`` (the processor's own) on ``x`` ``[sample, seq, head, d]`` with the rows
+    ``start:stop`` of the rotary table, which covers the processor's whole ``[text; image]`` sequence."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if emb is None:
+        return x
+    cos, sin = emb
+    return apply_rotary_emb(x, (cos[start:stop], sin[start:stop]), sequence_dim=1)
+
+
+class JointProbeProcessor(ProbeProcessor):
+    """Wraps one joint (``kind="joint"``) or single-stream (``kind="single"``) site's processor.
+
+    The installed processor computes the output unchanged; forward hooks read the image q and k (``to_q``,
+    ``to_k``, or a fused ``to_qkv``) and the text k (``add_k_proj`` or ``to_added_qkv``); the wrapper then applies
+    the module's norms and the rotary embedding the processor got, and computes ``joint_probs`` beside it.
+    """
+
+    def __init__(self, inner, site: str, attn, state, kind: str = "joint") -> None:
+        self.inner, self.site, self.state, self.kind = inner, site, state, kind
+        self._armed = self._removed = False
+        self._query = self._key = self._text_key = None
+        self._hooks = []
+        sig = inspect.signature(inner.__call__ if not inspect.isfunction(inner) else inner)
+        self._names = [p.name for p in sig.parameters.values()
+                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]  # after attn, hidden_states
+        fused = bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None
+        if fused:
+            self._hooks.append(attn.to_qkv.register_forward_hook(self._take_qkv))
+        elif getattr(attn, "to_q", None) is not None and getattr(attn, "to_k", None) is not None:
+            self._hooks.append(attn.to_q.register_forward_hook(self._take_query))
+            self._hooks.append(attn.to_k.register_forward_hook(self._take_key))
+        else:
+            raise ProbeError(f"site {site}: the attention module has no to_q/to_k (or fused to_qkv) to read q and k from")
+        if kind == "joint":
+            added = getattr(attn, "to_added_qkv", None) if fused else None
+            if added is not None:
+                self._hooks.append(added.register_forward_hook(self._take_added_qkv))
+            else:
+                self._hooks.append(attn.add_k_proj.register_forward_hook(self._take_text_key))
+
+    def _take_qkv(self, module, args, output):
+        if self._armed and self._query is None:
+            self._query, self._key, _ = output.chunk(3, dim=-1)
+
+    def _take_text_key(self, module, args, output):
+        if self._armed and self._text_key is None:
+            self._text_key = output
+
+    def _take_added_qkv(self, module, args, output):
+        if self._armed and self._text_key is None:
+            self._text_key = output.chunk(3, dim=-1)[1]
+
+    def _argument(self, name: str, args, kwargs):
+        if name in kwargs:
+            return kwargs[name]
+        i = self._names.index(name) if name in self._names else -1
+        return args[i] if 0 <= i < len(args) else None
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        state = self.state
+        if self._removed or not state.keep:
+            return self.inner(attn, hidden_states, *args, **kwargs)
+        self._query = self._key = self._text_key = None
+        self._armed = True
+        try:
+            output = self.inner(attn, hidden_states, *args, **kwargs)
+        finally:
+            self._armed = False
+        query, key, text_key = self._query, self._key, self._text_key
+        self._query = self._key = self._text_key = None
+        if query is None or key is None or (self.kind == "joint" and text_key is None):
+            missing = "to_q" if query is None else "to_k" if key is None else "add_k_proj"
+            raise ProbeError(
+                f"site {self.site}: the installed processor {type(self.inner).__name__} did not call attn.{missing} "
+                "(or the fused projection), so attnprobe cannot read its q and k. Processors that compute q/k another "
+                "way are not supported."
+            )
+        if self._argument("attention_mask", args, kwargs) is not None:
+            raise ProbeError(
+                f"site {self.site}: the joint-attention processor got an attention_mask; attnprobe's joint maps "
+                "assume none (SD3 and Flux pipelines pass none)"
+            )
+        emb = self._argument("image_rotary_emb", args, kwargs)
+        workspace = state.workspace if query.device.type == "cpu" and not torch.compiler.is_compiling() else None
+        with torch.no_grad():
+            q_img, k_img, k_txt = self._split(attn, query, key, text_key, emb, state)
+            probs, share = joint_probs(q_img, k_img, k_txt, state.joint, workspace=workspace)
+            probs = reduce_probs(probs, state.heads, state.tokens, workspace)
+            probs = probs.to(state.dtype, copy=workspace is not None)
+        state.outbox.append((self.site, probs))
+        if share is not None:
+            state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))
+        return output
+
+    def _split(self, attn, query, key, text_key, emb, state):
+        """Image queries (scaled), image keys and text keys ``[sample, head, position, d]``, as the processor has
+        them just before attention (norms, then rotary embedding on the ``[text; image]`` sequence for Flux)."""
+        rows = state.rows
+        pick = (lambda x: x[rows]) if isinstance(rows, slice) else (lambda x: x) if rows is None else (
+            lambda x: x.index_select(0, rows))
+        heads = attn.heads
+        query, key = pick(query), pick(key)
+        query = query.unflatten(-1, (heads, -1))  # [sample, seq, head, d] (Flux's layout; norms act on d)
+        key = key.unflatten(-1, (heads, -1))
+        d = query.shape[-1]
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+        if self.kind == "single":
+            t = state.text_len
+            if not 0 < t < query.shape[1]:
+                raise ProbeError(
+                    f"site {self.site}: a single-stream site got {query.shape[1]} positions but the transformer was "
+                    f"called with {t} text tokens; attnprobe expects [text; image] in one sequence"
+                )
+            query, key = _rotary(query, emb, 0, None), _rotary(key, emb, 0, None)
+            q_img, k_img, k_txt = query[:, t:], key[:, t:], key[:, :t]
+        else:
+            text_key = pick(text_key).unflatten(-1, (heads, -1))
+            if getattr(attn, "norm_added_k", None) is not None:
+                text_key = attn.norm_added_k(text_key)
+            t = text_key.shape[1]
+            # Flux's processor rotates the [text; image] sequence; SD3's has no rotary embedding (emb is None)
+            q_img, k_img, k_txt = _rotary(query, emb, t, None), _rotary(key, emb, t, None), _rotary(text_key, emb, 0, t)
+        q_img = q_img.transpose(1, 2).float() * d**-0.5
+        return q_img, k_img.transpose(1, 2), k_txt.transpose(1, 2)

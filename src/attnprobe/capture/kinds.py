@@ -1,0 +1,111 @@
+"""Site kinds: which attention a module computes from image positions to text keys (decided from its structure), and
+the recording wrapper of each kind.
+
+    >>> from attnprobe.testing import tiny_sd_pipeline
+    >>> unet = tiny_sd_pipeline().unet
+    >>> [site_kind(unet.get_submodule(f"mid_block.attentions.0.transformer_blocks.0.{n}"), None) for n in ("attn1", "attn2")]
+    [None, 'cross']
+
+| kind | where | the map |
+|---|---|---|
+| ``cross`` | ``is_cross_attention``: UNet ``attn2`` (SD 1.x/2.x, SDXL), PixArt ``attn2`` | ``softmax(q·kᵀ·scale + mask)``, ``attnprobe.capture.cross`` |
+| ``joint`` | added text projections (``add_k_proj``): SD3's and Flux's double-stream ``attn`` | the image × text block of one softmax over ``[image; text]`` keys, ``attnprobe.capture.joint`` |
+| ``single`` | a self-attention whose block takes ``encoder_hidden_states``: Flux's single-stream blocks | the same over one ``[text; image]`` sequence |
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+from ..errors import ProbeError
+from .cross import ProbeProcessor
+from .joint import JointProbeProcessor
+from .processor import CaptureState
+
+__all__ = ["KINDS", "WRAPPERS", "site_kind", "is_attention", "attention_classes", "wrap_processor"]
+
+#: The recording wrapper of each site kind.
+WRAPPERS: dict[str, type[ProbeProcessor]] = {"cross": ProbeProcessor, "joint": JointProbeProcessor,
+                                              "single": JointProbeProcessor}
+KINDS = tuple(WRAPPERS)
+
+
+def site_kind(module: torch.nn.Module, parent: torch.nn.Module | None) -> str | None:
+    """What attention a module computes from image positions to text keys, from its structure.
+
+    Returns:
+        ``"cross"`` (keys are the encoder states: ``is_cross_attention``), ``"joint"`` (added text projections:
+        ``add_k_proj`` or a fused ``to_added_qkv``), ``"single"`` (a self-attention whose block is called with
+        ``encoder_hidden_states`` and holds no other text attention: Flux's single-stream blocks, which attend over
+        ``[text; image]``; ``list_sites`` keeps these only in a denoiser that also has joint sites), or ``None``
+        (image self-attention: UNet ``attn1``, SD3.5's ``attn2``).
+    """
+    if getattr(module, "is_cross_attention", False):
+        return "cross"
+    if getattr(module, "add_k_proj", None) is not None or getattr(module, "to_added_qkv", None) is not None:
+        return "joint"
+    if parent is None:
+        return None
+    try:
+        takes_text = "encoder_hidden_states" in inspect.signature(parent.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    others = [m for m in parent.modules() if m is not module and is_attention(m)]
+    if takes_text and not any(
+        getattr(m, "is_cross_attention", False) or getattr(m, "add_k_proj", None) is not None for m in others
+    ):
+        return "single"
+    return None
+
+
+@functools.cache
+def attention_classes() -> tuple[type, ...]:
+    from diffusers.models.attention_processor import Attention
+
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+    except ImportError:  # pragma: no cover - diffusers without the mixin
+        return (Attention,)
+    return (Attention, AttentionModuleMixin)
+
+
+def is_attention(module) -> bool:
+    return isinstance(module, attention_classes()) and hasattr(module, "processor")
+
+
+def wrap_processor(inner: Any, site: str, attn, state: CaptureState, kind: str = "cross") -> ProbeProcessor:
+    """The recording wrapper of a site of this ``kind`` (``WRAPPERS``: ``cross.ProbeProcessor`` or
+    ``joint.JointProbeProcessor``) around its processor ``inner``, whose
+    ``__call__`` shows ``inner``'s signature.
+
+    ``Attention.forward`` drops every ``cross_attention_kwargs`` entry that its processor's ``__call__`` does
+    not name (e.g. IP-Adapter's ``ip_adapter_masks``), so the wrapper must name exactly what ``inner`` names.
+    """
+    if kind not in WRAPPERS:
+        raise ProbeError(f"site {site}: attnprobe records sites of kinds {sorted(WRAPPERS)}, not {kind!r}")
+    wrapper = _wrapper_class(inner, WRAPPERS[kind])
+    return wrapper(inner, site, attn, state) if kind == "cross" else wrapper(inner, site, attn, state, kind)
+
+
+_CLASSES: dict = {}
+
+
+def _wrapper_class(inner: Any, base: type) -> type:
+    """One wrapper class per signature of the wrapped processors (cached), so that every site of a model, and
+    every probe opened on it, has the same processor type: ``torch.compile`` guards on the processor's type and
+    would recompile ``Attention.forward`` for each new class."""
+    sig = inspect.signature(inner.__call__ if not inspect.isfunction(inner) else inner)
+    key = (base.__name__, type(inner).__name__, tuple((p.name, p.kind, repr(p.default)) for p in sig.parameters.values()))
+    if key not in _CLASSES:
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()]
+
+        def __call__(self, *args, **kwargs):
+            return base.__call__(self, *args, **kwargs)
+
+        __call__.__signature__ = inspect.Signature(params)
+        _CLASSES[key] = type(f"Probe{type(inner).__name__}", (base,), {"__call__": __call__})
+    return _CLASSES[key]

@@ -1,0 +1,77 @@
+"""What every recording wrapper shares: the probe's per-call state (``CaptureState``), the capture-time reductions
+(``reduce_probs``) and the CPU scratch buffers (``scratch``).
+
+A wrapper (``attnprobe.capture.cross.ProbeProcessor`` and its joint-attention subclass) calls the installed processor
+unchanged and computes the site's map beside it; the probe (``attnprobe.capture.recorder``) sets the state once per
+denoiser call and collects the maps the wrappers leave in ``state.outbox``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["CaptureState", "reduce_probs", "scratch"]
+
+
+def scratch(workspace: dict | None, name: str, shape, device) -> torch.Tensor | None:
+    """A reusable fp32 scratch tensor (CPU only): fresh multi-MB temporaries at every site call make glibc map and
+    unmap memory, and the page faults cost more than the arithmetic. ``None`` without a workspace."""
+    if workspace is None:
+        return None
+    key = (name, tuple(shape), device)
+    if key not in workspace:
+        workspace[key] = torch.empty(tuple(shape), dtype=torch.float32, device=device)
+    return workspace[key]
+
+
+def reduce_probs(probs: torch.Tensor, heads: str, tokens: torch.Tensor | None, workspace: dict | None = None) -> torch.Tensor:
+    """The capture-time reductions of ``probe``: keep token positions, then average heads.
+
+    ``probs``: ``[sample, head, query, token]`` → ``[sample, head or 1, query, kept token]``. Selected tokens no
+    longer sum to 1 (they hold their share of the full softmax). ``workspace``: as for ``attention_probs``.
+    """
+    if tokens is not None:
+        shape = (*probs.shape[:-1], tokens.numel())
+        probs = torch.index_select(probs, -1, tokens, out=scratch(workspace, "tokens", shape, probs.device))
+    if heads == "mean":
+        shape = (probs.shape[0], 1, *probs.shape[2:])
+        probs = torch.mean(probs, dim=1, keepdim=True, out=scratch(workspace, "mean", shape, probs.device))
+    return probs
+
+
+@dataclass
+class CaptureState:
+    """What every wrapper of one probe reads at each site call; the probe updates it once per denoiser call.
+
+    Only bools, constant strings, tensors and slices that change when the batch layout changes:
+    ``torch.compile`` guards on these values, so nothing here may take a new value at every call.
+
+    Attributes:
+        keep: record this denoiser call (``probe(calls=...)``); ``False`` before the first denoiser call.
+        rows: batch rows of the captured passes (a ``slice`` when contiguous, else a long tensor), or ``None``.
+        heads: ``"keep"`` or ``"mean"``.
+        tokens: token positions to keep (long tensor) or ``None`` for all.
+        dtype: the dtype of the maps handed to the probe (the store's, or fp32 for a running aggregate).
+        workspace: scratch buffers for computing on the CPU outside ``torch.compile`` (see ``attention_probs``).
+        outbox: ``(site, probs)`` of the call in progress, appended by the wrappers and emptied by the probe at
+            the end of each denoiser call (a list append traces without a graph break; a call back into the
+            probe's Python state would break the graph at every site).
+        joint: ``"exact"`` or ``"renorm"``: the map of joint-attention sites (``attnprobe.joint``).
+        text_len: text tokens of the denoiser call in progress (for Flux's single-stream sites; fixed for a
+            pipeline and ``max_sequence_length``, so it does not make a compiled denoiser recompile per call).
+        shares: ``(site, [sample, head])`` mean text share of each joint site of the call in progress.
+    """
+
+    keep: bool = False
+    rows: Any = None
+    heads: str = "keep"
+    tokens: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32
+    outbox: list = field(default_factory=list)
+    workspace: dict = field(default_factory=dict)
+    joint: str = "exact"
+    text_len: int = 0
+    shares: list = field(default_factory=list)

@@ -1,0 +1,539 @@
+"""``probe()``: record every cross-attention map of a diffusers pipeline while it generates as usual.
+
+    >>> import attnprobe
+    >>> from attnprobe.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> with attnprobe.probe(pipe, heads="mean") as store:
+    ...     _ = pipe("a picture of a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+    >>> len(store.calls), tuple(store[store.sites[0].name].shape)
+    (2, (2, 1, 1, 8, 8, 77))
+
+How it works: each selected site's installed processor is wrapped (``kinds.wrap_processor``), which computes the
+site's maps beside the processor and leaves them in a shared outbox; a pre-forward hook on the denoiser counts
+denoiser calls, reads the timestep and the latent size (``denoiser_call``), and hands the previous call's maps on
+(``sink.CallSink``: the store's ``StoreWriter``, or a running aggregate); a pre-forward hook on each text encoder
+whose positions are the text keys records the token ids each pipeline call encodes, from which ``rows.BatchRows``
+labels the batch rows. The hooks run outside ``torch.compile``'s trace and the wrappers read only values that stay
+fixed between calls, so a compiled denoiser does not recompile after its first generation. Everything is removed
+in ``finally``, also when generation raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+import warnings
+from dataclasses import replace
+from typing import Iterator, Sequence
+
+import torch
+from einops import rearrange
+
+from .._version import __version__
+from ..errors import ProbeError
+from ..store import AttentionStore, Call, StoreWriter
+from ..store.files import json_safe
+from .cross import ProbeProcessor
+from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid
+from .families import family_of
+from .joint import JOINT_MODES
+from .kinds import wrap_processor
+from .processor import CaptureState
+from .rows import BatchRows, as_texts
+from .selection import call_filter, check_tokens, resolve_tokens
+from .sink import AGGREGATES, CallSink
+from .sites import SiteSelector, denoiser_of, list_sites, record_order, select_sites
+
+__all__ = ["probe", "Recorder", "PASSES", "HEADS"]
+
+PASSES = ("cond", "uncond", "all")
+HEADS = ("keep", "mean")
+
+
+class Recorder:
+    """The state of one probe: installed wrappers and hooks, the call counter, and the objects it hands work to
+    (``rows``: the batch labels; ``sink``: where each call's maps go; ``writer``: the store)."""
+
+    def __init__(self, pipe, denoiser, sites, passes, heads, dtype, device, prompts, all_sites=(),
+                 calls=None, tokens=None, aggregate=None, stream_to=None, joint="exact"):
+        self.denoiser = denoiser
+        self.family = family_of(denoiser)
+        self.rows = BatchRows(pipe if pipe is not denoiser else None, denoiser, passes, prompts)
+        self.sites = sites
+        self.passes = passes
+        self.heads = heads
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.modules = {s.name: denoiser.get_submodule(s.name) for s in sites}
+        # projections fused or not when the probe opened (fusing keeps Flux's processor, so check this too)
+        self._fused = {name: bool(getattr(attn, "fused_projections", False)) for name, attn in self.modules.items()}
+        self.all_sites = [s.name for s in all_sites] or list(self.modules)
+        self.known = {s.name: s.order for s in all_sites}
+        self.known_order = bool(self.known) and None not in self.known.values()  # seen by an earlier probe
+        self.state = CaptureState(heads=heads, dtype=torch.float32 if aggregate else dtype, joint=joint)
+        self.joint = joint
+        self.kinds = {s.name: s.kind for s in sites}
+        self.shares: list[tuple[int, str, torch.Tensor]] = []  # (call, site, [sample, head]) of joint sites
+        self.ids_key: tuple | None = None  # Flux: the img_ids tensor the latent size was read from, and that size
+        self.calls_spec, self.keep_call = calls, call_filter(calls)
+        self.tokens_spec = check_tokens(tokens)
+        self.aggregate = aggregate
+        self.current: dict[str, torch.Tensor] = {}  # the maps of the denoiser call in progress
+        self.current_call: Call | None = None
+        self.timesteps = Timesteps()
+        self.order_handles = []
+        self.originals: dict[str, object] = {}
+        self.wrappers: dict[str, ProbeProcessor] = {}
+        self.handles = []
+        self.call = -1
+        self.generation = -1
+        self.calls_in_generation = 0
+        self.layout: tuple[str, ...] = ()
+        self.last_timestep = float("inf")
+        self.latent_hw: tuple[int, int] = (0, 0)
+        self.order: list[str] = []
+        self.grids: dict[tuple[str, int, int, int], tuple[int, int]] = {}
+        self.writer = StoreWriter(sites, self._meta(stream_to), folder=stream_to)
+        self.store = self.writer.store
+        self.sink = CallSink(self.writer, self.device, aggregate)
+
+    @property
+    def pipe(self):
+        """The pipeline driving the denoiser (found when it first runs, if the denoiser was probed on its own)."""
+        return self.rows.pipe
+
+    # -------------------------------------------------------------- install / remove
+    def install(self) -> None:
+        try:
+            for name, attn in self.modules.items():
+                original = attn.processor
+                wrapper = wrap_processor(original, name, attn, self.state, self.kinds[name])
+                self.originals[name] = original
+                self.wrappers[name] = wrapper
+                attn.set_processor(wrapper)
+            self.handles.append(self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True))
+            # execution order of every cross-attention site (not only the probed ones), during the first call
+            # (once per denoiser: hooks added and removed change what a compiled denoiser guards on)
+            for name in self.all_sites if not self.known_order else ():
+                hook = functools.partial(self._on_site_order, name)
+                self.order_handles.append(self.denoiser.get_submodule(name).register_forward_pre_hook(hook))
+            if self.order_handles:
+                self.order_handles.append(self.denoiser.register_forward_hook(self._after_first_call))
+            for i, (encoder, _) in enumerate(self.rows.streams):
+                hook = functools.partial(self._on_encode, i)
+                self.handles.append(encoder.register_forward_pre_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _on_site_order(self, name, module, args) -> None:
+        if name not in self.order:
+            self.order.append(name)
+
+    def _after_first_call(self, module, args, output) -> None:
+        for handle in self.order_handles:
+            handle.remove()
+        self.order_handles.clear()
+
+    def remove(self) -> None:
+        self.state.workspace.clear()
+        for handle in self.handles + self.order_handles:
+            handle.remove()
+        self.handles.clear()
+        self.order_handles.clear()
+        for name, wrapper in self.wrappers.items():
+            wrapper.remove_hooks()
+            attn = self.modules[name]
+            original = self.originals[name]
+            while isinstance(original, ProbeProcessor) and original._removed:  # an outer probe closed first
+                original = original.inner
+            if attn.processor is wrapper:
+                attn.set_processor(original)
+                continue
+            for outer in self._chain(attn.processor):  # a probe opened inside this one is still installed
+                if isinstance(outer, ProbeProcessor) and outer.inner is wrapper:
+                    outer.inner = original
+                    break
+        self.wrappers.clear()
+
+    # -------------------------------------------------------------- hooks
+    @torch.compiler.disable
+    def _on_encode(self, stream, module, args, kwargs):
+        given = self.rows.call_arguments()
+        if not given:
+            return  # the text encoder ran outside a pipeline call (encode_prompt, attnprobe.text): not this call's
+        # a new pipeline call begins by encoding its prompts; one with other arguments may follow a call that
+        # failed after encoding (its ids must not label this one)
+        if self.calls_in_generation > 0 or (self.rows.given is not None and given != self.rows.given):
+            self.calls_in_generation = 0
+            self.rows.new_pipeline_call()
+        self.rows.encoded_ids(stream, args[0] if args else kwargs.get("input_ids"), given)
+
+    @staticmethod
+    def _chain(processor):
+        """The processor and every ProbeProcessor it wraps (a probe inside another probe wraps its wrapper)."""
+        while True:
+            yield processor
+            if not isinstance(processor, ProbeProcessor):
+                return
+            processor = processor.inner
+
+    def _check_intact(self) -> None:
+        for name, attn in self.modules.items():
+            if (not any(p is self.wrappers[name] for p in self._chain(attn.processor))
+                    or bool(getattr(attn, "fused_projections", False)) != self._fused[name]):
+                raise ProbeError(
+                    f"the processor or projections of site {name} were changed during the probe (now "
+                    f"{type(attn.processor).__name__}; attention slicing, fuse_qkv_projections, "
+                    "set_default_attn_processor, xformers or a LoRA/adapter load do this). Enable such options "
+                    "before opening the probe, not inside it. "
+                    + (f"The store holds calls 0..{self.call} only." if self.call >= 0 else "The store holds no call.")
+                )
+
+    def _close_call(self) -> None:
+        """The denoiser call in progress is over: check that every probed site ran, hand its maps on."""
+        self._collect()
+        call, maps = self.current_call, self.current
+        self.current_call, self.current = None, {}
+        if call is None:
+            return  # not kept (calls=...), or no call yet
+        missing = self._missing(maps)
+        if missing:
+            raise self._missing_sites(call.index, missing)
+        self.sink.put(call, maps)
+
+    def _missing(self, maps: dict) -> list[str]:
+        return [n for n in self.modules if n not in maps]
+
+    def _missing_sites(self, call: int, missing: list[str]) -> ProbeError:
+        return ProbeError(
+            f"denoiser call {call} ran without {len(missing)} of the {len(self.modules)} probed sites "
+            f"(e.g. {missing[:3]}): their processors were bypassed or replaced. The store keeps calls 0..{call - 1}."
+        )
+
+    @torch.compiler.disable
+    def _on_denoiser_call(self, module, args, kwargs):
+        self._check_intact()
+        self._close_call()
+        call = DenoiserCall.read(args, kwargs)
+        call.check(module)
+        t = self.timesteps.value(call.timestep, getattr(self.pipe, "scheduler", None))
+        hw = call.latent_hw(self._packed_hw)
+        self.state.text_len = call.text_len
+        uncond_call = self.rows.separate and self.rows.uncond_call(call.states)
+        if self.calls_in_generation > 0 and not uncond_call and self._starts_generation(call.batch, t, hw):
+            self.calls_in_generation = 0
+            self.rows.new_pipeline_call()  # no text-encoder call announced it (prompt_embeds)
+        if self.calls_in_generation == 0:
+            self.generation += 1
+            self.rows.mark_first_call()  # the pipeline line of a generation's first call: a conditional one (true CFG)
+            n_keys = int(call.states.shape[1]) if isinstance(call.states, torch.Tensor) else 0
+            self._start_generation(self.rows.label(call.batch, n_keys, hw, self.generation), call, n_keys)
+        self.call += 1
+        self.calls_in_generation += 1
+        self.last_timestep = t
+        self.latent_hw = hw
+        state = self.state
+        for name in ("rows", "tokens"):  # on the device the maps are computed on (moved once, not per call)
+            value = getattr(state, name)
+            if isinstance(value, torch.Tensor) and value.device != call.sample.device:
+                setattr(state, name, value.to(call.sample.device))
+        state.keep = self.keep_call is None or bool(self.keep_call(self.calls_in_generation - 1, t))
+        layout = self.layout
+        if self.rows.separate:  # Flux true CFG: a whole call is one pass
+            label = "uncond" if uncond_call else "cond"
+            layout = (label,) * len(self.layout)
+            state.keep = state.keep and label == self.passes
+        if state.keep:
+            self.current_call = Call(index=self.call, timestep=t, generation=self.generation, layout=layout)
+        self._note_interventions(module)
+
+    def _start_generation(self, labels, call: DenoiserCall, n_keys: int) -> None:
+        """A pipeline call's first denoiser call: the rows to record; the first pipeline call's samples, token
+        positions and metadata go into the store."""
+        self.layout = labels.passes
+        keep = labels.keep
+        contiguous = keep == list(range(keep[0], keep[-1] + 1)) if keep else False
+        self.state.rows = slice(keep[0], keep[-1] + 1) if contiguous else torch.tensor(keep, dtype=torch.long)
+        if not labels.first:
+            return
+        positions = None
+        if self.tokens_spec is not None:
+            positions = resolve_tokens(self.tokens_spec, labels.layouts, n_keys)
+            self.state.tokens = torch.tensor(positions, dtype=torch.long)
+        self.writer.set_samples(labels.samples, labels.layouts, positions)
+        self.store.meta.update(labels.meta)
+        if call.mask is not None:  # PixArt: the T5 padding mask (1 = attended)
+            rows = [smp.row for smp in labels.samples]
+            self.store.meta["text_mask"] = call.mask.reshape(call.mask.shape[0], -1)[rows].to(torch.int).tolist()
+        # a streamed store is readable from its first shard on, also after a crash
+        self.writer.write_header({**self.store.meta, "complete": False})
+
+    def _packed_hw(self, img_ids: torch.Tensor) -> tuple[int, int]:
+        """``packed_grid`` read once per ``img_ids`` tensor (reading GPU ids synchronises)."""
+        key = (img_ids.data_ptr(), tuple(img_ids.shape))
+        if self.ids_key is None or self.ids_key[0] != key:
+            self.ids_key = (key, packed_grid(img_ids))
+        return self.ids_key[1]
+
+    def _starts_generation(self, batch: int, timestep: float, hw: tuple[int, int]) -> bool:
+        """Whether this denoiser call starts a new pipeline call although no text encoder ran before it.
+
+        Schedulers count down: a timestep above the previous call's, a scheduler step index back at 0, or another
+        batch size means a new pipeline call.
+        """
+        if batch != len(self.layout) or timestep > self.last_timestep or hw != self.latent_hw:
+            return True
+        scheduler = getattr(self.pipe, "scheduler", None)
+        if scheduler is not None and isinstance(getattr(type(scheduler), "step_index", None), property):
+            return scheduler.step_index in (None, 0)
+        return False
+
+    def _grid(self, site: str, n_query: int) -> tuple[int, int]:
+        h, w = self.latent_hw
+        key = (site, n_query, h, w)
+        if key not in self.grids:
+            grid = query_grid(n_query, (h, w))
+            if grid is None:
+                warnings.warn(
+                    f"site {site}: {n_query} queries do not factor into the {h}×{w} latent grid at any "
+                    "power-of-two scale (token merging?); its maps are kept flat as [qh=1, qw=query]",
+                    stacklevel=2,
+                )
+                self.writer.add_flat_site(site)
+                grid = (1, n_query)
+            self.grids[key] = grid
+        return self.grids[key]
+
+    def _collect(self) -> None:
+        """Take the maps the wrappers left in ``state.outbox`` (``[sample, head, query, token]``, fp32)."""
+        outbox = self.state.outbox
+        if self.current_call is None:
+            outbox.clear()  # sites that ran outside a kept denoiser call: nothing to key them by
+            self.state.shares.clear()
+            return
+        for site, share in self.state.shares:
+            self.shares.append((self.call, site, share))
+        self.state.shares.clear()
+        for site, probs in outbox:
+            if site in self.current:
+                raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
+            qh, qw = self._grid(site, probs.shape[2])
+            probs = rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw)
+            self.current[site] = probs  # in the store's dtype (fp32 for an aggregate), see CaptureState.dtype
+        outbox.clear()
+
+    def _note_interventions(self, denoiser) -> None:
+        """``meta["interventions"]``: every intervention active during a denoiser call (``attnprobe.intervene``
+        lists them on the denoiser while its block is open); empty when the maps show an unedited run."""
+        notes = self.store.meta.setdefault("interventions", [])
+        for note in getattr(denoiser, "_attnprobe_interventions", ()):
+            if note not in notes:
+                notes.append(note)
+
+    # -------------------------------------------------------------- metadata
+    def _meta(self, stream_to=None) -> dict:
+        import diffusers
+        import transformers
+
+        pipe = self.pipe
+        return {
+            "pipeline": type(pipe).__name__ if pipe is not None else None,
+            "denoiser": type(self.denoiser).__name__,
+            "family": self.family.name,
+            "denoiser_config": {k: v for k, v in dict(getattr(self.denoiser, "config", {})).items() if not k.startswith("_")},
+            "versions": {
+                "attnprobe": __version__,
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "capture": {
+                "passes": self.passes,
+                "heads": self.heads,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "sites": [s.name for s in self.sites],
+                "calls": None if self.calls_spec is None else repr(self.calls_spec),
+                "tokens": None if self.tokens_spec is None else list(self.tokens_spec),
+                "aggregate": self.aggregate,
+                "stream_to": None if stream_to is None else str(stream_to),
+                **({"joint": self.joint} if any(k != "cross" for k in self.kinds.values()) else {}),
+            },
+        }
+
+    def finish(self, complete: bool) -> None:
+        """Close the store: keep whole calls only, set execution order and metadata; when the block ended
+        normally (``complete``), raise if the last call lacks a site or no call was seen."""
+        store, error = self.store, None
+        self._collect()
+        if self.current_call is not None:
+            missing = self._missing(self.current)
+            if not missing:
+                self._close_call()
+            else:  # the call in progress did not finish: drop it
+                if complete:
+                    error = self._missing_sites(self.current_call.index, missing)
+                self.current_call, self.current = None, {}
+        self.sink.close(self.dtype, self.layout)
+        kept = {c.index for c in store.calls}
+        if self.joint == "exact" and any(k != "cross" for k in self.kinds.values()):  # [call][sample][head] per site
+            store.meta["text_share"] = {
+                name: [[[round(v, 7) for v in row] for row in share.float().cpu().tolist()]
+                       for call, site, share in self.shares if site == name and call in kept]
+                for name, kind in self.kinds.items() if kind != "cross"
+            }
+        self.shares.clear()
+        store.meta["complete"] = complete and error is None
+        if self.order:
+            record_order(self.denoiser, self.order)
+        order = self.order or (sorted(self.known, key=self.known.get) if self.known_order else [])
+        rank = {n: i for i, n in enumerate(order)}
+        sites = sorted(
+            (replace(s, order=rank.get(s.name)) for s in store.sites), key=lambda s: rank.get(s.name, len(rank))
+        )
+        meta, pipe = store.meta, self.pipe
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is not None:
+            meta["scheduler"] = type(scheduler).__name__
+            meta["scheduler_config"] = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+            ts = getattr(scheduler, "timesteps", None)
+            meta["timesteps"] = [float(t) for t in ts] if ts is not None else None
+        h, w = self.latent_hw
+        scale = int(getattr(pipe, "vae_scale_factor", 1) or 1) if pipe is not None else 1
+        meta["latent_size"] = [h, w]
+        meta["image_size"] = [h * scale, w * scale]
+        self.writer.finish(sites)
+        if error is not None:
+            raise error
+        if complete and not store.calls:
+            if self.call >= 0:
+                raise ProbeError(
+                    f"calls={self.calls_spec!r} kept none of the {self.calls_in_generation} denoiser calls of the "
+                    f"pipeline call (indices 0..{self.calls_in_generation - 1}, timesteps counting down from "
+                    f"{meta['timesteps'][0] if meta.get('timesteps') else '?'})"
+                )
+            raise ProbeError(
+                "the probe saw no denoiser call: call the pipeline inside the `with attnprobe.probe(pipe) as store:` block"
+            )
+
+
+@contextlib.contextmanager
+def probe(
+    pipe,
+    sites: SiteSelector = None,
+    passes: str = "cond",
+    heads: str = "keep",
+    dtype: torch.dtype = torch.float16,
+    device="cpu",
+    prompts: Sequence[str] | None = None,
+    calls=None,
+    tokens=None,
+    aggregate: str | None = None,
+    stream_to=None,
+    joint: str = "exact",
+) -> Iterator[AttentionStore]:
+    """Record the cross-attention probabilities of every denoiser call while the pipeline runs as usual.
+
+    The pipeline's outputs are unchanged (bit-identical): the installed processors still compute every
+    output; the probe only reads q and k and computes ``softmax(q·kᵀ·scale + mask)`` beside them, in fp32.
+    For joint attention (SD3, Flux) the map is the image-query × text-key block of the softmax over image and
+    text keys (``joint``; see ``attnprobe.joint``).
+
+    Args:
+        pipe: a diffusers pipeline (SD 1.x/2.x, SDXL and other UNet pipelines; SD3, Flux, PixArt-α) or its
+            denoiser module.
+        sites: which sites: ``None`` (all cross-attention sites), a name, a glob (``"up_blocks.*"``), a list of
+            them, or a predicate ``Site -> bool``. Default: ``None``.
+        passes: ``"cond"`` (conditional rows only), ``"uncond"`` (unconditional rows of classifier-free
+            guidance only) or ``"all"``. Default: ``"cond"``.
+        heads: ``"keep"`` (every head) or ``"mean"`` (mean over heads; head axis of length 1). Default ``"keep"``.
+        dtype: dtype the maps are kept in. Default: ``torch.float16``.
+        device: where the maps are kept. Default: ``"cpu"``.
+        prompts: texts that label the conditional samples when the pipeline is called with ``prompt_embeds``
+            (no text-encoder call to observe). Default: ``None``.
+        calls: which denoiser calls to record, counted from 0 in each pipeline call (Flux true CFG's separate
+            unconditional calls count too): an int, a list or ``range``
+            of ints, a ``slice``, or a predicate ``(index, timestep) -> bool`` (``lambda i, t: t > 500``). The
+            others run untouched, at no cost. ``Call.index`` keeps the true call count. Default: ``None`` (all).
+        tokens: which text-token positions to keep: a concept (``"dog"``), a list of concepts (every position of
+            every occurrence in any sample of the call), or a list of prompt positions. The ``token`` axis then
+            holds ``store.token_positions`` only, and values hold their share of the full softmax (they do not sum
+            to 1); ``store.tokens`` and ``token_indices`` follow. Default: ``None`` (all).
+        aggregate: ``"sum"`` or ``"mean"``: keep one running fp32 aggregate over the recorded calls instead of a
+            map per call (for heat maps; memory of one call). The ``call`` axis then has length 1;
+            ``store.calls`` lists the calls it holds. Default: ``None`` (a map per call).
+        stream_to: a new or empty folder: every recorded call is written there as it finishes (one safetensors
+            shard per call, token-major; see ``attnprobe.shards``) and freed, so memory stays flat over long
+            runs. The yielded store reads its maps from that folder; ``AttentionStore.load(folder)`` reopens it,
+            also after a crash (every finished call is kept). Default: ``None`` (in memory).
+        joint: the map of joint-attention sites (``Site.kind`` ``"joint"`` or ``"single"``): ``"exact"``, the
+            image-query × text-key block of the full softmax over ``[image; text]`` keys (a row sums to that image
+            position's text share, in [0, 1]; computed in chunks of image queries, never the whole ``N × (N + T)``
+            matrix), or ``"renorm"``, the softmax over the text keys only (rows sum to 1). Cross-attention sites
+            ignore it. With ``"exact"`` the mean text share per call, sample and head is kept too
+            (``store.text_share(site)``). Default: ``"exact"``.
+
+    Yields:
+        An ``AttentionStore``, filled while the block runs: ``store[site]`` is
+        ``[call, sample, head, qh, qw, token]``, summing to 1 over ``token`` (to the text share for ``exact`` joint
+        sites).
+
+    Raises:
+        ProbeError: bad options; a processor was replaced during the run (attention slicing, fused QKV,
+            xformers…); a site did not run; ``passes="uncond"`` with no unconditional pass; ``passes="all"`` when
+            the unconditional pass runs as separate denoiser calls (Flux true CFG: open a ``"cond"`` and an
+            ``"uncond"`` probe); an attention mask at a joint site; no denoiser call (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
+            ``stream_to`` is a file or a folder that is not empty.
+        NoSitesError, UnknownSiteError: see ``list_sites`` / ``select_sites``.
+
+    Examples:
+        >>> import attnprobe, torch
+        >>> from attnprobe.testing import tiny_sd_pipeline
+        >>> pipe = tiny_sd_pipeline()
+        >>> with attnprobe.probe(pipe, sites="mid_block.*", passes="all") as store:
+        ...     _ = pipe(["a dog", "a cat"], num_inference_steps=1, height=64, width=64, output_type="latent")
+        >>> [(s.pass_label, s.prompt_index) for s in store.samples]
+        [('uncond', 0), ('uncond', 1), ('cond', 0), ('cond', 1)]
+    """
+    if passes not in PASSES:
+        raise ProbeError(f"passes={passes!r} is not one of {PASSES}")
+    if heads not in HEADS:
+        raise ProbeError(f"heads={heads!r} is not one of {HEADS}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ProbeError(f"dtype={dtype!r} is not a floating-point torch.dtype (e.g. torch.float16)")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ProbeError(f"device={device!r} is not a torch device: {exc}") from None
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ProbeError(f"device={device!r}, but this torch sees no CUDA device: keep the maps on 'cpu'")
+    if prompts is not None and as_texts(prompts) is None:
+        raise ProbeError(f"prompts must be a string or a list of strings; got {type(prompts).__name__}")
+    if joint not in JOINT_MODES:
+        raise ProbeError(f"joint={joint!r} is not one of {JOINT_MODES}")
+    if aggregate not in (None, *AGGREGATES):
+        raise ProbeError(f"aggregate={aggregate!r} is not one of None, {', '.join(map(repr, AGGREGATES))}")
+    call_filter(calls), check_tokens(tokens)  # bad selections fail here, before the pipeline runs
+    denoiser = denoiser_of(pipe)
+    every = list_sites(denoiser)
+    chosen = select_sites(every, sites)
+    recorder = Recorder(pipe, denoiser, chosen, passes, heads, dtype, device, prompts, every, calls, tokens,
+                         aggregate, stream_to, joint)
+    if prompts is not None and recorder.rows.tokenizer is None:
+        raise ProbeError(
+            f"prompts= needs a tokenizer to label positions, and {type(pipe).__name__} has none: pass the pipeline "
+            "(its tokenizer is used), not its denoiser"
+        )
+    recorder.install()
+    try:
+        try:
+            yield recorder.store
+        except BaseException:
+            recorder.finish(complete=False)  # keep whole calls only; the error that ended the block goes on
+            raise
+        recorder.finish(complete=True)
+    finally:
+        recorder.remove()
+        recorder.store.meta = json_safe(recorder.store.meta)

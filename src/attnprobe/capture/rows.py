@@ -1,0 +1,387 @@
+"""The rows of a denoiser batch: which are the conditional / unconditional passes of classifier-free guidance (or
+another pass), which prompt and image each row belongs to, and each row's token layout.
+
+``BatchRows`` learns it from what the pipeline was given (its ``__call__`` frame: ``prompt``, ``negative_prompt``,
+whether embeddings were passed), from the token ids its text encoders saw (the probe hands each encode to
+``encoded``), and from the pipeline's ``do_classifier_free_guidance``. diffusers puts the unconditional rows first
+(``torch.cat([uncond, cond])``). ``label`` gives one pipeline call's ``BatchLabels``; a probe holds one sample layout,
+so every later pipeline call must label the same.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ArgumentError, ProbeError
+from ..store.records import Sample
+from ..text.tokens import TokenLayout, concat_layouts, decode_ids, token_layout, unlabelled_layout
+from .families import family_of
+
+__all__ = ["BatchRows", "BatchLabels", "guidance_on", "check_guidance", "as_texts"]
+
+
+def as_texts(value) -> list[str] | None:
+    """A prompt argument as a list of texts (one string → one text), or ``None`` when it is not text."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+def guidance_on(pipe, scale: float | None = None) -> bool | None:
+    """Whether a pipeline runs classifier-free guidance in its call in progress (or its last one): its
+    ``do_classifier_free_guidance``; without that property, whether ``scale`` (the call's ``guidance_scale``, when
+    known) or else the pipeline's ``_guidance_scale`` is > 1; ``None`` when nothing says."""
+    try:
+        return bool(pipe.do_classifier_free_guidance)
+    except Exception:  # pipelines without the property, or not set yet
+        pass
+    if scale is None:
+        scale = getattr(pipe, "_guidance_scale", None)
+    return None if scale is None else bool(scale > 1)
+
+
+def check_guidance(guidance) -> float:
+    """A classifier-free guidance scale (a setting of a study or an evaluation) as a float.
+
+    Raises:
+        ArgumentError (a ValueError): not a number, not finite, or < 0 (says what was given).
+    """
+    try:
+        value = float(guidance)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(guidance, bool) or not math.isfinite(value) or value < 0:
+        raise ArgumentError(f"guidance must be a finite number ≥ 0; got {guidance}")
+    return value
+
+
+@dataclass(frozen=True)
+class BatchLabels:
+    """One pipeline call's denoiser batch, labelled.
+
+    Attributes:
+        passes: the pass of every batch row (``"cond"``, ``"uncond"``, ``"safety"``), e.g. ``("uncond", "cond")``.
+        keep: the batch rows the probe records (those of its ``passes``), in order.
+        samples: one ``Sample`` per kept row. layouts: their token layouts (``attnprobe.text.tokens``).
+        meta: ``prompts``, ``negative_prompts``, ``num_images_per_prompt``, ``guidance``, ``separate_uncond_calls``.
+        first: the probe's first pipeline call (its samples become the store's).
+    """
+
+    passes: tuple[str, ...]
+    keep: list[int]
+    samples: list[Sample]
+    layouts: list[TokenLayout]
+    meta: dict
+    first: bool
+
+
+class BatchRows:
+    """Labels the rows of the denoiser batches of one probe's pipeline calls.
+
+    Args:
+        pipe: the pipeline (``None`` when the denoiser is probed on its own: the pipeline that drives it is found
+            from the call stack when it runs). denoiser: the probed denoiser module.
+        passes: the probe's ``passes`` (``"cond"``, ``"uncond"`` or ``"all"``).
+        prompts: ``probe(prompts=...)``: the texts of the conditional samples, or ``None``.
+    """
+
+    def __init__(self, pipe, denoiser, passes: str, prompts=None) -> None:
+        self.pipe = pipe
+        self.denoiser = denoiser
+        self.passes = passes
+        self.caller_prompts = as_texts(prompts)
+        self.given: dict | None = None  # what the pipeline call in progress was given
+        self.sample_key = None  # the first pipeline call's labels: every later call must have the same
+        self.separate = False  # the unconditional pass runs as separate denoiser calls (Flux true CFG)
+        self._pipe_line: int | None = None  # the pipeline's current line when last looked up
+        self._cond_line: int | None = None  # its line at the first denoiser call of a pipeline call
+        self._set_streams()
+
+    def _set_streams(self) -> None:
+        """``streams``: ``(encoder, tokenizer)`` of each text encoder whose positions are the denoiser's text keys, in
+        key order (the family's ``text_streams``), their pipeline attribute names, and the ids each encoded."""
+        names = family_of(self.denoiser).text_streams(self.pipe) if self.pipe is not None else []
+        self.stream_names = [enc for enc, _ in names]
+        self.streams = [(getattr(self.pipe, enc), getattr(self.pipe, tok, None)) for enc, tok in names]
+        self.encoded: list[list[torch.Tensor]] = [[] for _ in self.streams]
+        self.tokenizer = self.streams[0][1] if self.streams else getattr(self.pipe, "tokenizer", None)
+
+    # -------------------------------------------------------------- what the pipeline call was given
+    def new_pipeline_call(self) -> None:
+        """Forget the encodings and arguments of the previous pipeline call."""
+        self.encoded = [[] for _ in self.streams]
+        self.given = None
+
+    def encoded_ids(self, stream: int, ids, given: dict) -> None:
+        """Text encoder ``stream`` encoded ``ids`` during the pipeline call that was ``given`` these arguments."""
+        if self.given is None:  # read the call's arguments before the pipeline overwrites them with embeddings
+            self.given = given
+        if isinstance(ids, torch.Tensor):
+            self.encoded[stream].append(ids.detach().to("cpu"))
+
+    def mark_first_call(self) -> None:
+        """The first denoiser call of a pipeline call is running: remember the pipeline's line (a conditional call,
+        for pipelines that run the unconditional pass as separate calls)."""
+        self._pipe_line = None
+        self.pipe_locals()
+        self._cond_line = self._pipe_line
+
+    def _guidance_on(self, given: dict | None = None, batch: int = 0) -> bool:
+        """Whether the batch holds both passes of classifier-free guidance (``[uncond × N, cond × N]``); ``False``
+        for pipelines that run the unconditional pass as separate denoiser calls (Flux's true CFG). Without a
+        ``do_classifier_free_guidance`` property, the call's ``guidance_scale`` decides, for batches that split in
+        two (PixArt; not SLD's ``[uncond, cond, safety]``, which ``label`` labels from the pipeline's
+        ``enable_safety_guidance``). A denoiser called directly (no pipeline call in progress) has no guidance, even
+        after a guided pipeline call left its ``guidance_scale`` behind."""
+        if self.pipe is None or (given or {}).get("separate_cfg") is not None:
+            return False
+        if not given and self.pipe_locals() is None:
+            return False  # the denoiser called directly, outside any pipeline call: its rows are what it was given
+        scale = (given or {}).get("guidance_scale") if batch % 2 == 0 else None  # PixArt: a local of __call__
+        return bool(guidance_on(self.pipe, scale))
+
+    def call_arguments(self) -> dict:
+        """What the pipeline call in progress was given, read from its ``__call__`` frame (empty if not found):
+        ``prompt`` and ``negative_prompt`` (lists of texts or None), whether ``prompt_embeds`` and
+        ``negative_prompt_embeds`` were passed, and ``separate_cfg``: ``None`` for pipelines that batch the passes,
+        else whether the unconditional pass runs as separate denoiser calls (Flux's ``do_true_cfg``), and
+        ``safety_pass``: whether Safe Latent Diffusion adds a safety-concept pass (``enable_safety_guidance``)."""
+        loc = self.pipe_locals()
+        if loc is None:
+            return {}
+        for other in ("prompt_2", "prompt_3"):
+            texts = as_texts(loc.get(other))
+            if texts is not None and texts != as_texts(loc.get("prompt")):
+                warnings.warn(
+                    f"{other} differs from prompt: each text stream's positions are labelled from the ids it encoded; "
+                    "with several streams (SD3), concepts are looked up only in those that encoded prompt",
+                    stacklevel=3,
+                )
+        true_cfg = "true_cfg_scale" in loc
+        if true_cfg and "do_true_cfg" not in loc:  # read before the pipeline decided (during encode_prompt)
+            negative = loc.get("negative_prompt") is not None or loc.get("negative_prompt_embeds") is not None
+            loc = {**loc, "do_true_cfg": bool((loc.get("true_cfg_scale") or 0) > 1 and negative)}
+        return {
+            "prompt": as_texts(loc.get("prompt")),
+            "negative_prompt": as_texts(loc.get("negative_prompt")),
+            "prompt_embeds": loc.get("prompt_embeds") is not None,
+            "negative_prompt_embeds": loc.get("negative_prompt_embeds") is not None,
+            "separate_cfg": bool(loc["do_true_cfg"]) if true_cfg else None,
+            "guidance_scale": loc.get("guidance_scale") if isinstance(loc.get("guidance_scale"), (int, float)) else None,
+            "safety_pass": bool(loc.get("enable_safety_guidance")),  # SLD: [uncond, cond, safety concept] rows
+        }
+
+    def uncond_call(self, states) -> bool:
+        """Whether this denoiser call is a separate unconditional call (Flux true CFG): the pipeline hands it its
+        ``negative_prompt_embeds``. When those are the very tensor of ``prompt_embeds`` (a caller may pass one
+        tensor for both), the call site tells: the pipeline makes the conditional call first, from its own line."""
+        loc = self.pipe_locals()
+        if not (loc and loc.get("do_true_cfg") and states is not None):
+            return False
+        negative, positive = loc.get("negative_prompt_embeds"), loc.get("prompt_embeds")
+        if states is not positive or states is not negative:
+            return states is negative
+        return self._cond_line is not None and self._pipe_line != self._cond_line
+
+    def pipe_locals(self) -> dict | None:
+        """The locals of the pipeline's ``__call__`` frame in progress, or ``None`` (its current line in
+        ``self._pipe_line``)."""
+        frame = inspect.currentframe()
+        try:
+            for _ in range(200):
+                frame = frame.f_back if frame is not None else None
+                if frame is None:
+                    break
+                owner = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
+                if owner is not None and self.pipe is None and any(
+                    getattr(owner, a, None) is self.denoiser for a in ("unet", "transformer", "prior")
+                ):
+                    self.pipe = owner  # the denoiser was probed on its own, but a pipeline is driving it
+                    self._set_streams()
+                if owner is not None and owner is self.pipe:
+                    self._pipe_line = frame.f_lineno
+                    return frame.f_locals
+        finally:
+            del frame
+        return None
+
+    def _layout_for(self, text: str | None, ids: list[int] | None, n_keys: int, source: str, tok=None) -> TokenLayout:
+        tok = self.tokenizer if tok is None else tok
+        if tok is None or not getattr(tok, "is_fast", False):
+            return unlabelled_layout(n_keys, source="none")
+        if text is not None:
+            lay = token_layout(tok, text, n_keys, source=source)
+            if ids is None or lay.ids == ids:
+                return lay
+            if text.lower().strip() != text:  # PixArt encodes the prompt lower-cased and stripped
+                lowered = token_layout(tok, text.lower().strip(), n_keys, source=source)
+                if lowered.ids == ids:
+                    return lowered
+            if source == "caller":
+                raise ProbeError(
+                    f"probe(prompts=...) says {text!r}, but the text encoder saw {decode_ids(tok, ids)!r}: "
+                    "give the texts of the prompts the pipeline encodes"
+                )
+        if ids is not None:
+            lay = token_layout(tok, decode_ids(tok, ids), n_keys, source="decoded")
+            if lay.ids == ids:
+                return lay
+            strings = [(s.removesuffix("</w>") or s) for s in tok.convert_ids_to_tokens(ids)]
+            if len(strings) == n_keys:
+                return TokenLayout(strings=strings, kinds=["unknown"] * n_keys, ids=ids, source="ids")
+        return unlabelled_layout(n_keys, source="none")
+
+    def _last_encodes(self, count: int) -> list:
+        """Per text stream, the ids of the last of ``count`` encodes (``None`` where fewer were seen)."""
+        return [list(encoded)[-1] if len(encoded) >= count else None for encoded in self.encoded]
+
+    def _stream_ids(self, given: dict, negative: bool, extra: int = 0) -> tuple[list, list]:
+        """Per text stream, the token ids of the prompt and of the negative prompt (``None`` where not encoded);
+        ``extra``: encodes that follow them (SLD's safety concept)."""
+        # diffusers encodes the prompt, then the negative prompt, skipping whichever came as embeddings
+        # the last encodes are this call's (a failed call with the same arguments may have left its own before)
+        expected = int(not given.get("prompt_embeds")) + int(bool(negative and not given.get("negative_prompt_embeds")))
+        expected += extra
+        conds, unconds = [], []
+        for encoded in self.encoded:
+            encoded = list(encoded)[-expected:] if expected else []
+            encoded = encoded[: len(encoded) - extra] if extra else encoded
+            conds.append(None if given.get("prompt_embeds") else (encoded.pop(0) if encoded else None))
+            unconds.append(encoded.pop(0) if negative and encoded and not given.get("negative_prompt_embeds") else None)
+        return conds, unconds
+
+    def _stream_layout(self, text, ids_per_stream, prompt_index, n_keys, source) -> TokenLayout:
+        """One sample's token layout: each text stream's positions in key order (SD3: CLIP then T5)."""
+        first = ids_per_stream[0] if ids_per_stream else None
+        if len(self.streams) <= 1 and (first is None or first.shape[1] == n_keys):
+            return self._layout_for(text, first[prompt_index].tolist() if first is not None else None, n_keys, source)
+        # several streams, or fewer encoded positions than keys (SD3 without T5: zeros after CLIP's 77)
+        parts, left = [], n_keys
+        for i, ((encoder, tok), ids) in enumerate(zip(self.streams, ids_per_stream)):
+            last = i == len(self.streams) - 1
+            size = int(ids.shape[1]) if ids is not None else left if last else int(tok.model_max_length)
+            size = min(size, left)
+            parts.append((self.stream_names[i], self._layout_for(
+                text, ids[prompt_index].tolist() if ids is not None else None, size, source, tok)))
+            left -= size
+        return concat_layouts(parts, n_keys)
+
+    def label(self, batch: int, n_keys: int, hw: tuple[int, int], generation: int) -> BatchLabels:
+        """The labels of a pipeline call's denoiser batch of ``batch`` rows and ``n_keys`` text keys on an ``hw``
+        latent (the first denoiser call of pipeline call ``generation`` of the probe).
+
+        Raises:
+            ProbeError: the batch does not split into the passes the pipeline runs (an odd batch with guidance,
+                skip-layer guidance); ``passes`` asks for a pass the call does not run, or for both passes of a
+                pipeline that runs them as separate calls; ``probe(prompts=...)`` disagrees with what is encoded; the
+                samples or size differ from the probe's first pipeline call.
+        """
+        given = self.given if self.given is not None else self.call_arguments()  # may find the driving pipeline
+        separate = bool(given.get("separate_cfg"))
+        cfg = self._guidance_on(given, batch)
+        if cfg and batch % 2:
+            loc = self.pipe_locals() or {}
+            if loc.get("skip_guidance_layers"):
+                raise ProbeError(
+                    f"skip-layer guidance (skip_guidance_layers={loc['skip_guidance_layers']}) runs extra denoiser "
+                    "calls that skip blocks, which attnprobe does not label: run without skip_guidance_layers"
+                )
+            raise ProbeError(f"classifier-free guidance is on but the denoiser batch has an odd size {batch}")
+        if separate and self.passes == "all":
+            raise ProbeError(
+                "passes='all', but this pipeline runs the unconditional pass as separate denoiser calls (true CFG: "
+                "true_cfg_scale > 1 with a negative prompt), so one store cannot hold both passes as rows of the same "
+                "calls. Open two probes, one inside the other: probe(pipe, passes='cond') and probe(pipe, passes='uncond')."
+            )
+        # Safe Latent Diffusion batches [uncond × N, cond × N, safety concept × N] and encodes them in that order
+        sld = batch % 3 == 0 and bool(given.get("safety_pass"))
+        n = batch // 3 if sld else batch // 2 if cfg else batch
+        labels = ["uncond"] * n + ["cond"] * n if cfg or sld else ["cond"] * batch
+        labels += ["safety"] * n if sld else []
+        if separate and self.passes == "uncond":
+            labels = ["uncond"] * batch  # the rows of the separate unconditional calls the store keeps
+        cond_ids, uncond_ids = self._stream_ids(given, cfg or separate or sld, extra=int(sld))
+        safety_ids = self._last_encodes(1) if sld else []
+        safety_text = getattr(self.pipe, "safety_concept", None) if sld else None
+        zeros = bool(
+            cfg and given and not given["negative_prompt_embeds"] and given["negative_prompt"] is None
+            and getattr(getattr(self.pipe, "config", None), "force_zeros_for_empty_prompt", False)
+        )
+        frame_negative = given.get("negative_prompt")
+        cond_texts = self.caller_prompts or given.get("prompt")
+        n_prompts = cond_ids[0].shape[0] if cond_ids and cond_ids[0] is not None else len(cond_texts) if cond_texts else n
+        if self.caller_prompts is not None and (len(self.caller_prompts) != n_prompts or n % n_prompts):
+            raise ProbeError(
+                f"probe(prompts=...) gave {len(self.caller_prompts)} texts, but this pipeline call encodes "
+                f"{n_prompts} prompts ({n} conditional rows): give one text per prompt"
+            )
+        if cond_texts is not None and len(cond_texts) != n_prompts:
+            cond_texts = None
+        if n_prompts == 0 or n % n_prompts:
+            n_prompts = n
+            cond_texts, cond_ids = None, [None] * len(cond_ids)
+        per_prompt = n // n_prompts
+        neg_texts = frame_negative
+        if any(i is not None for i in uncond_ids) and neg_texts is None:
+            neg_texts = [""] * n_prompts  # diffusers encodes "" when no negative prompt is given
+        if neg_texts is not None and len(neg_texts) == 1 and n_prompts > 1:
+            neg_texts = neg_texts * n_prompts
+        if neg_texts is not None and len(neg_texts) != n_prompts:
+            neg_texts = None
+        uncond_ids = [i if i is not None and i.shape[0] == n_prompts else None for i in uncond_ids]
+
+        keep = [i for i, lab in enumerate(labels) if self.passes == "all" or lab == self.passes]
+        if not keep and not (separate and self.passes == "uncond"):
+            raise ProbeError(
+                f"passes={self.passes!r} but this pipeline call has no {self.passes} pass: its batch of {batch} "
+                f"rows is all {set(labels)} (guidance ≤ 1 or a distilled model runs no unconditional pass). "
+                "Use passes='cond' or 'all'."
+            )
+        layouts: dict[tuple[str, int], TokenLayout] = {}
+        samples, sample_layouts = [], []
+        for row in keep:
+            label = labels[row]
+            j = row - n if ((cfg or sld) and label == "cond") else row - 2 * n if label == "safety" else row
+            # (rows of a separate unconditional call are numbered like the conditional call's)
+            prompt_index, image_index = divmod(j, per_prompt)
+            if label == "safety":  # one safety concept for every prompt, encoded once
+                prompt_index = 0
+                if (label, 0) not in layouts:
+                    ids = [i if i is not None and i.shape[0] == 1 else None for i in safety_ids]
+                    layouts[(label, 0)] = self._stream_layout(safety_text, ids, 0, n_keys, "prompt")
+            elif (label, prompt_index) not in layouts:
+                texts, ids = (cond_texts, cond_ids) if label == "cond" else (neg_texts, uncond_ids)
+                text = texts[prompt_index] if texts is not None else None
+                source = "caller" if (label == "cond" and self.caller_prompts) else "prompt"
+                if label == "uncond" and all(i is None for i in ids) and text is None:
+                    layouts[(label, prompt_index)] = unlabelled_layout(n_keys, source="zeros" if zeros else "none")
+                else:
+                    layouts[(label, prompt_index)] = self._stream_layout(text, ids, prompt_index, n_keys, source)
+            lay = layouts[(label, prompt_index)]
+            samples.append(Sample(len(samples), label, prompt_index, image_index, row, lay.text))
+            sample_layouts.append(lay)
+
+        key = (tuple(labels), tuple((s.pass_label, s.prompt_index, s.image_index, s.text) for s in samples), hw, n_keys)
+        if self.sample_key is not None and key != self.sample_key:
+            raise ProbeError(
+                f"this probe holds generation 0 with samples {list(self.sample_key[1])} on a "
+                f"{self.sample_key[2][0]}×{self.sample_key[2][1]} latent; pipeline call {generation} has "
+                f"{list(key[1])} on {hw[0]}×{hw[1]}. One store holds one sample layout and size: open a new probe() "
+                "for each pipeline call with other prompts, batch sizes or image sizes."
+            )
+        first = self.sample_key is None
+        if first:
+            self.sample_key = key
+            self.separate = separate
+        meta = dict(prompts=cond_texts, negative_prompts=neg_texts, num_images_per_prompt=per_prompt,
+                    guidance=cfg or separate, separate_uncond_calls=separate)
+        return BatchLabels(tuple(labels), keep, samples, sample_layouts, meta, first)

@@ -1,0 +1,15 @@
+"""Models attnprobe builds or ships, so that everything runs offline: tiny pipelines of every supported family with
+seeded random weights, real configs on the ``meta`` device, tokenizers from shipped files, the trained shapes model,
+stores with known answers, and the loader of any pipeline by name.
+
+- ``tiny``: ``tiny_sd_pipeline``, ``tiny_sdxl_pipeline``, ``tiny_sd3_pipeline``, ``tiny_flux_pipeline``,
+  ``tiny_pixart_pipeline``, ``full_size_pipeline``, ``tiny_clip``, ``shapes_pipeline``; built from
+  ``components`` (seeded encoders, VAEs, schedulers).
+- ``configs``: real UNet and transformer configs and ``unet_on_meta`` / ``transformer_on_meta``.
+- ``tokenizers``: the real CLIP tokenizer (``data/clip``) and an offline T5-style one.
+- ``shapes``: the shapes model: its scenes with ground truth, the model and its training, its evaluation.
+- ``synthetic``: ``synthetic_store``, stores with known answers.
+- ``loader``: ``load_pipeline(name)``: the offline models by name, else a hub id or folder.
+
+``attnprobe.testing`` re-exports the builders for tests and users; nothing in the library imports it.
+"""

@@ -1,0 +1,94 @@
+"""The parts of the tiny pipelines: seeded text encoders (CLIP, T5), VAEs and schedulers built from configs.
+
+    >>> type(make_scheduler("pndm")).__name__
+    'PNDMScheduler'
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ArgumentError
+from .tokenizers import t5_vocab_size
+
+__all__ = ["make_clip_encoder", "make_vae", "make_scheduler", "make_t5_encoder", "make_flow_vae", "finish"]
+
+
+def make_clip_encoder(hidden: int, seed: int, projection: bool = False, layers: int = 2, heads: int = 2,
+                  intermediate: int | None = None, act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_act=act,
+    )
+    torch.manual_seed(seed)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    return model.eval()
+
+
+def make_vae(seed: int, full: bool = False):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512) if full else (8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=32 if full else 4,
+        layers_per_block=2 if full else 1,
+        sample_size=512 if full else 64,
+    ).eval()
+
+
+def make_scheduler(name: str):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler
+
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    kinds = {
+        "ddim": lambda: DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        "euler": lambda: EulerDiscreteScheduler(**common),
+        "heun": lambda: HeunDiscreteScheduler(**common),
+        "pndm": lambda: PNDMScheduler(**common, skip_prk_steps=True, steps_offset=1),  # as SD 1.5 ships it
+    }
+    if name not in kinds:
+        raise ArgumentError(f"scheduler {name!r} is not one of {sorted(kinds)}")
+    return kinds[name]()
+
+
+def make_t5_encoder(seed: int, d_model: int = 32, layers: int = 2):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=t5_vocab_size(), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def make_flow_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        sample_size=64, shift_factor=0.0, scaling_factor=1.0,
+    ).eval()
+
+
+def finish(pipe, dtype):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -1,0 +1,90 @@
+"""Tokenizers that need no download: the real CLIP BPE tokenizer from the files shipped with attnprobe
+(``data/clip``), and an offline T5-style tokenizer built in code from the same word list.
+
+    >>> clip_tokenizer()("a photo of a cat").input_ids
+    [49406, 320, 1125, 539, 320, 2368, 49407]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from functools import lru_cache
+from importlib import resources
+
+__all__ = ["clip_tokenizer", "t5_tokenizer", "t5_vocab_size", "DATA"]
+
+#: The package data shipped with attnprobe (``clip/``: CLIP's vocabulary and merges; ``shapes/``: the shapes model).
+DATA = resources.files("attnprobe.models") / "data"
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(pad_token: str):
+    from transformers import CLIPTokenizer
+
+    folder = DATA / "clip"
+    with resources.as_file(folder) as path:
+        return CLIPTokenizer.from_pretrained(str(path), model_max_length=77, pad_token=pad_token)
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The real CLIP BPE tokenizer (49,408 ids, 77 positions), from the files shipped with attnprobe.
+
+    ``pad_token="!"`` gives SDXL's second tokenizer. A fresh copy each call (callers may change it).
+
+        >>> clip_tokenizer()("a photo of a cat").input_ids
+        [49406, 320, 1125, 539, 320, 2368, 49407]
+    """
+    return copy.deepcopy(_tokenizer(pad_token))
+
+
+@lru_cache(maxsize=1)
+def _t5_vocab() -> tuple:
+    """A Unigram vocabulary in T5's layout (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then pieces): the whole words of
+    the shipped CLIP vocabulary as ``▁word`` pieces (scored by their BPE rank, so frequent words stay whole),
+    then single characters with and without ``▁`` as the fallback that spells any other word."""
+    folder = DATA / "clip"
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    words = sorted((i, w[:-4]) for w, i in vocab.items() if w.endswith("</w>") and w[:-4].isalpha() and w[:-4].isascii())
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    seen = {p for p, _ in pieces}
+    for rank, (_, word) in enumerate(words):
+        for piece, score in (("▁" + word, -3.0), ("▁" + word.capitalize(), -4.0)):  # "dog" and "Dog" stay whole
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, score - math.log(rank + 1)))
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?;:'\"-()&/"
+    for c in chars:
+        for piece in (c, "▁" + c):
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, -20.0))
+    return tuple(pieces)
+
+
+def t5_tokenizer(max_length: int = 512):
+    """An offline T5-style fast tokenizer (``transformers.T5Tokenizer``, Unigram with ``▁`` word starts, ``</s>``
+    appended, ``<pad>`` padding, character offsets), built in code from the shipped CLIP word list (lower-case and capitalised):
+    about 66,000 pieces. Not the real T5 vocabulary (no files are downloaded); the real one loads with ``from_pretrained``.
+
+    Args:
+        max_length: ``model_max_length``. Default: 512.
+
+        >>> tok = t5_tokenizer()
+        >>> tok.convert_ids_to_tokens(tok("a picture of dog").input_ids)
+        ['▁a', '▁picture', '▁of', '▁dog', '</s>']
+    """
+    return copy.deepcopy(_t5_tokenizer(max_length))  # a fresh copy each call (callers may change it)
+
+
+@lru_cache(maxsize=2)
+def _t5_tokenizer(max_length: int):
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=list(_t5_vocab()), extra_ids=0, model_max_length=max_length)
+
+
+def t5_vocab_size() -> int:
+    """The number of pieces of ``t5_tokenizer``'s vocabulary (the tiny T5 encoders' ``vocab_size``)."""
+    return len(_t5_vocab())

@@ -1,0 +1,380 @@
+"""AttentionStore: the recorded cross-attention maps of one probe, with their coordinates.
+
+    >>> from attnprobe.testing import synthetic_store
+    >>> store = synthetic_store(calls=3, grid=(2, 4))
+    >>> site = store.sites[0].name
+    >>> tuple(store[site].shape)        # [call, sample, head, qh, qw, token]
+    (3, 1, 2, 2, 4, 77)
+
+Per site, ``store[site]`` is ``[call, sample, head, qh, qw, token]``: for denoiser call ``c`` and captured
+sample ``s``, the probability that image position ``(qh, qw)`` of head ``h`` attends to text token ``t``.
+Values sum to 1 over ``token``. ``head`` has length 1 when heads were averaged (``heads="mean"``). Sites whose
+query count does not factor into the latent grid (token merging) are kept flat: ``qh = 1``, ``qw = query``,
+listed in ``store.flat_sites``.
+
+Capture-time reductions change two axes, and say so: with ``probe(tokens=...)`` the ``token`` axis holds only
+the kept positions (``store.token_positions``; their values are their share of the full softmax, so they no
+longer sum to 1); with ``probe(aggregate="mean")`` the ``call`` axis has length 1 and holds the mean over
+``store.calls`` (``store.aggregate``). A store streamed to a folder (``probe(stream_to=...)``) reads its maps
+from disk on each access (``store.maps`` reads only what it is asked for).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..errors import ConceptError, SelectionError, StoreError, UnknownSiteError
+from ..text.tokens import TokenLayout, find_concept
+from . import export, files, shards
+from .axes import as_index, positions
+from .records import Call, Sample, Site
+
+__all__ = ["AttentionStore", "StoreWriter"]
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class AttentionStore:
+    """Cross-attention maps keyed by site, with call, sample and token coordinates.
+
+    Built by ``attnprobe.probe``; loaded by ``AttentionStore.load``. Attributes: ``sites`` (``list[Site]``,
+    execution order), ``calls`` (``list[Call]``), ``samples`` (``list[Sample]``), ``meta`` (dict: pipeline and
+    denoiser class, versions, scheduler, timesteps, prompts, image size, capture options), ``flat_sites``.
+    """
+
+    def __init__(self, sites, calls, samples, layouts, maps, meta, flat_sites=(), token_positions=None, folder=None,
+                 shards=()):
+        self.sites: list[Site] = list(sites)
+        self.calls: list[Call] = list(calls)
+        self.samples: list[Sample] = list(samples)
+        self.meta: dict = dict(meta)
+        self.flat_sites: set[str] = set(flat_sites)
+        #: the prompt positions on the ``token`` axis (``probe(tokens=...)``), or ``None`` for all positions
+        self.token_positions: list[int] | None = list(token_positions) if token_positions is not None else None
+        self._layouts: list[TokenLayout] = list(layouts)
+        self._chunks: dict[str, list[torch.Tensor]] = {s.name: [] for s in self.sites}
+        self._maps: dict[str, torch.Tensor] = dict(maps)
+        self._folder: Path | None = Path(folder) if folder is not None else None
+        self._shards: list[Path] = list(shards)  # a streamed store's finished shards, one per entry of self.calls
+
+    @property
+    def aggregate(self) -> str | None:
+        """``"sum"`` or ``"mean"`` when the call axis holds one aggregate over ``calls`` (``probe(aggregate=)``)."""
+        return (self.meta.get("capture") or {}).get("aggregate")
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder a streamed store lives in (``probe(stream_to=...)``), else ``None``."""
+        return self._folder
+
+    # ------------------------------------------------------------------ access
+    @property
+    def site_names(self) -> list[str]:
+        """Names of the captured sites, in execution order."""
+        return [s.name for s in self.sites]
+
+    def site_name(self, site) -> str:
+        """The name of a site given as a ``Site`` or a name.
+
+        Raises:
+            UnknownSiteError (a KeyError): not a site of this store (the message lists its sites).
+        """
+        name = site.name if isinstance(site, Site) else site
+        if name not in self._chunks and name not in self._maps:
+            shown = "\n  ".join(self.site_names[:40])
+            raise UnknownSiteError(f"site {name!r} is not in this store; its {len(self.sites)} sites are:\n  {shown}")
+        return name
+
+    def __getitem__(self, site) -> torch.Tensor:
+        """``[call, sample, head, qh, qw, token]`` probabilities of one site (``Site`` or its name).
+
+        Raises:
+            UnknownSiteError (a KeyError): the site is not in the store (the message lists the sites).
+        """
+        name = self.site_name(site)
+        if self._folder is not None:
+            return shards.read_site(self._shards, name)
+        chunks = self._chunks.get(name)
+        if chunks:
+            prior = [self._maps[name]] if name in self._maps else []
+            self._maps[name] = torch.cat(prior + [torch.stack(chunks)], dim=0)
+            chunks.clear()
+        if name not in self._maps:
+            return torch.empty(0)
+        return self._maps[name]
+
+    def maps(self, site, calls=None, samples=None, tokens=None) -> torch.Tensor:
+        """A slice of one site's maps: ``[call, sample, head, qh, qw, token]`` for the chosen entries.
+
+        Reads only what it returns from a streamed store (token rows of each chosen call's shard).
+
+        Args:
+            site: a site name or ``Site``.
+            calls: positions on the ``call`` axis (an int, a slice or a list of ints). Default: all.
+            samples: positions on the ``sample`` axis (same forms). Default: all.
+            tokens: positions on the ``token`` axis (e.g. from ``token_indices``; same forms). Default: all.
+
+        Raises:
+            UnknownSiteError: no such site. SelectionError: a position out of range (says the axis length).
+            TypeError: positions that are not ints.
+
+        Examples:
+            >>> from attnprobe.testing import synthetic_store
+            >>> store = synthetic_store(calls=4)
+            >>> tuple(store.maps(store.sites[0], calls=[0, 3], tokens=[2]).shape)
+            (2, 1, 2, 2, 2, 1)
+        """
+        name = self.site_name(site)
+        out = self[name] if self._folder is None else None
+        n_calls = len(self._shards) if out is None else (out.shape[0] if out.numel() else 0)
+        calls = positions("call", calls, n_calls)
+        samples = positions("sample", samples, len(self.samples))
+        tokens = positions("token", tokens, self.n_tokens)
+        if out is None:
+            paths = self._shards if calls is None else [self._shards[i] for i in calls]
+            return shards.read_site(paths, name, samples, tokens)
+        if calls is not None:
+            out = out[calls]
+        if samples is not None:
+            out = out[:, samples]
+        if tokens is not None:
+            out = out[..., tokens]
+        return out
+
+    @property
+    def n_tokens(self) -> int:
+        """Length of the ``token`` axis."""
+        if self.token_positions is not None:
+            return len(self.token_positions)
+        return len(self._layouts[0].strings) if self._layouts else 0
+
+    def __contains__(self, site) -> bool:
+        name = site.name if isinstance(site, Site) else site
+        return name in self._chunks or name in self._maps
+
+    def __iter__(self):
+        return iter(self.site_names)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the maps (kept values × dtype size); for a streamed store, the bytes of its shards' maps."""
+        if self._folder is not None:
+            total = 0
+            for path in self._shards:
+                _, shapes, dtypes = shards.read_shard_call(path)
+                total += sum(math.prod(shape) * _DTYPE_BYTES.get(dtypes[n], 4) for n, shape in shapes.items())
+            return total
+        total = sum(t.numel() * t.element_size() for t in self._maps.values())
+        total += sum(t.numel() * t.element_size() for ch in self._chunks.values() for t in ch)
+        return total
+
+    def sample_index(self, sample) -> int:
+        """A sample's position on the ``sample`` axis, from a ``Sample`` or an int (negative: from the end).
+
+        Raises:
+            SelectionError (an IndexError): no such sample (the message lists the samples).
+        """
+        idx = sample.index if isinstance(sample, Sample) else as_index(sample)
+        if idx is None or not -len(self.samples) <= idx < len(self.samples):
+            listing = "\n  ".join(
+                f"{s.index}: {s.pass_label} prompt {s.prompt_index} image {s.image_index}: {s.text!r}" for s in self.samples
+            )
+            raise SelectionError(f"sample {sample!r} is not in this store; its {len(self.samples)} samples are:\n  {listing}")
+        return idx % len(self.samples)  # -1: the last sample
+
+    def layout(self, sample) -> TokenLayout:
+        """The token layout of a sample (strings, kinds, ids, text, offsets)."""
+        return self._layouts[self.sample_index(sample)]
+
+    def _kept(self, values: list) -> list:
+        return list(values) if self.token_positions is None else [values[p] for p in self.token_positions]
+
+    def tokens(self, sample) -> list[str]:
+        """The string of every position on the ``token`` axis for a sample: ``<|startoftext|>``, words,
+        ``<|endoftext|>``, padding (only the kept positions after ``probe(tokens=...)``).
+
+        Positions whose text is unknown (``prompt_embeds`` passed) are ``""``. Length = the ``token`` axis.
+        """
+        return self._kept(self.layout(sample).strings)
+
+    def token_kinds(self, sample) -> list[str]:
+        """Per position on the ``token`` axis ``"start"``, ``"word"``, ``"end"``, ``"pad"`` or ``"unknown"``."""
+        return self._kept(self.layout(sample).kinds)
+
+    def token_indices(self, sample, concept: str) -> list[list[int]]:
+        """Positions of every occurrence of ``concept`` in a sample's prompt: one list per occurrence.
+
+        Raises:
+            ConceptError: not in the prompt (shows its tokens), truncated away, or the sample has no text.
+
+        Examples:
+            >>> from attnprobe.testing import synthetic_store
+            >>> synthetic_store(prompt="a dog and a van gogh dog").token_indices(0, "dog")
+            [[2], [7]]
+        """
+        idx = self.sample_index(sample)
+        s = self.samples[idx]
+        where = f"sample {idx} ({s.pass_label} pass, prompt {s.prompt_index})"
+        found = find_concept(self._layouts[idx], concept, where=where)
+        if self.token_positions is None:
+            return found
+        axis = {p: i for i, p in enumerate(self.token_positions)}
+        kept = [[axis[p] for p in occ] for occ in found if all(p in axis for p in occ)]
+        if not kept:
+            raise ConceptError(
+                f"{concept!r} is at prompt positions {found} of {where}, but this store kept only positions "
+                f"{self.token_positions} (probe(tokens=...)): capture with tokens={concept!r} or tokens=None"
+            )
+        return kept
+
+    def text_share(self, site) -> torch.Tensor:
+        """The mean text share of a joint-attention site: ``[call, sample, head]`` float32, for each image position
+        the probability mass its softmax over ``[image; text]`` keys gives the text keys (0–1), averaged over image
+        positions (``head`` of length 1 with ``heads="mean"``). Recorded with ``probe(joint="exact")``; with every
+        token kept (and no ``aggregate``: the share keeps every call) it equals ``store[site].sum(-1).mean((-2, -1))``.
+
+        Raises:
+            UnknownSiteError: not a site of the store. StoreError: a cross-attention site (all its mass is on text),
+                or a store captured with ``joint="renorm"`` (which computes no text share).
+
+        Examples:
+            >>> from attnprobe.testing import tiny_sd3_pipeline
+            >>> import attnprobe
+            >>> pipe = tiny_sd3_pipeline()
+            >>> with attnprobe.probe(pipe, heads="mean") as store:
+            ...     _ = pipe("a dog", num_inference_steps=2, height=64, width=64, max_sequence_length=8, output_type="latent")
+            >>> tuple(store.text_share(store.sites[0]).shape)
+            (2, 1, 1)
+        """
+        name = self.site_name(site)
+        shares = (self.meta.get("text_share") or {}).get(name)
+        if shares is None:
+            kind = next((s.kind for s in self.sites if s.name == name), "?")
+            mode = (self.meta.get("capture") or {}).get("joint")
+            raise StoreError(
+                f"site {name} ({kind}) has no text share: only joint-attention sites (SD3, Flux) captured with "
+                f"joint='exact' record one (this store: joint={mode!r})"
+            )
+        return torch.tensor(shares, dtype=torch.float32)
+
+    def call_coordinates(self) -> tuple[list, list, list]:
+        """Per entry of the ``call`` axis: call index, timestep, generation (one entry ``-1, nan, -1`` for an
+        aggregate over calls)."""
+        if self.aggregate:
+            return [-1], [float("nan")], [-1]
+        return [c.index for c in self.calls], [c.timestep for c in self.calls], [c.generation for c in self.calls]
+
+    # ------------------------------------------------------------------ export
+    def to_xarray(self, site=None):
+        """One site's maps as a labelled ``xarray.DataArray``: see ``attnprobe.store.export.to_xarray``."""
+        return export.to_xarray(self, site)
+
+    def to_pandas(self):
+        """A tidy ``pandas.DataFrame`` of token masses: see ``attnprobe.store.export.to_pandas``."""
+        return export.to_pandas(self)
+
+    def __repr__(self) -> str:
+        grids = sorted({tuple(self[n].shape[3:5]) for n in self.site_names if self[n].numel()})
+        calls = f"the {self.aggregate} over {len(self.calls)} calls" if self.aggregate else f"{len(self.calls)} calls"
+        tokens = f", tokens {self.token_positions}" if self.token_positions is not None else ""
+        where = f", in {str(self._folder)!r}" if self._folder is not None else ""
+        return (
+            f"AttentionStore({len(self.sites)} sites, {calls}, {len(self.samples)} samples, "
+            f"grids {grids}{tokens}, {self.nbytes / 1e6:.3g} MB{where})"
+        )
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> Path:
+        """Write the store to one safetensors file (maps) with a JSON header (coordinates, metadata).
+
+        The file is written to a temporary name and renamed, so a crash never leaves a half-written store.
+        No pickle is involved. Returns the path.
+
+        Raises:
+            StoreError: ``path`` is a folder.
+        """
+        return files.save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "AttentionStore":
+        """Read a store: a file written by ``save`` (maps loaded into memory), or a folder written by
+        ``probe(stream_to=...)`` (maps stay on disk and are read on access; see ``maps``).
+
+        Raises:
+            StoreError: no such file or folder, or it is corrupt, truncated or not an attnprobe store.
+        """
+        return files.load(cls, path)
+
+
+class StoreWriter:
+    """The only way a store is filled while a probe records (``attnprobe.capture``): the store's samples and
+    token layouts, each finished denoiser call's maps (kept in memory, or written to a streamed folder's shard),
+    an aggregate over calls, and the closing metadata.
+
+    Args:
+        sites: the probed sites (``list[Site]``). meta: the store's metadata so far.
+        folder: ``probe(stream_to=...)``'s folder (a new or empty one), or ``None`` to keep the maps in memory.
+
+    Raises:
+        StoreError: ``folder`` is a file or a folder that is not empty.
+    """
+
+    def __init__(self, sites, meta: dict, folder=None) -> None:
+        self.shards = shards.ShardWriter(folder) if folder is not None else None
+        self.store = AttentionStore(sites, [], [], [], {}, meta, folder=folder)
+
+    def set_samples(self, samples, layouts, token_positions=None) -> None:
+        """The captured samples (``list[Sample]``), their token layouts, and the kept token positions (or ``None``)."""
+        self.store.samples[:] = samples
+        self.store._layouts[:] = layouts
+        self.store.token_positions = None if token_positions is None else list(token_positions)
+
+    def add_flat_site(self, site: str) -> None:
+        """A site whose queries do not factor into the latent grid: its maps are kept as ``[qh=1, qw=query]``."""
+        self.store.flat_sites.add(site)
+
+    def append(self, call: Call, maps: dict) -> None:
+        """One finished denoiser call: ``site -> [sample, head, qh, qw, token]`` on the store's device."""
+        store = self.store
+        if self.shards is not None:
+            store._shards.append(self.shards.write(asdict(call), maps))
+        else:
+            for site, m in maps.items():
+                store._chunks[site].append(m)
+        store.calls.append(call)
+
+    def set_aggregate(self, calls, maps: dict, layout) -> None:
+        """The aggregate over ``calls``: ``site -> [sample, head, qh, qw, token]``, one entry on the ``call`` axis."""
+        store = self.store
+        store.calls[:] = calls
+        if self.shards is not None and maps:
+            record = {"index": -1, "timestep": float("nan"), "generation": -1, "layout": list(layout)}
+            store._shards.append(self.shards.write(record, maps))
+        else:
+            store._maps.update({site: m.unsqueeze(0) for site, m in maps.items()})
+
+    def write_header(self, meta: dict | None = None) -> None:
+        """A streamed store's header as it stands (with ``meta`` in place of the store's), so that the folder is
+        readable from its first shard on, also after a crash. Nothing for a store in memory."""
+        if self.shards is not None:
+            found = files.header(self.store)
+            self.shards.write_header(files.json_safe(found if meta is None else {**found, "meta": meta}))
+
+    def finish(self, sites) -> None:
+        """Close the store: its sites in execution order (``list[Site]``), its header written (streamed) or its
+        calls joined into one tensor per site (memory)."""
+        store = self.store
+        store.sites = list(sites)
+        store.meta = files.json_safe(store.meta)
+        if self.shards is not None:
+            self.shards.write_header(files.header(store))
+        else:
+            for name in store.site_names:
+                store[name]  # joins the per-call chunks

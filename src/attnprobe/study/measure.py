@@ -1,0 +1,194 @@
+"""One generation cell of a study, measured: every prompt variant of a concept in one pipeline call from a seed's noise,
+then one call of the baseline prompt per intervention row from the same noise, each under a probe; every image
+scored for presence. ``measure_cell`` returns the cell's rows and tensors; ``attnprobe.study.run`` writes them.
+
+Per sample: ``mass`` (the concept trajectory summed over every mention, ``attnprobe.trajectory``) and ``mass_last``
+(the last mention only, the one that asks for the picture, aligned with the baseline's single mention); per row:
+their AUC (``attnprobe.auc``) and Δ vs the baseline of the same seed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..analysis import auc, heatmap, trajectory
+from ..capture import denoiser_of, probe
+from ..errors import ConceptError, ConfigError, NumericalError
+from ..interventions import intervene
+from ..models.loader import TINY_MODELS, first_line
+from ..text.tokens import find_concept, token_layout
+from .cells import slug
+from .config import check_capture
+from .report import warn
+from .scorer import checked_scores
+
+__all__ = ["measure_cell", "check_prompts", "default_size", "initial_latents", "concept_mass", "failure_row",
+           "THUMBNAIL"]
+
+#: The largest side of the images a cell shard keeps for the heat-map figure (pixels).
+THUMBNAIL = 128
+
+
+
+def default_size(pipe, model: str) -> int:
+    """The study's default image side (pixels): 32 for the shapes model, 64 for the tiny ones, else the native one."""
+    if model == "shapes":
+        return 32
+    if model in TINY_MODELS:
+        return 64
+    denoiser = denoiser_of(pipe)
+    sample = int(getattr(denoiser.config, "sample_size", 64))
+    return sample * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def initial_latents(pipe, seed: int, size: int, copies: int, device, dtype) -> torch.Tensor:
+    """A seed's initial noise for a ``size``-pixel image, repeated ``copies`` times (every variant of a cell starts
+    from the same latents); packed for Flux-style pipelines."""
+    channels = denoiser_of(pipe).config.in_channels
+    packed = hasattr(pipe, "_pack_latents")  # Flux: 2×2 latent patches packed into tokens (in_channels = 4 × C)
+    channels = channels // 4 if packed else channels
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    g = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((1, channels, size // scale, size // scale), generator=g, dtype=torch.float32)
+    if packed:
+        noise = pipe._pack_latents(noise, 1, channels, size // scale, size // scale)
+    return noise.repeat(copies, *[1] * (noise.ndim - 1)).to(device=device, dtype=dtype)
+
+
+def check_prompts(pipe, concepts, variants) -> None:
+    """Every concept must be found (whole words) in every variant's prompt, before anything is generated."""
+    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    if tokenizer is None:
+        return
+    problems, cut = [], {}
+    limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
+    for concept in concepts:
+        for name, template in variants.items():
+            prompt = template.format(c=concept)
+            length = len(tokenizer(prompt).input_ids) if 0 < limit < 10**6 else 0
+            try:
+                find_concept(token_layout(tokenizer, prompt), concept, where=f"variant {name!r}")
+            except ConceptError as exc:
+                shown = concept if len(concept) <= 40 else concept[:39] + "…"
+                if "maximum length" in str(exc):
+                    problems.append(f"{shown!r} lies past the tokenizer's maximum length in variant {name!r}: "
+                                    f"{prompt[:60]!r} is {length} tokens, the model reads {limit} (with start and "
+                                    "end): shorten the template")
+                else:
+                    problems.append(f"{shown!r} is not in it as whole words in variant {name!r} ({prompt[:60]!r})")
+                continue
+            if length > limit:
+                cut.setdefault(name, (prompt, length))
+    if problems:
+        raise ConfigError("checking the prompts before generating: " + "; ".join(problems[:5]))
+    for name, (prompt, length) in cut.items():
+        warn(f"variant {name!r} is {length} tokens ({prompt[:60]!r}…), the model reads {limit}: its end is cut off "
+              "(the concept's requested mention is kept)")
+
+
+def failure_row(model: str, concept: str, seed, exc: BaseException, row: str = "") -> dict:
+    """A row of ``failures.csv``: what failed (a cell, or one row of it) and why."""
+    return dict(model=model, concept=concept, seed=seed, error=(f"row {row}: " if row else "") + first_line(exc),
+                detail=traceback.format_exc(limit=3).replace("\n", " | "))
+
+
+def check_finite(mass: torch.Tensor, what: str) -> None:
+    bad = (~torch.isfinite(mass)).nonzero().flatten().tolist()
+    if bad:
+        raise NumericalError(f"non-finite attention for {what} from denoiser call {bad[0]} on (nan or inf latents)")
+
+
+def measure_cell(pipe, concept, seed, variants, steps, guidance, size, interventions=None, scorer=None,
+                  capture=None, maps=None) -> tuple[dict, dict]:
+    """One concept and seed: every variant in one pipeline call from the seed's noise, then one call of the baseline
+    prompt per intervention row from the same noise, each under a probe; every image scored for presence.
+
+    Returns the cell's record (``trajectories``, ``aucs`` and ``failures`` rows, ``rows``: the row names) and its
+    tensors: ``map.<k>`` (heat map of row k, ``[H, W]``) and ``image.<k>`` (its image as uint8 RGB, at most
+    ``THUMBNAIL`` pixels a side).
+    With ``maps`` (a folder), every probe streams its store there (``AttentionStore.load`` reads it back).
+    """
+    capture = capture or check_capture(None)
+    names = list(variants)
+    prompts = [variants[v].format(c=concept) for v in names]
+    latents = initial_latents(pipe, seed, size, len(prompts), pipe.device, denoiser_of(pipe).dtype)
+    options = dict(num_inference_steps=int(steps), guidance_scale=float(guidance), height=size, width=size)
+    if maps is not None:
+        shutil.rmtree(maps, ignore_errors=True)  # a half-written earlier attempt of this cell
+
+    def recording(p, row: str):
+        return probe(p, passes="cond", heads=capture["heads"], dtype=getattr(torch, capture["dtype"]),
+                     tokens=concept if capture["tokens"] == "concept" else None,
+                     stream_to=None if maps is None else Path(maps) / row)
+
+    with recording(pipe, "variants") as store:
+        generated = pipe(prompts, latents=latents, **options)
+    # per row: (name, store, sample, prompt, image, intervention, mass factors)
+    runs = [(v, store, i, prompts[i], generated.images[i], "", None) for i, v in enumerate(names)]
+    failures = []
+    base = prompts[names.index("baseline")]
+    for label, items in (interventions or {}).items():
+        try:
+            with intervene(pipe, items, base, concept=concept) as run:
+                with recording(run.pipe, f"row-{slug(label)}") as st:
+                    out = run(latents=latents[:1], **options)
+            factors = run.mass_factors(st, concept)
+            check_finite(concept_mass(st, concept, run.conditional_sample(st), "all", factors), f"row {label!r}")
+        except Exception as exc:  # one failed row must not lose the cell's others
+            failures.append(failure_row("", concept, seed, exc, row=label))
+            continue
+        runs.append((label, st, run.conditional_sample(st), base, out.images[0],
+                     " + ".join(n["intervention"] for n in run.notes), factors))
+    presence, accuracy = presence_scores(scorer, [r[4] for r in runs], concept, seed, failures)
+    rows, aucs, tensors = [], [], {}
+    for k, ((variant, st, i, prompt, image, what, factors), p, a) in enumerate(zip(runs, presence, accuracy)):
+        mentions = len(st.token_indices(i, concept))
+        expected = variants.get(variant, variants["baseline"]).format(c="\0").count("\0")
+        if mentions != expected:
+            warn(f"{concept!r} occurs {mentions} times in {prompt!r}, its template mentions it {expected} "
+                  "times: the template's own words contain it, so 'last mention' may be one of them")
+        mass, mass_last = (concept_mass(st, concept, i, occurrence, factors) for occurrence in ("all", -1))
+        check_finite(mass, f"variant {variant!r}")
+        for call, (m, ml) in enumerate(zip(mass.tolist(), mass_last.tolist())):
+            rows.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, call=call,
+                             timestep=st.calls[call].timestep, mass=m, mass_last=ml))
+        aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, intervention=what,
+                         mentions=mentions, auc=auc(mass), auc_last=auc(mass_last), presence=p, clip_accuracy=a))
+        tensors[f"map.{k}"] = heatmap(st, concept, i, occurrence=-1).float()
+        thumb = image.convert("RGB")
+        thumb.thumbnail((THUMBNAIL, THUMBNAIL))  # for the heat-map figure: small, so every cell can keep its images
+        tensors[f"image.{k}"] = torch.from_numpy(np.asarray(thumb, dtype=np.uint8).copy())
+    base_row = next(r for r in aucs if r["variant"] == "baseline")
+    for r in aucs:
+        for key in ("auc", "auc_last", "presence", "clip_accuracy"):
+            r[f"delta_{key}"] = r[key] - base_row[key]
+    return dict(rows=[r[0] for r in runs], trajectories=rows, aucs=aucs, failures=failures), tensors
+
+
+def concept_mass(store, concept, sample, occurrence, factors) -> torch.Tensor:
+    """The concept trajectory ``[call]``; with ``renormalize=False`` edits, the weights the denoiser used."""
+    if factors is None or bool((factors == 1).all()):
+        return trajectory(store, concept, sample, occurrence=occurrence)
+    return (trajectory(store, concept, sample, occurrence=occurrence, by_site=True) * factors).mean(dim=1)
+
+
+def presence_scores(scorer, images, concept, seed, failures: list) -> tuple[list[float], list[float]]:
+    """Per image, the scorer's presence score and CLIP accuracy: NaN without a scorer, without an ``accuracy``
+    method, or where that method failed (its failure appended to ``failures``: the cell keeps its attention rows)."""
+    nan = [float("nan")] * len(images)
+    if scorer is None:
+        return nan, nan
+    found = {}
+    for method in ("score", "accuracy"):
+        if not callable(getattr(scorer, method, None)):
+            continue
+        try:
+            found[method] = checked_scores(scorer, method, images, concept)
+        except Exception as exc:  # one failed measure loses only itself
+            failures.append(failure_row("", concept, seed, exc, row="presence" if method == "score" else method))
+    return found.get("score", nan), found.get("accuracy", nan)

@@ -1,0 +1,242 @@
+"""The study's outputs from its measured rows: tidy CSVs, the summary with 95% intervals, figures, the printed table
+and its console warnings.
+
+Pure functions of the rows that ``attnprobe.study`` measures (one dict per row), so that a one-process run and the
+merge of many processes' shards write the same files. Files are written atomically (a temporary name, then a rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+from pathlib import Path
+from statistics import fmean
+from typing import Sequence
+
+import numpy as np
+
+from .._atomic import write_atomic
+from ..analysis.figures import (
+    plot_delta_auc, plot_heatmaps, plot_presence, plot_text_similarity, plot_trajectories, shorten,
+)
+
+__all__ = ["OUTPUT_FILES", "summarize", "write_tables", "write_figures", "format_summary", "done_line", "warn", "WARNED"]
+
+#: Every table and figure of a study's folder (rewritten by each run or merge; an old one not written again is removed).
+OUTPUT_FILES = (
+    "trajectories.csv", "auc.csv", "summary.csv", "text_similarity.csv", "failures.csv",
+    "trajectories.png", "delta_auc.png", "heatmaps.png", "text_similarity.png", "presence.png",
+)
+
+COLUMNS = {
+    "trajectories.csv": ["model", "concept", "variant", "seed", "prompt", "call", "timestep", "mass", "mass_last"],
+    "auc.csv": ["model", "concept", "variant", "seed", "prompt", "intervention", "mentions", "auc_last", "auc",
+                "delta_auc_last", "delta_auc", "presence", "delta_presence", "clip_accuracy", "delta_clip_accuracy"],
+    "summary.csv": ["model", "concept", "variant", "seeds", "auc_last", "delta_auc_last", "ci_low_last", "ci_high_last",
+                    "auc", "delta_auc", "ci_low", "ci_high", "text_concept_cos_last", "text_delta_last_vs_repetition",
+                    "text_concept_cos", "text_delta_vs_repetition", "presence", "delta_presence", "ci_low_presence",
+                    "ci_high_presence", "clip_accuracy", "delta_clip_accuracy", "intervention"],
+    "text_similarity.csv": ["model", "concept", "variant", "encoder", "layer", "concept_cos", "concept_cos_last",
+                            "eos_cos", "seq_flat_cos", "seq_mean_cos", "delta_last_vs_repetition", "delta_vs_repetition"],
+    "failures.csv": ["model", "concept", "seed", "error", "detail"],
+}
+
+
+def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return write_atomic(path, buf.getvalue().encode())
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1)  # no label cut at the edge
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())
+
+
+def _interval(values: Sequence[float], bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
+    """Mean and 95% Student-t interval (NaN bounds with fewer than 2 values), clipped to ``bounds`` when given (the
+    range the values can take: a mean cannot leave it, while a t-interval of a few 0/1 values does)."""
+    vals = [v for v in values if math.isfinite(v)]
+    n = len(vals)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = sum(vals) / n
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    from scipy.stats import t
+
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    if bounds is None:
+        return mean, mean - half, mean + half
+    return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])
+
+
+def summarize(aucs: Sequence[dict], text: Sequence[dict], models, concepts, names,
+              presence_range: tuple[float, float] | None = None) -> list[dict]:
+    """Per model, concept and row (variant or intervention): mean AUC, mean Δ with a 95% t-interval over seeds.
+
+    ``presence_range``: the scorer's ``score_range`` (e.g. ``(0, 1)`` for a 0/1 checker); the Δ presence interval is
+    clipped to what a difference of two such scores can be, ``±(high − low)``. ``None``: not clipped.
+    """
+    spread = None if presence_range is None else presence_range[1] - presence_range[0]
+    cond_text = {(r["model"], r["concept"], r["variant"]): r for r in text if r["encoder"] == "conditioning"}
+    summary = []
+    for model in models:
+        for concept in concepts:
+            for variant in names:
+                rows = [r for r in aucs if r["model"] == model and r["concept"] == concept and r["variant"] == variant]
+                if not rows:
+                    continue
+                d, lo, hi = _interval([r["delta_auc"] for r in rows])
+                dl, lol, hil = _interval([r["delta_auc_last"] for r in rows])
+                dp, lop, hip = _interval([r["delta_presence"] for r in rows], None if spread is None else (-spread, spread))
+                txt = cond_text.get((model, concept, variant), {})
+                if variant == "baseline":  # the reference has no Δ against the control
+                    txt = {k: v for k, v in txt.items() if not k.startswith("delta")}
+                summary.append(dict(
+                    model=model, concept=concept, variant=variant, intervention=rows[0]["intervention"],
+                    seeds=len(rows), auc_last=sum(r["auc_last"] for r in rows) / len(rows), delta_auc_last=dl,
+                    ci_low_last=lol, ci_high_last=hil,
+                    auc=sum(r["auc"] for r in rows) / len(rows), delta_auc=d, ci_low=lo, ci_high=hi,
+                    text_concept_cos_last=txt.get("concept_cos_last", float("nan")),
+                    text_delta_last_vs_repetition=txt.get("delta_last_vs_repetition", float("nan")),
+                    text_concept_cos=txt.get("concept_cos", float("nan")),
+                    text_delta_vs_repetition=txt.get("delta_vs_repetition", float("nan")),
+                    presence=fmean(r["presence"] for r in rows), delta_presence=dp, ci_low_presence=lop,
+                    ci_high_presence=hip, clip_accuracy=fmean(r["clip_accuracy"] for r in rows),
+                    delta_clip_accuracy=fmean(r["delta_clip_accuracy"] for r in rows),
+                ))
+    return summary
+
+
+def write_tables(result, out: Path) -> list[Path]:
+    """The five CSVs of ``result`` (a ``StudyResult``) in ``out``."""
+    tables = {"trajectories.csv": result.trajectories, "auc.csv": result.aucs, "summary.csv": result.summary,
+              "text_similarity.csv": result.text, "failures.csv": result.failures}
+    return [_write_csv(Path(out) / name, tables[name], COLUMNS[name]) for name in COLUMNS]
+
+
+def write_figures(result, out: Path, figures: dict) -> list[Path]:
+    """The figures of one model's rows: ``figures`` holds ``curves`` {concept: {row: [call] arrays}}, ``maps`` and
+    ``images`` {concept: {row: …}} of the first seed, and the scorer's name."""
+    out = Path(out)
+    files = []
+    if figures["curves"]:
+        stacked = {c: {v: np.stack(a) for v, a in vs.items()} for c, vs in figures["curves"].items()}
+        title = "Attention on the requested (last) mention of the concept, per denoiser call (mean over seeds, band: min–max)"
+        files.append(_save_figure(plot_trajectories(stacked, title=title), out / "trajectories.png"))
+        deltas = [r for r in result.summary if r["variant"] != "baseline"]
+        if deltas:
+            files.append(_save_figure(plot_delta_auc(deltas), out / "delta_auc.png"))
+        if figures["maps"]:
+            files.append(_save_figure(plot_heatmaps(figures["images"], figures["maps"]), out / "heatmaps.png"))
+        if deltas and any(math.isfinite(r["presence"]) for r in deltas):
+            files.append(_save_figure(plot_presence(deltas, scorer=figures.get("scorer")), out / "presence.png"))
+    if result.text:
+        files.append(_save_figure(plot_text_similarity(result.text), out / "text_similarity.png"))
+    return files
+def done_line(done: int, skipped: int, failed: int, partial: int = 0) -> str:
+    """``N generations done (S of them skipped: finished by an earlier run; P with a failed part …), F failed.``
+
+    ``partial``: generations done whose presence or one of whose rows failed (kept; failures.csv); ``failed``:
+    generations that failed with nothing kept. Running the study again redoes both."""
+    part = f"; {partial} with a failed part: failures.csv" if partial else ""
+    again = " (running again redoes them)" if partial or failed else ""
+    return (f"{done} generation{'s' if done != 1 else ''} done ({skipped} of them skipped: finished by an earlier "
+            f"run{part}), {failed} failed{again}.")
+
+
+def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str:
+    """The summary table as text: per concept and variant, AUC and Δ AUC (mean [95% CI]) over seeds.
+
+    ``scorer_kind``: ``"clip"`` (CLIPScore), ``"shapes"`` (the shapes checker) or anything else (a user's scorer,
+    described by its name only); ``None``: taken from the ``scorer`` setting's name.
+    """
+
+
+    def ci(v, lo, hi, baseline=False):
+        if baseline:
+            return "(reference)"
+        if not math.isfinite(v):
+            return "n/a"
+        return f"{v:+.4f}" + (f" [{lo:+.4f}, {hi:+.4f}]" if math.isfinite(lo) else "")
+
+    def num(v, sign=""):
+        return f"{v:>{sign}9.4f}" if math.isfinite(v) else f"{'n/a':>9}"
+
+    lines = ["attnprobe study: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)]
+    width = max([13] + [min(len(r["variant"]) + 1, 25) for r in result.summary])
+    header = (f"{'concept':<16}{'variant':<{width}}{'AUC':>8}  {'Δ AUC, requested mention':<30}{'Δ presence':>10}  "
+              f"{'Δ AUC, all mentions':<30}{'text cos':>9}{'Δ vs rep':>9}")
+    lines += [header, "-" * len(header)]
+    several = len({r["model"] for r in result.summary}) > 1
+    model = None
+    for r in result.summary:
+        if several and r["model"] != model:
+            model = r["model"]
+            lines.append(f"model {model}:")
+        base = r["variant"] == "baseline"
+        lines.append(
+            f"{shorten(r['concept'], 15):<16}{shorten(r['variant'], width - 1):<{width}}{r['auc_last']:>8.4f}  "
+            f"{ci(r['delta_auc_last'], r['ci_low_last'], r['ci_high_last'], base):<30}"
+            f"{'(ref)' if base else num(r['delta_presence'], '+'):>10}  "
+            f"{ci(r['delta_auc'], r['ci_low'], r['ci_high'], base):<30}"
+            f"{num(r['text_concept_cos_last'])}{'' if base else num(r['text_delta_last_vs_repetition'], '+')}"
+        )
+    lines.append(f"{done_line(result.done, result.skipped, result.failed, result.partial)} Files in {result.out}/")
+    lines += [
+        "AUC: attention mass on the concept's tokens (summed over its tokens, averaged over image positions, heads",
+        "  and sites) over the denoising, 0-1, for the requested mention: the last one (in the default variants,",
+        "  the one in the baseline's words).",
+        "Δ AUC, requested mention: the question of the study; < 0 means the variant lowers attention to the concept.",
+        "Δ AUC, all mentions: every mention summed; a variant that names the concept twice is > 0 by construction",
+        "  (with CLIP's unmasked padding; PixArt masks its padding, so there a longer prompt lowers every token).",
+        "text cos: cosine of the requested mention's conditioning vector to the baseline's (1 = unchanged); Δ vs rep:",
+        "  minus the repetition control's (< 0: the variant moves the concept more than naming it twice does).",
+    ]
+    scorer = settings.get("scorer")
+    if scorer_kind is None and scorer:
+        scorer_kind = "shapes" if scorer.startswith("shapes") else "clip"
+    if scorer and scorer_kind not in ("shapes", "clip"):
+        lines += [f"Δ presence: the score of scorer {scorer!r} for the image minus the baseline image's of the same seed;",
+                  "  < 0: the concept shows less."]
+    elif scorer and scorer_kind == "shapes":
+        lines += ["Δ presence: share of images that show the concept (read back by attnprobe.models.shapes.scenes.read_scene: 1 if",
+                  "  an object has the concept's colour and shape) minus the baseline's; < 0: the concept shows less."]
+    elif scorer:
+        lines += ["Δ presence: CLIPScore (2.5·max(cos, 0), Hessel et al. 2021) of the image against 'a picture of {c}',",
+                  f"  minus the baseline image's of the same seed (scorer: {scorer}); < 0: the concept shows less."]
+        if "random" in scorer:
+            lines.append("  Random weights: plumbing only. --scorer openai/clip-vit-large-patch14 gives real scores.")
+    if scorer:
+        figure = " and presence.png" if any(math.isfinite(r["delta_presence"]) for r in result.summary) else ""
+        lines += [f"  Its 95% interval over seeds is in summary.csv (ci_low_presence, ci_high_presence){figure},",
+                  "  cut to the range a difference of two scores can take (±(high − low) of the scorer's score_range)."]
+    if any(r["intervention"] for r in result.summary):
+        lines.append("Intervention rows: the baseline prompt with the intervention (auc.csv: 'intervention'), one more "
+                     "pipeline call from the same noise.")
+    return "\n".join(lines)
+
+
+#: warnings already printed by the study in progress (a cell-level warning would repeat for every seed)
+WARNED: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """Print a study warning to stderr once per study (``study`` clears the record when it starts)."""
+    from tqdm import tqdm
+
+    if message in WARNED:
+        return
+    WARNED.add(message)
+    tqdm.write(f"attnprobe study: warning: {message}", file=sys.stderr)
