@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 import attnprobe
+import attnprobe._moved as _MOVED
 
 SRC = Path(attnprobe.__file__).resolve().parent
 
 #: The rooms from the ground up: a module may import modules of its own room and of the rooms before it.
 ROOMS = ("_ground", "text", "store", "capture", "analysis", "interventions", "models", "study", "_face")
 #: Top-level modules: the ground floor (imported by every room) and the public face (imports the rooms).
-GROUND = ("errors", "_atomic", "_version")
+GROUND = ("errors", "_atomic", "_version", "_moved")
 FACE = ("__init__", "__main__", "testing")
 
 #: Builtin exceptions that are protocol, not an error raised on purpose for a user.
@@ -193,3 +194,79 @@ def test_attnprobe_study_is_the_package_and_runs_the_study():
     assert attnprobe.study is importlib.import_module("attnprobe.study")
     assert callable(attnprobe.study) and attnprobe.study.SHAPES_VARIANTS["baseline"] == "a {c} on the left"
     assert attnprobe.probe is attnprobe.capture.probe and callable(attnprobe.probe)
+
+
+#: The public names of attnprobe 0.1.0 (before the rooms), by the module that held them.
+OLD_NAMES = {
+    "attnprobe": ("AttentionEdit AttentionStore AttnprobeError Call Comparison ConceptError ConditioningEdit Intervened "
+        "InterventionError ModelLoadError NegativePrompt NoSitesError ProbeError SafeLatentDiffusion Sample "
+        "SelectionError Site StoreError UnknownSiteError auc compare heatmap intervene list_sites load_config "
+        "parse_interventions probe study trajectory"),
+    "attnprobe.analysis": "trajectory auc compare heatmap Comparison concept_positions",
+    "attnprobe.capture": "call_filter check_tokens resolve_tokens CallSink AGGREGATES IN_FLIGHT",
+    "attnprobe.cli": "main",
+    "attnprobe.config": ("load_config CONFIG_KEYS CAPTURE DTYPES STUDY_PARTS check_grid check_capture check_models "
+        "check_earlier_run check_out is_study_folder resolve_dtype"),
+    "attnprobe.editing": "intervene Intervened denoiser_timesteps",
+    "attnprobe.errors": ("AttnprobeError NoSitesError UnknownSiteError ProbeError ConceptError SelectionError StoreError "
+        "ModelLoadError InterventionError"),
+    "attnprobe.interventions": ("AttentionEdit ConditioningEdit NegativePrompt SafeLatentDiffusion Intervention INTERVENTIONS "
+        "parse_interventions"),
+    "attnprobe.joint": "JOINT_MODES CHUNK_ELEMENTS joint_probs site_kind JointProbeProcessor",
+    "attnprobe.models": "TINY_MODELS OFFLINE_MODELS load_pipeline",
+    "attnprobe.plot": ("plot_trajectories plot_delta_auc plot_heatmaps plot_text_similarity plot_site_call_grid "
+        "plot_presence"),
+    "attnprobe.probe": "probe",
+    "attnprobe.processors": "ProbeProcessor CaptureState wrap_processor attention_probs reduce_probs",
+    "attnprobe.report": "OUTPUT_FILES summarize write_tables write_figures format_summary write_atomic",
+    "attnprobe.runner": "Cell grid Manifest Processes processes write_cell read_cell collect settings_key FolderLock",
+    "attnprobe.scorer": "PresenceScorer CLIPScorer ShapesScorer load_scorer CLIPSCORE_W checked_range checked_scores",
+    "attnprobe.shards": "HEADER ShardWriter shard_paths read_shard_call read_site",
+    "attnprobe.sites": "Site list_sites select_sites denoiser_of",
+    "attnprobe.store": "AttentionStore Call Sample FORMAT_VERSION",
+    "attnprobe.study": ("study StudyResult DEFAULT_CONCEPTS DEFAULT_VARIANTS SHAPES_CONCEPTS SHAPES_VARIANTS load_pipeline "
+        "parse_variants"),
+    "attnprobe.testing": ("clip_tokenizer shapes_pipeline full_size_pipeline tiny_sd_pipeline tiny_sdxl_pipeline tiny_clip "
+        "tiny_sd3_pipeline tiny_flux_pipeline tiny_pixart_pipeline t5_tokenizer SD3_MEDIUM_TRANSFORMER "
+        "SD35_MEDIUM_TRANSFORMER FLUX_DEV_TRANSFORMER transformer_on_meta SD15_UNET SD21_UNET SDXL_UNET "
+        "unet_on_meta synthetic_store"),
+    "attnprobe.text": ("EncoderStates TextEncoding EncoderComparison TextComparison encode_text compare_text ablate_words "
+        "instruction_attention instruction_positions"),
+    "attnprobe.tokens": "TokenLayout token_layout find_concept unlabelled_layout decode_ids concat_layouts",
+    "attnprobe.variants": ("DEFAULT_CONCEPTS DEFAULT_VARIANTS SHAPES_CONCEPTS SHAPES_VARIANTS model_defaults parse_variants "
+        "shapes_concept_warnings"),
+    "attnprobe.zoo.shapes": ("COLOURS SHAPES POSITIONS Shape Scene render caption sample_objects read_scene area_matched_iou "
+        "threshold_iou peak_inside mass_inside"),
+    "attnprobe.zoo.shapes_eval": ("caption_following match_objects localisation_real localisation_generated evaluate sample_captions "
+        "caption_following match_objects localisation_real localisation_generated evaluate sample_captions"),
+    "attnprobe.zoo.shapes_model": "HELD_OUT SIZE MAX_TOKENS build_components make_dataset train load weights_folder",
+}
+
+
+@pytest.mark.parametrize("module", sorted(OLD_NAMES))
+def test_the_names_of_0_1_0_resolve_at_their_old_paths(module):
+    """Old module paths keep working (a stand-in, ``attnprobe._moved``), with a FutureWarning naming the new path."""
+    import importlib
+    import warnings
+
+    mod = importlib.import_module(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        missing = [n for n in OLD_NAMES[module].split() if not hasattr(mod, n)]
+    assert not missing
+    moved = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert all(" is now attnprobe." in m for m in moved)
+    assert bool(moved) == (module in _MOVED.MOVED or module in _MOVED.LEFT)
+
+
+def test_old_paths_say_what_replaced_what_is_gone():
+    import attnprobe.zoo.shapes
+
+    with pytest.warns(FutureWarning, match="attnprobe.zoo.shapes.render is now attnprobe.models.shapes.scenes.render"):
+        assert attnprobe.zoo.shapes.render is attnprobe.models.shapes.scenes.render
+    with pytest.raises(AttributeError, match="text_streams is gone; use the denoiser family's text_streams"):
+        attnprobe.joint.text_streams
+    with pytest.raises(AttributeError, match=r"'attnprobe.plot' has no attribute 'nope' \(its names are now in"):
+        attnprobe.plot.nope
+    with pytest.raises(AttributeError, match="module 'attnprobe' has no attribute 'nope'"):
+        attnprobe.nope

@@ -9,6 +9,9 @@
     torch.Size([3])
 """
 
+import sys
+
+from . import _moved
 from ._version import __version__
 
 from . import study, text  # attnprobe.text: the text side; attnprobe.study: the study, callable
@@ -78,3 +81,13 @@ __all__ = [
     "study",
     "trajectory",
 ]
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    """``attnprobe.plot`` and the other module paths of 0.1.0 (``attnprobe._moved``)."""
+    old = sys.modules.get(f"attnprobe.{name}")
+    if f"attnprobe.{name}" in _moved.MOVED and old is not None:
+        return old
+    raise AttributeError(f"module 'attnprobe' has no attribute {name!r}")

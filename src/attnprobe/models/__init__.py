@@ -13,3 +13,7 @@ stores with known answers, and the loader of any pipeline by name.
 
 ``attnprobe.testing`` re-exports the builders for tests and users; nothing in the library imports it.
 """
+
+from .loader import OFFLINE_MODELS, TINY_MODELS, load_pipeline
+
+__all__ = ["load_pipeline", "TINY_MODELS", "OFFLINE_MODELS"]
