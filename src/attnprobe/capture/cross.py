@@ -84,7 +84,7 @@ class ProbeProcessor:
         self.site = site
         self.state = state
         self._armed = False
-        self._removed = False
+        self.removed = False  # after remove_hooks: only forwards (a probe unwinding nested wrappers skips it)
         self._query: torch.Tensor | None = None
         self._key: torch.Tensor | None = None
         self._hooks = []
@@ -126,11 +126,11 @@ class ProbeProcessor:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self._removed = True
+        self.removed = True
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         state = self.state
-        if self._removed or not state.keep:
+        if self.removed or not state.keep:
             return self.inner(attn, hidden_states, *args, **kwargs)
         self._query = self._key = None
         self._armed = True

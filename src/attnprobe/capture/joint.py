@@ -102,7 +102,7 @@ class JointProbeProcessor(ProbeProcessor):
 
     def __init__(self, inner, site: str, attn, state, kind: str = "joint") -> None:
         self.inner, self.site, self.state, self.kind = inner, site, state, kind
-        self._armed = self._removed = False
+        self._armed, self.removed = False, False
         self._query = self._key = self._text_key = None
         self._hooks = []
         sig = inspect.signature(inner.__call__ if not inspect.isfunction(inner) else inner)
@@ -143,7 +143,7 @@ class JointProbeProcessor(ProbeProcessor):
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         state = self.state
-        if self._removed or not state.keep:
+        if self.removed or not state.keep:
             return self.inner(attn, hidden_states, *args, **kwargs)
         self._query = self._key = self._text_key = None
         self._armed = True

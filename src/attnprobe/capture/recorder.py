@@ -146,7 +146,7 @@ class Recorder:
             wrapper.remove_hooks()
             attn = self.modules[name]
             original = self.originals[name]
-            while isinstance(original, ProbeProcessor) and original._removed:  # an outer probe closed first
+            while isinstance(original, ProbeProcessor) and original.removed:  # an outer probe closed first
                 original = original.inner
             if attn.processor is wrapper:
                 attn.set_processor(original)

@@ -108,7 +108,7 @@ class Intervened:
         self.base = pipe
         self.pipe = pipe
         self.prompts = prompts
-        self.interventions = [iv._with_concept(concept) for iv in interventions]
+        self.interventions = [iv.with_concept(concept) for iv in interventions]
         self.denoiser = denoiser_of(pipe)
         if getattr(pipe, "unet", None) is None:
             raise InterventionError(

@@ -59,7 +59,8 @@ class _Config:
             shown.append(f"{f.name}={value!r}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
-    def _with_concept(self, concept: str | None):
+    def with_concept(self, concept: str | None):
+        """This config with ``concept`` filled in (its own concept wins). Raises InterventionError: neither is set."""
         if self.concept is not None:
             return self
         if concept is None:
