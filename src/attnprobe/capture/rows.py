@@ -21,6 +21,7 @@ from ..errors import ArgumentError, ProbeError
 from ..store.records import Sample
 from ..text.tokens import TokenLayout, concat_layouts, decode_ids, token_layout, unlabelled_layout
 from .families import family_of
+from .passes import blocks, refuse
 
 __all__ = ["BatchRows", "BatchLabels", "guidance_on", "check_guidance", "as_texts"]
 
@@ -69,7 +70,7 @@ class BatchLabels:
     """One pipeline call's denoiser batch, labelled.
 
     Attributes:
-        passes: the pass of every batch row (``"cond"``, ``"uncond"``, ``"safety"``), e.g. ``("uncond", "cond")``.
+        passes: the pass of every batch row (``attnprobe.capture.passes.PASS_LABELS``), e.g. ``("uncond", "cond")``.
         keep: the batch rows the probe records (those of its ``passes``), in order.
         samples: one ``Sample`` per kept row. layouts: their token layouts (``attnprobe.text.tokens``).
         meta: ``prompts``, ``negative_prompts``, ``num_images_per_prompt``, ``guidance``, ``separate_uncond_calls``.
@@ -194,24 +195,39 @@ class BatchRows:
 
     def pipe_locals(self) -> dict | None:
         """The locals of the pipeline's ``__call__`` frame in progress, or ``None`` (its current line in
-        ``self._pipe_line``)."""
+        ``self._pipe_line``).
+
+        Raises:
+            ProbeError: another pipeline object that shares the probed denoiser is driving it (its rows would be
+                labelled from the probed pipeline's arguments).
+        """
         frame = inspect.currentframe()
+        other = None
         try:
             for _ in range(200):
                 frame = frame.f_back if frame is not None else None
                 if frame is None:
                     break
                 owner = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
-                if owner is not None and self.pipe is None and any(
-                    getattr(owner, a, None) is self.denoiser for a in ("unet", "transformer", "prior")
-                ):
+                drives = owner is not None and any(
+                    getattr(owner, a, None) is self.denoiser for a in ("unet", "transformer", "prior"))
+                if drives and self.pipe is None:
                     self.pipe = owner  # the denoiser was probed on its own, but a pipeline is driving it
                     self._set_streams()
                 if owner is not None and owner is self.pipe:
                     self._pipe_line = frame.f_lineno
                     return frame.f_locals
+                if drives and other is None:
+                    other = owner
         finally:
             del frame
+        if other is not None:
+            raise ProbeError(
+                f"the probed denoiser is being run by another pipeline object ({type(other).__name__}) that shares it "
+                f"with the probed one ({type(self.pipe).__name__}): its rows would be labelled from the wrong "
+                "pipeline's arguments, so nothing of this call is recorded. Probe the pipeline you run: "
+                "attnprobe.probe(that_pipeline)"
+            )
         return None
 
     def _layout_for(self, text: str | None, ids: list[int] | None, n_keys: int, source: str, tok=None) -> TokenLayout:
@@ -288,27 +304,32 @@ class BatchRows:
         given = self.given if self.given is not None else self.call_arguments()  # may find the driving pipeline
         separate = bool(given.get("separate_cfg"))
         cfg = self._guidance_on(given, batch)
-        if cfg and batch % 2:
-            loc = self.pipe_locals() or {}
-            if loc.get("skip_guidance_layers"):
-                raise ProbeError(
-                    f"skip-layer guidance (skip_guidance_layers={loc['skip_guidance_layers']}) runs extra denoiser "
-                    "calls that skip blocks, which attnprobe does not label: run without skip_guidance_layers"
-                )
-            raise ProbeError(f"classifier-free guidance is on but the denoiser batch has an odd size {batch}")
+        loc = (self.pipe_locals() or {}) if self.pipe is not None else {}
+        if self.pipe is not None:
+            refuse(self.pipe, loc)
         if separate and self.passes == "all":
             raise ProbeError(
                 "passes='all', but this pipeline runs the unconditional pass as separate denoiser calls (true CFG: "
                 "true_cfg_scale > 1 with a negative prompt), so one store cannot hold both passes as rows of the same "
                 "calls. Open two probes, one inside the other: probe(pipe, passes='cond') and probe(pipe, passes='uncond')."
             )
-        # Safe Latent Diffusion batches [uncond × N, cond × N, safety concept × N] and encodes them in that order
-        sld = batch % 3 == 0 and bool(given.get("safety_pass"))
-        n = batch // 3 if sld else batch // 2 if cfg else batch
-        labels = ["uncond"] * n + ["cond"] * n if cfg or sld else ["cond"] * batch
-        labels += ["safety"] * n if sld else []
+        sld = bool(given.get("safety_pass"))
+        order = blocks(self.pipe, loc, cfg or sld, sld) if not separate else (("cond", "prompt"),)
         if separate and self.passes == "uncond":
-            labels = ["uncond"] * batch  # the rows of the separate unconditional calls the store keeps
+            order = (("uncond", "negative"),)  # the rows of the separate unconditional calls the store keeps
+        if batch % len(order):
+            if loc.get("skip_guidance_layers"):
+                raise ProbeError(
+                    f"skip-layer guidance (skip_guidance_layers={loc['skip_guidance_layers']}) runs extra denoiser "
+                    "calls that skip blocks, which attnprobe does not label: run without skip_guidance_layers"
+                )
+            raise ProbeError(
+                f"{type(self.pipe).__name__}'s denoiser batch of {batch} rows does not split into the blocks of its "
+                f"passes {[p for p, _ in order]} (classifier-free guidance {'on' if cfg else 'off'}): attnprobe "
+                "cannot tell which row is which"
+            )
+        n = batch // len(order)
+        labels = [p for p, _ in order for _ in range(n)]
         cond_ids, uncond_ids = self._stream_ids(given, cfg or separate or sld, extra=int(sld))
         safety_ids = self._last_encodes(1) if sld else []
         safety_text = getattr(self.pipe, "safety_concept", None) if sld else None
@@ -350,23 +371,23 @@ class BatchRows:
         samples, sample_layouts = [], []
         for row in keep:
             label = labels[row]
-            j = row - n if ((cfg or sld) and label == "cond") else row - 2 * n if label == "safety" else row
-            # (rows of a separate unconditional call are numbered like the conditional call's)
+            block, j = divmod(row, n)
+            text_source = order[block][1]
             prompt_index, image_index = divmod(j, per_prompt)
-            if label == "safety":  # one safety concept for every prompt, encoded once
+            if text_source == "safety":  # one safety concept for every prompt, encoded once
                 prompt_index = 0
-                if (label, 0) not in layouts:
+                if (text_source, 0) not in layouts:
                     ids = [i if i is not None and i.shape[0] == 1 else None for i in safety_ids]
-                    layouts[(label, 0)] = self._stream_layout(safety_text, ids, 0, n_keys, "prompt")
-            elif (label, prompt_index) not in layouts:
-                texts, ids = (cond_texts, cond_ids) if label == "cond" else (neg_texts, uncond_ids)
+                    layouts[(text_source, 0)] = self._stream_layout(safety_text, ids, 0, n_keys, "prompt")
+            elif (text_source, prompt_index) not in layouts:
+                texts, ids = (cond_texts, cond_ids) if text_source == "prompt" else (neg_texts, uncond_ids)
                 text = texts[prompt_index] if texts is not None else None
-                source = "caller" if (label == "cond" and self.caller_prompts) else "prompt"
-                if label == "uncond" and all(i is None for i in ids) and text is None:
-                    layouts[(label, prompt_index)] = unlabelled_layout(n_keys, source="zeros" if zeros else "none")
+                source = "caller" if (text_source == "prompt" and self.caller_prompts) else "prompt"
+                if text_source == "negative" and all(i is None for i in ids) and text is None:
+                    layouts[(text_source, prompt_index)] = unlabelled_layout(n_keys, source="zeros" if zeros else "none")
                 else:
-                    layouts[(label, prompt_index)] = self._stream_layout(text, ids, prompt_index, n_keys, source)
-            lay = layouts[(label, prompt_index)]
+                    layouts[(text_source, prompt_index)] = self._stream_layout(text, ids, prompt_index, n_keys, source)
+            lay = layouts[(text_source, prompt_index)]
             samples.append(Sample(len(samples), label, prompt_index, image_index, row, lay.text))
             sample_layouts.append(lay)
 
