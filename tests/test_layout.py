@@ -270,3 +270,8 @@ def test_old_paths_say_what_replaced_what_is_gone():
         attnprobe.plot.nope
     with pytest.raises(AttributeError, match="module 'attnprobe' has no attribute 'nope'"):
         attnprobe.nope
+    names: dict = {}
+    exec("from attnprobe.plot import *", names)  # a stand-in exports what its new modules export
+    assert names["plot_heatmaps"] is attnprobe.analysis.figures.plot_heatmaps
+    with pytest.warns(FutureWarning):
+        assert callable(attnprobe.zoo.shapes.main)  # 0.1.0's `python -m attnprobe.zoo.shapes` entry

@@ -40,7 +40,8 @@ MOVED = {
     "attnprobe.scorer": ("attnprobe.study.scorer",),
     "attnprobe.variants": ("attnprobe.study.variants", "attnprobe.study"),
     "attnprobe.zoo": ("attnprobe.models.shapes",),
-    "attnprobe.zoo.shapes": ("attnprobe.models.shapes.scenes", "attnprobe.models.shapes.evaluate"),
+    "attnprobe.zoo.shapes": ("attnprobe.models.shapes.scenes", "attnprobe.models.shapes.evaluate",
+                             "attnprobe.models.shapes.__main__"),
     "attnprobe.zoo.shapes_model": ("attnprobe.models.shapes.model", "attnprobe.models.shapes.evaluate"),
     "attnprobe.zoo.shapes_eval": ("attnprobe.models.shapes.evaluate",),
 }
@@ -76,6 +77,8 @@ class _StandIn(types.ModuleType):
     """An old module: attribute lookups go to the modules that hold its names now."""
 
     def __getattr__(self, name: str):
+        if name == "__all__":  # so that `from attnprobe.plot import *` imports what the new modules export
+            return sorted({n for new in MOVED[self.__name__] for n in getattr(importlib.import_module(new), "__all__", ())})
         if name.startswith("__"):
             raise AttributeError(name)
         child = f"{self.__name__}.{name}"
