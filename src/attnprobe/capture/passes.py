@@ -13,7 +13,7 @@ pipeline whose rows or calls attnprobe cannot label (rather than label them wron
 | ``perturbed`` | perturbed-attention guidance (Ahn et al. 2024): self-attention of the PAG layers is the identity | the prompt | the ``*PAGPipeline`` classes, ``pag_scale > 0`` |
 | ``image`` | InstructPix2Pix's image-only pass: the input image, no prompt | the negative prompt | ``*InstructPix2PixPipeline`` |
 
-    >>> blocks(object(), {}, guidance=True)
+    >>> blocks(object(), guidance=True)
     (('uncond', 'negative'), ('cond', 'prompt'))
 """
 
@@ -65,12 +65,12 @@ def refuse(pipe, loc: dict) -> None:
             )
 
 
-def blocks(pipe, loc: dict, guidance: bool, safety: bool = False) -> tuple[tuple[str, str], ...]:
+def blocks(pipe, guidance: bool, safety: bool = False) -> tuple[tuple[str, str], ...]:
     """The blocks of the pipeline call's denoiser batch in order, each ``(pass, text)`` where text is
     ``"prompt"``, ``"negative"`` (the negative prompt) or ``"safety"`` (SLD's safety concept).
 
     Args:
-        pipe: the pipeline. loc: its ``__call__`` locals. guidance: classifier-free guidance runs in the batch.
+        pipe: the pipeline. guidance: classifier-free guidance runs in the batch.
         safety: Safe Latent Diffusion's safety-concept pass runs.
     """
     if type(pipe).__name__ in _PIX2PIX:  # torch.cat([prompt, negative, negative]) with [image, image, zeros]

@@ -314,7 +314,7 @@ class BatchRows:
                 "calls. Open two probes, one inside the other: probe(pipe, passes='cond') and probe(pipe, passes='uncond')."
             )
         sld = bool(given.get("safety_pass"))
-        order = blocks(self.pipe, loc, cfg or sld, sld) if not separate else (("cond", "prompt"),)
+        order = blocks(self.pipe, cfg or sld, sld) if not separate else (("cond", "prompt"),)
         if separate and self.passes == "uncond":
             order = (("uncond", "negative"),)  # the rows of the separate unconditional calls the store keeps
         if batch % len(order):
