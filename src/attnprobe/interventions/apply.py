@@ -37,6 +37,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..capture.denoiser_call import DenoiserCall, first_value
+from ..capture.passes import blocks
 from ..capture.rows import guidance_on
 from ..capture.sites import denoiser_of, list_sites, select_sites
 from ..errors import InterventionError
@@ -210,18 +211,19 @@ class Intervened:
         self.rows: list[tuple[int, int]] = []
         self.scaled: dict[tuple[str, int, str], float] = {}
 
-    def _passes(self) -> int:
-        if self.sld is not None and self.pipe is not self.base:
-            return 3
+    def _blocks(self) -> list[str]:
+        """The passes of the denoiser batch's blocks in order (``attnprobe.capture.passes.blocks``)."""
+        sld = self.sld is not None and self.pipe is not self.base
         on = guidance_on(self.pipe)
-        if on is None:
+        if on is None and not sld:
             raise InterventionError(f"{type(self.pipe).__name__} does not say whether guidance is on "
                                     "(no do_classifier_free_guidance): the conditional rows are unknown")
-        return 2 if on else 1
+        return [p for p, _ in blocks(self.pipe, bool(on) or sld, sld)]
 
     def _conditional_rows(self, batch: int) -> list[tuple[int, int]]:
-        """``(batch row, prompt index)`` of the conditional rows: the second block of ``[uncond, cond, …]``."""
-        passes, n_prompts = self._passes(), len(self.prompts)
+        """``(batch row, prompt index)`` of the conditional rows: the ``cond`` block of the batch."""
+        order, n_prompts = self._blocks(), len(self.prompts)
+        passes = len(order)
         per_prompt, rest = divmod(batch, passes * n_prompts)
         if rest or not per_prompt:
             raise InterventionError(
@@ -229,7 +231,7 @@ class Intervened:
                 "prompt: "
                 f"call the pipeline with the prompts given to intervene ({self.prompts})"
             )
-        first = (1 if passes > 1 else 0) * n_prompts * per_prompt
+        first = order.index("cond") * n_prompts * per_prompt
         return [(first + j, j // per_prompt) for j in range(n_prompts * per_prompt)]
 
     def _on_denoiser_call(self, module, args, kwargs):
