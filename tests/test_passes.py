@@ -99,6 +99,7 @@ def test_perturbed_attention_guidance_rows(parts):
                                ("cond", 1, 0, prompts[1]), ("perturbed", 0, 0, prompts[0]),
                                ("perturbed", 1, 0, prompts[1])])
     assert store.calls[0].layout == ("uncond", "uncond", "cond", "cond", "perturbed", "perturbed")
+    assert store.meta["row_evidence"] == "encode_prompt"
     # without guidance: [cond, perturbed]; one image of one prompt used to abort ("odd size 3")
     run = lambda: pipe("a picture of dog", generator=torch.Generator().manual_seed(0), pag_scale=3.0,
                        guidance_scale=1.0, num_images_per_prompt=2, **RUN)
@@ -114,8 +115,9 @@ def test_instruct_pix2pix_rows(parts):
     prompts = ["make it a dog", "make it a cat"]
     run = lambda: pipe(prompts, image=image.expand(2, -1, -1, -1), generator=torch.Generator().manual_seed(0),
                        guidance_scale=7.5, **{k: v for k, v in RUN.items() if k not in ("height", "width")})
-    _check(pipe, run, [("cond", 0, 0, prompts[0]), ("cond", 1, 0, prompts[1]), ("image", 0, 0, ""),
-                       ("image", 1, 0, ""), ("uncond", 0, 0, ""), ("uncond", 1, 0, "")])
+    store = _check(pipe, run, [("cond", 0, 0, prompts[0]), ("cond", 1, 0, prompts[1]), ("image", 0, 0, ""),
+                               ("image", 1, 0, ""), ("uncond", 0, 0, ""), ("uncond", 1, 0, "")])
+    assert store.meta["row_evidence"] == "consistent"  # its _encode_prompt returns the batch: rows checked by label
 
 
 def test_a_pipeline_attnprobe_does_not_label_is_refused_before_its_first_call(parts):
@@ -144,3 +146,155 @@ def test_another_pipeline_sharing_the_denoiser_is_refused(parts):
             other("a picture of dog", **RUN)
         probed("a picture of dog", **RUN)  # the probed pipeline still records
     assert len(store.calls) == 2 and store.samples[0].text == "a picture of dog"
+
+
+def _switch_guidance_off(pipe, step, timestep, kwargs):
+    """diffusers' recipe for dynamic classifier-free guidance: after step 1, keep the conditional rows only."""
+    if step == 1:
+        kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[-1]
+        pipe._guidance_scale = 0.0
+    return kwargs
+
+
+def test_guidance_switched_off_inside_a_pipeline_call(parts):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a picture of dog", "a picture of cat"]
+
+    def run():
+        pipe._guidance_scale = 7.5
+        return pipe(prompts, generator=torch.Generator().manual_seed(0), callback_on_step_end=_switch_guidance_off,
+                    callback_on_step_end_tensor_inputs=["prompt_embeds"], **{**RUN, "num_inference_steps": 4})
+
+    with attnprobe.probe(pipe, sites=[SITE], passes="all", dtype=torch.float32) as store:
+        out, states, probs = _reference(pipe, run)
+    assert torch.equal(out.images, run().images)
+    assert [c.generation for c in store.calls] == [0, 0, 0, 0]  # one pipeline call, not two
+    assert [c.layout for c in store.calls] == [("uncond",) * 2 + ("cond",) * 2] * 2 + [("cond", "cond")] * 2
+    assert [(s.pass_label, s.prompt_index) for s in store.samples] == [("uncond", 0), ("uncond", 1), ("cond", 0), ("cond", 1)]
+    maps = store[SITE].flatten(3, 4).double()  # [call, sample, head, query, token]
+    for c, p in enumerate(probs):
+        for i, s in enumerate(store.samples):
+            row = s.row if c < 2 else (s.prompt_index if s.pass_label == "cond" else None)
+            if row is None:  # no unconditional row once guidance is off: NaN, said by the call's layout
+                assert torch.isnan(maps[c, i]).all()
+            else:
+                torch.testing.assert_close(maps[c, i], p[row], rtol=0, atol=1e-6)
+                assert torch.equal(states[c][row], states[0][s.row])  # the row the sample was in the first call
+
+    with attnprobe.probe(pipe, sites=[SITE], passes="cond") as cond:
+        run()
+    assert len(cond.calls) == 4 and not torch.isnan(cond[SITE].float()).any()
+    with pytest.raises(ProbeError, match="an aggregate cannot average a sample over calls it is missing from"):
+        with attnprobe.probe(pipe, sites=[SITE], passes="all", aggregate="mean"):
+            run()
+
+
+def test_conditioning_edited_inside_a_pipeline_call_is_not_labelled_with_the_old_text(parts):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    other = pipe.encode_prompt("a picture of cat", "cpu", 1, True)
+
+    def swap(pipe, step, timestep, kwargs):  # prompt switching: the conditional row gets another prompt's encoding
+        if step == 0:
+            kwargs["prompt_embeds"] = torch.cat([kwargs["prompt_embeds"][:1], other[0]])
+        return kwargs
+
+    with pytest.warns(UserWarning, match=r"the conditioning of samples \[0\] changed inside the pipeline call"):
+        with attnprobe.probe(pipe, sites=[SITE]) as store:
+            pipe("a picture of dog", callback_on_step_end=swap, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+                 **{**RUN, "num_inference_steps": 3})
+    finite = [not torch.isnan(store[SITE][c].float()).any() for c in range(3)]
+    assert finite == [True, False, False] and store.samples[0].text == "a picture of dog"
+
+
+def test_rows_whose_conditioning_contradicts_their_position_are_unknown(parts):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+
+    def flip(module, args, kwargs):  # a third-party hook that reorders the conditioning: [cond, uncond]
+        return args, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].flip(0)}
+
+    hook = pipe.unet.register_forward_pre_hook(flip, with_kwargs=True)
+    try:
+        with pytest.warns(UserWarning, match="row 0: uncond of prompt 0, row 1: cond of prompt 0 carry other conditioning"):
+            with attnprobe.probe(pipe, sites=[SITE], passes="all") as store:
+                pipe("a picture of dog", **RUN)
+        with pytest.raises(ProbeError, match=r"rows is all \['unknown'\] \(rows whose conditioning contradicts"):
+            with pytest.warns(UserWarning, match="carry other conditioning"):
+                with attnprobe.probe(pipe, sites=[SITE], passes="cond"):
+                    pipe("a picture of dog", **RUN)
+    finally:
+        hook.remove()
+    assert [(s.pass_label, s.prompt_index, s.text) for s in store.samples] == [("unknown", -1, None)] * 2
+    assert store.meta["row_evidence"] == "contradicted"
+    with attnprobe.probe(pipe, sites=[SITE]) as store:
+        pipe("a picture of dog", **RUN)
+    assert store.meta["row_evidence"] == "encode_prompt"  # every row equals the encoding its label names
+
+
+def test_a_processor_that_edits_the_probabilities_is_named_once(parts):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.attention_processor import AttnProcessor
+
+    class Reweight(AttnProcessor):  # Prompt-to-Prompt's reweighting: token 2's weight set to 0 after the softmax
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+            scores = attn.get_attention_scores
+            attn.get_attention_scores = lambda q, k, mask=None: scores(q, k, mask).index_fill(-1, torch.tensor([2]), 0)
+            try:
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            finally:
+                del attn.get_attention_scores
+
+    pipe = StableDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe("a picture of dog", generator=torch.Generator().manual_seed(0), **RUN)
+    with attnprobe.probe(pipe) as store:
+        run()
+    assert {c["verdict"] for c in store.meta["processor_check"].values()} == {"equal"}
+    attn = pipe.unet.get_submodule(SITE)
+    original = attn.processor
+    attn.set_processor(Reweight())
+    try:
+        plain = run().images
+        with pytest.warns(UserWarning, match=rf"1 site\(s\) \['{SITE}'\]: the output of their processor Reweight is not the recorded"):
+            with attnprobe.probe(pipe) as store:
+                _, states, probs = _reference(pipe, run)
+        assert torch.equal(run().images, plain)
+    finally:
+        attn.set_processor(original)
+    check = store.meta["processor_check"]
+    assert check[SITE]["verdict"] == "differs" and check[SITE]["processor"] == "Reweight"
+    assert sum(c["verdict"] == "differs" for c in check.values()) == 1
+    # the store holds the unedited softmax, as the reference does: the model used 0 at token 2
+    torch.testing.assert_close(store[SITE][0, 0].flatten(1, 2).double(), probs[0][1], rtol=0, atol=1e-3)
+    assert float(store[SITE][0, 0, ..., 2].float().min()) > 0
+
+
+def test_a_long_prompt_encoded_in_chunks_has_unknown_positions(parts):
+    from diffusers import StableDiffusionPipeline
+
+    from attnprobe.errors import ConceptError
+
+    pipe = StableDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    text = "a picture of dog " + "and a garden " * 30  # past 77 tokens: compel and sd_embed encode it in 2 chunks
+    words = pipe.tokenizer(text, add_special_tokens=False).input_ids
+    chunks = [words[:75], words[75:150]]
+    bos, eos = pipe.tokenizer.bos_token_id, pipe.tokenizer.eos_token_id
+    with torch.no_grad():
+        embed = lambda ids: pipe.text_encoder(torch.tensor([[bos, *ids, eos] + [eos] * (75 - len(ids))]))[0]
+        prompt_embeds = torch.cat([embed(c) for c in chunks], dim=1)  # [1, 154, hidden]
+        negative = torch.cat([embed([])] * 2, dim=1)
+    with pytest.warns(UserWarning, match="154 text positions, more than one encoding of"):
+        with attnprobe.probe(pipe, sites=[SITE], prompts=[text]) as store:
+            pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, **RUN)
+    assert store.samples[0].text == text and set(store.layout(0).kinds) == {"unknown"}
+    with pytest.raises(ConceptError, match="token positions of sample 0 .* are unknown"):
+        store.token_indices(0, "dog")

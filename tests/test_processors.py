@@ -126,10 +126,14 @@ def test_ip_adapter_processors_are_wrapped_and_record_the_text_attention():
     n_params = sum(p.numel() for p in unet.parameters())
     with torch.no_grad():
         plain = unet(x, 10, encoder_hidden_states=(text, ip)).sample
-        with attnprobe.probe(unet, dtype=torch.float32) as store:
-            probed = unet(x, 10, encoder_hidden_states=(text, ip)).sample
+        # the adapter adds image attention to the output: the verify-once check says so, in one warning
+        with pytest.warns(UserWarning, match=r"^\d+ site\(s\) .* processor IPAdapterAttnProcessor2_0 is not") as seen:
+            with attnprobe.probe(unet, dtype=torch.float32) as store:
+                probed = unet(x, 10, encoder_hidden_states=(text, ip)).sample
     assert torch.equal(plain, probed)
+    assert sum("IPAdapterAttnProcessor2_0 is not" in str(w.message) for w in seen) == 1
     site = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    assert store.meta["processor_check"][site]["verdict"] == "differs"
     attn = unet.get_submodule(site)
     assert attn.processor is procs[site + ".processor"]
     assert sum(p.numel() for p in unet.parameters()) == n_params  # the adapter weights are back in the tree

@@ -13,12 +13,17 @@ One probed generation, in order:
 1. ``probe()`` (``recorder``) finds the denoiser's family (``families``) and its sites (``sites``: attention modules
    of the family's site ``kinds``), wraps each site's processor (``kinds.wrap_processor``: ``cross.ProbeProcessor``
    or ``joint.JointProbeProcessor``) and hooks the denoiser and the text encoders whose positions are the text keys.
-2. Each text-encoder call hands its token ids to ``rows.BatchRows``.
+2. Each text-encoder call hands its token ids to ``rows.BatchRows``, and what the pipeline's ``encode_prompt``
+   returns is kept (``evidence.EncodeWatch``).
 3. Each denoiser call (``denoiser_call``): its timestep and latent grid are read; at a pipeline call's first
-   denoiser call the batch rows are labelled (``rows``: pass, prompt, image, token layout) and the rows to record
-   chosen; ``selection`` says which calls and token positions are kept.
+   denoiser call the batch rows are labelled (``rows``: pass from the pipeline's recipe, ``passes``; checked against
+   each row's conditioning, ``evidence``; prompt, image, token layout) and the rows to record chosen; a later call
+   whose batch or conditioning changed is labelled again; ``selection`` says which calls and token positions are
+   kept.
 4. Inside the denoiser, each wrapper calls the installed processor unchanged, reads q and k from the module's own
    projections, and computes the map beside it in fp32 (``processor.reduce_probs``: token selection, head mean).
+   At a site's first recorded call it also checks the processor's output against the map times the values
+   (``cross.output_error``).
 5. At the next denoiser call (or the end of the block) the call's maps go to ``sink.CallSink``, which writes them
    into the store through its ``StoreWriter`` (memory, a streamed folder) or adds them to a running aggregate.
 6. On exit everything is removed (``finally``) and the store gets its execution order and metadata.

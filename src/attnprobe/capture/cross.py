@@ -11,6 +11,7 @@ projections), captured by forward hooks while the processor runs, then ``attn.no
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -19,7 +20,12 @@ from einops import rearrange
 from ..errors import ProbeError
 from .processor import CaptureState, reduce_probs, scratch
 
-__all__ = ["ProbeProcessor", "attention_probs"]
+__all__ = ["ProbeProcessor", "attention_probs", "output_error", "TOLERANCE"]
+
+#: the largest relative error ``output_error`` accepts, by the dtype the processor computed in (fp32: SDPA's and
+#: matmul's rounding differ by ~1e-6; half precision rounds each product to 8 or 11 bits)
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+HALF_TOLERANCE = 1e-2
 
 
 def attention_probs(
@@ -71,6 +77,24 @@ def attention_probs(
     return torch.ops.aten._softmax.out(logits, -1, False, out=scratch(workspace, "probs", shape, logits.device))
 
 
+def output_error(attn, probs: torch.Tensor, value: torch.Tensor, output: torch.Tensor) -> float:
+    """How far a site's attention output is from its recorded probabilities times its values.
+
+    Args:
+        attn: the ``Attention`` module. probs: ``[sample, head, query, token]`` fp32, every batch row.
+        value: ``attn.to_v`` output, ``[sample, token, head * d]``. output: what the processor handed to
+            ``attn.to_out[0]``, ``[sample, query, head * d]``.
+
+    Returns:
+        ``‖output − probs·V‖ / ‖output‖`` (Frobenius norms): 0 up to rounding where the processor used the recorded
+        probabilities; larger where it edits them (Prompt-to-Prompt reweighting) or adds attention (IP-Adapter).
+    """
+    v = rearrange(value.float(), "sample token (head d) -> sample head token d", head=attn.heads)
+    expect = rearrange(probs @ v, "sample head query d -> sample query (head d)")
+    got = output.float().reshape(expect.shape)
+    return float((got - expect).norm() / got.norm().clamp_min(1e-30))
+
+
 class ProbeProcessor:
     """Wraps one site's processor: the original computes the output, the wrapper records the probabilities.
 
@@ -88,11 +112,13 @@ class ProbeProcessor:
         self._query: torch.Tensor | None = None
         self._key: torch.Tensor | None = None
         self._hooks = []
-        fused = bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_kv", None) is not None
-        if getattr(attn, "to_q", None) is None or (getattr(attn, "to_k", None) is None and not fused):
+        self.checked = False  # the site's output was compared with its probabilities (output_error)
+        self.attn_fused = bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_kv", None) is not None
+        if getattr(attn, "to_q", None) is None or (getattr(attn, "to_k", None) is None and not self.attn_fused):
             raise ProbeError(f"site {site}: the attention module has no to_q/to_k projection to read q and k from")
         self._hooks.append(attn.to_q.register_forward_hook(self._take_query))
-        self._hooks.append((attn.to_kv if fused else attn.to_k).register_forward_hook(self._take_key_fused if fused else self._take_key))
+        self._hooks.append((attn.to_kv if self.attn_fused else attn.to_k).register_forward_hook(
+            self._take_key_fused if self.attn_fused else self._take_key))
 
     def __getattr__(self, name):
         """Attributes the wrapper lacks are ``inner``'s (diffusers reads e.g. ``processor._attention_backend``)."""
@@ -134,10 +160,13 @@ class ProbeProcessor:
             return self.inner(attn, hidden_states, *args, **kwargs)
         self._query = self._key = None
         self._armed = True
+        check = None if self.checked or torch.compiler.is_compiling() else self._check_hooks(attn)
         try:
             output = self.inner(attn, hidden_states, *args, **kwargs)
         finally:
             self._armed = False
+            for hook in check[0] if check else ():
+                hook.remove()
         query, key = self._query, self._key
         self._query = self._key = None
         if query is None or key is None:
@@ -153,7 +182,46 @@ class ProbeProcessor:
             probs = reduce_probs(probs, state.heads, state.tokens, workspace)
             probs = probs.to(state.dtype, copy=workspace is not None)  # never hand on a scratch buffer
         state.outbox.append((self.site, probs))
+        if check is not None:
+            self._check(attn, query, key, mask, *check[1:])
         return output
+
+    def _check_hooks(self, attn):
+        """Hooks that take the values and the input of ``to_out[0]`` for one site call (the first recorded)."""
+        seen: dict = {}
+        hooks = []
+
+        # hooks that return something replace the module's input or output: these return None
+        def take_out(module, args) -> None:
+            seen.setdefault("out", args[0])
+
+        def take_value(module, args, output) -> None:
+            seen.setdefault("value", output.chunk(2, dim=-1)[1] if self.attn_fused else output)
+
+        to_out = getattr(attn, "to_out", None)
+        if isinstance(to_out, torch.nn.ModuleList) and len(to_out):
+            hooks.append(to_out[0].register_forward_pre_hook(take_out))
+        projection = attn.to_kv if self.attn_fused else getattr(attn, "to_v", None)
+        if projection is not None:
+            hooks.append(projection.register_forward_hook(take_value))
+        return hooks, seen
+
+    def _check(self, attn, query, key, mask, seen: dict) -> None:
+        """Verify once (``output_error``): the result goes to ``state.checks`` as ``(site, processor, error or None,
+        tolerance)``; ``None``: the processor called no ``to_v`` or ``to_out[0]`` to compare, or its output is not
+        finite (nothing to compare it by)."""
+        self.checked = True
+        name = type(self.inner).__name__
+        if "value" not in seen or "out" not in seen:
+            self.state.checks.append((self.site, name, None, None))
+            return
+        out = seen["out"]
+        tolerance = TOLERANCE.get(out.dtype, HALF_TOLERANCE)
+        with torch.no_grad():
+            error = output_error(attn, attention_probs(attn, query, key, mask), seen["value"], out)
+        if not math.isfinite(error):
+            error = tolerance = None
+        self.state.checks.append((self.site, name, error, tolerance))
 
     def __repr__(self) -> str:
         return f"ProbeProcessor(site={self.site!r}, inner={self.inner!r})"

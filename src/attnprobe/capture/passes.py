@@ -12,6 +12,7 @@ pipeline whose rows or calls attnprobe cannot label (rather than label them wron
 | ``safety`` | the safety-concept pass of Safe Latent Diffusion (Schramowski et al. 2023) | the safety concept | ``StableDiffusionPipelineSafe`` |
 | ``perturbed`` | perturbed-attention guidance (Ahn et al. 2024): self-attention of the PAG layers is the identity | the prompt | the ``*PAGPipeline`` classes, ``pag_scale > 0`` |
 | ``image`` | InstructPix2Pix's image-only pass: the input image, no prompt | the negative prompt | ``*InstructPix2PixPipeline`` |
+| ``unknown`` | a row whose ``encoder_hidden_states`` contradict the pass its position names (``capture.evidence``) | none (``prompt_index`` -1) | any, with a warning |
 
     >>> blocks(object(), guidance=True)
     (('uncond', 'negative'), ('cond', 'prompt'))
@@ -30,6 +31,7 @@ PASS_LABELS = {
     "safety": "Safe Latent Diffusion's safety-concept pass",
     "perturbed": "perturbed-attention guidance's pass: the prompt, with identity self-attention at the PAG layers",
     "image": "InstructPix2Pix's image-only pass: the input image and the negative prompt",
+    "unknown": "a row whose conditioning contradicts the pass its position names (prompt_index -1); warned about",
 }
 
 #: pipelines whose denoiser calls attnprobe does not label, with when (a local of their ``__call__``; ``None``:
@@ -55,6 +57,11 @@ def refuse(pipe, loc: dict) -> None:
             pipeline and why.
     """
     name = type(pipe).__name__
+    if loc.get("skip_guidance_layers"):  # SD3's skip-layer guidance, on every SD3 pipeline that has it
+        raise ProbeError(
+            f"{name} with skip-layer guidance (skip_guidance_layers={loc['skip_guidance_layers']}) runs extra denoiser "
+            "calls that skip blocks, which attnprobe does not label: run without skip_guidance_layers"
+        )
     if name in REFUSED:
         when, why = REFUSED[name]
         if when is None or loc.get(when):

@@ -63,6 +63,8 @@ class CaptureState:
         text_len: text tokens of the denoiser call in progress (for Flux's single-stream sites; fixed for a
             pipeline and ``max_sequence_length``, so it does not make a compiled denoiser recompile per call).
         shares: ``(site, [sample, head])`` mean text share of each joint site of the call in progress.
+        checks: ``(site, processor class, relative error or None, tolerance)`` of the sites verified in the call in
+            progress (once per site: ``cross.output_error``).
     """
 
     keep: bool = False
@@ -75,3 +77,4 @@ class CaptureState:
     joint: str = "exact"
     text_len: int = 0
     shares: list = field(default_factory=list)
+    checks: list = field(default_factory=list)

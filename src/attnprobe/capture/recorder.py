@@ -36,6 +36,7 @@ from ..store import AttentionStore, Call, StoreWriter
 from ..store.files import json_safe
 from .cross import ProbeProcessor
 from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid
+from .evidence import EncodeWatch, note_checks
 from .families import family_of
 from .joint import JOINT_MODES
 from .kinds import wrap_processor
@@ -60,6 +61,9 @@ class Recorder:
         self.denoiser = denoiser
         self.family = family_of(denoiser)
         self.rows = BatchRows(pipe if pipe is not denoiser else None, denoiser, passes, prompts)
+        self.encode_watch = EncodeWatch(self.rows.pipe, self._on_encode_prompt)
+        self.fill: tuple[int, torch.Tensor] | None = None  # samples with a row in this call, when not all have one
+        self.states = None  # the conditioning of the last denoiser call
         self.sites = sites
         self.passes = passes
         self.heads = heads
@@ -123,6 +127,7 @@ class Recorder:
             for i, (encoder, _) in enumerate(self.rows.streams):
                 hook = functools.partial(self._on_encode, i)
                 self.handles.append(encoder.register_forward_pre_hook(hook, with_kwargs=True))
+            self.encode_watch.install()
         except BaseException:
             self.remove()
             raise
@@ -138,6 +143,7 @@ class Recorder:
 
     def remove(self) -> None:
         self.state.workspace.clear()
+        self.encode_watch.remove()
         for handle in self.handles + self.order_handles:
             handle.remove()
         self.handles.clear()
@@ -169,6 +175,15 @@ class Recorder:
             self.calls_in_generation = 0
             self.rows.new_pipeline_call()
         self.rows.encoded_ids(stream, args[0] if args else kwargs.get("input_ids"), given)
+
+    @torch.compiler.disable
+    def _on_encode_prompt(self, output) -> None:
+        if not self.rows.call_arguments():
+            return  # encode_prompt called outside a pipeline call (to make prompt_embeds): not this call's
+        if self.calls_in_generation > 0:  # no text encoder ran before it (prompt_embeds passed): a new call
+            self.calls_in_generation = 0
+            self.rows.new_pipeline_call()
+        self.rows.encoded_prompt(output)
 
     @staticmethod
     def _chain(processor):
@@ -229,7 +244,10 @@ class Recorder:
             self.generation += 1
             self.rows.mark_first_call()  # the pipeline line of a generation's first call: a conditional one (true CFG)
             n_keys = int(call.states.shape[1]) if isinstance(call.states, torch.Tensor) else 0
-            self._start_generation(self.rows.label(call.batch, n_keys, hw, self.generation), call, n_keys)
+            self._start_generation(self.rows.label(call.batch, n_keys, hw, self.generation, call.states), call, n_keys)
+        elif not self.rows.separate and (call.batch != len(self.layout) or call.states is not self.states):
+            self._rows_changed(call)
+        self.states = call.states
         self.call += 1
         self.calls_in_generation += 1
         self.last_timestep = t
@@ -253,9 +271,7 @@ class Recorder:
         """A pipeline call's first denoiser call: the rows to record; the first pipeline call's samples, token
         positions and metadata go into the store."""
         self.layout = labels.passes
-        keep = labels.keep
-        contiguous = keep == list(range(keep[0], keep[-1] + 1)) if keep else False
-        self.state.rows = slice(keep[0], keep[-1] + 1) if contiguous else torch.tensor(keep, dtype=torch.long)
+        self._set_rows(labels.keep)
         if not labels.first:
             return
         positions = None
@@ -270,6 +286,37 @@ class Recorder:
         # a streamed store is readable from its first shard on, also after a crash
         self.writer.write_header({**self.store.meta, "complete": False})
 
+    def _set_rows(self, present: list[int | None]) -> None:
+        """The batch row of each store sample in the denoiser calls from now on (``None``: it has none)."""
+        rows = [r for r in present if r is not None]
+        contiguous = bool(rows) and rows == list(range(rows[0], rows[-1] + 1))
+        self.state.rows = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, dtype=torch.long)
+        self.fill = None
+        if len(rows) < len(present):
+            self.fill = (len(present), torch.tensor([i for i, r in enumerate(present) if r is not None], dtype=torch.long))
+
+    def _rows_changed(self, call: DenoiserCall) -> None:
+        """The batch or the conditioning changed inside a pipeline call (``callback_on_step_end`` switched guidance
+        off or edited ``prompt_embeds``): label this call's rows and find each sample's row, NaN where it has none."""
+        self.layout, present = self.rows.rows_in(call.batch, call.states, self.store.samples)
+        self._set_rows(present)
+        if self.fill is not None and self.aggregate:
+            raise ProbeError(
+                f"aggregate={self.aggregate!r}, but from denoiser call {self.call + 1} on samples "
+                f"{[i for i, r in enumerate(present) if r is None]} have no row (guidance switched off inside the "
+                "pipeline call?): an aggregate cannot average a sample over calls it is missing from. Record without "
+                "aggregate=, or with passes='cond'."
+            )
+
+    def _filled(self, values: torch.Tensor) -> torch.Tensor:
+        """``[row, ...]`` of the rows a call has → ``[sample, ...]``, NaN for the samples without a row."""
+        if self.fill is None:
+            return values
+        n, present = self.fill
+        full = values.new_full((n, *values.shape[1:]), float("nan"))
+        full[present.to(values.device)] = values
+        return full
+
     def _packed_hw(self, img_ids: torch.Tensor) -> tuple[int, int]:
         """``packed_grid`` read once per ``img_ids`` tensor (reading GPU ids synchronises)."""
         key = (img_ids.data_ptr(), tuple(img_ids.shape))
@@ -281,9 +328,10 @@ class Recorder:
         """Whether this denoiser call starts a new pipeline call although no text encoder ran before it.
 
         Schedulers count down: a timestep above the previous call's, a scheduler step index back at 0, or another
-        batch size means a new pipeline call.
+        latent size means a new pipeline call; another batch size alone does not (``callback_on_step_end`` may switch
+        guidance off inside a call).
         """
-        if batch != len(self.layout) or timestep > self.last_timestep or hw != self.latent_hw:
+        if timestep > self.last_timestep or hw != self.latent_hw:
             return True
         scheduler = getattr(self.pipe, "scheduler", None)
         if scheduler is not None and isinstance(getattr(type(scheduler), "step_index", None), property):
@@ -312,17 +360,24 @@ class Recorder:
         if self.current_call is None:
             outbox.clear()  # sites that ran outside a kept denoiser call: nothing to key them by
             self.state.shares.clear()
+            self._checked()
             return
         for site, share in self.state.shares:
-            self.shares.append((self.call, site, share))
+            self.shares.append((self.call, site, self._filled(share)))
         self.state.shares.clear()
+        self._checked()
         for site, probs in outbox:
             if site in self.current:
                 raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
             qh, qw = self._grid(site, probs.shape[2])
-            probs = rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw)
+            probs = self._filled(rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw))
             self.current[site] = probs  # in the store's dtype (fp32 for an aggregate), see CaptureState.dtype
         outbox.clear()
+
+    def _checked(self) -> None:
+        if self.state.checks:
+            note_checks(self.store.meta.setdefault("processor_check", {}), self.state.checks)
+            self.state.checks.clear()
 
     def _note_interventions(self, denoiser) -> None:
         """``meta["interventions"]``: every intervention active during a denoiser call (``attnprobe.intervene``
@@ -385,6 +440,10 @@ class Recorder:
                 for name, kind in self.kinds.items() if kind != "cross"
             }
         self.shares.clear()
+        checks = store.meta.setdefault("processor_check", {})
+        for name, kind in self.kinds.items():  # joint sites, compiled runs, sites that never ran recorded
+            checks.setdefault(name, {"processor": type(self.originals.get(name)).__name__, "verdict": "not checked",
+                                     "relative_error": None, "tolerance": None})
         store.meta["complete"] = complete and error is None
         if self.order:
             record_order(self.denoiser, self.order)

@@ -20,6 +20,7 @@ import torch
 from ..errors import ArgumentError, ProbeError
 from ..store.records import Sample
 from ..text.tokens import TokenLayout, concat_layouts, decode_ids, token_layout, unlabelled_layout
+from .evidence import encodings, same_rows, verdicts
 from .families import family_of
 from .passes import blocks, refuse
 
@@ -103,6 +104,12 @@ class BatchRows:
         self.given: dict | None = None  # what the pipeline call in progress was given
         self.sample_key = None  # the first pipeline call's labels: every later call must have the same
         self.separate = False  # the unconditional pass runs as separate denoiser calls (Flux true CFG)
+        self.found: dict[str, torch.Tensor] = {}  # what encode_prompt returned in the pipeline call in progress
+        self.first_states = None  # encoder_hidden_states of the pipeline call's first denoiser call
+        self.claims: dict[tuple, int] = {}  # (pass, prompt, image) -> its row in that call
+        self.lost: set[int] = set()  # samples whose conditioning changed later in that call
+        self.unknown_rows: list[int] = []  # rows of that call whose conditioning contradicts their position
+        self.evidence = "none"  # how that call's labels were checked (BatchLabels.meta["row_evidence"])
         self._pipe_line: int | None = None  # the pipeline's current line when last looked up
         self._cond_line: int | None = None  # its line at the first denoiser call of a pipeline call
         self._set_streams()
@@ -121,6 +128,13 @@ class BatchRows:
         """Forget the encodings and arguments of the previous pipeline call."""
         self.encoded = [[] for _ in self.streams]
         self.given = None
+        self.found = {}
+
+    def encoded_prompt(self, output) -> None:
+        """The pipeline's ``encode_prompt`` returned ``output`` during the pipeline call in progress (its first
+        ``encode_prompt`` is the conditioning; Flux's second one, of the negative prompt, is not used)."""
+        if not self.found:
+            self.found = encodings(output)
 
     def encoded_ids(self, stream: int, ids, given: dict) -> None:
         """Text encoder ``stream`` encoded ``ids`` during the pipeline call that was ``given`` these arguments."""
@@ -234,6 +248,16 @@ class BatchRows:
         tok = self.tokenizer if tok is None else tok
         if tok is None or not getattr(tok, "is_fast", False):
             return unlabelled_layout(n_keys, source="none")
+        if text is not None and ids is None and n_keys > int(getattr(tok, "model_max_length", n_keys)):
+            # embeddings built in chunks of the tokenizer's length (compel, sd_embed, lpw: each chunk with its own
+            # start and end tokens): which word sits at which position depends on the tool, so none is named
+            warnings.warn(
+                f"the conditioning has {n_keys} text positions, more than one encoding of {type(tok).__name__} "
+                f"({tok.model_max_length}): a long prompt encoded in chunks. Its positions are labelled 'unknown' and "
+                "concepts cannot be looked up in it; pass the token positions themselves (tokens=[...] positions)",
+                stacklevel=5,
+            )
+            return TokenLayout(strings=[""] * n_keys, kinds=["unknown"] * n_keys, text=text, source="chunked")
         if text is not None:
             lay = token_layout(tok, text, n_keys, source=source)
             if ids is None or lay.ids == ids:
@@ -291,9 +315,80 @@ class BatchRows:
             left -= size
         return concat_layouts(parts, n_keys)
 
-    def label(self, batch: int, n_keys: int, hw: tuple[int, int], generation: int) -> BatchLabels:
+    def _check_rows(self, claims, states, per_prompt, cond_ids, uncond_ids, safety_ids) -> list[str]:
+        """Each row's pass, checked against its conditioning: rows the evidence contradicts become ``"unknown"``
+        (``self.unknown_rows``, with a warning); ``self.evidence`` says how the labels were checked."""
+        ids = {}
+        for text, per_stream in (("prompt", cond_ids), ("negative", uncond_ids), ("safety", safety_ids)):
+            for prompt in {c[2] for c in claims if c[1] == text}:
+                rows = [i[prompt].tolist() if i is not None and i.shape[0] > prompt else None for i in per_stream]
+                ids[(text, prompt)] = tuple(map(tuple, rows)) if rows and None not in rows else None
+        found = verdicts(states, [c[1:] for c in claims], self.found, per_prompt, ids)
+        labels = [c[0] if ok is not False else "unknown" for c, ok in zip(claims, found)]
+        self.unknown_rows = [row for row, ok in enumerate(found) if ok is False]
+        if self.unknown_rows:
+            said = ", ".join(f"row {r}: {claims[r][0]} of prompt {claims[r][2]}" for r in self.unknown_rows[:4])
+            warnings.warn(
+                f"{type(self.pipe).__name__}'s denoiser batch is not what its recipe says: {said}"
+                f"{' …' if len(self.unknown_rows) > 4 else ''} carry other conditioning (encoder_hidden_states) than "
+                "that label's text. These rows are labelled 'unknown' (pass 'unknown', prompt_index -1): a hook or "
+                "processor that reorders the batch, or a pipeline attnprobe does not know, did this",
+                stacklevel=4,
+            )
+        self.evidence = ("contradicted" if self.unknown_rows else "encode_prompt" if all(found)
+                         else "consistent" if isinstance(states, torch.Tensor) else "none")
+        return labels
+
+    def rows_in(self, batch: int, states, samples) -> tuple[tuple[str, ...], list[int | None]]:
+        """A later denoiser call of the same pipeline call whose batch or conditioning changed (guidance switched
+        off by ``callback_on_step_end``, ``prompt_embeds`` edited): each row's pass, and per sample of the store
+        its row in this call, or ``None`` where it has none or its conditioning is no longer the first call's.
+
+        Raises:
+            ProbeError: the batch does not split into the blocks of the pipeline's passes.
+        """
+        given = self.given if self.given is not None else self.call_arguments()
+        sld = bool(given.get("safety_pass"))
+        cfg = self._guidance_on(given, batch)
+        order = blocks(self.pipe, cfg or sld, sld)
+        n_first = max((row for row in self.claims.values()), default=-1) + 1
+        if batch % len(order):
+            raise ProbeError(
+                f"the denoiser batch changed from {n_first} to {batch} rows inside one pipeline call, and {batch} rows "
+                f"do not split into the blocks of {type(self.pipe).__name__}'s passes {[p for p, _ in order]} "
+                f"(classifier-free guidance now {'on' if cfg else 'off'}): attnprobe cannot tell which row is which"
+            )
+        n = batch // len(order)
+        per_prompt = max((key[2] for key in self.claims), default=0) + 1
+        labels, rows = [], []
+        for row in range(batch):
+            block, j = divmod(row, n)
+            prompt, image = divmod(j, per_prompt)
+            labels.append(order[block][0])
+            rows.append((order[block][0], 0 if order[block][1] == "safety" else prompt, image))
+        where = {key: row for row, key in enumerate(rows)}
+        present = [where.get((s.pass_label, s.prompt_index, s.image_index)) for s in samples]
+        same = same_rows(states, self.first_states, [(r, s.row) if r is not None else None for s, r in zip(samples, present)])
+        changed = [s.index for s, r, ok in zip(samples, present, same) if r is not None and not ok
+                   and s.index not in self.lost]
+        self.lost.update(changed)
+        mapped = [r if r is not None and ok and s.index not in self.lost else None
+                  for s, r, ok in zip(samples, present, same)]
+        if changed:
+            warnings.warn(
+                f"the conditioning of samples {changed} changed inside the pipeline call (a callback_on_step_end edited "
+                "prompt_embeds?): attnprobe no longer knows what they were conditioned on, so their maps are NaN from "
+                "this denoiser call on",
+                stacklevel=4,
+            )
+        return tuple(labels), mapped
+
+    def label(self, batch: int, n_keys: int, hw: tuple[int, int], generation: int, states=None) -> BatchLabels:
         """The labels of a pipeline call's denoiser batch of ``batch`` rows and ``n_keys`` text keys on an ``hw``
-        latent (the first denoiser call of pipeline call ``generation`` of the probe).
+        latent (the first denoiser call of pipeline call ``generation`` of the probe), whose conditioning is
+        ``states`` (``encoder_hidden_states``). Each row's label comes from the pipeline's recipe (``passes.blocks``)
+        and is checked against what the row was conditioned on (``evidence.verdicts``); a row the evidence
+        contradicts is labelled ``"unknown"``, with a warning.
 
         Raises:
             ProbeError: the batch does not split into the passes the pipeline runs (an odd batch with guidance,
@@ -318,11 +413,6 @@ class BatchRows:
         if separate and self.passes == "uncond":
             order = (("uncond", "negative"),)  # the rows of the separate unconditional calls the store keeps
         if batch % len(order):
-            if loc.get("skip_guidance_layers"):
-                raise ProbeError(
-                    f"skip-layer guidance (skip_guidance_layers={loc['skip_guidance_layers']}) runs extra denoiser "
-                    "calls that skip blocks, which attnprobe does not label: run without skip_guidance_layers"
-                )
             raise ProbeError(
                 f"{type(self.pipe).__name__}'s denoiser batch of {batch} rows does not split into the blocks of its "
                 f"passes {[p for p, _ in order]} (classifier-free guidance {'on' if cfg else 'off'}): attnprobe "
@@ -360,22 +450,33 @@ class BatchRows:
             neg_texts = None
         uncond_ids = [i if i is not None and i.shape[0] == n_prompts else None for i in uncond_ids]
 
+        claims = []  # per row: (pass, text, prompt, image)
+        for row, label in enumerate(labels):
+            block, j = divmod(row, n)
+            prompt_index, image_index = divmod(j, per_prompt)
+            text_source = order[block][1]
+            claims.append((label, text_source, 0 if text_source == "safety" else prompt_index, image_index))
+        # true CFG: this first call is a conditional one, whatever pass the store keeps; no batch to check
+        labels = self._check_rows(claims, None if separate else states, per_prompt, cond_ids, uncond_ids, safety_ids)
+
         keep = [i for i, lab in enumerate(labels) if self.passes == "all" or lab == self.passes]
         if not keep and not (separate and self.passes == "uncond"):
             raise ProbeError(
                 f"passes={self.passes!r} but this pipeline call has no {self.passes} pass: its batch of {batch} "
-                f"rows is all {set(labels)} (guidance ≤ 1 or a distilled model runs no unconditional pass). "
-                "Use passes='cond' or 'all'."
+                f"rows is all {sorted(set(labels))} "
+                + ("(rows whose conditioning contradicts their position are 'unknown'; passes='all' records them)."
+                   if "unknown" in labels else
+                   "(guidance ≤ 1 or a distilled model runs no unconditional pass). Use passes='cond' or 'all'.")
             )
         layouts: dict[tuple[str, int], TokenLayout] = {}
         samples, sample_layouts = [], []
         for row in keep:
-            label = labels[row]
-            block, j = divmod(row, n)
-            text_source = order[block][1]
-            prompt_index, image_index = divmod(j, per_prompt)
+            label, text_source, prompt_index, image_index = claims[row]
+            if labels[row] == "unknown":  # its conditioning contradicts its position: nothing known of it
+                samples.append(Sample(len(samples), "unknown", -1, self.unknown_rows.index(row), row, None))
+                sample_layouts.append(unlabelled_layout(n_keys, source="none"))
+                continue
             if text_source == "safety":  # one safety concept for every prompt, encoded once
-                prompt_index = 0
                 if (text_source, 0) not in layouts:
                     ids = [i if i is not None and i.shape[0] == 1 else None for i in safety_ids]
                     layouts[(text_source, 0)] = self._stream_layout(safety_text, ids, 0, n_keys, "prompt")
@@ -390,6 +491,8 @@ class BatchRows:
             lay = layouts[(text_source, prompt_index)]
             samples.append(Sample(len(samples), label, prompt_index, image_index, row, lay.text))
             sample_layouts.append(lay)
+        self.first_states, self.lost = states, set()
+        self.claims = {(c[0], c[2], c[3]): row for row, c in enumerate(claims) if labels[row] != "unknown"}
 
         key = (tuple(labels), tuple((s.pass_label, s.prompt_index, s.image_index, s.text) for s in samples), hw, n_keys)
         if self.sample_key is not None and key != self.sample_key:
@@ -404,5 +507,5 @@ class BatchRows:
             self.sample_key = key
             self.separate = separate
         meta = dict(prompts=cond_texts, negative_prompts=neg_texts, num_images_per_prompt=per_prompt,
-                    guidance=cfg or separate, separate_uncond_calls=separate)
+                    guidance=cfg or separate, separate_uncond_calls=separate, row_evidence=self.evidence)
         return BatchLabels(tuple(labels), keep, samples, sample_layouts, meta, first)

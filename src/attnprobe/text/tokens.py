@@ -32,8 +32,8 @@ class TokenLayout:
         offsets: per position the ``[start, end)`` character span in ``text`` (``None`` for special tokens).
         truncated_at: character index in ``text`` where the tokenizer's maximum length cut it, or ``None``.
         source: how the text is known: ``"prompt"`` (the pipeline call's prompt), ``"decoded"`` (decoded from
-            the ids), ``"caller"`` (given to ``probe(prompts=…)``), ``"zeros"`` (no text: zero embeddings) or
-            ``"none"``.
+            the ids), ``"caller"`` (given to ``probe(prompts=…)``), ``"zeros"`` (no text: zero embeddings),
+            ``"chunked"`` (the caller's text, encoded in chunks: positions unknown) or ``"none"``.
         streams: per position, the text encoder it comes from (``"text_encoder"``, ``"text_encoder_3"``…) when the
             keys concatenate several encoders' positions (SD3: 77 CLIP, then T5); empty for one encoder.
     """
@@ -206,13 +206,20 @@ def find_concept(layout: TokenLayout, concept: str, where: str = "the prompt") -
         One list of key positions per occurrence, in text order.
 
     Raises:
-        ConceptError: the layout has no text; the concept is not in it (the message shows the tokens); or an
-            occurrence lies past the tokenizer's maximum length (truncated).
+        ConceptError: the layout has no text, or no known positions (a prompt encoded in chunks); the concept is
+            not in it (the message shows the tokens); or an occurrence lies past the tokenizer's maximum length
+            (truncated).
     """
     if layout.text is None:
         raise ConceptError(
             f"{where} has no prompt text (source: {layout.source}): the pipeline was called with prompt_embeds "
             "or zero embeddings. Pass the texts with probe(..., prompts=[...]) to label its positions."
+        )
+    if layout.kinds and all(k == "unknown" for k in layout.kinds):
+        raise ConceptError(
+            f"the token positions of {where} are unknown (source: {layout.source}; a long prompt encoded in chunks "
+            f"has {len(layout.kinds)} positions whose words attnprobe cannot place), so {concept!r} cannot be looked "
+            "up: select token positions by index"
         )
     pattern = concept_pattern(concept)
     found = []
