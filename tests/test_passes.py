@@ -75,7 +75,7 @@ def _check(pipe, run, expect):
     with attnprobe.probe(pipe, sites=[SITE], passes="all", dtype=torch.float32) as store:
         out, states, probs = _reference(pipe, run)
     plain = run()
-    assert torch.equal(out.images, plain.images)  # bit-identical with the probe on
+    assert torch.equal(torch.as_tensor(out.images), torch.as_tensor(plain.images))  # bit-identical with the probe on
     got = [(s.pass_label, s.prompt_index, s.image_index, s.text) for s in store.samples]
     assert got == expect and len({g[:3] for g in got}) == len(got)
     assert {s.pass_label for s in store.samples} <= set(PASS_LABELS)
@@ -118,6 +118,25 @@ def test_instruct_pix2pix_rows(parts):
     store = _check(pipe, run, [("cond", 0, 0, prompts[0]), ("cond", 1, 0, prompts[1]), ("image", 0, 0, ""),
                                ("image", 1, 0, ""), ("uncond", 0, 0, ""), ("uncond", 1, 0, "")])
     assert store.meta["row_evidence"] == "consistent"  # its _encode_prompt returns the batch: rows checked by label
+
+
+def test_safe_latent_diffusion_rows(parts):
+    import diffusers
+
+    if not hasattr(diffusers, "StableDiffusionPipelineSafe"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no StableDiffusionPipelineSafe")
+    keep = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    pipe = diffusers.StableDiffusionPipelineSafe(**{k: parts[k] for k in keep}, safety_checker=None,
+                                                 feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.safety_concept = "a picture of cat"
+    prompts = ["a picture of dog", "a red house"]
+    run = lambda: pipe(prompts, generator=torch.Generator().manual_seed(0), guidance_scale=7.5,
+                       sld_guidance_scale=1000, sld_warmup_steps=0, num_inference_steps=2, height=64, width=64,
+                       output_type="np")
+    _check(pipe, run, [("uncond", 0, 0, ""), ("uncond", 1, 0, ""), ("cond", 0, 0, prompts[0]),
+                       ("cond", 1, 0, prompts[1]), ("safety", 0, 0, "a picture of cat"),
+                       ("safety", 1, 0, "a picture of cat")])
 
 
 def test_a_pipeline_attnprobe_does_not_label_is_refused_before_its_first_call(parts):

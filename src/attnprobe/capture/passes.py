@@ -9,7 +9,7 @@ pipeline whose rows or calls attnprobe cannot label (rather than label them wron
 |---|---|---|---|
 | ``cond`` | conditioned on the prompt (and the input image, where there is one) | the prompt | all |
 | ``uncond`` | classifier-free guidance's unconditional pass | the negative prompt (``""`` when none) | guided ones |
-| ``safety`` | the safety-concept pass of Safe Latent Diffusion (Schramowski et al. 2023) | the safety concept | ``StableDiffusionPipelineSafe`` |
+| ``safety`` | the safety-concept pass of Safe Latent Diffusion (Schramowski et al. 2023), one row per prompt and image (``prompt_index``: the prompt it guides) | the safety concept | ``StableDiffusionPipelineSafe`` |
 | ``perturbed`` | perturbed-attention guidance (Ahn et al. 2024): self-attention of the PAG layers is the identity | the prompt | the ``*PAGPipeline`` classes, ``pag_scale > 0`` |
 | ``image`` | InstructPix2Pix's image-only pass: the input image, no prompt | the negative prompt | ``*InstructPix2PixPipeline`` |
 | ``unknown`` | a row whose ``encoder_hidden_states`` contradict the pass its position names (``capture.evidence``) | none (``prompt_index`` -1) | any, with a warning |
@@ -28,7 +28,7 @@ __all__ = ["PASS_LABELS", "REFUSED", "blocks", "refuse"]
 PASS_LABELS = {
     "cond": "conditioned on the prompt (and the input image, where there is one)",
     "uncond": "classifier-free guidance's unconditional pass: the negative prompt ('' when none)",
-    "safety": "Safe Latent Diffusion's safety-concept pass",
+    "safety": "Safe Latent Diffusion's safety-concept pass (prompt_index: the prompt whose sample it guides)",
     "perturbed": "perturbed-attention guidance's pass: the prompt, with identity self-attention at the PAG layers",
     "image": "InstructPix2Pix's image-only pass: the input image and the negative prompt",
     "unknown": "a row whose conditioning contradicts the pass its position names (prompt_index -1); warned about",

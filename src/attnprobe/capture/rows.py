@@ -321,7 +321,8 @@ class BatchRows:
         ids = {}
         for text, per_stream in (("prompt", cond_ids), ("negative", uncond_ids), ("safety", safety_ids)):
             for prompt in {c[2] for c in claims if c[1] == text}:
-                rows = [i[prompt].tolist() if i is not None and i.shape[0] > prompt else None for i in per_stream]
+                at = 0 if text == "safety" else prompt  # one safety concept, encoded once for every prompt
+                rows = [i[at].tolist() if i is not None and i.shape[0] > at else None for i in per_stream]
                 ids[(text, prompt)] = tuple(map(tuple, rows)) if rows and None not in rows else None
         found = verdicts(states, [c[1:] for c in claims], self.found, per_prompt, ids)
         labels = [c[0] if ok is not False else "unknown" for c, ok in zip(claims, found)]
@@ -365,7 +366,7 @@ class BatchRows:
             block, j = divmod(row, n)
             prompt, image = divmod(j, per_prompt)
             labels.append(order[block][0])
-            rows.append((order[block][0], 0 if order[block][1] == "safety" else prompt, image))
+            rows.append((order[block][0], prompt, image))
         where = {key: row for row, key in enumerate(rows)}
         present = [where.get((s.pass_label, s.prompt_index, s.image_index)) for s in samples]
         same = same_rows(states, self.first_states, [(r, s.row) if r is not None else None for s, r in zip(samples, present)])
@@ -455,7 +456,8 @@ class BatchRows:
             block, j = divmod(row, n)
             prompt_index, image_index = divmod(j, per_prompt)
             text_source = order[block][1]
-            claims.append((label, text_source, 0 if text_source == "safety" else prompt_index, image_index))
+            # a safety row's prompt_index is the prompt whose sample it guides; its text is the one safety concept
+            claims.append((label, text_source, prompt_index, image_index))
         # true CFG: this first call is a conditional one, whatever pass the store keeps; no batch to check
         labels = self._check_rows(claims, None if separate else states, per_prompt, cond_ids, uncond_ids, safety_ids)
 
@@ -488,7 +490,7 @@ class BatchRows:
                     layouts[(text_source, prompt_index)] = unlabelled_layout(n_keys, source="zeros" if zeros else "none")
                 else:
                     layouts[(text_source, prompt_index)] = self._stream_layout(text, ids, prompt_index, n_keys, source)
-            lay = layouts[(text_source, prompt_index)]
+            lay = layouts[(text_source, 0 if text_source == "safety" else prompt_index)]
             samples.append(Sample(len(samples), label, prompt_index, image_index, row, lay.text))
             sample_layouts.append(lay)
         self.first_states, self.lost = states, set()
