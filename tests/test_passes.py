@@ -242,9 +242,13 @@ def test_rows_whose_conditioning_contradicts_their_position_are_unknown(parts):
 
     hook = pipe.unet.register_forward_pre_hook(flip, with_kwargs=True)
     try:
-        with pytest.warns(UserWarning, match="row 0: uncond of prompt 0, row 1: cond of prompt 0 carry other conditioning"):
+        with pytest.warns(attnprobe.AttnprobeWarning,
+                          match="row 0: uncond of prompt 0, row 1: cond of prompt 0 carry other conditioning") as seen:
             with attnprobe.probe(pipe, sites=[SITE], passes="all") as store:
                 pipe("a picture of dog", **RUN)
+        # attributed to the line that called the pipeline, not to the hook inside torch that noticed
+        assert {(w.filename, w.lineno) for w in seen} == {(__file__, seen[0].lineno)}
+        assert "pipe(" in open(__file__).read().splitlines()[seen[0].lineno - 1]
         with pytest.raises(ProbeError, match=r"rows is all \['unknown'\] \(rows whose conditioning contradicts"):
             with pytest.warns(UserWarning, match="carry other conditioning"):
                 with attnprobe.probe(pipe, sites=[SITE], passes="cond"):

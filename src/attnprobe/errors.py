@@ -6,6 +6,31 @@ so that ``except ValueError`` in a user's code keeps working.
 """
 
 
+import os
+import sys
+import warnings
+
+#: packages whose frames a warning is not attributed to: the user's line that ran the pipeline is what they can act on
+_INSIDE = ("attnprobe", "torch", "diffusers", "transformers", "accelerate", "contextlib", "functools")
+
+
+class AttnprobeWarning(UserWarning):
+    """Base class of every warning attnprobe gives (a row labelled unknown, a processor that edits the attention,
+    NaN maps of samples missing from a call): ``warnings.filterwarnings("error", category=AttnprobeWarning)`` turns
+    them into errors."""
+
+
+def warn(message: str, category: type[Warning] = AttnprobeWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside attnprobe, torch, diffusers and transformers: the
+    user's line that called the pipeline, not the hook that noticed (warnings come from inside denoiser calls)."""
+    files = [getattr(sys.modules.get(name), "__file__", None) for name in _INSIDE]
+    inside = tuple(os.path.dirname(f) + os.sep if f.endswith("__init__.py") else f for f in files if f)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
+
+
 class AttnprobeError(Exception):
     """Base class of every error attnprobe raises on purpose."""
 

@@ -27,9 +27,10 @@ per-call path); later calls are checked against the first call's rows (``same_ro
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
+
+from ..errors import warn
 
 __all__ = ["EncodeWatch", "verdicts", "same_rows", "note_checks"]
 
@@ -191,10 +192,9 @@ def note_checks(record: dict, checks) -> None:
             differ.setdefault(name, []).append((site, error, tolerance))
     for name, sites in differ.items():
         worst = max(sites, key=lambda s: s[1])
-        warnings.warn(
+        warn(
             f"{len(sites)} site(s) {[s[0] for s in sites]}: the output of their processor {name} is not the recorded "
             f"probabilities times the values (relative error up to {worst[1]:.2g} > {worst[2]:g}): the processor edits "
             "or adds attention (Prompt-to-Prompt reweighting, IP-Adapter, …), so the store holds the attention the "
             "model would have computed without that edit (store.meta['processor_check'])",
-            stacklevel=2,
         )

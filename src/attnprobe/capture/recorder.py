@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
-import warnings
 from dataclasses import replace
 from typing import Iterator, Sequence
 
@@ -31,7 +30,7 @@ import torch
 from einops import rearrange
 
 from .._version import __version__
-from ..errors import ProbeError
+from ..errors import ProbeError, warn
 from ..store import AttentionStore, Call, StoreWriter
 from ..store.files import json_safe
 from .cross import ProbeProcessor
@@ -344,10 +343,9 @@ class Recorder:
         if key not in self.grids:
             grid = query_grid(n_query, (h, w))
             if grid is None:
-                warnings.warn(
+                warn(
                     f"site {site}: {n_query} queries do not factor into the {h}×{w} latent grid at any "
                     "power-of-two scale (token merging?); its maps are kept flat as [qh=1, qw=query]",
-                    stacklevel=2,
                 )
                 self.writer.add_flat_site(site)
                 grid = (1, n_query)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import ArgumentError, ProbeError
+from ..errors import ArgumentError, ProbeError, warn
 from ..store.records import Sample
 from ..text.tokens import TokenLayout, concat_layouts, decode_ids, token_layout, unlabelled_layout
 from .evidence import encodings, same_rows, verdicts
@@ -176,10 +175,9 @@ class BatchRows:
         for other in ("prompt_2", "prompt_3"):
             texts = as_texts(loc.get(other))
             if texts is not None and texts != as_texts(loc.get("prompt")):
-                warnings.warn(
+                warn(
                     f"{other} differs from prompt: each text stream's positions are labelled from the ids it encoded; "
                     "with several streams (SD3), concepts are looked up only in those that encoded prompt",
-                    stacklevel=3,
                 )
         true_cfg = "true_cfg_scale" in loc
         if true_cfg and "do_true_cfg" not in loc:  # read before the pipeline decided (during encode_prompt)
@@ -251,11 +249,10 @@ class BatchRows:
         if text is not None and ids is None and n_keys > int(getattr(tok, "model_max_length", n_keys)):
             # embeddings built in chunks of the tokenizer's length (compel, sd_embed, lpw: each chunk with its own
             # start and end tokens): which word sits at which position depends on the tool, so none is named
-            warnings.warn(
+            warn(
                 f"the conditioning has {n_keys} text positions, more than one encoding of {type(tok).__name__} "
                 f"({tok.model_max_length}): a long prompt encoded in chunks. Its positions are labelled 'unknown' and "
                 "concepts cannot be looked up in it; pass the token positions themselves (tokens=[...] positions)",
-                stacklevel=5,
             )
             return TokenLayout(strings=[""] * n_keys, kinds=["unknown"] * n_keys, text=text, source="chunked")
         if text is not None:
@@ -329,12 +326,11 @@ class BatchRows:
         self.unknown_rows = [row for row, ok in enumerate(found) if ok is False]
         if self.unknown_rows:
             said = ", ".join(f"row {r}: {claims[r][0]} of prompt {claims[r][2]}" for r in self.unknown_rows[:4])
-            warnings.warn(
+            warn(
                 f"{type(self.pipe).__name__}'s denoiser batch is not what its recipe says: {said}"
                 f"{' …' if len(self.unknown_rows) > 4 else ''} carry other conditioning (encoder_hidden_states) than "
                 "that label's text. These rows are labelled 'unknown' (pass 'unknown', prompt_index -1): a hook or "
                 "processor that reorders the batch, or a pipeline attnprobe does not know, did this",
-                stacklevel=4,
             )
         self.evidence = ("contradicted" if self.unknown_rows else "encode_prompt" if all(found)
                          else "consistent" if isinstance(states, torch.Tensor) else "none")
@@ -376,11 +372,10 @@ class BatchRows:
         mapped = [r if r is not None and ok and s.index not in self.lost else None
                   for s, r, ok in zip(samples, present, same)]
         if changed:
-            warnings.warn(
+            warn(
                 f"the conditioning of samples {changed} changed inside the pipeline call (a callback_on_step_end edited "
                 "prompt_embeds?): attnprobe no longer knows what they were conditioned on, so their maps are NaN from "
                 "this denoiser call on",
-                stacklevel=4,
             )
         return tuple(labels), mapped
 
