@@ -154,6 +154,23 @@ def test_a_pipeline_attnprobe_does_not_label_is_refused_before_its_first_call(pa
     assert not any(type(p).__name__ == "ProbeProcessor" for p in pipe.unet.attn_processors.values())
 
 
+def test_a_pipeline_method_other_than_call_running_the_denoiser_is_refused(parts):
+    from diffusers import DDIMInverseScheduler, StableDiffusionDiffEditPipeline
+
+    keep = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    pipe = StableDiffusionDiffEditPipeline(
+        **{k: parts[k] for k in keep}, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        inverse_scheduler=DDIMInverseScheduler.from_config(parts["scheduler"].config))
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    # generate_mask runs [source, target] rows outside __call__: no recipe labels them
+    with pytest.raises(ProbeError, match=r"StableDiffusionDiffEditPipeline\.generate_mask runs the denoiser outside"):
+        with attnprobe.probe(pipe, sites=[SITE], passes="all"):
+            pipe.generate_mask(image=image, source_prompt="a cat", target_prompt="a dog", num_inference_steps=2,
+                               num_maps_per_mask=1)
+    assert not any(type(p).__name__ == "ProbeProcessor" for p in pipe.unet.attn_processors.values())
+
+
 def test_another_pipeline_sharing_the_denoiser_is_refused(parts):
     from diffusers import StableDiffusionPipeline
 

@@ -110,6 +110,7 @@ class BatchRows:
         self.unknown_rows: list[int] = []  # rows of that call whose conditioning contradicts their position
         self.evidence = "none"  # how that call's labels were checked (BatchLabels.meta["row_evidence"])
         self._pipe_line: int | None = None  # the pipeline's current line when last looked up
+        self.method: str | None = None  # a method of the pipeline other than __call__ running the denoiser
         self._cond_line: int | None = None  # its line at the first denoiser call of a pipeline call
         self._set_streams()
 
@@ -215,6 +216,7 @@ class BatchRows:
         """
         frame = inspect.currentframe()
         other = None
+        self.method = None
         try:
             for _ in range(200):
                 frame = frame.f_back if frame is not None else None
@@ -229,6 +231,8 @@ class BatchRows:
                 if owner is not None and owner is self.pipe:
                     self._pipe_line = frame.f_lineno
                     return frame.f_locals
+                if self.pipe is not None and frame.f_locals.get("self") is self.pipe:
+                    self.method = frame.f_code.co_name  # outermost method of the pipeline seen, outside __call__
                 if drives and other is None:
                     other = owner
         finally:
@@ -398,6 +402,13 @@ class BatchRows:
         loc = (self.pipe_locals() or {}) if self.pipe is not None else {}
         if self.pipe is not None:
             refuse(self.pipe, loc)
+            if not loc and self.method is not None:
+                raise ProbeError(
+                    f"{type(self.pipe).__name__}.{self.method} runs the denoiser outside the pipeline's __call__ "
+                    "(DiffEdit's invert and generate_mask do), with a batch attnprobe cannot label from the pipeline's "
+                    f"recipe: it refuses rather than label its rows wrongly. Open the probe around pipe(...) only, "
+                    f"not around {self.method}(...)"
+                )
         if separate and self.passes == "all":
             raise ProbeError(
                 "passes='all', but this pipeline runs the unconditional pass as separate denoiser calls (true CFG: "
