@@ -139,19 +139,41 @@ def test_safe_latent_diffusion_rows(parts):
                        ("safety", 1, 0, "a picture of cat")])
 
 
-def test_a_pipeline_attnprobe_does_not_label_is_refused_before_its_first_call(parts):
-    pipe = StableDiffusionPanoramaPipeline(**parts)
+@pytest.mark.parametrize("name", ["StableDiffusionPanoramaPipeline", "CycleDiffusionPipeline"])
+def test_a_pipeline_attnprobe_does_not_label_is_refused_before_its_first_call(parts, name):
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    cls = getattr(diffusers, name)
+    if name == "CycleDiffusionPipeline":
+        keep = ("vae", "text_encoder", "tokenizer", "unet")
+        pipe = cls(**{k: parts[k] for k in keep}, scheduler=DDIMScheduler.from_config(parts["scheduler"].config),
+                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        run = lambda: pipe("a picture of dog", source_prompt="a picture of cat", num_inference_steps=2,
+                           image=torch.rand(1, 3, 64, 64), output_type="latent")
+    else:
+        pipe = cls(**parts)
+        run = lambda: pipe("a picture of dog", **RUN)
     pipe.set_progress_bar_config(disable=True)
     calls = []
     hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(ProbeError, match="StableDiffusionPanoramaPipeline runs one denoiser call per view"):
+        with pytest.raises(ProbeError, match=f"{name} (runs|batches) .* which attnprobe does not label"):
             with attnprobe.probe(pipe):
-                pipe("a picture of dog", **RUN)
+                run()
     finally:
         hook.remove()
     assert calls == []
     assert not any(type(p).__name__ == "ProbeProcessor" for p in pipe.unet.attn_processors.values())
+
+
+def test_prompt_first_pipelines_name_their_blocks_in_their_order():
+    from attnprobe.capture.passes import PROMPT_FIRST, REFUSED, blocks
+
+    lumina = type("LuminaPipeline", (), {})()
+    assert "LuminaPipeline" in PROMPT_FIRST and not set(PROMPT_FIRST) & set(REFUSED)
+    assert blocks(lumina, guidance=True) == (("cond", "prompt"), ("uncond", "negative"))
+    assert blocks(lumina, guidance=False) == (("cond", "prompt"),)
 
 
 def test_a_pipeline_method_other_than_call_running_the_denoiser_is_refused(parts):

@@ -14,6 +14,10 @@ pipeline whose rows or calls attnprobe cannot label (rather than label them wron
 | ``image`` | InstructPix2Pix's image-only pass: the input image, no prompt | the negative prompt | ``*InstructPix2PixPipeline`` |
 | ``unknown`` | a row whose ``encoder_hidden_states`` contradict the pass its position names (``capture.evidence``) | none (``prompt_index`` -1) | any, with a warning |
 
+Most guided pipelines put the unconditional block first; those in ``PROMPT_FIRST`` (Lumina, Würstchen, Stable
+Cascade) put the prompt's first. Rows that contradict the order are caught by ``capture.evidence`` and labelled
+``unknown``; pipelines that make separate denoiser calls per pass label each call as a whole (Flux true CFG).
+
     >>> blocks(object(), guidance=True)
     (('uncond', 'negative'), ('cond', 'prompt'))
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 from ..errors import ProbeError
 
-__all__ = ["PASS_LABELS", "REFUSED", "blocks", "refuse"]
+__all__ = ["PASS_LABELS", "REFUSED", "PROMPT_FIRST", "blocks", "refuse"]
 
 #: every pass label a store's samples can carry, with what its rows are
 PASS_LABELS = {
@@ -34,8 +38,9 @@ PASS_LABELS = {
     "unknown": "a row whose conditioning contradicts the pass its position names (prompt_index -1); warned about",
 }
 
-#: pipelines whose denoiser calls attnprobe does not label, with when (a local of their ``__call__``; ``None``:
-#: always) and why
+#: pipelines whose denoiser calls attnprobe does not label, with when (a local of their ``__call__`` or a property
+#: of the pipeline that is set; ``None``: always) and why (diffusers 0.42's pipelines/, read for how each builds its
+#: denoiser batch)
 REFUSED = {
     "LEditsPPPipelineStableDiffusion": (None, "adds a block of rows per editing prompt"),
     "LEditsPPPipelineStableDiffusionXL": (None, "adds a block of rows per editing prompt"),
@@ -44,7 +49,23 @@ REFUSED = {
     "StableDiffusionSAGPipeline": ("do_self_attention_guidance", "runs extra denoiser calls on degraded latents"),
     "StableDiffusionAttendAndExcitePipeline": (None, "runs extra denoiser calls to take gradients of the attention"),
     "StableDiffusionPanoramaPipeline": (None, "runs one denoiser call per view of the panorama at every step"),
+    "CycleDiffusionPipeline": (None, "batches the source and target prompts' passes into one denoiser call"),
+    "StableDiffusionGLIGENTextImagePipeline": (None, "runs two denoiser calls per step, with and without grounding"),
+    "StableDiffusionPix2PixZeroPipeline": (None, "runs a second denoising loop on edited conditioning, two calls a step"),
+    "TextToVideoZeroPipeline": (None, "runs its denoising loop three times per pipeline call"),
+    "TextToVideoZeroSDXLPipeline": (None, "runs its denoising loop three times per pipeline call"),
+    "OmniGenPipeline": (None, "batches [cond, uncond, image-only] rows of its own multimodal tokenizer"),
+    "UniDiffuserPipeline": (None, "conditions its unconditional pass on noise text, not on a negative prompt"),
+    "AnyFlowFARPipeline": (None, "runs extra denoiser calls at t=0 to fill its key-value cache"),
+    "DreamLitePipeline": ("image", "in edit mode batches [uncond, image-only, text] rows side by side with the image"),
+    **{name: ("do_spatio_temporal_guidance", "runs extra spatio-temporal-guidance denoiser calls that skip blocks")
+       for name in ("LTX2Pipeline", "LTX2ConditionPipeline", "LTX2ImageToVideoPipeline", "LTX2HDRPipeline",
+                    "LTX2InContextPipeline")},
 }
+
+#: pipelines whose batch puts the prompt's block first: ``torch.cat([prompt_embeds, negative_prompt_embeds])``
+PROMPT_FIRST = ("LuminaPipeline", "WuerstchenPriorPipeline", "WuerstchenDecoderPipeline",
+                "StableCascadePriorPipeline", "StableCascadeDecoderPipeline")
 
 _PIX2PIX = ("StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline")
 
@@ -64,7 +85,7 @@ def refuse(pipe, loc: dict) -> None:
         )
     if name in REFUSED:
         when, why = REFUSED[name]
-        if when is None or loc.get(when):
+        if when is None or _set(loc[when] if when in loc else _property(pipe, when)):
             raise ProbeError(
                 f"{name} {why}, which attnprobe does not label: it refuses rather than record rows or calls under "
                 "wrong labels. Probe the pipeline it derives from (e.g. StableDiffusionPipeline) instead"
@@ -83,6 +104,8 @@ def blocks(pipe, guidance: bool, safety: bool = False) -> tuple[tuple[str, str],
     if type(pipe).__name__ in _PIX2PIX:  # torch.cat([prompt, negative, negative]) with [image, image, zeros]
         return (("cond", "prompt"), ("image", "negative"), ("uncond", "negative")) if guidance else (("cond", "prompt"),)
     out = (("uncond", "negative"), ("cond", "prompt")) if guidance else (("cond", "prompt"),)
+    if guidance and type(pipe).__name__ in PROMPT_FIRST:
+        out = out[::-1]
     if safety:
         out += (("safety", "safety"),)
     if _perturbed(pipe):  # PAG: torch.cat([cond] * 2), after the unconditional block
@@ -91,7 +114,16 @@ def blocks(pipe, guidance: bool, safety: bool = False) -> tuple[tuple[str, str],
 
 
 def _perturbed(pipe) -> bool:
+    return bool(_property(pipe, "do_perturbed_attention_guidance"))
+
+
+def _property(pipe, name: str):
     try:
-        return bool(pipe.do_perturbed_attention_guidance)
-    except Exception:  # not a PAG pipeline, or its call has not set pag_scale yet
-        return False
+        return getattr(pipe, name, None)
+    except Exception:  # a property its call has not set up yet (pag_scale, _stg_scale)
+        return None
+
+
+def _set(value) -> bool:
+    """Whether a local or property turns a refused feature on: a true flag or number, or any object (an image)."""
+    return value is not None and (bool(value) if isinstance(value, (bool, int, float)) else True)
