@@ -206,6 +206,52 @@ def test_another_pipeline_sharing_the_denoiser_is_refused(parts):
     assert len(store.calls) == 2 and store.samples[0].text == "a picture of dog"
 
 
+def _separate_passes_pipeline(parts):
+    """A pipeline that runs classifier-free guidance as two denoiser calls per step, cond first, as Wan, Chroma,
+    CogView4 and Lumina 2 do (no ``true_cfg_scale``)."""
+    from diffusers import StableDiffusionPipeline
+
+    class SeparatePassesPipeline(StableDiffusionPipeline):
+        @torch.no_grad()
+        def __call__(self, prompt, negative_prompt=None, guidance_scale=5.0, num_inference_steps=2, generator=None):
+            self._guidance_scale, self._clip_skip = guidance_scale, None
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt, "cpu", 1, self.do_classifier_free_guidance, negative_prompt)
+            self.scheduler.set_timesteps(num_inference_steps)
+            latents = torch.randn((prompt_embeds.shape[0], 4, 8, 8), generator=generator)
+            for t in self.scheduler.timesteps:
+                noise_pred = self.unet(latents, t, encoder_hidden_states=prompt_embeds).sample
+                if self.do_classifier_free_guidance:
+                    noise_uncond = self.unet(latents, t, encoder_hidden_states=negative_prompt_embeds).sample
+                    noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents).prev_sample
+            return latents
+
+    pipe = SeparatePassesPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_passes_run_as_separate_denoiser_calls_are_labelled_per_call(parts):
+    pipe = _separate_passes_pipeline(parts)
+    prompts = ["a picture of dog", "a red house"]
+    run = lambda: pipe(prompts, negative_prompt=["blurry"] * 2, generator=torch.Generator().manual_seed(0))
+    with attnprobe.probe(pipe, sites=[SITE], passes="cond", dtype=torch.float32) as cond:
+        with attnprobe.probe(pipe, sites=[SITE], passes="uncond", dtype=torch.float32) as uncond:
+            out, states, probs = _reference(pipe, run)
+    assert torch.equal(out, run())
+    assert len(probs) == 4  # per step: the conditional call, then the unconditional one
+    for store, label, calls, text in ((cond, "cond", (0, 2), prompts), (uncond, "uncond", (1, 3), ["blurry"] * 2)):
+        assert [(s.pass_label, s.prompt_index, s.text) for s in store.samples] == [
+            (label, 0, text[0]), (label, 1, text[1])]
+        assert store.meta["separate_uncond_calls"] and [c.layout for c in store.calls] == [(label, label)] * 2
+        for i, c in enumerate(calls):
+            torch.testing.assert_close(store[SITE][i].flatten(2, 3).double(), probs[c], rtol=0, atol=1e-6)
+    with pytest.raises(ProbeError, match="passes='all', but this pipeline runs the unconditional pass as separate"):
+        with attnprobe.probe(pipe, passes="all"):
+            run()
+
+
 def _switch_guidance_off(pipe, step, timestep, kwargs):
     """diffusers' recipe for dynamic classifier-free guidance: after step 1, keep the conditional rows only."""
     if step == 1:

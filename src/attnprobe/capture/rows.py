@@ -194,12 +194,23 @@ class BatchRows:
             "safety_pass": bool(loc.get("enable_safety_guidance")),  # SLD: [uncond, cond, safety concept] rows
         }
 
+    def _separate_calls(self, loc: dict, states, batch: int) -> bool:
+        """Whether a guided pipeline without Flux's ``true_cfg_scale`` runs its passes as separate denoiser calls
+        (Wan, Chroma, CogView4, Lumina 2: ``transformer(prompt_embeds)``, then ``transformer(negative_prompt_embeds)``):
+        the first call's conditioning is the very ``prompt_embeds`` tensor of ``__call__``, with the rows of
+        ``negative_prompt_embeds``, not the two concatenated (as batched pipelines pass them)."""
+        positive, negative = loc.get("prompt_embeds"), loc.get("negative_prompt_embeds")
+        if not (isinstance(positive, torch.Tensor) and isinstance(negative, torch.Tensor)):
+            return False
+        return (states is positive and negative is not positive and positive.shape[0] == negative.shape[0] == batch
+                and bool(guidance_on(self.pipe)))
+
     def uncond_call(self, states) -> bool:
-        """Whether this denoiser call is a separate unconditional call (Flux true CFG): the pipeline hands it its
+        """Whether this denoiser call is a separate unconditional call (Flux true CFG, Wan, Chroma): the pipeline hands it its
         ``negative_prompt_embeds``. When those are the very tensor of ``prompt_embeds`` (a caller may pass one
         tensor for both), the call site tells: the pipeline makes the conditional call first, from its own line."""
         loc = self.pipe_locals()
-        if not (loc and loc.get("do_true_cfg") and states is not None):
+        if not (loc and loc.get("do_true_cfg", True) and states is not None):
             return False
         negative, positive = loc.get("negative_prompt_embeds"), loc.get("prompt_embeds")
         if states is not positive or states is not negative:
@@ -397,9 +408,11 @@ class BatchRows:
                 samples or size differ from the probe's first pipeline call.
         """
         given = self.given if self.given is not None else self.call_arguments()  # may find the driving pipeline
+        loc = (self.pipe_locals() or {}) if self.pipe is not None else {}
+        if given.get("separate_cfg") is None and self._separate_calls(loc, states, batch):
+            given = {**given, "separate_cfg": True}
         separate = bool(given.get("separate_cfg"))
         cfg = self._guidance_on(given, batch)
-        loc = (self.pipe_locals() or {}) if self.pipe is not None else {}
         if self.pipe is not None:
             refuse(self.pipe, loc)
             if not loc and self.method is not None:
