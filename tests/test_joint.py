@@ -440,3 +440,39 @@ def test_skip_layer_guidance_and_fusing_inside_the_probe_say_so(pipes):
             flux.transformer.fuse_qkv_projections()
             generate(flux, "flux")
     assert processors(flux) == before
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_processor_that_edits_joint_attention_is_named(pipes, family):
+    pipe = pipes[family]
+    site = "transformer_blocks.0.attn"
+    attn = pipe.transformer.get_submodule(site)
+    original = attn.processor
+
+    class DoubleTextKeys(type(original)):
+        """Doubles the text keys the softmax sees (as attention-control methods rescale them)."""
+
+        def __call__(self, attn, *args, **kwargs):
+            hook = attn.add_k_proj.register_forward_hook(lambda m, a, o: o * 2)
+            try:
+                return super().__call__(attn, *args, **kwargs)
+            finally:
+                hook.remove()
+
+    with attnprobe.probe(pipe, dtype=torch.float32) as store:
+        generate(pipe, family)
+    check = store.meta["processor_check"]
+    assert check[site]["verdict"] == "equal" and check[site]["relative_error"] < 1e-5
+    attn.set_processor(DoubleTextKeys())
+    try:
+        plain = generate(pipe, family)
+        with pytest.warns(attnprobe.AttnprobeWarning, match=rf"1 site\(s\) \['{site}'\]: .* DoubleTextKeys is not"):
+            with attnprobe.probe(pipe, dtype=torch.float32) as store:
+                assert torch.equal(generate(pipe, family), plain)
+    finally:
+        attn.set_processor(original)
+    check = store.meta["processor_check"]
+    assert check[site]["verdict"] == "differs" and check[site]["processor"] == "DoubleTextKeys"
+    assert {v["verdict"] for k, v in check.items() if k != site} <= {"equal", "not checked"}
+    single = [k for k in check if k.startswith("single_transformer_blocks")]
+    assert all(check[k]["verdict"] == "not checked" for k in single) and (family != "flux" or single)

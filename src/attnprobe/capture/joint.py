@@ -23,14 +23,15 @@ Site kinds: ``"joint"`` (a double-stream block: image tokens through ``to_q``/``
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
 from ..errors import ProbeError
-from .cross import ProbeProcessor
+from .cross import HALF_TOLERANCE, TOLERANCE, ProbeProcessor
 from .processor import reduce_probs, scratch
 
-__all__ = ["JOINT_MODES", "CHUNK_ELEMENTS", "joint_probs", "JointProbeProcessor"]
+__all__ = ["JOINT_MODES", "CHUNK_ELEMENTS", "joint_probs", "joint_output_error", "JointProbeProcessor"]
 
 JOINT_MODES = ("exact", "renorm")
 
@@ -81,6 +82,30 @@ def joint_probs(
     return out, out.sum(-1).mean(-1)
 
 
+def joint_output_error(query, image_keys, text_keys, image_values, text_values, output, chunk: int | None = None) -> float:
+    """How far a joint site's image output is from attention over all its keys times all its values (the
+    verify-once check of ``cross.output_error`` for joint attention).
+
+    Args:
+        query, image_keys, text_keys: as for ``joint_probs`` (every batch row), ``[sample, head, position, d]``.
+        image_values, text_values: ``[sample, head, N | T, d]``. output: what the processor handed to
+            ``attn.to_out[0]``, ``[sample, N, head * d]``.
+
+    Returns:
+        ``‖output − softmax(q·[k_img; k_txt]ᵀ)·[v_img; v_txt]‖ / ‖output‖``: 0 up to rounding for a processor that
+        computes plain joint attention; larger where it edits the attention.
+    """
+    keys = torch.cat([image_keys, text_keys], dim=2).float().transpose(-1, -2)
+    values = torch.cat([image_values, text_values], dim=2).float()
+    s, h, n, _ = query.shape
+    step = chunk or max(1, CHUNK_ELEMENTS // max(1, s * h * keys.shape[-1]))
+    expect = torch.cat([torch.matmul(query[:, :, i:i + step].float(), keys).softmax(-1) @ values
+                        for i in range(0, n, step)], dim=2)
+    expect = expect.transpose(1, 2).reshape(s, n, -1)
+    got = output.float().reshape(expect.shape)
+    return float((got - expect).norm() / got.norm().clamp_min(1e-30))
+
+
 def _rotary(x: torch.Tensor, emb, start: int, stop: int | None) -> torch.Tensor:
     """diffusers' ``apply_rotary_emb`` (the processor's own) on ``x`` ``[sample, seq, head, d]`` with the rows
     ``start:stop`` of the rotary table, which covers the processor's whole ``[text; image]`` sequence."""
@@ -102,7 +127,7 @@ class JointProbeProcessor(ProbeProcessor):
 
     def __init__(self, inner, site: str, attn, state, kind: str = "joint") -> None:
         self.inner, self.site, self.state, self.kind = inner, site, state, kind
-        self._armed, self.removed = False, False
+        self._armed, self.removed, self.checked = False, False, False
         self._query = self._key = self._text_key = None
         self._hooks = []
         sig = inspect.signature(inner.__call__ if not inspect.isfunction(inner) else inner)
@@ -147,10 +172,13 @@ class JointProbeProcessor(ProbeProcessor):
             return self.inner(attn, hidden_states, *args, **kwargs)
         self._query = self._key = self._text_key = None
         self._armed = True
+        check = None if self.checked or torch.compiler.is_compiling() else self._check_hooks(attn)
         try:
             output = self.inner(attn, hidden_states, *args, **kwargs)
         finally:
             self._armed = False
+            for hook in check[0] if check else ():
+                hook.remove()
         query, key, text_key = self._query, self._key, self._text_key
         self._query = self._key = self._text_key = None
         if query is None or key is None or (self.kind == "joint" and text_key is None):
@@ -175,12 +203,62 @@ class JointProbeProcessor(ProbeProcessor):
         state.outbox.append((self.site, probs))
         if share is not None:
             state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))
+        if check is not None:
+            self._check_joint(attn, query, key, text_key, emb, check[1])
         return output
 
-    def _split(self, attn, query, key, text_key, emb, state):
+    def _check_hooks(self, attn):
+        """Hooks that take the image and text values and the input of ``to_out[0]`` for one site call; ``None`` for
+        a single-stream site, whose output goes on through the block's MLP projection (nothing to compare)."""
+        if self.kind != "joint":
+            self.checked = True
+            self.state.checks.append((self.site, type(self.inner).__name__, None, None))
+            return None
+        seen: dict = {}
+
+        # hooks that return something replace the module's input or output: these return None
+        def taker(name, part):
+            def take(module, args, output=None) -> None:
+                value = args[0] if output is None else output
+                seen.setdefault(name, value if part is None else value.chunk(3, dim=-1)[part])
+            return take
+
+        hooks = []
+        to_out = getattr(attn, "to_out", None)
+        if isinstance(to_out, torch.nn.ModuleList) and len(to_out):
+            hooks.append(to_out[0].register_forward_pre_hook(taker("out", None)))
+        fused = bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None
+        image = attn.to_qkv if fused else getattr(attn, "to_v", None)
+        text = getattr(attn, "to_added_qkv", None) if fused else None
+        text = text if text is not None else getattr(attn, "add_v_proj", None)
+        for name, module, part in (("image", image, 2 if fused else None),
+                                   ("text", text, 2 if text is getattr(attn, "to_added_qkv", None) else None)):
+            if module is not None:
+                hooks.append(module.register_forward_hook(taker(name, part)))
+        return hooks, seen
+
+    def _check_joint(self, attn, query, key, text_key, emb, seen: dict) -> None:
+        """Verify once (``joint_output_error``) into ``state.checks``, as ``ProbeProcessor._check`` does."""
+        self.checked = True
+        name = type(self.inner).__name__
+        if not {"out", "image", "text"} <= set(seen):
+            self.state.checks.append((self.site, name, None, None))
+            return
+        out = seen["out"]
+        with torch.no_grad():
+            q_img, k_img, k_txt = self._split(attn, query, key, text_key, emb, self.state, rows=None)
+            values = [seen[k].unflatten(-1, (attn.heads, -1)).transpose(1, 2) for k in ("image", "text")]
+            error = joint_output_error(q_img, k_img, k_txt, *values, out)
+        tolerance = TOLERANCE.get(out.dtype, HALF_TOLERANCE)
+        if not math.isfinite(error):
+            error = tolerance = None
+        self.state.checks.append((self.site, name, error, tolerance))
+
+    def _split(self, attn, query, key, text_key, emb, state, rows="state"):
         """Image queries (scaled), image keys and text keys ``[sample, head, position, d]``, as the processor has
-        them just before attention (norms, then rotary embedding on the ``[text; image]`` sequence for Flux)."""
-        rows = state.rows
+        them just before attention (norms, then rotary embedding on the ``[text; image]`` sequence for Flux), of the
+        recorded rows (``rows=None``: every row)."""
+        rows = state.rows if rows == "state" else rows
         pick = (lambda x: x[rows]) if isinstance(rows, slice) else (lambda x: x) if rows is None else (
             lambda x: x.index_select(0, rows))
         heads = attn.heads
