@@ -445,15 +445,16 @@ def test_skip_layer_guidance_and_fusing_inside_the_probe_say_so(pipes):
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_a_processor_that_edits_joint_attention_is_named(pipes, family):
     pipe = pipes[family]
-    site = "transformer_blocks.0.attn"
-    attn = pipe.transformer.get_submodule(site)
-    original = attn.processor
+    sites = ["transformer_blocks.0.attn"] + (["single_transformer_blocks.0.attn"] if family == "flux" else [])
+    attns = [pipe.transformer.get_submodule(site) for site in sites]
+    originals = [attn.processor for attn in attns]
 
-    class DoubleTextKeys(type(original)):
-        """Doubles the text keys the softmax sees (as attention-control methods rescale them)."""
+    class DoubleKeys(type(originals[0])):
+        """Doubles the text keys (all keys of a single-stream block) the softmax sees, as attention control does."""
 
         def __call__(self, attn, *args, **kwargs):
-            hook = attn.add_k_proj.register_forward_hook(lambda m, a, o: o * 2)
+            projection = getattr(attn, "add_k_proj", None) or attn.to_k
+            hook = projection.register_forward_hook(lambda m, a, o: o * 2)
             try:
                 return super().__call__(attn, *args, **kwargs)
             finally:
@@ -462,17 +463,18 @@ def test_a_processor_that_edits_joint_attention_is_named(pipes, family):
     with attnprobe.probe(pipe, dtype=torch.float32) as store:
         generate(pipe, family)
     check = store.meta["processor_check"]
-    assert check[site]["verdict"] == "equal" and check[site]["relative_error"] < 1e-5
-    attn.set_processor(DoubleTextKeys())
+    assert {v["verdict"] for v in check.values()} == {"equal"} and max(v["relative_error"] for v in check.values()) < 1e-5
+    assert len(check) == len(store.sites)
+    for attn in attns:
+        attn.set_processor(DoubleKeys())
     try:
         plain = generate(pipe, family)
-        with pytest.warns(attnprobe.AttnprobeWarning, match=rf"1 site\(s\) \['{site}'\]: .* DoubleTextKeys is not"):
+        with pytest.warns(attnprobe.AttnprobeWarning, match=rf"{len(sites)} site\(s\) .*: .* DoubleKeys is not"):
             with attnprobe.probe(pipe, dtype=torch.float32) as store:
                 assert torch.equal(generate(pipe, family), plain)
     finally:
-        attn.set_processor(original)
+        for attn, original in zip(attns, originals):
+            attn.set_processor(original)
     check = store.meta["processor_check"]
-    assert check[site]["verdict"] == "differs" and check[site]["processor"] == "DoubleTextKeys"
-    assert {v["verdict"] for k, v in check.items() if k != site} <= {"equal", "not checked"}
-    single = [k for k in check if k.startswith("single_transformer_blocks")]
-    assert all(check[k]["verdict"] == "not checked" for k in single) and (family != "flux" or single)
+    assert {k for k, v in check.items() if v["verdict"] == "differs"} == set(sites)
+    assert {check[k]["processor"] for k in sites} == {"DoubleKeys"}

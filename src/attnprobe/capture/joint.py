@@ -88,8 +88,8 @@ def joint_output_error(query, image_keys, text_keys, image_values, text_values, 
 
     Args:
         query, image_keys, text_keys: as for ``joint_probs`` (every batch row), ``[sample, head, position, d]``.
-        image_values, text_values: ``[sample, head, N | T, d]``. output: what the processor handed to
-            ``attn.to_out[0]``, ``[sample, N, head * d]``.
+        image_values, text_values: ``[sample, head, N | T, d]``. output: the image part of the attention output
+            before ``attn.to_out[0]`` (what a single-stream processor returns), ``[sample, N, head * d]``.
 
     Returns:
         ``‖output − softmax(q·[k_img; k_txt]ᵀ)·[v_img; v_txt]‖ / ‖output‖``: 0 up to rounding for a processor that
@@ -204,16 +204,13 @@ class JointProbeProcessor(ProbeProcessor):
         if share is not None:
             state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))
         if check is not None:
-            self._check_joint(attn, query, key, text_key, emb, check[1])
+            self._check_joint(attn, query, key, text_key, emb, check[1], output)
         return output
 
     def _check_hooks(self, attn):
-        """Hooks that take the image and text values and the input of ``to_out[0]`` for one site call; ``None`` for
-        a single-stream site, whose output goes on through the block's MLP projection (nothing to compare)."""
-        if self.kind != "joint":
-            self.checked = True
-            self.state.checks.append((self.site, type(self.inner).__name__, None, None))
-            return None
+        """Hooks that take the image and text values and the input of ``to_out[0]`` for one site call (a
+        single-stream site: the values of its ``[text; image]`` sequence; its processor returns the attention output
+        without ``to_out``)."""
         seen: dict = {}
 
         # hooks that return something replace the module's input or output: these return None
@@ -225,6 +222,12 @@ class JointProbeProcessor(ProbeProcessor):
 
         hooks = []
         to_out = getattr(attn, "to_out", None)
+        if self.kind == "single":
+            fused = bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None
+            module = attn.to_qkv if fused else getattr(attn, "to_v", None)
+            if module is not None:
+                hooks.append(module.register_forward_hook(taker("sequence", 2 if fused else None)))
+            return hooks, seen
         if isinstance(to_out, torch.nn.ModuleList) and len(to_out):
             hooks.append(to_out[0].register_forward_pre_hook(taker("out", None)))
         fused = bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None
@@ -237,10 +240,13 @@ class JointProbeProcessor(ProbeProcessor):
                 hooks.append(module.register_forward_hook(taker(name, part)))
         return hooks, seen
 
-    def _check_joint(self, attn, query, key, text_key, emb, seen: dict) -> None:
+    def _check_joint(self, attn, query, key, text_key, emb, seen: dict, output) -> None:
         """Verify once (``joint_output_error``) into ``state.checks``, as ``ProbeProcessor._check`` does."""
         self.checked = True
         name = type(self.inner).__name__
+        t = self.state.text_len
+        if "sequence" in seen and isinstance(output, torch.Tensor) and output.shape[:2] == seen["sequence"].shape[:2]:
+            seen = {"out": output[:, t:], "image": seen["sequence"][:, t:], "text": seen["sequence"][:, :t]}
         if not {"out", "image", "text"} <= set(seen):
             self.state.checks.append((self.site, name, None, None))
             return
