@@ -17,7 +17,7 @@ import attnprobe
 from attnprobe.capture import joint
 from attnprobe.errors import ProbeError, StoreError
 from attnprobe.capture.cross import ProbeProcessor
-from attnprobe.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
+from attnprobe.testing import tiny_flux_pipeline, tiny_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
 
 PROMPT = "a picture of dog"
 T5_LEN = 16
@@ -26,7 +26,9 @@ OPTIONS = {
     "flux": dict(height=64, width=96, max_sequence_length=T5_LEN),
     "pixart": dict(height=64, width=64, max_sequence_length=T5_LEN, use_resolution_binning=False, clean_caption=False),
 }
-BUILD = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline, "pixart": tiny_pixart_pipeline}
+OPTIONS["pixart-sigma"] = OPTIONS["pixart"]
+BUILD = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline, "pixart": tiny_pixart_pipeline,
+         "pixart-sigma": partial(tiny_pipeline, "pixart-sigma")}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,7 @@ def test_real_topologies_on_meta():
 
 # ---------------------------------------------------------------------------------------------- images
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("family", ["sd3", "flux", "pixart"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "pixart", "pixart-sigma"])
 def test_images_bit_identical_and_processors_restored(pipes, family, dtype):
     pipe = pipes[family] if dtype == torch.float32 else BUILD[family](dtype=dtype)
     before = processors(pipe)
@@ -315,10 +317,12 @@ def test_flux_true_cfg_uncond_calls_are_labelled_apart(pipes):
     assert [c.index for c in no_cfg.calls] == [0, 1]
 
 
-def test_pixart_padded_t5_tokens_get_exactly_zero(pipes):
-    pipe = pipes["pixart"]
+@pytest.mark.parametrize("family", ["pixart", "pixart-sigma"])
+def test_pixart_padded_t5_tokens_get_exactly_zero(pipes, family):
+    pipe = pipes[family]
     with attnprobe.probe(pipe, passes="all", dtype=torch.float32) as store:
-        generate(pipe, "pixart", prompt="a picture of Dog")
+        generate(pipe, family, prompt="a picture of Dog")
+    assert store.meta["family"] == "pixart" and store.meta["pipeline"] == type(pipe).__name__
     for sample in store.samples:
         kinds = store.token_kinds(sample.index)
         pad = [i for i, k in enumerate(kinds) if k == "pad"]
@@ -478,3 +482,14 @@ def test_a_processor_that_edits_joint_attention_is_named(pipes, family):
     check = store.meta["processor_check"]
     assert {k for k, v in check.items() if v["verdict"] == "differs"} == set(sites)
     assert {check[k]["processor"] for k in sites} == {"DoubleKeys"}
+
+
+def test_tiny_pipelines_by_name():
+    from attnprobe.errors import ArgumentError
+    from attnprobe.models.loader import TINY_MODELS
+    from attnprobe.testing import TINY_PIPELINES
+
+    assert {"sd", "sdxl", "sd3", "flux", "pixart", "pixart-sigma"} <= set(TINY_PIPELINES)
+    assert {f"tiny-{name}" for name in TINY_PIPELINES} <= set(TINY_MODELS)
+    with pytest.raises(ArgumentError, match=r"no tiny pipeline 'sd9'; there are \['sd', 'sdxl'"):
+        tiny_pipeline("sd9")

@@ -24,10 +24,12 @@ from .models.configs import (
 )
 from .models.synthetic import synthetic_store
 from .models.tiny import (
+    TINY_PIPELINES,
     full_size_pipeline,
     shapes_pipeline,
     tiny_clip,
     tiny_flux_pipeline,
+    tiny_pipeline,
     tiny_pixart_pipeline,
     tiny_sd3_pipeline,
     tiny_sd_pipeline,
@@ -36,6 +38,8 @@ from .models.tiny import (
 from .models.tokenizers import clip_tokenizer, t5_tokenizer
 
 __all__ = [
+    "tiny_pipeline",
+    "TINY_PIPELINES",
     "clip_tokenizer",
     "shapes_pipeline",
     "full_size_pipeline",

@@ -19,7 +19,7 @@ from .shapes.model import load as load_shapes
 __all__ = ["TINY_MODELS", "OFFLINE_MODELS", "load_pipeline", "check_model_name", "first_line"]
 
 #: Offline pipelines built from configs with seeded weights (``attnprobe.models.tiny``).
-TINY_MODELS = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux", "tiny-pixart")
+TINY_MODELS = ("tiny", "tiny-xl") + tuple(f"tiny-{name}" for name in tiny.TINY_PIPELINES)
 #: Every model that runs without downloads: the tiny ones and ``"shapes"``, the trained model shipped with attnprobe
 #: (``attnprobe.models.shapes``, docs/shapes-model.md).
 OFFLINE_MODELS = ("shapes",) + TINY_MODELS
@@ -43,7 +43,7 @@ def check_model_name(model: str) -> None:
 def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None):
     """A pipeline by name: ``"shapes"`` (the trained shapes model shipped with attnprobe, 32 px), ``"tiny"`` (SD 1.5 layout), ``"tiny-xl"`` (SDXL layout), ``"tiny-sd3"`` (SD3: joint
     attention, CLIP + T5 keys) or ``"tiny-flux"`` (Flux: double- and single-stream blocks, T5 keys) or ``"tiny-pixart"`` (PixArt-α:
-    cross-attention to masked T5 keys) built offline,
+    cross-attention to masked T5 keys), or any ``"tiny-<name>"`` of ``attnprobe.testing.TINY_PIPELINES``, built offline,
     else any hub id or local folder through ``DiffusionPipeline.from_pretrained``.
 
     Raises:
@@ -52,10 +52,8 @@ def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype |
     if model == "shapes":
         return load_shapes(dtype or torch.float32, device)
     if model in TINY_MODELS:
-        build = {"tiny": tiny.tiny_sd_pipeline, "tiny-xl": tiny.tiny_sdxl_pipeline,
-                 "tiny-sd3": tiny.tiny_sd3_pipeline, "tiny-flux": tiny.tiny_flux_pipeline,
-                 "tiny-pixart": tiny.tiny_pixart_pipeline}[model]
-        return build(dtype=dtype or torch.float32).to(device)
+        name = {"tiny": "sd", "tiny-xl": "sdxl"}.get(model, model.removeprefix("tiny-"))
+        return tiny.tiny_pipeline(name, dtype=dtype or torch.float32).to(device)
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 

@@ -24,7 +24,7 @@ from .shapes.model import load as load_shapes
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 __all__ = ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_pixart_pipeline",
-           "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
+           "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
 
 
 def tiny_sd_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, scheduler: str = "ddim"):
@@ -155,7 +155,7 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
-def tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+def tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, sigma: bool = False):
     """A ``PixArtAlphaPipeline`` with PixArt-α's structure: 2 DiT blocks (2 heads of 8 channels, patch size 2,
     ``ada_norm_single``) whose ``attn2`` cross-attends to T5 keys with the padding mask, a T5 encoder of width 32
     with the offline ``t5_tokenizer`` (keys: ``max_sequence_length`` positions, default 120), a 4-level VAE and a
@@ -164,8 +164,10 @@ def tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
 
     Args:
         seed: weight seed. dtype: parameter dtype.
+        sigma: a ``PixArtSigmaPipeline`` (PixArt-Σ: the same denoiser class and T5 keys, ``max_sequence_length``
+            positions, default 300). Default ``False``.
     """
-    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 
 
     torch.manual_seed(seed)
@@ -173,7 +175,7 @@ def tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
         cross_attention_dim=16, sample_size=32, patch_size=2, caption_channels=32, norm_num_groups=4,
     ).eval()
-    pipe = PixArtAlphaPipeline(
+    pipe = (PixArtSigmaPipeline if sigma else PixArtAlphaPipeline)(
         tokenizer=t5_tokenizer(),
         text_encoder=make_t5_encoder(seed + 2),
         vae=make_vae(seed + 1),
@@ -264,3 +266,38 @@ def tiny_clip(seed: int = 0):
     model = CLIPModel(config).eval()
     images = ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return model, CLIPProcessor(image_processor=images, tokenizer=clip_tokenizer())
+
+
+def _pixart_sigma(seed: int = 0, dtype: torch.dtype = torch.float32):
+    return tiny_pixart_pipeline(seed, dtype, sigma=True)
+
+
+#: the tiny pipeline of each family, by name (``tiny_pipeline``; ``attnprobe study --model tiny-<name>``)
+_BUILDERS = {
+    "sd": tiny_sd_pipeline,
+    "sdxl": tiny_sdxl_pipeline,
+    "sd3": tiny_sd3_pipeline,
+    "flux": tiny_flux_pipeline,
+    "pixart": tiny_pixart_pipeline,
+    "pixart-sigma": _pixart_sigma,
+}
+#: the names ``tiny_pipeline`` takes
+TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def tiny_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """The tiny pipeline of a family, by name: the real diffusers pipeline and denoiser classes at widths of 8 to 32,
+    seeded, offline.
+
+        >>> type(tiny_pipeline("pixart-sigma")).__name__
+        'PixArtSigmaPipeline'
+
+    Args:
+        name: one of ``TINY_PIPELINES``. seed: weight seed. dtype: parameter dtype. Default fp32.
+
+    Raises:
+        ArgumentError: an unknown name (the message lists ``TINY_PIPELINES``).
+    """
+    if name not in _BUILDERS:
+        raise ArgumentError(f"no tiny pipeline {name!r}; there are {list(TINY_PIPELINES)}")
+    return _BUILDERS[name](seed=seed, dtype=dtype)
