@@ -317,6 +317,22 @@ def test_flux_true_cfg_uncond_calls_are_labelled_apart(pipes):
     assert [c.index for c in no_cfg.calls] == [0, 1]
 
 
+def test_flux_conditioning_switched_inside_the_call_is_nan(pipes):
+    pipe = pipes["flux"]
+    other, _, _ = pipe.encode_prompt("a red house", "a red house", max_sequence_length=T5_LEN)
+
+    def switch(p, i, t, kwargs):
+        return {"prompt_embeds": other} if i == 0 else {}
+
+    switched = dict(callback_on_step_end=switch, callback_on_step_end_tensor_inputs=["prompt_embeds"], steps=3)
+    for cfg in ({}, dict(negative_prompt="blurry", true_cfg_scale=2.0)):  # batched, and true CFG's separate calls
+        with pytest.warns(attnprobe.AttnprobeWarning, match=r"conditioning of samples \[0\] changed"):
+            with attnprobe.probe(pipe, dtype=torch.float32) as store:
+                generate(pipe, "flux", **switched, **cfg)
+        nan = store[store.site_names[0]].isnan()
+        assert len(store.calls) == 3 and not nan[0].any() and nan[1:].all()
+
+
 @pytest.mark.parametrize("family", ["pixart", "pixart-sigma"])
 def test_pixart_padded_t5_tokens_get_exactly_zero(pipes, family):
     pipe = pipes[family]

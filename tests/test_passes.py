@@ -5,6 +5,8 @@ pipelines attnprobe does not label are refused before their first denoiser call.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from diffusers import (
@@ -139,12 +141,13 @@ def test_safe_latent_diffusion_rows(parts):
                        ("safety", 1, 0, "a picture of cat")])
 
 
-@pytest.mark.parametrize("name", ["StableDiffusionPanoramaPipeline", "CycleDiffusionPipeline"])
+@pytest.mark.parametrize("name", ["StableDiffusionPanoramaPipeline", "CycleDiffusionPipeline", "MyPanorama"])
 def test_a_pipeline_attnprobe_does_not_label_is_refused_before_its_first_call(parts, name):
     import diffusers
     from diffusers import DDIMScheduler
 
-    cls = getattr(diffusers, name)
+    # a user's subclass runs its base's recipe: refused as that base
+    cls = getattr(diffusers, name, None) or type(name, (StableDiffusionPanoramaPipeline,), {})
     if name == "CycleDiffusionPipeline":
         keep = ("vae", "text_encoder", "tokenizer", "unet")
         pipe = cls(**{k: parts[k] for k in keep}, scheduler=DDIMScheduler.from_config(parts["scheduler"].config),
@@ -158,7 +161,8 @@ def test_a_pipeline_attnprobe_does_not_label_is_refused_before_its_first_call(pa
     calls = []
     hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(ProbeError, match=f"{name} (runs|batches) .* which attnprobe does not label"):
+        said = name if hasattr(diffusers, name) else rf"{name} \(a StableDiffusionPanoramaPipeline\)"
+        with pytest.raises(ProbeError, match=f"{said} (runs|batches) .* which attnprobe does not label"):
             with attnprobe.probe(pipe):
                 run()
     finally:
@@ -188,6 +192,10 @@ def test_a_pipeline_method_other_than_call_running_the_denoiser_is_refused(parts
     # generate_mask runs [source, target] rows outside __call__: no recipe labels them
     with pytest.raises(ProbeError, match=r"StableDiffusionDiffEditPipeline\.generate_mask runs the denoiser outside"):
         with attnprobe.probe(pipe, sites=[SITE], passes="all"):
+            pipe.generate_mask(image=image, source_prompt="a cat", target_prompt="a dog", num_inference_steps=2,
+                               num_maps_per_mask=1)
+    with pytest.raises(ProbeError, match=r"StableDiffusionDiffEditPipeline\.generate_mask runs the denoiser outside"):
+        with attnprobe.probe(pipe.unet, sites=[SITE], passes="all"):  # the bare denoiser: the same
             pipe.generate_mask(image=image, source_prompt="a cat", target_prompt="a dog", num_inference_steps=2,
                                num_maps_per_mask=1)
     assert not any(type(p).__name__ == "ProbeProcessor" for p in pipe.unet.attn_processors.values())
@@ -342,6 +350,8 @@ def test_rows_whose_conditioning_contradicts_their_position_are_unknown(parts):
         hook.remove()
     assert [(s.pass_label, s.prompt_index, s.text) for s in store.samples] == [("unknown", -1, None)] * 2
     assert store.meta["row_evidence"] == "contradicted"
+    with pytest.raises(attnprobe.ConceptError, match=r"sample 0 \(unknown pass, prompt -1\) is a batch row whose conditioning contradicts"):
+        store.token_indices(0, "dog")
     with attnprobe.probe(pipe, sites=[SITE]) as store:
         pipe("a picture of dog", **RUN)
     assert store.meta["row_evidence"] == "encode_prompt"  # every row equals the encoding its label names
@@ -406,3 +416,105 @@ def test_a_long_prompt_encoded_in_chunks_has_unknown_positions(parts):
     assert store.samples[0].text == text and set(store.layout(0).kinds) == {"unknown"}
     with pytest.raises(ConceptError, match="token positions of sample 0 .* are unknown"):
         store.token_indices(0, "dog")
+
+
+# ------------------------------------------------------------------ found by trying to break the labels
+def _sd(parts):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_prompt_re_encoded_inside_the_loop_is_not_a_new_pipeline_call(parts):
+    pipe = _sd(parts)
+
+    def switch(p, i, t, kwargs):  # prompt switching, with the pipeline's own encode_prompt
+        if i == 0:
+            positive, negative = p.encode_prompt("a red house", "cpu", 1, True)
+            return {"prompt_embeds": torch.cat([negative, positive])}
+        return {}
+
+    run = dict(RUN, num_inference_steps=3)
+    with pytest.warns(attnprobe.AttnprobeWarning, match=r"conditioning of samples \[0\] changed inside the pipeline"):
+        with attnprobe.probe(pipe, sites=[SITE]) as store:
+            pipe("a picture of dog", callback_on_step_end=switch, **run)
+    assert [c.generation for c in store.calls] == [0, 0, 0] and store.samples[0].text == "a picture of dog"
+    nan = store[SITE].float().isnan()
+    assert not nan[0].any() and nan[1:].all()
+
+
+def test_images_dropped_inside_the_loop_are_nan_not_relabelled(parts):
+    pipe = _sd(parts)
+
+    def drop_first_image(p, i, t, kwargs):
+        if i == 0:
+            return {"latents": kwargs["latents"][1:], "prompt_embeds": kwargs["prompt_embeds"][[1, 3]]}
+        return {}
+
+    with pytest.warns(attnprobe.AttnprobeWarning, match="batch changed from 2 to 1 rows per pass"):
+        with attnprobe.probe(pipe, sites=[SITE]) as store:
+            pipe("a picture of dog", num_images_per_prompt=2, callback_on_step_end=drop_first_image,
+                 callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **RUN)
+    assert [(s.prompt_index, s.image_index) for s in store.samples] == [(0, 0), (0, 1)]
+    assert store[SITE][1].float().isnan().all() and not store[SITE][0].float().isnan().any()
+
+
+def test_prompt_embeds_with_several_images_per_prompt(parts):
+    pipe = _sd(parts)
+    positive, _ = pipe.encode_prompt(["a picture of dog", "a red house"], "cpu", 1, False)
+    with attnprobe.probe(pipe, sites=[SITE]) as store:
+        pipe(prompt_embeds=positive, num_images_per_prompt=2, **RUN)
+    assert [(s.prompt_index, s.image_index) for s in store.samples] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert store.meta["num_images_per_prompt"] == 2
+    with pytest.raises(ProbeError, match=r"gave 1 texts, but this pipeline call encodes 2 prompts"):
+        with attnprobe.probe(pipe, prompts=["a picture of dog"]):
+            pipe(prompt_embeds=positive, **RUN)
+
+
+def test_the_encode_prompt_watch_follows_the_class_and_leaves_a_users_own(parts):
+    from unittest import mock
+
+    pipe = _sd(parts)
+    original = type(pipe).encode_prompt
+
+    def louder(self, *args, **kwargs):
+        positive, negative = original(self, *args, **kwargs)
+        return positive * 2, negative
+
+    run = lambda: pipe("a picture of dog", generator=torch.Generator().manual_seed(0), **RUN).images
+    with mock.patch.object(type(pipe), "encode_prompt", louder):
+        plain = run()
+    with attnprobe.probe(pipe, sites=[SITE]):
+        with mock.patch.object(type(pipe), "encode_prompt", louder):  # patched inside the probe: it runs
+            assert torch.equal(run(), plain)
+        own = lambda *a, **k: original(pipe, *a, **k)
+        pipe.__dict__["encode_prompt"] = own  # a user's own, set inside the probe: it stays
+    assert pipe.__dict__.get("encode_prompt") is own
+    del pipe.__dict__["encode_prompt"]
+
+
+def test_warnings_turned_into_errors_leave_a_closed_store(parts):
+    pipe = _sd(parts)
+    attn = pipe.unet.get_submodule(SITE)
+    original = attn.processor
+
+    class DoubleKeys(type(original)):  # edits the attention: the processor check warns
+        def __call__(self, attn, *args, **kwargs):
+            hook = attn.to_k.register_forward_hook(lambda m, a, o: o * 2)
+            try:
+                return super().__call__(attn, *args, **kwargs)
+            finally:
+                hook.remove()
+
+    attn.set_processor(DoubleKeys())
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", category=attnprobe.AttnprobeWarning)
+            with pytest.raises(attnprobe.AttnprobeWarning):
+                with attnprobe.probe(pipe, sites=[SITE]) as store:
+                    pipe("a picture of dog", **RUN)
+    finally:
+        attn.set_processor(original)
+    assert store.meta["complete"] is False and store.meta["processor_check"][SITE]["verdict"] == "differs"

@@ -160,6 +160,10 @@ def test_nested_probes_both_record_and_restore_in_any_order():
     assert torch.equal(plain, probed)
     site = "mid_block.attentions.0.transformer_blocks.0.attn2"
     assert torch.allclose(outer[site][:, 0], inner[site][:, 1], atol=1e-6)  # the same cond maps, seen by both
+    for store in (outer, inner):  # both name the processor that runs, not the other probe's wrapper
+        assert store.meta["processor_check"][site] | {"relative_error": 0} == {
+            "processor": type(before[site + ".processor"]).__name__, "verdict": "equal", "relative_error": 0,
+            "tolerance": 1e-4}
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
     # closed out of order: the outer probe first
     a, b = attnprobe.probe(pipe), attnprobe.probe(pipe)

@@ -209,12 +209,19 @@ class ProbeProcessor:
             hooks.append(projection.register_forward_hook(take_value))
         return hooks, seen
 
+    def innermost(self):
+        """The processor this wrapper (and any probe's wrapper it wraps, in nested probes) runs."""
+        inner = self.inner
+        while isinstance(inner, ProbeProcessor):
+            inner = inner.inner
+        return inner
+
     def _check(self, attn, query, key, mask, seen: dict) -> None:
         """Verify once (``output_error``): the result goes to ``state.checks`` as ``(site, processor, error or None,
         tolerance)``; ``None``: the processor called no ``to_v`` or ``to_out[0]`` to compare, or its output is not
         finite (nothing to compare it by)."""
         self.checked = True
-        name = type(self.inner).__name__
+        name = type(self.innermost()).__name__
         if "value" not in seen or "out" not in seen:
             self.state.checks.append((self.site, name, None, None))
             return

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["DenoiserCall", "Timesteps", "query_grid", "packed_grid", "first_value"]
+__all__ = ["DenoiserCall", "Timesteps", "query_grid", "packed_grid", "first_value", "schedule_meta"]
 
 
 def first_value(timestep) -> float:
@@ -170,3 +170,21 @@ class Timesteps:
             if abs(nearest - value * 1000) <= 0.01 * max(abs(nearest), 1.0):
                 return nearest
         return value
+
+
+def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
+    """``store.meta`` entries of a run's schedule and size: ``scheduler`` (class name), ``scheduler_config``,
+    ``timesteps`` (the scheduler's last schedule), ``latent_size`` and ``image_size`` (``[h, w]``; the latent grid
+    times the pipeline's ``vae_scale_factor``)."""
+    meta = {}
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is not None:
+        meta["scheduler"] = type(scheduler).__name__
+        meta["scheduler_config"] = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+        ts = getattr(scheduler, "timesteps", None)
+        meta["timesteps"] = [float(t) for t in ts] if ts is not None else None
+    h, w = latent_hw
+    scale = int(getattr(pipe, "vae_scale_factor", 1) or 1) if pipe is not None else 1
+    meta["latent_size"] = [h, w]
+    meta["image_size"] = [h * scale, w * scale]
+    return meta

@@ -54,20 +54,22 @@ class EncodeWatch:
             return
         listeners = pipe.__dict__.get(_LISTENERS)
         if listeners is None:
-            listeners = []
+            listeners = _Listeners()
             before = pipe.__dict__.get("encode_prompt")  # a user's own instance attribute, restored on remove
-            method = pipe.encode_prompt
 
-            @functools.wraps(method)
             def encode_prompt(*args, **kwargs):
+                # looked up at each call: a method patched on the class inside the probe is the one that runs
+                method = before if before is not None else type(pipe).encode_prompt.__get__(pipe, type(pipe))
                 out = method(*args, **kwargs)
                 for listener in list(listeners):
                     listener(out)
                 return out
 
+            functools.update_wrapper(encode_prompt, before or type(pipe).encode_prompt)
             encode_prompt._attnprobe_before = before
             pipe.__dict__["encode_prompt"] = encode_prompt  # not setattr: DiffusionPipeline's registers config
             pipe.__dict__[_LISTENERS] = listeners
+            listeners.wrapper = encode_prompt
         listeners.append(self.listener)
 
     def remove(self) -> None:
@@ -78,11 +80,19 @@ class EncodeWatch:
         if self.listener in listeners:
             listeners.remove(self.listener)
         if not listeners:
-            wrapper = pipe.__dict__.pop("encode_prompt", None)
-            before = getattr(wrapper, "_attnprobe_before", None)
-            if before is not None:
-                pipe.__dict__["encode_prompt"] = before
             del pipe.__dict__[_LISTENERS]
+            wrapper = listeners.wrapper
+            if pipe.__dict__.get("encode_prompt") is not wrapper:
+                return  # the user set their own encode_prompt inside the probe: it stays
+            del pipe.__dict__["encode_prompt"]
+            if wrapper._attnprobe_before is not None:
+                pipe.__dict__["encode_prompt"] = wrapper._attnprobe_before
+
+
+class _Listeners(list):
+    """The listeners of one pipeline's watch, and the wrapper that calls them."""
+
+    wrapper = None
 
 
 def encodings(output) -> dict[str, torch.Tensor]:

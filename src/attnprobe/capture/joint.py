@@ -243,7 +243,7 @@ class JointProbeProcessor(ProbeProcessor):
     def _check_joint(self, attn, query, key, text_key, emb, seen: dict, output) -> None:
         """Verify once (``joint_output_error``) into ``state.checks``, as ``ProbeProcessor._check`` does."""
         self.checked = True
-        name = type(self.inner).__name__
+        name = type(self.innermost()).__name__
         t = self.state.text_len
         if "sequence" in seen and isinstance(output, torch.Tensor) and output.shape[:2] == seen["sequence"].shape[:2]:
             seen = {"out": output[:, t:], "image": seen["sequence"][:, t:], "text": seen["sequence"][:, :t]}

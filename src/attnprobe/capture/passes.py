@@ -83,8 +83,10 @@ def refuse(pipe, loc: dict) -> None:
             f"{name} with skip-layer guidance (skip_guidance_layers={loc['skip_guidance_layers']}) runs extra denoiser "
             "calls that skip blocks, which attnprobe does not label: run without skip_guidance_layers"
         )
-    if name in REFUSED:
-        when, why = REFUSED[name]
+    refused = _known(pipe, REFUSED)  # a subclass runs its base's recipe
+    if refused is not None:
+        name = refused if refused == name else f"{name} (a {refused})"
+        when, why = REFUSED[refused]
         if when is None or _set(loc[when] if when in loc else _property(pipe, when)):
             raise ProbeError(
                 f"{name} {why}, which attnprobe does not label: it refuses rather than record rows or calls under "
@@ -101,16 +103,21 @@ def blocks(pipe, guidance: bool, safety: bool = False) -> tuple[tuple[str, str],
         pipe: the pipeline. guidance: classifier-free guidance runs in the batch.
         safety: Safe Latent Diffusion's safety-concept pass runs.
     """
-    if type(pipe).__name__ in _PIX2PIX:  # torch.cat([prompt, negative, negative]) with [image, image, zeros]
+    if _known(pipe, _PIX2PIX) is not None:  # torch.cat([prompt, negative, negative]) with [image, image, zeros]
         return (("cond", "prompt"), ("image", "negative"), ("uncond", "negative")) if guidance else (("cond", "prompt"),)
     out = (("uncond", "negative"), ("cond", "prompt")) if guidance else (("cond", "prompt"),)
-    if guidance and type(pipe).__name__ in PROMPT_FIRST:
+    if guidance and _known(pipe, PROMPT_FIRST) is not None:
         out = out[::-1]
     if safety:
         out += (("safety", "safety"),)
     if _perturbed(pipe):  # PAG: torch.cat([cond] * 2), after the unconditional block
         out += (("perturbed", "prompt"),)
     return out
+
+
+def _known(pipe, names) -> str | None:
+    """The first class in the pipeline's MRO named in ``names`` (a user's subclass runs its base's recipe)."""
+    return next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in names), None)
 
 
 def _perturbed(pipe) -> bool:

@@ -34,7 +34,7 @@ from ..errors import ProbeError, warn
 from ..store import AttentionStore, Call, StoreWriter
 from ..store.files import json_safe
 from .cross import ProbeProcessor
-from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid
+from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, schedule_meta
 from .evidence import EncodeWatch, note_checks
 from .families import family_of
 from .joint import JOINT_MODES
@@ -166,8 +166,10 @@ class Recorder:
     @torch.compiler.disable
     def _on_encode(self, stream, module, args, kwargs):
         given = self.rows.call_arguments()
-        if not given:
-            return  # the text encoder ran outside a pipeline call (encode_prompt, attnprobe.text): not this call's
+        if not given or (self.calls_in_generation > 0 and self.rows.in_loop()):
+            # outside a pipeline call (encode_prompt, attnprobe.text), or inside its denoising loop (a callback that
+            # re-encodes a prompt): not this call's conditioning, which the denoiser calls themselves show
+            return
         # a new pipeline call begins by encoding its prompts; one with other arguments may follow a call that
         # failed after encoding (its ids must not label this one)
         if self.calls_in_generation > 0 or (self.rows.given is not None and given != self.rows.given):
@@ -177,8 +179,8 @@ class Recorder:
 
     @torch.compiler.disable
     def _on_encode_prompt(self, output) -> None:
-        if not self.rows.call_arguments():
-            return  # encode_prompt called outside a pipeline call (to make prompt_embeds): not this call's
+        if not self.rows.call_arguments() or (self.calls_in_generation > 0 and self.rows.in_loop()):
+            return  # outside a pipeline call (to make prompt_embeds) or inside its loop (a callback): not this call's
         if self.calls_in_generation > 0:  # no text encoder ran before it (prompt_embeds passed): a new call
             self.calls_in_generation = 0
             self.rows.new_pipeline_call()
@@ -245,7 +247,12 @@ class Recorder:
             n_keys = int(call.states.shape[1]) if isinstance(call.states, torch.Tensor) else 0
             self._start_generation(self.rows.label(call.batch, n_keys, hw, self.generation, call.states), call, n_keys)
         elif not self.rows.separate and (call.batch != len(self.layout) or call.states is not self.states):
-            self._rows_changed(call)
+            self.layout, present = self.rows.rows_in(call.batch, call.states, self.store.samples)
+            self._rows_changed(present)
+        elif self.rows.separate and call.states is not self.states:
+            present = self.rows.separate_rows(call.states, "uncond" if uncond_call else "cond", self.store.samples)
+            if present is not None:
+                self._rows_changed(present)
         self.states = call.states
         self.call += 1
         self.calls_in_generation += 1
@@ -287,17 +294,16 @@ class Recorder:
 
     def _set_rows(self, present: list[int | None]) -> None:
         """The batch row of each store sample in the denoiser calls from now on (``None``: it has none)."""
-        rows = [r for r in present if r is not None]
-        contiguous = bool(rows) and rows == list(range(rows[0], rows[-1] + 1))
+        rows = [r for r in present if r is not None] or [0]  # none left: compute one row, store only NaN
+        contiguous = rows == list(range(rows[0], rows[-1] + 1))
         self.state.rows = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, dtype=torch.long)
         self.fill = None
-        if len(rows) < len(present):
+        if len(rows) < len(present) or None in present:
             self.fill = (len(present), torch.tensor([i for i, r in enumerate(present) if r is not None], dtype=torch.long))
 
-    def _rows_changed(self, call: DenoiserCall) -> None:
+    def _rows_changed(self, present: list[int | None]) -> None:
         """The batch or the conditioning changed inside a pipeline call (``callback_on_step_end`` switched guidance
-        off or edited ``prompt_embeds``): label this call's rows and find each sample's row, NaN where it has none."""
-        self.layout, present = self.rows.rows_in(call.batch, call.states, self.store.samples)
+        off or edited ``prompt_embeds``): each sample's row from now on, NaN where it has none."""
         self._set_rows(present)
         if self.fill is not None and self.aggregate:
             raise ProbeError(
@@ -313,7 +319,8 @@ class Recorder:
             return values
         n, present = self.fill
         full = values.new_full((n, *values.shape[1:]), float("nan"))
-        full[present.to(values.device)] = values
+        if len(present):
+            full[present.to(values.device)] = values
         return full
 
     def _packed_hw(self, img_ids: torch.Tensor) -> tuple[int, int]:
@@ -373,9 +380,9 @@ class Recorder:
         outbox.clear()
 
     def _checked(self) -> None:
-        if self.state.checks:
-            note_checks(self.store.meta.setdefault("processor_check", {}), self.state.checks)
-            self.state.checks.clear()
+        checks, self.state.checks[:] = list(self.state.checks), []  # cleared first: the warning may be an error
+        if checks:
+            note_checks(self.store.meta.setdefault("processor_check", {}), checks)
 
     def _note_interventions(self, denoiser) -> None:
         """``meta["interventions"]``: every intervention active during a denoiser call (``attnprobe.intervene``
@@ -450,17 +457,8 @@ class Recorder:
         sites = sorted(
             (replace(s, order=rank.get(s.name)) for s in store.sites), key=lambda s: rank.get(s.name, len(rank))
         )
-        meta, pipe = store.meta, self.pipe
-        scheduler = getattr(pipe, "scheduler", None)
-        if scheduler is not None:
-            meta["scheduler"] = type(scheduler).__name__
-            meta["scheduler_config"] = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-            ts = getattr(scheduler, "timesteps", None)
-            meta["timesteps"] = [float(t) for t in ts] if ts is not None else None
-        h, w = self.latent_hw
-        scale = int(getattr(pipe, "vae_scale_factor", 1) or 1) if pipe is not None else 1
-        meta["latent_size"] = [h, w]
-        meta["image_size"] = [h * scale, w * scale]
+        meta = store.meta
+        meta.update(schedule_meta(self.pipe, self.latent_hw))
         self.writer.finish(sites)
         if error is not None:
             raise error

@@ -37,6 +37,12 @@ def as_texts(value) -> list[str] | None:
     return None
 
 
+def _pipeline(obj) -> bool:
+    from diffusers import DiffusionPipeline
+
+    return isinstance(obj, DiffusionPipeline)
+
+
 def guidance_on(pipe, scale: float | None = None) -> bool | None:
     """Whether a pipeline runs classifier-free guidance in its call in progress (or its last one): its
     ``do_classifier_free_guidance``; without that property, whether ``scale`` (the call's ``guidance_scale``, when
@@ -107,6 +113,8 @@ class BatchRows:
         self.first_states = None  # encoder_hidden_states of the pipeline call's first denoiser call
         self.claims: dict[tuple, int] = {}  # (pass, prompt, image) -> its row in that call
         self.lost: set[int] = set()  # samples whose conditioning changed later in that call
+        self.block_rows = 0  # rows per pass in that call's first denoiser call
+        self.pass_states: dict = {}
         self.unknown_rows: list[int] = []  # rows of that call whose conditioning contradicts their position
         self.evidence = "none"  # how that call's labels were checked (BatchLabels.meta["row_evidence"])
         self._pipe_line: int | None = None  # the pipeline's current line when last looked up
@@ -194,6 +202,12 @@ class BatchRows:
             "safety_pass": bool(loc.get("enable_safety_guidance")),  # SLD: [uncond, cond, safety concept] rows
         }
 
+    def in_loop(self) -> bool:
+        """Whether the pipeline call in progress is past the line of its first denoiser call (in its denoising
+        loop: a ``callback_on_step_end``), rather than before its loop (a new pipeline call encoding its prompts)."""
+        self.pipe_locals()
+        return self._cond_line is not None and self._pipe_line is not None and self._pipe_line > self._cond_line
+
     def _separate_calls(self, loc: dict, states, batch: int) -> bool:
         """Whether a guided pipeline without Flux's ``true_cfg_scale`` runs its passes as separate denoiser calls
         (Wan, Chroma, CogView4, Lumina 2: ``transformer(prompt_embeds)``, then ``transformer(negative_prompt_embeds)``):
@@ -242,8 +256,11 @@ class BatchRows:
                 if owner is not None and owner is self.pipe:
                     self._pipe_line = frame.f_lineno
                     return frame.f_locals
-                if self.pipe is not None and frame.f_locals.get("self") is self.pipe:
-                    self.method = frame.f_code.co_name  # outermost method of the pipeline seen, outside __call__
+                me = frame.f_locals.get("self")
+                if me is not None and (me is self.pipe or (self.pipe is None and _pipeline(me) and any(
+                        getattr(me, a, None) is self.denoiser for a in ("unet", "transformer", "prior")))):
+                    # outermost method of the pipeline seen, outside __call__ (a bare denoiser's: of one that owns it)
+                    self.method = f"{type(me).__name__}.{frame.f_code.co_name}"
                 if drives and other is None:
                     other = owner
         finally:
@@ -371,6 +388,10 @@ class BatchRows:
                 f"(classifier-free guidance now {'on' if cfg else 'off'}): attnprobe cannot tell which row is which"
             )
         n = batch // len(order)
+        if n != self.block_rows:  # images or prompts dropped: which ones remain, no conditioning tells
+            self.lose([s.index for s in samples if s.index not in self.lost],
+                      f"the denoiser batch changed from {self.block_rows} to {n} rows per pass inside the pipeline call")
+            return tuple(order[row // n][0] for row in range(batch)), [None] * len(samples)
         per_prompt = max((key[2] for key in self.claims), default=0) + 1
         labels, rows = [], []
         for row in range(batch):
@@ -383,16 +404,34 @@ class BatchRows:
         same = same_rows(states, self.first_states, [(r, s.row) if r is not None else None for s, r in zip(samples, present)])
         changed = [s.index for s, r, ok in zip(samples, present, same) if r is not None and not ok
                    and s.index not in self.lost]
-        self.lost.update(changed)
+        self.lose(changed, "the conditioning of samples {} changed inside the pipeline call (a callback_on_step_end "
+                           "edited prompt_embeds?)")
         mapped = [r if r is not None and ok and s.index not in self.lost else None
                   for s, r, ok in zip(samples, present, same)]
-        if changed:
-            warn(
-                f"the conditioning of samples {changed} changed inside the pipeline call (a callback_on_step_end edited "
-                "prompt_embeds?): attnprobe no longer knows what they were conditioned on, so their maps are NaN from "
-                "this denoiser call on",
-            )
         return tuple(labels), mapped
+
+    def separate_rows(self, states, label: str, samples) -> list[int | None] | None:
+        """A pipeline that runs its passes as separate denoiser calls: per store sample its row in this call of pass
+        ``label``, ``None`` for samples whose conditioning is no longer that of the pass's first call (with a
+        warning); ``None`` when nothing changed."""
+        first = self.pass_states.setdefault(label, states)
+        if states is first or label != self.passes:
+            return None
+        same = same_rows(states, first, [(s.row, s.row) for s in samples])
+        self.lose([s.index for s, ok in zip(samples, same) if not ok], "the conditioning of samples {} changed "
+                  "inside the pipeline call (a callback_on_step_end edited prompt_embeds?)")
+        return [None if s.index in self.lost else s.row for s in samples]
+
+    def lose(self, samples: list[int], why: str) -> None:
+        """Samples that no longer have a row attnprobe can name, from this denoiser call to the end of the pipeline
+        call: their maps are NaN (``self.lost``), with a warning that says ``why`` (``{}``: the samples)."""
+        samples = [i for i in samples if i not in self.lost]
+        if not samples:
+            return
+        self.lost.update(samples)
+        why = why.format(samples) if "{}" in why else f"{why} (samples {samples})"
+        warn(f"{why}: attnprobe no longer knows which row or conditioning is theirs, so their maps are NaN from this "
+             "denoiser call on")
 
     def label(self, batch: int, n_keys: int, hw: tuple[int, int], generation: int, states=None) -> BatchLabels:
         """The labels of a pipeline call's denoiser batch of ``batch`` rows and ``n_keys`` text keys on an ``hw``
@@ -415,13 +454,12 @@ class BatchRows:
         cfg = self._guidance_on(given, batch)
         if self.pipe is not None:
             refuse(self.pipe, loc)
-            if not loc and self.method is not None:
-                raise ProbeError(
-                    f"{type(self.pipe).__name__}.{self.method} runs the denoiser outside the pipeline's __call__ "
-                    "(DiffEdit's invert and generate_mask do), with a batch attnprobe cannot label from the pipeline's "
-                    f"recipe: it refuses rather than label its rows wrongly. Open the probe around pipe(...) only, "
-                    f"not around {self.method}(...)"
-                )
+        if not loc and self.method is not None:
+            raise ProbeError(
+                f"{self.method} runs the denoiser outside the pipeline's __call__ (DiffEdit's invert and "
+                "generate_mask do), with a batch attnprobe cannot label from the pipeline's recipe: it refuses rather "
+                f"than label its rows wrongly. Open the probe around pipe(...) only, not around {self.method}(...)"
+            )
         if separate and self.passes == "all":
             raise ProbeError(
                 "passes='all', but this pipeline runs the unconditional pass as separate denoiser calls (true CFG: "
@@ -449,11 +487,16 @@ class BatchRows:
         )
         frame_negative = given.get("negative_prompt")
         cond_texts = self.caller_prompts or given.get("prompt")
-        n_prompts = cond_ids[0].shape[0] if cond_ids and cond_ids[0] is not None else len(cond_texts) if cond_texts else n
+        per_image = loc.get("num_images_per_prompt")
+        per_image = per_image if isinstance(per_image, int) and per_image > 0 and n % per_image == 0 else 1
+        n_prompts = (cond_ids[0].shape[0] if cond_ids and cond_ids[0] is not None else len(cond_texts) if cond_texts
+                     else n // per_image)  # prompt_embeds passed: one row per prompt and image
+        if self.caller_prompts is not None and cond_ids and cond_ids[0] is None and per_image * len(self.caller_prompts) != n:
+            n_prompts = n // per_image  # the rows of prompt_embeds, num_images_per_prompt each
         if self.caller_prompts is not None and (len(self.caller_prompts) != n_prompts or n % n_prompts):
             raise ProbeError(
                 f"probe(prompts=...) gave {len(self.caller_prompts)} texts, but this pipeline call encodes "
-                f"{n_prompts} prompts ({n} conditional rows): give one text per prompt"
+                f"{n_prompts} prompts ({n} conditional rows, {per_image} image(s) per prompt): give one text per prompt"
             )
         if cond_texts is not None and len(cond_texts) != n_prompts:
             cond_texts = None
@@ -495,7 +538,7 @@ class BatchRows:
             label, text_source, prompt_index, image_index = claims[row]
             if labels[row] == "unknown":  # its conditioning contradicts its position: nothing known of it
                 samples.append(Sample(len(samples), "unknown", -1, self.unknown_rows.index(row), row, None))
-                sample_layouts.append(unlabelled_layout(n_keys, source="none"))
+                sample_layouts.append(unlabelled_layout(n_keys, source="contradicted"))
                 continue
             if text_source == "safety":  # one safety concept for every prompt, encoded once
                 if (text_source, 0) not in layouts:
@@ -512,7 +555,8 @@ class BatchRows:
             lay = layouts[(text_source, 0 if text_source == "safety" else prompt_index)]
             samples.append(Sample(len(samples), label, prompt_index, image_index, row, lay.text))
             sample_layouts.append(lay)
-        self.first_states, self.lost = states, set()
+        self.first_states, self.lost, self.block_rows = states, set(), n
+        self.pass_states = {"cond": states}  # separate passes: each pass's first conditioning (the first is cond)
         self.claims = {(c[0], c[2], c[3]): row for row, c in enumerate(claims) if labels[row] != "unknown"}
 
         key = (tuple(labels), tuple((s.pass_label, s.prompt_index, s.image_index, s.text) for s in samples), hw, n_keys)

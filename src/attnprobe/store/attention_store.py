@@ -222,6 +222,9 @@ class AttentionStore:
         idx = self.sample_index(sample)
         s = self.samples[idx]
         where = f"sample {idx} ({s.pass_label} pass, prompt {s.prompt_index})"
+        if s.pass_label != "cond":  # a concept is usually looked up in the prompt: say where the prompt's rows are
+            cond = [x.index for x in self.samples if x.pass_label == "cond"]
+            where += f"; the conditional samples are {cond}" if cond else ""
         found = find_concept(self._layouts[idx], concept, where=where)
         if self.token_positions is None:
             return found

@@ -33,7 +33,8 @@ class TokenLayout:
         truncated_at: character index in ``text`` where the tokenizer's maximum length cut it, or ``None``.
         source: how the text is known: ``"prompt"`` (the pipeline call's prompt), ``"decoded"`` (decoded from
             the ids), ``"caller"`` (given to ``probe(prompts=…)``), ``"zeros"`` (no text: zero embeddings),
-            ``"chunked"`` (the caller's text, encoded in chunks: positions unknown) or ``"none"``.
+            ``"chunked"`` (the caller's text, encoded in chunks: positions unknown), ``"contradicted"`` (a row whose
+            conditioning contradicts its position in the batch: pass ``"unknown"``) or ``"none"``.
         streams: per position, the text encoder it comes from (``"text_encoder"``, ``"text_encoder_3"``…) when the
             keys concatenate several encoders' positions (SD3: 77 CLIP, then T5); empty for one encoder.
     """
@@ -210,6 +211,12 @@ def find_concept(layout: TokenLayout, concept: str, where: str = "the prompt") -
             not in it (the message shows the tokens); or an occurrence lies past the tokenizer's maximum length
             (truncated).
     """
+    if layout.source == "contradicted":
+        raise ConceptError(
+            f"{where} is a batch row whose conditioning contradicts the pass its position names ("
+            "see store.meta['row_evidence'] and the warning at capture): attnprobe does not know what it was "
+            "conditioned on, so it has no text to find a concept in. Use a labelled sample, or select positions by index"
+        )
     if layout.text is None:
         raise ConceptError(
             f"{where} has no prompt text (source: {layout.source}): the pipeline was called with prompt_embeds "
