@@ -52,6 +52,11 @@ def test_an_error_inside_the_block_leaves_whole_calls_that_save_and_load(pipe, t
     assert store.meta["complete"] is False
     back = attnprobe.AttentionStore.load(store.save(tmp_path / "partial.safetensors"))
     assert len(back.calls) == 2 and attnprobe.trajectory(back, "dog").shape == (2,)
+    with pytest.raises(KeyboardInterrupt):  # stopped before the first denoiser call: the store says why it is empty
+        with probe(pipe) as empty:
+            raise KeyboardInterrupt
+    with pytest.raises(attnprobe.SelectionError, match="holds no samples, because no denoiser call was recorded"):
+        attnprobe.trajectory(empty, "dog")
 
 
 def test_text_encoder_calls_outside_the_pipeline_call_are_ignored(pipe):

@@ -182,6 +182,10 @@ class AttentionStore:
             SelectionError (an IndexError): no such sample (the message lists the samples).
         """
         idx = sample.index if isinstance(sample, Sample) else as_index(sample)
+        if not self.samples:
+            raise SelectionError(
+                f"sample {sample!r}: this store holds no samples, because no denoiser call was recorded (the block "
+                f"ended before the first one: store.meta.get('complete') is {self.meta.get('complete')!r})")
         if idx is None or not -len(self.samples) <= idx < len(self.samples):
             listing = "\n  ".join(
                 f"{s.index}: {s.pass_label} prompt {s.prompt_index} image {s.image_index}: {s.text!r}" for s in self.samples
