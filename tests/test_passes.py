@@ -518,3 +518,38 @@ def test_warnings_turned_into_errors_leave_a_closed_store(parts):
     finally:
         attn.set_processor(original)
     assert store.meta["complete"] is False and store.meta["processor_check"][SITE]["verdict"] == "differs"
+
+
+def test_conditioning_changed_between_the_denoiser_and_a_site_is_said(parts):
+    pipe = _sd(parts)
+    flip = lambda m, a, k: (a, {**k, "encoder_hidden_states": k["encoder_hidden_states"].flip(0)})
+    block = pipe.unet.get_submodule(SITE.removesuffix(".attn2"))
+    attn = pipe.unet.get_submodule(SITE)
+    original = attn.processor
+
+    class Flip(type(original)):  # reorders the rows before projecting its keys
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+            return super().__call__(attn, hidden_states, encoder_hidden_states.flip(0), *args, **kwargs)
+
+    for where in ("unet after the probe", "block", "processor"):
+        if where == "processor":
+            attn.set_processor(Flip())
+        try:
+            with pytest.warns(attnprobe.AttnprobeWarning, match=r"attend to other encoder_hidden_states than the"):
+                with attnprobe.probe(pipe, passes="all") as store:
+                    hook = (pipe.unet.register_forward_pre_hook(flip, with_kwargs=True) if where != "block"
+                            else block.register_forward_pre_hook(flip, with_kwargs=True)) if where != "processor" else None
+                    try:
+                        pipe(["a picture of dog", "a red house"], **RUN)
+                    finally:
+                        if hook is not None:
+                            hook.remove()
+        finally:
+            attn.set_processor(original)
+        check = store.meta["processor_check"]
+        moved = sorted(k for k, v in check.items() if v["conditioning"] == "differs")
+        assert store.meta["row_evidence"] == "contradicted"
+        assert moved == (sorted(check) if where == "unet after the probe" else [SITE]), where
+    with attnprobe.probe(pipe, passes="all") as store:
+        pipe(["a picture of dog", "a red house"], **RUN)
+    assert {v["conditioning"] for v in store.meta["processor_check"].values()} == {"equal"}

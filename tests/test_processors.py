@@ -163,7 +163,7 @@ def test_nested_probes_both_record_and_restore_in_any_order():
     for store in (outer, inner):  # both name the processor that runs, not the other probe's wrapper
         assert store.meta["processor_check"][site] | {"relative_error": 0} == {
             "processor": type(before[site + ".processor"]).__name__, "verdict": "equal", "relative_error": 0,
-            "tolerance": 1e-4}
+            "tolerance": 1e-4, "conditioning": "equal"}
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
     # closed out of order: the outer probe first
     a, b = attnprobe.probe(pipe), attnprobe.probe(pipe)

@@ -186,7 +186,8 @@ class ProbeProcessor:
             probs = probs.to(state.dtype, copy=workspace is not None)  # never hand on a scratch buffer
         state.outbox.append((self.site, probs))
         if check is not None:
-            self._check(attn, query, key, mask, *check[1:])
+            states = kwargs.get("encoder_hidden_states", args[0] if args else None)
+            self._check(attn, query, key, mask, *check[1:], states)
         return output
 
     def _check_hooks(self, attn):
@@ -216,14 +217,30 @@ class ProbeProcessor:
             inner = inner.inner
         return inner
 
-    def _check(self, attn, query, key, mask, seen: dict) -> None:
+    def _same_conditioning(self, attn, states, key) -> bool | None:
+        """Whether the site attended to the rows the labels describe: its ``encoder_hidden_states`` are the
+        denoiser's (UNets, ``state.states``; a hook may change them on the way) and its keys are ``to_k`` of them (a
+        processor may reorder or replace them before projecting). ``None``: nothing to compare."""
+        if not isinstance(states, torch.Tensor):
+            return None  # IP-Adapter's (text, image) tuple, or self-attention
+        given = self.state.states
+        if isinstance(given, torch.Tensor) and states.shape == given.shape and states is not given:
+            if not torch.equal(states, given):
+                return False
+        with torch.no_grad():
+            inputs = attn.norm_encoder_hidden_states(states) if getattr(attn, "norm_cross", None) else states
+            keys = attn.to_kv(inputs).chunk(2, dim=-1)[0] if self.attn_fused else attn.to_k(inputs)
+        return keys.shape == key.shape and torch.equal(keys, key)
+
+    def _check(self, attn, query, key, mask, seen: dict, states=None) -> None:
         """Verify once (``output_error``): the result goes to ``state.checks`` as ``(site, processor, error or None,
         tolerance)``; ``None``: the processor called no ``to_v`` or ``to_out[0]`` to compare, or its output is not
         finite (nothing to compare it by)."""
         self.checked = True
         name = type(self.innermost()).__name__
+        same = self._same_conditioning(attn, states, key)
         if "value" not in seen or "out" not in seen:
-            self.state.checks.append((self.site, name, None, None))
+            self.state.checks.append((self.site, name, None, None, same))
             return
         out = seen["out"]
         tolerance = TOLERANCE.get(out.dtype, HALF_TOLERANCE)
@@ -231,7 +248,7 @@ class ProbeProcessor:
             error = output_error(attn, attention_probs(attn, query, key, mask), seen["value"], out)
         if not math.isfinite(error):
             error = tolerance = None
-        self.state.checks.append((self.site, name, error, tolerance))
+        self.state.checks.append((self.site, name, error, tolerance, same))
 
     def __repr__(self) -> str:
         return f"ProbeProcessor(site={self.site!r}, inner={self.inner!r})"

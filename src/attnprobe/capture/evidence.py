@@ -186,20 +186,29 @@ def same_rows(states, first, pairs: list[tuple[int, int] | None]) -> list[bool]:
     return [pair is not None and _equal(states[pair[0]], first[pair[1]]) for pair in pairs]
 
 
-def note_checks(record: dict, checks) -> None:
+def note_checks(record: dict, checks) -> list[str]:
     """Write the processor checks of ``cross.ProbeProcessor`` (``(site, processor, relative error or None,
-    tolerance)``, once per site) into ``record`` (``store.meta["processor_check"]``) and warn once per processor
-    class about the sites whose output is not the recorded probabilities times the values.
+    tolerance, conditioning)``, once per site) into ``record`` (``store.meta["processor_check"]``) and warn once per
+    processor class about the sites whose output is not the recorded probabilities times the values, and once about
+    sites whose ``encoder_hidden_states`` are not the denoiser's.
 
     ``record[site]``: ``{"processor", "verdict": "equal" | "differs" | "not checked", "relative_error",
-    "tolerance"}``.
+    "tolerance", "conditioning": "equal" | "differs" | "not checked"}``.
+
+    Returns:
+        the sites whose conditioning differs from the denoiser's (their rows' labels are not evidence for them).
     """
     differ: dict[str, list] = {}
-    for site, name, error, tolerance in checks:
+    moved = []
+    for site, name, error, tolerance, same in checks:
         verdict = "not checked" if error is None else "equal" if error <= tolerance else "differs"
-        record[site] = {"processor": name, "verdict": verdict, "relative_error": error, "tolerance": tolerance}
+        conditioning = "not checked" if same is None else "equal" if same else "differs"
+        record[site] = {"processor": name, "verdict": verdict, "relative_error": error, "tolerance": tolerance,
+                        "conditioning": conditioning}
         if verdict == "differs":
             differ.setdefault(name, []).append((site, error, tolerance))
+        if conditioning == "differs":
+            moved.append(site)
     for name, sites in differ.items():
         worst = max(sites, key=lambda s: s[1])
         warn(
@@ -208,3 +217,11 @@ def note_checks(record: dict, checks) -> None:
             "or adds attention (Prompt-to-Prompt reweighting, IP-Adapter, …), so the store holds the attention the "
             "model would have computed without that edit (store.meta['processor_check'])",
         )
+    if moved:
+        warn(
+            f"{len(moved)} site(s) {moved[:3]}{' …' if len(moved) > 3 else ''} attend to other encoder_hidden_states "
+            "than the denoiser was called with (a hook or processor changed them on the way): the row labels, "
+            "checked at the denoiser's input, may not describe what these sites saw (store.meta['row_evidence'] is "
+            "'contradicted')",
+        )
+    return moved

@@ -248,7 +248,7 @@ class JointProbeProcessor(ProbeProcessor):
         if "sequence" in seen and isinstance(output, torch.Tensor) and output.shape[:2] == seen["sequence"].shape[:2]:
             seen = {"out": output[:, t:], "image": seen["sequence"][:, t:], "text": seen["sequence"][:, :t]}
         if not {"out", "image", "text"} <= set(seen):
-            self.state.checks.append((self.site, name, None, None))
+            self.state.checks.append((self.site, name, None, None, None))
             return
         out = seen["out"]
         with torch.no_grad():
@@ -258,7 +258,7 @@ class JointProbeProcessor(ProbeProcessor):
         tolerance = TOLERANCE.get(out.dtype, HALF_TOLERANCE)
         if not math.isfinite(error):
             error = tolerance = None
-        self.state.checks.append((self.site, name, error, tolerance))
+        self.state.checks.append((self.site, name, error, tolerance, None))
 
     def _split(self, attn, query, key, text_key, emb, state, rows="state"):
         """Image queries (scaled), image keys and text keys ``[sample, head, position, d]``, as the processor has

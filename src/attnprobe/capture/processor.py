@@ -63,8 +63,11 @@ class CaptureState:
         text_len: text tokens of the denoiser call in progress (for Flux's single-stream sites; fixed for a
             pipeline and ``max_sequence_length``, so it does not make a compiled denoiser recompile per call).
         shares: ``(site, [sample, head])`` mean text share of each joint site of the call in progress.
-        checks: ``(site, processor class, relative error or None, tolerance)`` of the sites verified in the call in
-            progress (once per site: ``cross.output_error``).
+        checks: ``(site, processor class, relative error or None, tolerance, conditioning)`` of the sites verified
+            in the call in progress (once per site: ``cross.output_error``; ``conditioning``: whether the site got the
+            denoiser's own ``encoder_hidden_states``, ``None`` where not compared).
+        states: the denoiser call's ``encoder_hidden_states`` where its cross sites receive them unchanged (UNets),
+            for the once-per-site check that no hook or processor changed them on the way; else ``None``.
     """
 
     keep: bool = False
@@ -72,6 +75,7 @@ class CaptureState:
     heads: str = "keep"
     tokens: torch.Tensor | None = None
     dtype: torch.dtype = torch.float32
+    states: Any = None
     outbox: list = field(default_factory=list)
     workspace: dict = field(default_factory=dict)
     joint: str = "exact"

@@ -59,6 +59,8 @@ class Recorder:
                  calls=None, tokens=None, aggregate=None, stream_to=None, joint="exact"):
         self.denoiser = denoiser
         self.family = family_of(denoiser)
+        # a UNet hands its encoder_hidden_states to its cross sites unchanged (unless it projects them first)
+        self.same_states = self.family.name == "unet" and getattr(denoiser, "encoder_hid_proj", None) is None
         self.rows = BatchRows(pipe if pipe is not denoiser else None, denoiser, passes, prompts)
         self.encode_watch = EncodeWatch(self.rows.pipe, self._on_encode_prompt)
         self.fill: tuple[int, torch.Tensor] | None = None  # samples with a row in this call, when not all have one
@@ -237,6 +239,7 @@ class Recorder:
         t = self.timesteps.value(call.timestep, getattr(self.pipe, "scheduler", None))
         hw = call.latent_hw(self._packed_hw)
         self.state.text_len = call.text_len
+        self.state.states = call.states if self.same_states else None
         uncond_call = self.rows.separate and self.rows.uncond_call(call.states)
         if self.calls_in_generation > 0 and not uncond_call and self._starts_generation(call.batch, t, hw):
             self.calls_in_generation = 0
@@ -381,8 +384,8 @@ class Recorder:
 
     def _checked(self) -> None:
         checks, self.state.checks[:] = list(self.state.checks), []  # cleared first: the warning may be an error
-        if checks:
-            note_checks(self.store.meta.setdefault("processor_check", {}), checks)
+        if checks and note_checks(self.store.meta.setdefault("processor_check", {}), checks):
+            self.store.meta["row_evidence"] = "contradicted"
 
     def _note_interventions(self, denoiser) -> None:
         """``meta["interventions"]``: every intervention active during a denoiser call (``attnprobe.intervene``
@@ -448,7 +451,7 @@ class Recorder:
         checks = store.meta.setdefault("processor_check", {})
         for name, kind in self.kinds.items():  # joint sites, compiled runs, sites that never ran recorded
             checks.setdefault(name, {"processor": type(self.originals.get(name)).__name__, "verdict": "not checked",
-                                     "relative_error": None, "tolerance": None})
+                                     "relative_error": None, "tolerance": None, "conditioning": "not checked"})
         store.meta["complete"] = complete and error is None
         if self.order:
             record_order(self.denoiser, self.order)
