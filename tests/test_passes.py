@@ -553,3 +553,18 @@ def test_conditioning_changed_between_the_denoiser_and_a_site_is_said(parts):
     with attnprobe.probe(pipe, passes="all") as store:
         pipe(["a picture of dog", "a red house"], **RUN)
     assert {v["conditioning"] for v in store.meta["processor_check"].values()} == {"equal"}
+
+
+def test_one_step_pipeline_calls_are_told_apart(parts):
+    pipe = _sd(parts)
+    assert not isinstance(getattr(type(pipe.scheduler), "step_index", None), property)  # DDIM: no step index
+    one = dict(RUN, num_inference_steps=1)
+    for target in (pipe, pipe.unet):  # the same timestep in both calls: the pipeline's loop index tells
+        with attnprobe.probe(target, sites=[SITE]) as store:
+            pipe(["a picture of dog", "a red house"], **one)
+            pipe(["a picture of dog", "a red house"], **one)
+        assert [c.generation for c in store.calls] == [0, 1]
+        with pytest.raises(ProbeError, match="pipeline call 1 has"):
+            with attnprobe.probe(target, sites=[SITE]):
+                pipe(["a picture of dog", "a red house"], **one)
+                pipe(["a red house", "a picture of dog"], **one)

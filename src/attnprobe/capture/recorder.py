@@ -345,6 +345,8 @@ class Recorder:
         scheduler = getattr(self.pipe, "scheduler", None)
         if scheduler is not None and isinstance(getattr(type(scheduler), "step_index", None), property):
             return scheduler.step_index in (None, 0)
+        if timestep == self.last_timestep:  # one-step schedules repeat it across pipeline calls (PNDM within one)
+            return (self.rows.pipe_locals() or {}).get("i") == 0  # the pipeline's denoising loop starts again
         return False
 
     def _grid(self, site: str, n_query: int) -> tuple[int, int]:
