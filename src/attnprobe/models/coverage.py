@@ -1,0 +1,202 @@
+"""What attnprobe does with each pipeline of the installed diffusers: the coverage table of docs/pipelines.md.
+
+    >>> rows = pipeline_verdicts()
+    >>> next(r for r in rows if r.pipeline == "StableDiffusionPanoramaPipeline").verdict
+    'refused: runs one denoiser call per view of the panorama at every step'
+
+Two parts, both computed, never written by hand:
+
+- ``pipeline_verdicts()``: every text-conditioned ``DiffusionPipeline`` class diffusers exports, with its denoiser class
+  (from its ``__init__`` annotations), the attnprobe family that covers that class, and a verdict: ``tested`` (a tiny
+  pipeline of that class runs in the test suite), ``refused …`` (``capture.passes.REFUSED``: the probe raises before
+  its first denoiser call), ``family …, untested`` or ``generic …, untested`` (sites found by structure; labels
+  checked against evidence, but no test of that pipeline).
+- ``measure(name)``: what the tests measure on a tiny pipeline (``attnprobe.testing.tiny_pipeline``): sites and their
+  kinds, text encoders, whether images are bit-identical with the probe on in fp32 and bf16, and whether a concept's
+  token positions are found.
+
+``python tools/pipelines_table.py`` writes docs/pipelines.md from both; a test checks that the page is current.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from ..capture import probe
+from ..capture.families import FAMILIES, family_of
+from ..capture.passes import REFUSED
+from .tiny import TINY_PIPELINES, tiny_pipeline
+
+__all__ = ["Verdict", "pipeline_verdicts", "measure", "render_page", "TESTED"]
+
+#: the denoiser argument of a pipeline's ``__init__``, in the order they are looked for
+_DENOISER_ARGS = ("unet", "transformer", "prior", "decoder")
+#: the text-encoder arguments that make a pipeline text-conditioned
+_TEXT_ARGS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One pipeline class: ``pipeline``, its ``denoiser`` class name, the ``family`` that covers it (``"generic"``
+    for none) and ``verdict``."""
+
+    pipeline: str
+    denoiser: str
+    family: str
+    verdict: str
+
+
+#: pipeline classes the test suite runs: the tiny pipeline it builds (``attnprobe.testing.tiny_pipeline``; ``None``:
+#: built in the test from a tiny pipeline's components) and the test file
+TESTED: dict[str, tuple[str | None, str]] = {
+    "StableDiffusionPipeline": ("sd", "tests/test_probe.py"),
+    "StableDiffusionXLPipeline": ("sdxl", "tests/test_probe.py"),
+    "StableDiffusion3Pipeline": ("sd3", "tests/test_joint.py"),
+    "FluxPipeline": ("flux", "tests/test_joint.py"),
+    "PixArtAlphaPipeline": ("pixart", "tests/test_joint.py"),
+    "PixArtSigmaPipeline": ("pixart-sigma", "tests/test_joint.py"),
+    "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
+    "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
+    "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
+}
+
+
+def _denoiser(cls) -> tuple[str, tuple[type, ...]] | None:
+    """The denoiser class name(s) in a pipeline's ``__init__`` annotation, and the diffusers classes they name."""
+    import diffusers
+
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    for arg in _DENOISER_ARGS:
+        if arg in params:
+            note = params[arg].annotation
+            text = note if isinstance(note, str) else getattr(note, "__name__", None) or str(note)
+            names = [part.strip().rsplit(".", 1)[-1] for part in text.replace("Optional[", "").strip("]").split("|")]
+            names = [n for n in names if n and n != "None"]
+            classes = tuple(c for c in (getattr(diffusers, n, None) for n in names) if isinstance(c, type))
+            return " | ".join(names), classes
+    return None
+
+
+def pipeline_verdicts() -> list[Verdict]:
+    """Every text-conditioned pipeline class of the installed diffusers with what attnprobe does with it, sorted by
+    name (see the module docstring for the verdicts)."""
+    import diffusers
+
+    out = []
+    for name in sorted(n for n in dir(diffusers) if "Pipeline" in n):
+        try:
+            cls = getattr(diffusers, name)
+        except Exception:  # a pipeline whose optional dependency is missing
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+            continue
+        found = _denoiser(cls)
+        params = inspect.signature(cls.__init__).parameters
+        if found is None or not any(arg in params for arg in _TEXT_ARGS):
+            continue  # no denoiser, or not text-conditioned: nothing to probe for text attention
+        denoiser, classes = found
+        family = next((f.name for f in FAMILIES if any(
+            issubclass(c, tuple(d for d in (getattr(diffusers, x, None) for x in f.denoisers) if isinstance(d, type)))
+            for c in classes)), "generic")
+        refused = next((c.__name__ for c in cls.__mro__ if c.__name__ in REFUSED), None)
+        if refused is not None:
+            when, why = REFUSED[refused]
+            verdict = f"refused: {why}" + (f" (when {when})" if when else "")
+        elif name in TESTED:
+            verdict = f"tested ({TESTED[name][1]})"
+        elif family != "generic":
+            verdict = f"family {family}, untested"
+        else:
+            verdict = "generic (sites by structure), untested"
+        out.append(Verdict(name, denoiser, family, verdict))
+    return out
+
+
+def measure(name: str) -> dict:
+    """What the tests measure on the tiny pipeline ``name`` (``attnprobe.testing.tiny_pipeline``): ``pipeline``,
+    ``sites`` (count), ``kinds`` (``{"cross": n, …}``), ``encoders`` (the text encoders whose positions are the keys,
+    by class), ``bit_identical`` (``{"fp32": bool, "bf16": bool}``: images with the probe on equal those without, bit
+    for bit), ``concept_found`` (the positions of "dog" in the conditional sample's prompt)."""
+    out: dict = {"bit_identical": {}}
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        pipe = tiny_pipeline(name, dtype=dtype)
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
+        params = inspect.signature(type(pipe).__call__).parameters
+        kwargs.update({k: v for k, v in (("max_sequence_length", 16), ("use_resolution_binning", False),
+                                         ("clean_caption", False)) if k in params})
+        run = lambda: pipe("a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+        plain = run()
+        with probe(pipe) as store:
+            probed = run()
+        out["bit_identical"][label] = bool(torch.equal(plain, probed))
+        if label == "fp32":
+            family = family_of(denoiser)
+            out.update(
+                pipeline=type(pipe).__name__,
+                family=family.name,
+                sites=len(store.sites),
+                kinds=dict(Counter(s.kind for s in store.sites)),
+                encoders=[type(getattr(pipe, enc)).__name__ for enc, _ in family.text_streams(pipe)],
+                concept_found=bool(store.token_indices(store.samples[0].index, "dog")),
+            )
+    return out
+
+
+def render_page() -> str:
+    """docs/pipelines.md: the measured tiny pipelines, then every text-conditioned pipeline with its verdict."""
+    import diffusers
+
+    lines = [
+        "# Supported pipelines",
+        "",
+        "Written by `tools/pipelines_table.py` from `attnprobe.models.coverage` (a test fails when it is stale): do "
+        f"not edit by hand. diffusers {diffusers.__version__}.",
+        "",
+        "## Measured on tiny pipelines",
+        "",
+        "Each row is measured on the tiny pipeline of `attnprobe.testing.tiny_pipeline(name)` (real diffusers classes, "
+        "seeded weights, no downloads): its sites and their kinds, the text encoders whose positions are the keys, "
+        "images bit-identical with the probe on, and the token positions of a concept found in the prompt. The test "
+        "files hold the rest: maps against an independent reference, pass labels, grids.",
+        "",
+        "| tiny | pipeline | family | sites (kinds) | text encoders | bit-identical fp32 / bf16 | concept found | tests |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_tiny = {tiny: (cls, where) for cls, (tiny, where) in TESTED.items() if tiny}
+    for name in TINY_PIPELINES:
+        m = measure(name)
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(m["kinds"].items()))
+        same = " / ".join("yes" if m["bit_identical"][d] else "**no**" for d in ("fp32", "bf16"))
+        lines.append(f"| `{name}` | `{m['pipeline']}` | {m['family']} | {m['sites']} ({kinds}) | "
+                     f"{', '.join(m['encoders'])} | {same} | {'yes' if m['concept_found'] else '**no**'} | "
+                     f"`{by_tiny.get(name, (None, '—'))[1]}` |")
+    rows = pipeline_verdicts()
+    counts = Counter(r.verdict.split(" (")[0].split(":")[0].split(",")[0] for r in rows)
+    lines += [
+        "",
+        f"## Every text-conditioned pipeline of diffusers {diffusers.__version__}",
+        "",
+        f"{len(rows)} pipeline classes with a denoiser and a text encoder: "
+        + ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: -kv[1])) + ". "
+        "*tested*: a test runs that pipeline class. *refused*: the probe raises before the first denoiser call, naming "
+        "the pipeline (its batch or calls are not what attnprobe labels). *family …, untested*: its denoiser class is "
+        "one attnprobe knows, but no test runs this pipeline. *generic*: sites found by structure alone; labels are "
+        "still checked against what each row was conditioned on (rows that contradict their label are `unknown`, with "
+        "a warning), but nothing of this pipeline is tested.",
+        "",
+        "| pipeline | denoiser | family | verdict |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| `{r.pipeline}` | `{r.denoiser}` | {r.family} | {r.verdict} |" for r in rows]
+    lines += ["", "What a site is for each transformer family, the `exact` and `renorm` maps of joint attention, "
+              "token layouts, grids and memory: [Transformer denoisers](transformers.md). Row labels, refusals and "
+              "the evidence they are checked against: [Concepts](concepts.md).", ""]
+    return "\n".join(lines)
