@@ -27,8 +27,9 @@ OPTIONS = {
     "pixart": dict(height=64, width=64, max_sequence_length=T5_LEN, use_resolution_binning=False, clean_caption=False),
 }
 OPTIONS["pixart-sigma"] = OPTIONS["pixart"]
+OPTIONS["chroma"] = OPTIONS["flux"]
 BUILD = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline, "pixart": tiny_pixart_pipeline,
-         "pixart-sigma": partial(tiny_pipeline, "pixart-sigma")}
+         "pixart-sigma": partial(tiny_pipeline, "pixart-sigma"), "chroma": partial(tiny_pipeline, "chroma")}
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +100,12 @@ def test_real_topologies_on_meta():
 
 # ---------------------------------------------------------------------------------------------- images
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("family", ["sd3", "flux", "pixart", "pixart-sigma"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "pixart", "pixart-sigma"])
 def test_images_bit_identical_and_processors_restored(pipes, family, dtype):
     pipe = pipes[family] if dtype == torch.float32 else BUILD[family](dtype=dtype)
     before = processors(pipe)
     plain = generate(pipe, family)
-    with attnprobe.probe(pipe, passes="all" if family != "flux" else "cond") as store:
+    with attnprobe.probe(pipe, passes="all" if family not in ("flux", "chroma") else "cond") as store:
         probed = generate(pipe, family)
     assert torch.equal(plain, probed)
     assert processors(pipe) == before and not any(isinstance(p, ProbeProcessor) for p in before.values())
@@ -145,7 +146,7 @@ class Inputs:
         clone = lambda t: t if t is None or not isinstance(t, torch.Tensor) else t.detach().clone()  # noqa: E731
         emb = get(3, "image_rotary_emb")
         self.seen[name].append((clone(get(0, "hidden_states")), clone(get(1, "encoder_hidden_states")),
-                                None if emb is None else tuple(e.double() for e in emb)))
+                                None if emb is None else tuple(e.double() for e in emb), clone(get(2, "attention_mask"))))
 
     def close(self):
         for h in self.handles:
@@ -163,8 +164,9 @@ def _rope64(x, emb):
 
 
 @torch.no_grad()
-def reference(attn, kind, hidden, states, emb, text_len):
-    """Image-query × text-key block of the full softmax over all keys, float64 ``[batch, head, N, T]``."""
+def reference(attn, kind, hidden, states, emb, text_len, mask=None):
+    """Image-query × text-key block of the full softmax over all keys, float64 ``[batch, head, N, T]``; a float mask
+    is added to the logits, a boolean one removes the keys it marks False (as scaled-dot-product attention does)."""
     attn64 = {n: getattr(attn, n, None) for n in ("to_q", "to_k", "add_q_proj", "add_k_proj", "norm_q", "norm_k",
                                             "norm_added_q", "norm_added_k")}
     dbl = lambda module, x: module.double()(x.double()) if module is not None else x.double()  # noqa: E731
@@ -186,6 +188,8 @@ def reference(attn, kind, hidden, states, emb, text_len):
             image, text = slice(text_len, None), slice(0, text_len)
         q, k = _rope64(q, emb), _rope64(k, emb)
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+        if mask is not None:  # Chroma: [batch, 1, seq, seq] over [text; image]
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
         return logits.softmax(-1)[:, :, image, text]
     finally:
         for module in attn64.values():
@@ -193,13 +197,14 @@ def reference(attn, kind, hidden, states, emb, text_len):
                 module.float()
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma"])
 def test_exact_equals_float64_full_softmax_and_renorm(pipes, family):
     pipe = pipes[family]
     sites = attnprobe.list_sites(pipe)
     seen = Inputs(pipe.transformer, [s.name for s in sites])
     try:
         with attnprobe.probe(pipe, passes="all" if family == "sd3" else "cond", dtype=torch.float32) as exact:
+            # Chroma: guidance as separate calls, cond first; its T5 padding masked (a float mask, added)
             generate(pipe, family)
     finally:
         seen.close()
@@ -208,8 +213,9 @@ def test_exact_equals_float64_full_softmax_and_renorm(pipes, family):
     for site in sites:
         attn = pipe.transformer.get_submodule(site.name)
         for call in range(len(exact.calls)):
-            hidden, states, emb = seen.seen[site.name][call]
-            want = reference(attn, site.kind, hidden, states, emb, seen.text_len[call])
+            index = exact.calls[call].index  # Chroma's store keeps the cond calls 0, 2
+            hidden, states, emb, mask = seen.seen[site.name][index]
+            want = reference(attn, site.kind, hidden, states, emb, seen.text_len[index], mask)
             got = exact[site.name][call].flatten(2, 3).double()  # [sample, head, N, T]
             rows = [s.row for s in exact.samples]
             assert (got - want[rows]).abs().max() <= 1e-6, site.name
@@ -224,6 +230,25 @@ def test_exact_equals_float64_full_softmax_and_renorm(pipes, family):
     assert exact.text_share(sites[0]).shape == (len(exact.calls), len(exact.samples), sites[0].heads)
     with pytest.raises(StoreError, match="joint='renorm'"):
         renorm.text_share(sites[0])
+
+
+def test_a_boolean_mask_removes_keys_and_a_float_mask_is_added():
+    torch.manual_seed(0)
+    q, ki, kt = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 4, 8)
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[0, 2:4] = False  # sample 0: text keys 2 and 3 are padding
+    logits = torch.cat([q @ kt.transpose(-1, -2), q @ ki.transpose(-1, -2)], dim=-1)  # [text; image] keys
+    for mask in (keep, keep.float() * 0.5):
+        bias = joint.mask_bias(mask, None, 4)
+        added = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask
+        want = (logits + added[:, None, None, :]).softmax(-1)[..., :4]
+        for chunk in (6, 4):
+            got, _ = joint.joint_probs(q, ki, kt, chunk=chunk, bias=bias)
+            assert torch.allclose(got, want, atol=1e-6)
+    got, _ = joint.joint_probs(q, ki, kt, bias=joint.mask_bias(keep, None, 4))
+    assert (got[0, ..., 2:4] == 0).all() and (got[1] > 0).all()
+    renorm, _ = joint.joint_probs(q, ki, kt, mode="renorm", bias=joint.mask_bias(keep, None, 4))
+    assert (renorm[0, ..., 2:4] == 0).all() and torch.allclose(renorm.sum(-1), torch.ones(()))
 
 
 def test_chunked_equals_unchunked(pipes, monkeypatch):

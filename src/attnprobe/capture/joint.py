@@ -31,7 +31,7 @@ from ..errors import ProbeError
 from .cross import HALF_TOLERANCE, TOLERANCE, ProbeProcessor
 from .processor import reduce_probs, scratch
 
-__all__ = ["JOINT_MODES", "CHUNK_ELEMENTS", "joint_probs", "joint_output_error", "JointProbeProcessor"]
+__all__ = ["JOINT_MODES", "CHUNK_ELEMENTS", "joint_probs", "joint_output_error", "mask_bias", "JointProbeProcessor"]
 
 JOINT_MODES = ("exact", "renorm")
 
@@ -42,7 +42,7 @@ CHUNK_ELEMENTS = 2**26
 
 def joint_probs(
     query: torch.Tensor, image_keys: torch.Tensor, text_keys: torch.Tensor, mode: str = "exact",
-    chunk: int | None = None, workspace: dict | None = None,
+    chunk: int | None = None, workspace: dict | None = None, bias: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Image-query × text-key probabilities of one joint-attention call, in fp32.
 
@@ -54,6 +54,8 @@ def joint_probs(
             text keys). Default ``"exact"``.
         chunk: image queries per step (``exact``). Default: from ``CHUNK_ELEMENTS``.
         workspace: scratch buffers (CPU), as for ``attnprobe.capture.cross.attention_probs``.
+        bias: ``(image_bias, text_bias)`` added to the logits, as the processor's attention mask adds them
+            (``-inf`` for masked keys), broadcastable to ``[sample, head, query, N]`` and ``[…, T]``; ``None``: none.
 
     Returns:
         ``(probs, share)``: ``probs`` ``[sample, head, query, token]`` float32 (rows sum to the text share for
@@ -63,8 +65,11 @@ def joint_probs(
     query, text_t = query.float(), text_keys.float().transpose(-1, -2)
     s, h, n, _ = query.shape
     t = text_t.shape[-1]
+    image_bias, text_bias = bias or (None, None)
+    rows = lambda b, i, j: None if b is None else b[:, :, i:j] if b.shape[2] > 1 else b  # noqa: E731
     if mode == "renorm":
-        return torch.matmul(query, text_t).softmax(dim=-1), None
+        text = torch.matmul(query, text_t)
+        return (text if text_bias is None else text + text_bias).softmax(dim=-1), None
     image_t = image_keys.float().transpose(-1, -2)
     keys = image_t.shape[-1] + t
     step = chunk or max(1, CHUNK_ELEMENTS // max(1, s * h * keys))
@@ -74,6 +79,8 @@ def joint_probs(
         q = query[:, :, start:start + step]
         text = torch.matmul(q, text_t)                                  # [sample, head, chunk, T]
         image = torch.matmul(q, image_t)                                # [sample, head, chunk, N]
+        if bias is not None:
+            text, image = _biased(text, rows(text_bias, start, start + step)), _biased(image, rows(image_bias, start, start + step))
         top = image.amax(-1, keepdim=True)
         image_lse = image.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))  # in place: one chunk-sized tensor
         lse = torch.logaddexp(image_lse, text.logsumexp(-1))           # over all N + T keys
@@ -82,7 +89,33 @@ def joint_probs(
     return out, out.sum(-1).mean(-1)
 
 
-def joint_output_error(query, image_keys, text_keys, image_values, text_values, output, chunk: int | None = None) -> float:
+def _biased(logits: torch.Tensor, bias) -> torch.Tensor:
+    return logits if bias is None else logits.add_(bias)
+
+
+def mask_bias(mask: torch.Tensor, rows, n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(image_bias, text_bias)`` of an attention mask over a ``[text; image]`` sequence, for the image queries
+    of the recorded batch ``rows``: a boolean mask (``True`` = attend) becomes 0 / ``-inf``; a float mask is added
+    to the logits as it is (scaled-dot-product attention adds it). Each ``[sample, 1 | head, query | 1, N | T]``.
+
+    Args:
+        mask: ``[sample, key]``, ``[sample, query, key]`` or ``[sample, 1 | head, query | 1, key]``.
+        rows: the recorded batch rows (a slice or index tensor; ``None``: all). n_text: text positions first.
+    """
+    m = mask if mask.dim() == 4 else mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]
+    if isinstance(rows, torch.Tensor):
+        m = m.index_select(0, rows.to(m.device)) if m.shape[0] > 1 else m
+    elif rows is not None and m.shape[0] > 1:
+        m = m[rows]
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, device=m.device).masked_fill_(~m, float("-inf"))
+    m = m.float()
+    m = m[:, :, n_text:] if m.shape[2] > 1 else m  # image queries
+    return m[..., n_text:], m[..., :n_text]
+
+
+def joint_output_error(query, image_keys, text_keys, image_values, text_values, output, chunk: int | None = None,
+                       bias: tuple | None = None) -> float:
     """How far a joint site's image output is from attention over all its keys times all its values (the
     verify-once check of ``cross.output_error`` for joint attention).
 
@@ -99,7 +132,10 @@ def joint_output_error(query, image_keys, text_keys, image_values, text_values, 
     values = torch.cat([image_values, text_values], dim=2).float()
     s, h, n, _ = query.shape
     step = chunk or max(1, CHUNK_ELEMENTS // max(1, s * h * keys.shape[-1]))
-    expect = torch.cat([torch.matmul(query[:, :, i:i + step].float(), keys).softmax(-1) @ values
+    full = None if bias is None else torch.cat(bias, dim=-1)  # [image; text], as the keys are (one mask's slices)
+    expect = torch.cat([_biased(torch.matmul(query[:, :, i:i + step].float(), keys),
+                                None if full is None else full[:, :, i:i + step] if full.shape[2] > 1 else full
+                                ).softmax(-1) @ values
                         for i in range(0, n, step)], dim=2)
     expect = expect.transpose(1, 2).reshape(s, n, -1)
     got = output.float().reshape(expect.shape)
@@ -188,23 +224,25 @@ class JointProbeProcessor(ProbeProcessor):
                 "(or the fused projection), so attnprobe cannot read its q and k. Processors that compute q/k another "
                 "way are not supported."
             )
-        if self._argument("attention_mask", args, kwargs) is not None:
+        mask = self._argument("attention_mask", args, kwargs)
+        if mask is not None and type(attn).__name__ != "FluxAttention":
             raise ProbeError(
-                f"site {self.site}: the joint-attention processor got an attention_mask; attnprobe's joint maps "
-                "assume none (SD3 and Flux pipelines pass none)"
+                f"site {self.site}: the joint-attention processor got an attention_mask; attnprobe reads the masks "
+                f"of Flux-style attention ([text; image], Chroma), not of {type(attn).__name__}"
             )
         emb = self._argument("image_rotary_emb", args, kwargs)
         workspace = state.workspace if query.device.type == "cpu" and not torch.compiler.is_compiling() else None
         with torch.no_grad():
             q_img, k_img, k_txt = self._split(attn, query, key, text_key, emb, state)
-            probs, share = joint_probs(q_img, k_img, k_txt, state.joint, workspace=workspace)
+            bias = None if mask is None else mask_bias(mask, state.rows, k_txt.shape[2])
+            probs, share = joint_probs(q_img, k_img, k_txt, state.joint, workspace=workspace, bias=bias)
             probs = reduce_probs(probs, state.heads, state.tokens, workspace)
             probs = probs.to(state.dtype, copy=workspace is not None)
         state.outbox.append((self.site, probs))
         if share is not None:
             state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))
         if check is not None:
-            self._check_joint(attn, query, key, text_key, emb, check[1], output)
+            self._check_joint(attn, query, key, text_key, emb, check[1], output, mask)
         return output
 
     def _check_hooks(self, attn):
@@ -240,7 +278,7 @@ class JointProbeProcessor(ProbeProcessor):
                 hooks.append(module.register_forward_hook(taker(name, part)))
         return hooks, seen
 
-    def _check_joint(self, attn, query, key, text_key, emb, seen: dict, output) -> None:
+    def _check_joint(self, attn, query, key, text_key, emb, seen: dict, output, mask=None) -> None:
         """Verify once (``joint_output_error``) into ``state.checks``, as ``ProbeProcessor._check`` does."""
         self.checked = True
         name = type(self.innermost()).__name__
@@ -254,7 +292,8 @@ class JointProbeProcessor(ProbeProcessor):
         with torch.no_grad():
             q_img, k_img, k_txt = self._split(attn, query, key, text_key, emb, self.state, rows=None)
             values = [seen[k].unflatten(-1, (attn.heads, -1)).transpose(1, 2) for k in ("image", "text")]
-            error = joint_output_error(q_img, k_img, k_txt, *values, out)
+            bias = None if mask is None else mask_bias(mask, None, k_txt.shape[2])
+            error = joint_output_error(q_img, k_img, k_txt, *values, out, bias=bias)
         tolerance = TOLERANCE.get(out.dtype, HALF_TOLERANCE)
         if not math.isfinite(error):
             error = tolerance = None

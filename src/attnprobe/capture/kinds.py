@@ -40,7 +40,8 @@ def site_kind(module: torch.nn.Module, parent: torch.nn.Module | None) -> str | 
     Returns:
         ``"cross"`` (keys are the encoder states: ``is_cross_attention``), ``"joint"`` (added text projections:
         ``add_k_proj`` or a fused ``to_added_qkv``), ``"single"`` (a self-attention whose block is called with
-        ``encoder_hidden_states`` and holds no other text attention: Flux's single-stream blocks, which attend over
+        ``encoder_hidden_states``, or that has no output projection of its own (``pre_only``), and holds no other
+        text attention: Flux's and Chroma's single-stream blocks, which attend over
         ``[text; image]``; ``list_sites`` keeps these only in a denoiser that also has joint sites), or ``None``
         (image self-attention: UNet ``attn1``, SD3.5's ``attn2``).
     """
@@ -54,6 +55,9 @@ def site_kind(module: torch.nn.Module, parent: torch.nn.Module | None) -> str | 
         takes_text = "encoder_hidden_states" in inspect.signature(parent.forward).parameters
     except (TypeError, ValueError):
         return None
+    # Chroma's single-stream blocks get the [text; image] sequence already joined: their attention has no output
+    # projection of its own (pre_only: the block projects it together with its MLP), as Flux's does
+    takes_text = takes_text or bool(getattr(module, "pre_only", False))
     others = [m for m in parent.modules() if m is not module and is_attention(m)]
     if takes_text and not any(
         getattr(m, "is_cross_attention", False) or getattr(m, "add_k_proj", None) is not None for m in others

@@ -24,7 +24,7 @@ from .shapes.model import load as load_shapes
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 __all__ = ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_pixart_pipeline",
-           "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
+           "tiny_chroma_pipeline", "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
 
 
 def tiny_sd_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, scheduler: str = "ddim"):
@@ -155,6 +155,33 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+def tiny_chroma_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``ChromaPipeline`` with Chroma's structure: Flux's blocks (1 double-stream, 2 single-stream, 2 heads of 8
+    channels, RoPE over axes (2, 2, 4)) with pruned modulation from an approximator, one T5 encoder of width 32 with
+    the offline ``t5_tokenizer`` whose padding is masked out of the joint attention (``attention_mask``), a 4-level
+    VAE with latents packed 2×2, and classifier-free guidance as separate conditional and unconditional calls.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1,
+    ).eval()
+    pipe = ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=make_flow_vae(seed + 1),
+        text_encoder=make_t5_encoder(seed + 2),
+        tokenizer=t5_tokenizer(),
+        transformer=transformer,
+    )
+    return finish(pipe, dtype)
+
+
 def tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, sigma: bool = False):
     """A ``PixArtAlphaPipeline`` with PixArt-α's structure: 2 DiT blocks (2 heads of 8 channels, patch size 2,
     ``ada_norm_single``) whose ``attn2`` cross-attends to T5 keys with the padding mask, a T5 encoder of width 32
@@ -278,6 +305,7 @@ _BUILDERS = {
     "sdxl": tiny_sdxl_pipeline,
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
+    "chroma": tiny_chroma_pipeline,
     "pixart": tiny_pixart_pipeline,
     "pixart-sigma": _pixart_sigma,
 }

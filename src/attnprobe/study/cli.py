@@ -17,6 +17,7 @@ from ..capture import list_sites
 from ..errors import AttnprobeError
 from ..interventions import INTERVENTIONS
 from ..models.loader import load_pipeline
+from ..models.tiny import TINY_PIPELINES
 from . import run
 from .config import DTYPES, load_config
 from .variants import DEFAULT_CONCEPTS, DEFAULT_VARIANTS, SHAPES_CONCEPTS
@@ -56,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "capture, out); the options below override its values")
     st.add_argument("--model", default=None,
                     help="'tiny' (default, offline SD 1.5 layout, random weights), 'shapes' (offline, trained on "
-                    "coloured shapes: its own concepts, variants and scorer), 'tiny-xl', 'tiny-sd3', 'tiny-flux', "
-                    "'tiny-pixart', or a hub id / local folder; several separated by commas")
+                    "coloured shapes: its own concepts, variants and scorer), 'tiny-xl', or 'tiny-<name>' of "
+                    f"{', '.join(TINY_PIPELINES)}, or a hub id / local folder; several separated by commas")
     st.add_argument("--out", default=None, help="output folder (default: attnprobe-study)")
     st.add_argument("--concepts", type=_csv, default=None, help=f"comma-separated (default: {', '.join(DEFAULT_CONCEPTS)}; "
                     f"for --model shapes: {', '.join(SHAPES_CONCEPTS)})")
@@ -84,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="discard the finished generations of an earlier run in --out instead of resuming them")
     st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     si = sub.add_parser("sites", help="list a model's cross-attention sites")
-    si.add_argument("--model", default="tiny", help="'tiny', 'shapes', 'tiny-xl', 'tiny-sd3', 'tiny-flux', 'tiny-pixart', or a hub "
-                    "id / local folder")
+    si.add_argument("--model", default="tiny", help="'tiny', 'shapes', 'tiny-xl', 'tiny-<name>' of "
+                    f"{', '.join(TINY_PIPELINES)}, or a hub id / local folder")
     return parser
 
 

@@ -22,8 +22,8 @@ def _t5_keys(pipe):
 
 FAMILY = Family(
     name="flux",
-    title="Flux.1 (FluxTransformer2DModel)",
-    denoisers=("FluxTransformer2DModel",),
+    title="Flux.1 (FluxTransformer2DModel), Chroma (ChromaTransformer2DModel: Flux's attention, a T5 padding mask)",
+    denoisers=("FluxTransformer2DModel", "ChromaTransformer2DModel"),
     kinds=("joint", "single"),
     text_streams=_t5_keys,
 )
