@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 
 from ..errors import ProbeError
-from .processor import CaptureState, reduce_probs, scratch
+from .processor import CaptureState, check_keys, reduce_probs, scratch
 
 __all__ = ["ProbeProcessor", "attention_probs", "output_error", "TOLERANCE"]
 
@@ -181,6 +181,7 @@ class ProbeProcessor:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         workspace = state.workspace if query.device.type == "cpu" and not torch.compiler.is_compiling() else None
         with torch.no_grad():
+            check_keys(state, self.site, key.shape[1])
             probs = attention_probs(attn, query, key, mask, state.rows, workspace)
             probs = reduce_probs(probs, state.heads, state.tokens, workspace)
             probs = probs.to(state.dtype, copy=workspace is not None)  # never hand on a scratch buffer

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ProbeError
 from .cross import HALF_TOLERANCE, TOLERANCE, ProbeProcessor
-from .processor import reduce_probs, scratch
+from .processor import check_keys, reduce_probs, scratch
 
 __all__ = ["JOINT_MODES", "CHUNK_ELEMENTS", "joint_probs", "joint_output_error", "mask_bias", "JointProbeProcessor"]
 
@@ -234,6 +234,7 @@ class JointProbeProcessor(ProbeProcessor):
         workspace = state.workspace if query.device.type == "cpu" and not torch.compiler.is_compiling() else None
         with torch.no_grad():
             q_img, k_img, k_txt = self._split(attn, query, key, text_key, emb, state)
+            check_keys(state, self.site, k_txt.shape[2])
             bias = None if mask is None else mask_bias(mask, state.rows, k_txt.shape[2])
             probs, share = joint_probs(q_img, k_img, k_txt, state.joint, workspace=workspace, bias=bias)
             probs = reduce_probs(probs, state.heads, state.tokens, workspace)

@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["CaptureState", "reduce_probs", "scratch"]
+from ..errors import ProbeError
+
+__all__ = ["check_keys", "CaptureState", "reduce_probs", "scratch"]
 
 
 def scratch(workspace: dict | None, name: str, shape, device) -> torch.Tensor | None:
@@ -66,6 +68,8 @@ class CaptureState:
         checks: ``(site, processor class, relative error or None, tolerance, conditioning)`` of the sites verified
             in the call in progress (once per site: ``cross.output_error``; ``conditioning``: whether the site got the
             denoiser's own ``encoder_hidden_states``, ``None`` where not compared).
+        n_keys: the text positions the denoiser was called with, which the token labels describe; a site with
+            another number of text keys (a denoiser that adds keys of its own) cannot be labelled. 0: not known.
         states: the denoiser call's ``encoder_hidden_states`` where its cross sites receive them unchanged (UNets),
             for the once-per-site check that no hook or processor changed them on the way; else ``None``.
     """
@@ -76,9 +80,25 @@ class CaptureState:
     tokens: torch.Tensor | None = None
     dtype: torch.dtype = torch.float32
     states: Any = None
+    n_keys: int = 0
     outbox: list = field(default_factory=list)
     workspace: dict = field(default_factory=dict)
     joint: str = "exact"
     text_len: int = 0
     shares: list = field(default_factory=list)
     checks: list = field(default_factory=list)
+
+
+def check_keys(state: CaptureState, site: str, n_keys: int) -> None:
+    """Raise unless a site's text keys are the positions the token labels describe (``state.n_keys``).
+
+    Raises:
+        ProbeError: the site attends to another number of text keys than the denoiser was given (AuraFlow adds
+            register tokens before the text): labelling them from the prompt's positions would be silently wrong.
+    """
+    if state.n_keys and n_keys != state.n_keys:
+        raise ProbeError(
+            f"site {site} attends to {n_keys} text keys, but the denoiser was called with {state.n_keys} text "
+            "positions: the denoiser adds keys of its own (register tokens?) or drops some, so attnprobe cannot say "
+            "which key is which token. Its family is not supported yet (docs/pipelines.md)"
+        )

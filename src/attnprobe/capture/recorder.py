@@ -281,6 +281,7 @@ class Recorder:
         positions and metadata go into the store."""
         self.layout = labels.passes
         self._set_rows(labels.keep)
+        self.state.n_keys = n_keys
         if not labels.first:
             return
         positions = None

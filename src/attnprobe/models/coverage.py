@@ -66,6 +66,12 @@ TESTED: dict[str, tuple[str | None, str]] = {
 }
 
 
+#: pipeline classes a test shows refused at their first denoiser call (not by name: by what the probe sees)
+REFUSED_AT_RUN: dict[str, str] = {
+    "AuraFlowPipeline": "its denoiser adds register tokens before the text keys (tests/test_joint.py)",
+}
+
+
 def _denoiser(cls) -> tuple[str, tuple[type, ...]] | None:
     """The denoiser class name(s) in a pipeline's ``__init__`` annotation, and the diffusers classes they name."""
     import diffusers
@@ -110,6 +116,8 @@ def pipeline_verdicts() -> list[Verdict]:
         if refused is not None:
             when, why = REFUSED[refused]
             verdict = f"refused: {why}" + (f" (when {when})" if when else "")
+        elif name in REFUSED_AT_RUN:
+            verdict = f"refused: {REFUSED_AT_RUN[name]}"
         elif name in TESTED:
             verdict = f"tested ({TESTED[name][1]})"
         elif family != "generic":
