@@ -255,7 +255,7 @@ def test_passes_run_as_separate_denoiser_calls_are_labelled_per_call(parts):
         assert store.meta["separate_uncond_calls"] and [c.layout for c in store.calls] == [(label, label)] * 2
         for i, c in enumerate(calls):
             torch.testing.assert_close(store[SITE][i].flatten(2, 3).double(), probs[c], rtol=0, atol=1e-6)
-    with pytest.raises(ProbeError, match="passes='all', but this pipeline runs the unconditional pass as separate"):
+    with pytest.raises(ProbeError, match="passes='all', but SeparatePassesPipeline runs the unconditional pass as separate"):
         with attnprobe.probe(pipe, passes="all"):
             run()
 

@@ -462,9 +462,10 @@ class BatchRows:
             )
         if separate and self.passes == "all":
             raise ProbeError(
-                "passes='all', but this pipeline runs the unconditional pass as separate denoiser calls (true CFG: "
-                "true_cfg_scale > 1 with a negative prompt), so one store cannot hold both passes as rows of the same "
-                "calls. Open two probes, one inside the other: probe(pipe, passes='cond') and probe(pipe, passes='uncond')."
+                f"passes='all', but {type(self.pipe).__name__} runs the unconditional pass as separate denoiser calls "
+                "(Flux and Qwen-Image with true_cfg_scale > 1 and a negative prompt; Chroma, Wan and others whenever "
+                "guidance is on), so one store cannot hold both passes as rows of the same calls. Open two probes, one "
+                "inside the other: probe(pipe, passes='cond') and probe(pipe, passes='uncond')."
             )
         sld = bool(given.get("safety_pass"))
         order = blocks(self.pipe, cfg or sld, sld) if not separate else (("cond", "prompt"),)

@@ -68,7 +68,8 @@ TESTED: dict[str, tuple[str | None, str]] = {
 
 #: pipeline classes a test shows refused at their first denoiser call (not by name: by what the probe sees)
 REFUSED_AT_RUN: dict[str, str] = {
-    "AuraFlowPipeline": "its denoiser adds register tokens before the text keys (tests/test_joint.py)",
+    "AuraFlowPipeline": "at its first denoiser call: its denoiser adds register tokens before the text keys "
+                        "(shown by tests/test_joint.py)",
 }
 
 
@@ -115,7 +116,7 @@ def pipeline_verdicts() -> list[Verdict]:
         refused = next((c.__name__ for c in cls.__mro__ if c.__name__ in REFUSED), None)
         if refused is not None:
             when, why = REFUSED[refused]
-            verdict = f"refused: {why}" + (f" (when {when})" if when else "")
+            verdict = f"refused: {why}" + (f" (only when `{when}` is set)" if when else "")
         elif name in REFUSED_AT_RUN:
             verdict = f"refused: {REFUSED_AT_RUN[name]}"
         elif name in TESTED:
@@ -176,7 +177,7 @@ def render_page() -> str:
         "images bit-identical with the probe on, and the token positions of a concept found in the prompt. The test "
         "files hold the rest: maps against an independent reference, pass labels, grids.",
         "",
-        "| tiny | pipeline | family | sites (kinds) | text encoders | bit-identical fp32 / bf16 | concept found | tests |",
+        "| tiny | pipeline | family | sites (kinds) | token labels from | bit-identical fp32 / bf16 | concept found | tests |",
         "|---|---|---|---|---|---|---|---|",
     ]
     by_tiny = {tiny: (cls, where) for cls, (tiny, where) in TESTED.items() if tiny}
@@ -196,10 +197,17 @@ def render_page() -> str:
         f"{len(rows)} pipeline classes with a denoiser and a text encoder: "
         + ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: -kv[1])) + ". "
         "*tested*: a test runs that pipeline class. *refused*: the probe raises before the first denoiser call, naming "
-        "the pipeline (its batch or calls are not what attnprobe labels). *family …, untested*: its denoiser class is "
-        "one attnprobe knows, but no test runs this pipeline. *generic*: sites found by structure alone; labels are "
-        "still checked against what each row was conditioned on (rows that contradict their label are `unknown`, with "
-        "a warning), but nothing of this pipeline is tested.",
+        "the pipeline (its batch or calls are not what attnprobe labels; a refusal that names an option applies only "
+        "when it is set). *family …, untested*: its denoiser class is one a tested pipeline uses, so sites, q/k and "
+        "token labels follow a tested path; its own batch recipe is not tested. *generic*: a denoiser attnprobe has no "
+        "family file for (video and audio models included): sites are found by structure alone and nothing of it is "
+        "tested. In every case labels are checked against what each row was conditioned on (rows that contradict "
+        "their label are `unknown`, with a warning) and each site's output against its recorded attention once.",
+        "",
+        "**Your pipeline untested?** `attnprobe sites --model <id>` lists what would be recorded; probe one short "
+        "generation and read `store.meta[\"row_evidence\"]` (`encode_prompt` is the strongest), "
+        "`store.meta[\"processor_check\"]` (every site `equal`), `store.samples` and `store.tokens(i)`, and heed every "
+        "`AttnprobeWarning`. **Refused?** The message names the option to turn off or the base pipeline to probe.",
         "",
         "| pipeline | denoiser | family | verdict |",
         "|---|---|---|---|",
