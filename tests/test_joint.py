@@ -382,9 +382,10 @@ def test_cli_sites_and_study_on_tiny_transformers(tmp_path, capsys):
 
     assert cli.main(["sites", "--model", "tiny-flux"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert [line.split("\t")[2] for line in listed] == ["joint", "single", "single"]
+    assert listed[0].startswith("# site\t")  # a header, then one line per site
+    assert [line.split("\t")[2] for line in listed[1:]] == ["joint", "single", "single"]
     assert cli.main(["sites", "--model", "tiny-pixart"]) == 0
-    assert [line.split("\t")[2] for line in capsys.readouterr().out.splitlines()] == ["cross", "cross"]
+    assert [line.split("\t")[2] for line in capsys.readouterr().out.splitlines()[1:]] == ["cross", "cross"]
     out = tmp_path / "sd3"
     assert cli.main(["study", "--model", "tiny-sd3", "--out", str(out), "--concepts", "dog", "--seeds", "0",
                      "--steps", "2", "--variants", "baseline,instruction", "--scorer", "none", "--no-progress"]) == 0

@@ -127,7 +127,7 @@ def test_cli_rejects_bad_arguments(capsys):
 
 def test_cli_lists_sites(capsys):
     assert cli.main(["sites", "--model", "tiny"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = [line for line in capsys.readouterr().out.strip().splitlines() if not line.startswith("#")]
     assert len(lines) == 16 and lines[0].startswith("down_blocks.0.attentions.0.transformer_blocks.0.attn2")
 
 

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run.study(**_study_arguments(args))
             return 1 if result.failures and not result.aucs else 0
         if args.command == "sites":
+            print("# site\tblock group\tkind (cross, joint, single)\theads\thead_dim")
             for s in list_sites(load_pipeline(args.model)):
                 print(f"{s.name}\t{s.group}\t{s.kind}\theads={s.heads}\thead_dim={s.head_dim}")
             return 0
