@@ -20,7 +20,7 @@ from einops import rearrange
 from ..errors import ProbeError
 from .processor import CaptureState, check_keys, reduce_probs, scratch
 
-__all__ = ["ProbeProcessor", "attention_probs", "output_error", "TOLERANCE"]
+__all__ = ["ProbeProcessor", "attention_probs", "output_error", "TOLERANCE", "chain", "keep_first", "to_out_hook"]
 
 #: the largest relative error ``output_error`` accepts, by the dtype the processor computed in: fp32 SDPA's and
 #: matmul's rounding differ by ~1e-6; half precision rounds each product (measured on the tiny pipelines: fp16
@@ -96,6 +96,36 @@ def output_error(attn, probs: torch.Tensor, value: torch.Tensor, output: torch.T
     expect = rearrange(probs @ v, "sample head query d -> sample query (head d)")
     got = output.float().reshape(expect.shape)
     return float((got - expect).norm() / got.norm().clamp_min(1e-30))
+
+
+def keep_first(seen: dict, name: str, part: tuple[int, int] | None = None):
+    """A forward hook (or pre-hook) that keeps the first output (input) it sees in ``seen[name]``; ``part``:
+    ``(i, n)``, the i-th of n chunks of the last dimension (a fused projection). It returns None: a hook that returns
+    something replaces the module's output (input)."""
+
+    def keep(module, args, output=None) -> None:
+        value = args[0] if output is None else output
+        seen.setdefault(name, value if part is None else value.chunk(part[1], dim=-1)[part[0]])
+
+    return keep
+
+
+def to_out_hook(attn, seen: dict):
+    """A pre-hook on ``attn.to_out[0]`` keeping its input in ``seen["out"]`` (``None`` when there is none)."""
+    to_out = getattr(attn, "to_out", None)
+    if isinstance(to_out, torch.nn.ModuleList) and len(to_out):
+        return to_out[0].register_forward_pre_hook(keep_first(seen, "out"))
+    return None
+
+
+def chain(processor):
+    """The processor and every ``ProbeProcessor`` it wraps, outermost first (a probe inside another probe wraps its
+    wrapper); the last is the processor that runs."""
+    while True:
+        yield processor
+        if not isinstance(processor, ProbeProcessor):
+            return
+        processor = processor.inner
 
 
 class ProbeProcessor:
@@ -194,28 +224,15 @@ class ProbeProcessor:
     def _check_hooks(self, attn):
         """Hooks that take the values and the input of ``to_out[0]`` for one site call (the first recorded)."""
         seen: dict = {}
-        hooks = []
-
-        # hooks that return something replace the module's input or output: these return None
-        def take_out(module, args) -> None:
-            seen.setdefault("out", args[0])
-
-        def take_value(module, args, output) -> None:
-            seen.setdefault("value", output.chunk(2, dim=-1)[1] if self.attn_fused else output)
-
-        to_out = getattr(attn, "to_out", None)
-        if isinstance(to_out, torch.nn.ModuleList) and len(to_out):
-            hooks.append(to_out[0].register_forward_pre_hook(take_out))
+        hooks = [to_out_hook(attn, seen)]
         projection = attn.to_kv if self.attn_fused else getattr(attn, "to_v", None)
         if projection is not None:
-            hooks.append(projection.register_forward_hook(take_value))
-        return hooks, seen
+            hooks.append(projection.register_forward_hook(keep_first(seen, "value", (1, 2) if self.attn_fused else None)))
+        return [h for h in hooks if h is not None], seen
 
     def innermost(self):
         """The processor this wrapper (and any probe's wrapper it wraps, in nested probes) runs."""
-        inner = self.inner
-        while isinstance(inner, ProbeProcessor):
-            inner = inner.inner
+        *_, inner = chain(self)
         return inner
 
     def _same_conditioning(self, attn, states, key) -> bool | None:

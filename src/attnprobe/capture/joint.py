@@ -28,7 +28,7 @@ import math
 import torch
 
 from ..errors import ProbeError
-from .cross import HALF_TOLERANCE, TOLERANCE, ProbeProcessor
+from .cross import HALF_TOLERANCE, TOLERANCE, ProbeProcessor, keep_first, to_out_hook
 from .processor import check_keys, reduce_probs, scratch
 
 __all__ = ["JOINT_MODES", "CHUNK_ELEMENTS", "joint_probs", "joint_output_error", "mask_bias", "JointProbeProcessor"]
@@ -251,33 +251,19 @@ class JointProbeProcessor(ProbeProcessor):
         single-stream site: the values of its ``[text; image]`` sequence; its processor returns the attention output
         without ``to_out``)."""
         seen: dict = {}
-
-        # hooks that return something replace the module's input or output: these return None
-        def taker(name, part):
-            def take(module, args, output=None) -> None:
-                value = args[0] if output is None else output
-                seen.setdefault(name, value if part is None else value.chunk(3, dim=-1)[part])
-            return take
-
-        hooks = []
-        to_out = getattr(attn, "to_out", None)
-        if self.kind == "single":
-            fused = bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None
-            module = attn.to_qkv if fused else getattr(attn, "to_v", None)
-            if module is not None:
-                hooks.append(module.register_forward_hook(taker("sequence", 2 if fused else None)))
-            return hooks, seen
-        if isinstance(to_out, torch.nn.ModuleList) and len(to_out):
-            hooks.append(to_out[0].register_forward_pre_hook(taker("out", None)))
         fused = bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None
         image = attn.to_qkv if fused else getattr(attn, "to_v", None)
-        text = getattr(attn, "to_added_qkv", None) if fused else None
-        text = text if text is not None else getattr(attn, "add_v_proj", None)
-        for name, module, part in (("image", image, 2 if fused else None),
-                                   ("text", text, 2 if text is getattr(attn, "to_added_qkv", None) else None)):
+        if self.kind == "single":  # the values of the whole [text; image] sequence
+            return ([image.register_forward_hook(keep_first(seen, "sequence", (2, 3) if fused else None))]
+                    if image is not None else []), seen
+        hooks = [to_out_hook(attn, seen)]
+        added = getattr(attn, "to_added_qkv", None) if fused else None
+        text = added if added is not None else getattr(attn, "add_v_proj", None)
+        for name, module, part in (("image", image, (2, 3) if fused else None),
+                                   ("text", text, (2, 3) if added is not None else None)):
             if module is not None:
-                hooks.append(module.register_forward_hook(taker(name, part)))
-        return hooks, seen
+                hooks.append(module.register_forward_hook(keep_first(seen, name, part)))
+        return [h for h in hooks if h is not None], seen
 
     def _check_joint(self, attn, query, key, text_key, emb, seen: dict, output, mask=None) -> None:
         """Verify once (``joint_output_error``) into ``state.checks``, as ``ProbeProcessor._check`` does."""

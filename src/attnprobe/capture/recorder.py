@@ -33,7 +33,7 @@ from .._version import __version__
 from ..errors import ProbeError, warn
 from ..store import AttentionStore, Call, StoreWriter
 from ..store.files import json_safe
-from .cross import ProbeProcessor
+from .cross import ProbeProcessor, chain
 from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, schedule_meta
 from .evidence import EncodeWatch, note_checks
 from .families import family_of
@@ -158,7 +158,7 @@ class Recorder:
             if attn.processor is wrapper:
                 attn.set_processor(original)
                 continue
-            for outer in self._chain(attn.processor):  # a probe opened inside this one is still installed
+            for outer in chain(attn.processor):  # a probe opened inside this one is still installed
                 if isinstance(outer, ProbeProcessor) and outer.inner is wrapper:
                     outer.inner = original
                     break
@@ -188,18 +188,9 @@ class Recorder:
             self.rows.new_pipeline_call()
         self.rows.encoded_prompt(output)
 
-    @staticmethod
-    def _chain(processor):
-        """The processor and every ProbeProcessor it wraps (a probe inside another probe wraps its wrapper)."""
-        while True:
-            yield processor
-            if not isinstance(processor, ProbeProcessor):
-                return
-            processor = processor.inner
-
     def _check_intact(self) -> None:
         for name, attn in self.modules.items():
-            if (not any(p is self.wrappers[name] for p in self._chain(attn.processor))
+            if (not any(p is self.wrappers[name] for p in chain(attn.processor))
                     or bool(getattr(attn, "fused_projections", False)) != self._fused[name]):
                 raise ProbeError(
                     f"the processor or projections of site {name} were changed during the probe (now "

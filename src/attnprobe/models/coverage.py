@@ -110,9 +110,7 @@ def pipeline_verdicts() -> list[Verdict]:
         if found is None or not any(arg in params for arg in _TEXT_ARGS):
             continue  # no denoiser, or not text-conditioned: nothing to probe for text attention
         denoiser, classes = found
-        family = next((f.name for f in FAMILIES if any(
-            issubclass(c, tuple(d for d in (getattr(diffusers, x, None) for x in f.denoisers) if isinstance(d, type)))
-            for c in classes)), "generic")
+        family = next((f.name for f in FAMILIES if any(issubclass(c, f.classes()) for c in classes)), "generic")
         refused = next((c.__name__ for c in cls.__mro__ if c.__name__ in REFUSED), None)
         if refused is not None:
             when, why = REFUSED[refused]

@@ -46,11 +46,15 @@ class Family:
     order: Callable[[torch.nn.Module, list], list] = lambda denoiser, sites: sites
     single_needs_joint: bool = False
 
-    def covers(self, denoiser: torch.nn.Module) -> bool:
-        """Whether ``denoiser`` is an instance of one of the family's diffusers classes."""
+    def classes(self) -> tuple[type, ...]:
+        """The family's diffusers classes that the installed diffusers has."""
         import diffusers
 
-        classes = tuple(c for c in (getattr(diffusers, name, None) for name in self.denoisers) if isinstance(c, type))
+        return tuple(c for c in (getattr(diffusers, name, None) for name in self.denoisers) if isinstance(c, type))
+
+    def covers(self, denoiser: torch.nn.Module) -> bool:
+        """Whether ``denoiser`` is an instance of one of the family's diffusers classes."""
+        classes = self.classes()
         return bool(classes) and isinstance(denoiser, classes)
 
     def __repr__(self) -> str:
