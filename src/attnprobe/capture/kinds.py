@@ -68,6 +68,8 @@ def site_kind(module: torch.nn.Module, parent: torch.nn.Module | None) -> str | 
 
 @functools.cache
 def attention_classes() -> tuple[type, ...]:
+    """diffusers' attention module classes: ``Attention`` and, where the installed diffusers has it, the
+    ``AttentionModuleMixin`` of its newer per-model attention classes (``FluxAttention``)."""
     from diffusers.models.attention_processor import Attention
 
     try:
@@ -78,6 +80,7 @@ def attention_classes() -> tuple[type, ...]:
 
 
 def is_attention(module) -> bool:
+    """Whether a module is a diffusers attention module with a processor (a candidate site)."""
     return isinstance(module, attention_classes()) and hasattr(module, "processor")
 
 

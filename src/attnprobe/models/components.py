@@ -16,6 +16,13 @@ __all__ = ["make_clip_encoder", "make_vae", "make_scheduler", "make_t5_encoder",
 
 def make_clip_encoder(hidden: int, seed: int, projection: bool = False, layers: int = 2, heads: int = 2,
                   intermediate: int | None = None, act: str = "quick_gelu"):
+    """A CLIP text encoder with the real CLIP vocabulary (49408 ids, 77 positions) at width ``hidden``, seeded.
+
+    Args:
+        hidden: hidden size (and projection size). seed: weight seed. projection: a ``CLIPTextModelWithProjection``
+            (SDXL's second encoder, SD3's), else ``CLIPTextModel``. layers, heads, intermediate, act: as in
+            ``CLIPTextConfig`` (intermediate default ``2 * hidden``).
+    """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -37,6 +44,8 @@ def make_clip_encoder(hidden: int, seed: int, projection: bool = False, layers: 
 
 
 def make_vae(seed: int, full: bool = False):
+    """A 4-level ``AutoencoderKL`` with 4 latent channels (8× down-sampling), seeded: 8 channels per level, or SD's
+    full widths (128–512) with ``full``."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -52,6 +61,12 @@ def make_vae(seed: int, full: bool = False):
 
 
 def make_scheduler(name: str):
+    """SD 1.5's noise schedule (scaled linear betas 0.00085–0.012, 1000 steps) in scheduler ``name``: ``"ddim"``,
+    ``"euler"``, ``"heun"`` or ``"pndm"``.
+
+    Raises:
+        ArgumentError: another name (the message lists them).
+    """
     from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler
 
     common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -67,6 +82,8 @@ def make_scheduler(name: str):
 
 
 def make_t5_encoder(seed: int, d_model: int = 32, layers: int = 2):
+    """A ``T5EncoderModel`` over the offline T5 vocabulary (``t5_tokenizer``; pad 0, end 1) at width ``d_model``,
+    seeded."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
@@ -79,6 +96,7 @@ def make_t5_encoder(seed: int, d_model: int = 32, layers: int = 2):
 
 
 def make_flow_vae(seed: int):
+    """``make_vae``'s tiny VAE with the flow-matching pipelines' latent scaling (shift 0, scale 1), seeded."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -90,5 +108,6 @@ def make_flow_vae(seed: int):
 
 
 def finish(pipe, dtype):
+    """A built pipeline with its progress bar off, in ``dtype``."""
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

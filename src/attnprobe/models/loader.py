@@ -13,19 +13,20 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from . import tiny
+from .tiny import TINY_PIPELINES, tiny_pipeline
 from .shapes.model import load as load_shapes
 
 __all__ = ["TINY_MODELS", "OFFLINE_MODELS", "load_pipeline", "check_model_name", "first_line"]
 
 #: Offline pipelines built from configs with seeded weights (``attnprobe.models.tiny``).
-TINY_MODELS = ("tiny", "tiny-xl") + tuple(f"tiny-{name}" for name in tiny.TINY_PIPELINES)
+TINY_MODELS = ("tiny", "tiny-xl") + tuple(f"tiny-{name}" for name in TINY_PIPELINES)
 #: Every model that runs without downloads: the tiny ones and ``"shapes"``, the trained model shipped with attnprobe
 #: (``attnprobe.models.shapes``, docs/shapes-model.md).
 OFFLINE_MODELS = ("shapes",) + TINY_MODELS
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``"ExcType: first line of its message"``, cut to ``limit`` characters (for one-line errors)."""
     text = str(exc).strip().splitlines()
     line = text[0] if text else ""
     return f"{type(exc).__name__}: {line if len(line) <= limit else line[: limit - 1] + '…'}"
@@ -53,7 +54,7 @@ def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype |
         return load_shapes(dtype or torch.float32, device)
     if model in TINY_MODELS:
         name = {"tiny": "sd", "tiny-xl": "sdxl"}.get(model, model.removeprefix("tiny-"))
-        return tiny.tiny_pipeline(name, dtype=dtype or torch.float32).to(device)
+        return tiny_pipeline(name, dtype=dtype or torch.float32).to(device)
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 

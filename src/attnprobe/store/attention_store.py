@@ -29,7 +29,9 @@ import torch
 
 from ..errors import ConceptError, SelectionError, StoreError, UnknownSiteError
 from ..text.tokens import TokenLayout, find_concept
-from . import export, files, shards
+from .export import to_pandas as export_pandas, to_xarray as export_xarray
+from .files import header, json_safe, load as load_file, save as save_file
+from .shards import ShardWriter, read_shard_call, read_site
 from .axes import as_index, positions
 from .records import Call, Sample, Site
 
@@ -97,7 +99,7 @@ class AttentionStore:
         """
         name = self.site_name(site)
         if self._folder is not None:
-            return shards.read_site(self._shards, name)
+            return read_site(self._shards, name)
         chunks = self._chunks.get(name)
         if chunks:
             prior = [self._maps[name]] if name in self._maps else []
@@ -136,7 +138,7 @@ class AttentionStore:
         tokens = positions("token", tokens, self.n_tokens)
         if out is None:
             paths = self._shards if calls is None else [self._shards[i] for i in calls]
-            return shards.read_site(paths, name, samples, tokens)
+            return read_site(paths, name, samples, tokens)
         if calls is not None:
             out = out[calls]
         if samples is not None:
@@ -168,7 +170,7 @@ class AttentionStore:
         if self._folder is not None:
             total = 0
             for path in self._shards:
-                _, shapes, dtypes = shards.read_shard_call(path)
+                _, shapes, dtypes = read_shard_call(path)
                 total += sum(math.prod(shape) * _DTYPE_BYTES.get(dtypes[n], 4) for n, shape in shapes.items())
             return total
         total = sum(t.numel() * t.element_size() for t in self._maps.values())
@@ -281,11 +283,11 @@ class AttentionStore:
     # ------------------------------------------------------------------ export
     def to_xarray(self, site=None):
         """One site's maps as a labelled ``xarray.DataArray``: see ``attnprobe.store.export.to_xarray``."""
-        return export.to_xarray(self, site)
+        return export_xarray(self, site)
 
     def to_pandas(self):
         """A tidy ``pandas.DataFrame`` of token masses: see ``attnprobe.store.export.to_pandas``."""
-        return export.to_pandas(self)
+        return export_pandas(self)
 
     def __repr__(self) -> str:
         grids = sorted({tuple(self[n].shape[3:5]) for n in self.site_names if self[n].numel()})
@@ -307,7 +309,7 @@ class AttentionStore:
         Raises:
             StoreError: ``path`` is a folder.
         """
-        return files.save(self, path)
+        return save_file(self, path)
 
     @classmethod
     def load(cls, path) -> "AttentionStore":
@@ -317,7 +319,7 @@ class AttentionStore:
         Raises:
             StoreError: no such file or folder, or it is corrupt, truncated or not an attnprobe store.
         """
-        return files.load(cls, path)
+        return load_file(cls, path)
 
 
 class StoreWriter:
@@ -334,7 +336,7 @@ class StoreWriter:
     """
 
     def __init__(self, sites, meta: dict, folder=None) -> None:
-        self.shards = shards.ShardWriter(folder) if folder is not None else None
+        self.shards = ShardWriter(folder) if folder is not None else None
         self.store = AttentionStore(sites, [], [], [], {}, meta, folder=folder)
 
     def set_samples(self, samples, layouts, token_positions=None) -> None:
@@ -371,17 +373,17 @@ class StoreWriter:
         """A streamed store's header as it stands (with ``meta`` in place of the store's), so that the folder is
         readable from its first shard on, also after a crash. Nothing for a store in memory."""
         if self.shards is not None:
-            found = files.header(self.store)
-            self.shards.write_header(files.json_safe(found if meta is None else {**found, "meta": meta}))
+            found = header(self.store)
+            self.shards.write_header(json_safe(found if meta is None else {**found, "meta": meta}))
 
     def finish(self, sites) -> None:
         """Close the store: its sites in execution order (``list[Site]``), its header written (streamed) or its
         calls joined into one tensor per site (memory)."""
         store = self.store
         store.sites = list(sites)
-        store.meta = files.json_safe(store.meta)
+        store.meta = json_safe(store.meta)
         if self.shards is not None:
-            self.shards.write_header(files.header(store))
+            self.shards.write_header(header(store))
         else:
             for name in store.site_names:
                 store[name]  # joins the per-call chunks

@@ -15,7 +15,7 @@ from pathlib import Path
 from .._atomic import atomic_path
 from ..errors import StoreError
 from ..text.tokens import TokenLayout
-from . import shards
+from .shards import HEADER, read_shard_call, shard_paths
 from .records import Call, Sample, Site
 
 __all__ = ["FORMAT_VERSION", "json_safe", "header", "save", "load"]
@@ -118,12 +118,12 @@ def _from_header(cls, path: Path, found, maps: dict, folder: Path | None = None)
 
 
 def _open_folder(cls, folder: Path):
-    header_path = folder / shards.HEADER
+    header_path = folder / HEADER
     try:
         found = json.loads(header_path.read_text())
     except FileNotFoundError:
         raise StoreError(
-            f"{str(folder)!r} is a folder without {shards.HEADER}: not a streamed attnprobe store "
+            f"{str(folder)!r} is a folder without {HEADER}: not a streamed attnprobe store "
             "(a file written by store.save() is opened by its file name)"
         ) from None
     except ValueError as exc:
@@ -131,8 +131,8 @@ def _open_folder(cls, folder: Path):
     listed = _from_header(cls, folder, found, {}, folder)
     calls, paths = [], []
     first: dict | None = None
-    for path in shards.shard_paths(folder):  # the calls that finished, also after a crash
-        call, shapes, _ = shards.read_shard_call(path)
+    for path in shard_paths(folder):  # the calls that finished, also after a crash
+        call, shapes, _ = read_shard_call(path)
         missing = [s.name for s in listed.sites if s.name not in shapes]
         if missing:
             raise StoreError(f"{str(path)!r} lacks the maps of sites {missing[:5]} (edited by hand?)")

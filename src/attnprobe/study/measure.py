@@ -98,6 +98,11 @@ def failure_row(model: str, concept: str, seed, exc: BaseException, row: str = "
 
 
 def check_finite(mass: torch.Tensor, what: str) -> None:
+    """Raise unless a trajectory ``mass`` (``[call]``) is finite.
+
+    Raises:
+        NumericalError: a NaN or inf value; the message names ``what`` and the first denoiser call that has one.
+    """
     bad = (~torch.isfinite(mass)).nonzero().flatten().tolist()
     if bad:
         raise NumericalError(f"non-finite attention for {what} from denoiser call {bad[0]} on (nan or inf latents)")

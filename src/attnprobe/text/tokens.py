@@ -183,6 +183,12 @@ def token_layout(tokenizer, text: str, n_keys: int | None = None, source: str = 
 
 
 def concept_pattern(concept: str) -> re.Pattern:
+    """The regular expression ``find_concept`` matches a concept with: its words, case-insensitive, whole words, any
+    whitespace between them.
+
+    Raises:
+        ConceptError: the concept is not a string, or is empty.
+    """
     if not isinstance(concept, str):
         raise ConceptError(f"a concept is a word or phrase (str); got {concept!r} ({type(concept).__name__})")
     words = concept.strip().split()
