@@ -20,7 +20,7 @@ from einops import rearrange
 from ..errors import ProbeError
 from .processor import CaptureState, check_keys, reduce_probs, scratch
 
-__all__ = ["ProbeProcessor", "attention_probs", "output_error", "TOLERANCE", "chain", "keep_first", "to_out_hook"]
+__all__ = ["ProbeProcessor", "attention_probs", "output_error", "TOLERANCE", "chain", "keep_first", "to_out_hook", "with_tolerance"]
 
 #: the largest relative error ``output_error`` accepts, by the dtype the processor computed in: fp32 SDPA's and
 #: matmul's rounding differ by ~1e-6; half precision rounds each product (measured on the tiny pipelines: fp16
@@ -96,6 +96,14 @@ def output_error(attn, probs: torch.Tensor, value: torch.Tensor, output: torch.T
     expect = rearrange(probs @ v, "sample head query d -> sample query (head d)")
     got = output.float().reshape(expect.shape)
     return float((got - expect).norm() / got.norm().clamp_min(1e-30))
+
+
+def with_tolerance(error: float, dtype: torch.dtype) -> tuple[float | None, float | None]:
+    """``(error, tolerance)`` of a verify-once check for output computed in ``dtype``; ``(None, None)`` for a
+    non-finite error (a diverged output: nothing to compare it by)."""
+    if not math.isfinite(error):
+        return None, None
+    return error, TOLERANCE.get(dtype, HALF_TOLERANCE)
 
 
 def keep_first(seen: dict, name: str, part: tuple[int, int] | None = None):
@@ -261,12 +269,9 @@ class ProbeProcessor:
             self.state.checks.append((self.site, name, None, None, same))
             return
         out = seen["out"]
-        tolerance = TOLERANCE.get(out.dtype, HALF_TOLERANCE)
         with torch.no_grad():
             error = output_error(attn, attention_probs(attn, query, key, mask), seen["value"], out)
-        if not math.isfinite(error):
-            error = tolerance = None
-        self.state.checks.append((self.site, name, error, tolerance, same))
+        self.state.checks.append((self.site, name, *with_tolerance(error, out.dtype), same))
 
     def __repr__(self) -> str:
         return f"ProbeProcessor(site={self.site!r}, inner={self.inner!r})"

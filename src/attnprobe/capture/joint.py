@@ -23,12 +23,11 @@ Site kinds: ``"joint"`` (a double-stream block: image tokens through ``to_q``/``
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 
 from ..errors import ProbeError
-from .cross import HALF_TOLERANCE, TOLERANCE, ProbeProcessor, keep_first, to_out_hook
+from .cross import ProbeProcessor, keep_first, to_out_hook, with_tolerance
 from .processor import check_keys, reduce_probs, scratch
 
 __all__ = ["JOINT_MODES", "CHUNK_ELEMENTS", "joint_probs", "joint_output_error", "mask_bias", "JointProbeProcessor"]
@@ -66,7 +65,6 @@ def joint_probs(
     s, h, n, _ = query.shape
     t = text_t.shape[-1]
     image_bias, text_bias = bias or (None, None)
-    rows = lambda b, i, j: None if b is None else b[:, :, i:j] if b.shape[2] > 1 else b  # noqa: E731
     if mode == "renorm":
         text = torch.matmul(query, text_t)
         return (text if text_bias is None else text + text_bias).softmax(dim=-1), None
@@ -80,7 +78,8 @@ def joint_probs(
         text = torch.matmul(q, text_t)                                  # [sample, head, chunk, T]
         image = torch.matmul(q, image_t)                                # [sample, head, chunk, N]
         if bias is not None:
-            text, image = _biased(text, rows(text_bias, start, start + step)), _biased(image, rows(image_bias, start, start + step))
+            text = _biased(text, _query_rows(text_bias, start, start + step))
+            image = _biased(image, _query_rows(image_bias, start, start + step))
         top = image.amax(-1, keepdim=True)
         image_lse = image.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))  # in place: one chunk-sized tensor
         lse = torch.logaddexp(image_lse, text.logsumexp(-1))           # over all N + T keys
@@ -91,6 +90,11 @@ def joint_probs(
 
 def _biased(logits: torch.Tensor, bias) -> torch.Tensor:
     return logits if bias is None else logits.add_(bias)
+
+
+def _query_rows(bias, start: int, stop: int):
+    """The image queries ``start:stop`` of a bias ``[sample, head, query | 1, key]`` (one row: every query's)."""
+    return None if bias is None else bias[:, :, start:stop] if bias.shape[2] > 1 else bias
 
 
 def mask_bias(mask: torch.Tensor, rows, n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +137,7 @@ def joint_output_error(query, image_keys, text_keys, image_values, text_values, 
     s, h, n, _ = query.shape
     step = chunk or max(1, CHUNK_ELEMENTS // max(1, s * h * keys.shape[-1]))
     full = None if bias is None else torch.cat(bias, dim=-1)  # [image; text], as the keys are (one mask's slices)
-    expect = torch.cat([_biased(torch.matmul(query[:, :, i:i + step].float(), keys),
-                                None if full is None else full[:, :, i:i + step] if full.shape[2] > 1 else full
+    expect = torch.cat([_biased(torch.matmul(query[:, :, i:i + step].float(), keys), _query_rows(full, i, i + step)
                                 ).softmax(-1) @ values
                         for i in range(0, n, step)], dim=2)
     expect = expect.transpose(1, 2).reshape(s, n, -1)
@@ -281,10 +284,7 @@ class JointProbeProcessor(ProbeProcessor):
             values = [seen[k].unflatten(-1, (attn.heads, -1)).transpose(1, 2) for k in ("image", "text")]
             bias = None if mask is None else mask_bias(mask, None, k_txt.shape[2])
             error = joint_output_error(q_img, k_img, k_txt, *values, out, bias=bias)
-        tolerance = TOLERANCE.get(out.dtype, HALF_TOLERANCE)
-        if not math.isfinite(error):
-            error = tolerance = None
-        self.state.checks.append((self.site, name, error, tolerance, None))
+        self.state.checks.append((self.site, name, *with_tolerance(error, out.dtype), None))
 
     def _split(self, attn, query, key, text_key, emb, state, rows="state"):
         """Image queries (scaled), image keys and text keys ``[sample, head, position, d]``, as the processor has

@@ -168,9 +168,7 @@ class Recorder:
     @torch.compiler.disable
     def _on_encode(self, stream, module, args, kwargs):
         given = self.rows.call_arguments()
-        if not given or (self.calls_in_generation > 0 and self.rows.in_loop()):
-            # outside a pipeline call (encode_prompt, attnprobe.text), or inside its denoising loop (a callback that
-            # re-encodes a prompt): not this call's conditioning, which the denoiser calls themselves show
+        if self._not_this_calls(given):
             return
         # a new pipeline call begins by encoding its prompts; one with other arguments may follow a call that
         # failed after encoding (its ids must not label this one)
@@ -179,10 +177,16 @@ class Recorder:
             self.rows.new_pipeline_call()
         self.rows.encoded_ids(stream, args[0] if args else kwargs.get("input_ids"), given)
 
+    def _not_this_calls(self, given: dict) -> bool:
+        """Whether an encode is not the conditioning of a pipeline call: it ran outside one (``encode_prompt`` to make
+        ``prompt_embeds``, ``attnprobe.text``) or inside its denoising loop (a callback that re-encodes a prompt; the
+        denoiser calls themselves show that conditioning)."""
+        return not given or (self.calls_in_generation > 0 and self.rows.in_loop())
+
     @torch.compiler.disable
     def _on_encode_prompt(self, output) -> None:
-        if not self.rows.call_arguments() or (self.calls_in_generation > 0 and self.rows.in_loop()):
-            return  # outside a pipeline call (to make prompt_embeds) or inside its loop (a callback): not this call's
+        if self._not_this_calls(self.rows.call_arguments()):
+            return
         if self.calls_in_generation > 0:  # no text encoder ran before it (prompt_embeds passed): a new call
             self.calls_in_generation = 0
             self.rows.new_pipeline_call()
@@ -293,7 +297,7 @@ class Recorder:
         contiguous = rows == list(range(rows[0], rows[-1] + 1))
         self.state.rows = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, dtype=torch.long)
         self.fill = None
-        if len(rows) < len(present) or None in present:
+        if None in present:
             self.fill = (len(present), torch.tensor([i for i, r in enumerate(present) if r is not None], dtype=torch.long))
 
     def _rows_changed(self, present: list[int | None]) -> None:

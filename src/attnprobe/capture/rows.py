@@ -37,6 +37,17 @@ def as_texts(value) -> list[str] | None:
     return None
 
 
+#: the warning of samples whose conditioning changed inside a pipeline call (BatchRows.lose)
+_CHANGED = ("the conditioning of samples {} changed inside the pipeline call (a callback_on_step_end edited "
+            "prompt_embeds?)")
+
+
+def _claims(order, n: int, per_prompt: int) -> list[tuple[str, str, int, int]]:
+    """Per batch row ``(pass, text, prompt, image)`` of blocks ``order`` (``(pass, text)`` each) of ``n`` rows, one
+    per prompt and image. A safety row's prompt is the prompt whose sample it guides; its text the one concept."""
+    return [(p, text, *divmod(j, per_prompt)) for p, text in order for j in range(n)]
+
+
 def _pipeline(obj) -> bool:
     from diffusers import DiffusionPipeline
 
@@ -393,19 +404,14 @@ class BatchRows:
                       f"the denoiser batch changed from {self.block_rows} to {n} rows per pass inside the pipeline call")
             return tuple(order[row // n][0] for row in range(batch)), [None] * len(samples)
         per_prompt = max((key[2] for key in self.claims), default=0) + 1
-        labels, rows = [], []
-        for row in range(batch):
-            block, j = divmod(row, n)
-            prompt, image = divmod(j, per_prompt)
-            labels.append(order[block][0])
-            rows.append((order[block][0], prompt, image))
+        rows = [(p, prompt, image) for p, _, prompt, image in _claims(order, n, per_prompt)]
+        labels = [p for p, _, _ in rows]
         where = {key: row for row, key in enumerate(rows)}
         present = [where.get((s.pass_label, s.prompt_index, s.image_index)) for s in samples]
         same = same_rows(states, self.first_states, [(r, s.row) if r is not None else None for s, r in zip(samples, present)])
         changed = [s.index for s, r, ok in zip(samples, present, same) if r is not None and not ok
                    and s.index not in self.lost]
-        self.lose(changed, "the conditioning of samples {} changed inside the pipeline call (a callback_on_step_end "
-                           "edited prompt_embeds?)")
+        self.lose(changed, _CHANGED)
         mapped = [r if r is not None and ok and s.index not in self.lost else None
                   for s, r, ok in zip(samples, present, same)]
         return tuple(labels), mapped
@@ -418,8 +424,7 @@ class BatchRows:
         if states is first or label != self.passes:
             return None
         same = same_rows(states, first, [(s.row, s.row) for s in samples])
-        self.lose([s.index for s, ok in zip(samples, same) if not ok], "the conditioning of samples {} changed "
-                  "inside the pipeline call (a callback_on_step_end edited prompt_embeds?)")
+        self.lose([s.index for s, ok in zip(samples, same) if not ok], _CHANGED)
         return [None if s.index in self.lost else s.row for s in samples]
 
     def lose(self, samples: list[int], why: str) -> None:
@@ -514,13 +519,7 @@ class BatchRows:
             neg_texts = None
         uncond_ids = [i if i is not None and i.shape[0] == n_prompts else None for i in uncond_ids]
 
-        claims = []  # per row: (pass, text, prompt, image)
-        for row, label in enumerate(labels):
-            block, j = divmod(row, n)
-            prompt_index, image_index = divmod(j, per_prompt)
-            text_source = order[block][1]
-            # a safety row's prompt_index is the prompt whose sample it guides; its text is the one safety concept
-            claims.append((label, text_source, prompt_index, image_index))
+        claims = _claims(order, n, per_prompt)
         # true CFG: this first call is a conditional one, whatever pass the store keeps; no batch to check
         labels = self._check_rows(claims, None if separate else states, per_prompt, cond_ids, uncond_ids, safety_ids)
 
