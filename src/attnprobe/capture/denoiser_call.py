@@ -43,6 +43,7 @@ class DenoiserCall:
         mask: ``encoder_attention_mask`` (PixArt: T5's padding mask, 1 = attended), or ``None``.
         img_ids: Flux's packed-latent position ids ``[token, (0, row, column)]``, or ``None``.
         image_prompt: ``encoder_hidden_states`` came as IP-Adapter's ``(text states, image-prompt states)``.
+        shapes: Qwen-Image's ``img_shapes`` (per sample ``[(frames, rows, columns)]`` of packed tokens), or ``None``.
     """
 
     sample: object
@@ -51,6 +52,7 @@ class DenoiserCall:
     mask: object
     img_ids: object
     image_prompt: bool
+    shapes: object = None
 
     @classmethod
     def read(cls, args: tuple, kwargs: dict) -> "DenoiserCall":
@@ -62,8 +64,10 @@ class DenoiserCall:
         if image_prompt:  # IP-Adapter: (text states, image-prompt states)
             states = states[0]
         mask, ids = kwargs.get("encoder_attention_mask"), kwargs.get("img_ids")
+        shapes = kwargs.get("img_shapes")
         return cls(sample, timestep, states, mask if isinstance(mask, torch.Tensor) else None,
-                   ids if isinstance(ids, torch.Tensor) else None, image_prompt)
+                   ids if isinstance(ids, torch.Tensor) else None, image_prompt,
+                   shapes if isinstance(shapes, (list, tuple)) and shapes else None)
 
     @staticmethod
     def with_states(args: tuple, kwargs: dict, states) -> tuple[tuple, dict]:
@@ -78,8 +82,9 @@ class DenoiserCall:
 
     @property
     def packed(self) -> bool:
-        """Flux-style packed latents: ``[batch, token, channel]`` with ``img_ids``."""
-        return isinstance(self.sample, torch.Tensor) and self.sample.ndim == 3 and self.img_ids is not None
+        """Flux-style packed latents: ``[batch, token, channel]`` with ``img_ids`` (or Qwen-Image's ``img_shapes``)."""
+        return isinstance(self.sample, torch.Tensor) and self.sample.ndim == 3 and (
+            self.img_ids is not None or self.shapes is not None)
 
     @property
     def text_len(self) -> int:
@@ -92,13 +97,16 @@ class DenoiserCall:
         if not isinstance(self.sample, torch.Tensor) or (self.sample.ndim != 4 and not self.packed):
             raise ProbeError(
                 f"the denoiser {type(denoiser).__name__} was called without a 4-D latent sample or packed latents with "
-                f"img_ids (got {type(self.sample).__name__}); attnprobe supports denoisers called as diffusers "
+                f"img_ids or img_shapes (got {type(self.sample).__name__}); attnprobe supports denoisers called as diffusers "
                 "pipelines do"
             )
 
     def latent_hw(self, packed_hw=None) -> tuple[int, int]:
         """The latent grid: the sample's last two axes, or for packed latents ``packed_hw(img_ids)`` (default:
         ``packed_grid``; the probe passes a cached one, as reading GPU ids synchronises)."""
+        if self.packed and self.img_ids is None:  # img_shapes: [(frames, rows, columns)] of 2×2 patches, per sample
+            first = self.shapes[0][0] if isinstance(self.shapes[0], list) else self.shapes[0]
+            return 2 * int(first[-2]), 2 * int(first[-1])
         if self.packed:
             return (packed_hw or packed_grid)(self.img_ids)
         return int(self.sample.shape[-2]), int(self.sample.shape[-1])
@@ -106,9 +114,10 @@ class DenoiserCall:
 
 def packed_grid(img_ids: torch.Tensor) -> tuple[int, int]:
     """The latent size of packed latents (Flux: 2×2 latent patches per token) from their position ids
-    ``[token, (0, row, column)]``: twice the token grid."""
+    ``[token, (0, row, column)]`` (Flux.2: ``(t, row, column, l)``): twice the token grid."""
     ids = img_ids.reshape(-1, img_ids.shape[-1])
-    rows, cols = int(ids[:, -2].max()) + 1, int(ids[:, -1].max()) + 1
+    row, col = (1, 2) if ids.shape[-1] == 4 else (-2, -1)
+    rows, cols = int(ids[:, row].max()) + 1, int(ids[:, col].max()) + 1
     return 2 * rows, 2 * cols
 
 

@@ -23,7 +23,9 @@ import torch
 
 from ..errors import ProbeError
 from .cross import ProbeProcessor
+from .families import Family
 from .joint import JointProbeProcessor
+from .kernel import KernelProbeProcessor
 from .processor import CaptureState
 
 __all__ = ["KINDS", "WRAPPERS", "site_kind", "is_attention", "attention_classes", "wrap_processor"]
@@ -84,16 +86,19 @@ def is_attention(module) -> bool:
     return isinstance(module, attention_classes()) and hasattr(module, "processor")
 
 
-def wrap_processor(inner: Any, site: str, attn, state: CaptureState, kind: str = "cross") -> ProbeProcessor:
+def wrap_processor(inner: Any, site: str, attn, state: CaptureState, kind: str = "cross",
+                   family: Family | None = None) -> ProbeProcessor:
     """The recording wrapper of a site of this ``kind`` (``WRAPPERS``: ``cross.ProbeProcessor`` or
-    ``joint.JointProbeProcessor``) around its processor ``inner``, whose
-    ``__call__`` shows ``inner``'s signature.
+    ``joint.JointProbeProcessor``; ``kernel.KernelProbeProcessor`` for a ``family`` read at the kernel) around its
+    processor ``inner``, whose ``__call__`` shows ``inner``'s signature.
 
     ``Attention.forward`` drops every ``cross_attention_kwargs`` entry that its processor's ``__call__`` does
     not name (e.g. IP-Adapter's ``ip_adapter_masks``), so the wrapper must name exactly what ``inner`` names.
     """
     if kind not in WRAPPERS:
         raise ProbeError(f"site {site}: attnprobe records sites of kinds {sorted(WRAPPERS)}, not {kind!r}")
+    if family is not None and family.reader == "kernel":
+        return _wrapper_class(inner, KernelProbeProcessor)(inner, site, attn, state, kind, family.text_first)
     wrapper = _wrapper_class(inner, WRAPPERS[kind])
     return wrapper(inner, site, attn, state) if kind == "cross" else wrapper(inner, site, attn, state, kind)
 

@@ -113,7 +113,7 @@ class Recorder:
         try:
             for name, attn in self.modules.items():
                 original = attn.processor
-                wrapper = wrap_processor(original, name, attn, self.state, self.kinds[name])
+                wrapper = wrap_processor(original, name, attn, self.state, self.kinds[name], self.family)
                 self.originals[name] = original
                 self.wrappers[name] = wrapper
                 attn.set_processor(wrapper)
@@ -236,6 +236,7 @@ class Recorder:
         self.state.text_len = call.text_len
         self.state.states = call.states if self.same_states else None
         uncond_call = self.rows.separate and self.rows.uncond_call(call.states)
+        self.state.n_keys = call.text_len if self.rows.separate else self.state.n_keys  # each pass its own length
         if self.calls_in_generation > 0 and not uncond_call and self._starts_generation(call.batch, t, hw):
             self.calls_in_generation = 0
             self.rows.new_pipeline_call()  # no text-encoder call announced it (prompt_embeds)

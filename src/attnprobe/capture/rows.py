@@ -342,6 +342,14 @@ class BatchRows:
     def _stream_layout(self, text, ids_per_stream, prompt_index, n_keys, source) -> TokenLayout:
         """One sample's token layout: each text stream's positions in key order (SD3: CLIP then T5)."""
         first = ids_per_stream[0] if ids_per_stream else None
+        family = family_of(self.denoiser)
+        if family.template is not None and len(self.streams) == 1:  # an LLM encoder reading a templated prompt
+            ids = first[prompt_index].tolist() if first is not None else None
+            lay = family.layout(self.pipe, self.streams[0][1], text, ids, n_keys, source)
+            if lay is None and text is not None:
+                warn(f"the {family.name} text encoder did not read the prompt {text!r} inside the template attnprobe "
+                     "knows for it (a changed template or tokenizer?): its text positions are labelled 'unknown'")
+            return lay or unlabelled_layout(n_keys, source="none")
         if len(self.streams) <= 1 and (first is None or first.shape[1] == n_keys):
             return self._layout_for(text, first[prompt_index].tolist() if first is not None else None, n_keys, source)
         # several streams, or fewer encoded positions than keys (SD3 without T5: zeros after CLIP's 77)
@@ -476,6 +484,8 @@ class BatchRows:
         order = blocks(self.pipe, cfg or sld, sld) if not separate else (("cond", "prompt"),)
         if separate and self.passes == "uncond":
             order = (("uncond", "negative"),)  # the rows of the separate unconditional calls the store keeps
+            negative = loc.get("negative_prompt_embeds")  # their text length may differ (Qwen-Image pads per prompt)
+            n_keys = int(negative.shape[1]) if isinstance(negative, torch.Tensor) and negative.ndim == 3 else n_keys
         if batch % len(order):
             raise ProbeError(
                 f"{type(self.pipe).__name__}'s denoiser batch of {batch} rows does not split into the blocks of its "

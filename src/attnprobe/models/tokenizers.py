@@ -13,7 +13,7 @@ import math
 from functools import lru_cache
 from importlib import resources
 
-__all__ = ["clip_tokenizer", "t5_tokenizer", "t5_vocab_size", "DATA"]
+__all__ = ["clip_tokenizer", "t5_tokenizer", "t5_vocab_size", "llm_tokenizer", "CHAT_TEMPLATE", "DATA"]
 
 #: The package data shipped with attnprobe (``clip/``: CLIP's vocabulary and merges; ``shapes/``: the shapes model).
 DATA = resources.files("attnprobe.models") / "data"
@@ -88,3 +88,47 @@ def _t5_tokenizer(max_length: int):
 def t5_vocab_size() -> int:
     """The number of pieces of ``t5_tokenizer``'s vocabulary (the tiny T5 encoders' ``vocab_size``)."""
     return len(_t5_vocab())
+
+
+#: A Qwen-style chat template (ChatML): ``<|im_start|>role\ncontent<|im_end|>\n`` per message
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+#: the special tokens of ``llm_tokenizer``: chat turns and vision placeholders (Qwen2.5-VL's config names them)
+LLM_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<bos>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>")
+
+
+def llm_tokenizer(bos: bool = False, max_length: int = 2048):
+    """An offline tokenizer in the style of an LLM text encoder's (Qwen, Gemma, Mistral): ``t5_tokenizer``'s pieces
+    without T5's appended ``</s>``, the special tokens ``LLM_SPECIALS`` (``<|endoftext|>`` pads, ``<|im_start|>`` /
+    ``<|im_end|>`` delimit chat turns), the ChatML ``CHAT_TEMPLATE`` for ``apply_chat_template``, right padding and
+    character offsets. Not any real model's vocabulary: for the tiny pipelines of LLM-conditioned families.
+
+    Args:
+        bos: prepend ``<bos>`` to every encoding, as Gemma's tokenizer does. Default ``False`` (Qwen's).
+        max_length: ``model_max_length``. Default 2048.
+
+        >>> tok = llm_tokenizer()
+        >>> tok.convert_ids_to_tokens(tok("<|im_start|>user a dog<|im_end|>").input_ids)
+        ['<|im_start|>', '▁user', '▁a', '▁dog', '<|im_end|>']
+    """
+    return copy.deepcopy(_llm_tokenizer(bos, max_length))
+
+
+@lru_cache(maxsize=4)
+def _llm_tokenizer(bos: bool, max_length: int):
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(_t5_tokenizer(512).backend_tokenizer.to_str())
+    backend.add_special_tokens(list(LLM_SPECIALS))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A" if bos else "$A", pair="<bos> $A $B" if bos else "$A $B",
+        special_tokens=[("<bos>", backend.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>",
+        bos_token="<bos>" if bos else None, model_max_length=max_length, padding_side="right",
+        chat_template=CHAT_TEMPLATE,
+    )

@@ -211,7 +211,8 @@ class AttentionStore:
         return self._kept(self.layout(sample).strings)
 
     def token_kinds(self, sample) -> list[str]:
-        """Per position on the ``token`` axis ``"start"``, ``"word"``, ``"end"``, ``"pad"`` or ``"unknown"``."""
+        """Per position on the ``token`` axis ``"start"``, ``"word"``, ``"end"``, ``"pad"``, ``"template"`` (a position of
+        the text an LLM encoder's pipeline wrapped the prompt in: instruction, chat turns) or ``"unknown"``."""
         return self._kept(self.layout(sample).kinds)
 
     def token_indices(self, sample, concept: str) -> list[list[int]]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ConceptError
 
-__all__ = ["TokenLayout", "token_layout", "find_concept", "unlabelled_layout", "decode_ids", "concat_layouts"]
+__all__ = ["TokenLayout", "token_layout", "find_concept", "unlabelled_layout", "decode_ids", "concat_layouts",
+           "template_layout", "select_positions"]
 
 
 @dataclass
@@ -26,7 +27,9 @@ class TokenLayout:
     Attributes:
         strings: one readable string per key position (``<|startoftext|>``, word pieces without ``</w>``,
             ``<|endoftext|>``; ``""`` where unknown). Length = the number of keys.
-        kinds: per position ``"start"``, ``"word"``, ``"end"``, ``"pad"`` or ``"unknown"``.
+        kinds: per position ``"start"``, ``"word"``, ``"end"``, ``"pad"``, ``"template"`` (a position of the text
+            the pipeline wrapped the prompt in before encoding: a system instruction, chat-turn tokens) or
+            ``"unknown"``.
         ids: token ids, or ``None`` when the text encoder call was not seen (``prompt_embeds`` passed).
         text: the prompt text the positions come from, or ``None``.
         offsets: per position the ``[start, end)`` character span in ``text`` (``None`` for special tokens).
@@ -179,6 +182,44 @@ def token_layout(tokenizer, text: str, n_keys: int | None = None, source: str = 
         offsets=offsets,
         truncated_at=truncated_at,
         source=source,
+    )
+
+
+def template_layout(tokenizer, templated: str, start: int, text: str, n: int | None = None,
+                    source: str = "prompt") -> TokenLayout:
+    """The layout of a prompt that the pipeline wrapped in a template before encoding (Qwen-Image's system
+    instruction and chat turns, Sana's complex human instruction): ``templated`` tokenized as ``token_layout`` does,
+    its positions inside the prompt (characters ``start … start + len(text)``) kept as ``"word"`` with offsets into
+    ``text``, every other non-pad position ``"template"`` (no offsets: concepts are never found in the template).
+
+    Args:
+        tokenizer: a fast tokenizer. templated: the text the encoder read. start: where ``text`` begins in it.
+        text: the user's prompt. n: positions (padding to it); default ``templated``'s own length (no padding).
+        source: recorded in ``TokenLayout.source``.
+    """
+    if n is None:
+        n = len(tokenizer(templated, add_special_tokens=True, verbose=False)["input_ids"])
+    lay = token_layout(tokenizer, templated, n, source=source)
+    end = start + len(text)
+    kinds, offsets = [], []
+    for kind, off in zip(lay.kinds, lay.offsets):
+        inside = off is not None and off[0] < end and off[1] > start  # a piece across the border counts as the word's
+        kinds.append("word" if inside else "pad" if kind == "pad" else "template")
+        offsets.append((max(off[0], start) - start, min(off[1], end) - start) if inside else None)
+    cut = lay.truncated_at
+    return TokenLayout(strings=lay.strings, kinds=kinds, ids=lay.ids, text=text, offsets=offsets,
+                       truncated_at=max(0, cut - start) if cut is not None and cut < end else None, source=source)
+
+
+def select_positions(layout: TokenLayout, positions: list[int | None]) -> TokenLayout:
+    """The layout of the keys a pipeline made from an encoding's positions: key ``i`` is encoded position
+    ``positions[i]``; ``None`` marks a key the pipeline added (zero padding: kind ``"pad"``, id -1)."""
+    pick = lambda values, empty: [values[p] if p is not None else empty for p in positions]  # noqa: E731
+    return TokenLayout(
+        strings=pick(layout.strings, ""), kinds=pick(layout.kinds, "pad"),
+        ids=pick(layout.ids, -1) if layout.ids is not None else None, text=layout.text,
+        offsets=pick(layout.offsets or [None] * len(layout.strings), None), truncated_at=layout.truncated_at,
+        source=layout.source, streams=pick(layout.streams, "") if layout.streams else [],
     )
 
 

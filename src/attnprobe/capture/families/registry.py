@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from ...text.tokens import TokenLayout, select_positions, template_layout
+
 __all__ = ["Family", "first_text_encoder", "unet_order"]
 
 #: ``(encoder attribute, tokenizer attribute)`` pairs of a pipeline, in the order of the denoiser's text keys
@@ -36,6 +38,19 @@ class Family:
             ``down → mid → up`` while ``named_modules()`` lists ``up_blocks`` first). Default: as listed.
         single_needs_joint: keep ``single`` sites only in a denoiser that also has ``joint`` ones (an MM-DiT); in
             another, a block called with encoder states whose only attention is self-attention is not single-stream.
+        reader: how a site's q and k are read: ``"hooks"`` (forward hooks on ``to_q``/``to_k``/``add_k_proj``, then
+            the module's norms and rotary embedding as SD3's, Flux's and the UNets' processors apply them:
+            ``attnprobe.capture.cross`` and ``.joint``) or ``"kernel"`` (at the processor's one
+            ``scaled_dot_product_attention`` call, after everything it applies: ``attnprobe.capture.kernel``).
+        text_first: in a joint or single-stream sequence read at the kernel, the text positions come first (Flux,
+            Qwen-Image: ``[text; image]``); ``False``: last (``[image; text]``).
+        template: for LLM text encoders that read the prompt inside a template: ``(pipe, prompt, n_keys) ->
+            [(templated text, where the prompt starts in it, encoded positions or None), …]``, the texts the encoder
+            may have read (Sana: with its complex human instruction, or without, as it encodes the negative prompt);
+            the one whose tokens are the ids the encoder read is taken.
+        text_positions: with ``template``: ``(pipe, layout of the encoding, n_keys) -> positions``, the encoded
+            position of each text key (``None``: a key the pipeline added), e.g. Qwen-Image drops its template's
+            first 34 positions and the padding. ``layout`` labels keys from both.
     """
 
     name: str
@@ -45,6 +60,10 @@ class Family:
     text_streams: Callable[[object], TextStreams]
     order: Callable[[torch.nn.Module, list], list] = lambda denoiser, sites: sites
     single_needs_joint: bool = False
+    reader: str = "hooks"
+    text_first: bool = True
+    template: Callable | None = None
+    text_positions: Callable | None = None
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""
@@ -56,6 +75,20 @@ class Family:
         """Whether ``denoiser`` is an instance of one of the family's diffusers classes."""
         classes = self.classes()
         return bool(classes) and isinstance(denoiser, classes)
+
+    def layout(self, pipe, tokenizer, text: str | None, ids: list[int] | None, n_keys: int,
+               source: str = "prompt") -> TokenLayout | None:
+        """The token layout of ``n_keys`` text keys that a templated encoding made (``template``), checked against the
+        ``ids`` the encoder read (``None``: not seen); ``None`` where the family has no template or the ids differ
+        from the template's (someone changed the pipeline's template: nothing is labelled from a guess)."""
+        if self.template is None or text is None or tokenizer is None or not getattr(tokenizer, "is_fast", False):
+            return None
+        for prompt in dict.fromkeys((text, text.lower().strip())):  # Sana and PixArt encode it lower-cased, stripped
+            for templated, start, length in self.template(pipe, prompt, n_keys):
+                lay = template_layout(tokenizer, templated, start, prompt, len(ids) if ids is not None else length, source)
+                if ids is None or lay.ids == ids:
+                    return select_positions(lay, self.text_positions(pipe, lay, n_keys))
+        return None
 
     def __repr__(self) -> str:
         return f"Family({self.name!r}: {self.title})"

@@ -1,0 +1,160 @@
+"""Sites read at their attention kernel: q, k and the mask exactly as the model hands them to
+``torch.nn.functional.scaled_dot_product_attention``, after every norm, rotary embedding and concatenation its
+processor applies.
+
+The families of newer diffusers denoisers (Qwen-Image, Flux.2, Sana, HunyuanDiT, …) each prepare q and k their own
+way (complex rotary tables, rotary embeddings on the query only, text and image tables apart, grouped-query heads).
+Rather than re-implement each, ``KernelProbeProcessor`` runs the installed processor unchanged under a
+``TorchFunctionMode`` that keeps the arguments of its one ``scaled_dot_product_attention`` call (diffusers'
+``dispatch_attention_fn`` reaches it through the native backend) and computes the site's map from them:
+
+- ``cross``: every query is an image position, every key a text position: ``softmax(q·kᵀ·scale + mask)`` over
+  the text keys (rows sum to 1).
+- ``joint`` (the processor got the image stream and ``encoder_hidden_states``) and ``single`` (one sequence of
+  ``state.text_len`` text positions and the image positions): the image-query × text-key block of the one softmax over
+  all keys, ``exact`` or ``renorm`` as ``attnprobe.capture.joint.joint_probs`` defines them. Where the text sits in
+  the sequence (first or last) is the family's ``text_first``.
+
+A processor that calls the kernel more than once, or not at all (another attention backend: flash-attn, xformers),
+is refused with a message that says which. Verify once: the kernel's output is compared with
+``softmax(q·kᵀ·scale + mask)·v`` of what was read (``state.checks``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..errors import ProbeError
+from .cross import ProbeProcessor, with_tolerance
+from .joint import joint_output_error, joint_probs
+from .processor import check_keys, reduce_probs
+
+__all__ = ["KernelTap", "KernelProbeProcessor"]
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class KernelTap(TorchFunctionMode):
+    """Keeps the arguments and output of every ``scaled_dot_product_attention`` call made while it is active
+    (``calls``: dicts of ``query``, ``key``, ``value`` ``[sample, head, position, d]``, ``attn_mask``, ``scale``,
+    ``dropout_p``, ``is_causal``, ``enable_gqa``, ``output``). Everything else runs as it would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is _SDPA:
+            seen = dict(zip(_SDPA_ARGS, args))
+            seen.update(kwargs)
+            seen["output"] = out
+            self.calls.append(seen)
+        return out
+
+
+def _bias(mask, rows, queries: slice, keys: slice):
+    """The additive bias of an ``attn_mask`` ``[sample | 1, head | 1, query | 1, key]`` (or fewer leading
+    dimensions) for the recorded batch ``rows``, image ``queries`` and the ``keys`` slice: a boolean mask (``True``
+    = attend) becomes 0 / ``-inf``, a float one is added as it is."""
+    if mask is None:
+        return None
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if m.shape[0] > 1 and rows is not None:
+        m = m[rows] if isinstance(rows, slice) else m.index_select(0, rows.to(m.device))
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, device=m.device).masked_fill_(~m, float("-inf"))
+    m = m.float()
+    return (m[:, :, queries] if m.shape[2] > 1 else m)[..., keys]
+
+
+class KernelProbeProcessor(ProbeProcessor):
+    """Wraps one site's processor of a family read at the kernel (``Family.reader == "kernel"``): see the module
+    docstring. ``kind``: ``"cross"``, ``"joint"`` or ``"single"``; ``text_first``: the text positions come before the
+    image ones in a joint or single-stream sequence."""
+
+    def __init__(self, inner, site: str, attn, state, kind: str = "cross", text_first: bool = True) -> None:
+        self.inner, self.site, self.state, self.kind, self.text_first = inner, site, state, kind, text_first
+        self.removed, self.checked, self._hooks = False, False, []
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        state = self.state
+        if self.removed or not state.keep or torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() and state.keep:
+                raise ProbeError(f"site {self.site}: sites read at the attention kernel cannot be compiled; probe "
+                                 "the denoiser before torch.compile, or compile after the probe")
+            return self.inner(attn, hidden_states, *args, **kwargs)
+        tap = KernelTap()
+        with tap:
+            output = self.inner(attn, hidden_states, *args, **kwargs)
+        if len(tap.calls) != 1:
+            backend = getattr(self.inner, "_attention_backend", None)
+            raise ProbeError(
+                f"site {self.site}: its processor {type(self.innermost()).__name__} called "
+                f"scaled_dot_product_attention {len(tap.calls)} times (attention backend {backend or 'default'}); "
+                "attnprobe reads q and k at its one call. Use the native backend "
+                "(denoiser.set_attention_backend('native')) and the model's own processor"
+            )
+        seen = tap.calls[0]
+        query, key, mask = seen["query"], seen["key"], seen.get("attn_mask")
+        if seen.get("is_causal") or seen.get("dropout_p"):
+            raise ProbeError(f"site {self.site}: its attention is causal or has dropout; attnprobe reads plain "
+                             "(bidirectional, dropout-free) attention")
+        if key.shape[1] != query.shape[1]:  # grouped-query attention: each key head serves several query heads
+            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            seen["value"] = seen["value"].repeat_interleave(query.shape[1] // seen["value"].shape[1], dim=1)
+        image, text = self._positions(query.shape[2], key.shape[2], hidden_states.shape[1])
+        scale = seen.get("scale") or query.shape[-1] ** -0.5
+        rows = state.rows
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows]) if isinstance(rows, slice) else (
+            lambda x: x.index_select(0, rows))
+        workspace = state.workspace if query.device.type == "cpu" else None
+        with torch.no_grad():
+            check_keys(state, self.site, text.stop - text.start)
+            q = pick(query)[:, :, image].float() * scale
+            k = pick(key)
+            mode = "renorm" if self.kind == "cross" else state.joint
+            keys_image = k[:, :, image] if self.kind != "cross" else k[:, :, :0]
+            bias = None if mask is None else (
+                _bias(mask, rows, image, image) if self.kind != "cross" else None, _bias(mask, rows, image, text))
+            probs, share = joint_probs(q, keys_image, k[:, :, text], mode, workspace=workspace, bias=bias)
+            probs = reduce_probs(probs, state.heads, state.tokens, workspace)
+            probs = probs.to(state.dtype, copy=workspace is not None)
+        state.outbox.append((self.site, probs))
+        if share is not None:
+            state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))
+        if not self.checked:
+            self._check_kernel(query, key, mask, scale, seen)
+        return output
+
+    def _positions(self, n_query: int, n_key: int, n_hidden: int) -> tuple[slice, slice]:
+        """The image-query and text-key positions of the kernel's sequence."""
+        if self.kind == "cross":
+            return slice(0, n_query), slice(0, n_key)
+        n_text = n_key - n_hidden if self.kind == "joint" else self.state.text_len
+        if not 0 < n_text < n_key or n_query != n_key:
+            raise ProbeError(
+                f"site {self.site}: its attention has {n_query} queries and {n_key} keys, which is not one sequence of "
+                f"text and image positions ({n_text} text); attnprobe cannot tell the text keys apart"
+            )
+        if self.text_first:
+            return slice(n_text, n_key), slice(0, n_text)
+        return slice(0, n_key - n_text), slice(n_key - n_text, n_key)
+
+    def _check_kernel(self, query, key, mask, scale, seen) -> None:
+        """Verify once: the kernel's output against ``softmax(q·kᵀ·scale + mask)·v`` of every batch row."""
+        self.checked = True
+        out = seen["output"]
+        every = slice(0, key.shape[2])
+        with torch.no_grad():
+            full = None if mask is None else _bias(mask, None, slice(None), every)
+            bias = None if full is None else (full, full[..., :0])
+            error = joint_output_error(query.float() * scale, key, key[:, :, :0], seen["value"], seen["value"][:, :, :0],
+                                       out.transpose(1, 2).flatten(2), bias=bias)
+        self.state.checks.append((self.site, type(self.innermost()).__name__, *with_tolerance(error, out.dtype), None))
+
+    def __repr__(self) -> str:
+        return f"KernelProbeProcessor(site={self.site!r}, kind={self.kind!r}, inner={self.inner!r})"
