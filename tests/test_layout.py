@@ -154,14 +154,11 @@ def test_no_file_is_over_600_lines():
 def test_every_family_has_a_tiny_builder():
     from attnprobe.capture import FAMILIES, denoiser_of, family_of
     from attnprobe.capture.families import GENERIC
-    from attnprobe.testing import (
-        tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline,
-    )
+    from attnprobe.testing import TINY_PIPELINES, tiny_pipeline
 
     names = [f.name for f in FAMILIES]
     assert len(set(names)) == len(names) and GENERIC.name not in names
-    built = {family_of(denoiser_of(b())).name for b in (tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_sd3_pipeline,
-                                                       tiny_flux_pipeline, tiny_pixart_pipeline)}
+    built = {family_of(denoiser_of(tiny_pipeline(name))).name for name in TINY_PIPELINES}
     assert built == set(names)
 
 

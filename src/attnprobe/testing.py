@@ -35,7 +35,7 @@ from .models.tiny import (
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
 )
-from .models.tokenizers import clip_tokenizer, t5_tokenizer
+from .models.tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer
 
 __all__ = [
     "tiny_pipeline",

@@ -338,7 +338,7 @@ class Intervened:
                          sld_threshold=self.sld.threshold, sld_momentum_scale=self.sld.momentum_scale,
                          sld_mom_beta=self.sld.momentum_beta)
         self._reset()
-        return self.pipe(self.prompts, **extra, **kwargs)
+        return self.pipe(prompt=self.prompts, **extra, **kwargs)
 
     def check(self, steps: int, guidance: float | None = None) -> None:
         """Raise ``InterventionError`` if an edit's window lies outside a ``steps``-step call, or SLD would run with a

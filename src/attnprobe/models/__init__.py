@@ -4,9 +4,11 @@ stores with known answers, and the loader of any pipeline by name.
 
 - ``tiny``: ``tiny_sd_pipeline``, ``tiny_sdxl_pipeline``, ``tiny_sd3_pipeline``, ``tiny_flux_pipeline``,
   ``tiny_pixart_pipeline``, ``full_size_pipeline``, ``tiny_clip``, ``shapes_pipeline``; built from
-  ``components`` (seeded encoders, VAEs, schedulers).
+  ``components`` (seeded encoders, VAEs, schedulers); ``tiny_pipeline(name)`` builds any of them by name.
+- ``tiny_llm``: the tiny pipelines of families with an LLM text encoder (Sana, Qwen-Image, Flux.2).
 - ``configs``: real UNet and transformer configs and ``unet_on_meta`` / ``transformer_on_meta``.
-- ``tokenizers``: the real CLIP tokenizer (``data/clip``) and an offline T5-style one.
+- ``tokenizers``: the real CLIP tokenizer (``data/clip``), an offline T5-style one and an LLM-style one with a chat
+  template.
 - ``shapes``: the shapes model: its scenes with ground truth, the model and its training, its evaluation.
 - ``synthetic``: ``synthetic_store``, stores with known answers.
 - ``loader``: ``load_pipeline(name)``: the offline models by name, else a hub id or folder.

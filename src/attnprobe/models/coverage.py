@@ -60,6 +60,9 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "ChromaPipeline": ("chroma", "tests/test_joint.py"),
     "PixArtAlphaPipeline": ("pixart", "tests/test_joint.py"),
     "PixArtSigmaPipeline": ("pixart-sigma", "tests/test_joint.py"),
+    "SanaPipeline": ("sana", "tests/test_families.py"),
+    "QwenImagePipeline": ("qwen", "tests/test_families.py"),
+    "Flux2KleinPipeline": ("flux2", "tests/test_families.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
@@ -140,7 +143,7 @@ def measure(name: str) -> dict:
         params = inspect.signature(type(pipe).__call__).parameters
         kwargs.update({k: v for k, v in (("max_sequence_length", 16), ("use_resolution_binning", False),
                                          ("clean_caption", False)) if k in params})
-        run = lambda: pipe("a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+        run = lambda: pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
         plain = run()
         with probe(pipe) as store:
             probed = run()

@@ -21,6 +21,7 @@ from ..errors import ArgumentError
 from .components import finish, make_clip_encoder, make_flow_vae, make_scheduler, make_t5_encoder, make_vae
 from .configs import SD15_UNET, SDXL_UNET
 from .shapes.model import load as load_shapes
+from .tiny_llm import tiny_flux2_pipeline, tiny_qwen_pipeline, tiny_sana_pipeline
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 __all__ = ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_pixart_pipeline",
@@ -308,6 +309,9 @@ _BUILDERS = {
     "chroma": tiny_chroma_pipeline,
     "pixart": tiny_pixart_pipeline,
     "pixart-sigma": _pixart_sigma,
+    "sana": tiny_sana_pipeline,
+    "qwen": tiny_qwen_pipeline,
+    "flux2": tiny_flux2_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

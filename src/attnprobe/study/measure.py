@@ -9,6 +9,8 @@ their AUC (``attnprobe.auc``) and Δ vs the baseline of the same seed.
 
 from __future__ import annotations
 
+import inspect
+
 import shutil
 import traceback
 from pathlib import Path
@@ -48,15 +50,17 @@ def default_size(pipe, model: str) -> int:
 
 def initial_latents(pipe, seed: int, size: int, copies: int, device, dtype) -> torch.Tensor:
     """A seed's initial noise for a ``size``-pixel image, repeated ``copies`` times (every variant of a cell starts
-    from the same latents); packed for Flux-style pipelines."""
+    from the same latents); packed for Flux-style pipelines (Flux, Qwen-Image: 2×2 latent patches packed into tokens;
+    Flux.2: latents patched 2×2 into channels, then flattened into tokens)."""
     channels = denoiser_of(pipe).config.in_channels
-    packed = hasattr(pipe, "_pack_latents")  # Flux: 2×2 latent patches packed into tokens (in_channels = 4 × C)
-    channels = channels // 4 if packed else channels
-    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    pack = getattr(pipe, "_pack_latents", None)
+    patched = pack is not None and len(inspect.signature(pack).parameters) == 1  # Flux.2: _pack_latents(latents)
+    channels = channels // 4 if pack is not None and not patched else channels
+    side = size // int(getattr(pipe, "vae_scale_factor", 8)) // (2 if patched else 1)
     g = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn((1, channels, size // scale, size // scale), generator=g, dtype=torch.float32)
-    if packed:
-        noise = pipe._pack_latents(noise, 1, channels, size // scale, size // scale)
+    noise = torch.randn((1, channels, side, side), generator=g, dtype=torch.float32)
+    if pack is not None and not patched:
+        noise = pack(noise, 1, channels, side, side)
     return noise.repeat(copies, *[1] * (noise.ndim - 1)).to(device=device, dtype=dtype)
 
 
@@ -132,7 +136,7 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
                      stream_to=None if maps is None else Path(maps) / row)
 
     with recording(pipe, "variants") as store:
-        generated = pipe(prompts, latents=latents, **options)
+        generated = pipe(prompt=prompts, latents=latents, **options)
     # per row: (name, store, sample, prompt, image, intervention, mass factors)
     runs = [(v, store, i, prompts[i], generated.images[i], "", None) for i, v in enumerate(names)]
     failures = []

@@ -1,0 +1,61 @@
+"""Flux.2 (``Flux2Transformer2DModel``): double-stream joint-attention blocks and parallel single-stream blocks over
+one ``[text; image]`` sequence, with 4-axis rotary embeddings (``(t, h, w, l)`` ids); read at the kernel.
+
+Text keys: every position of the LLM encoder's chat-templated prompt (hidden states of several layers stacked along
+features, not positions): Flux.2 [dev] reads it after its system message through Mistral 3's processor, Flux.2
+[klein] inside Qwen 3's chat template as the user turn. The keys are the template's positions (kind
+``"template"``), the user's words, the rest of the template, then padding to ``max_sequence_length`` (not masked:
+the padding keys get attention).
+"""
+
+from .registry import Family, first_text_encoder
+
+_SENTINEL = "\x00attnprobe\x00"
+
+
+def _render(tokenizer, messages, **options) -> str | None:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except Exception:  # a template that takes other messages: not this pipeline's
+        return None
+
+
+def _template(pipe, prompt: str, n_keys: int):
+    """The chat renderings Flux.2's pipelines use: [klein] (the user turn alone, a generation prompt, no thinking) and
+    [dev] (its system message, then the user turn)."""
+    from diffusers.pipelines.flux2 import pipeline_flux2
+
+    tokenizer = pipe.tokenizer
+    system = getattr(pipeline_flux2, "SYSTEM_MESSAGE", "")
+    shapes = [
+        (lambda text: [{"role": "user", "content": text}], dict(add_generation_prompt=True, enable_thinking=False)),
+        (lambda text: [{"role": "system", "content": [{"type": "text", "text": system}]},
+                       {"role": "user", "content": [{"type": "text", "text": text}]}], dict(add_generation_prompt=False)),
+    ]
+    out = []
+    for messages, options in shapes:
+        marked = _render(tokenizer, messages(_SENTINEL), **options)
+        templated = _render(tokenizer, messages(prompt), **options)
+        if marked is None or templated is None or _SENTINEL not in marked:
+            continue
+        start = marked.index(_SENTINEL)
+        if templated[start:start + len(prompt)] == prompt:
+            out.append((templated, start, n_keys))
+    return out
+
+
+def _positions(pipe, layout, n_keys: int):
+    return list(range(n_keys))
+
+
+FAMILY = Family(
+    name="flux2",
+    title="Flux.2 [dev], Flux.2 [klein] (Flux2Transformer2DModel)",
+    denoisers=("Flux2Transformer2DModel",),
+    kinds=("joint", "single"),
+    text_streams=first_text_encoder,
+    reader="kernel",
+    text_first=True,
+    template=_template,
+    text_positions=_positions,
+)

@@ -1,0 +1,35 @@
+"""Qwen-Image (``QwenImageTransformer2DModel``): MM-DiT double-stream blocks whose one softmax runs over
+``[text; image]``, with rotary tables of their own for text and image (complex, ``apply_rotary_emb_qwen``) and the
+text padding masked out; read at the kernel (``attnprobe.capture.kernel``).
+
+Text keys: Qwen2.5-VL's last hidden states of the prompt inside the pipeline's chat template
+(``pipe.prompt_template_encode``: a system instruction, then the user turn), from which the pipeline drops the
+template's first ``prompt_template_encode_start_idx`` positions (34 for the real tokenizer) and the padding, then pads
+the batch with zeros. The keys are the user's words, then the end of the template (``<|im_end|>``, the assistant turn:
+kind ``"template"``), then ``"pad"``.
+"""
+
+from .registry import Family, first_text_encoder
+
+
+def _template(pipe, prompt: str, n_keys: int):
+    template = pipe.prompt_template_encode
+    return [(template.format(prompt), len(template.split("{}")[0]), None)]
+
+
+def _positions(pipe, layout, n_keys: int):
+    kept = [i for i in range(pipe.prompt_template_encode_start_idx, len(layout.kinds)) if layout.kinds[i] != "pad"]
+    return kept[:n_keys] + [None] * (n_keys - len(kept))
+
+
+FAMILY = Family(
+    name="qwen",
+    title="Qwen-Image (QwenImageTransformer2DModel)",
+    denoisers=("QwenImageTransformer2DModel",),
+    kinds=("joint",),
+    text_streams=first_text_encoder,
+    reader="kernel",
+    text_first=True,
+    template=_template,
+    text_positions=_positions,
+)

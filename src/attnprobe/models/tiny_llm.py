@@ -1,0 +1,135 @@
+"""Tiny pipelines of the families whose text encoder is an LLM (Qwen-Image: Qwen2.5-VL; Sana: Gemma 2): the real
+diffusers pipeline and denoiser classes and the real ``transformers`` encoder classes at widths of 8 to 32, seeded,
+with the offline ``llm_tokenizer``. ``attnprobe.models.tiny.tiny_pipeline`` builds them by name.
+
+    >>> pipe = tiny_qwen_pipeline()
+    >>> type(pipe).__name__, type(pipe.text_encoder).__name__
+    ('QwenImagePipeline', 'Qwen2_5_VLForConditionalGeneration')
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .components import finish
+from .tokenizers import llm_tokenizer
+
+__all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline"]
+
+
+def tiny_qwen_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``QwenImagePipeline`` with Qwen-Image's structure: 2 double-stream blocks (2 heads of 8 channels, RoPE over
+    axes (2, 2, 4), latents packed 2×2), a 2-layer Qwen2.5-VL encoder of width 16 reading the prompt inside the
+    pipeline's own chat template (``llm_tokenizer``; ``prompt_template_encode_start_idx`` set to where that tokenizer's
+    template ends, 34 for the real one), Qwen-Image's 3-level causal VAE (8× down-sampling) and a flow-matching Euler
+    scheduler. Classifier-free guidance (``true_cfg_scale`` > 1 with a negative prompt) runs as separate calls.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = llm_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+        ("vision_token_id", "<|image_pad|>"), ("image_token_id", "<|image_pad|>"))}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), rope_theta=1e6,
+                         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **ids,
+    )
+    torch.manual_seed(seed + 2)
+    encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
+                             tokenizer=tokenizer, transformer=transformer)
+    head = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(head).input_ids)
+    return finish(pipe, dtype)
+
+
+def tiny_sana_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``SanaPipeline`` with Sana's structure: 2 linear-attention DiT blocks (2 heads of 8 channels) whose ``attn2``
+    cross-attends to a 1-layer Gemma 2 encoder of width 16 (``llm_tokenizer(bos=True)``, reading the prompt after
+    Sana's complex human instruction), a 2-level DC-AE (``AutoencoderDC``, 2× down-sampling, 4 latent channels)
+    and a flow-matching Euler scheduler. ``sample_size`` 32.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = llm_tokenizer(bos=True)
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=32,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    encoder = Gemma2Model(Gemma2Config(
+        head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+        num_key_value_heads=1, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation="eager",
+    )).eval()
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return finish(pipe, dtype)
+
+
+def tiny_flux2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``Flux2KleinPipeline`` with Flux.2's structure: 1 double-stream and 2 parallel single-stream blocks (2 heads
+    of 8 channels, RoPE over 4 axes (t, h, w, l)), a 27-layer Qwen 3 encoder of width 16 reading the prompt in its
+    chat template (``llm_tokenizer``; the hidden states of its layers 9, 18 and 27, the pipeline's default
+    ``text_encoder_out_layers``, stacked along features), a 1-level Flux.2 VAE (latents patched 2×2, so a
+    64×96 px image is a 32×48 grid) and a flow-matching Euler scheduler. Not distilled: guidance above 1 runs the unconditional pass as separate calls.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = llm_tokenizer()
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLFlux2(
+        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    encoder = Qwen3ForCausalLM(Qwen3Config(
+        intermediate_size=32, hidden_size=16, num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )).eval()
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
+                              tokenizer=tokenizer, transformer=transformer)
+    return finish(pipe, dtype)

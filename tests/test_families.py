@@ -1,0 +1,256 @@
+"""Families read at the attention kernel (``attnprobe.capture.kernel``): Sana (cross-attention to Gemma 2 with its
+padding mask), Qwen-Image (joint attention over [text; image], complex rotary tables, masked padding) and Flux.2
+(joint and parallel single-stream blocks, 4-axis rotary embeddings), with LLM encoders that read the prompt inside a
+template. Tiny pipelines (``attnprobe.testing.tiny_pipeline``), CPU.
+
+The float64 reference never touches attnprobe: our own pre-forward hooks keep each attention module's inputs; q and
+k are recomputed from a float64 copy of the module's projections and norms, with our own rotary embeddings
+(Qwen's complex one, Flux's interleaved pairs), and the softmax over all keys is taken in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+import attnprobe
+from attnprobe.errors import ProbeError
+from attnprobe.testing import tiny_pipeline
+
+PROMPT = "a picture of Dog"
+SIZE = dict(height=32, width=48)
+OPTIONS = {
+    "sana": dict(height=32, width=64, max_sequence_length=16, use_resolution_binning=False),  # sides: multiples of 32
+    "qwen": dict(SIZE, max_sequence_length=16),
+    "flux2": dict(SIZE, max_sequence_length=16),
+}
+#: (qh, qw): Sana's DC-AE 2× (32 × 64 px), Qwen's VAE 4× then 2×2 packing and Flux.2's 1× then 2×2 patches (32 × 48 px)
+GRID = {"sana": (16, 32), "qwen": (4, 6), "flux2": (16, 24)}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {name: tiny_pipeline(name) for name in OPTIONS}
+
+
+def generate(pipe, family, prompt=PROMPT, steps=2, **kwargs):
+    options = dict(OPTIONS[family], num_inference_steps=steps, output_type="latent",
+                   generator=torch.Generator().manual_seed(0))
+    options.update(kwargs)
+    return pipe(prompt=prompt, **options).images
+
+
+class Inputs:
+    """Each attention module's call arguments (by name) per call, and the denoiser's text length per call."""
+
+    def __init__(self, denoiser, names):
+        self.seen = {n: [] for n in names}
+        self.text_len = []
+        self.handles = [denoiser.get_submodule(n).register_forward_pre_hook(self._keeper(n), with_kwargs=True)
+                        for n in names]
+        self.handles.append(denoiser.register_forward_pre_hook(
+            lambda m, a, k: self.text_len.append(k["encoder_hidden_states"].shape[1]), with_kwargs=True))
+
+    def _keeper(self, name):
+        def keep(module, args, kwargs):
+            sig = inspect.signature(module.forward)
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            for extra in [p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD]:
+                bound.update(bound.pop(extra, {}) or {})
+            self.seen[name].append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                                    for k, v in bound.items()})
+        return keep
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def _rope_pairs(x, emb):
+    """Flux's rotary embedding on interleaved pairs, in float64 (x: [batch, seq, head, d])."""
+    cos, sin = (e.double()[:, None, :] for e in emb)
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+def _rope_complex(x, freqs):
+    """Qwen-Image's rotary embedding: consecutive pairs as complex numbers times the complex table (complex128)."""
+    z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(z * freqs.to(torch.complex128)[None, :, None, :]).flatten(-2)
+
+
+@torch.no_grad()
+def reference(family, kind, attn, inputs, text_len):
+    """The image-query × text-key block of the softmax over all keys, float64 ``[batch, head, image, text]``."""
+    a = copy.deepcopy(attn).double()
+    h = inputs["hidden_states"].double()
+    heads = lambda x: x.unflatten(-1, (-1, a.head_dim if hasattr(a, "head_dim") else x.shape[-1] // a.heads))  # noqa: E731
+    norm = lambda module, x: module(x) if module is not None else x  # noqa: E731
+    bias = None
+    if family == "sana":  # cross-attention; the transformer made the padding mask additive (-10000)
+        q, k = norm(a.norm_q, heads(a.to_q(h))), norm(a.norm_k, heads(a.to_k(inputs["encoder_hidden_states"].double())))
+        mask = inputs.get("attention_mask")
+        bias = None if mask is None else mask.double().reshape(mask.shape[0], 1, 1, -1)
+        image, text = slice(None), slice(None)
+    elif kind == "single":  # Flux.2: [text; image] through one fused projection
+        q, k, _ = a.to_qkv_mlp_proj(h)[..., :3 * a.inner_dim].chunk(3, dim=-1)
+        q, k = _rope_pairs(norm(a.norm_q, heads(q)), inputs["image_rotary_emb"]), _rope_pairs(
+            norm(a.norm_k, heads(k)), inputs["image_rotary_emb"])
+        image, text = slice(text_len, None), slice(0, text_len)
+    else:  # joint: image through to_q/to_k, text through add_q_proj/add_k_proj, [text; image]
+        s = inputs["encoder_hidden_states"].double()
+        q, k = norm(a.norm_q, heads(a.to_q(h))), norm(a.norm_k, heads(a.to_k(h)))
+        tq, tk = norm(a.norm_added_q, heads(a.add_q_proj(s))), norm(a.norm_added_k, heads(a.add_k_proj(s)))
+        t = s.shape[1]
+        emb = inputs["image_rotary_emb"]
+        if family == "qwen":
+            q, k = _rope_complex(q, emb[0]), _rope_complex(k, emb[0])
+            tq, tk = _rope_complex(tq, emb[1]), _rope_complex(tk, emb[1])
+            q, k = torch.cat([tq, q], 1), torch.cat([tk, k], 1)
+            mask = inputs.get("encoder_hidden_states_mask")
+            if mask is not None:
+                keep = torch.cat([mask.bool(), torch.ones(mask.shape[0], h.shape[1], dtype=torch.bool)], 1)
+                bias = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))[:, None, None]
+        else:
+            q, k = _rope_pairs(torch.cat([tq, q], 1), emb), _rope_pairs(torch.cat([tk, k], 1), emb)
+        image, text = slice(t, None), slice(0, t)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(-1)[:, :, image, text]
+
+
+# ---------------------------------------------------------------------------------------------- maps
+@pytest.mark.parametrize("family", list(OPTIONS))
+def test_maps_equal_a_float64_reference_and_images_stay_bit_identical(pipes, family):
+    pipe = pipes[family]
+    sites = attnprobe.list_sites(pipe)
+    plain = generate(pipe, family, guidance_scale=1.0 if family == "sana" else 4.0)
+    with Inputs(pipe.transformer, [s.name for s in sites]) as seen:
+        with attnprobe.probe(pipe, dtype=torch.float32, passes="all" if family == "sana" else "cond") as exact:
+            probed = generate(pipe, family, guidance_scale=1.0 if family == "sana" else 4.0)
+    assert torch.equal(plain, probed)
+    assert exact.meta["family"] == family
+    assert all(c["verdict"] == "equal" for c in exact.meta["processor_check"].values())
+    for site in sites:
+        attn = pipe.transformer.get_submodule(site.name)
+        for call in range(len(exact.calls)):
+            index = exact.calls[call].index
+            want = reference(family, site.kind, attn, seen.seen[site.name][index], seen.text_len[index])
+            got = exact[site.name][call].flatten(2, 3).double()  # [sample, head, image, text]
+            assert got.shape[2] == GRID[family][0] * GRID[family][1]
+            assert (got - want[[s.row for s in exact.samples]]).abs().max() <= 1e-6, (site.name, call)
+            share = got.sum(-1)
+            if site.kind == "cross":
+                assert torch.allclose(share, torch.ones(()).double(), atol=1e-5)
+            else:
+                assert ((share > 0) & (share <= 1 + 1e-6)).all()
+    assert exact[sites[0].name].shape[-3:-1] == GRID[family]
+
+
+@pytest.mark.parametrize("family", list(OPTIONS))
+def test_bf16_images_stay_bit_identical(family):
+    pipe = tiny_pipeline(family, dtype=torch.bfloat16)
+    plain = generate(pipe, family)
+    with attnprobe.probe(pipe) as store:
+        probed = generate(pipe, family)
+    assert torch.equal(plain, probed) and len(store.calls) == 2
+    assert all(c["verdict"] == "equal" for c in store.meta["processor_check"].values())
+
+
+def test_renorm_is_exact_over_its_text_share(pipes):
+    pipe = pipes["qwen"]
+    with attnprobe.probe(pipe, dtype=torch.float32) as exact:
+        generate(pipe, "qwen")
+    with attnprobe.probe(pipe, dtype=torch.float32, joint="renorm") as renorm:
+        generate(pipe, "qwen")
+    site = exact.sites[0].name
+    e, r = exact[site].double(), renorm[site].double()
+    assert torch.allclose(e / e.sum(-1, keepdim=True), r, atol=1e-6)
+    assert torch.allclose(r.sum(-1), torch.ones(()).double(), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+def test_template_tokens_are_labelled_and_only_the_users_words_are_searched(pipes):
+    stores = {}
+    for family in OPTIONS:
+        with attnprobe.probe(pipes[family], passes="all" if family == "sana" else "cond") as stores[family]:
+            generate(pipes[family], family, prompt="a dog, a Dog")
+    qwen = stores["qwen"].tokens(0)
+    assert qwen[:6] == ["a", "dog", ",", "a", "Dog", "<|im_end|>"] and qwen[6:8] == ["<|im_start|>", "assistant"]
+    flux2 = stores["flux2"].tokens(0)
+    assert flux2[:2] == ["<|im_start|>", "user"] and flux2[2:7] == ["a", "dog", ",", "a", "Dog"]
+    sana = stores["sana"]
+    cond = next(s.index for s in sana.samples if s.pass_label == "cond")
+    assert sana.tokens(cond)[:2] == ["<bos>", ":"]  # the instruction's last position, then the user's words
+    # both mentions, in the user's words only ("Dog" in the template would not count)
+    assert stores["qwen"].token_indices(0, "dog") == [[1], [4]]
+    assert stores["flux2"].token_indices(0, "dog") == [[3], [6]]
+    assert sana.token_indices(cond, "dog") == [[3], [6]]
+    assert stores["qwen"].token_kinds(0)[:6] == ["word"] * 5 + ["template"]
+    assert stores["flux2"].token_kinds(0)[-1] == "pad"
+
+
+def test_sana_uncond_is_read_without_the_instruction_and_pads_get_nothing(pipes):
+    pipe = pipes["sana"]
+    with attnprobe.probe(pipe, passes="all", dtype=torch.float32) as store:
+        generate(pipe, "sana")
+    uncond = next(s for s in store.samples if s.pass_label == "uncond")
+    assert store.tokens(uncond.index)[0] == "<bos>" and set(store.tokens(uncond.index)[1:]) == {"<|endoftext|>"}
+    cond = next(s for s in store.samples if s.pass_label == "cond")
+    words = len(store.tokens(cond.index)) - store.tokens(cond.index).count("<|endoftext|>")
+    maps = store[store.sites[0].name][:, cond.index]
+    assert (maps[..., words:] == 0).all()  # padding masked out: probability 0
+
+
+def test_a_template_attnprobe_does_not_know_leaves_tokens_unknown_with_a_warning(pipes):
+    pipe = pipes["sana"]
+    with pytest.warns(attnprobe.AttnprobeWarning, match="template"):
+        with attnprobe.probe(pipe) as store:
+            generate(pipe, "sana", complex_human_instruction=["Describe the picture: "])
+    assert set(store.tokens(0)) == {""}
+    with pytest.raises(attnprobe.ConceptError):
+        store.token_indices(0, "dog")
+
+
+# ---------------------------------------------------------------------------------------------- passes
+def test_qwen_true_cfg_passes_are_separate_calls_labelled_apart(pipes):
+    pipe = pipes["qwen"]
+    with attnprobe.probe(pipe, passes="cond") as cond, attnprobe.probe(pipe, passes="uncond") as uncond:
+        generate(pipe, "qwen", negative_prompt="blurry", true_cfg_scale=3.0)
+    assert [s.pass_label for s in cond.samples] == ["cond"] and [s.pass_label for s in uncond.samples] == ["uncond"]
+    assert uncond.samples[0].text == "blurry" and uncond.tokens(0)[0] == "blurry"
+    assert len(cond.calls) == len(uncond.calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+class _TwoKernels:
+    """A processor that runs attention twice (as IP-Adapter-style processors do): which call is the map?"""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        q = torch.zeros(1, 1, 2, 4)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return self.inner(attn, hidden_states, *args, **kwargs)
+
+
+def test_a_processor_with_two_attention_kernels_is_refused(pipes):
+    pipe = pipes["qwen"]
+    attn = pipe.transformer.transformer_blocks[0].attn
+    inner = attn.processor
+    attn.set_processor(_TwoKernels(inner))
+    try:
+        with pytest.raises(ProbeError, match="scaled_dot_product_attention 2 times"):
+            with attnprobe.probe(pipe):
+                generate(pipe, "qwen")
+    finally:
+        attn.set_processor(inner)
