@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 study: $(STAMP)
 	$(VENV)/bin/attnprobe study --model tiny --out out/study
 
+# two workers, one file each at a time (a module's pipelines are built once), one thread each: two torch processes
+# with a thread per core each would fight over 2 cores
 test: $(STAMP)
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet -d build/site
 
 docs: $(STAMP)

@@ -26,9 +26,11 @@ OPTIONS = {
     "sana": dict(height=32, width=64, max_sequence_length=16, use_resolution_binning=False),  # sides: multiples of 32
     "qwen": dict(SIZE, max_sequence_length=16),
     "flux2": dict(SIZE, max_sequence_length=16),
+    "cogview4": dict(height=32, width=64, max_sequence_length=16),
 }
-#: (qh, qw): Sana's DC-AE 2× (32 × 64 px), Qwen's VAE 4× then 2×2 packing and Flux.2's 1× then 2×2 patches (32 × 48 px)
-GRID = {"sana": (16, 32), "qwen": (4, 6), "flux2": (16, 24)}
+#: (qh, qw): Sana's DC-AE 2× (32 × 64 px), Qwen's VAE 4× then 2×2 packing and Flux.2's 1× then 2×2 patches (32 × 48 px),
+#: CogView4's VAE 8× then patch 2 (32 × 64 px)
+GRID = {"sana": (16, 32), "qwen": (4, 6), "flux2": (16, 24), "cogview4": (2, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,13 @@ def _rope_pairs(x, emb):
     return x * cos + rotated * sin
 
 
+def _rope_halves(x, emb):
+    """CogView4's rotary embedding on the two halves of each head (``use_real_unbind_dim=-2``), in float64."""
+    cos, sin = (e.double()[:, None, :] for e in emb)
+    real, imag = x.reshape(*x.shape[:-1], 2, -1).unbind(-2)
+    return x * cos + torch.cat([-imag, real], dim=-1) * sin
+
+
 def _rope_complex(x, freqs):
     """Qwen-Image's rotary embedding: consecutive pairs as complex numbers times the complex table (complex128)."""
     z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
@@ -99,6 +108,14 @@ def reference(family, kind, attn, inputs, text_len):
         mask = inputs.get("attention_mask")
         bias = None if mask is None else mask.double().reshape(mask.shape[0], 1, 1, -1)
         image, text = slice(None), slice(None)
+    elif family == "cogview4":  # [text; image] joined by the processor, rotary embedding on the image part only
+        t = inputs["encoder_hidden_states"].shape[1]
+        seq = torch.cat([inputs["encoder_hidden_states"].double(), h], 1)
+        q, k = norm(a.norm_q, heads(a.to_q(seq))), norm(a.norm_k, heads(a.to_k(seq)))
+        emb = inputs["image_rotary_emb"]
+        q = torch.cat([q[:, :t], _rope_halves(q[:, t:], emb)], 1)
+        k = torch.cat([k[:, :t], _rope_halves(k[:, t:], emb)], 1)
+        image, text = slice(t, None), slice(0, t)
     elif kind == "single":  # Flux.2: [text; image] through one fused projection
         q, k, _ = a.to_qkv_mlp_proj(h)[..., :3 * a.inner_dim].chunk(3, dim=-1)
         q, k = _rope_pairs(norm(a.norm_q, heads(q)), inputs["image_rotary_emb"]), _rope_pairs(
@@ -196,6 +213,9 @@ def test_template_tokens_are_labelled_and_only_the_users_words_are_searched(pipe
     assert sana.token_indices(cond, "dog") == [[3], [6]]
     assert stores["qwen"].token_kinds(0)[:6] == ["word"] * 5 + ["template"]
     assert stores["flux2"].token_kinds(0)[-1] == "pad"
+    cog = stores["cogview4"]  # GLM: left padding to a multiple of 16, then [gMASK]<sop> (here <bos>) and the words
+    assert cog.token_kinds(0)[0] == "pad" and cog.tokens(0)[-6:] == ["<bos>", "a", "dog", ",", "a", "Dog"]
+    assert cog.token_indices(0, "dog") == [[12], [15]]
 
 
 def test_sana_uncond_is_read_without_the_instruction_and_pads_get_nothing(pipes):

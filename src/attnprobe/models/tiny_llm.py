@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .components import finish
+from .components import finish, make_flow_vae
 from .tokenizers import llm_tokenizer
 
-__all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline"]
+__all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_cogview4_pipeline"]
 
 
 def tiny_qwen_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -132,4 +132,36 @@ def tiny_flux2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     )).eval()
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
                               tokenizer=tokenizer, transformer=transformer)
+    return finish(pipe, dtype)
+
+
+def tiny_cogview4_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``CogView4Pipeline`` with CogView4's structure: 2 blocks attending over ``[text; image]`` (2 heads of 8
+    channels, patch size 2, rotary embedding on the image positions), a 2-layer GLM encoder of width 16 whose
+    tokenizer pads on the left (``llm_tokenizer(padding_side="left")``; the pipeline pads the prompt to a multiple of
+    16 positions), a 4-level VAE (8× down-sampling, 4 latent channels) and CogView4's flow-matching scheduler
+    (dynamic shifting). Classifier-free guidance runs as separate calls.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmForCausalLM
+
+    tokenizer = llm_tokenizer(bos=True, padding_side="left")  # GLM-4 starts every encoding with [gMASK]<sop>
+    torch.manual_seed(seed)
+    transformer = CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=16, time_embed_dim=8, condition_dim=4, rope_axes_dim=(4, 4),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                use_dynamic_shifting=True, time_shift_type="linear")
+    torch.manual_seed(seed + 2)
+    encoder = GlmForCausalLM(GlmConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.pad_token_id,
+    )).eval()
+    pipe = CogView4Pipeline(tokenizer=tokenizer, text_encoder=encoder, vae=make_flow_vae(seed + 1),
+                            transformer=transformer, scheduler=scheduler)
     return finish(pipe, dtype)

@@ -100,7 +100,7 @@ LLM_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<bos>", "<|visio
                 "<|image_pad|>")
 
 
-def llm_tokenizer(bos: bool = False, max_length: int = 2048):
+def llm_tokenizer(bos: bool = False, max_length: int = 2048, padding_side: str = "right"):
     """An offline tokenizer in the style of an LLM text encoder's (Qwen, Gemma, Mistral): ``t5_tokenizer``'s pieces
     without T5's appended ``</s>``, the special tokens ``LLM_SPECIALS`` (``<|endoftext|>`` pads, ``<|im_start|>`` /
     ``<|im_end|>`` delimit chat turns), the ChatML ``CHAT_TEMPLATE`` for ``apply_chat_template``, right padding and
@@ -109,12 +109,15 @@ def llm_tokenizer(bos: bool = False, max_length: int = 2048):
     Args:
         bos: prepend ``<bos>`` to every encoding, as Gemma's tokenizer does. Default ``False`` (Qwen's).
         max_length: ``model_max_length``. Default 2048.
+        padding_side: ``"right"`` (default) or ``"left"`` (GLM's, ChatGLM's).
 
         >>> tok = llm_tokenizer()
         >>> tok.convert_ids_to_tokens(tok("<|im_start|>user a dog<|im_end|>").input_ids)
         ['<|im_start|>', '▁user', '▁a', '▁dog', '<|im_end|>']
     """
-    return copy.deepcopy(_llm_tokenizer(bos, max_length))
+    tokenizer = copy.deepcopy(_llm_tokenizer(bos, max_length))
+    tokenizer.padding_side = padding_side
+    return tokenizer
 
 
 @lru_cache(maxsize=4)

@@ -167,8 +167,9 @@ def token_layout(tokenizer, text: str, n_keys: int | None = None, source: str = 
             kinds.append("word")
             seen_word = True
         offsets.append(tuple(off) if kinds[-1] == "word" else None)
-    if "end" not in kinds and "start" in kinds[1:]:  # an empty prompt: start, then end
-        kinds[kinds.index("start", 1)] = "end"
+    starts = [i for i, k in enumerate(kinds) if k == "start"]
+    if "end" not in kinds and len(starts) > 1:  # an empty prompt: start, then end (not a lone start after left padding)
+        kinds[starts[1]] = "end"
     truncated_at = None
     kept_words = kinds.count("word")
     full_words = [tuple(o) for o, sp in zip(full["offset_mapping"], full["special_tokens_mask"]) if not sp]
