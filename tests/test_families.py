@@ -240,6 +240,23 @@ def test_a_template_attnprobe_does_not_know_leaves_tokens_unknown_with_a_warning
         store.token_indices(0, "dog")
 
 
+def test_kolors_unet_keys_are_chatglm_positions_left_padded(attn_inputs, check_maps):
+    """Kolors: the UNet family (hook reader) with a ChatGLM encoder: its keys are ChatGLM's 256 positions, padded on
+    the left, through the UNet's text projection; maps against our own float64 recompute, images bit-identical."""
+    pipe = tiny_pipeline("kolors")
+    kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent")
+    plain = pipe(prompt="a picture of Dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+    names = [s.name for s in attnprobe.list_sites(pipe)][:3]
+    with attn_inputs(pipe.unet, names) as seen, attnprobe.probe(pipe, sites=names, passes="all",
+                                                                dtype=torch.float32) as store:
+        probed = pipe(prompt="a picture of Dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(plain, probed) and store.meta["family"] == "unet"
+    check_maps(store, seen)
+    cond = next(s.index for s in store.samples if s.pass_label == "cond")
+    assert store.tokens(cond)[-5:] == ["<bos>", "a", "picture", "of", "Dog"] and store.token_kinds(cond)[0] == "pad"
+    assert store.token_indices(cond, "dog") == [[255]] and store[names[0]].shape[-3:] == (4, 6, 256)
+
+
 # ---------------------------------------------------------------------------------------------- passes
 def test_qwen_true_cfg_passes_are_separate_calls_labelled_apart(pipes):
     pipe = pipes["qwen"]

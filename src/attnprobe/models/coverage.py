@@ -64,6 +64,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "QwenImagePipeline": ("qwen", "tests/test_families.py"),
     "Flux2KleinPipeline": ("flux2", "tests/test_families.py"),
     "CogView4Pipeline": ("cogview4", "tests/test_families.py"),
+    "KolorsPipeline": ("kolors", "tests/test_families.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from .components import finish, make_flow_vae
+from .components import finish, make_flow_vae, make_scheduler, make_vae
+from .configs import SDXL_UNET
 from .tokenizers import llm_tokenizer
 
-__all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_cogview4_pipeline"]
+__all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_cogview4_pipeline", "tiny_kolors_pipeline"]
 
 
 def tiny_qwen_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -164,4 +165,40 @@ def tiny_cogview4_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     )).eval()
     pipe = CogView4Pipeline(tokenizer=tokenizer, text_encoder=encoder, vae=make_flow_vae(seed + 1),
                             transformer=transformer, scheduler=scheduler)
+    return finish(pipe, dtype)
+
+
+def tiny_kolors_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``KolorsPipeline`` with Kolors' structure: ``tiny_sdxl_pipeline``'s UNet layout with a text projection
+    (``encoder_hid_dim_type="text_proj"``) from a 2-layer ChatGLM encoder of width 16 (diffusers' own ``ChatGLMModel``;
+    ``llm_tokenizer`` pads on the left, starts with ``<bos>`` as ChatGLM's ``[gMASK]sop`` and returns
+    ``position_ids``; the keys are its second-to-last hidden states, ``max_sequence_length`` 256 positions), a 4-level
+    VAE and an Euler scheduler.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import KolorsPipeline, UNet2DConditionModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
+
+    tokenizer = llm_tokenizer(bos=True, padding_side="left", position_ids=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        **dict(SDXL_UNET, block_out_channels=(16, 32, 32), transformer_layers_per_block=(1, 1, 2),
+               attention_head_dim=(2, 2, 4), cross_attention_dim=32, addition_time_embed_dim=8,
+               projection_class_embeddings_input_dim=6 * 8 + 16, sample_size=8, encoder_hid_dim_type="text_proj",
+               encoder_hid_dim=16),
+        norm_num_groups=8,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    encoder = ChatGLMModel(ChatGLMConfig(
+        num_layers=2, padded_vocab_size=len(tokenizer), hidden_size=16, ffn_hidden_size=32, kv_channels=8,
+        num_attention_heads=2, seq_length=512, multi_query_attention=True, multi_query_group_num=1, original_rope=True,
+    ), empty_init=False).eval()  # empty_init (its default) leaves the weights' memory uninitialised
+    with torch.no_grad():  # so does its RMSNorm for its weight in any case: uninitialised memory, sometimes NaN
+        for module in encoder.modules():
+            if type(module).__name__ == "RMSNorm":
+                module.weight.fill_(1.0)
+    pipe = KolorsPipeline(vae=make_vae(seed + 1), text_encoder=encoder, tokenizer=tokenizer, unet=unet,
+                          scheduler=make_scheduler("euler"), force_zeros_for_empty_prompt=False)
     return finish(pipe, dtype)

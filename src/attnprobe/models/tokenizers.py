@@ -100,7 +100,7 @@ LLM_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<bos>", "<|visio
                 "<|image_pad|>")
 
 
-def llm_tokenizer(bos: bool = False, max_length: int = 2048, padding_side: str = "right"):
+def llm_tokenizer(bos: bool = False, max_length: int = 2048, padding_side: str = "right", position_ids: bool = False):
     """An offline tokenizer in the style of an LLM text encoder's (Qwen, Gemma, Mistral): ``t5_tokenizer``'s pieces
     without T5's appended ``</s>``, the special tokens ``LLM_SPECIALS`` (``<|endoftext|>`` pads, ``<|im_start|>`` /
     ``<|im_end|>`` delimit chat turns), the ChatML ``CHAT_TEMPLATE`` for ``apply_chat_template``, right padding and
@@ -110,18 +110,37 @@ def llm_tokenizer(bos: bool = False, max_length: int = 2048, padding_side: str =
         bos: prepend ``<bos>`` to every encoding, as Gemma's tokenizer does. Default ``False`` (Qwen's).
         max_length: ``model_max_length``. Default 2048.
         padding_side: ``"right"`` (default) or ``"left"`` (GLM's, ChatGLM's).
+        position_ids: also return ``position_ids`` (0, 1, … over the tokens, 0 on padding), as ChatGLM's tokenizer
+            does and Kolors' pipeline reads. Default ``False``.
 
         >>> tok = llm_tokenizer()
         >>> tok.convert_ids_to_tokens(tok("<|im_start|>user a dog<|im_end|>").input_ids)
         ['<|im_start|>', '▁user', '▁a', '▁dog', '<|im_end|>']
     """
-    tokenizer = copy.deepcopy(_llm_tokenizer(bos, max_length))
+    tokenizer = copy.deepcopy(_llm_tokenizer(bos, max_length, position_ids))
     tokenizer.padding_side = padding_side
     return tokenizer
 
 
+@lru_cache(maxsize=1)
+def _with_position_ids():
+    """``PreTrainedTokenizerFast`` that also returns ChatGLM's ``position_ids`` (made on first use: transformers is
+    imported lazily)."""
+    from transformers import PreTrainedTokenizerFast
+
+    class PositionIdsTokenizer(PreTrainedTokenizerFast):
+        def __call__(self, *args, **kwargs):
+            out = super().__call__(*args, **kwargs)
+            mask = out.get("attention_mask")
+            if hasattr(mask, "cumsum"):  # tensors
+                out["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+            return out
+
+    return PositionIdsTokenizer
+
+
 @lru_cache(maxsize=4)
-def _llm_tokenizer(bos: bool, max_length: int):
+def _llm_tokenizer(bos: bool, max_length: int, position_ids: bool = False):
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -130,7 +149,7 @@ def _llm_tokenizer(bos: bool, max_length: int):
     backend.post_processor = processors.TemplateProcessing(
         single="<bos> $A" if bos else "$A", pair="<bos> $A $B" if bos else "$A $B",
         special_tokens=[("<bos>", backend.token_to_id("<bos>"))])
-    return PreTrainedTokenizerFast(
+    return (_with_position_ids() if position_ids else PreTrainedTokenizerFast)(
         tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>",
         bos_token="<bos>" if bos else None, model_max_length=max_length, padding_side="right",
         chat_template=CHAT_TEMPLATE,
