@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import attnprobe
-from attnprobe.errors import ProbeError
+from attnprobe.errors import InterventionError, ProbeError
+from attnprobe.interventions import AttentionEdit
 from attnprobe.testing import tiny_pipeline
 
 PROMPT = "a picture of Dog"
@@ -27,10 +28,11 @@ OPTIONS = {
     "qwen": dict(SIZE, max_sequence_length=16),
     "flux2": dict(SIZE, max_sequence_length=16),
     "cogview4": dict(height=32, width=64, max_sequence_length=16),
+    "if": dict(SIZE, clean_caption=False, output_type="pt"),  # pixel space: no latents to hand back
 }
 #: (qh, qw): Sana's DC-AE 2× (32 × 64 px), Qwen's VAE 4× then 2×2 packing and Flux.2's 1× then 2×2 patches (32 × 48 px),
-#: CogView4's VAE 8× then patch 2 (32 × 64 px)
-GRID = {"sana": (16, 32), "qwen": (4, 6), "flux2": (16, 24), "cogview4": (2, 4)}
+#: CogView4's VAE 8× then patch 2 (32 × 64 px), IF's pixel-space UNet at its second level (32 × 48 px)
+GRID = {"sana": (16, 32), "qwen": (4, 6), "flux2": (16, 24), "cogview4": (2, 4), "if": (16, 24)}
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,8 @@ def pipes():
 
 
 def generate(pipe, family, prompt=PROMPT, steps=2, **kwargs):
-    options = dict(OPTIONS[family], num_inference_steps=steps, output_type="latent",
-                   generator=torch.Generator().manual_seed(0))
-    options.update(kwargs)
+    options = dict(num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0))
+    options.update(OPTIONS[family], **kwargs)
     return pipe(prompt=prompt, **options).images
 
 
@@ -103,7 +104,12 @@ def reference(family, kind, attn, inputs, text_len):
     heads = lambda x: x.unflatten(-1, (-1, a.head_dim if hasattr(a, "head_dim") else x.shape[-1] // a.heads))  # noqa: E731
     norm = lambda module, x: module(x) if module is not None else x  # noqa: E731
     bias = None
-    if family == "sana":  # cross-attention; the transformer made the padding mask additive (-10000)
+    if family == "if":  # added-KV: image queries over [text (add_k_proj); image (to_k)] keys
+        h = a.group_norm(h.flatten(2).transpose(1, 2).transpose(1, 2)).transpose(1, 2)
+        s = a.norm_encoder_hidden_states(inputs["encoder_hidden_states"].double())
+        q, k = heads(a.to_q(h)), torch.cat([heads(a.add_k_proj(s)), heads(a.to_k(h))], 1)
+        image, text = slice(None), slice(0, s.shape[1])
+    elif family == "sana":  # cross-attention; the transformer made the padding mask additive (-10000)
         q, k = norm(a.norm_q, heads(a.to_q(h))), norm(a.norm_k, heads(a.to_k(inputs["encoder_hidden_states"].double())))
         mask = inputs.get("attention_mask")
         bias = None if mask is None else mask.double().reshape(mask.shape[0], 1, 1, -1)
@@ -150,14 +156,14 @@ def test_maps_equal_a_float64_reference_and_images_stay_bit_identical(pipes, fam
     pipe = pipes[family]
     sites = attnprobe.list_sites(pipe)
     plain = generate(pipe, family, guidance_scale=1.0 if family == "sana" else 4.0)
-    with Inputs(pipe.transformer, [s.name for s in sites]) as seen:
+    with Inputs(attnprobe.capture.denoiser_of(pipe), [s.name for s in sites]) as seen:
         with attnprobe.probe(pipe, dtype=torch.float32, passes="all" if family == "sana" else "cond") as exact:
             probed = generate(pipe, family, guidance_scale=1.0 if family == "sana" else 4.0)
     assert torch.equal(plain, probed)
-    assert exact.meta["family"] == family
+    assert exact.meta["family"] == {"if": "deepfloyd"}.get(family, family)
     assert all(c["verdict"] == "equal" for c in exact.meta["processor_check"].values())
     for site in sites:
-        attn = pipe.transformer.get_submodule(site.name)
+        attn = attnprobe.capture.denoiser_of(pipe).get_submodule(site.name)
         for call in range(len(exact.calls)):
             index = exact.calls[call].index
             want = reference(family, site.kind, attn, seen.seen[site.name][index], seen.text_len[index])
@@ -255,6 +261,15 @@ def test_kolors_unet_keys_are_chatglm_positions_left_padded(attn_inputs, check_m
     cond = next(s.index for s in store.samples if s.pass_label == "cond")
     assert store.tokens(cond)[-5:] == ["<bos>", "a", "picture", "of", "Dog"] and store.token_kinds(cond)[0] == "pad"
     assert store.token_indices(cond, "dog") == [[255]] and store[names[0]].shape[-3:] == (4, 6, 256)
+    # an attention edit finds the concept where the left-padded keys put it; re-encoding ChatGLM is refused up front
+    with attnprobe.intervene(pipe, AttentionEdit(0.0), "a picture of Dog", concept="dog") as run, attnprobe.probe(
+            pipe, sites=names, dtype=torch.float32) as edited:
+        run(generator=torch.Generator().manual_seed(0), **kwargs)
+    assert (edited[names[0]][..., 255] == 0).all() and (edited[names[0]][..., 254] > 0).any()
+    assert "ChatGLMModel" in attnprobe.text.text_unsupported(pipe)
+    with pytest.raises(InterventionError, match="ChatGLMModel"):
+        with attnprobe.intervene(pipe, "pad-conditioning", "a picture of Dog", concept="dog"):
+            pass
 
 
 # ---------------------------------------------------------------------------------------------- passes

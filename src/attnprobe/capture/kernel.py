@@ -13,7 +13,8 @@ Rather than re-implement each, ``KernelProbeProcessor`` runs the installed proce
 - ``joint`` (the processor got the image stream and ``encoder_hidden_states``) and ``single`` (one sequence of
   ``state.text_len`` text positions and the image positions): the image-query × text-key block of the one softmax over
   all keys, ``exact`` or ``renorm`` as ``attnprobe.capture.joint.joint_probs`` defines them. Where the text sits in
-  the sequence (first or last) is the family's ``text_first``.
+  the sequence (first or last) is the family's ``text_first``; the queries are the same sequence (MM-DiT) or the image
+  positions alone (DeepFloyd IF's added-KV attention over ``[text; image]`` keys).
 
 A processor that calls the kernel more than once, or not at all (another attention backend: flash-attn, xformers),
 is refused with a message that says which. Verify once: the kernel's output is compared with
@@ -106,7 +107,7 @@ class KernelProbeProcessor(ProbeProcessor):
         if key.shape[1] != query.shape[1]:  # grouped-query attention: each key head serves several query heads
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
             seen["value"] = seen["value"].repeat_interleave(query.shape[1] // seen["value"].shape[1], dim=1)
-        image, text = self._positions(query.shape[2], key.shape[2], hidden_states.shape[1])
+        image_q, image_k, text = self._positions(query.shape[2], key.shape[2], hidden_states.shape[1])
         scale = seen.get("scale") or query.shape[-1] ** -0.5
         rows = state.rows
         pick = (lambda x: x) if rows is None else (lambda x: x[rows]) if isinstance(rows, slice) else (
@@ -114,13 +115,11 @@ class KernelProbeProcessor(ProbeProcessor):
         workspace = state.workspace if query.device.type == "cpu" else None
         with torch.no_grad():
             check_keys(state, self.site, text.stop - text.start)
-            q = pick(query)[:, :, image].float() * scale
+            q = pick(query)[:, :, image_q].float() * scale
             k = pick(key)
             mode = "renorm" if self.kind == "cross" else state.joint
-            keys_image = k[:, :, image] if self.kind != "cross" else k[:, :, :0]
-            bias = None if mask is None else (
-                _bias(mask, rows, image, image) if self.kind != "cross" else None, _bias(mask, rows, image, text))
-            probs, share = joint_probs(q, keys_image, k[:, :, text], mode, workspace=workspace, bias=bias)
+            bias = None if mask is None else (_bias(mask, rows, image_q, image_k), _bias(mask, rows, image_q, text))
+            probs, share = joint_probs(q, k[:, :, image_k], k[:, :, text], mode, workspace=workspace, bias=bias)
             probs = reduce_probs(probs, state.heads, state.tokens, workspace)
             probs = probs.to(state.dtype, copy=workspace is not None)
         state.outbox.append((self.site, probs))
@@ -130,19 +129,23 @@ class KernelProbeProcessor(ProbeProcessor):
             self._check_kernel(query, key, mask, scale, seen)
         return output
 
-    def _positions(self, n_query: int, n_key: int, n_hidden: int) -> tuple[slice, slice]:
-        """The image-query and text-key positions of the kernel's sequence."""
-        if self.kind == "cross":
-            return slice(0, n_query), slice(0, n_key)
-        n_text = n_key - n_hidden if self.kind == "joint" else self.state.text_len
-        if not 0 < n_text < n_key or n_query != n_key:
+    def _positions(self, n_query: int, n_key: int, n_hidden: int) -> tuple[slice, slice, slice]:
+        """The image queries, image keys and text keys of the kernel's sequences. Text keys: as many as the denoiser
+        was given text positions (``state.n_keys``; else the keys beyond the image stream, or ``state.text_len``);
+        queries are image positions only (DeepFloyd IF's added-KV attention: ``[text; image]`` keys, image queries)
+        or the same ``[text; image]`` sequence as the keys (MM-DiT)."""
+        n_text = self.state.n_keys or (n_key - n_hidden if self.kind == "joint" else self.state.text_len)
+        if self.kind == "cross" or (n_text == n_key and n_query != n_key):  # text keys alone (only_cross_attention)
+            return slice(0, n_query), slice(0, 0), slice(0, n_key)
+        n_image = n_key - n_text
+        if not 0 < n_text < n_key or n_query not in (n_key, n_image):
             raise ProbeError(
                 f"site {self.site}: its attention has {n_query} queries and {n_key} keys, which is not one sequence of "
-                f"text and image positions ({n_text} text); attnprobe cannot tell the text keys apart"
+                f"{n_text} text and {n_image} image positions; attnprobe cannot tell the text keys apart"
             )
-        if self.text_first:
-            return slice(n_text, n_key), slice(0, n_text)
-        return slice(0, n_key - n_text), slice(n_key - n_text, n_key)
+        image = slice(n_text, n_key) if self.text_first else slice(0, n_image)
+        text = slice(0, n_text) if self.text_first else slice(n_image, n_key)
+        return (image if n_query == n_key else slice(0, n_query)), image, text
 
     def _check_kernel(self, query, key, mask, scale, seen) -> None:
         """Verify once: the kernel's output against ``softmax(q·kᵀ·scale + mask)·v`` of every batch row."""

@@ -40,17 +40,18 @@ def site_kind(module: torch.nn.Module, parent: torch.nn.Module | None) -> str | 
     """What attention a module computes from image positions to text keys, from its structure.
 
     Returns:
-        ``"cross"`` (keys are the encoder states: ``is_cross_attention``), ``"joint"`` (added text projections:
-        ``add_k_proj`` or a fused ``to_added_qkv``), ``"single"`` (a self-attention whose block is called with
+        ``"joint"`` (added text projections: ``add_k_proj`` or a fused ``to_added_qkv``; SD3's, Flux's, and DeepFloyd
+        IF's added-KV cross-attention, whose keys are ``[text; image]``), ``"cross"`` (keys are the encoder states
+        alone: ``is_cross_attention``), ``"single"`` (a self-attention whose block is called with
         ``encoder_hidden_states``, or that has no output projection of its own (``pre_only``), and holds no other
         text attention: Flux's and Chroma's single-stream blocks, which attend over
         ``[text; image]``; ``list_sites`` keeps these only in a denoiser that also has joint sites), or ``None``
         (image self-attention: UNet ``attn1``, SD3.5's ``attn2``).
     """
+    if getattr(module, "add_k_proj", None) is not None or getattr(module, "to_added_qkv", None) is not None:
+        return "joint"  # text projections of its own: one softmax over text and image keys (also IF's added-KV)
     if getattr(module, "is_cross_attention", False):
         return "cross"
-    if getattr(module, "add_k_proj", None) is not None or getattr(module, "to_added_qkv", None) is not None:
-        return "joint"
     if parent is None:
         return None
     try:

@@ -41,7 +41,7 @@ from ..capture.passes import blocks
 from ..capture.rows import guidance_on
 from ..capture.sites import denoiser_of, list_sites, select_sites
 from ..errors import InterventionError
-from ..text.encode import encode_text
+from ..text.encode import encode_text, text_unsupported
 from ..text.tokens import find_concept, token_layout
 from .configs import (
     INTERVENTIONS,
@@ -122,6 +122,8 @@ class Intervened:
         self.negative = next((iv for iv in self.interventions if isinstance(iv, NegativePrompt)), None)
         self.attention = [iv for iv in self.interventions if isinstance(iv, AttentionEdit)]
         self.conditioning = [iv for iv in self.interventions if isinstance(iv, ConditioningEdit)]
+        if self.conditioning and text_unsupported(pipe):
+            raise InterventionError(f"{self.conditioning[0]!r} re-encodes the prompt: {text_unsupported(pipe)}")
         self.handles: list = []
         self.previous_notes: list | None = None
         self.positions: dict[int, list[list[int]]] = {}  # id(edit) → per prompt, the concept's key positions
@@ -298,6 +300,9 @@ class Intervened:
 
     def _keys(self, edit, prompt: int, n_keys: int) -> list[int]:
         positions = self.positions[id(edit)][prompt]
+        if n_keys != self.n_keys and getattr(self.tokenizer, "padding_side", "right") == "left":
+            # a tokenizer that pads on the left (Kolors' ChatGLM) moves the words with the number of keys
+            positions = _concept_positions(self.tokenizer, self.prompts[prompt], edit.concept, n_keys)
         if positions[-1] >= n_keys:
             raise InterventionError(f"{edit!r}: the concept's positions {positions} lie past this site's {n_keys} keys")
         return positions

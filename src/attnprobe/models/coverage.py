@@ -65,6 +65,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "Flux2KleinPipeline": ("flux2", "tests/test_families.py"),
     "CogView4Pipeline": ("cogview4", "tests/test_families.py"),
     "KolorsPipeline": ("kolors", "tests/test_families.py"),
+    "IFPipeline": ("if", "tests/test_families.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
@@ -115,7 +116,9 @@ def pipeline_verdicts() -> list[Verdict]:
         if found is None or not any(arg in params for arg in _TEXT_ARGS):
             continue  # no denoiser, or not text-conditioned: nothing to probe for text attention
         denoiser, classes = found
-        family = next((f.name for f in FAMILIES if any(issubclass(c, f.classes()) for c in classes)), "generic")
+        family = next((f.name for f in FAMILIES if f.matches is not None and name.startswith(f.pipelines)), None)
+        family = family or next((f.name for f in FAMILIES if f.matches is None
+                                 and any(issubclass(c, f.classes()) for c in classes)), "generic")
         refused = next((c.__name__ for c in cls.__mro__ if c.__name__ in REFUSED), None)
         if refused is not None:
             when, why = REFUSED[refused]
@@ -145,6 +148,7 @@ def measure(name: str) -> dict:
         params = inspect.signature(type(pipe).__call__).parameters
         kwargs.update({k: v for k, v in (("max_sequence_length", 16), ("use_resolution_binning", False),
                                          ("clean_caption", False)) if k in params})
+        kwargs["output_type"] = "latent" if hasattr(pipe, "vae") else "pt"  # DeepFloyd IF: pixel space
         run = lambda: pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
         plain = run()
         with probe(pipe) as store:

@@ -26,7 +26,7 @@ from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_pipeline, tiny_kolors_
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 __all__ = ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_pixart_pipeline",
-           "tiny_chroma_pipeline", "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
+           "tiny_chroma_pipeline", "tiny_if_pipeline", "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
 
 
 def tiny_sd_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, scheduler: str = "ddim"):
@@ -214,6 +214,34 @@ def tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, sigm
     return finish(pipe, dtype)
 
 
+def tiny_if_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """An ``IFPipeline`` (DeepFloyd IF stage I) with its UNet's structure: a pixel-space ``UNet2DConditionModel`` whose
+    ``SimpleCrossAttn`` blocks attend with added-KV attention (``AttnAddedKVProcessor2_0``: image queries over
+    ``[text; image]`` keys), a T5 encoder of width 32 with the offline ``t5_tokenizer`` (77 positions, through the
+    UNet's text projection) and IF's DDPM scheduler (learned variance). No safety checker or watermarker. Pass
+    ``clean_caption=False`` (cleaning needs ``bs4`` and ``ftfy``).
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        in_channels=3, out_channels=6, cross_attention_dim=32, encoder_hid_dim=32, attention_head_dim=8,
+        addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8,
+    ).eval()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", thresholding=True,
+                              dynamic_thresholding_ratio=0.95, sample_max_value=1.0, variance_type="learned_range")
+    pipe = IFPipeline(tokenizer=t5_tokenizer(), text_encoder=make_t5_encoder(seed + 2), unet=unet, scheduler=scheduler,
+                      safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    return finish(pipe, dtype)
+
+
 def full_size_pipeline(model: str = "sd15", device="cpu", dtype: torch.dtype = torch.float16, seed: int = 0):
     """SD 1.5 or SDXL at full size with seeded random weights, built directly on ``device``: the real UNet
     (``SD15_UNET`` / ``SDXL_UNET``), CLIP ViT-L/14 text encoder(s) (and OpenCLIP bigG for SDXL), the real VAE
@@ -315,6 +343,7 @@ _BUILDERS = {
     "flux2": tiny_flux2_pipeline,
     "cogview4": tiny_cogview4_pipeline,
     "kolors": tiny_kolors_pipeline,
+    "if": tiny_if_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

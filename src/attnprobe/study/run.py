@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..interventions import intervene, parse_interventions
 from ..models.loader import OFFLINE_MODELS, TINY_MODELS, check_model_name, first_line, load_pipeline
 from ..models.shapes.model import tokenizer as shapes_tokenizer
-from ..text import similarity_rows
+from ..text import similarity_rows, text_unsupported
 from . import measure
 from .cells import Manifest, collect, grid, settings_key, slug, write_cell
 from .config import (
@@ -400,11 +400,10 @@ def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None, s
 
 def _run_cell(pipe, cell, plan: "_Plan"):
     """One cell's record (every row with its ``model``) and tensors: a generation, or the text analysis."""
-    if cell.kind == "text" and denoiser_of(pipe) is not getattr(pipe, "unet", None):
+    if cell.kind == "text" and text_unsupported(pipe):
         if cell.model not in plan.notes:
             plan.notes.add(cell.model)
-            warn(f"{cell.model}: text similarity skipped: attnprobe.text rebuilds the conditioning of UNet pipelines "
-                  "(CLIP encoders) only, not of transformer pipelines (SD3: CLIP + T5, Flux: T5)")
+            warn(f"{cell.model}: text similarity skipped: {text_unsupported(pipe)}")
         record, tensors = {"text": []}, {}
     elif cell.kind == "text":
         prompts = {v: t.format(c=cell.concept) for v, t in plan.variants.items()}

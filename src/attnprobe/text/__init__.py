@@ -25,7 +25,7 @@ from .compare import (
     instruction_positions,
     similarity_rows,
 )
-from .encode import EncoderStates, TextEncoding, encode_text
+from .encode import EncoderStates, TextEncoding, encode_text, text_unsupported
 
 __all__ = [
     "EncoderStates",
@@ -33,6 +33,7 @@ __all__ = [
     "EncoderComparison",
     "TextComparison",
     "encode_text",
+    "text_unsupported",
     "compare_text",
     "ablate_words",
     "instruction_attention",

@@ -18,7 +18,7 @@ import torch
 from ..errors import ArgumentError, ArgumentTypeError, AttnprobeError
 from .tokens import TokenLayout, token_layout
 
-__all__ = ["EncoderStates", "TextEncoding", "encode_text"]
+__all__ = ["EncoderStates", "TextEncoding", "encode_text", "text_unsupported"]
 
 
 @dataclass
@@ -62,7 +62,26 @@ class TextEncoding:
     layout: TokenLayout
 
 
+def text_unsupported(pipe) -> str | None:
+    """Why ``encode_text`` cannot rebuild this pipeline's conditioning, or ``None`` when it can: it rebuilds what
+    UNet pipelines with CLIP text encoders (SD 1.x/2.x, SDXL) hand their denoiser; transformer pipelines (joint
+    attention, T5 and LLM encoders) and UNets on other encoders (Kolors' ChatGLM) build theirs another way."""
+    if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        return (f"attnprobe.text rebuilds the conditioning of UNet pipelines with CLIP encoders only, not of "
+                f"{type(pipe).__name__}'s transformer (SD3: CLIP + T5, Flux: T5, Qwen-Image and others: LLM encoders)")
+    others = [f"{name} is {type(getattr(pipe, name)).__name__}" for name in ("text_encoder", "text_encoder_2")
+              if isinstance(getattr(pipe, name, None), torch.nn.Module)
+              and not type(getattr(pipe, name)).__name__.startswith("CLIPTextModel")]
+    if others:
+        return (f"attnprobe.text rebuilds the conditioning of CLIP text encoders only; {type(pipe).__name__}'s "
+                + ", ".join(others))
+    return None
+
+
 def _encoders(pipe):
+    reason = text_unsupported(pipe) if getattr(pipe, "unet", None) is not None else None
+    if reason:
+        raise AttnprobeError(reason)
     found = []
     for enc_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")):
         enc, tok = getattr(pipe, enc_name, None), getattr(pipe, tok_name, None)
@@ -114,7 +133,8 @@ def encode_text(pipe, prompt: str, *, attentions: bool = True, clip_skip: int | 
         A ``TextEncoding`` (conditioning ``[token, hidden]``, per encoder ``[layer, token, hidden]``).
 
     Raises:
-        AttnprobeError: the pipeline has no text encoder. ArgumentError (a ValueError): a bad ``clip_skip``,
+        AttnprobeError: the pipeline has no text encoder, or a UNet pipeline's encoder is not CLIP
+            (``text_unsupported``). ArgumentError (a ValueError): a bad ``clip_skip``,
             ``mask_positions`` or ``mask_with`` (not one token). ArgumentTypeError: ``prompt`` is not a string.
     """
     if not isinstance(prompt, str):

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from . import cogview4, flux, flux2, generic, pixart, qwen, sana, sd3, unet
+from . import cogview4, deepfloyd, flux, flux2, generic, pixart, qwen, sana, sd3, unet
 from .registry import Family
 
 __all__ = ["Family", "FAMILIES", "GENERIC", "family_of"]
 
 #: The known families, in the order they are tried.
-FAMILIES: tuple[Family, ...] = (unet.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY, qwen.FAMILY,
+FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY, qwen.FAMILY,
                                   sana.FAMILY, flux2.FAMILY, cogview4.FAMILY)
 #: The family of every other denoiser: sites from structure alone.
 GENERIC: Family = generic.FAMILY

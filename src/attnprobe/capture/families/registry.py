@@ -48,6 +48,11 @@ class Family:
             [(templated text, where the prompt starts in it, encoded positions or None), …]``, the texts the encoder
             may have read (Sana: with its complex human instruction, or without, as it encodes the negative prompt);
             the one whose tokens are the ids the encoder read is taken.
+        matches: for a family that shares its denoiser class with another (DeepFloyd IF's UNet is a
+            ``UNet2DConditionModel``): ``denoiser -> bool``, whether an instance is this family's; ``FAMILIES`` lists
+            it before the family it shares the class with.
+        pipelines: with ``matches``: the pipeline classes (names, or their beginnings) that use it, for the coverage
+            table, which knows pipeline classes, not instances.
         text_positions: with ``template``: ``(pipe, layout of the encoding, n_keys) -> positions``, the encoded
             position of each text key (``None``: a key the pipeline added), e.g. Qwen-Image drops its template's
             first 34 positions and the padding. ``layout`` labels keys from both.
@@ -64,6 +69,8 @@ class Family:
     text_first: bool = True
     template: Callable | None = None
     text_positions: Callable | None = None
+    matches: Callable | None = None
+    pipelines: tuple[str, ...] = ()
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""
@@ -72,9 +79,10 @@ class Family:
         return tuple(c for c in (getattr(diffusers, name, None) for name in self.denoisers) if isinstance(c, type))
 
     def covers(self, denoiser: torch.nn.Module) -> bool:
-        """Whether ``denoiser`` is an instance of one of the family's diffusers classes."""
+        """Whether ``denoiser`` is an instance of one of the family's diffusers classes (and is this family's, where
+        the class is shared: ``matches``)."""
         classes = self.classes()
-        return bool(classes) and isinstance(denoiser, classes)
+        return bool(classes) and isinstance(denoiser, classes) and (self.matches is None or bool(self.matches(denoiser)))
 
     def layout(self, pipe, tokenizer, text: str | None, ids: list[int] | None, n_keys: int,
                source: str = "prompt") -> TokenLayout | None:
