@@ -29,10 +29,13 @@ OPTIONS = {
     "flux2": dict(SIZE, max_sequence_length=16),
     "cogview4": dict(height=32, width=64, max_sequence_length=16),
     "if": dict(SIZE, clean_caption=False, output_type="pt"),  # pixel space: no latents to hand back
+    "hunyuandit": dict(SIZE, use_resolution_binning=False),
 }
 #: (qh, qw): Sana's DC-AE 2× (32 × 64 px), Qwen's VAE 4× then 2×2 packing and Flux.2's 1× then 2×2 patches (32 × 48 px),
-#: CogView4's VAE 8× then patch 2 (32 × 64 px), IF's pixel-space UNet at its second level (32 × 48 px)
-GRID = {"sana": (16, 32), "qwen": (4, 6), "flux2": (16, 24), "cogview4": (2, 4), "if": (16, 24)}
+#: CogView4's VAE 8× then patch 2 (32 × 64 px), IF's pixel-space UNet at its second level (32 × 48 px), HunyuanDiT's
+#: VAE 8× then patch 2 (32 × 48 px)
+GRID = {"sana": (16, 32), "qwen": (4, 6), "flux2": (16, 24), "cogview4": (2, 4), "if": (16, 24),
+        "hunyuandit": (2, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +112,10 @@ def reference(family, kind, attn, inputs, text_len):
         s = a.norm_encoder_hidden_states(inputs["encoder_hidden_states"].double())
         q, k = heads(a.to_q(h)), torch.cat([heads(a.add_k_proj(s)), heads(a.to_k(h))], 1)
         image, text = slice(None), slice(0, s.shape[1])
+    elif family == "hunyuandit":  # cross-attention to [CLIP; T5] keys, the rotary embedding on the queries only
+        q = _rope_pairs(norm(a.norm_q, heads(a.to_q(h))), inputs["image_rotary_emb"])
+        k = norm(a.norm_k, heads(a.to_k(inputs["encoder_hidden_states"].double())))
+        image, text = slice(None), slice(None)
     elif family == "sana":  # cross-attention; the transformer made the padding mask additive (-10000)
         q, k = norm(a.norm_q, heads(a.to_q(h))), norm(a.norm_k, heads(a.to_k(inputs["encoder_hidden_states"].double())))
         mask = inputs.get("attention_mask")
@@ -222,6 +229,8 @@ def test_template_tokens_are_labelled_and_only_the_users_words_are_searched(pipe
     cog = stores["cogview4"]  # GLM: left padding to a multiple of 16, then [gMASK]<sop> (here <bos>) and the words
     assert cog.token_kinds(0)[0] == "pad" and cog.tokens(0)[-6:] == ["<bos>", "a", "dog", ",", "a", "Dog"]
     assert cog.token_indices(0, "dog") == [[12], [15]]
+    hunyuan = stores["hunyuandit"]  # 77 CLIP positions, then 256 T5 ones: each mention in both streams
+    assert hunyuan.token_indices(0, "dog") == [[2, 78], [5, 81]] and len(hunyuan.tokens(0)) == 77 + 256
 
 
 def test_sana_uncond_is_read_without_the_instruction_and_pads_get_nothing(pipes):

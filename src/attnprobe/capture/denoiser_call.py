@@ -44,6 +44,7 @@ class DenoiserCall:
         img_ids: Flux's packed-latent position ids ``[token, (0, row, column)]``, or ``None``.
         image_prompt: ``encoder_hidden_states`` came as IP-Adapter's ``(text states, image-prompt states)``.
         shapes: Qwen-Image's ``img_shapes`` (per sample ``[(frames, rows, columns)]`` of packed tokens), or ``None``.
+        more_text: text positions the denoiser joins after ``states`` (HunyuanDiT's ``encoder_hidden_states_t5``), or 0.
     """
 
     sample: object
@@ -53,6 +54,7 @@ class DenoiserCall:
     img_ids: object
     image_prompt: bool
     shapes: object = None
+    more_text: int = 0
 
     @classmethod
     def read(cls, args: tuple, kwargs: dict) -> "DenoiserCall":
@@ -64,10 +66,11 @@ class DenoiserCall:
         if image_prompt:  # IP-Adapter: (text states, image-prompt states)
             states = states[0]
         mask, ids = kwargs.get("encoder_attention_mask"), kwargs.get("img_ids")
-        shapes = kwargs.get("img_shapes")
+        shapes, t5 = kwargs.get("img_shapes"), kwargs.get("encoder_hidden_states_t5")
         return cls(sample, timestep, states, mask if isinstance(mask, torch.Tensor) else None,
                    ids if isinstance(ids, torch.Tensor) else None, image_prompt,
-                   shapes if isinstance(shapes, (list, tuple)) and shapes else None)
+                   shapes if isinstance(shapes, (list, tuple)) and shapes else None,
+                   int(t5.shape[1]) if isinstance(t5, torch.Tensor) and t5.ndim == 3 else 0)
 
     @staticmethod
     def with_states(args: tuple, kwargs: dict, states) -> tuple[tuple, dict]:
@@ -88,9 +91,9 @@ class DenoiserCall:
 
     @property
     def text_len(self) -> int:
-        """Text tokens the denoiser was called with (0 without encoder states)."""
+        """Text tokens the denoiser was called with (0 without encoder states; HunyuanDiT: its CLIP's, then its T5's)."""
         states = self.states
-        return int(states.shape[1]) if isinstance(states, torch.Tensor) and states.ndim == 3 else 0
+        return int(states.shape[1]) + self.more_text if isinstance(states, torch.Tensor) and states.ndim == 3 else 0
 
     def check(self, denoiser: torch.nn.Module) -> None:
         """Raise ``ProbeError`` unless the call has 4-D latents or packed latents with ``img_ids``."""

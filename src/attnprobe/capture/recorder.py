@@ -243,7 +243,7 @@ class Recorder:
         if self.calls_in_generation == 0:
             self.generation += 1
             self.rows.mark_first_call()  # the pipeline line of a generation's first call: a conditional one (true CFG)
-            n_keys = int(call.states.shape[1]) if isinstance(call.states, torch.Tensor) else 0
+            n_keys = call.text_len
             self._start_generation(self.rows.label(call.batch, n_keys, hw, self.generation, call.states), call, n_keys)
         elif not self.rows.separate and (call.batch != len(self.layout) or call.states is not self.states):
             self.layout, present = self.rows.rows_in(call.batch, call.states, self.store.samples)

@@ -66,6 +66,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "CogView4Pipeline": ("cogview4", "tests/test_families.py"),
     "KolorsPipeline": ("kolors", "tests/test_families.py"),
     "IFPipeline": ("if", "tests/test_families.py"),
+    "HunyuanDiTPipeline": ("hunyuandit", "tests/test_families.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),

@@ -26,7 +26,7 @@ from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_pipeline, tiny_kolors_
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 __all__ = ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_pixart_pipeline",
-           "tiny_chroma_pipeline", "tiny_if_pipeline", "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
+           "tiny_chroma_pipeline", "tiny_if_pipeline", "tiny_hunyuandit_pipeline", "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
 
 
 def tiny_sd_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, scheduler: str = "ddim"):
@@ -242,6 +242,35 @@ def tiny_if_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+def tiny_hunyuandit_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``HunyuanDiTPipeline`` with HunyuanDiT's structure: 2 DiT blocks (2 heads of 8 channels, patch size 2) whose
+    ``attn2`` cross-attends to a 2-layer BERT encoder of width 32 (standing in for its bilingual CLIP, with the real CLIP
+    tokenizer: 77 positions) then a T5 encoder of width 32 (``t5_tokenizer``: 256 positions), a 4-level VAE and a DDIM
+    scheduler. Pass ``use_resolution_binning=False`` to run at the given size.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    transformer = HunyuanDiT2DModel(
+        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        cross_attention_dim=32, cross_attention_dim_t5=32, pooled_projection_dim=16, hidden_size=16,
+        activation_fn="gelu-approximate",
+    ).eval()
+    torch.manual_seed(seed + 2)
+    bert = BertModel(BertConfig(vocab_size=49408, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=77, pad_token_id=49407),
+                     add_pooling_layer=False).eval()
+    pipe = HunyuanDiTPipeline(vae=make_vae(seed + 1), text_encoder=bert, tokenizer=clip_tokenizer(),
+                              transformer=transformer, scheduler=make_scheduler("ddim"), safety_checker=None,
+                              feature_extractor=None, requires_safety_checker=False,
+                              text_encoder_2=make_t5_encoder(seed + 3), tokenizer_2=t5_tokenizer())
+    return finish(pipe, dtype)
+
+
 def full_size_pipeline(model: str = "sd15", device="cpu", dtype: torch.dtype = torch.float16, seed: int = 0):
     """SD 1.5 or SDXL at full size with seeded random weights, built directly on ``device``: the real UNet
     (``SD15_UNET`` / ``SDXL_UNET``), CLIP ViT-L/14 text encoder(s) (and OpenCLIP bigG for SDXL), the real VAE
@@ -344,6 +373,7 @@ _BUILDERS = {
     "cogview4": tiny_cogview4_pipeline,
     "kolors": tiny_kolors_pipeline,
     "if": tiny_if_pipeline,
+    "hunyuandit": tiny_hunyuandit_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from . import cogview4, deepfloyd, flux, flux2, generic, pixart, qwen, sana, sd3, unet
+from . import cogview4, deepfloyd, flux, flux2, generic, hunyuandit, pixart, qwen, sana, sd3, unet
 from .registry import Family
 
 __all__ = ["Family", "FAMILIES", "GENERIC", "family_of"]
 
 #: The known families, in the order they are tried.
 FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY, qwen.FAMILY,
-                                  sana.FAMILY, flux2.FAMILY, cogview4.FAMILY)
+                                  sana.FAMILY, flux2.FAMILY, cogview4.FAMILY,
+                                  hunyuandit.FAMILY)
 #: The family of every other denoiser: sites from structure alone.
 GENERIC: Family = generic.FAMILY
 
