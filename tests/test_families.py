@@ -30,12 +30,13 @@ OPTIONS = {
     "cogview4": dict(height=32, width=64, max_sequence_length=16),
     "if": dict(SIZE, clean_caption=False, output_type="pt"),  # pixel space: no latents to hand back
     "hunyuandit": dict(SIZE, use_resolution_binning=False),
+    "auraflow": dict(height=64, width=96, max_sequence_length=16),
 }
 #: (qh, qw): Sana's DC-AE 2× (32 × 64 px), Qwen's VAE 4× then 2×2 packing and Flux.2's 1× then 2×2 patches (32 × 48 px),
 #: CogView4's VAE 8× then patch 2 (32 × 64 px), IF's pixel-space UNet at its second level (32 × 48 px), HunyuanDiT's
-#: VAE 8× then patch 2 (32 × 48 px)
+#: VAE 8× then patch 2 (32 × 48 px), AuraFlow's VAE 8× then patch 2 (64 × 96 px)
 GRID = {"sana": (16, 32), "qwen": (4, 6), "flux2": (16, 24), "cogview4": (2, 4), "if": (16, 24),
-        "hunyuandit": (2, 3)}
+        "hunyuandit": (2, 3), "auraflow": (4, 6)}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,10 @@ def _rope_complex(x, freqs):
     return torch.view_as_real(z * freqs.to(torch.complex128)[None, :, None, :]).flatten(-2)
 
 
+#: keys a denoiser adds before the text (AuraFlow's register tokens)
+REGISTERS = {"auraflow": 8}
+
+
 @torch.no_grad()
 def reference(family, kind, attn, inputs, text_len):
     """The image-query × text-key block of the softmax over all keys, float64 ``[batch, head, image, text]``."""
@@ -129,6 +134,16 @@ def reference(family, kind, attn, inputs, text_len):
         q = torch.cat([q[:, :t], _rope_halves(q[:, t:], emb)], 1)
         k = torch.cat([k[:, :t], _rope_halves(k[:, t:], emb)], 1)
         image, text = slice(t, None), slice(0, t)
+    elif family == "auraflow":  # [registers; text; image]: the registers share the softmax, they are not text
+        r = REGISTERS[family]
+        if kind == "single":  # the joined sequence is the block's hidden_states
+            q, k = norm(a.norm_q, heads(a.to_q(h))), norm(a.norm_k, heads(a.to_k(h)))
+        else:
+            s = inputs["encoder_hidden_states"].double()
+            tq, tk = norm(a.norm_added_q, heads(a.add_q_proj(s))), norm(a.norm_added_k, heads(a.add_k_proj(s)))
+            q = torch.cat([tq, norm(a.norm_q, heads(a.to_q(h)))], 1)
+            k = torch.cat([tk, norm(a.norm_k, heads(a.to_k(h)))], 1)
+        image, text = slice(r + text_len, None), slice(r, r + text_len)
     elif kind == "single":  # Flux.2: [text; image] through one fused projection
         q, k, _ = a.to_qkv_mlp_proj(h)[..., :3 * a.inner_dim].chunk(3, dim=-1)
         q, k = _rope_pairs(norm(a.norm_q, heads(q)), inputs["image_rotary_emb"]), _rope_pairs(
@@ -168,6 +183,8 @@ def test_maps_equal_a_float64_reference_and_images_stay_bit_identical(pipes, fam
             probed = generate(pipe, family, guidance_scale=1.0 if family == "sana" else 4.0)
     assert torch.equal(plain, probed)
     assert exact.meta["family"] == {"if": "deepfloyd"}.get(family, family)
+    if family == "auraflow":  # its registers are not on the token axis
+        assert len(exact.tokens(0)) == seen.text_len[0] == 16
     assert all(c["verdict"] == "equal" for c in exact.meta["processor_check"].values())
     for site in sites:
         attn = attnprobe.capture.denoiser_of(pipe).get_submodule(site.name)

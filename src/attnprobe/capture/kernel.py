@@ -69,7 +69,8 @@ def _bias(mask, rows, queries: slice, keys: slice):
     if m.dtype == torch.bool:
         m = torch.zeros(m.shape, device=m.device).masked_fill_(~m, float("-inf"))
     m = m.float()
-    return (m[:, :, queries] if m.shape[2] > 1 else m)[..., keys]
+    m = m[:, :, queries] if m.shape[2] > 1 else m
+    return m[..., keys] if isinstance(keys, slice) else m.index_select(3, keys.to(m.device))
 
 
 class KernelProbeProcessor(ProbeProcessor):
@@ -118,8 +119,11 @@ class KernelProbeProcessor(ProbeProcessor):
             q = pick(query)[:, :, image_q].float() * scale
             k = pick(key)
             mode = "renorm" if self.kind == "cross" else state.joint
+            if state.extra_keys and self.kind != "cross":  # the added keys share the softmax with the image keys
+                image_k = torch.cat([torch.arange(state.extra_keys), torch.arange(image_k.start, image_k.stop)])
+            others = k[:, :, image_k] if isinstance(image_k, slice) else k.index_select(2, image_k.to(k.device))
             bias = None if mask is None else (_bias(mask, rows, image_q, image_k), _bias(mask, rows, image_q, text))
-            probs, share = joint_probs(q, k[:, :, image_k], k[:, :, text], mode, workspace=workspace, bias=bias)
+            probs, share = joint_probs(q, others, k[:, :, text], mode, workspace=workspace, bias=bias)
             probs = reduce_probs(probs, state.heads, state.tokens, workspace)
             probs = probs.to(state.dtype, copy=workspace is not None)
         state.outbox.append((self.site, probs))
@@ -130,21 +134,24 @@ class KernelProbeProcessor(ProbeProcessor):
         return output
 
     def _positions(self, n_query: int, n_key: int, n_hidden: int) -> tuple[slice, slice, slice]:
-        """The image queries, image keys and text keys of the kernel's sequences. Text keys: as many as the denoiser
-        was given text positions (``state.n_keys``; else the keys beyond the image stream, or ``state.text_len``);
-        queries are image positions only (DeepFloyd IF's added-KV attention: ``[text; image]`` keys, image queries)
-        or the same ``[text; image]`` sequence as the keys (MM-DiT)."""
-        n_text = self.state.n_keys or (n_key - n_hidden if self.kind == "joint" else self.state.text_len)
+        """The image queries, the other keys (image keys, and any the denoiser adds before the text: AuraFlow's
+        ``state.extra_keys`` register tokens) and the text keys of the kernel's sequences. Text keys: as many as the
+        denoiser was given text positions (``state.n_keys``; else the keys beyond the image stream, or
+        ``state.text_len``); queries are image positions only (DeepFloyd IF's added-KV attention: ``[text; image]``
+        keys, image queries) or the same sequence as the keys (MM-DiT)."""
+        extra = self.state.extra_keys
+        n_text = self.state.n_keys or (n_key - n_hidden - extra if self.kind == "joint" else self.state.text_len)
         if self.kind == "cross" or (n_text == n_key and n_query != n_key):  # text keys alone (only_cross_attention)
             return slice(0, n_query), slice(0, 0), slice(0, n_key)
-        n_image = n_key - n_text
-        if not 0 < n_text < n_key or n_query not in (n_key, n_image):
+        n_image = n_key - n_text - extra
+        if n_text <= 0 or n_image <= 0 or n_query not in (n_key, n_image):
             raise ProbeError(
                 f"site {self.site}: its attention has {n_query} queries and {n_key} keys, which is not one sequence of "
-                f"{n_text} text and {n_image} image positions; attnprobe cannot tell the text keys apart"
+                f"{n_text} text, {extra} added and {n_image} image positions; attnprobe cannot tell the text keys apart"
             )
-        image = slice(n_text, n_key) if self.text_first else slice(0, n_image)
-        text = slice(0, n_text) if self.text_first else slice(n_image, n_key)
+        # [added; text; image] (text first) or [image; text]
+        image = slice(extra + n_text, n_key) if self.text_first else slice(0, n_image)
+        text = slice(extra, extra + n_text) if self.text_first else slice(n_image, n_key)
         return (image if n_query == n_key else slice(0, n_query)), image, text
 
     def _check_kernel(self, query, key, mask, scale, seen) -> None:

@@ -70,6 +70,8 @@ class CaptureState:
             denoiser's own ``encoder_hidden_states``, ``None`` where not compared).
         n_keys: the text positions the denoiser was called with, which the token labels describe; a site with
             another number of text keys (a denoiser that adds keys of its own) cannot be labelled. 0: not known.
+        extra_keys: keys the denoiser puts before the text keys in every joint sequence (AuraFlow's register tokens:
+            the family's ``registers``); they share the softmax but are not text (``attnprobe.capture.kernel``).
         states: the denoiser call's ``encoder_hidden_states`` where its cross sites receive them unchanged (UNets),
             for the once-per-site check that no hook or processor changed them on the way; else ``None``.
     """
@@ -81,6 +83,7 @@ class CaptureState:
     dtype: torch.dtype = torch.float32
     states: Any = None
     n_keys: int = 0
+    extra_keys: int = 0
     outbox: list = field(default_factory=list)
     workspace: dict = field(default_factory=dict)
     joint: str = "exact"

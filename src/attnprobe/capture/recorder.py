@@ -76,7 +76,8 @@ class Recorder:
         self.all_sites = [s.name for s in all_sites] or list(self.modules)
         self.known = {s.name: s.order for s in all_sites}
         self.known_order = bool(self.known) and None not in self.known.values()  # seen by an earlier probe
-        self.state = CaptureState(heads=heads, dtype=torch.float32 if aggregate else dtype, joint=joint)
+        self.state = CaptureState(heads=heads, dtype=torch.float32 if aggregate else dtype, joint=joint,
+                                  extra_keys=self.family.registers(denoiser) if self.family.registers else 0)
         self.joint = joint
         self.kinds = {s.name: s.kind for s in sites}
         self.shares: list[tuple[int, str, torch.Tensor]] = []  # (call, site, [sample, head]) of joint sites

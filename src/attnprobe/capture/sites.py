@@ -100,6 +100,8 @@ def list_sites(pipe_or_denoiser) -> list[Site]:
         if not is_attention(module):
             continue
         kind = site_kind(module, modules.get(name.rpartition(".")[0]) if "." in name else None)
+        if kind is None and family.single_blocks and name.startswith(family.single_blocks + "."):
+            kind = "single"  # a block handed the joined sequence as its hidden_states (AuraFlow)
         if kind is None or kind not in family.kinds:
             other += 1
             continue

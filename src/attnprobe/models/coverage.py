@@ -67,6 +67,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "KolorsPipeline": ("kolors", "tests/test_families.py"),
     "IFPipeline": ("if", "tests/test_families.py"),
     "HunyuanDiTPipeline": ("hunyuandit", "tests/test_families.py"),
+    "AuraFlowPipeline": ("auraflow", "tests/test_families.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
@@ -74,10 +75,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
 
 
 #: pipeline classes a test shows refused at their first denoiser call (not by name: by what the probe sees)
-REFUSED_AT_RUN: dict[str, str] = {
-    "AuraFlowPipeline": "at its first denoiser call: its denoiser adds register tokens before the text keys "
-                        "(shown by tests/test_joint.py)",
-}
+REFUSED_AT_RUN: dict[str, str] = {}
 
 
 def _denoiser(cls) -> tuple[str, tuple[type, ...]] | None:

@@ -23,10 +23,11 @@ from .configs import SD15_UNET, SDXL_UNET
 from .shapes.model import load as load_shapes
 from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_pipeline, tiny_kolors_pipeline, tiny_qwen_pipeline,
                        tiny_sana_pipeline)
-from .tokenizers import clip_tokenizer, t5_tokenizer
+from .tokenizers import clip_tokenizer, t5_tokenizer, t5_vocab_size
 
 __all__ = ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_pixart_pipeline",
-           "tiny_chroma_pipeline", "tiny_if_pipeline", "tiny_hunyuandit_pipeline", "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
+           "tiny_chroma_pipeline", "tiny_if_pipeline", "tiny_hunyuandit_pipeline", "tiny_auraflow_pipeline",
+           "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
 
 
 def tiny_sd_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, scheduler: str = "ddim"):
@@ -271,6 +272,31 @@ def tiny_hunyuandit_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+def tiny_auraflow_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """An ``AuraFlowPipeline`` with AuraFlow's structure: 1 joint (MM-DiT) and 1 single-stream block (2 heads of 8
+    channels, patch size 2) over ``[8 register tokens; text; image]``, a 1-layer UMT5 encoder of width 32 with the
+    offline ``t5_tokenizer``, a 4-level VAE and a flow-matching Euler scheduler.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, out_channels=4, pos_embed_max_size=64,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=t5_vocab_size(), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0, relative_attention_num_buckets=8)).eval()
+    pipe = AuraFlowPipeline(tokenizer=t5_tokenizer(), text_encoder=encoder, vae=make_vae(seed + 1),
+                            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+    return finish(pipe, dtype)
+
+
 def full_size_pipeline(model: str = "sd15", device="cpu", dtype: torch.dtype = torch.float16, seed: int = 0):
     """SD 1.5 or SDXL at full size with seeded random weights, built directly on ``device``: the real UNet
     (``SD15_UNET`` / ``SDXL_UNET``), CLIP ViT-L/14 text encoder(s) (and OpenCLIP bigG for SDXL), the real VAE
@@ -374,6 +400,7 @@ _BUILDERS = {
     "kolors": tiny_kolors_pipeline,
     "if": tiny_if_pipeline,
     "hunyuandit": tiny_hunyuandit_pipeline,
+    "auraflow": tiny_auraflow_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

@@ -48,6 +48,12 @@ class Family:
             [(templated text, where the prompt starts in it, encoded positions or None), …]``, the texts the encoder
             may have read (Sana: with its complex human instruction, or without, as it encodes the negative prompt);
             the one whose tokens are the ids the encoder read is taken.
+        registers: ``denoiser -> int``: keys the denoiser puts before the text keys of its joint sequences (AuraFlow's
+            register tokens); read at the kernel, they share the softmax with the image keys and are not on the
+            ``token`` axis.
+        single_blocks: the denoiser's attribute holding single-stream blocks that get the joined ``[text; image]``
+            sequence as their ``hidden_states`` (AuraFlow's ``single_transformer_blocks``): structure alone cannot tell
+            their attention from image self-attention.
         matches: for a family that shares its denoiser class with another (DeepFloyd IF's UNet is a
             ``UNet2DConditionModel``): ``denoiser -> bool``, whether an instance is this family's; ``FAMILIES`` lists
             it before the family it shares the class with.
@@ -70,6 +76,8 @@ class Family:
     template: Callable | None = None
     text_positions: Callable | None = None
     matches: Callable | None = None
+    registers: Callable | None = None
+    single_blocks: str | None = None
     pipelines: tuple[str, ...] = ()
 
     def classes(self) -> tuple[type, ...]:
