@@ -308,6 +308,36 @@ def test_qwen_true_cfg_passes_are_separate_calls_labelled_apart(pipes):
     assert len(cond.calls) == len(uncond.calls) == 2
 
 
+def test_timesteps_of_an_expanded_batch_are_the_schedulers(pipes):
+    """CogView4 hands the transformer ``t.expand(batch)``; its last timestep is 1.0, which is not a Flux ``t / 1000``."""
+    pipe = pipes["cogview4"]
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(float(k["timestep"].reshape(-1)[0])), with_kwargs=True)
+    try:
+        with attnprobe.probe(pipe) as store:
+            generate(pipe, "cogview4", prompt=["a dog", "a cat"], steps=3)
+    finally:
+        hook.remove()
+    assert [c.timestep for c in store.calls] == seen[::2] and seen[-1] == 1.0  # the cond calls of each step
+
+
+def test_the_study_runs_with_true_guidance_and_without_latents(tmp_path):
+    """Qwen-Image ignores guidance_scale: the study's guidance is its true CFG (an empty negative prompt, separate
+    calls); DeepFloyd IF takes no latents: every variant starts from one generator per image, seeded alike."""
+    from attnprobe.study import cli
+    from attnprobe.study.measure import guided, negatives
+
+    qwen = tiny_pipeline("qwen")
+    assert negatives(guided(qwen, {"guidance_scale": 4.0}), 2) == {
+        "guidance_scale": 4.0, "true_cfg_scale": 4.0, "negative_prompt": ["", ""]}
+    out = tmp_path / "if"
+    assert cli.main(["study", "--model", "tiny-if", "--out", str(out), "--concepts", "dog", "--seeds", "0", "--steps",
+                     "2", "--size", "32", "--variants", "baseline,instruction", "--scorer", "none", "--no-progress"]) == 0
+    assert (out / "failures.csv").read_text().splitlines() == ["model,concept,seed,error,detail"]
+    assert len((out / "auc.csv").read_text().splitlines()) == 3
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 class _TwoKernels:
     """A processor that runs attention twice (as IP-Adapter-style processors do): which call is the map?"""

@@ -40,6 +40,8 @@ def test_site_call_grid():
     assert len(fig.axes) == 3 * 2 + 1
     assert fig.axes[0].get_title().startswith("call 0") and fig.axes[1].get_title().startswith("call 3")
     assert fig.axes[0].images[0].get_array().shape == (2, 3)
+    fig = plot_site_call_grid(store, "dog")  # fewer calls (4) than max_calls (6): every call, the last included
+    assert len(fig.axes) == 3 * 4 + 1 and fig.axes[3].get_title().startswith("call 3")
 
 
 def test_text_similarity_rows_per_encoder():

@@ -330,7 +330,8 @@ def plot_site_call_grid(store, concept: str, sample: int = 0, calls=None, max_ca
     positions = concept_positions(store, concept, sample, occurrence)
     n = len(store.calls)
     if calls is None:
-        calls = sorted({round(i * (n - 1) / max(1, max_calls - 1)) for i in range(min(max_calls, n))})
+        shown = min(max_calls, n)  # evenly spaced from the first call to the last
+        calls = sorted({round(i * (n - 1) / max(1, shown - 1)) for i in range(shown)})
     sites = [s for s in store.sites if s.name not in store.flat_sites]
     grids = {s.name: store.maps(s.name, calls=list(calls), samples=[sample], tokens=positions).float()
              .sum(-1).mean(dim=(1, 2)).numpy() for s in sites}

@@ -160,7 +160,9 @@ class Timesteps:
         if not isinstance(timestep, torch.Tensor) or not timestep.numel():
             return first_value(timestep)
         table = getattr(scheduler, "timesteps", None)
-        if (isinstance(table, torch.Tensor) and table.ndim == 1 and timestep.numel() == 1 and table.stride(0) == 1
+        # one entry, or one entry expanded over the batch (CogView4's t.expand(batch): stride 0)
+        single = timestep.numel() == 1 or (timestep.ndim == 1 and timestep.stride(0) == 0)
+        if (isinstance(table, torch.Tensor) and table.ndim == 1 and single and table.stride(0) == 1
                 and timestep.device == table.device
                 and timestep.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()):
             i = timestep.storage_offset() - table.storage_offset()
@@ -176,6 +178,8 @@ class Timesteps:
             index = index if index is not None else (getattr(scheduler, "begin_index", None) or 0)
             if 0 <= index < len(host):
                 current = host[index]
+                if current == value:  # the entry itself (CogView4's last timestep is 1.0), not a Flux t / 1000
+                    return current
                 if abs(current - value * 1000) <= 0.01 * max(abs(current), 1.0):
                     return current
             nearest = min(host, key=lambda entry: abs(entry - value * 1000))

@@ -113,8 +113,14 @@ class Intervened:
         self.denoiser = denoiser_of(pipe)
         if getattr(pipe, "unet", None) is None:
             raise InterventionError(
-                f"interventions support UNet pipelines (SD 1.x/2.x, SDXL); {type(pipe).__name__} has a transformer "
-                "denoiser (joint attention, T5 conditioning), which they do not edit yet"
+                f"interventions support UNet pipelines (SD 1.x/2.x, SDXL, Kolors); {type(pipe).__name__} has a "
+                "transformer denoiser (joint attention; T5 or LLM conditioning), which they do not edit yet"
+            )
+        if not isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+            raise InterventionError(
+                f"interventions edit the conditional rows, which they find from the pipeline's "
+                f"do_classifier_free_guidance; {type(pipe).__name__} has none (DeepFloyd IF decides guidance inside its "
+                "__call__), so they would not know which rows to edit"
             )
         self.tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
         self.n_keys = int(getattr(self.tokenizer, "model_max_length", 77) or 77) if self.tokenizer else 77

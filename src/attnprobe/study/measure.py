@@ -64,6 +64,22 @@ def initial_latents(pipe, seed: int, size: int, copies: int, device, dtype) -> t
     return noise.repeat(copies, *[1] * (noise.ndim - 1)).to(device=device, dtype=dtype)
 
 
+def guided(pipe, options: dict) -> dict:
+    """The call options with the study's guidance applied as the pipeline applies guidance: ``guidance_scale``, or,
+    for a pipeline that ignores it (no guidance embedding) but runs true classifier-free guidance (Qwen-Image, and
+    Flux without a guidance embedding), ``true_cfg_scale`` too, with an empty negative prompt (``negatives``)."""
+    params = inspect.signature(type(pipe).__call__).parameters
+    embedded = bool(getattr(getattr(denoiser_of(pipe), "config", None), "guidance_embeds", True))
+    if "true_cfg_scale" in params and not embedded:
+        return {**options, "true_cfg_scale": options["guidance_scale"]}
+    return options
+
+
+def negatives(options: dict, copies: int) -> dict:
+    """``options`` with one empty negative prompt per image where they ask for true classifier-free guidance."""
+    return {**options, "negative_prompt": [""] * copies} if "true_cfg_scale" in options else options
+
+
 def check_prompts(pipe, concepts, variants) -> None:
     """Every concept must be found (whole words) in every variant's prompt, before anything is generated."""
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
@@ -125,8 +141,16 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
     capture = capture or check_capture(None)
     names = list(variants)
     prompts = [variants[v].format(c=concept) for v in names]
+    takes_latents = "latents" in inspect.signature(type(pipe).__call__).parameters
     latents = initial_latents(pipe, seed, size, len(prompts), pipe.device, denoiser_of(pipe).dtype)
-    options = dict(num_inference_steps=int(steps), guidance_scale=float(guidance), height=size, width=size)
+
+    def noise(copies: int) -> dict:  # every row from the seed's noise: the latents, or one generator per image (IF)
+        if takes_latents:
+            return {"latents": latents[:copies]}
+        return {"generator": [torch.Generator("cpu").manual_seed(seed) for _ in range(copies)]}
+
+    options = guided(pipe, dict(num_inference_steps=int(steps), guidance_scale=float(guidance), height=size,
+                                width=size))
     if maps is not None:
         shutil.rmtree(maps, ignore_errors=True)  # a half-written earlier attempt of this cell
 
@@ -136,7 +160,7 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
                      stream_to=None if maps is None else Path(maps) / row)
 
     with recording(pipe, "variants") as store:
-        generated = pipe(prompt=prompts, latents=latents, **options)
+        generated = pipe(prompt=prompts, **noise(len(prompts)), **negatives(options, len(prompts)))
     # per row: (name, store, sample, prompt, image, intervention, mass factors)
     runs = [(v, store, i, prompts[i], generated.images[i], "", None) for i, v in enumerate(names)]
     failures = []
@@ -145,7 +169,7 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
         try:
             with intervene(pipe, items, base, concept=concept) as run:
                 with recording(run.pipe, f"row-{slug(label)}") as st:
-                    out = run(latents=latents[:1], **options)
+                    out = run(**noise(1), **(options if run.negative else negatives(options, 1)))
             factors = run.mass_factors(st, concept)
             check_finite(concept_mass(st, concept, run.conditional_sample(st), "all", factors), f"row {label!r}")
         except Exception as exc:  # one failed row must not lose the cell's others

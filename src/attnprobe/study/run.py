@@ -400,10 +400,11 @@ def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None, s
 
 def _run_cell(pipe, cell, plan: "_Plan"):
     """One cell's record (every row with its ``model``) and tensors: a generation, or the text analysis."""
-    if cell.kind == "text" and text_unsupported(pipe):
+    if cell.kind == "text" and (text_unsupported(pipe) or denoiser_of(pipe) is not getattr(pipe, "unet", None)):
         if cell.model not in plan.notes:
             plan.notes.add(cell.model)
-            warn(f"{cell.model}: text similarity skipped: {text_unsupported(pipe)}")
+            warn(f"{cell.model}: text similarity skipped: " + (text_unsupported(pipe) or "its similarity tables "
+                 "compare the conditioning UNet pipelines build (CLIP), not transformer pipelines' (SD3: CLIP + T5)"))
         record, tensors = {"text": []}, {}
     elif cell.kind == "text":
         prompts = {v: t.format(c=cell.concept) for v, t in plan.variants.items()}

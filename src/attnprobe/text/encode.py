@@ -62,24 +62,26 @@ class TextEncoding:
     layout: TokenLayout
 
 
+#: the encoder classes whose states ``encode_text`` rebuilds as the pipelines use them (by class-name prefix)
+TEXT_ENCODERS = ("CLIPTextModel", "T5EncoderModel", "UMT5EncoderModel")
+
+
 def text_unsupported(pipe) -> str | None:
-    """Why ``encode_text`` cannot rebuild this pipeline's conditioning, or ``None`` when it can: it rebuilds what
-    UNet pipelines with CLIP text encoders (SD 1.x/2.x, SDXL) hand their denoiser; transformer pipelines (joint
-    attention, T5 and LLM encoders) and UNets on other encoders (Kolors' ChatGLM) build theirs another way."""
-    if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
-        return (f"attnprobe.text rebuilds the conditioning of UNet pipelines with CLIP encoders only, not of "
-                f"{type(pipe).__name__}'s transformer (SD3: CLIP + T5, Flux: T5, Qwen-Image and others: LLM encoders)")
-    others = [f"{name} is {type(getattr(pipe, name)).__name__}" for name in ("text_encoder", "text_encoder_2")
+    """Why ``encode_text`` cannot rebuild this pipeline's text encoding, or ``None`` when it can: it reads CLIP and
+    T5 encoders as SD 1.x/2.x, SDXL, SD3, Flux and PixArt read them; LLM encoders (Qwen-Image's Qwen2.5-VL, Sana's
+    Gemma 2, Kolors' ChatGLM, …) read the prompt inside a template or pad it their own way."""
+    others = [f"{name} is {type(getattr(pipe, name)).__name__}" for name in ("text_encoder", "text_encoder_2",
+                                                                               "text_encoder_3")
               if isinstance(getattr(pipe, name, None), torch.nn.Module)
-              and not type(getattr(pipe, name)).__name__.startswith("CLIPTextModel")]
+              and not type(getattr(pipe, name)).__name__.startswith(TEXT_ENCODERS)]
     if others:
-        return (f"attnprobe.text rebuilds the conditioning of CLIP text encoders only; {type(pipe).__name__}'s "
+        return (f"attnprobe.text rebuilds the encodings of CLIP and T5 text encoders only; {type(pipe).__name__}'s "
                 + ", ".join(others))
     return None
 
 
 def _encoders(pipe):
-    reason = text_unsupported(pipe) if getattr(pipe, "unet", None) is not None else None
+    reason = text_unsupported(pipe)
     if reason:
         raise AttnprobeError(reason)
     found = []
@@ -133,7 +135,7 @@ def encode_text(pipe, prompt: str, *, attentions: bool = True, clip_skip: int | 
         A ``TextEncoding`` (conditioning ``[token, hidden]``, per encoder ``[layer, token, hidden]``).
 
     Raises:
-        AttnprobeError: the pipeline has no text encoder, or a UNet pipeline's encoder is not CLIP
+        AttnprobeError: the pipeline has no text encoder, or one that is not a CLIP or T5 encoder
             (``text_unsupported``). ArgumentError (a ValueError): a bad ``clip_skip``,
             ``mask_positions`` or ``mask_with`` (not one token). ArgumentTypeError: ``prompt`` is not a string.
     """
