@@ -237,6 +237,7 @@ def test_template_tokens_are_labelled_and_only_the_users_words_are_searched(pipe
     sana = stores["sana"]
     cond = next(s.index for s in sana.samples if s.pass_label == "cond")
     assert sana.tokens(cond)[:2] == ["<bos>", ":"]  # the instruction's last position, then the user's words
+    assert sana.token_kinds(cond)[:3] == ["start", "template", "word"]
     # both mentions, in the user's words only ("Dog" in the template would not count)
     assert stores["qwen"].token_indices(0, "dog") == [[1], [4]]
     assert stores["flux2"].token_indices(0, "dog") == [[3], [6]]

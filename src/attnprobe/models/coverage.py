@@ -115,7 +115,8 @@ def pipeline_verdicts() -> list[Verdict]:
         if found is None or not any(arg in params for arg in _TEXT_ARGS):
             continue  # no denoiser, or not text-conditioned: nothing to probe for text attention
         denoiser, classes = found
-        family = next((f.name for f in FAMILIES if f.matches is not None and name.startswith(f.pipelines)), None)
+        family = next((f.name for f in FAMILIES if f.matches is not None and name.startswith(f.pipelines)
+                       and any(issubclass(c, f.classes()) for c in classes)), None)
         family = family or next((f.name for f in FAMILIES if f.matches is None
                                  and any(issubclass(c, f.classes()) for c in classes)), "generic")
         refused = next((c.__name__ for c in cls.__mro__ if c.__name__ in REFUSED), None)

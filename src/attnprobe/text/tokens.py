@@ -191,7 +191,8 @@ def template_layout(tokenizer, templated: str, start: int, text: str, n: int | N
     """The layout of a prompt that the pipeline wrapped in a template before encoding (Qwen-Image's system
     instruction and chat turns, Sana's complex human instruction): ``templated`` tokenized as ``token_layout`` does,
     its positions inside the prompt (characters ``start … start + len(text)``) kept as ``"word"`` with offsets into
-    ``text``, every other non-pad position ``"template"`` (no offsets: concepts are never found in the template).
+    ``text``, every other position ``"template"`` but the padding and a start token the tokenizer adds first
+    (Gemma's ``<bos>``: ``"start"``); no offsets outside the prompt: concepts are never found in the template.
 
     Args:
         tokenizer: a fast tokenizer. templated: the text the encoder read. start: where ``text`` begins in it.
@@ -203,9 +204,10 @@ def template_layout(tokenizer, templated: str, start: int, text: str, n: int | N
     lay = token_layout(tokenizer, templated, n, source=source)
     end = start + len(text)
     kinds, offsets = [], []
-    for kind, off in zip(lay.kinds, lay.offsets):
+    for i, (kind, off) in enumerate(zip(lay.kinds, lay.offsets)):
         inside = off is not None and off[0] < end and off[1] > start  # a piece across the border counts as the word's
-        kinds.append("word" if inside else "pad" if kind == "pad" else "template")
+        bos = i == 0 and kind == "start" and lay.ids[0] == getattr(tokenizer, "bos_token_id", None)
+        kinds.append("word" if inside else "start" if bos else "pad" if kind == "pad" else "template")
         offsets.append((max(off[0], start) - start, min(off[1], end) - start) if inside else None)
     cut = lay.truncated_at
     return TokenLayout(strings=lay.strings, kinds=kinds, ids=lay.ids, text=text, offsets=offsets,
