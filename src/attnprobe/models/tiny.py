@@ -413,6 +413,13 @@ def tiny_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
         >>> type(tiny_pipeline("pixart-sigma")).__name__
         'PixArtSigmaPipeline'
 
+    Call them as their diffusers pipelines are called, with the prompt by keyword (``pipe(prompt=...)``: Flux.2's first
+    positional argument is an image) and, for speed, a small ``max_sequence_length`` (16) where the pipeline takes
+    one, sides of 32–96 px and 2 steps. Some pipelines need more: ``use_resolution_binning=False`` (PixArt, Sana,
+    HunyuanDiT: else the size is binned to their 256–1024 px tables), ``clean_caption=False`` (PixArt, IF: cleaning
+    needs ``bs4`` and ``ftfy``), sides that are multiples of 32 (Sana), ``output_type="pt"`` rather than
+    ``"latent"`` for IF (pixel space). Kolors needs ``sentencepiece`` installed (diffusers requires it).
+
     Args:
         name: one of ``TINY_PIPELINES``. seed: weight seed. dtype: parameter dtype. Default fp32.
 
