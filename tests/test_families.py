@@ -299,6 +299,51 @@ def test_kolors_unet_keys_are_chatglm_positions_left_padded(attn_inputs, check_m
             pass
 
 
+def test_qwen_labels_follow_the_pipeline_through_left_padding_and_its_own_cut(pipes):
+    pipe = copy.deepcopy(pipes["qwen"])
+    pipe.tokenizer.padding_side = "left"  # the pipeline drops the padding first, then the template's positions
+    with attnprobe.probe(pipe) as store:
+        generate(pipe, "qwen", prompt=["a dog", "a picture of a big brown dog on grass"])
+    assert store.tokens(0)[:3] == ["a", "dog", "<|im_end|>"] and store.token_indices(0, "dog") == [[1]]
+    assert store.token_kinds(0)[-1] == "pad"
+    # the pipeline keeps max_sequence_length positions of what it encoded: a mention past them was never seen
+    with attnprobe.probe(pipes["qwen"]) as store:
+        generate(pipes["qwen"], "qwen", prompt="dog " + "word " * 30 + "dog")
+    assert store.layout(0).truncated_at is not None
+    with pytest.raises(attnprobe.ConceptError, match="past the maximum length"):
+        store.token_indices(0, "dog")
+
+
+def test_sana_prompt_embeds_of_an_unknown_template_are_not_guessed(pipes):
+    pipe = pipes["sana"]
+    prompts = ["a picture of a dog"]
+    with torch.no_grad():  # encode_prompt's own default: no complex human instruction
+        embeds, mask, negative, negative_mask = pipe.encode_prompt(prompts, max_sequence_length=16)
+    with pytest.warns(attnprobe.AttnprobeWarning, match="template"):
+        with attnprobe.probe(pipe, prompts=prompts) as store:
+            generate(pipe, "sana", prompt=None, negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask,
+                     negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask)
+    assert store.samples[0].text == prompts[0] and set(store.token_kinds(0)) == {"unknown"}
+    with pytest.raises(attnprobe.ConceptError, match="template attnprobe does not know"):
+        store.token_indices(0, "dog")
+
+
+def test_token_positions_of_a_separate_uncond_pass_count_its_own_keys(pipes):
+    pipe = pipes["qwen"]
+    negative = "ugly blurry dark low quality picture of a cat"
+    with attnprobe.probe(pipe, passes="uncond", tokens=[-1]) as store:
+        generate(pipe, "qwen", prompt="a dog", negative_prompt=negative, true_cfg_scale=3.0)
+    assert store.tokens(0) == ["assistant"]
+
+
+def test_a_compiled_kernel_read_denoiser_is_refused(pipes):
+    pipe = copy.deepcopy(pipes["qwen"])
+    pipe.transformer.compile(backend="eager")
+    with pytest.raises(ProbeError, match="compiled"):
+        with attnprobe.probe(pipe):
+            generate(pipe, "qwen", steps=1)
+
+
 # ---------------------------------------------------------------------------------------------- passes
 def test_qwen_true_cfg_passes_are_separate_calls_labelled_apart(pipes):
     pipe = pipes["qwen"]

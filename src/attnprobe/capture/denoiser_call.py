@@ -95,8 +95,16 @@ class DenoiserCall:
         states = self.states
         return int(states.shape[1]) + self.more_text if isinstance(states, torch.Tensor) and states.ndim == 3 else 0
 
-    def check(self, denoiser: torch.nn.Module) -> None:
-        """Raise ``ProbeError`` unless the call has 4-D latents or packed latents with ``img_ids``."""
+    def check(self, denoiser: torch.nn.Module, kernel: bool = False) -> None:
+        """Raise ``ProbeError`` unless the call has 4-D latents or packed latents with ``img_ids``; with ``kernel``
+        (a family read at the attention kernel), also when the denoiser is compiled: its processors run outside the
+        compiled graph (a graph break at each site), which fuses the rest differently, so images would not stay
+        bit-identical."""
+        if kernel and (getattr(denoiser, "_compiled_call_impl", None) is not None or hasattr(denoiser, "_orig_mod")):
+            raise ProbeError(
+                f"{type(denoiser).__name__} is compiled (torch.compile): its family is read at the attention kernel, "
+                "outside the compiled graph, which would change its images. Probe it uncompiled"
+            )
         if not isinstance(self.sample, torch.Tensor) or (self.sample.ndim != 4 and not self.packed):
             raise ProbeError(
                 f"the denoiser {type(denoiser).__name__} was called without a 4-D latent sample or packed latents with "

@@ -87,7 +87,7 @@ class KernelProbeProcessor(ProbeProcessor):
         if self.removed or not state.keep or torch.compiler.is_compiling():
             if torch.compiler.is_compiling() and state.keep:
                 raise ProbeError(f"site {self.site}: sites read at the attention kernel cannot be compiled; probe "
-                                 "the denoiser before torch.compile, or compile after the probe")
+                                 "the denoiser uncompiled")
             return self.inner(attn, hidden_states, *args, **kwargs)
         tap = KernelTap()
         with tap:
@@ -97,8 +97,8 @@ class KernelProbeProcessor(ProbeProcessor):
             raise ProbeError(
                 f"site {self.site}: its processor {type(self.innermost()).__name__} called "
                 f"scaled_dot_product_attention {len(tap.calls)} times (attention backend {backend or 'default'}); "
-                "attnprobe reads q and k at its one call. Use the native backend "
-                "(denoiser.set_attention_backend('native')) and the model's own processor"
+                "attnprobe reads q and k at its one call. Use the model's own processor (a classic AttnProcessor "
+                "computes attention another way) with the native backend (denoiser.set_attention_backend('native'))"
             )
         seen = tap.calls[0]
         query, key, mask = seen["query"], seen["key"], seen.get("attn_mask")

@@ -231,7 +231,7 @@ class Recorder:
         self._check_intact()
         self._close_call()
         call = DenoiserCall.read(args, kwargs)
-        call.check(module)
+        call.check(module, kernel=self.family.reader == "kernel")
         t = self.timesteps.value(call.timestep, getattr(self.pipe, "scheduler", None))
         hw = call.latent_hw(self._packed_hw)
         self.state.text_len = call.text_len
@@ -283,7 +283,8 @@ class Recorder:
             return
         positions = None
         if self.tokens_spec is not None:
-            positions = resolve_tokens(self.tokens_spec, labels.layouts, n_keys)
+            positions = resolve_tokens(self.tokens_spec, labels.layouts,
+                                       len(labels.layouts[0].strings) if labels.layouts else n_keys)
             self.state.tokens = torch.tensor(positions, dtype=torch.long)
         self.writer.set_samples(labels.samples, labels.layouts, positions)
         self.store.meta.update(labels.meta)

@@ -347,8 +347,10 @@ class BatchRows:
             ids = first[prompt_index].tolist() if first is not None else None
             lay = family.layout(self.pipe, self.streams[0][1], text, ids, n_keys, source)
             if lay is None and text is not None:
-                warn(f"the {family.name} text encoder did not read the prompt {text!r} inside the template attnprobe "
-                     "knows for it (a changed template or tokenizer?): its text positions are labelled 'unknown'")
+                warn(f"the {family.name} text encoder did not read the prompt {text!r} inside a template attnprobe "
+                     "knows for it (a changed template or tokenizer, or prompt_embeds made with an unknown one): its "
+                     "text positions are labelled 'unknown'")
+                return TokenLayout(strings=[""] * n_keys, kinds=["unknown"] * n_keys, text=text, source="template")
             return lay or unlabelled_layout(n_keys, source="none")
         if len(self.streams) <= 1 and (first is None or first.shape[1] == n_keys):
             return self._layout_for(text, first[prompt_index].tolist() if first is not None else None, n_keys, source)

@@ -36,7 +36,8 @@ class TokenLayout:
         truncated_at: character index in ``text`` where the tokenizer's maximum length cut it, or ``None``.
         source: how the text is known: ``"prompt"`` (the pipeline call's prompt), ``"decoded"`` (decoded from
             the ids), ``"caller"`` (given to ``probe(prompts=…)``), ``"zeros"`` (no text: zero embeddings),
-            ``"chunked"`` (the caller's text, encoded in chunks: positions unknown), ``"contradicted"`` (a row whose
+            ``"chunked"`` (the caller's text, encoded in chunks: positions unknown), ``"template"`` (read inside a
+            template attnprobe does not know: positions unknown), ``"contradicted"`` (a row whose
             conditioning contradicts its position in the batch: pass ``"unknown"``) or ``"none"``.
         streams: per position, the text encoder it comes from (``"text_encoder"``, ``"text_encoder_3"``…) when the
             keys concatenate several encoders' positions (SD3: 77 CLIP, then T5); empty for one encoder.
@@ -273,10 +274,11 @@ def find_concept(layout: TokenLayout, concept: str, where: str = "the prompt") -
             "or zero embeddings. Pass the texts with probe(..., prompts=[...]) to label its positions."
         )
     if layout.kinds and all(k == "unknown" for k in layout.kinds):
+        why = ("the text encoder read it inside a template attnprobe does not know" if layout.source == "template" else
+               f"a long prompt encoded in chunks has {len(layout.kinds)} positions whose words attnprobe cannot place")
         raise ConceptError(
-            f"the token positions of {where} are unknown (source: {layout.source}; a long prompt encoded in chunks "
-            f"has {len(layout.kinds)} positions whose words attnprobe cannot place), so {concept!r} cannot be looked "
-            "up: select token positions by index"
+            f"the token positions of {where} are unknown (source: {layout.source}; {why}), so {concept!r} cannot be "
+            "looked up: select token positions by index"
         )
     pattern = concept_pattern(concept)
     found = []

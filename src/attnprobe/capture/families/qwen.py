@@ -18,7 +18,8 @@ def _template(pipe, prompt: str, n_keys: int):
 
 
 def _positions(pipe, layout, n_keys: int):
-    kept = [i for i in range(pipe.prompt_template_encode_start_idx, len(layout.kinds)) if layout.kinds[i] != "pad"]
+    # as the pipeline: the attended positions (padding out, on either side), then the template's first ones dropped
+    kept = [i for i, kind in enumerate(layout.kinds) if kind != "pad"][pipe.prompt_template_encode_start_idx:]
     return kept[:n_keys] + [None] * (n_keys - len(kept))
 
 

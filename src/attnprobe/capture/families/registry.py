@@ -99,11 +99,21 @@ class Family:
         from the template's (someone changed the pipeline's template: nothing is labelled from a guess)."""
         if self.template is None or text is None or tokenizer is None or not getattr(tokenizer, "is_fast", False):
             return None
+        candidates = self.template(pipe, text, n_keys)
+        if ids is None and len(candidates) > 1:
+            return None  # prompt_embeds: which template (Sana: with its instruction or not) made them is unknown
         for prompt in dict.fromkeys((text, text.lower().strip())):  # Sana and PixArt encode it lower-cased, stripped
             for templated, start, length in self.template(pipe, prompt, n_keys):
                 lay = template_layout(tokenizer, templated, start, prompt, len(ids) if ids is not None else length, source)
                 if ids is None or lay.ids == ids:
-                    return select_positions(lay, self.text_positions(pipe, lay, n_keys))
+                    positions = self.text_positions(pipe, lay, n_keys)
+                    picked = select_positions(lay, positions)
+                    # words the pipeline cut after encoding (Qwen-Image keeps max_sequence_length of 1024 tokens)
+                    kept = set(positions)
+                    cut = [lay.offsets[p][0] for p, kind in enumerate(lay.kinds) if kind == "word" and p not in kept]
+                    if cut and (picked.truncated_at is None or min(cut) < picked.truncated_at):
+                        picked.truncated_at = min(cut)
+                    return picked
         return None
 
     def __repr__(self) -> str:
