@@ -224,6 +224,54 @@ def test_renorm_is_exact_over_its_text_share(pipes):
     assert torch.allclose(r.sum(-1), torch.ones(()).double(), atol=1e-6)
 
 
+@pytest.mark.filterwarnings("error::attnprobe.AttnprobeWarning")
+def test_lumina2_rows_of_other_text_lengths_against_a_float64_reference():
+    """Lumina 2 joins each row's attended caption with the image: rows of other prompt lengths put their image at
+    other positions; text keys past a row's caption get 0. Reference: our hooks, our complex RoPE, float64."""
+    pipe = tiny_pipeline("lumina2")
+    prompts = ["a picture of dog", "a much longer picture of a brown dog on the grass"]
+    kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent", max_sequence_length=64)
+    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    sites = attnprobe.list_sites(pipe)
+    lens = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: lens.append(k["encoder_attention_mask"].sum(-1).tolist()), with_kwargs=True)
+    try:
+        with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
+                pipe, dtype=torch.float32) as store:
+            probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    finally:
+        hook.remove()
+    assert torch.equal(plain, probed) and [s.kind for s in sites] == ["single", "single"]
+    assert [c.timestep for c in store.calls] == [1000.0, 500.0]  # it hands the transformer 1 − t / 1000
+    assert lens[0][0] < lens[0][1] and store.token_indices(0, "dog") == [[46]] and store.token_indices(1, "dog") == [[50]]
+    for site in sites:
+        a = copy.deepcopy(pipe.transformer.get_submodule(site.name)).double()
+        for call in range(len(store.calls)):
+            inputs = seen.seen[site.name][store.calls[call].index]
+            h = inputs["hidden_states"].double()
+            q = a.norm_q(a.to_q(h).unflatten(-1, (a.heads, -1)))
+            k = a.norm_k(a.to_k(h).unflatten(-1, (-1, q.shape[-1])))
+            freqs = inputs["image_rotary_emb"].to(torch.complex128)[:, :, None, :]
+            rope = lambda x: torch.view_as_real(  # noqa: E731
+                torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous()) * freqs).flatten(-2)
+            q, k = rope(q), rope(k).repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+            logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * a.scale
+            mask = inputs.get("attention_mask")
+            if mask is not None:
+                logits = logits.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+            probs = logits.softmax(-1)
+            got = store[site.name][call].flatten(2, 3).double()  # [sample, head, image, token]
+            n_image = got.shape[2]
+            for row, length in enumerate(lens[store.calls[call].index]):
+                want = torch.zeros_like(got[row])
+                want[..., :length] = probs[row, :, length:length + n_image, :length]
+                assert (got[row] - want).abs().max() <= 1e-6, (site.name, call, row)
+    with attnprobe.probe(pipe) as alone:  # one short caption: its sequence ends before the 64 token positions do
+        pipe(prompt=prompts[0], generator=torch.Generator().manual_seed(0), **kwargs)
+    assert (alone[sites[0].name][..., lens[0][0]:] == 0).all() and alone.token_indices(0, "dog") == [[46]]
+
+
 # ---------------------------------------------------------------------------------------------- tokens
 def test_template_tokens_are_labelled_and_only_the_users_words_are_searched(pipes):
     stores = {}

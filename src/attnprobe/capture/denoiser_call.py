@@ -178,7 +178,7 @@ class Timesteps:
             if 0 <= i < len(host):
                 return host[i]
         value = first_value(timestep)
-        if isinstance(table, torch.Tensor) and table.ndim == 1 and table.numel() and 0 < value <= 1:
+        if isinstance(table, torch.Tensor) and table.ndim == 1 and table.numel() and 0 <= value <= 1:
             host = self._host(table)
             # the current step's entry when it matches (bf16 rounding can land nearer a neighbouring entry), else the
             # nearest one
@@ -188,7 +188,9 @@ class Timesteps:
                 current = host[index]
                 if current == value:  # the entry itself (CogView4's last timestep is 1.0), not a Flux t / 1000
                     return current
-                if abs(current - value * 1000) <= 0.01 * max(abs(current), 1.0):
+                # Flux hands t / 1000; Lumina 2 hands 1 − t / 1000 (it counts from 0 at the noisiest step)
+                if any(abs(current - guess) <= 0.01 * max(abs(current), 1.0) for guess in (value * 1000,
+                                                                                          (1 - value) * 1000)):
                     return current
             nearest = min(host, key=lambda entry: abs(entry - value * 1000))
             if abs(nearest - value * 1000) <= 0.01 * max(abs(nearest), 1.0):

@@ -108,6 +108,8 @@ class KernelProbeProcessor(ProbeProcessor):
         if key.shape[1] != query.shape[1]:  # grouped-query attention: each key head serves several query heads
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
             seen["value"] = seen["value"].repeat_interleave(query.shape[1] // seen["value"].shape[1], dim=1)
+        if state.row_text is not None and self.kind != "cross":
+            return self._per_row(query, key, mask, seen, output)
         image_q, image_k, text = self._positions(query.shape[2], key.shape[2], hidden_states.shape[1])
         scale = seen.get("scale") or query.shape[-1] ** -0.5
         rows = state.rows
@@ -126,6 +128,35 @@ class KernelProbeProcessor(ProbeProcessor):
             probs, share = joint_probs(q, others, k[:, :, text], mode, workspace=workspace, bias=bias)
             probs = reduce_probs(probs, state.heads, state.tokens, workspace)
             probs = probs.to(state.dtype, copy=workspace is not None)
+        state.outbox.append((self.site, probs))
+        if share is not None:
+            state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))
+        if not self.checked:
+            self._check_kernel(query, key, mask, scale, seen)
+        return output
+
+    def _per_row(self, query, key, mask, seen, output):
+        """Lumina 2: row ``b`` is ``[its L_b attended text positions; N image positions; padding]``; the map's
+        ``token`` axis is the denoiser's text positions, those past ``L_b`` get probability 0 (not in that row's
+        sequence)."""
+        state, rows = self.state, self.state.rows
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows]) if isinstance(rows, slice) else (
+            lambda x: x.index_select(0, rows.to(x.device)))
+        lens = pick(state.row_text.to(query.device)).long()
+        n_text, n_image = state.n_keys, key.shape[2] - int(state.row_text.max())
+        scale = seen.get("scale") or query.shape[-1] ** -0.5
+        with torch.no_grad():
+            check_keys(state, self.site, n_text)
+            q, k = pick(query), pick(key)
+            if k.shape[2] < n_text:  # a short caption: the sequence ends before the token axis does (those get 0)
+                k = torch.nn.functional.pad(k, (0, 0, 0, n_text - k.shape[2]))
+            where = (lens[:, None] + torch.arange(n_image, device=q.device))[:, None, :, None]  # [b, 1, N, 1]
+            take = lambda x: x.gather(2, where.expand(-1, x.shape[1], -1, x.shape[3]))  # noqa: E731
+            past = torch.arange(n_text, device=q.device)[None, :] >= lens[:, None]     # text keys past L_b
+            text_bias = torch.zeros(past.shape, device=q.device).masked_fill_(past, float("-inf"))[:, None, None]
+            probs, share = joint_probs(take(q).float() * scale, take(k), k[:, :, :n_text], state.joint,
+                                       bias=(None, text_bias))
+            probs = reduce_probs(probs, state.heads, state.tokens).to(state.dtype)
         state.outbox.append((self.site, probs))
         if share is not None:
             state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))

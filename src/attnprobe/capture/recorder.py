@@ -235,6 +235,7 @@ class Recorder:
         t = self.timesteps.value(call.timestep, getattr(self.pipe, "scheduler", None))
         hw = call.latent_hw(self._packed_hw)
         self.state.text_len = call.text_len
+        self.state.row_text = call.mask.sum(-1) if self.family.row_text and call.mask is not None else None
         self.state.states = call.states if self.same_states else None
         uncond_call = self.rows.separate and self.rows.uncond_call(call.states)
         self.state.n_keys = call.text_len if self.rows.separate else self.state.n_keys  # each pass its own length

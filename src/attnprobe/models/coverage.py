@@ -68,6 +68,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "IFPipeline": ("if", "tests/test_families.py"),
     "HunyuanDiTPipeline": ("hunyuandit", "tests/test_families.py"),
     "AuraFlowPipeline": ("auraflow", "tests/test_families.py"),
+    "Lumina2Pipeline": ("lumina2", "tests/test_families.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
@@ -149,6 +150,8 @@ def measure(name: str) -> dict:
         kwargs.update({k: v for k, v in (("max_sequence_length", 16), ("use_resolution_binning", False),
                                          ("clean_caption", False)) if k in params})
         kwargs["output_type"] = "latent" if hasattr(pipe, "vae") else "pt"  # DeepFloyd IF: pixel space
+        if name == "lumina2":  # its system prompt alone takes about 30 positions
+            kwargs["max_sequence_length"] = 64
         run = lambda: pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
         plain = run()
         with probe(pipe) as store:

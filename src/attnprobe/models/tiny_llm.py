@@ -15,7 +15,8 @@ from .components import finish, make_flow_vae, make_scheduler, make_vae
 from .configs import SDXL_UNET
 from .tokenizers import llm_tokenizer
 
-__all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_cogview4_pipeline", "tiny_kolors_pipeline"]
+__all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_cogview4_pipeline", "tiny_kolors_pipeline",
+           "tiny_lumina2_pipeline"]
 
 
 def tiny_qwen_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -201,4 +202,34 @@ def tiny_kolors_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
                 module.weight.fill_(1.0)
     pipe = KolorsPipeline(vae=make_vae(seed + 1), text_encoder=encoder, tokenizer=tokenizer, unet=unet,
                           scheduler=make_scheduler("euler"), force_zeros_for_empty_prompt=False)
+    return finish(pipe, dtype)
+
+
+def tiny_lumina2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``Lumina2Pipeline`` with Lumina-Image 2.0's structure: a context and a noise refiner, then 2 layers over each
+    row's ``[caption; image]`` (2 heads of 8 channels, 1 key-value head, patch size 2), a 2-layer Gemma 2 encoder of
+    width 16 (``llm_tokenizer(bos=True)``) reading the prompt after the pipeline's system prompt, a 4-level VAE and a
+    flow-matching Euler scheduler. Classifier-free guidance runs as separate calls.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = llm_tokenizer(bos=True)
+    torch.manual_seed(seed)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5,
+        scaling_factor=1.0, axes_dim_rope=(4, 2, 2), cap_feat_dim=16,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    encoder = Gemma2Model(Gemma2Config(
+        head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+        num_key_value_heads=1, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation="eager",
+    )).eval()
+    pipe = Lumina2Pipeline(transformer=transformer, vae=make_flow_vae(seed + 1), text_encoder=encoder,
+                           tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler())
     return finish(pipe, dtype)

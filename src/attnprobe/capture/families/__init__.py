@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import auraflow, cogview4, deepfloyd, flux, flux2, generic, hunyuandit, pixart, qwen, sana, sd3, unet
+from . import auraflow, cogview4, deepfloyd, flux, flux2, generic, hunyuandit, lumina2, pixart, qwen, sana, sd3, unet
 from .registry import Family
 
 __all__ = ["Family", "FAMILIES", "GENERIC", "family_of"]
@@ -21,7 +21,7 @@ __all__ = ["Family", "FAMILIES", "GENERIC", "family_of"]
 #: The known families, in the order they are tried.
 FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY, qwen.FAMILY,
                                   sana.FAMILY, flux2.FAMILY, cogview4.FAMILY,
-                                  hunyuandit.FAMILY, auraflow.FAMILY)
+                                  hunyuandit.FAMILY, auraflow.FAMILY, lumina2.FAMILY)
 #: The family of every other denoiser: sites from structure alone.
 GENERIC: Family = generic.FAMILY
 

@@ -54,6 +54,8 @@ class Family:
         single_blocks: the denoiser's attribute holding single-stream blocks that get the joined ``[text; image]``
             sequence as their ``hidden_states`` (AuraFlow's ``single_transformer_blocks``): structure alone cannot tell
             their attention from image self-attention.
+        row_text: the denoiser joins each row's attended text positions (its ``encoder_attention_mask``) with the image
+            positions, so where the image starts differs by row (Lumina 2); the keys past a row's text are its image.
         matches: for a family that shares its denoiser class with another (DeepFloyd IF's UNet is a
             ``UNet2DConditionModel``): ``denoiser -> bool``, whether an instance is this family's; ``FAMILIES`` lists
             it before the family it shares the class with.
@@ -78,6 +80,7 @@ class Family:
     matches: Callable | None = None
     registers: Callable | None = None
     single_blocks: str | None = None
+    row_text: bool = False
     pipelines: tuple[str, ...] = ()
 
     def classes(self) -> tuple[type, ...]:
