@@ -20,6 +20,7 @@ import attnprobe
 from attnprobe.errors import InterventionError, ProbeError
 from attnprobe.interventions import AttentionEdit
 from attnprobe.testing import tiny_pipeline
+from test_joint import _rope64
 
 PROMPT = "a picture of Dog"
 SIZE = dict(height=32, width=48)
@@ -80,11 +81,8 @@ class Inputs:
 
 
 def _rope_pairs(x, emb):
-    """Flux's rotary embedding on interleaved pairs, in float64 (x: [batch, seq, head, d])."""
-    cos, sin = (e.double()[:, None, :] for e in emb)
-    pairs = x.reshape(*x.shape[:-1], -1, 2)
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    return x * cos + rotated * sin
+    """Flux's rotary embedding on interleaved pairs, in float64 (test_joint's own, x: [batch, seq, head, d])."""
+    return _rope64(x, tuple(e.double() for e in emb))
 
 
 def _rope_halves(x, emb):

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import ProbeError
 from .cross import ProbeProcessor, keep_first, to_out_hook, with_tolerance
-from .processor import check_keys, reduce_probs, scratch
+from .processor import batch_rows, check_keys, reduce_probs, scratch
 
 __all__ = ["JOINT_MODES", "CHUNK_ELEMENTS", "joint_probs", "joint_output_error", "mask_bias", "JointProbeProcessor"]
 
@@ -291,10 +291,8 @@ class JointProbeProcessor(ProbeProcessor):
         them just before attention (norms, then rotary embedding on the ``[text; image]`` sequence for Flux), of the
         recorded rows (``rows=None``: every row)."""
         rows = state.rows if rows == "state" else rows
-        pick = (lambda x: x[rows]) if isinstance(rows, slice) else (lambda x: x) if rows is None else (
-            lambda x: x.index_select(0, rows))
         heads = attn.heads
-        query, key = pick(query), pick(key)
+        query, key = batch_rows(query, rows), batch_rows(key, rows)
         query = query.unflatten(-1, (heads, -1))  # [sample, seq, head, d] (Flux's layout; norms act on d)
         key = key.unflatten(-1, (heads, -1))
         d = query.shape[-1]
@@ -312,7 +310,7 @@ class JointProbeProcessor(ProbeProcessor):
             query, key = _rotary(query, emb, 0, None), _rotary(key, emb, 0, None)
             q_img, k_img, k_txt = query[:, t:], key[:, t:], key[:, :t]
         else:
-            text_key = pick(text_key).unflatten(-1, (heads, -1))
+            text_key = batch_rows(text_key, rows).unflatten(-1, (heads, -1))
             if getattr(attn, "norm_added_k", None) is not None:
                 text_key = attn.norm_added_k(text_key)
             t = text_key.shape[1]

@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import ProbeError
 from .cross import ProbeProcessor, with_tolerance
 from .joint import joint_output_error, joint_probs
-from .processor import check_keys, reduce_probs
+from .processor import batch_rows, check_keys, reduce_probs
 
 __all__ = ["KernelTap", "KernelProbeProcessor"]
 
@@ -113,13 +113,11 @@ class KernelProbeProcessor(ProbeProcessor):
         image_q, image_k, text = self._positions(query.shape[2], key.shape[2], hidden_states.shape[1])
         scale = seen.get("scale") or query.shape[-1] ** -0.5
         rows = state.rows
-        pick = (lambda x: x) if rows is None else (lambda x: x[rows]) if isinstance(rows, slice) else (
-            lambda x: x.index_select(0, rows))
         workspace = state.workspace if query.device.type == "cpu" else None
         with torch.no_grad():
             check_keys(state, self.site, text.stop - text.start)
-            q = pick(query)[:, :, image_q].float() * scale
-            k = pick(key)
+            q = batch_rows(query, rows)[:, :, image_q].float() * scale
+            k = batch_rows(key, rows)
             mode = "renorm" if self.kind == "cross" else state.joint
             if state.extra_keys and self.kind != "cross":  # the added keys share the softmax with the image keys
                 image_k = torch.cat([torch.arange(state.extra_keys), torch.arange(image_k.start, image_k.stop)])
@@ -140,14 +138,12 @@ class KernelProbeProcessor(ProbeProcessor):
         ``token`` axis is the denoiser's text positions, those past ``L_b`` get probability 0 (not in that row's
         sequence)."""
         state, rows = self.state, self.state.rows
-        pick = (lambda x: x) if rows is None else (lambda x: x[rows]) if isinstance(rows, slice) else (
-            lambda x: x.index_select(0, rows.to(x.device)))
-        lens = pick(state.row_text.to(query.device)).long()
+        lens = batch_rows(state.row_text.to(query.device), rows).long()
         n_text, n_image = state.n_keys, key.shape[2] - int(state.row_text.max())
         scale = seen.get("scale") or query.shape[-1] ** -0.5
         with torch.no_grad():
             check_keys(state, self.site, n_text)
-            q, k = pick(query), pick(key)
+            q, k = batch_rows(query, rows), batch_rows(key, rows)
             if k.shape[2] < n_text:  # a short caption: the sequence ends before the token axis does (those get 0)
                 k = torch.nn.functional.pad(k, (0, 0, 0, n_text - k.shape[2]))
             where = (lens[:, None] + torch.arange(n_image, device=q.device))[:, None, :, None]  # [b, 1, N, 1]

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["check_keys", "CaptureState", "reduce_probs", "scratch"]
+__all__ = ["check_keys", "CaptureState", "reduce_probs", "scratch", "batch_rows"]
 
 
 def scratch(workspace: dict | None, name: str, shape, device) -> torch.Tensor | None:
@@ -27,6 +27,14 @@ def scratch(workspace: dict | None, name: str, shape, device) -> torch.Tensor | 
     if key not in workspace:
         workspace[key] = torch.empty(tuple(shape), dtype=torch.float32, device=device)
     return workspace[key]
+
+
+def batch_rows(x: torch.Tensor, rows) -> torch.Tensor:
+    """The recorded batch rows of ``x`` (``CaptureState.rows``: a ``slice``, a long tensor of indices, or ``None``
+    for all); a slice gives a view, no copy."""
+    if rows is None:
+        return x
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows.to(x.device))
 
 
 def reduce_probs(probs: torch.Tensor, heads: str, tokens: torch.Tensor | None, workspace: dict | None = None) -> torch.Tensor:
