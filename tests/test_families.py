@@ -416,18 +416,21 @@ def test_timesteps_of_an_expanded_batch_are_the_schedulers(pipes):
 
 def test_the_study_runs_with_true_guidance_and_without_latents(tmp_path):
     """Qwen-Image ignores guidance_scale: the study's guidance is its true CFG (an empty negative prompt, separate
-    calls); DeepFloyd IF takes no latents: every variant starts from one generator per image, seeded alike."""
+    calls); DeepFloyd IF takes no latents: every variant starts from one generator per image, seeded alike;
+    HunyuanDiT would bin the study's size to its own table."""
     from attnprobe.study import cli
     from attnprobe.study.measure import guided, negatives
 
     qwen = tiny_pipeline("qwen")
     assert negatives(guided(qwen, {"guidance_scale": 4.0}), 2) == {
         "guidance_scale": 4.0, "true_cfg_scale": 4.0, "negative_prompt": ["", ""]}
-    out = tmp_path / "if"
-    assert cli.main(["study", "--model", "tiny-if", "--out", str(out), "--concepts", "dog", "--seeds", "0", "--steps",
-                     "2", "--size", "32", "--variants", "baseline,instruction", "--scorer", "none", "--no-progress"]) == 0
-    assert (out / "failures.csv").read_text().splitlines() == ["model,concept,seed,error,detail"]
-    assert len((out / "auc.csv").read_text().splitlines()) == 3
+    for model in ("tiny-if", "tiny-hunyuandit"):  # HunyuanDiT: its resolution binning off, so --size holds
+        out = tmp_path / model
+        assert cli.main(["study", "--model", model, "--out", str(out), "--concepts", "dog", "--seeds", "0", "--steps",
+                         "2", "--size", "32", "--variants", "baseline,instruction", "--scorer", "none",
+                         "--no-progress"]) == 0
+        assert (out / "failures.csv").read_text().splitlines() == ["model,concept,seed,error,detail"]
+        assert len((out / "auc.csv").read_text().splitlines()) == 3
 
 
 # ---------------------------------------------------------------------------------------------- refusals
