@@ -126,11 +126,7 @@ class KernelProbeProcessor(ProbeProcessor):
             probs, share = joint_probs(q, others, k[:, :, text], mode, workspace=workspace, bias=bias)
             probs = reduce_probs(probs, state.heads, state.tokens, workspace)
             probs = probs.to(state.dtype, copy=workspace is not None)
-        state.outbox.append((self.site, probs))
-        if share is not None:
-            state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))
-        if not self.checked:
-            self._check_kernel(query, key, mask, scale, seen)
+        self._hand_on(probs, share, query, key, mask, scale, seen)
         return output
 
     def _per_row(self, query, key, mask, seen, output):
@@ -153,12 +149,17 @@ class KernelProbeProcessor(ProbeProcessor):
             probs, share = joint_probs(take(q).float() * scale, take(k), k[:, :, :n_text], state.joint,
                                        bias=(None, text_bias))
             probs = reduce_probs(probs, state.heads, state.tokens).to(state.dtype)
+        self._hand_on(probs, share, query, key, mask, scale, seen)
+        return output
+
+    def _hand_on(self, probs, share, query, key, mask, scale, seen) -> None:
+        """The site's map and text share to the probe's outbox; the first call's kernel verified."""
+        state = self.state
         state.outbox.append((self.site, probs))
         if share is not None:
             state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))
         if not self.checked:
             self._check_kernel(query, key, mask, scale, seen)
-        return output
 
     def _positions(self, n_query: int, n_key: int, n_hidden: int) -> tuple[slice, slice, slice]:
         """The image queries, the other keys (image keys, and any the denoiser adds before the text: AuraFlow's

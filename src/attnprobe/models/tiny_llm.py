@@ -19,6 +19,18 @@ __all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "t
            "tiny_lumina2_pipeline"]
 
 
+def _gemma2(tokenizer, layers: int):
+    """A Gemma 2 encoder of width 16 (2 heads of 8, 1 key-value head) over ``tokenizer``'s vocabulary, seeded by the
+    caller (Sana's and Lumina 2's text encoder)."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    return Gemma2Model(Gemma2Config(
+        head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=layers,
+        num_key_value_heads=1, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation="eager",
+    )).eval()
+
+
 def tiny_qwen_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``QwenImagePipeline`` with Qwen-Image's structure: 2 double-stream blocks (2 heads of 8 channels, RoPE over
     axes (2, 2, 4), latents packed 2×2), a 2-layer Qwen2.5-VL encoder of width 16 reading the prompt inside the
@@ -73,7 +85,6 @@ def tiny_sana_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         seed: weight seed. dtype: parameter dtype.
     """
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
 
     tokenizer = llm_tokenizer(bos=True)
     torch.manual_seed(seed)
@@ -91,11 +102,7 @@ def tiny_sana_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
     ).eval()
     torch.manual_seed(seed + 2)
-    encoder = Gemma2Model(Gemma2Config(
-        head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-        num_key_value_heads=1, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation="eager",
-    )).eval()
+    encoder = _gemma2(tokenizer, layers=1)
     pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
                         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     return finish(pipe, dtype)
@@ -215,7 +222,6 @@ def tiny_lumina2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         seed: weight seed. dtype: parameter dtype.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
 
     tokenizer = llm_tokenizer(bos=True)
     torch.manual_seed(seed)
@@ -225,11 +231,7 @@ def tiny_lumina2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         scaling_factor=1.0, axes_dim_rope=(4, 2, 2), cap_feat_dim=16,
     ).eval()
     torch.manual_seed(seed + 2)
-    encoder = Gemma2Model(Gemma2Config(
-        head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
-        num_key_value_heads=1, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation="eager",
-    )).eval()
+    encoder = _gemma2(tokenizer, layers=2)
     pipe = Lumina2Pipeline(transformer=transformer, vae=make_flow_vae(seed + 1), text_encoder=encoder,
                            tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler())
     return finish(pipe, dtype)

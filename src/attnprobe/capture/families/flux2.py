@@ -44,10 +44,6 @@ def _template(pipe, prompt: str, n_keys: int):
     return out
 
 
-def _positions(pipe, layout, n_keys: int):
-    return list(range(n_keys))
-
-
 FAMILY = Family(
     name="flux2",
     title="Flux.2 [dev], Flux.2 [klein] (Flux2Transformer2DModel)",
@@ -57,5 +53,4 @@ FAMILY = Family(
     reader="kernel",
     text_first=True,
     template=_template,
-    text_positions=_positions,
 )

@@ -24,10 +24,6 @@ def _template(pipe, prompt: str, n_keys: int):
     return out + [(prompt, 0, n_keys)]
 
 
-def _positions(pipe, layout, n_keys: int):
-    return list(range(n_keys))
-
-
 FAMILY = Family(
     name="lumina2",
     title="Lumina-Image 2.0 (Lumina2Transformer2DModel)",
@@ -36,7 +32,6 @@ FAMILY = Family(
     text_streams=first_text_encoder,
     reader="kernel",
     template=_template,
-    text_positions=_positions,
     single_blocks="layers",
     row_text=True,
 )

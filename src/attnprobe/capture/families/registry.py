@@ -63,7 +63,7 @@ class Family:
             table, which knows pipeline classes, not instances.
         text_positions: with ``template``: ``(pipe, layout of the encoding, n_keys) -> positions``, the encoded
             position of each text key (``None``: a key the pipeline added), e.g. Qwen-Image drops its template's
-            first 34 positions and the padding. ``layout`` labels keys from both.
+            first 34 positions and the padding. ``layout`` labels keys from both. Default: key ``i`` is encoded position ``i``.
     """
 
     name: str
@@ -109,7 +109,8 @@ class Family:
             for templated, start, length in self.template(pipe, prompt, n_keys):
                 lay = template_layout(tokenizer, templated, start, prompt, len(ids) if ids is not None else length, source)
                 if ids is None or lay.ids == ids:
-                    positions = self.text_positions(pipe, lay, n_keys)
+                    positions = (self.text_positions(pipe, lay, n_keys) if self.text_positions
+                                 else list(range(n_keys)))  # default: key i is encoded position i
                     picked = select_positions(lay, positions)
                     # words the pipeline cut after encoding (Qwen-Image keeps max_sequence_length of 1024 tokens)
                     kept = set(positions)
