@@ -457,3 +457,32 @@ def test_a_processor_with_two_attention_kernels_is_refused(pipes):
                 generate(pipe, "qwen")
     finally:
         attn.set_processor(inner)
+
+
+def test_video_audio_and_prior_denoisers_and_unknown_ones_are_refused_before_they_run():
+    """A video denoiser's queries span frames, a prior has no image positions: recording either as an image grid
+    would be wrong, so the probe refuses before anything runs and names why; a denoiser no family covers is
+    refused too unless the user asks for the generic reading (then with a warning)."""
+    from diffusers import PriorTransformer, WanTransformer3DModel
+
+    from attnprobe.models.coverage import pipeline_verdicts
+
+    wan = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                text_dim=8, freq_dim=8, ffn_dim=8, num_layers=1, rope_max_seq_len=32)
+    with pytest.raises(ProbeError, match="WanTransformer3DModel is a video or other 3-D denoiser.*no frame axis"):
+        attnprobe.probe(wan).__enter__()
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=4, num_layers=1, embedding_dim=8,
+                             num_embeddings=4, additional_embeddings=4)
+    with pytest.raises(ProbeError, match="PriorTransformer is a CLIP-embedding prior.*no image positions"):
+        attnprobe.probe(prior, allow_generic=True).__enter__()  # refused whatever the user allows
+
+    class MyDiT(torch.nn.Module):
+        pass
+
+    with pytest.raises(ProbeError, match="no attnprobe family covers MyDiT.*allow_generic=True"):
+        attnprobe.probe(MyDiT()).__enter__()
+    verdicts = {v.pipeline: v for v in pipeline_verdicts()}
+    assert verdicts["AnimateDiffPipeline"].family == "video"  # its UNet2DConditionModel becomes a UNetMotionModel
+    assert verdicts["WanPipeline"].verdict.startswith("refused: a video")
+    assert verdicts["StableAudioPipeline"].family == "audio"
+    assert not [v for v in verdicts.values() if "untested" in v.verdict and v.family == "generic"]

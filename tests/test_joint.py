@@ -545,7 +545,9 @@ def test_a_denoiser_that_adds_text_keys_of_its_own_is_refused_without_its_family
     monkeypatch.setattr(families, "FAMILIES", tuple(f for f in families.FAMILIES if f.name != "auraflow"))
     pipe = tiny_pipeline("auraflow")
     before = processors(pipe)
+    with pytest.raises(ProbeError, match="no attnprobe family covers AuraFlowTransformer2DModel.*allow_generic=True"):
+        attnprobe.probe(pipe).__enter__()
     with pytest.raises(ProbeError, match="attends to 24 text keys, but the denoiser was called with 16 text positions"):
-        with attnprobe.probe(pipe):
+        with pytest.warns(attnprobe.AttnprobeWarning, match="structure alone"), attnprobe.probe(pipe, allow_generic=True):
             pipe(PROMPT, num_inference_steps=1, height=64, width=64, output_type="latent", max_sequence_length=16)
     assert processors(pipe) == before

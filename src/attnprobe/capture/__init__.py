@@ -30,10 +30,10 @@ One probed generation, in order:
 """
 
 from .. import _moved
-from .families import FAMILIES, Family, family_of
+from .families import FAMILIES, Family, checked_family, family_of
 from .recorder import probe
 from .sites import denoiser_of, list_sites, select_sites
 
-__all__ = ["probe", "list_sites", "select_sites", "denoiser_of", "Family", "FAMILIES", "family_of"]
+__all__ = ["probe", "list_sites", "select_sites", "denoiser_of", "Family", "FAMILIES", "family_of", "checked_family"]
 
 __getattr__ = _moved.package_getattr(__name__)  # call_filter and the sink, which lived here in 0.1.0

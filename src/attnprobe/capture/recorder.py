@@ -36,20 +36,16 @@ from ..store.files import json_safe
 from .cross import ProbeProcessor, chain
 from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, schedule_meta
 from .evidence import EncodeWatch, note_checks
-from .families import family_of
-from .joint import JOINT_MODES
+from .families import checked_family, family_of
 from .kinds import wrap_processor
 from .processor import CaptureState
-from .rows import BatchRows, as_texts
+from .options import check_options
+from .rows import BatchRows
 from .selection import call_filter, check_tokens, resolve_tokens
-from .sink import AGGREGATES, CallSink
+from .sink import CallSink
 from .sites import SiteSelector, denoiser_of, list_sites, record_order, select_sites
 
-__all__ = ["probe", "Recorder", "PASSES", "HEADS"]
-
-PASSES = ("cond", "uncond", "all")
-HEADS = ("keep", "mean")
-
+__all__ = ["probe", "Recorder"]
 
 class Recorder:
     """The state of one probe: installed wrappers and hooks, the call counter, and the objects it hands work to
@@ -493,6 +489,7 @@ def probe(
     aggregate: str | None = None,
     stream_to=None,
     joint: str = "exact",
+    allow_generic: bool = False,
 ) -> Iterator[AttentionStore]:
     """Record the cross-attention probabilities of every denoiser call while the pipeline runs as usual.
 
@@ -534,6 +531,8 @@ def probe(
             matrix), or ``"renorm"``, the softmax over the text keys only (rows sum to 1). Cross-attention sites
             ignore it. With ``"exact"`` the mean text share per call, sample and head is kept too
             (``store.text_share(site)``). Default: ``"exact"``.
+        allow_generic: record a denoiser that no family covers (docs/pipelines.md) from its structure alone, with a
+            warning that its labels are unchecked. Default: ``False`` (refused).
 
     Yields:
         An ``AttentionStore``, filled while the block runs: ``store[site]`` is
@@ -541,7 +540,8 @@ def probe(
         sites).
 
     Raises:
-        ProbeError: bad options; a processor was replaced during the run (attention slicing, fused QKV,
+        ProbeError: bad options; a refused denoiser (video, audio, a prior) or one no family covers (without
+            ``allow_generic``), before the pipeline runs; a processor was replaced during the run (attention slicing, fused QKV,
             xformers…); a site did not run; ``passes="uncond"`` with no unconditional pass; ``passes="all"`` when
             the unconditional pass runs as separate denoiser calls (Flux true CFG: open a ``"cond"`` and an
             ``"uncond"`` probe); an attention mask at a joint site; no denoiser call (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
@@ -557,26 +557,10 @@ def probe(
         >>> [(s.pass_label, s.prompt_index) for s in store.samples]
         [('uncond', 0), ('uncond', 1), ('cond', 0), ('cond', 1)]
     """
-    if passes not in PASSES:
-        raise ProbeError(f"passes={passes!r} is not one of {PASSES}")
-    if heads not in HEADS:
-        raise ProbeError(f"heads={heads!r} is not one of {HEADS}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ProbeError(f"dtype={dtype!r} is not a floating-point torch.dtype (e.g. torch.float16)")
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ProbeError(f"device={device!r} is not a torch device: {exc}") from None
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ProbeError(f"device={device!r}, but this torch sees no CUDA device: keep the maps on 'cpu'")
-    if prompts is not None and as_texts(prompts) is None:
-        raise ProbeError(f"prompts must be a string or a list of strings; got {type(prompts).__name__}")
-    if joint not in JOINT_MODES:
-        raise ProbeError(f"joint={joint!r} is not one of {JOINT_MODES}")
-    if aggregate not in (None, *AGGREGATES):
-        raise ProbeError(f"aggregate={aggregate!r} is not one of None, {', '.join(map(repr, AGGREGATES))}")
+    check_options(passes, heads, dtype, device, prompts, joint, aggregate)
     call_filter(calls), check_tokens(tokens)  # bad selections fail here, before the pipeline runs
     denoiser = denoiser_of(pipe)
+    checked_family(pipe, denoiser, allow_generic)
     every = list_sites(denoiser)
     chosen = select_sites(every, sites)
     recorder = Recorder(pipe, denoiser, chosen, passes, heads, dtype, device, prompts, every, calls, tokens,

@@ -37,6 +37,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..capture.denoiser_call import DenoiserCall, first_value
+from ..capture.families import family_of
 from ..capture.passes import blocks
 from ..capture.rows import guidance_on
 from ..capture.sites import denoiser_of, list_sites, select_sites
@@ -111,10 +112,11 @@ class Intervened:
         self.prompts = prompts
         self.interventions = [iv.with_concept(concept) for iv in interventions]
         self.denoiser = denoiser_of(pipe)
-        if getattr(pipe, "unet", None) is None:
+        family = family_of(self.denoiser)
+        if family.name not in ("unet", "deepfloyd"):  # IF: refused below, for its guidance
             raise InterventionError(
-                f"interventions support UNet pipelines (SD 1.x/2.x, SDXL, Kolors); {type(pipe).__name__} has a "
-                "transformer denoiser (joint attention; T5 or LLM conditioning), which they do not edit yet"
+                f"interventions support UNet pipelines (SD 1.x/2.x, SDXL, Kolors); {type(pipe).__name__}'s denoiser, "
+                f"{type(self.denoiser).__name__}, is of the {family.name!r} family, which they do not edit yet"
             )
         if not isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
             raise InterventionError(

@@ -9,8 +9,8 @@ Two parts, both computed, never written by hand:
 - ``pipeline_verdicts()``: every text-conditioned ``DiffusionPipeline`` class diffusers exports, with its denoiser class
   (from its ``__init__`` annotations), the attnprobe family that covers that class, and a verdict: ``tested`` (a tiny
   pipeline of that class runs in the test suite), ``refused …`` (``capture.passes.REFUSED``: the probe raises before
-  its first denoiser call), ``family …, untested`` or ``generic …, untested`` (sites found by structure; labels
-  checked against evidence, but no test of that pipeline).
+  its first denoiser call; ``capture.families.REFUSED_FAMILIES``, video, audio and priors, and every denoiser no family
+  covers: before the pipeline runs) or ``family …, untested`` (a family's tested path; no test of that pipeline).
 - ``measure(name)``: what the tests measure on a tiny pipeline (``attnprobe.testing.tiny_pipeline``): sites and their
   kinds, text encoders, whether images are bit-identical with the probe on in fp32 and bf16, and whether a concept's
   token positions are found.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..capture import probe
-from ..capture.families import FAMILIES, family_of
+from ..capture.families import FAMILIES, GENERIC, REFUSED_FAMILIES, family_of
 from ..capture.passes import REFUSED
 from .tiny import TINY_PIPELINES, tiny_pipeline
 
@@ -116,23 +116,26 @@ def pipeline_verdicts() -> list[Verdict]:
         if found is None or not any(arg in params for arg in _TEXT_ARGS):
             continue  # no denoiser, or not text-conditioned: nothing to probe for text attention
         denoiser, classes = found
-        family = next((f.name for f in FAMILIES if f.matches is not None and name.startswith(f.pipelines)
+        known = REFUSED_FAMILIES + FAMILIES  # a pipeline that may run a video denoiser (AnimateDiff) is refused
+        family = next((f for f in known if f.matches is not None and name.startswith(f.pipelines)
                        and any(issubclass(c, f.classes()) for c in classes)), None)
-        family = family or next((f.name for f in FAMILIES if f.matches is None
-                                 and any(issubclass(c, f.classes()) for c in classes)), "generic")
+        family = family or next((f for f in known if f.matches is None
+                                 and any(issubclass(c, f.classes()) for c in classes)), GENERIC)
         refused = next((c.__name__ for c in cls.__mro__ if c.__name__ in REFUSED), None)
-        if refused is not None:
+        if family.refused:
+            verdict = f"refused: {family.title}: {family.refused}"
+        elif refused is not None:
             when, why = REFUSED[refused]
             verdict = f"refused: {why}" + (f" (only when `{when}` is set)" if when else "")
         elif name in REFUSED_AT_RUN:
             verdict = f"refused: {REFUSED_AT_RUN[name]}"
         elif name in TESTED:
             verdict = f"tested ({TESTED[name][1]})"
-        elif family != "generic":
-            verdict = f"family {family}, untested"
+        elif family is not GENERIC:
+            verdict = f"family {family.name}, untested"
         else:
-            verdict = "generic (sites by structure), untested"
-        out.append(Verdict(name, denoiser, family, verdict))
+            verdict = "refused: no family covers its denoiser (`allow_generic=True` records it by structure, unchecked)"
+        out.append(Verdict(name, denoiser, family.name, verdict))
     return out
 
 
@@ -209,9 +212,9 @@ def render_page() -> str:
         "*tested*: a test runs that pipeline class. *refused*: the probe raises before the first denoiser call, naming "
         "the pipeline (its batch or calls are not what attnprobe labels; a refusal that names an option applies only "
         "when it is set). *family …, untested*: its denoiser class is one a tested pipeline uses, so sites, q/k and "
-        "token labels follow a tested path; its own batch recipe is not tested. *generic*: a denoiser attnprobe has no "
-        "family file for (video and audio models included): sites are found by structure alone and nothing of it is "
-        "tested. In every case labels are checked against what each row was conditioned on (rows that contradict "
+        "token labels follow a tested path; its own batch recipe is not tested. A denoiser no family covers is refused "
+        "unless `probe(..., allow_generic=True)`: then its sites are found by structure alone, its text keys labelled "
+        "by the generic rules, and nothing of it is checked against a reference (a warning says so). In every case labels are checked against what each row was conditioned on (rows that contradict "
         "their label are `unknown`, with a warning) and each site's output against its recorded attention once.",
         "",
         "**Your pipeline untested?** `attnprobe sites --model <id>` lists what would be recorded; probe one short "

@@ -36,7 +36,7 @@ import torch
 
 from .._version import __version__
 from .._atomic import write_atomic
-from ..capture import denoiser_of
+from ..capture import checked_family, denoiser_of
 from ..errors import ConfigError
 from ..interventions import intervene, parse_interventions
 from ..models.loader import OFFLINE_MODELS, TINY_MODELS, check_model_name, first_line, load_pipeline
@@ -369,6 +369,7 @@ def _device(device, procs) -> torch.device:
 def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guidance):
     """Load a model and check that every prompt and intervention row applies to it, before it generates."""
     pipe = load_pipeline(model, str(device), dtype)
+    checked_family(pipe, denoiser_of(pipe))  # a video or unknown denoiser fails here, not in every cell
     measure.check_prompts(pipe, concepts, variants)
     for concept in concepts:  # every intervention row must apply here (concept, window, pipeline), before generating
         for items in rows.values():

@@ -1,5 +1,6 @@
 """Denoiser families: one file per family says how to find its sites, which encoders give its text keys, and which
-site kinds (so how q and k are read) it has. ``family_of`` picks a denoiser's family.
+site kinds (so how q and k are read) it has. ``family_of`` picks a denoiser's family; ``checked_family`` refuses,
+before a pipeline runs, a denoiser attnprobe does not record (``refused``) or has no family for (generic).
 
     >>> from attnprobe.testing import tiny_flux_pipeline
     >>> family_of(tiny_flux_pipeline().transformer).name
@@ -13,20 +14,54 @@ from __future__ import annotations
 
 import torch
 
-from . import auraflow, cogview4, deepfloyd, flux, flux2, generic, hunyuandit, lumina2, pixart, qwen, sana, sd3, unet
+from ...errors import ProbeError, warn
+from . import auraflow, cogview4, deepfloyd, flux, flux2, generic, hunyuandit, lumina2, pixart, qwen, refused, sana, sd3, unet
 from .registry import Family
 
-__all__ = ["Family", "FAMILIES", "GENERIC", "family_of"]
+__all__ = ["Family", "FAMILIES", "REFUSED_FAMILIES", "GENERIC", "family_of", "checked_family"]
 
 #: The known families, in the order they are tried.
 FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY, qwen.FAMILY,
                                   sana.FAMILY, flux2.FAMILY, cogview4.FAMILY,
                                   hunyuandit.FAMILY, auraflow.FAMILY, lumina2.FAMILY)
+#: Denoisers refused by what they are (video, audio, CLIP-embedding priors), tried before ``FAMILIES``.
+REFUSED_FAMILIES: tuple[Family, ...] = refused.FAMILIES
 #: The family of every other denoiser: sites from structure alone.
 GENERIC: Family = generic.FAMILY
 
 
 def family_of(denoiser: torch.nn.Module) -> Family:
     """The family of a denoiser module (``attnprobe.capture.sites.denoiser_of`` finds a pipeline's): the first of
-    ``FAMILIES`` that covers its class, else ``GENERIC``."""
-    return next((f for f in FAMILIES if f.covers(denoiser)), GENERIC)
+    ``REFUSED_FAMILIES`` then ``FAMILIES`` that covers its class, else ``GENERIC``."""
+    return next((f for f in REFUSED_FAMILIES + FAMILIES if f.covers(denoiser)), GENERIC)
+
+
+def checked_family(pipe, denoiser: torch.nn.Module, allow_generic: bool = False) -> Family:
+    """The denoiser's family, if attnprobe records it.
+
+    Args:
+        pipe: the pipeline (or the denoiser itself), for the message. denoiser: its denoiser module.
+        allow_generic: record a denoiser no family covers from its structure alone (sites by structure, text keys
+            by the generic rules, nothing of it checked against a reference); a warning says so.
+
+    Raises:
+        ProbeError: the family is refused (video, audio, a prior: ``Family.refused``), or no family covers the
+            denoiser and ``allow_generic`` is not set; names the pipeline, its denoiser and why.
+    """
+    family = family_of(denoiser)
+    what = type(denoiser).__name__
+    what = what if pipe is denoiser else f"{type(pipe).__name__} (denoiser {what})"
+    if family.refused:
+        raise ProbeError(f"{what} is {family.title}: attnprobe does not record it, because {family.refused}")
+    if family is GENERIC:
+        if not allow_generic:
+            known = ", ".join(f.name for f in FAMILIES)
+            raise ProbeError(
+                f"{what}: no attnprobe family covers {type(denoiser).__name__}, so where its text keys sit and how "
+                f"its attention reads q and k are unchecked, and attnprobe refuses rather than guess. Families: {known} "
+                "(docs/pipelines.md lists every pipeline). To record it from its structure anyway, labels unchecked, "
+                "pass allow_generic=True"
+            )
+        warn(f"{what} is recorded from its structure alone (allow_generic=True): its sites, text-key labels and "
+             "maps follow the generic rules and are not checked against a reference for this denoiser")
+    return family

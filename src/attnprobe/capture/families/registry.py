@@ -61,6 +61,8 @@ class Family:
             it before the family it shares the class with.
         pipelines: with ``matches``: the pipeline classes (names, or their beginnings) that use it, for the coverage
             table, which knows pipeline classes, not instances.
+        refused: why attnprobe refuses the family's denoisers (``refused.VIDEO``: no frame axis): a probe raises before
+            the pipeline runs, naming the pipeline and this reason; ``None`` for a family it records.
         text_positions: with ``template``: ``(pipe, layout of the encoding, n_keys) -> positions``, the encoded
             position of each text key (``None``: a key the pipeline added), e.g. Qwen-Image drops its template's
             first 34 positions and the padding. ``layout`` labels keys from both. Default: key ``i`` is encoded position ``i``.
@@ -82,6 +84,7 @@ class Family:
     single_blocks: str | None = None
     row_text: bool = False
     pipelines: tuple[str, ...] = ()
+    refused: str | None = None
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""

@@ -1,0 +1,50 @@
+"""Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
+other 3-D denoisers (their queries span latent frames), audio denoisers (no image grid) and priors that denoise one
+CLIP image embedding (no image positions). Each names the diffusers 0.42 classes it covers; a class it does not name
+falls to the generic family, which is refused too unless a probe is told to record it by structure.
+"""
+
+from .registry import Family, first_text_encoder
+
+VIDEO = Family(
+    name="video",
+    title="a video or other 3-D denoiser",
+    denoisers=(
+        "AllegroTransformer3DModel", "AnyFlowTransformer3DModel", "AnyFlowFARTransformer3DModel",
+        "ChronoEditTransformer3DModel", "CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel",
+        "CosmosTransformer3DModel", "EasyAnimateTransformer3DModel", "HeliosTransformer3DModel",
+        "HunyuanVideoTransformer3DModel", "HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
+        "I2VGenXLUNet", "JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel",
+        "Kandinsky5Transformer3DModel", "Kandinsky6Transformer3DModel", "LTXVideoTransformer3DModel",
+        "LTX2VideoTransformer3DModel", "LatteTransformer3DModel", "MochiTransformer3DModel",
+        "MotifVideoTransformer3DModel", "SanaVideoTransformer3DModel", "SanaWMTransformer3DModel",
+        "SkyReelsV2Transformer3DModel", "UNet3DConditionModel", "UNetMotionModel", "UNetSpatioTemporalConditionModel",
+        "WanTransformer3DModel", "WanAnimateTransformer3DModel", "WanVACETransformer3DModel",
+    ),
+    kinds=(),
+    text_streams=first_text_encoder,
+    refused="it denoises latent frames (frames × height × width), and attnprobe's maps have no frame axis yet "
+            "([call, sample, head, qh, qw, token]): its queries would be read as one image grid",
+)
+
+AUDIO = Family(
+    name="audio",
+    title="an audio denoiser",
+    denoisers=("AceStepTransformer1DModel", "AudioLDM2UNet2DConditionModel", "LongCatAudioDiTTransformer",
+               "StableAudioDiTModel", "StableAudio3DiTModel"),
+    kinds=(),
+    text_streams=first_text_encoder,
+    refused="its queries are positions in an audio latent, not an image grid",
+)
+
+PRIOR = Family(
+    name="prior",
+    title="a CLIP-embedding prior (PriorTransformer)",
+    denoisers=("PriorTransformer",),
+    kinds=(),
+    text_streams=first_text_encoder,
+    refused="it denoises one CLIP image embedding, so there are no image positions whose attention to the text "
+            "could be recorded; probe the decoder pipeline that turns the embedding into an image",
+)
+
+FAMILIES = (VIDEO, AUDIO, PRIOR)
