@@ -60,7 +60,8 @@ class Inputs:
         self.handles = [denoiser.get_submodule(n).register_forward_pre_hook(self._keeper(n), with_kwargs=True)
                         for n in names]
         self.handles.append(denoiser.register_forward_pre_hook(
-            lambda m, a, k: self.text_len.append(k["encoder_hidden_states"].shape[1]), with_kwargs=True))
+            lambda m, a, k: self.text_len.append(k["encoder_hidden_states"].shape[1]) if "encoder_hidden_states" in k
+            else None, with_kwargs=True))
 
     def _keeper(self, name):
         def keep(module, args, kwargs):
@@ -464,6 +465,7 @@ def test_video_audio_and_prior_denoisers_and_unknown_ones_are_refused_before_the
     would be wrong, so the probe refuses before anything runs and names why; a denoiser no family covers is
     refused too unless the user asks for the generic reading (then with a warning)."""
     from diffusers import PriorTransformer, WanTransformer3DModel
+    from diffusers.models.attention_processor import Attention
 
     from attnprobe.models.coverage import pipeline_verdicts
 
@@ -477,7 +479,9 @@ def test_video_audio_and_prior_denoisers_and_unknown_ones_are_refused_before_the
         attnprobe.probe(prior, allow_generic=True).__enter__()  # refused whatever the user allows
 
     class MyDiT(torch.nn.Module):
-        pass
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(query_dim=8, cross_attention_dim=8, heads=2, dim_head=4)
 
     with pytest.raises(ProbeError, match="no attnprobe family covers MyDiT.*allow_generic=True"):
         attnprobe.probe(MyDiT()).__enter__()

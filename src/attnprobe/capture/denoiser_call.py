@@ -16,13 +16,14 @@ diffusers' pipelines call UNets and transformers.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ProbeError
 
-__all__ = ["DenoiserCall", "Timesteps", "query_grid", "packed_grid", "first_value", "schedule_meta"]
+__all__ = ["DenoiserCall", "Timesteps", "query_grid", "packed_grid", "pad_rows", "first_value", "schedule_meta"]
 
 
 def first_value(timestep) -> float:
@@ -59,13 +60,15 @@ class DenoiserCall:
     @classmethod
     def read(cls, args: tuple, kwargs: dict) -> "DenoiserCall":
         """Read a pre-forward hook's ``(args, kwargs)``."""
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        states = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states", kwargs.get("x")))
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
+        states = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states", kwargs.get("cap_feats"))
+        mask, ids = kwargs.get("encoder_attention_mask"), kwargs.get("img_ids")
+        if isinstance(sample, (list, tuple)):  # Z-Image: a latent and a caption (its own length) per row
+            sample, states, mask = _rows_joined(sample, states)
         image_prompt = isinstance(states, (tuple, list)) and bool(states)
         if image_prompt:  # IP-Adapter: (text states, image-prompt states)
             states = states[0]
-        mask, ids = kwargs.get("encoder_attention_mask"), kwargs.get("img_ids")
         shapes, t5 = kwargs.get("img_shapes"), kwargs.get("encoder_hidden_states_t5")
         return cls(sample, timestep, states, mask if isinstance(mask, torch.Tensor) else None,
                    ids if isinstance(ids, torch.Tensor) else None, image_prompt,
@@ -121,6 +124,41 @@ class DenoiserCall:
         if self.packed:
             return (packed_hw or packed_grid)(self.img_ids)
         return int(self.sample.shape[-2]), int(self.sample.shape[-1])
+
+
+def pad_rows(rows) -> torch.Tensor | None:
+    """Per-row ``[token, hidden]`` tensors of their own lengths as one ``[row, token, hidden]`` tensor, zero-padded
+    (``None`` unless ``rows`` is a non-empty list of 2-D tensors)."""
+    if not isinstance(rows, (list, tuple)) or not rows or not all(isinstance(r, torch.Tensor) and r.dim() == 2
+                                                                    for r in rows):
+        return None
+    return torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True)
+
+
+#: the last call's caption list, weakly, and its joined tensors: the pipeline builds a new list each step from the
+#: same tensors, and the probe tells a change of conditioning by the states tensor's identity
+_JOINED: list = [(), None, None]
+
+
+def _rows_joined(latents, captions):
+    """A denoiser called with one ``[channel, 1, h, w]`` latent and one ``[token, hidden]`` caption per row
+    (Z-Image): the latents stacked ``[row, channel, h, w]``, the captions zero-padded ``[row, token, hidden]`` and
+    their mask ``[row, token]`` (1 = the row's own position)."""
+    if not latents or not all(isinstance(x, torch.Tensor) and x.dim() in (3, 4) for x in latents) \
+            or len({tuple(x.shape) for x in latents}) != 1:
+        raise ProbeError(
+            "the denoiser was called with a list of latents that are not one [channel, frame, h, w] tensor per row "
+            "of one shape (Z-Image's omni mode: several images per row); attnprobe records one image per row"
+        )
+    sample = torch.stack(list(latents))
+    sample = sample[:, :, 0] if sample.dim() == 5 and sample.shape[2] == 1 else sample
+    refs, states, mask = _JOINED
+    if len(refs) != len(captions or ()) or any(r() is not c for r, c in zip(refs, captions)):
+        states = pad_rows(captions)
+        mask = None if states is None else (torch.arange(states.shape[1], device=states.device)[None, :]
+                                            < torch.tensor([len(c) for c in captions], device=states.device)[:, None]).long()
+        _JOINED[:] = [tuple(weakref.ref(c) for c in captions), states, mask]
+    return sample, states, mask
 
 
 def packed_grid(img_ids: torch.Tensor) -> tuple[int, int]:

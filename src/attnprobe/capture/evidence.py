@@ -27,10 +27,12 @@ per-call path); later calls are checked against the first call's rows (``same_ro
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
 from ..errors import warn
+from .denoiser_call import pad_rows
 
 __all__ = ["EncodeWatch", "verdicts", "same_rows", "note_checks"]
 
@@ -60,6 +62,7 @@ class EncodeWatch:
             def encode_prompt(*args, **kwargs):
                 # looked up at each call: a method patched on the class inside the probe is the one that runs
                 method = before if before is not None else type(pipe).encode_prompt.__get__(pipe, type(pipe))
+                listeners.lists = _prompt_lists(method, args, kwargs)
                 out = method(*args, **kwargs)
                 for listener in list(listeners):
                     listener(out)
@@ -89,10 +92,29 @@ class EncodeWatch:
                 pipe.__dict__["encode_prompt"] = wrapper._attnprobe_before
 
 
+    def as_given(self, value):
+        """``value`` as the pipeline call was given it: a prompt list that the last ``encode_prompt`` rewrote in place
+        (Z-Image's puts each prompt into its chat template) as it was before; anything else as it is."""
+        listeners = self.pipe.__dict__.get(_LISTENERS) if self.pipe is not None else None
+        kept = listeners.lists.get(id(value)) if listeners is not None and isinstance(value, list) else None
+        return kept[1] if kept is not None and kept[0] is value else value
+
+
+def _prompt_lists(method, args, kwargs) -> dict:
+    """The prompt lists an ``encode_prompt`` call was given, each ``id -> (list, copy made before it ran)``."""
+    try:
+        bound = inspect.signature(method).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return {}
+    return {id(v): (v, list(v)) for name, v in bound.items()
+            if name in ("prompt", "negative_prompt") and isinstance(v, list)}
+
+
 class _Listeners(list):
-    """The listeners of one pipeline's watch, and the wrapper that calls them."""
+    """The listeners of one pipeline's watch, the wrapper that calls them, and the prompt lists of its last call."""
 
     wrapper = None
+    lists: dict = {}
 
 
 def encodings(output) -> dict[str, torch.Tensor]:
@@ -102,11 +124,14 @@ def encodings(output) -> dict[str, torch.Tensor]:
     3-dimensional tensor of the same shape (SD: ``(prompt, negative)``; SDXL and SD3: ``(prompt, negative, pooled,
     negative pooled)``; PixArt and Sana: ``(prompt, mask, negative, negative mask)``)."""
     items = output if isinstance(output, (tuple, list)) else (output,)
+    lists = any(isinstance(t, list) for t in items)  # Z-Image: a [token, hidden] caption per row, its own length
+    items = [pad_rows(t) if isinstance(t, list) else t for t in items]
     tensors = [t for t in items if isinstance(t, torch.Tensor) and t.dim() == 3]
     if not tensors:
         return {}
     found = {"prompt": tensors[0]}
-    same = [t for t in tensors[1:] if t.shape == tensors[0].shape]
+    first = tensors[0].shape
+    same = [t for t in tensors[1:] if t.shape == first or (lists and (t.shape[0], t.shape[2]) == (first[0], first[2]))]
     if same:
         found["negative"] = same[0]
     return found
@@ -123,6 +148,9 @@ def _row(tensor: torch.Tensor, prompt: int, image: int, per_prompt: int, n_promp
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dim() == 2 and a.shape[1:] == b.shape[1:] and a.shape[0] != b.shape[0]:  # captions zero-padded to other lengths
+        longer, shorter = (a, b) if a.shape[0] > b.shape[0] else (b, a)
+        return not longer[shorter.shape[0]:].any() and _equal(longer[:shorter.shape[0]], shorter)
     return a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype))
 
 

@@ -130,24 +130,38 @@ class KernelProbeProcessor(ProbeProcessor):
         return output
 
     def _per_row(self, query, key, mask, seen, output):
-        """Lumina 2: row ``b`` is ``[its L_b attended text positions; N image positions; padding]``; the map's
-        ``token`` axis is the denoiser's text positions, those past ``L_b`` get probability 0 (not in that row's
-        sequence)."""
+        """A denoiser that puts each row's own ``L_b`` text positions into its sequence (``state.row_text``):
+        Lumina 2's row is ``[L_b text; N image; batch padding]``, Z-Image's ``[N image; pad; L_b text; pad; batch
+        padding]`` (``text_first=False``, image positions padded to a multiple of ``state.pad_to``). The ``token``
+        axis holds the denoiser's text positions (``state.n_keys``), those past ``L_b`` get probability 0 (not in
+        that row's sequence); every key but the row's text shares the softmax (``exact``)."""
         state, rows = self.state, self.state.rows
         lens = batch_rows(state.row_text.to(query.device), rows).long()
-        n_text, n_image = state.n_keys, key.shape[2] - int(state.row_text.max())
+        n_text, n_keys = state.n_keys, key.shape[2]
+        if self.text_first:
+            n_image = n_keys - int(state.row_text.max())
+            text_start, image_at = 0, lens
+        else:
+            n_image, pad = state.image_len, max(state.pad_to, 1)
+            text_start, image_at = -(-n_image // pad) * pad, torch.zeros_like(lens)
         scale = seen.get("scale") or query.shape[-1] ** -0.5
         with torch.no_grad():
             check_keys(state, self.site, n_text)
             q, k = batch_rows(query, rows), batch_rows(key, rows)
-            if k.shape[2] < n_text:  # a short caption: the sequence ends before the token axis does (those get 0)
-                k = torch.nn.functional.pad(k, (0, 0, 0, n_text - k.shape[2]))
-            where = (lens[:, None] + torch.arange(n_image, device=q.device))[:, None, :, None]  # [b, 1, N, 1]
-            take = lambda x: x.gather(2, where.expand(-1, x.shape[1], -1, x.shape[3]))  # noqa: E731
-            past = torch.arange(n_text, device=q.device)[None, :] >= lens[:, None]     # text keys past L_b
+            if n_keys < text_start + n_text:  # a short caption: the sequence ends before the token axis does
+                k = torch.nn.functional.pad(k, (0, 0, 0, text_start + n_text - n_keys))
+            where = (image_at[:, None] + torch.arange(n_image, device=q.device))[:, None, :, None]  # [b, 1, N, 1]
+            q = q.gather(2, where.expand(-1, q.shape[1], -1, q.shape[3])).float() * scale
+            position = torch.arange(max(n_keys, text_start + n_text), device=q.device)[None, :]
+            own_text = (position >= text_start) & (position < text_start + lens[:, None])  # [b, keys]
+            others = torch.zeros(own_text.shape, device=q.device).masked_fill_(own_text, float("-inf"))
+            others = others[:, None, None, :n_keys]
+            if mask is not None:
+                others = others + _bias(mask, rows, slice(0, 1), slice(0, n_keys))[:, :, :1]
+            past = ~own_text[:, text_start:text_start + n_text]
             text_bias = torch.zeros(past.shape, device=q.device).masked_fill_(past, float("-inf"))[:, None, None]
-            probs, share = joint_probs(take(q).float() * scale, take(k), k[:, :, :n_text], state.joint,
-                                       bias=(None, text_bias))
+            probs, share = joint_probs(q, k[:, :, :n_keys], k[:, :, text_start:text_start + n_text], state.joint,
+                                       bias=(others, text_bias))
             probs = reduce_probs(probs, state.heads, state.tokens).to(state.dtype)
         self._hand_on(probs, share, query, key, mask, scale, seen)
         return output

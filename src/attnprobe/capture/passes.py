@@ -15,7 +15,7 @@ pipeline whose rows or calls attnprobe cannot label (rather than label them wron
 | ``unknown`` | a row whose ``encoder_hidden_states`` contradict the pass its position names (``capture.evidence``) | none (``prompt_index`` -1) | any, with a warning |
 
 Most guided pipelines put the unconditional block first; those in ``PROMPT_FIRST`` (Lumina, Würstchen, Stable
-Cascade) put the prompt's first. Rows that contradict the order are caught by ``capture.evidence`` and labelled
+Cascade) put the prompt's first (Z-Image: ``prompt_embeds + negative_prompt_embeds``, lists). Rows that contradict the order are caught by ``capture.evidence`` and labelled
 ``unknown``; pipelines that make separate denoiser calls per pass label each call as a whole (Flux true CFG).
 
     >>> blocks(object(), guidance=True)
@@ -24,9 +24,11 @@ Cascade) put the prompt's first. Rows that contradict the order are caught by ``
 
 from __future__ import annotations
 
-from ..errors import ProbeError
+import math
 
-__all__ = ["PASS_LABELS", "REFUSED", "PROMPT_FIRST", "blocks", "refuse"]
+from ..errors import ArgumentError, ProbeError
+
+__all__ = ["PASS_LABELS", "REFUSED", "PROMPT_FIRST", "blocks", "refuse", "guidance_on", "check_guidance"]
 
 #: every pass label a store's samples can carry, with what its rows are
 PASS_LABELS = {
@@ -65,7 +67,7 @@ REFUSED = {
 
 #: pipelines whose batch puts the prompt's block first: ``torch.cat([prompt_embeds, negative_prompt_embeds])``
 PROMPT_FIRST = ("LuminaPipeline", "WuerstchenPriorPipeline", "WuerstchenDecoderPipeline",
-                "StableCascadePriorPipeline", "StableCascadeDecoderPipeline")
+                "StableCascadePriorPipeline", "StableCascadeDecoderPipeline", "ZImagePipeline")
 
 _PIX2PIX = ("StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline")
 
@@ -134,3 +136,31 @@ def _property(pipe, name: str):
 def _set(value) -> bool:
     """Whether a local or property turns a refused feature on: a true flag or number, or any object (an image)."""
     return value is not None and (bool(value) if isinstance(value, (bool, int, float)) else True)
+
+
+def guidance_on(pipe, scale: float | None = None) -> bool | None:
+    """Whether a pipeline runs classifier-free guidance in its call in progress (or its last one): its
+    ``do_classifier_free_guidance``; without that property, whether ``scale`` (the call's ``guidance_scale``, when
+    known) or else the pipeline's ``_guidance_scale`` is > 1; ``None`` when nothing says."""
+    try:
+        return bool(pipe.do_classifier_free_guidance)
+    except Exception:  # pipelines without the property, or not set yet
+        pass
+    if scale is None:
+        scale = getattr(pipe, "_guidance_scale", None)
+    return None if scale is None else bool(scale > 1)
+
+
+def check_guidance(guidance) -> float:
+    """A classifier-free guidance scale (a setting of a study or an evaluation) as a float.
+
+    Raises:
+        ArgumentError (a ValueError): not a number, not finite, or < 0 (says what was given).
+    """
+    try:
+        value = float(guidance)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(guidance, bool) or not math.isfinite(value) or value < 0:
+        raise ArgumentError(f"guidance must be a finite number ≥ 0; got {guidance}")
+    return value

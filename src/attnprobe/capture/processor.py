@@ -79,7 +79,9 @@ class CaptureState:
         n_keys: the text positions the denoiser was called with, which the token labels describe; a site with
             another number of text keys (a denoiser that adds keys of its own) cannot be labelled. 0: not known.
         row_text: per batch row, the text positions a denoiser that joins each row's attended text with the image
-            puts first (Lumina 2: the ``encoder_attention_mask`` count; the family's ``row_text``), else ``None``.
+            joins (Lumina 2: the ``encoder_attention_mask`` count; Z-Image: its caption's length), else ``None``.
+        pad_to, image_len: a ``row_text`` denoiser that pads its image positions to a multiple of ``pad_to`` (Z-Image):
+            the family's ``pad_to``, and the image positions of the call in progress (the family's ``image_len``).
         extra_keys: keys the denoiser puts before the text keys in every joint sequence (AuraFlow's register tokens:
             the family's ``registers``); they share the softmax but are not text (``attnprobe.capture.kernel``).
         states: the denoiser call's ``encoder_hidden_states`` where its cross sites receive them unchanged (UNets),
@@ -95,6 +97,8 @@ class CaptureState:
     n_keys: int = 0
     extra_keys: int = 0
     row_text: Any = None
+    pad_to: int = 0
+    image_len: int = 0
     outbox: list = field(default_factory=list)
     workspace: dict = field(default_factory=dict)
     joint: str = "exact"

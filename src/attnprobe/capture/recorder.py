@@ -59,6 +59,7 @@ class Recorder:
         self.same_states = self.family.name == "unet" and getattr(denoiser, "encoder_hid_proj", None) is None
         self.rows = BatchRows(pipe if pipe is not denoiser else None, denoiser, passes, prompts)
         self.encode_watch = EncodeWatch(self.rows.pipe, self._on_encode_prompt)
+        self.rows.as_given = self.encode_watch.as_given
         self.fill: tuple[int, torch.Tensor] | None = None  # samples with a row in this call, when not all have one
         self.states = None  # the conditioning of the last denoiser call
         self.sites = sites
@@ -73,7 +74,8 @@ class Recorder:
         self.known = {s.name: s.order for s in all_sites}
         self.known_order = bool(self.known) and None not in self.known.values()  # seen by an earlier probe
         self.state = CaptureState(heads=heads, dtype=torch.float32 if aggregate else dtype, joint=joint,
-                                  extra_keys=self.family.registers(denoiser) if self.family.registers else 0)
+                                  extra_keys=self.family.registers(denoiser) if self.family.registers else 0,
+                                  pad_to=self.family.pad_to)
         self.joint = joint
         self.kinds = {s.name: s.kind for s in sites}
         self.shares: list[tuple[int, str, torch.Tensor]] = []  # (call, site, [sample, head]) of joint sites
@@ -232,6 +234,7 @@ class Recorder:
         hw = call.latent_hw(self._packed_hw)
         self.state.text_len = call.text_len
         self.state.row_text = call.mask.sum(-1) if self.family.row_text and call.mask is not None else None
+        self.state.image_len = self.family.image_len(module, hw) if self.family.image_len else 0
         self.state.states = call.states if self.same_states else None
         uncond_call = self.rows.separate and self.rows.uncond_call(call.states)
         self.state.n_keys = call.text_len if self.rows.separate else self.state.n_keys  # each pass its own length
@@ -560,8 +563,8 @@ def probe(
     check_options(passes, heads, dtype, device, prompts, joint, aggregate)
     call_filter(calls), check_tokens(tokens)  # bad selections fail here, before the pipeline runs
     denoiser = denoiser_of(pipe)
-    checked_family(pipe, denoiser, allow_generic)
-    every = list_sites(denoiser)
+    every = list_sites(denoiser) if family_of(denoiser).refused is None else []  # no text attention at all says
+    checked_family(pipe, denoiser, allow_generic)  # more than "no family"; a refused family's reason, more still
     chosen = select_sites(every, sites)
     recorder = Recorder(pipe, denoiser, chosen, passes, heads, dtype, device, prompts, every, calls, tokens,
                          aggregate, stream_to, joint)

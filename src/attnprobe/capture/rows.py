@@ -11,19 +11,18 @@ so every later pipeline call must label the same.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import ArgumentError, ProbeError, warn
+from ..errors import ProbeError, warn
 from ..store.records import Sample
 from ..text.tokens import TokenLayout, concat_layouts, decode_ids, token_layout, unlabelled_layout
 from .evidence import encodings, same_rows, verdicts
 from .families import family_of
-from .passes import blocks, refuse
+from .passes import blocks, guidance_on, refuse
 
-__all__ = ["BatchRows", "BatchLabels", "guidance_on", "check_guidance", "as_texts"]
+__all__ = ["BatchRows", "BatchLabels", "as_texts"]
 
 
 def as_texts(value) -> list[str] | None:
@@ -52,34 +51,6 @@ def _pipeline(obj) -> bool:
     from diffusers import DiffusionPipeline
 
     return isinstance(obj, DiffusionPipeline)
-
-
-def guidance_on(pipe, scale: float | None = None) -> bool | None:
-    """Whether a pipeline runs classifier-free guidance in its call in progress (or its last one): its
-    ``do_classifier_free_guidance``; without that property, whether ``scale`` (the call's ``guidance_scale``, when
-    known) or else the pipeline's ``_guidance_scale`` is > 1; ``None`` when nothing says."""
-    try:
-        return bool(pipe.do_classifier_free_guidance)
-    except Exception:  # pipelines without the property, or not set yet
-        pass
-    if scale is None:
-        scale = getattr(pipe, "_guidance_scale", None)
-    return None if scale is None else bool(scale > 1)
-
-
-def check_guidance(guidance) -> float:
-    """A classifier-free guidance scale (a setting of a study or an evaluation) as a float.
-
-    Raises:
-        ArgumentError (a ValueError): not a number, not finite, or < 0 (says what was given).
-    """
-    try:
-        value = float(guidance)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(guidance, bool) or not math.isfinite(value) or value < 0:
-        raise ArgumentError(f"guidance must be a finite number ≥ 0; got {guidance}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -131,6 +102,7 @@ class BatchRows:
         self._pipe_line: int | None = None  # the pipeline's current line when last looked up
         self.method: str | None = None  # a method of the pipeline other than __call__ running the denoiser
         self._cond_line: int | None = None  # its line at the first denoiser call of a pipeline call
+        self.as_given = lambda value: value  # a prompt list as given, before encode_prompt rewrote it (EncodeWatch)
         self._set_streams()
 
     def _set_streams(self) -> None:
@@ -204,8 +176,8 @@ class BatchRows:
             negative = loc.get("negative_prompt") is not None or loc.get("negative_prompt_embeds") is not None
             loc = {**loc, "do_true_cfg": bool((loc.get("true_cfg_scale") or 0) > 1 and negative)}
         return {
-            "prompt": as_texts(loc.get("prompt")),
-            "negative_prompt": as_texts(loc.get("negative_prompt")),
+            "prompt": as_texts(self.as_given(loc.get("prompt"))),
+            "negative_prompt": as_texts(self.as_given(loc.get("negative_prompt"))),
             "prompt_embeds": loc.get("prompt_embeds") is not None,
             "negative_prompt_embeds": loc.get("negative_prompt_embeds") is not None,
             "separate_cfg": bool(loc["do_true_cfg"]) if true_cfg else None,
@@ -400,8 +372,10 @@ class BatchRows:
         given = self.given if self.given is not None else self.call_arguments()
         sld = bool(given.get("safety_pass"))
         cfg = self._guidance_on(given, batch)
-        order = blocks(self.pipe, cfg or sld, sld)
         n_first = max((row for row in self.claims.values()), default=-1) + 1
+        if cfg and not sld and batch == self.block_rows < n_first and self._conditional_only(states):
+            cfg = False  # guidance cut inside the call while the property still says on (Z-Image's cfg_truncation)
+        order = blocks(self.pipe, cfg or sld, sld)
         if batch % len(order):
             raise ProbeError(
                 f"the denoiser batch changed from {n_first} to {batch} rows inside one pipeline call, and {batch} rows "
@@ -425,6 +399,16 @@ class BatchRows:
         mapped = [r if r is not None and ok and s.index not in self.lost else None
                   for s, r, ok in zip(samples, present, same)]
         return tuple(labels), mapped
+
+    def _conditional_only(self, states) -> bool:
+        """Whether a later call's batch of one block holds exactly the first call's conditional rows, in order, and
+        no unconditional row had their conditioning (else images dropped from both blocks could look the same)."""
+        cond = sorted((row, key) for key, row in self.claims.items() if key[0] == "cond")
+        other = [row for key, row in self.claims.items() if key[0] != "cond"]
+        if len(cond) != self.block_rows or not all(same_rows(states, self.first_states, list(enumerate(
+                r for r, _ in cond)))):
+            return False
+        return not any(same_rows(self.first_states, self.first_states, [(u, r) for u in other for r, _ in cond]))
 
     def separate_rows(self, states, label: str, samples) -> list[int | None] | None:
         """A pipeline that runs its passes as separate denoiser calls: per store sample its row in this call of pass

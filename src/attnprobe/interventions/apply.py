@@ -38,8 +38,7 @@ import torch
 
 from ..capture.denoiser_call import DenoiserCall, first_value
 from ..capture.families import family_of
-from ..capture.passes import blocks
-from ..capture.rows import guidance_on
+from ..capture.passes import blocks, guidance_on
 from ..capture.sites import denoiser_of, list_sites, select_sites
 from ..errors import InterventionError
 from ..text.encode import encode_text, text_unsupported

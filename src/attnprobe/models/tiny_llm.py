@@ -16,7 +16,7 @@ from .configs import SDXL_UNET
 from .tokenizers import llm_tokenizer
 
 __all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_cogview4_pipeline", "tiny_kolors_pipeline",
-           "tiny_lumina2_pipeline"]
+           "tiny_lumina2_pipeline", "tiny_zimage_pipeline"]
 
 
 def _gemma2(tokenizer, layers: int):
@@ -29,6 +29,18 @@ def _gemma2(tokenizer, layers: int):
         num_key_value_heads=1, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation="eager",
     )).eval()
+
+
+def _qwen3_config(tokenizer, layers: int):
+    """A Qwen 3 config of width 16 (2 heads of 8, 1 key-value head) over ``tokenizer``'s vocabulary (Flux.2 [klein]'s
+    and Z-Image's text encoder)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        intermediate_size=32, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
 
 
 def tiny_qwen_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -119,7 +131,7 @@ def tiny_flux2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         seed: weight seed. dtype: parameter dtype.
     """
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     tokenizer = llm_tokenizer()
     torch.manual_seed(seed)
@@ -134,11 +146,7 @@ def tiny_flux2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
     ).eval()
     torch.manual_seed(seed + 2)
-    encoder = Qwen3ForCausalLM(Qwen3Config(
-        intermediate_size=32, hidden_size=16, num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )).eval()
+    encoder = Qwen3ForCausalLM(_qwen3_config(tokenizer, 27)).eval()
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
                               tokenizer=tokenizer, transformer=transformer)
     return finish(pipe, dtype)
@@ -234,4 +242,30 @@ def tiny_lumina2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     encoder = _gemma2(tokenizer, layers=2)
     pipe = Lumina2Pipeline(transformer=transformer, vae=make_flow_vae(seed + 1), text_encoder=encoder,
                            tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler())
+    return finish(pipe, dtype)
+
+
+def tiny_zimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``ZImagePipeline`` with Z-Image's structure: a noise refiner (image only) and a context refiner (text only),
+    then 2 layers over each row's ``[image; caption]``, both padded to a multiple of 32 positions with learned pad
+    tokens (2 heads of 8 channels, patch size 2), a 2-layer Qwen 3 encoder of width 16 reading the prompt in its chat
+    template (``llm_tokenizer``; its second-to-last hidden states, padding dropped), a 4-level VAE (a 64 × 96 px
+    image is a 4 × 6 grid of patches) and a flow-matching Euler scheduler.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    tokenizer = llm_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        in_channels=4, dim=16, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+        axes_dims=[2, 2, 4], axes_lens=[256, 64, 64],
+    ).eval()
+    torch.manual_seed(seed + 2)
+    encoder = Qwen3Model(_qwen3_config(tokenizer, 2)).eval()
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=make_flow_vae(seed + 1),
+                          text_encoder=encoder, tokenizer=tokenizer, transformer=transformer)
     return finish(pipe, dtype)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..capture.rows import check_guidance
+from ..capture.passes import check_guidance
 from ..errors import ConfigError
 
 __all__ = ["load_config", "CONFIG_KEYS", "CAPTURE", "DTYPES", "STUDY_PARTS", "check_grid", "check_capture",

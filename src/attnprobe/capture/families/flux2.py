@@ -8,40 +8,20 @@ features, not positions): Flux.2 [dev] reads it after its system message through
 the padding keys get attention).
 """
 
-from .registry import Family, first_text_encoder
-
-_SENTINEL = "\x00attnprobe\x00"
-
-
-def _render(tokenizer, messages, **options) -> str | None:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
-    except Exception:  # a template that takes other messages: not this pipeline's
-        return None
-
+from .registry import Family, chat_rendering, first_text_encoder
 
 def _template(pipe, prompt: str, n_keys: int):
     """The chat renderings Flux.2's pipelines use: [klein] (the user turn alone, a generation prompt, no thinking) and
     [dev] (its system message, then the user turn)."""
     from diffusers.pipelines.flux2 import pipeline_flux2
 
-    tokenizer = pipe.tokenizer
     system = getattr(pipeline_flux2, "SYSTEM_MESSAGE", "")
-    shapes = [
-        (lambda text: [{"role": "user", "content": text}], dict(add_generation_prompt=True, enable_thinking=False)),
-        (lambda text: [{"role": "system", "content": [{"type": "text", "text": system}]},
-                       {"role": "user", "content": [{"type": "text", "text": text}]}], dict(add_generation_prompt=False)),
-    ]
-    out = []
-    for messages, options in shapes:
-        marked = _render(tokenizer, messages(_SENTINEL), **options)
-        templated = _render(tokenizer, messages(prompt), **options)
-        if marked is None or templated is None or _SENTINEL not in marked:
-            continue
-        start = marked.index(_SENTINEL)
-        if templated[start:start + len(prompt)] == prompt:
-            out.append((templated, start, n_keys))
-    return out
+    out = [chat_rendering(pipe.tokenizer, lambda text: [{"role": "user", "content": text}], prompt, n_keys,
+                          add_generation_prompt=True, enable_thinking=False),
+           chat_rendering(pipe.tokenizer, lambda text: [{"role": "system", "content": [{"type": "text", "text": system}]},
+                                                        {"role": "user", "content": [{"type": "text", "text": text}]}],
+                          prompt, n_keys, add_generation_prompt=False)]
+    return [r for r in out if r is not None]
 
 
 FAMILY = Family(

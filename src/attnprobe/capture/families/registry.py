@@ -15,7 +15,7 @@ import torch
 
 from ...text.tokens import TokenLayout, select_positions, template_layout
 
-__all__ = ["Family", "first_text_encoder", "unet_order"]
+__all__ = ["Family", "first_text_encoder", "unet_order", "chat_rendering"]
 
 #: ``(encoder attribute, tokenizer attribute)`` pairs of a pipeline, in the order of the denoiser's text keys
 TextStreams = list[tuple[str, str]]
@@ -56,6 +56,10 @@ class Family:
             their attention from image self-attention.
         row_text: the denoiser joins each row's attended text positions (its ``encoder_attention_mask``) with the image
             positions, so where the image starts differs by row (Lumina 2); the keys past a row's text are its image.
+        pad_to: with ``row_text``, the denoiser pads the image positions and each row's text positions to a multiple of
+            this with pad tokens that share the softmax (Z-Image: 32); the sequence is then ``[image; pad; text; pad]``
+            (``text_first=False``) and the pad queries are not image positions.
+        image_len: with ``pad_to``: ``(denoiser, latent (h, w)) -> int``, the image positions of a row before padding.
         matches: for a family that shares its denoiser class with another (DeepFloyd IF's UNet is a
             ``UNet2DConditionModel``): ``denoiser -> bool``, whether an instance is this family's; ``FAMILIES`` lists
             it before the family it shares the class with.
@@ -83,6 +87,8 @@ class Family:
     registers: Callable | None = None
     single_blocks: str | None = None
     row_text: bool = False
+    pad_to: int = 0
+    image_len: Callable | None = None
     pipelines: tuple[str, ...] = ()
     refused: str | None = None
 
@@ -125,6 +131,31 @@ class Family:
 
     def __repr__(self) -> str:
         return f"Family({self.name!r}: {self.title})"
+
+
+_SENTINEL = "\x00attnprobe\x00"
+
+
+def chat_rendering(tokenizer, messages, prompt: str, n_keys: int, **options):
+    """A ``Family.template`` candidate for a pipeline that renders the prompt with its tokenizer's chat template:
+    ``(templated text, where the prompt starts in it, n_keys)``, or ``None`` where the tokenizer's template does not
+    take ``messages(text)`` or does not keep the prompt as it is.
+
+    Args:
+        tokenizer: the pipeline's tokenizer. messages: ``text -> the chat messages`` the pipeline renders.
+        prompt: the prompt. n_keys: text keys. options: ``apply_chat_template``'s (``add_generation_prompt``, …).
+    """
+    def render(text):
+        try:
+            return tokenizer.apply_chat_template(messages(text), tokenize=False, **options)
+        except Exception:  # a template that takes other messages: not this pipeline's
+            return None
+
+    marked, templated = render(_SENTINEL), render(prompt)
+    if marked is None or templated is None or _SENTINEL not in marked:
+        return None
+    start = marked.index(_SENTINEL)
+    return (templated, start, n_keys) if templated[start:start + len(prompt)] == prompt else None
 
 
 def first_text_encoder(pipe) -> TextStreams:

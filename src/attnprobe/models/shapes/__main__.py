@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ...capture.rows import check_guidance
+from ...capture.passes import check_guidance
 from ...errors import ArgumentError, AttnprobeError
 from .evaluate import evaluate
 from .model import train

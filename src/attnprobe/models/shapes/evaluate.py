@@ -15,7 +15,7 @@ import torch
 from ..._atomic import write_atomic
 from ...analysis import heatmap
 from ...capture import probe
-from ...capture.rows import check_guidance
+from ...capture.passes import check_guidance
 from ...errors import ArgumentError
 from ..loader import load_pipeline
 from . import scenes as shapes

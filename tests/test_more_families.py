@@ -1,0 +1,92 @@
+"""Families whose denoisers join each row's own caption with the image in padded sequences (Z-Image), read at the
+attention kernel; tiny pipelines (``attnprobe.testing.tiny_pipeline``), CPU.
+
+The float64 reference never touches attnprobe: our own pre-forward hooks keep each attention module's inputs, q and k
+are recomputed from a float64 copy of the module with our own complex rotary embedding, and the softmax over all keys
+of each row is taken in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import attnprobe
+from attnprobe.testing import tiny_pipeline
+from test_families import Inputs
+
+
+@pytest.fixture(scope="module")
+def zimage():
+    return tiny_pipeline("zimage")
+
+
+def _rope_complex(x, freqs):
+    """Consecutive channel pairs as complex numbers times the complex table ``[batch, seq, d/2]`` (complex128)."""
+    z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(z * freqs.to(torch.complex128)[:, :, None, :]).flatten(-2)
+
+
+@torch.no_grad()
+def test_zimage_padded_rows_of_other_caption_lengths_against_a_float64_reference(zimage):
+    """(ZImagePipeline rewrites a prompt list in place: each call gets a copy.) Z-Image's row is [24 image positions; 8 image pads; its caption; caption pads to 32; batch padding]: the map
+    is the image queries' softmax over all of that row's keys, at its own caption's positions; the prompts' rows come
+    before the negative prompts'."""
+    pipe = zimage
+    prompts = ["a picture of dog", "a much longer picture of a brown dog on the grass"]
+    kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent", max_sequence_length=64)
+    plain = pipe(prompt=list(prompts), generator=torch.Generator().manual_seed(0), **kwargs).images
+    sites = attnprobe.list_sites(pipe)
+    lens = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a: lens.append([len(c) for c in a[2]]))
+    try:
+        with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
+                pipe, passes="all", dtype=torch.float32) as store:
+            probed = pipe(prompt=list(prompts), generator=torch.Generator().manual_seed(0), **kwargs).images
+    finally:
+        hook.remove()
+    assert torch.equal(plain, probed) and [s.name for s in sites] == ["layers.0.attention", "layers.1.attention"]
+    assert [(s.pass_label, s.prompt_index, s.row) for s in store.samples] == [
+        ("cond", 0, 0), ("cond", 1, 1), ("uncond", 0, 2), ("uncond", 1, 3)]
+    assert store.meta["row_evidence"] == "encode_prompt" and store.samples[1].text == prompts[1]  # as given
+    assert len(set(lens[0])) == 3 and store.token_indices(0, "dog") == [[5]] and store.token_indices(1, "dog") == [[9]]
+    assert store[sites[0].name].shape[3:5] == (4, 6)  # 64 × 96 px: VAE 8×, patches 2×2
+    n_image, text_start = 24, 32
+    for site in sites:
+        a = copy.deepcopy(pipe.transformer.get_submodule(site.name)).double()
+        for call in range(len(store.calls)):
+            inputs = seen.seen[site.name][store.calls[call].index]
+            h = inputs["hidden_states"].double()
+            q = _rope_complex(a.norm_q(a.to_q(h).unflatten(-1, (a.heads, -1))), inputs["freqs_cis"])
+            k = _rope_complex(a.norm_k(a.to_k(h).unflatten(-1, (a.heads, -1))), inputs["freqs_cis"])
+            logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+            mask = inputs.get("attention_mask")
+            if mask is not None:
+                logits = logits.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+            probs = logits.softmax(-1)
+            got = store[site.name][call].flatten(2, 3).double()  # [sample, head, image, token]
+            assert got.shape[2] == n_image
+            for sample in store.samples:
+                length = lens[store.calls[call].index][sample.row]
+                want = torch.zeros_like(got[sample.index])
+                want[..., :length] = probs[sample.row, :, :n_image, text_start:text_start + length]
+                assert (got[sample.index] - want).abs().max() <= 1e-6, (site.name, call, sample)
+                # the rest of the row's softmax: its image, its pads and its caption pads
+                assert float(probs[sample.row, :, :n_image, :text_start].sum(-1).min()) > 0
+
+
+def test_zimage_guidance_cut_inside_the_call_keeps_the_conditional_rows(zimage):
+    """``cfg_truncation`` drops the unconditional rows after 20 % of the schedule while the pipeline's
+    ``do_classifier_free_guidance`` still says on: the one remaining block is checked against the first call's
+    conditional rows and recorded as them; the unconditional samples get NaN from then on."""
+    kwargs = dict(num_inference_steps=4, height=64, width=96, output_type="latent", max_sequence_length=32,
+                  cfg_truncation=0.2)
+    plain = zimage(prompt="a dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+    with attnprobe.probe(zimage, passes="all") as store:
+        probed = zimage(prompt="a dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(plain, probed)
+    assert [c.layout for c in store.calls] == [("cond", "uncond")] * 2 + [("cond",)] * 2
+    maps = store[store.sites[0].name].float()
+    assert not maps[:, 0].isnan().any() and maps[2:, 1].isnan().all() and not maps[:2, 1].isnan().any()
