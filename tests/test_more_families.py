@@ -1,9 +1,10 @@
-"""Families whose denoisers join each row's own caption with the image in padded sequences (Z-Image), read at the
-attention kernel; tiny pipelines (``attnprobe.testing.tiny_pipeline``), CPU.
+"""Z-Image (each row's own caption joined with the image in padded sequences, read at the attention kernel) and
+Kandinsky 3 (a UNet of its own whose self-attention looks like cross-attention); tiny pipelines
+(``attnprobe.testing.tiny_pipeline``), CPU.
 
-The float64 reference never touches attnprobe: our own pre-forward hooks keep each attention module's inputs, q and k
-are recomputed from a float64 copy of the module with our own complex rotary embedding, and the softmax over all keys
-of each row is taken in float64.
+The float64 references never touch attnprobe: our own pre-forward hooks keep each attention module's inputs, q and k
+are recomputed from a float64 copy of the module (with our own complex rotary embedding for Z-Image), and the softmax
+over all keys of each row is taken in float64.
 """
 
 from __future__ import annotations
@@ -90,3 +91,47 @@ def test_zimage_guidance_cut_inside_the_call_keeps_the_conditional_rows(zimage):
     assert [c.layout for c in store.calls] == [("cond", "uncond")] * 2 + [("cond",)] * 2
     maps = store[store.sites[0].name].float()
     assert not maps[:, 0].isnan().any() and maps[2:, 1].isnan().all() and not maps[:2, 1].isnan().any()
+
+
+@pytest.fixture(scope="module")
+def kandinsky3():
+    return tiny_pipeline("kandinsky3")
+
+
+@torch.no_grad()
+def test_kandinsky3_cross_attention_blocks_against_a_float64_reference(kandinsky3):
+    """Only the blocks called with the text are sites (not the image self-attention nor the text pooling, built alike);
+    the keys are T5's positions up to one past the longest prompt, the UNet's additive mask (−10000 on padding) in
+    the softmax; the empty negative prompt is zero embeddings, all masked: its rows are uniform over the keys."""
+    pipe = kandinsky3
+    prompts = ["a picture of dog", "a much longer picture of a brown dog"]
+    kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent")
+    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    sites = attnprobe.list_sites(pipe)
+    with Inputs(pipe.unet, [s.name for s in sites]) as seen, attnprobe.probe(
+            pipe, passes="all", dtype=torch.float32) as store:
+        probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(plain, probed)
+    names = [s.name for s in sites]
+    assert names == [f"{part}_blocks.{level}.attentions.{i}.attention"
+                     for part, levels in (("down", (1, 2, 3)), ("up", (0, 1, 2))) for level in levels for i in (1, 2)]
+    assert "down_blocks.1.attentions.0.attention" not in names and "add_time_condition.attention" not in names
+    assert [(s.pass_label, s.prompt_index) for s in store.samples] == [
+        ("uncond", 0), ("uncond", 1), ("cond", 0), ("cond", 1)]
+    n_keys = len(pipe.tokenizer(prompts[1]).input_ids) + 1  # the longest prompt and </s>, then one pad
+    assert store[names[0]].shape[-1] == n_keys and store.tokens(3)[-1] == "<pad>"
+    assert store.token_indices(2, "dog") == [[3]] and store.token_indices(3, "dog") == [[7]]
+    assert store[names[0]].shape[3:5] == (4, 8) and store[names[-1]].shape[3:5] == (4, 8)  # 64 × 128 px (rounded up)
+    assert store[names[4]].shape[3:5] == (1, 2)
+    for site in sites:
+        a = copy.deepcopy(pipe.unet.get_submodule(site.name)).double()
+        for call in range(len(store.calls)):
+            inputs = seen.seen[site.name][store.calls[call].index]
+            q = a.to_q(inputs["hidden_states"].double()).unflatten(-1, (a.heads, -1)).transpose(1, 2)
+            k = a.to_k(inputs["encoder_hidden_states"].double()).unflatten(-1, (a.heads, -1)).transpose(1, 2)
+            logits = q @ k.transpose(-1, -2) * a.scale + inputs["attention_mask"].double()[:, None]
+            want = logits.softmax(-1)[[s.row for s in store.samples]]
+            got = store[site.name][call].flatten(2, 3).double()
+            assert (got - want).abs().max() <= 1e-6, (site.name, call)
+    uniform = store[names[0]][:, :2].float()
+    assert torch.allclose(uniform, torch.full_like(uniform, 1 / n_keys))

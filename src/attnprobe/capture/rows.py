@@ -326,14 +326,15 @@ class BatchRows:
             return lay or unlabelled_layout(n_keys, source="none")
         if len(self.streams) <= 1 and (first is None or first.shape[1] == n_keys):
             return self._layout_for(text, first[prompt_index].tolist() if first is not None else None, n_keys, source)
-        # several streams, or fewer encoded positions than keys (SD3 without T5: zeros after CLIP's 77)
+        # several streams, fewer encoded positions than keys (SD3 without T5: zeros after CLIP's 77), or more: a
+        # stream's keys are its first positions (Kandinsky 3 cuts past the longest prompt), and its ids are checked so
         parts, left = [], n_keys
         for i, ((encoder, tok), ids) in enumerate(zip(self.streams, ids_per_stream)):
             last = i == len(self.streams) - 1
             size = int(ids.shape[1]) if ids is not None else left if last else int(tok.model_max_length)
             size = min(size, left)
             parts.append((self.stream_names[i], self._layout_for(
-                text, ids[prompt_index].tolist() if ids is not None else None, size, source, tok)))
+                text, ids[prompt_index, :size].tolist() if ids is not None else None, size, source, tok)))
             left -= size
         return concat_layouts(parts, n_keys)
 

@@ -102,7 +102,7 @@ def list_sites(pipe_or_denoiser) -> list[Site]:
         kind = site_kind(module, modules.get(name.rpartition(".")[0]) if "." in name else None)
         if kind is None and family.single_blocks and name.startswith(family.single_blocks + "."):
             kind = "single"  # a block handed the joined sequence as its hidden_states (AuraFlow)
-        if kind is None or kind not in family.kinds:
+        if kind is None or kind not in family.kinds or (family.not_sites and family.not_sites(denoiser, name)):
             other += 1
             continue
         group, block = _group_and_block(name)
