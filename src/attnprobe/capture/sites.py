@@ -102,7 +102,9 @@ def list_sites(pipe_or_denoiser) -> list[Site]:
         kind = site_kind(module, modules.get(name.rpartition(".")[0]) if "." in name else None)
         if kind is None and family.single_blocks and name.startswith(family.single_blocks + "."):
             kind = "single"  # a block handed the joined sequence as its hidden_states (AuraFlow)
-        if kind is None or kind not in family.kinds or (family.not_sites and family.not_sites(denoiser, name)):
+        if family.site_kind is not None:
+            kind = family.site_kind(denoiser, name, kind)
+        if kind is None or kind not in family.kinds:
             other += 1
             continue
         group, block = _group_and_block(name)

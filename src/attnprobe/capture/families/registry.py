@@ -65,9 +65,10 @@ class Family:
             it before the family it shares the class with.
         pipelines: with ``matches``: the pipeline classes (names, or their beginnings) that use it, for the coverage
             table, which knows pipeline classes, not instances.
-        not_sites: ``(denoiser, module name) -> bool``: attention modules that structure takes for sites but are not
+        site_kind: ``(denoiser, module name, kind from structure or None) -> kind or None``: the family's word on an
+            attention module where structure alone is wrong: ``None`` for one structure takes for a site but is not
             (Kandinsky 3 builds its image self-attention and its text pooling with a ``cross_attention_dim``, so
-            ``is_cross_attention`` holds for them too).
+            ``is_cross_attention`` holds for them too), a kind for one structure cannot tell is a site.
         refused: why attnprobe refuses the family's denoisers (``refused.VIDEO``: no frame axis): a probe raises before
             the pipeline runs, naming the pipeline and this reason; ``None`` for a family it records.
         text_positions: with ``template``: ``(pipe, layout of the encoding, n_keys) -> positions``, the encoded
@@ -93,7 +94,7 @@ class Family:
     pad_to: int = 0
     image_len: Callable | None = None
     pipelines: tuple[str, ...] = ()
-    not_sites: Callable | None = None
+    site_kind: Callable | None = None
     refused: str | None = None
 
     def classes(self) -> tuple[type, ...]:
