@@ -135,3 +135,59 @@ def test_kandinsky3_cross_attention_blocks_against_a_float64_reference(kandinsky
             assert (got - want).abs().max() <= 1e-6, (site.name, call)
     uniform = store[names[0]][:, :2].float()
     assert torch.allclose(uniform, torch.full_like(uniform, 1 / n_keys))
+
+
+@pytest.fixture(scope="module")
+def hidream():
+    return tiny_pipeline("hidream")
+
+
+def _rotate_pairs(x, table):
+    """Consecutive channel pairs rotated by the model's ``[.., pair, 2, 2]`` rotation table (float64)."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    cos, sin = table[..., 0, 0].double(), table[..., 1, 0].double()
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2)
+
+
+@torch.no_grad()
+def test_hidream_padded_image_stream_and_three_text_streams_against_a_float64_reference(hidream):
+    """A non-square latent is padded to 64 image positions: zero keys that share each softmax, queries that are not
+    image positions. Each block's text is [T5; Llama's last listed layer; Llama's layer for the block], so the token
+    axis holds T5's 16 then Llama's 16 twice, and a concept is found in all three."""
+    pipe = hidream
+    prompts = ["a picture of dog", "a much longer picture of a brown dog"]
+    kwargs = dict(num_inference_steps=2, height=64, width=96, max_sequence_length=16, output_type="latent")
+    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    sites = attnprobe.list_sites(pipe)
+    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
+            pipe, passes="all", dtype=torch.float32) as store:
+        probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(plain, probed) and plain.shape[-2:] == (6, 8)  # 48 × 64 px: scaled to the 64² px area
+    assert [(s.name, s.kind) for s in sites] == [("double_stream_blocks.0.block.attn1", "joint"), (
+        "single_stream_blocks.0.block.attn1", "single"), ("single_stream_blocks.1.block.attn1", "single")]
+    assert [(s.pass_label, s.prompt_index) for s in store.samples] == [
+        ("uncond", 0), ("uncond", 1), ("cond", 0), ("cond", 1)]
+    assert store.token_indices(2, "dog") == [[3, 20, 36]] and store.token_indices(3, "dog") == [[7, 24, 40]]
+    n_image, n_text = 12, 48  # 3 × 4 patches; 16 T5 + 2 × 16 Llama positions
+    for site in sites:
+        a = copy.deepcopy(pipe.transformer.get_submodule(site.name)).double()
+        assert store[site.name].shape[3:] == (3, 4, n_text)
+        for call in range(len(store.calls)):
+            inputs = seen.seen[site.name][store.calls[call].index]
+            h, mask = inputs["norm_hidden_states"].double(), inputs["hidden_states_masks"]
+            heads = lambda x: x.unflatten(-1, (a.heads, -1))  # noqa: E731
+            q, k = heads(a.q_rms_norm(a.to_q(h))), heads(a.k_rms_norm(a.to_k(h)))
+            k = k * mask.double()[:, :, None, None]
+            if site.kind == "joint":
+                e = inputs["norm_encoder_hidden_states"].double()
+                q = torch.cat([q, heads(a.q_rms_norm_t(a.to_q_t(e)))], dim=1)
+                k = torch.cat([k, heads(a.k_rms_norm_t(a.to_k_t(e)))], dim=1)
+            table = inputs["image_rotary_emb"]
+            q, k = _rotate_pairs(q, table), _rotate_pairs(k, table)
+            logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+            probs = logits.softmax(-1)[[s.row for s in store.samples]]
+            assert probs.shape[-1] == 64 + n_text  # the padded image stream, then the text
+            want = probs[:, :, :n_image, -n_text:]
+            got = store[site.name][call].flatten(2, 3).double()
+            assert (got - want).abs().max() <= 1e-6, (site.name, call)
+            assert float(probs[:, :, :n_image, n_image:64].sum(-1).min()) > 0  # the pad keys take some

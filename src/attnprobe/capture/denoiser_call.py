@@ -45,7 +45,8 @@ class DenoiserCall:
         img_ids: Flux's packed-latent position ids ``[token, (0, row, column)]``, or ``None``.
         image_prompt: ``encoder_hidden_states`` came as IP-Adapter's ``(text states, image-prompt states)``.
         shapes: Qwen-Image's ``img_shapes`` (per sample ``[(frames, rows, columns)]`` of packed tokens), or ``None``.
-        more_text: text positions the denoiser joins after ``states`` (HunyuanDiT's ``encoder_hidden_states_t5``), or 0.
+        more_text: text positions the denoiser joins after ``states`` (HunyuanDiT's ``encoder_hidden_states_t5``;
+            HiDream's states are its T5's, then two Llama layers'), or 0.
     """
 
     sample: object
@@ -61,19 +62,24 @@ class DenoiserCall:
     def read(cls, args: tuple, kwargs: dict) -> "DenoiserCall":
         """Read a pre-forward hook's ``(args, kwargs)``."""
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states", kwargs.get("x")))
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
-        states = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states", kwargs.get("cap_feats"))
+        timestep = args[1] if len(args) > 1 else next((kwargs[k] for k in ("timestep", "t", "timesteps") if k in kwargs),
+                                                         None)
+        states = args[2] if len(args) > 2 else next(
+            (kwargs[k] for k in ("encoder_hidden_states", "cap_feats", "encoder_hidden_states_t5") if k in kwargs), None)
         mask, ids = kwargs.get("encoder_attention_mask"), kwargs.get("img_ids")
         if isinstance(sample, (list, tuple)):  # Z-Image: a latent and a caption (its own length) per row
             sample, states, mask = _rows_joined(sample, states)
         image_prompt = isinstance(states, (tuple, list)) and bool(states)
         if image_prompt:  # IP-Adapter: (text states, image-prompt states)
             states = states[0]
-        shapes, t5 = kwargs.get("img_shapes"), kwargs.get("encoder_hidden_states_t5")
+        shapes, t5, llama = kwargs.get("img_shapes"), kwargs.get("encoder_hidden_states_t5"), kwargs.get(
+            "encoder_hidden_states_llama3")
+        more = int(t5.shape[1]) if isinstance(t5, torch.Tensor) and t5.ndim == 3 and t5 is not states else 0
+        if isinstance(llama, torch.Tensor) and llama.ndim == 4:  # HiDream: [layer, batch, token, hidden], read twice
+            more += 2 * int(llama.shape[2])
         return cls(sample, timestep, states, mask if isinstance(mask, torch.Tensor) else None,
                    ids if isinstance(ids, torch.Tensor) else None, image_prompt,
-                   shapes if isinstance(shapes, (list, tuple)) and shapes else None,
-                   int(t5.shape[1]) if isinstance(t5, torch.Tensor) and t5.ndim == 3 else 0)
+                   shapes if isinstance(shapes, (list, tuple)) and shapes else None, more)
 
     @staticmethod
     def with_states(args: tuple, kwargs: dict, states) -> tuple[tuple, dict]:

@@ -194,7 +194,10 @@ class KernelProbeProcessor(ProbeProcessor):
         # [added; text; image] (text first) or [image; text]
         image = slice(extra + n_text, n_key) if self.text_first else slice(0, n_image)
         text = slice(extra, extra + n_text) if self.text_first else slice(n_image, n_key)
-        return (image if n_query == n_key else slice(0, n_query)), image, text
+        queries = image if n_query == n_key else slice(0, n_query)
+        if self.state.image_len and not self.text_first:  # HiDream pads its image stream: pad keys, no pad queries
+            queries = slice(0, self.state.image_len)
+        return queries, image, text
 
     def _check_kernel(self, query, key, mask, scale, seen) -> None:
         """Verify once: the kernel's output against ``softmax(q·kᵀ·scale + mask)·v`` of every batch row."""

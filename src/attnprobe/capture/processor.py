@@ -80,7 +80,7 @@ class CaptureState:
             another number of text keys (a denoiser that adds keys of its own) cannot be labelled. 0: not known.
         row_text: per batch row, the text positions a denoiser that joins each row's attended text with the image
             joins (Lumina 2: the ``encoder_attention_mask`` count; Z-Image: its caption's length), else ``None``.
-        pad_to, image_len: a ``row_text`` denoiser that pads its image positions to a multiple of ``pad_to`` (Z-Image):
+        pad_to, image_len: a denoiser that pads its image positions (to a multiple of ``pad_to``: Z-Image; HiDream):
             the family's ``pad_to``, and the image positions of the call in progress (the family's ``image_len``).
         extra_keys: keys the denoiser puts before the text keys in every joint sequence (AuraFlow's register tokens:
             the family's ``registers``); they share the softmax but are not text (``attnprobe.capture.kernel``).

@@ -15,13 +15,14 @@ __all__ = ["make_clip_encoder", "make_vae", "make_scheduler", "make_t5_encoder",
 
 
 def make_clip_encoder(hidden: int, seed: int, projection: bool = False, layers: int = 2, heads: int = 2,
-                  intermediate: int | None = None, act: str = "quick_gelu"):
+                  intermediate: int | None = None, act: str = "quick_gelu", positions: int = 77):
     """A CLIP text encoder with the real CLIP vocabulary (49408 ids, 77 positions) at width ``hidden``, seeded.
 
     Args:
         hidden: hidden size (and projection size). seed: weight seed. projection: a ``CLIPTextModelWithProjection``
             (SDXL's second encoder, SD3's), else ``CLIPTextModel``. layers, heads, intermediate, act: as in
-            ``CLIPTextConfig`` (intermediate default ``2 * hidden``).
+            ``CLIPTextConfig`` (intermediate default ``2 * hidden``). positions: ``max_position_embeddings`` (77;
+            HiDream's Long-CLIP encoders have 248).
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -31,7 +32,7 @@ def make_clip_encoder(hidden: int, seed: int, projection: bool = False, layers: 
         intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        max_position_embeddings=77,
+        max_position_embeddings=positions,
         projection_dim=hidden,
         bos_token_id=49406,
         eos_token_id=49407,

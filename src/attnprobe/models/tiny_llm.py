@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from .components import finish, make_flow_vae, make_scheduler, make_vae
+from .components import finish, make_clip_encoder, make_flow_vae, make_scheduler, make_t5_encoder, make_vae
 from .configs import SDXL_UNET
-from .tokenizers import llm_tokenizer
+from .tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer
 
 __all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_cogview4_pipeline", "tiny_kolors_pipeline",
-           "tiny_lumina2_pipeline", "tiny_zimage_pipeline"]
+           "tiny_lumina2_pipeline", "tiny_zimage_pipeline", "tiny_hidream_pipeline"]
 
 
 def _gemma2(tokenizer, layers: int):
@@ -268,4 +268,44 @@ def tiny_zimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     encoder = Qwen3Model(_qwen3_config(tokenizer, 2)).eval()
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=make_flow_vae(seed + 1),
                           text_encoder=encoder, tokenizer=tokenizer, transformer=transformer)
+    return finish(pipe, dtype)
+
+
+def tiny_hidream_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``HiDreamImagePipeline`` with HiDream-I1's structure: 1 double-stream and 2 single-stream blocks (2 heads of 8
+    channels, patch size 2, 3-axis RoPE, mixture-of-experts feed-forwards) whose text is ``[T5; Llama's last listed
+    layer; Llama's layer for the block]``; two Long-CLIP encoders (248 positions) with projection of width 16 (pooled only), a T5 encoder
+    of width 32 (``t5_tokenizer``) and a 2-layer Llama of width 16 (``llm_tokenizer`` with ``<bos>``), each read to
+    ``max_sequence_length`` positions; a 4-level VAE, a flow-matching Euler scheduler. ``max_resolution`` is 16 × 16
+    patches, so a non-square latent is padded to 64 image positions (as the real model pads to 4096). The pipeline
+    scales every requested size to the area of ``default_sample_size · 8`` px squared (1024² for the real model; 64²
+    here), keeping its aspect: 64 × 96 px gives 48 × 64.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = llm_tokenizer(bos=True)
+    torch.manual_seed(seed)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=[32, 16], text_emb_dim=32, num_routed_experts=4, num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2), max_resolution=(16, 16), llama_layers=[0, 1, 1],
+    ).eval()
+    torch.manual_seed(seed + 3)
+    llama = LlamaForCausalLM(LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation="eager",
+    )).eval()
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=make_flow_vae(seed + 1),
+        text_encoder=make_clip_encoder(16, seed + 4, projection=True, positions=248), tokenizer=clip_tokenizer(),
+        text_encoder_2=make_clip_encoder(16, seed + 5, projection=True, positions=248), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=make_t5_encoder(seed + 2), tokenizer_3=t5_tokenizer(), text_encoder_4=llama,
+        tokenizer_4=tokenizer, transformer=transformer,
+    )
+    pipe.default_sample_size = 8
     return finish(pipe, dtype)

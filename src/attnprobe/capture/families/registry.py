@@ -59,7 +59,9 @@ class Family:
         pad_to: with ``row_text``, the denoiser pads the image positions and each row's text positions to a multiple of
             this with pad tokens that share the softmax (Z-Image: 32); the sequence is then ``[image; pad; text; pad]``
             (``text_first=False``) and the pad queries are not image positions.
-        image_len: with ``pad_to``: ``(denoiser, latent (h, w)) -> int``, the image positions of a row before padding.
+        image_len: ``(denoiser, latent (h, w)) -> int``, the image positions of a row before padding: with ``pad_to``
+            (Z-Image), or for a denoiser that pads its image stream with keys of its own (HiDream's non-square
+            latents): the queries past it are not image positions.
         matches: for a family that shares its denoiser class with another (DeepFloyd IF's UNet is a
             ``UNet2DConditionModel``): ``denoiser -> bool``, whether an instance is this family's; ``FAMILIES`` lists
             it before the family it shares the class with.
