@@ -191,3 +191,66 @@ def test_hidream_padded_image_stream_and_three_text_streams_against_a_float64_re
             got = store[site.name][call].flatten(2, 3).double()
             assert (got - want).abs().max() <= 1e-6, (site.name, call)
             assert float(probs[:, :, :n_image, n_image:64].sum(-1).min()) > 0  # the pad keys take some
+
+
+@pytest.fixture(scope="module")
+def hunyuanimage():
+    return tiny_pipeline("hunyuanimage")
+
+
+def _rotate_image(x, cos, sin, n_image):
+    """The first ``n_image`` positions' consecutive channel pairs rotated by the model's real tables ``[position,
+    channel]`` (float64); the rest (text) as they are."""
+    image, rest = x[:, :n_image], x[:, n_image:]
+    pairs = image.unflatten(-1, (-1, 2))
+    turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    cos, sin = cos.double()[None, :, None], sin.double()[None, :, None]
+    return torch.cat([image * cos + turned * sin, rest], dim=1)
+
+
+@torch.no_grad()
+def test_hunyuanimage_rows_reordered_by_their_masks_against_a_float64_reference(hunyuanimage):
+    """Each row's text keys are [attended ByT5; attended Qwen; masked ByT5; masked Qwen]: a prompt that quotes
+    nothing starts with its words, one that quotes text starts with its glyph bytes (kind 'unknown'); the masked keys
+    get 0. Guidance runs through the pipeline's guider as separate calls, conditional first."""
+    pipe = hunyuanimage
+    prompts = ["a picture of dog", 'a sign that says "dog" and a brown dog']
+    kwargs = dict(num_inference_steps=2, height=64, width=128, output_type="latent")
+    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    sites = attnprobe.list_sites(pipe)
+    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
+            pipe, passes="cond", dtype=torch.float32) as store:
+        probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(plain, probed)
+    assert [(s.name, s.kind) for s in sites] == [("transformer_blocks.0.attn", "joint"), (
+        "single_transformer_blocks.0.attn", "single"), ("single_transformer_blocks.1.attn", "single")]
+    assert len(seen.seen[sites[0].name]) == 4 and len(store.calls) == 2  # cond, uncond per step; cond kept
+    assert store.token_indices(0, "dog") == [[3]] and store.token_indices(1, "dog") == [[18, 19, 20], [25]]
+    from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
+
+    glyphs = len(pipe.tokenizer_2(extract_glyph_text(prompts[1])).input_ids)  # the quoted text as the pipeline reads it
+    assert store.token_kinds(1)[:glyphs] == ["unknown"] * glyphs and store.token_kinds(1)[glyphs] == "word"
+    assert store.token_kinds(0)[0] == "word" and "unknown" not in store.token_kinds(0)
+    n_image, n_text = 8 * 16, 32 + 16
+    for site in sites:
+        a = copy.deepcopy(pipe.transformer.get_submodule(site.name)).double()
+        assert store[site.name].shape[3:] == (8, 16, n_text)
+        for call in range(len(store.calls)):
+            inputs = seen.seen[site.name][store.calls[call].index]
+            h, e = inputs["hidden_states"].double(), inputs["encoder_hidden_states"].double()
+            heads = lambda x: x.unflatten(-1, (a.heads, -1))  # noqa: E731
+            if site.kind == "joint":
+                q = torch.cat([a.norm_q(heads(a.to_q(h))), a.norm_added_q(heads(a.add_q_proj(e)))], dim=1)
+                k = torch.cat([a.norm_k(heads(a.to_k(h))), a.norm_added_k(heads(a.add_k_proj(e)))], dim=1)
+            else:
+                x = torch.cat([h, e], dim=1)
+                q, k = a.norm_q(heads(a.to_q(x))), a.norm_k(heads(a.to_k(x)))
+            cos, sin = inputs["image_rotary_emb"]
+            q, k = _rotate_image(q, cos, sin, n_image), _rotate_image(k, cos, sin, n_image)
+            logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+            logits = logits.masked_fill(~inputs["attention_mask"].bool(), float("-inf"))
+            want = logits.softmax(-1)[[s.row for s in store.samples]][:, :, :n_image, n_image:]
+            got = store[site.name][call].flatten(2, 3).double()
+            assert (got - want).abs().max() <= 1e-6, (site.name, call)
+            pad = torch.tensor([kind == "pad" for kind in store.token_kinds(0)])
+            assert float(got[0][..., pad].abs().max()) == 0 and float(got[1, ..., :glyphs].sum(-1).min()) > 0

@@ -46,7 +46,7 @@ class DenoiserCall:
         image_prompt: ``encoder_hidden_states`` came as IP-Adapter's ``(text states, image-prompt states)``.
         shapes: Qwen-Image's ``img_shapes`` (per sample ``[(frames, rows, columns)]`` of packed tokens), or ``None``.
         more_text: text positions the denoiser joins after ``states`` (HunyuanDiT's ``encoder_hidden_states_t5``;
-            HiDream's states are its T5's, then two Llama layers'), or 0.
+            HiDream's states are its T5's, then two Llama layers'; HunyuanImage's ByT5 ``encoder_hidden_states_2``), or 0.
     """
 
     sample: object
@@ -77,6 +77,8 @@ class DenoiserCall:
         more = int(t5.shape[1]) if isinstance(t5, torch.Tensor) and t5.ndim == 3 and t5 is not states else 0
         if isinstance(llama, torch.Tensor) and llama.ndim == 4:  # HiDream: [layer, batch, token, hidden], read twice
             more += 2 * int(llama.shape[2])
+        glyphs = kwargs.get("encoder_hidden_states_2")  # HunyuanImage's ByT5 positions, joined to the text
+        more += int(glyphs.shape[1]) if isinstance(glyphs, torch.Tensor) and glyphs.ndim == 3 else 0
         return cls(sample, timestep, states, mask if isinstance(mask, torch.Tensor) else None,
                    ids if isinstance(ids, torch.Tensor) else None, image_prompt,
                    shapes if isinstance(shapes, (list, tuple)) and shapes else None, more)

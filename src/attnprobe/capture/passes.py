@@ -28,7 +28,7 @@ import math
 
 from ..errors import ArgumentError, ProbeError
 
-__all__ = ["PASS_LABELS", "REFUSED", "PROMPT_FIRST", "blocks", "refuse", "guidance_on", "check_guidance"]
+__all__ = ["PASS_LABELS", "REFUSED", "PROMPT_FIRST", "blocks", "refuse", "guidance_on", "guider_on", "check_guidance"]
 
 #: every pass label a store's samples can carry, with what its rows are
 PASS_LABELS = {
@@ -149,6 +149,16 @@ def guidance_on(pipe, scale: float | None = None) -> bool | None:
     if scale is None:
         scale = getattr(pipe, "_guidance_scale", None)
     return None if scale is None else bool(scale > 1)
+
+
+def guider_on(loc: dict | None) -> bool:
+    """Whether a pipeline that guides through a diffusers guider (HunyuanImage: the ``guider`` local of its
+    ``__call__``) runs an unconditional pass at the step in progress: the guider is enabled with two conditions."""
+    guider = (loc or {}).get("guider")
+    try:
+        return bool(guider is not None and guider._enabled and guider.num_conditions > 1)
+    except Exception:  # another guider API: nothing says
+        return False
 
 
 def check_guidance(guidance) -> float:

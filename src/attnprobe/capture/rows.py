@@ -20,7 +20,7 @@ from ..store.records import Sample
 from ..text.tokens import TokenLayout, concat_layouts, decode_ids, token_layout, unlabelled_layout
 from .evidence import encodings, same_rows, verdicts
 from .families import family_of
-from .passes import blocks, guidance_on, refuse
+from .passes import blocks, guidance_on, guider_on, refuse
 
 __all__ = ["BatchRows", "BatchLabels", "as_texts"]
 
@@ -193,14 +193,15 @@ class BatchRows:
 
     def _separate_calls(self, loc: dict, states, batch: int) -> bool:
         """Whether a guided pipeline without Flux's ``true_cfg_scale`` runs its passes as separate denoiser calls
-        (Wan, Chroma, CogView4, Lumina 2: ``transformer(prompt_embeds)``, then ``transformer(negative_prompt_embeds)``):
+        (Wan, Chroma, CogView4, Lumina 2, HunyuanImage's guider: ``transformer(prompt_embeds)``, then
+        ``transformer(negative_prompt_embeds)``):
         the first call's conditioning is the very ``prompt_embeds`` tensor of ``__call__``, with the rows of
         ``negative_prompt_embeds``, not the two concatenated (as batched pipelines pass them)."""
         positive, negative = loc.get("prompt_embeds"), loc.get("negative_prompt_embeds")
         if not (isinstance(positive, torch.Tensor) and isinstance(negative, torch.Tensor)):
             return False
         return (states is positive and negative is not positive and positive.shape[0] == negative.shape[0] == batch
-                and bool(guidance_on(self.pipe)))
+                and (bool(guidance_on(self.pipe)) or guider_on(loc)))
 
     def uncond_call(self, states) -> bool:
         """Whether this denoiser call is a separate unconditional call (Flux true CFG, Wan, Chroma): the pipeline hands it its

@@ -72,6 +72,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "ZImagePipeline": ("zimage", "tests/test_more_families.py"),
     "Kandinsky3Pipeline": ("kandinsky3", "tests/test_more_families.py"),
     "HiDreamImagePipeline": ("hidream", "tests/test_more_families.py"),
+    "HunyuanImagePipeline": ("hunyuanimage", "tests/test_more_families.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),

@@ -16,7 +16,8 @@ from .configs import SDXL_UNET
 from .tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer
 
 __all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_cogview4_pipeline", "tiny_kolors_pipeline",
-           "tiny_lumina2_pipeline", "tiny_zimage_pipeline", "tiny_hidream_pipeline"]
+           "tiny_lumina2_pipeline", "tiny_zimage_pipeline", "tiny_hidream_pipeline",
+           "tiny_hunyuanimage_pipeline"]
 
 
 def _gemma2(tokenizer, layers: int):
@@ -55,8 +56,6 @@ def tiny_qwen_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                            QwenImageTransformer2DModel)
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     tokenizer = llm_tokenizer()
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
@@ -66,6 +65,19 @@ def tiny_qwen_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    torch.manual_seed(seed + 2)
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=_qwen25vl(tokenizer), tokenizer=tokenizer, transformer=transformer)
+    head = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(head).input_ids)
+    return finish(pipe, dtype)
+
+
+def _qwen25vl(tokenizer):
+    """A 2-layer Qwen2.5-VL encoder of width 16 (and a 1-layer vision tower) over ``tokenizer``'s vocabulary, seeded
+    by the caller (Qwen-Image's and HunyuanImage's text encoder)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
         ("vision_token_id", "<|image_pad|>"), ("image_token_id", "<|image_pad|>"))}
@@ -78,13 +90,7 @@ def tiny_qwen_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         hidden_size=16, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **ids,
     )
-    torch.manual_seed(seed + 2)
-    encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
-                             tokenizer=tokenizer, transformer=transformer)
-    head = pipe.prompt_template_encode.split("{}")[0]
-    pipe.prompt_template_encode_start_idx = len(tokenizer(head).input_ids)
-    return finish(pipe, dtype)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
 def tiny_sana_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -308,4 +314,46 @@ def tiny_hidream_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         tokenizer_4=tokenizer, transformer=transformer,
     )
     pipe.default_sample_size = 8
+    return finish(pipe, dtype)
+
+
+def tiny_hunyuanimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``HunyuanImagePipeline`` with HunyuanImage 2.1's structure: a 1-layer token refiner, 1 double-stream and 2
+    single-stream blocks (2 heads of 8 channels, patch size 1, RoPE on the image positions), ``_qwen25vl`` reading
+    the prompt inside the pipeline's chat template (32 positions kept after the template's head, as the real one keeps
+    1000), a 1-layer ByT5 encoder of width 32 (``ByT5Tokenizer``, 16 positions of the prompt's quoted text, as the
+    real one's 128), a 4-level HunyuanImage VAE (8×, the real one 32×), a flow-matching Euler scheduler and the
+    default guider (classifier-free guidance as separate calls).
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import (AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline,
+                           HunyuanImageTransformer2DModel)
+    from diffusers.guiders import AdaptiveProjectedMixGuidance
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    tokenizer, glyphs = llm_tokenizer(), ByT5Tokenizer()
+    torch.manual_seed(seed)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=2,
+        num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16, text_embed_2_dim=32, rope_axes_dim=(4, 4),
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLHunyuanImage(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+        spatial_compression_ratio=8, sample_size=64, scaling_factor=1.0,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    encoder = _qwen25vl(tokenizer)
+    torch.manual_seed(seed + 3)
+    byt5 = T5EncoderModel(T5Config(vocab_size=len(glyphs), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                   num_heads=4)).eval()
+    pipe = HunyuanImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+        text_encoder_2=byt5, tokenizer_2=glyphs, transformer=transformer, guider=AdaptiveProjectedMixGuidance(),
+    )
+    head = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(head).input_ids)
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length = 32, 16
     return finish(pipe, dtype)

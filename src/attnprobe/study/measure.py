@@ -67,11 +67,16 @@ def initial_latents(pipe, seed: int, size: int, copies: int, device, dtype) -> t
 def guided(pipe, options: dict) -> dict:
     """The call options with the study's guidance applied as the pipeline applies guidance: ``guidance_scale``, or,
     for a pipeline that ignores it (no guidance embedding) but runs true classifier-free guidance (Qwen-Image, and
-    Flux without a guidance embedding), ``true_cfg_scale`` too, with an empty negative prompt (``negatives``)."""
+    Flux without a guidance embedding), ``true_cfg_scale`` too, with an empty negative prompt (``negatives``); for a
+    pipeline that guides through its ``guider`` (HunyuanImage: no ``guidance_scale`` argument), the guider's scale is
+    set (the study built the pipeline) and the option dropped."""
     params = inspect.signature(type(pipe).__call__).parameters
     embedded = bool(getattr(getattr(denoiser_of(pipe), "config", None), "guidance_embeds", True))
     if "true_cfg_scale" in params and not embedded:
         return {**options, "true_cfg_scale": options["guidance_scale"]}
+    if "guidance_scale" not in params and hasattr(getattr(pipe, "guider", None), "guidance_scale"):
+        pipe.guider.guidance_scale = options["guidance_scale"]
+        return {k: v for k, v in options.items() if k != "guidance_scale"}
     return options
 
 

@@ -215,12 +215,13 @@ def template_layout(tokenizer, templated: str, start: int, text: str, n: int | N
                        truncated_at=max(0, cut - start) if cut is not None and cut < end else None, source=source)
 
 
-def select_positions(layout: TokenLayout, positions: list[int | None]) -> TokenLayout:
+def select_positions(layout: TokenLayout, positions: list[int | str | None]) -> TokenLayout:
     """The layout of the keys a pipeline made from an encoding's positions: key ``i`` is encoded position
-    ``positions[i]``; ``None`` marks a key the pipeline added (zero padding: kind ``"pad"``, id -1)."""
-    pick = lambda values, empty: [values[p] if p is not None else empty for p in positions]  # noqa: E731
+    ``positions[i]``; ``None`` marks a key the pipeline added (zero padding: kind ``"pad"``, id -1), ``"unknown"`` a
+    key of another encoder whose positions are not labelled (HunyuanImage's ByT5 glyph bytes: kind ``"unknown"``)."""
+    pick = lambda values, empty: [values[p] if isinstance(p, int) else empty for p in positions]  # noqa: E731
     return TokenLayout(
-        strings=pick(layout.strings, ""), kinds=pick(layout.kinds, "pad"),
+        strings=pick(layout.strings, ""), kinds=[layout.kinds[p] if isinstance(p, int) else p or "pad" for p in positions],
         ids=pick(layout.ids, -1) if layout.ids is not None else None, text=layout.text,
         offsets=pick(layout.offsets or [None] * len(layout.strings), None), truncated_at=layout.truncated_at,
         source=layout.source, streams=pick(layout.streams, "") if layout.streams else [],

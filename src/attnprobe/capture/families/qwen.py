@@ -9,12 +9,7 @@ the batch with zeros. The keys are the user's words, then the end of the templat
 kind ``"template"``), then ``"pad"``.
 """
 
-from .registry import Family, first_text_encoder
-
-
-def _template(pipe, prompt: str, n_keys: int):
-    template = pipe.prompt_template_encode
-    return [(template.format(prompt), len(template.split("{}")[0]), None)]
+from .registry import Family, encode_template, first_text_encoder
 
 
 def _positions(pipe, layout, n_keys: int):
@@ -31,6 +26,6 @@ FAMILY = Family(
     text_streams=first_text_encoder,
     reader="kernel",
     text_first=True,
-    template=_template,
+    template=encode_template,
     text_positions=_positions,
 )

@@ -15,7 +15,7 @@ import torch
 
 from ...text.tokens import TokenLayout, select_positions, template_layout
 
-__all__ = ["Family", "first_text_encoder", "unet_order", "chat_rendering"]
+__all__ = ["Family", "first_text_encoder", "unet_order", "chat_rendering", "encode_template"]
 
 #: ``(encoder attribute, tokenizer attribute)`` pairs of a pipeline, in the order of the denoiser's text keys
 TextStreams = list[tuple[str, str]]
@@ -163,6 +163,13 @@ def chat_rendering(tokenizer, messages, prompt: str, n_keys: int, **options):
         return None
     start = marked.index(_SENTINEL)
     return (templated, start, n_keys) if templated[start:start + len(prompt)] == prompt else None
+
+
+def encode_template(pipe, prompt: str, n_keys: int):
+    """A ``Family.template`` for pipelines that format the prompt into ``pipe.prompt_template_encode`` (``"…{}…"``:
+    Qwen-Image, HunyuanImage): the one candidate, the prompt starting where the template's ``{}`` is."""
+    template = pipe.prompt_template_encode
+    return [(template.format(prompt), len(template.split("{}")[0]), None)]
 
 
 def first_text_encoder(pipe) -> TextStreams:

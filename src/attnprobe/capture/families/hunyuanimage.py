@@ -1,0 +1,54 @@
+"""HunyuanImage 2.1 (``HunyuanImageTransformer2DModel``): double-stream blocks (``transformer_blocks.i.attn``, text
+projections of their own) then single-stream blocks (``single_transformer_blocks.i.attn``), one softmax over
+``[image; text]`` with RoPE on the image positions only and the text padding masked out; read at the kernel.
+
+Text keys: Qwen2.5-VL's hidden states (third from last) of the prompt inside the pipeline's chat template
+(``pipe.prompt_template_encode``), its first ``prompt_template_encode_start_idx`` positions dropped
+(``tokenizer_max_length`` positions, 1000), then ByT5's ``tokenizer_2_max_length`` (128) positions of the prompt's
+quoted text (its glyphs; zeros, all masked, when it quotes nothing). The transformer reorders each row's keys to
+``[attended ByT5; attended Qwen; masked ByT5; masked Qwen]``, so where the words sit depends on the row: the family
+labels each row in that order. ByT5's tokenizer has no offsets (no fast version): its glyph positions are
+``"unknown"``, and a concept is found in the Qwen positions only. Guidance runs as separate calls (the pipeline's
+guider: conditional first).
+"""
+
+from __future__ import annotations
+
+from .registry import Family, encode_template, first_text_encoder
+
+
+def _glyph_len(pipe, prompt: str) -> int:
+    """The attended ByT5 positions of the prompt's quoted text, as the pipeline encodes it (0: no quoted text)."""
+    from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
+
+    glyph = extract_glyph_text(prompt)
+    if glyph is None:
+        return 0
+    size = pipe.tokenizer_2_max_length
+    return len(pipe.tokenizer_2(glyph, max_length=size, truncation=True, add_special_tokens=True).input_ids)
+
+
+def _positions(pipe, layout, n_keys: int):
+    # the pipeline keeps the encoding past the template's head; the transformer then moves each stream's attended
+    # positions first: [attended ByT5; attended Qwen; masked ByT5; masked Qwen]
+    drop = pipe.prompt_template_encode_start_idx
+    kinds = layout.kinds[drop:]
+    attended = [drop + i for i, kind in enumerate(kinds) if kind != "pad"]
+    masked = [drop + i for i, kind in enumerate(kinds) if kind == "pad"]
+    n_glyph = n_keys - len(kinds)
+    glyph = _glyph_len(pipe, layout.text or "")
+    return ["unknown"] * glyph + attended + [None] * (n_glyph - glyph) + masked
+
+
+FAMILY = Family(
+    name="hunyuanimage",
+    title="HunyuanImage 2.1 (HunyuanImageTransformer2DModel)",
+    denoisers=("HunyuanImageTransformer2DModel",),
+    kinds=("joint", "single"),
+    text_streams=first_text_encoder,
+    single_needs_joint=True,
+    reader="kernel",
+    text_first=False,
+    template=encode_template,
+    text_positions=_positions,
+)
