@@ -37,7 +37,8 @@ import torch
 from .._version import __version__
 from .._atomic import write_atomic
 from ..capture import checked_family, denoiser_of
-from ..errors import ConfigError
+from ..capture.encoders import pipeline_encoding
+from ..errors import AttnprobeError, ConceptError, ConfigError
 from ..interventions import intervene, parse_interventions
 from ..models.loader import OFFLINE_MODELS, TINY_MODELS, check_model_name, first_line, load_pipeline
 from ..models.shapes.model import tokenizer as shapes_tokenizer
@@ -401,15 +402,21 @@ def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None, s
 
 def _run_cell(pipe, cell, plan: "_Plan"):
     """One cell's record (every row with its ``model``) and tensors: a generation, or the text analysis."""
-    if cell.kind == "text" and (text_unsupported(pipe) or denoiser_of(pipe) is not getattr(pipe, "unet", None)):
-        if cell.model not in plan.notes:
-            plan.notes.add(cell.model)
-            warn(f"{cell.model}: text similarity skipped: " + (text_unsupported(pipe) or "its similarity tables "
-                 "compare the conditioning UNet pipelines build (CLIP), not transformer pipelines' (SD3: CLIP + T5)"))
-        record, tensors = {"text": []}, {}
-    elif cell.kind == "text":
+    if cell.kind == "text":
         prompts = {v: t.format(c=cell.concept) for v, t in plan.variants.items()}
-        record, tensors = {"text": similarity_rows(pipe, cell.concept, prompts)}, {}
+        # encode_text rebuilds the CLIP conditioning of UNet pipelines; every other family's encoders are read
+        # through the pipeline's own encode_prompt
+        rebuilt = text_unsupported(pipe) is None and denoiser_of(pipe) is getattr(pipe, "unet", None)
+        try:
+            rows = similarity_rows(pipe, cell.concept, prompts, encode=None if rebuilt else pipeline_encoding)
+        except AttnprobeError as exc:
+            if isinstance(exc, ConceptError) or rebuilt:
+                raise
+            if cell.model not in plan.notes:
+                plan.notes.add(cell.model)
+                warn(f"{cell.model}: text similarity skipped: {exc}")
+            rows = []
+        record, tensors = {"text": rows}, {}
     else:
         size = int(plan.size or measure.default_size(pipe, cell.model))
         maps = plan.out / "maps" / cell.id if plan.capture["save"] else None

@@ -51,7 +51,10 @@ def _real(layout: TokenLayout) -> list[int]:
 
 
 def _end(layout: TokenLayout) -> int:
-    return layout.kinds.index("end") if "end" in layout.kinds else len(layout.kinds) - 1
+    # the end token; without one (an LLM encoder), the last position that is not padding
+    if "end" in layout.kinds:
+        return layout.kinds.index("end")
+    return max((i for i, k in enumerate(layout.kinds) if k != "pad"), default=len(layout.kinds) - 1)
 
 
 def _aligned(n_base: int, n_other: int) -> list[int]:
@@ -265,13 +268,16 @@ def instruction_attention(encoding: TextEncoding, concept: str, instruction: lis
 
 
 def similarity_rows(pipe, concept: str, prompts: dict[str, str], baseline: str = "baseline",
-                    control: str = "repetition") -> list[dict]:
+                    control: str = "repetition", encode=None) -> list[dict]:
     """Tidy rows of ``compare_text`` for every variant against the baseline, per encoder and layer.
 
     Args:
         pipe: the pipeline. concept: the concept. prompts: ``{variant: prompt}``, including ``baseline``.
         baseline: the baseline's variant name.
         control: the repetition control's variant name.
+        encode: ``(pipe, prompt) -> TextEncoding``. Default: ``encode_text`` (CLIP and T5 encoders of UNet
+            pipelines); ``attnprobe.capture.encoders.pipeline_encoding`` reads any family's encoders through the
+            pipeline's ``encode_prompt``.
 
     Returns:
         Rows ``{concept, variant, encoder, layer, concept_cos, concept_cos_last, eos_cos, seq_flat_cos,
@@ -283,7 +289,8 @@ def similarity_rows(pipe, concept: str, prompts: dict[str, str], baseline: str =
     Raises:
         ConceptError: the concept is missing from a prompt. KeyError: no baseline prompt.
     """
-    encoded = {name: encode_text(pipe, text, attentions=False) for name, text in prompts.items()}
+    encoded = {name: (encode(pipe, text) if encode is not None else encode_text(pipe, text, attentions=False))
+               for name, text in prompts.items()}
     base = encoded[baseline]
     rows = []
     for name, enc in encoded.items():
