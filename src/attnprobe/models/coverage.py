@@ -70,6 +70,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "Lumina2Pipeline": ("lumina2", "tests/test_families.py"),
     "ZImagePipeline": ("zimage", "tests/test_more_families.py"),
     "Kandinsky3Pipeline": ("kandinsky3", "tests/test_more_families.py"),
+    "StableCascadePriorPipeline": ("cascade-prior", "tests/test_more_families.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
