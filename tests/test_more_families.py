@@ -246,3 +246,15 @@ def test_cascade_decoder_is_refused_before_anything_runs(cascade):
     assert verdicts["StableCascadeCombinedPipeline"].family == "cascade-decoder"
     assert verdicts["StableCascadePriorPipeline"].verdict == "tested (tests/test_more_families.py)"
 
+
+
+def test_a_study_of_the_cascade_prior_is_refused_up_front(tmp_path, capsys):
+    """The prior makes image embeddings, not images to score and draw: the study says so in one line before it
+    writes anything."""
+    from attnprobe.study import cli
+
+    code = cli.main(["study", "--model", "tiny-cascade-prior", "--out", str(tmp_path / "o"), "--seeds", "0",
+                     "--steps", "2", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("attnprobe: error: StableCascadePriorPipeline returns image_embeddings")
+    assert "not images" in err and "\n" not in err and not (tmp_path / "o").exists()
