@@ -217,8 +217,10 @@ def test_cascade_prior_with_two_image_embeddings_counts_their_keys(cascade):
 
 def test_cascade_decoder_is_refused_before_anything_runs(cascade):
     """The decoder's UNet attends to the pooled text alone (no token to record): refused, naming why and the prior to
-    probe instead, before its text encoder or decoder runs; a combined pipeline (whose denoiser is its decoder) too."""
-    from diffusers import DDPMWuerstchenScheduler, StableCascadeDecoderPipeline, StableCascadeUNet
+    probe instead, before its text encoder or decoder runs; a combined pipeline (whose denoiser is its decoder) too,
+    while a probe of its prior_pipe records the prior's calls as the combined pipeline runs."""
+    from diffusers import (DDPMWuerstchenScheduler, StableCascadeCombinedPipeline, StableCascadeDecoderPipeline,
+                           StableCascadeUNet)
     from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import PaellaVQModel
 
     torch.manual_seed(0)
@@ -241,6 +243,18 @@ def test_cascade_decoder_is_refused_before_anything_runs(cascade):
         for h in hooks:
             h.remove()
     assert not ran
+    combined = StableCascadeCombinedPipeline(
+        tokenizer=cascade.tokenizer, text_encoder=cascade.text_encoder, decoder=decoder,
+        scheduler=DDPMWuerstchenScheduler(), vqgan=vqgan, prior_prior=cascade.prior,
+        prior_text_encoder=cascade.text_encoder, prior_tokenizer=cascade.tokenizer, prior_scheduler=cascade.scheduler)
+    combined.set_progress_bar_config(disable=True)
+    with pytest.raises(ProbeError, match="StableCascadeCombinedPipeline .* is Stable Cascade's decoder.*prior_pipe"):
+        attnprobe.probe(combined).__enter__()
+    with attnprobe.probe(combined.prior_pipe) as store:
+        combined(prompt="a dog", num_inference_steps=2, prior_num_inference_steps=2, height=64, width=64,
+                 output_type="pt")
+    assert len(store.calls) == 2 and [(s.pass_label, s.text) for s in store.samples] == [("cond", "a dog")]
+    assert store.token_indices(0, "dog") == [[2]]
     verdicts = {v.pipeline: v for v in pipeline_verdicts()}
     assert verdicts["StableCascadeDecoderPipeline"].verdict.startswith("refused: Stable Cascade's decoder")
     assert verdicts["StableCascadeCombinedPipeline"].family == "cascade-decoder"
