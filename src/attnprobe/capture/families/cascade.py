@@ -6,7 +6,14 @@ self-attention) whose image queries attend over ``[image (h·w); clip]`` keys in
 ``[clip_text (CLIP's 77 positions); clip_text_pooled × clip_seq; clip_img × clip_seq]``. The family names these
 modules joint sites (``site_kind``) read at the kernel, the text after the image (``text_first=False``); the pooled
 text and the image embedding (zeros for text to image) are keys after the text (``keys_after``): they share the
-softmax with the image keys and are not on the ``token`` axis, so an ``exact`` map's rows sum to the text share.
+softmax with the image keys and are not on the ``token`` axis.
+
+Maps: ``[call, sample, head, qh, qw, token]`` per site, ``(qh, qw)`` the prior's latent grid (the latent side is the
+pixel side over the pipeline's ``resolution_multiple``, 42.67; the released prior, ``switch_level=(False,)``, keeps
+that resolution in every block, and a site at another scale gets its own grid, ``query_grid``), ``token`` CLIP's 77
+positions. ``joint="exact"`` (default): each value is the key's share of the whole softmax
+over ``h·w + 77 + clip_seq·(1 + images)`` keys, so a row sums to the text share, below 1; ``"renorm"``: the softmax
+over the 77 text keys alone, rows summing to 1.
 
 Text keys: ``clip_text``, the last hidden states of the CLIP text encoder with projection, every position (no mask).
 The pipeline puts the prompts' rows before the negative prompts' (``passes.PROMPT_FIRST``). The denoiser's output is
