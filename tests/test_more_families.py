@@ -1,5 +1,6 @@
-"""Z-Image (each row's own caption joined with the image in padded sequences, read at the attention kernel) and
-Kandinsky 3 (a UNet of its own whose self-attention looks like cross-attention); tiny pipelines
+"""Z-Image (each row's own caption joined with the image in padded sequences, read at the attention kernel),
+Kandinsky 3 (a UNet of its own whose self-attention looks like cross-attention) and Stable Cascade's prior (image
+queries over [image; text; pooled text and image embedding] keys; its decoder refused); tiny pipelines
 (``attnprobe.testing.tiny_pipeline``), CPU.
 
 The float64 references never touch attnprobe: our own pre-forward hooks keep each attention module's inputs, q and k
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 import attnprobe
+from attnprobe.errors import ProbeError
+from attnprobe.models.coverage import pipeline_verdicts
 from attnprobe.testing import tiny_pipeline
 from test_families import Inputs
 
@@ -254,3 +257,136 @@ def test_hunyuanimage_rows_reordered_by_their_masks_against_a_float64_reference(
             assert (got - want).abs().max() <= 1e-6, (site.name, call)
             pad = torch.tensor([kind == "pad" for kind in store.token_kinds(0)])
             assert float(got[0][..., pad].abs().max()) == 0 and float(got[1, ..., :glyphs].sum(-1).min()) > 0
+
+
+def cascade():
+    return tiny_pipeline("cascade-prior")
+
+
+def _cascade_run(pipe, prompts, **kwargs):
+    """Image embeddings without and with a probe (passes="all", fp32), each site's inputs and the prior's clip_text."""
+    kwargs = dict(num_inference_steps=2, height=64, width=96, **kwargs)
+    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).image_embeddings
+    sites = attnprobe.list_sites(pipe)
+    texts = []
+    hook = pipe.prior.register_forward_pre_hook(lambda m, a, k: texts.append(k["clip_text"]), with_kwargs=True)
+    try:
+        with Inputs(pipe.prior, [s.name for s in sites]) as seen, attnprobe.probe(
+                pipe, passes="all", dtype=torch.float32) as store:
+            probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).image_embeddings
+    finally:
+        hook.remove()
+    assert torch.equal(plain, probed)
+    return store, sites, seen, texts
+
+
+@torch.no_grad()
+def _check_cascade(pipe, store, sites, seen, texts, n_after):
+    """Every site, call and sample against the float64 softmax of the image queries over all keys
+    ``[image (h·w); text (77); n_after]``, taken at the text keys."""
+    for site in sites:
+        a = copy.deepcopy(pipe.prior.get_submodule(site.name)).double()
+        block = pipe.prior.get_submodule(site.name.rpartition(".")[0])
+        for call in range(len(store.calls)):
+            inputs = seen.seen[site.name][store.calls[call].index]
+            x = inputs["hidden_states"].flatten(2).transpose(1, 2)  # the block's norm_x, [batch, h·w, channel]
+            kv = inputs["encoder_hidden_states"]
+            n_image = x.shape[1]
+            assert kv.shape[1] == n_image + 77 + n_after and torch.equal(kv[:, :n_image], x)  # image keys first
+            # the 77 keys after the image are the prompt's CLIP positions, as the block maps them
+            clip_text = texts[store.calls[call].index]
+            mapped = block.kv_mapper(pipe.prior.clip_norm(pipe.prior.clip_txt_mapper(clip_text)))
+            assert torch.allclose(kv[:, n_image:n_image + 77], mapped, atol=1e-5)
+            q = a.to_q(x.double()).unflatten(-1, (a.heads, -1)).transpose(1, 2)
+            k = a.to_k(kv.double()).unflatten(-1, (a.heads, -1)).transpose(1, 2)
+            probs = (q @ k.transpose(-1, -2) * a.scale).softmax(-1)  # [batch, head, h·w, all keys]
+            got = store[site.name][call].flatten(2, 3).double()  # [sample, head, h·w, token]
+            for sample in store.samples:
+                want = probs[sample.row, :, :, n_image:n_image + 77]
+                assert (got[sample.index] - want).abs().max() <= 1e-6, (site.name, call, sample)
+            # the pooled text and the image embedding take a share: the rows sum to the text share, under 1
+            assert float(probs[..., n_image + 77:].sum(-1).min()) > 0 and float(got.sum(-1).max()) < 1
+
+
+def test_cascade_prior_against_a_float64_reference(cascade):
+    """Stable Cascade's prior: its attention blocks' image queries over [image; CLIP's 77 positions; pooled text × 4;
+    image embedding × 4] keys are the sites; the prior's output (image embeddings) is bit-identical with the probe on;
+    the prompts' rows come first; the grid is the latent's (64 × 96 px over resolution_multiple 16: 4 × 6)."""
+    prompts = ["a picture of dog", "a brown dog"]
+    store, sites, seen, texts = _cascade_run(cascade, prompts)
+    assert [(s.name, s.kind) for s in sites] == [(f"{part}_blocks.{level}.2.attention", "joint")
+                                                 for part in ("down", "up") for level in (0, 1)]
+    assert store.meta["family"] == "cascade" and store.meta["row_evidence"] == "encode_prompt"
+    assert [(s.pass_label, s.prompt_index, s.row, s.text) for s in store.samples] == [
+        ("cond", 0, 0, prompts[0]), ("cond", 1, 1, prompts[1]), ("uncond", 0, 2, ""), ("uncond", 1, 3, "")]
+    assert store.token_indices(0, "dog") == [[4]] and store.token_indices(1, "dog") == [[3]]
+    assert all(store[s.name].shape[3:] == (4, 6, 77) for s in sites)
+    assert all(v["verdict"] == "equal" for v in store.meta["processor_check"].values())
+    _check_cascade(cascade, store, sites, seen, texts, n_after=8)
+
+
+def test_cascade_prior_with_two_image_embeddings_counts_their_keys(cascade):
+    """An image prompt of two embeddings adds 4 keys each after the pooled text's 4: the keys after the text are
+    counted per call from the prior's arguments, not assumed."""
+    image_embeds = torch.randn(1, 2, 16, generator=torch.Generator().manual_seed(1))
+    store, sites, seen, texts = _cascade_run(cascade, ["a dog"], image_embeds=image_embeds)
+    _check_cascade(cascade, store, sites, seen, texts, n_after=12)
+
+
+def test_cascade_decoder_is_refused_before_anything_runs(cascade):
+    """The decoder's UNet attends to the pooled text alone (no token to record): refused, naming why and the prior to
+    probe instead, before its text encoder or decoder runs; a combined pipeline (whose denoiser is its decoder) too,
+    while a probe of its prior_pipe records the prior's calls as the combined pipeline runs."""
+    from diffusers import (DDPMWuerstchenScheduler, StableCascadeCombinedPipeline, StableCascadeDecoderPipeline,
+                           StableCascadeUNet)
+    from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import PaellaVQModel
+
+    torch.manual_seed(0)
+    decoder = StableCascadeUNet(
+        in_channels=4, out_channels=4, conditioning_dim=16, block_out_channels=(16, 16), num_attention_heads=(2, 2),
+        down_num_layers_per_block=(1, 1), up_num_layers_per_block=(1, 1), clip_text_pooled_in_channels=32,
+        effnet_in_channels=16, pixel_mapper_in_channels=3, switch_level=(False,), timestep_conditioning_type=("sca",),
+    ).eval()
+    vqgan = PaellaVQModel(levels=2, bottleneck_blocks=1, embed_dim=8, latent_channels=4, num_vq_embeddings=8)
+    pipe = StableCascadeDecoderPipeline(decoder=decoder, tokenizer=cascade.tokenizer, text_encoder=cascade.text_encoder,
+                                        scheduler=DDPMWuerstchenScheduler(), vqgan=vqgan)
+    ran = []
+    hooks = [m.register_forward_pre_hook(lambda *a: ran.append(1)) for m in (decoder, cascade.text_encoder)]
+    try:
+        with pytest.raises(ProbeError, match="StableCascadeDecoderPipeline .* is Stable Cascade's decoder.*pooled CLIP "
+                                             "text embedding alone.*no token.*StableCascadePriorPipeline"):
+            with attnprobe.probe(pipe):
+                pipe(image_embeddings=torch.zeros(1, 16, 4, 4), prompt="a dog", num_inference_steps=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not ran
+    combined = StableCascadeCombinedPipeline(
+        tokenizer=cascade.tokenizer, text_encoder=cascade.text_encoder, decoder=decoder,
+        scheduler=DDPMWuerstchenScheduler(), vqgan=vqgan, prior_prior=cascade.prior,
+        prior_text_encoder=cascade.text_encoder, prior_tokenizer=cascade.tokenizer, prior_scheduler=cascade.scheduler)
+    combined.set_progress_bar_config(disable=True)
+    with pytest.raises(ProbeError, match="StableCascadeCombinedPipeline .* is Stable Cascade's decoder.*prior_pipe"):
+        attnprobe.probe(combined).__enter__()
+    with attnprobe.probe(combined.prior_pipe) as store:
+        combined(prompt="a dog", num_inference_steps=2, prior_num_inference_steps=2, height=64, width=64,
+                 output_type="pt")
+    assert len(store.calls) == 2 and [(s.pass_label, s.text) for s in store.samples] == [("cond", "a dog")]
+    assert store.token_indices(0, "dog") == [[2]]
+    verdicts = {v.pipeline: v for v in pipeline_verdicts()}
+    assert verdicts["StableCascadeDecoderPipeline"].verdict.startswith("refused: Stable Cascade's decoder")
+    assert verdicts["StableCascadeCombinedPipeline"].family == "cascade-decoder"
+    assert verdicts["StableCascadePriorPipeline"].verdict == "tested (tests/test_more_families.py)"
+
+
+
+def test_a_study_of_the_cascade_prior_is_refused_up_front(tmp_path, capsys):
+    """The prior makes image embeddings, not images to score and draw: the study says so in one line before it
+    writes anything."""
+    from attnprobe.study import cli
+
+    code = cli.main(["study", "--model", "tiny-cascade-prior", "--out", str(tmp_path / "o"), "--seeds", "0",
+                     "--steps", "2", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("attnprobe: error: StableCascadePriorPipeline returns image_embeddings")
+    assert "not images" in err and "\n" not in err and not (tmp_path / "o").exists()

@@ -10,7 +10,8 @@
 
 The probe (``attnprobe.capture.recorder``) and the interventions (``attnprobe.interventions``) read the arguments of
 the same pre-forward hook the same way: ``(sample, timestep, encoder_hidden_states)`` positionally or by name, as
-diffusers' pipelines call UNets and transformers.
+diffusers' pipelines call UNets and transformers (Stable Cascade's prior: ``timestep_ratio`` and ``clip_text``, by
+name).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ class DenoiserCall:
 
     Attributes:
         sample: the latents, ``[batch, channel, h, w]`` (or ``[batch, token, channel]`` packed, with ``img_ids``).
-        timestep: as passed (a tensor, a number or ``None``).
-        states: ``encoder_hidden_states`` ``[batch, token, hidden]`` (the text part of IP-Adapter's tuple), or ``None``.
+        timestep: as passed (a tensor, a number or ``None``; Stable Cascade: its ``timestep_ratio``, 1 → 0).
+        states: ``encoder_hidden_states`` ``[batch, token, hidden]`` (the text part of IP-Adapter's tuple; Stable
+            Cascade's prior: ``clip_text``), or ``None``.
         mask: ``encoder_attention_mask`` (PixArt: T5's padding mask, 1 = attended), or ``None``.
         img_ids: Flux's packed-latent position ids ``[token, (0, row, column)]``, or ``None``.
         image_prompt: ``encoder_hidden_states`` came as IP-Adapter's ``(text states, image-prompt states)``.
@@ -62,10 +64,11 @@ class DenoiserCall:
     def read(cls, args: tuple, kwargs: dict) -> "DenoiserCall":
         """Read a pre-forward hook's ``(args, kwargs)``."""
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states", kwargs.get("x")))
-        timestep = args[1] if len(args) > 1 else next((kwargs[k] for k in ("timestep", "t", "timesteps") if k in kwargs),
-                                                         None)
-        states = args[2] if len(args) > 2 else next(
-            (kwargs[k] for k in ("encoder_hidden_states", "cap_feats", "encoder_hidden_states_t5") if k in kwargs), None)
+        timestep = args[1] if len(args) > 1 else _named(kwargs, "timestep", "t", "timesteps", "timestep_ratio")
+        # Z-Image's captions (cap_feats), HiDream's T5 states (then its Llama layers: more_text), Stable Cascade's
+        # prior's per-token CLIP text (clip_text)
+        states = args[2] if len(args) > 2 else _named(kwargs, "encoder_hidden_states", "cap_feats",
+                                                      "encoder_hidden_states_t5", "clip_text")
         mask, ids = kwargs.get("encoder_attention_mask"), kwargs.get("img_ids")
         if isinstance(sample, (list, tuple)):  # Z-Image: a latent and a caption (its own length) per row
             sample, states, mask = _rows_joined(sample, states)
@@ -132,6 +135,11 @@ class DenoiserCall:
         if self.packed:
             return (packed_hw or packed_grid)(self.img_ids)
         return int(self.sample.shape[-2]), int(self.sample.shape[-1])
+
+
+def _named(kwargs: dict, *names: str):
+    """The first of ``names`` that ``kwargs`` holds (not ``None``), else ``None``."""
+    return next((kwargs[n] for n in names if kwargs.get(n) is not None), None)
 
 
 def pad_rows(rows) -> torch.Tensor | None:

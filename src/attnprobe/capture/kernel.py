@@ -14,7 +14,10 @@ Rather than re-implement each, ``KernelProbeProcessor`` runs the installed proce
   ``state.text_len`` text positions and the image positions): the image-query × text-key block of the one softmax over
   all keys, ``exact`` or ``renorm`` as ``attnprobe.capture.joint.joint_probs`` defines them. Where the text sits in
   the sequence (first or last) is the family's ``text_first``; the queries are the same sequence (MM-DiT) or the image
-  positions alone (DeepFloyd IF's added-KV attention over ``[text; image]`` keys).
+  positions alone (DeepFloyd IF's added-KV attention over ``[text; image]`` keys). Keys a denoiser adds right before
+  or after its text keys (AuraFlow's registers, Stable Cascade's pooled text and image embedding) share the softmax
+  with the image keys and are not on the ``token`` axis: an ``exact`` map is ``[sample, head, query, token]`` whose
+  rows sum to the text share, the rest being the image's and the added keys'.
 
 A processor that calls the kernel more than once, or not at all (another attention backend: flash-attn, xformers),
 is refused with a message that says which. Verify once: the kernel's output is compared with
@@ -110,7 +113,9 @@ class KernelProbeProcessor(ProbeProcessor):
             seen["value"] = seen["value"].repeat_interleave(query.shape[1] // seen["value"].shape[1], dim=1)
         if state.row_text is not None and self.kind != "cross":
             return self._per_row(query, key, mask, seen, output)
-        image_q, image_k, text = self._positions(query.shape[2], key.shape[2], hidden_states.shape[1])
+        # a 4-D hidden_states (Stable Cascade's [sample, channel, h, w]) holds h·w positions
+        n_hidden = hidden_states.shape[1] if hidden_states.dim() == 3 else hidden_states[0, 0].numel()
+        image_q, others, text = self._positions(query.shape[2], key.shape[2], n_hidden)
         scale = seen.get("scale") or query.shape[-1] ** -0.5
         rows = state.rows
         workspace = state.workspace if query.device.type == "cpu" else None
@@ -119,11 +124,9 @@ class KernelProbeProcessor(ProbeProcessor):
             q = batch_rows(query, rows)[:, :, image_q].float() * scale
             k = batch_rows(key, rows)
             mode = "renorm" if self.kind == "cross" else state.joint
-            if state.extra_keys and self.kind != "cross":  # the added keys share the softmax with the image keys
-                image_k = torch.cat([torch.arange(state.extra_keys), torch.arange(image_k.start, image_k.stop)])
-            others = k[:, :, image_k] if isinstance(image_k, slice) else k.index_select(2, image_k.to(k.device))
-            bias = None if mask is None else (_bias(mask, rows, image_q, image_k), _bias(mask, rows, image_q, text))
-            probs, share = joint_probs(q, others, k[:, :, text], mode, workspace=workspace, bias=bias)
+            other_k = k[:, :, others] if isinstance(others, slice) else k.index_select(2, others.to(k.device))
+            bias = None if mask is None else (_bias(mask, rows, image_q, others), _bias(mask, rows, image_q, text))
+            probs, share = joint_probs(q, other_k, k[:, :, text], mode, workspace=workspace, bias=bias)
             probs = reduce_probs(probs, state.heads, state.tokens, workspace)
             probs = probs.to(state.dtype, copy=workspace is not None)
         self._hand_on(probs, share, query, key, mask, scale, seen)
@@ -175,29 +178,38 @@ class KernelProbeProcessor(ProbeProcessor):
         if not self.checked:
             self._check_kernel(query, key, mask, scale, seen)
 
-    def _positions(self, n_query: int, n_key: int, n_hidden: int) -> tuple[slice, slice, slice]:
-        """The image queries, the other keys (image keys, and any the denoiser adds before the text: AuraFlow's
-        ``state.extra_keys`` register tokens) and the text keys of the kernel's sequences. Text keys: as many as the
-        denoiser was given text positions (``state.n_keys``; else the keys beyond the image stream, or
-        ``state.text_len``); queries are image positions only (DeepFloyd IF's added-KV attention: ``[text; image]``
-        keys, image queries) or the same sequence as the keys (MM-DiT)."""
-        extra = self.state.extra_keys
-        n_text = self.state.n_keys or (n_key - n_hidden - extra if self.kind == "joint" else self.state.text_len)
+    def _positions(self, n_query: int, n_key: int, n_hidden: int) -> tuple[slice, slice | torch.Tensor, slice]:
+        """The image queries, the other keys of the softmax (a slice, or the positions where the denoiser adds keys)
+        and the text keys of the kernel's sequences. The text keys and the keys the denoiser adds next to them
+        (before: AuraFlow's register tokens, ``state.extra_keys``; after: Stable Cascade's pooled text and image
+        embedding, ``state.keys_after``) are one block, before the image positions or after them (``text_first``):
+        ``[before; text; after; image]`` or ``[image; before; text; after]``. Text keys: as many as the denoiser was
+        given text positions (``state.n_keys``; else the keys beyond the image stream, or ``state.text_len``); queries
+        are image positions only (DeepFloyd IF's added-KV attention over ``[text; image]`` keys, Stable Cascade's over
+        ``[image; clip]``) or the same sequence as the keys (MM-DiT)."""
+        before, after = self.state.extra_keys, self.state.keys_after
+        added = before + after
+        n_text = self.state.n_keys or (n_key - n_hidden - added if self.kind == "joint" else self.state.text_len)
         if self.kind == "cross" or (n_text == n_key and n_query != n_key):  # text keys alone (only_cross_attention)
             return slice(0, n_query), slice(0, 0), slice(0, n_key)
-        n_image = n_key - n_text - extra
+        n_image = n_key - n_text - added
         if n_text <= 0 or n_image <= 0 or n_query not in (n_key, n_image):
             raise ProbeError(
                 f"site {self.site}: its attention has {n_query} queries and {n_key} keys, which is not one sequence of "
-                f"{n_text} text, {extra} added and {n_image} image positions; attnprobe cannot tell the text keys apart"
+                f"{n_text} text, {added} added and {n_image} image positions; attnprobe cannot tell the text keys apart"
             )
-        # [added; text; image] (text first) or [image; text]
-        image = slice(extra + n_text, n_key) if self.text_first else slice(0, n_image)
-        text = slice(extra, extra + n_text) if self.text_first else slice(n_image, n_key)
+        start = 0 if self.text_first else n_image  # where the [before; text; after] block begins
+        text = slice(start + before, start + before + n_text)
+        image = slice(added + n_text, n_key) if self.text_first else slice(0, n_image)
         queries = image if n_query == n_key else slice(0, n_query)
         if self.state.image_len and not self.text_first:  # HiDream pads its image stream: pad keys, no pad queries
             queries = slice(0, self.state.image_len)
-        return queries, image, text
+        if not added:
+            return queries, image, text
+        # the added keys share the softmax with the image keys
+        others = torch.cat([torch.arange(start, start + before), torch.arange(text.stop, text.stop + after),
+                            torch.arange(image.start, image.stop)])
+        return queries, others, text
 
     def _check_kernel(self, query, key, mask, scale, seen) -> None:
         """Verify once: the kernel's output against ``softmax(q·kᵀ·scale + mask)·v`` of every batch row."""

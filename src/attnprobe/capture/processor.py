@@ -84,6 +84,8 @@ class CaptureState:
             the family's ``pad_to``, and the image positions of the call in progress (the family's ``image_len``).
         extra_keys: keys the denoiser puts before the text keys in every joint sequence (AuraFlow's register tokens:
             the family's ``registers``); they share the softmax but are not text (``attnprobe.capture.kernel``).
+        keys_after: keys the denoiser puts right after the text keys in the call in progress (Stable Cascade's pooled
+            text and image embedding: the family's ``keys_after``); they share the softmax but are not text.
         states: the denoiser call's ``encoder_hidden_states`` where its cross sites receive them unchanged (UNets),
             for the once-per-site check that no hook or processor changed them on the way; else ``None``.
     """
@@ -96,6 +98,7 @@ class CaptureState:
     states: Any = None
     n_keys: int = 0
     extra_keys: int = 0
+    keys_after: int = 0
     row_text: Any = None
     pad_to: int = 0
     image_len: int = 0

@@ -21,6 +21,7 @@ from ..text.tokens import TokenLayout, concat_layouts, decode_ids, token_layout,
 from .evidence import encodings, same_rows, verdicts
 from .families import family_of
 from .passes import blocks, guidance_on, guider_on, refuse
+from .sites import DENOISER_ATTRS
 
 __all__ = ["BatchRows", "BatchLabels", "as_texts"]
 
@@ -233,7 +234,7 @@ class BatchRows:
                     break
                 owner = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
                 drives = owner is not None and any(
-                    getattr(owner, a, None) is self.denoiser for a in ("unet", "transformer", "prior"))
+                    getattr(owner, a, None) is self.denoiser for a in DENOISER_ATTRS)
                 if drives and self.pipe is None:
                     self.pipe = owner  # the denoiser was probed on its own, but a pipeline is driving it
                     self._set_streams()
@@ -242,7 +243,7 @@ class BatchRows:
                     return frame.f_locals
                 me = frame.f_locals.get("self")
                 if me is not None and (me is self.pipe or (self.pipe is None and _pipeline(me) and any(
-                        getattr(me, a, None) is self.denoiser for a in ("unet", "transformer", "prior")))):
+                        getattr(me, a, None) is self.denoiser for a in DENOISER_ATTRS))):
                     # outermost method of the pipeline seen, outside __call__ (a bare denoiser's: of one that owns it)
                     self.method = f"{type(me).__name__}.{frame.f_code.co_name}"
                 if drives and other is None:

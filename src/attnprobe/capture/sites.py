@@ -23,7 +23,11 @@ from ..store.records import Site
 from .families import family_of
 from .kinds import is_attention, site_kind
 
-__all__ = ["list_sites", "select_sites", "denoiser_of", "SiteSelector"]
+__all__ = ["list_sites", "select_sites", "denoiser_of", "SiteSelector", "DENOISER_ATTRS"]
+
+#: the pipeline attributes that hold its denoiser, in the order they are looked for (Stable Cascade's and Würstchen's
+#: pipelines: ``prior`` or ``decoder``)
+DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder")
 
 # Execution order observed by a probe, per denoiser (weak: forgotten with the model). A cache of a fact
 # about the model, not a store of captured data.
@@ -33,21 +37,21 @@ SiteSelector = Union[None, str, Iterable[str], Callable[["Site"], bool]]
 
 
 def denoiser_of(pipe_or_denoiser) -> torch.nn.Module:
-    """The denoiser of a pipeline (``pipe.unet`` or ``pipe.transformer``), or the module itself; the module
-    inside ``torch.compile``'s wrapper when compiled that way.
+    """The denoiser of a pipeline (its first of ``DENOISER_ATTRS``: ``pipe.unet``, ``pipe.transformer``, …), or the
+    module itself; the module inside ``torch.compile``'s wrapper when compiled that way.
 
     Raises:
         NoSitesError: the object is neither a pipeline with a denoiser nor a ``torch.nn.Module``.
     """
     if isinstance(pipe_or_denoiser, torch.nn.Module):
         return _uncompiled(pipe_or_denoiser)
-    for attr in ("unet", "transformer", "prior"):
+    for attr in DENOISER_ATTRS:
         module = getattr(pipe_or_denoiser, attr, None)
         if isinstance(module, torch.nn.Module):
             return _uncompiled(module)
     raise NoSitesError(
         f"{type(pipe_or_denoiser).__name__} is neither a torch.nn.Module nor a pipeline with a denoiser "
-        "(looked for .unet, .transformer, .prior): pass a diffusers pipeline or its denoiser."
+        f"(looked for {', '.join('.' + a for a in DENOISER_ATTRS)}): pass a diffusers pipeline or its denoiser."
     )
 
 

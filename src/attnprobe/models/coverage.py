@@ -29,12 +29,11 @@ import torch
 from ..capture import probe
 from ..capture.families import FAMILIES, GENERIC, REFUSED_FAMILIES, family_of
 from ..capture.passes import REFUSED
+from ..capture.sites import DENOISER_ATTRS, denoiser_of
 from .tiny import TINY_PIPELINES, tiny_pipeline
 
 __all__ = ["Verdict", "pipeline_verdicts", "measure", "render_page", "TESTED"]
 
-#: the denoiser argument of a pipeline's ``__init__``, in the order they are looked for
-_DENOISER_ARGS = ("unet", "transformer", "prior", "decoder")
 #: the text-encoder arguments that make a pipeline text-conditioned
 _TEXT_ARGS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
@@ -73,6 +72,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "Kandinsky3Pipeline": ("kandinsky3", "tests/test_more_families.py"),
     "HiDreamImagePipeline": ("hidream", "tests/test_more_families.py"),
     "HunyuanImagePipeline": ("hunyuanimage", "tests/test_more_families.py"),
+    "StableCascadePriorPipeline": ("cascade-prior", "tests/test_more_families.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
@@ -91,7 +91,7 @@ def _denoiser(cls) -> tuple[str, tuple[type, ...]] | None:
         params = inspect.signature(cls.__init__).parameters
     except (TypeError, ValueError):
         return None
-    for arg in _DENOISER_ARGS:
+    for arg in DENOISER_ATTRS:  # the denoiser argument of its __init__, looked for as probe looks
         if arg in params:
             note = params[arg].annotation
             text = note if isinstance(note, str) else getattr(note, "__name__", None) or str(note)
@@ -151,7 +151,7 @@ def measure(name: str) -> dict:
     out: dict = {"bit_identical": {}}
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         pipe = tiny_pipeline(name, dtype=dtype)
-        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        denoiser = denoiser_of(pipe)
         kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
         params = inspect.signature(type(pipe).__call__).parameters
         kwargs.update({k: v for k, v in (("max_sequence_length", 16), ("use_resolution_binning", False),
@@ -159,7 +159,8 @@ def measure(name: str) -> dict:
         kwargs["output_type"] = "latent" if hasattr(pipe, "vae") else "pt"  # DeepFloyd IF: pixel space
         if name == "lumina2":  # its system prompt alone takes about 30 positions
             kwargs["max_sequence_length"] = 64
-        run = lambda: pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+        # the output's first field: images, or the image embeddings of a prior (Stable Cascade's)
+        run = lambda: pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs)[0]
         plain = run()
         with probe(pipe) as store:
             probed = run()

@@ -24,7 +24,7 @@ from .shapes.model import load as load_shapes
 from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_pipeline, tiny_hidream_pipeline, tiny_hunyuanimage_pipeline,
                        tiny_kolors_pipeline, tiny_lumina2_pipeline, tiny_qwen_pipeline, tiny_sana_pipeline,
                        tiny_zimage_pipeline)
-from .tiny_unets import tiny_kandinsky3_pipeline
+from .tiny_unets import tiny_cascade_prior_pipeline, tiny_kandinsky3_pipeline
 from .tokenizers import clip_tokenizer, t5_tokenizer, t5_vocab_size
 
 __all__ = ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_pixart_pipeline",
@@ -408,6 +408,7 @@ _BUILDERS = {
     "kandinsky3": tiny_kandinsky3_pipeline,
     "hidream": tiny_hidream_pipeline,
     "hunyuanimage": tiny_hunyuanimage_pipeline,
+    "cascade-prior": tiny_cascade_prior_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

@@ -9,10 +9,11 @@ their AUC (``attnprobe.auc``) and Δ vs the baseline of the same seed.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-
 import shutil
 import traceback
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ from .config import check_capture
 from .report import warn
 from .scorer import checked_scores
 
-__all__ = ["measure_cell", "check_prompts", "default_size", "initial_latents", "concept_mass", "failure_row",
-           "THUMBNAIL"]
+__all__ = ["measure_cell", "check_prompts", "check_makes_images", "default_size", "initial_latents", "concept_mass",
+           "failure_row", "THUMBNAIL"]
 
 #: The largest side of the images a cell shard keeps for the heat-map figure (pixels).
 THUMBNAIL = 128
@@ -83,6 +84,28 @@ def guided(pipe, options: dict) -> dict:
 def negatives(options: dict, copies: int) -> dict:
     """``options`` with one empty negative prompt per image where they ask for true classifier-free guidance."""
     return {**options, "negative_prompt": [""] * copies} if "true_cfg_scale" in options else options
+
+
+def check_makes_images(pipe) -> None:
+    """Raise unless the pipeline's output holds images: a cell scores each generation's image and draws its heat map
+    over it. Read from the output class its ``__call__`` declares (diffusers' ``BaseOutput`` dataclasses); a pipeline
+    that declares none passes.
+
+    Raises:
+        ConfigError: the output has no ``images`` (Stable Cascade's prior returns ``image_embeddings`` for its
+            decoder); names the pipeline and what it returns.
+    """
+    try:
+        returned = typing.get_type_hints(type(pipe).__call__).get("return")
+    except Exception:  # an annotation that does not resolve: nothing declared
+        return
+    outputs = [c for c in typing.get_args(returned) or (returned,) if isinstance(c, type) and dataclasses.is_dataclass(c)]
+    fields = [f.name for c in outputs for f in dataclasses.fields(c)]
+    if fields and not {"images", "image"} & set(fields):
+        raise ConfigError(
+            f"{type(pipe).__name__} returns {', '.join(fields)}, not images, and a study scores and draws each "
+            "generation's image: probe it with attnprobe.probe(pipe) instead, or study a pipeline that makes images"
+        )
 
 
 def check_prompts(pipe, concepts, variants) -> None:

@@ -371,6 +371,7 @@ def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guida
     """Load a model and check that every prompt and intervention row applies to it, before it generates."""
     pipe = load_pipeline(model, str(device), dtype)
     checked_family(pipe, denoiser_of(pipe))  # a video or unknown denoiser fails here, not in every cell
+    measure.check_makes_images(pipe)  # so does a pipeline that makes no image (Stable Cascade's prior)
     measure.check_prompts(pipe, concepts, variants)
     for concept in concepts:  # every intervention row must apply here (concept, window, pipeline), before generating
         for items in rows.values():

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import ProbeError, warn
-from . import (auraflow, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage, kandinsky3, lumina2,
-               pixart, qwen, refused, sana, sd3, unet, zimage)
+from . import (auraflow, cascade, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage,
+               kandinsky3, lumina2, pixart, qwen, refused, sana, sd3, unet, zimage)
 from .registry import Family
 
 __all__ = ["Family", "FAMILIES", "REFUSED_FAMILIES", "GENERIC", "family_of", "checked_family"]
@@ -25,8 +25,9 @@ __all__ = ["Family", "FAMILIES", "REFUSED_FAMILIES", "GENERIC", "family_of", "ch
 FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY, qwen.FAMILY,
                                   sana.FAMILY, flux2.FAMILY, cogview4.FAMILY,
                                   hunyuandit.FAMILY, auraflow.FAMILY, lumina2.FAMILY, zimage.FAMILY,
-                                  kandinsky3.FAMILY, hidream.FAMILY, hunyuanimage.FAMILY)
-#: Denoisers refused by what they are (video, audio, CLIP-embedding priors), tried before ``FAMILIES``.
+                                  kandinsky3.FAMILY, hidream.FAMILY, hunyuanimage.FAMILY, cascade.FAMILY)
+#: Denoisers refused by what they are (video, audio, CLIP-embedding priors, Stable Cascade's decoder), tried before
+#: ``FAMILIES``.
 REFUSED_FAMILIES: tuple[Family, ...] = refused.FAMILIES
 #: The family of every other denoiser: sites from structure alone.
 GENERIC: Family = generic.FAMILY
@@ -47,8 +48,8 @@ def checked_family(pipe, denoiser: torch.nn.Module, allow_generic: bool = False)
             by the generic rules, nothing of it checked against a reference); a warning says so.
 
     Raises:
-        ProbeError: the family is refused (video, audio, a prior: ``Family.refused``), or no family covers the
-            denoiser and ``allow_generic`` is not set; names the pipeline, its denoiser and why.
+        ProbeError: the family is refused (video, audio, a prior, Stable Cascade's decoder: ``Family.refused``), or no
+            family covers the denoiser and ``allow_generic`` is not set; names the pipeline, its denoiser and why.
     """
     family = family_of(denoiser)
     what = type(denoiser).__name__

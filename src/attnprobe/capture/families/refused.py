@@ -1,9 +1,10 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
-other 3-D denoisers (their queries span latent frames), audio denoisers (no image grid) and priors that denoise one
-CLIP image embedding (no image positions). Each names the diffusers 0.42 classes it covers; a class it does not name
+other 3-D denoisers (their queries span latent frames), audio denoisers (no image grid), priors that denoise one
+CLIP image embedding (no image positions) and Stable Cascade's decoder (no per-token text). Each names the diffusers 0.42 classes it covers; a class it does not name
 falls to the generic family, which is refused too unless a probe is told to record it by structure.
 """
 
+from .cascade import is_prior
 from .registry import Family, first_text_encoder
 
 VIDEO = Family(
@@ -47,4 +48,18 @@ PRIOR = Family(
             "could be recorded; probe the decoder pipeline that turns the embedding into an image",
 )
 
-FAMILIES = (VIDEO, AUDIO, PRIOR)
+CASCADE_DECODER = Family(
+    name="cascade-decoder",
+    title="Stable Cascade's decoder (StableCascadeUNet without clip_text_in_channels)",
+    denoisers=("StableCascadeUNet",),
+    kinds=(),
+    text_streams=first_text_encoder,
+    matches=lambda denoiser: not is_prior(denoiser),
+    pipelines=("StableCascadeDecoder", "StableCascadeCombined"),
+    refused="its attention blocks attend to the image and the pooled CLIP text embedding alone (clip_seq keys made "
+            "from one vector), never to the prompt's tokens, so there is no token whose attention could be recorded. "
+            "Probe the prior instead: StableCascadePriorPipeline (a StableCascadeCombinedPipeline's prior_pipe), "
+            "whose prior attends to CLIP's token positions",
+)
+
+FAMILIES = (VIDEO, AUDIO, PRIOR, CASCADE_DECODER)

@@ -51,6 +51,10 @@ class Family:
         registers: ``denoiser -> int``: keys the denoiser puts before the text keys of its joint sequences (AuraFlow's
             register tokens); read at the kernel, they share the softmax with the image keys and are not on the
             ``token`` axis.
+        keys_after: ``(denoiser, the denoiser call's keyword arguments) -> int``: keys the denoiser puts right after
+            the text keys of its joint sequences in that call (Stable Cascade's pooled text and CLIP image embedding,
+            ``clip_seq`` keys each); read at the kernel, they share the softmax with the image keys and are not on the
+            ``token`` axis. It raises ``ProbeError`` for a call it cannot read.
         single_blocks: the denoiser's attribute holding single-stream blocks that get the joined ``[text; image]``
             sequence as their ``hidden_states`` (AuraFlow's ``single_transformer_blocks``): structure alone cannot tell
             their attention from image self-attention.
@@ -91,6 +95,7 @@ class Family:
     text_positions: Callable | None = None
     matches: Callable | None = None
     registers: Callable | None = None
+    keys_after: Callable | None = None
     single_blocks: str | None = None
     row_text: bool = False
     pad_to: int = 0
