@@ -1,7 +1,8 @@
-"""Z-Image (each row's own caption joined with the image in padded sequences, read at the attention kernel),
-Kandinsky 3 (a UNet of its own whose self-attention looks like cross-attention) and Stable Cascade's prior (image
-queries over [image; text; pooled text and image embedding] keys; its decoder refused); tiny pipelines
-(``attnprobe.testing.tiny_pipeline``), CPU.
+"""The families whose text keys or sites need more than the first ones did: Z-Image (each row's own caption joined
+with the image in padded sequences), Kandinsky 3 (a UNet whose self-attention looks like cross-attention), HiDream
+(a padded image stream, three text streams), HunyuanImage (each row's keys reordered by its masks) and Stable
+Cascade's prior (image queries over [image; text; pooled text and image embedding] keys; its decoder refused); tiny
+pipelines (``attnprobe.testing.tiny_pipeline``), CPU.
 
 The float64 references never touch attnprobe: our own pre-forward hooks keep each attention module's inputs, q and k
 are recomputed from a float64 copy of the module (with our own complex rotary embedding for Z-Image), and the softmax
@@ -259,6 +260,7 @@ def test_hunyuanimage_rows_reordered_by_their_masks_against_a_float64_reference(
             assert float(got[0][..., pad].abs().max()) == 0 and float(got[1, ..., :glyphs].sum(-1).min()) > 0
 
 
+@pytest.fixture(scope="module")
 def cascade():
     return tiny_pipeline("cascade-prior")
 
