@@ -127,6 +127,7 @@ def test_kandinsky3_cross_attention_blocks_against_a_float64_reference(kandinsky
     assert store.token_indices(2, "dog") == [[3]] and store.token_indices(3, "dog") == [[7]]
     assert store[names[0]].shape[3:5] == (4, 8) and store[names[-1]].shape[3:5] == (4, 8)  # 64 × 128 px (rounded up)
     assert store[names[4]].shape[3:5] == (1, 2)
+    assert store.meta["image_size"] == [64, 128]  # the movq's 8× (the pipeline has no vae_scale_factor)
     for site in sites:
         a = copy.deepcopy(pipe.unet.get_submodule(site.name)).double()
         for call in range(len(store.calls)):

@@ -7,6 +7,7 @@ id or local folder through ``DiffusionPipeline.from_pretrained``, with a one-lin
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -36,6 +37,10 @@ def check_model_name(model: str) -> None:
     """A name that looks like a local path must exist (checked for every model before a study generates)."""
     if model in OFFLINE_MODELS:
         return
+    if model.startswith("tiny-") and not Path(model).exists():  # a tiny pipeline's name, mistyped
+        close = difflib.get_close_matches(model, OFFLINE_MODELS, n=1)
+        raise ModelLoadError(f"no offline model {model!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; there are {', '.join(OFFLINE_MODELS)}")
     looks_local = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 2)[-1]
     if looks_local and not Path(model).expanduser().exists():
         raise ModelLoadError(f"could not load model {model!r}: no such folder (and it is not a hub id)")

@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             result = run.study(**_study_arguments(args))
             return 1 if result.failures and not result.aucs else 0
         if args.command == "sites":
+            sites = list_sites(load_pipeline(args.model))  # before the header: a load error is the only line
             print("# site\tblock group\tkind (cross, joint, single)\theads\thead_dim")
-            for s in list_sites(load_pipeline(args.model)):
+            for s in sites:
                 print(f"{s.name}\t{s.group}\t{s.kind}\theads={s.heads}\thead_dim={s.head_dim}")
             return 0
     except AttnprobeError as exc:

@@ -200,7 +200,9 @@ def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str
         "  the one in the baseline's words).",
         "Δ AUC, requested mention: the question of the study; < 0 means the variant lowers attention to the concept.",
         "Δ AUC, all mentions: every mention summed; a variant that names the concept twice is > 0 by construction",
-        "  (with CLIP's unmasked padding; PixArt masks its padding, so there a longer prompt lowers every token).",
+        "  where padding takes attention (CLIP; T5 in SD3 and Flux); where the pipeline masks it (PixArt, Sana,",
+        "  Kandinsky 3, Qwen-Image, HunyuanImage, Z-Image, Lumina 2) a longer prompt lowers every token's share, so",
+        "  there Δ AUC mixes prompt length with the effect asked about.",
         "text cos: cosine of the requested mention's conditioning vector to the baseline's (1 = unchanged); Δ vs rep:",
         "  minus the repetition control's (< 0: the variant moves the concept more than naming it twice does).",
     ]
