@@ -48,3 +48,22 @@ def test_a_tokens_first_encoder_and_several_encoders():
     moved = [r for r in rows if r["variant"] == "instruction" and r["encoder"] == "conditioning"]
     assert len(moved) == 1 and moved[0]["concept_cos"] < 1
     assert pipeline_encoding(sd3, "a picture of dog").layout.kinds.count("word") == 8  # 4 in CLIP's, 4 in T5's
+
+
+@torch.no_grad()
+def test_quoted_text_keeps_the_conditioning_labels_and_bad_input_says_what_was_passed():
+    """HunyuanImage's encode_prompt returns the Qwen positions alone (the transformer adds the ByT5 glyphs later), so
+    a quoted prompt's words stay where the encoder put them; a prompt that is not a string, and an object without
+    encode_prompt, get errors that say so."""
+    import pytest
+
+    from attnprobe.errors import ArgumentTypeError, AttnprobeError
+
+    pipe = tiny_pipeline("hunyuanimage")
+    plain, quoted = pipeline_encoding(pipe, "a b dog"), pipeline_encoding(pipe, 'a "b" dog')
+    assert "unknown" not in quoted.layout.kinds and len(quoted.layout.kinds) == quoted.conditioning.shape[0]
+    assert plain.layout.strings.index("dog") == 2 and quoted.layout.strings.index("dog") == 4  # a, ", b, ", dog
+    with pytest.raises(ArgumentTypeError, match="one prompt"):
+        pipeline_encoding(pipe, ["a dog"])
+    with pytest.raises(AttnprobeError, match="has no encode_prompt"):
+        pipeline_encoding(pipe.transformer, "a dog")

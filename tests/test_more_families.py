@@ -393,3 +393,17 @@ def test_a_study_of_the_cascade_prior_is_refused_up_front(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("attnprobe: error: StableCascadePriorPipeline returns image_embeddings")
     assert "not images" in err and "\n" not in err and not (tmp_path / "o").exists()
+
+
+def test_hunyuanimage_words_past_its_maximum_length_are_not_labelled(hunyuanimage):
+    """The pipeline keeps 32 Qwen positions (the real one 1000) and encodes its negative prompt in a second
+    encode_prompt: the ids of the first are what label the keys, so a mention past the cut is refused, not put on a
+    masked key."""
+    from attnprobe.errors import ConceptError
+
+    prompt = "a photo of a " + "big " * 40 + "dog"
+    with attnprobe.probe(hunyuanimage) as store:
+        hunyuanimage(prompt=[prompt], num_inference_steps=1, height=64, width=64, output_type="latent")
+    assert store.token_kinds(0)[:32] == ["word"] * 32 and set(store.token_kinds(0)[32:]) == {"pad"}
+    with pytest.raises(ConceptError, match="past the maximum length"):
+        store.token_indices(0, "dog")

@@ -20,7 +20,7 @@ import inspect
 
 import torch
 
-from ..errors import AttnprobeError
+from ..errors import ArgumentTypeError, AttnprobeError
 from ..text.encode import EncoderStates, TextEncoding
 from ..text.tokens import TokenLayout, concat_layouts, template_layout, token_layout
 from .families import family_of
@@ -36,11 +36,12 @@ ENCODER_ATTRIBUTES = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokeniz
 def _encode_arguments(pipe, prompt: str) -> dict:
     """The arguments of ``pipe.encode_prompt`` for one prompt, no guidance, one image."""
     method = getattr(pipe, "encode_prompt", None)
-    if method is None:
-        raise AttnprobeError(f"{type(pipe).__name__} has no encode_prompt: attnprobe reads its text encoders through it")
+    if not callable(method):
+        raise AttnprobeError(f"{type(pipe).__name__} has no encode_prompt: attnprobe reads a pipeline's text encoders "
+                             "through it (pass the pipeline, not its denoiser)")
     device = getattr(pipe, "_execution_device", None) or torch.device("cpu")
     known = {"prompt": [prompt], "device": device, "num_images_per_prompt": 1, "do_classifier_free_guidance": False,
-             "negative_prompt": None}
+             "negative_prompt": None, "batch_size": 1}
     kwargs = {}
     for name, param in inspect.signature(method).parameters.items():
         if name in known:
@@ -89,9 +90,13 @@ def pipeline_encoding(pipe, prompt: str) -> TextEncoding:
         layer 0 its input embeddings; ``pooled`` ``None``.
 
     Raises:
-        AttnprobeError: the pipeline has no ``encode_prompt``, or one attnprobe cannot call, or it returned no
+        ArgumentTypeError: ``prompt`` is not a string. AttnprobeError: the pipeline has no ``encode_prompt``, or one attnprobe cannot call, or it returned no
             ``[1, token, hidden]`` tensor, or no encoder's positions could be labelled.
     """
+    if not isinstance(prompt, str):
+        raise ArgumentTypeError(f"pipeline_encoding takes one prompt (str); got {type(prompt).__name__}: call it per "
+                                "prompt")
+    arguments = _encode_arguments(pipe, prompt)
     family = family_of(denoiser_of(pipe))
     present = [(e, t) for e, t in ENCODER_ATTRIBUTES if isinstance(getattr(pipe, e, None), torch.nn.Module)]
     calls: dict[str, tuple] = {}
@@ -104,7 +109,7 @@ def pipeline_encoding(pipe, prompt: str) -> TextEncoding:
     handles = [getattr(pipe, e).register_forward_pre_hook(keeper(e), with_kwargs=True) for e, _ in present]
     try:
         with torch.no_grad():
-            output = pipe.encode_prompt(**_encode_arguments(pipe, prompt))
+            output = pipe.encode_prompt(**arguments)
     finally:
         for h in handles:
             h.remove()

@@ -169,9 +169,12 @@ class Recorder:
         given = self.rows.call_arguments()
         if self._not_this_calls(given):
             return
-        # a new pipeline call begins by encoding its prompts; one with other arguments may follow a call that
-        # failed after encoding (its ids must not label this one)
-        if self.calls_in_generation > 0 or (self.rows.given is not None and given != self.rows.given):
+        # a new pipeline call begins by encoding its prompts; one with other prompts may follow a call that failed
+        # after encoding (its ids must not label this one). Only the texts tell: a pipeline that encodes its negative
+        # prompt in a second encode_prompt (Qwen-Image, HunyuanImage) has set its prompt_embeds local by then
+        texts = ("prompt", "negative_prompt")
+        if self.calls_in_generation > 0 or (self.rows.given is not None and any(
+                given.get(k) != self.rows.given.get(k) for k in texts)):
             self.calls_in_generation = 0
             self.rows.new_pipeline_call()
         self.rows.encoded_ids(stream, args[0] if args else kwargs.get("input_ids"), given)

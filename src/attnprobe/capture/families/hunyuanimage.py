@@ -31,13 +31,14 @@ def _glyph_len(pipe, prompt: str) -> int:
 def _positions(pipe, layout, n_keys: int):
     # the pipeline keeps the encoding past the template's head; the transformer then moves each stream's attended
     # positions first: [attended ByT5; attended Qwen; masked ByT5; masked Qwen]
+    # (n_keys without the ByT5 positions: encode_prompt's own conditioning, before the transformer joins them)
     drop = pipe.prompt_template_encode_start_idx
-    kinds = layout.kinds[drop:]
+    kinds = layout.kinds[drop:drop + pipe.tokenizer_max_length]  # the pipeline keeps no more (words past it: cut)
     attended = [drop + i for i, kind in enumerate(kinds) if kind != "pad"]
     masked = [drop + i for i, kind in enumerate(kinds) if kind == "pad"]
-    n_glyph = n_keys - len(kinds)
-    glyph = _glyph_len(pipe, layout.text or "")
-    return ["unknown"] * glyph + attended + [None] * (n_glyph - glyph) + masked
+    n_glyph = max(n_keys - len(kinds), 0)
+    glyph = min(_glyph_len(pipe, layout.text or ""), n_glyph)
+    return (["unknown"] * glyph + attended + [None] * (n_glyph - glyph) + masked)[:n_keys]
 
 
 FAMILY = Family(
