@@ -407,3 +407,35 @@ def test_hunyuanimage_words_past_its_maximum_length_are_not_labelled(hunyuanimag
     assert store.token_kinds(0)[:32] == ["word"] * 32 and set(store.token_kinds(0)[32:]) == {"pad"}
     with pytest.raises(ConceptError, match="past the maximum length"):
         store.token_indices(0, "dog")
+
+
+@torch.no_grad()
+def test_cogview3_text_then_image_in_one_softmax_against_a_float64_reference():
+    """CogView3-Plus: the processor joins [text; image] and normalises q and k per head (LayerNorm), no rotary
+    embedding; T5's positions unmasked; the batch is [uncond, cond]; a 64 × 96 px image is a 4 × 6 grid."""
+    pipe = tiny_pipeline("cogview3")
+    prompts = ["a picture of dog", "a brown dog"]
+    kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent", max_sequence_length=16)
+    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    sites = attnprobe.list_sites(pipe)
+    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
+            pipe, passes="all", dtype=torch.float32) as store:
+        probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(plain, probed) and [s.kind for s in sites] == ["single", "single"]
+    assert [(s.pass_label, s.prompt_index) for s in store.samples] == [
+        ("uncond", 0), ("uncond", 1), ("cond", 0), ("cond", 1)]
+    assert store.token_indices(2, "dog") == [[3]] and store.token_indices(3, "dog") == [[2]]
+    for site in sites:
+        a = copy.deepcopy(pipe.transformer.get_submodule(site.name)).double()
+        assert store[site.name].shape[3:] == (4, 6, 16)
+        for call in range(len(store.calls)):
+            inputs = seen.seen[site.name][store.calls[call].index]
+            text = inputs["encoder_hidden_states"].double()
+            x = torch.cat([text, inputs["hidden_states"].double()], dim=1)
+            q = a.norm_q(a.to_q(x).unflatten(-1, (a.heads, -1)).transpose(1, 2))
+            k = a.norm_k(a.to_k(x).unflatten(-1, (a.heads, -1)).transpose(1, 2))
+            probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+            n = text.shape[1]
+            want = probs[[s.row for s in store.samples]][:, :, n:, :n]
+            got = store[site.name][call].flatten(2, 3).double()
+            assert (got - want).abs().max() <= 1e-6, (site.name, call)

@@ -29,6 +29,7 @@ from .tokenizers import clip_tokenizer, t5_tokenizer, t5_vocab_size
 
 __all__ = ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_pixart_pipeline",
            "tiny_chroma_pipeline", "tiny_if_pipeline", "tiny_hunyuandit_pipeline", "tiny_auraflow_pipeline",
+           "tiny_cogview3_pipeline",
            "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
 
 
@@ -299,6 +300,28 @@ def tiny_auraflow_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+def tiny_cogview3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``CogView3PlusPipeline`` with CogView3-Plus's structure: 2 blocks (2 heads of 8 channels, patch size 2) whose
+    ``attn1`` runs over ``[text; image]`` with LayerNorm on q and k, a T5 encoder of width 32 with the offline
+    ``t5_tokenizer`` (``max_sequence_length`` positions, not masked), a 4-level VAE and CogVideoX's DDIM scheduler.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=32, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8,
+    ).eval()
+    pipe = CogView3PlusPipeline(tokenizer=t5_tokenizer(), text_encoder=make_t5_encoder(seed + 2), vae=make_vae(seed + 1),
+                                transformer=transformer, scheduler=CogVideoXDDIMScheduler(
+                                    beta_schedule="scaled_linear", prediction_type="v_prediction", timestep_spacing="trailing",
+                                    rescale_betas_zero_snr=True, snr_shift_scale=1.0, set_alpha_to_one=True))
+    return finish(pipe, dtype)
+
+
 def full_size_pipeline(model: str = "sd15", device="cpu", dtype: torch.dtype = torch.float16, seed: int = 0):
     """SD 1.5 or SDXL at full size with seeded random weights, built directly on ``device``: the real UNet
     (``SD15_UNET`` / ``SDXL_UNET``), CLIP ViT-L/14 text encoder(s) (and OpenCLIP bigG for SDXL), the real VAE
@@ -409,6 +432,7 @@ _BUILDERS = {
     "hidream": tiny_hidream_pipeline,
     "hunyuanimage": tiny_hunyuanimage_pipeline,
     "cascade-prior": tiny_cascade_prior_pipeline,
+    "cogview3": tiny_cogview3_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)
