@@ -90,6 +90,7 @@ class BatchRows:
         self.passes = passes
         self.caller_prompts = as_texts(prompts)
         self.given: dict | None = None  # what the pipeline call in progress was given
+        self._warned: set = set()  # (argument, its texts) warned about
         self.sample_key = None  # the first pipeline call's labels: every later call must have the same
         self.separate = False  # the unconditional pass runs as separate denoiser calls (Flux true CFG)
         self.found: dict[str, torch.Tensor] = {}  # what encode_prompt returned in the pipeline call in progress
@@ -165,12 +166,14 @@ class BatchRows:
         loc = self.pipe_locals()
         if loc is None:
             return {}
-        for other in ("prompt_2", "prompt_3"):
+        for other in ("prompt_2", "prompt_3", "prompt_4"):
             texts = as_texts(loc.get(other))
-            if texts is not None and texts != as_texts(loc.get("prompt")):
+            if texts is not None and texts != as_texts(loc.get("prompt")) and (other, *texts) not in self._warned:
+                self._warned.add((other, *texts))  # once per text, however often the arguments are read
                 warn(
-                    f"{other} differs from prompt: each text stream's positions are labelled from the ids it encoded; "
-                    "with several streams (SD3), concepts are looked up only in those that encoded prompt",
+                    f"{other} differs from prompt: each text stream's positions are labelled from the ids it encoded, "
+                    "and concepts are looked up only in the streams that encoded prompt (SD3's T5 reads prompt_3, "
+                    "HiDream's T5 prompt_3 and its Llama prompt_4): a concept of another prompt is not found",
                 )
         true_cfg = "true_cfg_scale" in loc
         if true_cfg and "do_true_cfg" not in loc:  # read before the pipeline decided (during encode_prompt)
