@@ -382,6 +382,14 @@ class BatchRows:
         if cfg and not sld and batch == self.block_rows < n_first and self._conditional_only(states):
             cfg = False  # guidance cut inside the call while the property still says on (Z-Image's cfg_truncation)
         order = blocks(self.pipe, cfg or sld, sld)
+        if cfg and not sld and batch == self.block_rows < n_first:
+            raise ProbeError(
+                f"the denoiser batch changed from {n_first} to {batch} rows inside one pipeline call while "
+                f"{type(self.pipe).__name__} still says classifier-free guidance is on (guidance cut inside the call, "
+                "as Z-Image's cfg_truncation does): its rows are not the first call's conditional rows, or an "
+                "unconditional row had the same conditioning (a negative prompt equal to the prompt), so attnprobe "
+                "cannot tell which pass they are"
+            )
         if batch % len(order):
             raise ProbeError(
                 f"the denoiser batch changed from {n_first} to {batch} rows inside one pipeline call, and {batch} rows "
