@@ -382,7 +382,7 @@ class BatchRows:
         if cfg and not sld and batch == self.block_rows < n_first and self._conditional_only(states):
             cfg = False  # guidance cut inside the call while the property still says on (Z-Image's cfg_truncation)
         order = blocks(self.pipe, cfg or sld, sld)
-        if cfg and not sld and batch == self.block_rows < n_first:
+        if batch % len(order) and cfg and not sld and batch == self.block_rows < n_first:
             raise ProbeError(
                 f"the denoiser batch changed from {n_first} to {batch} rows inside one pipeline call while "
                 f"{type(self.pipe).__name__} still says classifier-free guidance is on (guidance cut inside the call, "
