@@ -387,3 +387,26 @@ def test_bad_negative_prompt_template_and_non_config_are_refused_at_once():
     with pytest.raises(InterventionError, match="42 is not an intervention"):
         with intervene(tiny_sd_pipeline(), 42, "a picture of dog", concept="dog"):
             pass
+
+
+def test_a_negative_prompt_works_on_every_family_and_edits_are_refused_there():
+    """A negative prompt edits nothing of the denoiser, so it works on a transformer pipeline, batched (SD3: the
+    store's own labels give the conditional sample) or run as separate calls (Qwen-Image's true CFG: the negative
+    prompt reaches the uncond calls); attention and conditioning edits are refused there, naming the family."""
+    from attnprobe.testing import tiny_pipeline
+
+    sd3 = tiny_pipeline("sd3")
+    run_kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent", max_sequence_length=16)
+    with intervene(sd3, NegativePrompt("blurry {c}"), "a picture of dog", concept="dog") as run:
+        with probe(run.pipe, passes="all") as store:
+            run(**run_kwargs)
+    cond = run.conditional_sample(store)
+    assert store.samples[cond].pass_label == "cond" and store.samples[cond].text == "a picture of dog"
+    assert [s.text for s in store.samples if s.pass_label == "uncond"] == ["blurry dog"]
+    qwen = tiny_pipeline("qwen")
+    with intervene(qwen, NegativePrompt(), "a picture of dog", concept="dog") as run:
+        with probe(run.pipe, passes="uncond") as uncond:
+            run(true_cfg_scale=4.0, **run_kwargs)
+    assert [s.text for s in uncond.samples] == ["dog"] and len(uncond.calls) == 2
+    with pytest.raises(InterventionError, match="other than negative-prompt.*'sd3' family"):
+        intervene(sd3, AttentionEdit(0.0), "a picture of dog", concept="dog").__enter__()

@@ -112,12 +112,18 @@ class Intervened:
         self.interventions = [iv.with_concept(concept) for iv in interventions]
         self.denoiser = denoiser_of(pipe)
         family = family_of(self.denoiser)
-        if family.name not in ("unet", "deepfloyd"):  # IF: refused below, for its guidance
+        # a negative prompt edits nothing of the denoiser: any pipeline that takes one can have it; the edits find the
+        # conditional rows from a UNet pipeline's batch recipe
+        self.edits_rows = family.name in ("unet", "deepfloyd")
+        if not self.edits_rows and not all(isinstance(iv, NegativePrompt) for iv in self.interventions):
             raise InterventionError(
-                f"interventions support UNet pipelines (SD 1.x/2.x, SDXL, Kolors); {type(pipe).__name__}'s denoiser, "
-                f"{type(self.denoiser).__name__}, is of the {family.name!r} family, which they do not edit yet"
+                f"interventions other than negative-prompt support UNet pipelines (SD 1.x/2.x, SDXL, Kolors); "
+                f"{type(pipe).__name__}'s denoiser, {type(self.denoiser).__name__}, is of the {family.name!r} family, "
+                "whose attention and conditioning they do not edit yet"
             )
-        if not isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+        if not self.edits_rows and "negative_prompt" not in inspect.signature(type(pipe).__call__).parameters:
+            raise InterventionError(f"{self.interventions[0]!r}: {type(pipe).__name__} takes no negative_prompt")
+        if self.edits_rows and not isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
             raise InterventionError(
                 f"interventions edit the conditional rows, which they find from the pipeline's "
                 f"do_classifier_free_guidance; {type(pipe).__name__} has none (DeepFloyd IF decides guidance inside its "
@@ -250,6 +256,8 @@ class Intervened:
             self.call = -1
         self.call += 1
         self.timestep = t
+        if not self.edits_rows:  # a negative prompt alone: the probe's own labels say which row is which
+            return None
         self.rows = self._conditional_rows(call.batch)
         if not self.conditioning:
             return None
@@ -369,6 +377,12 @@ class Intervened:
         Raises:
             InterventionError: no denoiser call ran yet, or the store did not record that row.
         """
+        if not self.edits_rows:
+            found = [s.index for s in store.samples if (s.pass_label, s.prompt_index, s.image_index) == (
+                "cond", prompt, image)]
+            if not found:
+                raise InterventionError(f"the store has no conditional sample of prompt {prompt}, image {image}")
+            return found[0]
         if not self.rows:
             raise InterventionError("no denoiser call has run in this intervene block: call the pipeline first")
         per_prompt = len(self.rows) // len(self.prompts)
