@@ -439,3 +439,14 @@ def test_cogview3_text_then_image_in_one_softmax_against_a_float64_reference():
             want = probs[[s.row for s in store.samples]][:, :, n:, :n]
             got = store[site.name][call].flatten(2, 3).double()
             assert (got - want).abs().max() <= 1e-6, (site.name, call)
+
+
+def test_zimage_uncond_calls_kept_after_the_cut_warn_that_they_hold_only_nan(zimage):
+    """``passes="uncond", calls=[3]`` after ``cfg_truncation`` cut the unconditional rows: the kept call has no row of
+    the pass, so the store holds only NaN, and says so."""
+    kwargs = dict(num_inference_steps=4, height=64, width=64, output_type="latent", max_sequence_length=32,
+                  cfg_truncation=0.2)
+    with pytest.warns(attnprobe.AttnprobeWarning, match="holds only NaN"):
+        with attnprobe.probe(zimage, passes="uncond", calls=[3]) as store:
+            zimage(prompt="a dog", generator=torch.Generator().manual_seed(0), **kwargs)
+    assert store[store.sites[0].name].float().isnan().all()

@@ -61,6 +61,7 @@ class Recorder:
         self.encode_watch = EncodeWatch(self.rows.pipe, self._on_encode_prompt)
         self.rows.as_given = self.encode_watch.as_given
         self.fill: tuple[int, torch.Tensor] | None = None  # samples with a row in this call, when not all have one
+        self.nan_calls = 0  # kept calls in which no sample had a row
         self.states = None  # the conditioning of the last denoiser call
         self.sites = sites
         self.passes = passes
@@ -217,6 +218,7 @@ class Recorder:
         if missing:
             raise self._missing_sites(call.index, missing)
         self.sink.put(call, maps)
+        self.nan_calls += self.fill is not None and not len(self.fill[1])  # no sample had a row: all NaN
 
     def _missing(self, maps: dict) -> list[str]:
         return [n for n in self.modules if n not in maps]
@@ -458,6 +460,9 @@ class Recorder:
             checks.setdefault(name, {"processor": type(self.originals.get(name)).__name__, "verdict": "not checked",
                                      "relative_error": None, "tolerance": None, "conditioning": "not checked"})
         store.meta["complete"] = complete and error is None
+        if store.calls and self.nan_calls == len(store.calls):
+            warn(f"every kept denoiser call holds only NaN: no sample of passes={self.rows.passes!r} had a row in them "
+                 "(the pass was cut inside the pipeline call, e.g. Z-Image's cfg_truncation, before calls=)")
         if self.order:
             record_order(self.denoiser, self.order)
         order = self.order or (sorted(self.known, key=self.known.get) if self.known_order else [])
