@@ -394,12 +394,13 @@ def test_cli_sites_and_study_on_tiny_transformers(tmp_path, capsys):
     assert (out / "failures.csv").read_text().splitlines() == ["model,concept,seed,error,detail"]
 
 
-def test_interventions_refuse_transformer_pipelines_before_generating(pipes):
-    from attnprobe import NegativePrompt, intervene
+def test_attention_edits_refuse_transformer_pipelines_before_generating(pipes):
+    # (a negative prompt, which edits nothing of the denoiser, works there: tests/test_interventions.py)
+    from attnprobe import AttentionEdit, intervene
     from attnprobe.errors import InterventionError
 
     with pytest.raises(InterventionError, match="UNet pipelines.*StableDiffusion3Pipeline"):
-        with intervene(pipes["sd3"], NegativePrompt(), PROMPT, concept="dog"):
+        with intervene(pipes["sd3"], AttentionEdit(0.0), PROMPT, concept="dog"):
             pass
 
 
