@@ -450,3 +450,38 @@ def test_zimage_uncond_calls_kept_after_the_cut_warn_that_they_hold_only_nan(zim
         with attnprobe.probe(zimage, passes="uncond", calls=[3]) as store:
             zimage(prompt="a dog", generator=torch.Generator().manual_seed(0), **kwargs)
     assert store[store.sites[0].name].float().isnan().all()
+
+
+@torch.no_grad()
+def test_lumina_next_cross_attention_with_grouped_heads_against_a_float64_reference():
+    """Lumina-Next: ``attn2`` queries rotated (complex RoPE), q and k normed, one key head for two query heads, the
+    padding mask; the prompts' rows come first."""
+    pipe = tiny_pipeline("lumina-next")
+    prompts = ["a picture of dog", "a brown dog"]
+    kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent", max_sequence_length=16,
+                  clean_caption=False)
+    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    sites = attnprobe.list_sites(pipe)
+    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
+            pipe, passes="all", dtype=torch.float32) as store:
+        probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(plain, probed) and [s.name for s in sites] == ["layers.0.attn2", "layers.1.attn2"]
+    assert [(s.pass_label, s.prompt_index) for s in store.samples] == [
+        ("cond", 0), ("cond", 1), ("uncond", 0), ("uncond", 1)]
+    assert store.token_indices(0, "dog") == [[4]] and store.token_indices(1, "dog") == [[3]]
+    for site in sites:
+        a = copy.deepcopy(pipe.transformer.get_submodule(site.name)).double()
+        for call in range(len(store.calls)):
+            inputs = seen.seen[site.name][store.calls[call].index]
+            h, e = inputs["hidden_states"].double(), inputs["encoder_hidden_states"].double()
+            q = a.norm_q(a.to_q(h)).unflatten(-1, (a.heads, -1))
+            k = a.norm_k(a.to_k(e)).unflatten(-1, (-1, q.shape[-1]))
+            freqs = inputs["query_rotary_emb"]
+            z = torch.view_as_complex(q.reshape(*q.shape[:-1], -1, 2).contiguous())
+            q = torch.view_as_real(z * freqs.to(torch.complex128).reshape(1, z.shape[1], 1, -1)).flatten(-2)
+            k = k.repeat_interleave(a.heads // k.shape[2], dim=2)
+            logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+            logits = logits.masked_fill(~inputs["attention_mask"].bool()[:, None, None, :], float("-inf"))
+            want = logits.softmax(-1)[[s.row for s in store.samples]]
+            got = store[site.name][call].flatten(2, 3).double()
+            assert got.shape[2:] == want.shape[2:] and (got - want).abs().max() <= 1e-6, (site.name, call)

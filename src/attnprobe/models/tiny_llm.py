@@ -17,7 +17,7 @@ from .tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer
 
 __all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_cogview4_pipeline", "tiny_kolors_pipeline",
            "tiny_lumina2_pipeline", "tiny_zimage_pipeline", "tiny_hidream_pipeline",
-           "tiny_hunyuanimage_pipeline"]
+           "tiny_hunyuanimage_pipeline", "tiny_lumina_next_pipeline"]
 
 
 def _gemma2(tokenizer, layers: int):
@@ -356,4 +356,27 @@ def tiny_hunyuanimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
     head = pipe.prompt_template_encode.split("{}")[0]
     pipe.prompt_template_encode_start_idx = len(tokenizer(head).input_ids)
     pipe.tokenizer_max_length, pipe.tokenizer_2_max_length = 32, 16
+    return finish(pipe, dtype)
+
+
+def tiny_lumina_next_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``LuminaPipeline`` (Lumina-Next) with its structure: 2 blocks (2 query heads and 1 key-value head of 8
+    channels, patch size 2) whose ``attn2`` cross-attends to a 2-layer Gemma 2 encoder of width 16
+    (``llm_tokenizer(bos=True)``; its second-to-last hidden states, padding masked), a 4-level VAE and a flow-matching
+    Euler scheduler. Pass ``clean_caption=False`` (cleaning needs ``bs4`` and ``ftfy``).
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
+
+    tokenizer = llm_tokenizer(bos=True)
+    torch.manual_seed(seed)
+    transformer = LuminaNextDiT2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_attention_heads=2,
+        num_kv_heads=1, multiple_of=16, cross_attention_dim=16, scaling_factor=1.0,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    pipe = LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                          vae=make_flow_vae(seed + 1), text_encoder=_gemma2(tokenizer, 2), tokenizer=tokenizer)
     return finish(pipe, dtype)
