@@ -503,6 +503,13 @@ class BatchRows:
         )
         frame_negative = given.get("negative_prompt")
         cond_texts = self.caller_prompts or given.get("prompt")
+        if len(given.get("prompt") or ()) > 1 and any(len(enc) > 1 and all(e.shape[0] == 1 for e in enc)
+                                                     for enc in self.encoded):
+            raise ProbeError(
+                f"{type(self.pipe).__name__} encodes each of its {len(given['prompt'])} prompts in a text-encoder call "
+                "of its own (Bria does), and attnprobe cannot tell which encode was which prompt's: it refuses rather "
+                "than label rows from another prompt's ids. Call it with one prompt at a time"
+            )
         per_image = loc.get("num_images_per_prompt")
         per_image = per_image if isinstance(per_image, int) and per_image > 0 and n % per_image == 0 else 1
         n_prompts = (cond_ids[0].shape[0] if cond_ids and cond_ids[0] is not None else len(cond_texts) if cond_texts

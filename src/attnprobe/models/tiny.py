@@ -29,7 +29,7 @@ from .tokenizers import clip_tokenizer, t5_tokenizer, t5_vocab_size
 
 __all__ = ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_pixart_pipeline",
            "tiny_chroma_pipeline", "tiny_if_pipeline", "tiny_hunyuandit_pipeline", "tiny_auraflow_pipeline",
-           "tiny_cogview3_pipeline",
+           "tiny_cogview3_pipeline", "tiny_bria_pipeline",
            "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
 
 
@@ -322,6 +322,27 @@ def tiny_cogview3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+def tiny_bria_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``BriaPipeline`` with Bria 3.x's structure (Flux's: 1 double- and 2 single-stream blocks, 2 heads of 8
+    channels, RoPE over axes (2, 2, 4), latents packed 2×2), a T5 encoder of width 32 with the offline ``t5_tokenizer``
+    (each prompt encoded alone, then zero-padded to ``max_sequence_length``), a 4-level VAE and a flow-matching Euler
+    scheduler.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import BriaPipeline, BriaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    transformer = BriaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=[2, 2, 4],
+    ).eval()
+    pipe = BriaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=make_flow_vae(seed + 1),
+                        text_encoder=make_t5_encoder(seed + 2), tokenizer=t5_tokenizer())
+    return finish(pipe, dtype)
+
+
 def full_size_pipeline(model: str = "sd15", device="cpu", dtype: torch.dtype = torch.float16, seed: int = 0):
     """SD 1.5 or SDXL at full size with seeded random weights, built directly on ``device``: the real UNet
     (``SD15_UNET`` / ``SDXL_UNET``), CLIP ViT-L/14 text encoder(s) (and OpenCLIP bigG for SDXL), the real VAE
@@ -434,6 +455,7 @@ _BUILDERS = {
     "cascade-prior": tiny_cascade_prior_pipeline,
     "cogview3": tiny_cogview3_pipeline,
     "lumina-next": tiny_lumina_next_pipeline,
+    "bria": tiny_bria_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..analysis import auc, heatmap, trajectory
-from ..capture import denoiser_of, probe
+from ..capture import denoiser_of, family_of, probe
 from ..errors import ConceptError, ConfigError, NumericalError
 from ..interventions import intervene
 from ..models.loader import TINY_MODELS, first_line
@@ -189,10 +189,18 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
                      tokens=concept if capture["tokens"] == "concept" else None,
                      stream_to=None if maps is None else Path(maps) / row)
 
-    with recording(pipe, "variants") as store:
-        generated = pipe(prompt=prompts, **noise(len(prompts)), **negatives(options, len(prompts)))
     # per row: (name, store, sample, prompt, image, intervention, mass factors)
-    runs = [(v, store, i, prompts[i], generated.images[i], "", None) for i, v in enumerate(names)]
+    if family_of(denoiser_of(pipe)).one_prompt:  # Bria encodes each prompt alone: one variant per pipeline call,
+        runs = []                                    # each from the seed's own generator (the same noise for all)
+        for i, v in enumerate(names):
+            with recording(pipe, f"variant-{slug(v)}") as store:
+                generated = pipe(prompt=[prompts[i]], generator=torch.Generator("cpu").manual_seed(seed),
+                                 **negatives(options, 1))
+            runs.append((v, store, 0, prompts[i], generated.images[0], "", None))
+    else:
+        with recording(pipe, "variants") as store:
+            generated = pipe(prompt=prompts, **noise(len(prompts)), **negatives(options, len(prompts)))
+        runs = [(v, store, i, prompts[i], generated.images[i], "", None) for i, v in enumerate(names)]
     failures = []
     base = prompts[names.index("baseline")]
     for label, items in (interventions or {}).items():

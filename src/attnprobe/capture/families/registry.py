@@ -75,6 +75,8 @@ class Family:
             attention module where structure alone is wrong: ``None`` for one structure takes for a site but is not
             (Kandinsky 3 builds its image self-attention and its text pooling with a ``cross_attention_dim``, so
             ``is_cross_attention`` holds for them too), a kind for one structure cannot tell is a site.
+        one_prompt: the pipeline encodes each prompt in a text-encoder call of its own (Bria), so a probe labels one
+            prompt per pipeline call (several are refused) and the study generates its variants one at a time.
         refused: why attnprobe refuses the family's denoisers (``refused.VIDEO``: no frame axis): a probe raises before
             the pipeline runs, naming the pipeline and this reason; ``None`` for a family it records.
         text_positions: with ``template``: ``(pipe, layout of the encoding, n_keys) -> positions``, the encoded
@@ -102,6 +104,7 @@ class Family:
     image_len: Callable | None = None
     pipelines: tuple[str, ...] = ()
     site_kind: Callable | None = None
+    one_prompt: bool = False
     refused: str | None = None
 
     def classes(self) -> tuple[type, ...]:
