@@ -22,8 +22,8 @@ from .components import finish, make_clip_encoder, make_flow_vae, make_scheduler
 from .configs import SD15_UNET, SDXL_UNET
 from .shapes.model import load as load_shapes
 from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_pipeline, tiny_hidream_pipeline, tiny_hunyuanimage_pipeline,
-                       tiny_kolors_pipeline, tiny_lumina2_pipeline, tiny_lumina_next_pipeline, tiny_qwen_pipeline,
-                       tiny_sana_pipeline, tiny_zimage_pipeline)
+                       tiny_kolors_pipeline, tiny_lumina2_pipeline, tiny_lumina_next_pipeline, tiny_ovis_pipeline,
+                       tiny_qwen_pipeline, tiny_sana_pipeline, tiny_zimage_pipeline)
 from .tiny_unets import tiny_cascade_prior_pipeline, tiny_kandinsky3_pipeline
 from .tokenizers import clip_tokenizer, t5_tokenizer, t5_vocab_size
 
@@ -456,6 +456,7 @@ _BUILDERS = {
     "cogview3": tiny_cogview3_pipeline,
     "lumina-next": tiny_lumina_next_pipeline,
     "bria": tiny_bria_pipeline,
+    "ovis": tiny_ovis_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

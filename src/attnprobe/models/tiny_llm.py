@@ -17,7 +17,8 @@ from .tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer
 
 __all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_cogview4_pipeline", "tiny_kolors_pipeline",
            "tiny_lumina2_pipeline", "tiny_zimage_pipeline", "tiny_hidream_pipeline",
-           "tiny_hunyuanimage_pipeline", "tiny_lumina_next_pipeline"]
+           "tiny_hunyuanimage_pipeline", "tiny_lumina_next_pipeline",
+           "tiny_ovis_pipeline"]
 
 
 def _gemma2(tokenizer, layers: int):
@@ -379,4 +380,33 @@ def tiny_lumina_next_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32)
     torch.manual_seed(seed + 2)
     pipe = LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
                           vae=make_flow_vae(seed + 1), text_encoder=_gemma2(tokenizer, 2), tokenizer=tokenizer)
+    return finish(pipe, dtype)
+
+
+def tiny_ovis_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """An ``OvisImagePipeline`` with Ovis-Image's structure (Flux's: 1 double- and 2 single-stream blocks, 2 heads of 8
+    channels, RoPE over axes (2, 2, 4), latents packed 2×2), a 2-layer Qwen 3 encoder of width 16 reading the
+    pipeline's system prompt and the prompt in its chat template (``llm_tokenizer``; ``user_prompt_begin_id`` set to
+    where that tokenizer's rendering of the system prompt ends, 28 for the real one), a 4-level VAE and a
+    flow-matching Euler scheduler.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    tokenizer = llm_tokenizer()
+    torch.manual_seed(seed)
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    torch.manual_seed(seed + 2)
+    pipe = OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=make_flow_vae(seed + 1),
+                             text_encoder=Qwen3Model(_qwen3_config(tokenizer, 2)).eval(), tokenizer=tokenizer,
+                             transformer=transformer)
+    head = tokenizer.apply_chat_template([{"role": "user", "content": pipe.system_prompt + "\x00"}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False).split("\x00")[0]
+    pipe.user_prompt_begin_id = len(tokenizer(head, add_special_tokens=False).input_ids)
     return finish(pipe, dtype)
