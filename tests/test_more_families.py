@@ -488,24 +488,12 @@ def test_lumina_next_cross_attention_with_grouped_heads_against_a_float64_refere
 
 
 @torch.no_grad()
-def test_bria_one_prompt_against_a_float64_reference_and_several_refused():
-    """Bria: Flux's [text; image] joint and single-stream attention with RoPE on both, T5 positions of the prompt
-    then the zero keys the pipeline added; it encodes each prompt in an encoder call of its own, so several prompts
-    in one call are refused before anything is labelled."""
-    pipe = tiny_pipeline("bria")
-    kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent", max_sequence_length=16)
-    plain = pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
-    sites = attnprobe.list_sites(pipe)
-    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
-            pipe, passes="all", dtype=torch.float32) as store:
-        probed = pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert torch.equal(plain, probed) and [s.kind for s in sites] == ["joint", "single", "single"]
-    assert [(s.pass_label, s.text) for s in store.samples] == [("uncond", None), ("cond", "a picture of dog")]
-    assert store.token_indices(1, "dog") == [[3]] and store.token_kinds(1)[4:6] == ["end", "unknown"]
-    n_text = 16
+def _check_text_first_rope(pipe, store, sites, seen, n_text):
+    """Flux-like attention (Bria, Ovis-Image): ``[text; image]`` q and k, the text's through the added projections at
+    joint sites, normed per head, RoPE (the model's real tables) on every position; the float64 softmax over all keys
+    at the image queries and text keys equals the store's map."""
     for site in sites:
         a = copy.deepcopy(pipe.transformer.get_submodule(site.name)).double()
-        assert store[site.name].shape[3:] == (4, 6, n_text)
         for call in range(len(store.calls)):
             inputs = seen.seen[site.name][store.calls[call].index]
             h = inputs["hidden_states"].double()
@@ -521,6 +509,26 @@ def test_bria_one_prompt_against_a_float64_reference_and_several_refused():
             want = probs[[s.row for s in store.samples]][:, :, n_text:, :n_text]
             got = store[site.name][call].flatten(2, 3).double()
             assert (got - want).abs().max() <= 1e-6, (site.name, call)
+
+
+@torch.no_grad()
+def test_bria_one_prompt_against_a_float64_reference_and_several_refused():
+    """Bria: Flux's [text; image] joint and single-stream attention with RoPE on both, T5 positions of the prompt
+    then the zero keys the pipeline added; it encodes each prompt in an encoder call of its own, so several prompts
+    in one call are refused before anything is labelled."""
+    pipe = tiny_pipeline("bria")
+    kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent", max_sequence_length=16)
+    plain = pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+    sites = attnprobe.list_sites(pipe)
+    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
+            pipe, passes="all", dtype=torch.float32) as store:
+        probed = pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(plain, probed) and [s.kind for s in sites] == ["joint", "single", "single"]
+    assert [(s.pass_label, s.text) for s in store.samples] == [("uncond", None), ("cond", "a picture of dog")]
+    assert store.token_indices(1, "dog") == [[3]] and store.token_kinds(1)[4:6] == ["end", "unknown"]
+    n_text = 16
+    _check_text_first_rope(pipe, store, sites, seen, n_text)
+    assert store[sites[0].name].shape[3:] == (4, 6, n_text)
     with pytest.raises(ProbeError, match="encodes each of its 2 prompts"):
         with attnprobe.probe(pipe):
             pipe(prompt=["a picture of dog", "a brown dog"], **kwargs)
@@ -542,20 +550,4 @@ def test_ovis_template_keys_against_a_float64_reference():
     assert store.token_indices(0, "dog") == [[3]] and store.token_indices(1, "dog") == [[2]]
     assert store.token_kinds(0)[4] == "template" and store.token_kinds(0)[-1] == "pad"
     n_text = 16
-    for site in sites:
-        a = copy.deepcopy(pipe.transformer.get_submodule(site.name)).double()
-        for call in range(len(store.calls)):
-            inputs = seen.seen[site.name][store.calls[call].index]
-            h = inputs["hidden_states"].double()
-            heads = lambda x: x.unflatten(-1, (a.heads, -1))  # noqa: E731
-            q, k = a.norm_q(heads(a.to_q(h))), a.norm_k(heads(a.to_k(h)))
-            if site.kind == "joint":
-                e = inputs["encoder_hidden_states"].double()
-                q = torch.cat([a.norm_added_q(heads(a.add_q_proj(e))), q], dim=1)
-                k = torch.cat([a.norm_added_k(heads(a.add_k_proj(e))), k], dim=1)
-            cos, sin = inputs["image_rotary_emb"]
-            q, k = _rotate_image(q, cos, sin, q.shape[1]), _rotate_image(k, cos, sin, k.shape[1])
-            probs = torch.einsum("bqhd,bkhd->bhqk", q, k).mul(q.shape[-1] ** -0.5).softmax(-1)
-            want = probs[[s.row for s in store.samples]][:, :, n_text:, :n_text]
-            got = store[site.name][call].flatten(2, 3).double()
-            assert (got - want).abs().max() <= 1e-6, (site.name, call)
+    _check_text_first_rope(pipe, store, sites, seen, n_text)
