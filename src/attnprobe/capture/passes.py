@@ -58,6 +58,8 @@ REFUSED = {
     "TextToVideoZeroSDXLPipeline": (None, "runs its denoising loop three times per pipeline call"),
     "OmniGenPipeline": (None, "batches [cond, uncond, image-only] rows of its own multimodal tokenizer"),
     "UniDiffuserPipeline": (None, "conditions its unconditional pass on noise text, not on a negative prompt"),
+    **{name: (None, "denoises a mel spectrogram with an image UNet: its queries are time × frequency positions, not an "
+                    "image grid") for name in ("AudioLDMPipeline", "MusicLDMPipeline")},
     "AnyFlowFARPipeline": (None, "runs extra denoiser calls at t=0 to fill its key-value cache"),
     "DreamLitePipeline": ("image", "in edit mode batches [uncond, image-only, text] rows side by side with the image"),
     **{name: ("do_spatio_temporal_guidance", "runs extra spatio-temporal-guidance denoiser calls that skip blocks")
