@@ -28,6 +28,7 @@ OPTIONS = {
     "sana": dict(height=32, width=64, max_sequence_length=16, use_resolution_binning=False),  # sides: multiples of 32
     "qwen": dict(SIZE, max_sequence_length=16),
     "flux2": dict(SIZE, max_sequence_length=16),
+    "flux2-dev": dict(SIZE, max_sequence_length=64),  # its system message alone takes about 40 positions
     "cogview4": dict(height=32, width=64, max_sequence_length=16),
     "if": dict(SIZE, clean_caption=False, output_type="pt"),  # pixel space: no latents to hand back
     "hunyuandit": dict(SIZE, use_resolution_binning=False),
@@ -36,7 +37,7 @@ OPTIONS = {
 #: (qh, qw): Sana's DC-AE 2× (32 × 64 px), Qwen's VAE 4× then 2×2 packing and Flux.2's 1× then 2×2 patches (32 × 48 px),
 #: CogView4's VAE 8× then patch 2 (32 × 64 px), IF's pixel-space UNet at its second level (32 × 48 px), HunyuanDiT's
 #: VAE 8× then patch 2 (32 × 48 px), AuraFlow's VAE 8× then patch 2 (64 × 96 px)
-GRID = {"sana": (16, 32), "qwen": (4, 6), "flux2": (16, 24), "cogview4": (2, 4), "if": (16, 24),
+GRID = {"sana": (16, 32), "qwen": (4, 6), "flux2": (16, 24), "flux2-dev": (16, 24), "cogview4": (2, 4), "if": (16, 24),
         "hunyuandit": (2, 3), "auraflow": (4, 6)}
 
 
@@ -181,7 +182,7 @@ def test_maps_equal_a_float64_reference_and_images_stay_bit_identical(pipes, fam
         with attnprobe.probe(pipe, dtype=torch.float32, passes="all" if family == "sana" else "cond") as exact:
             probed = generate(pipe, family, guidance_scale=1.0 if family == "sana" else 4.0)
     assert torch.equal(plain, probed)
-    assert exact.meta["family"] == {"if": "deepfloyd"}.get(family, family)
+    assert exact.meta["family"] == {"if": "deepfloyd", "flux2-dev": "flux2"}.get(family, family)
     if family == "auraflow":  # its registers are not on the token axis
         assert len(exact.tokens(0)) == seen.text_len[0] == 16
     assert all(c["verdict"] == "equal" for c in exact.meta["processor_check"].values())
@@ -490,3 +491,16 @@ def test_video_audio_and_prior_denoisers_and_unknown_ones_are_refused_before_the
     assert verdicts["WanPipeline"].verdict.startswith("refused: a video")
     assert verdicts["StableAudioPipeline"].family == "audio"
     assert not [v for v in verdicts.values() if "untested" in v.verdict and v.family == "generic"]
+
+
+def test_flux2_dev_system_message_is_template_and_guidance_is_an_embedding(pipes):
+    """Flux.2 [dev] reads its system message before the prompt (its words are kind 'template', never a mention) and
+    takes guidance_scale as an embedding: one pass per call, labelled cond, however high the scale."""
+    pipe = pipes["flux2-dev"]
+    with attnprobe.probe(pipe) as store:
+        generate(pipe, "flux2-dev", prompt="an image of a dog", steps=1, guidance_scale=4.0)
+    assert [s.pass_label for s in store.samples] == ["cond"]
+    kinds, strings = store.token_kinds(0), store.tokens(0)
+    assert "image" in [s for s, k in zip(strings, kinds) if k == "template"]  # "reasons about image descriptions"
+    (mention,) = store.token_indices(0, "image")
+    assert kinds[mention[0]] == "word" and strings[mention[0]] == "image"

@@ -154,6 +154,9 @@ class BatchRows:
             return False
         if not given and self.pipe_locals() is None:
             return False  # the denoiser called directly, outside any pipeline call: its rows are what it was given
+        if (getattr(getattr(self.denoiser, "config", None), "guidance_embeds", False)
+                and not isinstance(getattr(type(self.pipe), "do_classifier_free_guidance", None), property)):
+            return False  # guidance-distilled (Flux.2 [dev]): its guidance_scale is an embedding, the batch one pass
         scale = (given or {}).get("guidance_scale") if batch % 2 == 0 else None  # PixArt: a local of __call__
         return bool(guidance_on(self.pipe, scale))
 

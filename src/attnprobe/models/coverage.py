@@ -62,6 +62,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "SanaPipeline": ("sana", "tests/test_families.py"),
     "QwenImagePipeline": ("qwen", "tests/test_families.py"),
     "Flux2KleinPipeline": ("flux2", "tests/test_families.py"),
+    "Flux2Pipeline": ("flux2-dev", "tests/test_families.py"),
     "CogView4Pipeline": ("cogview4", "tests/test_families.py"),
     "KolorsPipeline": ("kolors", "tests/test_families.py"),
     "IFPipeline": ("if", "tests/test_families.py"),
@@ -161,7 +162,7 @@ def measure(name: str) -> dict:
         kwargs.update({k: v for k, v in (("max_sequence_length", 16), ("use_resolution_binning", False),
                                          ("clean_caption", False)) if k in params})
         kwargs["output_type"] = "latent" if hasattr(pipe, "vae") else "pt"  # DeepFloyd IF: pixel space
-        if name == "lumina2":  # its system prompt alone takes about 30 positions
+        if name in ("lumina2", "flux2-dev"):  # their system prompts alone take 30 to 40 positions
             kwargs["max_sequence_length"] = 64
         # the output's first field: images, or the image embeddings of a prior (Stable Cascade's)
         run = lambda: pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs)[0]

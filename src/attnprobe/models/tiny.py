@@ -21,9 +21,9 @@ from ..errors import ArgumentError
 from .components import finish, make_clip_encoder, make_flow_vae, make_scheduler, make_t5_encoder, make_vae
 from .configs import SD15_UNET, SDXL_UNET
 from .shapes.model import load as load_shapes
-from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_pipeline, tiny_hidream_pipeline, tiny_hunyuanimage_pipeline,
-                       tiny_kolors_pipeline, tiny_lumina2_pipeline, tiny_lumina_next_pipeline, tiny_ovis_pipeline,
-                       tiny_qwen_pipeline, tiny_sana_pipeline, tiny_zimage_pipeline)
+from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_dev_pipeline, tiny_flux2_pipeline, tiny_hidream_pipeline,
+                       tiny_hunyuanimage_pipeline, tiny_kolors_pipeline, tiny_lumina2_pipeline, tiny_lumina_next_pipeline,
+                       tiny_ovis_pipeline, tiny_qwen_pipeline, tiny_sana_pipeline, tiny_zimage_pipeline)
 from .tiny_unets import tiny_cascade_prior_pipeline, tiny_kandinsky3_pipeline
 from .tokenizers import clip_tokenizer, t5_tokenizer, t5_vocab_size
 
@@ -457,6 +457,7 @@ _BUILDERS = {
     "lumina-next": tiny_lumina_next_pipeline,
     "bria": tiny_bria_pipeline,
     "ovis": tiny_ovis_pipeline,
+    "flux2-dev": tiny_flux2_dev_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

@@ -15,10 +15,19 @@ from .components import finish, make_clip_encoder, make_flow_vae, make_scheduler
 from .configs import SDXL_UNET
 from .tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer
 
-__all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_cogview4_pipeline", "tiny_kolors_pipeline",
+__all__ = ["tiny_qwen_pipeline", "tiny_sana_pipeline", "tiny_flux2_pipeline", "tiny_flux2_dev_pipeline", "tiny_cogview4_pipeline", "tiny_kolors_pipeline",
            "tiny_lumina2_pipeline", "tiny_zimage_pipeline", "tiny_hidream_pipeline",
            "tiny_hunyuanimage_pipeline", "tiny_lumina_next_pipeline",
            "tiny_ovis_pipeline"]
+
+
+#: ``tokenizers.CHAT_TEMPLATE`` for messages whose content is a string or a list of ``{"type": "text", "text": …}``
+#: parts (Flux.2 [dev]'s pipeline hands its processor such lists)
+CONTENT_LIST_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _gemma2(tokenizer, layers: int):
@@ -127,24 +136,16 @@ def tiny_sana_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
-def tiny_flux2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A ``Flux2KleinPipeline`` with Flux.2's structure: 1 double-stream and 2 parallel single-stream blocks (2 heads
-    of 8 channels, RoPE over 4 axes (t, h, w, l)), a 27-layer Qwen 3 encoder of width 16 reading the prompt in its
-    chat template (``llm_tokenizer``; the hidden states of its layers 9, 18 and 27, the pipeline's default
-    ``text_encoder_out_layers``, stacked along features), a 1-level Flux.2 VAE (latents patched 2×2, so a
-    64×96 px image is a 32×48 grid) and a flow-matching Euler scheduler. Not distilled: guidance above 1 runs the unconditional pass as separate calls.
+def _flux2_parts(seed: int, guidance_embeds: bool):
+    """Flux.2's transformer (1 double-stream and 2 parallel single-stream blocks, 2 heads of 8 channels, RoPE over 4
+    axes, text width 48 = 3 stacked layers of 16) and a 1-level Flux.2 VAE, seeded ``seed`` and ``seed + 1``."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
-    Args:
-        seed: weight seed. dtype: parameter dtype.
-    """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-    from transformers import Qwen3ForCausalLM
-
-    tokenizer = llm_tokenizer()
     torch.manual_seed(seed)
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=guidance_embeds,
     ).eval()
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLFlux2(
@@ -152,10 +153,58 @@ def tiny_flux2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1, latent_channels=1,
         norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
     ).eval()
+    return transformer, vae
+
+
+def tiny_flux2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``Flux2KleinPipeline`` with Flux.2's structure (``_flux2_parts``), a 27-layer Qwen 3 encoder of width 16
+    reading the prompt in its chat template (``llm_tokenizer``; the hidden states of its layers 9, 18 and 27, the
+    pipeline's default ``text_encoder_out_layers``, stacked along features), latents patched 2×2 (a 64×96 px image is
+    a 32×48 grid) and a flow-matching Euler scheduler. Not distilled: guidance above 1 runs the unconditional pass as
+    separate calls.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3ForCausalLM
+
+    tokenizer = llm_tokenizer()
+    transformer, vae = _flux2_parts(seed, guidance_embeds=False)
     torch.manual_seed(seed + 2)
     encoder = Qwen3ForCausalLM(_qwen3_config(tokenizer, 27)).eval()
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
                               tokenizer=tokenizer, transformer=transformer)
+    return finish(pipe, dtype)
+
+
+def tiny_flux2_dev_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``Flux2Pipeline`` (Flux.2 [dev]) with its structure (``_flux2_parts``, guidance as an embedding: one pass per
+    call), a 30-layer Mistral 3 of width 16 (a 1-layer Pixtral vision tower) whose hidden states of layers 10, 20 and
+    30 are stacked along features, reading the pipeline's system message and the prompt in a chat template. The
+    tokenizer (``llm_tokenizer`` with a template that takes content lists) stands in for Mistral's processor, whose
+    ``apply_chat_template`` the pipeline calls the same way (the processor itself needs torchvision).
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tokenizer = llm_tokenizer()
+    tokenizer.chat_template = CONTENT_LIST_TEMPLATE
+    transformer, vae = _flux2_parts(seed, guidance_embeds=True)
+    torch.manual_seed(seed + 2)
+    encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", hidden_size=16, intermediate_size=32, num_hidden_layers=30,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer),
+                         max_position_embeddings=1024),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, image_size=32, patch_size=16),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image_pad|>"), spatial_merge_size=2,
+    )).eval()
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
+                         tokenizer=tokenizer, transformer=transformer)
     return finish(pipe, dtype)
 
 
