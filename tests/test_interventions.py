@@ -408,5 +408,11 @@ def test_a_negative_prompt_works_on_every_family_and_edits_are_refused_there():
         with probe(run.pipe, passes="uncond") as uncond:
             run(true_cfg_scale=4.0, **run_kwargs)
     assert [s.text for s in uncond.samples] == ["dog"] and len(uncond.calls) == 2
-    with pytest.raises(InterventionError, match="other than negative-prompt.*'sd3' family"):
+    with pytest.raises(InterventionError, match="other than negative-prompt.*'sd3' family.*use negative-prompt"):
         intervene(sd3, AttentionEdit(0.0), "a picture of dog", concept="dog").__enter__()
+    deepfloyd = tiny_pipeline("if")  # no do_classifier_free_guidance property: edits refused, a negative prompt not
+    with intervene(deepfloyd, NegativePrompt(), "a picture of dog", concept="dog") as run:
+        with probe(run.pipe, passes="all") as store:
+            run(num_inference_steps=1, height=32, width=32, output_type="pt", clean_caption=False)
+    assert store.samples[run.conditional_sample(store)].pass_label == "cond"
+    assert [s.text for s in store.samples if s.pass_label == "uncond"] == ["dog"]

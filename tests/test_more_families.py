@@ -526,6 +526,7 @@ def test_bria_one_prompt_against_a_float64_reference_and_several_refused():
     assert torch.equal(plain, probed) and [s.kind for s in sites] == ["joint", "single", "single"]
     assert [(s.pass_label, s.text) for s in store.samples] == [("uncond", None), ("cond", "a picture of dog")]
     assert store.token_indices(1, "dog") == [[3]] and store.token_kinds(1)[4:6] == ["end", "unknown"]
+    assert store.meta["image_size"] == [64, 96]  # its VAE's 8× (its vae_scale_factor, 16, counts the 2×2 packing)
     n_text = 16
     _check_text_first_rope(pipe, store, sites, seen, n_text)
     assert store[sites[0].name].shape[3:] == (4, 6, n_text)

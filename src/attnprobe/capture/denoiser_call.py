@@ -255,8 +255,8 @@ class Timesteps:
 def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
     """``store.meta`` entries of a run's schedule and size: ``scheduler`` (class name), ``scheduler_config``,
     ``timesteps`` (the scheduler's last schedule), ``latent_size`` and ``image_size`` (``[h, w]``; the latent grid
-    times the pipeline's ``vae_scale_factor``, or where it has none the down-sampling of its autoencoder: Kandinsky
-    3's ``movq``)."""
+    times its autoencoder's down-sampling (``vae`` or Kandinsky 3's ``movq``), or the pipeline's ``vae_scale_factor``
+    where the autoencoder's config does not tell)."""
     meta = {}
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is not None:
@@ -265,11 +265,11 @@ def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
         ts = getattr(scheduler, "timesteps", None)
         meta["timesteps"] = [float(t) for t in ts] if ts is not None else None
     h, w = latent_hw
-    scale = int(getattr(pipe, "vae_scale_factor", 0) or 0) if pipe is not None else 1
-    if not scale:
-        coder = getattr(pipe, "vae", None) or getattr(pipe, "movq", None)
-        levels = getattr(getattr(coder, "config", None), "block_out_channels", None)
-        scale = 2 ** (len(levels) - 1) if levels else 1
+    # the autoencoder's own down-sampling where its config tells (Bria's vae_scale_factor counts its 2×2 packing too),
+    # else the pipeline's vae_scale_factor (Sana's DC-AE, Qwen-Image's VAE), else 1 (pixel space: IF)
+    coder = getattr(pipe, "vae", None) or getattr(pipe, "movq", None)
+    levels = getattr(getattr(coder, "config", None), "block_out_channels", None)
+    scale = 2 ** (len(levels) - 1) if levels else int(getattr(pipe, "vae_scale_factor", 0) or 1)
     meta["latent_size"] = [h, w]
     meta["image_size"] = [h * scale, w * scale]
     return meta

@@ -114,20 +114,22 @@ class Intervened:
         family = family_of(self.denoiser)
         # a negative prompt edits nothing of the denoiser: any pipeline that takes one can have it; the edits find the
         # conditional rows from a UNet pipeline's batch recipe
-        self.edits_rows = family.name in ("unet", "deepfloyd")
-        if not self.edits_rows and not all(isinstance(iv, NegativePrompt) for iv in self.interventions):
+        negative_only = all(isinstance(iv, NegativePrompt) for iv in self.interventions)
+        has_property = isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property)
+        self.edits_rows = family.name in ("unet", "deepfloyd") and (has_property or not negative_only)
+        if not self.edits_rows and not negative_only:
             raise InterventionError(
                 f"interventions other than negative-prompt support UNet pipelines (SD 1.x/2.x, SDXL, Kolors); "
                 f"{type(pipe).__name__}'s denoiser, {type(self.denoiser).__name__}, is of the {family.name!r} family, "
-                "whose attention and conditioning they do not edit yet"
+                "whose attention and conditioning they do not edit yet: use negative-prompt there, or a UNet pipeline"
             )
         if not self.edits_rows and "negative_prompt" not in inspect.signature(type(pipe).__call__).parameters:
             raise InterventionError(f"{self.interventions[0]!r}: {type(pipe).__name__} takes no negative_prompt")
-        if self.edits_rows and not isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+        if self.edits_rows and not has_property:
             raise InterventionError(
                 f"interventions edit the conditional rows, which they find from the pipeline's "
                 f"do_classifier_free_guidance; {type(pipe).__name__} has none (DeepFloyd IF decides guidance inside its "
-                "__call__), so they would not know which rows to edit"
+                "__call__), so they would not know which rows to edit: negative-prompt works there"
             )
         self.tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
         self.n_keys = int(getattr(self.tokenizer, "model_max_length", 77) or 77) if self.tokenizer else 77

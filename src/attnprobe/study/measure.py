@@ -169,8 +169,12 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
     capture = capture or check_capture(None)
     names = list(variants)
     prompts = [variants[v].format(c=concept) for v in names]
-    takes_latents = "latents" in inspect.signature(type(pipe).__call__).parameters
-    latents = initial_latents(pipe, seed, size, len(prompts), pipe.device, denoiser_of(pipe).dtype)
+    # a one_prompt family (Bria) runs every row alone: a generator per call gives each the same noise, and its latent
+    # layout (packing counted in its vae_scale_factor) need not be rebuilt here
+    one_prompt = family_of(denoiser_of(pipe)).one_prompt
+    takes_latents = "latents" in inspect.signature(type(pipe).__call__).parameters and not one_prompt
+    latents = initial_latents(pipe, seed, size, len(prompts), pipe.device, denoiser_of(pipe).dtype) if takes_latents \
+        else None
 
     def noise(copies: int) -> dict:  # every row from the seed's noise: the latents, or one generator per image (IF)
         if takes_latents:
@@ -190,12 +194,11 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
                      stream_to=None if maps is None else Path(maps) / row)
 
     # per row: (name, store, sample, prompt, image, intervention, mass factors)
-    if family_of(denoiser_of(pipe)).one_prompt:  # Bria encodes each prompt alone: one variant per pipeline call,
-        runs = []                                    # each from the seed's own generator (the same noise for all)
+    if one_prompt:  # Bria encodes each prompt alone: one variant per pipeline call
+        runs = []
         for i, v in enumerate(names):
             with recording(pipe, f"variant-{slug(v)}") as store:
-                generated = pipe(prompt=[prompts[i]], generator=torch.Generator("cpu").manual_seed(seed),
-                                 **negatives(options, 1))
+                generated = pipe(prompt=[prompts[i]], **noise(1), **negatives(options, 1))
             runs.append((v, store, 0, prompts[i], generated.images[0], "", None))
     else:
         with recording(pipe, "variants") as store:
