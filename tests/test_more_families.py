@@ -23,6 +23,19 @@ from attnprobe.testing import tiny_pipeline
 from test_families import Inputs
 
 
+def _recorded(pipe, prompt, passes, **kwargs):
+    """One generation without the probe and one with it (fp32 maps, ``passes``) under our own input hooks on every
+    site: asserts the images are bit-identical; returns ``(images, store, hooks, sites)``."""
+    run = lambda: pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **kwargs).images  # noqa: E731
+    plain = run()
+    sites = attnprobe.list_sites(pipe)
+    with Inputs(attnprobe.capture.denoiser_of(pipe), [s.name for s in sites]) as seen, attnprobe.probe(
+            pipe, passes=passes, dtype=torch.float32) as store:
+        probed = run()
+    assert torch.equal(plain, probed)
+    return plain, store, seen, sites
+
+
 @pytest.fixture(scope="module")
 def zimage():
     return tiny_pipeline("zimage")
@@ -110,12 +123,7 @@ def test_kandinsky3_cross_attention_blocks_against_a_float64_reference(kandinsky
     pipe = kandinsky3
     prompts = ["a picture of dog", "a much longer picture of a brown dog"]
     kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent")
-    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    sites = attnprobe.list_sites(pipe)
-    with Inputs(pipe.unet, [s.name for s in sites]) as seen, attnprobe.probe(
-            pipe, passes="all", dtype=torch.float32) as store:
-        probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert torch.equal(plain, probed)
+    plain, store, seen, sites = _recorded(pipe, prompts, "all", **kwargs)
     names = [s.name for s in sites]
     assert names == [f"{part}_blocks.{level}.attentions.{i}.attention"
                      for part, levels in (("down", (1, 2, 3)), ("up", (0, 1, 2))) for level in levels for i in (1, 2)]
@@ -162,12 +170,8 @@ def test_hidream_padded_image_stream_and_three_text_streams_against_a_float64_re
     pipe = hidream
     prompts = ["a picture of dog", "a much longer picture of a brown dog"]
     kwargs = dict(num_inference_steps=2, height=64, width=96, max_sequence_length=16, output_type="latent")
-    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    sites = attnprobe.list_sites(pipe)
-    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
-            pipe, passes="all", dtype=torch.float32) as store:
-        probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert torch.equal(plain, probed) and plain.shape[-2:] == (6, 8)  # 48 × 64 px: scaled to the 64² px area
+    plain, store, seen, sites = _recorded(pipe, prompts, "all", **kwargs)
+    assert plain.shape[-2:] == (6, 8)  # 48 × 64 px: scaled to the 64² px area
     assert [(s.name, s.kind) for s in sites] == [("double_stream_blocks.0.block.attn1", "joint"), (
         "single_stream_blocks.0.block.attn1", "single"), ("single_stream_blocks.1.block.attn1", "single")]
     assert [(s.pass_label, s.prompt_index) for s in store.samples] == [
@@ -221,12 +225,7 @@ def test_hunyuanimage_rows_reordered_by_their_masks_against_a_float64_reference(
     pipe = hunyuanimage
     prompts = ["a picture of dog", 'a sign that says "dog" and a brown dog']
     kwargs = dict(num_inference_steps=2, height=64, width=128, output_type="latent")
-    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    sites = attnprobe.list_sites(pipe)
-    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
-            pipe, passes="cond", dtype=torch.float32) as store:
-        probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert torch.equal(plain, probed)
+    plain, store, seen, sites = _recorded(pipe, prompts, "cond", **kwargs)
     assert [(s.name, s.kind) for s in sites] == [("transformer_blocks.0.attn", "joint"), (
         "single_transformer_blocks.0.attn", "single"), ("single_transformer_blocks.1.attn", "single")]
     assert len(seen.seen[sites[0].name]) == 4 and len(store.calls) == 2  # cond, uncond per step; cond kept
@@ -416,12 +415,8 @@ def test_cogview3_text_then_image_in_one_softmax_against_a_float64_reference():
     pipe = tiny_pipeline("cogview3")
     prompts = ["a picture of dog", "a brown dog"]
     kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent", max_sequence_length=16)
-    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    sites = attnprobe.list_sites(pipe)
-    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
-            pipe, passes="all", dtype=torch.float32) as store:
-        probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert torch.equal(plain, probed) and [s.kind for s in sites] == ["single", "single"]
+    plain, store, seen, sites = _recorded(pipe, prompts, "all", **kwargs)
+    assert [s.kind for s in sites] == ["single", "single"]
     assert [(s.pass_label, s.prompt_index) for s in store.samples] == [
         ("uncond", 0), ("uncond", 1), ("cond", 0), ("cond", 1)]
     assert store.token_indices(2, "dog") == [[3]] and store.token_indices(3, "dog") == [[2]]
@@ -460,12 +455,8 @@ def test_lumina_next_cross_attention_with_grouped_heads_against_a_float64_refere
     prompts = ["a picture of dog", "a brown dog"]
     kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent", max_sequence_length=16,
                   clean_caption=False)
-    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    sites = attnprobe.list_sites(pipe)
-    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
-            pipe, passes="all", dtype=torch.float32) as store:
-        probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert torch.equal(plain, probed) and [s.name for s in sites] == ["layers.0.attn2", "layers.1.attn2"]
+    plain, store, seen, sites = _recorded(pipe, prompts, "all", **kwargs)
+    assert [s.name for s in sites] == ["layers.0.attn2", "layers.1.attn2"]
     assert [(s.pass_label, s.prompt_index) for s in store.samples] == [
         ("cond", 0), ("cond", 1), ("uncond", 0), ("uncond", 1)]
     assert store.token_indices(0, "dog") == [[4]] and store.token_indices(1, "dog") == [[3]]
@@ -518,12 +509,8 @@ def test_bria_one_prompt_against_a_float64_reference_and_several_refused():
     in one call are refused before anything is labelled."""
     pipe = tiny_pipeline("bria")
     kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent", max_sequence_length=16)
-    plain = pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
-    sites = attnprobe.list_sites(pipe)
-    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
-            pipe, passes="all", dtype=torch.float32) as store:
-        probed = pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert torch.equal(plain, probed) and [s.kind for s in sites] == ["joint", "single", "single"]
+    plain, store, seen, sites = _recorded(pipe, "a picture of dog", "all", **kwargs)
+    assert [s.kind for s in sites] == ["joint", "single", "single"]
     assert [(s.pass_label, s.text) for s in store.samples] == [("uncond", None), ("cond", "a picture of dog")]
     assert store.token_indices(1, "dog") == [[3]] and store.token_kinds(1)[4:6] == ["end", "unknown"]
     assert store.meta["image_size"] == [64, 96]  # its VAE's 8× (its vae_scale_factor, 16, counts the 2×2 packing)
@@ -542,12 +529,8 @@ def test_ovis_template_keys_against_a_float64_reference():
     pipe = tiny_pipeline("ovis")
     prompts = ["a picture of dog", "a brown dog"]
     kwargs = dict(num_inference_steps=2, height=64, width=96, output_type="latent", max_sequence_length=16)
-    plain = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    sites = attnprobe.list_sites(pipe)
-    with Inputs(pipe.transformer, [s.name for s in sites]) as seen, attnprobe.probe(
-            pipe, passes="cond", dtype=torch.float32) as store:
-        probed = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert torch.equal(plain, probed) and [c.layout for c in store.calls] == [("cond", "cond")] * 2
+    plain, store, seen, sites = _recorded(pipe, prompts, "cond", **kwargs)
+    assert [c.layout for c in store.calls] == [("cond", "cond")] * 2
     assert store.token_indices(0, "dog") == [[3]] and store.token_indices(1, "dog") == [[2]]
     assert store.token_kinds(0)[4] == "template" and store.token_kinds(0)[-1] == "pad"
     n_text = 16
