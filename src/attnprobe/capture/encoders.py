@@ -42,10 +42,16 @@ def _encode_arguments(pipe, prompt: str) -> dict:
     device = getattr(pipe, "_execution_device", None) or torch.device("cpu")
     known = {"prompt": [prompt], "device": device, "num_images_per_prompt": 1, "do_classifier_free_guidance": False,
              "negative_prompt": None, "batch_size": 1}
+    # what a pipeline call hands encode_prompt by default (Sana: its complex human instruction, which encode_prompt
+    # alone leaves out; max_sequence_length where the two defaults differ)
+    called = {name: param.default for name, param in inspect.signature(type(pipe).__call__).parameters.items()
+              if param.default is not inspect.Parameter.empty and not name.endswith("_embeds")}
     kwargs = {}
     for name, param in inspect.signature(method).parameters.items():
         if name in known:
             kwargs[name] = known[name]
+        elif name in called and name not in ("negative_prompt", "guidance_scale"):
+            kwargs[name] = called[name]
         elif name.startswith("prompt_") and name[7:].isdigit():
             kwargs[name] = None  # the pipeline then encodes ``prompt`` with that encoder too
         elif param.default is inspect.Parameter.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
