@@ -37,10 +37,11 @@ from typing import Iterator, Sequence
 import torch
 
 from ..capture.denoiser_call import DenoiserCall, first_value
+from ..capture.encoders import pipeline_encoding
 from ..capture.families import family_of
 from ..capture.passes import blocks, guidance_on
 from ..capture.sites import denoiser_of, list_sites, select_sites
-from ..errors import InterventionError
+from ..errors import AttnprobeError, InterventionError
 from ..text.encode import encode_text, text_unsupported
 from ..text.tokens import find_concept, token_layout
 from .configs import (
@@ -57,6 +58,28 @@ from .configs import (
 __all__ = ["intervene", "Intervened", "denoiser_timesteps"]
 
 NOTES_ATTR = "_attnprobe_interventions"  # on the denoiser while a block is open; read by probe()
+
+#: families whose every site cross-attends from the image positions to one text encoder's positions (a UNet's CLIP
+#: pair is one sequence): the edits find the concept's keys and values there; a UNet's from its tokenizer, the others'
+#: from the pipeline's own ``encode_prompt`` labelled as the probe labels keys (``capture.encoders``)
+EDITABLE = ("unet", "pixart", "sana", "kandinsky3", "lumina")
+#: of those, the families whose attention processors add ``attention_mask`` to the logits (Lumina-Next's takes it as a
+#: boolean: an added bias would be lost), so ``AttentionEdit(renormalize=True)`` can hand them the edit as a mask
+ADDITIVE_MASK = ("unet", "pixart", "sana", "kandinsky3")
+
+
+def _why_not(family, pipe) -> str:
+    """Why the attention and conditioning edits do not apply to a family's denoiser (one clause)."""
+    if family.refused:
+        return "which attnprobe refuses"
+    if family.name == "hunyuandit":
+        return ("whose sites cross-attend to two encoders' positions (CLIP's, then T5's, each projected), which the "
+                "edits do not tell apart")
+    if set(family.kinds) & {"joint", "single"}:
+        return ("whose text keys share one softmax with the image keys and the text positions' own queries (joint "
+                "attention): scaling the concept's values or masking its keys there would change what the text reads "
+                "as well, which these edits do not define")
+    return "which no edit knows"
 
 def denoiser_timesteps(pipe, steps: int) -> list[float]:
     """The scheduler timesteps of a ``steps``-step call, one per denoiser call (a copy of the scheduler is set).
@@ -112,24 +135,19 @@ class Intervened:
         self.interventions = [iv.with_concept(concept) for iv in interventions]
         self.denoiser = denoiser_of(pipe)
         family = family_of(self.denoiser)
+        self.family = family.name
         # a negative prompt edits nothing of the denoiser: any pipeline that takes one can have it; the edits find the
-        # conditional rows from a UNet pipeline's batch recipe
+        # conditional rows from the batch recipe of a pipeline that says whether guidance is on, and edit keys and
+        # values of sites that cross-attend to one encoder's positions
         negative_only = all(isinstance(iv, NegativePrompt) for iv in self.interventions)
         has_property = isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property)
-        self.edits_rows = family.name in ("unet", "deepfloyd") and (has_property or not negative_only)
+        self.edits_rows = family.name in EDITABLE and (has_property or not negative_only)
         if not self.edits_rows and not negative_only:
             raise InterventionError(
-                f"interventions other than negative-prompt support UNet pipelines (SD 1.x/2.x, SDXL, Kolors); "
+                f"interventions other than negative-prompt edit the conditional rows' attention to the concept at sites "
+                f"that cross-attend to one text encoder's positions (the families {', '.join(EDITABLE)}); "
                 f"{type(pipe).__name__}'s denoiser, {type(self.denoiser).__name__}, is of the {family.name!r} family, "
-                "whose attention and conditioning they do not edit yet: use negative-prompt there, or a UNet pipeline"
-            )
-        if not self.edits_rows and "negative_prompt" not in inspect.signature(type(pipe).__call__).parameters:
-            raise InterventionError(f"{self.interventions[0]!r}: {type(pipe).__name__} takes no negative_prompt")
-        if self.edits_rows and not has_property:
-            raise InterventionError(
-                f"interventions edit the conditional rows, which they find from the pipeline's "
-                f"do_classifier_free_guidance; {type(pipe).__name__} has none (DeepFloyd IF decides guidance inside its "
-                "__call__), so they would not know which rows to edit: negative-prompt works there"
+                + _why_not(family, pipe) + ": use negative-prompt there"
             )
         self.tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
         self.n_keys = int(getattr(self.tokenizer, "model_max_length", 77) or 77) if self.tokenizer else 77
@@ -137,13 +155,23 @@ class Intervened:
         self.negative = next((iv for iv in self.interventions if isinstance(iv, NegativePrompt)), None)
         self.attention = [iv for iv in self.interventions if isinstance(iv, AttentionEdit)]
         self.conditioning = [iv for iv in self.interventions if isinstance(iv, ConditioningEdit)]
-        if self.conditioning and text_unsupported(pipe):
-            raise InterventionError(f"{self.conditioning[0]!r} re-encodes the prompt: {text_unsupported(pipe)}")
+        reencodes = [e for e in self.conditioning if e.mode != "project" or self.family == "unet"]
+        if reencodes and text_unsupported(pipe):
+            raise InterventionError(f"{reencodes[0]!r} re-encodes the prompt: {text_unsupported(pipe)}"
+                                    + ("" if self.family == "unet" else "; mode='project' reads the pipeline's own "
+                                       "encoding"))
+        renormalized = [e for e in self.attention if e.renormalize and self.family not in ADDITIVE_MASK]
+        if renormalized:
+            raise InterventionError(
+                f"{renormalized[0]!r}: {type(self.denoiser).__name__}'s attention processors take the mask as a "
+                "boolean, so the edit cannot be handed to them as an added mask: use renormalize=False (scales the "
+                "concept's values)")
         self.handles: list = []
         self.previous_notes: list | None = None
         self.positions: dict[int, list[list[int]]] = {}  # id(edit) → per prompt, the concept's key positions
         self.replacements: dict[int, torch.Tensor] = {}  # id(conditioning edit) → [prompt, token, hidden] or [hidden]
         self.edit_sites: dict[int, set[str]] = {}
+        self.encodings: dict = {}  # text → TextEncoding (non-UNet families)
         self.notes = [self._note(iv) for iv in self.interventions]
         self._reset()
 
@@ -157,8 +185,7 @@ class Intervened:
                 raise InterventionError(f"{type(self.base).__name__} has no tokenizer to find the concept's tokens")
         sites = list_sites(self.denoiser)
         for edit in self.attention + self.conditioning:
-            self.positions[id(edit)] = [_concept_positions(self.tokenizer, p, edit.concept, self.n_keys)
-                                        for p in self.prompts]
+            self.positions[id(edit)] = [self._positions(p, edit.concept) for p in self.prompts]
         for edit in self.attention:
             chosen = select_sites(sites, edit.sites)
             self.edit_sites[id(edit)] = {s.name for s in chosen}
@@ -174,9 +201,26 @@ class Intervened:
             self.pipe = _safe_pipeline(self.base)
             self.pipe.safety_concept = self.sld.concept
 
+    def _positions(self, prompt: str, concept: str) -> list[int]:
+        """The concept's key positions in a prompt's text keys (every mention)."""
+        if self.family == "unet":
+            return _concept_positions(self.tokenizer, prompt, concept, self.n_keys)
+        layout = self._encoding(prompt).layout
+        return sorted({p for occ in find_concept(layout, concept, where=f"the prompt {prompt!r}") for p in occ})
+
+    def _encoding(self, text: str):
+        """A text as the pipeline encodes it (``capture.encoders.pipeline_encoding``), once per text."""
+        if text not in self.encodings:
+            try:
+                self.encodings[text] = pipeline_encoding(self.base, text)
+            except AttnprobeError as exc:
+                raise InterventionError(f"the edits find the concept's keys from the pipeline's encoding: {exc}") from None
+        return self.encodings[text]
+
     def _replacement(self, edit: ConditioningEdit) -> torch.Tensor:
         if edit.mode == "project":
-            alone = encode_text(self.base, edit.concept, attentions=False)
+            alone = encode_text(self.base, edit.concept, attentions=False) if self.family == "unet" else (
+                self._encoding(edit.concept))
             where = sorted({p for occ in find_concept(alone.layout, edit.concept) for p in occ})
             u = alone.conditioning[where].double().mean(dim=0)
             return u / u.norm()  # [hidden]
@@ -225,13 +269,14 @@ class Intervened:
     def _reset(self) -> None:
         self.call = -1
         self.timestep = float("inf")
+        self.guidance = None  # the guidance_scale of the pipeline call in progress
         self.rows: list[tuple[int, int]] = []
         self.scaled: dict[tuple[str, int, str], float] = {}
 
     def _blocks(self) -> list[str]:
         """The passes of the denoiser batch's blocks in order (``attnprobe.capture.passes.blocks``)."""
         sld = self.sld is not None and self.pipe is not self.base
-        on = guidance_on(self.pipe)
+        on = guidance_on(self.pipe, self.guidance)  # no property (PixArt): the call's guidance_scale > 1
         if on is None and not sld:
             raise InterventionError(f"{type(self.pipe).__name__} does not say whether guidance is on "
                                     "(no do_classifier_free_guidance): the conditional rows are unknown")
@@ -279,10 +324,13 @@ class Intervened:
                     u = replacement.to(v.device)
                     states[row, positions] = (v - (v @ u)[:, None] * u).to(states.dtype)
                 else:
-                    if replacement.shape[1:] != states.shape[1:]:
+                    # a pipeline may keep fewer positions than its encoder read (Kandinsky 3 cuts the padding)
+                    if replacement.shape[2] != states.shape[2] or positions[-1] >= min(
+                            replacement.shape[1], states.shape[1]) or (
+                            self.family == "unet" and replacement.shape[1] != states.shape[1]):
                         raise InterventionError(f"{edit!r}: the denoiser got conditioning of shape "
                                                 f"{tuple(states.shape[1:])}, the re-encoded prompt has "
-                                                f"{tuple(replacement.shape[1:])}")
+                                                f"{tuple(replacement.shape[1:])} (the concept at {positions})")
                     states[row, positions] = replacement[prompt, positions].to(states)
         return states
 
@@ -360,6 +408,7 @@ class Intervened:
                          sld_threshold=self.sld.threshold, sld_momentum_scale=self.sld.momentum_scale,
                          sld_mom_beta=self.sld.momentum_beta)
         self._reset()
+        self.guidance = guidance
         return self.pipe(prompt=self.prompts, **extra, **kwargs)
 
     def check(self, steps: int, guidance: float | None = None) -> None:
@@ -458,7 +507,9 @@ def intervene(pipe, interventions: Intervention | Sequence[Intervention], prompt
     """Apply interventions to a pipeline for the ``with`` block; everything is removed on exit.
 
     Args:
-        pipe: a diffusers UNet pipeline (SD 1.x/2.x, SDXL).
+        pipe: a diffusers pipeline: any that takes ``negative_prompt`` for ``NegativePrompt``; for the edits, one
+            whose sites cross-attend to one encoder's positions (``EDITABLE``: UNets, PixArt, Sana, Kandinsky 3,
+            Lumina-Next); ``SafeLatentDiffusion``: SD 1.x/2.x.
         interventions: one config, a name of ``INTERVENTIONS`` (with options, see ``parse_interventions``), or a
             list of them (they compose: edits add up; at most one ``NegativePrompt`` and one ``SafeLatentDiffusion``).
         prompt: the prompt(s) of the pipeline calls (the concept's tokens are found in them).
@@ -470,7 +521,8 @@ def intervene(pipe, interventions: Intervention | Sequence[Intervention], prompt
 
     Raises:
         InterventionError: a config is malformed or cannot apply here (no concept, SLD on SDXL, two negative
-            prompts, a window outside the run). ConceptError: an edit's concept is not in a prompt.
+            prompts, a window outside the run, an edit on a family it does not cover, saying why: joint attention,
+            a boolean mask, an LLM encoder it cannot re-encode). ConceptError: an edit's concept is not in a prompt.
         UnknownSiteError: an edit's ``sites`` match no site.
 
     Examples:

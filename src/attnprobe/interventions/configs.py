@@ -20,7 +20,11 @@ bit-identical images with the same processor objects.
 | ``SafeLatentDiffusion`` | the guidance: diffusers' ``StableDiffusionPipelineSafe`` (Schramowski et al. 2023) | as generated (cond row) |
 
 Edits apply to the conditional rows of the denoiser batch only (diffusers' layout: ``[uncond × N, cond × N]``
-with guidance, ``N`` rows without; SLD adds ``safety × N``), at *every* mention of the concept in the prompt.
+with guidance, ``N`` rows without; SLD adds ``safety × N``; Lumina-Next puts the prompts' rows first), at *every*
+mention of the concept in the prompt: its key positions as the tokenizer lays out a UNet's CLIP keys, or, for PixArt,
+Sana, Kandinsky 3 and Lumina-Next, as the probe labels the keys the pipeline's own ``encode_prompt`` makes (a
+template's positions are not the concept's). Joint-attention families take ``NegativePrompt`` only
+(``attnprobe.interventions.apply.EDITABLE`` lists the families the edits cover).
 While a block is open the denoiser lists the active interventions, and ``probe`` copies them into
 ``store.meta["interventions"]`` (one dict each: its ``repr``, concept, and what the maps show).
 """

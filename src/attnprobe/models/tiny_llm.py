@@ -426,6 +426,9 @@ def tiny_lumina_next_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32)
         sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_attention_heads=2,
         num_kv_heads=1, multiple_of=16, cross_attention_dim=16, scaling_factor=1.0,
     ).eval()
+    with torch.no_grad():  # diffusers starts the cross-attention gates at 0: the text would not reach the image
+        for layer in transformer.layers:
+            layer.gate.normal_()
     torch.manual_seed(seed + 2)
     pipe = LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
                           vae=make_flow_vae(seed + 1), text_encoder=_gemma2(tokenizer, 2), tokenizer=tokenizer)
