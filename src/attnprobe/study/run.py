@@ -179,8 +179,12 @@ def study(
 
     Raises:
         ModelLoadError: the model or the scorer cannot be loaded. ConfigError (a ValueError): bad concepts/variants/
-            seeds/steps, or an
-            ``out`` that holds a study with other settings.
+            seeds; steps outside 1 … 1000; a size (pixels) over 4096, not a multiple of the model's factor or whose
+            decoding would not fit the device's memory (``measure.check_size``); an ``out`` that holds a study with
+            other settings or that another run holds (``FolderLock``).
+        FolderError (a StoreError and an OSError): a file of ``out`` cannot be written (full disk, read-only folder,
+            missing directory, no permission); the message names it and the cause. What was written before is kept,
+            the previous merge's tables and figures included (``files.Staged``).
         InterventionError, ConceptError: an intervention that cannot run here (checked before generating).
     """
     models = check_models(model)
