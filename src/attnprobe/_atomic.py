@@ -3,17 +3,39 @@
 Every file attnprobe writes — a saved store, a streamed store's shards and header, a study's cells, manifests,
 tables and figures — goes through ``atomic_path``: the data is written to a temporary name in the same folder, then
 renamed over the target (``os.replace``, atomic on POSIX and Windows within one file system). On any failure the
-temporary file is removed and the target is left as it was.
+temporary file is removed and the target is left as it was; a temporary file of a process killed before it could
+remove it (``.<name>.<pid>.tmp``, ``is_temporary``) is removed by the next study run in that folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_atomic"]
+__all__ = ["atomic_path", "write_atomic", "temporary_path", "is_temporary", "discard"]
+
+_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")
+
+
+def temporary_path(path) -> Path:
+    """The temporary name ``atomic_path`` writes ``path`` under: ``.<name>.<pid>.tmp`` in the same folder."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of ``temporary_path``'s (``.<name>.<pid>.tmp``)."""
+    return bool(_TEMPORARY.match(name))
+
+
+def discard(path) -> None:
+    """Remove a temporary file if it is there; a failure to remove it (a read-only folder) never hides the error
+    that is being handled."""
+    with contextlib.suppress(OSError):
+        Path(path).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -29,12 +51,12 @@ def atomic_path(path) -> Iterator[Path]:
         ('a,b\\n', ['table.csv'])
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
 
 
 def write_atomic(path, data: bytes) -> Path:

@@ -88,3 +88,21 @@ class ModelLoadError(AttnprobeError):
 
 class InterventionError(AttnprobeError):
     """An intervention is malformed, unknown, outside the run (its window), or cannot be applied to this pipeline."""
+
+
+class FolderError(StoreError, OSError):
+    """A file or folder could not be written or read: a full disk, a read-only folder, a missing directory, no
+    permission. The message names the path and the cause; ``errno`` and ``filename`` are those of the ``OSError``
+    (so ``except OSError`` keeps working), and what was written before it is kept."""
+
+    @classmethod
+    def of(cls, exc: OSError, path, doing: str = "cannot be written", then: str = "") -> "FolderError":
+        """The error for ``exc`` met at ``path``: ``'<path>' <doing>: <cause>[; <then>]`` (``then``: what was kept and
+        what to do)."""
+        cause = exc.strerror or str(exc) or type(exc).__name__
+        error = cls(f"{str(path)!r} {doing}: {cause}" + (f"; {then}" if then else ""))
+        error.errno, error.strerror, error.filename = exc.errno, exc.strerror, str(path)
+        return error
+
+    def __str__(self) -> str:  # OSError would print "[Errno …] …" once errno is set
+        return str(self.args[0]) if self.args else ""

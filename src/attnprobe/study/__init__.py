@@ -16,7 +16,8 @@ that its names (``attnprobe.study.SHAPES_VARIANTS``) and the function never shad
 - ``config``: the TOML study file and the checks of every setting.
 - ``scorer``: concept presence in the images (CLIPScore, the shapes model's checker, a user's scorer).
 - ``cells``: cells, their shards and the manifest of finished work; ``processes``: accelerate's processes;
-  ``lock``: one run per folder.
+  ``lock``: one run per folder (an OS lock); ``files``: merges that never lose a table, temporary files of killed runs,
+  file-system errors naming the path.
 - ``report``: the CSVs, the summary with intervals, the figures, the printed table.
 - ``cli``: the ``attnprobe`` command.
 """

@@ -34,8 +34,8 @@ import torch
 from ..capture.passes import check_guidance
 from ..errors import ConfigError
 
-__all__ = ["load_config", "CONFIG_KEYS", "CAPTURE", "DTYPES", "STUDY_PARTS", "check_grid", "check_capture",
-           "check_models", "check_earlier_run", "check_out", "is_study_folder", "resolve_dtype", "check_guidance"]
+__all__ = ["load_config", "CONFIG_KEYS", "CAPTURE", "DTYPES", "STUDY_PARTS", "MAX_STEPS", "MAX_SIZE", "check_grid",
+           "check_capture", "check_models", "check_earlier_run", "check_out", "is_study_folder", "resolve_dtype", "check_guidance"]
 
 #: Every key a study file may hold, with the TOML type it takes (``variants`` and ``interventions`` may also be
 #: tables of ``name = "template or spec"``; ``[capture]`` takes ``save``, ``heads``, ``dtype``).
@@ -251,13 +251,23 @@ def is_study_folder(out: Path) -> bool:
     return (out / "study.json").is_file() or (out / "manifest").is_dir()
 
 
+#: The most inference steps a study takes: schedulers are trained on 1000 timesteps (DDIM, PNDM and Euler refuse
+#: more), and each step is a denoiser call per variant whose maps the study keeps.
+MAX_STEPS = 1000
+#: The largest image side a study takes (pixels): decoding needs about 128 channels × size² values per VAE activation
+#: (4 GiB at 4096 px in fp16, 4× more per doubling); 4096 is the largest native size of a supported family (Sana 4K).
+#: ``measure.check_size`` checks the model's own factor and memory once it is loaded.
+MAX_SIZE = 4096
+
+
 def check_grid(concepts, seeds, steps, guidance, size) -> None:
     """Refuse a grid that cannot run, before anything is loaded.
 
     Raises:
         ConfigError (a ValueError): no concept or seed; a blank concept; a concept or seed given twice (a repeated seed fakes a
-            narrower interval); a seed outside 0 … 2**63 − 1; steps < 1; guidance not finite or < 0; a size (pixels)
-            that is not a positive multiple of 8.
+            narrower interval); a seed outside 0 … 2**63 − 1; steps not a whole number in 1 … ``MAX_STEPS`` (1000);
+            guidance not finite or < 0; a size (pixels) that is not a positive multiple of 8 or is over ``MAX_SIZE``
+            (4096).
     """
     if not concepts or not seeds:
         raise ConfigError(f"need at least one concept and one seed; got concepts={concepts}, seeds={seeds}")
@@ -270,8 +280,22 @@ def check_grid(concepts, seeds, steps, guidance, size) -> None:
         repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
         if repeated:
             raise ConfigError(f"{kind} repeat {repeated}: each must be given once (a repeated seed fakes a narrower interval)")
-    if int(steps) < 1:
-        raise ConfigError(f"steps must be ≥ 1; got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps != int(steps):
+        raise ConfigError(f"steps must be a whole number; got {steps!r}")
+    if not 1 <= int(steps) <= MAX_STEPS:
+        raise ConfigError(f"steps must be 1 … {MAX_STEPS}; got {steps}: schedulers are trained on {MAX_STEPS} "
+                          "timesteps (DDIM, PNDM and Euler refuse more steps than that), and every step is a denoiser "
+                          "call per variant whose maps the study keeps")
     check_guidance(guidance)
-    if size is not None and (int(size) < 8 or int(size) % 8):
+    if size is None:
+        return
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or size != int(size):
+        raise ConfigError(f"size must be a whole number of pixels; got {size!r}")
+    if int(size) < 8 or int(size) % 8:
         raise ConfigError(f"size {size} is not a positive multiple of 8 (latent grids: SD's VAE downsamples by 8)")
+    if int(size) > MAX_SIZE:
+        raise ConfigError(f"size {size} is over {MAX_SIZE} pixels, the largest a study takes: decoding one image needs "
+                          "the VAE's full-resolution activations, about 128 channels × size² values (4 GiB per "
+                          f"activation at {MAX_SIZE} px in fp16, 4× more per doubling), beyond any one accelerator's "
+                          f"memory above {MAX_SIZE}; {MAX_SIZE} px is also the largest native size of the supported "
+                          "families (Sana 4K)")

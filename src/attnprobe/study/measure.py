@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import shutil
 import traceback
 import typing
@@ -30,8 +31,8 @@ from .config import check_capture
 from .report import warn
 from .scorer import checked_scores
 
-__all__ = ["measure_cell", "check_prompts", "check_makes_images", "default_size", "initial_latents", "concept_mass",
-           "failure_row", "THUMBNAIL"]
+__all__ = ["measure_cell", "check_prompts", "check_makes_images", "check_size", "size_factor", "default_size",
+           "initial_latents", "concept_mass", "failure_row", "THUMBNAIL"]
 
 #: The largest side of the images a cell shard keeps for the heat-map figure (pixels).
 THUMBNAIL = 128
@@ -47,6 +48,61 @@ def default_size(pipe, model: str) -> int:
     denoiser = denoiser_of(pipe)
     sample = int(getattr(denoiser.config, "sample_size", 64))
     return sample * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def size_factor(pipe) -> tuple[int, int]:
+    """What an image side (pixels) must be a multiple of for this pipeline: ``(vae, patch)``, the VAE's downsampling
+    (``vae_scale_factor``; 8 for a pixel-space or MoVQ pipeline without one) and the latent patch (2 for pipelines that
+    pack 2×2 latents into tokens, else the denoiser's ``patch_size``)."""
+    vae = int(getattr(pipe, "vae_scale_factor", None) or 8)
+    patch = getattr(denoiser_of(pipe).config, "patch_size", None) or 1
+    patch = max(patch) if isinstance(patch, (tuple, list)) else int(patch)
+    return vae, 2 if getattr(pipe, "_pack_latents", None) is not None else patch
+
+
+def _memory(device) -> int | None:
+    """The bytes of memory a device has (CUDA: the card's; CPU: the machine's), or None when unknown."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        pass
+    return None
+
+
+def check_size(pipe, size: int, images: int) -> None:
+    """Refuse an image side (pixels) this loaded pipeline cannot make, before its first generation.
+
+    ``images``: how many images one pipeline call of a cell decodes at once (its variants). The memory estimate is
+    the VAE decoder's full-resolution activations: its widest full-resolution block's channels × size² values × the
+    VAE's bytes per value × 4 (input, output, norm and residual alive at once) per image (none with VAE tiling, one
+    image with VAE slicing); e.g. SD at 4096 px in fp16: 17 GiB per image.
+
+    Raises:
+        ConfigError (a ValueError): ``size`` is not a multiple of ``size_factor``'s product (the latent grid would not
+            split into the denoiser's patches), or the estimate is over the device's memory (both in the message).
+    """
+    vae, patch = size_factor(pipe)
+    if size % (vae * patch):
+        lower = size // (vae * patch) * vae * patch
+        near = f"{lower} or {lower + vae * patch}" if lower else str(vae * patch)
+        raise ConfigError(f"size {size} is not a multiple of {vae * patch}, this model's factor (its VAE downsamples by "
+                          f"{vae}, its denoiser reads {patch}×{patch} latent patches): use {near}")
+    decoder = getattr(getattr(pipe, "vae", None), "config", None)
+    channels = getattr(decoder, "block_out_channels", None)
+    if not channels or getattr(pipe.vae, "use_tiling", False):
+        return
+    per_image = int(channels[0]) * size * size * pipe.vae.dtype.itemsize * 4
+    need = per_image * (1 if getattr(pipe.vae, "use_slicing", False) else max(int(images), 1))
+    have = _memory(pipe.vae.device)
+    if have is not None and need > have:
+        raise ConfigError(f"size {size}: decoding a cell's {images} image(s) needs about {need / 2**30:.0f} GiB (the "
+                          f"VAE's {channels[0]} full-resolution channels × {size}² pixels × "
+                          f"{pipe.vae.dtype.itemsize} bytes × 4 per image), more than the {have / 2**30:.0f} GiB of "
+                          f"{pipe.vae.device}; use a smaller size")
 
 
 def initial_latents(pipe, seed: int, size: int, copies: int, device, dtype) -> torch.Tensor:

@@ -44,22 +44,22 @@ COLUMNS = {
 }
 
 
-def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> Path:
+def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str], write=write_atomic) -> Path:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return write_atomic(path, buf.getvalue().encode())
+    return write(path, buf.getvalue().encode())
 
 
-def _save_figure(fig, path: Path) -> Path:
+def _save_figure(fig, path: Path, write=write_atomic) -> Path:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1)  # no label cut at the edge
     plt.close(fig)
-    return write_atomic(path, buf.getvalue())
+    return write(path, buf.getvalue())
 
 
 def _interval(values: Sequence[float], bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
@@ -119,31 +119,39 @@ def summarize(aucs: Sequence[dict], text: Sequence[dict], models, concepts, name
     return summary
 
 
-def write_tables(result, out: Path) -> list[Path]:
-    """The five CSVs of ``result`` (a ``StudyResult``) in ``out``."""
+def write_tables(result, out: Path, write=write_atomic) -> list[Path]:
+    """The five CSVs of ``result`` (a ``StudyResult``) in ``out``.
+
+    ``write(path, data: bytes) -> path`` writes each file: default ``write_atomic``; the study's merge passes
+    ``files.Staged.write`` (each file under a temporary name until every one is written). Raises what ``write``
+    raises (``OSError``, or ``FolderError`` from the merge's writer)."""
     tables = {"trajectories.csv": result.trajectories, "auc.csv": result.aucs, "summary.csv": result.summary,
               "text_similarity.csv": result.text, "failures.csv": result.failures}
-    return [_write_csv(Path(out) / name, tables[name], COLUMNS[name]) for name in COLUMNS]
+    return [_write_csv(Path(out) / name, tables[name], COLUMNS[name], write) for name in COLUMNS]
 
 
-def write_figures(result, out: Path, figures: dict) -> list[Path]:
+def write_figures(result, out: Path, figures: dict, write=write_atomic) -> list[Path]:
     """The figures of one model's rows: ``figures`` holds ``curves`` {concept: {row: [call] arrays}}, ``maps`` and
-    ``images`` {concept: {row: …}} of the first seed, and the scorer's name."""
+    ``images`` {concept: {row: …}} of the first seed, and the scorer's name. ``write``: as in ``write_tables``."""
     out = Path(out)
     files = []
+
+    def save(fig, path: Path) -> Path:
+        return _save_figure(fig, path, write)
+
     if figures["curves"]:
         stacked = {c: {v: np.stack(a) for v, a in vs.items()} for c, vs in figures["curves"].items()}
         title = "Attention on the requested (last) mention of the concept, per denoiser call (mean over seeds, band: min–max)"
-        files.append(_save_figure(plot_trajectories(stacked, title=title), out / "trajectories.png"))
+        files.append(save(plot_trajectories(stacked, title=title), out / "trajectories.png"))
         deltas = [r for r in result.summary if r["variant"] != "baseline"]
         if deltas:
-            files.append(_save_figure(plot_delta_auc(deltas), out / "delta_auc.png"))
+            files.append(save(plot_delta_auc(deltas), out / "delta_auc.png"))
         if figures["maps"]:
-            files.append(_save_figure(plot_heatmaps(figures["images"], figures["maps"]), out / "heatmaps.png"))
+            files.append(save(plot_heatmaps(figures["images"], figures["maps"]), out / "heatmaps.png"))
         if deltas and any(math.isfinite(r["presence"]) for r in deltas):
-            files.append(_save_figure(plot_presence(deltas, scorer=figures.get("scorer")), out / "presence.png"))
+            files.append(save(plot_presence(deltas, scorer=figures.get("scorer")), out / "presence.png"))
     if result.text:
-        files.append(_save_figure(plot_text_similarity(result.text), out / "text_similarity.png"))
+        files.append(save(plot_text_similarity(result.text), out / "text_similarity.png"))
     return files
 def done_line(done: int, skipped: int, failed: int, partial: int = 0) -> str:
     """``N generations done (S of them skipped: finished by an earlier run; P with a failed part …), F failed.``

@@ -36,18 +36,19 @@ import torch
 
 from .._version import __version__
 from .._atomic import write_atomic
-from ..capture import checked_family, denoiser_of
+from ..capture import checked_family, denoiser_of, family_of
 from ..capture.encoders import pipeline_encoding
-from ..errors import AttnprobeError, ConceptError, ConfigError
+from ..errors import AttnprobeError, ConceptError, ConfigError, FolderError
 from ..interventions import intervene, parse_interventions
 from ..models.loader import OFFLINE_MODELS, TINY_MODELS, check_model_name, first_line, load_pipeline
 from ..models.shapes.model import tokenizer as shapes_tokenizer
 from ..text import similarity_rows, text_unsupported
 from . import measure
-from .cells import Manifest, collect, grid, settings_key, slug, write_cell
+from .cells import Manifest, collect, grid, settings_key, shard_path, slug, write_cell
 from .config import (
     STUDY_PARTS, check_capture, check_earlier_run, check_grid, check_models, check_out, is_study_folder, resolve_dtype,
 )
+from .files import FATAL_ERRNOS, Staged, remove_temporaries, remove_unlisted, writing
 from .lock import FolderLock
 from .processes import processes
 from .report import OUTPUT_FILES, WARNED, done_line, format_summary, summarize, warn, write_figures, write_tables
@@ -178,8 +179,12 @@ def study(
 
     Raises:
         ModelLoadError: the model or the scorer cannot be loaded. ConfigError (a ValueError): bad concepts/variants/
-            seeds/steps, or an
-            ``out`` that holds a study with other settings.
+            seeds; steps outside 1 … 1000; a size (pixels) over 4096, not a multiple of the model's factor or whose
+            decoding would not fit the device's memory (``measure.check_size``); an ``out`` that holds a study with
+            other settings or that another run holds (``FolderLock``).
+        FolderError (a StoreError and an OSError): a file of ``out`` cannot be written (full disk, read-only folder,
+            missing directory, no permission); the message names it and the cause. What was written before is kept,
+            the previous merge's tables and figures included (``files.Staged``).
         InterventionError, ConceptError: an intervention that cannot run here (checked before generating).
     """
     models = check_models(model)
@@ -223,7 +228,7 @@ def study(
         for message in shapes_concept_warnings(concepts):
             warn(message)
     _check_other_models(models, concepts, variants)
-    pipe = _ready_pipeline(models[0], device, dtype, concepts, variants, rows, steps, guidance)
+    pipe = _ready_pipeline(models[0], device, dtype, concepts, variants, rows, steps, guidance, size)
     plan = _Plan(out=out, procs=procs, settings=settings, models=models, concepts=concepts, seeds=seeds,
                  variants=variants, rows=rows, steps=steps, guidance=guidance, size=size, capture=capture, scorer=scorer,
                  device=device, dtype=dtype)
@@ -265,13 +270,19 @@ class _Plan:
 def _start(plan: _Plan, restart: bool) -> None:
     """The main process, holding the folder's lock: clear an earlier run (``restart``), then write the settings."""
     out = plan.out
+    remove_temporaries(out, STUDY_PARTS[1:])  # left by killed runs: no live run writes here while we hold the lock
     if restart:
         for name in STUDY_PARTS:
-            shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
     try:
         write_atomic(out / "study.json", json.dumps({"attnprobe": __version__, **plan.settings}, indent=1).encode())
     except OSError as exc:
         raise ConfigError(f"out {str(out)!r} cannot be written to ({exc.strerror})") from None
+
+
+#: What a run stopped by its folder says it kept.
+_RESUME = "every generation finished before is kept: run the same command again to resume"
 
 
 def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
@@ -303,17 +314,25 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
                     pipe = loaded = None  # one pipeline in memory at a time
                     try:
                         pipe = _ready_pipeline(cell.model, plan.device, plan.dtype, plan.concepts, plan.variants,
-                                               plan.rows, plan.steps, plan.guidance)
+                                               plan.rows, plan.steps, plan.guidance, plan.size)
                     except Exception as exc:
                         broken[cell.model] = exc
                         raise
                     loaded = cell.model
                 record, tensors = _run_cell(pipe, cell, plan)
-                manifest.record(cell, write_cell(out, cell, record, tensors, settings=key))
-                failure.unlink(missing_ok=True)
+                with writing(shard_path(out, cell), then=_RESUME):
+                    entry = write_cell(out, cell, record, tensors, settings=key)
+                with writing(manifest.own, then=_RESUME):
+                    manifest.record(cell, entry)
+                with contextlib.suppress(OSError):
+                    failure.unlink(missing_ok=True)
                 counts["done"] += cell.kind == "generation"
                 counts["partial"] += bool(record["failures"])  # a row or measure failed: redone by the next run
+            except FolderError:
+                raise  # the folder cannot take this cell's results: no other cell's could be kept either
             except Exception as exc:  # one failed cell must not lose the others
+                if isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS:  # a full disk, a read-only file system
+                    raise FolderError.of(exc, exc.filename or out, "cannot be written", _RESUME) from None
                 counts["failed"] += cell.kind == "generation"
                 seed = "text" if cell.seed is None else cell.seed
                 try:
@@ -337,8 +356,10 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
     if not procs.is_main:
         return StudyResult(out=out, done=counts["done"], failed=counts["failed"], partial=counts["partial"])
     scorer_name = getattr(plan.scorer, "name", None)
-    result = _merge(out, cells, plan.models, plan.concepts, plan.seeds, list(plan.variants) + list(plan.rows),
-                    scorer_name=scorer_name, settings=key, presence_range=checked_range(plan.scorer))
+    with writing(out, then="every table and figure is whole (the previous merge's, or this one's where it was already "
+                      "in place) and every finished generation is kept: run the same command again to merge"):
+        result = _merge(out, cells, plan.models, plan.concepts, plan.seeds, list(plan.variants) + list(plan.rows),
+                        scorer_name=scorer_name, settings=key, presence_range=checked_range(plan.scorer))
     result.skipped = skipped
     if echo:
         shown = plan.size or (measure.default_size(pipe, plan.models[0]) if len(plan.models) == 1 and pipe else "native")
@@ -367,11 +388,15 @@ def _device(device, procs) -> torch.device:
     return device
 
 
-def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guidance):
-    """Load a model and check that every prompt and intervention row applies to it, before it generates."""
+def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guidance, size=None):
+    """Load a model and check that every prompt, intervention row and the image size apply to it, before it
+    generates."""
     pipe = load_pipeline(model, str(device), dtype)
     checked_family(pipe, denoiser_of(pipe))  # a video or unknown denoiser fails here, not in every cell
     measure.check_makes_images(pipe)  # so does a pipeline that makes no image (Stable Cascade's prior)
+    if size is not None:  # its factor and memory (the native size fits the model)
+        images = 1 if family_of(denoiser_of(pipe)).one_prompt else len(variants)
+        measure.check_size(pipe, int(size), images)
     measure.check_prompts(pipe, concepts, variants)
     for concept in concepts:  # every intervention row must apply here (concept, window, pipeline), before generating
         for items in rows.values():
@@ -388,16 +413,19 @@ def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None, s
     result = StudyResult(out=out)
     figures = collect(out, cells, seeds, result, scorer_name, settings=settings)
     result.summary = summarize(result.aucs, result.text, models, concepts, names, presence_range)
-    for name in OUTPUT_FILES:  # an old output that this run does not write again would mix with this one's
-        (out / name).unlink(missing_ok=True)
-    result.files = write_tables(result, out)
-    shutil.rmtree(out / "figures", ignore_errors=True)  # figures of models no longer in the grid
-    for model in models:
-        folder = out if len(models) == 1 else out / "figures" / slug(model)
-        folder.mkdir(parents=True, exist_ok=True)
-        mine = SimpleNamespace(summary=[r for r in result.summary if r["model"] == model],
-                               text=[r for r in result.text if r["model"] == model])
-        result.files += write_figures(mine, folder, figures[model])
+    # every new file is written beside the one it replaces, and replaces it only when all of them are complete: a
+    # merge killed or out of disk space keeps the previous merge's tables and figures (files.Staged)
+    with Staged() as staged:
+        result.files = write_tables(result, out, staged.write)
+        for model in models:
+            folder = out if len(models) == 1 else out / "figures" / slug(model)
+            mine = SimpleNamespace(summary=[r for r in result.summary if r["model"] == model],
+                                   text=[r for r in result.text if r["model"] == model])
+            result.files += write_figures(mine, folder, figures[model], staged.write)
+        staged.commit()
+    # an old output that this merge did not write again (figures of a model no longer in the grid…) would mix with
+    # this one's: removed, now that this merge's files are in place
+    remove_unlisted(out, OUTPUT_FILES, result.files)
     return result
 
 
