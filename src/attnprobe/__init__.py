@@ -32,6 +32,7 @@ from .errors import (
     ScorerError,
     SelectionError,
     StoreError,
+    StoreIOError,
     UnknownSiteError,
 )
 from .interventions import (
@@ -71,6 +72,7 @@ __all__ = [
     "SelectionError",
     "Site",
     "StoreError",
+    "StoreIOError",
     "UnknownSiteError",
     "auc",
     "compare",

@@ -82,6 +82,11 @@ class StoreError(AttnprobeError):
     """A store file is corrupt or truncated, or two stores cannot be compared."""
 
 
+class StoreIOError(StoreError, OSError):
+    """A store file or folder could not be written or read (a full disk, a missing or read-only folder, a denied
+    permission): names the path and the cause. An ``OSError`` too; nothing written before is lost."""
+
+
 class ModelLoadError(AttnprobeError):
     """A pipeline could not be built or loaded (offline, unknown id, missing weights)."""
 

@@ -159,7 +159,16 @@ class Comparison:
 
 def check_comparable(base: AttentionStore, other: AttentionStore) -> None:
     """Raise ``StoreError`` unless two stores come from the same pipeline and denoiser (class and config),
-    sites, timesteps (so calls pair at the same noise level) and latent size."""
+    sites, timesteps (so calls pair at the same noise level) and latent size.
+
+    Raises:
+        ArgumentTypeError: either is not an ``AttentionStore``. StoreError: they cannot be compared."""
+    for name, value in (("base", base), ("other", other)):
+        if not isinstance(value, AttentionStore):
+            raise ArgumentTypeError(
+                f"{name} is a {type(value).__name__} {value!r:.60}, not an AttentionStore: pass the store a probe "
+                "returned, or AttentionStore.load(path) to read one from a file or folder"
+            )
     problems = []
     for key in ("denoiser", "pipeline"):
         if base.meta.get(key) != other.meta.get(key):
@@ -211,6 +220,7 @@ def compare(
 
     Raises:
         StoreError: the stores come from different pipelines/denoisers, sites, timesteps or sizes.
+        ArgumentTypeError: ``base`` or ``other`` is not an ``AttentionStore`` (e.g. a path: load it first).
         ConceptError: the concept is missing from either prompt.
     """
     if align not in ("last", "first"):

@@ -557,7 +557,7 @@ def probe(
             xformers…); a site did not run; ``passes="uncond"`` with no unconditional pass; ``passes="all"`` when
             the unconditional pass runs as separate denoiser calls (Flux true CFG: open a ``"cond"`` and an
             ``"uncond"`` probe); an attention mask at a joint site; no denoiser call (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
-            ``stream_to`` is a file or a folder that is not empty.
+            ``stream_to`` is a file or a folder that is not empty; StoreIOError if a shard cannot be written (full disk).
         NoSitesError, UnknownSiteError: see ``list_sites`` / ``select_sites``.
 
     Examples:

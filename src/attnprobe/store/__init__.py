@@ -11,6 +11,7 @@
 - ``axes``: positions a user may pass to choose calls, samples and tokens, checked once.
 - ``files``: the JSON header, ``save`` to one safetensors file, ``load`` from a file or a streamed folder.
 - ``shards``: the streamed format, one safetensors shard per denoiser call, token-major.
+- ``integrity``: what a file proves before it is read: checksums, the store's id, its header against its maps.
 - ``export``: ``to_xarray`` and ``to_pandas``.
 
 The store knows nothing of pipelines: the probe (``attnprobe.capture``) fills it through a ``StoreWriter``; analyses

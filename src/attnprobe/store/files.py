@@ -2,25 +2,32 @@
 ``attnprobe.store.shards``), each with a JSON header of coordinates and metadata. No pickle is involved.
 
 The header (``header``) holds the format version, the sites, calls and samples (``attnprobe.store.records``), every
-sample's token layout, the flat sites, the kept token positions and the metadata. ``load`` reads either form back and
-checks the maps against the header; every problem is a ``StoreError`` naming the file.
+sample's token layout, the flat sites, the kept token positions, the store's id and the metadata. A saved file also
+carries an integrity record (``attnprobe.store.integrity``). ``load`` reads either form back, verifies the checksums
+and checks the maps against the header; every problem is a ``StoreError`` naming the file, and a failed write or read
+a ``StoreIOError`` naming the path and the cause.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 from .._atomic import atomic_path
-from ..errors import StoreError
+from ..errors import ArgumentError, ArgumentTypeError, StoreError, warn
 from ..text.tokens import TokenLayout
-from .shards import HEADER, read_shard_call, shard_paths
+from .integrity import (INTEGRITY_KEY, check_coordinates, check_shapes, check_values, file_record, open_header,
+                        parse_record, verify_file, verify_shard)
+from .shards import HEADER, io_error, read_shard, shard_paths
 from .records import Call, Sample, Site
 
-__all__ = ["FORMAT_VERSION", "json_safe", "header", "save", "load"]
+__all__ = ["FORMAT_VERSION", "MISSING_CALLS", "json_safe", "header", "save", "load"]
 
 FORMAT_VERSION = 1
+#: what ``load`` does with a streamed store whose shards have a gap: ``"error"`` refuses, ``"skip"`` loads the rest
+MISSING_CALLS = ("error", "skip")
 _META_KEY = "attnprobe"
 
 
@@ -36,9 +43,11 @@ def json_safe(value):
 
 
 def header(store) -> dict:
-    """A store's JSON header: format, sites, calls, samples, token layouts, flat sites, token positions, metadata."""
+    """A store's JSON header: format, store id, sites, calls, samples, token layouts, flat sites, token positions,
+    metadata."""
     return {
         "format": FORMAT_VERSION,
+        "store_id": store.store_id,
         "sites": [asdict(s) for s in store.sites],
         "calls": [asdict(c) for c in store.calls],
         "samples": [asdict(s) for s in store.samples],
@@ -49,57 +58,76 @@ def header(store) -> dict:
     }
 
 
+def _as_path(path, what: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise ArgumentTypeError(f"{what} takes a file or folder path (a str or pathlib.Path), got "
+                                f"{type(path).__name__} {path!r}")
+    return Path(path)
+
+
 def save(store, path) -> Path:
-    """Write ``store`` to one safetensors file (maps) with its JSON header, atomically. See ``AttentionStore.save``."""
+    """Write ``store`` to one safetensors file (maps) with its JSON header and integrity record, atomically. See
+    ``AttentionStore.save``."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path = Path(path)
+    path = _as_path(path, "store.save")
     if path.is_dir():
         raise StoreError(f"{str(path)!r} is a folder; give a file name such as {str(path / 'store.safetensors')!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: store[name].contiguous() for name in store.site_names}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(header(store))})
+    text = json.dumps(header(store))
+    metadata = {_META_KEY: text, INTEGRITY_KEY: file_record(text, tensors)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except (OSError, SafetensorError) as exc:
+        raise io_error(path, "save the store to", exc) from exc
     return path
 
 
-def load(cls, path):
+def load(cls, path, verify: bool = True, missing_calls: str = "error"):
     """Read a store of class ``cls`` (``AttentionStore``) from a file or a streamed folder. See ``AttentionStore.load``."""
     from safetensors import safe_open
 
-    path = Path(path)
+    path = _as_path(path, "AttentionStore.load")
+    if missing_calls not in MISSING_CALLS:
+        raise ArgumentError(f"missing_calls={missing_calls!r} is not one of {MISSING_CALLS}")
     if path.is_dir():
-        return _open_folder(cls, path)
+        return _open_folder(cls, path, verify, missing_calls)
     if not path.is_file():
         raise StoreError(f"no store file or folder at {str(path)!r}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            header_text = (f.metadata() or {}).get(_META_KEY)
+            metadata = f.metadata() or {}
+            header_text = metadata.get(_META_KEY)
             if header_text is None:
                 raise StoreError(f"{str(path)!r} is a safetensors file but not an attnprobe store (no header)")
-            found = json.loads(header_text)
             maps = {k: f.get_tensor(k) for k in f.keys()}
     except StoreError:
         raise
     except Exception as exc:  # safetensors raises its own error types for corrupt/truncated files
         raise StoreError(f"{str(path)!r} is not a readable attnprobe store (corrupt or truncated?): {exc}") from exc
+    record = parse_record(path, metadata.get(INTEGRITY_KEY))
+    if record is not None and verify:
+        verify_file(path, record, header_text, maps)
+    try:
+        found = json.loads(header_text)
+    except ValueError as exc:
+        raise StoreError(f"{str(path)!r} has a header that is not JSON (corrupt or edited?): {exc}") from None
     store = _from_header(cls, path, found, maps)
     n_calls = 1 if store.aggregate else len(store.calls)
-    missing = [s.name for s in store.sites if s.name not in maps]
-    if missing:
-        raise StoreError(f"{str(path)!r} lacks the maps of sites {missing[:5]} (truncated or edited?)")
-    for name, t in maps.items():
-        if not store.calls and t.numel() == 0:
-            continue  # a probe whose block raised before any denoiser call
-        if t.ndim != 6 or t.shape[0] != n_calls or t.shape[1] != len(store.samples):
-            raise StoreError(
-                f"{str(path)!r}: site {name} has shape {tuple(t.shape)}, expected "
-                f"[{n_calls} calls, {len(store.samples)} samples, head, qh, qw, token]"
-            )
+    if not store.calls and all(t.numel() == 0 for t in maps.values()):
+        return store  # a probe whose block raised before any denoiser call
+    check_shapes(path, store, {n: tuple(t.shape) for n, t in maps.items()}, n_calls)
+    if verify:
+        high = float(len(store.calls)) if store.aggregate == "sum" else 1.0
+        for name, t in maps.items():
+            check_values(path, name, t, high=high)
     return store
 
 
-def _from_header(cls, path: Path, found, maps: dict, folder: Path | None = None):
+def _from_header(cls, path: Path, found, maps: dict, folder: Path | None = None, shards=()):
     if not isinstance(found, dict) or found.get("format") != FORMAT_VERSION:
         version = found.get("format") if isinstance(found, dict) else type(found).__name__
         raise StoreError(f"{str(path)!r} has store format {version!r}; this attnprobe reads {FORMAT_VERSION}")
@@ -109,15 +137,14 @@ def _from_header(cls, path: Path, found, maps: dict, folder: Path | None = None)
         samples = [Sample(**s) for s in found["samples"]]
         layouts = [TokenLayout.from_dict(d) for d in found["layouts"]]
         meta, flat = dict(found["meta"]), list(found.get("flat_sites", ()))
-        positions = found.get("token_positions")
+        positions, store_id = found.get("token_positions"), found.get("store_id")
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise StoreError(f"{str(path)!r} has a malformed header ({type(exc).__name__}: {exc}); edited by hand?") from None
-    if len(layouts) != len(samples):
-        raise StoreError(f"{str(path)!r} has {len(layouts)} token layouts for {len(samples)} samples")
-    return cls(sites, calls, samples, layouts, maps, meta, flat, positions, folder)
+    check_coordinates(path, sites, samples, layouts, positions, meta)
+    return cls(sites, calls, samples, layouts, maps, meta, flat, positions, folder, shards=shards, store_id=store_id)
 
 
-def _open_folder(cls, folder: Path):
+def _open_folder(cls, folder: Path, verify: bool, missing_calls: str):
     header_path = folder / HEADER
     try:
         found = json.loads(header_path.read_text())
@@ -128,26 +155,40 @@ def _open_folder(cls, folder: Path):
         ) from None
     except ValueError as exc:
         raise StoreError(f"{str(header_path)!r} is not valid JSON (edited by hand?): {exc}") from None
+    except OSError as exc:
+        raise io_error(header_path, "read the header", exc) from exc
+    found = open_header(header_path, found)
+    store_id = found.get("store_id") if isinstance(found, dict) else None
     listed = _from_header(cls, folder, found, {}, folder)
-    calls, paths = [], []
+    high = float(len(listed.calls)) if listed.aggregate == "sum" else 1.0
+    calls, paths, numbers = [], [], []
     first: dict | None = None
     for path in shard_paths(folder):  # the calls that finished, also after a crash
-        call, shapes, _ = read_shard_call(path)
-        missing = [s.name for s in listed.sites if s.name not in shapes]
-        if missing:
-            raise StoreError(f"{str(path)!r} lacks the maps of sites {missing[:5]} (edited by hand?)")
+        text, record, shapes, _, maps = read_shard(path, maps=verify)
+        record = parse_record(path, record)
+        numbers.append(_shard_number(path, record, store_id))
+        check_shapes(path, listed, shapes)
         first = first or shapes
-        bad = [n for n in shapes if shapes[n] != first.get(n) or shapes[n][0] != len(listed.samples)]
+        bad = [n for n in shapes if shapes[n] != first[n]]
         if bad:
-            raise StoreError(
-                f"{str(path)!r}: site {bad[0]} has shape {list(shapes[bad[0]])}, other shards "
-                f"{list(first.get(bad[0], ()))} and the header {len(listed.samples)} samples (a shard of another store?)"
-            )
-        calls.append(Call(**{**call, "layout": tuple(call["layout"])}))
+            raise StoreError(f"{str(path)!r}: site {bad[0]} has shape {list(shapes[bad[0]])}, other shards "
+                             f"{list(first[bad[0]])} (a shard of another store?)")
+        if verify:
+            if record is not None:
+                verify_shard(path, record, text, maps)
+            for name, t in maps.items():
+                check_values(path, name, t, token_major=True, high=high)
+        try:
+            call = json.loads(text)
+            calls.append(Call(**{**call, "layout": tuple(call["layout"])}))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StoreError(f"{str(path)!r}: its call record is malformed ({exc}): damaged or edited") from None
         paths.append(path)
+    complete = bool(listed.meta.get("complete"))
+    missing = [] if listed.aggregate else _gap(folder, listed, numbers, complete, missing_calls)
     if listed.aggregate and len(paths) == 1:
         calls = listed.calls  # the header's: every call at the end of a complete run
-    elif listed.meta.get("complete") and calls != listed.calls:
+    elif complete and calls != [c for n, c in enumerate(listed.calls) if n not in missing]:
         raise StoreError(
             f"{str(folder)!r}: its header lists {len(listed.calls)} calls {[c.index for c in listed.calls][:12]} but "
             f"calls/ holds {len(calls)} {[c.index for c in calls][:12]} (a shard deleted, copied or added)"
@@ -157,4 +198,45 @@ def _open_folder(cls, folder: Path):
         if order != sorted(set(order)):
             raise StoreError(f"{str(folder)!r}: calls/ holds calls out of order or twice: {order[:12]}")
     return cls(listed.sites, calls, listed.samples, [listed.layout(s.index) for s in listed.samples], {},
-               listed.meta, listed.flat_sites, listed.token_positions, folder, shards=paths)
+               listed.meta, listed.flat_sites, listed.token_positions, folder, shards=paths, store_id=listed.store_id)
+
+
+def _shard_number(path: Path, record: dict | None, store_id: str | None) -> int | None:
+    """A shard's position in the recording (its file number), checked against its integrity record."""
+    named = int(path.stem) if path.stem.isdigit() else None
+    if record is None:
+        if store_id is not None:
+            raise StoreError(f"{str(path)!r} has no integrity record, but its store's header has one (store id "
+                             f"{store_id}): a shard of another store, or an older attnprobe's; take it out of calls/")
+        return named  # a store of attnprobe 0.2.0: no records at all
+    if record.get("store_id") != store_id:
+        raise StoreError(f"{str(path)!r} is a shard of another store (store id {record.get('store_id')}; this "
+                         f"store's is {store_id}): copied from another streamed folder? Take it out of calls/")
+    if record.get("shard") != named:
+        raise StoreError(f"{str(path)!r} is shard {record.get('shard')} of its store, but its file name says "
+                         f"{path.stem}: renamed or copied inside calls/; give it back its name or remove the copy")
+    return named
+
+
+def _gap(folder: Path, listed, numbers: list, complete: bool, missing_calls: str) -> list[int]:
+    """The shard numbers missing between the first and the last shard (every call of the header, for a finished
+    store): an error, or with ``missing_calls="skip"`` a warning and ``meta["missing_calls"]``."""
+    known = [n for n in numbers if n is not None]
+    total = len(listed.calls) if complete else max(known, default=-1) + 1
+    missing = sorted(set(range(total)) - set(known))
+    if not missing:
+        return []
+    files = [f"{n:08d}.safetensors" for n in missing[:12]]
+    which = f"shards {missing[:12]} ({', '.join(files)})"
+    if complete:
+        which += f", denoiser calls {[listed.calls[n].index for n in missing][:12]}"
+    what = (f"{str(folder)!r} lacks {len(missing)} of its {total} calls: {which}. Calls after them were recorded, "
+            "so a shard was deleted or lost" if not complete else
+            f"{str(folder)!r} lacks {len(missing)} of the {total} calls its header lists: {which}")
+    if missing_calls == "error":
+        raise StoreError(f"{what}; loading the rest would join calls that are not consecutive. "
+                         "AttentionStore.load(path, missing_calls='skip') loads the other calls and lists the missing "
+                         "ones in store.meta['missing_calls']")
+    warn(f"{what}; loaded without them (missing_calls='skip'): store.meta['missing_calls'] lists them")
+    listed.meta["missing_calls"] = missing
+    return missing

@@ -1,19 +1,26 @@
 """The streamed store format: a folder with one safetensors shard per denoiser call, written as the calls finish.
 
     store/
-      attnprobe.json             coordinates and metadata (sites, samples, token layouts, capture options)
+      attnprobe.json             coordinates and metadata (sites, samples, token layouts, capture options), the
+                                 store's random id (``store_id``) and a checksum of the rest (``integrity``)
       calls/00000000.safetensors one file per recorded denoiser call: one tensor per site,
-                                 [token, sample, head, qh, qw] (token-major), the call in the file's metadata
+                                 [token, sample, head, qh, qw] (token-major); in the file's metadata the call, and
+                                 an integrity record: the store's id, the shard's number, checksums of call and maps
 
 Why safetensors shards (and not zarr): safetensors is already attnprobe's file format and a dependency of
 diffusers; a shard is written whole to a temporary name and renamed, so a crash never leaves a half-written
 call; reads are memory-mapped, and ``get_slice`` reads only the requested rows. Token-major shards make the
 common read — a concept's few token positions for every call — a contiguous read of a few rows per shard, not
 a pass over the whole store. zarr would add a dependency for chunking that one file per call already gives.
+
+``AttentionStore.load`` refuses a shard of another store (another id), a renamed shard, and a gap in the numbers
+(a shard deleted between two others, or one a finished header lists) unless ``missing_calls="skip"``
+(``attnprobe.store.integrity``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Sequence
@@ -21,24 +28,40 @@ from typing import Sequence
 import torch
 
 from .._atomic import atomic_path, write_atomic
-from ..errors import StoreError
+from ..errors import StoreError, StoreIOError
+from .integrity import INTEGRITY_KEY, new_store_id, seal_header, shard_record
 
-__all__ = ["HEADER", "ShardWriter", "shard_paths", "read_shard_call", "read_site"]
+__all__ = ["HEADER", "ShardWriter", "shard_paths", "read_shard", "read_shard_call", "read_site", "io_error"]
 
 HEADER = "attnprobe.json"
 CALLS = "calls"
 _CALL_KEY = "attnprobe_call"
 
 
+def io_error(path, doing: str, exc: Exception) -> StoreIOError:
+    """A ``StoreIOError`` for a failed read or write of ``path``: what was being done and the system's cause."""
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    hint = ""
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in cause or "StorageFull" in cause:
+        hint = " (the disk is full: free space or choose another folder; files written before are kept)"
+    err = StoreIOError(f"cannot {doing} {str(path)!r}: {cause}{hint}")
+    err.errno = getattr(exc, "errno", None)
+    return err
+
+
 class ShardWriter:
     """Writes one shard per denoiser call into ``folder/calls``; holds nothing once a shard is written.
+
+    Each shard carries its call record and an integrity record (``attnprobe.store.integrity``): the store's id
+    ``store_id`` (also in the folder's header), its number, and checksums of its call record and maps.
 
     Raises:
         StoreError: ``folder`` is a file, or a folder that is not empty (a store is never overwritten).
     """
 
-    def __init__(self, folder) -> None:
+    def __init__(self, folder, store_id: str | None = None) -> None:
         self.folder = Path(folder)
+        self.store_id = store_id or new_store_id()
         if self.folder.exists() and (not self.folder.is_dir() or any(self.folder.iterdir())):
             what = "a file" if not self.folder.is_dir() else "a folder that is not empty"
             raise StoreError(
@@ -47,20 +70,39 @@ class ShardWriter:
         self.count = 0  # the folder is made when the first pipeline call starts, not before the probe opens
 
     def write(self, call: dict, maps: dict[str, torch.Tensor]) -> Path:
-        """Write one call's maps (``site -> [sample, head, qh, qw, token]``) as a token-major shard."""
+        """Write one call's maps (``site -> [sample, head, qh, qw, token]``) as a token-major shard.
+
+        Raises:
+            StoreIOError: the shard could not be written (full disk, permission): the shards before it are kept.
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        (self.folder / CALLS).mkdir(parents=True, exist_ok=True)
         path = self.folder / CALLS / f"{self.count:08d}.safetensors"
         tensors = {site: t.permute(4, 0, 1, 2, 3).contiguous() for site, t in maps.items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={_CALL_KEY: json.dumps(call)})
+        text = json.dumps(call)
+        record = shard_record(self.store_id, self.count, text, tensors)
+        try:
+            (self.folder / CALLS).mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata={_CALL_KEY: text, INTEGRITY_KEY: record})
+        except (OSError, SafetensorError) as exc:
+            raise io_error(path, "write the shard", exc) from exc
         self.count += 1
         return path
 
     def write_header(self, header: dict) -> None:
-        (self.folder / CALLS).mkdir(parents=True, exist_ok=True)
-        write_atomic(self.folder / HEADER, json.dumps(header).encode())
+        """Write the folder's header (with ``store_id`` and its checksum), atomically.
+
+        Raises:
+            StoreIOError: it could not be written (the previous header is kept).
+        """
+        path = self.folder / HEADER
+        try:
+            (self.folder / CALLS).mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(seal_header({**header, "store_id": self.store_id})).encode())
+        except OSError as exc:
+            raise io_error(path, "write the header", exc) from exc
 
 
 def shard_paths(folder: Path) -> list[Path]:
@@ -68,29 +110,45 @@ def shard_paths(folder: Path) -> list[Path]:
     return sorted(p for p in (folder / CALLS).glob("*.safetensors") if not p.name.startswith(".") and p.is_file())
 
 
-def read_shard_call(path: Path) -> tuple[dict, dict[str, tuple[int, ...]], dict[str, str]]:
-    """A shard's call record, and each site's shape (``[sample, head, qh, qw, token]``) and dtype, without
-    reading its maps."""
+def read_shard(path: Path, maps: bool = False) -> tuple[str, str | None, dict, dict, dict | None]:
+    """A shard's call record and integrity record (JSON text; ``None`` for a shard of attnprobe 0.2.0), each site's
+    shape (``[sample, head, qh, qw, token]``) and dtype, and with ``maps=True`` its maps as stored
+    (``site -> [token, sample, head, qh, qw]``), else ``None``.
+
+    Raises:
+        StoreError: not a shard (no call record), or unreadable (corrupt, truncated).
+    """
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            record = (f.metadata() or {}).get(_CALL_KEY)
+            metadata = f.metadata() or {}
+            record = metadata.get(_CALL_KEY)
             if record is None:
                 raise StoreError(f"{str(path)!r} is a safetensors file without an attnprobe call record (a file "
                                  "written by store.save()? Keep other files out of a streamed store's calls/ folder)")
-            call = json.loads(record)
             shapes, dtypes = {}, {}
             for site in f.keys():
                 sl = f.get_slice(site)
                 token, *rest = sl.get_shape()
                 shapes[site] = (*rest, token)
                 dtypes[site] = sl.get_dtype()
+            tensors = {site: f.get_tensor(site) for site in f.keys()} if maps else None
     except StoreError:
         raise
     except Exception as exc:
         raise StoreError(f"{str(path)!r} is not a readable attnprobe shard (corrupt or truncated?): {exc}") from exc
-    return call, shapes, dtypes
+    return record, metadata.get(INTEGRITY_KEY), shapes, dtypes, tensors
+
+
+def read_shard_call(path: Path) -> tuple[dict, dict[str, tuple[int, ...]], dict[str, str]]:
+    """A shard's call record, and each site's shape (``[sample, head, qh, qw, token]``) and dtype, without
+    reading its maps."""
+    record, _, shapes, dtypes, _ = read_shard(path)
+    try:
+        return json.loads(record), shapes, dtypes
+    except ValueError as exc:
+        raise StoreError(f"{str(path)!r}: its call record is not JSON (damaged or edited): {exc}") from None
 
 
 def read_site(

@@ -1,0 +1,251 @@
+"""What a store file must prove before it is read: checksums, the store's identity, and its header against its maps.
+
+    >>> import torch
+    >>> maps = {"site": torch.full((1, 1, 1, 2, 2, 3), 1 / 3)}
+    >>> digest_maps(maps) == digest_maps({"site": maps["site"].clone()})
+    True
+
+Every file ``save`` writes and every shard of a streamed folder carries an integrity record (a JSON string in the
+safetensors metadata, key ``attnprobe_integrity``):
+
+- ``data``: a SHA-256 of every map (its name, dtype, shape and bytes, in name order). SHA-256 rather than BLAKE2b:
+  with the SHA extensions of current x86 and ARM CPUs it is the faster of the two in ``hashlib``
+  (``benchmarks/integrity.py`` measures both).
+- ``header`` (a saved file) or ``call`` (a shard): a SHA-256 of the JSON header or call record as written.
+- ``store_id`` and ``shard`` (a shard): the random id of the streamed store it belongs to (also in the folder's
+  ``attnprobe.json``) and its position in the recording (its file number).
+
+A streamed folder's ``attnprobe.json`` carries ``store_id`` and ``integrity.header``, a SHA-256 of the rest of the
+header (sorted-key JSON). Files written before these records existed (attnprobe 0.2.0) have none: they load without
+them and without a warning (nothing is wrong with them, and a warning on every load of a kept file would only be
+noise); the checks below still run on them.
+
+``check_coordinates``, ``check_shapes`` and ``check_values`` compare a header with the maps: sample indices, token
+positions, sites, shapes, and values (probabilities: finite, in ``[0, 1]``; ``[0, calls]`` for a sum over calls;
+NaN only as whole samples of a call, how a probe records samples without a row). Every mismatch is a
+``StoreError`` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+
+import torch
+
+from ..errors import StoreError
+
+__all__ = ["HASH", "INTEGRITY_KEY", "new_store_id", "digest_text", "digest_maps", "file_record", "shard_record",
+           "parse_record", "verify_file", "verify_shard", "seal_header", "open_header", "check_coordinates",
+           "check_shapes", "check_values"]
+
+HASH = "sha256"
+INTEGRITY_KEY = "attnprobe_integrity"
+#: how far above its largest legitimate value a stored probability may lie (relative; rounding of a float sum)
+TOLERANCE = 1e-3
+
+
+def new_store_id() -> str:
+    """A random id for a new store (32 hex digits)."""
+    return secrets.token_hex(16)
+
+
+def digest_text(text: str) -> str:
+    """The SHA-256 of a header or call record as written (hex)."""
+    return hashlib.new(HASH, text.encode()).hexdigest()
+
+
+def digest_maps(maps: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 of maps (hex): per site in name order, its name, dtype and shape, then its bytes (no copy of a
+    contiguous CPU tensor)."""
+    h = hashlib.new(HASH)
+    for name in sorted(maps):
+        t = maps[name]
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def file_record(header_text: str, maps: dict[str, torch.Tensor]) -> str:
+    """The integrity record of a file ``save`` writes."""
+    return json.dumps({"hash": HASH, "header": digest_text(header_text), "data": digest_maps(maps)})
+
+
+def shard_record(store_id: str, shard: int, call_text: str, maps: dict[str, torch.Tensor]) -> str:
+    """The integrity record of shard number ``shard`` of streamed store ``store_id``."""
+    return json.dumps({"hash": HASH, "store_id": store_id, "shard": shard, "call": digest_text(call_text),
+                       "data": digest_maps(maps)})
+
+
+def parse_record(path, text: str | None) -> dict | None:
+    """A file's integrity record, or ``None`` for a file written before records existed.
+
+    Raises:
+        StoreError: the record is not JSON or names a hash this attnprobe does not know.
+    """
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or record.get("hash") != HASH:
+        shown = record.get("hash") if isinstance(record, dict) else text[:60]
+        raise StoreError(f"{str(path)!r}: its integrity record is unreadable or names hash {shown!r} (this attnprobe "
+                         f"writes {HASH!r}): the file was edited or damaged")
+    return record
+
+
+def _mismatch(path, what: str) -> StoreError:
+    return StoreError(f"{str(path)!r}: the checksum of its {what} does not match the one written with it: the file "
+                      "was changed after it was written (a damaged disk or copy, or an edit); restore it from a copy")
+
+
+def verify_file(path, record: dict, header_text: str, maps: dict[str, torch.Tensor]) -> None:
+    """Check a saved file's header and maps against its integrity record.
+
+    Raises:
+        StoreError: either checksum differs (names the file and which part).
+    """
+    if record.get("header") != digest_text(header_text):
+        raise _mismatch(path, "header (coordinates and metadata)")
+    if record.get("data") != digest_maps(maps):
+        raise _mismatch(path, "maps (data)")
+
+
+def verify_shard(path, record: dict, call_text: str, maps: dict[str, torch.Tensor]) -> None:
+    """Check a shard's call record and maps against its integrity record.
+
+    Raises:
+        StoreError: either checksum differs.
+    """
+    if record.get("call") != digest_text(call_text):
+        raise _mismatch(path, "call record")
+    if record.get("data") != digest_maps(maps):
+        raise _mismatch(path, "maps (data)")
+
+
+def _canonical(header: dict) -> str:
+    return json.dumps(header, sort_keys=True)
+
+
+def seal_header(header: dict) -> dict:
+    """A streamed folder's header with ``integrity.header``, the SHA-256 of the rest (sorted-key JSON)."""
+    plain = json.loads(json.dumps({k: v for k, v in header.items() if k != "integrity"}))
+    return {**plain, "integrity": {"hash": HASH, "header": digest_text(_canonical(plain))}}
+
+
+def open_header(path, found) -> dict:
+    """A streamed folder's header without its ``integrity`` entry, checked against it when it has one.
+
+    Raises:
+        StoreError: the checksum differs (the header was edited or damaged) or names an unknown hash.
+    """
+    if not isinstance(found, dict) or "integrity" not in found:
+        return found
+    plain = {k: v for k, v in found.items() if k != "integrity"}
+    record = found["integrity"]
+    if not isinstance(record, dict) or record.get("hash") != HASH:
+        raise StoreError(f"{str(path)!r}: its integrity entry is unreadable ({record!r}): the header was edited")
+    if record.get("header") != digest_text(_canonical(plain)):
+        raise _mismatch(path, "header (coordinates and metadata)")
+    return plain
+
+
+def check_coordinates(path, sites, samples, layouts, positions, meta: dict) -> None:
+    """Check a header's coordinates against each other before a store is built from them.
+
+    Args:
+        sites, samples, layouts: the header's ``Site``, ``Sample`` and ``TokenLayout`` records.
+        positions: the header's ``token_positions`` (``None`` or a list of prompt positions).
+        meta: the header's metadata.
+
+    Raises:
+        StoreError: two sites of one name, a sample whose index is not its position, a layout per sample missing,
+            token positions that are not distinct ints inside every sample's prompt, an unknown aggregate.
+    """
+    where = str(path)
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        raise StoreError(f"{where!r}: its header lists sites twice or not by name: {names[:12]}")
+    for i, s in enumerate(samples):
+        if s.index != i:
+            raise StoreError(f"{where!r}: sample {i} of its header has index {s.index!r}; a sample's index is its "
+                             f"position on the sample axis (0 to {len(samples) - 1}): the header was edited")
+    if len(layouts) != len(samples):
+        raise StoreError(f"{where!r} has {len(layouts)} token layouts for {len(samples)} samples")
+    if positions is not None:
+        keys = min((len(lay.strings) for lay in layouts), default=0)
+        ok = isinstance(positions, list) and all(type(p) is int and 0 <= p < keys for p in positions)
+        if not ok or len(set(positions)) != len(positions):
+            raise StoreError(f"{where!r}: its header's token_positions {positions!r} are not distinct prompt "
+                             f"positions from 0 to {keys - 1} (None keeps every position): the header was edited")
+    capture = meta.get("capture") or {}
+    if not isinstance(capture, dict) or capture.get("aggregate") not in (None, "sum", "mean"):
+        raise StoreError(f"{where!r}: its header's capture options {capture!r} name no known aggregate")
+
+
+def check_shapes(path, store, shapes: dict[str, tuple[int, ...]], calls: int | None = None) -> None:
+    """Check each site's map shape against the header that ``store`` was built from: ``[call, sample, head, qh, qw,
+    token]`` with ``calls`` calls (a saved file), or ``[sample, head, qh, qw, token]`` when ``calls`` is ``None``
+    (a shard, one call).
+
+    Raises:
+        StoreError: a map of a site the header does not list (or none for a site it lists), another number of
+            calls, samples or token positions, more heads than the site has.
+    """
+    where = str(path)
+    extra = sorted(set(shapes) - set(store.site_names))
+    missing = [n for n in store.site_names if n not in shapes]
+    if missing:
+        raise StoreError(f"{where!r} lacks the maps of sites {missing[:5]} (truncated or edited?)")
+    if extra:
+        raise StoreError(f"{where!r} holds maps of {len(shapes)} sites, but its header lists {len(store.sites)}: "
+                         f"{extra[:5]} are not in it (the header was edited, or maps of another store added)")
+    heads = {s.name: s.heads for s in store.sites}
+    for name, full in shapes.items():
+        shape = full if calls is None else full[1:]
+        ok = (calls is None or (len(full) == 6 and full[0] == calls)) and len(shape) == 5
+        ok = ok and shape[0] == len(store.samples) and shape[4] == store.n_tokens
+        ok = ok and 1 <= shape[1] <= max(heads[name], 1)
+        if not ok:
+            lead = "" if calls is None else f"{calls} calls, "
+            raise StoreError(f"{where!r}: site {name} has shape {list(full)}, expected [{lead}{len(store.samples)} "
+                             f"samples, head (≤ {heads[name]}), qh, qw, {store.n_tokens} tokens] from its header: the "
+                             "header was edited, or the maps belong to another store")
+
+
+def check_values(path, site: str, maps: torch.Tensor, token_major: bool = False, high: float = 1.0) -> None:
+    """Check that stored probabilities are probabilities: finite, in ``[0, high]`` (``high`` = 1, or the number of
+    calls of a sum over calls) up to ``TOLERANCE``; NaN only where a whole sample of a call is NaN (how a probe
+    records a sample without a row in that call).
+
+    Args:
+        maps: one site's maps, ``[call, sample, head, qh, qw, token]``, or one shard's ``[token, sample, head, qh,
+            qw]`` with ``token_major=True``.
+
+    Raises:
+        StoreError: a value outside the range, an infinity, or a NaN in part of a sample's map.
+    """
+    if not maps.numel():
+        return
+    lo, hi = (float(v) for v in torch.aminmax(maps))  # NaN propagates: one pass over the maps when there is none
+    if math.isnan(lo) or math.isnan(hi):
+        nan = maps.isnan()
+        per = nan.movedim(1, 0).reshape(nan.shape[1], -1) if token_major else nan.flatten(2)  # one row per map
+        partial = per.any(-1) & ~per.all(-1)
+        if bool(partial.any()):
+            at = partial.nonzero()[0].tolist()
+            what = f"sample {at[0]}" if token_major else f"(call, sample) {tuple(at)}"
+            raise StoreError(f"{str(path)!r}: site {site} has NaN in part of the map of {what} (a probe stores NaN "
+                             "only for the whole map of a sample without a row): the maps are damaged")
+        finite = maps[~nan]
+        if not finite.numel():
+            return
+        lo, hi = (float(v) for v in torch.aminmax(finite))
+    if not (lo >= -TOLERANCE * high and hi <= high * (1 + TOLERANCE)):
+        raise StoreError(f"{str(path)!r}: site {site} holds values from {lo:.6g} to {hi:.6g}, but its maps are "
+                         f"probabilities in [0, {high:g}]: the maps are damaged or not attention probabilities")
