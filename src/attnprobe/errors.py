@@ -83,25 +83,12 @@ class StoreError(AttnprobeError):
 
 
 class StoreIOError(StoreError, OSError):
-    """A store file or folder could not be written or read (a full disk, a missing or read-only folder, a denied
-    permission): names the path and the cause. An ``OSError`` too; nothing written before is lost."""
-
-
-class ModelLoadError(AttnprobeError):
-    """A pipeline could not be built or loaded (offline, unknown id, missing weights)."""
-
-
-class InterventionError(AttnprobeError):
-    """An intervention is malformed, unknown, outside the run (its window), or cannot be applied to this pipeline."""
-
-
-class FolderError(StoreError, OSError):
-    """A file or folder could not be written or read: a full disk, a read-only folder, a missing directory, no
-    permission. The message names the path and the cause; ``errno`` and ``filename`` are those of the ``OSError``
-    (so ``except OSError`` keeps working), and what was written before it is kept."""
+    """A file or folder of a store or a study could not be written or read (a full disk, a missing or read-only
+    folder, a denied permission): the message names the path and the cause; ``errno`` and ``filename`` are those of
+    the ``OSError`` (so ``except OSError`` keeps working), and what was written before it is kept."""
 
     @classmethod
-    def of(cls, exc: OSError, path, doing: str = "cannot be written", then: str = "") -> "FolderError":
+    def of(cls, exc: OSError, path, doing: str = "cannot be written", then: str = "") -> "StoreIOError":
         """The error for ``exc`` met at ``path``: ``'<path>' <doing>: <cause>[; <then>]`` (``then``: what was kept and
         what to do)."""
         cause = exc.strerror or str(exc) or type(exc).__name__
@@ -111,3 +98,11 @@ class FolderError(StoreError, OSError):
 
     def __str__(self) -> str:  # OSError would print "[Errno …] …" once errno is set
         return str(self.args[0]) if self.args else ""
+
+
+class ModelLoadError(AttnprobeError):
+    """A pipeline could not be built or loaded (offline, unknown id, missing weights)."""
+
+
+class InterventionError(AttnprobeError):
+    """An intervention is malformed, unknown, outside the run (its window), or cannot be applied to this pipeline."""

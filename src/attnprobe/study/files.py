@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .._atomic import discard, is_temporary, temporary_path
-from ..errors import FolderError
+from ..errors import StoreIOError
 
 __all__ = ["Staged", "remove_unlisted", "remove_temporaries", "writing", "FATAL_ERRNOS"]
 
@@ -39,13 +39,13 @@ FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 @contextlib.contextmanager
 def writing(path, doing: str = "cannot be written", then: str = "") -> Iterator[None]:
-    """``with writing(path):`` turns an ``OSError`` of the block into a ``FolderError`` naming ``path`` and the cause
+    """``with writing(path):`` turns an ``OSError`` of the block into a ``StoreIOError`` naming ``path`` and the cause
     (full disk, read-only folder, missing directory, no permission); ``then``: what was kept and what to do, appended
-    (to a ``FolderError`` of the block too)."""
+    (to a ``StoreIOError`` of the block too)."""
     try:
         yield
     except OSError as exc:
-        error = exc if isinstance(exc, FolderError) else FolderError.of(exc, path, doing)
+        error = exc if isinstance(exc, StoreIOError) else StoreIOError.of(exc, path, doing)
         if then:
             error.args = (f"{error.args[0]}; {then}",)
         raise error from None
@@ -58,7 +58,7 @@ class Staged:
     leaves every target as it was.
 
     Raises:
-        FolderError (a StoreError and an OSError): a file cannot be written or renamed; the message names it and the
+        StoreIOError (a StoreError and an OSError): a file cannot be written or renamed; the message names it and the
             cause, and the targets not yet renamed are left as they were.
     """
 
@@ -74,7 +74,7 @@ class Staged:
             tmp.write_bytes(data)
         except OSError as exc:
             discard(tmp)
-            raise FolderError.of(exc, path) from None
+            raise StoreIOError.of(exc, path) from None
         self.staged.append((tmp, path))
         return path
 

@@ -124,7 +124,7 @@ def write_tables(result, out: Path, write=write_atomic) -> list[Path]:
 
     ``write(path, data: bytes) -> path`` writes each file: default ``write_atomic``; the study's merge passes
     ``files.Staged.write`` (each file under a temporary name until every one is written). Raises what ``write``
-    raises (``OSError``, or ``FolderError`` from the merge's writer)."""
+    raises (``OSError``, or ``StoreIOError`` from the merge's writer)."""
     tables = {"trajectories.csv": result.trajectories, "auc.csv": result.aucs, "summary.csv": result.summary,
               "text_similarity.csv": result.text, "failures.csv": result.failures}
     return [_write_csv(Path(out) / name, tables[name], COLUMNS[name], write) for name in COLUMNS]

@@ -38,7 +38,7 @@ from .._version import __version__
 from .._atomic import write_atomic
 from ..capture import checked_family, denoiser_of, family_of
 from ..capture.encoders import pipeline_encoding
-from ..errors import AttnprobeError, ConceptError, ConfigError, FolderError
+from ..errors import AttnprobeError, ConceptError, ConfigError, StoreIOError
 from ..interventions import intervene, parse_interventions
 from ..models.loader import OFFLINE_MODELS, TINY_MODELS, check_model_name, first_line, load_pipeline
 from ..models.shapes.model import tokenizer as shapes_tokenizer
@@ -182,7 +182,7 @@ def study(
             seeds; steps outside 1 … 1000; a size (pixels) over 4096, not a multiple of the model's factor or whose
             decoding would not fit the device's memory (``measure.check_size``); an ``out`` that holds a study with
             other settings or that another run holds (``FolderLock``).
-        FolderError (a StoreError and an OSError): a file of ``out`` cannot be written (full disk, read-only folder,
+        StoreIOError (a StoreError and an OSError): a file of ``out`` cannot be written (full disk, read-only folder,
             missing directory, no permission); the message names it and the cause. What was written before is kept,
             the previous merge's tables and figures included (``files.Staged``).
         InterventionError, ConceptError: an intervention that cannot run here (checked before generating).
@@ -328,11 +328,11 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
                     failure.unlink(missing_ok=True)
                 counts["done"] += cell.kind == "generation"
                 counts["partial"] += bool(record["failures"])  # a row or measure failed: redone by the next run
-            except FolderError:
+            except StoreIOError:
                 raise  # the folder cannot take this cell's results: no other cell's could be kept either
             except Exception as exc:  # one failed cell must not lose the others
                 if isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS:  # a full disk, a read-only file system
-                    raise FolderError.of(exc, exc.filename or out, "cannot be written", _RESUME) from None
+                    raise StoreIOError.of(exc, exc.filename or out, "cannot be written", _RESUME) from None
                 counts["failed"] += cell.kind == "generation"
                 seed = "text" if cell.seed is None else cell.seed
                 try:
