@@ -6,6 +6,8 @@ refused up front with the reason."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -32,8 +34,12 @@ def pipe_of(pipes, name):
 
 def generate(target, **kw):
     options = dict(RUN, generator=torch.Generator().manual_seed(0))
-    if name_of(target) in ("pixart", "lumina-next"):
-        options["clean_caption"] = False  # cleaning needs bs4 and ftfy
+    pipe = target.pipe if isinstance(target, attnprobe.Intervened) else target
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    # cleaning needs bs4 and ftfy; the size asked, not the resolution table's; fewer text keys for speed
+    for key, value in (("clean_caption", False), ("use_resolution_binning", False), ("max_sequence_length", 16)):
+        if key in parameters:
+            options[key] = value
     options.update(kw)
     if isinstance(target, attnprobe.Intervened):
         return target(**options).images
@@ -154,9 +160,13 @@ def test_the_projected_conditioning_equals_our_own_edit(pipes, name):
 
 
 def test_what_the_edits_do_not_cover_is_refused_with_the_reason(pipes):
-    """Lumina-Next's processor takes the mask as a boolean (renormalize refused); an LLM encoder cannot be re-encoded
+    """Another template than the one the concept's keys were found with is refused (Sana's instruction); Lumina-Next's
+    processor takes the mask as a boolean (renormalize refused); an LLM encoder cannot be re-encoded
     with the concept's ids replaced (padding and word modes refused, project named); joint attention (SD3, DeepFloyd
     IF) and HunyuanDiT's two encoders refused naming why."""
+    with intervene(pipe_of(pipes, "sana"), AttentionEdit(0.0), PROMPT, concept="dog") as run:
+        with pytest.raises(InterventionError, match="complex_human_instruction= changes where the prompt's words are"):
+            generate(run, complex_human_instruction=["Describe:"])
     lumina = pipe_of(pipes, "lumina-next")
     with pytest.raises(InterventionError, match="as a boolean.*renormalize=False"):
         intervene(lumina, AttentionEdit(0.0), PROMPT, concept="dog").__enter__()

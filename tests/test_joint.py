@@ -399,7 +399,7 @@ def test_attention_edits_refuse_transformer_pipelines_before_generating(pipes):
     from attnprobe import AttentionEdit, intervene
     from attnprobe.errors import InterventionError
 
-    with pytest.raises(InterventionError, match="UNet pipelines.*StableDiffusion3Pipeline"):
+    with pytest.raises(InterventionError, match="StableDiffusion3Pipeline.*joint attention"):
         with intervene(pipes["sd3"], AttentionEdit(0.0), PROMPT, concept="dog"):
             pass
 

@@ -395,6 +395,11 @@ class Intervened:
         for key in ("prompt", "prompt_embeds"):
             if key in kwargs:
                 raise InterventionError(f"{key}= is set by intervene (prompts {self.prompts}); do not pass it")
+        template = [k for k in kwargs if k in ("complex_human_instruction", "system_prompt") or k.startswith(
+            "prompt_template")]
+        if self.encodings and template:  # the concept's keys were found in the encoding with the default template
+            raise InterventionError(f"{template[0]}= changes where the prompt's words are in the text keys; the "
+                                    "edits found the concept's keys with the pipeline's default: leave it out")
         steps = kwargs.get("num_inference_steps", _default(self.pipe, "num_inference_steps", 50))
         guidance = kwargs.get("guidance_scale", _default(self.pipe, "guidance_scale", 7.5))
         self.check(steps, guidance)
