@@ -27,7 +27,8 @@ def result(tmp_path_factory):
 def test_study_writes_every_output(result):
     names = {p.name for p in result.files}
     assert names == {"trajectories.csv", "auc.csv", "summary.csv", "failures.csv", "trajectories.png",
-                     "delta_auc.png", "heatmaps.png", "text_similarity.csv", "text_similarity.png", "presence.png"}
+                     "delta_auc.png", "heatmaps.png", "text_similarity.csv", "text_similarity.png", "presence.png",
+                     "contrasts.csv", "contrasts.png", "where_when.csv", "where_when.png"}
     for p in result.files:
         assert p.stat().st_size > 0
         assert p.parent == result.out
@@ -304,3 +305,50 @@ def test_a_study_of_the_baseline_alone_is_warned_about(tmp_path, capsys):
     study("tiny", out=tmp_path / "s", concepts=["dog"], variants="baseline", seeds=[0], steps=2, progress=False,
           echo=False, scorer="none")
     assert "only the baseline variant: every Δ is against itself" in capsys.readouterr().err
+
+
+def test_contrasts_are_paired_by_seed_with_exact_sign_flip_and_holm(result):
+    """contrasts.csv: per concept, row − reference of the same seed on Δ AUC of the requested mention and Δ
+    presence; the exact sign-flip p equals scipy's exact permutation test of the paired samples; Holm across
+    concepts."""
+    from scipy.stats import permutation_test
+
+    aucs = {(r["concept"], r["variant"], r["seed"]): r for r in read(result.out / "auc.csv")}
+    rows = read(result.out / "contrasts.csv")
+    pairs = {(r["variant"], r["reference"]) for r in rows}
+    assert pairs == {("instruction", "repetition"), ("implicit", "repetition"), ("instruction", "implicit")}
+    for r in rows:
+        d = [float(aucs[r["concept"], r["variant"], s][r["measure"]]) - float(aucs[r["concept"], r["reference"], s][
+            r["measure"]]) for s in ("0", "1")]
+        assert int(r["n"]) == 2 and float(r["mean"]) == pytest.approx(sum(d) / 2, abs=1e-6)
+        assert r["test"] == "sign-flip exact"
+        exact = permutation_test((d,), lambda x: abs(x.mean()), permutation_type="samples", n_resamples=10_000,
+                                 alternative="greater").pvalue
+        assert float(r["p_value"]) == pytest.approx(exact)
+    for key in {(r["measure"], r["variant"], r["reference"]) for r in rows}:
+        group = sorted(float(r["p_value"]) for r in rows if (r["measure"], r["variant"], r["reference"]) == key)
+        adjusted = sorted(float(r["p_holm"]) for r in rows if (r["measure"], r["variant"], r["reference"]) == key)
+        assert adjusted == pytest.approx([min(1.0, max((len(group) - k) * p for k, p in enumerate(group[:i + 1])))
+                                          for i in range(len(group))])
+
+
+def test_where_when_averages_over_sites_to_the_trajectory_delta(result):
+    """where_when.csv: Δ attention on the requested mention per site and call; its mean over sites is the Δ of the
+    site-mean trajectory (trajectories.csv, row − baseline of the same seed, mean over seeds)."""
+    where = read(result.out / "where_when.csv")
+    traj = {(r["concept"], r["variant"], r["seed"], r["call"]): float(r["mass_last"])
+            for r in read(result.out / "trajectories.csv")}
+    sites = sorted({(int(r["site_order"]), r["site"]) for r in where})
+    assert [s[0] for s in sites] == list(range(len(sites))) == list(range(16))
+    for concept, variant, call in {(r["concept"], r["variant"], r["call"]) for r in where}:
+        cells = [float(r["mean"]) for r in where if (r["concept"], r["variant"], r["call"]) == (concept, variant, call)]
+        expected = sum(traj[concept, variant, s, call] - traj[concept, "baseline", s, call] for s in ("0", "1")) / 2
+        assert sum(cells) / len(cells) == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_printed_summary_leads_with_the_paired_answer(tmp_path, capsys):
+    assert cli.main(["study", "--out", str(tmp_path), "--concepts", "dog", "--seeds", "0,1", "--steps", "2",
+                     "--scorer", "none", "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("The answer, paired by seed") and "instruction − repetition" in out[2]
+    assert any("cannot go below" in line for line in out[:8])

@@ -353,3 +353,120 @@ def plot_site_call_grid(store, concept: str, sample: int = 0, calls=None, max_ca
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.5, label=f"attention on {concept!r}")
     return fig
+
+
+def plot_contrasts(rows: Sequence[Mapping], measures: Mapping[str, str] | None = None):
+    """A forest plot of paired contrasts: per measure a panel, per concept and contrast (``variant − reference``) the
+    mean difference over seeds with its 95% interval, and the Holm-adjusted p-value beside it.
+
+    Args:
+        rows: ``contrasts.csv`` rows (``attnprobe.study.contrasts.contrast_rows``): ``measure``, ``concept``,
+            ``variant``, ``reference``, ``n``, ``mean``, ``ci_low``, ``ci_high``, ``p_holm``, ``test``.
+        measures: ``{measure column: title}``; default: every measure in ``rows``, titled by its column.
+
+    Returns:
+        The figure.
+    """
+    plt = _plt()
+    measures = measures or {m: m for m in dict.fromkeys(r["measure"] for r in rows)}
+    shown = [m for m in measures if any(r["measure"] == m and math.isfinite(float(r["mean"])) for r in rows)]
+    shown = shown or list(measures)[:1]
+    pairs = list(dict.fromkeys((r["variant"], r["reference"]) for r in rows))
+    concepts = list(dict.fromkeys(r["concept"] for r in rows))
+    colours = _colours([f"{a} − {b}" for a, b in pairs])
+    height = 0.32 * len(pairs) * max(1, len(concepts)) + 1.2
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.2 * len(shown) + 1.5, height), squeeze=False)
+    for ax, measure in zip(axes[0], shown):
+        labels, y = [], 0
+        for concept in concepts:
+            for a, b in pairs:
+                r = next((r for r in rows if (r["measure"], r["concept"], r["variant"], r["reference"]) ==
+                          (measure, concept, a, b)), None)
+                if r is None:
+                    continue
+                mean, lo, hi = (float(r[k]) for k in ("mean", "ci_low", "ci_high"))
+                err = [[_err_length(mean, lo)], [_err_length(hi, mean)]]
+                ax.errorbar([mean], [y], xerr=err, fmt="o", color=colours[f"{a} − {b}"], capsize=3, ms=4)
+                p = float(r["p_holm"])
+                if math.isfinite(p):
+                    ax.annotate(f"p={p:.2g} (n={r['n']})", (1.0, y), xycoords=("axes fraction", "data"),
+                                xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+                labels.append(f"{shorten(concept, 18)}: {a} − {b}")
+                y += 1
+            y += 0.5
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks([i + 0.5 * (i // max(1, len(pairs))) for i in range(len(labels))], labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(textwrap.fill(f"{measures[measure]}: paired difference (mean over seeds, 95% CI; "
+                                   "p: Holm across concepts)", 60), fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _site_label(name: str) -> str:
+    """A short site name for an axis: ``down_blocks.1.attentions.0.transformer_blocks.0.attn2`` → ``down1.a0.t0``."""
+    for long, short in (("transformer_blocks.", "t"), ("_blocks.", ""), ("_block.", ""), ("attentions.", "a"),
+                        ("blocks.", "b"), ("layers.", "l")):
+        name = name.replace(long, short)
+    return name.removesuffix(".attn2").removesuffix(".attn").removesuffix(".attention")
+
+
+def plot_where_when(rows: Sequence[Mapping], title: str | None = None, max_concepts: int = 3):
+    """Where and when attention on the requested mention changes: per row of the study (columns), a sites × denoiser
+    calls grid of the mean Δ over seeds (row − baseline of the same seed), sites in execution order with their query
+    grid, a line between sites of different grids; the top row of panels is the mean over concepts, then one row per
+    concept when there are at most ``max_concepts``. Each column has its own colour scale centred at 0 (an
+    intervention's change would wash out a variant's).
+
+    Args:
+        rows: ``where_when.csv`` rows (``attnprobe.study.contrasts.where_when_rows``).
+        title: above the panels. max_concepts: the most concepts shown one by one (``where_when.csv`` has them all).
+
+    Returns:
+        The figure.
+    """
+    plt = _plt()
+    concepts = list(dict.fromkeys(r["concept"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    sites = sorted({(int(r["site_order"]), r["site"], r["grid"]) for r in rows})
+    calls = 1 + max((int(r["call"]) for r in rows), default=0)
+    grids = {}
+    for r in rows:
+        grid = grids.setdefault((r["concept"], r["variant"]), np.full((len(sites), calls), np.nan))
+        grid[int(r["site_order"]), int(r["call"])] = float(r["mean"])
+    shown = ["mean over concepts" if len(concepts) > 1 else concepts[0]]
+    for v in variants:
+        stack = [grids[c, v] for c in concepts if (c, v) in grids]
+        grids[shown[0], v] = np.nanmean(np.stack(stack), axis=0) if len(stack) > 1 else stack[0]
+    if 1 < len(concepts) <= max_concepts:
+        shown += concepts
+    width = min(1.6 + 0.1 * calls, 5.0)
+    fig, axes = plt.subplots(len(shown), len(variants), squeeze=False, constrained_layout=True,
+                             figsize=(width * len(variants) + 1.6, 0.13 * len(sites) * len(shown) + 1.4))
+    for j, v in enumerate(variants):
+        values = [np.nanmax(np.abs(grids[c, v])) for c in shown if (c, v) in grids and np.isfinite(grids[c, v]).any()]
+        vmax = max(values) if values and max(values) > 0 else 1.0
+        for i, c in enumerate(shown):
+            ax = axes[i, j]
+            image = ax.imshow(grids.get((c, v), np.full((len(sites), calls), np.nan)), aspect="auto", cmap="RdBu_r",
+                              vmin=-vmax, vmax=vmax, interpolation="nearest")
+            for k in range(1, len(sites)):
+                if sites[k][2] != sites[k - 1][2]:
+                    ax.axhline(k - 0.5, color="black", lw=0.5)
+            ax.set_title(f"{shorten(v, 24)} − baseline\n{shorten(c, 30)}", fontsize=7)
+            ax.set_xticks(range(0, calls, max(1, calls // 6)))
+            ax.tick_params(axis="x", labelsize=6)
+            if j == 0:
+                ax.set_yticks(range(len(sites)), [f"{_site_label(s[1])} {s[2]}" for s in sites], fontsize=5)
+            else:
+                ax.set_yticks([])
+            if i == len(shown) - 1:
+                ax.set_xlabel("denoiser call", fontsize=7)
+        bar = fig.colorbar(image, ax=axes[:, j], location="bottom", shrink=0.9, aspect=25)
+        bar.ax.tick_params(labelsize=6)
+        bar.set_ticks([-vmax, 0, vmax], labels=[f"{-vmax:.2g}", "0", f"{vmax:.2g}"])
+        bar.set_label("Δ attention", fontsize=6)
+    if title:
+        fig.suptitle(textwrap.fill(title, 30 + int(22 * width * len(variants))), fontsize=8)
+    return fig

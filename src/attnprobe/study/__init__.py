@@ -18,6 +18,8 @@ that its names (``attnprobe.study.SHAPES_VARIANTS``) and the function never shad
 - ``cells``: cells, their shards and the manifest of finished work; ``processes``: accelerate's processes;
   ``lock``: one run per folder (an OS lock); ``files``: merges that never lose a table, temporary files of killed runs,
   file-system errors naming the path.
+- ``contrasts``: the answer: paired contrasts between rows by seed (exact sign-flip test, Holm), and where and when
+  attention changes (per site and denoiser call).
 - ``report``: the CSVs, the summary with intervals, the figures, the printed table.
 - ``cli``: the ``attnprobe`` command.
 """

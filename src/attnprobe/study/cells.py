@@ -241,9 +241,13 @@ def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | N
         result.partial += bool(record.get("failures"))  # done, with a failed row or measure (its rows are kept)
         result.trajectories += record["trajectories"]
         result.aucs += record["aucs"]
-        for row in record["rows"]:
+        where = result.where_when_data.setdefault((cell.model, cell.concept), {"sites": None, "rows": {}})
+        for k, row in enumerate(record["rows"]):
             curve = [r["mass_last"] for r in record["trajectories"] if r["variant"] == row]
             fig["curves"].setdefault(cell.concept, {}).setdefault(row, []).append(np.asarray(curve, dtype=np.float64))
+            if f"sites.{k}" in tensors and where["sites"] in (None, record.get("sites")):  # cells of older runs: none
+                where["sites"] = record.get("sites")
+                where["rows"].setdefault(row, {})[cell.seed] = tensors[f"sites.{k}"].double().numpy()
         shown = fig.setdefault("shown", set())
         if cell.concept not in shown:  # the concept's first finished seed, named on its row of the figure
             from PIL import Image

@@ -284,6 +284,7 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
                   "times: the template's own words contain it, so 'last mention' may be one of them")
         mass, mass_last = (concept_mass(st, concept, i, occurrence, factors) for occurrence in ("all", -1))
         check_finite(mass, f"variant {variant!r}")
+        tensors[f"sites.{k}"] = concept_mass(st, concept, i, -1, factors, by_site=True).float()  # [call, site]
         for call, (m, ml) in enumerate(zip(mass.tolist(), mass_last.tolist())):
             rows.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, call=call,
                              timestep=st.calls[call].timestep, mass=m, mass_last=ml))
@@ -297,14 +298,18 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
     for r in aucs:
         for key in ("auc", "auc_last", "presence", "clip_accuracy"):
             r[f"delta_{key}"] = r[key] - base_row[key]
-    return dict(rows=[r[0] for r in runs], trajectories=rows, aucs=aucs, failures=failures), tensors
+    sites = [[s.name, "×".join(map(str, store.maps(s, calls=[0], samples=[0], tokens=[0]).shape[-3:-1]))]
+             for s in store.sites]  # in execution order, with each site's query grid
+    return dict(rows=[r[0] for r in runs], trajectories=rows, aucs=aucs, failures=failures, sites=sites), tensors
 
 
-def concept_mass(store, concept, sample, occurrence, factors) -> torch.Tensor:
-    """The concept trajectory ``[call]``; with ``renormalize=False`` edits, the weights the denoiser used."""
+def concept_mass(store, concept, sample, occurrence, factors, by_site: bool = False) -> torch.Tensor:
+    """The concept trajectory ``[call]`` (``by_site``: ``[call, site]``); with ``renormalize=False`` edits, the
+    weights the denoiser used."""
     if factors is None or bool((factors == 1).all()):
-        return trajectory(store, concept, sample, occurrence=occurrence)
-    return (trajectory(store, concept, sample, occurrence=occurrence, by_site=True) * factors).mean(dim=1)
+        return trajectory(store, concept, sample, occurrence=occurrence, by_site=by_site)
+    per_site = trajectory(store, concept, sample, occurrence=occurrence, by_site=True) * factors
+    return per_site if by_site else per_site.mean(dim=1)
 
 
 def presence_scores(scorer, images, concept, seed, failures: list) -> tuple[list[float], list[float]]:

@@ -18,16 +18,19 @@ from typing import Sequence
 import numpy as np
 
 from .._atomic import write_atomic
+from .contrasts import CONTRAST_COLUMNS, MEASURES, WHERE_WHEN_COLUMNS
 from ..analysis.figures import (
-    plot_delta_auc, plot_heatmaps, plot_presence, plot_text_similarity, plot_trajectories, shorten,
+    plot_contrasts, plot_delta_auc, plot_heatmaps, plot_presence, plot_text_similarity, plot_trajectories,
+    plot_where_when, shorten,
 )
 
-__all__ = ["OUTPUT_FILES", "summarize", "write_tables", "write_figures", "format_summary", "done_line", "warn", "WARNED"]
+__all__ = ["OUTPUT_FILES", "interval", "answer_lines", "summarize", "write_tables", "write_figures", "format_summary", "done_line", "warn", "WARNED"]
 
 #: Every table and figure of a study's folder (rewritten by each run or merge; an old one not written again is removed).
 OUTPUT_FILES = (
     "trajectories.csv", "auc.csv", "summary.csv", "text_similarity.csv", "failures.csv",
     "trajectories.png", "delta_auc.png", "heatmaps.png", "text_similarity.png", "presence.png",
+    "contrasts.csv", "where_when.csv", "contrasts.png", "where_when.png",
 )
 
 COLUMNS = {
@@ -41,6 +44,8 @@ COLUMNS = {
     "text_similarity.csv": ["model", "concept", "variant", "encoder", "layer", "concept_cos", "concept_cos_last",
                             "eos_cos", "seq_flat_cos", "seq_mean_cos", "delta_last_vs_repetition", "delta_vs_repetition"],
     "failures.csv": ["model", "concept", "seed", "error", "detail"],
+    "contrasts.csv": CONTRAST_COLUMNS,
+    "where_when.csv": WHERE_WHEN_COLUMNS,
 }
 
 
@@ -62,7 +67,7 @@ def _save_figure(fig, path: Path, write=write_atomic) -> Path:
     return write(path, buf.getvalue())
 
 
-def _interval(values: Sequence[float], bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
+def interval(values: Sequence[float], bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
     """Mean and 95% Student-t interval (NaN bounds with fewer than 2 values), clipped to ``bounds`` when given (the
     range the values can take: a mean cannot leave it, while a t-interval of a few 0/1 values does)."""
     vals = [v for v in values if math.isfinite(v)]
@@ -97,9 +102,9 @@ def summarize(aucs: Sequence[dict], text: Sequence[dict], models, concepts, name
                 rows = [r for r in aucs if r["model"] == model and r["concept"] == concept and r["variant"] == variant]
                 if not rows:
                     continue
-                d, lo, hi = _interval([r["delta_auc"] for r in rows])
-                dl, lol, hil = _interval([r["delta_auc_last"] for r in rows])
-                dp, lop, hip = _interval([r["delta_presence"] for r in rows], None if spread is None else (-spread, spread))
+                d, lo, hi = interval([r["delta_auc"] for r in rows])
+                dl, lol, hil = interval([r["delta_auc_last"] for r in rows])
+                dp, lop, hip = interval([r["delta_presence"] for r in rows], None if spread is None else (-spread, spread))
                 txt = cond_text.get((model, concept, variant), {})
                 if variant == "baseline":  # the reference has no Δ against the control
                     txt = {k: v for k, v in txt.items() if not k.startswith("delta")}
@@ -120,13 +125,14 @@ def summarize(aucs: Sequence[dict], text: Sequence[dict], models, concepts, name
 
 
 def write_tables(result, out: Path, write=write_atomic) -> list[Path]:
-    """The five CSVs of ``result`` (a ``StudyResult``) in ``out``.
+    """The CSVs of ``result`` (a ``StudyResult``) in ``out``.
 
     ``write(path, data: bytes) -> path`` writes each file: default ``write_atomic``; the study's merge passes
     ``files.Staged.write`` (each file under a temporary name until every one is written). Raises what ``write``
     raises (``OSError``, or ``StoreIOError`` from the merge's writer)."""
     tables = {"trajectories.csv": result.trajectories, "auc.csv": result.aucs, "summary.csv": result.summary,
-              "text_similarity.csv": result.text, "failures.csv": result.failures}
+              "text_similarity.csv": result.text, "failures.csv": result.failures, "contrasts.csv": result.contrasts,
+              "where_when.csv": result.where_when}
     return [_write_csv(Path(out) / name, tables[name], COLUMNS[name], write) for name in COLUMNS]
 
 
@@ -152,6 +158,12 @@ def write_figures(result, out: Path, figures: dict, write=write_atomic) -> list[
             files.append(save(plot_presence(deltas, scorer=figures.get("scorer")), out / "presence.png"))
     if result.text:
         files.append(save(plot_text_similarity(result.text), out / "text_similarity.png"))
+    if result.contrasts:
+        files.append(save(plot_contrasts(result.contrasts, MEASURES), out / "contrasts.png"))
+    if result.where_when:
+        title = ("Where and when: Δ attention on the requested mention (row − baseline of the same seed), per site "
+                 "(execution order; lines between query grids) and denoiser call, mean over seeds")
+        files.append(save(plot_where_when(result.where_when, title), out / "where_when.png"))
     return files
 def done_line(done: int, skipped: int, failed: int, partial: int = 0) -> str:
     """``N generations done (S of them skipped: finished by an earlier run; P with a failed part …), F failed.``
@@ -162,6 +174,36 @@ def done_line(done: int, skipped: int, failed: int, partial: int = 0) -> str:
     again = " (running again redoes them)" if partial or failed else ""
     return (f"{done} generation{'s' if done != 1 else ''} done ({skipped} of them skipped: finished by an earlier "
             f"run{part}), {failed} failed{again}.")
+
+
+def answer_lines(contrasts: Sequence[dict]) -> list[str]:
+    """The study's answer in a few lines, from ``contrasts.csv``'s rows: per model, contrast and measure, how many
+    concepts' 95% intervals lie below 0 and above 0, the mean over concepts and the smallest Holm-adjusted p."""
+    if not contrasts:
+        return []
+    lines = ["The answer, paired by seed (contrasts.csv, contrasts.png): does each row lower attention beyond its "
+             "reference?"]
+    several = len({r["model"] for r in contrasts}) > 1
+    for key in dict.fromkeys((r["model"], r["variant"], r["reference"], r["measure"]) for r in contrasts):
+        rows = [r for r in contrasts if (r["model"], r["variant"], r["reference"], r["measure"]) == key
+                and math.isfinite(r["mean"])]
+        if not rows:
+            continue
+        model, row, reference, measure = key
+        below = sum(r["ci_high"] < 0 for r in rows)
+        above = sum(r["ci_low"] > 0 for r in rows)
+        p = min((r["p_holm"] for r in rows if math.isfinite(r["p_holm"])), default=float("nan"))
+        n = sorted({r["n"] for r in rows})
+        tests = ", ".join(sorted({r["test"] for r in rows}))
+        lines.append(f"  {model + ': ' if several else ''}{row} − {reference}, {MEASURES[measure]}: mean "
+                     f"{fmean(r['mean'] for r in rows):+.4f} over {len(rows)} concept{'s' * (len(rows) != 1)}; 95% CI "
+                     f"below 0 for {below}, above 0 for {above}; smallest Holm p {p:.2g} ({tests}, n="
+                     f"{'–'.join(map(str, (n[0], n[-1]))) if len(n) > 1 else n[0]} seeds)")
+    n = min((r["n"] for r in contrasts if r["test"] == "sign-flip exact" and r["n"] > 0), default=None)
+    if n is not None and 2 / 2 ** n > 0.05:
+        lines.append(f"  With {n} seeds the exact test cannot go below p = {2 / 2 ** n:.2g} (2/2^n), before Holm: "
+                     "more seeds (6 or more) can show a change at the 5% level.")
+    return lines + [""]
 
 
 def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str:
@@ -183,6 +225,7 @@ def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str
         return f"{v:>{sign}9.4f}" if math.isfinite(v) else f"{'n/a':>9}"
 
     lines = ["attnprobe study: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)]
+    lines += answer_lines(getattr(result, "contrasts", []))
     width = max([13] + [min(len(r["variant"]) + 1, 25) for r in result.summary])
     header = (f"{'concept':<16}{'variant':<{width}}{'AUC':>8}  {'Δ AUC, requested mention':<30}{'Δ presence':>10}  "
               f"{'Δ AUC, all mentions':<30}{'text cos':>9}{'Δ vs rep':>9}")

@@ -51,7 +51,10 @@ from .config import (
 from .files import FATAL_ERRNOS, Staged, remove_temporaries, remove_unlisted, writing
 from .lock import FolderLock
 from .processes import processes
-from .report import OUTPUT_FILES, WARNED, done_line, format_summary, summarize, warn, write_figures, write_tables
+from .contrasts import contrast_rows, where_when_rows
+from .report import (
+    OUTPUT_FILES, WARNED, done_line, format_summary, interval, summarize, warn, write_figures, write_tables,
+)
 from .scorer import PresenceScorer, checked_range, load_scorer, scorer_kind
 from .variants import (
     DEFAULT_CONCEPTS, DEFAULT_VARIANTS, SHAPES_CONCEPTS, SHAPES_VARIANTS, model_defaults, parse_variants,
@@ -96,6 +99,9 @@ class StudyResult:
         failures: rows per failed (model, concept, seed) cell or row: what failed and why (seed ``"text"``: the
             text analysis).
         text: text-encoder similarity rows (``attnprobe.text.similarity_rows``) per model, concept and variant.
+        contrasts: paired differences between rows per model, measure, contrast and concept
+            (``attnprobe.study.contrasts.contrast_rows``); where_when: Δ attention on the requested mention per model,
+            concept, row, site and denoiser call (``where_when_rows``).
         done: generations with results (this run's and earlier runs' in the same folder); skipped: those finished
             by an earlier run; partial: those done with a failed row or measure (their other rows are kept, the
             failure is in ``failures``, and running the study again redoes them); failed: generations that failed
@@ -110,6 +116,9 @@ class StudyResult:
     summary: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     text: list[dict] = field(default_factory=list)
+    contrasts: list[dict] = field(default_factory=list)
+    where_when: list[dict] = field(default_factory=list)
+    where_when_data: dict = field(default_factory=dict, repr=False)
     done: int = 0
     skipped: int = 0
     failed: int = 0
@@ -359,7 +368,8 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
     with writing(out, then="every table and figure is whole (the previous merge's, or this one's where it was already "
                       "in place) and every finished generation is kept: run the same command again to merge"):
         result = _merge(out, cells, plan.models, plan.concepts, plan.seeds, list(plan.variants) + list(plan.rows),
-                        scorer_name=scorer_name, settings=key, presence_range=checked_range(plan.scorer))
+                        scorer_name=scorer_name, settings=key, presence_range=checked_range(plan.scorer),
+                        interventions=list(plan.rows))
     result.skipped = skipped
     if echo:
         shown = plan.size or (measure.default_size(pipe, plan.models[0]) if len(plan.models) == 1 and pipe else "native")
@@ -406,21 +416,24 @@ def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guida
 
 
 def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None, settings=None,
-           presence_range=None) -> "StudyResult":
+           presence_range=None, interventions=()) -> "StudyResult":
     """The study's outputs from every shard of the grid: the same files whichever processes measured the cells."""
     from types import SimpleNamespace
 
     result = StudyResult(out=out)
     figures = collect(out, cells, seeds, result, scorer_name, settings=settings)
     result.summary = summarize(result.aucs, result.text, models, concepts, names, presence_range)
+    variants = [n for n in names if n not in interventions]
+    result.contrasts = contrast_rows(result.aucs, models, concepts, variants, interventions, interval=interval)
+    result.where_when = where_when_rows(result.where_when_data, interval)
     # every new file is written beside the one it replaces, and replaces it only when all of them are complete: a
     # merge killed or out of disk space keeps the previous merge's tables and figures (files.Staged)
     with Staged() as staged:
         result.files = write_tables(result, out, staged.write)
         for model in models:
             folder = out if len(models) == 1 else out / "figures" / slug(model)
-            mine = SimpleNamespace(summary=[r for r in result.summary if r["model"] == model],
-                                   text=[r for r in result.text if r["model"] == model])
+            mine = SimpleNamespace(**{k: [r for r in getattr(result, k) if r["model"] == model]
+                                      for k in ("summary", "text", "contrasts", "where_when")})
             result.files += write_figures(mine, folder, figures[model], staged.write)
         staged.commit()
     # an old output that this merge did not write again (figures of a model no longer in the grid…) would mix with
