@@ -1,5 +1,5 @@
 # Two commands do everything from a fresh clone:
-#   make study   — set up .venv and run the main job on the offline tiny pipeline (writes out/study/)
+#   make study   — set up .venv and run the main job on the offline shapes model (writes out/study/)
 #   make test    — set up .venv, run the test suite (with the example notebooks) and build the docs strictly
 PYTHON ?= python3
 VENV   := .venv
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 study: $(STAMP)
-	$(VENV)/bin/attnprobe study --model tiny --out out/study
+	$(VENV)/bin/attnprobe study --out out/study
 
 # two workers, one file each at a time (a module's pipelines are built once), one thread each: two torch processes
 # with a thread per core each would fight over 2 cores

@@ -166,7 +166,7 @@ def test_a_bad_config_is_refused_before_any_generation(tmp_path, capsys, text, m
 
 
 def test_a_folder_with_other_settings_is_not_resumed_unless_restarted(tmp_path, capsys):
-    args = ["study", "--out", str(tmp_path), "--concepts", "dog", "--variants", "baseline", "--seeds", "0",
+    args = ["study", "--model", "tiny", "--out", str(tmp_path), "--concepts", "dog", "--variants", "baseline", "--seeds", "0",
             "--scorer", "none", "--no-progress"]
     assert cli.main([*args, "--steps", "2"]) == 0
     assert cli.main([*args, "--steps", "3"]) == 2

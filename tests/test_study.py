@@ -103,7 +103,7 @@ def test_variants_parse_names_and_templates():
 
 
 def test_cli_runs_the_main_job(tmp_path, capsys):
-    code = cli.main(["study", "--out", str(tmp_path), "--concepts", "cat", "--variants", "instruction",
+    code = cli.main(["study", "--model", "tiny", "--out", str(tmp_path), "--concepts", "cat", "--variants", "instruction",
                      "--seeds", "3", "--steps", "2", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -123,7 +123,7 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.main(["study", "--seeds", "a,b"])
     assert "seeds must be integers" in capsys.readouterr().err
-    assert cli.main(["study", "--variants", "bogus", "--out", "/tmp/attnprobe-never"]) == 2
+    assert cli.main(["study", "--model", "tiny", "--variants", "bogus", "--out", "/tmp/attnprobe-never"]) == 2
 
 
 def test_cli_lists_sites(capsys):
@@ -173,7 +173,7 @@ def test_intervention_rows_sit_beside_the_variants(with_interventions):
 
 
 def test_cli_interventions_without_a_scorer(tmp_path, capsys):
-    code = cli.main(["study", "--out", str(tmp_path), "--concepts", "cat", "--variants", "baseline", "--seeds", "0",
+    code = cli.main(["study", "--model", "tiny", "--out", str(tmp_path), "--concepts", "cat", "--variants", "baseline", "--seeds", "0",
                      "--steps", "2", "--no-progress", "--interventions", "both=pad-conditioning+negative-prompt",
                      "--scorer", "none"])
     assert code == 0
@@ -214,7 +214,7 @@ def test_a_failing_intervention_row_is_recorded_and_the_cell_kept(tmp_path, monk
 
 
 def test_cli_unloadable_scorer_fails_in_one_line_before_generating(tmp_path, capsys):
-    code = cli.main(["study", "--scorer", str(tmp_path / "no-clip"), "--out", str(tmp_path / "o"), "--concepts", "cat"])
+    code = cli.main(["study", "--model", "tiny", "--scorer", str(tmp_path / "no-clip"), "--out", str(tmp_path / "o"), "--concepts", "cat"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("attnprobe: error: could not load scorer") and "\n" not in err
     assert not (tmp_path / "o" / "auc.csv").exists()
@@ -347,7 +347,7 @@ def test_where_when_averages_over_sites_to_the_trajectory_delta(result):
 
 
 def test_the_printed_summary_leads_with_the_paired_answer(tmp_path, capsys):
-    assert cli.main(["study", "--out", str(tmp_path), "--concepts", "dog", "--seeds", "0,1", "--steps", "2",
+    assert cli.main(["study", "--model", "tiny", "--out", str(tmp_path), "--concepts", "dog", "--seeds", "0,1", "--steps", "2",
                      "--scorer", "none", "--no-progress"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].startswith("The answer, paired by seed") and "instruction − repetition" in out[2]

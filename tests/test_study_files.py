@@ -154,7 +154,7 @@ def test_a_read_only_folder_ends_the_command_in_one_line(first, tmp_path, monkey
         return real(self, data)
 
     monkeypatch.setattr(pathlib.Path, "write_bytes", read_only)
-    code = cli.main(["study", "--out", str(out), "--concepts", "dog", "--variants", "baseline,instruction",
+    code = cli.main(["study", "--model", "tiny", "--out", str(out), "--concepts", "dog", "--variants", "baseline,instruction",
                      "--seeds", "0,1", "--steps", "2", "--scorer", "none", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "Traceback" not in err[0], err

@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a study file (TOML: models, concepts, variants, interventions, seeds, steps, guidance, size, "
                     "capture, out); the options below override its values")
     st.add_argument("--model", default=None,
-                    help="'tiny' (default, offline SD 1.5 layout, random weights), 'shapes' (offline, trained on "
-                    "coloured shapes: its own concepts, variants and scorer), 'tiny-xl', or 'tiny-<name>' of "
+                    help="'shapes' (default: offline, trained on coloured shapes: its own concepts, variants and "
+                    "scorer), 'tiny' (offline SD 1.5 layout, random weights: plumbing only), 'tiny-xl', or 'tiny-<name>' of "
                     f"{', '.join(TINY_PIPELINES)}, or a hub id / local folder; several separated by commas")
     st.add_argument("--out", default=None, help="output folder (default: attnprobe-study)")
     st.add_argument("--concepts", type=_csv, default=None, help=f"comma-separated (default: {', '.join(DEFAULT_CONCEPTS)}; "
@@ -97,6 +97,7 @@ def _study_arguments(args) -> dict:
                  steps=args.steps, guidance=args.guidance, size=args.size, device=args.device, dtype=args.dtype,
                  interventions=args.interventions, scorer=args.scorer)
     kwargs.update({k: v for k, v in flags.items() if v is not None})
+    kwargs.setdefault("model", "shapes")  # the default study means something: a trained model (tiny: plumbing)
     if isinstance(kwargs.get("model"), str):
         kwargs["model"] = _csv(kwargs["model"]) if "," in kwargs["model"] else kwargs["model"]
     if args.save_maps:

@@ -5,7 +5,8 @@ A contrast is a difference between two rows of one concept, paired by seed: ``in
 the unlearning instruction lowers attention to the concept beyond what naming it twice does; ``implicit −
 repetition`` the same for the instruction that does not name the concept; ``instruction − implicit`` whether naming
 it in the instruction matters; ``<intervention> − instruction`` whether an edit beyond language does what the words do
-not. Each is measured on Δ AUC of the requested mention (``delta_auc_last``) and on Δ presence; both are differences
+not. Each is measured on Δ AUC of the requested mention (``delta_auc_last``), on Δ presence and, with the shapes
+scorer, on Δ count (how many of the concept's objects the image shows); each is a difference
 from the same seed's baseline, so the baseline cancels and the contrast is ``row − reference`` of the same seed.
 
 Tests (per contrast, over seeds): the mean difference with a 95% Student-t interval; the p-value of the exact
@@ -31,7 +32,8 @@ __all__ = ["CONTRASTS", "contrast_rows", "sign_flip_p", "holm", "where_when_rows
 #: ``(row, reference)`` pairs of the default variants, in the order the answer gives them
 CONTRASTS = (("instruction", "repetition"), ("implicit", "repetition"), ("instruction", "implicit"))
 #: the per-seed columns of ``auc.csv`` a contrast is measured on, with their names for people
-MEASURES = {"delta_auc_last": "Δ AUC, requested mention", "delta_presence": "Δ presence"}
+MEASURES = {"delta_auc_last": "Δ AUC, requested mention", "delta_presence": "Δ presence",
+            "delta_count": "Δ count of the concept's objects"}
 #: the sign-flip test is exact (every sign pattern) up to this many seeds; the paired t-test above
 EXACT_UP_TO = 16
 
@@ -124,8 +126,9 @@ def contrast_rows(aucs: Sequence[dict], models, concepts, names: Sequence[str],
                     d = []
                     for seed in seeds:
                         a, b = by_key.get((model, concept, row, seed)), by_key.get((model, concept, reference, seed))
-                        if b is not None and math.isfinite(a[measure]) and math.isfinite(b[measure]):
-                            d.append(a[measure] - b[measure])
+                        x, y = (float("nan") if r is None else r.get(measure, float("nan")) for r in (a, b))
+                        if math.isfinite(x) and math.isfinite(y):
+                            d.append(x - y)
                     if not seeds:
                         continue
                     mean, low, high = interval(d) if interval else (fmean(d) if d else float("nan"),) * 3
@@ -138,7 +141,8 @@ def contrast_rows(aucs: Sequence[dict], models, concepts, names: Sequence[str],
                                       p_value=p_flip if exact else p_t, p_t=p_t, p_sign_flip=p_flip))
                 for r, p in zip(group, holm([r["p_value"] for r in group])):
                     r["p_holm"] = p
-                rows += group
+                if any(r["n"] for r in group):  # a measure this study has (presence needs a scorer, count shapes')
+                    rows += group
     return rows
 
 

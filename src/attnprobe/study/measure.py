@@ -274,9 +274,9 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
             continue
         runs.append((label, st, run.conditional_sample(st), base, out.images[0],
                      " + ".join(n["intervention"] for n in run.notes), factors))
-    presence, accuracy = presence_scores(scorer, [r[4] for r in runs], concept, seed, failures)
+    presence, accuracy, count = presence_scores(scorer, [r[4] for r in runs], concept, seed, failures)
     rows, aucs, tensors = [], [], {}
-    for k, ((variant, st, i, prompt, image, what, factors), p, a) in enumerate(zip(runs, presence, accuracy)):
+    for k, ((variant, st, i, prompt, image, what, factors), p, a, n) in enumerate(zip(runs, presence, accuracy, count)):
         mentions = len(st.token_indices(i, concept))
         expected = variants.get(variant, variants["baseline"]).format(c="\0").count("\0")
         if mentions != expected:
@@ -289,14 +289,14 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
             rows.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, call=call,
                              timestep=st.calls[call].timestep, mass=m, mass_last=ml))
         aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, intervention=what,
-                         mentions=mentions, auc=auc(mass), auc_last=auc(mass_last), presence=p, clip_accuracy=a))
+                         mentions=mentions, auc=auc(mass), auc_last=auc(mass_last), presence=p, clip_accuracy=a, count=n))
         tensors[f"map.{k}"] = heatmap(st, concept, i, occurrence=-1).float()
         thumb = image.convert("RGB")
         thumb.thumbnail((THUMBNAIL, THUMBNAIL))  # for the heat-map figure: small, so every cell can keep its images
         tensors[f"image.{k}"] = torch.from_numpy(np.asarray(thumb, dtype=np.uint8).copy())
     base_row = next(r for r in aucs if r["variant"] == "baseline")
     for r in aucs:
-        for key in ("auc", "auc_last", "presence", "clip_accuracy"):
+        for key in ("auc", "auc_last", "presence", "clip_accuracy", "count"):
             r[f"delta_{key}"] = r[key] - base_row[key]
     sites = [[s.name, "×".join(map(str, store.maps(s, calls=[0], samples=[0], tokens=[0]).shape[-3:-1]))]
              for s in store.sites]  # in execution order, with each site's query grid
@@ -312,18 +312,19 @@ def concept_mass(store, concept, sample, occurrence, factors, by_site: bool = Fa
     return per_site if by_site else per_site.mean(dim=1)
 
 
-def presence_scores(scorer, images, concept, seed, failures: list) -> tuple[list[float], list[float]]:
-    """Per image, the scorer's presence score and CLIP accuracy: NaN without a scorer, without an ``accuracy``
-    method, or where that method failed (its failure appended to ``failures``: the cell keeps its attention rows)."""
+def presence_scores(scorer, images, concept, seed, failures: list) -> tuple[list[float], list[float], list[float]]:
+    """Per image, the scorer's presence score, CLIP accuracy and count of the concept's objects: NaN without a
+    scorer, without that method (only the shapes scorer counts), or where it failed (its failure appended to
+    ``failures``: the cell keeps its attention rows)."""
     nan = [float("nan")] * len(images)
     if scorer is None:
-        return nan, nan
+        return nan, nan, nan
     found = {}
-    for method in ("score", "accuracy"):
+    for method in ("score", "accuracy", "count"):
         if not callable(getattr(scorer, method, None)):
             continue
         try:
             found[method] = checked_scores(scorer, method, images, concept)
         except Exception as exc:  # one failed measure loses only itself
             failures.append(failure_row("", concept, seed, exc, row="presence" if method == "score" else method))
-    return found.get("score", nan), found.get("accuracy", nan)
+    return found.get("score", nan), found.get("accuracy", nan), found.get("count", nan)

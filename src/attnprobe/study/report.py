@@ -36,11 +36,12 @@ OUTPUT_FILES = (
 COLUMNS = {
     "trajectories.csv": ["model", "concept", "variant", "seed", "prompt", "call", "timestep", "mass", "mass_last"],
     "auc.csv": ["model", "concept", "variant", "seed", "prompt", "intervention", "mentions", "auc_last", "auc",
-                "delta_auc_last", "delta_auc", "presence", "delta_presence", "clip_accuracy", "delta_clip_accuracy"],
+                "delta_auc_last", "delta_auc", "presence", "delta_presence", "clip_accuracy", "delta_clip_accuracy", "count", "delta_count"],
     "summary.csv": ["model", "concept", "variant", "seeds", "auc_last", "delta_auc_last", "ci_low_last", "ci_high_last",
                     "auc", "delta_auc", "ci_low", "ci_high", "text_concept_cos_last", "text_delta_last_vs_repetition",
                     "text_concept_cos", "text_delta_vs_repetition", "presence", "delta_presence", "ci_low_presence",
-                    "ci_high_presence", "clip_accuracy", "delta_clip_accuracy", "intervention"],
+                    "ci_high_presence", "clip_accuracy", "delta_clip_accuracy", "count", "delta_count",
+                    "ci_low_count", "ci_high_count", "intervention"],
     "text_similarity.csv": ["model", "concept", "variant", "encoder", "layer", "concept_cos", "concept_cos_last",
                             "eos_cos", "seq_flat_cos", "seq_mean_cos", "delta_last_vs_repetition", "delta_vs_repetition"],
     "failures.csv": ["model", "concept", "seed", "error", "detail"],
@@ -105,6 +106,7 @@ def summarize(aucs: Sequence[dict], text: Sequence[dict], models, concepts, name
                 d, lo, hi = interval([r["delta_auc"] for r in rows])
                 dl, lol, hil = interval([r["delta_auc_last"] for r in rows])
                 dp, lop, hip = interval([r["delta_presence"] for r in rows], None if spread is None else (-spread, spread))
+                dc, loc, hic = interval([r.get("delta_count", float("nan")) for r in rows])
                 txt = cond_text.get((model, concept, variant), {})
                 if variant == "baseline":  # the reference has no Δ against the control
                     txt = {k: v for k, v in txt.items() if not k.startswith("delta")}
@@ -120,6 +122,8 @@ def summarize(aucs: Sequence[dict], text: Sequence[dict], models, concepts, name
                     presence=fmean(r["presence"] for r in rows), delta_presence=dp, ci_low_presence=lop,
                     ci_high_presence=hip, clip_accuracy=fmean(r["clip_accuracy"] for r in rows),
                     delta_clip_accuracy=fmean(r["delta_clip_accuracy"] for r in rows),
+                    count=fmean(r.get("count", float("nan")) for r in rows), delta_count=dc, ci_low_count=loc,
+                    ci_high_count=hic,
                 ))
     return summary
 
@@ -136,13 +140,16 @@ def write_tables(result, out: Path, write=write_atomic) -> list[Path]:
     return [_write_csv(Path(out) / name, tables[name], COLUMNS[name], write) for name in COLUMNS]
 
 
-def write_figures(result, out: Path, figures: dict, write=write_atomic) -> list[Path]:
+def write_figures(result, out: Path, figures: dict, write=write_atomic, note: str | None = None) -> list[Path]:
     """The figures of one model's rows: ``figures`` holds ``curves`` {concept: {row: [call] arrays}}, ``maps`` and
-    ``images`` {concept: {row: …}} of the first seed, and the scorer's name. ``write``: as in ``write_tables``."""
+    ``images`` {concept: {row: …}} of the first seed, and the scorer's name. ``write``: as in ``write_tables``.
+    ``note``: printed in red under every figure (a model of random weights says so)."""
     out = Path(out)
     files = []
 
     def save(fig, path: Path) -> Path:
+        if note:
+            fig.text(0.5, 0.0, note, ha="center", va="top", color="crimson", fontsize=9, weight="bold")
         return _save_figure(fig, path, write)
 
     if figures["curves"]:

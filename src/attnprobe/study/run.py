@@ -434,7 +434,9 @@ def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None, s
             folder = out if len(models) == 1 else out / "figures" / slug(model)
             mine = SimpleNamespace(**{k: [r for r in getattr(result, k) if r["model"] == model]
                                       for k in ("summary", "text", "contrasts", "where_when")})
-            result.files += write_figures(mine, folder, figures[model], staged.write)
+            note = (f"{model}: random weights, so these numbers test the plumbing, not the question (run --model "
+                    "shapes, or a real model)") if model in TINY_MODELS else None
+            result.files += write_figures(mine, folder, figures[model], staged.write, note=note)
         staged.commit()
     # an old output that this merge did not write again (figures of a model no longer in the grid…) would mix with
     # this one's: removed, now that this merge's files are in place

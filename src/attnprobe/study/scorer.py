@@ -173,13 +173,27 @@ class ShapesScorer:
         Raises:
             ConfigError (a ValueError): ``concept`` names no colour, shape or position of the shapes model.
         """
+        return (self.count(images, concept) > 0).float()
+
+    def count(self, images, concept: str) -> torch.Tensor:
+        """How many objects matching every word of ``concept`` each image shows (``[image]`` float32, whole numbers):
+        an instruction that names the concept twice may make the model draw it twice, which presence cannot see.
+
+            >>> from attnprobe.models.shapes.scenes import Shape, render
+            >>> two = render([Shape("red", "circle", "left"), Shape("red", "circle", "right")]).image
+            >>> ShapesScorer().count(two, "red circle").tolist()
+            [2.0]
+
+        Raises:
+            ConfigError (a ValueError): ``concept`` names no colour, shape or position of the shapes model.
+        """
         wanted = self._wanted(concept)
-        scores = []
+        counts = []
         for image in _pil_images(images):
             found = read_scene(np.asarray(image.convert("RGB")))
-            scores.append(float(any(all(getattr(obj, key) in values for key, values in wanted.items() if values)
+            counts.append(float(sum(all(getattr(obj, key) in values for key, values in wanted.items() if values)
                                     for obj in found)))
-        return torch.tensor(scores, dtype=torch.float32)
+        return torch.tensor(counts, dtype=torch.float32)
 
     @staticmethod
     def _wanted(concept: str) -> dict:
@@ -245,7 +259,7 @@ def checked_range(scorer) -> tuple[float, float] | None:
 
 def checked_scores(scorer, method: str, images, concept) -> list[float]:
     """One float per image from ``scorer.<method>``, checked: ``[image]`` real values, finite or NaN, inside the
-    scorer's ``score_range`` (``score``) or ``[0, 1]`` (``accuracy``).
+    scorer's ``score_range`` (``score``), ``[0, 1]`` (``accuracy``) or ≥ 0 (``count``).
 
     Raises:
         ScorerError (a ValueError): another shape or count, a non-real or infinite value, or a value outside the range.
@@ -265,7 +279,7 @@ def checked_scores(scorer, method: str, images, concept) -> list[float]:
                          f"one value per image ([{len(images)}])")
     if scores.isinf().any():
         raise ScorerError(f"{label} returned an infinite value ({scores.tolist()}); give NaN for 'no score'")
-    bounds = checked_range(scorer) if method == "score" else (0.0, 1.0)
+    bounds = checked_range(scorer) if method == "score" else (0.0, float("inf")) if method == "count" else (0.0, 1.0)
     if bounds is not None:
         low, high = bounds
         outside = scores[~scores.isnan() & ((scores < low) | (scores > high))]
