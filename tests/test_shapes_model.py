@@ -57,6 +57,13 @@ def test_the_study_runs_on_the_shapes_model_with_its_own_defaults(tmp_path):
     assert result.text and all(np.isfinite(r["concept_cos"]) for r in result.text)  # a 0-layer text encoder
     presence = [r["presence"] for r in result.aucs]
     assert set(presence) <= {0.0, 1.0}
+    scorer = ShapesScorer()  # the count is the checker's, and presence is a count > 0
+    for r in result.aucs:
+        assert r["presence"] == float(r["count"] > 0) and r["count"] == int(r["count"])
+    assert {"delta_count", "count"} <= set(result.summary[0])
+    assert {r["measure"] for r in result.contrasts} == {"delta_auc_last", "delta_presence", "delta_count"}
+    two = render([Shape("red", "circle", "left"), Shape("red", "square", "right")]).image
+    assert scorer.count(two, "red circle").tolist() == [1.0] and scorer.count(two, "red").tolist() == [2.0]
 
 
 def test_the_shapes_scorer_reads_rendered_scenes():
