@@ -1,5 +1,6 @@
 """PRX (image queries over [text; image] keys, the text masked on padding, guidance batched with the negative prompt
-and the prompt encoded in one encoder call); tiny pipelines (``attnprobe.testing.tiny_pipeline``), CPU.
+and the prompt encoded in one encoder call; tiny pipelines, ``attnprobe.testing.tiny_pipeline``, CPU) and the
+refusal of Qwen-Image 2.1.
 
 The float64 reference never touches attnprobe: our own pre-forward hooks keep each attention module's inputs, q and k
 are recomputed from a float64 copy of the module with our own rotation of the image positions (cos and sin read from
@@ -14,8 +15,10 @@ import pytest
 import torch
 
 import attnprobe
-from attnprobe.errors import InterventionError
+from attnprobe.capture.families import checked_family, family_of
+from attnprobe.errors import InterventionError, ProbeError
 from attnprobe.interventions import AttentionEdit, intervene
+from attnprobe.models.coverage import pipeline_verdicts
 from attnprobe.testing import tiny_pipeline
 from test_more_families import _recorded
 
@@ -106,3 +109,19 @@ def test_prx_bf16_images_unchanged_and_edits_refused():
     with pytest.raises(InterventionError, match="'prx' family.*joint attention"):
         intervene(pipe, AttentionEdit(0.0, renormalize=False), "a picture of dog", concept="dog").__enter__()
 
+
+def test_qwen_image_21_is_refused_naming_why():
+    """Qwen-Image 2.1's block-causal sequence and KV cache: refused before anything runs, saying so; PRX tested, its
+    pixel-space pipeline on the same family's path."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    with torch.device("meta"):
+        denoiser = QwenImage21Transformer2DModel(num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                                 context_in_dim=16, in_channels=4, axes_dims_rope=(2, 2, 4))
+    assert family_of(denoiser).name == "qwen-image-2.1"
+    with pytest.raises(ProbeError, match=r"Qwen-Image 2\.1 .*block-causal.*KV cache"):
+        checked_family(denoiser, denoiser, allow_generic=True)
+    verdicts = {v.pipeline: v for v in pipeline_verdicts()}
+    assert verdicts["QwenImage21Pipeline"].verdict.startswith("refused: Qwen-Image 2.1")
+    assert verdicts["PRXPipeline"].verdict.startswith("tested")
+    assert verdicts["PRXPixelPipeline"].verdict == "family prx, untested"
