@@ -7,7 +7,9 @@ Text keys: the T5Gemma encoder's last hidden states of the prompt as the pipelin
 URLs and some punctuation removed: ``TextPreprocessor.clean_text``) and tokenizes it (Gemma: ``<bos>``, the words,
 ``<eos>``, then padding to ``tokenizer_max_length``, masked). The keys are labelled from the ids the encoder read: where
 cleaning changed more than case and spaces, from those ids decoded. Guidance is batched ``[uncond; cond]``, the negative
-prompt and the prompt encoded in one encoder call (``batched_encode``).
+prompt and the prompt encoded in one encoder call (``batched_encode``). diffusers 0.42's ``PRXPipeline`` builds the
+timestep of a guided batch for one prompt (several prompts with guidance fail inside diffusers), so the study generates
+its variants one at a time (``one_prompt``).
 """
 
 from .registry import Family, first_text_encoder
@@ -29,4 +31,5 @@ FAMILY = Family(
     text_first=True,
     site_kind=_site_kind,
     batched_encode=True,
+    one_prompt=True,
 )
