@@ -133,8 +133,11 @@ class BatchRows:
         """Text encoder ``stream`` encoded ``ids`` during the pipeline call that was ``given`` these arguments."""
         if self.given is None:  # read the call's arguments before the pipeline overwrites them with embeddings
             self.given = given
-        if isinstance(ids, torch.Tensor):
-            self.encoded[stream].append(ids.detach().to("cpu"))
+        if isinstance(ids, torch.Tensor):  # PRX: [negative × n; prompt × n] in one encode, negative_prompt_embeds unused
+            n = len(given.get("prompt") or ())
+            split = family_of(self.denoiser).batched_encode and ids.shape[0] == 2 * n > 0  # as prompt, then negative
+            self.given = {**self.given, "negative_prompt_embeds": False} if split else self.given
+            self.encoded[stream] += [part.detach().to("cpu") for part in ((ids[n:], ids[:n]) if split else (ids,))]
 
     def mark_first_call(self) -> None:
         """The first denoiser call of a pipeline call is running: remember the pipeline's line (a conditional call,

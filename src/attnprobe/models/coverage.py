@@ -78,6 +78,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "LuminaPipeline": ("lumina-next", "tests/test_more_families.py"),
     "BriaPipeline": ("bria", "tests/test_more_families.py"),
     "OvisImagePipeline": ("ovis", "tests/test_more_families.py"),
+    "PRXPipeline": ("prx", "tests/test_new_families.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),

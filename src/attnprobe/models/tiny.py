@@ -24,6 +24,7 @@ from .shapes.model import load as load_shapes
 from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_dev_pipeline, tiny_flux2_pipeline, tiny_hidream_pipeline,
                        tiny_hunyuanimage_pipeline, tiny_kolors_pipeline, tiny_lumina2_pipeline, tiny_lumina_next_pipeline,
                        tiny_ovis_pipeline, tiny_qwen_pipeline, tiny_sana_pipeline, tiny_zimage_pipeline)
+from .tiny_dits import tiny_prx_pipeline
 from .tiny_unets import tiny_cascade_prior_pipeline, tiny_kandinsky3_pipeline
 from .tokenizers import clip_tokenizer, t5_tokenizer, t5_vocab_size
 
@@ -458,6 +459,7 @@ _BUILDERS = {
     "bria": tiny_bria_pipeline,
     "ovis": tiny_ovis_pipeline,
     "flux2-dev": tiny_flux2_dev_pipeline,
+    "prx": tiny_prx_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)
@@ -473,7 +475,7 @@ def tiny_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     Call them as their diffusers pipelines are called, with the prompt by keyword (``pipe(prompt=...)``: Flux.2's first
     positional argument is an image) and, for speed, a small ``max_sequence_length`` (16) where the pipeline takes
     one, sides of 32–96 px and 2 steps. Some pipelines need more: ``use_resolution_binning=False`` (PixArt, Sana,
-    HunyuanDiT: else the size is binned to their 256–1024 px tables), ``clean_caption=False`` (PixArt, IF: cleaning
+    HunyuanDiT, PRX: else the size is binned to their 256–1024 px tables), ``clean_caption=False`` (PixArt, IF: cleaning
     needs ``bs4`` and ``ftfy``), sides that are multiples of 32 (Sana), ``output_type="pt"`` rather than
     ``"latent"`` for IF (pixel space). Kolors needs ``sentencepiece`` installed (diffusers requires it).
 

@@ -1,6 +1,7 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
 other 3-D denoisers (their queries span latent frames), audio denoisers (no image grid), priors that denoise one
-CLIP image embedding (no image positions) and Stable Cascade's decoder (no per-token text). Each names the diffusers 0.42 classes it covers; a class it does not name
+CLIP image embedding (no image positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a
+block-causal sequence with a KV cache). Each names the diffusers 0.42 classes it covers; a class it does not name
 falls to the generic family, which is refused too unless a probe is told to record it by structure.
 """
 
@@ -62,4 +63,17 @@ CASCADE_DECODER = Family(
             "whose prior attends to CLIP's token positions",
 )
 
-FAMILIES = (VIDEO, AUDIO, PRIOR, CASCADE_DECODER)
+QWEN_IMAGE_21 = Family(
+    name="qwen-image-2.1",
+    title="Qwen-Image 2.1 (QwenImage21Transformer2DModel)",
+    denoisers=("QwenImage21Transformer2DModel",),
+    kinds=(),
+    text_streams=first_text_encoder,
+    refused="its text and image positions share one block-causal sequence (causal text, the latent slots placed "
+            "among the vision-language positions), whose attention runs as one kernel call per segment of that "
+            "sequence (or flex attention), and with the default KV cache every step after the first attends from the "
+            "target image's queries to keys cached at the first: attnprobe reads one bidirectional kernel call over "
+            "[text; image] per site and cannot tell these keys apart exactly",
+)
+
+FAMILIES = (VIDEO, AUDIO, PRIOR, CASCADE_DECODER, QWEN_IMAGE_21)

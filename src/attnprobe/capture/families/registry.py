@@ -75,8 +75,11 @@ class Family:
             attention module where structure alone is wrong: ``None`` for one structure takes for a site but is not
             (Kandinsky 3 builds its image self-attention and its text pooling with a ``cross_attention_dim``, so
             ``is_cross_attention`` holds for them too), a kind for one structure cannot tell is a site.
-        one_prompt: the pipeline encodes each prompt in a text-encoder call of its own (Bria), so a probe labels one
-            prompt per pipeline call (several are refused) and the study generates its variants one at a time.
+        one_prompt: the pipeline takes one prompt per pipeline call, so the study generates its variants one at a time:
+            Bria encodes each prompt in a text-encoder call of its own (a probe refuses several); PRX builds the
+            timestep of a guided batch for one prompt (diffusers 0.42 fails on several).
+        batched_encode: the pipeline encodes the negative prompts and the prompts in one text-encoder call,
+            ``[negative × N; prompt × N]`` (PRX), when guidance is on; each half is labelled as its own encode.
         refused: why attnprobe refuses the family's denoisers (``refused.VIDEO``: no frame axis): a probe raises before
             the pipeline runs, naming the pipeline and this reason; ``None`` for a family it records.
         text_positions: with ``template``: ``(pipe, layout of the encoding, n_keys) -> positions``, the encoded
@@ -105,6 +108,7 @@ class Family:
     pipelines: tuple[str, ...] = ()
     site_kind: Callable | None = None
     one_prompt: bool = False
+    batched_encode: bool = False
     refused: str | None = None
 
     def classes(self) -> tuple[type, ...]:
