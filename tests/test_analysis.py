@@ -143,3 +143,31 @@ def test_trajectory_of_a_capture_matches_its_maps(sd_pipe, run):
     assert got.shape == (3,) and close(got, want)
     assert ((got > 0) & (got < 1)).all()
     assert heatmap(store, "dog").shape == (64, 64)
+
+
+def test_two_pipeline_calls_are_not_joined(sd_pipe, run):
+    """A store of two generations: trajectory (and so auc), compare and heatmap(method="daam") refuse to join them
+    unless told which; with generation= each is the trajectory of that pipeline call alone."""
+    with probe(sd_pipe, dtype=torch.float32) as two:
+        run(sd_pipe, "a picture of dog", num_inference_steps=2)
+        run(sd_pipe, "a picture of dog", num_inference_steps=3, seed=1)
+    with probe(sd_pipe, dtype=torch.float32) as alone:
+        run(sd_pipe, "a picture of dog", num_inference_steps=3, seed=1)
+    assert [c.generation for c in two.calls] == [0, 0, 1, 1, 1]
+    with pytest.raises(StoreError, match=r"2 pipeline calls \(generation 0: 2 calls, generation 1: 3 calls\).*"
+                                         r"generation= one of \[0, 1\]"):
+        trajectory(two, "dog")
+    with pytest.raises(StoreError, match="generation="):
+        compare(alone, two, "dog")
+    with pytest.raises(SelectionError, match=r"generations \[0, 1\]"):
+        trajectory(two, "dog", generation=2)
+    second = trajectory(two, "dog", generation=1)
+    assert second.shape == (3,) and close(second, trajectory(alone, "dog"))
+    assert trajectory(two, "dog", generation=0, by_site=True).shape == (2, len(two.sites))
+    assert auc(second) == pytest.approx(auc(trajectory(alone, "dog")))
+    result = compare(alone, two, "dog", other_generation=1)
+    assert close(result.delta, torch.zeros(3)) and result.delta_auc == pytest.approx(0, abs=1e-7)
+    with pytest.raises(StoreError, match="calls: 3 vs 2"):
+        compare(alone, two, "dog", other_generation=0)
+    assert torch.allclose(heatmap(two, "dog", generation=1), heatmap(alone, "dog"))
+    assert heatmap(two, "dog").shape == (64, 64)  # the default method's mean over every call, as before

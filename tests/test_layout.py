@@ -21,7 +21,7 @@ SRC = Path(attnprobe.__file__).resolve().parent
 #: The rooms from the ground up: a module may import modules of its own room and of the rooms before it.
 ROOMS = ("_ground", "text", "store", "capture", "analysis", "interventions", "models", "study", "_face")
 #: Top-level modules: the ground floor (imported by every room) and the public face (imports the rooms).
-GROUND = ("errors", "_atomic", "_version", "_moved")
+GROUND = ("errors", "_atomic", "_version", "_moved", "_quiet")
 FACE = ("__init__", "__main__", "testing")
 
 #: Builtin exceptions that are protocol, not an error raised on purpose for a user.
@@ -272,3 +272,20 @@ def test_old_paths_say_what_replaced_what_is_gone():
     assert names["plot_heatmaps"] is attnprobe.analysis.figures.plot_heatmaps
     with pytest.warns(FutureWarning):
         assert callable(attnprobe.zoo.shapes.main)  # 0.1.0's `python -m attnprobe.zoo.shapes` entry
+
+
+def test_import_and_a_tiny_pipeline_print_nothing():
+    """``import attnprobe`` prints nothing, and neither does building a tiny pipeline (diffusers' pipeline modules
+    import transformers' image processors, which without torchvision log a fallback note: attnprobe's builders drop
+    that note while they run, and leave transformers' logger without the filter afterwards)."""
+    import subprocess
+    import sys
+
+    code = ("import logging, attnprobe\n"
+            "from attnprobe.testing import tiny_sd_pipeline\n"
+            "tiny_sd_pipeline()\n"
+            "assert not logging.getLogger('transformers.utils.import_utils').filters\n")
+    for script in ("import attnprobe", code):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "" and done.stderr == "", (script, done.stdout, done.stderr)

@@ -500,3 +500,20 @@ def test_store_meta(sd_pipe, run):
     assert meta["prompts"] == ["a dog"] and meta["negative_prompts"] == [""] and meta["guidance"] is True
     assert meta["denoiser_config"]["cross_attention_dim"] == 32
     assert store[MID].dtype == torch.bfloat16
+
+
+def test_calls_are_complete_inside_the_block(sd_pipe, run):
+    """A denoiser call is handed to the store when the denoiser returns: inside the block, after a 4-step pipeline
+    call, store.calls holds all 4 (not 3 until the next call or the exit), and the image is the one without a probe."""
+    plain = run(sd_pipe, num_inference_steps=4).images
+    with probe(sd_pipe, dtype=torch.float32) as store:
+        out = run(sd_pipe, num_inference_steps=4).images
+        assert [c.index for c in store.calls] == [0, 1, 2, 3]
+        assert store[store.site_names[0]].shape[0] == 4
+        run(sd_pipe, num_inference_steps=2)
+        assert [c.generation for c in store.calls] == [0, 0, 0, 0, 1, 1]
+    assert len(store.calls) == 6 and store.meta["complete"]
+    assert torch.equal(out, plain)
+    with probe(sd_pipe, aggregate="mean") as agg:
+        run(sd_pipe, num_inference_steps=4)
+    assert len(agg.calls) == 4

@@ -6,12 +6,16 @@
     0.25
 
 - ``measures``: a concept's attention mass per denoiser call (``trajectory``), its area (``auc``), two captures
-  compared (``compare``), a heat map over the image (``heatmap``).
+  compared (``compare``), a heat map over the image (``heatmap``), the calls of one pipeline call
+  (``generation_calls``).
+- ``daam``: DAAM 0.2.0's heat map (``heatmap(method="daam")``), step by step in DAAM's order.
 - ``figures``: matplotlib figures of stores and studies (matplotlib imported when a figure is drawn).
 
 Analyses read a store only through its public methods; they never run a pipeline.
 """
 
-from .measures import Comparison, auc, compare, concept_positions, heatmap, trajectory
+from .measures import (HEATMAP_METHODS, Comparison, auc, compare, concept_positions, generation_calls, heatmap,
+                       trajectory)
 
-__all__ = ["trajectory", "auc", "compare", "heatmap", "Comparison", "concept_positions"]
+__all__ = ["trajectory", "auc", "compare", "heatmap", "Comparison", "concept_positions", "generation_calls",
+           "HEATMAP_METHODS"]

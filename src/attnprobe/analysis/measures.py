@@ -29,12 +29,16 @@ from ..capture.sites import select_sites
 from ..errors import ArgumentError, ArgumentTypeError, SelectionError, StoreError
 from ..store import AttentionStore
 from ..store.axes import as_index, positions as axis_positions
+from .daam import daam_map
 
 #: the largest heat-map side heatmap() makes (pixels): a larger size is a mistake, not a request
 MAX_SIDE = 16384
 
 __all__ = ["trajectory", "auc", "compare", "heatmap", "Comparison", "concept_positions", "check_comparable",
-           "require_per_call", "MAX_SIDE"]
+           "require_per_call", "generation_calls", "MAX_SIDE", "HEATMAP_METHODS"]
+
+#: heatmap()'s aggregations: attnprobe's mean (the default) and DAAM 0.2.0's (``analysis.daam``)
+HEATMAP_METHODS = ("mean", "daam")
 
 
 def concept_positions(store: AttentionStore, concept: str, sample: int = 0, occurrence="all") -> list[int]:
@@ -56,9 +60,9 @@ def concept_positions(store: AttentionStore, concept: str, sample: int = 0, occu
     return list(found[index])
 
 
-def _site_mass(store: AttentionStore, site: str, sample: int, positions: list[int]) -> torch.Tensor:
+def _site_mass(store: AttentionStore, site: str, sample: int, positions: list[int], calls=None) -> torch.Tensor:
     # [call, 1, head, qh, qw, len(positions)] → [call]; reads only these tokens from a streamed store
-    picked = store.maps(site, samples=[sample], tokens=positions).float().sum(dim=-1)
+    picked = store.maps(site, calls=calls, samples=[sample], tokens=positions).float().sum(dim=-1)
     return picked.mean(dim=(1, 2, 3, 4))
 
 
@@ -72,6 +76,31 @@ def require_per_call(store: AttentionStore, what: str) -> None:
         )
 
 
+def generation_calls(store: AttentionStore, generation, what: str) -> list[int] | None:
+    """Positions on the ``call`` axis of one pipeline call (``Call.generation``), or ``None`` for all of them.
+
+    A store that holds several pipeline calls (a probe around two generations) has no single run to join them into:
+    without ``generation`` it is refused.
+
+    Raises:
+        StoreError: ``generation`` is ``None`` and the store's calls come from several pipeline calls.
+        SelectionError: no call of that generation (lists the generations).
+    """
+    gens = sorted({c.generation for c in store.calls})
+    if generation is None:
+        if len(gens) > 1:
+            counts = ", ".join(f"generation {g}: {sum(c.generation == g for c in store.calls)} calls" for g in gens)
+            raise StoreError(
+                f"{what}: this store holds {len(gens)} pipeline calls ({counts}); joining them would make one run of "
+                f"{len(store.calls)} calls (and auc would integrate across them): pass generation= one of {gens}")
+        return None
+    g = as_index(generation)
+    if g is None or g not in gens:
+        raise SelectionError(f"generation={generation!r}: this store's calls come from generations {gens} "
+                             "(Call.generation, 0 for the probe's first pipeline call)")
+    return [i for i, c in enumerate(store.calls) if c.generation == g]
+
+
 def trajectory(
     store: AttentionStore,
     concept: str,
@@ -80,8 +109,9 @@ def trajectory(
     occurrence="all",
     by_site: bool = False,
     sites=None,
+    generation: int | None = None,
 ) -> torch.Tensor:
-    """Attention mass on a concept's tokens per denoiser call.
+    """Attention mass on a concept's tokens per denoiser call of one pipeline call.
 
     Args:
         store: the capture.
@@ -90,24 +120,32 @@ def trajectory(
         occurrence: ``"all"`` (sum over every mention) or an int (one mention; ``-1`` is the last).
         by_site: return ``[call, site]`` instead of the site mean. Default: False.
         sites: site selector (names, globs, predicate) within the store. Default: all.
+        generation: which pipeline call (``Call.generation``: 0 for the probe's first) when the store holds
+            several. Default: ``None``, the only one (a store of several is refused).
 
     Returns:
-        float32 ``[call]`` (mean over sites) or ``[call, site]`` (sites in ``store.sites`` order); values in
-        ``[0, 1]``: the share of attention on the concept's tokens.
+        float32 ``[call]`` (mean over sites) or ``[call, site]`` (sites in ``store.sites`` order), the calls of one
+        pipeline call; values in ``[0, 1]``: the share of attention on the concept's tokens.
 
     Raises:
         ConceptError: concept not in the sample's prompt, or truncated.
+        StoreError: an aggregate store; a store of several pipeline calls without ``generation`` (names them).
+        SelectionError: no such generation.
     """
     require_per_call(store, "trajectory")
+    calls = generation_calls(store, generation, "trajectory")
     positions = concept_positions(store, concept, sample, occurrence)
     idx = store.sample_index(sample)
     chosen = select_sites(store.sites, sites)
-    per_site = torch.stack([_site_mass(store, s.name, idx, positions) for s in chosen], dim=1)
+    per_site = torch.stack([_site_mass(store, s.name, idx, positions, calls) for s in chosen], dim=1)
     return per_site if by_site else per_site.mean(dim=1)
 
 
 def auc(traj: torch.Tensor, x: Sequence[float] | torch.Tensor | None = None) -> float | torch.Tensor:
     """Area under a trajectory (trapezoid rule) over denoising progress.
+
+    The trajectory is one pipeline call's (``trajectory`` refuses to join the calls of a store holding several unless
+    told which: ``generation=``), so the area never runs across two generations.
 
     Args:
         traj: ``[call]`` or ``[call, site]``.
@@ -157,9 +195,11 @@ class Comparison:
     pairs: list[tuple[int, int]]
 
 
-def check_comparable(base: AttentionStore, other: AttentionStore) -> None:
+def check_comparable(base: AttentionStore, other: AttentionStore, calls=(None, None)) -> None:
     """Raise ``StoreError`` unless two stores come from the same pipeline and denoiser (class and config),
     sites, timesteps (so calls pair at the same noise level) and latent size.
+
+    ``calls``: the positions on each store's ``call`` axis to pair (``generation_calls``); ``None``: all.
 
     Raises:
         ArgumentTypeError: either is not an ``AttentionStore``. StoreError: they cannot be compared."""
@@ -177,9 +217,10 @@ def check_comparable(base: AttentionStore, other: AttentionStore) -> None:
         problems.append("denoiser configs differ")
     if base.site_names != other.site_names:
         problems.append(f"sites: {len(base.sites)} vs {len(other.sites)} ({sorted(set(base.site_names) ^ set(other.site_names))[:3]} differ)")
-    if len(base.calls) != len(other.calls):
-        problems.append(f"calls: {len(base.calls)} vs {len(other.calls)}")
-    elif [c.timestep for c in base.calls] != [c.timestep for c in other.calls]:
+    paired = [s.calls if pick is None else [s.calls[i] for i in pick] for s, pick in zip((base, other), calls)]
+    if len(paired[0]) != len(paired[1]):
+        problems.append(f"calls: {len(paired[0])} vs {len(paired[1])}")
+    elif [c.timestep for c in paired[0]] != [c.timestep for c in paired[1]]:
         problems.append(
             f"timesteps differ (scheduler {base.meta.get('scheduler')} vs {other.meta.get('scheduler')}): calls "
             "would be paired at different noise levels"
@@ -202,6 +243,8 @@ def compare(
     other_sample: int | None = None,
     align: str = "last",
     sites=None,
+    generation: int | None = None,
+    other_generation: int | None = None,
 ) -> Comparison:
     """Δ concept trajectory and Δ AUC between two captures of the same pipeline (e.g. baseline vs instruction).
 
@@ -217,24 +260,33 @@ def compare(
         other_sample: sample index in ``other``. Default: ``sample``.
         align: ``"last"`` or ``"first"``. Default ``"last"``.
         sites: site selector applied to both. Default: all.
+        generation: the pipeline call of ``base`` when it holds several (see ``trajectory``). Default: ``None``.
+        other_generation: the same for ``other``. Default: ``generation``.
 
     Raises:
-        StoreError: the stores come from different pipelines/denoisers, sites, timesteps or sizes.
+        StoreError: the stores come from different pipelines/denoisers, sites, timesteps or sizes; a store of
+            several pipeline calls without ``generation``.
         ArgumentTypeError: ``base`` or ``other`` is not an ``AttentionStore`` (e.g. a path: load it first).
         ConceptError: the concept is missing from either prompt.
     """
     if align not in ("last", "first"):
         raise ArgumentError(f"align={align!r} is not 'last' or 'first'")
-    check_comparable(base, other)
+    other_generation = generation if other_generation is None else other_generation
+    if not all(isinstance(s, AttentionStore) for s in (base, other)):
+        check_comparable(base, other)  # says which is not a store
+    picked = (generation_calls(base, generation, "compare (base)"),
+              generation_calls(other, other_generation, "compare (other)"))
+    check_comparable(base, other, picked)
     other_sample = sample if other_sample is None else other_sample
-    t_base = trajectory(base, concept, sample, sites=sites)
-    t_other = trajectory(other, concept, other_sample, sites=sites)
+    mine, theirs = {"sites": sites, "generation": generation}, {"sites": sites, "generation": other_generation}
+    t_base = trajectory(base, concept, sample, **mine)
+    t_other = trajectory(other, concept, other_sample, **theirs)
     n_base = len(base.token_indices(sample, concept))
     n_other = len(other.token_indices(other_sample, concept))
     k = min(n_base, n_other)
     pairs = [(n_base - k + i, n_other - k + i) if align == "last" else (i, i) for i in range(k)]
-    base_al = sum(trajectory(base, concept, sample, occurrence=i, sites=sites) for i, _ in pairs)
-    other_al = sum(trajectory(other, concept, other_sample, occurrence=j, sites=sites) for _, j in pairs)
+    base_al = sum(trajectory(base, concept, sample, occurrence=i, **mine) for i, _ in pairs)
+    other_al = sum(trajectory(other, concept, other_sample, occurrence=j, **theirs) for _, j in pairs)
     delta, delta_al = t_other - t_base, other_al - base_al
     return Comparison(
         base=t_base,
@@ -259,51 +311,86 @@ def heatmap(
     occurrence="all",
     size: tuple[int, int] | None = None,
     normalize: bool = False,
+    method: str = "mean",
+    generation: int | None = None,
 ) -> torch.Tensor:
     """A concept's attention over the image, ``[H, W]`` float32.
 
-    Aggregation (DAAM-style, Tang et al. 2023, "What the DAAM: Interpreting Stable Diffusion Using Cross
-    Attention"): for each chosen site and call, the maps of the concept's tokens are summed over those tokens
-    and averaged over heads, giving ``[qh, qw]``; each is resized to ``size`` (bilinear, as DAAM upsamples
-    every layer to a common size); the result is the mean over sites and calls. DAAM sums instead of
-    averaging, which differs by a constant factor; ``normalize=True`` divides by the maximum, as DAAM's
-    figures do.
+    ``method="mean"`` (the default, attnprobe's): for each chosen site and call, the maps of the concept's tokens are
+    summed over those tokens and averaged over heads, giving ``[qh, qw]``; each is resized to ``size`` (bilinear);
+    the result is the mean over sites and calls. DAAM-like (Tang et al. 2023, "What the DAAM: Interpreting Stable
+    Diffusion Using Cross Attention"), not DAAM's: DAAM sums over calls, upsamples and clamps each head bicubically,
+    averages the word's tokens and skips grids. ``normalize=True`` divides by the maximum.
+
+    ``method="daam"``: DAAM 0.2.0's map exactly, in its order (castorini/daam ``trace.py``, ``heatmap.py``,
+    ``hook.py``; the steps in ``attnprobe.analysis.daam.daam_map``): the conditional sample's every head of the
+    ``attn2`` sites of the up and down blocks, each summed over the pipeline call's denoiser calls, upsampled bicubically
+    to DAAM's ``x × x`` (64 when the UNet's native size is 512 or 1024 px, else 96) and clamped at 0, averaged over
+    every (site, head) entry, then over the word's tokens; grids DAAM skips (its factor 8, e.g. SD 1.5's 8×8) are
+    skipped. It equals ``trace.compute_global_heat_map().compute_word_heat_map(word).heatmap`` to float precision
+    for a store probed with ``dtype=torch.float32`` (DAAM sums in the pipeline's dtype). ``size``: then bicubic to
+    ``size`` (``WordHeatMap.expand_as``); ``normalize=True``: min-max scaled as ``expand_as`` does. It refuses what
+    it cannot reproduce exactly: a denoiser other than ``UNet2DConditionModel``, a head-mean store
+    (``heads="mean"``), an unconditional sample, a batch other than ``[uncond, cond]`` (no guidance, several images
+    or prompts), a store lacking some of DAAM's sites, no grid DAAM keeps.
 
     Args:
         store: the capture.
         concept: word or phrase of the sample's prompt.
         sample: index on the ``sample`` axis. Default: 0.
-        occurrence: ``"all"`` or one mention's index (``-1``: the last).
-        calls: call indices (an int, a slice or a list). Default: every call (for a store captured with
-            ``aggregate=``, its one aggregate). An empty or out-of-range choice raises ``SelectionError`` (an ``IndexError``).
-        sites: site selector. Default: every site (flat sites are skipped: they have no grid).
+        occurrence: ``"all"`` or one mention's index (``-1``: the last). DAAM's own map is ``"all"``.
+        calls: call indices (an int, a slice or a list), within ``generation``. Default: every call (for a store
+            captured with ``aggregate=``, its one aggregate). An empty or out-of-range choice raises ``SelectionError`` (an ``IndexError``).
+        sites: site selector (with ``"daam"``: within DAAM's sites, as its ``layer_idx``). Default: every site (flat
+            sites are skipped: they have no grid).
         size: output ``(H, W)`` or one int for both (1 to ``MAX_SIDE``, 16384). Default: the image size in pixels recorded in the store's metadata, else
-            the largest site grid.
-        normalize: divide by the maximum so that values lie in ``[0, 1]``. Default: False (units: attention
-            probability on the concept, averaged).
+            the largest site grid; with ``"daam"``, DAAM's ``x × x``.
+        normalize: ``"mean"``: divide by the maximum so that values lie in ``[0, 1]``; ``"daam"``: min-max scale.
+            Default: False (units: attention probability on the concept, averaged over calls for ``"mean"``, summed
+            over calls for ``"daam"``).
+        method: ``"mean"`` or ``"daam"``. Default: ``"mean"``.
+        generation: which pipeline call when the store holds several (``Call.generation``). Default: ``None``, every
+            call (``"daam"``, which is one pipeline call's map, refuses a store of several without it).
 
     Raises:
-        ConceptError: see ``trajectory``. StoreError: no site with a spatial grid was chosen.
+        ConceptError: see ``trajectory``. StoreError: no site with a spatial grid was chosen; ``"daam"``: what it
+            cannot reproduce (above). ArgumentError: a bad ``size``, ``normalize`` or ``method``.
     """
+    if method not in HEATMAP_METHODS:
+        raise ArgumentError(f"method={method!r}: give one of {list(HEATMAP_METHODS)}")
     positions = concept_positions(store, concept, sample, occurrence)
     idx = store.sample_index(sample)
     chosen = [s for s in select_sites(store.sites, sites) if s.name not in store.flat_sites]
     if not chosen:
         raise StoreError("no chosen site has a spatial grid (all are flat)")
-    if size is None:
+    if size is None and method == "mean":
         size = tuple(store.meta.get("image_size") or ()) or max(tuple(store[s.name].shape[3:5]) for s in chosen)
     given = size
-    size = (size, size) if as_index(size) is not None else tuple(size) if isinstance(size, (tuple, list)) else ()
-    size = tuple(as_index(v) for v in size)
-    if len(size) != 2 or not all(v is not None and 1 <= v <= MAX_SIDE for v in size):
-        raise ArgumentError(f"size={given!r} is not a positive int or a (height, width) pair of positive ints, each at "
-                         f"most {MAX_SIDE}")
+    if size is not None:
+        size = (size, size) if as_index(size) is not None else tuple(size) if isinstance(size, (tuple, list)) else ()
+        size = tuple(as_index(v) for v in size)
+        if len(size) != 2 or not all(v is not None and 1 <= v <= MAX_SIDE for v in size):
+            raise ArgumentError(f"size={given!r} is not a positive int or a (height, width) pair of positive ints, "
+                                f"each at most {MAX_SIDE}")
     if not isinstance(normalize, bool):
         raise ArgumentError(f"normalize={normalize!r}: give True or False")
-    n_calls = 1 if store.aggregate else len(store.calls)  # an aggregate is one entry on the call axis
+    if store.aggregate:
+        if generation is not None or (method == "daam" and len({c.generation for c in store.calls}) > 1):
+            raise StoreError(f"this store holds the {store.aggregate} over {len(store.calls)} calls of generations "
+                             f"{sorted({c.generation for c in store.calls})} as one map: it cannot be split by "
+                             "generation; capture one pipeline call, or without aggregate=")
+        within = None
+    else:
+        picks = method == "daam" or generation is not None  # DAAM's map is one pipeline call's
+        within = generation_calls(store, generation, f"heatmap(method={method!r})") if picks else None
+    n_calls = 1 if store.aggregate else len(store.calls) if within is None else len(within)
     call_idx = list(range(n_calls)) if calls is None else axis_positions("call", calls, n_calls)
     if not call_idx:
         raise SelectionError(f"calls={calls!r} picks no call; the store has calls 0..{n_calls - 1}")
+    if within is not None:
+        call_idx = [within[i] for i in call_idx]
+    if method == "daam":
+        return daam_map(store, positions, idx, call_idx, sites=sites, size=size, normalize=normalize)
 
     total = torch.zeros(size, dtype=torch.float32)
     for s in chosen:

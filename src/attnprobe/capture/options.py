@@ -1,15 +1,18 @@
-"""The options of ``probe()``, checked before anything is installed."""
+"""The options of ``probe()``, checked before anything is installed, and the store metadata that records them."""
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
+from .._version import __version__
 from ..errors import ProbeError
 from .joint import JOINT_MODES
 from .rows import as_texts
 from .sink import AGGREGATES
 
-__all__ = ["PASSES", "HEADS", "check_options"]
+__all__ = ["PASSES", "HEADS", "check_options", "capture_meta"]
 
 PASSES = ("cond", "uncond", "all")
 HEADS = ("keep", "mean")
@@ -35,3 +38,36 @@ def check_options(passes, heads, dtype, device, prompts, joint, aggregate) -> No
         raise ProbeError(f"joint={joint!r} is not one of {JOINT_MODES}")
     if aggregate not in (None, *AGGREGATES):
         raise ProbeError(f"aggregate={aggregate!r} is not one of None, {', '.join(map(repr, AGGREGATES))}")
+
+
+def capture_meta(pipe, denoiser, family: str, *, passes, heads, dtype, sites, calls, tokens, aggregate, stream_to,
+                 joint) -> dict:
+    """A new store's metadata: pipeline and denoiser (class, family, config), library versions and the probe's
+    options (``capture``; ``joint`` only when some site is not plain cross-attention, else ``None``)."""
+    import diffusers
+    import transformers
+
+    return {
+        "pipeline": type(pipe).__name__ if pipe is not None else None,
+        "denoiser": type(denoiser).__name__,
+        "family": family,
+        "denoiser_config": {k: v for k, v in dict(getattr(denoiser, "config", {})).items() if not k.startswith("_")},
+        "versions": {
+            "attnprobe": __version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "capture": {
+            "passes": passes,
+            "heads": heads,
+            "dtype": str(dtype).removeprefix("torch."),
+            "sites": [s.name for s in sites],
+            "calls": None if calls is None else repr(calls),
+            "tokens": None if tokens is None else list(tokens),
+            "aggregate": aggregate,
+            "stream_to": None if stream_to is None else str(stream_to),
+            **({"joint": joint} if joint is not None else {}),
+        },
+    }

@@ -10,8 +10,9 @@
 
 How it works: each selected site's installed processor is wrapped (``kinds.wrap_processor``), which computes the
 site's maps beside the processor and leaves them in a shared outbox; a pre-forward hook on the denoiser counts
-denoiser calls, reads the timestep and the latent size (``denoiser_call``), and hands the previous call's maps on
-(``sink.CallSink``: the store's ``StoreWriter``, or a running aggregate); a pre-forward hook on each text encoder
+denoiser calls and reads the timestep and the latent size (``denoiser_call``); a forward hook on it hands the call's
+maps on when the denoiser returns (``sink.CallSink``: the store's ``StoreWriter``, or a running aggregate), so
+``store.calls`` is complete inside the ``with`` block after each pipeline call; a pre-forward hook on each text encoder
 whose positions are the text keys records the token ids each pipeline call encodes, from which ``rows.BatchRows``
 labels the batch rows. The hooks run outside ``torch.compile``'s trace and the wrappers read only values that stay
 fixed between calls, so a compiled denoiser does not recompile after its first generation. Everything is removed
@@ -22,14 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import platform
 from dataclasses import replace
 from typing import Iterator, Sequence
 
 import torch
 from einops import rearrange
 
-from .._version import __version__
 from ..errors import ProbeError, warn
 from ..store import AttentionStore, Call, StoreWriter
 from ..store.files import json_safe
@@ -39,7 +38,7 @@ from .evidence import EncodeWatch, note_checks
 from .families import checked_family, family_of
 from .kinds import wrap_processor
 from .processor import CaptureState
-from .options import check_options
+from .options import capture_meta, check_options
 from .rows import BatchRows
 from .selection import call_filter, check_tokens, resolve_tokens
 from .sink import CallSink
@@ -99,7 +98,10 @@ class Recorder:
         self.latent_hw: tuple[int, int] = (0, 0)
         self.order: list[str] = []
         self.grids: dict[tuple[str, int, int, int], tuple[int, int]] = {}
-        self.writer = StoreWriter(sites, self._meta(stream_to), folder=stream_to)
+        meta = capture_meta(self.pipe, denoiser, self.family.name, passes=passes, heads=heads, dtype=dtype, sites=sites,
+                            calls=calls, tokens=self.tokens_spec, aggregate=aggregate, stream_to=stream_to,
+                            joint=joint if any(k != "cross" for k in self.kinds.values()) else None)
+        self.writer = StoreWriter(sites, meta, folder=stream_to)
         self.store = self.writer.store
         self.sink = CallSink(self.writer, self.device, aggregate)
 
@@ -118,6 +120,8 @@ class Recorder:
                 self.wrappers[name] = wrapper
                 attn.set_processor(wrapper)
             self.handles.append(self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True))
+            # a call is closed when the denoiser returns, so store.calls is right inside the with block
+            self.handles.append(self.denoiser.register_forward_hook(self._on_denoiser_return))
             # execution order of every cross-attention site (not only the probed ones), during the first call
             # (once per denoiser: hooks added and removed change what a compiled denoiser guards on)
             for name in self.all_sites if not self.known_order else ():
@@ -228,6 +232,11 @@ class Recorder:
             f"denoiser call {call} ran without {len(missing)} of the {len(self.modules)} probed sites "
             f"(e.g. {missing[:3]}): their processors were bypassed or replaced. The store keeps calls 0..{call - 1}."
         )
+
+    @torch.compiler.disable
+    def _on_denoiser_return(self, module, args, output) -> None:
+        """The denoiser call is over (it returned): its maps go to the sink now, not at the next call."""
+        self._close_call()
 
     @torch.compiler.disable
     def _on_denoiser_call(self, module, args, kwargs):
@@ -401,37 +410,6 @@ class Recorder:
         for note in getattr(denoiser, "_attnprobe_interventions", ()):
             if note not in notes:
                 notes.append(note)
-
-    # -------------------------------------------------------------- metadata
-    def _meta(self, stream_to=None) -> dict:
-        import diffusers
-        import transformers
-
-        pipe = self.pipe
-        return {
-            "pipeline": type(pipe).__name__ if pipe is not None else None,
-            "denoiser": type(self.denoiser).__name__,
-            "family": self.family.name,
-            "denoiser_config": {k: v for k, v in dict(getattr(self.denoiser, "config", {})).items() if not k.startswith("_")},
-            "versions": {
-                "attnprobe": __version__,
-                "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-            "capture": {
-                "passes": self.passes,
-                "heads": self.heads,
-                "dtype": str(self.dtype).removeprefix("torch."),
-                "sites": [s.name for s in self.sites],
-                "calls": None if self.calls_spec is None else repr(self.calls_spec),
-                "tokens": None if self.tokens_spec is None else list(self.tokens_spec),
-                "aggregate": self.aggregate,
-                "stream_to": None if stream_to is None else str(stream_to),
-                **({"joint": self.joint} if any(k != "cross" for k in self.kinds.values()) else {}),
-            },
-        }
 
     def finish(self, complete: bool) -> None:
         """Close the store: keep whole calls only, set execution order and metadata; when the block ended

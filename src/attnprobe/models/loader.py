@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .._quiet import quiet_notes
 from ..errors import ModelLoadError
 from .tiny import TINY_PIPELINES, tiny_pipeline
 from .shapes.model import load as load_shapes
@@ -46,6 +47,7 @@ def check_model_name(model: str) -> None:
         raise ModelLoadError(f"could not load model {model!r}: no such folder (and it is not a hub id)")
 
 
+@quiet_notes()
 def load_pipeline(model: str = "tiny", device: str = "cpu", dtype: torch.dtype | None = None):
     """A pipeline by name: ``"shapes"`` (the trained shapes model shipped with attnprobe, 32 px), ``"tiny"`` (SD 1.5 layout), ``"tiny-xl"`` (SDXL layout), ``"tiny-sd3"`` (SD3: joint
     attention, CLIP + T5 keys) or ``"tiny-flux"`` (Flux: double- and single-stream blocks, T5 keys) or ``"tiny-pixart"`` (PixArt-α:

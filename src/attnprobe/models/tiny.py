@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .._quiet import quiet_notes
 from ..errors import ArgumentError
 from .components import finish, make_clip_encoder, make_flow_vae, make_scheduler, make_t5_encoder, make_vae
 from .configs import SD15_UNET, SDXL_UNET
@@ -34,6 +35,7 @@ __all__ = ["tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_
            "tiny_pipeline", "TINY_PIPELINES", "full_size_pipeline", "shapes_pipeline", "tiny_clip"]
 
 
+@quiet_notes()
 def tiny_sd_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, scheduler: str = "ddim"):
     """A ``StableDiffusionPipeline`` with SD 1.5's UNet layout (16 ``attn2`` sites, 2 heads each, grids
     8/4/2/1 at 64×64 px), a 2-layer CLIP text encoder of width 32, the real CLIP tokenizer, a 4-level VAE
@@ -63,6 +65,7 @@ def tiny_sd_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, schedule
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
+@quiet_notes()
 def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, scheduler: str = "euler"):
     """A ``StableDiffusionXLPipeline`` with SDXL's UNet layout (``DownBlock2D`` first, then two cross-attention
     levels; 1 and 2 transformer layers), two CLIP text encoders of width 16 (features concatenated: 32), the
@@ -97,6 +100,7 @@ def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, schedu
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
+@quiet_notes()
 def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, dual_attention: bool = False):
     """A ``StableDiffusion3Pipeline`` with SD3's structure: 2 ``JointTransformerBlock``s (4 heads of 8 channels,
     patch size 2; the last block ``context_pre_only``), two CLIP text encoders of width 16 (77 positions, features
@@ -132,6 +136,7 @@ def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, dual_at
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``FluxPipeline`` with Flux's structure: 1 double-stream ``FluxTransformerBlock`` and 2 single-stream
     ``FluxSingleTransformerBlock``s (2 heads of 8 channels, RoPE over axes (2, 2, 4)), no guidance embedding (as
@@ -162,6 +167,7 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_chroma_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``ChromaPipeline`` with Chroma's structure: Flux's blocks (1 double-stream, 2 single-stream, 2 heads of 8
     channels, RoPE over axes (2, 2, 4)) with pruned modulation from an approximator, one T5 encoder of width 32 with
@@ -189,6 +195,7 @@ def tiny_chroma_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, sigma: bool = False):
     """A ``PixArtAlphaPipeline`` with PixArt-α's structure: 2 DiT blocks (2 heads of 8 channels, patch size 2,
     ``ada_norm_single``) whose ``attn2`` cross-attends to T5 keys with the padding mask, a T5 encoder of width 32
@@ -219,6 +226,7 @@ def tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, sigm
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_if_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """An ``IFPipeline`` (DeepFloyd IF stage I) with its UNet's structure: a pixel-space ``UNet2DConditionModel`` whose
     ``SimpleCrossAttn`` blocks attend with added-KV attention (``AttnAddedKVProcessor2_0``: image queries over
@@ -247,6 +255,7 @@ def tiny_if_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_hunyuandit_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``HunyuanDiTPipeline`` with HunyuanDiT's structure: 2 DiT blocks (2 heads of 8 channels, patch size 2) whose
     ``attn2`` cross-attends to a 2-layer BERT encoder of width 32 (standing in for its bilingual CLIP, with the real CLIP
@@ -276,6 +285,7 @@ def tiny_hunyuandit_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_auraflow_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """An ``AuraFlowPipeline`` with AuraFlow's structure: 1 joint (MM-DiT) and 1 single-stream block (2 heads of 8
     channels, patch size 2) over ``[8 register tokens; text; image]``, a 1-layer UMT5 encoder of width 32 with the
@@ -301,6 +311,7 @@ def tiny_auraflow_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_cogview3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``CogView3PlusPipeline`` with CogView3-Plus's structure: 2 blocks (2 heads of 8 channels, patch size 2) whose
     ``attn1`` runs over ``[text; image]`` with LayerNorm on q and k, a T5 encoder of width 32 with the offline
@@ -323,6 +334,7 @@ def tiny_cogview3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_bria_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``BriaPipeline`` with Bria 3.x's structure (Flux's: 1 double- and 2 single-stream blocks, 2 heads of 8
     channels, RoPE over axes (2, 2, 4), latents packed 2×2), a T5 encoder of width 32 with the offline ``t5_tokenizer``
@@ -344,6 +356,7 @@ def tiny_bria_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def full_size_pipeline(model: str = "sd15", device="cpu", dtype: torch.dtype = torch.float16, seed: int = 0):
     """SD 1.5 or SDXL at full size with seeded random weights, built directly on ``device``: the real UNet
     (``SD15_UNET`` / ``SDXL_UNET``), CLIP ViT-L/14 text encoder(s) (and OpenCLIP bigG for SDXL), the real VAE
@@ -394,6 +407,7 @@ def shapes_pipeline(dtype: torch.dtype = torch.float32):
     return load_shapes(dtype)
 
 
+@quiet_notes()
 def tiny_clip(seed: int = 0):
     """A ``CLIPModel`` (text and vision towers of width 32, 2 layers, 32×32 px images in 8×8 patches, projection 16)
     with seeded random weights, and a ``CLIPProcessor`` of the real CLIP tokenizer and an image processor made in

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .._quiet import quiet_notes
 from .components import finish, make_clip_encoder, make_flow_vae, make_scheduler, make_t5_encoder, make_vae
 from .configs import SDXL_UNET
 from .tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer
@@ -54,6 +55,7 @@ def _qwen3_config(tokenizer, layers: int):
     )
 
 
+@quiet_notes()
 def tiny_qwen_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``QwenImagePipeline`` with Qwen-Image's structure: 2 double-stream blocks (2 heads of 8 channels, RoPE over
     axes (2, 2, 4), latents packed 2×2), a 2-layer Qwen2.5-VL encoder of width 16 reading the prompt inside the
@@ -103,6 +105,7 @@ def _qwen25vl(tokenizer):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
+@quiet_notes()
 def tiny_sana_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``SanaPipeline`` with Sana's structure: 2 linear-attention DiT blocks (2 heads of 8 channels) whose ``attn2``
     cross-attends to a 1-layer Gemma 2 encoder of width 16 (``llm_tokenizer(bos=True)``, reading the prompt after
@@ -156,6 +159,7 @@ def _flux2_parts(seed: int, guidance_embeds: bool):
     return transformer, vae
 
 
+@quiet_notes()
 def tiny_flux2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``Flux2KleinPipeline`` with Flux.2's structure (``_flux2_parts``), a 27-layer Qwen 3 encoder of width 16
     reading the prompt in its chat template (``llm_tokenizer``; the hidden states of its layers 9, 18 and 27, the
@@ -178,6 +182,7 @@ def tiny_flux2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_flux2_dev_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``Flux2Pipeline`` (Flux.2 [dev]) with its structure (``_flux2_parts``, guidance as an embedding: one pass per
     call), a 30-layer Mistral 3 of width 16 (a 1-layer Pixtral vision tower) whose hidden states of layers 10, 20 and
@@ -208,6 +213,7 @@ def tiny_flux2_dev_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_cogview4_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``CogView4Pipeline`` with CogView4's structure: 2 blocks attending over ``[text; image]`` (2 heads of 8
     channels, patch size 2, rotary embedding on the image positions), a 2-layer GLM encoder of width 16 whose
@@ -240,6 +246,7 @@ def tiny_cogview4_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_kolors_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``KolorsPipeline`` with Kolors' structure: ``tiny_sdxl_pipeline``'s UNet layout with a text projection
     (``encoder_hid_dim_type="text_proj"``) from a 2-layer ChatGLM encoder of width 16 (diffusers' own ``ChatGLMModel``;
@@ -276,6 +283,7 @@ def tiny_kolors_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_lumina2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``Lumina2Pipeline`` with Lumina-Image 2.0's structure: a context and a noise refiner, then 2 layers over each
     row's ``[caption; image]`` (2 heads of 8 channels, 1 key-value head, patch size 2), a 2-layer Gemma 2 encoder of
@@ -301,6 +309,7 @@ def tiny_lumina2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_zimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``ZImagePipeline`` with Z-Image's structure: a noise refiner (image only) and a context refiner (text only),
     then 2 layers over each row's ``[image; caption]``, both padded to a multiple of 32 positions with learned pad
@@ -327,6 +336,7 @@ def tiny_zimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_hidream_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``HiDreamImagePipeline`` with HiDream-I1's structure: 1 double-stream and 2 single-stream blocks (2 heads of 8
     channels, patch size 2, 3-axis RoPE, mixture-of-experts feed-forwards) whose text is ``[T5; Llama's last listed
@@ -367,6 +377,7 @@ def tiny_hidream_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_hunyuanimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``HunyuanImagePipeline`` with HunyuanImage 2.1's structure: a 1-layer token refiner, 1 double-stream and 2
     single-stream blocks (2 heads of 8 channels, patch size 1, RoPE on the image positions), ``_qwen25vl`` reading
@@ -409,6 +420,7 @@ def tiny_hunyuanimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_lumina_next_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``LuminaPipeline`` (Lumina-Next) with its structure: 2 blocks (2 query heads and 1 key-value head of 8
     channels, patch size 2) whose ``attn2`` cross-attends to a 2-layer Gemma 2 encoder of width 16
@@ -435,6 +447,7 @@ def tiny_lumina_next_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32)
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_ovis_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """An ``OvisImagePipeline`` with Ovis-Image's structure (Flux's: 1 double- and 2 single-stream blocks, 2 heads of 8
     channels, RoPE over axes (2, 2, 4), latents packed 2×2), a 2-layer Qwen 3 encoder of width 16 reading the

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import torch
 
+from .._quiet import quiet_notes
 from .components import finish, make_clip_encoder, make_t5_encoder
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 __all__ = ["tiny_kandinsky3_pipeline", "tiny_cascade_prior_pipeline"]
 
 
+@quiet_notes()
 def tiny_kandinsky3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``Kandinsky3Pipeline`` with Kandinsky 3's UNet layout: 4 levels of 8–16 channels, cross-attention blocks (4 heads
     of 4 channels) in the 3 lower ones next to their image self-attention, 2 per block (12 sites), the text pooled into the time embedding; a T5 encoder of width 32
@@ -42,6 +44,7 @@ def tiny_kandinsky3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
+@quiet_notes()
 def tiny_cascade_prior_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``StableCascadePriorPipeline`` with Stable Cascade's prior layout (``stabilityai/stable-cascade-prior``): a
     ``StableCascadeUNet`` of 2 levels at one resolution (``switch_level=(False,)``), each a residual, a timestep and an

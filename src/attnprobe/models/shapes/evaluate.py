@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..._quiet import quiet_notes
 from ..._atomic import write_atomic
 from ...analysis import heatmap
 from ...capture import probe
@@ -196,6 +197,7 @@ def localisation_generated(pipe, n: int = 60, seed: int = 3000, steps: int = 20,
     return out
 
 
+@quiet_notes()
 def random_pipeline(seed: int = 0):
     """The shapes model's architecture with random (seeded) weights: the baseline every target is set against."""
     from diffusers import StableDiffusionPipeline

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..._quiet import quiet_notes
 from ...errors import ArgumentError, ModelLoadError
 from ..tokenizers import DATA, clip_tokenizer
 from . import scenes as shapes
@@ -44,6 +45,7 @@ def weights_folder() -> Path:
     return Path(str(DATA / "shapes"))
 
 
+@quiet_notes()
 def load(dtype: torch.dtype = torch.float32, device="cpu"):
     """The shipped shapes model: a ``StableDiffusionPipeline`` (weights stored in fp16, cast to ``dtype``).
 
@@ -147,6 +149,7 @@ def _log(path: Path, quiet: bool = False, **row):
         print(json.dumps(row), flush=True)
 
 
+@quiet_notes()
 def train(out: str | Path, seed: int = 0, scenes: int = 30000, vae_steps: int = 1000, unet_steps: int = 4500,
           batch: int = 64, lr: float = 1e-3, ema: float = 0.999, drop_caption: float = 0.1,
           save_every: int = 500, threads: int = 2, quiet: bool = False, overwrite: bool = False) -> Path:
