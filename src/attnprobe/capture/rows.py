@@ -323,7 +323,7 @@ class BatchRows:
         """One sample's token layout: each text stream's positions in key order (SD3: CLIP then T5)."""
         first = ids_per_stream[0] if ids_per_stream else None
         family = family_of(self.denoiser)
-        if family.template is not None and len(self.streams) == 1:  # an LLM encoder reading a templated prompt
+        if family.templated and len(self.streams) == 1:  # an LLM encoder reading a templated prompt
             ids = first[prompt_index].tolist() if first is not None else None
             lay = family.layout(self.pipe, self.streams[0][1], text, ids, n_keys, source)
             if lay is None and text is not None:
