@@ -203,12 +203,13 @@ class BatchRows:
         (Wan, Chroma, CogView4, Lumina 2, HunyuanImage's guider: ``transformer(prompt_embeds)``, then
         ``transformer(negative_prompt_embeds)``):
         the first call's conditioning is the very ``prompt_embeds`` tensor of ``__call__``, with the rows of
-        ``negative_prompt_embeds``, not the two concatenated (as batched pipelines pass them)."""
+        ``negative_prompt_embeds`` (or one row the denoiser broadcasts: LongCat encodes a negative prompt given as one
+        string once), not the two concatenated (as batched pipelines pass them)."""
         positive, negative = loc.get("prompt_embeds"), loc.get("negative_prompt_embeds")
         if not (isinstance(positive, torch.Tensor) and isinstance(negative, torch.Tensor)):
             return False
-        return (states is positive and negative is not positive and positive.shape[0] == negative.shape[0] == batch
-                and (bool(guidance_on(self.pipe)) or guider_on(loc)))
+        return (states is positive and negative is not positive and positive.shape[0] == batch
+                and negative.shape[0] in (batch, 1) and (bool(guidance_on(self.pipe)) or guider_on(loc)))
 
     def uncond_call(self, states) -> bool:
         """Whether this denoiser call is a separate unconditional call (Flux true CFG, Wan, Chroma): the pipeline hands it its
