@@ -6,6 +6,7 @@ stores with known answers, and the loader of any pipeline by name.
   ``tiny_pixart_pipeline``, ``full_size_pipeline``, ``tiny_clip``, ``shapes_pipeline``; built from
   ``components`` (seeded encoders, VAEs, schedulers); ``tiny_pipeline(name)`` builds any of them by name.
 - ``tiny_llm``: the tiny pipelines of families with an LLM text encoder (Sana, Qwen-Image, Flux.2).
+- ``tiny_vlm``: more of them, whose vision-language encoder also rewrites prompts (LongCat-Image).
 - ``tiny_unets``: the tiny pipelines of UNets that are not ``UNet2DConditionModel`` (Kandinsky 3, Stable Cascade's
   prior).
 - ``configs``: real UNet and transformer configs and ``unet_on_meta`` / ``transformer_on_meta``.
