@@ -199,17 +199,19 @@ class BatchRows:
         return self._cond_line is not None and self._pipe_line is not None and self._pipe_line > self._cond_line
 
     def _separate_calls(self, loc: dict, states, batch: int) -> bool:
-        """Whether a guided pipeline without Flux's ``true_cfg_scale`` runs its passes as separate denoiser calls
-        (Wan, Chroma, CogView4, Lumina 2, HunyuanImage's guider: ``transformer(prompt_embeds)``, then
-        ``transformer(negative_prompt_embeds)``):
-        the first call's conditioning is the very ``prompt_embeds`` tensor of ``__call__``, with the rows of
-        ``negative_prompt_embeds`` (or one row the denoiser broadcasts: LongCat encodes a negative prompt given as one
-        string once), not the two concatenated (as batched pipelines pass them)."""
+        """Whether a guided pipeline without Flux's ``true_cfg_scale`` runs its passes as separate denoiser calls (Wan,
+        Chroma, CogView4, Lumina 2, HunyuanImage's guider: ``prompt_embeds``, then ``negative_prompt_embeds``, each in
+        a call): the first call's conditioning is the very ``prompt_embeds`` of ``__call__``, with the rows of
+        ``negative_prompt_embeds`` (or one the denoiser broadcasts over one row per image: LongCat encodes a negative
+        prompt given as one string once), not the two concatenated (SD's one prompt: 2 rows, its negative 1)."""
         positive, negative = loc.get("prompt_embeds"), loc.get("negative_prompt_embeds")
         if not (isinstance(positive, torch.Tensor) and isinstance(negative, torch.Tensor)):
             return False
+        n = (loc.get("batch_size"), loc.get("num_images_per_prompt") or 1)
+        images = n[0] * n[1] if all(type(v) is int for v in n) else 0
         return (states is positive and negative is not positive and positive.shape[0] == batch
-                and negative.shape[0] in (batch, 1) and (bool(guidance_on(self.pipe)) or guider_on(loc)))
+                and negative.shape[0] in (batch, 1 if batch == images else batch)
+                and (bool(guidance_on(self.pipe)) or guider_on(loc)))
 
     def uncond_call(self, states) -> bool:
         """Whether this denoiser call is a separate unconditional call (Flux true CFG, Wan, Chroma): the pipeline hands it its
