@@ -46,7 +46,8 @@ def _pieces(pipe, tokenizer, prompt: str, source: str) -> TokenLayout | None:
 
 def _positions(pipe, layout: TokenLayout, n_keys: int):
     begin = next((i for i, kind in enumerate(layout.kinds) if kind != "template"), len(layout.kinds))  # the pipeline drops the prefix
-    return [p if p < len(layout.kinds) else None for p in range(begin, begin + n_keys)]
+    # keys past the encoding (prompt_embeds of another length) are not named
+    return [p if p < len(layout.kinds) else "unknown" for p in range(begin, begin + n_keys)]
 
 
 FAMILY = Family(
