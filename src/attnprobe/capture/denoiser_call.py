@@ -179,10 +179,12 @@ def _rows_joined(latents, captions):
 
 def packed_grid(img_ids: torch.Tensor) -> tuple[int, int]:
     """The latent size of packed latents (Flux: 2×2 latent patches per token) from their position ids
-    ``[token, (0, row, column)]`` (Flux.2: ``(t, row, column, l)``): twice the token grid."""
+    ``[token, (0, row, column)]`` (Flux.2: ``(t, row, column, l)``): twice the token grid. Rows and columns are counted
+    from the smallest id (LongCat's image ids start at 512, after its text's)."""
     ids = img_ids.reshape(-1, img_ids.shape[-1])
     row, col = (1, 2) if ids.shape[-1] == 4 else (-2, -1)
-    rows, cols = int(ids[:, row].max()) + 1, int(ids[:, col].max()) + 1
+    span = lambda axis: int(ids[:, axis].max()) - int(ids[:, axis].min()) + 1  # noqa: E731
+    rows, cols = span(row), span(col)
     return 2 * rows, 2 * cols
 
 

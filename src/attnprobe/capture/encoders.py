@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ArgumentTypeError, AttnprobeError
 from ..text.encode import EncoderStates, TextEncoding
-from ..text.tokens import TokenLayout, concat_layouts, template_layout, token_layout
+from ..text.tokens import TokenLayout, concat_layouts, token_layout
 from .families import family_of
 from .sites import denoiser_of
 
@@ -78,8 +78,7 @@ def _encoder_layout(pipe, family, tok, prompt: str, ids: list[int]) -> TokenLayo
         lay = token_layout(tok, text, len(ids))
         if lay.ids == ids:
             return lay
-        for templated, start, _ in (family.template(pipe, text, len(ids)) if family.template else []):
-            lay = template_layout(tok, templated, start, text, len(ids))
+        for lay in family.encodings(pipe, tok, text, len(ids), len(ids)):
             if lay.ids == ids:
                 return lay
     return None
@@ -152,7 +151,7 @@ def pipeline_encoding(pipe, prompt: str) -> TextEncoding:
 def _keys_layout(pipe, family, layouts: dict, prompt: str, n_keys: int) -> TokenLayout:
     """The labels of the conditioning's positions, as the probe labels the denoiser's text keys."""
     streams = [e for e, _ in family.text_streams(pipe)]
-    if family.template is not None and len(streams) == 1 and streams[0] in layouts:
+    if family.templated and len(streams) == 1 and streams[0] in layouts:
         tok, lay = layouts[streams[0]]
         keys = family.layout(pipe, tok, prompt, lay.ids, n_keys)
         if keys is not None:

@@ -28,7 +28,8 @@ import math
 
 from ..errors import ArgumentError, ProbeError
 
-__all__ = ["PASS_LABELS", "REFUSED", "PROMPT_FIRST", "blocks", "refuse", "guidance_on", "guider_on", "check_guidance"]
+__all__ = ["PASS_LABELS", "REFUSED", "REWRITES", "PROMPT_FIRST", "blocks", "refuse", "refuse_rewrite", "guidance_on",
+           "guider_on", "check_guidance"]
 
 #: every pass label a store's samples can carry, with what its rows are
 PASS_LABELS = {
@@ -65,7 +66,13 @@ REFUSED = {
     **{name: ("do_spatio_temporal_guidance", "runs extra spatio-temporal-guidance denoiser calls that skip blocks")
        for name in ("LTX2Pipeline", "LTX2ConditionPipeline", "LTX2ImageToVideoPipeline", "LTX2HDRPipeline",
                     "LTX2InContextPipeline")},
+    "LongCatImageEditPipeline": (None, "reads the input image inside its text encoder's template (its vision tokens "
+                                       "are text keys) and appends the image's latents to the image queries"),
 }
+
+#: pipelines that can rewrite the prompt with their text encoder before encoding it, with the argument of their
+#: ``__call__`` that turns it on: their text keys are then the words of a generated text, not of the prompt
+REWRITES = {"LongCatImagePipeline": "enable_prompt_rewrite"}
 
 #: pipelines whose batch puts the prompt's block first: ``torch.cat([prompt_embeds, negative_prompt_embeds])``
 PROMPT_FIRST = ("LuminaPipeline", "WuerstchenPriorPipeline", "WuerstchenDecoderPipeline",
@@ -87,6 +94,7 @@ def refuse(pipe, loc: dict) -> None:
             f"{name} with skip-layer guidance (skip_guidance_layers={loc['skip_guidance_layers']}) runs extra denoiser "
             "calls that skip blocks, which attnprobe does not label: run without skip_guidance_layers"
         )
+    refuse_rewrite(pipe, loc)
     refused = _known(pipe, REFUSED)  # a subclass runs its base's recipe
     if refused is not None:
         name = refused if refused == name else f"{name} (a {refused})"
@@ -97,6 +105,24 @@ def refuse(pipe, loc: dict) -> None:
                 "wrong labels. Probe the pipeline it derives from (e.g. StableDiffusionPipeline) instead"
                 + (f", or run without what sets {when}" if when else "")
             )
+
+
+def refuse_rewrite(pipe, loc: dict) -> None:
+    """Raise where the pipeline call in progress rewrites its prompt with its text encoder (``REWRITES``), before the
+    rewriting generates a word (the probe calls it at the text encoder's first call, and at the first denoiser call).
+
+    Raises:
+        ProbeError: the option is on; names it and how to study the rewritten prompt instead.
+    """
+    known = _known(pipe, REWRITES)
+    option = REWRITES.get(known)
+    if option is not None and option in loc and _set(loc[option]):
+        raise ProbeError(
+            f"{type(pipe).__name__} rewrites the prompt with its text encoder before encoding it ({option}="
+            f"{loc[option]!r}; on by default): its text keys are the words of a generated text, not of the prompt, "
+            f"and attnprobe refuses rather than label them from the prompt. Pass {option}=False; to study the "
+            "rewritten prompt, make it first (pipe.rewire_prompt(prompt, pipe.device)) and pass it as the prompt"
+        )
 
 
 def blocks(pipe, guidance: bool, safety: bool = False) -> tuple[tuple[str, str], ...]:

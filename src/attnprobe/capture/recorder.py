@@ -39,6 +39,7 @@ from .families import checked_family, family_of
 from .kinds import wrap_processor
 from .processor import CaptureState
 from .options import capture_meta, check_options
+from .passes import refuse_rewrite
 from .rows import BatchRows
 from .selection import call_filter, check_tokens, resolve_tokens
 from .sink import CallSink
@@ -174,6 +175,7 @@ class Recorder:
         given = self.rows.call_arguments()
         if self._not_this_calls(given):
             return
+        refuse_rewrite(self.pipe, self.rows.pipe_locals() or {})  # before the pipeline's text encoder rewrites its prompt
         # a new pipeline call begins by encoding its prompts; one with other prompts may follow a call that failed
         # after encoding (its ids must not label this one). Only the texts tell: a pipeline that encodes its negative
         # prompt in a second encode_prompt (Qwen-Image, HunyuanImage) has set its prompt_embeds local by then

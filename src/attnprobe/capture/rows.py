@@ -202,15 +202,16 @@ class BatchRows:
         return self._cond_line is not None and self._pipe_line is not None and self._pipe_line > self._cond_line
 
     def _separate_calls(self, loc: dict, states, batch: int) -> bool:
-        """Whether a guided pipeline without Flux's ``true_cfg_scale`` runs its passes as separate denoiser calls
-        (Wan, Chroma, CogView4, Lumina 2, HunyuanImage's guider: ``transformer(prompt_embeds)``, then
-        ``transformer(negative_prompt_embeds)``):
-        the first call's conditioning is the very ``prompt_embeds`` tensor of ``__call__``, with the rows of
-        ``negative_prompt_embeds``, not the two concatenated (as batched pipelines pass them)."""
+        """Whether a guided pipeline without ``true_cfg_scale`` runs its passes as separate denoiser calls (Wan, Chroma,
+        CogView4, Lumina 2, HunyuanImage, LongCat): the first call's conditioning is ``__call__``'s ``prompt_embeds``,
+        as many rows as ``negative_prompt_embeds`` (or it has one row per image and the negative one: broadcast)."""
         positive, negative = loc.get("prompt_embeds"), loc.get("negative_prompt_embeds")
         if not (isinstance(positive, torch.Tensor) and isinstance(negative, torch.Tensor)):
             return False
-        return (states is positive and negative is not positive and positive.shape[0] == negative.shape[0] == batch
+        n = (loc.get("batch_size"), loc.get("num_images_per_prompt") or 1)  # one row per image: negative broadcast
+        images = n[0] * n[1] if all(type(v) is int for v in n) else 0
+        return (states is positive and negative is not positive and positive.shape[0] == batch
+                and negative.shape[0] in (batch, 1 if batch == images else batch)
                 and (bool(guidance_on(self.pipe)) or guider_on(loc)))
 
     def uncond_call(self, states) -> bool:
@@ -326,7 +327,7 @@ class BatchRows:
         """One sample's token layout: each text stream's positions in key order (SD3: CLIP then T5)."""
         first = ids_per_stream[0] if ids_per_stream else None
         family = family_of(self.denoiser)
-        if family.template is not None and len(self.streams) == 1:  # an LLM encoder reading a templated prompt
+        if family.templated and len(self.streams) == 1:  # an LLM encoder reading a templated prompt
             ids = first[prompt_index].tolist() if first is not None else None
             lay = family.layout(self.pipe, self.streams[0][1], text, ids, n_keys, source)
             if lay is None and text is not None:

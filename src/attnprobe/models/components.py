@@ -96,15 +96,16 @@ def make_t5_encoder(seed: int, d_model: int = 32, layers: int = 2):
     return T5EncoderModel(config).eval()
 
 
-def make_flow_vae(seed: int):
-    """``make_vae``'s tiny VAE with the flow-matching pipelines' latent scaling (shift 0, scale 1), seeded."""
+def make_flow_vae(seed: int, latent_channels: int = 4):
+    """``make_vae``'s tiny VAE with the flow-matching pipelines' latent scaling (shift 0, scale 1), seeded;
+    ``latent_channels`` 4 (LongCat's pipeline asks for 16)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
-        sample_size=64, shift_factor=0.0, scaling_factor=1.0,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=latent_channels, norm_num_groups=4,
+        layers_per_block=1, sample_size=64, shift_factor=0.0, scaling_factor=1.0,
     ).eval()
 
 

@@ -79,13 +79,13 @@ def tiny_qwen_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
     torch.manual_seed(seed + 2)
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                             text_encoder=_qwen25vl(tokenizer), tokenizer=tokenizer, transformer=transformer)
+                             text_encoder=qwen25vl_encoder(tokenizer), tokenizer=tokenizer, transformer=transformer)
     head = pipe.prompt_template_encode.split("{}")[0]
     pipe.prompt_template_encode_start_idx = len(tokenizer(head).input_ids)
     return finish(pipe, dtype)
 
 
-def _qwen25vl(tokenizer):
+def qwen25vl_encoder(tokenizer):
     """A 2-layer Qwen2.5-VL encoder of width 16 (and a 1-layer vision tower) over ``tokenizer``'s vocabulary, seeded
     by the caller (Qwen-Image's and HunyuanImage's text encoder)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -380,7 +380,7 @@ def tiny_hidream_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
 @quiet_notes()
 def tiny_hunyuanimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``HunyuanImagePipeline`` with HunyuanImage 2.1's structure: a 1-layer token refiner, 1 double-stream and 2
-    single-stream blocks (2 heads of 8 channels, patch size 1, RoPE on the image positions), ``_qwen25vl`` reading
+    single-stream blocks (2 heads of 8 channels, patch size 1, RoPE on the image positions), ``qwen25vl_encoder`` reading
     the prompt inside the pipeline's chat template (32 positions kept after the template's head, as the real one keeps
     1000), a 1-layer ByT5 encoder of width 32 (``ByT5Tokenizer``, 16 positions of the prompt's quoted text, as the
     real one's 128), a 4-level HunyuanImage VAE (8×, the real one 32×), a flow-matching Euler scheduler and the
@@ -406,7 +406,7 @@ def tiny_hunyuanimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
         spatial_compression_ratio=8, sample_size=64, scaling_factor=1.0,
     ).eval()
     torch.manual_seed(seed + 2)
-    encoder = _qwen25vl(tokenizer)
+    encoder = qwen25vl_encoder(tokenizer)
     torch.manual_seed(seed + 3)
     byt5 = T5EncoderModel(T5Config(vocab_size=len(glyphs), d_model=32, d_kv=8, d_ff=64, num_layers=1,
                                    num_heads=4)).eval()

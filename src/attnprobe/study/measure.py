@@ -239,8 +239,11 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
 
     options = guided(pipe, dict(num_inference_steps=int(steps), guidance_scale=float(guidance), height=size,
                                 width=size))
-    if "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
+    params = inspect.signature(type(pipe).__call__).parameters
+    if "use_resolution_binning" in params:
         options["use_resolution_binning"] = False  # PixArt, Sana, HunyuanDiT: the study's size, not their table's
+    if "enable_prompt_rewrite" in params:
+        options["enable_prompt_rewrite"] = False  # LongCat: the study's prompts, not its text encoder's rewriting
     if maps is not None:
         shutil.rmtree(maps, ignore_errors=True)  # a half-written earlier attempt of this cell
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..errors import ConceptError
 
 __all__ = ["TokenLayout", "token_layout", "find_concept", "unlabelled_layout", "decode_ids", "concat_layouts",
-           "template_layout", "select_positions"]
+           "template_layout", "select_positions", "token_strings"]
 
 
 @dataclass
@@ -129,6 +129,12 @@ def _readable(tokenizer, token: str) -> str:
         text = token
     text = text.replace("</w>", "").strip() if text.strip() != "</w>" else text
     return text or token
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """One readable string per id, as ``TokenLayout.strings`` shows them (byte-level pieces decoded, CLIP's ``</w>``
+    dropped, special tokens as they are)."""
+    return [_readable(tokenizer, t) for t in tokenizer.convert_ids_to_tokens(ids)]
 
 
 def decode_ids(tokenizer, ids: list[int]) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from ...errors import ProbeError, warn
 from . import (auraflow, bria, cascade, cogview3, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage,
-               kandinsky3, lumina, lumina2, ovis, pixart, prx, qwen, refused, sana, sd3, unet, zimage)
+               kandinsky3, longcat, lumina, lumina2, ovis, pixart, prx, qwen, refused, sana, sd3, unet, zimage)
 from .registry import Family
 
 __all__ = ["Family", "FAMILIES", "REFUSED_FAMILIES", "GENERIC", "family_of", "checked_family"]
@@ -26,7 +26,8 @@ FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.
                                   sana.FAMILY, flux2.FAMILY, cogview4.FAMILY,
                                   hunyuandit.FAMILY, auraflow.FAMILY, lumina2.FAMILY, zimage.FAMILY,
                                   kandinsky3.FAMILY, hidream.FAMILY, hunyuanimage.FAMILY, cascade.FAMILY,
-                                  cogview3.FAMILY, lumina.FAMILY, bria.FAMILY, ovis.FAMILY, prx.FAMILY)
+                                  cogview3.FAMILY, lumina.FAMILY, bria.FAMILY, ovis.FAMILY, prx.FAMILY,
+                                  longcat.FAMILY)
 #: Denoisers refused by what they are (video, audio, CLIP-embedding priors, Stable Cascade's decoder), tried before
 #: ``FAMILIES``.
 REFUSED_FAMILIES: tuple[Family, ...] = refused.FAMILIES

@@ -85,6 +85,11 @@ class Family:
         text_positions: with ``template``: ``(pipe, layout of the encoding, n_keys) -> positions``, the encoded
             position of each text key (``None``: a key the pipeline added), e.g. Qwen-Image drops its template's
             first 34 positions and the padding. ``layout`` labels keys from both. Default: key ``i`` is encoded position ``i``.
+        pieces: in place of ``template``, for a pipeline that tokenizes the parts of its encoder's input each alone
+            rather than one templated text (LongCat: a chat-template prefix, the prompt with quoted text one character
+            at a time, its padding, then the template's suffix): ``(pipe, tokenizer, prompt, source) -> TokenLayout``
+            of every position the encoder reads (kinds ``template``, ``word``, ``pad``), or ``None`` where the
+            pipeline's pieces cannot be rebuilt; ``text_positions`` then picks the keys from it.
     """
 
     name: str
@@ -110,6 +115,7 @@ class Family:
     one_prompt: bool = False
     batched_encode: bool = False
     refused: str | None = None
+    pieces: Callable | None = None
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""
@@ -123,19 +129,33 @@ class Family:
         classes = self.classes()
         return bool(classes) and isinstance(denoiser, classes) and (self.matches is None or bool(self.matches(denoiser)))
 
+    @property
+    def templated(self) -> bool:
+        """Whether the family's LLM encoder reads the prompt inside a template (``template`` or ``pieces``)."""
+        return self.template is not None or self.pieces is not None
+
+    def encodings(self, pipe, tokenizer, prompt: str, n_keys: int, n_ids: int | None,
+                  source: str = "prompt") -> list[TokenLayout]:
+        """The layouts of every position the encoder may have read for ``prompt`` (``template``'s candidates, padded
+        to ``n_ids`` positions, ``None``: each candidate's own length; or the one of ``pieces``), for ``n_keys`` keys."""
+        if self.pieces is not None:
+            lay = self.pieces(pipe, tokenizer, prompt, source)
+            return [lay] if lay is not None else []
+        return [template_layout(tokenizer, templated, start, prompt, n_ids if n_ids is not None else length, source)
+                for templated, start, length in (self.template(pipe, prompt, n_keys) if self.template else [])]
+
     def layout(self, pipe, tokenizer, text: str | None, ids: list[int] | None, n_keys: int,
                source: str = "prompt") -> TokenLayout | None:
-        """The token layout of ``n_keys`` text keys that a templated encoding made (``template``), checked against the
-        ``ids`` the encoder read (``None``: not seen); ``None`` where the family has no template or the ids differ
-        from the template's (someone changed the pipeline's template: nothing is labelled from a guess)."""
-        if self.template is None or text is None or tokenizer is None or not getattr(tokenizer, "is_fast", False):
+        """The token layout of ``n_keys`` text keys that a templated encoding made (``template`` or ``pieces``),
+        checked against the ``ids`` the encoder read (``None``: not seen); ``None`` where the family has no template
+        or the ids differ from the template's (someone changed the pipeline's template: nothing is labelled from a
+        guess)."""
+        if not self.templated or text is None or tokenizer is None or not getattr(tokenizer, "is_fast", False):
             return None
-        candidates = self.template(pipe, text, n_keys)
-        if ids is None and len(candidates) > 1:
+        if ids is None and self.template is not None and len(self.template(pipe, text, n_keys)) > 1:
             return None  # prompt_embeds: which template (Sana: with its instruction or not) made them is unknown
         for prompt in dict.fromkeys((text, text.lower().strip())):  # Sana and PixArt encode it lower-cased, stripped
-            for templated, start, length in self.template(pipe, prompt, n_keys):
-                lay = template_layout(tokenizer, templated, start, prompt, len(ids) if ids is not None else length, source)
+            for lay in self.encodings(pipe, tokenizer, prompt, n_keys, len(ids) if ids is not None else None, source):
                 if ids is None or lay.ids == ids:
                     positions = (self.text_positions(pipe, lay, n_keys) if self.text_positions
                                  else list(range(n_keys)))  # default: key i is encoded position i
