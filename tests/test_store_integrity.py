@@ -62,8 +62,9 @@ def _rewrite(path, header=None, integrity="keep", maps=None):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if header is not None:
         meta["attnprobe"] = json.dumps(header)
-    if integrity is None:
+    if integrity is None:  # as 0.2.0 wrote it: no record, no store id
         meta.pop(INTEGRITY_KEY)
+        meta["attnprobe"] = json.dumps({k: v for k, v in json.loads(meta["attnprobe"]).items() if k != "store_id"})
     save_file(maps if maps is not None else tensors, str(path), metadata=meta)
     return path
 
@@ -179,9 +180,9 @@ def test_an_edited_streamed_header_is_refused(tmp_path):
     path.write_text(json.dumps(header))
     with pytest.raises(StoreError, match="attnprobe.json'.*checksum of its header"):
         AttentionStore.load(tmp_path / "s")
-    del header["integrity"]  # without its checksum the maps still contradict it
+    del header["integrity"]  # the record removed: the store id shows it was there
     path.write_text(json.dumps(header))
-    with pytest.raises(StoreError, match="holds maps of 2 sites, but its header lists 1"):
+    with pytest.raises(StoreError, match="store id but no integrity entry"):
         AttentionStore.load(tmp_path / "s")
 
 
@@ -374,3 +375,39 @@ def test_a_header_that_cannot_be_written_is_a_store_io_error(tmp_path, monkeypat
 def test_every_store_error_is_an_attnprobe_error():
     assert issubclass(StoreIOError, StoreError) and issubclass(StoreIOError, OSError)
     assert issubclass(StoreError, AttnprobeError)
+
+
+def test_a_removed_integrity_record_is_refused_where_the_store_id_shows_it_was_there(tmp_path):
+    """Only files with a record have a store id: a saved file or a streamed header that has one and no record was
+    edited (its checks would otherwise be skipped)."""
+    path = _store().save(tmp_path / "s.safetensors")
+    meta = _metadata(path)
+    meta.pop(INTEGRITY_KEY)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: torch.full_like(f.get_tensor(k), 0.01) for k in f.keys()}
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(StoreError, match="has a store id but no integrity record"):
+        AttentionStore.load(path)
+    folder = tmp_path / "streamed"
+    _stream(folder)
+    header = json.loads((folder / "attnprobe.json").read_text())
+    header.pop("integrity")
+    header["samples"][0]["text"] = "a picture of cat"
+    (folder / "attnprobe.json").write_text(json.dumps(header))
+    with pytest.raises(StoreError, match="store id but no integrity entry"):
+        AttentionStore.load(folder)
+
+
+def test_maps_that_are_not_floats_are_refused(tmp_path):
+    store = _store()
+    path = _rewrite(store.save(tmp_path / "s.safetensors"), integrity=None,
+                    maps={n: torch.ones_like(store[n], dtype=torch.uint8) for n in store})
+    with pytest.raises(StoreError, match="holds torch.uint8 values"):
+        AttentionStore.load(path)
+
+
+def test_the_temporary_file_safetensors_writes_first_is_a_temporary_file():
+    from attnprobe._atomic import is_temporary
+
+    assert is_temporary(".tmpP3932e") and is_temporary(".s.safetensors.123.tmp")
+    assert not is_temporary("auc.csv") and not is_temporary(".tmp") and not is_temporary("tmp12345678")

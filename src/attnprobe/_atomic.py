@@ -17,7 +17,9 @@ from typing import Iterator
 
 __all__ = ["atomic_path", "write_atomic", "temporary_path", "is_temporary", "discard"]
 
-_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")
+#: ours (``.<name>.<pid>.tmp``), and the ``.tmpXXXXXXXX`` that safetensors' ``save_file`` writes beside its target
+#: (through Python's ``tempfile``) before renaming it over ours: a run killed during that write leaves it
+_TEMPORARY = re.compile(r"^(\..+\.\d+\.tmp|\.tmp[A-Za-z0-9_]{6,8})$")
 
 
 def temporary_path(path) -> Path:
@@ -27,7 +29,8 @@ def temporary_path(path) -> Path:
 
 
 def is_temporary(name: str) -> bool:
-    """Whether a file name is one of ``temporary_path``'s (``.<name>.<pid>.tmp``)."""
+    """Whether a file name is one of ``temporary_path``'s (``.<name>.<pid>.tmp``) or one safetensors writes first
+    (``.tmpXXXXXXXX``)."""
     return bool(_TEMPORARY.match(name))
 
 

@@ -115,6 +115,9 @@ def load(cls, path, verify: bool = True, missing_calls: str = "error"):
         found = json.loads(header_text)
     except ValueError as exc:
         raise StoreError(f"{str(path)!r} has a header that is not JSON (corrupt or edited?): {exc}") from None
+    if record is None and isinstance(found, dict) and "store_id" in found:  # only files with a record have an id
+        raise StoreError(f"{str(path)!r} has a store id but no integrity record: the record was removed, so the file "
+                         "was edited")
     store = _from_header(cls, path, found, maps)
     n_calls = 1 if store.aggregate else len(store.calls)
     if not store.calls and all(t.numel() == 0 for t in maps.values()):

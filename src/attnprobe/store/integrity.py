@@ -142,8 +142,12 @@ def open_header(path, found) -> dict:
     """A streamed folder's header without its ``integrity`` entry, checked against it when it has one.
 
     Raises:
-        StoreError: the checksum differs (the header was edited or damaged) or names an unknown hash.
+        StoreError: the checksum differs (the header was edited or damaged), names an unknown hash, or is missing
+            from a header with a ``store_id`` (which only sealed headers have).
     """
+    if isinstance(found, dict) and "integrity" not in found and "store_id" in found:  # only sealed headers have one
+        raise StoreError(f"{str(path)!r}: the header has a store id but no integrity entry: it was removed, so the "
+                         "header was edited")
     if not isinstance(found, dict) or "integrity" not in found:
         return found
     plain = {k: v for k, v in found.items() if k != "integrity"}
@@ -228,8 +232,12 @@ def check_values(path, site: str, maps: torch.Tensor, token_major: bool = False,
             qw]`` with ``token_major=True``.
 
     Raises:
-        StoreError: a value outside the range, an infinity, or a NaN in part of a sample's map.
+        StoreError: a value outside the range, an infinity, a NaN in part of a sample's map, or a dtype that is not
+            a 16-, 32- or 64-bit float.
     """
+    if not maps.is_floating_point() or maps.dtype.itemsize < 2:  # float8 has no aminmax, and no probe stores it
+        raise StoreError(f"{str(path)!r}: site {site} holds {maps.dtype} values, but attnprobe stores probabilities as "
+                         "float16, bfloat16, float32 or float64: the maps were replaced")
     if not maps.numel():
         return
     lo, hi = (float(v) for v in torch.aminmax(maps))  # NaN propagates: one pass over the maps when there is none
