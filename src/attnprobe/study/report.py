@@ -149,7 +149,7 @@ def write_figures(result, out: Path, figures: dict, write=write_atomic, note: st
 
     def save(fig, path: Path) -> Path:
         if note:
-            fig.text(0.5, 0.0, note, ha="center", va="top", color="crimson", fontsize=9, weight="bold")
+            fig.text(0.5, 1.0, note, ha="center", va="bottom", color="crimson", fontsize=9, weight="bold")  # above all
         return _save_figure(fig, path, write)
 
     if figures["curves"]:
