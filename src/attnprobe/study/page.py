@@ -238,12 +238,12 @@ def rewrite_page(out) -> Path:
         raise ConfigError(f"{str(out)!r} is not a folder: give a study's folder (the --out of attnprobe study)")
     try:
         settings = json.loads((out / "study.json").read_text())
-        if not isinstance(settings, dict):
-            raise ValueError("not a table")
     except FileNotFoundError:
         raise ConfigError(f"{str(out)!r} holds no study (no study.json): give the --out folder of attnprobe study") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{str(out)!r}: its study.json cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{str(out)!r}: its study.json is not a table of settings")
     files = {}
     for path in [out / n for n in TABLES] + sorted(out.glob("*.png")) + sorted(out.glob("figures/*/*.png")):
         if path.is_file():
@@ -279,13 +279,13 @@ figcaption{font-size:13px;color:#444}#browser .controls label{margin-right:12px;
 """
 
 _BROWSER = """<section id=browser><h2>Heat-map browser</h2>
-<p class=note>The requested mention's attention over the generated image: every site and denoiser call together, one site
+<p class=note>Left: the generated image; right: the requested mention's attention over it: every site and denoiser call together, one site
 over every call, or one call over every site (a site at one call is not kept). Each map is scaled to its own min–max
 (below), to show where, not how much.</p>
 <div class=controls><label>concept <select id=c></select></label><label>row <select id=v></select></label>
 <label>seed <select id=s></select></label><label>site <select id=site></select></label>
 <label>call <select id=call></select></label><label>map opacity <input id=op type=range min=0 max=100 value=60></label></div>
-<canvas id=hm width=384 height=384></canvas>
+<canvas id=hm width=776 height=384></canvas>
 <p id=info class=note></p><p class=note>low <canvas id=bar width=256 height=1></canvas> high</p></section>
 <script>
 "use strict";
@@ -316,18 +316,18 @@ function draw(){const token=++drawing,c=current(),row=c.rows.find(r=>r.name===$(
  const site=$("site").value,call=$("call").value;let m=row.mean,i=0,what="all sites, all calls";
  if(site!=="all"&&row.sites){m=row.sites;i=+site;what="site "+c.sites[i]+", mean over calls";}
  else if(call!=="all"&&row.calls){m=row.calls;i=+call;what="call "+i+", mean over sites";}
- const cv=$("hm"),ctx=cv.getContext("2d"),W=cv.width,H=cv.height;ctx.clearRect(0,0,W,H);
+ const cv=$("hm"),ctx=cv.getContext("2d"),H=cv.height,W=H,X=cv.width-W;ctx.clearRect(0,0,cv.width,H);
  const finish=()=>{if(token!==drawing)return;if(!m){$("info").textContent="No map kept for this row.";return;}
   const h=m.shape[1],w=m.shape[2],q=decode(m),off=document.createElement("canvas");off.width=w;off.height=h;
   const ox=off.getContext("2d"),img=ox.createImageData(w,h);
   for(let p=0;p<h*w;p++){const [r,g,b]=lut(q[i*h*w+p]/255);img.data.set([r,g,b,255],4*p);}
   ox.putImageData(img,0,0);ctx.globalAlpha=row.image?$("op").value/100:1;ctx.imageSmoothingEnabled=true;
-  ctx.drawImage(off,0,0,W,H);ctx.globalAlpha=1;
+  ctx.drawImage(off,X,0,W,H);ctx.globalAlpha=1;if(!row.image)ctx.drawImage(off,0,0,W,H);
   $("info").textContent=(several?c.model+", ":"")+c.concept+", "+row.name+", seed "+c.seed+": "+what+
    "; attention on the requested mention from "+m.min[i].toPrecision(3)+" (low) to "+m.max[i].toPrecision(3)+" (high)"+
    (c.sites.length?"":" (a cell of an older run: its image and mean map only)");
   cv.dataset.drawn=String(token);cv.dataset.shown=[c.concept,row.name,c.seed,site,call].join("|");};
- if(row.image){const im=new Image();im.onload=()=>{if(token!==drawing)return;ctx.imageSmoothingEnabled=false;ctx.drawImage(im,0,0,W,H);finish();};im.src=row.image;}
+ if(row.image){const im=new Image();im.onload=()=>{if(token!==drawing)return;ctx.imageSmoothingEnabled=false;ctx.drawImage(im,0,0,W,H);ctx.drawImage(im,X,0,W,H);finish();};im.src=row.image;}
  else finish();}
 $("c").onchange=changedConcept;$("s").onchange=changedSeed;$("v").onchange=draw;$("op").oninput=draw;
 $("site").onchange=()=>{if($("site").value!=="all")$("call").value="all";draw();};
