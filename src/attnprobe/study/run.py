@@ -4,7 +4,7 @@
     >>> import tempfile
     >>> result = study(out=tempfile.mkdtemp(), concepts=["dog"], seeds=[0], steps=2, progress=False, echo=False)
     >>> sorted(p.name for p in result.files)
-    ['auc.csv', 'delta_auc.png', 'failures.csv', 'heatmaps.png', 'presence.png', 'report.html', 'summary.csv', 'text_similarity.csv', 'text_similarity.png', 'trajectories.csv', 'trajectories.png']
+    ['auc.csv', 'contrasts.csv', 'contrasts.png', 'delta_auc.png', 'failures.csv', 'heatmaps.png', 'presence.png', 'report.html', 'summary.csv', 'text_similarity.csv', 'text_similarity.png', 'trajectories.csv', 'trajectories.png', 'where_when.csv', 'where_when.png']
 
 For every concept × seed, one pipeline call generates every prompt variant from the *same* initial latents
 (the seed's noise repeated), under a probe (conditional pass, head mean, fp16). From each sample's maps:
