@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup study test docs clean
+.PHONY: setup study test docs clean browser
 
 setup: $(STAMP)
 
@@ -24,9 +24,21 @@ study: $(STAMP)
 
 # two workers, one file each at a time (a module's pipelines are built once), one thread each: two torch processes
 # with a thread per core each would fight over 2 cores
-test: $(STAMP)
+test: $(STAMP) browser
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet -d build/site
+
+# tests/test_report_page.py opens report.html in Debian's chromium through its chromedriver (no driver downloaded): installed
+# with apt-get when missing (as root, or through sudo); without apt-get or a network, the test says why it is skipped
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null \
+	      || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; } \
+	      || echo "make: chromium could not be installed: the report page's browser test will be skipped"; \
+	  else echo "make: no apt-get: install chromium and chromedriver for the report page's browser test"; fi; \
+	fi
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve

@@ -28,7 +28,7 @@ def test_study_writes_every_output(result):
     names = {p.name for p in result.files}
     assert names == {"trajectories.csv", "auc.csv", "summary.csv", "failures.csv", "trajectories.png",
                      "delta_auc.png", "heatmaps.png", "text_similarity.csv", "text_similarity.png", "presence.png",
-                     "contrasts.csv", "contrasts.png", "where_when.csv", "where_when.png"}
+                     "contrasts.csv", "contrasts.png", "where_when.csv", "where_when.png", "report.html"}
     for p in result.files:
         assert p.stat().st_size > 0
         assert p.parent == result.out

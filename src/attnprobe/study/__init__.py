@@ -21,6 +21,8 @@ that its names (``attnprobe.study.SHAPES_VARIANTS``) and the function never shad
 - ``contrasts``: the answer: paired contrasts between rows by seed (exact sign-flip test, Holm), and where and when
   attention changes (per site and denoiser call).
 - ``report``: the CSVs, the summary with intervals, the figures, the printed table.
+- ``page``: ``report.html``, one self-contained page (the answer first, the tables, the figures, a heat-map browser);
+  ``attnprobe report DIR`` rewrites it.
 - ``cli``: the ``attnprobe`` command.
 """
 

@@ -205,7 +205,8 @@ def settings_key(settings: dict) -> str:
 def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | None = None) -> dict[str, dict]:
     """Fill ``result`` (a ``StudyResult``) with the rows of every finished cell of ``cells``, in grid order, and the
     failures of the others; returns per model the figure data: ``curves`` per concept and row, and the heat maps and
-    images of each concept's first finished seed (in the order of ``seeds``)."""
+    images of each concept's first finished seed (in the order of ``seeds``). A ``result`` with a ``browser`` list gets
+    one entry per finished generation for report.html (``page.py``): its rows, sites, timesteps and small tensors."""
     import numpy as np
 
     out = Path(out)
@@ -248,6 +249,13 @@ def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | N
             if f"sites.{k}" in tensors and where["sites"] in (None, record.get("sites")):  # cells of older runs: none
                 where["sites"] = record.get("sites")
                 where["rows"].setdefault(row, {})[cell.seed] = tensors[f"sites.{k}"].double().numpy()
+        if hasattr(result, "browser"):  # report.html's heat-map browser: every cell's small maps and images
+            keep = ("image", "sitemaps", "callmaps") if "sitemaps.0" in tensors else ("image", "map")
+            timesteps = {r["call"]: r["timestep"] for r in record["trajectories"]}
+            result.browser.append(dict(model=cell.model, concept=cell.concept, seed=cell.seed, rows=record["rows"],
+                                       sites=record.get("map_sites") or [],
+                                       timesteps=[timesteps[c] for c in sorted(timesteps)],
+                                       tensors={k: v for k, v in tensors.items() if k.split(".")[0] in keep}))
         shown = fig.setdefault("shown", set())
         if cell.concept not in shown:  # the concept's first finished seed, named on its row of the figure
             from PIL import Image

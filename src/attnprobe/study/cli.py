@@ -6,6 +6,7 @@
     attnprobe study --config study.toml                       # resumable; run it again after a crash
     accelerate launch -m attnprobe study --config study.toml  # the grid split across processes (GPUs)
     attnprobe sites --model tiny
+    attnprobe report out/study                                # rewrite out/study/report.html (nothing generated)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..interventions import INTERVENTIONS
 from ..models.loader import load_pipeline
 from ..models.tiny import TINY_PIPELINES
 from . import run
+from .page import rewrite_page
 from .config import DTYPES, load_config
 from .variants import DEFAULT_CONCEPTS, DEFAULT_VARIANTS, SHAPES_CONCEPTS
 
@@ -43,7 +45,7 @@ def _dtype(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``attnprobe`` argument parser (subcommands ``study`` and ``sites``)."""
+    """The ``attnprobe`` argument parser (subcommands ``study``, ``report`` and ``sites``)."""
     parser = argparse.ArgumentParser(prog="attnprobe", description="Cross-attention probes for diffusers pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
     st = sub.add_parser(
@@ -84,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--restart", action="store_true",
                     help="discard the finished generations of an earlier run in --out instead of resuming them")
     st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    rp = sub.add_parser("report", help="rewrite a study folder's report.html from its cells and tables (nothing generated)",
+                        description="Writes DIR/report.html again (and nothing else) from the study's tables, figures "
+                        "and cells: the answer first, the tables, the figures and a heat-map browser, in one "
+                        "self-contained page.")
+    rp.add_argument("dir", help="a study's folder (the --out of attnprobe study)")
     si = sub.add_parser("sites", help="list a model's cross-attention sites")
     si.add_argument("--model", default="tiny", help="'tiny', 'shapes', 'tiny-xl', 'tiny-<name>' of "
                     f"{', '.join(TINY_PIPELINES)}, or a hub id / local folder")
@@ -128,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "study":
             result = run.study(**_study_arguments(args))
             return 1 if result.failures and not result.aucs else 0
+        if args.command == "report":
+            print(f"wrote {rewrite_page(args.dir)}")
+            return 0
         if args.command == "sites":
             sites = list_sites(load_pipeline(args.model))  # before the header: a load error is the only line
             print("# site\tblock group\tkind (cross, joint, single)\theads\thead_dim")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..analysis import auc, heatmap, trajectory
+from ..analysis import auc, concept_positions, heatmap, trajectory
 from ..capture import denoiser_of, family_of, probe
 from ..errors import ConceptError, ConfigError, NumericalError
 from ..interventions import intervene
@@ -32,10 +32,13 @@ from .report import warn
 from .scorer import checked_scores
 
 __all__ = ["measure_cell", "check_prompts", "check_makes_images", "check_size", "size_factor", "default_size",
-           "initial_latents", "concept_mass", "failure_row", "THUMBNAIL"]
+           "initial_latents", "concept_mass", "failure_row", "browser_maps", "THUMBNAIL", "BROWSER_SIDE"]
 
 #: The largest side of the images a cell shard keeps for the heat-map figure (pixels).
 THUMBNAIL = 128
+
+#: The largest side of the small maps a cell shard keeps for report.html's heat-map browser (``browser_maps``).
+BROWSER_SIDE = 32
 
 
 
@@ -218,8 +221,10 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
     prompt per intervention row from the same noise, each under a probe; every image scored for presence.
 
     Returns the cell's record (``trajectories``, ``aucs`` and ``failures`` rows, ``rows``: the row names) and its
-    tensors: ``map.<k>`` (heat map of row k, ``[H, W]``) and ``image.<k>`` (its image as uint8 RGB, at most
-    ``THUMBNAIL`` pixels a side).
+    tensors: ``map.<k>`` (heat map of row k, ``[H, W]``), ``image.<k>`` (its image as uint8 RGB, at most
+    ``THUMBNAIL`` pixels a side), ``sites.<k>`` (the requested mention's mass ``[call, site]``), and for report.html's
+    heat-map browser ``sitemaps.<k>`` ``[site, h, w]`` and ``callmaps.<k>`` ``[call, h, w]`` (``browser_maps``; the
+    record's ``map_sites`` names their sites).
     With ``maps`` (a folder), every probe streams its store there (``AttentionStore.load`` reads it back).
     """
     capture = capture or check_capture(None)
@@ -294,6 +299,7 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
         aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, intervention=what,
                          mentions=mentions, auc=auc(mass), auc_last=auc(mass_last), presence=p, clip_accuracy=a, count=n))
         tensors[f"map.{k}"] = heatmap(st, concept, i, occurrence=-1).float()
+        map_sites, tensors[f"sitemaps.{k}"], tensors[f"callmaps.{k}"] = browser_maps(st, concept, i)
         thumb = image.convert("RGB")
         thumb.thumbnail((THUMBNAIL, THUMBNAIL))  # for the heat-map figure: small, so every cell can keep its images
         tensors[f"image.{k}"] = torch.from_numpy(np.asarray(thumb, dtype=np.uint8).copy())
@@ -303,7 +309,38 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
             r[f"delta_{key}"] = r[key] - base_row[key]
     sites = [[s.name, "×".join(map(str, store.maps(s, calls=[0], samples=[0], tokens=[0]).shape[-3:-1]))]
              for s in store.sites]  # in execution order, with each site's query grid
-    return dict(rows=[r[0] for r in runs], trajectories=rows, aucs=aucs, failures=failures, sites=sites), tensors
+    return dict(rows=[r[0] for r in runs], trajectories=rows, aucs=aucs, failures=failures, sites=sites,
+                map_sites=map_sites), tensors
+
+
+def browser_maps(store, concept, sample, side: int = BROWSER_SIDE) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The small maps of report.html's heat-map browser: the requested (last) mention's attention per site and per call.
+
+    Each (site, call) map is the mention's tokens summed and the heads averaged (``[qh, qw]``, as ``heatmap``), resized
+    bilinearly (antialiased when it shrinks) to one grid ``[h, w]``: the largest site grid, cut to ``side`` pixels on
+    its longer side (the aspect kept). Flat sites (no grid) are left out, as in ``heatmap``.
+
+    Returns:
+        ``(names, per_site, per_call)``: the sites' names in execution order; ``per_site`` ``[site, h, w]`` (each site's
+        maps averaged over calls) and ``per_call`` ``[call, h, w]`` (each call's averaged over sites), float16. Their
+        means over sites and over calls are the same map: ``heatmap``'s, at this size.
+    """
+    positions = concept_positions(store, concept, sample, occurrence=-1)
+    idx = store.sample_index(sample)
+    names = [s.name for s in store.sites if s.name not in store.flat_sites]
+    grids = {n: tuple(store.maps(n, calls=[0], samples=[idx], tokens=[0]).shape[-3:-1]) for n in names}
+    qh, qw = max(grids.values(), key=lambda g: g[0] * g[1])
+    scale = min(1.0, side / max(qh, qw))
+    shape = (max(1, round(qh * scale)), max(1, round(qw * scale)))
+    per_site = []
+    for name in names:
+        maps = store.maps(name, samples=[idx], tokens=positions).float().sum(-1)  # [call, 1, head, qh, qw]
+        grid = maps.mean(dim=(1, 2))[:, None]  # [call, 1, qh, qw]
+        shrink = grid.shape[-2] > shape[0] or grid.shape[-1] > shape[1]
+        per_site.append(torch.nn.functional.interpolate(grid, size=shape, mode="bilinear", align_corners=False,
+                                                        antialias=shrink)[:, 0])  # [call, h, w]
+    stack = torch.stack(per_site)  # [site, call, h, w]
+    return names, stack.mean(dim=1).half(), stack.mean(dim=0).half()
 
 
 def concept_mass(store, concept, sample, occurrence, factors, by_site: bool = False) -> torch.Tensor:

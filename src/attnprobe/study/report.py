@@ -30,7 +30,7 @@ __all__ = ["OUTPUT_FILES", "interval", "answer_lines", "summarize", "write_table
 OUTPUT_FILES = (
     "trajectories.csv", "auc.csv", "summary.csv", "text_similarity.csv", "failures.csv",
     "trajectories.png", "delta_auc.png", "heatmaps.png", "text_similarity.png", "presence.png",
-    "contrasts.csv", "where_when.csv", "contrasts.png", "where_when.png",
+    "contrasts.csv", "where_when.csv", "contrasts.png", "where_when.png", "report.html",
 )
 
 COLUMNS = {

@@ -4,7 +4,7 @@
     >>> import tempfile
     >>> result = study(out=tempfile.mkdtemp(), concepts=["dog"], seeds=[0], steps=2, progress=False, echo=False)
     >>> sorted(p.name for p in result.files)
-    ['auc.csv', 'delta_auc.png', 'failures.csv', 'heatmaps.png', 'presence.png', 'summary.csv', 'text_similarity.csv', 'text_similarity.png', 'trajectories.csv', 'trajectories.png']
+    ['auc.csv', 'contrasts.csv', 'contrasts.png', 'delta_auc.png', 'failures.csv', 'heatmaps.png', 'presence.png', 'report.html', 'summary.csv', 'text_similarity.csv', 'text_similarity.png', 'trajectories.csv', 'trajectories.png', 'where_when.csv', 'where_when.png']
 
 For every concept × seed, one pipeline call generates every prompt variant from the *same* initial latents
 (the seed's noise repeated), under a probe (conditional pass, head mean, fp16). From each sample's maps:
@@ -50,6 +50,7 @@ from .config import (
 )
 from .files import FATAL_ERRNOS, Staged, remove_temporaries, remove_unlisted, writing
 from .lock import FolderLock
+from .page import write_page
 from .processes import processes
 from .contrasts import contrast_rows, where_when_rows
 from .report import (
@@ -119,6 +120,7 @@ class StudyResult:
     contrasts: list[dict] = field(default_factory=list)
     where_when: list[dict] = field(default_factory=list)
     where_when_data: dict = field(default_factory=dict, repr=False)
+    browser: list = field(default_factory=list, repr=False)  # report.html's heat-map data per generation (collect)
     done: int = 0
     skipped: int = 0
     failed: int = 0
@@ -429,14 +431,21 @@ def _merge(out: Path, cells, models, concepts, seeds, names, scorer_name=None, s
     # every new file is written beside the one it replaces, and replaces it only when all of them are complete: a
     # merge killed or out of disk space keeps the previous merge's tables and figures (files.Staged)
     with Staged() as staged:
-        result.files = write_tables(result, out, staged.write)
+        written: dict[Path, bytes] = {}
+
+        def write(path, data: bytes) -> Path:  # staged, and kept for the page, which embeds every table and figure
+            written[Path(path)] = data
+            return staged.write(path, data)
+
+        result.files = write_tables(result, out, write)
         for model in models:
             folder = out if len(models) == 1 else out / "figures" / slug(model)
             mine = SimpleNamespace(**{k: [r for r in getattr(result, k) if r["model"] == model]
                                       for k in ("summary", "text", "contrasts", "where_when")})
             note = (f"{model}: random weights, so these numbers test the plumbing, not the question (run --model "
                     "shapes, or a real model)") if model in TINY_MODELS else None
-            result.files += write_figures(mine, folder, figures[model], staged.write, note=note)
+            result.files += write_figures(mine, folder, figures[model], write, note=note)
+        result.files.append(write_page(out, written, result.browser, staged.write))
         staged.commit()
     # an old output that this merge did not write again (figures of a model no longer in the grid…) would mix with
     # this one's: removed, now that this merge's files are in place
