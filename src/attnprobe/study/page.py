@@ -108,7 +108,7 @@ def _answer_table(rows: list[dict]) -> str:
         ci = f"[{lo:+.4f}, {hi:+.4f}]" if finite else "n/a"
         cells = ([r["model"]] if several else []) + [
             r["concept"], f"{r['variant']} − {r['reference']}", MEASURES.get(r["measure"], r["measure"]), str(r["n"]),
-            f"{mean:+.4f}" if isinstance(mean, float) and math.isfinite(mean) else "n/a", ci, _fmt(r["p_value"]),
+            f"{mean:+.4f}" if isinstance(mean, (int, float)) and math.isfinite(mean) else "n/a", ci, _fmt(r["p_value"]),
             _fmt(r["p_holm"]), verdict]
         cls = {"lower": "neg", "higher": "pos"}.get(verdict, "")
         out.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
