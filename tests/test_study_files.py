@@ -261,6 +261,10 @@ def test_a_lock_file_left_empty_or_by_an_old_version_is_taken(tmp_path):
     (dict(size=100000), r"size 100000 is over 4096 pixels, the largest a study takes: decoding"),
     (dict(size=4104), r"over 4096"),
     (dict(size=30), r"multiple of 8"),
+    (dict(steps=float("inf")), r"steps must be a whole number; got inf"),
+    (dict(size=float("nan")), r"size must be a whole number of pixels; got nan"),
+    (dict(seeds=[float("nan")]), r"seeds must be whole numbers; got \[nan\]"),
+    (dict(seeds=["x"]), r"seeds must be whole numbers"),
 ])
 def test_steps_and_size_are_bounded_before_anything_loads(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tomllib
 from pathlib import Path
@@ -260,6 +261,13 @@ MAX_STEPS = 1000
 MAX_SIZE = 4096
 
 
+def _whole(value) -> bool:
+    """A whole number (an int, numpy's too, or a finite float without a fraction), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return isinstance(value, numbers.Integral) or (math.isfinite(value) and value == int(value))
+
+
 def check_grid(concepts, seeds, steps, guidance, size) -> None:
     """Refuse a grid that cannot run, before anything is loaded.
 
@@ -273,6 +281,8 @@ def check_grid(concepts, seeds, steps, guidance, size) -> None:
         raise ConfigError(f"need at least one concept and one seed; got concepts={concepts}, seeds={seeds}")
     if any(not isinstance(c, str) or not c.strip() for c in concepts):
         raise ConfigError(f"concepts must be non-empty words or phrases; got {concepts}")
+    if not all(_whole(s) for s in seeds):
+        raise ConfigError(f"seeds must be whole numbers; got {list(seeds)}")
     bad = [s for s in seeds if not 0 <= s < 2**63]
     if bad:
         raise ConfigError(f"seeds {bad} are outside 0 … 2**63 − 1 (torch's generator seeds)")
@@ -280,7 +290,7 @@ def check_grid(concepts, seeds, steps, guidance, size) -> None:
         repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
         if repeated:
             raise ConfigError(f"{kind} repeat {repeated}: each must be given once (a repeated seed fakes a narrower interval)")
-    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps != int(steps):
+    if not _whole(steps):
         raise ConfigError(f"steps must be a whole number; got {steps!r}")
     if not 1 <= int(steps) <= MAX_STEPS:
         raise ConfigError(f"steps must be 1 … {MAX_STEPS}; got {steps}: schedulers are trained on {MAX_STEPS} "
@@ -289,7 +299,7 @@ def check_grid(concepts, seeds, steps, guidance, size) -> None:
     check_guidance(guidance)
     if size is None:
         return
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or size != int(size):
+    if not _whole(size):
         raise ConfigError(f"size must be a whole number of pixels; got {size!r}")
     if int(size) < 8 or int(size) % 8:
         raise ConfigError(f"size {size} is not a positive multiple of 8 (latent grids: SD's VAE downsamples by 8)")

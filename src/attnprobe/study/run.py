@@ -211,8 +211,8 @@ def study(
               "intervention row to compare")
     concepts = list(default_concepts if concepts is None else concepts)
     scorer = default_scorer if isinstance(scorer, str) and scorer == "auto" else scorer
+    check_grid(concepts, list(seeds), steps, guidance, size)
     seeds = [int(s) for s in seeds]
-    check_grid(concepts, seeds, steps, guidance, size)
     capture = check_capture(capture)
     procs = processes()
     device = _device(device, procs)
