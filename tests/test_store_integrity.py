@@ -411,3 +411,8 @@ def test_the_temporary_file_safetensors_writes_first_is_a_temporary_file():
 
     assert is_temporary(".tmpP3932e") and is_temporary(".s.safetensors.123.tmp")
     assert not is_temporary("auc.csv") and not is_temporary(".tmp") and not is_temporary("tmp12345678")
+
+
+def test_a_probe_streaming_to_something_that_is_not_a_path_is_refused(sd_pipe):
+    with pytest.raises(attnprobe.ProbeError, match="stream_to=123 is not a folder path"):
+        attnprobe.probe(sd_pipe, stream_to=123).__enter__()

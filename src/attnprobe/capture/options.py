@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -18,7 +19,7 @@ PASSES = ("cond", "uncond", "all")
 HEADS = ("keep", "mean")
 
 
-def check_options(passes, heads, dtype, device, prompts, joint, aggregate) -> None:
+def check_options(passes, heads, dtype, device, prompts, joint, aggregate, stream_to=None) -> None:
     """Raise ``ProbeError`` naming the first of ``probe()``'s options that is not one it takes (see ``probe``)."""
     if passes not in PASSES:
         raise ProbeError(f"passes={passes!r} is not one of {PASSES}")
@@ -38,6 +39,8 @@ def check_options(passes, heads, dtype, device, prompts, joint, aggregate) -> No
         raise ProbeError(f"joint={joint!r} is not one of {JOINT_MODES}")
     if aggregate not in (None, *AGGREGATES):
         raise ProbeError(f"aggregate={aggregate!r} is not one of None, {', '.join(map(repr, AGGREGATES))}")
+    if stream_to is not None and (not isinstance(stream_to, (str, os.PathLike)) or isinstance(stream_to, bytes)):
+        raise ProbeError(f"stream_to={stream_to!r} is not a folder path: give a str or pathlib.Path (or None: in memory)")
 
 
 def capture_meta(pipe, denoiser, family: str, *, passes, heads, dtype, sites, calls, tokens, aggregate, stream_to,

@@ -549,7 +549,7 @@ def probe(
         >>> [(s.pass_label, s.prompt_index) for s in store.samples]
         [('uncond', 0), ('uncond', 1), ('cond', 0), ('cond', 1)]
     """
-    check_options(passes, heads, dtype, device, prompts, joint, aggregate)
+    check_options(passes, heads, dtype, device, prompts, joint, aggregate, stream_to)
     call_filter(calls), check_tokens(tokens)  # bad selections fail here, before the pipeline runs
     denoiser = denoiser_of(pipe)
     every = list_sites(denoiser) if family_of(denoiser).refused is None else []  # no text attention at all says
