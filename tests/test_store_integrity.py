@@ -117,7 +117,9 @@ def test_checked_values(tmp_path):
     check_values("x", "s", probs)
     probs[1, 2] = float("nan")  # a sample without a row in call 1: legitimate
     check_values("x", "s", probs)
-    check_values("x", "s", torch.full((1, 2, 1, 1, 1, 4), 3.0), high=3.0)  # aggregate="sum" over 3 calls
+    summed = torch.zeros(1, 2, 1, 1, 1, 4)
+    summed[..., 0] = 3.0  # aggregate="sum" over 3 calls: all on one token
+    check_values("x", "s", summed, high=3.0)
     for bad, match in [((0, 0, 0, 0, 0, 0), "part of the map of \\(call, sample\\) \\(0, 0\\)"),
                        ((0, 1, 0, 0, 0, 0), None)]:
         broken = probs.clone()
@@ -416,3 +418,11 @@ def test_the_temporary_file_safetensors_writes_first_is_a_temporary_file():
 def test_a_probe_streaming_to_something_that_is_not_a_path_is_refused(sd_pipe):
     with pytest.raises(attnprobe.ProbeError, match="stream_to=123 is not a folder path"):
         attnprobe.probe(sd_pipe, stream_to=123).__enter__()
+
+
+def test_maps_whose_sum_over_tokens_is_over_one_are_refused(tmp_path):
+    store = _store()
+    path = _rewrite(store.save(tmp_path / "s.safetensors"), integrity=None,
+                    maps={n: torch.full_like(store[n], 0.9) for n in store})
+    with pytest.raises(StoreError, match="sum to 69.3, but a query's probabilities sum to at most 1"):
+        AttentionStore.load(path)

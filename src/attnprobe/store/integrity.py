@@ -45,6 +45,8 @@ HASH = "sha256"
 INTEGRITY_KEY = "attnprobe_integrity"
 #: how far above its largest legitimate value a stored probability may lie (relative; rounding of a float sum)
 TOLERANCE = 1e-3
+#: room for fp16 rounding in a sum over up to a few hundred tokens
+SUM_TOLERANCE = 0.01
 
 
 def new_store_id() -> str:
@@ -232,8 +234,8 @@ def check_values(path, site: str, maps: torch.Tensor, token_major: bool = False,
             qw]`` with ``token_major=True``.
 
     Raises:
-        StoreError: a value outside the range, an infinity, a NaN in part of a sample's map, or a dtype that is not
-            a 16-, 32- or 64-bit float.
+        StoreError: a value outside the range, an infinity, a NaN in part of a sample's map, a query whose values
+            over the tokens sum to more than ``high`` (+1%), or a dtype that is not a 16-, 32- or 64-bit float.
     """
     if not maps.is_floating_point() or maps.dtype.itemsize < 2:  # float8 has no aminmax, and no probe stores it
         raise StoreError(f"{str(path)!r}: site {site} holds {maps.dtype} values, but attnprobe stores probabilities as "
@@ -241,7 +243,8 @@ def check_values(path, site: str, maps: torch.Tensor, token_major: bool = False,
     if not maps.numel():
         return
     lo, hi = (float(v) for v in torch.aminmax(maps))  # NaN propagates: one pass over the maps when there is none
-    if math.isnan(lo) or math.isnan(hi):
+    has_nan = math.isnan(lo) or math.isnan(hi)
+    if has_nan:
         nan = maps.isnan()
         per = nan.movedim(1, 0).reshape(nan.shape[1], -1) if token_major else nan.flatten(2)  # one row per map
         partial = per.any(-1) & ~per.all(-1)
@@ -257,3 +260,11 @@ def check_values(path, site: str, maps: torch.Tensor, token_major: bool = False,
     if not (lo >= -TOLERANCE * high and hi <= high * (1 + TOLERANCE)):
         raise StoreError(f"{str(path)!r}: site {site} holds values from {lo:.6g} to {hi:.6g}, but its maps are "
                          f"probabilities in [0, {high:g}]: the maps are damaged or not attention probabilities")
+    # a query's probabilities over the stored tokens sum to at most 1 (a subset of tokens, or a joint block's text
+    # share: less); the sum in the maps' dtype (torch accumulates fp16 in fp32 on the CPU), rounding allowed for
+    summed = (maps if not has_nan else torch.nan_to_num(maps, nan=0.0)).sum(0 if token_major else -1)
+    most = float(summed.max())
+    if most > high * (1 + SUM_TOLERANCE):
+        raise StoreError(f"{str(path)!r}: site {site} has maps whose values over the tokens sum to {most:.6g}, but a "
+                         f"query's probabilities sum to at most {high:g}: the maps are damaged or not attention "
+                         "probabilities")
