@@ -4,6 +4,7 @@ cells, and the page in a real headless browser (Debian's chromium; `make test` i
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import time
@@ -21,10 +22,14 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report") / "study"
-    attnprobe.study(model="tiny", out=out, concepts=["dog"], seeds=[0, 1], steps=2, progress=False, echo=False,
-                    scorer="none")  # no presence: the page needs none, and the CLIP scorer costs seconds
-    return out
+    parent, here = tmp_path_factory.mktemp("report"), os.getcwd()
+    os.chdir(parent)  # a relative out, as make study's out/study: the merge's page once lost every table to it
+    try:
+        attnprobe.study(model="tiny", out="study", concepts=["dog"], seeds=[0, 1], steps=2, progress=False,
+                        echo=False, scorer="none")  # no presence: the page needs none, and the CLIP scorer costs seconds
+    finally:
+        os.chdir(here)
+    return parent / "study"
 
 
 def test_the_page_leads_with_the_answer_and_embeds_every_figure(folder):

@@ -217,7 +217,9 @@ def write_page(out, files: dict, browser: list[dict], write=write_atomic) -> Pat
     """Write ``out/report.html`` (``write(path, bytes)``: ``write_atomic``, or the merge's ``Staged.write``) from
     ``files`` {path: bytes} (absolute or relative to ``out``) and ``collect``'s browser entries; returns its path."""
     out = Path(out)
-    rel = {(Path(p).relative_to(out) if Path(p).is_absolute() else Path(p)).as_posix(): d for p, d in files.items()}
+    root = out.absolute()  # a relative out (make study's out/study) and the merge's paths under it, made comparable
+    rel = {(Path(p).absolute().relative_to(root) if Path(p).is_absolute() or root in Path(p).absolute().parents
+            else Path(p)).as_posix(): d for p, d in files.items()}
     try:
         settings = json.loads((out / "study.json").read_text())
     except (OSError, ValueError):
