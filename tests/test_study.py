@@ -350,5 +350,6 @@ def test_the_printed_summary_leads_with_the_paired_answer(tmp_path, capsys):
     assert cli.main(["study", "--model", "tiny", "--out", str(tmp_path), "--concepts", "dog", "--seeds", "0,1", "--steps", "2",
                      "--scorer", "none", "--no-progress"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].startswith("The answer, paired by seed") and "instruction − repetition" in out[2]
-    assert any("cannot go below" in line for line in out[:8])
+    assert "tiny: random weights" in out[1] and out[2].startswith("The answer, paired by seed")
+    assert out[3].startswith("  Verdict: no evidence that the instruction lowers attention") or "Verdict: the" in out[3]
+    assert "instruction − repetition" in out[4] and any("cannot go below" in line for line in out[:10])

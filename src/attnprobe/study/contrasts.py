@@ -29,7 +29,8 @@ from ..errors import ArgumentError
 __all__ = ["CONTRASTS", "contrast_rows", "sign_flip_p", "holm", "where_when_rows", "CONTRAST_COLUMNS",
            "WHERE_WHEN_COLUMNS", "MEASURES"]
 
-#: ``(row, reference)`` pairs of the default variants, in the order the answer gives them
+#: ``(row, reference)`` pairs of the default variants, in the order the answer gives them (a variant of the user's is
+#: contrasted with ``repetition`` too, when the study has it)
 CONTRASTS = (("instruction", "repetition"), ("implicit", "repetition"), ("instruction", "implicit"))
 #: the per-seed columns of ``auc.csv`` a contrast is measured on, with their names for people
 MEASURES = {"delta_auc_last": "Δ AUC, requested mention", "delta_presence": "Δ presence",
@@ -95,6 +96,8 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 def _pairs(names: Sequence[str], interventions: Sequence[str]) -> list[tuple[str, str]]:
     pairs = [(a, b) for a, b in CONTRASTS if a in names and b in names]
+    if "repetition" in names:  # a variant of the user's: against the control of naming the concept twice
+        pairs += [(v, "repetition") for v in names if v not in ("baseline", "repetition") and (v, "repetition") not in pairs]
     reference = "instruction" if "instruction" in names else "baseline"
     return pairs + [(label, reference) for label in interventions]
 

@@ -191,6 +191,7 @@ def answer_lines(contrasts: Sequence[dict]) -> list[str]:
     lines = ["The answer, paired by seed (contrasts.csv, contrasts.png): does each row lower attention beyond its "
              "reference?"]
     several = len({r["model"] for r in contrasts}) > 1
+    lines += _verdicts(contrasts, several)
     for key in dict.fromkeys((r["model"], r["variant"], r["reference"], r["measure"]) for r in contrasts):
         rows = [r for r in contrasts if (r["model"], r["variant"], r["reference"], r["measure"]) == key
                 and math.isfinite(r["mean"])]
@@ -209,15 +210,39 @@ def answer_lines(contrasts: Sequence[dict]) -> list[str]:
     n = min((r["n"] for r in contrasts if r["test"] == "sign-flip exact" and r["n"] > 0), default=None)
     if n is not None and 2 / 2 ** n > 0.05:
         lines.append(f"  With {n} seeds the exact test cannot go below p = {2 / 2 ** n:.2g} (2/2^n), before Holm: "
-                     "more seeds (6 or more) can show a change at the 5% level.")
+                     "more seeds (6 or more) can show a change at the 5% level. The t-intervals assume normal "
+                     "differences and can exclude 0 where the test cannot: they show the direction, the test decides.")
     return lines + [""]
 
 
-def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str:
+def _verdicts(contrasts: Sequence[dict], several: bool) -> list[str]:
+    """The question in words, per model: instruction − repetition on the requested mention's Δ AUC."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in contrasts):
+        rows = [r for r in contrasts if (r["model"], r["variant"], r["reference"], r["measure"]) == (
+            model, "instruction", "repetition", "delta_auc_last") and math.isfinite(r["mean"])]
+        if not rows:
+            continue
+        lower = [r for r in rows if r["ci_high"] < 0 and r["p_holm"] < 0.05]
+        where = f"{model}: " if several else ""
+        if lower:
+            out.append(f"  Verdict: {where}the instruction lowers attention on the concept beyond naming it twice for "
+                       f"{len(lower)} of {len(rows)} concepts (95% interval below 0 and Holm p < 0.05).")
+        else:
+            direction = ("higher" if all(r["mean"] > 0 for r in rows) else "lower" if all(r["mean"] < 0 for r in rows)
+                         else "mixed")
+            out.append(f"  Verdict: {where}no evidence that the instruction lowers attention on the concept beyond "
+                       f"naming it twice (instruction − repetition, Δ AUC of the requested mention: {direction} for "
+                       f"the {len(rows)} concept{'s' * (len(rows) != 1)}, none with Holm p < 0.05).")
+    return out
+
+
+def format_summary(result, *, scorer_kind: str | None = None, random_weights=(), **settings) -> str:
     """The summary table as text: per concept and variant, AUC and Δ AUC (mean [95% CI]) over seeds.
 
     ``scorer_kind``: ``"clip"`` (CLIPScore), ``"shapes"`` (the shapes checker) or anything else (a user's scorer,
-    described by its name only); ``None``: taken from the ``scorer`` setting's name.
+    described by its name only); ``None``: taken from the ``scorer`` setting's name. ``random_weights``: the models
+    of random weights (said first: their numbers are plumbing).
     """
 
 
@@ -232,6 +257,9 @@ def format_summary(result, *, scorer_kind: str | None = None, **settings) -> str
         return f"{v:>{sign}9.4f}" if math.isfinite(v) else f"{'n/a':>9}"
 
     lines = ["attnprobe study: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)]
+    if random_weights:
+        lines.append(f"{', '.join(random_weights)}: random weights, so these numbers test the plumbing, not the "
+                     "question (run --model shapes, or a real model)")
     lines += answer_lines(getattr(result, "contrasts", []))
     width = max([13] + [min(len(r["variant"]) + 1, 25) for r in result.summary])
     header = (f"{'concept':<16}{'variant':<{width}}{'AUC':>8}  {'Δ AUC, requested mention':<30}{'Δ presence':>10}  "

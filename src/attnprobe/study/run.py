@@ -376,7 +376,8 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
     if echo:
         shown = plan.size or (measure.default_size(pipe, plan.models[0]) if len(plan.models) == 1 and pipe else "native")
         print(format_summary(result, model=", ".join(plan.models), steps=plan.steps, guidance=plan.guidance,
-                             size=shown, scorer=scorer_name, scorer_kind=scorer_kind(plan.scorer)))
+                             size=shown, scorer=scorer_name, scorer_kind=scorer_kind(plan.scorer),
+                             random_weights=[m for m in plan.models if m in TINY_MODELS]))
     if interrupted:
         raise KeyboardInterrupt
     return result
