@@ -49,6 +49,7 @@ def test_the_page_leads_with_the_answer_and_embeds_every_figure(folder):
     assert row["sites"]["shape"][0] == len(cells[0]["sites"]) > 1
     assert row["calls"]["shape"][0] == len(cells[0]["timesteps"]) == 2
     assert max(row["sites"]["shape"][1:]) <= 32
+    assert row["joint"]["shape"][0] == len(cells[0]["sites"]) * 2 and max(row["joint"]["shape"][1:]) <= 12
 
 
 def test_cells_keep_the_browser_maps(folder):
@@ -58,6 +59,7 @@ def test_cells_keep_the_browser_maps(folder):
     assert sites.shape[0] == len(record["map_sites"]) and calls.shape[0] == 2
     # the mean over sites and the mean over calls are the same map (the heat map at this size)
     assert (sites.mean(0) - calls.mean(0)).abs().max() <= 1e-3 * sites.abs().max()
+    assert tensors["sitecalls.0"].shape[:2] == (sites.shape[0], 2)  # every site at every call
 
 
 def test_report_command_rewrites_only_the_page(folder, capsys):
@@ -91,7 +93,7 @@ def test_cells_of_older_runs_show_their_image_and_mean_map(folder, tmp_path):
         if "map_sites" not in record:  # the text cells
             continue
         record.pop("map_sites")
-        kept = {k: v for k, v in tensors.items() if not k.startswith(("sitemaps.", "callmaps."))}
+        kept = {k: v for k, v in tensors.items() if not k.startswith(("sitemaps.", "callmaps.", "sitecalls."))}
         cell = Cell(**record["cell"])
         manifest.record(cell, write_cell(old, cell, record, kept, settings=entries[0]["settings"]))
     rewrite_page(old)
@@ -149,7 +151,26 @@ def test_the_page_in_a_headless_browser(folder, browser):
         drawn, after, info = _shown(browser, drawn)
         assert after != pixels, f"choosing {control}={value} left the map as it was"
         pixels = after
-    assert "dog, instruction, seed 1: call 1, mean over sites" in info
+    assert "dog, instruction, seed 1: site " in info and ", call 1;" in info  # one site at one call
+    Select(browser.find_element("id", "site")).select_by_value("all")
+    drawn, after, info = _shown(browser, drawn)
+    assert after != pixels and "dog, instruction, seed 1: call 1, mean over sites" in info
     shot = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
     assert len(set(shot.getdata())) > 50
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_past_its_budget_the_page_keeps_no_site_at_one_call(folder, monkeypatch):
+    """The site × call maps stop at JOINT_BUDGET values per page; the marginals stay (the browser says why)."""
+    from attnprobe.study import page
+
+    before = json.loads(re.search(r"const DATA = (.*?);\n", (folder / "report.html").read_text()).group(1))
+    assert all(r.get("joint") for c in before["cells"] for r in c["rows"])
+    monkeypatch.setattr(page, "JOINT_BUDGET", 1)
+    rewrite_page(folder)
+    html_text = (folder / "report.html").read_text()
+    after = json.loads(re.search(r"const DATA = (.*?);\n", html_text).group(1))
+    assert all(r.get("joint") is None and r["sites"] and r["calls"] for c in after["cells"] for r in c["rows"])
+    assert "the page's budget for one-site-one-call maps is spent" in html_text
+    monkeypatch.undo()
+    rewrite_page(folder)

@@ -250,7 +250,7 @@ def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | N
                 where["sites"] = record.get("sites")
                 where["rows"].setdefault(row, {})[cell.seed] = tensors[f"sites.{k}"].double().numpy()
         if hasattr(result, "browser"):  # report.html's heat-map browser: every cell's small maps and images
-            keep = ("image", "sitemaps", "callmaps") if "sitemaps.0" in tensors else ("image", "map")
+            keep = ("image", "sitemaps", "callmaps", "sitecalls") if "sitemaps.0" in tensors else ("image", "map")
             timesteps = {r["call"]: r["timestep"] for r in record["trajectories"]}
             result.browser.append(dict(model=cell.model, concept=cell.concept, seed=cell.seed, rows=record["rows"],
                                        sites=record.get("map_sites") or [],

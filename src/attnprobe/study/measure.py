@@ -32,13 +32,16 @@ from .report import warn
 from .scorer import checked_scores
 
 __all__ = ["measure_cell", "check_prompts", "check_makes_images", "check_size", "size_factor", "default_size",
-           "initial_latents", "concept_mass", "failure_row", "browser_maps", "THUMBNAIL", "BROWSER_SIDE"]
+           "initial_latents", "concept_mass", "failure_row", "browser_maps", "THUMBNAIL", "BROWSER_SIDE",
+           "JOINT_SIDE"]
 
 #: The largest side of the images a cell shard keeps for the heat-map figure (pixels).
 THUMBNAIL = 128
 
 #: The largest side of the small maps a cell shard keeps for report.html's heat-map browser (``browser_maps``).
 BROWSER_SIDE = 32
+#: The largest side of its maps of one site at one call (``[site, call, h, w]``: many, so smaller).
+JOINT_SIDE = 12
 
 
 
@@ -299,7 +302,8 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
         aucs.append(dict(concept=concept, variant=variant, seed=seed, prompt=prompt, intervention=what,
                          mentions=mentions, auc=auc(mass), auc_last=auc(mass_last), presence=p, clip_accuracy=a, count=n))
         tensors[f"map.{k}"] = heatmap(st, concept, i, occurrence=-1).float()
-        map_sites, tensors[f"sitemaps.{k}"], tensors[f"callmaps.{k}"] = browser_maps(st, concept, i)
+        map_sites, tensors[f"sitemaps.{k}"], tensors[f"callmaps.{k}"], tensors[f"sitecalls.{k}"] = browser_maps(
+            st, concept, i)
         thumb = image.convert("RGB")
         thumb.thumbnail((THUMBNAIL, THUMBNAIL))  # for the heat-map figure: small, so every cell can keep its images
         tensors[f"image.{k}"] = torch.from_numpy(np.asarray(thumb, dtype=np.uint8).copy())
@@ -313,7 +317,8 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
                 map_sites=map_sites), tensors
 
 
-def browser_maps(store, concept, sample, side: int = BROWSER_SIDE) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def browser_maps(store, concept, sample, side: int = BROWSER_SIDE,
+                 joint_side: int = JOINT_SIDE) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
     """The small maps of report.html's heat-map browser: the requested (last) mention's attention per site and per call.
 
     Each (site, call) map is the mention's tokens summed and the heads averaged (``[qh, qw]``, as ``heatmap``), resized
@@ -321,9 +326,10 @@ def browser_maps(store, concept, sample, side: int = BROWSER_SIDE) -> tuple[list
     its longer side (the aspect kept). Flat sites (no grid) are left out, as in ``heatmap``.
 
     Returns:
-        ``(names, per_site, per_call)``: the sites' names in execution order; ``per_site`` ``[site, h, w]`` (each site's
-        maps averaged over calls) and ``per_call`` ``[call, h, w]`` (each call's averaged over sites), float16. Their
-        means over sites and over calls are the same map: ``heatmap``'s, at this size.
+        ``(names, per_site, per_call, joint)``: the sites' names in execution order; ``per_site`` ``[site, h, w]`` (each
+        site's maps averaged over calls) and ``per_call`` ``[call, h, w]`` (each call's averaged over sites), float16.
+        Their means over sites and over calls are the same map: ``heatmap``'s, at this size. ``joint`` ``[site, call,
+        h', w']``: every site at every call, float16, cut to ``joint_side`` pixels on its longer side.
     """
     positions = concept_positions(store, concept, sample, occurrence=-1)
     idx = store.sample_index(sample)
@@ -340,7 +346,11 @@ def browser_maps(store, concept, sample, side: int = BROWSER_SIDE) -> tuple[list
         per_site.append(torch.nn.functional.interpolate(grid, size=shape, mode="bilinear", align_corners=False,
                                                         antialias=shrink)[:, 0])  # [call, h, w]
     stack = torch.stack(per_site)  # [site, call, h, w]
-    return names, stack.mean(dim=1).half(), stack.mean(dim=0).half()
+    small = min(1.0, joint_side / max(shape))
+    joint = stack if small == 1 else torch.nn.functional.interpolate(
+        stack.flatten(0, 1)[:, None], size=(max(1, round(shape[0] * small)), max(1, round(shape[1] * small))),
+        mode="bilinear", align_corners=False, antialias=True)[:, 0].unflatten(0, stack.shape[:2])
+    return names, stack.mean(dim=1).half(), stack.mean(dim=0).half(), joint.half()
 
 
 def concept_mass(store, concept, sample, occurrence, factors, by_site: bool = False) -> torch.Tensor:

@@ -6,10 +6,11 @@ JSON. The merge writes the page with its tables and figures (``files.Staged``: i
 output is written); ``attnprobe report DIR`` (``rewrite_page``) writes it again from a folder's cells and tables.
 
 The heat-map browser shows, over each generation's image, the requested mention's attention for a concept × row
-(variant or intervention) × seed, at every site and denoiser call together, one site over every call, or one call over
-every site (``measure.browser_maps``: the cell keeps ``[site, h, w]`` and ``[call, h, w]``, not each site at each
-call). Each map is quantised to uint8 between its own min and max (the page says both), so the page grows by about
-``(sites + calls) × h × w × 4/3`` bytes per generated image (h, w ≤ 32), plus its thumbnail (≤ 128 px PNG); tables
+(variant or intervention) × seed, at every site and denoiser call together, one site over every call, one call over
+every site, or one site at one call (``measure.browser_maps``: the cell keeps ``[site, h, w]``, ``[call, h, w]`` and
+``[site, call, h', w']``; the last embedded up to ``JOINT_BUDGET`` values per page). Each map is quantised to uint8
+between its own min and max (the page says both), so the page grows by about ``((sites + calls) × h × w + sites ×
+calls × h' × w') × 4/3`` bytes per generated image (h, w ≤ 32; h', w' ≤ 12), plus its thumbnail (≤ 128 px PNG); tables
 of more than ``MAX_ROWS`` rows show their first rows and link to the CSV beside the page. Cells of older runs (no
 per-site maps) show their image and mean map only.
 """
@@ -132,6 +133,11 @@ def _quantised(maps: torch.Tensor) -> dict:
     return {"shape": list(a.shape), "min": lo.tolist(), "max": hi.tolist(), "q": base64.b64encode(q.tobytes()).decode()}
 
 
+#: the most values of one-site-at-one-call maps a page embeds (about 5 MB of base64); past it, the browser shows each
+#: site over all calls and each call over all sites, and says so
+JOINT_BUDGET = 4_000_000
+
+
 def browser_data(browser: list[dict], side: int = 32) -> list[dict]:
     """The heat-map browser's data (JSON-ready) from ``collect``'s ``result.browser`` entries: per generation, each row's
     thumbnail (PNG data URI) and quantised maps (``sites``: ``[site, h, w]``, ``calls``: ``[call, h, w]``; a cell of
@@ -139,6 +145,7 @@ def browser_data(browser: list[dict], side: int = 32) -> list[dict]:
     from PIL import Image
 
     cells = []
+    joint_budget = JOINT_BUDGET  # values of the site × call maps the page takes, all cells together
     for entry in browser:
         t = entry["tensors"]
         rows = []
@@ -151,6 +158,10 @@ def browser_data(browser: list[dict], side: int = 32) -> list[dict]:
             if f"sitemaps.{k}" in t and f"callmaps.{k}" in t:
                 row["sites"], row["calls"] = _quantised(t[f"sitemaps.{k}"]), _quantised(t[f"callmaps.{k}"])
                 row["mean"] = _quantised(t[f"sitemaps.{k}"].float().mean(0, keepdim=True))
+                if f"sitecalls.{k}" in t and joint_budget > 0:  # one site at one call: [site × call, h, w]
+                    joint = t[f"sitecalls.{k}"]
+                    joint_budget -= joint.numel()
+                    row["joint"] = _quantised(joint.flatten(0, 1)) if joint_budget >= 0 else None
             elif f"map.{k}" in t:
                 m = t[f"map.{k}"].float()[None, None]
                 scale = min(1.0, side / max(m.shape[-2:]))
@@ -316,10 +327,12 @@ function changedSeed(){const c=current(),v=$("v").value;fill($("v"),c.rows.map(r
 let drawing=0;
 function draw(){const token=++drawing,c=current(),row=c.rows.find(r=>r.name===$("v").value)||c.rows[0];
  const site=$("site").value,call=$("call").value;let m=row.mean,i=0,what="all sites, all calls";
- if(site!=="all"&&row.sites){m=row.sites;i=+site;what="site "+c.sites[i]+", mean over calls";}
+ if(site!=="all"&&call!=="all"){m=row.joint;i=(+site)*c.timesteps.length+(+call);what="site "+c.sites[+site]+", call "+call+
+  (m?"":" (not kept: the page's budget for one-site-one-call maps is spent; choose all sites or all calls)");}
+ else if(site!=="all"&&row.sites){m=row.sites;i=+site;what="site "+c.sites[i]+", mean over calls";}
  else if(call!=="all"&&row.calls){m=row.calls;i=+call;what="call "+i+", mean over sites";}
  const cv=$("hm"),ctx=cv.getContext("2d"),H=cv.height,W=H,X=cv.width-W;ctx.clearRect(0,0,cv.width,H);
- const finish=()=>{if(token!==drawing)return;if(!m){$("info").textContent="No map kept for this row.";return;}
+ const finish=()=>{if(token!==drawing)return;if(!m){$("info").textContent="No map kept for this row: "+what+".";return;}
   const h=m.shape[1],w=m.shape[2],q=decode(m),off=document.createElement("canvas");off.width=w;off.height=h;
   const ox=off.getContext("2d"),img=ox.createImageData(w,h);
   for(let p=0;p<h*w;p++){const [r,g,b]=lut(q[i*h*w+p]/255);img.data.set([r,g,b,255],4*p);}
@@ -332,8 +345,8 @@ function draw(){const token=++drawing,c=current(),row=c.rows.find(r=>r.name===$(
  if(row.image){const im=new Image();im.onload=()=>{if(token!==drawing)return;ctx.imageSmoothingEnabled=false;ctx.drawImage(im,0,0,W,H);ctx.drawImage(im,X,0,W,H);finish();};im.src=row.image;}
  else finish();}
 $("c").onchange=changedConcept;$("s").onchange=changedSeed;$("v").onchange=draw;$("op").oninput=draw;
-$("site").onchange=()=>{if($("site").value!=="all")$("call").value="all";draw();};
-$("call").onchange=()=>{if($("call").value!=="all")$("site").value="all";draw();};
+$("site").onchange=draw;
+$("call").onchange=draw;
 (()=>{const b=$("bar").getContext("2d"),d=b.createImageData(256,1);for(let x=0;x<256;x++)d.data.set([...lut(x/255),255],4*x);b.putImageData(d,0,0);})();
 setup();
 </script>"""
