@@ -353,3 +353,14 @@ def test_the_printed_summary_leads_with_the_paired_answer(tmp_path, capsys):
     assert "tiny: random weights" in out[1] and out[2].startswith("The answer, paired by seed")
     assert out[3].startswith("  Verdict: no evidence that the instruction lowers attention") or "Verdict: the" in out[3]
     assert "instruction − repetition" in out[4] and any("cannot go below" in line for line in out[:10])
+
+
+def test_the_cli_default_is_the_shapes_model_with_seeds_its_exact_test_needs():
+    """Without --model the CLI runs the shapes model, with 8 seeds: the exact test's smallest p, 2/2^8, times Holm's
+    3 concepts is under 0.05 (with 3 seeds it is 0.75); tiny keeps the API's 3 seeds."""
+    args = cli.build_parser().parse_args(["study"])
+    kwargs = cli._study_arguments(args)
+    assert kwargs["model"] == "shapes" and kwargs["seeds"] == list(range(8)) and 3 * 2 / 2 ** 8 < 0.05
+    tiny = cli._study_arguments(cli.build_parser().parse_args(["study", "--model", "tiny"]))
+    assert "seeds" not in tiny and cli._study_arguments(
+        cli.build_parser().parse_args(["study", "--seeds", "0,1"]))["seeds"] == [0, 1]

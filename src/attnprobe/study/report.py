@@ -224,10 +224,15 @@ def _verdicts(contrasts: Sequence[dict], several: bool) -> list[str]:
         if not rows:
             continue
         lower = [r for r in rows if r["ci_high"] < 0 and r["p_holm"] < 0.05]
+        higher = [r for r in rows if r["ci_low"] > 0 and r["p_holm"] < 0.05]
         where = f"{model}: " if several else ""
         if lower:
             out.append(f"  Verdict: {where}the instruction lowers attention on the concept beyond naming it twice for "
                        f"{len(lower)} of {len(rows)} concepts (95% interval below 0 and Holm p < 0.05).")
+        elif higher:
+            out.append(f"  Verdict: {where}no evidence that the instruction lowers attention on the concept beyond "
+                       f"naming it twice: it raises it for {len(higher)} of {len(rows)} concepts (instruction − "
+                       "repetition, Δ AUC of the requested mention: 95% interval above 0 and Holm p < 0.05).")
         else:
             direction = ("higher" if all(r["mean"] > 0 for r in rows) else "lower" if all(r["mean"] < 0 for r in rows)
                          else "mixed")
