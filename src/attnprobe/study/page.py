@@ -114,7 +114,7 @@ def _answer_table(rows: list[dict]) -> str:
         cls = {"lower": "neg", "higher": "pos"}.get(verdict, "")
         out.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     head = (["model"] if several else []) + ["concept", "contrast", "measure", "seeds", "mean difference", "95% CI",
-                                             "p", "Holm p", "95% CI says"]
+                                             "p", "Holm p", "direction (t-interval)"]
     return ("<div class=scroll><table class=answer><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
             + "</tr></thead><tbody>" + "".join(out) + "</tbody></table></div>")
 
@@ -189,9 +189,13 @@ def page_html(files: dict[str, bytes], browser: list[dict], settings: dict | Non
     if any(m in TINY_MODELS for m in models):
         parts.append("<p class=warn>Random weights (" + html.escape(", ".join(m for m in models if m in TINY_MODELS))
                      + "): these numbers test the plumbing, not the question. Run --model shapes, or a real model.</p>")
+    if "shapes" in models:
+        parts.append("<p class=note>shapes: attnprobe's small model trained offline on 32 × 32 scenes of coloured "
+                     "shapes, where every pixel is known: a finding about it, not about a large text-to-image model.</p>")
     parts.append("<section id=answer><h2>The answer</h2><p class=q>Does an unlearning instruction lower the denoiser's "
-                 "attention to the concept beyond naming it twice? Paired by seed; Δ = row − baseline of the same seed; "
-                 "green: 95% CI below 0 (lower), red: above 0.</p>")
+                 "attention to the concept beyond naming it twice? Each contrast is row − reference of the same seed "
+                 "(e.g. instruction − repetition), on each row's Δ against the baseline of that seed; green: its 95% "
+                 "t-interval below 0, red: above 0 (the direction; the exact test and Holm's p decide).</p>")
     lines = answer_lines(contrasts)
     if lines:
         parts.append("<pre class=lines>" + html.escape("\n".join(lines).strip()) + "</pre>")
@@ -293,7 +297,7 @@ figcaption{font-size:13px;color:#444}#browser .controls label{margin-right:12px;
 
 _BROWSER = """<section id=browser><h2>Heat-map browser</h2>
 <p class=note>Left: the generated image; right: the requested mention's attention over it: every site and denoiser call together, one site
-over every call, or one call over every site (a site at one call is not kept). Each map is scaled to its own min–max
+over every call, one call over every site, or one site at one call (smaller maps, kept within a page budget). Each map is scaled to its own min–max
 (below), to show where, not how much.</p>
 <div class=controls><label>concept <select id=c></select></label><label>row <select id=v></select></label>
 <label>seed <select id=s></select></label><label>site <select id=site></select></label>

@@ -208,6 +208,10 @@ def answer_lines(contrasts: Sequence[dict]) -> list[str]:
                      f"below 0 for {below}, above 0 for {above}; smallest Holm p {p:.2g} ({tests}, n="
                      f"{'–'.join(map(str, (n[0], n[-1]))) if len(n) > 1 else n[0]} seeds)")
     n = min((r["n"] for r in contrasts if r["test"] == "sign-flip exact" and r["n"] > 0), default=None)
+    if n is not None and any(r["test"] == "sign-flip exact" and r["n"] == n and math.isclose(r["p_value"], 2 / 2 ** n)
+                             for r in contrasts):
+        lines.append(f"  p = {2 / 2 ** n:.3g} (2/2^n) is the smallest the exact test gives with {n} seeds: every seed's "
+                     "difference had the same sign.")
     if n is not None and 2 / 2 ** n > 0.05:
         lines.append(f"  With {n} seeds the exact test cannot go below p = {2 / 2 ** n:.2g} (2/2^n), before Holm: "
                      "more seeds (6 or more) can show a change at the 5% level. The t-intervals assume normal "
