@@ -103,7 +103,7 @@ def _pairs(names: Sequence[str], interventions: Sequence[str]) -> list[tuple[str
 
 
 def contrast_rows(aucs: Sequence[dict], models, concepts, names: Sequence[str],
-                  interventions: Sequence[str] = (), interval=None) -> list[dict]:
+                  interventions: Sequence[str] = (), *, interval) -> list[dict]:
     """Per model, measure, contrast and concept: the paired differences ``row − reference`` over seeds.
 
     Args:
@@ -134,7 +134,7 @@ def contrast_rows(aucs: Sequence[dict], models, concepts, names: Sequence[str],
                             d.append(x - y)
                     if not seeds:
                         continue
-                    mean, low, high = interval(d) if interval else (fmean(d) if d else float("nan"),) * 3
+                    mean, low, high = interval(d)
                     p_t = _t_p(d)
                     p_flip = sign_flip_p(d) if 0 < len(d) <= EXACT_UP_TO else float("nan")
                     exact = len(d) <= EXACT_UP_TO
