@@ -149,6 +149,7 @@ class Recorder:
 
     def remove(self) -> None:
         self.state.workspace.clear()
+        self.state.pending.buffers.clear()
         self.encode_watch.remove()
         for handle in self.handles + self.order_handles:
             handle.remove()
@@ -382,9 +383,10 @@ class Recorder:
 
     def _collect(self) -> None:
         """Take the maps the wrappers left in ``state.outbox`` (``[sample, head, query, token]``, fp32)."""
-        outbox = self.state.outbox
+        outbox, state = self.state.outbox, self.state
         if self.current_call is None:
             outbox.clear()  # sites that ran outside a kept denoiser call: nothing to key them by
+            state.pending.drop()
             self.state.shares.clear()
             self._checked()
             return
@@ -392,6 +394,7 @@ class Recorder:
             self.shares.append((self.call, site, self._filled(share)))
         self.state.shares.clear()
         self._checked()
+        outbox += state.pending.finish(state.heads, state.tokens, state.dtype, state.workspace)
         for site, probs in outbox:
             if site in self.current:
                 raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
