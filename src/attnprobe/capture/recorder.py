@@ -27,7 +27,6 @@ from dataclasses import replace
 from typing import Iterator, Sequence
 
 import torch
-from einops import rearrange
 
 from ..errors import ProbeError, warn
 from ..store import AttentionStore, Call, StoreWriter
@@ -399,7 +398,7 @@ class Recorder:
             if site in self.current:
                 raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
             qh, qw = self._grid(site, probs.shape[2])
-            probs = self._filled(rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw))
+            probs = self._filled(probs.unflatten(2, (qh, qw)))  # [sample, head, (qh qw), token] -> qh, qw
             self.current[site] = probs  # in the store's dtype (fp32 for an aggregate), see CaptureState.dtype
         outbox.clear()
 
