@@ -135,13 +135,14 @@ def child_compile(repeats: int) -> dict:
 
 
 def child_breakdown(repeats: int, size: int = 256) -> dict:
-    """Where the target row's probed time goes, per generation (median of ``repeats``), against a plain one: the
-    probe's logits (``attention_logits``: q·kᵀ, every site call), its softmax, head mean and cast (``PendingLogits.finish``,
-    once per shape and denoiser call) and the per-site path of each site's first recorded call (``attention_probs``
-    and ``reduce_probs``, with the verify-once check), each timed inside the probe; ``other`` is the rest of the
-    probed generation's extra time (hooks, labels, Python per site, the store). Returns seconds per generation
-    (``plain_s``, ``probed_s``, ``logits_s``, ``softmax_s``, ``first_s``, ``other_s``) and ``share`` = (logits +
-    softmax + first) / plain."""
+    """Where the target row's probed time goes, per generation (median of ``repeats``), against a plain one, each
+    part timed inside the probe: the small sites' logits (``attention_logits``: q·kᵀ into ``PendingLogits``) and
+    their softmax, head mean and cast (``PendingLogits.finish``, once per shape and denoiser call); the per-site path
+    (``attention_probs`` and ``reduce_probs``: the large sites, and every site's first recorded call with its
+    verify-once check); ``other`` is the rest of the probed generation's extra time (hooks, labels, Python per site,
+    the store, and the model's own tensors pushed out of the caches). Returns seconds per generation (``plain_s``,
+    ``probed_s``, ``logits_s``, ``softmax_s``, ``first_s``: the per-site path, ``other_s``) and ``share`` = (logits +
+    softmax + per-site) / plain."""
     import statistics
     import time
 
@@ -223,8 +224,9 @@ def main():
         for px in (256, 64):
             split = in_child(__file__, "breakdown", str(repeats), str(px), *threads)
             print(f"target row at {px} px, per generation: plain {split['plain_s'] * 1e3:.0f} ms, probed "
-                  f"{split['probed_s'] * 1e3:.0f} ms: logits {split['logits_s'] * 1e3:.1f} ms + softmax, head mean and "
-                  f"cast {split['softmax_s'] * 1e3:.1f} ms + first recorded call per site (with the check) "
+                  f"{split['probed_s'] * 1e3:.0f} ms. The probe's arithmetic: small sites' logits "
+                  f"{split['logits_s'] * 1e3:.1f} ms + their softmax, head mean and cast once per call "
+                  f"{split['softmax_s'] * 1e3:.1f} ms + the per-site path (large sites, first calls with the check) "
                   f"{split['first_s'] * 1e3:.1f} ms = {split['share']:.1%} of a plain generation; the rest (hooks, "
                   f"labels, Python per site, the store, the caches) {split['other_s'] * 1e3:.1f} ms")
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} thread(s), {os.cpu_count()} cores; "

@@ -236,7 +236,8 @@ class ProbeProcessor:
         workspace = state.workspace if query.device.type == "cpu" and check is not False else None
         with torch.no_grad():
             check_keys(state, self.site, key.shape[1])
-            if workspace is not None and not check:  # softmax, reductions and cast once per shape, at the call's end
+            if workspace is not None and not check and state.pending.takes(query, key, attn.heads, state.rows):
+                # a small site: its softmax, reductions and cast once per shape, at the call's end
                 attention_logits(attn, query, key, mask, state.rows,
                                  lambda shape: state.pending.slot(self.site, shape, query.device))
                 return output

@@ -53,15 +53,30 @@ def reduce_probs(probs: torch.Tensor, heads: str, tokens: torch.Tensor | None, w
 
 
 class PendingLogits:
-    """The cross-attention logits of the denoiser call in progress, one fp32 buffer per shape ``[sample, head, query,
-    token]``: the sites write their ``q · kᵀ · scale + mask`` into slots, and ``finish`` takes the softmax, the
-    capture-time reductions and the cast once per shape and call, not once per site (each torch op costs 5–15 µs
-    to dispatch on a CPU, more than the arithmetic of a small site). Used on the CPU outside ``torch.compile``.
-    The values are those of the per-site path: the softmax is row by row and the head mean element by element."""
+    """The cross-attention logits of the small sites of the denoiser call in progress, one fp32 buffer per shape
+    ``[sample, head, query, token]``: those sites write their ``q · kᵀ · scale + mask`` into slots, and ``finish``
+    takes the softmax, the capture-time reductions and the cast once per shape and call, not once per site (each
+    torch op costs 5–15 µs to dispatch on a CPU, more than the arithmetic of a small site). A large site computes
+    its map at once in reused scratch buffers instead: its cost is the arithmetic, and buffers that stay in the
+    CPU's cache beat a call's worth of logits that would push the model's own tensors out of it (``takes``). Used on
+    the CPU outside ``torch.compile``. The values are those of the per-site path: the softmax is row by row and the
+    head mean element by element."""
+
+    #: the largest site map (samples × heads × queries × tokens) taken at the call's end: 64 Ki values, 256 KiB of
+    #: fp32 (SD 1.5 at 512 px: the 8×8 and 16×16 sites; the 32×32 and 64×64 ones at once)
+    LARGEST = 64 * 1024
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, torch.Tensor] = {}  # shape -> [capacity, *shape]
         self.sites: dict[tuple, list[str]] = {}  # shape -> the sites of the call in progress, in slot order
+
+    def takes(self, query: torch.Tensor, key: torch.Tensor, heads: int, rows) -> bool:
+        """Whether a site call of ``query`` ``[batch, query, (head d)]`` and ``key`` ``[batch, token, (head d)]``
+        recording batch ``rows`` (``CaptureState.rows``) is small enough to wait for the call's end."""
+        batch = query.shape[0]
+        samples = (batch if rows is None else len(range(*rows.indices(batch))) if isinstance(rows, slice)
+                   else rows.numel())
+        return samples * heads * query.shape[1] * key.shape[1] <= self.LARGEST
 
     def slot(self, site: str, shape, device: torch.device) -> torch.Tensor:
         """The next free ``shape`` buffer of the call in progress, for ``site``."""
