@@ -36,6 +36,7 @@ from .cross import ProbeProcessor, chain
 from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, schedule_meta
 from .evidence import EncodeWatch, note_checks
 from .families import checked_family, family_of
+from .frames import check_budget, frame_maps, kept_calls, store_bytes, video_grid, video_meta
 from .kinds import wrap_processor
 from .processor import CaptureState
 from .options import capture_meta, check_options
@@ -99,6 +100,7 @@ class Recorder:
         self.latent_hw: tuple[int, int] = (0, 0)
         self.order: list[str] = []
         self.grids: dict[tuple[str, int, int, int], tuple[int, int]] = {}
+        self.video: tuple | None = None  # a video denoiser's call: (latent frames, patch, (qt, qh, qw))
         meta = capture_meta(self.pipe, denoiser, self.family.name, passes=passes, heads=heads, dtype=dtype, sites=sites,
                             calls=calls, tokens=self.tokens_spec, aggregate=aggregate, stream_to=stream_to,
                             joint=joint if any(k != "cross" for k in self.kinds.values()) else None)
@@ -245,9 +247,12 @@ class Recorder:
         self._check_intact()
         self._close_call()
         call = DenoiserCall.read(args, kwargs)
-        call.check(module, kernel=self.family.reader == "kernel")
+        call.check(module, kernel=self.family.reader == "kernel", video=self.family.video is not None)
         t = self.timesteps.value(call.timestep, getattr(self.pipe, "scheduler", None))
         hw = call.latent_hw(self._packed_hw)
+        if self.family.video is not None:  # latent frames × patches: every site's query grid (capture.frames)
+            frames, patch = self.family.video(module, call.sample)
+            self.video = (frames, patch, video_grid(frames, hw, patch))
         self.state.text_len = call.text_len
         self.state.row_text = call.mask.sum(-1) if self.family.row_text and call.mask is not None else None
         self.state.image_len = self.family.image_len(module, hw) if self.family.image_len else 0
@@ -296,13 +301,16 @@ class Recorder:
         self.layout = labels.passes
         self._set_rows(labels.keep)
         self.state.n_keys = n_keys
-        if not labels.first:
-            return
         positions = None
-        if self.tokens_spec is not None:
+        if labels.first and self.tokens_spec is not None:
             positions = resolve_tokens(self.tokens_spec, labels.layouts,
                                        len(labels.layouts[0].strings) if labels.layouts else n_keys)
             self.state.tokens = torch.tensor(positions, dtype=torch.long)
+        if self.video is not None:
+            self._video_generation(len(labels.keep), len(positions) if positions is not None else (
+                self.store.n_tokens if not labels.first else n_keys))
+        if not labels.first:
+            return
         self.writer.set_samples(labels.samples, labels.layouts, positions)
         self.store.meta.update(labels.meta)
         if call.mask is not None:  # PixArt: the T5 padding mask (1 = attended)
@@ -310,6 +318,17 @@ class Recorder:
             self.store.meta["text_mask"] = call.mask.reshape(call.mask.shape[0], -1)[rows].to(torch.int).tolist()
         # a streamed store is readable from its first shard on, also after a crash
         self.writer.write_header({**self.store.meta, "complete": False})
+
+    def _video_generation(self, samples: int, tokens: int) -> None:
+        """A video pipeline call starts: its frames are the store's (``meta["video"]``), and its maps fit."""
+        frames, patch, grid = self.video
+        meta = video_meta(self.pipe, frames, patch, grid)
+        if self.store.meta.setdefault("video", meta)["qt"] != meta["qt"]:
+            raise ProbeError(f"this pipeline call's latents have {frames} frames ({meta['qt']} query frames), the "
+                             f"store's first had {self.store.meta['video']['qt']}: one store holds one frame count")
+        need = store_bytes(self.sites, samples, grid, tokens, self.heads, self.state.dtype, 1)
+        calls = 1 if self.aggregate else kept_calls(getattr(self.pipe, "scheduler", None), self.keep_call)
+        check_budget(need, calls, self.device, self.store.folder, self.aggregate)
 
     def _set_rows(self, present: list[int | None]) -> None:
         """The batch row of each store sample in the denoiser calls from now on (``None``: it has none)."""
@@ -395,8 +414,11 @@ class Recorder:
         for site, probs in outbox:
             if site in self.current:
                 raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
-            qh, qw = self._grid(site, probs.shape[2])
-            probs = self._filled(rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw))
+            if self.video is not None:  # [sample, head, qt, qh, qw, token]
+                probs = self._filled(frame_maps(site, probs, self.video))
+            else:
+                qh, qw = self._grid(site, probs.shape[2])
+                probs = self._filled(rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw))
             self.current[site] = probs  # in the store's dtype (fp32 for an aggregate), see CaptureState.dtype
         outbox.clear()
 

@@ -80,6 +80,8 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "OvisImagePipeline": ("ovis", "tests/test_more_families.py"),
     "PRXPipeline": ("prx", "tests/test_new_families.py"),
     "LongCatImagePipeline": ("longcat", "tests/test_longcat.py"),
+    "WanPipeline": ("wan", "tests/test_video.py"),
+    "CogVideoXPipeline": ("cogvideox", "tests/test_video.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),

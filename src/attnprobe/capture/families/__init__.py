@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import ProbeError, warn
-from . import (auraflow, bria, cascade, cogview3, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage,
-               kandinsky3, longcat, lumina, lumina2, ovis, pixart, prx, qwen, refused, sana, sd3, unet, zimage)
+from . import (auraflow, bria, cascade, cogview3, cogvideox, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage,
+               kandinsky3, longcat, lumina, lumina2, ovis, pixart, prx, qwen, refused, sana, sd3, unet, wan, zimage)
 from .registry import Family
 
 __all__ = ["Family", "FAMILIES", "REFUSED_FAMILIES", "GENERIC", "family_of", "checked_family"]
@@ -27,7 +27,7 @@ FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.
                                   hunyuandit.FAMILY, auraflow.FAMILY, lumina2.FAMILY, zimage.FAMILY,
                                   kandinsky3.FAMILY, hidream.FAMILY, hunyuanimage.FAMILY, cascade.FAMILY,
                                   cogview3.FAMILY, lumina.FAMILY, bria.FAMILY, ovis.FAMILY, prx.FAMILY,
-                                  longcat.FAMILY)
+                                  longcat.FAMILY, wan.FAMILY, cogvideox.FAMILY)
 #: Denoisers refused by what they are (video, audio, CLIP-embedding priors, Stable Cascade's decoder), tried before
 #: ``FAMILIES``.
 REFUSED_FAMILIES: tuple[Family, ...] = refused.FAMILIES
@@ -58,6 +58,9 @@ def checked_family(pipe, denoiser: torch.nn.Module, allow_generic: bool = False)
     what = what if pipe is denoiser else f"{type(pipe).__name__} (denoiser {what})"
     if family.refused:
         raise ProbeError(f"{what} is {family.title}: attnprobe does not record it, because {family.refused}")
+    why = family.pipe_refused(pipe) if family.pipe_refused is not None and pipe is not denoiser else None
+    if why:
+        raise ProbeError(f"{what} is {family.title}, but attnprobe does not record this pipeline: {why}")
     if family is GENERIC:
         if not allow_generic:
             known = ", ".join(f.name for f in FAMILIES)
