@@ -270,10 +270,12 @@ def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
         meta["timesteps"] = [float(t) for t in ts] if ts is not None else None
     h, w = latent_hw
     # the autoencoder's own down-sampling where its config tells (Bria's vae_scale_factor counts its 2×2 packing too),
-    # else the pipeline's vae_scale_factor (Sana's DC-AE, Qwen-Image's VAE), else 1 (pixel space: IF)
+    # else the pipeline's vae_scale_factor (Sana's DC-AE, Qwen-Image's VAE) or vae_scale_factor_spatial (Wan's video
+    # VAE), else 1 (pixel space: IF)
     coder = getattr(pipe, "vae", None) or getattr(pipe, "movq", None)
     levels = getattr(getattr(coder, "config", None), "block_out_channels", None)
-    scale = 2 ** (len(levels) - 1) if levels else int(getattr(pipe, "vae_scale_factor", 0) or 1)
+    scale = 2 ** (len(levels) - 1) if levels else int(getattr(pipe, "vae_scale_factor", 0)
+                                                       or getattr(pipe, "vae_scale_factor_spatial", 0) or 1)  # Wan's
     meta["latent_size"] = [h, w]
     meta["image_size"] = [h * scale, w * scale]
     return meta
