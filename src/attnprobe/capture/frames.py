@@ -96,7 +96,7 @@ def _free(device: torch.device) -> int | None:
     return None
 
 
-def check_budget(need_call: int, calls: int, device, stream_to=None, aggregate=None, free=_free) -> None:
+def check_budget(need_call: int, calls: int, device, stream_to=None, aggregate=None, free=None) -> None:
     """Refuse a recording that would not fit, before its first denoiser call.
 
     Args:
@@ -104,7 +104,7 @@ def check_budget(need_call: int, calls: int, device, stream_to=None, aggregate=N
         calls: the denoiser calls the store will keep in this pipeline call. device: where the maps are kept.
         stream_to: a streamed store's folder (one call in memory at a time; the shards must fit on its disk).
         aggregate: an aggregate keeps one call's worth.
-        free: ``device -> free bytes or None`` (for tests).
+        free: ``device -> free bytes or None``. Default: what the device has free now.
 
     Raises:
         ProbeError: the estimate is over what is free (memory of ``device``, or the disk of ``stream_to``); it says
@@ -112,7 +112,7 @@ def check_budget(need_call: int, calls: int, device, stream_to=None, aggregate=N
     """
     device = torch.device(device)
     in_memory = need_call if (stream_to is not None or aggregate) else need_call * calls
-    checks = [(in_memory, free(device), f"{device} memory")]
+    checks = [(in_memory, (free or _free)(device), f"{device} memory")]
     if stream_to is not None:
         folder = os.fspath(stream_to)
         while folder and not os.path.isdir(folder):
