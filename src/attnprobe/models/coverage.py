@@ -164,7 +164,8 @@ def measure(name: str) -> dict:
         kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
         params = inspect.signature(type(pipe).__call__).parameters
         kwargs.update({k: v for k, v in (("max_sequence_length", 16), ("use_resolution_binning", False),
-                                         ("clean_caption", False), ("enable_prompt_rewrite", False)) if k in params})
+                                         ("clean_caption", False), ("enable_prompt_rewrite", False),
+                                         ("num_frames", 9)) if k in params})  # video: 3 latent frames
         kwargs["output_type"] = "latent" if hasattr(pipe, "vae") else "pt"  # DeepFloyd IF: pixel space
         if name in ("lumina2", "flux2-dev"):  # their system prompts alone take 30 to 40 positions
             kwargs["max_sequence_length"] = 64

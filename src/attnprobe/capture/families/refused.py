@@ -8,14 +8,12 @@ falls to the generic family, which is refused too unless a probe is told to reco
 from .cascade import is_prior
 from .registry import Family, first_text_encoder
 
-_NO_FRAMES = ("attnprobe records the frame axis ([call, sample, head, qt, qh, qw, token]) of Wan 2.1 and CogVideoX "
-              "only, whose reading of q, k and the text keys is checked against a reference; ")
-
-
 def _video(name: str, title: str, denoisers: tuple[str, ...], why: str, **more) -> Family:
-    """A video denoiser refused up front: ``why`` names what attnprobe lacks to record it exactly."""
+    """A video denoiser refused up front: ``why`` names what attnprobe lacks to record it exactly (it records the frame
+    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1 and CogVideoX, whose reading is checked against a
+    reference)."""
     return Family(name=name, title=title, denoisers=denoisers, kinds=(), text_streams=first_text_encoder,
-                  refused=_NO_FRAMES + why, **more)
+                  refused=why, **more)
 
 
 #: Wan 2.1's image-to-video denoiser (the ``WanTransformer3DModel`` class of ``wan.FAMILY``, built with ``image_dim``)
@@ -71,7 +69,8 @@ VIDEO_FAMILIES = (
             "Kandinsky6Transformer3DModel", "MotifVideoTransformer3DModel", "SanaWMTransformer3DModel",
             "UNetSpatioTemporalConditionModel", "WanAnimateTransformer3DModel", "WanVACETransformer3DModel"),
            "this denoiser's layout of frames, patches and text keys (extra conditioning streams, control hints, "
-           "identity or image tokens, or no text at all) has no family that reads it"),
+           "identity or image tokens, or no text at all) has no family that reads it; attnprobe records the frame "
+           "axis of Wan 2.1 (WanPipeline) and CogVideoX (CogVideoXPipeline)"),
 )
 VIDEO = VIDEO_FAMILIES[-1]
 
