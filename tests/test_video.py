@@ -11,7 +11,6 @@ pairs), and the softmax over all keys is taken in float64.
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from attnprobe.capture.frames import check_budget, frame_maps, video_grid
 from attnprobe.errors import ArgumentError, ProbeError, StoreError
 from attnprobe.store.integrity import check_shapes
 from attnprobe.testing import synthetic_store, synthetic_video_store, tiny_pipeline
+from test_families import Inputs  # our own pre-forward hooks: each attention module's call arguments, per call
 
 PROMPT = "a dog running on grass"
 #: 9 frames → 3 latent frames (temporal compression 4); 32 × 48 px → 4 × 6 latents → 2 × 3 patches of 2 × 2
@@ -39,32 +39,6 @@ def pipes():
 
 def generate(pipe, prompt=PROMPT, **kwargs):
     return pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **{**VIDEO, **kwargs}).frames
-
-
-class Inputs:
-    """Each attention module's call arguments (by name), per call, kept by our own pre-forward hooks."""
-
-    def __init__(self, denoiser, names):
-        self.seen = {n: [] for n in names}
-        self.handles = [denoiser.get_submodule(n).register_forward_pre_hook(self._keeper(n), with_kwargs=True)
-                        for n in names]
-
-    def _keeper(self, name):
-        def keep(module, args, kwargs):
-            sig = inspect.signature(module.forward)
-            bound = sig.bind_partial(*args, **kwargs).arguments
-            for extra in [p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD]:
-                bound.update(bound.pop(extra, {}) or {})
-            self.seen[name].append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                                    for k, v in bound.items()})
-        return keep
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
 
 
 def _rope_pairs(x, cos, sin):
