@@ -549,9 +549,9 @@ def probe(
             warning that its labels are unchecked. Default: ``False`` (refused).
 
     Yields:
-        An ``AttentionStore``, filled while the block runs: ``store[site]`` is
-        ``[call, sample, head, qh, qw, token]``, summing to 1 over ``token`` (to the text share for ``exact`` joint
-        sites).
+        An ``AttentionStore``, filled while the block runs: ``store[site]`` is ``[call, sample, head, qh, qw, token]``
+        (a video denoiser's, Wan 2.1 and CogVideoX: ``[call, sample, head, qt, qh, qw, token]``, docs/video.md),
+        summing to 1 over ``token`` (to the text share for ``exact`` joint sites).
 
     Raises:
         ProbeError: bad options; a refused denoiser (video, audio, a prior) or one no family covers (without
@@ -560,6 +560,7 @@ def probe(
             the unconditional pass runs as separate denoiser calls (Flux true CFG: open a ``"cond"`` and an
             ``"uncond"`` probe); an attention mask at a joint site; no denoiser call (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
             ``stream_to`` is a file or a folder that is not empty; StoreIOError if a shard cannot be written (full disk).
+            ProbeError, too, for a video store whose estimated size is over the free memory (or disk), before its first call.
         NoSitesError, UnknownSiteError: see ``list_sites`` / ``select_sites``.
 
     Examples:

@@ -4,8 +4,9 @@
       attnprobe.json             coordinates and metadata (sites, samples, token layouts, capture options), the
                                  store's random id (``store_id``) and a checksum of the rest (``integrity``)
       calls/00000000.safetensors one file per recorded denoiser call: one tensor per site,
-                                 [token, sample, head, qh, qw] (token-major; video: qt qh qw); in the file's metadata the call, and
-                                 an integrity record: the store's id, the shard's number, checksums of call and maps
+                                 [token, sample, head, qh, qw] (token-major; a video store's: qt qh qw); in
+                                 the file's metadata the call, and an integrity record: the store's id, the
+                                 shard's number, checksums of call and maps
 
 Why safetensors shards (and not zarr): safetensors is already attnprobe's file format and a dependency of
 diffusers; a shard is written whole to a temporary name and renamed, so a crash never leaves a half-written

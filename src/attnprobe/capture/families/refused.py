@@ -1,7 +1,7 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
-other 3-D denoisers other than Wan 2.1 and CogVideoX (each with what is missing to record it), audio denoisers (no image grid), priors that denoise one
-CLIP image embedding (no image positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a
-block-causal sequence with a KV cache). Each names the diffusers 0.42 classes it covers; a class it does not name
+other 3-D denoisers other than Wan 2.1 and CogVideoX (each with what is missing to record it), audio denoisers (no
+image grid), priors that denoise one CLIP image embedding (no image positions), Stable Cascade's decoder (no
+per-token text) and Qwen-Image 2.1 (a block-causal sequence with a KV cache). Each names the diffusers 0.42 classes it covers; a class it does not name
 falls to the generic family, which is refused too unless a probe is told to record it by structure.
 """
 
