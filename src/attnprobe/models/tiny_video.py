@@ -4,7 +4,7 @@ name (``"wan"``, ``"cogvideox"``).
 
     >>> pipe = tiny_wan_pipeline()
     >>> type(pipe).__name__, type(pipe.transformer).__name__, pipe.transformer.config.patch_size
-    ('WanPipeline', 'WanTransformer3DModel', [1, 2, 2])
+    ('WanPipeline', 'WanTransformer3DModel', (1, 2, 2))
 
 Call them with small videos: ``num_frames=9`` (3 latent frames after the VAEs' temporal compression of 4),
 ``height=width=32`` or 48, 2 steps, ``max_sequence_length=16`` (CogVideoX: exactly its ``max_text_seq_length``, 16).
