@@ -60,8 +60,9 @@ VIDEO_FAMILIES = (
            "ModelScope text-to-video; I2VGenXLUNet; LatteTransformer3DModel)",
            ("UNetMotionModel", "UNet3DConditionModel", "I2VGenXLUNet", "LatteTransformer3DModel"),
            "its spatial cross-attention runs on batch × frame rows (each frame an image of its own, frames then mixed "
-           "by temporal modules), so a site's rows are not the batch's samples; reading frames from the batch axis is "
-           "not built yet"),
+           "by temporal modules), and AnimateDiff's pipelines repeat each row's prompt embeddings once per frame "
+           "(encoder_hidden_states of batch × frames rows for a latent batch of batch rows): a site's rows are not the "
+           "batch's samples, and labelling rows and reading frames from the batch axis is not built yet"),
     _video("video", "a video or other 3-D denoiser",
            ("AnyFlowTransformer3DModel", "AnyFlowFARTransformer3DModel", "ChronoEditTransformer3DModel",
             "ConsisIDTransformer3DModel", "CosmosTransformer3DModel", "EasyAnimateTransformer3DModel",
