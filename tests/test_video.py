@@ -19,7 +19,7 @@ import attnprobe
 from attnprobe.analysis import animate_heatmap, decoded_frame_index, frame_heatmaps
 from attnprobe.capture.families import REFUSED_FAMILIES, checked_family, family_of
 from attnprobe.capture.families.refused import VIDEO_FAMILIES
-from attnprobe.capture.frames import check_budget, frame_maps, video_grid
+from attnprobe.capture.frames import check_budget, frame_maps, kept_calls, video_grid
 from attnprobe.errors import ArgumentError, ProbeError, StoreError
 from attnprobe.store.integrity import check_shapes
 from attnprobe.testing import synthetic_store, synthetic_video_store, tiny_pipeline
@@ -141,6 +141,35 @@ def test_streamed_video_store_round_trips(pipes, tmp_path):
     assert tuple(loaded[site].shape) == (2, 1, 1, *GRID, 1) and loaded.video == store.video
     assert torch.equal(loaded[site], store[site])
     assert torch.equal(loaded.maps(site, calls=[1], tokens=[0]), loaded[site][1:])
+
+
+def test_reductions_and_passes_keep_the_frame_axis(probed, pipes):
+    wan, cog = pipes["wan"], pipes["cogvideox"]
+    full = probed["cogvideox"][2]
+    with attnprobe.probe(cog, aggregate="mean", dtype=torch.float32) as agg:
+        generate(cog)
+    site = full.sites[0].name
+    torch.testing.assert_close(agg[site][0], full[site].mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(attnprobe.heatmap(agg, "dog", frame="all"), attnprobe.heatmap(full, "dog", frame="all"),
+                               atol=1e-6, rtol=0)
+    with attnprobe.probe(wan, passes="uncond", calls=[1], heads="mean") as uncond:  # Wan: call 1 is step 0's uncond
+        generate(wan)
+    assert [c.index for c in uncond.calls] == [1] and uncond.samples[0].pass_label == "uncond"
+    assert tuple(uncond[uncond.sites[0].name].shape) == (1, 1, 1, *GRID, 16)
+    with attnprobe.probe(cog, passes="all", tokens="dog") as both:
+        generate(cog, prompt=["a dog", "a red dog"])
+    assert [x.pass_label for x in both.samples] == ["uncond", "uncond", "cond", "cond"]
+    assert tuple(both[site].shape) == (2, 4, 2, *GRID, 2)  # both prompts' "dog" positions
+
+
+def test_kept_calls_count_the_passes_a_probe_keeps():
+    class Scheduler:
+        timesteps = torch.tensor([999.0, 500.0, 1.0])
+
+    assert kept_calls(Scheduler, None) == 3 and kept_calls(None, None) == 1
+    assert kept_calls(Scheduler, lambda i, t: t > 100) == 2
+    assert kept_calls(Scheduler, lambda i, t: i in (1, 3), separate=1) == 2  # Wan's uncond calls: 1, 3, 5
+    assert kept_calls(Scheduler, lambda i, t: i in (1, 3), separate=0) == 1  # none of its prompt's calls: at least 1
 
 
 def test_header_qt_must_match_the_maps(probed):

@@ -74,14 +74,18 @@ def store_bytes(sites, samples: int, grid, tokens: int, heads: str, dtype: torch
     return per_call * calls * torch.empty(0, dtype=dtype).element_size()
 
 
-def kept_calls(scheduler, keep_call) -> int:
-    """The denoiser calls a probe keeps of the pipeline call starting now: the scheduler's timesteps (one per denoiser
-    call, as diffusers' loops run them), those ``keep_call(index, timestep)`` keeps when given; 1 when unknown."""
+def kept_calls(scheduler, keep_call, separate: int | None = None) -> int:
+    """The denoiser calls a probe keeps of the pipeline call starting now: one per entry of the scheduler's timesteps
+    (as diffusers' loops run them), or two where the passes run as separate calls (``separate``: which of the two a
+    step's calls the probe keeps, 0 the prompt's, 1 the unconditional one: Wan); those ``keep_call(index, timestep)``
+    keeps when given; 1 when unknown."""
     table = getattr(scheduler, "timesteps", None)
     if not isinstance(table, torch.Tensor) or table.ndim != 1 or not table.numel():
         return 1
     steps = table.float().tolist()
-    return max(sum(bool(keep_call(i, t)) for i, t in enumerate(steps)) if keep_call else len(steps), 1)
+    calls = [(i, t) for i, t in enumerate(steps)] if separate is None else [
+        (2 * s + separate, t) for s, t in enumerate(steps)]
+    return max(sum(bool(keep_call(i, t)) for i, t in calls) if keep_call else len(calls), 1)
 
 
 def _free(device: torch.device) -> int | None:

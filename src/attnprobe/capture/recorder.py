@@ -327,7 +327,8 @@ class Recorder:
             raise ProbeError(f"this pipeline call's latents have {frames} frames ({meta['qt']} query frames), the "
                              f"store's first had {self.store.meta['video']['qt']}: one store holds one frame count")
         need = store_bytes(self.sites, samples, grid, tokens, self.heads, self.state.dtype, 1)
-        calls = 1 if self.aggregate else kept_calls(getattr(self.pipe, "scheduler", None), self.keep_call)
+        separate = (self.passes == "uncond") if self.rows.separate else None  # Wan: a call per pass, the prompt's first
+        calls = 1 if self.aggregate else kept_calls(getattr(self.pipe, "scheduler", None), self.keep_call, separate)
         check_budget(need, calls, self.device, self.store.folder, self.aggregate)
 
     def _set_rows(self, present: list[int | None]) -> None:
