@@ -277,3 +277,8 @@ def test_other_video_denoisers_refused_with_their_reason(family):
         with pytest.raises(ProbeError, match="does not record it") as info:
             checked_family(denoiser, denoiser)
         assert family.refused in str(info.value)
+
+
+def test_the_study_refuses_a_video_model_before_it_generates(tmp_path):
+    with pytest.raises(attnprobe.errors.ConfigError, match="tiny-wan.*does not run video denoisers"):
+        attnprobe.study(concepts=["dog"], model="tiny-wan", out=tmp_path / "s", seeds=[0], steps=1)
