@@ -15,12 +15,11 @@ import math
 from typing import Any
 
 import torch
-from einops import rearrange
 
 from ..errors import ProbeError
-from .processor import CaptureState, check_keys, reduce_probs, scratch
+from .processor import CaptureState, batch_rows, check_keys, reduce_probs, scratch
 
-__all__ = ["ProbeProcessor", "attention_probs", "output_error", "TOLERANCE", "chain", "keep_first", "to_out_hook", "with_tolerance"]
+__all__ = ["ProbeProcessor", "attention_probs", "attention_logits", "output_error", "TOLERANCE", "chain", "keep_first", "to_out_hook", "with_tolerance"]
 
 #: the largest relative error ``output_error`` accepts, by the dtype the processor computed in: fp32 SDPA's and
 #: matmul's rounding differ by ~1e-6; half precision rounds each product (measured on the tiny pipelines: fp16
@@ -49,21 +48,35 @@ def attention_probs(
     Returns:
         ``[sample, head, query, token]`` float32 probabilities; each row sums to 1 over ``token``.
     """
+    logits = attention_logits(attn, query, key, attention_mask, rows,
+                              None if workspace is None else lambda shape: scratch(workspace, "logits", shape, query.device))
+    if workspace is None:
+        return logits.softmax(dim=-1)
+    return torch.ops.aten._softmax.out(logits, -1, False, out=scratch(workspace, "probs", logits.shape, logits.device))
+
+
+def attention_logits(attn, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, rows=None,
+                     out=None) -> torch.Tensor:
+    """``q · kᵀ · attn.scale + mask`` of one site call in fp32, ``[sample, head, query, token]``: what
+    ``attention_probs`` takes the softmax of (arguments as there). ``out``: ``shape -> tensor`` giving the buffer to
+    write into (a scratch buffer, or a slot of ``processor.PendingLogits``), or ``None`` for a fresh tensor."""
     batch, n_keys, heads = query.shape[0], key.shape[1], attn.heads
     if isinstance(rows, slice):  # a view: no copy of q and k
         query, key = query[rows], key[rows]
     elif rows is not None:
         query, key = query.index_select(0, rows), key.index_select(0, rows)
-    query = rearrange(query, "sample query (head d) -> sample head query d", head=heads)
-    key = rearrange(key, "sample token (head d) -> sample head token d", head=heads)
-    if getattr(attn, "norm_q", None) is not None:
-        query = attn.norm_q(query)
-    if getattr(attn, "norm_k", None) is not None:
-        key = attn.norm_k(key)
+    # [sample, position, (head d)] -> [sample, head, position, d]: views (einops' rearrange costs ~8 µs a call)
+    query = query.unflatten(-1, (heads, -1)).transpose(1, 2)
+    key = key.unflatten(-1, (heads, -1)).transpose(1, 2)
+    norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
     # the scale goes on q ([query, d]) rather than on the logits ([query, token]): fewer multiplications
     query, key_t = query.float() * attn.scale, key.float().transpose(-1, -2)
     shape = (*query.shape[:-1], key_t.shape[-1])
-    logits = torch.matmul(query, key_t, out=scratch(workspace, "logits", shape, query.device))
+    logits = torch.matmul(query, key_t, out=None if out is None else out(shape))
     if attention_mask is not None:
         mask = attn.prepare_attention_mask(attention_mask, n_keys, batch)
         mask = mask.reshape(batch, heads, -1, mask.shape[-1])
@@ -75,25 +88,24 @@ def attention_probs(
             logits = logits.masked_fill_(~mask, float("-inf"))
         else:
             logits = logits.add_(mask.float())
-    if workspace is None:
-        return logits.softmax(dim=-1)
-    return torch.ops.aten._softmax.out(logits, -1, False, out=scratch(workspace, "probs", shape, logits.device))
+    return logits
 
 
 def output_error(attn, probs: torch.Tensor, value: torch.Tensor, output: torch.Tensor) -> float:
     """How far a site's attention output is from its recorded probabilities times its values.
 
     Args:
-        attn: the ``Attention`` module. probs: ``[sample, head, query, token]`` fp32, every batch row.
-        value: ``attn.to_v`` output, ``[sample, token, head * d]``. output: what the processor handed to
-            ``attn.to_out[0]``, ``[sample, query, head * d]``.
+        attn: the ``Attention`` module. probs: ``[sample, head, query, token]`` fp32, of the batch rows compared
+            (the probe compares the rows it records). value: ``attn.to_v`` output of the same rows,
+            ``[sample, token, head * d]``. output: what the processor handed to ``attn.to_out[0]``, of the same rows,
+            ``[sample, query, head * d]``.
 
     Returns:
         ``‖output − probs·V‖ / ‖output‖`` (Frobenius norms): 0 up to rounding where the processor used the recorded
         probabilities; larger where it edits them (Prompt-to-Prompt reweighting) or adds attention (IP-Adapter).
     """
-    v = rearrange(value.float(), "sample token (head d) -> sample head token d", head=attn.heads)
-    expect = rearrange(probs @ v, "sample head query d -> sample query (head d)")
+    v = value.float().unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # [sample, head, token, d]
+    expect = (probs @ v).transpose(1, 2).flatten(2)  # [sample, query, (head d)]
     got = output.float().reshape(expect.shape)
     return float((got - expect).norm() / got.norm().clamp_min(1e-30))
 
@@ -201,7 +213,8 @@ class ProbeProcessor:
             return self.inner(attn, hidden_states, *args, **kwargs)
         self._query = self._key = None
         self._armed = True
-        check = None if self.checked or torch.compiler.is_compiling() else self._check_hooks(attn)
+        # False while torch.compile traces (no check, no scratch buffers), None once checked
+        check = False if torch.compiler.is_compiling() else None if self.checked else self._check_hooks(attn)
         try:
             output = self.inner(attn, hidden_states, *args, **kwargs)
         finally:
@@ -217,16 +230,20 @@ class ProbeProcessor:
                 f"{'query' if query is None else 'key'}. Processors that compute q/k another way are not supported."
             )
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        workspace = state.workspace if query.device.type == "cpu" and not torch.compiler.is_compiling() else None
+        workspace = state.workspace if query.device.type == "cpu" and check is not False else None
         with torch.no_grad():
             check_keys(state, self.site, key.shape[1])
-            probs = attention_probs(attn, query, key, mask, state.rows, workspace)
-            probs = reduce_probs(probs, state.heads, state.tokens, workspace)
+            if workspace is not None and not check:  # softmax, reductions and cast once per shape, at the call's end
+                attention_logits(attn, query, key, mask, state.rows,
+                                 lambda shape: state.pending.slot(self.site, shape, query.device))
+                return output
+            full = attention_probs(attn, query, key, mask, state.rows, workspace)
+            probs = reduce_probs(full, state.heads, state.tokens, workspace)
             probs = probs.to(state.dtype, copy=workspace is not None)  # never hand on a scratch buffer
         state.outbox.append((self.site, probs))
-        if check is not None:
+        if check:
             states = kwargs.get("encoder_hidden_states", args[0] if args else None)
-            self._check(attn, query, key, mask, *check[1:], states)
+            self._check(attn, full, key, check[1], states)
         return output
 
     def _check_hooks(self, attn):
@@ -258,19 +275,20 @@ class ProbeProcessor:
             keys = attn.to_kv(inputs).chunk(2, dim=-1)[0] if self.attn_fused else attn.to_k(inputs)
         return keys.shape == key.shape and torch.equal(keys, key)
 
-    def _check(self, attn, query, key, mask, seen: dict, states=None) -> None:
-        """Verify once (``output_error``): the result goes to ``state.checks`` as ``(site, processor, error or None,
-        tolerance)``; ``None``: the processor called no ``to_v`` or ``to_out[0]`` to compare, or its output is not
-        finite (nothing to compare it by)."""
+    def _check(self, attn, probs: torch.Tensor, key: torch.Tensor, seen: dict, states=None) -> None:
+        """Verify once (``output_error``) on the recorded rows: ``probs`` ``[sample, head, query, token]`` are their
+        probabilities before any reduction. The result goes to ``state.checks`` as ``(site, processor, error or None,
+        tolerance, conditioning)``; ``None``: the processor called no ``to_v`` or ``to_out[0]`` to compare, or its
+        output is not finite (nothing to compare it by)."""
         self.checked = True
         name = type(self.innermost()).__name__
         same = self._same_conditioning(attn, states, key)
         if "value" not in seen or "out" not in seen:
             self.state.checks.append((self.site, name, None, None, same))
             return
-        out = seen["out"]
+        out, rows = seen["out"], self.state.rows
         with torch.no_grad():
-            error = output_error(attn, attention_probs(attn, query, key, mask), seen["value"], out)
+            error = output_error(attn, probs, batch_rows(seen["value"], rows), batch_rows(out, rows))
         self.state.checks.append((self.site, name, *with_tolerance(error, out.dtype), same))
 
     def __repr__(self) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["video_grid", "check_grid", "frame_maps", "video_meta", "store_bytes", "kept_calls", "check_budget"]
+__all__ = ["video_grid", "call_video", "check_grid", "frame_maps", "video_meta", "store_bytes", "kept_calls", "check_budget"]
 
 
 def video_grid(frames: int, hw: tuple[int, int], patch) -> tuple[int, int, int]:
@@ -31,6 +31,15 @@ def video_grid(frames: int, hw: tuple[int, int], patch) -> tuple[int, int, int]:
     and the denoiser's ``(pt, ph, pw)`` patch (latent frames, rows and columns per query token)."""
     pt, ph, pw = (int(p) for p in patch)
     return frames // pt, hw[0] // ph, hw[1] // pw
+
+
+def call_video(family, denoiser, sample, hw: tuple[int, int]) -> tuple | None:
+    """``(latent frames, patch, (qt, qh, qw))`` of a denoiser call of a video ``family`` (``Family.video``) with
+    ``sample`` latents on an ``hw`` latent grid; ``None`` for an image family."""
+    if family.video is None:
+        return None
+    frames, patch = family.video(denoiser, sample)
+    return frames, patch, video_grid(frames, hw, patch)
 
 
 def check_grid(site: str, n_query: int, grid: tuple[int, int, int], frames: int, patch) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["check_keys", "CaptureState", "reduce_probs", "scratch", "batch_rows"]
+__all__ = ["check_keys", "CaptureState", "PendingLogits", "reduce_probs", "scratch", "batch_rows"]
 
 
 def scratch(workspace: dict | None, name: str, shape, device) -> torch.Tensor | None:
@@ -50,6 +50,51 @@ def reduce_probs(probs: torch.Tensor, heads: str, tokens: torch.Tensor | None, w
         shape = (probs.shape[0], 1, *probs.shape[2:])
         probs = torch.mean(probs, dim=1, keepdim=True, out=scratch(workspace, "mean", shape, probs.device))
     return probs
+
+
+class PendingLogits:
+    """The cross-attention logits of the denoiser call in progress, one fp32 buffer per shape ``[sample, head, query,
+    token]``: the sites write their ``q · kᵀ · scale + mask`` into slots, and ``finish`` takes the softmax, the
+    capture-time reductions and the cast once per shape and call, not once per site (each torch op costs 5–15 µs
+    to dispatch on a CPU, more than the arithmetic of a small site). Used on the CPU outside ``torch.compile``.
+    The values are those of the per-site path: the softmax is row by row and the head mean element by element."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}  # shape -> [capacity, *shape]
+        self.sites: dict[tuple, list[str]] = {}  # shape -> the sites of the call in progress, in slot order
+
+    def slot(self, site: str, shape, device) -> torch.Tensor:
+        """The next free ``shape`` buffer of the call in progress, for ``site``."""
+        shape = tuple(shape)
+        sites = self.sites.setdefault(shape, [])
+        buffer = self.buffers.get(shape)
+        if buffer is None or buffer.device != torch.device(device) or len(sites) == buffer.shape[0]:
+            grown = torch.empty((2 * len(sites) or 1, *shape), dtype=torch.float32, device=device)
+            if sites:  # the first call finds how many sites share a shape; the buffer keeps that size after
+                grown[: len(sites)].copy_(buffer[: len(sites)])
+            self.buffers[shape] = buffer = grown
+        sites.append(site)
+        return buffer[len(sites) - 1]
+
+    def finish(self, heads: str, tokens: torch.Tensor | None, dtype: torch.dtype, workspace: dict) -> list:
+        """``(site, probs)`` of every slot written since the last ``finish``: ``probs`` ``[sample, head or 1, query,
+        kept token]`` in ``dtype`` (as ``reduce_probs``), fresh tensors (views of one per shape)."""
+        done = []
+        for shape, sites in self.sites.items():
+            if not sites:
+                continue
+            logits = self.buffers[shape][: len(sites)]
+            probs = torch.ops.aten._softmax.out(logits, -1, False, out=scratch(workspace, "pending", logits.shape,
+                                                                               logits.device))
+            probs = reduce_probs(probs.flatten(0, 1), heads, tokens, workspace).to(dtype, copy=True)
+            done += zip(sites, probs.unflatten(0, (len(sites), -1)).unbind(0))
+        self.drop()
+        return done
+
+    def drop(self) -> None:
+        """Forget the slots of the call in progress (the buffers stay, sized for the next call)."""
+        for sites in self.sites.values():
+            sites.clear()
 
 
 @dataclass
@@ -88,6 +133,8 @@ class CaptureState:
             text and image embedding: the family's ``keys_after``); they share the softmax but are not text.
         states: the denoiser call's ``encoder_hidden_states`` where its cross sites receive them unchanged (UNets),
             for the once-per-site check that no hook or processor changed them on the way; else ``None``.
+        pending: the cross-attention logits of the call in progress whose softmax the probe takes at its end
+            (``PendingLogits``; CPU, outside ``torch.compile``).
     """
 
     keep: bool = False
@@ -104,6 +151,7 @@ class CaptureState:
     image_len: int = 0
     outbox: list = field(default_factory=list)
     workspace: dict = field(default_factory=dict)
+    pending: PendingLogits = field(default_factory=PendingLogits)
     joint: str = "exact"
     text_len: int = 0
     shares: list = field(default_factory=list)

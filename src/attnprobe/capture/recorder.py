@@ -36,7 +36,7 @@ from .cross import ProbeProcessor, chain
 from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, schedule_meta
 from .evidence import EncodeWatch, note_checks
 from .families import checked_family, family_of
-from .frames import check_budget, frame_maps, kept_calls, store_bytes, video_grid, video_meta
+from .frames import call_video, check_budget, frame_maps, kept_calls, store_bytes, video_meta
 from .kinds import wrap_processor
 from .processor import CaptureState
 from .options import capture_meta, check_options
@@ -151,6 +151,7 @@ class Recorder:
 
     def remove(self) -> None:
         self.state.workspace.clear()
+        self.state.pending.buffers.clear()
         self.encode_watch.remove()
         for handle in self.handles + self.order_handles:
             handle.remove()
@@ -250,9 +251,7 @@ class Recorder:
         call.check(module, kernel=self.family.reader == "kernel", video=self.family.video is not None)
         t = self.timesteps.value(call.timestep, getattr(self.pipe, "scheduler", None))
         hw = call.latent_hw(self._packed_hw)
-        if self.family.video is not None:  # latent frames × patches: every site's query grid (capture.frames)
-            frames, patch = self.family.video(module, call.sample)
-            self.video = (frames, patch, video_grid(frames, hw, patch))
+        self.video = call_video(self.family, module, call.sample, hw)  # a video denoiser's frames, patch, query grid
         self.state.text_len = call.text_len
         self.state.row_text = call.mask.sum(-1) if self.family.row_text and call.mask is not None else None
         self.state.image_len = self.family.image_len(module, hw) if self.family.image_len else 0
@@ -306,9 +305,9 @@ class Recorder:
             positions = resolve_tokens(self.tokens_spec, labels.layouts,
                                        len(labels.layouts[0].strings) if labels.layouts else n_keys)
             self.state.tokens = torch.tensor(positions, dtype=torch.long)
-        if self.video is not None:
-            self._video_generation(len(labels.keep), len(positions) if positions is not None else (
-                self.store.n_tokens if not labels.first else n_keys))
+        if self.video is not None:  # the token axis: the kept positions, else every text key
+            self._video_generation(len(labels.keep),
+                                   len(positions) if positions is not None else self.store.n_tokens or n_keys)
         if not labels.first:
             return
         self.writer.set_samples(labels.samples, labels.layouts, positions)
@@ -402,9 +401,10 @@ class Recorder:
 
     def _collect(self) -> None:
         """Take the maps the wrappers left in ``state.outbox`` (``[sample, head, query, token]``, fp32)."""
-        outbox = self.state.outbox
+        outbox, state = self.state.outbox, self.state
         if self.current_call is None:
             outbox.clear()  # sites that ran outside a kept denoiser call: nothing to key them by
+            state.pending.drop()
             self.state.shares.clear()
             self._checked()
             return
@@ -412,15 +412,15 @@ class Recorder:
             self.shares.append((self.call, site, self._filled(share)))
         self.state.shares.clear()
         self._checked()
+        outbox += state.pending.finish(state.heads, state.tokens, state.dtype, state.workspace)
         for site, probs in outbox:
             if site in self.current:
                 raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
-            if self.video is not None:  # [sample, head, qt, qh, qw, token]
-                probs = self._filled(frame_maps(site, probs, self.video))
-            else:
+            if self.video is None:
                 qh, qw = self._grid(site, probs.shape[2])
-                probs = self._filled(rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw))
-            self.current[site] = probs  # in the store's dtype (fp32 for an aggregate), see CaptureState.dtype
+                probs = rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw)
+            # [sample, head, (qt,) qh, qw, token] in the store's dtype (fp32 for an aggregate): CaptureState.dtype
+            self.current[site] = self._filled(probs if self.video is None else frame_maps(site, probs, self.video))
         outbox.clear()
 
     def _checked(self) -> None:

@@ -17,9 +17,10 @@ import torch
 
 from ..errors import ProbeError, warn
 from ..store.records import Sample
-from ..text.tokens import TokenLayout, concat_layouts, decode_ids, token_layout, unlabelled_layout
+from ..text.tokens import TokenLayout, unlabelled_layout
 from .evidence import encodings, same_rows, verdicts
 from .families import family_of
+from .layouts import stream_layout
 from .passes import blocks, guidance_on, guider_on, refuse
 from .sites import DENOISER_ATTRS
 
@@ -87,6 +88,7 @@ class BatchRows:
     def __init__(self, pipe, denoiser, passes: str, prompts=None) -> None:
         self.pipe = pipe
         self.denoiser = denoiser
+        self.family = family_of(denoiser)  # once: finding it walks the denoiser's modules
         self.passes = passes
         self.caller_prompts = as_texts(prompts)
         self.given: dict | None = None  # what the pipeline call in progress was given
@@ -110,7 +112,7 @@ class BatchRows:
     def _set_streams(self) -> None:
         """``streams``: ``(encoder, tokenizer)`` of each text encoder whose positions are the denoiser's text keys, in
         key order (the family's ``text_streams``), their pipeline attribute names, and the ids each encoded."""
-        names = family_of(self.denoiser).text_streams(self.pipe) if self.pipe is not None else []
+        names = self.family.text_streams(self.pipe) if self.pipe is not None else []
         self.stream_names = [enc for enc, _ in names]
         self.streams = [(getattr(self.pipe, enc), getattr(self.pipe, tok, None)) for enc, tok in names]
         self.encoded: list[list[torch.Tensor]] = [[] for _ in self.streams]
@@ -135,7 +137,7 @@ class BatchRows:
             self.given = given
         if isinstance(ids, torch.Tensor):  # PRX: [negative × n; prompt × n] in one encode, negative_prompt_embeds unused
             n = len(given.get("prompt") or ())
-            split = family_of(self.denoiser).batched_encode and ids.shape[0] == 2 * n > 0  # as prompt, then negative
+            split = self.family.batched_encode and ids.shape[0] == 2 * n > 0  # as prompt, then negative
             self.given = {**self.given, "negative_prompt_embeds": False} if split else self.given
             self.encoded[stream] += [part.detach().to("cpu") for part in ((ids[n:], ids[:n]) if split else (ids,))]
 
@@ -269,41 +271,6 @@ class BatchRows:
             )
         return None
 
-    def _layout_for(self, text: str | None, ids: list[int] | None, n_keys: int, source: str, tok=None) -> TokenLayout:
-        tok = self.tokenizer if tok is None else tok
-        if tok is None or not getattr(tok, "is_fast", False):
-            return unlabelled_layout(n_keys, source="none")
-        if text is not None and ids is None and n_keys > int(getattr(tok, "model_max_length", n_keys)):
-            # embeddings built in chunks of the tokenizer's length (compel, sd_embed, lpw: each chunk with its own
-            # start and end tokens): which word sits at which position depends on the tool, so none is named
-            warn(
-                f"the conditioning has {n_keys} text positions, more than one encoding of {type(tok).__name__} "
-                f"({tok.model_max_length}): a long prompt encoded in chunks. Its positions are labelled 'unknown' and "
-                "concepts cannot be looked up in it; pass the token positions themselves (tokens=[...] positions)",
-            )
-            return TokenLayout(strings=[""] * n_keys, kinds=["unknown"] * n_keys, text=text, source="chunked")
-        if text is not None:
-            lay = token_layout(tok, text, n_keys, source=source)
-            if ids is None or lay.ids == ids:
-                return lay
-            if text.lower().strip() != text:  # PixArt encodes the prompt lower-cased and stripped
-                lowered = token_layout(tok, text.lower().strip(), n_keys, source=source)
-                if lowered.ids == ids:
-                    return lowered
-            if source == "caller":
-                raise ProbeError(
-                    f"probe(prompts=...) says {text!r}, but the text encoder saw {decode_ids(tok, ids)!r}: "
-                    "give the texts of the prompts the pipeline encodes"
-                )
-        if ids is not None:
-            lay = token_layout(tok, decode_ids(tok, ids), n_keys, source="decoded")
-            if lay.ids == ids:
-                return lay
-            strings = [(s.removesuffix("</w>") or s) for s in tok.convert_ids_to_tokens(ids)]
-            if len(strings) == n_keys:
-                return TokenLayout(strings=strings, kinds=["unknown"] * n_keys, ids=ids, source="ids")
-        return unlabelled_layout(n_keys, source="none")
-
     def _last_encodes(self, count: int) -> list:
         """Per text stream, the ids of the last of ``count`` encodes (``None`` where fewer were seen)."""
         return [list(encoded)[-1] if len(encoded) >= count else None for encoded in self.encoded]
@@ -323,32 +290,10 @@ class BatchRows:
             unconds.append(encoded.pop(0) if negative and encoded and not given.get("negative_prompt_embeds") else None)
         return conds, unconds
 
-    def _stream_layout(self, text, ids_per_stream, prompt_index, n_keys, source) -> TokenLayout:
-        """One sample's token layout: each text stream's positions in key order (SD3: CLIP then T5)."""
-        first = ids_per_stream[0] if ids_per_stream else None
-        family = family_of(self.denoiser)
-        if family.templated and len(self.streams) == 1:  # an LLM encoder reading a templated prompt
-            ids = first[prompt_index].tolist() if first is not None else None
-            lay = family.layout(self.pipe, self.streams[0][1], text, ids, n_keys, source)
-            if lay is None and text is not None:
-                warn(f"the {family.name} text encoder did not read the prompt {text!r} inside a template attnprobe "
-                     "knows for it (a changed template or tokenizer, or prompt_embeds made with an unknown one): its "
-                     "text positions are labelled 'unknown'")
-                return TokenLayout(strings=[""] * n_keys, kinds=["unknown"] * n_keys, text=text, source="template")
-            return lay or unlabelled_layout(n_keys, source="none")
-        if len(self.streams) <= 1 and (first is None or first.shape[1] == n_keys):
-            return self._layout_for(text, first[prompt_index].tolist() if first is not None else None, n_keys, source)
-        # several streams, fewer encoded positions than keys (SD3 without T5: zeros after CLIP's 77), or more: a
-        # stream's keys are its first positions (Kandinsky 3 cuts past the longest prompt), and its ids are checked so
-        parts, left = [], n_keys
-        for i, ((encoder, tok), ids) in enumerate(zip(self.streams, ids_per_stream)):
-            last = i == len(self.streams) - 1
-            size = int(ids.shape[1]) if ids is not None else left if last else int(tok.model_max_length)
-            size = min(size, left)
-            parts.append((self.stream_names[i], self._layout_for(
-                text, ids[prompt_index, :size].tolist() if ids is not None else None, size, source, tok)))
-            left -= size
-        return concat_layouts(parts, n_keys)
+    def layout(self, text, ids_per_stream, prompt_index: int, n_keys: int, source: str) -> TokenLayout:
+        """One sample's token layout (``layouts.stream_layout``)."""
+        return stream_layout(self.family, self.pipe, list(zip(self.stream_names, self.streams)), self.tokenizer, text,
+                             ids_per_stream, prompt_index, n_keys, source)
 
     def _check_rows(self, claims, states, per_prompt, cond_ids, uncond_ids, safety_ids) -> list[str]:
         """Each row's pass, checked against its conditioning: rows the evidence contradicts become ``"unknown"``
@@ -567,7 +512,7 @@ class BatchRows:
             if text_source == "safety":  # one safety concept for every prompt, encoded once
                 if (text_source, 0) not in layouts:
                     ids = [i if i is not None and i.shape[0] == 1 else None for i in safety_ids]
-                    layouts[(text_source, 0)] = self._stream_layout(safety_text, ids, 0, n_keys, "prompt")
+                    layouts[(text_source, 0)] = self.layout(safety_text, ids, 0, n_keys, "prompt")
             elif (text_source, prompt_index) not in layouts:
                 texts, ids = (cond_texts, cond_ids) if text_source == "prompt" else (neg_texts, uncond_ids)
                 text = texts[prompt_index] if texts is not None else None
@@ -575,7 +520,7 @@ class BatchRows:
                 if text_source == "negative" and all(i is None for i in ids) and text is None:
                     layouts[(text_source, prompt_index)] = unlabelled_layout(n_keys, source="zeros" if zeros else "none")
                 else:
-                    layouts[(text_source, prompt_index)] = self._stream_layout(text, ids, prompt_index, n_keys, source)
+                    layouts[(text_source, prompt_index)] = self.layout(text, ids, prompt_index, n_keys, source)
             lay = layouts[(text_source, 0 if text_source == "safety" else prompt_index)]
             samples.append(Sample(len(samples), label, prompt_index, image_index, row, lay.text))
             sample_layouts.append(lay)

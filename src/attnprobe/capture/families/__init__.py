@@ -12,6 +12,8 @@ tiny builder in ``attnprobe.models`` for its tests (docs/architecture.md).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ...errors import ProbeError, warn
@@ -35,10 +37,19 @@ REFUSED_FAMILIES: tuple[Family, ...] = refused.FAMILIES
 GENERIC: Family = generic.FAMILY
 
 
+#: each denoiser's family, found once: a family's ``matches`` walks the denoiser's modules (DeepFloyd IF's added-KV
+#: layers), about 2 ms on SD 1.5's layout, and a probe asks at every pipeline call
+_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def family_of(denoiser: torch.nn.Module) -> Family:
     """The family of a denoiser module (``attnprobe.capture.sites.denoiser_of`` finds a pipeline's): the first of
     ``REFUSED_FAMILIES`` then ``FAMILIES`` that covers its class, else ``GENERIC``."""
-    return next((f for f in REFUSED_FAMILIES + FAMILIES if f.covers(denoiser)), GENERIC)
+    found = _FOUND.get(denoiser)
+    if found is None or found[0] is not type(denoiser):  # the same module (its class, whose structure decides)
+        found = (type(denoiser), next((f for f in REFUSED_FAMILIES + FAMILIES if f.covers(denoiser)), GENERIC))
+        _FOUND[denoiser] = found
+    return found[1]
 
 
 def checked_family(pipe, denoiser: torch.nn.Module, allow_generic: bool = False) -> Family:
