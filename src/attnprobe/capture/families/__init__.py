@@ -61,8 +61,9 @@ def checked_family(pipe, denoiser: torch.nn.Module, allow_generic: bool = False)
             by the generic rules, nothing of it checked against a reference); a warning says so.
 
     Raises:
-        ProbeError: the family is refused (video, audio, a prior, Stable Cascade's decoder: ``Family.refused``), or no
-            family covers the denoiser and ``allow_generic`` is not set; names the pipeline, its denoiser and why.
+        ProbeError: the family is refused (video, audio, a prior, Stable Cascade's decoder: ``Family.refused``), the
+            pipeline is (Wan 2.2's two experts: ``Family.pipe_refused``), or no family covers the denoiser and
+            ``allow_generic`` is not set; names the pipeline, its denoiser and why.
     """
     family = family_of(denoiser)
     what = type(denoiser).__name__
