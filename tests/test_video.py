@@ -29,7 +29,7 @@ PROMPT = "a dog running on grass"
 #: 9 frames → 3 latent frames (temporal compression 4); 32 × 48 px → 4 × 6 latents → 2 × 3 patches of 2 × 2
 VIDEO = dict(num_frames=9, height=32, width=48, num_inference_steps=2, max_sequence_length=16, output_type="pt")
 GRID = (3, 2, 3)
-FAMILIES = ("wan", "cogvideox")
+FAMILIES = ("wan", "skyreels-v2", "cogvideox")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def reference(family, attn, inputs):
     """The video-query × text-key block of the softmax over all keys, float64 ``[batch, head, video, text]``."""
     a = copy.deepcopy(attn).double()
     h, e = inputs["hidden_states"].double(), inputs["encoder_hidden_states"].double()
-    if family == "wan":  # cross-attention: norms over all heads' channels, then the head split
+    if family != "cogvideox":  # cross-attention: norms over all heads' channels, then the head split
         q = a.norm_q(a.to_q(h)).unflatten(-1, (a.heads, -1)).transpose(1, 2)
         k = a.norm_k(a.to_k(e)).unflatten(-1, (a.heads, -1)).transpose(1, 2)
         return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
@@ -96,7 +96,7 @@ def test_frames_unchanged_and_maps_match_reference(probed, pipes, family):
             ref = reference(family, attn, seen[site.name][call.index])[row]
             got = maps[c, 0].flatten(1, 3).double()  # [head, qt·qh·qw in (t, h, w) order, token]
             torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
-            if family == "wan":  # cross-attention: each query's values over the tokens sum to 1
+            if family != "cogvideox":  # cross-attention: each query's values over the tokens sum to 1
                 torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-6, rtol=0)
     if family == "cogvideox":  # joint: the values sum to the text share, the store's own record of it too
         for site in store.sites:
@@ -114,7 +114,7 @@ def test_grid_and_frame_record(probed, pipes, family):
     assert frames.shape[1] == store.video["frames"]
     assert store.meta["image_size"] == [32, 48] and store.meta["latent_size"] == [4, 6]
     patch = pipe.transformer.config.patch_size
-    assert video_grid(3, (4, 6), patch if family == "wan" else (1, patch, patch)) == GRID
+    assert video_grid(3, (4, 6), patch if family != "cogvideox" else (1, patch, patch)) == GRID
     assert store.tokens(0)[:6] == ["a", "dog", "running", "on", "grass", "</s>"]
 
 
@@ -264,6 +264,16 @@ def test_wan_two_experts_and_image_to_video_are_refused(pipes):
                                 freq_dim=8, ffn_dim=8, num_layers=1, image_dim=8)
     with pytest.raises(ProbeError, match="CLIP image tokens"):
         attnprobe.probe(i2v).__enter__()
+
+
+def test_diffusion_forcing_pipelines_are_refused_by_name():
+    from attnprobe.models.coverage import pipeline_verdicts
+
+    verdicts = {v.pipeline: v for v in pipeline_verdicts()}
+    assert verdicts["SkyReelsV2Pipeline"].verdict == "tested (tests/test_video.py)"
+    for name in ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline"):
+        assert verdicts[name].verdict.startswith("refused: gives each latent frame its own timestep")
+    assert verdicts["SkyReelsV2ImageToVideoPipeline"].family == "wan-image"
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES, ids=lambda f: f.name)

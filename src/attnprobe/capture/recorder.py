@@ -551,7 +551,7 @@ def probe(
 
     Yields:
         An ``AttentionStore``, filled while the block runs: ``store[site]`` is ``[call, sample, head, qh, qw, token]``
-        (a video denoiser's, Wan 2.1 and CogVideoX: ``[call, sample, head, qt, qh, qw, token]``, docs/video.md),
+        (a video denoiser's, Wan 2.1, CogVideoX: ``[call, sample, head, qt, qh, qw, token]``, docs/video.md),
         summing to 1 over ``token`` (to the text share for ``exact`` joint sites).
 
     Raises:

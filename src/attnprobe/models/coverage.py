@@ -81,6 +81,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "PRXPipeline": ("prx", "tests/test_new_families.py"),
     "LongCatImagePipeline": ("longcat", "tests/test_longcat.py"),
     "WanPipeline": ("wan", "tests/test_video.py"),
+    "SkyReelsV2Pipeline": ("skyreels-v2", "tests/test_video.py"),
     "CogVideoXPipeline": ("cogvideox", "tests/test_video.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),

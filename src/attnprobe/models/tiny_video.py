@@ -1,6 +1,6 @@
-"""Tiny video pipelines: the real diffusers pipeline, denoiser and video-VAE classes of Wan 2.1 and CogVideoX at
-widths of 8 to 32, seeded, with the offline ``t5_tokenizer``. ``attnprobe.models.tiny.tiny_pipeline`` builds them by
-name (``"wan"``, ``"cogvideox"``).
+"""Tiny video pipelines: the real diffusers pipeline, denoiser and video-VAE classes of Wan 2.1, SkyReels-V2 and
+CogVideoX at widths of 8 to 32, seeded, with the offline ``t5_tokenizer``. ``attnprobe.models.tiny.tiny_pipeline``
+builds them by name (``"wan"``, ``"skyreels-v2"``, ``"cogvideox"``).
 
     >>> pipe = tiny_wan_pipeline()
     >>> type(pipe).__name__, type(pipe.transformer).__name__, pipe.transformer.config.patch_size
@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from .._quiet import quiet_notes
-from .components import finish
+from .components import finish, ftfy_stand_in
 from .tokenizers import t5_tokenizer, t5_vocab_size
 
-__all__ = ["tiny_wan_pipeline", "tiny_cogvideox_pipeline"]
+__all__ = ["tiny_wan_pipeline", "tiny_skyreels_v2_pipeline", "tiny_cogvideox_pipeline"]
 
 
 def _t5(seed: int, umt5: bool):
@@ -45,10 +45,19 @@ def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     Args:
         seed: weight seed. dtype: parameter dtype.
     """
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    parts = _wan_parts(WanTransformer3DModel, seed)
+    return finish(WanPipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)), dtype)
+
+
+def _wan_parts(denoiser_class, seed: int) -> dict:
+    """Wan 2.1's tiny transformer (of ``denoiser_class``: Wan's or SkyReels-V2's, which take the same config), video
+    VAE, UMT5 encoder and tokenizer, seeded."""
+    from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
+    transformer = denoiser_class(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16,
         text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
@@ -56,9 +65,24 @@ def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True]).eval()
-    pipe = WanPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5(seed + 2, umt5=True), vae=vae,
-                       transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    return finish(pipe, dtype)
+    return dict(tokenizer=t5_tokenizer(), text_encoder=_t5(seed + 2, umt5=True), vae=vae, transformer=transformer)
+
+
+@quiet_notes()
+def tiny_skyreels_v2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``SkyReelsV2Pipeline`` (text-to-video) with the tiny Wan 2.1 structure of ``tiny_wan_pipeline`` in
+    ``SkyReelsV2Transformer3DModel`` and its flow-matching UniPC scheduler. Guided calls run the passes as separate
+    denoiser calls. Where ftfy is not installed, the pipeline's module gets a stand-in for it (``ftfy_stand_in``).
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+    from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2
+
+    ftfy_stand_in(pipeline_skyreels_v2)  # it cleans every prompt with ftfy, installed or not
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    return finish(SkyReelsV2Pipeline(**_wan_parts(SkyReelsV2Transformer3DModel, seed), scheduler=scheduler), dtype)
 
 
 @quiet_notes()

@@ -29,7 +29,7 @@ FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.
                                   hunyuandit.FAMILY, auraflow.FAMILY, lumina2.FAMILY, zimage.FAMILY,
                                   kandinsky3.FAMILY, hidream.FAMILY, hunyuanimage.FAMILY, cascade.FAMILY,
                                   cogview3.FAMILY, lumina.FAMILY, bria.FAMILY, ovis.FAMILY, prx.FAMILY,
-                                  longcat.FAMILY, wan.FAMILY, cogvideox.FAMILY)
+                                  longcat.FAMILY, wan.FAMILY, wan.SKYREELS_V2, cogvideox.FAMILY)
 #: Denoisers refused by what they are (video, audio, CLIP-embedding priors, Stable Cascade's decoder), tried before
 #: ``FAMILIES``.
 REFUSED_FAMILIES: tuple[Family, ...] = refused.FAMILIES

@@ -1,5 +1,5 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
-other 3-D denoisers other than Wan 2.1 and CogVideoX (each with what is missing to record it), audio denoisers (no
+other 3-D denoisers other than Wan 2.1, SkyReels-V2 and CogVideoX text-to-video (each with what is missing to record it), audio denoisers (no
 image grid), priors that denoise one CLIP image embedding (no image positions), Stable Cascade's decoder (no
 per-token text) and Qwen-Image 2.1 (a block-causal sequence with a KV cache). Each names the diffusers 0.42 classes it covers; a class it does not name
 falls to the generic family, which is refused too unless a probe is told to record it by structure.
@@ -10,19 +10,21 @@ from .registry import Family, first_text_encoder
 
 def _video(name: str, title: str, denoisers: tuple[str, ...], why: str, **more) -> Family:
     """A video denoiser refused up front: ``why`` names what attnprobe lacks to record it exactly (it records the frame
-    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1 and CogVideoX, whose reading is checked against a
+    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2 and CogVideoX, whose reading is checked against a
     reference)."""
     return Family(name=name, title=title, denoisers=denoisers, kinds=(), text_streams=first_text_encoder,
                   refused=why, **more)
 
 
-#: Wan 2.1's image-to-video denoiser (the ``WanTransformer3DModel`` class of ``wan.FAMILY``, built with ``image_dim``)
+#: Wan 2.1's and SkyReels-V2's image-to-video denoisers (the classes of ``wan.FAMILY`` and ``wan.SKYREELS_V2``, built
+#: with ``image_dim``)
 WAN_IMAGE = _video(
-    "wan-image", "Wan 2.1 image-to-video (WanTransformer3DModel with image_dim)", ("WanTransformer3DModel",),
+    "wan-image", "Wan 2.1 or SkyReels-V2 image-to-video (with image_dim)",
+    ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel"),
     "its attn2 also attends to the CLIP image tokens of the input image (add_k_proj), a second softmax whose output is "
     "added to the text's: two kernel calls per site, and image keys that are not text tokens",
     matches=lambda denoiser: denoiser.config.image_dim is not None or denoiser.config.added_kv_proj_dim is not None,
-    pipelines=("WanImageToVideo",))
+    pipelines=("WanImageToVideo", "SkyReelsV2ImageToVideo"))
 
 VIDEO_FAMILIES = (
     WAN_IMAGE,
@@ -47,9 +49,6 @@ VIDEO_FAMILIES = (
     _video("allegro", "Allegro (AllegroTransformer3DModel)", ("AllegroTransformer3DModel",),
            "its attn2 cross-attends to T5 with a padding bias, but no tiny Allegro builder (AutoencoderKLAllegro) and no "
            "reference test of its maps exist yet, so its reading is unchecked"),
-    _video("skyreels-v2", "SkyReels-V2 (SkyReelsV2Transformer3DModel)", ("SkyReelsV2Transformer3DModel",),
-           "its diffusion-forcing pipelines give each latent frame its own timestep (and a causal frame mask), while a "
-           "store keeps one timestep per denoiser call; no reference test of its Wan-style attn2 exists yet"),
     _video("sana-video", "Sana-Video (SanaVideoTransformer3DModel)", ("SanaVideoTransformer3DModel",),
            "its text keys are a Gemma encoder's positions inside Sana's complex-human-instruction template, and no tiny "
            "builder or reference test of its attn2 over 5-D latents exists yet"),
@@ -71,7 +70,7 @@ VIDEO_FAMILIES = (
             "UNetSpatioTemporalConditionModel", "WanAnimateTransformer3DModel", "WanVACETransformer3DModel"),
            "this denoiser's layout of frames, patches and text keys (extra conditioning streams, control hints, "
            "identity or image tokens, or no text at all) has no family that reads it; attnprobe records the frame "
-           "axis of Wan 2.1 (WanPipeline) and CogVideoX (CogVideoXPipeline)"),
+           "axis of Wan 2.1 (WanPipeline), SkyReels-V2 (SkyReelsV2Pipeline) and CogVideoX (CogVideoXPipeline)"),
 )
 VIDEO = VIDEO_FAMILIES[-1]
 

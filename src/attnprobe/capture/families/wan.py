@@ -5,8 +5,8 @@ embedding, read at the kernel. Wan pads its text with zero vectors past each pro
 padded keys get attention like the others and are on the ``token`` axis as ``pad``. The passes run as separate
 denoiser calls (the prompt's first).
 
-Refused here: Wan 2.2's two-expert pipelines (``transformer_2``, the low-noise expert, a second denoiser);
-Wan 2.1's image-to-video denoisers (``image_dim``: ``attn2`` also attends to CLIP image tokens, a second softmax
+``SKYREELS_V2`` is SkyReels-V2's text-to-video denoiser, the same reading. Refused here: Wan 2.2's two-expert pipelines (``transformer_2``, the low-noise expert, a second denoiser);
+Wan 2.1's and SkyReels-V2's image-to-video denoisers (``image_dim``: ``attn2`` also attends to CLIP image tokens, a second softmax
 whose output is added) are ``refused.WAN_IMAGE``."""
 
 from .registry import Family, first_text_encoder
@@ -24,6 +24,19 @@ def _two_experts(pipe):
                 "pipeline (Wan 2.1, or Wan 2.2 TI2V-5B)")
     return None
 
+
+#: SkyReels-V2 text-to-video (``SkyReelsV2Transformer3DModel`` in ``SkyReelsV2Pipeline``): Wan 2.1's blocks, latents
+#: and UMT5 keys (its attn2 processor computes what Wan's does); its diffusion-forcing pipelines, which give each
+#: latent frame its own timestep, are refused by name (``capture.passes.REFUSED``)
+SKYREELS_V2 = Family(
+    name="skyreels-v2",
+    title="SkyReels-V2 text-to-video (SkyReelsV2Transformer3DModel)",
+    denoisers=("SkyReelsV2Transformer3DModel",),
+    kinds=("cross",),
+    text_streams=first_text_encoder,
+    reader="kernel",
+    video=_frames,
+)
 
 FAMILY = Family(
     name="wan",
