@@ -105,6 +105,26 @@ def test_frames_unchanged_and_maps_match_reference(probed, pipes, family):
             assert float(share.max()) < 1
 
 
+def test_cogvideox_15_temporal_patch(pipes):
+    """CogVideoX 1.5's patch_size_t=2: the pipeline pads 3 latent frames to 4, two latent frames per query frame."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    pipe = copy.copy(pipes["cogvideox"])  # the same components, its own transformer
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    pipe.transformer = CogVideoXTransformer3DModel(**{**config, "patch_size_t": 2}).eval()
+    plain = generate(pipe)
+    sites = [s.name for s in attnprobe.list_sites(pipe)]
+    with Inputs(pipe.transformer, sites) as seen, attnprobe.probe(pipe, dtype=torch.float32) as store:
+        frames = generate(pipe)
+    assert torch.equal(plain, frames)
+    assert store.video == {"qt": 2, "latent_frames": 4, "patch": [2, 2, 2], "temporal_compression": 4, "frames": None}
+    site = sites[0]
+    ref = reference("cogvideox", pipe.transformer.get_submodule(site), seen.seen[site][0])[store.samples[0].row]
+    torch.testing.assert_close(store[site][0, 0].flatten(1, 3).double(), ref, atol=2e-6, rtol=1e-5)
+    assert tuple(store[site].shape) == (2, 1, 2, 2, 2, 3, 16)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_grid_and_frame_record(probed, pipes, family):
     _, frames, store, _ = probed[family]
@@ -209,6 +229,15 @@ def test_analysis_per_frame_and_pooled(probed, tmp_path):
         animate_heatmap(store, "dog", frames[0][:8], tmp_path / "short.gif")
     with pytest.raises(ArgumentError, match=".gif"):
         animate_heatmap(store, "dog", frames[0], tmp_path / "dog.mp4")
+
+
+def test_decoded_frames_need_a_known_count():
+    video = synthetic_video_store(frames=4, temporal_compression=4)
+    video.meta["video"].update(patch=[2, 1, 1], qt=2, frames=None)  # CogVideoX 1.5: padded latent frames
+    with pytest.raises(StoreError, match="drops the padding"):
+        decoded_frame_index(video, 13)
+    video.meta["video"].update(temporal_compression=None)  # no compression: decoded frames are the latent ones
+    assert decoded_frame_index(video, 4) == [0, 0, 1, 1]
 
 
 def test_frames_refused_where_there_are_none():

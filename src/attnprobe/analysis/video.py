@@ -31,11 +31,17 @@ def decoded_frame_index(store: AttentionStore, n_frames: int) -> list[int]:
     """For each of ``n_frames`` decoded frames, its position on the store's ``qt`` axis.
 
     Raises:
-        StoreError: an image store. ArgumentError: ``n_frames`` is not the store's decoded frame count
-            (``store.video["frames"]``; the latent frame count when the pipeline has no temporal compression).
+        StoreError: an image store; a store whose decoded frame count is unknown (``store.video["frames"]`` is
+            ``None`` with a temporal compression: CogVideoX 1.5's padded latent frames). ArgumentError: ``n_frames``
+            is not the store's decoded frame count (``store.video["frames"]``; the latent frame count when the
+            pipeline has no temporal compression).
     """
     video = require_video(store, "decoded_frame_index")
     latent, c, pt, qt = video["latent_frames"], video.get("temporal_compression"), video["patch"][0], video["qt"]
+    if c and not video.get("frames"):
+        raise StoreError(f"this store's {latent} latent frames (temporal patch {pt}, compression {c}) do not say which "
+                         "decoded frame each is: a pipeline that pads its latent frames to a multiple of the patch "
+                         "(CogVideoX 1.5) drops the padding before decoding. Use heatmap(frame=...) per latent frame")
     expected = video.get("frames") or latent
     if not isinstance(n_frames, int) or isinstance(n_frames, bool) or n_frames != expected:
         raise ArgumentError(

@@ -68,12 +68,14 @@ def video_meta(pipe, frames: int, patch, grid: tuple[int, int, int]) -> dict:
     """``store.meta["video"]``: ``qt``, ``latent_frames``, ``patch`` (``[pt, ph, pw]``), ``temporal_compression``
     (the pipeline's ``vae_scale_factor_temporal``: decoded frames per latent frame after the first; ``None`` when
     it has none) and ``frames`` (decoded frames, ``(latent_frames − 1) · temporal_compression + 1`` as Wan's and
-    CogVideoX's causal VAEs decode them; ``None`` without a compression)."""
+    CogVideoX's causal VAEs decode them; ``None`` without a compression, and with a temporal patch ``pt > 1``:
+    CogVideoX 1.5 pads its latent frames to a multiple of ``pt`` and drops the padding before decoding, so the
+    denoiser's frames do not say how many were decoded)."""
     compression = getattr(pipe, "vae_scale_factor_temporal", None)
     compression = int(compression) if isinstance(compression, int) and compression >= 1 else None
+    known = compression is not None and int(patch[0]) == 1
     return {"qt": int(grid[0]), "latent_frames": int(frames), "patch": [int(p) for p in patch],
-            "temporal_compression": compression,
-            "frames": (frames - 1) * compression + 1 if compression is not None else None}
+            "temporal_compression": compression, "frames": (frames - 1) * compression + 1 if known else None}
 
 
 def store_bytes(sites, samples: int, grid, tokens: int, heads: str, dtype: torch.dtype, calls: int) -> int:
