@@ -4,8 +4,8 @@ record (``video_meta``), and the memory a video store would take, refused up fro
 
     >>> video_grid(13, (60, 104), (1, 2, 2))     # Wan 2.1 at 832×480, 49 frames: 13 latent frames, 2×2 patches
     (13, 30, 52)
-    >>> video_grid(13, (60, 90), (2, 2, 2))      # CogVideoX 1.5 (patch_size_t 2): 6 query frames
-    (6, 30, 45)
+    >>> video_grid(14, (60, 90), (2, 2, 2))      # CogVideoX 1.5 (patch_size_t 2), 13 latent frames padded to 14
+    (7, 30, 45)
 
 A video denoiser (``Family.video``) takes latents ``[batch, channel, frame, h, w]`` (Wan) or ``[batch, frame, channel,
 h, w]`` (CogVideoX) and patchifies them into ``qt × qh × qw`` tokens in ``(t, h, w)`` order (the first axis slowest),
@@ -23,7 +23,8 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["video_grid", "call_video", "check_grid", "frame_maps", "video_meta", "store_bytes", "kept_calls", "check_budget"]
+__all__ = ["video_grid", "call_video", "check_grid", "frame_maps", "video_meta", "store_bytes", "kept_calls",
+           "check_budget"]
 
 
 def video_grid(frames: int, hw: tuple[int, int], patch) -> tuple[int, int, int]:
@@ -100,11 +101,19 @@ def kept_calls(scheduler, keep_call, separate: int | None = None) -> int:
 
 
 def _free(device: torch.device) -> int | None:
-    """Bytes of memory free now on ``device`` (CUDA: ``mem_get_info``; CPU: available physical pages), or None."""
+    """Bytes of memory free now on ``device`` (CUDA: ``mem_get_info``; CPU: Linux's ``MemAvailable``, which counts
+    the page cache the kernel can reclaim, else the free physical pages), or None when unknown."""
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0])
         if device.type == "cpu":
+            try:
+                with open("/proc/meminfo") as f:
+                    for line in f:
+                        if line.startswith("MemAvailable:"):
+                            return int(line.split()[1]) * 1024  # kB
+            except OSError:
+                pass
             return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
     except (AttributeError, ValueError, OSError, RuntimeError):
         pass
