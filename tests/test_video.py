@@ -229,6 +229,10 @@ def test_analysis_per_frame_and_pooled(probed, tmp_path):
         animate_heatmap(store, "dog", frames[0][:8], tmp_path / "short.gif")
     with pytest.raises(ArgumentError, match=".gif"):
         animate_heatmap(store, "dog", frames[0], tmp_path / "dog.mp4")
+    from attnprobe.analysis.figures import plot_site_call_grid
+
+    figure = plot_site_call_grid(store, "dog")  # each panel the mean over latent frames, on the site's qh × qw grid
+    assert figure.axes[0].images[0].get_array().shape == (2, 3)
 
 
 def test_decoded_frames_need_a_known_count():
