@@ -60,14 +60,15 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(cells))
 
 
-def generate(pipe, size: int, steps: int, prompt="a picture of dog", seed: int = 0):
+def generate(pipe, size: int, steps: int, prompt="a picture of dog", seed: int = 0, guidance: float = 7.5):
     import torch
 
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, output_type="latent",
-                generator=torch.Generator().manual_seed(seed)).images
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                output_type="latent", generator=torch.Generator().manual_seed(seed)).images
 
 
-def measure(pipe, size: int, steps: int, probe_kwargs: dict, repeats: int, sync=lambda: None) -> dict:
+def measure(pipe, size: int, steps: int, probe_kwargs: dict, repeats: int, sync=lambda: None,
+            guidance: float = 7.5) -> dict:
     """One row: plain vs probed generations in alternating pairs; store bytes vs the values it keeps."""
     import shutil
     import tempfile
@@ -87,12 +88,14 @@ def measure(pipe, size: int, steps: int, probe_kwargs: dict, repeats: int, sync=
             target = root / f"s{len(list(root.iterdir()))}"
             kwargs["stream_to"] = target
         with attnprobe.probe(pipe, **kwargs) as store:
-            generate(pipe, size, steps)
-        return store
+            out = generate(pipe, size, steps, guidance=guidance)
+        return store, out
 
     try:
-        row = pairs(lambda: generate(pipe, size, steps), probed, repeats, sync)
-        store = row.pop("result")
+        row = pairs(lambda: generate(pipe, size, steps, guidance=guidance), probed, repeats, sync)
+        store, probed_out = row.pop("result")
+        plain_out = generate(pipe, size, steps, guidance=guidance)
+        row["identical"] = bool(torch.equal(plain_out, probed_out))  # the images (latents) bit for bit
         values = sum(store.maps(s).numel() for s in store.site_names)
         dtype = probe_kwargs.get("dtype", torch.float16)
         row.update(store_mb=store.nbytes / 1e6, values_mb=values * torch.finfo(dtype).bits / 8 / 1e6,

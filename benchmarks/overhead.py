@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,19 +32,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import generate, in_child, measure, pairs, peak_rss_mb, print_table  # noqa: E402
 
 STEPS = 10
-TIMED = {  # name: (model, px, probe options)
+#: name: (model, px, probe options[, steps, guidance]); 10 steps and guidance 7.5 unless said
+TIMED = {
     "SD1.5-shaped, cond, head mean (target)": ("sd15", 256, dict(heads="mean")),
+    "SD1.5-shaped, cond, head mean, 64 px (target)": ("sd15", 64, dict(heads="mean")),
     "SD1.5-shaped ×2 channels, cond, head mean": ("sd15x2", 256, dict(heads="mean")),
     "SD1.5-shaped ×4 channels, cond, head mean": ("sd15x4", 256, dict(heads="mean")),
-    "SD1.5-shaped, cond, head mean, 64 px": ("sd15", 64, dict(heads="mean")),
     "SD1.5-shaped, cond, heads keep": ("sd15", 256, dict(heads="keep")),
     "SD1.5-shaped, all passes, head mean": ("sd15", 256, dict(heads="mean", passes="all")),
     "SD1.5-shaped, tokens='dog', head mean": ("sd15", 256, dict(heads="mean", tokens="dog")),
     "SD1.5-shaped, calls 0-4, head mean": ("sd15", 256, dict(heads="mean", calls=range(5))),
     "SD1.5-shaped, aggregate mean, head mean": ("sd15", 256, dict(heads="mean", aggregate="mean")),
     "SD1.5-shaped, streamed, head mean": ("sd15", 256, dict(heads="mean", stream=True)),
+    "SD1.5-shaped, 4 steps, no guidance (few-step)": ("sd15", 256, dict(heads="mean"), 4, 1.0),
+    "SD1.5-shaped, 4 steps, no guidance, 64 px (few-step)": ("sd15", 64, dict(heads="mean"), 4, 1.0),
     "SDXL-shaped, cond, head mean": ("sdxl", 256, dict(heads="mean")),
+    "SD 1.5 full size (random weights), cond, head mean, 4 steps (real width)": ("sd15full", 256, dict(heads="mean"), 4,
+                                                                              7.5),
 }
+#: pairs for the full-size row (one pair is ~10 s on 2 cores), whatever --quick says
+FULL_SIZE_PAIRS = 4
 
 
 def sd15_shaped(seed=0, width=1):
@@ -72,10 +80,17 @@ def current_rss_mb() -> float:
 
 
 def child_timed(name: str, repeats: int) -> dict:
-    model, size, options = TIMED[name]
+    model, size, options, *rest = TIMED[name]
+    steps, guidance = rest or (STEPS, 7.5)
     widths = {"sd15": 1, "sd15x2": 2, "sd15x4": 4}
-    pipe = sd15_shaped(width=widths[model]) if model in widths else sdxl_shaped()
-    return {"case": name, "px": size, **measure(pipe, size, STEPS, options, repeats)}
+    if model == "sd15full":
+        from attnprobe.testing import full_size_pipeline
+
+        pipe, repeats = full_size_pipeline("sd15", dtype=torch.float32), FULL_SIZE_PAIRS
+    else:
+        pipe = sd15_shaped(width=widths[model]) if model in widths else sdxl_shaped()
+    return {"case": name, "px": size, "steps": steps, "guidance": guidance,
+            **measure(pipe, size, steps, options, repeats, guidance=guidance)}
 
 
 def child_memory(mode: str, generations: int) -> dict:
@@ -119,81 +134,111 @@ def child_compile(repeats: int) -> dict:
             "recompiles": counters["stats"]["unique_graphs"] - graphs, "rss_mb": peak_rss_mb()}
 
 
-def child_breakdown(repeats: int) -> dict:
-    """Where the target row's probed time goes: the probe's softmax (``attention_probs``) and capture-time reductions
-    (``reduce_probs``) timed inside the wrappers, per generation (median of ``repeats``), against a plain generation.
-    Returns seconds per generation (``plain_s``, ``softmax_s``, ``reduce_s``) and ``share`` = (softmax + reduce) / plain."""
+def child_breakdown(repeats: int, size: int = 256) -> dict:
+    """Where the target row's probed time goes, per generation (median of ``repeats``), against a plain one: the
+    probe's logits (``attention_logits``: q·kᵀ, every site call), its softmax, head mean and cast (``PendingLogits.finish``,
+    once per shape and denoiser call) and the per-site path of each site's first recorded call (``attention_probs``
+    and ``reduce_probs``, with the verify-once check), each timed inside the probe; ``other`` is the rest of the
+    probed generation's extra time (hooks, labels, Python per site, the store). Returns seconds per generation
+    (``plain_s``, ``probed_s``, ``logits_s``, ``softmax_s``, ``first_s``, ``other_s``) and ``share`` = (logits +
+    softmax + first) / plain."""
     import statistics
     import time
 
     import attnprobe
-    from attnprobe.capture import cross as processors  # the cross-attention wrapper calls both by these names
+    from attnprobe.capture import cross, processor
 
     pipe = sd15_shaped()
     spent: dict[str, float] = {}
+    inside: list[str] = []  # the timed parts in progress: a part inside another is counted in the outer one only
 
-    def timing(name):
-        inner = getattr(processors, name)
+    def timing(owner, name, part):
+        inner = getattr(owner, name)
 
         def timed_fn(*args, **kwargs):
+            if inside:
+                return inner(*args, **kwargs)
+            inside.append(part)
             t0 = time.perf_counter()
-            out = inner(*args, **kwargs)
-            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
-            return out
-        return timed_fn
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[part] = spent.get(part, 0.0) + time.perf_counter() - t0
+                inside.pop()
+        setattr(owner, name, timed_fn)
 
-    for name in ("attention_probs", "reduce_probs"):
-        setattr(processors, name, timing(name))
-    rows: dict[str, list[float]] = {"plain": [], "attention_probs": [], "reduce_probs": []}
-    generate(pipe, 256, STEPS)
+    timing(processor.PendingLogits, "finish", "softmax")
+    timing(cross, "attention_probs", "first")  # the per-site path, with attention_logits inside it
+    timing(cross, "reduce_probs", "first")
+    timing(cross, "attention_logits", "logits")
+    rows: dict[str, list[float]] = {k: [] for k in ("plain", "probed", "logits", "softmax", "first")}
+    generate(pipe, size, STEPS)
     for _ in range(repeats + 1):
         spent.clear()
-        with attnprobe.probe(pipe, heads="mean"):
-            generate(pipe, 256, STEPS)
-        rows["attention_probs"].append(spent["attention_probs"])
-        rows["reduce_probs"].append(spent["reduce_probs"])
         t0 = time.perf_counter()
-        generate(pipe, 256, STEPS)
+        with attnprobe.probe(pipe, heads="mean"):
+            generate(pipe, size, STEPS)
+        rows["probed"].append(time.perf_counter() - t0)
+        for part in ("logits", "softmax", "first"):
+            rows[part].append(spent.get(part, 0.0))
+        t0 = time.perf_counter()
+        generate(pipe, size, STEPS)
         rows["plain"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v[1:]) for k, v in rows.items()}
-    return {"plain_s": med["plain"], "softmax_s": med["attention_probs"], "reduce_s": med["reduce_probs"],
-            "share": (med["attention_probs"] + med["reduce_probs"]) / med["plain"]}
+    own = med["logits"] + med["softmax"] + med["first"]
+    return {"plain_s": med["plain"], "probed_s": med["probed"], "logits_s": med["logits"], "softmax_s": med["softmax"],
+            "first_s": med["first"], "other_s": med["probed"] - med["plain"] - own, "share": own / med["plain"],
+            "px": size}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 pairs per row instead of 9; 30 generations, not 100")
+    parser.add_argument("--threads", type=int, help="torch threads in every child (default: torch's own, one per core)")
+    parser.add_argument("--only", help="run only the timed rows whose name contains this text (no memory rows)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         kind, *rest = args.child
         row = (child_timed(rest[0], int(rest[1])) if kind == "timed" else child_memory(rest[0], int(rest[1]))
-               if kind == "memory" else child_breakdown(int(rest[0])) if kind == "breakdown"
+               if kind == "memory" else child_breakdown(*map(int, rest)) if kind == "breakdown"
                else child_compile(int(rest[0])))
         print(json.dumps(row))
         return
     repeats, many = (5, 30) if args.quick else (9, 100)
+    threads = ("--threads", str(args.threads)) if args.threads else ()
     rows = []
     for name in TIMED:
-        rows.append(in_child(__file__, "timed", name, str(repeats)))
+        if args.only and args.only not in name:
+            continue
+        rows.append(in_child(__file__, "timed", name, str(repeats), *threads))
         print(f"  {name}: ×{rows[-1]['ratio']:.3f}", file=sys.stderr)
-    rows.append(in_child(__file__, "compile", str(repeats)))
-    for mode, g in (("in memory", 1), ("in memory", many), ("streamed", 1), ("streamed", many)):
-        rows.append(in_child(__file__, "memory", mode.split()[-1] if mode == "streamed" else "memory", str(g)))
-        rows[-1]["case"] = f"{mode}, {g} generation(s), heads keep"
-    split = in_child(__file__, "breakdown", str(repeats))
-    print(f"target row, probed: the probe's softmax {split['softmax_s'] * 1e3:.0f} ms + reductions "
-          f"{split['reduce_s'] * 1e3:.0f} ms per generation = {split['share']:.1%} of a plain one "
-          f"({split['plain_s']:.3f} s): the probe's own compute in exact mode")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {STEPS} steps, guidance 7.5, fp16 maps on "
-          f"the CPU; median of {repeats} alternating pairs (ratio range in brackets)")
+    if not args.only:
+        rows.append(in_child(__file__, "compile", str(repeats), *threads))
+        for mode, g in (("in memory", 1), ("in memory", many), ("streamed", 1), ("streamed", many)):
+            rows.append(in_child(__file__, "memory", mode.split()[-1] if mode == "streamed" else "memory", str(g), *threads))
+            rows[-1]["case"] = f"{mode}, {g} generation(s), heads keep"
+        for px in (256, 64):
+            split = in_child(__file__, "breakdown", str(repeats), str(px), *threads)
+            print(f"target row at {px} px, per generation: plain {split['plain_s'] * 1e3:.0f} ms, probed "
+                  f"{split['probed_s'] * 1e3:.0f} ms: logits {split['logits_s'] * 1e3:.1f} ms + softmax, head mean and "
+                  f"cast {split['softmax_s'] * 1e3:.1f} ms + first recorded call per site (with the check) "
+                  f"{split['first_s'] * 1e3:.1f} ms = {split['share']:.1%} of a plain generation; the rest (hooks, "
+                  f"labels, Python per site, the store, the caches) {split['other_s'] * 1e3:.1f} ms")
+    print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} thread(s), {os.cpu_count()} cores; "
+          f"{STEPS} steps and guidance 7.5 unless said, fp16 maps on the CPU; median of {repeats} alternating pairs "
+          f"({FULL_SIZE_PAIRS} for full size; ratio range in brackets); identical: plain and probed latents bit for bit")
     for row in rows:
         if "ratio" in row:
             row["range"] = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
-    print_table(rows, [("case", "case", ""), ("px", "px", "d"), ("plain_s", "plain s", ".3f"),
+        if "identical" in row:
+            row["identical"] = "yes" if row["identical"] else "NO"
+    print_table(rows, [("case", "case", ""), ("px", "px", "d"), ("steps", "steps", "d"), ("plain_s", "plain s", ".3f"),
                        ("probed_s", "probed s", ".3f"), ("ratio", "ratio", ".3f"), ("range", "range", ""),
-                       ("store_mb", "store MB", ".2f"), ("values_mb", "values MB", ".2f"), ("rss_mb", "peak RSS MB", ".0f"),
-                       ("read_mb", "read MB", ".1f"), ("recompiles", "recompiles", "d")])
+                       ("identical", "identical", ""), ("store_mb", "store MB", ".2f"), ("values_mb", "values MB", ".2f"),
+                       ("rss_mb", "peak RSS MB", ".0f"), ("read_mb", "read MB", ".1f"), ("recompiles", "recompiles", "d")])
 
 
 if __name__ == "__main__":

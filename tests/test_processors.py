@@ -171,3 +171,31 @@ def test_nested_probes_both_record_and_restore_in_any_order():
     pipe("a dog", **GEN)
     a.__exit__(None, None, None); b.__exit__(None, None, None)
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+
+
+def test_pending_logits_take_the_softmax_once_per_shape_with_the_per_site_values():
+    """Sites of one shape share a buffer; the batched softmax, head mean and token selection give each site what
+    softmax(logits) followed by the same reductions gives it alone, bit for bit; the buffer keeps its size."""
+    from attnprobe.capture.processor import PendingLogits, reduce_probs
+
+    torch.manual_seed(0)
+    pending, workspace = PendingLogits(), {}
+    cpu = torch.device("cpu")
+    for call in range(2):
+        given = {}
+        for i, shape in enumerate([(1, 4, 16, 7)] * 5 + [(1, 4, 4, 7)] * 2):
+            logits = torch.randn(shape) * 5
+            pending.slot(f"s{i}", shape, cpu).copy_(logits)
+            given[f"s{i}"] = logits
+        tokens = torch.tensor([0, 3])
+        done = dict(pending.finish("mean", tokens, torch.float16, workspace))
+        assert list(done) == [f"s{i}" for i in range(7)]
+        for site, logits in given.items():
+            want = reduce_probs(logits.softmax(-1), "mean", tokens).to(torch.float16)
+            assert torch.equal(done[site], want), (call, site)
+        assert pending.buffers[(1, 4, 16, 7)].shape[0] >= 5
+    sizes = {k: v.data_ptr() for k, v in pending.buffers.items()}
+    pending.slot("again", (1, 4, 16, 7), cpu)
+    assert pending.buffers[(1, 4, 16, 7)].data_ptr() == sizes[(1, 4, 16, 7)]  # no new buffer after the first call
+    pending.drop()
+    assert pending.finish("keep", None, torch.float32, workspace) == []

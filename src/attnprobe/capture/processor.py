@@ -63,12 +63,12 @@ class PendingLogits:
         self.buffers: dict[tuple, torch.Tensor] = {}  # shape -> [capacity, *shape]
         self.sites: dict[tuple, list[str]] = {}  # shape -> the sites of the call in progress, in slot order
 
-    def slot(self, site: str, shape, device) -> torch.Tensor:
+    def slot(self, site: str, shape, device: torch.device) -> torch.Tensor:
         """The next free ``shape`` buffer of the call in progress, for ``site``."""
         shape = tuple(shape)
         sites = self.sites.setdefault(shape, [])
         buffer = self.buffers.get(shape)
-        if buffer is None or buffer.device != torch.device(device) or len(sites) == buffer.shape[0]:
+        if buffer is None or buffer.device != device or len(sites) == buffer.shape[0]:
             grown = torch.empty((2 * len(sites) or 1, *shape), dtype=torch.float32, device=device)
             if sites:  # the first call finds how many sites share a shape; the buffer keeps that size after
                 grown[: len(sites)].copy_(buffer[: len(sites)])

@@ -27,7 +27,6 @@ from dataclasses import replace
 from typing import Iterator, Sequence
 
 import torch
-from einops import rearrange
 
 from ..errors import ProbeError, warn
 from ..store import AttentionStore, Call, StoreWriter
@@ -416,11 +415,9 @@ class Recorder:
         for site, probs in outbox:
             if site in self.current:
                 raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
-            if self.video is None:
-                qh, qw = self._grid(site, probs.shape[2])
-                probs = rearrange(probs, "sample head (qh qw) token -> sample head qh qw token", qh=qh, qw=qw)
-            # [sample, head, (qt,) qh, qw, token] in the store's dtype (fp32 for an aggregate): CaptureState.dtype
-            self.current[site] = self._filled(probs if self.video is None else frame_maps(site, probs, self.video))
+            # [sample, head, (qh qw) | (qt qh qw), token] -> its grid, in the store's dtype (fp32 for an aggregate)
+            grid = self._grid(site, probs.shape[2]) if self.video is None else None  # a video's: frames.frame_maps
+            self.current[site] = self._filled(probs.unflatten(2, grid) if grid else frame_maps(site, probs, self.video))
         outbox.clear()
 
     def _checked(self) -> None:
