@@ -9,6 +9,8 @@ denoiser calls (the prompt's first).
 Wan 2.1's and SkyReels-V2's image-to-video denoisers (``image_dim``: ``attn2`` also attends to CLIP image tokens, a second softmax
 whose output is added) are ``refused.WAN_IMAGE``."""
 
+from dataclasses import replace
+
 from .registry import Family, first_text_encoder
 
 
@@ -21,22 +23,9 @@ def _two_experts(pipe):
     if getattr(pipe, "transformer_2", None) is not None:
         return ("its transformer_2 (Wan 2.2's low-noise expert) is a second denoiser that runs the calls below the "
                 "boundary timestep, which a probe of the transformer would miss. Probe a single-transformer Wan "
-                "pipeline (Wan 2.1, or Wan 2.2 TI2V-5B)")
+                "pipeline (Wan 2.1)")
     return None
 
-
-#: SkyReels-V2 text-to-video (``SkyReelsV2Transformer3DModel`` in ``SkyReelsV2Pipeline``): Wan 2.1's blocks, latents
-#: and UMT5 keys (its attn2 processor computes what Wan's does); its diffusion-forcing pipelines, which give each
-#: latent frame its own timestep, are refused by name (``capture.passes.REFUSED``)
-SKYREELS_V2 = Family(
-    name="skyreels-v2",
-    title="SkyReels-V2 text-to-video (SkyReelsV2Transformer3DModel)",
-    denoisers=("SkyReelsV2Transformer3DModel",),
-    kinds=("cross",),
-    text_streams=first_text_encoder,
-    reader="kernel",
-    video=_frames,
-)
 
 FAMILY = Family(
     name="wan",
@@ -48,3 +37,9 @@ FAMILY = Family(
     video=_frames,
     pipe_refused=_two_experts,
 )
+
+#: SkyReels-V2 text-to-video (``SkyReelsV2Transformer3DModel`` in ``SkyReelsV2Pipeline``): Wan 2.1's blocks, latents
+#: and UMT5 keys (its attn2 processor computes what Wan's does), so Wan's reading; its diffusion-forcing pipelines,
+#: which give each latent frame its own timestep, are refused by name (``capture.passes.REFUSED``)
+SKYREELS_V2 = replace(FAMILY, name="skyreels-v2", title="SkyReels-V2 text-to-video (SkyReelsV2Transformer3DModel)",
+                      denoisers=("SkyReelsV2Transformer3DModel",), pipe_refused=None)
