@@ -65,18 +65,21 @@ def attention_logits(attn, query: torch.Tensor, key: torch.Tensor, attention_mas
         query, key = query[rows], key[rows]
     elif rows is not None:
         query, key = query.index_select(0, rows), key.index_select(0, rows)
-    # [sample, position, (head d)] -> [sample, head, position, d]: views (einops' rearrange costs ~8 µs a call)
-    query = query.unflatten(-1, (heads, -1)).transpose(1, 2)
-    key = key.unflatten(-1, (heads, -1)).transpose(1, 2)
+    # [sample, position, (head d)] -> [sample, position, head, d] (a view), normalised over d as the processor does
+    samples, n_query = query.shape[:2]
+    query, key = query.reshape(samples, n_query, heads, -1), key.reshape(samples, n_keys, heads, -1)
     norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
     if norm_q is not None:
         query = norm_q(query)
     if norm_k is not None:
         key = norm_k(key)
-    # the scale goes on q ([query, d]) rather than on the logits ([query, token]): fewer multiplications
-    query, key_t = query.float() * attn.scale, key.float().transpose(-1, -2)
-    shape = (*query.shape[:-1], key_t.shape[-1])
-    logits = torch.matmul(query, key_t, out=None if out is None else out(shape))
+    # one batched product over (sample, head), the scale applied by it: [sample·head, query, d] × [sample·head, d,
+    # token] (a copy only for several samples); ~4 µs a site call less than matmul on 4-D views and a scaled q
+    q = query.float().transpose(1, 2).reshape(samples * heads, n_query, -1)
+    k = key.float().permute(0, 2, 3, 1).reshape(samples * heads, -1, n_keys)
+    shape = (samples, heads, n_query, n_keys)
+    logits = out(shape) if out is not None else torch.empty(shape, dtype=torch.float32, device=q.device)
+    torch.baddbmm(logits.view(-1, n_query, n_keys), q, k, beta=0, alpha=attn.scale, out=logits.view(-1, n_query, n_keys))
     if attention_mask is not None:
         mask = attn.prepare_attention_mask(attention_mask, n_keys, batch)
         mask = mask.reshape(batch, heads, -1, mask.shape[-1])
@@ -104,7 +107,7 @@ def output_error(attn, probs: torch.Tensor, value: torch.Tensor, output: torch.T
         ``‖output − probs·V‖ / ‖output‖`` (Frobenius norms): 0 up to rounding where the processor used the recorded
         probabilities; larger where it edits them (Prompt-to-Prompt reweighting) or adds attention (IP-Adapter).
     """
-    v = value.float().unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # [sample, head, token, d]
+    v = value.float().reshape(*value.shape[:2], attn.heads, -1).transpose(1, 2)  # [sample, head, token, d]
     expect = (probs @ v).transpose(1, 2).flatten(2)  # [sample, query, (head d)]
     got = output.float().reshape(expect.shape)
     return float((got - expect).norm() / got.norm().clamp_min(1e-30))
