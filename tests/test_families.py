@@ -462,17 +462,18 @@ def test_a_processor_with_two_attention_kernels_is_refused(pipes):
 
 
 def test_video_audio_and_prior_denoisers_and_unknown_ones_are_refused_before_they_run():
-    """A video denoiser's queries span frames, a prior has no image positions: recording either as an image grid
-    would be wrong, so the probe refuses before anything runs and names why; a denoiser no family covers is
-    refused too unless the user asks for the generic reading (then with a warning)."""
+    """A video denoiser without a family (Wan 2.1's image-to-video one, whose attn2 also attends to image tokens), a
+    prior with no image positions: recording either would be wrong, so the probe refuses before anything runs and
+    names why; a denoiser no family covers is refused too unless the user asks for the generic reading (then with a
+    warning)."""
     from diffusers import PriorTransformer, WanTransformer3DModel
     from diffusers.models.attention_processor import Attention
 
     from attnprobe.models.coverage import pipeline_verdicts
 
     wan = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                text_dim=8, freq_dim=8, ffn_dim=8, num_layers=1, rope_max_seq_len=32)
-    with pytest.raises(ProbeError, match="WanTransformer3DModel is a video or other 3-D denoiser.*no frame axis"):
+                                text_dim=8, freq_dim=8, ffn_dim=8, num_layers=1, rope_max_seq_len=32, image_dim=8)
+    with pytest.raises(ProbeError, match="WanTransformer3DModel is Wan 2.1 or SkyReels-V2 image-to-video.*CLIP image tokens"):
         attnprobe.probe(wan).__enter__()
     prior = PriorTransformer(num_attention_heads=2, attention_head_dim=4, num_layers=1, embedding_dim=8,
                              num_embeddings=4, additional_embeddings=4)
@@ -487,8 +488,9 @@ def test_video_audio_and_prior_denoisers_and_unknown_ones_are_refused_before_the
     with pytest.raises(ProbeError, match="no attnprobe family covers MyDiT.*allow_generic=True"):
         attnprobe.probe(MyDiT()).__enter__()
     verdicts = {v.pipeline: v for v in pipeline_verdicts()}
-    assert verdicts["AnimateDiffPipeline"].family == "video"  # its UNet2DConditionModel becomes a UNetMotionModel
-    assert verdicts["WanPipeline"].verdict.startswith("refused: a video")
+    assert verdicts["AnimateDiffPipeline"].family == "frames-in-batch"  # its UNet2DConditionModel becomes a UNetMotionModel
+    assert verdicts["WanImageToVideoPipeline"].verdict.startswith("refused: Wan 2.1 or SkyReels-V2 image-to-video")
+    assert verdicts["LTXPipeline"].verdict.startswith("refused: LTX-Video")
     assert verdicts["StableAudioPipeline"].family == "audio"
     assert not [v for v in verdicts.values() if "untested" in v.verdict and v.family == "generic"]
 

@@ -22,7 +22,7 @@ from .models.configs import (
     transformer_on_meta,
     unet_on_meta,
 )
-from .models.synthetic import synthetic_store
+from .models.synthetic import synthetic_store, synthetic_video_store
 from .models.tiny import (
     TINY_PIPELINES,
     full_size_pipeline,
@@ -59,4 +59,5 @@ __all__ = [
     "SDXL_UNET",
     "unet_on_meta",
     "synthetic_store",
+    "synthetic_video_store",
 ]

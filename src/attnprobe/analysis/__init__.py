@@ -8,6 +8,8 @@
 - ``measures``: a concept's attention mass per denoiser call (``trajectory``), its area (``auc``), two captures
   compared (``compare``), a heat map over the image (``heatmap``), the calls of one pipeline call
   (``generation_calls``).
+- ``video``: video stores over their decoded frames: which latent frame each shows (``decoded_frame_index``), a heat
+  map per decoded frame (``frame_heatmaps``), an animated GIF over the video (``animate_heatmap``).
 - ``daam``: DAAM 0.2.0's heat map (``heatmap(method="daam")``), step by step in DAAM's order.
 - ``figures``: matplotlib figures of stores and studies (matplotlib imported when a figure is drawn).
 
@@ -16,6 +18,7 @@ Analyses read a store only through its public methods; they never run a pipeline
 
 from .measures import (HEATMAP_METHODS, Comparison, auc, compare, concept_positions, generation_calls, heatmap,
                        trajectory)
+from .video import animate_heatmap, decoded_frame_index, frame_heatmaps
 
 __all__ = ["trajectory", "auc", "compare", "heatmap", "Comparison", "concept_positions", "generation_calls",
-           "HEATMAP_METHODS"]
+           "HEATMAP_METHODS", "animate_heatmap", "decoded_frame_index", "frame_heatmaps"]

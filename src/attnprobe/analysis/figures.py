@@ -315,8 +315,9 @@ def plot_text_similarity(rows: Sequence[Mapping], value: str = "concept_cos_last
 def plot_site_call_grid(store, concept: str, sample: int = 0, calls=None, max_calls: int = 6, occurrence="all"):
     """A grid of one concept's maps: rows are sites (execution order), columns denoiser calls.
 
-    Each panel is the attention on the concept's tokens (summed over them, averaged over heads) at that site
-    and call, on the site's own ``qh × qw`` grid; one colour scale for all panels.
+    Each panel is the attention on the concept's tokens (summed over them, averaged over heads, and over latent
+    frames for a video store) at that site and call, on the site's own ``qh × qw`` grid; one colour scale for all
+    panels.
 
     Args:
         store: an ``AttentionStore``. concept, sample, occurrence: as for ``attnprobe.trajectory``.
@@ -333,8 +334,10 @@ def plot_site_call_grid(store, concept: str, sample: int = 0, calls=None, max_ca
         shown = min(max_calls, n)  # evenly spaced from the first call to the last
         calls = sorted({round(i * (n - 1) / max(1, shown - 1)) for i in range(shown)})
     sites = [s for s in store.sites if s.name not in store.flat_sites]
-    grids = {s.name: store.maps(s.name, calls=list(calls), samples=[sample], tokens=positions).float()
-             .sum(-1).mean(dim=(1, 2)).numpy() for s in sites}
+    # [call, 1, head, qh, qw] → [call, qh, qw]; a video store's [call, 1, head, qt, qh, qw]: the mean over frames too
+    picked = {s.name: store.maps(s.name, calls=list(calls), samples=[sample], tokens=positions).float().sum(-1)
+              for s in sites}
+    grids = {n: g.mean(dim=(1, 2) if g.ndim == 5 else (1, 2, 3)).numpy() for n, g in picked.items()}
     vmax = max(float(g.max()) for g in grids.values()) if grids else 1.0
     fig, axes = plt.subplots(len(sites), len(calls), figsize=(1.1 * len(calls) + 1.5, 1.1 * len(sites) + 0.8),
                              squeeze=False, layout="constrained")

@@ -14,6 +14,9 @@ Measures:
   1 means every image position attends only to the concept. (Prompt-to-Prompt and DAAM read the same
   per-token maps; the averaging here weighs every image position and head equally.)
 - **Trajectory**: the concept mass per denoiser call, averaged over sites (every site weighs the same).
+- **Video stores** (``[call, sample, head, qt, qh, qw, token]``): the concept mass averages over every video position
+  (``qt × qh × qw``, each latent frame weighing the same), the same number as an image's mean over ``qh × qw``;
+  ``trajectory(by_frame=True)`` keeps the ``qt`` axis and ``heatmap(frame=...)`` draws one latent frame or all.
 - **AUC**: the trapezoidal area under a trajectory over denoising progress ``x = call / (calls - 1)`` in
   ``[0, 1]``, so a flat trajectory at ``m`` has AUC ``m`` (units: attention mass).
 """
@@ -60,10 +63,27 @@ def concept_positions(store: AttentionStore, concept: str, sample: int = 0, occu
     return list(found[index])
 
 
-def _site_mass(store: AttentionStore, site: str, sample: int, positions: list[int], calls=None) -> torch.Tensor:
+def _site_mass(store: AttentionStore, site: str, sample: int, positions: list[int], calls=None,
+               by_frame: bool = False) -> torch.Tensor:
     # [call, 1, head, qh, qw, len(positions)] → [call]; reads only these tokens from a streamed store
     picked = store.maps(site, calls=calls, samples=[sample], tokens=positions).float().sum(dim=-1)
-    return picked.mean(dim=(1, 2, 3, 4))
+    if picked.ndim == 5:
+        return picked.mean(dim=(1, 2, 3, 4))
+    # a video store's [call, 1, head, qt, qh, qw] → [call, qt] or, pooled over every video position, [call]
+    return picked.mean(dim=(1, 2, 4, 5)) if by_frame else picked.mean(dim=(1, 2, 3, 4, 5))
+
+
+def require_video(store: AttentionStore, what: str) -> dict:
+    """A video store's frame record (``store.video``).
+
+    Raises:
+        StoreError: an image store (no ``qt`` axis); says what was asked.
+    """
+    video = store.video
+    if video is None:
+        raise StoreError(f"{what} needs a video store ([call, sample, head, qt, qh, qw, token]), but this store's "
+                         f"maps are an image's ({store.meta.get('denoiser')}: [call, sample, head, qh, qw, token])")
+    return video
 
 
 def require_per_call(store: AttentionStore, what: str) -> None:
@@ -110,6 +130,7 @@ def trajectory(
     by_site: bool = False,
     sites=None,
     generation: int | None = None,
+    by_frame: bool = False,
 ) -> torch.Tensor:
     """Attention mass on a concept's tokens per denoiser call of one pipeline call.
 
@@ -122,23 +143,60 @@ def trajectory(
         sites: site selector (names, globs, predicate) within the store. Default: all.
         generation: which pipeline call (``Call.generation``: 0 for the probe's first) when the store holds
             several. Default: ``None``, the only one (a store of several is refused).
+        by_frame: a video store: keep its ``qt`` axis (latent frames at the sites' resolution), the mass of each
+            frame's positions. Default: False (the mean over every video position: each frame weighs the same, so the
+            pooled value is the mean of the per-frame ones).
 
     Returns:
         float32 ``[call]`` (mean over sites) or ``[call, site]`` (sites in ``store.sites`` order), the calls of one
-        pipeline call; values in ``[0, 1]``: the share of attention on the concept's tokens.
+        pipeline call; with ``by_frame``, ``[call, qt]`` or ``[call, site, qt]``. Values in ``[0, 1]``: the share of
+        attention on the concept's tokens.
 
     Raises:
         ConceptError: concept not in the sample's prompt, or truncated.
-        StoreError: an aggregate store; a store of several pipeline calls without ``generation`` (names them).
+        StoreError: an aggregate store; a store of several pipeline calls without ``generation`` (names them);
+            ``by_frame`` on an image store.
         SelectionError: no such generation.
+
+    Examples:
+        >>> from attnprobe.testing import synthetic_video_store
+        >>> store = synthetic_video_store(calls=2, frames=3, prompt="a dog", frame_mass={"dog": [0.1, 0.2, 0.6]})
+        >>> [round(v, 6) for v in trajectory(store, "dog", by_frame=True)[0].tolist()]
+        [0.1, 0.2, 0.6]
+        >>> round(float(trajectory(store, "dog")[0]), 6)      # pooled: every frame weighs the same
+        0.3
     """
     require_per_call(store, "trajectory")
+    if by_frame:
+        require_video(store, "trajectory(by_frame=True)")
     calls = generation_calls(store, generation, "trajectory")
     positions = concept_positions(store, concept, sample, occurrence)
     idx = store.sample_index(sample)
     chosen = select_sites(store.sites, sites)
-    per_site = torch.stack([_site_mass(store, s.name, idx, positions, calls) for s in chosen], dim=1)
+    per_site = torch.stack([_site_mass(store, s.name, idx, positions, calls, by_frame) for s in chosen], dim=1)
     return per_site if by_site else per_site.mean(dim=1)
+
+
+def _frames(store: AttentionStore, frame, method: str) -> list[int] | None:
+    """The positions on a video store's ``qt`` axis that ``heatmap(frame=...)`` draws (every one for ``None`` and
+    ``"all"``), or ``None`` for an image store (which takes ``frame=None`` only).
+
+    Raises:
+        StoreError: ``frame`` on an image store; a video store with ``method="daam"``. ArgumentError: not an int,
+            ``"all"`` or ``None``. SelectionError: out of range."""
+    video = store.video
+    if video is None:
+        if frame is not None:
+            require_video(store, f"heatmap(frame={frame!r})")
+        return None
+    if method != "mean":
+        raise StoreError(f"heatmap(method={method!r}) reproduces DAAM's image maps; a video store takes method='mean'")
+    if frame is None or (isinstance(frame, str) and frame == "all"):
+        return list(range(video["qt"]))
+    if as_index(frame) is None:
+        raise ArgumentError(f"frame={frame!r}: give a latent frame (an int on the qt axis, 0..{video['qt'] - 1}), "
+                            "'all' or None (the mean over frames)")
+    return axis_positions("frame", frame, video["qt"])
 
 
 def auc(traj: torch.Tensor, x: Sequence[float] | torch.Tensor | None = None) -> float | torch.Tensor:
@@ -313,8 +371,9 @@ def heatmap(
     normalize: bool = False,
     method: str = "mean",
     generation: int | None = None,
+    frame=None,
 ) -> torch.Tensor:
-    """A concept's attention over the image, ``[H, W]`` float32.
+    """A concept's attention over the image, ``[H, W]`` float32 (a video store's, ``frame="all"``: ``[qt, H, W]``).
 
     ``method="mean"`` (the default, attnprobe's): for each chosen site and call, the maps of the concept's tokens are
     summed over those tokens and averaged over heads, giving ``[qh, qw]``; each is resized to ``size`` (bilinear);
@@ -351,20 +410,25 @@ def heatmap(
         method: ``"mean"`` or ``"daam"``. Default: ``"mean"``.
         generation: which pipeline call when the store holds several (``Call.generation``). Default: ``None``, every
             call (``"daam"``, which is one pipeline call's map, refuses a store of several without it).
+        frame: a video store's latent frame on its ``qt`` axis (an int; negative counts from the end), ``"all"``
+            (``[qt, H, W]``, every frame, one scale), or ``None``: the mean over frames (each weighs the same).
+            ``normalize`` divides by the maximum of what is returned. Default: ``None``.
 
     Raises:
         ConceptError: see ``trajectory``. StoreError: no site with a spatial grid was chosen; ``"daam"``: what it
-            cannot reproduce (above). ArgumentError: a bad ``size``, ``normalize`` or ``method``.
+            cannot reproduce (above); ``frame`` on an image store. ArgumentError: a bad ``size``, ``normalize``,
+            ``method`` or ``frame``. SelectionError: a frame out of range (says the ``qt`` length).
     """
     if method not in HEATMAP_METHODS:
         raise ArgumentError(f"method={method!r}: give one of {list(HEATMAP_METHODS)}")
+    frames = _frames(store, frame, method)
     positions = concept_positions(store, concept, sample, occurrence)
     idx = store.sample_index(sample)
     chosen = [s for s in select_sites(store.sites, sites) if s.name not in store.flat_sites]
     if not chosen:
         raise StoreError("no chosen site has a spatial grid (all are flat)")
     if size is None and method == "mean":
-        size = tuple(store.meta.get("image_size") or ()) or max(tuple(store[s.name].shape[3:5]) for s in chosen)
+        size = tuple(store.meta.get("image_size") or ()) or max(tuple(store[s.name].shape[-3:-1]) for s in chosen)
     given = size
     if size is not None:
         size = (size, size) if as_index(size) is not None else tuple(size) if isinstance(size, (tuple, list)) else ()
@@ -392,12 +456,20 @@ def heatmap(
     if method == "daam":
         return daam_map(store, positions, idx, call_idx, sites=sites, size=size, normalize=normalize)
 
-    total = torch.zeros(size, dtype=torch.float32)
+    total = torch.zeros(size if frames is None else (len(frames), *size), dtype=torch.float32)
     for s in chosen:
         maps = store.maps(s.name, calls=call_idx, samples=[idx], tokens=positions).float().sum(-1)  # [call, 1, head, qh, qw]
-        grid = maps.mean(dim=(0, 1, 2))[None, None]
-        total += torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
+        if frames is None:
+            grid = maps.mean(dim=(0, 1, 2))[None, None]
+            total += torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
+        else:  # a video store's [call, 1, head, qt, qh, qw]: one [qh, qw] map per chosen frame
+            grid = maps.mean(dim=(0, 1, 2))[frames][:, None]
+            total += torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)[:, 0]
     total /= len(chosen)
+    if frames is not None and frame is None:
+        total = total.mean(0)  # every frame weighs the same
+    elif frames is not None and frame != "all":
+        total = total[0]
     if normalize and total.max() > 0:
         total = total / total.max()
     return total

@@ -19,12 +19,14 @@ One probed generation, in order:
    denoiser call the batch rows are labelled (``rows``: pass from the pipeline's recipe, ``passes``; checked against
    each row's conditioning, ``evidence``; prompt, image, token layout) and the rows to record chosen; a later call
    whose batch or conditioning changed is labelled again; ``selection`` says which calls and token positions are
-   kept.
+   kept. A video denoiser's call also gives its query grid ``(qt, qh, qw)`` (``frames``: latent frames over its
+   temporal patch, rows and columns over its spatial patch), and its first call checks that the store will fit.
 4. Inside the denoiser, each wrapper calls the installed processor unchanged, reads q and k from the module's own
    projections, and computes the map beside it in fp32 (``processor.reduce_probs``: token selection, head mean).
    At a site's first recorded call it also checks the processor's output against the map times the values
    (``cross.output_error``).
-5. At the next denoiser call (or the end of the block) the call's maps go to ``sink.CallSink``, which writes them
+5. When the denoiser returns, each site's maps are laid on their grid (``[sample, head, qh, qw, token]``, a video
+   denoiser's ``[sample, head, qt, qh, qw, token]``: ``frames.frame_maps``) and the call's maps go to ``sink.CallSink``, which writes them
    into the store through its ``StoreWriter`` (memory, a streamed folder) or adds them to a running aggregate.
 6. On exit everything is removed (``finally``) and the store gets its execution order and metadata.
 """

@@ -109,8 +109,9 @@ class DenoiserCall:
         states = self.states
         return int(states.shape[1]) + self.more_text if isinstance(states, torch.Tensor) and states.ndim == 3 else 0
 
-    def check(self, denoiser: torch.nn.Module, kernel: bool = False) -> None:
-        """Raise ``ProbeError`` unless the call has 4-D latents or packed latents with ``img_ids``; with ``kernel``
+    def check(self, denoiser: torch.nn.Module, kernel: bool = False, video: bool = False) -> None:
+        """Raise ``ProbeError`` unless the call has 4-D latents (5-D, ``video``: a video denoiser's frames) or packed
+        latents with ``img_ids``; with ``kernel``
         (a family read at the attention kernel), also when the denoiser is compiled: its processors run outside the
         compiled graph (a graph break at each site), which fuses the rest differently, so images would not stay
         bit-identical."""
@@ -119,9 +120,10 @@ class DenoiserCall:
                 f"{type(denoiser).__name__} is compiled (torch.compile): its family is read at the attention kernel, "
                 "outside the compiled graph, which would change its images. Probe it uncompiled"
             )
-        if not isinstance(self.sample, torch.Tensor) or (self.sample.ndim != 4 and not self.packed):
+        if not isinstance(self.sample, torch.Tensor) or (self.sample.ndim != (5 if video else 4) and not self.packed):
             raise ProbeError(
-                f"the denoiser {type(denoiser).__name__} was called without a 4-D latent sample or packed latents with "
+                f"the denoiser {type(denoiser).__name__} was called without a {5 if video else 4}-D latent sample or "
+                "packed latents with "
                 f"img_ids or img_shapes (got {type(self.sample).__name__}); attnprobe supports denoisers called as diffusers "
                 "pipelines do"
             )
@@ -268,10 +270,12 @@ def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
         meta["timesteps"] = [float(t) for t in ts] if ts is not None else None
     h, w = latent_hw
     # the autoencoder's own down-sampling where its config tells (Bria's vae_scale_factor counts its 2×2 packing too),
-    # else the pipeline's vae_scale_factor (Sana's DC-AE, Qwen-Image's VAE), else 1 (pixel space: IF)
+    # else the pipeline's vae_scale_factor (Sana's DC-AE, Qwen-Image's VAE) or vae_scale_factor_spatial (Wan's video
+    # VAE), else 1 (pixel space: IF)
     coder = getattr(pipe, "vae", None) or getattr(pipe, "movq", None)
     levels = getattr(getattr(coder, "config", None), "block_out_channels", None)
-    scale = 2 ** (len(levels) - 1) if levels else int(getattr(pipe, "vae_scale_factor", 0) or 1)
+    scale = 2 ** (len(levels) - 1) if levels else int(getattr(pipe, "vae_scale_factor", 0)
+                                                       or getattr(pipe, "vae_scale_factor_spatial", 0) or 1)  # Wan's
     meta["latent_size"] = [h, w]
     meta["image_size"] = [h * scale, w * scale]
     return meta

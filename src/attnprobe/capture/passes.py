@@ -66,6 +66,10 @@ REFUSED = {
     **{name: ("do_spatio_temporal_guidance", "runs extra spatio-temporal-guidance denoiser calls that skip blocks")
        for name in ("LTX2Pipeline", "LTX2ConditionPipeline", "LTX2ImageToVideoPipeline", "LTX2HDRPipeline",
                     "LTX2InContextPipeline")},
+    **{name: (None, "gives each latent frame its own timestep (diffusion forcing: a [batch, frame] timestep per "
+                    "denoiser call), while a store keeps one timestep per call")
+       for name in ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+                    "SkyReelsV2DiffusionForcingVideoToVideoPipeline")},
     "LongCatImageEditPipeline": (None, "reads the input image inside its text encoder's template (its vision tokens "
                                        "are text keys) and appends the image's latents to the image queries"),
 }

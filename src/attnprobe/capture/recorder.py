@@ -35,6 +35,7 @@ from .cross import ProbeProcessor, chain
 from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, schedule_meta
 from .evidence import EncodeWatch, note_checks
 from .families import checked_family, family_of
+from .frames import call_video, check_budget, frame_maps, kept_calls, store_bytes, video_meta
 from .kinds import wrap_processor
 from .processor import CaptureState
 from .options import capture_meta, check_options
@@ -98,6 +99,7 @@ class Recorder:
         self.latent_hw: tuple[int, int] = (0, 0)
         self.order: list[str] = []
         self.grids: dict[tuple[str, int, int, int], tuple[int, int]] = {}
+        self.video: tuple | None = None  # a video denoiser's call: (latent frames, patch, (qt, qh, qw))
         meta = capture_meta(self.pipe, denoiser, self.family.name, passes=passes, heads=heads, dtype=dtype, sites=sites,
                             calls=calls, tokens=self.tokens_spec, aggregate=aggregate, stream_to=stream_to,
                             joint=joint if any(k != "cross" for k in self.kinds.values()) else None)
@@ -245,9 +247,10 @@ class Recorder:
         self._check_intact()
         self._close_call()
         call = DenoiserCall.read(args, kwargs)
-        call.check(module, kernel=self.family.reader == "kernel")
+        call.check(module, kernel=self.family.reader == "kernel", video=self.family.video is not None)
         t = self.timesteps.value(call.timestep, getattr(self.pipe, "scheduler", None))
         hw = call.latent_hw(self._packed_hw)
+        self.video = call_video(self.family, module, call.sample, hw)  # a video denoiser's frames, patch, query grid
         self.state.text_len = call.text_len
         self.state.row_text = call.mask.sum(-1) if self.family.row_text and call.mask is not None else None
         self.state.image_len = self.family.image_len(module, hw) if self.family.image_len else 0
@@ -296,13 +299,16 @@ class Recorder:
         self.layout = labels.passes
         self._set_rows(labels.keep)
         self.state.n_keys = n_keys
-        if not labels.first:
-            return
         positions = None
-        if self.tokens_spec is not None:
+        if labels.first and self.tokens_spec is not None:
             positions = resolve_tokens(self.tokens_spec, labels.layouts,
                                        len(labels.layouts[0].strings) if labels.layouts else n_keys)
             self.state.tokens = torch.tensor(positions, dtype=torch.long)
+        if self.video is not None:  # the token axis: the kept positions, else every text key
+            self._video_generation(len(labels.keep),
+                                   len(positions) if positions is not None else self.store.n_tokens or n_keys)
+        if not labels.first:
+            return
         self.writer.set_samples(labels.samples, labels.layouts, positions)
         self.store.meta.update(labels.meta)
         if call.mask is not None:  # PixArt: the T5 padding mask (1 = attended)
@@ -310,6 +316,18 @@ class Recorder:
             self.store.meta["text_mask"] = call.mask.reshape(call.mask.shape[0], -1)[rows].to(torch.int).tolist()
         # a streamed store is readable from its first shard on, also after a crash
         self.writer.write_header({**self.store.meta, "complete": False})
+
+    def _video_generation(self, samples: int, tokens: int) -> None:
+        """A video pipeline call starts: its frames are the store's (``meta["video"]``), and its maps fit."""
+        frames, patch, grid = self.video
+        meta = video_meta(self.pipe, frames, patch, grid)
+        if self.store.meta.setdefault("video", meta)["qt"] != meta["qt"]:
+            raise ProbeError(f"this pipeline call's latents have {frames} frames ({meta['qt']} query frames), the "
+                             f"store's first had {self.store.meta['video']['qt']}: one store holds one frame count")
+        need = store_bytes(self.sites, samples, grid, tokens, self.heads, self.state.dtype, 1)
+        separate = (self.passes == "uncond") if self.rows.separate else None  # Wan: a call per pass, the prompt's first
+        calls = 1 if self.aggregate else kept_calls(getattr(self.pipe, "scheduler", None), self.keep_call, separate)
+        check_budget(need, calls, self.device, self.store.folder, self.aggregate)
 
     def _set_rows(self, present: list[int | None]) -> None:
         """The batch row of each store sample in the denoiser calls from now on (``None``: it has none)."""
@@ -397,9 +415,9 @@ class Recorder:
         for site, probs in outbox:
             if site in self.current:
                 raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
-            qh, qw = self._grid(site, probs.shape[2])
-            probs = self._filled(probs.unflatten(2, (qh, qw)))  # [sample, head, (qh qw), token] -> qh, qw
-            self.current[site] = probs  # in the store's dtype (fp32 for an aggregate), see CaptureState.dtype
+            # [sample, head, (qh qw) | (qt qh qw), token] -> its grid, in the store's dtype (fp32 for an aggregate)
+            grid = self._grid(site, probs.shape[2]) if self.video is None else None  # a video's: frames.frame_maps
+            self.current[site] = self._filled(probs.unflatten(2, grid) if grid else frame_maps(site, probs, self.video))
         outbox.clear()
 
     def _checked(self) -> None:
@@ -529,9 +547,9 @@ def probe(
             warning that its labels are unchecked. Default: ``False`` (refused).
 
     Yields:
-        An ``AttentionStore``, filled while the block runs: ``store[site]`` is
-        ``[call, sample, head, qh, qw, token]``, summing to 1 over ``token`` (to the text share for ``exact`` joint
-        sites).
+        An ``AttentionStore``, filled while the block runs: ``store[site]`` is ``[call, sample, head, qh, qw, token]``
+        (a video denoiser's, Wan 2.1, CogVideoX: ``[call, sample, head, qt, qh, qw, token]``, docs/video.md),
+        summing to 1 over ``token`` (to the text share for ``exact`` joint sites).
 
     Raises:
         ProbeError: bad options; a refused denoiser (video, audio, a prior) or one no family covers (without
@@ -540,6 +558,7 @@ def probe(
             the unconditional pass runs as separate denoiser calls (Flux true CFG: open a ``"cond"`` and an
             ``"uncond"`` probe); an attention mask at a joint site; no denoiser call (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
             ``stream_to`` is a file or a folder that is not empty; StoreIOError if a shard cannot be written (full disk).
+            ProbeError, too, for a video store whose estimated size is over the free memory (or disk), before its first call.
         NoSitesError, UnknownSiteError: see ``list_sites`` / ``select_sites``.
 
     Examples:

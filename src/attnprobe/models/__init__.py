@@ -8,13 +8,14 @@ stores with known answers, and the loader of any pipeline by name.
 - ``tiny_llm``: the tiny pipelines of families with an LLM text encoder (Sana, Qwen-Image, Flux.2).
 - ``tiny_dits``: the tiny pipelines of newer DiT families (PRX).
 - ``tiny_vlm``: more of them, whose vision-language encoder also rewrites prompts (LongCat-Image).
+- ``tiny_video``: the tiny video pipelines (Wan 2.1, SkyReels-V2, CogVideoX), whose maps have a frame axis.
 - ``tiny_unets``: the tiny pipelines of UNets that are not ``UNet2DConditionModel`` (Kandinsky 3, Stable Cascade's
   prior).
 - ``configs``: real UNet and transformer configs and ``unet_on_meta`` / ``transformer_on_meta``.
 - ``tokenizers``: the real CLIP tokenizer (``data/clip``), an offline T5-style one and an LLM-style one with a chat
   template.
 - ``shapes``: the shapes model: its scenes with ground truth, the model and its training, its evaluation.
-- ``synthetic``: ``synthetic_store``, stores with known answers.
+- ``synthetic``: ``synthetic_store`` and ``synthetic_video_store``, stores with known answers.
 - ``loader``: ``load_pipeline(name)``: the offline models by name, else a hub id or folder.
 
 ``attnprobe.testing`` re-exports the builders for tests and users; nothing in the library imports it.

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import types
+import unicodedata
+
 import torch
 
 from ..errors import ArgumentError
@@ -113,3 +116,12 @@ def finish(pipe, dtype):
     """A built pipeline with its progress bar off, in ``dtype``."""
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def ftfy_stand_in(module) -> None:
+    """A diffusers pipeline module that cleans every prompt with ``ftfy.fix_text`` whether ftfy is installed or not
+    (PRX's; SkyReels-V2's) fails where it is missing (ftfy is not a dependency of attnprobe's tests). Where it is
+    missing, the module gets a stand-in: Unicode NFC, which is what ``fix_text`` does to plain ASCII prompts (it
+    leaves them as they are)."""
+    if not hasattr(module, "ftfy"):
+        module.ftfy = types.SimpleNamespace(fix_text=lambda text: unicodedata.normalize("NFC", text))

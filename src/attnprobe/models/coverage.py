@@ -80,6 +80,9 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "OvisImagePipeline": ("ovis", "tests/test_more_families.py"),
     "PRXPipeline": ("prx", "tests/test_new_families.py"),
     "LongCatImagePipeline": ("longcat", "tests/test_longcat.py"),
+    "WanPipeline": ("wan", "tests/test_video.py"),
+    "SkyReelsV2Pipeline": ("skyreels-v2", "tests/test_video.py"),
+    "CogVideoXPipeline": ("cogvideox", "tests/test_video.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
@@ -162,7 +165,8 @@ def measure(name: str) -> dict:
         kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
         params = inspect.signature(type(pipe).__call__).parameters
         kwargs.update({k: v for k, v in (("max_sequence_length", 16), ("use_resolution_binning", False),
-                                         ("clean_caption", False), ("enable_prompt_rewrite", False)) if k in params})
+                                         ("clean_caption", False), ("enable_prompt_rewrite", False),
+                                         ("num_frames", 9)) if k in params})  # video: 3 latent frames
         kwargs["output_type"] = "latent" if hasattr(pipe, "vae") else "pt"  # DeepFloyd IF: pixel space
         if name in ("lumina2", "flux2-dev"):  # their system prompts alone take 30 to 40 positions
             kwargs["max_sequence_length"] = 64

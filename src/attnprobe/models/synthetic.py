@@ -13,7 +13,7 @@ from ..store import AttentionStore, Call, Sample, Site
 from ..text.tokens import find_concept, token_layout
 from .tokenizers import clip_tokenizer
 
-__all__ = ["synthetic_store"]
+__all__ = ["synthetic_store", "synthetic_video_store"]
 
 
 def synthetic_store(
@@ -67,3 +67,46 @@ def synthetic_store(
         {"pipeline": "Synthetic", "denoiser": "Synthetic", "image_size": list(grid), "prompts": [prompt]},
     )
     return store
+
+
+def synthetic_video_store(
+    calls: int = 2,
+    frames: int = 3,
+    prompt: str = "a picture of dog",
+    grid: tuple[int, int] = (2, 2),
+    heads: int = 2,
+    frame_mass: dict[str, list[float]] | None = None,
+    temporal_compression: int = 4,
+):
+    """A video store with known maps, for analysis tests: one conditional sample, 77 CLIP positions, one site,
+    ``[call, sample, head, qt, qh, qw, token]`` with ``qt = frames`` latent frames of patch ``(1, 1, 1)``.
+
+    Args:
+        calls, prompt, heads: as for ``synthetic_store``. frames: latent frames (``qt``). grid: ``(qh, qw)``.
+        frame_mass: per concept, the probability its tokens get at every position of each latent frame, the same at
+            every call (split evenly between its positions); the rest goes to the start token. Default: uniform.
+        temporal_compression: decoded frames per latent frame after the first (``meta["video"]``). Default: 4.
+
+    Returns:
+        An ``AttentionStore`` whose ``trajectory(by_frame=True)`` for each ``frame_mass`` concept is the given list at
+        every call.
+    """
+    layout = token_layout(clip_tokenizer(), prompt, 77)
+    qh, qw = grid
+    maps = torch.full((calls, 1, heads, frames, qh, qw, 77), 1 / 77, dtype=torch.float32)
+    if frame_mass:
+        maps.zero_()
+        maps[..., 0] = 1.0
+        for concept, per_frame in frame_mass.items():
+            pos = sorted({p for occ in find_concept(layout, concept) for p in occ})
+            for f, m in enumerate(per_frame):
+                maps[:, :, :, f, :, :, pos] += m / len(pos)
+                maps[:, :, :, f, :, :, 0] -= m
+    site = Site("blocks.0.attn2", "cross", heads, 8, "blocks", "blocks.0", 0)
+    video = {"qt": frames, "latent_frames": frames, "patch": [1, 1, 1], "temporal_compression": temporal_compression,
+             "frames": (frames - 1) * temporal_compression + 1}
+    return AttentionStore(
+        [site], [Call(i, float(999 - i * 999 // max(calls - 1, 1)), 0, ("cond",)) for i in range(calls)],
+        [Sample(0, "cond", 0, 0, 0, prompt)], [layout], {site.name: maps},
+        {"pipeline": "Synthetic", "denoiser": "Synthetic", "image_size": list(grid), "prompts": [prompt], "video": video},
+    )

@@ -9,12 +9,9 @@
 
 from __future__ import annotations
 
-import types
-import unicodedata
-
 import torch
 
-from .components import finish, make_flow_vae
+from .components import finish, ftfy_stand_in, make_flow_vae
 from .tokenizers import llm_tokenizer
 
 __all__ = ["tiny_prx_pipeline"]
@@ -35,13 +32,10 @@ def _t5gemma_encoder(tokenizer, layers: int):
 
 
 def _ftfy_stand_in() -> None:
-    """PRX's pipeline cleans every prompt with ``ftfy.fix_text``, even with ``skip_text_cleaning``, and fails where ftfy
-    is not installed (it is not a dependency of attnprobe's tests). Where it is missing, its module gets a stand-in:
-    Unicode NFC, which is what ``fix_text`` does to plain ASCII prompts (it leaves them as they are)."""
+    """PRX's pipeline cleans every prompt with ``ftfy.fix_text``, even with ``skip_text_cleaning``: ``ftfy_stand_in``."""
     from diffusers.pipelines.prx import pipeline_prx
 
-    if not hasattr(pipeline_prx, "ftfy"):
-        pipeline_prx.ftfy = types.SimpleNamespace(fix_text=lambda text: unicodedata.normalize("NFC", text))
+    ftfy_stand_in(pipeline_prx)
 
 
 def tiny_prx_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -12,6 +12,12 @@ Values sum to 1 over ``token``. ``head`` has length 1 when heads were averaged (
 query count does not factor into the latent grid (token merging) are kept flat: ``qh = 1``, ``qw = query``,
 listed in ``store.flat_sites``.
 
+A video store (a probe of a video denoiser: Wan, CogVideoX) has a frame axis: ``store[site]`` is
+``[call, sample, head, qt, qh, qw, token]``, ``qt`` the latent frames at the sites' resolution (the latent frames
+over the denoiser's temporal patch); ``store.video`` says how they map to latent and decoded frames, and
+``store.grid_dims`` names the grid axes (``("qt", "qh", "qw")``, or ``("qh", "qw")`` for an image store, whose maps
+and files are as they always were).
+
 Capture-time reductions change two axes, and say so: with ``probe(tokens=...)`` the ``token`` axis holds only
 the kept positions (``store.token_positions``; their values are their share of the full softmax, so they no
 longer sum to 1); with ``probe(aggregate="mean")`` the ``call`` axis has length 1 and holds the mean over
@@ -72,6 +78,21 @@ class AttentionStore:
         return (self.meta.get("capture") or {}).get("aggregate")
 
     @property
+    def video(self) -> dict | None:
+        """A video store's frame record (``meta["video"]``), ``None`` for an image store. Keys: ``qt`` (length of the
+        ``qt`` axis), ``latent_frames`` (the denoiser's latent frames), ``patch`` (``[pt, ph, pw]``: latent frames,
+        rows and columns per query), ``temporal_compression`` (decoded frames per latent frame after the first, the
+        VAE's; ``None`` when the pipeline does not say) and ``frames`` (decoded frames, ``None`` when unknown)."""
+        video = self.meta.get("video")
+        return dict(video) if isinstance(video, dict) else None
+
+    @property
+    def grid_dims(self) -> tuple[str, ...]:
+        """The names of the query-grid axes of every site's maps: ``("qt", "qh", "qw")`` for a video store, else
+        ``("qh", "qw")`` (the axes between ``head`` and ``token``)."""
+        return ("qt", "qh", "qw") if self.video else ("qh", "qw")
+
+    @property
     def folder(self) -> Path | None:
         """The folder a streamed store lives in (``probe(stream_to=...)``), else ``None``."""
         return self._folder
@@ -95,7 +116,8 @@ class AttentionStore:
         return name
 
     def __getitem__(self, site) -> torch.Tensor:
-        """``[call, sample, head, qh, qw, token]`` probabilities of one site (``Site`` or its name).
+        """``[call, sample, head, qh, qw, token]`` probabilities of one site (``Site`` or its name); a video store's
+        are ``[call, sample, head, qt, qh, qw, token]``.
 
         Raises:
             UnknownSiteError (a KeyError): the site is not in the store (the message lists the sites).
@@ -113,7 +135,8 @@ class AttentionStore:
         return self._maps[name]
 
     def maps(self, site, calls=None, samples=None, tokens=None) -> torch.Tensor:
-        """A slice of one site's maps: ``[call, sample, head, qh, qw, token]`` for the chosen entries.
+        """A slice of one site's maps: ``[call, sample, head, qh, qw, token]`` (video: ``qt qh qw``) for the chosen
+        entries.
 
         Reads only what it returns from a streamed store (token rows of each chosen call's shard).
 
@@ -294,7 +317,8 @@ class AttentionStore:
         return export_pandas(self)
 
     def __repr__(self) -> str:
-        grids = sorted({tuple(self[n].shape[3:5]) for n in self.site_names if self[n].numel()})
+        n_grid = len(self.grid_dims)
+        grids = sorted({tuple(self[n].shape[3:3 + n_grid]) for n in self.site_names if self[n].numel()})
         calls = f"the {self.aggregate} over {len(self.calls)} calls" if self.aggregate else f"{len(self.calls)} calls"
         tokens = f", tokens {self.token_positions}" if self.token_positions is not None else ""
         where = f", in {str(self._folder)!r}" if self._folder is not None else ""
@@ -375,7 +399,8 @@ class StoreWriter:
         self.store.flat_sites.add(site)
 
     def append(self, call: Call, maps: dict) -> None:
-        """One finished denoiser call: ``site -> [sample, head, qh, qw, token]`` on the store's device."""
+        """One finished denoiser call: ``site -> [sample, head, qh, qw, token]`` (video: ``qt qh qw``) on the store's
+        device."""
         store = self.store
         if self.shards is not None:
             store._shards.append(self.shards.write(asdict(call), maps))
@@ -385,7 +410,8 @@ class StoreWriter:
         store.calls.append(call)
 
     def set_aggregate(self, calls, maps: dict, layout) -> None:
-        """The aggregate over ``calls``: ``site -> [sample, head, qh, qw, token]``, one entry on the ``call`` axis."""
+        """The aggregate over ``calls``: ``site -> [sample, head, qh, qw, token]`` (video: ``qt qh qw``), one entry on
+        the ``call`` axis."""
         store = self.store
         store.calls[:] = calls
         if self.shards is not None and maps:

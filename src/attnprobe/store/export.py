@@ -11,7 +11,8 @@ __all__ = ["to_xarray", "to_pandas"]
 def to_xarray(store, site=None):
     """One site's maps as a labelled ``xarray.DataArray`` (needs the ``xarray`` extra).
 
-    Dims ``call sample head qh qw token``; coordinates: ``timestep`` and ``generation`` per call,
+    Dims ``call sample head qh qw token`` (a video store: ``call sample head qt qh qw token``, ``qt`` the latent
+    frames at the sites' resolution); coordinates: ``timestep`` and ``generation`` per call,
     ``pass_label``, ``prompt_index``, ``image_index`` and ``text`` per sample, ``token_string`` per
     ``(sample, token)``. Values are probabilities (sum to 1 over ``token``).
 
@@ -31,7 +32,7 @@ def to_xarray(store, site=None):
     index, timestep, generation = store.call_coordinates()
     return xr.DataArray(
         maps.float().numpy(),
-        dims=("call", "sample", "head", "qh", "qw", "token"),
+        dims=("call", "sample", "head", *store.grid_dims, "token"),
         coords={
             "call": index,
             "timestep": ("call", timestep),
@@ -67,7 +68,8 @@ def to_pandas(store):
 
     frames = []
     for site in store.site_names:
-        mass = store[site].float().mean(dim=(2, 3, 4)).numpy()  # [call, sample, token]
+        maps = store[site].float()  # [call, sample, head, qh, qw, token] (video: qt qh qw)
+        mass = (maps.mean(dim=(2, 3, 4)) if maps.ndim == 6 else maps.flatten(2, -2).mean(2)).numpy()  # [call, sample, token]
         n_calls, n_samples, n_tokens = mass.shape
         call, sample, token = np.meshgrid(np.arange(n_calls), np.arange(n_samples), np.arange(n_tokens), indexing="ij")
         frames.append(pd.DataFrame({"call": call.ravel(), "sample": sample.ravel(), "site": site,

@@ -192,16 +192,21 @@ def check_coordinates(path, sites, samples, layouts, positions, meta: dict) -> N
     capture = meta.get("capture") or {}
     if not isinstance(capture, dict) or capture.get("aggregate") not in (None, "sum", "mean"):
         raise StoreError(f"{where!r}: its header's capture options {capture!r} name no known aggregate")
+    video = meta.get("video")
+    if video is not None and not (isinstance(video, dict) and type(video.get("qt")) is int and video["qt"] >= 1):
+        raise StoreError(f"{where!r}: its header's video record {video!r} has no qt (latent frames at the sites' "
+                         "resolution, an int ≥ 1): the header was edited")
 
 
 def check_shapes(path, store, shapes: dict[str, tuple[int, ...]], calls: int | None = None) -> None:
     """Check each site's map shape against the header that ``store`` was built from: ``[call, sample, head, qh, qw,
     token]`` with ``calls`` calls (a saved file), or ``[sample, head, qh, qw, token]`` when ``calls`` is ``None``
-    (a shard, one call).
+    (a shard, one call); a video store (``meta["video"]``) has ``qt qh qw`` in place of ``qh qw``, ``qt`` the
+    header's.
 
     Raises:
         StoreError: a map of a site the header does not list (or none for a site it lists), another number of
-            calls, samples or token positions, more heads than the site has.
+            calls, samples, latent frames or token positions, more heads than the site has.
     """
     where = str(path)
     extra = sorted(set(shapes) - set(store.site_names))
@@ -212,15 +217,18 @@ def check_shapes(path, store, shapes: dict[str, tuple[int, ...]], calls: int | N
         raise StoreError(f"{where!r} holds maps of {len(shapes)} sites, but its header lists {len(store.sites)}: "
                          f"{extra[:5]} are not in it (the header was edited, or maps of another store added)")
     heads = {s.name: s.heads for s in store.sites}
+    video = store.meta.get("video")
+    grid = 3 if video else 2  # qt qh qw, or qh qw
     for name, full in shapes.items():
         shape = full if calls is None else full[1:]
-        ok = (calls is None or (len(full) == 6 and full[0] == calls)) and len(shape) == 5
-        ok = ok and shape[0] == len(store.samples) and shape[4] == store.n_tokens
-        ok = ok and 1 <= shape[1] <= max(heads[name], 1)
+        ok = (calls is None or (len(full) == grid + 4 and full[0] == calls)) and len(shape) == grid + 3
+        ok = ok and shape[0] == len(store.samples) and shape[-1] == store.n_tokens
+        ok = ok and 1 <= shape[1] <= max(heads[name], 1) and (not video or shape[2] == video["qt"])
         if not ok:
             lead = "" if calls is None else f"{calls} calls, "
+            axes = f"{video['qt']} qt, qh, qw" if video else "qh, qw"
             raise StoreError(f"{where!r}: site {name} has shape {list(full)}, expected [{lead}{len(store.samples)} "
-                             f"samples, head (≤ {heads[name]}), qh, qw, {store.n_tokens} tokens] from its header: the "
+                             f"samples, head (≤ {heads[name]}), {axes}, {store.n_tokens} tokens] from its header: the "
                              "header was edited, or the maps belong to another store")
 
 
@@ -231,7 +239,7 @@ def check_values(path, site: str, maps: torch.Tensor, token_major: bool = False,
 
     Args:
         maps: one site's maps, ``[call, sample, head, qh, qw, token]``, or one shard's ``[token, sample, head, qh,
-            qw]`` with ``token_major=True``.
+            qw]`` with ``token_major=True`` (a video store's: ``qt qh qw`` in place of ``qh qw``).
 
     Raises:
         StoreError: a value outside the range, an infinity, a NaN in part of a sample's map, a query whose values

@@ -4,8 +4,9 @@
       attnprobe.json             coordinates and metadata (sites, samples, token layouts, capture options), the
                                  store's random id (``store_id``) and a checksum of the rest (``integrity``)
       calls/00000000.safetensors one file per recorded denoiser call: one tensor per site,
-                                 [token, sample, head, qh, qw] (token-major); in the file's metadata the call, and
-                                 an integrity record: the store's id, the shard's number, checksums of call and maps
+                                 [token, sample, head, qh, qw] (token-major; a video store's: qt qh qw); in
+                                 the file's metadata the call, and an integrity record: the store's id, the
+                                 shard's number, checksums of call and maps
 
 Why safetensors shards (and not zarr): safetensors is already attnprobe's file format and a dependency of
 diffusers; a shard is written whole to a temporary name and renamed, so a crash never leaves a half-written
@@ -70,7 +71,8 @@ class ShardWriter:
         self.count = 0  # the folder is made when the first pipeline call starts, not before the probe opens
 
     def write(self, call: dict, maps: dict[str, torch.Tensor]) -> Path:
-        """Write one call's maps (``site -> [sample, head, qh, qw, token]``) as a token-major shard.
+        """Write one call's maps (``site -> [sample, head, qh, qw, token]``; a video store's ``[sample, head, qt, qh,
+        qw, token]``) as a token-major shard.
 
         Raises:
             StoreIOError: the shard could not be written (full disk, permission): the shards before it are kept.
@@ -79,7 +81,7 @@ class ShardWriter:
         from safetensors.torch import save_file
 
         path = self.folder / CALLS / f"{self.count:08d}.safetensors"
-        tensors = {site: t.permute(4, 0, 1, 2, 3).contiguous() for site, t in maps.items()}
+        tensors = {site: t.movedim(-1, 0).contiguous() for site, t in maps.items()}  # token-major
         text = json.dumps(call)
         record = shard_record(self.store_id, self.count, text, tensors)
         try:
@@ -179,7 +181,7 @@ def read_site(
             raise StoreError(f"{str(path)!r}: cannot read site {site} (corrupt or truncated shard?): {exc}") from exc
         if samples is not None:
             t = t[:, list(samples)]
-        out.append(t.permute(1, 2, 3, 4, 0))  # → [sample, head, qh, qw, token]
+        out.append(t.movedim(0, -1))  # → [sample, head, qh, qw, token] (video: qt qh qw)
     if not out:
         return torch.empty(0)
     try:

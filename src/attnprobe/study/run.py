@@ -405,7 +405,11 @@ def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guida
     """Load a model and check that every prompt, intervention row and the image size apply to it, before it
     generates."""
     pipe = load_pipeline(model, str(device), dtype)
-    checked_family(pipe, denoiser_of(pipe))  # a video or unknown denoiser fails here, not in every cell
+    family = checked_family(pipe, denoiser_of(pipe))  # a refused or unknown denoiser fails here, not in every cell
+    if family.video is not None:
+        raise ConfigError(f"model {model!r} is {family.title}: probe() records its maps with a frame axis "
+                          "(docs/video.md), but the study generates images from 4-D latents and does not run video "
+                          "denoisers yet")
     measure.check_makes_images(pipe)  # so does a pipeline that makes no image (Stable Cascade's prior)
     if size is not None:  # its factor and memory (the native size fits the model)
         images = 1 if family_of(denoiser_of(pipe)).one_prompt else len(variants)

@@ -17,8 +17,8 @@ import weakref
 import torch
 
 from ...errors import ProbeError, warn
-from . import (auraflow, bria, cascade, cogview3, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage,
-               kandinsky3, longcat, lumina, lumina2, ovis, pixart, prx, qwen, refused, sana, sd3, unet, zimage)
+from . import (auraflow, bria, cascade, cogview3, cogvideox, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage,
+               kandinsky3, longcat, lumina, lumina2, ovis, pixart, prx, qwen, refused, sana, sd3, unet, wan, zimage)
 from .registry import Family
 
 __all__ = ["Family", "FAMILIES", "REFUSED_FAMILIES", "GENERIC", "family_of", "checked_family"]
@@ -29,7 +29,7 @@ FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.
                                   hunyuandit.FAMILY, auraflow.FAMILY, lumina2.FAMILY, zimage.FAMILY,
                                   kandinsky3.FAMILY, hidream.FAMILY, hunyuanimage.FAMILY, cascade.FAMILY,
                                   cogview3.FAMILY, lumina.FAMILY, bria.FAMILY, ovis.FAMILY, prx.FAMILY,
-                                  longcat.FAMILY)
+                                  longcat.FAMILY, wan.FAMILY, wan.SKYREELS_V2, cogvideox.FAMILY)
 #: Denoisers refused by what they are (video, audio, CLIP-embedding priors, Stable Cascade's decoder), tried before
 #: ``FAMILIES``.
 REFUSED_FAMILIES: tuple[Family, ...] = refused.FAMILIES
@@ -61,14 +61,18 @@ def checked_family(pipe, denoiser: torch.nn.Module, allow_generic: bool = False)
             by the generic rules, nothing of it checked against a reference); a warning says so.
 
     Raises:
-        ProbeError: the family is refused (video, audio, a prior, Stable Cascade's decoder: ``Family.refused``), or no
-            family covers the denoiser and ``allow_generic`` is not set; names the pipeline, its denoiser and why.
+        ProbeError: the family is refused (video, audio, a prior, Stable Cascade's decoder: ``Family.refused``), the
+            pipeline is (Wan 2.2's two experts: ``Family.pipe_refused``), or no family covers the denoiser and
+            ``allow_generic`` is not set; names the pipeline, its denoiser and why.
     """
     family = family_of(denoiser)
     what = type(denoiser).__name__
     what = what if pipe is denoiser else f"{type(pipe).__name__} (denoiser {what})"
     if family.refused:
         raise ProbeError(f"{what} is {family.title}: attnprobe does not record it, because {family.refused}")
+    why = family.pipe_refused(pipe) if family.pipe_refused is not None and pipe is not denoiser else None
+    if why:
+        raise ProbeError(f"{what} is {family.title}, but attnprobe does not record this pipeline: {why}")
     if family is GENERIC:
         if not allow_generic:
             known = ", ".join(f.name for f in FAMILIES)

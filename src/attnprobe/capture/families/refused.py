@@ -1,33 +1,78 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
-other 3-D denoisers (their queries span latent frames), audio denoisers (no image grid), priors that denoise one
-CLIP image embedding (no image positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a
-block-causal sequence with a KV cache). Each names the diffusers 0.42 classes it covers; a class it does not name
+other 3-D denoisers other than Wan 2.1, SkyReels-V2 and CogVideoX text-to-video (each with what is missing to record it), audio denoisers (no
+image grid), priors that denoise one CLIP image embedding (no image positions), Stable Cascade's decoder (no
+per-token text) and Qwen-Image 2.1 (a block-causal sequence with a KV cache). Each names the diffusers 0.42 classes it covers; a class it does not name
 falls to the generic family, which is refused too unless a probe is told to record it by structure.
 """
 
 from .cascade import is_prior
 from .registry import Family, first_text_encoder
 
-VIDEO = Family(
-    name="video",
-    title="a video or other 3-D denoiser",
-    denoisers=(
-        "AllegroTransformer3DModel", "AnyFlowTransformer3DModel", "AnyFlowFARTransformer3DModel",
-        "ChronoEditTransformer3DModel", "CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel",
-        "CosmosTransformer3DModel", "EasyAnimateTransformer3DModel", "HeliosTransformer3DModel",
-        "HunyuanVideoTransformer3DModel", "HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
-        "I2VGenXLUNet", "JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel",
-        "Kandinsky5Transformer3DModel", "Kandinsky6Transformer3DModel", "LTXVideoTransformer3DModel",
-        "LTX2VideoTransformer3DModel", "LatteTransformer3DModel", "MochiTransformer3DModel",
-        "MotifVideoTransformer3DModel", "SanaVideoTransformer3DModel", "SanaWMTransformer3DModel",
-        "SkyReelsV2Transformer3DModel", "UNet3DConditionModel", "UNetMotionModel", "UNetSpatioTemporalConditionModel",
-        "WanTransformer3DModel", "WanAnimateTransformer3DModel", "WanVACETransformer3DModel",
-    ),
-    kinds=(),
-    text_streams=first_text_encoder,
-    refused="it denoises latent frames (frames × height × width), and attnprobe's maps have no frame axis yet "
-            "([call, sample, head, qh, qw, token]): its queries would be read as one image grid",
+def _video(name: str, title: str, denoisers: tuple[str, ...], why: str, **more) -> Family:
+    """A video denoiser refused up front: ``why`` names what attnprobe lacks to record it exactly (it records the frame
+    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2 and CogVideoX, whose reading is checked against a
+    reference)."""
+    return Family(name=name, title=title, denoisers=denoisers, kinds=(), text_streams=first_text_encoder,
+                  refused=why, **more)
+
+
+#: Wan 2.1's and SkyReels-V2's image-to-video denoisers (the classes of ``wan.FAMILY`` and ``wan.SKYREELS_V2``, built
+#: with ``image_dim``)
+WAN_IMAGE = _video(
+    "wan-image", "Wan 2.1 or SkyReels-V2 image-to-video (with image_dim)",
+    ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel"),
+    "its attn2 also attends to the CLIP image tokens of the input image (add_k_proj), a second softmax whose output is "
+    "added to the text's: two kernel calls per site, and image keys that are not text tokens",
+    matches=lambda denoiser: denoiser.config.image_dim is not None or denoiser.config.added_kv_proj_dim is not None,
+    pipelines=("WanImageToVideo", "SkyReelsV2ImageToVideo"))
+
+VIDEO_FAMILIES = (
+    WAN_IMAGE,
+    _video("hunyuanvideo", "HunyuanVideo (HunyuanVideoTransformer3DModel, its Framepack variant)",
+           ("HunyuanVideoTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel"),
+           "its text keys are a LLaVA-Llama encoder's hidden states cut out of a chat template at crop_start, refined "
+           "by a token refiner, and joined after the video positions with a per-row attention mask in its dual- and "
+           "single-stream blocks: the template's labels and a masked [video; text] joint read are missing"),
+    _video("hunyuanvideo-1.5", "HunyuanVideo 1.5 (HunyuanVideo15Transformer3DModel)",
+           ("HunyuanVideo15Transformer3DModel",),
+           "its text keys join a Qwen2.5-VL encoder's templated hidden states, ByT5 glyph tokens and SigLIP image "
+           "tokens in an order set per row by attention masks: no labelling of those keys exists yet"),
+    _video("ltx", "LTX-Video (LTXVideoTransformer3DModel)", ("LTXVideoTransformer3DModel",),
+           "it is called with packed latents [batch, frame·h·w, channel] and num_frames, height and width arguments "
+           "(and a rope_interpolation_scale); attnprobe reads the frame grid of 5-D latents only"),
+    _video("ltx2", "LTX-2 (LTX2VideoTransformer3DModel)", ("LTX2VideoTransformer3DModel",),
+           "it denoises audio and video together (audio-to-video and video-to-audio cross-attention beside the text's) "
+           "from packed latents: neither the audio stream nor packed frames are read"),
+    _video("mochi", "Mochi 1 (MochiTransformer3DModel)", ("MochiTransformer3DModel",),
+           "its joint attention runs one kernel call per batch row over that row's unpadded text (MochiAttnProcessor2_0), "
+           "and attnprobe's kernel reader reads one call per site"),
+    _video("allegro", "Allegro (AllegroTransformer3DModel)", ("AllegroTransformer3DModel",),
+           "its attn2 cross-attends to T5 with a padding bias, but no tiny Allegro builder (AutoencoderKLAllegro) and no "
+           "reference test of its maps exist yet, so its reading is unchecked"),
+    _video("sana-video", "Sana-Video (SanaVideoTransformer3DModel)", ("SanaVideoTransformer3DModel",),
+           "its text keys are a Gemma encoder's positions inside Sana's complex-human-instruction template, and no tiny "
+           "builder or reference test of its attn2 over 5-D latents exists yet"),
+    _video("kandinsky5", "Kandinsky 5 (Kandinsky5Transformer3DModel)", ("Kandinsky5Transformer3DModel",),
+           "its text keys are Qwen2.5-VL hidden states cut from a chat template, and its video self-attention may run "
+           "in sparse NABLA blocks; no labelling of those keys exists yet"),
+    _video("frames-in-batch", "a UNet that folds frames into the batch (UNetMotionModel: AnimateDiff; UNet3DConditionModel: "
+           "ModelScope text-to-video; I2VGenXLUNet; LatteTransformer3DModel)",
+           ("UNetMotionModel", "UNet3DConditionModel", "I2VGenXLUNet", "LatteTransformer3DModel"),
+           "its spatial cross-attention runs on batch × frame rows (each frame an image of its own, frames then mixed "
+           "by temporal modules), and AnimateDiff's pipelines repeat each row's prompt embeddings once per frame "
+           "(encoder_hidden_states of batch × frames rows for a latent batch of batch rows): a site's rows are not the "
+           "batch's samples, and labelling rows and reading frames from the batch axis is not built yet"),
+    _video("video", "a video or other 3-D denoiser",
+           ("AnyFlowTransformer3DModel", "AnyFlowFARTransformer3DModel", "ChronoEditTransformer3DModel",
+            "ConsisIDTransformer3DModel", "CosmosTransformer3DModel", "EasyAnimateTransformer3DModel",
+            "HeliosTransformer3DModel", "JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel",
+            "Kandinsky6Transformer3DModel", "MotifVideoTransformer3DModel", "SanaWMTransformer3DModel",
+            "UNetSpatioTemporalConditionModel", "WanAnimateTransformer3DModel", "WanVACETransformer3DModel"),
+           "this denoiser's layout of frames, patches and text keys (extra conditioning streams, control hints, "
+           "identity or image tokens, or no text at all) has no family that reads it; attnprobe records the frame "
+           "axis of Wan 2.1 (WanPipeline), SkyReels-V2 (SkyReelsV2Pipeline) and CogVideoX (CogVideoXPipeline)"),
 )
+VIDEO = VIDEO_FAMILIES[-1]
 
 AUDIO = Family(
     name="audio",
@@ -76,4 +121,4 @@ QWEN_IMAGE_21 = Family(
             "[text; image] per site and cannot tell these keys apart exactly",
 )
 
-FAMILIES = (VIDEO, AUDIO, PRIOR, CASCADE_DECODER, QWEN_IMAGE_21)
+FAMILIES = (*VIDEO_FAMILIES, AUDIO, PRIOR, CASCADE_DECODER, QWEN_IMAGE_21)

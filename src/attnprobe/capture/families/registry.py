@@ -80,8 +80,9 @@ class Family:
             timestep of a guided batch for one prompt (diffusers 0.42 fails on several).
         batched_encode: the pipeline encodes the negative prompts and the prompts in one text-encoder call,
             ``[negative × N; prompt × N]`` (PRX), when guidance is on; each half is labelled as its own encode.
-        refused: why attnprobe refuses the family's denoisers (``refused.VIDEO``: no frame axis): a probe raises before
-            the pipeline runs, naming the pipeline and this reason; ``None`` for a family it records.
+        refused: why attnprobe refuses the family's denoisers (``refused.VIDEO_FAMILIES``: what each video denoiser
+            lacks): a probe raises before the pipeline runs, naming the pipeline and this reason; ``None`` for a family
+            it records.
         text_positions: with ``template``: ``(pipe, layout of the encoding, n_keys) -> positions``, the encoded
             position of each text key (``None``: a key the pipeline added), e.g. Qwen-Image drops its template's
             first 34 positions and the padding. ``layout`` labels keys from both. Default: key ``i`` is encoded position ``i``.
@@ -116,6 +117,8 @@ class Family:
     batched_encode: bool = False
     refused: str | None = None
     pieces: Callable | None = None
+    video: Callable | None = None
+    pipe_refused: Callable | None = None
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""

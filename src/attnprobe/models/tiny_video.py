@@ -1,0 +1,118 @@
+"""Tiny video pipelines: the real diffusers pipeline, denoiser and video-VAE classes of Wan 2.1, SkyReels-V2 and
+CogVideoX at widths of 8 to 32, seeded, with the offline ``t5_tokenizer``. ``attnprobe.models.tiny.tiny_pipeline``
+builds them by name (``"wan"``, ``"skyreels-v2"``, ``"cogvideox"``).
+
+    >>> pipe = tiny_wan_pipeline()
+    >>> type(pipe).__name__, type(pipe.transformer).__name__, pipe.transformer.config.patch_size
+    ('WanPipeline', 'WanTransformer3DModel', (1, 2, 2))
+
+Call them with small videos: ``num_frames=9`` (3 latent frames after the VAEs' temporal compression of 4),
+``height=width=32`` or 48, 2 steps, ``max_sequence_length=16`` (CogVideoX: exactly its ``max_text_seq_length``, 16).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._quiet import quiet_notes
+from .components import finish, ftfy_stand_in
+from .tokenizers import t5_tokenizer, t5_vocab_size
+
+__all__ = ["tiny_wan_pipeline", "tiny_skyreels_v2_pipeline", "tiny_cogvideox_pipeline"]
+
+
+def _t5(seed: int, umt5: bool):
+    """A 2-layer (UM)T5 encoder of width 32 over ``t5_tokenizer``'s vocabulary, seeded."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config = (UMT5Config if umt5 else T5Config)(
+        vocab_size=t5_vocab_size(), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return (UMT5EncoderModel if umt5 else T5EncoderModel)(config).eval()
+
+
+@quiet_notes()
+def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``WanPipeline`` with Wan 2.1's structure: 2 ``WanTransformerBlock`` (2 heads of 8 channels; ``attn1`` video
+    self-attention with 3-D RoPE, ``attn2`` cross-attention to the text with RMS norms across heads), ``(1, 2, 2)``
+    patches, a 2-layer UMT5 encoder of width 32 (``t5_tokenizer``), Wan's causal video VAE (temporal compression 4,
+    spatial 8, 16 latent channels) and a flow-matching Euler scheduler. Guided calls run the passes as separate
+    denoiser calls.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    parts = _wan_parts(WanTransformer3DModel, seed)
+    return finish(WanPipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)), dtype)
+
+
+def _wan_parts(denoiser_class, seed: int) -> dict:
+    """Wan 2.1's tiny transformer (of ``denoiser_class``: Wan's or SkyReels-V2's, which take the same config), video
+    VAE, UMT5 encoder and tokenizer, seeded."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    transformer = denoiser_class(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    return dict(tokenizer=t5_tokenizer(), text_encoder=_t5(seed + 2, umt5=True), vae=vae, transformer=transformer)
+
+
+@quiet_notes()
+def tiny_skyreels_v2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``SkyReelsV2Pipeline`` (text-to-video) with the tiny Wan 2.1 structure of ``tiny_wan_pipeline`` in
+    ``SkyReelsV2Transformer3DModel`` and its flow-matching UniPC scheduler. Guided calls run the passes as separate
+    denoiser calls. Where ftfy is not installed, the pipeline's module gets a stand-in for it (``ftfy_stand_in``).
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+    from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2
+
+    ftfy_stand_in(pipeline_skyreels_v2)  # it cleans every prompt with ftfy, installed or not
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    return finish(SkyReelsV2Pipeline(**_wan_parts(SkyReelsV2Transformer3DModel, seed), scheduler=scheduler), dtype)
+
+
+@quiet_notes()
+def tiny_cogvideox_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``CogVideoXPipeline`` with CogVideoX-5b's structure: 2 ``CogVideoXBlock`` (2 heads of 16 channels, the
+    fewest its 3-D rotary table splits evenly; ``attn1`` over ``[text; video]``, the text first, with q/k layer norms
+    and a 3-D rotary embedding on the video positions),
+    2×2 patches, a 2-layer T5 encoder of width 32 (``t5_tokenizer``; ``max_text_seq_length`` 16, so pass
+    ``max_sequence_length=16``), CogVideoX's causal video VAE (temporal compression 4, spatial 8) and its DDIM
+    scheduler. Guided calls batch ``[uncond, cond]``.
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=32, num_layers=2, sample_width=6, sample_height=6, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=False,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    ).eval()
+    pipe = CogVideoXPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5(seed + 2, umt5=False), vae=vae,
+                             transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+    return finish(pipe, dtype)
