@@ -11,6 +11,7 @@ projections), captured by forward hooks while the processor runs, then ``attn.no
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -233,8 +234,8 @@ class ProbeProcessor:
                 f"{'query' if query is None else 'key'}. Processors that compute q/k another way are not supported."
             )
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        workspace = state.workspace if query.device.type == "cpu" and check is not False else None
-        with torch.no_grad():
+        workspace = state.workspace if query.is_cpu and check is not False else None
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():  # pipelines run without grad
             check_keys(state, self.site, key.shape[1])
             if workspace is not None and not check and state.pending.takes(query, key, attn.heads, state.rows):
                 # a small site: its softmax, reductions and cast once per shape, at the call's end

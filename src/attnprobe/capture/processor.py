@@ -68,14 +68,20 @@ class PendingLogits:
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, torch.Tensor] = {}  # shape -> [capacity, *shape]
+        self.slots: dict[tuple, tuple] = {}  # shape -> its buffer's slots (views, made once: indexing costs ~1 µs)
         self.sites: dict[tuple, list[str]] = {}  # shape -> the sites of the call in progress, in slot order
 
     def takes(self, query: torch.Tensor, key: torch.Tensor, heads: int, rows) -> bool:
         """Whether a site call of ``query`` ``[batch, query, (head d)]`` and ``key`` ``[batch, token, (head d)]``
         recording batch ``rows`` (``CaptureState.rows``) is small enough to wait for the call's end."""
         batch = query.shape[0]
-        samples = (batch if rows is None else len(range(*rows.indices(batch))) if isinstance(rows, slice)
-                   else rows.numel())
+        if rows is None:
+            samples = batch
+        elif isinstance(rows, slice):  # CaptureState's are slice(first, last + 1)
+            samples = len(range(*rows.indices(batch))) if rows.step is not None or rows.stop is None else (
+                min(rows.stop, batch) - (rows.start or 0))
+        else:
+            samples = rows.numel()
         return samples * heads * query.shape[1] * key.shape[1] <= self.LARGEST
 
     def slot(self, site: str, shape, device: torch.device) -> torch.Tensor:
@@ -87,9 +93,10 @@ class PendingLogits:
             grown = torch.empty((2 * len(sites) or 1, *shape), dtype=torch.float32, device=device)
             if sites:  # the first call finds how many sites share a shape; the buffer keeps that size after
                 grown[: len(sites)].copy_(buffer[: len(sites)])
-            self.buffers[shape] = buffer = grown
+            self.buffers[shape] = grown
+            self.slots[shape] = grown.unbind(0)
         sites.append(site)
-        return buffer[len(sites) - 1]
+        return self.slots[shape][len(sites) - 1]
 
     def finish(self, heads: str, tokens: torch.Tensor | None, dtype: torch.dtype, workspace: dict) -> list:
         """``(site, probs)`` of every slot written since the last ``finish``: ``probs`` ``[sample, head or 1, query,

@@ -151,6 +151,7 @@ class Recorder:
     def remove(self) -> None:
         self.state.workspace.clear()
         self.state.pending.buffers.clear()
+        self.state.pending.slots.clear()
         self.encode_watch.remove()
         for handle in self.handles + self.order_handles:
             handle.remove()
