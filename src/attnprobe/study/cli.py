@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._version import __version__
 from ..capture import list_sites
 from ..errors import AttnprobeError
 from ..interventions import INTERVENTIONS
@@ -47,6 +48,7 @@ def _dtype(text: str):
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnprobe`` argument parser (subcommands ``study``, ``report`` and ``sites``)."""
     parser = argparse.ArgumentParser(prog="attnprobe", description="Cross-attention probes for diffusers pipelines.")
+    parser.add_argument("--version", action="version", version=f"attnprobe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     st = sub.add_parser(
         "study",

@@ -36,7 +36,7 @@ from .cells import Cell, collect, settings_key
 from .contrasts import MEASURES
 from .files import writing
 from .lock import FolderLock
-from .report import answer_lines
+from .report import SHAPES_NOTE, answer_lines
 
 __all__ = ["PAGE", "MAX_ROWS", "page_html", "write_page", "rewrite_page", "browser_data"]
 
@@ -190,8 +190,7 @@ def page_html(files: dict[str, bytes], browser: list[dict], settings: dict | Non
         parts.append("<p class=warn>Random weights (" + html.escape(", ".join(m for m in models if m in TINY_MODELS))
                      + "): these numbers test the plumbing, not the question. Run --model shapes, or a real model.</p>")
     if "shapes" in models:
-        parts.append("<p class=note>shapes: attnprobe's small model trained offline on 32 × 32 scenes of coloured "
-                     "shapes, where every pixel is known: a finding about it, not about a large text-to-image model.</p>")
+        parts.append(f"<p class=note>{html.escape(SHAPES_NOTE)}</p>")
     parts.append("<section id=answer><h2>The answer</h2><p class=q>Does an unlearning instruction lower the denoiser's "
                  "attention to the concept beyond naming it twice? Each contrast is row − reference of the same seed "
                  "(e.g. instruction − repetition), on each row's Δ against the baseline of that seed; green: its 95% "

@@ -246,6 +246,13 @@ def _verdicts(contrasts: Sequence[dict], several: bool) -> list[str]:
     return out
 
 
+#: what the shapes model's answer is about, said wherever its answer is (the summary, report.html)
+SHAPES_NOTE = ("shapes: attnprobe's small model trained offline on 32 × 32 scenes of coloured shapes, from scene "
+               "descriptions only: it never saw an instruction, and its text encoder has no transformer layers (the "
+               "text cosines reflect positions only). Its answer is a finding about this toy model, not about a large "
+               "text-to-image model.")
+
+
 def format_summary(result, *, scorer_kind: str | None = None, random_weights=(), **settings) -> str:
     """The summary table as text: per concept and variant, AUC and Δ AUC (mean [95% CI]) over seeds.
 
@@ -269,6 +276,8 @@ def format_summary(result, *, scorer_kind: str | None = None, random_weights=(),
     if random_weights:
         lines.append(f"{', '.join(random_weights)}: random weights, so these numbers test the plumbing, not the "
                      "question (run --model shapes, or a real model)")
+    if any(r["model"] == "shapes" for r in result.summary):
+        lines.append(SHAPES_NOTE)
     lines += answer_lines(getattr(result, "contrasts", []))
     width = max([13] + [min(len(r["variant"]) + 1, 25) for r in result.summary])
     header = (f"{'concept':<16}{'variant':<{width}}{'AUC':>8}  {'Δ AUC, requested mention':<30}{'Δ presence':>10}  "
