@@ -118,7 +118,8 @@ def test_cogvideox_15_temporal_patch(pipes):
     with Inputs(pipe.transformer, sites) as seen, attnprobe.probe(pipe, dtype=torch.float32) as store:
         frames = generate(pipe)
     assert torch.equal(plain, frames)
-    assert store.video == {"qt": 2, "latent_frames": 4, "patch": [2, 2, 2], "temporal_compression": 4, "frames": None}
+    assert store.video == {"qt": 2, "latent_frames": 4, "patch": [2, 2, 2], "temporal_compression": 4,
+                           "first_frame_alone": False, "frames": None}
     site = sites[0]
     ref = reference("cogvideox", pipe.transformer.get_submodule(site), seen.seen[site][0])[store.samples[0].row]
     torch.testing.assert_close(store[site][0, 0].flatten(1, 3).double(), ref, atol=2e-6, rtol=1e-5)
@@ -130,7 +131,8 @@ def test_grid_and_frame_record(probed, pipes, family):
     _, frames, store, _ = probed[family]
     pipe = pipes[family]
     assert store.grid_dims == ("qt", "qh", "qw")
-    assert store.video == {"qt": 3, "latent_frames": 3, "patch": [1, 2, 2], "temporal_compression": 4, "frames": 9}
+    assert store.video == {"qt": 3, "latent_frames": 3, "patch": [1, 2, 2], "temporal_compression": 4,
+                           "first_frame_alone": True, "frames": 9}
     assert frames.shape[1] == store.video["frames"]
     assert store.meta["image_size"] == [32, 48] and store.meta["latent_size"] == [4, 6]
     patch = pipe.transformer.config.patch_size
@@ -325,3 +327,14 @@ def test_other_video_denoisers_refused_with_their_reason(family):
 def test_the_study_refuses_a_video_model_before_it_generates(tmp_path):
     with pytest.raises(attnprobe.errors.ConfigError, match="tiny-wan.*does not run video denoisers"):
         attnprobe.study(concepts=["dog"], model="tiny-wan", out=tmp_path / "s", seeds=[0], steps=1)
+
+
+def test_cogvideox_even_latent_frames_decode_in_pairs(pipes):
+    """CogVideoX's VAE decodes latent frames in pairs: with an even number (13 frames asked → 4 latent frames) every
+    latent frame makes 4 frames and the first is not alone, so the video has 16 frames, mapped f // 4."""
+    pipe = pipes["cogvideox"]
+    with attnprobe.probe(pipe, heads="mean") as store:
+        frames = generate(pipe, num_frames=13)
+    assert store.video["latent_frames"] == 4 and store.video["first_frame_alone"] is False
+    assert frames.shape[1] == store.video["frames"] == 16
+    assert decoded_frame_index(store, 16) == [f // 4 for f in range(16)]

@@ -8,7 +8,9 @@ concept's heat map per decoded frame (``frame_heatmaps``) and an animated GIF of
     [0, 1, 1, 1, 1, 2, 2, 2, 2]
 
 Wan's and CogVideoX's VAEs are causal in time: the first latent frame decodes to the first frame alone, and each
-later one to ``temporal_compression`` frames (4), so ``frames = (latent_frames − 1) · 4 + 1``. A query frame ``qt``
+later one to ``temporal_compression`` frames (4), so ``frames = (latent_frames − 1) · 4 + 1`` — except CogVideoX's
+with an even number of latent frames, which it decodes in pairs, each latent frame to 4 frames
+(``store.video["first_frame_alone"]`` says which; ``attnprobe.capture.frames.video_meta``). A query frame ``qt``
 covers ``pt`` latent frames (the denoiser's temporal patch: 1 for Wan and CogVideoX, 2 for CogVideoX 1.5).
 """
 
@@ -47,7 +49,12 @@ def decoded_frame_index(store: AttentionStore, n_frames: int) -> list[int]:
         raise ArgumentError(
             f"{n_frames!r} decoded frames, but this store's {latent} latent frames decode to {expected} frames "
             f"(temporal compression {c}): pass the frames of the video the probed pipeline call made")
-    causal = [0 if f == 0 else (f - 1) // c + 1 for f in range(n_frames)] if c else list(range(n_frames))
+    if not c:
+        causal = list(range(n_frames))
+    elif video.get("first_frame_alone", True):  # Wan; CogVideoX with an odd number of latent frames
+        causal = [0 if f == 0 else (f - 1) // c + 1 for f in range(n_frames)]
+    else:  # CogVideoX with an even number: every latent frame decodes to c frames
+        causal = [f // c for f in range(n_frames)]
     index = [lat // pt for lat in causal]
     if max(index) >= qt:
         raise StoreError(f"latent frames {sorted({lat for lat, q in zip(causal, index) if q >= qt})} lie past the "

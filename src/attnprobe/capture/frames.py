@@ -67,16 +67,25 @@ def frame_maps(site: str, probs: torch.Tensor, video) -> torch.Tensor:
 
 def video_meta(pipe, frames: int, patch, grid: tuple[int, int, int]) -> dict:
     """``store.meta["video"]``: ``qt``, ``latent_frames``, ``patch`` (``[pt, ph, pw]``), ``temporal_compression``
-    (the pipeline's ``vae_scale_factor_temporal``: decoded frames per latent frame after the first; ``None`` when
-    it has none) and ``frames`` (decoded frames, ``(latent_frames − 1) · temporal_compression + 1`` as Wan's and
-    CogVideoX's causal VAEs decode them; ``None`` without a compression, and with a temporal patch ``pt > 1``:
-    CogVideoX 1.5 pads its latent frames to a multiple of ``pt`` and drops the padding before decoding, so the
-    denoiser's frames do not say how many were decoded)."""
+    (the pipeline's ``vae_scale_factor_temporal``: decoded frames per latent frame; ``None`` when it has none),
+    ``first_frame_alone`` (the first latent frame decodes to one frame, each later one to ``temporal_compression``)
+    and ``frames`` (the decoded frames: ``(latent_frames − 1) · c + 1`` when the first is alone, else
+    ``latent_frames · c``).
+
+    Wan's causal VAE decodes the first latent frame alone. CogVideoX's decodes latent frames in pairs
+    (``num_latent_frames_batch_size`` 2), the first three together when their number is odd: the first alone then,
+    and with an even number every latent frame makes ``c`` frames (13 latent frames → 49 frames, 12 → 48). ``frames``
+    is ``None`` where the denoiser's frames do not say it: a temporal patch ``pt > 1`` (CogVideoX 1.5 pads its latent
+    frames to a multiple of ``pt`` and drops the padding before decoding), no compression, or a VAE that decodes in
+    batches of another size."""
     compression = getattr(pipe, "vae_scale_factor_temporal", None)
     compression = int(compression) if isinstance(compression, int) and compression >= 1 else None
-    known = compression is not None and int(patch[0]) == 1
+    batch = getattr(getattr(pipe, "vae", None), "num_latent_frames_batch_size", None)
+    first_alone = batch is None or frames % 2 == 1  # CogVideoX's pairs: alone only when the first batch is of three
+    known = compression is not None and int(patch[0]) == 1 and batch in (None, 2)
+    decoded = ((frames - 1) * compression + 1 if first_alone else frames * compression) if known else None
     return {"qt": int(grid[0]), "latent_frames": int(frames), "patch": [int(p) for p in patch],
-            "temporal_compression": compression, "frames": (frames - 1) * compression + 1 if known else None}
+            "temporal_compression": compression, "first_frame_alone": bool(first_alone), "frames": decoded}
 
 
 def store_bytes(sites, samples: int, grid, tokens: int, heads: str, dtype: torch.dtype, calls: int) -> int:

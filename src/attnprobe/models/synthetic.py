@@ -104,7 +104,7 @@ def synthetic_video_store(
                 maps[:, :, :, f, :, :, 0] -= m
     site = Site("blocks.0.attn2", "cross", heads, 8, "blocks", "blocks.0", 0)
     video = {"qt": frames, "latent_frames": frames, "patch": [1, 1, 1], "temporal_compression": temporal_compression,
-             "frames": (frames - 1) * temporal_compression + 1}
+             "first_frame_alone": True, "frames": (frames - 1) * temporal_compression + 1}
     return AttentionStore(
         [site], [Call(i, float(999 - i * 999 // max(calls - 1, 1)), 0, ("cond",)) for i in range(calls)],
         [Sample(0, "cond", 0, 0, 0, prompt)], [layout], {site.name: maps},
