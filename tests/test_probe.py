@@ -517,3 +517,37 @@ def test_calls_are_complete_inside_the_block(sd_pipe, run):
     with probe(sd_pipe, aggregate="mean") as agg:
         run(sd_pipe, num_inference_steps=4)
     assert len(agg.calls) == 4
+
+
+def test_a_call_that_raised_inside_the_denoiser_is_dropped_and_the_probe_goes_on():
+    """An exception inside a denoiser call, caught by the caller: the next pipeline call in the same probe records
+    (the unfinished call's partial maps are dropped with a warning, not blamed on bypassed processors)."""
+    pipe = tiny_sd_pipeline()
+    fired = []
+
+    def boom(module, args):
+        if not fired:
+            fired.append(1)
+            raise RuntimeError("boom")
+
+    hook = pipe.unet.mid_block.register_forward_pre_hook(boom)
+    try:
+        with attnprobe.probe(pipe, heads="mean") as store:
+            with pytest.raises(RuntimeError, match="boom"):
+                pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+            with pytest.warns(UserWarning, match="did not finish"):
+                pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+    finally:
+        hook.remove()
+    assert len(store.calls) == 2 and {c.generation for c in store.calls} == {1}
+
+
+def test_a_calls_predicate_that_fails_says_so():
+    pipe = tiny_sd_pipeline()
+    with pytest.raises(ProbeError, match=r"must take \(index, timestep\)"):
+        with attnprobe.probe(pipe, calls=lambda i: i < 2):
+            pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+    with pytest.raises(ProbeError, match="meta"):
+        attnprobe.probe(pipe, device="meta").__enter__()
+    with pytest.raises(ProbeError, match="float8"):
+        attnprobe.probe(pipe, dtype=torch.float8_e4m3fn).__enter__()

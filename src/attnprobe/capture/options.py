@@ -13,10 +13,12 @@ from .joint import JOINT_MODES
 from .rows import as_texts
 from .sink import AGGREGATES
 
-__all__ = ["PASSES", "HEADS", "check_options", "capture_meta"]
+__all__ = ["PASSES", "HEADS", "MAP_DTYPES", "check_options", "capture_meta"]
 
 PASSES = ("cond", "uncond", "all")
 HEADS = ("keep", "mean")
+#: the dtypes a probe keeps its maps in (those a store's load verifies: 16- to 64-bit floats)
+MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_options(passes, heads, dtype, device, prompts, joint, aggregate, stream_to=None) -> None:
@@ -25,12 +27,15 @@ def check_options(passes, heads, dtype, device, prompts, joint, aggregate, strea
         raise ProbeError(f"passes={passes!r} is not one of {PASSES}")
     if heads not in HEADS:
         raise ProbeError(f"heads={heads!r} is not one of {HEADS}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ProbeError(f"dtype={dtype!r} is not a floating-point torch.dtype (e.g. torch.float16)")
+    if dtype not in MAP_DTYPES:  # float8 maps would be written, then refused by every load (their values checked)
+        raise ProbeError(f"dtype={dtype!r} is not a dtype the maps are kept in: one of "
+                         f"{', '.join(map(str, MAP_DTYPES))}")
     try:
         torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ProbeError(f"device={device!r} is not a torch device: {exc}") from None
+    if torch.device(device).type not in ("cpu", "cuda", "mps", "xpu"):  # meta: maps without values
+        raise ProbeError(f"device={device!r} cannot hold the maps' values: keep them on 'cpu' or a GPU ('cuda')")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ProbeError(f"device={device!r}, but this torch sees no CUDA device: keep the maps on 'cpu'")
     if prompts is not None and as_texts(prompts) is None:

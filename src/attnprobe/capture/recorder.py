@@ -94,6 +94,7 @@ class Recorder:
         self.call = -1
         self.generation = -1
         self.calls_in_generation = 0
+        self.running = False  # a denoiser call started and has not returned
         self.layout: tuple[str, ...] = ()
         self.last_timestep = float("inf")
         self.latent_hw: tuple[int, int] = (0, 0)
@@ -241,11 +242,27 @@ class Recorder:
     @torch.compiler.disable
     def _on_denoiser_return(self, module, args, output) -> None:
         """The denoiser call is over (it returned): its maps go to the sink now, not at the next call."""
+        self.running = False
         self._close_call()
+
+    def _drop_unfinished(self) -> None:
+        """The last denoiser call never returned (an exception inside it, caught by the caller): its partial maps are
+        dropped, with a warning, and the probe goes on with the next call."""
+        self.running = False
+        if self.current_call is not None:
+            warn(f"denoiser call {self.call} did not finish (an exception inside the denoiser?): its partial maps are "
+                 "dropped; the store keeps the calls that finished")
+        self.current_call, self.current = None, {}
+        self.state.pending.drop()
+        for box in (self.state.outbox, self.state.shares, self.state.checks):
+            box.clear()
 
     @torch.compiler.disable
     def _on_denoiser_call(self, module, args, kwargs):
         self._check_intact()
+        if self.running:
+            self._drop_unfinished()
+        self.running = True
         self._close_call()
         call = DenoiserCall.read(args, kwargs)
         call.check(module, kernel=self.family.reader == "kernel", video=self.family.video is not None)
@@ -259,7 +276,8 @@ class Recorder:
         self.state.states = call.states if self.same_states else None
         uncond_call = self.rows.separate and self.rows.uncond_call(call.states)
         self.state.n_keys = call.text_len if self.rows.separate else self.state.n_keys  # each pass its own length
-        if self.calls_in_generation > 0 and not uncond_call and self._starts_generation(call.batch, t, hw):
+        if self.calls_in_generation > 0 and not uncond_call and self.rows.starts_pipeline_call(
+                t, self.last_timestep, hw, self.latent_hw):
             self.calls_in_generation = 0
             self.rows.new_pipeline_call()  # no text-encoder call announced it (prompt_embeds)
         if self.calls_in_generation == 0:
@@ -367,22 +385,6 @@ class Recorder:
         if self.ids_key is None or self.ids_key[0] != key:
             self.ids_key = (key, packed_grid(img_ids))
         return self.ids_key[1]
-
-    def _starts_generation(self, batch: int, timestep: float, hw: tuple[int, int]) -> bool:
-        """Whether this denoiser call starts a new pipeline call although no text encoder ran before it.
-
-        Schedulers count down: a timestep above the previous call's, a scheduler step index back at 0, or another
-        latent size means a new pipeline call; another batch size alone does not (``callback_on_step_end`` may switch
-        guidance off inside a call).
-        """
-        if timestep > self.last_timestep or hw != self.latent_hw:
-            return True
-        scheduler = getattr(self.pipe, "scheduler", None)
-        if scheduler is not None and isinstance(getattr(type(scheduler), "step_index", None), property):
-            return scheduler.step_index in (None, 0)
-        if timestep == self.last_timestep:  # one-step schedules repeat it across pipeline calls (PNDM within one)
-            return (self.rows.pipe_locals() or {}).get("i") == 0  # the pipeline's denoising loop starts again
-        return False
 
     def _grid(self, site: str, n_query: int) -> tuple[int, int]:
         h, w = self.latent_hw
@@ -519,8 +521,9 @@ def probe(
         passes: ``"cond"`` (conditional rows only), ``"uncond"`` (unconditional rows of classifier-free
             guidance only) or ``"all"``. Default: ``"cond"``.
         heads: ``"keep"`` (every head) or ``"mean"`` (mean over heads; head axis of length 1). Default ``"keep"``.
-        dtype: dtype the maps are kept in. Default: ``torch.float16``.
-        device: where the maps are kept. Default: ``"cpu"``.
+        dtype: dtype the maps are kept in: ``torch.float16``, ``bfloat16``, ``float32`` or ``float64``. Default:
+            ``torch.float16``.
+        device: where the maps are kept (``"cpu"`` or a GPU). Default: ``"cpu"``.
         prompts: texts that label the conditional samples when the pipeline is called with ``prompt_embeds``
             (no text-encoder call to observe). Default: ``None``.
         calls: which denoiser calls to record, counted from 0 in each pipeline call (Flux true CFG's separate

@@ -141,6 +141,24 @@ class BatchRows:
             self.given = {**self.given, "negative_prompt_embeds": False} if split else self.given
             self.encoded[stream] += [part.detach().to("cpu") for part in ((ids[n:], ids[:n]) if split else (ids,))]
 
+    def starts_pipeline_call(self, timestep: float, last_timestep: float, hw: tuple[int, int],
+                             last_hw: tuple[int, int]) -> bool:
+        """Whether a denoiser call at ``timestep`` on an ``hw`` latent starts a new pipeline call although no text
+        encoder ran before it (the last call's were ``last_timestep`` and ``last_hw``).
+
+        Schedulers count down: a timestep above the previous call's, a scheduler step index back at 0, or another
+        latent size means a new pipeline call; another batch size alone does not (``callback_on_step_end`` may switch
+        guidance off inside a call).
+        """
+        if timestep > last_timestep or hw != last_hw:
+            return True
+        scheduler = getattr(self.pipe, "scheduler", None)
+        if scheduler is not None and isinstance(getattr(type(scheduler), "step_index", None), property):
+            return scheduler.step_index in (None, 0)
+        if timestep == last_timestep:  # one-step schedules repeat it across pipeline calls (PNDM within one)
+            return (self.pipe_locals() or {}).get("i") == 0  # the pipeline's denoising loop starts again
+        return False
+
     def mark_first_call(self) -> None:
         """The first denoiser call of a pipeline call is running: remember the pipeline's line (a conditional call,
         for pipelines that run the unconditional pass as separate calls)."""

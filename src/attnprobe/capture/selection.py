@@ -36,12 +36,20 @@ def call_filter(calls) -> CallFilter | None:
             callable ``(index, timestep) -> bool`` (e.g. ``lambda i, t: t > 500``).
 
     Raises:
-        ProbeError: anything else, or negative indices (the number of calls is not known while generating).
+        ProbeError: anything else, or negative indices (the number of calls is not known while generating); a
+            predicate that raises when called (a wrong signature), at that denoiser call.
     """
     if calls is None:
         return None
     if callable(calls) and not isinstance(calls, (range, slice)):
-        return calls
+        def keep(index: int, timestep: float) -> bool:
+            try:
+                return bool(calls(index, timestep))
+            except Exception as exc:  # inside the denoiser's hook: say what is wrong with the predicate, not where
+                raise ProbeError(
+                    f"calls={calls!r}: the predicate must take (index, timestep) and return a bool; called with "
+                    f"({index}, {timestep}) it raised {type(exc).__name__}: {exc}") from exc
+        return keep
     if _is_int(calls):
         calls = [calls]
     if isinstance(calls, slice):
