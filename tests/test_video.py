@@ -338,3 +338,15 @@ def test_cogvideox_even_latent_frames_decode_in_pairs(pipes):
     assert store.video["latent_frames"] == 4 and store.video["first_frame_alone"] is False
     assert frames.shape[1] == store.video["frames"] == 16
     assert decoded_frame_index(store, 16) == [f // 4 for f in range(16)]
+
+
+def test_animate_heatmap_refuses_a_bad_path_or_colormap(tmp_path):
+    store = synthetic_video_store(frames=3, prompt="a dog", frame_mass={"dog": [0.1, 0.2, 0.6]})
+    video = torch.rand(9, 3, 16, 16)
+    with pytest.raises(ArgumentError, match="does not exist"):
+        animate_heatmap(store, "dog", video, tmp_path / "missing" / "dog.gif")
+    (tmp_path / "dir.gif").mkdir()
+    with pytest.raises(ArgumentError, match="it is a folder"):
+        animate_heatmap(store, "dog", video, tmp_path / "dir.gif")
+    with pytest.raises(ArgumentError, match="not a matplotlib colormap"):
+        animate_heatmap(store, "dog", video, tmp_path / "dog.gif", cmap="nope")

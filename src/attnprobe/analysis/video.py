@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_path
-from ..errors import ArgumentError, StoreError
+from ..errors import ArgumentError, StoreError, StoreIOError
 from ..store import AttentionStore
 from .measures import heatmap, require_video
 
@@ -120,7 +120,9 @@ def animate_heatmap(store: AttentionStore, concept: str, frames, path, *, sample
 
     Raises:
         StoreError: an image store. ArgumentError: frames that are not one video of the store's decoded frame count;
-            a path not ending in ``.gif``; ``fps`` ≤ 0 or ``alpha`` outside [0, 1]. ConceptError: see ``heatmap``.
+            a path not ending in ``.gif``, a folder, or in a folder that does not exist; ``fps`` ≤ 0 or ``alpha``
+            outside [0, 1]; an unknown ``cmap``. ConceptError: see ``heatmap``. StoreIOError: the file cannot be
+            written.
 
     Examples:
         >>> import tempfile, torch
@@ -139,6 +141,11 @@ def animate_heatmap(store: AttentionStore, concept: str, frames, path, *, sample
         raise ArgumentError(f"path {str(path)!r}: animate_heatmap writes a GIF; give a path ending in .gif")
     if not (isinstance(fps, (int, float)) and fps > 0) or not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
         raise ArgumentError(f"fps={fps!r} must be > 0 and alpha={alpha!r} in [0, 1]")
+    if path.is_dir() or not path.parent.is_dir():
+        raise ArgumentError(f"path {str(path)!r}: " + ("it is a folder" if path.is_dir() else
+                            f"its folder {str(path.parent)!r} does not exist") + "; give a .gif file in an existing folder")
+    if cmap not in colormaps:
+        raise ArgumentError(f"cmap={cmap!r} is not a matplotlib colormap (e.g. 'jet', 'viridis', 'magma')")
     video = _as_frames(frames)
     maps = frame_heatmaps(store, concept, len(video), tuple(video.shape[1:3]), sample=sample, calls=calls, sites=sites,
                           occurrence=occurrence, generation=generation).numpy()
@@ -146,6 +153,10 @@ def animate_heatmap(store: AttentionStore, concept: str, frames, path, *, sample
     colours = colormaps[cmap](maps / top if top > 0 else maps)[..., :3]  # [frame, H, W, 3]
     blended = (1 - alpha) * video + alpha * colours
     images = [Image.fromarray((np.clip(f, 0, 1) * 255).round().astype(np.uint8)) for f in blended]
-    with atomic_path(path) as tmp:
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    try:
+        with atomic_path(path) as tmp:
+            images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps),
+                           loop=0)
+    except OSError as exc:  # a full disk, a read-only folder: named by the path asked for, not the temporary one
+        raise StoreIOError.of(exc, path) from None
     return path
