@@ -1,0 +1,252 @@
+"""ConceptAttention (``attnprobe.concept_attention``): output-space concept maps of a Flux transformer.
+
+The float64 reference never touches attnprobe's concept code: our own pre-forward hook on each double-stream block
+keeps its inputs (image and prompt states, ``temb``, the rotary table), the concepts are encoded with the pipeline's
+T5 by hand, and both blocks of a two-block tiny Flux are recomputed from their weights (adaLN, projections, RMS
+norms, rotary embedding, softmax attention, output projection, feed-forward) in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnprobe
+import attnprobe.capture.concepts as concepts_module
+from attnprobe.capture.concepts import ConceptRecord, ConceptStream
+from attnprobe.errors import ArgumentError, AttnprobeError, ConceptError, ProbeError
+from attnprobe.testing import tiny_flux_pipeline, tiny_sd_pipeline, tiny_sd3_pipeline
+
+PROMPT = "a dog on grass"
+CONCEPTS = ["dog", "grass", "sky"]
+T5_LEN = 16
+CALL = dict(num_inference_steps=2, height=64, width=96, max_sequence_length=T5_LEN, output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """The tiny Flux with two double-stream blocks (the stream must carry from one block to the next)."""
+    from diffusers import FluxTransformer2DModel
+
+    pipe = tiny_flux_pipeline()
+    torch.manual_seed(7)
+    pipe.transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    return pipe
+
+
+def generate(pipe, prompt=PROMPT, **kwargs):
+    return pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **{**CALL, **kwargs}).images
+
+
+@pytest.fixture(scope="module")
+def run(pipe):
+    """One generation without and one with ConceptAttention (compare on), and each block's inputs (our hooks)."""
+    plain = generate(pipe)
+    inputs: dict = {}
+
+    def keep(i):
+        def hook(module, args, kwargs):
+            inputs.setdefault(i, []).append({k: v for k, v in kwargs.items() if isinstance(v, (torch.Tensor, tuple))})
+        return hook
+
+    hooks = [b.register_forward_pre_hook(keep(i), with_kwargs=True) for i, b in enumerate(pipe.transformer.transformer_blocks)]
+    try:
+        with attnprobe.concept_attention(pipe, CONCEPTS, max_sequence_length=T5_LEN) as result:
+            probed = generate(pipe)
+    finally:
+        for h in hooks:
+            h.remove()
+    return plain, probed, result, inputs
+
+
+def test_images_are_bit_identical(pipe, run):
+    plain, probed, result, _ = run
+    assert torch.equal(plain, probed)
+    with attnprobe.concept_attention(pipe, CONCEPTS, compare=False, max_sequence_length=T5_LEN) as quiet:
+        again = generate(pipe)
+    assert torch.equal(plain, again) and quiet.cross_attention is None
+    # every hook is gone: the processors are the plain ones and a third run is identical too
+    assert all(type(b.attn.processor).__name__ == "FluxAttnProcessor" for b in pipe.transformer.transformer_blocks)
+    assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
+
+
+def test_shapes_and_sums(run):
+    _, _, result, _ = run
+    assert result.concepts == tuple(CONCEPTS)
+    assert result.blocks == ("transformer_blocks.0", "transformer_blocks.1")
+    assert tuple(result.block_maps.shape) == (2, 2, 1, 3, 4, 6)   # [call, block, sample, concept, qh, qw]
+    assert tuple(result.maps.shape) == (2, 1, 3, 4, 6)
+    torch.testing.assert_close(result.block_maps.sum(3), torch.ones(2, 2, 1, 4, 6))
+    torch.testing.assert_close(result.maps.sum(2), torch.ones(2, 1, 4, 6))
+    assert (result.maps >= 0).all() and len(result.timesteps) == 2
+    torch.testing.assert_close(result.heatmap("grass"), result.maps[:, 0, 1].mean(0))
+
+
+def _rms(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def _linear(x, layer):
+    return x @ layer.weight.double().T + (layer.bias.double() if layer.bias is not None else 0)
+
+
+def _ada(x, norm, temb):
+    """AdaLayerNormZero by hand: (normed x, gate_msa, shift_mlp, scale_mlp, gate_mlp)."""
+    emb = _linear(torch.nn.functional.silu(temb), norm.linear)
+    shift, scale, gate, shift2, scale2, gate2 = emb.chunk(6, dim=1)
+    x = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6)
+    return x * (1 + scale[:, None]) + shift[:, None], gate, shift2, scale2, gate2
+
+
+def _rope(x, cos, sin):
+    """Flux's real rotary embedding by hand on ``[sample, seq, head, d]`` (pairs (2i, 2i+1) rotated)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return x * cos[None, :, None] + rotated * sin[None, :, None]
+
+
+def _attend(q, k, v):
+    """softmax(q·kᵀ/√d)·v over ``[sample, seq, head, d]``, heads concatenated: ``[sample, seq, head·d]``."""
+    logits = torch.einsum("sqhd,skhd->shqk", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("shqk,skhd->sqhd", logits.softmax(-1), v).flatten(2)
+
+
+def _reference(pipe, inputs, call: int):
+    """Per block, the float64 ``softmax over concepts (o_x · o_cᵀ)`` ``[sample, concept, N]`` of one call."""
+    tok, t5 = pipe.tokenizer_2, pipe.text_encoder_2
+    ids = tok(CONCEPTS, padding="max_length", max_length=T5_LEN, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds = t5(ids)[0][:, 0].double()                       # each concept alone, its first position
+    tr = pipe.transformer
+    stream = _linear(embeds, tr.context_embedder)[None]         # [1, concept, D]
+    out = []
+    for i, block in enumerate(tr.transformer_blocks):
+        kw = inputs[i][call]
+        x, text, temb = kw["hidden_states"].double(), kw["encoder_hidden_states"].double(), kw["temb"].double()
+        cos, sin = (t.double() for t in kw["image_rotary_emb"])
+        attn, n_text = block.attn, text.shape[1]
+        heads = lambda y: y.unflatten(-1, (attn.heads, -1))  # noqa: E731
+        xn = _ada(x, block.norm1, temb)[0]
+        tn = _ada(text, block.norm1_context, temb)[0]
+        eps = attn.norm_q.eps
+        q_x = _rope(_rms(heads(_linear(xn, attn.to_q)), attn.norm_q.weight, eps), cos[n_text:], sin[n_text:])
+        k_x = _rope(_rms(heads(_linear(xn, attn.to_k)), attn.norm_k.weight, eps), cos[n_text:], sin[n_text:])
+        v_x = heads(_linear(xn, attn.to_v))
+        k_t = _rope(_rms(heads(_linear(tn, attn.add_k_proj)), attn.norm_added_k.weight, eps), cos[:n_text], sin[:n_text])
+        v_t = heads(_linear(tn, attn.add_v_proj))
+        o_x = _attend(q_x, torch.cat([k_t, k_x], 1), torch.cat([v_t, v_x], 1))   # the model's image output
+        c = stream.expand(x.shape[0], -1, -1)
+        cn, gate, shift2, scale2, gate2 = _ada(c, block.norm1_context, temb)
+        n_c = c.shape[1]
+        c_cos, c_sin = cos[:1].expand(n_c, -1), sin[:1].expand(n_c, -1)       # the concepts sit at the text's id
+        q_c = _rope(_rms(heads(_linear(cn, attn.add_q_proj)), attn.norm_added_q.weight, eps), c_cos, c_sin)
+        k_c = _rope(_rms(heads(_linear(cn, attn.add_k_proj)), attn.norm_added_k.weight, eps), c_cos, c_sin)
+        v_c = heads(_linear(cn, attn.add_v_proj))
+        o_c = _attend(q_c, torch.cat([k_c, k_x], 1), torch.cat([v_c, v_x], 1))   # never the prompt's keys
+        out.append(torch.einsum("scd,snd->scn", o_c, o_x).softmax(1))
+        c = c + gate[:, None] * _linear(o_c, attn.to_add_out)
+        h = torch.nn.functional.layer_norm(c, c.shape[-1:], eps=1e-6) * (1 + scale2[:, None]) + shift2[:, None]
+        ff = block.ff_context.net
+        h = _linear(torch.nn.functional.gelu(_linear(h, ff[0].proj), approximate="tanh"), ff[2])
+        stream = c + gate2[:, None] * h
+    return torch.stack(out)                                      # [block, sample, concept, N]
+
+
+def test_against_a_float64_reference(pipe, run):
+    _, _, result, inputs = run
+    for call in range(2):
+        expect = _reference(pipe, inputs, call).float().unflatten(-1, (4, 6))
+        torch.testing.assert_close(result.block_maps[call], expect, atol=2e-5, rtol=1e-4)
+
+
+def test_the_prompt_as_concepts_follows_the_prompt_stream(pipe, monkeypatch):
+    """Concepts that are exactly the prompt's T5 positions take the prompt's own path: the concept stream leaving a
+    block equals the block's text output (so the stream's adaLN, attention, output projection and feed-forward are
+    the model's own text stream)."""
+    tr = pipe.transformer
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(prompt=PROMPT, prompt_2=None, max_sequence_length=T5_LEN)[0][0]
+    texts, steps = [], []
+    record = ConceptRecord(tuple(f"p{i}" for i in range(len(embeds))), ("transformer_blocks.0", "transformer_blocks.1"))
+    stream = ConceptStream(tr, embeds, record)
+    original = concepts_module.block_step
+
+    def spy(*args):
+        out = original(*args)
+        steps.append(out[0])
+        return out
+
+    monkeypatch.setattr(concepts_module, "block_step", spy)
+    hooks = [b.register_forward_hook(lambda m, a, out: texts.append(out[0])) for b in tr.transformer_blocks]
+    try:
+        stream.install()
+        generate(pipe, num_inference_steps=1)
+    finally:
+        stream.remove()
+        for h in hooks:
+            h.remove()
+    assert len(steps) == len(texts) == 2 and len(record.calls) == 1
+    for got, expect in zip(steps, texts):
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_of_prompt_words(pipe, run):
+    _, _, result, _ = run
+    cross = result.cross_attention
+    assert tuple(cross.shape) == (2, 1, 3, 4, 6)
+    assert cross[:, :, 2].isnan().all()                       # "sky" is not in the prompt
+    assert not cross[:, :, :2].isnan().any() and (cross[:, :, :2] > 0).all() and (cross[:, :, :2] < 1).all()
+    # the same blocks probed separately, every head kept: the head mean of the word's share, then the block mean
+    with attnprobe.probe(pipe, heads="keep", joint="renorm", passes="all", dtype=torch.float32,
+                         sites=["transformer_blocks.*.attn"]) as store:
+        generate(pipe)
+    dog = store.token_indices(0, "dog")[0]
+    expect = torch.stack([store.maps(s, tokens=dog)[:, 0].sum(-1).mean(1) for s in store.site_names]).mean(0)
+    torch.testing.assert_close(cross[:, 0, 0], expect)
+
+
+def test_chosen_blocks(pipe):
+    with attnprobe.concept_attention(pipe, CONCEPTS, blocks=[1], compare=False, max_sequence_length=T5_LEN) as one:
+        generate(pipe, num_inference_steps=1)
+    with attnprobe.concept_attention(pipe, CONCEPTS, compare=False, max_sequence_length=T5_LEN) as both:
+        generate(pipe, num_inference_steps=1)
+    assert one.blocks == ("transformer_blocks.1",)
+    torch.testing.assert_close(one.block_maps[:, 0], both.block_maps[:, 1])
+    with pytest.raises(ArgumentError, match=r"not a double-stream block; there are 2 \(indices 0..1"):
+        with attnprobe.concept_attention(pipe, CONCEPTS, blocks=[5]):
+            pass
+
+
+@pytest.mark.parametrize("concepts, error, match", [
+    ([], ArgumentError, r"non-empty list of words.*got \[\]"),
+    ("dog", ArgumentError, r"non-empty list of words.*got 'dog'"),
+    (["dog", ""], ArgumentError, r"non-empty strings; got \[''\]"),
+    (["dog", "dog"], ArgumentError, r"\['dog'\] are listed more than once"),
+    (["dog", "😀"], ConceptError, r"concept '😀': .* cannot encode it \(pieces \['▁', '<unk>', '</s>'\]\)"),
+])
+def test_bad_concepts(pipe, concepts, error, match):
+    with pytest.raises(error, match=match):
+        with attnprobe.concept_attention(pipe, concepts):
+            pass
+
+
+def test_unsupported_pipelines_are_refused():
+    for build, name in ((tiny_sd_pipeline, "UNet2DConditionModel"), (tiny_sd3_pipeline, "SD3Transformer2DModel")):
+        with pytest.raises(ProbeError, match=rf"got {name} .*Supported: Flux \(FluxTransformer2DModel"):
+            with attnprobe.concept_attention(build(), ["dog"]):
+                pass
+    assert issubclass(ProbeError, AttnprobeError)
+
+
+def test_no_call_recorded(pipe):
+    with attnprobe.concept_attention(pipe, ["dog"], compare=False) as result:
+        pass
+    with pytest.raises(ProbeError, match="recorded no denoiser call"):
+        result.maps
+    with pytest.raises(ArgumentError, match=r"'cat' was not measured; the concepts are \['dog'\]"):
+        result.heatmap("cat")
