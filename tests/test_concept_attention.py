@@ -210,6 +210,19 @@ def test_cross_attention_of_prompt_words(pipe, run):
     torch.testing.assert_close(cross[:, 0, 0], expect)
 
 
+def test_beside_a_probe_of_ones_own(pipe):
+    """The concepts encoded when concept_attention opens are not taken for a prompt by a probe already open."""
+    with attnprobe.probe(pipe, heads="mean") as alone:
+        generate(pipe, num_inference_steps=1)
+    with attnprobe.probe(pipe, heads="mean") as store:
+        with attnprobe.concept_attention(pipe, ["cat", "sky"], max_sequence_length=T5_LEN) as result:
+            generate(pipe, num_inference_steps=1)
+    assert [s.text for s in store.samples] == [PROMPT] and store.token_indices(0, "dog") == [[1]]
+    for site in store.site_names:
+        assert torch.equal(store[site], alone[site])
+    assert result.cross_attention.isnan().all() and tuple(result.maps.shape) == (1, 1, 2, 4, 6)
+
+
 def test_chosen_blocks(pipe):
     with attnprobe.concept_attention(pipe, CONCEPTS, blocks=[1], compare=False, max_sequence_length=T5_LEN) as one:
         generate(pipe, num_inference_steps=1)
