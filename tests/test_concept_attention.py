@@ -1,14 +1,16 @@
-"""ConceptAttention (``attnprobe.concept_attention``): output-space concept maps of a Flux transformer.
+"""ConceptAttention (``attnprobe.concept_attention``): output-space concept maps of Flux and SD3 transformers.
 
 The float64 reference never touches attnprobe's concept code: our own pre-forward hook on each double-stream block
-keeps its inputs (image and prompt states, ``temb``, the rotary table), the concepts are encoded with the pipeline's
-T5 by hand, and both blocks of a two-block tiny Flux are recomputed from their weights (adaLN, projections, RMS
-norms, rotary embedding, softmax attention, output projection, feed-forward) in float64.
+keeps its inputs (image and prompt states, ``temb``, Flux's rotary table), the concepts are encoded with the
+pipeline's T5 by hand, and both blocks of a two-block tiny Flux and of the tiny SD3 (whose last block has no text
+output) are recomputed from their weights (adaLN, projections, RMS norms, rotary embedding, softmax attention, output
+projection, feed-forward) in float64.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ import attnprobe
 import attnprobe.capture.concepts as concepts_module
 from attnprobe.capture.concepts import ConceptRecord, ConceptStream
 from attnprobe.errors import ArgumentError, AttnprobeError, ConceptError, ProbeError
-from attnprobe.testing import tiny_flux_pipeline, tiny_sd_pipeline, tiny_sd3_pipeline
+from attnprobe.testing import tiny_flux_pipeline, tiny_pipeline, tiny_sd_pipeline, tiny_sd3_pipeline
 
 PROMPT = "a dog on grass"
 CONCEPTS = ["dog", "grass", "sky"]
@@ -25,8 +27,7 @@ T5_LEN = 16
 CALL = dict(num_inference_steps=2, height=64, width=96, max_sequence_length=T5_LEN, output_type="latent")
 
 
-@pytest.fixture(scope="module")
-def pipe():
+def _flux():
     """The tiny Flux with two double-stream blocks (the stream must carry from one block to the next)."""
     from diffusers import FluxTransformer2DModel
 
@@ -39,12 +40,36 @@ def pipe():
     return pipe
 
 
+@pytest.fixture(scope="module")
+def pipes():
+    return {"flux": _flux(), "sd3": tiny_sd3_pipeline(), "sd3.5": tiny_sd3_pipeline(dual_attention=True)}
+
+
+@pytest.fixture(scope="module")
+def pipe(pipes):
+    return pipes["flux"]
+
+
 def generate(pipe, prompt=PROMPT, **kwargs):
     return pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **{**CALL, **kwargs}).images
 
 
 @pytest.fixture(scope="module")
 def run(pipe):
+    return _run(pipe)
+
+
+@pytest.fixture(scope="module")
+def sd3_run(pipes):
+    return _run(pipes["sd3"])
+
+
+@pytest.fixture(scope="module")
+def sd35_run(pipes):
+    return _run(pipes["sd3.5"])
+
+
+def _run(pipe):
     """One generation without and one with ConceptAttention (compare on), and each block's inputs (our hooks)."""
     plain = generate(pipe)
     inputs: dict = {}
@@ -98,7 +123,8 @@ def _linear(x, layer):
 def _ada(x, norm, temb):
     """AdaLayerNormZero by hand: (normed x, gate_msa, shift_mlp, scale_mlp, gate_mlp)."""
     emb = _linear(torch.nn.functional.silu(temb), norm.linear)
-    shift, scale, gate, shift2, scale2, gate2 = emb.chunk(6, dim=1)
+    # AdaLayerNormZero: 6 chunks; SD3.5's SD35AdaLayerNormZeroX: 9, the last three for its image-only attn2
+    shift, scale, gate, shift2, scale2, gate2 = emb.chunk(emb.shape[1] // x.shape[-1], dim=1)[:6]
     x = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6)
     return x * (1 + scale[:, None]) + shift[:, None], gate, shift2, scale2, gate2
 
@@ -116,9 +142,20 @@ def _attend(q, k, v):
     return torch.einsum("shqk,skhd->sqhd", logits.softmax(-1), v).flatten(2)
 
 
+def _norm(x, norm):
+    return x if norm is None else _rms(x, norm.weight, norm.eps)
+
+
+def _ada_continuous(x, norm, temb):
+    """AdaLayerNormContinuous by hand (SD3's last block): scale, then shift."""
+    scale, shift = _linear(torch.nn.functional.silu(temb), norm.linear).chunk(2, dim=1)
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
 def _reference(pipe, inputs, call: int):
     """Per block, the float64 ``softmax over concepts (o_x · o_cᵀ)`` ``[sample, concept, N]`` of one call."""
-    tok, t5 = pipe.tokenizer_2, pipe.text_encoder_2
+    sd3 = hasattr(pipe, "text_encoder_3")
+    tok, t5 = (pipe.tokenizer_3, pipe.text_encoder_3) if sd3 else (pipe.tokenizer_2, pipe.text_encoder_2)
     ids = tok(CONCEPTS, padding="max_length", max_length=T5_LEN, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         embeds = t5(ids)[0][:, 0].double()                       # each concept alone, its first position
@@ -128,27 +165,36 @@ def _reference(pipe, inputs, call: int):
     for i, block in enumerate(tr.transformer_blocks):
         kw = inputs[i][call]
         x, text, temb = kw["hidden_states"].double(), kw["encoder_hidden_states"].double(), kw["temb"].double()
-        cos, sin = (t.double() for t in kw["image_rotary_emb"])
-        attn, n_text = block.attn, text.shape[1]
+        attn, n_text, n_c = block.attn, text.shape[1], stream.shape[1]
+        if sd3:  # no rotary embedding
+            rot = {k: (lambda y: y) for k in ("image", "text", "concept")}
+        else:
+            cos, sin = (t.double() for t in kw["image_rotary_emb"])
+            rot = {"image": lambda y: _rope(y, cos[n_text:], sin[n_text:]),
+                   "text": lambda y: _rope(y, cos[:n_text], sin[:n_text]),   # the concepts sit at the text's id:
+                   "concept": lambda y: _rope(y, cos[:1].expand(n_c, -1), sin[:1].expand(n_c, -1))}
         heads = lambda y: y.unflatten(-1, (attn.heads, -1))  # noqa: E731
+        last = getattr(block, "context_pre_only", False)
         xn = _ada(x, block.norm1, temb)[0]
-        tn = _ada(text, block.norm1_context, temb)[0]
-        eps = attn.norm_q.eps
-        q_x = _rope(_rms(heads(_linear(xn, attn.to_q)), attn.norm_q.weight, eps), cos[n_text:], sin[n_text:])
-        k_x = _rope(_rms(heads(_linear(xn, attn.to_k)), attn.norm_k.weight, eps), cos[n_text:], sin[n_text:])
+        tn = _ada_continuous(text, block.norm1_context, temb) if last else _ada(text, block.norm1_context, temb)[0]
+        q_x = rot["image"](_norm(heads(_linear(xn, attn.to_q)), attn.norm_q))
+        k_x = rot["image"](_norm(heads(_linear(xn, attn.to_k)), attn.norm_k))
         v_x = heads(_linear(xn, attn.to_v))
-        k_t = _rope(_rms(heads(_linear(tn, attn.add_k_proj)), attn.norm_added_k.weight, eps), cos[:n_text], sin[:n_text])
+        k_t = rot["text"](_norm(heads(_linear(tn, attn.add_k_proj)), attn.norm_added_k))
         v_t = heads(_linear(tn, attn.add_v_proj))
         o_x = _attend(q_x, torch.cat([k_t, k_x], 1), torch.cat([v_t, v_x], 1))   # the model's image output
         c = stream.expand(x.shape[0], -1, -1)
-        cn, gate, shift2, scale2, gate2 = _ada(c, block.norm1_context, temb)
-        n_c = c.shape[1]
-        c_cos, c_sin = cos[:1].expand(n_c, -1), sin[:1].expand(n_c, -1)       # the concepts sit at the text's id
-        q_c = _rope(_rms(heads(_linear(cn, attn.add_q_proj)), attn.norm_added_q.weight, eps), c_cos, c_sin)
-        k_c = _rope(_rms(heads(_linear(cn, attn.add_k_proj)), attn.norm_added_k.weight, eps), c_cos, c_sin)
+        if last:
+            cn = _ada_continuous(c, block.norm1_context, temb)
+        else:
+            cn, gate, shift2, scale2, gate2 = _ada(c, block.norm1_context, temb)
+        q_c = rot["concept"](_norm(heads(_linear(cn, attn.add_q_proj)), attn.norm_added_q))
+        k_c = rot["concept"](_norm(heads(_linear(cn, attn.add_k_proj)), attn.norm_added_k))
         v_c = heads(_linear(cn, attn.add_v_proj))
         o_c = _attend(q_c, torch.cat([k_c, k_x], 1), torch.cat([v_c, v_x], 1))   # never the prompt's keys
         out.append(torch.einsum("scd,snd->scn", o_c, o_x).softmax(1))
+        if last:
+            break
         c = c + gate[:, None] * _linear(o_c, attn.to_add_out)
         h = torch.nn.functional.layer_norm(c, c.shape[-1:], eps=1e-6) * (1 + scale2[:, None]) + shift2[:, None]
         ff = block.ff_context.net
@@ -157,11 +203,33 @@ def _reference(pipe, inputs, call: int):
     return torch.stack(out)                                      # [block, sample, concept, N]
 
 
-def test_against_a_float64_reference(pipe, run):
-    _, _, result, inputs = run
+@pytest.mark.parametrize("family", ["flux", "sd3", "sd3.5"])
+def test_against_a_float64_reference(pipes, run, sd3_run, sd35_run, family):
+    _, _, result, inputs = {"flux": run, "sd3": sd3_run, "sd3.5": sd35_run}[family]
+    assert result.block_maps.shape[1] == 2
     for call in range(2):
-        expect = _reference(pipe, inputs, call).float().unflatten(-1, (4, 6))
+        expect = _reference(pipes[family], inputs, call).float().unflatten(-1, (4, 6))
         torch.testing.assert_close(result.block_maps[call], expect, atol=2e-5, rtol=1e-4)
+
+
+def test_sd3(pipes, sd3_run):
+    """SD3: bit-identical images, its [uncond, cond] batch rows (labelled by the probe beside it), sums to 1; a
+    concept not in the negative prompt has no cross-attention there."""
+    plain, probed, result, _ = sd3_run
+    assert torch.equal(plain, probed)
+    assert tuple(result.maps.shape) == (2, 2, 3, 4, 6)
+    assert [s.pass_label for s in result.store.samples] == ["uncond", "cond"]
+    torch.testing.assert_close(result.maps.sum(2), torch.ones(2, 2, 4, 6))
+    cross = result.cross_attention
+    assert cross[:, 0].isnan().all() and cross[:, 1, 2].isnan().all() and not cross[:, 1, :2].isnan().any()
+
+
+
+def test_sd35_dual_attention(sd35_run):
+    """SD3.5's blocks add an image-only attn2 (and RMS norms on q and k): the concept stream reads attn alone."""
+    plain, probed, result, _ = sd35_run
+    assert torch.equal(plain, probed)
+    torch.testing.assert_close(result.maps.sum(2), torch.ones(2, 2, 4, 6))
 
 
 def test_the_prompt_as_concepts_follows_the_prompt_stream(pipe, monkeypatch):
@@ -249,11 +317,22 @@ def test_bad_concepts(pipe, concepts, error, match):
 
 
 def test_unsupported_pipelines_are_refused():
-    for build, name in ((tiny_sd_pipeline, "UNet2DConditionModel"), (tiny_sd3_pipeline, "SD3Transformer2DModel")):
-        with pytest.raises(ProbeError, match=rf"got {name} .*Supported: Flux \(FluxTransformer2DModel"):
+    for build, name in ((tiny_sd_pipeline, "UNet2DConditionModel"), (partial(tiny_pipeline, "pixart"), "PixArtTransformer2DModel")):
+        with pytest.raises(ProbeError, match=rf"got {name} .*Supported: Flux \(FluxTransformer2DModel.*and SD3"):
             with attnprobe.concept_attention(build(), ["dog"]):
                 pass
     assert issubclass(ProbeError, AttnprobeError)
+
+
+def test_the_pipelines_default_length(pipe):
+    """Without max_sequence_length the concepts are padded as the pipeline's call pads a prompt by default."""
+    from attnprobe.capture.concepts import encode_concepts
+
+    with torch.no_grad():
+        padded = pipe.encode_prompt(prompt=["sky"], prompt_2=None, max_sequence_length=512)[0][:, 0]
+    torch.testing.assert_close(encode_concepts(pipe, ["sky"]), padded)
+    with pytest.raises(ArgumentError, match="max_sequence_length must be a positive int .*got 0"):
+        encode_concepts(pipe, ["sky"], 0)
 
 
 def test_no_call_recorded(pipe):

@@ -10,7 +10,7 @@
   (``generation_calls``).
 - ``video``: video stores over their decoded frames: which latent frame each shows (``decoded_frame_index``), a heat
   map per decoded frame (``frame_heatmaps``), an animated GIF over the video (``animate_heatmap``).
-- ``concepts``: ConceptAttention (Helbling et al. 2025): output-space concept maps of a Flux transformer beside a
+- ``concepts``: ConceptAttention (Helbling et al. 2025): output-space concept maps of a Flux or SD3 transformer beside a
   pipeline call (``concept_attention``, a context manager like ``probe``; its ``ConceptMaps`` holds the raw
   cross-attention of the same words for comparison).
 - ``daam``: DAAM 0.2.0's heat map (``heatmap(method="daam")``), step by step in DAAM's order.

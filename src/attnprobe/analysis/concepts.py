@@ -1,5 +1,5 @@
-"""ConceptAttention (Helbling et al. 2025, arXiv 2502.04320): output-space concept maps of a Flux transformer, with
-the raw cross-attention of the same words beside them.
+"""ConceptAttention (Helbling et al. 2025, arXiv 2502.04320): output-space concept maps of a Flux or SD3
+transformer, with the raw cross-attention of the same words beside them.
 
     >>> import attnprobe
     >>> from attnprobe.testing import tiny_flux_pipeline
@@ -71,7 +71,7 @@ class ConceptMaps:
 
     @property
     def timesteps(self) -> list[float]:
-        """The transformer's ``timestep`` per call (Flux: the scheduler's ``t / 1000``)."""
+        """The transformer's ``timestep`` per call (Flux: the scheduler's ``t / 1000``; SD3: the scheduler's ``t``)."""
         return list(self.record.timesteps)
 
     @property
@@ -120,18 +120,19 @@ class ConceptMaps:
 
 @contextlib.contextmanager
 def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bool = True,
-                      max_sequence_length: int = 512) -> Iterator[ConceptMaps]:
+                      max_sequence_length: int | None = None) -> Iterator[ConceptMaps]:
     """ConceptAttention's output-space concept maps (Helbling et al. 2025, "ConceptAttention: Diffusion Transformers
     Learn Highly Interpretable Features", arXiv 2502.04320) for the pipeline calls made inside the ``with`` block.
 
-    Each concept word (it need not be in the prompt) is encoded alone by the pipeline's own text encoder, keeps its
-    first token, and is carried through the double-stream blocks with each block's text-stream weights, attending to
+    Each concept word (it need not be in the prompt) is encoded alone by the pipeline's own text encoder, keeps the
+    first position of its T5 states, and is carried through the double-stream blocks with each block's text-stream weights, attending to
     ``[concept; image]`` keys; the image and the prompt never attend to it, so the generated images are
     bit-identical. In each block, ``softmax over concept (o_x · o_cᵀ)`` of the image's and the concepts' attention
     outputs says which concept each image position is (``attnprobe.capture.concepts``, docs/concept-attention.md).
 
     Args:
-        pipe: a Flux pipeline (``FluxPipeline`` or another built on ``FluxTransformer2DModel``).
+        pipe: a Flux or SD3 pipeline (``FluxPipeline``, ``StableDiffusion3Pipeline`` or another built on
+            ``FluxTransformer2DModel`` / ``SD3Transformer2DModel``; SD3.5 too).
         concepts: concept words, e.g. ``["dog", "grass", "sky"]``; each once, each encodable by the tokenizer.
         blocks: which double-stream blocks to average: ``None`` (all), an index, a module path
             (``"transformer_blocks.18"``) or a list of them. The paper's Flux figures use ``range(15, 19)``.
@@ -141,19 +142,22 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
             1024 px: 8 MB per block and call); ``False`` keeps none. Flux true CFG runs unconditional calls the probe
             cannot hold beside the conditional ones (``ProbeError``): pass ``False`` there. Default ``True``.
         max_sequence_length: the length the concepts are padded to when encoded (pass the pipeline call's value).
-            Default 512 (FluxPipeline's).
+            Default ``None``: the pipeline's own default (FluxPipeline's 512, StableDiffusion3Pipeline's 256).
 
     Yields:
         ``ConceptMaps``: ``maps`` ``[call, sample, concept, qh, qw]`` (sums to 1 over ``concept``), ``block_maps``
         ``[call, block, sample, concept, qh, qw]``, ``cross_attention`` ``[call, sample, concept, qh, qw]`` (NaN for
         words not in the prompt), ``heatmap(concept)`` ``[qh, qw]``. ``call`` counts every denoiser call inside the
-        block; ``sample`` is the call's batch row.
+        block; ``sample`` is the call's batch row (SD3 with guidance: ``[uncond, cond]``; ``store.samples`` labels
+        them when ``compare`` is on).
 
     Raises:
-        ProbeError: a pipeline whose denoiser is not Flux's transformer (a UNet, SD3, …; names what is supported),
-            fused projections, an attention processor other than ``FluxAttnProcessor``, attention kwargs (a mask,
-            IP-Adapter) or ControlNet residuals at run time.
-        ArgumentError: no concepts, an empty or repeated concept, a block that does not exist.
+        ProbeError: a pipeline whose denoiser is not Flux's or SD3's transformer (a UNet, PixArt, …; names what is
+            supported), fused projections, an attention processor other than the family's plain one
+            (``FluxAttnProcessor``, ``JointAttnProcessor2_0``), attention kwargs (a mask, IP-Adapter), ControlNet
+            residuals or SD3's skipped layers (skip-layer guidance) at run time.
+        ArgumentError: no concepts, an empty or repeated concept, a block that does not exist, a bad
+            ``max_sequence_length``.
         ConceptError: a concept the tokenizer cannot encode (only special tokens or an unknown piece).
 
     Examples:
