@@ -106,7 +106,8 @@ def child_memory(mode: str, generations: int) -> dict:
                 generate(pipe, 64, STEPS, seed=seed)
         peak = peak_rss_mb()
         before = current_rss_mb()
-        attnprobe.trajectory(store, "dog")
+        for generation in range(generations):  # one concept's trajectory in every generation: each call's token rows
+            attnprobe.trajectory(store, "dog", generation=generation)
         read = current_rss_mb() - before
         return {"case": f"{mode}, {generations} generation(s), heads keep", "px": 64, "calls": len(store.calls),
                 "store_mb": store.nbytes / 1e6, "rss_mb": peak, "read_mb": max(read, 0.0)}
@@ -195,6 +196,7 @@ def child_breakdown(repeats: int, size: int = 256) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 pairs per row instead of 9; 30 generations, not 100")
+    parser.add_argument("--pairs", type=int, help="alternating pairs per timed row (default 9, 5 with --quick)")
     parser.add_argument("--threads", type=int, help="torch threads in every child (default: torch's own, one per core)")
     parser.add_argument("--only", help="run only the timed rows whose name contains this text (no memory rows)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -209,13 +211,14 @@ def main():
         print(json.dumps(row))
         return
     repeats, many = (5, 30) if args.quick else (9, 100)
+    repeats = args.pairs or repeats
     threads = ("--threads", str(args.threads)) if args.threads else ()
     rows = []
     for name in TIMED:
         if args.only and args.only not in name:
             continue
         rows.append(in_child(__file__, "timed", name, str(repeats), *threads))
-        print(f"  {name}: ×{rows[-1]['ratio']:.3f}", file=sys.stderr)
+        print(f"  {name}: ×{rows[-1].get('ratio', float('nan')):.3f}", file=sys.stderr)
     if not args.only:
         rows.append(in_child(__file__, "compile", str(repeats), *threads))
         for mode, g in (("in memory", 1), ("in memory", many), ("streamed", 1), ("streamed", many)):
@@ -223,6 +226,8 @@ def main():
             rows[-1]["case"] = f"{mode}, {g} generation(s), heads keep"
         for px in (256, 64):
             split = in_child(__file__, "breakdown", str(repeats), str(px), *threads)
+            if "share" not in split:
+                continue
             print(f"target row at {px} px, per generation: plain {split['plain_s'] * 1e3:.0f} ms, probed "
                   f"{split['probed_s'] * 1e3:.0f} ms. The probe's arithmetic: small sites' logits "
                   f"{split['logits_s'] * 1e3:.1f} ms + their softmax, head mean and cast once per call "

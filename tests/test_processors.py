@@ -199,3 +199,17 @@ def test_pending_logits_take_the_softmax_once_per_shape_with_the_per_site_values
     assert pending.buffers[(1, 4, 16, 7)].data_ptr() == sizes[(1, 4, 16, 7)]  # no new buffer after the first call
     pending.drop()
     assert pending.finish("keep", None, torch.float32, workspace) == []
+
+
+@pytest.mark.parametrize("options", [dict(heads="mean"), dict(heads="keep", tokens="dog"), dict(aggregate="mean")])
+def test_pipeline_calls_in_and_out_of_inference_mode_in_one_probe(options):
+    """Scratch buffers, PendingLogits slots and aggregate sums made during an inference-mode call stay writable in a
+    no_grad call of the same probe (an inference tensor cannot be written into outside inference mode)."""
+    pipe = tiny_sd_pipeline()
+    for first, second in ((torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)):
+        with attnprobe.probe(pipe, **options) as store:
+            with first():
+                pipe("a dog", generator=torch.Generator().manual_seed(0), **GEN)
+            with second():
+                pipe("a dog", generator=torch.Generator().manual_seed(0), **GEN)
+        assert len(store.calls) == 2 * GEN["num_inference_steps"]

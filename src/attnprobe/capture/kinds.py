@@ -61,9 +61,12 @@ def site_kind(module: torch.nn.Module, parent: torch.nn.Module | None) -> str | 
     # Chroma's single-stream blocks get the [text; image] sequence already joined: their attention has no output
     # projection of its own (pre_only: the block projects it together with its MLP), as Flux's does
     takes_text = takes_text or bool(getattr(module, "pre_only", False))
-    others = [m for m in parent.modules() if m is not module and is_attention(m)]
+    # another text attention in the block (a UNet block's attn2 beside its attn1) makes this one image self-attention;
+    # any() stops at the first, a few modules into the block
     if takes_text and not any(
-        getattr(m, "is_cross_attention", False) or getattr(m, "add_k_proj", None) is not None for m in others
+        m is not module and is_attention(m)
+        and (getattr(m, "is_cross_attention", False) or getattr(m, "add_k_proj", None) is not None)
+        for m in parent.modules()
     ):
         return "single"
     return None

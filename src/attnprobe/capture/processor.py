@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["check_keys", "CaptureState", "PendingLogits", "reduce_probs", "scratch", "batch_rows"]
+__all__ = ["check_keys", "CaptureState", "PendingLogits", "reduce_probs", "scratch", "lasting", "batch_rows"]
 
 
 def scratch(workspace: dict | None, name: str, shape, device) -> torch.Tensor | None:
@@ -25,8 +25,15 @@ def scratch(workspace: dict | None, name: str, shape, device) -> torch.Tensor | 
         return None
     key = (name, tuple(shape), device)
     if key not in workspace:
-        workspace[key] = torch.empty(tuple(shape), dtype=torch.float32, device=device)
+        workspace[key] = lasting(tuple(shape), device)
     return workspace[key]
+
+
+def lasting(shape, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An empty tensor that later calls may write into, whatever the grad mode: made outside ``torch.inference_mode``
+    (an inference tensor cannot be written into outside it, and a probe may see pipeline calls of both kinds)."""
+    with torch.inference_mode(False):
+        return torch.empty(shape, dtype=dtype, device=device)
 
 
 def batch_rows(x: torch.Tensor, rows) -> torch.Tensor:
@@ -90,7 +97,7 @@ class PendingLogits:
         sites = self.sites.setdefault(shape, [])
         buffer = self.buffers.get(shape)
         if buffer is None or buffer.device != device or len(sites) == buffer.shape[0]:
-            grown = torch.empty((2 * len(sites) or 1, *shape), dtype=torch.float32, device=device)
+            grown = lasting((2 * len(sites) or 1, *shape), device)
             if sites:  # the first call finds how many sites share a shape; the buffer keeps that size after
                 grown[: len(sites)].copy_(buffer[: len(sites)])
             self.buffers[shape] = grown

@@ -244,7 +244,10 @@ class BatchRows:
                 frame = frame.f_back if frame is not None else None
                 if frame is None:
                     break
-                owner = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
+                if "self" not in frame.f_code.co_varnames:  # reading f_locals builds a dict: only where self is
+                    continue
+                me = frame.f_locals.get("self")
+                owner = me if frame.f_code.co_name == "__call__" else None
                 drives = owner is not None and any(
                     getattr(owner, a, None) is self.denoiser for a in DENOISER_ATTRS)
                 if drives and self.pipe is None:
@@ -253,7 +256,6 @@ class BatchRows:
                 if owner is not None and owner is self.pipe:
                     self._pipe_line = frame.f_lineno
                     return frame.f_locals
-                me = frame.f_locals.get("self")
                 if me is not None and (me is self.pipe or (self.pipe is None and _pipeline(me) and any(
                         getattr(me, a, None) is self.denoiser for a in DENOISER_ATTRS))):
                     # outermost method of the pipeline seen, outside __call__ (a bare denoiser's: of one that owns it)

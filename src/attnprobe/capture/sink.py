@@ -41,7 +41,11 @@ class CallSink:
     def put(self, call, maps: dict[str, torch.Tensor]) -> None:
         if self.aggregate:
             for site, m in maps.items():
-                self.sums[site] = m if site not in self.sums else self.sums[site].add_(m)
+                if site not in self.sums:  # a sum of its own (not a view of another call's), writable in any mode
+                    with torch.inference_mode(False):
+                        self.sums[site] = m.clone()
+                else:
+                    self.sums[site].add_(m)
             self.summed.append(call)
             return
         if self.device.type == "cpu" and any(m.is_cuda for m in maps.values()):
