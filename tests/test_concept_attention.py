@@ -110,6 +110,8 @@ def test_shapes_and_sums(run):
     torch.testing.assert_close(result.maps.sum(2), torch.ones(2, 1, 4, 6))
     assert (result.maps >= 0).all() and len(result.timesteps) == 2
     torch.testing.assert_close(result.heatmap("grass"), result.maps[:, 0, 1].mean(0))
+    with pytest.raises(IndexError, match=r"sample 1: the calls have 1 batch rows \(0..0\)"):
+        result.heatmap("grass", sample=1)
 
 
 def _rms(x, weight, eps):

@@ -23,7 +23,7 @@ import torch
 
 from ..capture import probe
 from ..capture.concepts import ConceptRecord, concept_stream
-from ..errors import ArgumentError, ConceptError, ProbeError
+from ..errors import ArgumentError, ConceptError, ProbeError, SelectionError
 from ..store import AttentionStore
 
 __all__ = ["concept_attention", "ConceptMaps"]
@@ -111,11 +111,14 @@ class ConceptMaps:
         timesteps).
 
         Raises:
-            ArgumentError: not one of ``concepts``. SelectionError/IndexError: no such sample.
+            ArgumentError: not one of ``concepts``. SelectionError (an ``IndexError``): no such sample.
         """
         if concept not in self.concepts:
             raise ArgumentError(f"concept {concept!r} was not measured; the concepts are {list(self.concepts)}")
-        return self.maps[:, sample, self.concepts.index(concept)].mean(0)
+        maps = self.maps
+        if not -maps.shape[1] <= sample < maps.shape[1]:
+            raise SelectionError(f"sample {sample}: the calls have {maps.shape[1]} batch rows (0..{maps.shape[1] - 1})")
+        return maps[:, sample, self.concepts.index(concept)].mean(0)
 
 
 @contextlib.contextmanager
