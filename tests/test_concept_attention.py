@@ -344,3 +344,50 @@ def test_no_call_recorded(pipe):
         result.maps
     with pytest.raises(ArgumentError, match=r"'cat' was not measured; the concepts are \['dog'\]"):
         result.heatmap("cat")
+
+
+def test_a_planted_segmentation_is_recovered():
+    """A known answer: one SD3 block whose image and text streams share weights and whose attention picks out
+    identical tokens (q = k = 3·LayerNorm(x), v = LayerNorm(x), no modulation). The image's left half is the "dog"
+    vector, its right half the "grass" vector, the prompt is other vectors; then the image's attention outputs are the
+    dog or grass vector, so are those of the concepts "dog" and "grass", and ConceptAttention must say dog on the left,
+    grass on the right, and never "sky" (a vector the image does not hold)."""
+    from diffusers import SD3Transformer2DModel
+
+    dim = 32
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                               num_attention_heads=4, joint_attention_dim=dim, caption_projection_dim=dim,
+                               pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8).eval()
+    block, eye = tr.transformer_blocks[0], torch.eye(dim)
+    with torch.no_grad():
+        for layer, scale in (("to_q", 3.0), ("to_k", 3.0), ("to_v", 1.0), ("add_q_proj", 3.0), ("add_k_proj", 3.0),
+                             ("add_v_proj", 1.0)):
+            getattr(block.attn, layer).weight.copy_(scale * eye)
+            getattr(block.attn, layer).bias.zero_()
+        for norm in (block.norm1, block.norm1_context):
+            norm.linear.weight.zero_()
+            norm.linear.bias.zero_()
+        tr.context_embedder.weight.copy_(eye)
+        tr.context_embedder.bias.zero_()
+    torch.manual_seed(3)
+    dog, grass, sky, *prompt = torch.randn(7, dim)
+    image = torch.stack([dog if column < 2 else grass for row in range(4) for column in range(4)])[None]  # 4×4 grid
+
+    def plant(module, args, kwargs):
+        return args, {**kwargs, "hidden_states": image, "encoder_hidden_states": torch.stack(prompt)[None]}
+
+    record = ConceptRecord(("dog", "grass", "sky"), ("transformer_blocks.0",))
+    stream = ConceptStream(tr, torch.stack([dog, grass, sky]), record)
+    handle = block.register_forward_pre_hook(plant, with_kwargs=True)
+    try:
+        stream.install()
+        with torch.no_grad():
+            tr(hidden_states=torch.zeros(1, 4, 8, 8), encoder_hidden_states=torch.zeros(1, 4, dim),
+               pooled_projections=torch.zeros(1, 8), timestep=torch.tensor([500.0]))
+    finally:
+        stream.remove()
+        handle.remove()
+    maps = record.calls[0][0, 0]                                     # [concept, qh, qw]
+    truth = torch.zeros(3, 4, 4)
+    truth[0, :, :2], truth[1, :, 2:] = 1, 1
+    torch.testing.assert_close(maps, truth, atol=1e-3, rtol=0)
