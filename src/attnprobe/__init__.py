@@ -15,7 +15,7 @@ from . import _moved
 from ._version import __version__
 
 from . import study, text  # attnprobe.text: the text side; attnprobe.study: the study, callable
-from .analysis import Comparison, auc, compare, heatmap, trajectory
+from .analysis import Comparison, ConceptMaps, auc, compare, concept_attention, heatmap, trajectory
 from .capture import list_sites, probe
 from .errors import (
     ArgumentError,
@@ -57,6 +57,7 @@ __all__ = [
     "Call",
     "Comparison",
     "ConceptError",
+    "ConceptMaps",
     "ConfigError",
     "ConditioningEdit",
     "Intervened",
@@ -76,6 +77,7 @@ __all__ = [
     "UnknownSiteError",
     "auc",
     "compare",
+    "concept_attention",
     "heatmap",
     "intervene",
     "list_sites",

@@ -10,15 +10,20 @@
   (``generation_calls``).
 - ``video``: video stores over their decoded frames: which latent frame each shows (``decoded_frame_index``), a heat
   map per decoded frame (``frame_heatmaps``), an animated GIF over the video (``animate_heatmap``).
+- ``concepts``: ConceptAttention (Helbling et al. 2025): output-space concept maps of a Flux or SD3 transformer beside a
+  pipeline call (``concept_attention``, a context manager like ``probe``; its ``ConceptMaps`` holds the raw
+  cross-attention of the same words for comparison).
 - ``daam``: DAAM 0.2.0's heat map (``heatmap(method="daam")``), step by step in DAAM's order.
 - ``figures``: matplotlib figures of stores and studies (matplotlib imported when a figure is drawn).
 
-Analyses read a store only through its public methods; they never run a pipeline.
+Analyses read a store only through its public methods; they never run a pipeline (``concept_attention`` hooks the
+denoiser beside the user's own pipeline call, as ``probe`` does).
 """
 
+from .concepts import ConceptMaps, concept_attention
 from .measures import (HEATMAP_METHODS, Comparison, auc, compare, concept_positions, generation_calls, heatmap,
                        trajectory)
 from .video import animate_heatmap, decoded_frame_index, frame_heatmaps
 
 __all__ = ["trajectory", "auc", "compare", "heatmap", "Comparison", "concept_positions", "generation_calls",
-           "HEATMAP_METHODS", "animate_heatmap", "decoded_frame_index", "frame_heatmaps"]
+           "HEATMAP_METHODS", "concept_attention", "ConceptMaps", "animate_heatmap", "decoded_frame_index", "frame_heatmaps"]

@@ -29,6 +29,9 @@ One probed generation, in order:
    denoiser's ``[sample, head, qt, qh, qw, token]``: ``frames.frame_maps``) and the call's maps go to ``sink.CallSink``, which writes them
    into the store through its ``StoreWriter`` (memory, a streamed folder) or adds them to a running aggregate.
 6. On exit everything is removed (``finally``) and the store gets its execution order and metadata.
+
+Beside the probe, ``concepts`` carries ConceptAttention's concept tokens through a Flux or SD3 transformer's
+double-stream blocks (``concept_stream``; the analysis entry point is ``attnprobe.concept_attention``).
 """
 
 from .. import _moved
