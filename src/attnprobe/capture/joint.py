@@ -41,51 +41,68 @@ CHUNK_ELEMENTS = 2**26
 
 def joint_probs(
     query: torch.Tensor, image_keys: torch.Tensor, text_keys: torch.Tensor, mode: str = "exact",
-    chunk: int | None = None, workspace: dict | None = None, bias: tuple | None = None,
+    chunk: int | None = None, workspace: dict | None = None, bias: tuple | None = None, reduce: tuple | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-query × text-key probabilities of one joint-attention call, in fp32.
+    """Image-query × text-key probabilities of one joint-attention call, in fp32, computed in chunks of image queries.
 
     Args:
-        query: image queries, already scaled, ``[sample, head, query, d]``.
+        query: image queries, ``[sample, head, query, d]`` (scaled, or see ``scale``).
         image_keys: ``[sample, head, N, d]`` (the image keys of the same softmax).
         text_keys: ``[sample, head, T, d]``.
         mode: ``"exact"`` (the text block of the softmax over all N + T keys) or ``"renorm"`` (softmax over the T
             text keys). Default ``"exact"``.
-        chunk: image queries per step (``exact``). Default: from ``CHUNK_ELEMENTS``.
-        workspace: scratch buffers (CPU), as for ``attnprobe.capture.cross.attention_probs``.
+        chunk: image queries per step. Default: from ``CHUNK_ELEMENTS`` (a chunk's logits hold at most that many fp32
+            values: a video's queries never make one ``[sample, head, query, key]`` tensor).
+        workspace: scratch buffers (CPU), as for ``attnprobe.capture.cross.attention_probs`` (without ``reduce``).
         bias: ``(image_bias, text_bias)`` added to the logits, as the processor's attention mask adds them
             (``-inf`` for masked keys), broadcastable to ``[sample, head, query, N]`` and ``[…, T]``; ``None``: none.
+        reduce: ``(heads, tokens, dtype)``: apply ``reduce_probs`` and the cast to ``dtype`` chunk by chunk, so that
+            only the reduced maps are ever whole. Default: ``None`` (the fp32 probabilities, whole).
+        scale: multiplies each chunk of ``query`` (a caller's unscaled view need not be copied whole). Default 1.
 
     Returns:
-        ``(probs, share)``: ``probs`` ``[sample, head, query, token]`` float32 (rows sum to the text share for
-        ``exact``, to 1 for ``renorm``) and ``share`` ``[sample, head]``, the text share averaged over image queries
-        (``None`` for ``renorm``, which never computes the image keys' logits).
+        ``(probs, share)``: ``probs`` ``[sample, head, query, token]`` float32 (with ``reduce``: ``[sample, head or 1,
+        query, kept token]`` in its dtype; rows sum to the text share for ``exact``, to 1 for ``renorm``, before any
+        token selection) and ``share`` ``[sample, head]``, the text share averaged over image queries (``None`` for
+        ``renorm``, which never computes the image keys' logits).
     """
-    query, text_t = query.float(), text_keys.float().transpose(-1, -2)
+    text_t = text_keys.float().transpose(-1, -2)
     s, h, n, _ = query.shape
     t = text_t.shape[-1]
     image_bias, text_bias = bias or (None, None)
-    if mode == "renorm":
-        text = torch.matmul(query, text_t)
-        return (text if text_bias is None else text + text_bias).softmax(dim=-1), None
-    image_t = image_keys.float().transpose(-1, -2)
-    keys = image_t.shape[-1] + t
+    image_t = None if mode == "renorm" else image_keys.float().transpose(-1, -2)
+    keys = t + (0 if image_t is None else image_t.shape[-1])
     step = chunk or max(1, CHUNK_ELEMENTS // max(1, s * h * keys))
-    out = scratch(workspace, "joint", (s, h, n, t), query.device)
-    out = torch.empty((s, h, n, t), device=query.device) if out is None else out
+    out = None
+    if reduce is None:
+        out = scratch(workspace, "joint", (s, h, n, t), query.device)
+        out = torch.empty((s, h, n, t), device=query.device) if out is None else out
+    share = None if image_t is None else torch.zeros((s, h), device=query.device)
     for start in range(0, n, step):
-        q = query[:, :, start:start + step]
-        text = torch.matmul(q, text_t)                                  # [sample, head, chunk, T]
-        image = torch.matmul(q, image_t)                                # [sample, head, chunk, N]
-        if bias is not None:
-            text = _biased(text, _query_rows(text_bias, start, start + step))
-            image = _biased(image, _query_rows(image_bias, start, start + step))
-        top = image.amax(-1, keepdim=True)
-        image_lse = image.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))  # in place: one chunk-sized tensor
-        lse = torch.logaddexp(image_lse, text.logsumexp(-1))           # over all N + T keys
-        del image
-        torch.exp(text.sub_(lse.unsqueeze(-1)), out=out[:, :, start:start + step])
-    return out, out.sum(-1).mean(-1)
+        stop = min(n, start + step)
+        q = query[:, :, start:stop].float()
+        q = q * scale if scale != 1.0 else q
+        text = _biased(torch.matmul(q, text_t), _query_rows(text_bias, start, stop))  # [sample, head, chunk, T]
+        if image_t is None:
+            probs = text.softmax(dim=-1)
+        else:
+            image = _biased(torch.matmul(q, image_t), _query_rows(image_bias, start, stop))  # [sample, head, chunk, N]
+            top = image.amax(-1, keepdim=True)
+            image_lse = image.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))  # in place: one chunk-sized tensor
+            lse = torch.logaddexp(image_lse, text.logsumexp(-1))  # over all N + T keys
+            del image
+            probs = torch.exp(text.sub_(lse.unsqueeze(-1)), out=None if reduce else out[:, :, start:stop])
+            share += probs.sum(-1).sum(-1)
+        if reduce is None:
+            if image_t is None:
+                out[:, :, start:stop] = probs
+            continue
+        kept = reduce_probs(probs, reduce[0], reduce[1])
+        if out is None:
+            out = torch.empty((s, kept.shape[1], n, kept.shape[-1]), dtype=reduce[2], device=query.device)
+        out[:, :, start:stop] = kept
+    return out, None if share is None else share / n
 
 
 def _biased(logits: torch.Tensor, bias) -> torch.Tensor:
@@ -234,14 +251,12 @@ class JointProbeProcessor(ProbeProcessor):
                 f"of Flux-style attention ([text; image], Chroma), not of {type(attn).__name__}"
             )
         emb = self._argument("image_rotary_emb", args, kwargs)
-        workspace = state.workspace if query.device.type == "cpu" and not torch.compiler.is_compiling() else None
         with torch.no_grad():
             q_img, k_img, k_txt = self._split(attn, query, key, text_key, emb, state)
             check_keys(state, self.site, k_txt.shape[2])
             bias = None if mask is None else mask_bias(mask, state.rows, k_txt.shape[2])
-            probs, share = joint_probs(q_img, k_img, k_txt, state.joint, workspace=workspace, bias=bias)
-            probs = reduce_probs(probs, state.heads, state.tokens, workspace)
-            probs = probs.to(state.dtype, copy=workspace is not None)
+            probs, share = joint_probs(q_img, k_img, k_txt, state.joint, bias=bias,
+                                       reduce=(state.heads, state.tokens, state.dtype))
         state.outbox.append((self.site, probs))
         if share is not None:
             state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import ProbeError
 from .cross import ProbeProcessor, with_tolerance
 from .joint import joint_output_error, joint_probs
-from .processor import batch_rows, check_keys, reduce_probs
+from .processor import batch_rows, check_keys
 
 __all__ = ["KernelTap", "KernelProbeProcessor"]
 
@@ -118,17 +118,15 @@ class KernelProbeProcessor(ProbeProcessor):
         image_q, others, text = self._positions(query.shape[2], key.shape[2], n_hidden)
         scale = seen.get("scale") or query.shape[-1] ** -0.5
         rows = state.rows
-        workspace = state.workspace if query.device.type == "cpu" else None
         with torch.no_grad():
             check_keys(state, self.site, text.stop - text.start)
-            q = batch_rows(query, rows)[:, :, image_q].float() * scale
+            q = batch_rows(query, rows)[:, :, image_q]  # a view: scaled chunk by chunk (a video's q is GBs in fp32)
             k = batch_rows(key, rows)
             mode = "renorm" if self.kind == "cross" else state.joint
             other_k = k[:, :, others] if isinstance(others, slice) else k.index_select(2, others.to(k.device))
             bias = None if mask is None else (_bias(mask, rows, image_q, others), _bias(mask, rows, image_q, text))
-            probs, share = joint_probs(q, other_k, k[:, :, text], mode, workspace=workspace, bias=bias)
-            probs = reduce_probs(probs, state.heads, state.tokens, workspace)
-            probs = probs.to(state.dtype, copy=workspace is not None)
+            probs, share = joint_probs(q, other_k, k[:, :, text], mode, bias=bias, scale=scale,
+                                       reduce=(state.heads, state.tokens, state.dtype))
         self._hand_on(probs, share, query, key, mask, scale, seen)
         return output
 
@@ -164,8 +162,7 @@ class KernelProbeProcessor(ProbeProcessor):
             past = ~own_text[:, text_start:text_start + n_text]
             text_bias = torch.zeros(past.shape, device=q.device).masked_fill_(past, float("-inf"))[:, None, None]
             probs, share = joint_probs(q, k[:, :, :n_keys], k[:, :, text_start:text_start + n_text], state.joint,
-                                       bias=(others, text_bias))
-            probs = reduce_probs(probs, state.heads, state.tokens).to(state.dtype)
+                                       bias=(others, text_bias), reduce=(state.heads, state.tokens, state.dtype))
         self._hand_on(probs, share, query, key, mask, scale, seen)
         return output
 
