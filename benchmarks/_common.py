@@ -51,13 +51,14 @@ def in_child(script: str, *args: str) -> dict:
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """``columns``: (key, heading, format); missing values print as ``-``."""
     widths = [max(len(head), 8) for _, head, _ in columns]
-    print("  ".join(head.rjust(w) if i else head.ljust(40) for i, ((_, head, _), w) in enumerate(zip(columns, widths))))
+    first = max([len(columns[0][1])] + [len(str(row.get(columns[0][0], ""))) for row in rows])
+    print("  ".join(head.rjust(w) if i else head.ljust(first) for i, ((_, head, _), w) in enumerate(zip(columns, widths))))
     for row in rows:
         cells = []
         for i, ((key, _, fmt), w) in enumerate(zip(columns, widths)):
             value = row.get(key)
             text = "-" if value is None else (format(value, fmt) if fmt else str(value))
-            cells.append(text.ljust(40) if i == 0 else text.rjust(w))
+            cells.append(text.ljust(first) if i == 0 else text.rjust(w))
         print("  ".join(cells))
 
 

@@ -242,6 +242,10 @@ def main():
             row["range"] = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
         if "identical" in row:
             row["identical"] = "yes" if row["identical"] else "NO"
+    spread = [r["case"] for r in rows if "ratio" in r and r["ratio_max"] - r["ratio_min"] > 0.3]
+    if spread:  # a busy machine: pair ratios this far apart say more about the other jobs than about the probe
+        print(f"WARNING: the pair ratios of {len(spread)} row(s) spread by more than 0.3 ({spread[0]}, …): other jobs "
+              "shared the cores; rerun on an idle machine before reading these ratios", file=sys.stderr)
     print_table(rows, [("case", "case", ""), ("px", "px", "d"), ("steps", "steps", "d"), ("plain_s", "plain s", ".3f"),
                        ("probed_s", "probed s", ".3f"), ("ratio", "ratio", ".3f"), ("range", "range", ""),
                        ("identical", "identical", ""), ("store_mb", "store MB", ".2f"), ("values_mb", "values MB", ".2f"),
