@@ -405,7 +405,7 @@ def plot_contrasts(rows: Sequence[Mapping], measures: Mapping[str, str] | None =
         ax.set_title(textwrap.fill(f"{measures[measure]}: paired difference (mean over seeds, 95% CI; "
                                    "p: Holm across concepts)", 60), fontsize=8)
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(w_pad=7)  # room for the p labels right of each panel before the next one's row labels
     return fig
 
 
