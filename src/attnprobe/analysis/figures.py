@@ -242,7 +242,7 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
                 # the colour scale (a dark shape under a light colour looks like a low value)
                 grey = img[..., :3].mean(axis=-1) if img.ndim == 3 else img
                 grey = grey.astype(float) / max(float(grey.max()), 1e-9)
-                ax.imshow(0.55 + 0.45 * grey, cmap="gray", vmin=0, vmax=1, extent=extent)
+                ax.imshow(0.3 + 0.7 * grey, cmap="gray", vmin=0, vmax=1, extent=extent)
             m = np.asarray(maps[c][v], dtype=float)
             finite = np.isfinite(m)
             if finite.any():  # NaN pixels stay blank; the rest is scaled by the finite values
@@ -250,7 +250,7 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
                 m = np.where(finite, (m - low) / span if span > 0 else 0.0, np.nan)
             else:
                 ax.text(0.5, 0.5, "no finite values", ha="center", va="center", fontsize=7, transform=ax.transAxes)
-            im = ax.imshow(m, cmap="viridis", alpha=0.7 if img is not None else 1.0, vmin=0, vmax=1, extent=extent)
+            im = ax.imshow(m, cmap="viridis", alpha=0.6 if img is not None else 1.0, vmin=0, vmax=1, extent=extent)
             if i == 0:
                 ax.set_title(shorten(v, 24), fontsize=8)
             if j == 0:
