@@ -216,6 +216,10 @@ def answer_lines(contrasts: Sequence[dict]) -> list[str]:
         lines.append(f"  With {n} seeds the exact test cannot go below p = {2 / 2 ** n:.2g} (2/2^n), before Holm: "
                      "more seeds (6 or more) can show a change at the 5% level. The t-intervals assume normal "
                      "differences and can exclude 0 where the test cannot: they show the direction, the test decides.")
+    elif any(math.isfinite(r["ci_low"]) and math.isfinite(r["ci_high"]) and not r["ci_low"] <= 0 <= r["ci_high"]
+             and math.isfinite(r["p_holm"]) and r["p_holm"] >= 0.05 for r in contrasts):
+        lines.append("  Some 95% t-intervals exclude 0 where Holm's p is ≥ 0.05: the intervals assume normal "
+                     "differences and are not corrected across concepts; they show the direction, the test decides.")
     return lines + [""]
 
 
