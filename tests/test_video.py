@@ -350,3 +350,17 @@ def test_animate_heatmap_refuses_a_bad_path_or_colormap(tmp_path):
         animate_heatmap(store, "dog", video, tmp_path / "dir.gif")
     with pytest.raises(ArgumentError, match="not a matplotlib colormap"):
         animate_heatmap(store, "dog", video, tmp_path / "dog.gif", cmap="nope")
+
+
+@pytest.mark.parametrize("edit", [dict(patch=[0, 1, 1]), dict(temporal_compression="4"), dict(patch=None),
+                                  dict(temporal_compression=-4), dict(latent_frames=100), dict(frames=10),
+                                  dict(qt=True)])
+def test_an_inconsistent_video_record_is_refused(edit):
+    """A header's video record is checked against itself (a file edited with its integrity record recomputed gave
+    ZeroDivisionError, TypeError or negative frame indices)."""
+    from attnprobe.store.integrity import _video_record
+
+    good = {"qt": 3, "latent_frames": 3, "patch": [1, 2, 2], "temporal_compression": 4, "first_frame_alone": True,
+            "frames": 9}
+    assert _video_record(good) and _video_record({**good, "first_frame_alone": False, "frames": 12})
+    assert not _video_record({**good, **edit})

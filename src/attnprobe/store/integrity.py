@@ -193,9 +193,24 @@ def check_coordinates(path, sites, samples, layouts, positions, meta: dict) -> N
     if not isinstance(capture, dict) or capture.get("aggregate") not in (None, "sum", "mean"):
         raise StoreError(f"{where!r}: its header's capture options {capture!r} name no known aggregate")
     video = meta.get("video")
-    if video is not None and not (isinstance(video, dict) and type(video.get("qt")) is int and video["qt"] >= 1):
-        raise StoreError(f"{where!r}: its header's video record {video!r} has no qt (latent frames at the sites' "
-                         "resolution, an int ≥ 1): the header was edited")
+    if video is not None and not _video_record(video):
+        raise StoreError(f"{where!r}: its header's video record {video!r} is not one a probe writes (qt and "
+                         "latent_frames ints ≥ 1 with qt = latent_frames // pt, patch three ints ≥ 1, "
+                         "temporal_compression an int ≥ 1 or None, frames the decoded count or None): the header was "
+                         "edited")
+
+
+def _video_record(video) -> bool:
+    """Whether ``meta["video"]`` is consistent with itself (``attnprobe.capture.frames.video_meta`` writes it)."""
+    if not isinstance(video, dict):
+        return False
+    qt, latent, patch, c = (video.get(k) for k in ("qt", "latent_frames", "patch", "temporal_compression"))
+    whole = lambda v: type(v) is int and v >= 1  # noqa: E731
+    if not (whole(qt) and whole(latent) and isinstance(patch, list) and len(patch) == 3 and all(map(whole, patch))
+            and qt == latent // patch[0] and (c is None or whole(c))):
+        return False
+    frames, alone = video.get("frames"), video.get("first_frame_alone", True)
+    return frames is None or (whole(c) and frames == ((latent - 1) * c + 1 if alone else latent * c))
 
 
 def check_shapes(path, store, shapes: dict[str, tuple[int, ...]], calls: int | None = None) -> None:
