@@ -28,7 +28,7 @@ import torch
 
 from ..errors import ProbeError
 from .cross import ProbeProcessor, keep_first, to_out_hook, with_tolerance
-from .processor import batch_rows, check_keys, reduce_probs, scratch
+from .processor import batch_rows, check_keys, reduce_probs
 
 __all__ = ["JOINT_MODES", "CHUNK_ELEMENTS", "joint_probs", "joint_output_error", "mask_bias", "JointProbeProcessor"]
 
@@ -41,8 +41,7 @@ CHUNK_ELEMENTS = 2**26
 
 def joint_probs(
     query: torch.Tensor, image_keys: torch.Tensor, text_keys: torch.Tensor, mode: str = "exact",
-    chunk: int | None = None, workspace: dict | None = None, bias: tuple | None = None, reduce: tuple | None = None,
-    scale: float = 1.0,
+    chunk: int | None = None, bias: tuple | None = None, reduce: tuple | None = None, scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Image-query × text-key probabilities of one joint-attention call, in fp32, computed in chunks of image queries.
 
@@ -54,7 +53,6 @@ def joint_probs(
             text keys). Default ``"exact"``.
         chunk: image queries per step. Default: from ``CHUNK_ELEMENTS`` (a chunk's logits hold at most that many fp32
             values: a video's queries never make one ``[sample, head, query, key]`` tensor).
-        workspace: scratch buffers (CPU), as for ``attnprobe.capture.cross.attention_probs`` (without ``reduce``).
         bias: ``(image_bias, text_bias)`` added to the logits, as the processor's attention mask adds them
             (``-inf`` for masked keys), broadcastable to ``[sample, head, query, N]`` and ``[…, T]``; ``None``: none.
         reduce: ``(heads, tokens, dtype)``: apply ``reduce_probs`` and the cast to ``dtype`` chunk by chunk, so that
@@ -74,10 +72,7 @@ def joint_probs(
     image_t = None if mode == "renorm" else image_keys.float().transpose(-1, -2)
     keys = t + (0 if image_t is None else image_t.shape[-1])
     step = chunk or max(1, CHUNK_ELEMENTS // max(1, s * h * keys))
-    out = None
-    if reduce is None:
-        out = scratch(workspace, "joint", (s, h, n, t), query.device)
-        out = torch.empty((s, h, n, t), device=query.device) if out is None else out
+    out = None if reduce else torch.empty((s, h, n, t), device=query.device)
     share = None if image_t is None else torch.zeros((s, h), device=query.device)
     for start in range(0, n, step):
         stop = min(n, start + step)
