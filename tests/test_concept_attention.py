@@ -332,8 +332,8 @@ def test_the_pipelines_default_length(pipe):
 
     with torch.no_grad():
         padded = pipe.encode_prompt(prompt=["sky"], prompt_2=None, max_sequence_length=512)[0][:, 0]
-    torch.testing.assert_close(encode_concepts(pipe, ["sky"]), padded)
-    with pytest.raises(ArgumentError, match="max_sequence_length must be a positive int .*got 0"):
+    torch.testing.assert_close(encode_concepts(pipe, ["sky"])[0], padded)
+    with pytest.raises(ArgumentError, match="max_sequence_length must be an int from 1 .*got 0"):
         encode_concepts(pipe, ["sky"], 0)
 
 
@@ -391,3 +391,38 @@ def test_a_planted_segmentation_is_recovered():
     truth = torch.zeros(3, 4, 4)
     truth[0, :, :2], truth[1, :, 2:] = 1, 1
     torch.testing.assert_close(maps, truth, atol=1e-3, rtol=0)
+
+
+def test_what_a_breaker_found(pipe):
+    """Concepts that are the same tokens, or that a short max_sequence_length cuts to nothing, are refused; a call that
+    raises leaves no timestep behind; a length unlike the call's is warned about; LoRA's scale passes; blocks of
+    the wrong type and a bad sample say what they take; the result's repr stays short."""
+    run = dict(num_inference_steps=2, height=64, width=64, max_sequence_length=16, output_type="latent")
+    with pytest.raises(ArgumentError, match="same tokens"):
+        attnprobe.concept_attention(pipe, ["dog", "dog "], max_sequence_length=16).__enter__()
+    with pytest.raises(ConceptError, match="max_sequence_length=1"):
+        attnprobe.concept_attention(pipe, ["dog", "sky"], max_sequence_length=1).__enter__()
+    with pytest.raises(ArgumentError, match="give None, a block index"):
+        attnprobe.concept_attention(pipe, ["dog"], blocks=object(), max_sequence_length=16).__enter__()
+    fired = []
+
+    def boom(module, args):
+        if not fired:
+            fired.append(1)
+            raise RuntimeError("boom")
+
+    hook = pipe.transformer.single_transformer_blocks[0].register_forward_pre_hook(boom)
+    try:
+        with attnprobe.concept_attention(pipe, ["dog", "sky"], compare=False, max_sequence_length=16) as result:
+            with pytest.raises(RuntimeError, match="boom"):
+                pipe(prompt="a dog", **run)
+            pipe(prompt="a dog", joint_attention_kwargs={"scale": 0.8}, **run)
+    finally:
+        hook.remove()
+    assert len(result.timesteps) == len(result.record.calls) == 2
+    with pytest.raises(ArgumentError, match="sample="):
+        result.heatmap("dog", "0")
+    assert len(repr(result)) < 200
+    with pytest.warns(UserWarning, match="max_sequence_length=32"):
+        with attnprobe.concept_attention(pipe, ["dog", "sky"], compare=False, max_sequence_length=32):
+            pipe(prompt="a dog", **run)

@@ -23,7 +23,8 @@ import torch
 
 from ..capture import probe
 from ..capture.concepts import ConceptRecord, concept_stream
-from ..errors import ArgumentError, ConceptError, ProbeError, SelectionError
+from ..errors import ArgumentError, ConceptError, ProbeError, SelectionError, warn
+from ..store.axes import as_index
 from ..store import AttentionStore
 
 __all__ = ["concept_attention", "ConceptMaps"]
@@ -106,19 +107,37 @@ class ConceptMaps:
                 out[:, s, k] = torch.stack(mass).mean(0)
         return out
 
-    def heatmap(self, concept: str, sample: int = 0) -> torch.Tensor:
+    def heatmap(self, concept: str, sample: int | None = None) -> torch.Tensor:
         """One concept's map ``[qh, qw]``: ``maps`` averaged over the calls (the paper averages over blocks and
         timesteps).
 
+        Args:
+            concept: one of ``concepts``. sample: the calls' batch row; ``None``: the first conditional row (SD3 with
+                guidance batches ``[unconditional; conditional]``: row ``batch // 2``; else row 0).
+
         Raises:
-            ArgumentError: not one of ``concepts``. SelectionError (an ``IndexError``): no such sample.
+            ArgumentError: not one of ``concepts``; a sample that is not an int. SelectionError (an ``IndexError``): no
+                such sample.
         """
         if concept not in self.concepts:
             raise ArgumentError(f"concept {concept!r} was not measured; the concepts are {list(self.concepts)}")
         maps = self.maps
-        if not -maps.shape[1] <= sample < maps.shape[1]:
+        if sample is None:
+            sample = maps.shape[1] // 2 if all(self.record.batch_cfg) else 0
+        if as_index(sample) is None:
+            raise ArgumentError(f"sample={sample!r}: give a batch row (an int) or None (the first conditional row)")
+        if not -maps.shape[1] <= as_index(sample) < maps.shape[1]:
             raise SelectionError(f"sample {sample}: the calls have {maps.shape[1]} batch rows (0..{maps.shape[1] - 1})")
-        return maps[:, sample, self.concepts.index(concept)].mean(0)
+        times = self.record.timesteps
+        if any(a == b for a, b in zip(times, times[1:])):  # Flux true CFG: a conditional and an unconditional call a step
+            warn("concept_attention: consecutive denoiser calls share a timestep (separate conditional and "
+                 "unconditional calls: Flux's true CFG), and heatmap averages both; select calls from maps "
+                 "(maps[::2] holds the conditional ones)")
+        return maps[:, as_index(sample), self.concepts.index(concept)].mean(0)
+
+    def __repr__(self) -> str:  # not every recorded tensor
+        return (f"ConceptMaps(concepts={list(self.concepts)}, blocks={len(self.blocks)}, "
+                f"calls={len(self.record.calls)}, compare={self.store is not None})")
 
 
 @contextlib.contextmanager

@@ -39,7 +39,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..errors import ArgumentError, ConceptError, ProbeError
+from ..errors import ArgumentError, ConceptError, ProbeError, warn
+from ..store.axes import as_index
 from .denoiser_call import packed_grid, query_grid
 from .sites import denoiser_of
 
@@ -82,12 +83,18 @@ class ConceptRecord:
         calls: one float32 tensor per denoiser call, ``[block, sample, concept, qh, qw]``: the softmax over
             concepts of ``o_x · o_cᵀ`` (sums to 1 over ``concept``); ``sample`` is the call's batch row.
         timesteps: the transformer's ``timestep`` argument per call (Flux: the scheduler's ``t / 1000``).
+        batch_cfg: per call, whether its batch is ``[unconditional; conditional]`` rows of classifier-free guidance
+            (SD3's ``do_classifier_free_guidance``).
     """
 
     concepts: tuple[str, ...]
     blocks: tuple[str, ...]
     calls: list = field(default_factory=list)
     timesteps: list = field(default_factory=list)
+    batch_cfg: list = field(default_factory=list)
+
+    def __repr__(self) -> str:  # not every recorded tensor
+        return f"ConceptRecord(concepts={list(self.concepts)}, blocks={len(self.blocks)}, calls={len(self.calls)})"
 
 
 def double_blocks(pipe_or_denoiser) -> list[str]:
@@ -116,13 +123,14 @@ def double_blocks(pipe_or_denoiser) -> list[str]:
     return names
 
 
-def encode_concepts(pipe, concepts: Sequence[str], max_sequence_length: int | None = None) -> torch.Tensor:
+def encode_concepts(pipe, concepts: Sequence[str], max_sequence_length: int | None = None) -> tuple[torch.Tensor, int]:
     """Each concept word encoded alone by the pipeline's own ``encode_prompt`` (padded to ``max_sequence_length``
     as a prompt is; ``None``: the default of the pipeline's ``__call__``), the first position of its T5 states kept:
-    ``[concept, feature]`` in the encoder's dtype.
+    ``([concept, feature]`` in the encoder's dtype, the length used``)``.
 
     Raises:
-        ArgumentError: no concept, a concept that is not a non-empty string, or one listed twice.
+        ArgumentError: no concept, a concept that is not a non-empty string, or two that are the same tokens
+            (``"dog"`` and ``"dog "``); ``max_sequence_length`` not an int from 1 to the tokenizer's length.
         ConceptError: a concept the tokenizer cannot encode (only special tokens, or an unknown piece: ``<unk>``).
         ProbeError: an unsupported pipeline, or one without its T5 encoder (SD3 built with ``text_encoder_3=None``).
     """
@@ -143,25 +151,31 @@ def encode_concepts(pipe, concepts: Sequence[str], max_sequence_length: int | No
         raise ProbeError(f"ConceptAttention encodes concepts with the pipeline's own encode_prompt and its T5 "
                          f"({attr}); {type(pipe).__name__} has none (pass the pipeline, not its transformer, with its T5 "
                          f"encoder). Supported: {SUPPORTED}")
-    special = set(tokenizer.all_special_ids)
-    for concept in concepts:
-        ids = tokenizer(concept).input_ids
-        words = [i for i in ids if i not in special]
-        if not words or tokenizer.unk_token_id in ids:
-            pieces = tokenizer.convert_ids_to_tokens(ids)
-            raise ConceptError(f"concept {concept!r}: {type(tokenizer).__name__} cannot encode it (pieces {pieces}); "
-                               "pass words its vocabulary holds (no unknown pieces, not only special tokens)")
     if max_sequence_length is None:
         parameter = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
         max_sequence_length = parameter.default if parameter is not None else None
-    if not isinstance(max_sequence_length, int) or isinstance(max_sequence_length, bool) or max_sequence_length < 1:
-        raise ArgumentError(f"max_sequence_length must be a positive int (the pipeline call's); got "
-                            f"{max_sequence_length!r}")
+    longest = int(getattr(tokenizer, "model_max_length", 512) or 512)
+    if (not isinstance(max_sequence_length, int) or isinstance(max_sequence_length, bool)
+            or not 1 <= max_sequence_length <= max(longest, 512)):
+        raise ArgumentError(f"max_sequence_length must be an int from 1 to {max(longest, 512)} (the pipeline call's); "
+                            f"got {max_sequence_length!r}")
+    special, seen = set(tokenizer.all_special_ids), {}
+    for concept in concepts:  # the tokens the encoder reads: truncated at max_sequence_length, as encode_prompt does
+        ids = tokenizer(concept, max_length=max_sequence_length, truncation=True).input_ids
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        if not [i for i in ids if i not in special] or tokenizer.unk_token_id in ids:
+            raise ConceptError(f"concept {concept!r}: {type(tokenizer).__name__} cannot encode it (pieces {pieces}) at "
+                               f"max_sequence_length={max_sequence_length}; pass words its vocabulary holds (no unknown "
+                               "pieces, not only special tokens) and a length that keeps them")
+        if tuple(ids) in seen:  # "dog" and "dog ": one token sequence, two rows splitting every position's share
+            raise ArgumentError(f"concepts {seen[tuple(ids)]!r} and {concept!r} are the same tokens {pieces} for "
+                                f"{type(tokenizer).__name__}: list each concept once")
+        seen[tuple(ids)] = concept
     options = {"prompt_3": None, "do_classifier_free_guidance": False} if attr == "tokenizer_3" else {}
     with torch.no_grad():
         embeds = pipe.encode_prompt(prompt=list(concepts), prompt_2=None, device=denoiser.device,
                                     max_sequence_length=max_sequence_length, **options)[0]
-    return embeds[:, embeds.shape[1] - max_sequence_length]  # T5's first position (SD3: after CLIP's 77)
+    return embeds[:, embeds.shape[1] - max_sequence_length], max_sequence_length  # T5's first position (SD3: after CLIP's 77)
 
 
 class ConceptStream:
@@ -175,8 +189,10 @@ class ConceptStream:
         record: the ``ConceptRecord`` to fill (its ``blocks`` are those recorded; the stream runs up to the last).
     """
 
-    def __init__(self, denoiser, embeds: torch.Tensor, record: ConceptRecord) -> None:
+    def __init__(self, denoiser, embeds: torch.Tensor, record: ConceptRecord, pipe=None, length: int = 0) -> None:
         self.denoiser, self.embeds, self.record = denoiser, embeds, record
+        self.pipe, self.length, self.warned = pipe, length, False  # length: the max_sequence_length encoded at
+        self.timestep = float("nan")
         names = [f"transformer_blocks.{i}" for i in range(len(denoiser.transformer_blocks))]
         self.last = max(names.index(b) for b in record.blocks)
         self.handles: list = []
@@ -206,7 +222,7 @@ class ConceptStream:
         states = kwargs.get("hidden_states", args[0] if args else None)
         unsupported = [k for k in ("controlnet_block_samples", "block_controlnet_hidden_states", "skip_layers")
                        if kwargs.get(k) is not None]
-        joint = kwargs.get("joint_attention_kwargs") or {}
+        joint = {k: v for k, v in (kwargs.get("joint_attention_kwargs") or {}).items() if k != "scale"}  # LoRA's
         if unsupported or joint:
             raise ProbeError(f"ConceptAttention: the transformer was called with {unsupported + sorted(joint)} "
                              "(ControlNet residuals or skipped layers change the image between blocks; attention kwargs "
@@ -226,7 +242,15 @@ class ConceptStream:
             embeds = self.embeds.to(device=states.device, dtype=module.context_embedder.weight.dtype)
             self.stream = module.context_embedder(embeds).unsqueeze(0).expand(states.shape[0], -1, -1)
         self.scores, self.active = [], True
-        self.record.timesteps.append(float(kwargs["timestep"].flatten()[0]) if "timestep" in kwargs else float("nan"))
+        # appended with the call's maps (_on_return): a call that raises leaves neither behind
+        self.timestep = float(kwargs["timestep"].flatten()[0]) if "timestep" in kwargs else float("nan")
+        text = kwargs.get("encoder_hidden_states")
+        t5 = text.shape[1] - (77 if states.dim() == 4 else 0) if isinstance(text, torch.Tensor) else None  # SD3: CLIP's 77
+        if t5 is not None and self.length and t5 != self.length and not self.warned:
+            self.warned = True
+            warn(f"ConceptAttention: the concepts were encoded at max_sequence_length={self.length}, but this pipeline "
+                 f"call's T5 text has {t5} positions: pass max_sequence_length={t5} to concept_attention, as to the "
+                 "pipeline (T5 reads its padding, so a concept's encoding depends on the length)")
 
     def _on_block(self, module, args, kwargs):
         self.seen = {"temb": kwargs.get("temb"), "emb": kwargs.get("image_rotary_emb"),
@@ -266,6 +290,9 @@ class ConceptStream:
         scores = torch.stack(self.scores)                     # [block, sample, concept, N]
         maps = scores.softmax(dim=2).unflatten(-1, self.grid)  # [block, sample, concept, qh, qw]
         self.record.calls.append(maps.cpu())
+        self.record.timesteps.append(self.timestep)
+        self.record.batch_cfg.append(bool(getattr(self.pipe, "do_classifier_free_guidance", False)) if self.pipe
+                                     is not None and maps.shape[1] % 2 == 0 else False)
         self.stream, self.scores, self.active = None, [], False
 
 
@@ -341,10 +368,16 @@ def check_blocks(names: list[str], blocks) -> tuple[str, ...]:
     """
     if blocks is None:
         return tuple(names)
-    chosen = [blocks] if isinstance(blocks, (int, str)) else list(blocks)
+    single = isinstance(blocks, str) or as_index(blocks) is not None
+    if not single and isinstance(blocks, torch.Tensor) or type(blocks).__module__ == "numpy":
+        blocks = blocks.tolist()  # np.arange(15, 19), torch.arange(…)
+    if not single and not isinstance(blocks, (list, tuple, range)):
+        raise ArgumentError(f"blocks={blocks!r}: give None, a block index or module path, or a list or range of them "
+                            f"(there are {len(names)}: indices 0..{len(names) - 1})")
     out = []
-    for b in chosen:
-        name = f"transformer_blocks.{b}" if isinstance(b, int) and not isinstance(b, bool) else b
+    for b in [blocks] if single else list(blocks):
+        index = as_index(b)
+        name = f"transformer_blocks.{index}" if index is not None else b
         if name not in names:
             raise ArgumentError(f"blocks: {b!r} is not a double-stream block; there are {len(names)} "
                                 f"(indices 0..{len(names) - 1}: {names[0]} … {names[-1]})")
@@ -376,9 +409,9 @@ def concept_stream(pipe, concepts: Sequence[str], blocks=None, max_sequence_leng
     """
     names = double_blocks(pipe)
     chosen = check_blocks(names, blocks)
-    embeds = encode_concepts(pipe, concepts, max_sequence_length)
+    embeds, length = encode_concepts(pipe, concepts, max_sequence_length)
     record = ConceptRecord(tuple(concepts), chosen)
-    stream = ConceptStream(denoiser_of(pipe), embeds, record)
+    stream = ConceptStream(denoiser_of(pipe), embeds, record, pipe, length)
     try:
         stream.install()
         yield record
