@@ -426,3 +426,16 @@ def test_what_a_breaker_found(pipe):
     with pytest.warns(UserWarning, match="max_sequence_length=32"):
         with attnprobe.concept_attention(pipe, ["dog", "sky"], compare=False, max_sequence_length=32):
             pipe(prompt="a dog", **run)
+
+
+def test_compare_says_what_to_do(pipe):
+    """An empty block exits as with compare=False; a second pipeline call with other prompts names compare=False."""
+    with attnprobe.concept_attention(pipe, ["dog"], max_sequence_length=16) as result:
+        pass
+    with pytest.raises(ProbeError, match="recorded no denoiser call"):
+        result.maps
+    run = dict(num_inference_steps=1, height=64, width=64, max_sequence_length=16, output_type="latent")
+    with pytest.raises(ProbeError, match="compare=False"):
+        with attnprobe.concept_attention(pipe, ["dog"], max_sequence_length=16):
+            pipe(prompt="a dog", **run)
+            pipe(prompt="a cat and a dog", **run)

@@ -198,6 +198,16 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
             yield result
             return
         sites = [f"{b}.attn" for b in record.blocks]
-        with probe(pipe, sites=sites, passes="all", heads="mean", dtype=torch.float32, joint="renorm") as store:
-            result.store = store
-            yield result
+        try:
+            with probe(pipe, sites=sites, passes="all", heads="mean", dtype=torch.float32, joint="renorm") as store:
+                result.store = store
+                yield result
+        except ProbeError as exc:
+            if not record.calls and "saw no denoiser call" in str(exc):
+                return  # an empty block: as with compare=False (the result's maps say nothing was recorded)
+            if "open a new probe()" not in str(exc):
+                raise
+            # the comparison's probe holds one sample layout: say what to do here, not in the probe's words
+            raise ProbeError(f"concept_attention(compare=True) compares with a probe of the same blocks, which holds "
+                             f"one pipeline call's prompts and size: {exc}. Pass compare=False (the concept maps alone), "
+                             "or use one with block per pipeline call") from exc
