@@ -253,9 +253,7 @@ class Recorder:
             warn(f"denoiser call {self.call} did not finish (an exception inside the denoiser?): its partial maps are "
                  "dropped; the store keeps the calls that finished")
         self.current_call, self.current = None, {}
-        self.state.pending.drop()
-        for box in (self.state.outbox, self.state.shares, self.state.checks):
-            box.clear()
+        self._collect()  # with no call in progress: the partial maps dropped, the sites' verify-once checks kept
 
     @torch.compiler.disable
     def _on_denoiser_call(self, module, args, kwargs):
