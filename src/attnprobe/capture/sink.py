@@ -12,6 +12,7 @@ from collections import deque
 import torch
 
 from ..store import StoreWriter
+from .processor import lasting
 
 __all__ = ["CallSink", "AGGREGATES", "IN_FLIGHT"]
 
@@ -42,8 +43,7 @@ class CallSink:
         if self.aggregate:
             for site, m in maps.items():
                 if site not in self.sums:  # a sum of its own (not a view of another call's), writable in any mode
-                    with torch.inference_mode(False):
-                        self.sums[site] = m.clone()
+                    self.sums[site] = lasting(m.shape, m.device, m.dtype).copy_(m)
                 else:
                     self.sums[site].add_(m)
             self.summed.append(call)
