@@ -163,10 +163,17 @@ def _rope64(x, emb):
     return x * cos + rotated * sin
 
 
-@torch.no_grad()
 def reference(attn, kind, hidden, states, emb, text_len, mask=None):
     """Image-query × text-key block of the full softmax over all keys, float64 ``[batch, head, N, T]``; a float mask
     is added to the logits, a boolean one removes the keys it marks False (as scaled-dot-product attention does)."""
+    probs, image, text = full_softmax(attn, kind, hidden, states, emb, text_len, mask)
+    return probs[:, :, image, text]
+
+
+@torch.no_grad()
+def full_softmax(attn, kind, hidden, states, emb, text_len, mask=None):
+    """The whole softmax over every key in float64, ``[batch, head, query, key]``, and the image and text slices of
+    its sequence."""
     attn64 = {n: getattr(attn, n, None) for n in ("to_q", "to_k", "add_q_proj", "add_k_proj", "norm_q", "norm_k",
                                             "norm_added_q", "norm_added_k")}
     dbl = lambda module, x: module.double()(x.double()) if module is not None else x.double()  # noqa: E731
@@ -190,7 +197,7 @@ def reference(attn, kind, hidden, states, emb, text_len, mask=None):
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
         if mask is not None:  # Chroma: [batch, 1, seq, seq] over [text; image]
             logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
-        return logits.softmax(-1)[:, :, image, text]
+        return logits.softmax(-1), image, text
     finally:
         for module in attn64.values():
             if module is not None:

@@ -15,7 +15,7 @@ from . import _moved
 from ._version import __version__
 
 from . import study, text  # attnprobe.text: the text side; attnprobe.study: the study, callable
-from .analysis import Comparison, ConceptMaps, auc, compare, concept_attention, heatmap, trajectory
+from .analysis import Comparison, ConceptMaps, auc, compare, concept_attention, heatmap, relation_map, trajectory
 from .capture import list_sites, probe
 from .errors import (
     ArgumentError,
@@ -84,6 +84,7 @@ __all__ = [
     "load_config",
     "parse_interventions",
     "probe",
+    "relation_map",
     "study",
     "trajectory",
 ]

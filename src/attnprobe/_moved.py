@@ -25,7 +25,7 @@ __all__ = ["MOVED", "LEFT", "GONE", "install", "package_getattr"]
 #: old module -> the modules that now hold its names, searched in order
 MOVED = {
     "attnprobe.plot": ("attnprobe.analysis.figures",),
-    "attnprobe.probe": ("attnprobe.capture.recorder",),
+    "attnprobe.probe": ("attnprobe.capture.entry", "attnprobe.capture.recorder"),
     "attnprobe.sites": ("attnprobe.capture.sites", "attnprobe.store.records"),
     "attnprobe.processors": ("attnprobe.capture.processor", "attnprobe.capture.cross", "attnprobe.capture.kinds"),
     "attnprobe.joint": ("attnprobe.capture.joint", "attnprobe.capture.kinds"),

@@ -13,6 +13,7 @@
 - ``concepts``: ConceptAttention (Helbling et al. 2025): output-space concept maps of a Flux or SD3 transformer beside a
   pipeline call (``concept_attention``, a context manager like ``probe``; its ``ConceptMaps`` holds the raw
   cross-attention of the same words for comparison).
+- ``relations``: one query's map of a probe's relations (``relation_map``: image->image, text->image, text->text).
 - ``daam``: DAAM 0.2.0's heat map (``heatmap(method="daam")``), step by step in DAAM's order.
 - ``figures``: matplotlib figures of stores and studies (matplotlib imported when a figure is drawn).
 
@@ -23,7 +24,9 @@ denoiser beside the user's own pipeline call, as ``probe`` does).
 from .concepts import ConceptMaps, concept_attention
 from .measures import (HEATMAP_METHODS, Comparison, auc, compare, concept_positions, generation_calls, heatmap,
                        trajectory)
+from .relations import relation_map
 from .video import animate_heatmap, decoded_frame_index, frame_heatmaps
 
 __all__ = ["trajectory", "auc", "compare", "heatmap", "Comparison", "concept_positions", "generation_calls",
-           "HEATMAP_METHODS", "concept_attention", "ConceptMaps", "animate_heatmap", "decoded_frame_index", "frame_heatmaps"]
+           "HEATMAP_METHODS", "concept_attention", "ConceptMaps", "animate_heatmap", "decoded_frame_index", "frame_heatmaps",
+           "relation_map"]

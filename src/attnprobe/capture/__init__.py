@@ -10,7 +10,7 @@
 
 One probed generation, in order:
 
-1. ``probe()`` (``recorder``) finds the denoiser's family (``families``) and its sites (``sites``: attention modules
+1. ``probe()`` (``entry``; the ``Recorder`` of ``recorder`` does the work) finds the denoiser's family (``families``) and its sites (``sites``: attention modules
    of the family's site ``kinds``), wraps each site's processor (``kinds.wrap_processor``: ``cross.ProbeProcessor``
    or ``joint.JointProbeProcessor``) and hooks the denoiser and the text encoders whose positions are the text keys.
 2. Each text-encoder call hands its token ids to ``rows.BatchRows``, and what the pipeline's ``encode_prompt``
@@ -30,13 +30,16 @@ One probed generation, in order:
    into the store through its ``StoreWriter`` (memory, a streamed folder) or adds them to a running aggregate.
 6. On exit everything is removed (``finally``) and the store gets its execution order and metadata.
 
+With ``probe(relations=...)``, ``relations`` keeps other blocks of the same attention beside the maps
+(image->image at chosen points, text->image and text->text at joint sites).
+
 Beside the probe, ``concepts`` carries ConceptAttention's concept tokens through a Flux or SD3 transformer's
 double-stream blocks (``concept_stream``; the analysis entry point is ``attnprobe.concept_attention``).
 """
 
 from .. import _moved
 from .families import FAMILIES, Family, checked_family, family_of
-from .recorder import probe
+from .entry import probe
 from .sites import denoiser_of, list_sites, select_sites
 
 __all__ = ["probe", "list_sites", "select_sites", "denoiser_of", "Family", "FAMILIES", "family_of", "checked_family"]

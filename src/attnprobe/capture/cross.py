@@ -203,6 +203,17 @@ class ProbeProcessor:
         if self._armed and self._key is None:
             self._key = output.chunk(2, dim=-1)[0]
 
+    def _run(self, attn, hidden_states, args, kwargs, check):
+        """The installed processor's output, computed with the q/k hooks armed; the verify-once hooks (``check``: a
+        ``(hooks, seen)`` pair, or ``None``/``False``) removed after, also when it raises."""
+        self._armed = True
+        try:
+            return self.inner(attn, hidden_states, *args, **kwargs)
+        finally:
+            self._armed = False
+            for hook in check[0] if check else ():
+                hook.remove()
+
     def remove_hooks(self) -> None:
         """Detach from the module; from now on the wrapper only forwards to ``inner`` (diffusers may have kept a
         reference, e.g. ``fuse_qkv_projections`` saves the processors it replaces and ``unfuse`` restores them)."""
@@ -216,15 +227,9 @@ class ProbeProcessor:
         if self.removed or not state.keep:
             return self.inner(attn, hidden_states, *args, **kwargs)
         self._query = self._key = None
-        self._armed = True
         # False while torch.compile traces (no check, no scratch buffers), None once checked
         check = False if torch.compiler.is_compiling() else None if self.checked else self._check_hooks(attn)
-        try:
-            output = self.inner(attn, hidden_states, *args, **kwargs)
-        finally:
-            self._armed = False
-            for hook in check[0] if check else ():
-                hook.remove()
+        output = self._run(attn, hidden_states, args, kwargs, check)
         query, key = self._query, self._key
         self._query = self._key = None
         if query is None or key is None:

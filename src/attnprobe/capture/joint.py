@@ -222,14 +222,8 @@ class JointProbeProcessor(ProbeProcessor):
         if self.removed or not state.keep:
             return self.inner(attn, hidden_states, *args, **kwargs)
         self._query = self._key = self._text_key = None
-        self._armed = True
         check = None if self.checked or torch.compiler.is_compiling() else self._check_hooks(attn)
-        try:
-            output = self.inner(attn, hidden_states, *args, **kwargs)
-        finally:
-            self._armed = False
-            for hook in check[0] if check else ():
-                hook.remove()
+        output = self._run(attn, hidden_states, args, kwargs, check)
         query, key, text_key = self._query, self._key, self._text_key
         self._query = self._key = self._text_key = None
         if query is None or key is None or (self.kind == "joint" and text_key is None):
@@ -247,7 +241,7 @@ class JointProbeProcessor(ProbeProcessor):
             )
         emb = self._argument("image_rotary_emb", args, kwargs)
         with torch.no_grad():
-            q_img, k_img, k_txt = self._split(attn, query, key, text_key, emb, state)
+            q_img, k_img, k_txt, _ = self._split(attn, query, key, text_key, emb, state)
             check_keys(state, self.site, k_txt.shape[2])
             bias = None if mask is None else mask_bias(mask, state.rows, k_txt.shape[2])
             probs, share = joint_probs(q_img, k_img, k_txt, state.joint, bias=bias,
@@ -255,6 +249,8 @@ class JointProbeProcessor(ProbeProcessor):
         state.outbox.append((self.site, probs))
         if share is not None:
             state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))
+        if state.relate is not None:  # probe(relations=...): other blocks of the same attention
+            state.relate.at_joint(self, attn, query, key, text_key, emb, mask)
         if check is not None:
             self._check_joint(attn, query, key, text_key, emb, check[1], output, mask)
         return output
@@ -290,16 +286,17 @@ class JointProbeProcessor(ProbeProcessor):
             return
         out = seen["out"]
         with torch.no_grad():
-            q_img, k_img, k_txt = self._split(attn, query, key, text_key, emb, self.state, rows=None)
+            q_img, k_img, k_txt, _ = self._split(attn, query, key, text_key, emb, self.state, rows=None)
             values = [seen[k].unflatten(-1, (attn.heads, -1)).transpose(1, 2) for k in ("image", "text")]
             bias = None if mask is None else mask_bias(mask, None, k_txt.shape[2])
             error = joint_output_error(q_img, k_img, k_txt, *values, out, bias=bias)
         self.state.checks.append((self.site, name, *with_tolerance(error, out.dtype), None))
 
-    def _split(self, attn, query, key, text_key, emb, state, rows="state"):
-        """Image queries (scaled), image keys and text keys ``[sample, head, position, d]``, as the processor has
-        them just before attention (norms, then rotary embedding on the ``[text; image]`` sequence for Flux), of the
-        recorded rows (``rows=None``: every row)."""
+    def _split(self, attn, query, key, text_key, emb, state, rows="state", text_query=None):
+        """Image queries (scaled), image keys, text keys and text queries (scaled; ``None`` unless ``text_query``
+        is given: ``add_q_proj``'s output at a joint site, ``True`` at a single-stream one) ``[sample, head, position,
+        d]``, as the processor has them just before attention (norms, then rotary embedding on the ``[text; image]``
+        sequence for Flux), of the recorded rows (``rows=None``: every row)."""
         rows = state.rows if rows == "state" else rows
         heads = attn.heads
         query, key = batch_rows(query, rows), batch_rows(key, rows)
@@ -319,6 +316,7 @@ class JointProbeProcessor(ProbeProcessor):
                 )
             query, key = _rotary(query, emb, 0, None), _rotary(key, emb, 0, None)
             q_img, k_img, k_txt = query[:, t:], key[:, t:], key[:, :t]
+            q_txt = query[:, :t] if text_query is not None else None
         else:
             text_key = batch_rows(text_key, rows).unflatten(-1, (heads, -1))
             if getattr(attn, "norm_added_k", None) is not None:
@@ -326,5 +324,12 @@ class JointProbeProcessor(ProbeProcessor):
             t = text_key.shape[1]
             # Flux's processor rotates the [text; image] sequence; SD3's has no rotary embedding (emb is None)
             q_img, k_img, k_txt = _rotary(query, emb, t, None), _rotary(key, emb, t, None), _rotary(text_key, emb, 0, t)
+            q_txt = None
+            if text_query is not None:
+                q_txt = batch_rows(text_query, rows).unflatten(-1, (heads, -1))
+                if getattr(attn, "norm_added_q", None) is not None:
+                    q_txt = attn.norm_added_q(q_txt)
+                q_txt = _rotary(q_txt, emb, 0, t)
         q_img = q_img.transpose(1, 2).float() * d**-0.5
-        return q_img, k_img.transpose(1, 2), k_txt.transpose(1, 2)
+        q_txt = None if q_txt is None else q_txt.transpose(1, 2).float() * d**-0.5
+        return q_img, k_img.transpose(1, 2), k_txt.transpose(1, 2), q_txt

@@ -21,7 +21,7 @@ HEADS = ("keep", "mean")
 MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_options(passes, heads, dtype, device, prompts, joint, aggregate, stream_to=None) -> None:
+def check_options(passes, heads, dtype, device, prompts, joint, aggregate, stream_to=None, relations=None) -> None:
     """Raise ``ProbeError`` naming the first of ``probe()``'s options that is not one it takes (see ``probe``)."""
     if passes not in PASSES:
         raise ProbeError(f"passes={passes!r} is not one of {PASSES}")
@@ -46,6 +46,9 @@ def check_options(passes, heads, dtype, device, prompts, joint, aggregate, strea
         raise ProbeError(f"aggregate={aggregate!r} is not one of None, {', '.join(map(repr, AGGREGATES))}")
     if stream_to is not None and (not isinstance(stream_to, (str, os.PathLike)) or isinstance(stream_to, bytes)):
         raise ProbeError(f"stream_to={stream_to!r} is not a folder path: give a str or pathlib.Path (or None: in memory)")
+    if relations is not None and (aggregate is not None or stream_to is not None):
+        raise ProbeError(f"relations={relations!r} are kept in memory, a map per call: not with "
+                         f"{'aggregate=' if aggregate is not None else 'stream_to='}; open a second probe for them")
 
 
 def capture_meta(pipe, denoiser, family: str, *, passes, heads, dtype, sites, calls, tokens, aggregate, stream_to,

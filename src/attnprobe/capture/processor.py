@@ -164,6 +164,7 @@ class CaptureState:
             for the once-per-site check that no hook or processor changed them on the way; else ``None``.
         pending: the cross-attention logits of the call in progress whose softmax the probe takes at its end
             (``PendingLogits``; CPU, outside ``torch.compile``).
+        relate: the probe's ``relations.Relations`` (``probe(relations=...)``), else ``None``.
     """
 
     keep: bool = False
@@ -185,6 +186,7 @@ class CaptureState:
     text_len: int = 0
     shares: list = field(default_factory=list)
     checks: list = field(default_factory=list)
+    relate: Any = None
 
 
 def check_keys(state: CaptureState, site: str, n_keys: int) -> None:

@@ -1,12 +1,5 @@
-"""``probe()``: record every cross-attention map of a diffusers pipeline while it generates as usual.
-
-    >>> import attnprobe
-    >>> from attnprobe.testing import tiny_sd_pipeline
-    >>> pipe = tiny_sd_pipeline()
-    >>> with attnprobe.probe(pipe, heads="mean") as store:
-    ...     _ = pipe("a picture of a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
-    >>> len(store.calls), tuple(store[store.sites[0].name].shape)
-    (2, (2, 1, 1, 8, 8, 77))
+"""The ``Recorder`` behind ``probe()`` (``attnprobe.capture.entry``): record every cross-attention map of a diffusers
+pipeline while it generates as usual.
 
 How it works: each selected site's installed processor is wrapped (``kinds.wrap_processor``), which computes the
 site's maps beside the processor and leaves them in a shared outbox; a pre-forward hook on the denoiser counts
@@ -21,38 +14,36 @@ in ``finally``, also when generation raises.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import replace
-from typing import Iterator, Sequence
 
 import torch
 
 from ..errors import ProbeError, warn
-from ..store import AttentionStore, Call, StoreWriter
-from ..store.files import json_safe
+from ..store import Call, StoreWriter
 from .cross import ProbeProcessor, chain
 from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, schedule_meta
 from .evidence import EncodeWatch, note_checks
-from .families import checked_family, family_of
+from .families import family_of
 from .frames import call_video, check_budget, frame_maps, kept_calls, store_bytes, video_meta
 from .kinds import wrap_processor
 from .processor import CaptureState
-from .options import capture_meta, check_options
+from .options import capture_meta
 from .passes import refuse_rewrite
+from .relations import Relations, relation_modules
 from .rows import BatchRows
 from .selection import call_filter, check_tokens, resolve_tokens
 from .sink import CallSink
-from .sites import SiteSelector, denoiser_of, list_sites, record_order, select_sites
+from .sites import record_order
 
-__all__ = ["probe", "Recorder"]
+__all__ = ["Recorder"]
 
 class Recorder:
     """The state of one probe: installed wrappers and hooks, the call counter, and the objects it hands work to
     (``rows``: the batch labels; ``sink``: where each call's maps go; ``writer``: the store)."""
 
     def __init__(self, pipe, denoiser, sites, passes, heads, dtype, device, prompts, all_sites=(),
-                 calls=None, tokens=None, aggregate=None, stream_to=None, joint="exact"):
+                 calls=None, tokens=None, aggregate=None, stream_to=None, joint="exact", relations=(), points=()):
         self.denoiser = denoiser
         self.family = family_of(denoiser)
         # a UNet hands its encoder_hidden_states to its cross sites unchanged (unless it projects them first)
@@ -79,6 +70,8 @@ class Recorder:
                                   pad_to=self.family.pad_to)
         self.joint = joint
         self.kinds = {s.name: s.kind for s in sites}
+        modules = relation_modules(denoiser, self.family, sites, relations)
+        self.relate = self.state.relate = Relations(relations, points, modules, self._relation_budget) if modules else None
         self.shares: list[tuple[int, str, torch.Tensor]] = []  # (call, site, [sample, head]) of joint sites
         self.ids_key: tuple | None = None  # Flux: the img_ids tensor the latent size was read from, and that size
         self.calls_spec, self.keep_call = calls, call_filter(calls)
@@ -136,6 +129,8 @@ class Recorder:
                 hook = functools.partial(self._on_encode, i)
                 self.handles.append(encoder.register_forward_pre_hook(hook, with_kwargs=True))
             self.encode_watch.install()
+            if self.relate is not None:
+                self.relate.install(self.denoiser, self.state)
         except BaseException:
             self.remove()
             raise
@@ -154,6 +149,8 @@ class Recorder:
         self.state.pending.buffers.clear()
         self.state.pending.slots.clear()
         self.encode_watch.remove()
+        if self.relate is not None:
+            self.relate.remove(self.denoiser)
         for handle in self.handles + self.order_handles:
             handle.remove()
         self.handles.clear()
@@ -206,8 +203,9 @@ class Recorder:
         self.rows.encoded_prompt(output)
 
     def _check_intact(self) -> None:
-        for name, attn in self.modules.items():
-            if (not any(p is self.wrappers[name] for p in chain(attn.processor))
+        replaced = self.relate.replaced(self.denoiser) if self.relate is not None else {}
+        for name, attn in {**self.modules, **replaced}.items():
+            if (name in replaced or not any(p is self.wrappers[name] for p in chain(attn.processor))
                     or bool(getattr(attn, "fused_projections", False)) != self._fused[name]):
                 raise ProbeError(
                     f"the processor or projections of site {name} were changed during the probe (now "
@@ -224,7 +222,7 @@ class Recorder:
         self.current_call, self.current = None, {}
         if call is None:
             return  # not kept (calls=...), or no call yet
-        missing = self._missing(maps)
+        missing = self._missing(maps) + (self.relate.missing(call.index) if self.relate is not None else [])
         if missing:
             raise self._missing_sites(call.index, missing)
         self.sink.put(call, maps)
@@ -280,6 +278,8 @@ class Recorder:
             self.rows.new_pipeline_call()  # no text-encoder call announced it (prompt_embeds)
         if self.calls_in_generation == 0:
             self.generation += 1
+            if self.relate is not None:
+                self.relate.first, self.relate.latent_hw = True, hw
             self.rows.mark_first_call()  # the pipeline line of a generation's first call: a conditional one (true CFG)
             n_keys = call.text_len
             self._start_generation(self.rows.label(call.batch, n_keys, hw, self.generation, call.states), call, n_keys)
@@ -346,6 +346,10 @@ class Recorder:
         calls = 1 if self.aggregate else kept_calls(getattr(self.pipe, "scheduler", None), self.keep_call, separate)
         check_budget(need, calls, self.device, self.store.folder, self.aggregate)
 
+    def _relation_budget(self, need: int) -> None:
+        """Refuse a pipeline call whose relations (``need`` bytes a call) would not fit in memory."""
+        check_budget(need, kept_calls(getattr(self.pipe, "scheduler", None), self.keep_call), self.device)
+
     def _set_rows(self, present: list[int | None]) -> None:
         """The batch row of each store sample in the denoiser calls from now on (``None``: it has none)."""
         rows = [r for r in present if r is not None] or [0]  # none left: compute one row, store only NaN
@@ -405,6 +409,8 @@ class Recorder:
         if self.current_call is None:
             outbox.clear()  # sites that ran outside a kept denoiser call: nothing to key them by
             state.pending.drop()
+            if self.relate is not None:
+                self.relate.collect(None, self._filled, self.device)
             self.state.shares.clear()
             self._checked()
             return
@@ -420,6 +426,8 @@ class Recorder:
             grid = self._grid(site, probs.shape[2]) if self.video is None else None  # a video's: frames.frame_maps
             self.current[site] = self._filled(probs.unflatten(2, grid) if grid else frame_maps(site, probs, self.video))
         outbox.clear()
+        if self.relate is not None:
+            self.relate.collect(self.call, self._filled, self.device)
 
     def _checked(self) -> None:
         checks, self.state.checks[:] = list(self.state.checks), []  # cleared first: the warning may be an error
@@ -449,6 +457,9 @@ class Recorder:
                 self.current_call, self.current = None, {}
         self.sink.close(self.dtype, self.layout)
         kept = {c.index for c in store.calls}
+        if self.relate is not None:
+            maps, store.meta["relations"] = self.relate.finish([c.index for c in store.calls])
+            self.writer.set_relations(maps)
         if self.joint == "exact" and any(k != "cross" for k in self.kinds.values()):  # [call][sample][head] per site
             store.meta["text_share"] = {
                 name: [[[round(v, 7) for v in row] for row in share.float().cpu().tolist()]
@@ -486,113 +497,3 @@ class Recorder:
             raise ProbeError(
                 "the probe saw no denoiser call: call the pipeline inside the `with attnprobe.probe(pipe) as store:` block"
             )
-
-
-@contextlib.contextmanager
-def probe(
-    pipe,
-    sites: SiteSelector = None,
-    passes: str = "cond",
-    heads: str = "keep",
-    dtype: torch.dtype = torch.float16,
-    device="cpu",
-    prompts: Sequence[str] | None = None,
-    calls=None,
-    tokens=None,
-    aggregate: str | None = None,
-    stream_to=None,
-    joint: str = "exact",
-    allow_generic: bool = False,
-) -> Iterator[AttentionStore]:
-    """Record the cross-attention probabilities of every denoiser call while the pipeline runs as usual.
-
-    The pipeline's outputs are unchanged (bit-identical): the installed processors still compute every
-    output; the probe only reads q and k and computes ``softmax(q·kᵀ·scale + mask)`` beside them, in fp32.
-    For joint attention (SD3, Flux) the map is the image-query × text-key block of the softmax over image and
-    text keys (``joint``; see ``attnprobe.joint``).
-
-    Args:
-        pipe: a diffusers pipeline (SD 1.x/2.x, SDXL and other UNet pipelines; SD3, Flux, PixArt-α) or its
-            denoiser module.
-        sites: which sites: ``None`` (all cross-attention sites), a name, a glob (``"up_blocks.*"``), a list of
-            them, or a predicate ``Site -> bool``. Default: ``None``.
-        passes: ``"cond"`` (conditional rows only), ``"uncond"`` (unconditional rows of classifier-free
-            guidance only) or ``"all"``. Default: ``"cond"``.
-        heads: ``"keep"`` (every head) or ``"mean"`` (mean over heads; head axis of length 1). Default ``"keep"``.
-        dtype: dtype the maps are kept in: ``torch.float16``, ``bfloat16``, ``float32`` or ``float64``. Default:
-            ``torch.float16``.
-        device: where the maps are kept (``"cpu"`` or a GPU). Default: ``"cpu"``.
-        prompts: texts that label the conditional samples when the pipeline is called with ``prompt_embeds``
-            (no text-encoder call to observe). Default: ``None``.
-        calls: which denoiser calls to record, counted from 0 in each pipeline call (Flux true CFG's separate
-            unconditional calls count too): an int, a list or ``range``
-            of ints, a ``slice``, or a predicate ``(index, timestep) -> bool`` (``lambda i, t: t > 500``). The
-            others run untouched, at no cost. ``Call.index`` keeps the true call count. Default: ``None`` (all).
-        tokens: which text-token positions to keep: a concept (``"dog"``), a list of concepts (every position of
-            every occurrence in any sample of the call), or a list of prompt positions. The ``token`` axis then
-            holds ``store.token_positions`` only, and values hold their share of the full softmax (they do not sum
-            to 1); ``store.tokens`` and ``token_indices`` follow. Default: ``None`` (all).
-        aggregate: ``"sum"`` or ``"mean"``: keep one running fp32 aggregate over the recorded calls instead of a
-            map per call (for heat maps; memory of one call). The ``call`` axis then has length 1;
-            ``store.calls`` lists the calls it holds. Default: ``None`` (a map per call).
-        stream_to: a new or empty folder: every recorded call is written there as it finishes (one safetensors
-            shard per call, token-major; see ``attnprobe.shards``) and freed, so memory stays flat over long
-            runs. The yielded store reads its maps from that folder; ``AttentionStore.load(folder)`` reopens it,
-            also after a crash (every finished call is kept). Default: ``None`` (in memory).
-        joint: the map of joint-attention sites (``Site.kind`` ``"joint"`` or ``"single"``): ``"exact"``, the
-            image-query × text-key block of the full softmax over ``[image; text]`` keys (a row sums to that image
-            position's text share, in [0, 1]; computed in chunks of image queries, never the whole ``N × (N + T)``
-            matrix), or ``"renorm"``, the softmax over the text keys only (rows sum to 1). Cross-attention sites
-            ignore it. With ``"exact"`` the mean text share per call, sample and head is kept too
-            (``store.text_share(site)``). Default: ``"exact"``.
-        allow_generic: record a denoiser that no family covers (docs/pipelines.md) from its structure alone, with a
-            warning that its labels are unchecked. Default: ``False`` (refused).
-
-    Yields:
-        An ``AttentionStore``, filled while the block runs: ``store[site]`` is ``[call, sample, head, qh, qw, token]``
-        (a video denoiser's, Wan 2.1, CogVideoX: ``[call, sample, head, qt, qh, qw, token]``, docs/video.md),
-        summing to 1 over ``token`` (to the text share for ``exact`` joint sites).
-
-    Raises:
-        ProbeError: bad options; a refused denoiser (video, audio, a prior) or one no family covers (without
-            ``allow_generic``), before the pipeline runs; a processor was replaced during the run (attention slicing, fused QKV,
-            xformers…); a site did not run; ``passes="uncond"`` with no unconditional pass; ``passes="all"`` when
-            the unconditional pass runs as separate denoiser calls (Flux true CFG: open a ``"cond"`` and an
-            ``"uncond"`` probe); an attention mask at a joint site; no denoiser call (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
-            ``stream_to`` is a file or a folder that is not empty; StoreIOError if a shard cannot be written (full disk).
-            ProbeError, too, for a video store whose estimated size is over the free memory (or disk), before its first call.
-        NoSitesError, UnknownSiteError: see ``list_sites`` / ``select_sites``.
-
-    Examples:
-        >>> import attnprobe, torch
-        >>> from attnprobe.testing import tiny_sd_pipeline
-        >>> pipe = tiny_sd_pipeline()
-        >>> with attnprobe.probe(pipe, sites="mid_block.*", passes="all") as store:
-        ...     _ = pipe(["a dog", "a cat"], num_inference_steps=1, height=64, width=64, output_type="latent")
-        >>> [(s.pass_label, s.prompt_index) for s in store.samples]
-        [('uncond', 0), ('uncond', 1), ('cond', 0), ('cond', 1)]
-    """
-    check_options(passes, heads, dtype, device, prompts, joint, aggregate, stream_to)
-    call_filter(calls), check_tokens(tokens)  # bad selections fail here, before the pipeline runs
-    denoiser = denoiser_of(pipe)
-    every = list_sites(denoiser) if family_of(denoiser).refused is None else []  # no text attention at all says
-    checked_family(pipe, denoiser, allow_generic)  # more than "no family"; a refused family's reason, more still
-    chosen = select_sites(every, sites)
-    recorder = Recorder(pipe, denoiser, chosen, passes, heads, dtype, device, prompts, every, calls, tokens,
-                         aggregate, stream_to, joint)
-    if prompts is not None and recorder.rows.tokenizer is None:
-        raise ProbeError(
-            f"prompts= needs a tokenizer to label positions, and {type(pipe).__name__} has none: pass the pipeline "
-            "(its tokenizer is used), not its denoiser"
-        )
-    recorder.install()
-    try:
-        try:
-            yield recorder.store
-        except BaseException:
-            recorder.finish(complete=False)  # keep whole calls only; the error that ended the block goes on
-            raise
-        recorder.finish(complete=True)
-    finally:
-        recorder.remove()
-        recorder.store.meta = json_safe(recorder.store.meta)

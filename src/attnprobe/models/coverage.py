@@ -29,6 +29,8 @@ import torch
 from ..capture import probe
 from ..capture.families import FAMILIES, GENERIC, REFUSED_FAMILIES, family_of
 from ..capture.passes import REFUSED
+from ..capture.relations import FAMILIES as RELATION_FAMILIES, RELATIONS
+from ..errors import ProbeError
 from ..capture.sites import DENOISER_ATTRS, denoiser_of
 from .tiny import TINY_PIPELINES, tiny_pipeline
 
@@ -157,8 +159,10 @@ def measure(name: str) -> dict:
     """What the tests measure on the tiny pipeline ``name`` (``attnprobe.testing.tiny_pipeline``): ``pipeline``,
     ``sites`` (count), ``kinds`` (``{"cross": n, …}``), ``encoders`` (the text encoders whose positions are the keys,
     by class), ``bit_identical`` (``{"fp32": bool, "bf16": bool}``: images with the probe on equal those without, bit
-    for bit), ``concept_found`` (the positions of "dog" in the conditional sample's prompt)."""
+    for bit), ``concept_found`` (the positions of "dog" in the conditional sample's prompt), ``relations`` (those a
+    probe records on it with ``relations=``, in ``RELATIONS`` order; empty outside ``relations.FAMILIES``)."""
     out: dict = {"bit_identical": {}}
+    out["relations"] = []
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         pipe = tiny_pipeline(name, dtype=dtype)
         denoiser = denoiser_of(pipe)
@@ -186,7 +190,22 @@ def measure(name: str) -> dict:
                 encoders=[type(getattr(pipe, enc)).__name__ for enc, _ in family.text_streams(pipe)],
                 concept_found=bool(store.token_indices(store.samples[0].index, "dog")),
             )
+            if family.name in RELATION_FAMILIES and family.video is None:
+                out["relations"] = _relations(pipe, run)
     return out
+
+
+def _relations(pipe, run) -> list[str]:
+    """The relations a probe records on ``pipe`` (``probe(relations=...)``): every one, else image->image alone (a
+    UNet's sites have no text queries; Chroma's masked text queries are refused)."""
+    for relations in (RELATIONS, ("image->image",)):
+        try:
+            with probe(pipe, relations=relations, points=(0.5, 0.5)) as store:
+                run()
+        except ProbeError:
+            continue
+        return [r for r in RELATIONS if r in store.relations]
+    return []
 
 
 def render_page() -> str:
@@ -203,11 +222,14 @@ def render_page() -> str:
         "",
         "Each row is measured on the tiny pipeline of `attnprobe.testing.tiny_pipeline(name)` (real diffusers classes, "
         "seeded weights, no downloads): its sites and their kinds, the text encoders whose positions are the keys, "
-        "images bit-identical with the probe on, and the token positions of a concept found in the prompt. The test "
-        "files hold the rest: maps against an independent reference, pass labels, grids.",
+        "images bit-identical with the probe on, the token positions of a concept found in the prompt, and the "
+        "relations a probe records beside the image→text maps (`probe(relations=...)`; `tests/test_relations.py` "
+        "checks them on `sd`, `pixart`, `sd3` and `flux` against a float64 reference). The test files hold the rest: "
+        "maps against an independent reference, pass labels, grids.",
         "",
-        "| tiny | pipeline | family | sites (kinds) | token labels from | bit-identical fp32 / bf16 | concept found | tests |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tiny | pipeline | family | sites (kinds) | token labels from | bit-identical fp32 / bf16 | concept found | "
+        "relations | tests |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     by_tiny = {tiny: (cls, where) for cls, (tiny, where) in TESTED.items() if tiny}
     for name in TINY_PIPELINES:
@@ -216,7 +238,7 @@ def render_page() -> str:
         same = " / ".join("yes" if m["bit_identical"][d] else "**no**" for d in ("fp32", "bf16"))
         lines.append(f"| `{name}` | `{m['pipeline']}` | {m['family']} | {m['sites']} ({kinds}) | "
                      f"{', '.join(m['encoders'])} | {same} | {'yes' if m['concept_found'] else '**no**'} | "
-                     f"`{by_tiny.get(name, (None, '—'))[1]}` |")
+                     f"{', '.join(m['relations']) or '—'} | `{by_tiny.get(name, (None, '—'))[1]}` |")
     rows = pipeline_verdicts()
     counts = Counter(r.verdict.split(" (")[0].split(":")[0].split(",")[0] for r in rows)
     lines += [

@@ -23,6 +23,10 @@ the kept positions (``store.token_positions``; their values are their share of t
 longer sum to 1); with ``probe(aggregate="mean")`` the ``call`` axis has length 1 and holds the mean over
 ``store.calls`` (``store.aggregate``). A store streamed to a folder (``probe(stream_to=...)``) reads its maps
 from disk on each access (``store.maps`` reads only what it is asked for).
+
+A probe opened with ``relations=`` keeps other blocks of the same attention beside the maps (``store.relation``):
+``image->image`` at chosen points, and ``text->image``, ``text->text`` at joint-attention sites
+(``attnprobe.capture.relations``).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class AttentionStore:
     """
 
     def __init__(self, sites, calls, samples, layouts, maps, meta, flat_sites=(), token_positions=None, folder=None,
-                 shards=(), store_id=None):
+                 shards=(), store_id=None, relations=None):
         self.sites: list[Site] = list(sites)
         self.calls: list[Call] = list(calls)
         self.samples: list[Sample] = list(samples)
@@ -71,6 +75,8 @@ class AttentionStore:
         self._shards: list[Path] = list(shards)  # a streamed store's finished shards, one per entry of self.calls
         #: a random id (32 hex digits), written in the store's files: a streamed folder's shards must all carry it
         self.store_id: str = store_id if isinstance(store_id, str) else new_store_id()
+        #: ``relation -> module -> map`` of ``probe(relations=...)`` (see ``relation``); empty without
+        self.relations: dict[str, dict[str, torch.Tensor]] = {r: dict(m) for r, m in (relations or {}).items()}
 
     @property
     def aggregate(self) -> str | None:
@@ -300,6 +306,39 @@ class AttentionStore:
             )
         return torch.tensor(shares, dtype=torch.float32)
 
+    def relation(self, relation: str, site) -> torch.Tensor:
+        """One relation of one site, recorded with ``probe(relations=...)`` (``attnprobe.capture.relations``).
+
+        Args:
+            relation: ``"image->image"``, ``"text->image"`` or ``"text->text"``.
+            site: a probed site (name or ``Site``), or the module the relation was read at (a UNet's ``…attn1``
+                beside the probed ``…attn2``).
+
+        Returns:
+            ``image->image``: ``[call, sample, head, point, kh, kw]``, the attention of each of
+            ``meta["relations"]["points"]`` (at the cells ``meta["relations"]["modules"][module]["cells"]``) over the
+            site's image grid; ``text->image``: ``[call, sample, head, token, kh, kw]``; ``text->text``: ``[call,
+            sample, head, token, key]``. ``token``: the store's token axis (``token_positions``), ``key``: every text
+            key. Each row sums to 1 for self-attention and ``joint="renorm"``, to its block's share of the softmax
+            for ``joint="exact"``; NaN for a sample without a row in a call, as in the maps.
+
+        Raises:
+            StoreError: the store has no such relation (it names those it has). UnknownSiteError: no such site.
+        """
+        found = self.relations.get(relation)
+        if found is None:
+            have = sorted(self.relations) or "none (the probe was opened without relations=)"
+            raise StoreError(f"this store holds no {relation!r} relation; it holds {have}")
+        name = site.name if isinstance(site, Site) else site
+        if name in found:
+            return found[name]
+        modules = (self.meta.get("relations") or {}).get("modules") or {}
+        read = [m for m in found if (modules.get(m) or {}).get("site") == name]
+        if len(read) == 1:
+            return found[read[0]]
+        raise UnknownSiteError(f"{relation!r} holds no site {name!r}; it holds {sorted(found)[:12]}"
+                               + (" …" if len(found) > 12 else ""))
+
     def call_coordinates(self) -> tuple[list, list, list]:
         """Per entry of the ``call`` axis: call index, timestep, generation (one entry ``-1, nan, -1`` for an
         aggregate over calls)."""
@@ -408,6 +447,10 @@ class StoreWriter:
             for site, m in maps.items():
                 store._chunks[site].append(m)
         store.calls.append(call)
+
+    def set_relations(self, relations: dict) -> None:
+        """``relation -> module -> [call, …]`` of ``probe(relations=...)`` (kept in memory; the calls the store keeps)."""
+        self.store.relations = relations
 
     def set_aggregate(self, calls, maps: dict, layout) -> None:
         """The aggregate over ``calls``: ``site -> [sample, head, qh, qw, token]`` (video: ``qt qh qw``), one entry on

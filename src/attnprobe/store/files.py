@@ -29,6 +29,8 @@ FORMAT_VERSION = 1
 #: what ``load`` does with a streamed store whose shards have a gap: ``"error"`` refuses, ``"skip"`` loads the rest
 MISSING_CALLS = ("error", "skip")
 _META_KEY = "attnprobe"
+#: the name of a relation's tensor in a saved file: ``relation/<relation>/<module>``
+_RELATION = "relation/"
 
 
 def json_safe(value):
@@ -75,6 +77,8 @@ def save(store, path) -> Path:
     if path.is_dir():
         raise StoreError(f"{str(path)!r} is a folder; give a file name such as {str(path / 'store.safetensors')!r}")
     tensors = {name: store[name].contiguous() for name in store.site_names}
+    tensors.update({f"{_RELATION}{relation}/{module}": m.contiguous()
+                    for relation, maps in store.relations.items() for module, m in maps.items()})
     text = json.dumps(header(store))
     metadata = {_META_KEY: text, INTEGRITY_KEY: file_record(text, tensors)}
     try:
@@ -118,8 +122,11 @@ def load(cls, path, verify: bool = True, missing_calls: str = "error"):
     if record is None and isinstance(found, dict) and "store_id" in found:  # only files with a record have an id
         raise StoreError(f"{str(path)!r} has a store id but no integrity record: the record was removed, so the file "
                          "was edited")
+    relations = _relations(path, found, maps)
     store = _from_header(cls, path, found, maps)
+    store.relations = relations
     n_calls = 1 if store.aggregate else len(store.calls)
+    _check_relations(path, store, n_calls, verify)
     if not store.calls and all(t.numel() == 0 for t in maps.values()):
         return store  # a probe whose block raised before any denoiser call
     check_shapes(path, store, {n: tuple(t.shape) for n, t in maps.items()}, n_calls)
@@ -128,6 +135,32 @@ def load(cls, path, verify: bool = True, missing_calls: str = "error"):
         for name, t in maps.items():
             check_values(path, name, t, high=high)
     return store
+
+
+def _relations(path: Path, found, maps: dict) -> dict:
+    """Take the relations' tensors out of a file's ``maps``: ``relation -> module -> map``, each one that the header's
+    ``meta["relations"]`` lists."""
+    relations: dict = {}
+    for name in [n for n in maps if n.startswith(_RELATION)]:
+        relation, _, module = name[len(_RELATION):].partition("/")
+        relations.setdefault(relation, {})[module] = maps.pop(name)
+    meta = (found.get("meta") or {}) if isinstance(found, dict) else {}
+    listed = (meta.get("relations") or {}).get("relations") or [] if isinstance(meta, dict) else []
+    if sorted(listed) != sorted(relations):
+        raise StoreError(f"{str(path)!r}: its header lists relations {sorted(listed)} but the file holds "
+                         f"{sorted(relations)}: edited or damaged")
+    return relations
+
+
+def _check_relations(path: Path, store, n_calls: int, verify: bool) -> None:
+    """Each relation's map has the store's calls and samples, and holds probabilities (``verify``)."""
+    for relation, maps in store.relations.items():
+        for module, m in maps.items():
+            if m.dim() < 5 or tuple(m.shape[:2]) != (n_calls, len(store.samples)):
+                raise StoreError(f"{str(path)!r}: relation {relation} of {module} has shape {list(m.shape)}, not "
+                                 f"[{n_calls} calls, {len(store.samples)} samples, …]")
+            if verify:
+                check_values(path, f"{module} ({relation})", m)
 
 
 def _from_header(cls, path: Path, found, maps: dict, folder: Path | None = None, shards=()):
