@@ -17,8 +17,9 @@ import torch
 
 import attnprobe
 import attnprobe.capture.concepts as concepts_module
+import attnprobe.capture.rows as rows_module
 from attnprobe.capture.concepts import ConceptRecord, ConceptStream
-from attnprobe.errors import ArgumentError, AttnprobeError, ConceptError, ProbeError
+from attnprobe.errors import ArgumentError, AttnprobeError, ConceptError, ProbeError, SampleLayoutError
 from attnprobe.testing import tiny_flux_pipeline, tiny_pipeline, tiny_sd_pipeline, tiny_sd3_pipeline
 
 PROMPT = "a dog on grass"
@@ -428,14 +429,28 @@ def test_what_a_breaker_found(pipe):
             pipe(prompt="a dog", **run)
 
 
-def test_compare_says_what_to_do(pipe):
-    """An empty block exits as with compare=False; a second pipeline call with other prompts names compare=False."""
+def test_compare_says_what_to_do(pipe, monkeypatch):
+    """An empty block exits as with compare=False; a second pipeline call with other prompts names compare=False.
+    The probe's refusals are told apart by their class (NoDenoiserCallError, SampleLayoutError), not their words."""
     with attnprobe.concept_attention(pipe, ["dog"], max_sequence_length=16) as result:
         pass
     with pytest.raises(ProbeError, match="recorded no denoiser call"):
         result.maps
     run = dict(num_inference_steps=1, height=64, width=64, max_sequence_length=16, output_type="latent")
-    with pytest.raises(ProbeError, match="compare=False"):
+    with pytest.raises(SampleLayoutError, match="compare=False") as caught:
+        with attnprobe.concept_attention(pipe, ["dog"], max_sequence_length=16):
+            pipe(prompt="a dog", **run)
+            pipe(prompt="a cat and a dog", **run)
+    assert isinstance(caught.value.__cause__, SampleLayoutError)
+    # reworded refusals are still told apart: the class decides, not the message
+    monkeypatch.setattr(rows_module, "SampleLayoutError", lambda message: SampleLayoutError("reworded"))
+    with pytest.raises(SampleLayoutError, match=r"which holds one pipeline call's prompts and size: reworded\. Pass"):
+        with attnprobe.concept_attention(pipe, ["dog"], max_sequence_length=16):
+            pipe(prompt="a dog", **run)
+            pipe(prompt="a cat and a dog", **run)
+    # another ProbeError of the probe is not taken for either
+    monkeypatch.setattr(rows_module, "SampleLayoutError", lambda message: ProbeError("saw no denoiser call; open a new probe()"))
+    with pytest.raises(ProbeError, match="^saw no denoiser call; open a new probe\(\)$"):
         with attnprobe.concept_attention(pipe, ["dog"], max_sequence_length=16):
             pipe(prompt="a dog", **run)
             pipe(prompt="a cat and a dog", **run)

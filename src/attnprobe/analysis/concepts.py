@@ -23,7 +23,8 @@ import torch
 
 from ..capture import probe
 from ..capture.concepts import ConceptRecord, concept_stream
-from ..errors import ArgumentError, ConceptError, ProbeError, SelectionError, warn
+from ..errors import (ArgumentError, ConceptError, NoDenoiserCallError, ProbeError, SampleLayoutError, SelectionError,
+                      warn)
 from ..store.axes import as_index
 from ..store import AttentionStore
 
@@ -202,12 +203,12 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
             with probe(pipe, sites=sites, passes="all", heads="mean", dtype=torch.float32, joint="renorm") as store:
                 result.store = store
                 yield result
-        except ProbeError as exc:
-            if not record.calls and "saw no denoiser call" in str(exc):
-                return  # an empty block: as with compare=False (the result's maps say nothing was recorded)
-            if "open a new probe()" not in str(exc):
+        except NoDenoiserCallError:
+            if record.calls:
                 raise
+            return  # an empty block: as with compare=False (the result's maps say nothing was recorded)
+        except SampleLayoutError as exc:
             # the comparison's probe holds one sample layout: say what to do here, not in the probe's words
-            raise ProbeError(f"concept_attention(compare=True) compares with a probe of the same blocks, which holds "
-                             f"one pipeline call's prompts and size: {exc}. Pass compare=False (the concept maps alone), "
-                             "or use one with block per pipeline call") from exc
+            raise SampleLayoutError(f"concept_attention(compare=True) compares with a probe of the same blocks, which "
+                                    f"holds one pipeline call's prompts and size: {exc}. Pass compare=False (the concept "
+                                    "maps alone), or use one with block per pipeline call") from exc

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..errors import ProbeError, warn
+from ..errors import NoDenoiserCallError, ProbeError, warn
 from ..store import AttentionStore, Call, StoreWriter
 from ..store.files import json_safe
 from .cross import ProbeProcessor, chain
@@ -483,7 +483,7 @@ class Recorder:
                     f"pipeline call (indices 0..{self.calls_in_generation - 1}, timesteps counting down from "
                     f"{meta['timesteps'][0] if meta.get('timesteps') else '?'})"
                 )
-            raise ProbeError(
+            raise NoDenoiserCallError(
                 "the probe saw no denoiser call: call the pipeline inside the `with attnprobe.probe(pipe) as store:` block"
             )
 
