@@ -10,6 +10,7 @@ projection, feed-forward) in float64.
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import pytest
@@ -19,7 +20,8 @@ import attnprobe
 import attnprobe.capture.concepts as concepts_module
 import attnprobe.capture.rows as rows_module
 from attnprobe.capture.concepts import ConceptRecord, ConceptStream
-from attnprobe.errors import ArgumentError, AttnprobeError, ConceptError, ProbeError, SampleLayoutError
+from attnprobe.errors import (ArgumentError, AttnprobeError, AttnprobeWarning, ConceptError, ProbeError,
+                              SampleLayoutError)
 from attnprobe.testing import tiny_flux_pipeline, tiny_pipeline, tiny_sd_pipeline, tiny_sd3_pipeline
 
 PROMPT = "a dog on grass"
@@ -322,6 +324,36 @@ def test_cross_attention_of_prompt_words(pipe, run):
     dog = store.token_indices(0, "dog")[0]
     expect = torch.stack([store.maps(s, tokens=dog)[:, 0].sum(-1).mean(1) for s in store.site_names]).mean(0)
     torch.testing.assert_close(cross[:, 0, 0], expect)
+
+
+def test_a_concept_spelled_otherwise_in_the_prompt(pipe, run):
+    """Concepts find prompt words case-insensitively (as store.token_indices does): "dog" sums the prompt's "Dog" tokens,
+    while the concept map encodes "dog" as given and T5 reads "▁Dog" as another token; so a warning names the prompt's
+    spelling. A concept spelled as in the prompt, or not in it, is not warned about."""
+    from attnprobe.capture.concepts import encode_concepts
+
+    assert pipe.tokenizer_2.tokenize("dog") != pipe.tokenizer_2.tokenize("Dog")   # T5 is case-sensitive here
+    assert not torch.equal(*encode_concepts(pipe, ["dog", "Dog"], T5_LEN)[0])     # so are the concept tokens
+    prompt = "a Dog on grass, a DOG"
+    with attnprobe.concept_attention(pipe, CONCEPTS, max_sequence_length=T5_LEN) as result:
+        generate(pipe, prompt, num_inference_steps=1)
+    with pytest.warns(AttnprobeWarning) as caught:
+        cross = result.cross_attention
+    assert [str(w.message) for w in caught] == [
+        "concept_attention: cross_attention of the concept 'dog' sums the prompt's 'Dog' (samples [0]); 'DOG' (samples "
+        "[0]) (concepts match prompt words case-insensitively), but its concept map encodes 'dog' as given, and T5 is "
+        "case-sensitive (other tokens): pass the concept as the prompt spells it for both to read the same word"]
+    # both spellings' T5 tokens, by position (the tokenizer's own pieces, not a word lookup): the head, site, block mean
+    pieces = pipe.tokenizer_2.tokenize(prompt)
+    assert pieces == ["▁a", "▁Dog", "▁on", "▁grass", ",", "▁a", "▁D", "O", "G"]
+    store = result.store
+    expect = torch.stack([store.maps(s, tokens=[1, 6, 7, 8]).float().sum(-1).mean(2)[:, 0] for s in store.site_names])
+    torch.testing.assert_close(cross[:, 0, 0], expect.mean(0))
+    assert cross[:, 0, 2].isnan().all()                                          # "sky": not in the prompt
+    _, _, quiet, _ = run                                                         # "dog" in "a dog on grass"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.cross_attention
 
 
 def test_beside_a_probe_of_ones_own(pipe):

@@ -27,6 +27,7 @@ from ..errors import (ArgumentError, ConceptError, NoDenoiserCallError, ProbeErr
                       warn)
 from ..store.axes import as_index
 from ..store import AttentionStore
+from ..text.tokens import concept_pattern
 
 __all__ = ["concept_attention", "ConceptMaps"]
 
@@ -84,6 +85,12 @@ class ConceptMaps:
         over heads and the same blocks' joint sites. NaN for a concept that is not a word of that sample's prompt
         (ConceptAttention's concepts need not be). ``None`` with ``compare=False``.
 
+        A concept finds the prompt's words case-insensitively, as every concept lookup of attnprobe does
+        (``AttentionStore.token_indices``): ``"dog"`` sums the tokens of the prompt's ``"Dog"``. The concept map
+        encodes the word as given, and T5 is case-sensitive (``"▁dog"`` and ``"▁Dog"`` are other tokens), so where
+        the prompt spells a concept otherwise an ``AttnprobeWarning`` names the spellings: pass the concept as the
+        prompt spells it for both to read the same word.
+
         Raises:
             ProbeError: the probe's calls or samples do not line up with the concept stream's.
         """
@@ -97,15 +104,24 @@ class ConceptMaps:
                              f"samples, the concept stream {n_call} × {n_sample}; they cannot be compared")
         sites = [f"{b}.attn" for b in self.blocks]
         out = torch.full((n_call, n_sample, n_concept, qh, qw), float("nan"))
+        spelled: dict[str, dict[str, list[int]]] = {}  # concept -> another spelling in a prompt -> its samples
         for s in range(n_sample):
             for k, concept in enumerate(self.concepts):
                 try:
                     found = store.token_indices(s, concept)
                 except ConceptError:
                     continue  # not a prompt word: NaN
+                for other in _other_spellings(concept, store.samples[s].text):
+                    spelled.setdefault(concept, {}).setdefault(other, []).append(s)
                 positions = sorted({p for occurrence in found for p in occurrence})
                 mass = [store.maps(site, samples=[s], tokens=positions).float().sum(-1).mean(2)[:, 0] for site in sites]
                 out[:, s, k] = torch.stack(mass).mean(0)
+        for concept, others in spelled.items():
+            where = "; ".join(f"{other!r} (samples {samples})" for other, samples in others.items())
+            warn(f"concept_attention: cross_attention of the concept {concept!r} sums the prompt's {where} (concepts "
+                 f"match prompt words case-insensitively), but its concept map encodes {concept!r} as given, and T5 "
+                 "is case-sensitive (other tokens): pass the concept as the prompt spells it for both to read the "
+                 "same word")
         return out
 
     def heatmap(self, concept: str, sample: int | None = None) -> torch.Tensor:
@@ -139,6 +155,16 @@ class ConceptMaps:
     def __repr__(self) -> str:  # not every recorded tensor
         return (f"ConceptMaps(concepts={list(self.concepts)}, blocks={len(self.blocks)}, "
                 f"calls={len(self.record.calls)}, compare={self.store is not None})")
+
+
+def _other_spellings(concept: str, text: str | None) -> list[str]:
+    """The spellings of ``concept`` in ``text`` that differ from it (its words matched case-insensitively, as
+    ``find_concept`` does; whitespace between words aside), in text order, each once."""
+    if text is None:
+        return []
+    given = " ".join(concept.split())
+    matched = (" ".join(m.group(0).split()) for m in concept_pattern(concept).finditer(text))
+    return list(dict.fromkeys(m for m in matched if m != given))
 
 
 @contextlib.contextmanager
