@@ -10,6 +10,7 @@ projection, feed-forward) in float64.
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import pytest
@@ -17,8 +18,10 @@ import torch
 
 import attnprobe
 import attnprobe.capture.concepts as concepts_module
+import attnprobe.capture.rows as rows_module
 from attnprobe.capture.concepts import ConceptRecord, ConceptStream
-from attnprobe.errors import ArgumentError, AttnprobeError, ConceptError, ProbeError
+from attnprobe.errors import (ArgumentError, AttnprobeError, AttnprobeWarning, ConceptError, ProbeError,
+                              SampleLayoutError)
 from attnprobe.testing import tiny_flux_pipeline, tiny_pipeline, tiny_sd_pipeline, tiny_sd3_pipeline
 
 PROMPT = "a dog on grass"
@@ -40,9 +43,23 @@ def _flux():
     return pipe
 
 
+def _kontext(flux):
+    """FluxKontextPipeline on the two-block tiny Flux: its input image's tokens follow the generated image's."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**{k: v for k, v in flux.components.items() if v is not None})
+
+
+#: Kontext's input image, 32×64 px: its 2×4 tokens follow the generated 64×96 px image's 4×6 (other sizes on purpose)
+KONTEXT = dict(image=torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(1)), _auto_resize=False,
+               max_area=64 * 96)
+
+
 @pytest.fixture(scope="module")
 def pipes():
-    return {"flux": _flux(), "sd3": tiny_sd3_pipeline(), "sd3.5": tiny_sd3_pipeline(dual_attention=True)}
+    flux = _flux()
+    return {"flux": flux, "sd3": tiny_sd3_pipeline(), "sd3.5": tiny_sd3_pipeline(dual_attention=True),
+            "kontext": _kontext(flux)}
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +86,14 @@ def sd35_run(pipes):
     return _run(pipes["sd3.5"])
 
 
-def _run(pipe):
-    """One generation without and one with ConceptAttention (compare on), and each block's inputs (our hooks)."""
-    plain = generate(pipe)
+@pytest.fixture(scope="module")
+def kontext_run(pipes):
+    return _run(pipes["kontext"], compare=False, **KONTEXT)
+
+
+def _run(pipe, compare=True, **call):
+    """One generation without and one with ConceptAttention, and each block's inputs (our hooks)."""
+    plain = generate(pipe, **call)
     inputs: dict = {}
 
     def keep(i):
@@ -81,8 +103,8 @@ def _run(pipe):
 
     hooks = [b.register_forward_pre_hook(keep(i), with_kwargs=True) for i, b in enumerate(pipe.transformer.transformer_blocks)]
     try:
-        with attnprobe.concept_attention(pipe, CONCEPTS, max_sequence_length=T5_LEN) as result:
-            probed = generate(pipe)
+        with attnprobe.concept_attention(pipe, CONCEPTS, compare=compare, max_sequence_length=T5_LEN) as result:
+            probed = generate(pipe, **call)
     finally:
         for h in hooks:
             h.remove()
@@ -154,8 +176,9 @@ def _ada_continuous(x, norm, temb):
     return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
 
-def _reference(pipe, inputs, call: int):
-    """Per block, the float64 ``softmax over concepts (o_x · o_cᵀ)`` ``[sample, concept, N]`` of one call."""
+def _reference(pipe, inputs, call: int, n_image: int | None = None):
+    """Per block, the float64 ``softmax over concepts (o_x · o_cᵀ)`` ``[sample, concept, N]`` of one call (``n_image``:
+    the first positions of the image sequence only; every image token is a key)."""
     sd3 = hasattr(pipe, "text_encoder_3")
     tok, t5 = (pipe.tokenizer_3, pipe.text_encoder_3) if sd3 else (pipe.tokenizer_2, pipe.text_encoder_2)
     ids = tok(CONCEPTS, padding="max_length", max_length=T5_LEN, truncation=True, return_tensors="pt").input_ids
@@ -194,7 +217,7 @@ def _reference(pipe, inputs, call: int):
         k_c = rot["concept"](_norm(heads(_linear(cn, attn.add_k_proj)), attn.norm_added_k))
         v_c = heads(_linear(cn, attn.add_v_proj))
         o_c = _attend(q_c, torch.cat([k_c, k_x], 1), torch.cat([v_c, v_x], 1))   # never the prompt's keys
-        out.append(torch.einsum("scd,snd->scn", o_c, o_x).softmax(1))
+        out.append(torch.einsum("scd,snd->scn", o_c, o_x[:, :n_image]).softmax(1))
         if last:
             break
         c = c + gate[:, None] * _linear(o_c, attn.to_add_out)
@@ -212,6 +235,29 @@ def test_against_a_float64_reference(pipes, run, sd3_run, sd35_run, family):
     for call in range(2):
         expect = _reference(pipes[family], inputs, call).float().unflatten(-1, (4, 6))
         torch.testing.assert_close(result.block_maps[call], expect, atol=2e-5, rtol=1e-4)
+
+
+def test_flux_kontext_maps_the_generated_image(pipes, kontext_run):
+    """FluxKontextPipeline appends its input image's tokens to the generated image's: the maps cover the generated
+    image's 4×6 tokens (recomputed in float64, the input image's 2×4 tokens keys of every attention, the concepts'
+    too, as the prompt's), the images stay bit-identical, and compare=True, whose probe cannot tell the two apart,
+    is refused at the first such call with what to pass."""
+    plain, probed, result, inputs = kontext_run
+    assert torch.equal(plain, probed)
+    n_image, n_input = (64 // 16) * (96 // 16), (32 // 16) * (64 // 16)  # 2×2 patches of the 8× VAE's latents
+    assert inputs[0][0]["hidden_states"].shape[1] == n_image + n_input  # the reference sees both: Kontext is on
+    assert tuple(result.maps.shape) == (2, 1, 3, 4, 6) and result.record.input_image_tokens == [n_input, n_input]
+    for call in range(2):
+        expect = _reference(pipes["kontext"], inputs, call, n_image).float().unflatten(-1, (4, 6))
+        torch.testing.assert_close(result.block_maps[call], expect, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ProbeError, match=r"compare=True\): this Flux call appends 8 image-conditioning tokens "
+                                         r"\(FluxKontextPipeline's input image\) to the generated image's 24.*pass "
+                                         "compare=False$"):
+        with attnprobe.concept_attention(pipes["kontext"], CONCEPTS, max_sequence_length=T5_LEN):
+            generate(pipes["kontext"], num_inference_steps=1, **KONTEXT)
+    with attnprobe.concept_attention(pipes["kontext"], CONCEPTS, max_sequence_length=T5_LEN) as without:
+        generate(pipes["kontext"], num_inference_steps=1)   # no input image: a plain Flux call, compared as usual
+    assert without.record.input_image_tokens == [0] and not without.cross_attention[:, :, :2].isnan().any()
 
 
 def test_sd3(pipes, sd3_run):
@@ -278,6 +324,36 @@ def test_cross_attention_of_prompt_words(pipe, run):
     dog = store.token_indices(0, "dog")[0]
     expect = torch.stack([store.maps(s, tokens=dog)[:, 0].sum(-1).mean(1) for s in store.site_names]).mean(0)
     torch.testing.assert_close(cross[:, 0, 0], expect)
+
+
+def test_a_concept_spelled_otherwise_in_the_prompt(pipe, run):
+    """Concepts find prompt words case-insensitively (as store.token_indices does): "dog" sums the prompt's "Dog" tokens,
+    while the concept map encodes "dog" as given and T5 reads "▁Dog" as another token; so a warning names the prompt's
+    spelling. A concept spelled as in the prompt, or not in it, is not warned about."""
+    from attnprobe.capture.concepts import encode_concepts
+
+    assert pipe.tokenizer_2.tokenize("dog") != pipe.tokenizer_2.tokenize("Dog")   # T5 is case-sensitive here
+    assert not torch.equal(*encode_concepts(pipe, ["dog", "Dog"], T5_LEN)[0])     # so are the concept tokens
+    prompt = "a Dog on grass, a DOG"
+    with attnprobe.concept_attention(pipe, CONCEPTS, max_sequence_length=T5_LEN) as result:
+        generate(pipe, prompt, num_inference_steps=1)
+    with pytest.warns(AttnprobeWarning) as caught:
+        cross = result.cross_attention
+    assert [str(w.message) for w in caught] == [
+        "concept_attention: cross_attention of the concept 'dog' sums the prompt's 'Dog' (samples [0]); 'DOG' (samples "
+        "[0]) (concepts match prompt words case-insensitively), but its concept map encodes 'dog' as given, and T5 is "
+        "case-sensitive (other tokens): pass the concept as the prompt spells it for both to read the same word"]
+    # both spellings' T5 tokens, by position (the tokenizer's own pieces, not a word lookup): the head, site, block mean
+    pieces = pipe.tokenizer_2.tokenize(prompt)
+    assert pieces == ["▁a", "▁Dog", "▁on", "▁grass", ",", "▁a", "▁D", "O", "G"]
+    store = result.store
+    expect = torch.stack([store.maps(s, tokens=[1, 6, 7, 8]).float().sum(-1).mean(2)[:, 0] for s in store.site_names])
+    torch.testing.assert_close(cross[:, 0, 0], expect.mean(0))
+    assert cross[:, 0, 2].isnan().all()                                          # "sky": not in the prompt
+    _, _, quiet, _ = run                                                         # "dog" in "a dog on grass"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.cross_attention
 
 
 def test_beside_a_probe_of_ones_own(pipe):
@@ -428,14 +504,28 @@ def test_what_a_breaker_found(pipe):
             pipe(prompt="a dog", **run)
 
 
-def test_compare_says_what_to_do(pipe):
-    """An empty block exits as with compare=False; a second pipeline call with other prompts names compare=False."""
+def test_compare_says_what_to_do(pipe, monkeypatch):
+    """An empty block exits as with compare=False; a second pipeline call with other prompts names compare=False.
+    The probe's refusals are told apart by their class (NoDenoiserCallError, SampleLayoutError), not their words."""
     with attnprobe.concept_attention(pipe, ["dog"], max_sequence_length=16) as result:
         pass
     with pytest.raises(ProbeError, match="recorded no denoiser call"):
         result.maps
     run = dict(num_inference_steps=1, height=64, width=64, max_sequence_length=16, output_type="latent")
-    with pytest.raises(ProbeError, match="compare=False"):
+    with pytest.raises(SampleLayoutError, match="compare=False") as caught:
+        with attnprobe.concept_attention(pipe, ["dog"], max_sequence_length=16):
+            pipe(prompt="a dog", **run)
+            pipe(prompt="a cat and a dog", **run)
+    assert isinstance(caught.value.__cause__, SampleLayoutError)
+    # reworded refusals are still told apart: the class decides, not the message
+    monkeypatch.setattr(rows_module, "SampleLayoutError", lambda message: SampleLayoutError("reworded"))
+    with pytest.raises(SampleLayoutError, match=r"which holds one pipeline call's prompts and size: reworded\. Pass"):
+        with attnprobe.concept_attention(pipe, ["dog"], max_sequence_length=16):
+            pipe(prompt="a dog", **run)
+            pipe(prompt="a cat and a dog", **run)
+    # another ProbeError of the probe is not taken for either
+    monkeypatch.setattr(rows_module, "SampleLayoutError", lambda message: ProbeError("saw no denoiser call; open a new probe()"))
+    with pytest.raises(ProbeError, match="^saw no denoiser call; open a new probe\(\)$"):
         with attnprobe.concept_attention(pipe, ["dog"], max_sequence_length=16):
             pipe(prompt="a dog", **run)
             pipe(prompt="a cat and a dog", **run)

@@ -10,7 +10,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 import attnprobe
-from attnprobe import ConceptError, NoSitesError, ProbeError, probe
+from attnprobe import ConceptError, NoDenoiserCallError, NoSitesError, ProbeError, SampleLayoutError, probe
 from attnprobe.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 probe_module = importlib.import_module("attnprobe.capture.recorder")
@@ -161,10 +161,11 @@ def test_restored_when_install_fails(sd_pipe, monkeypatch, assert_clean, process
 
 def test_no_denoiser_call_raises_and_restores(sd_pipe, assert_clean, processors_of):
     before = processors_of(sd_pipe)
-    with pytest.raises(ProbeError, match="no denoiser call"):
+    with pytest.raises(NoDenoiserCallError, match="the probe saw no denoiser call: call the pipeline inside"):
         with probe(sd_pipe):
             pass
     assert_clean(sd_pipe, before)
+    assert issubclass(NoDenoiserCallError, ProbeError)  # except ProbeError keeps catching it
 
 
 @pytest.mark.parametrize(
@@ -453,10 +454,11 @@ def test_two_generations_in_one_probe(sd_pipe, run):
 
 
 def test_second_generation_with_other_batch_raises(sd_pipe, run, assert_clean):
-    with pytest.raises(ProbeError, match="one sample layout|open a new probe"):
+    with pytest.raises(SampleLayoutError, match="One store holds one sample layout and size: open a new probe"):
         with probe(sd_pipe, sites=FIRST) as store:
             run(sd_pipe, "a dog")
             run(sd_pipe, ["a dog", "a cat"])
+    assert issubclass(SampleLayoutError, ProbeError)
     assert [c.generation for c in store.calls] == [0, 0]
     assert store[FIRST].shape[:2] == (2, 1)
     assert_clean(sd_pipe)
@@ -465,7 +467,7 @@ def test_second_generation_with_other_batch_raises(sd_pipe, run, assert_clean):
 def test_second_generation_error_caught_inside_keeps_generation_zero(sd_pipe, run):
     with probe(sd_pipe, sites=FIRST) as store:
         run(sd_pipe, "a dog")
-        with pytest.raises(ProbeError):
+        with pytest.raises(SampleLayoutError):
             run(sd_pipe, "a cat")  # same count, other text: another sample layout
     assert [c.generation for c in store.calls] == [0, 0]
     assert store[FIRST].shape[0] == 2 and store.samples[0].text == "a dog"

@@ -70,6 +70,15 @@ class ProbeError(AttnprobeError):
     """The probe could not record what it was asked to (replaced processors, missing q/k, bad options)."""
 
 
+class NoDenoiserCallError(ProbeError):
+    """A probe closed without having seen a denoiser call: the pipeline was not called inside its ``with`` block."""
+
+
+class SampleLayoutError(ProbeError):
+    """A pipeline call's samples (prompts, passes, batch) or latent size differ from those the probe's store already
+    holds: one store holds one sample layout and size, so open a new ``probe()`` for each such pipeline call."""
+
+
 class ConceptError(AttnprobeError):
     """A concept is not in a sample's prompt, or lies past the tokenizer's maximum length."""
 

@@ -23,9 +23,11 @@ import torch
 
 from ..capture import probe
 from ..capture.concepts import ConceptRecord, concept_stream
-from ..errors import ArgumentError, ConceptError, ProbeError, SelectionError, warn
+from ..errors import (ArgumentError, ConceptError, NoDenoiserCallError, ProbeError, SampleLayoutError, SelectionError,
+                      warn)
 from ..store.axes import as_index
 from ..store import AttentionStore
+from ..text.tokens import concept_pattern
 
 __all__ = ["concept_attention", "ConceptMaps"]
 
@@ -83,6 +85,12 @@ class ConceptMaps:
         over heads and the same blocks' joint sites. NaN for a concept that is not a word of that sample's prompt
         (ConceptAttention's concepts need not be). ``None`` with ``compare=False``.
 
+        A concept finds the prompt's words case-insensitively, as every concept lookup of attnprobe does
+        (``AttentionStore.token_indices``): ``"dog"`` sums the tokens of the prompt's ``"Dog"``. The concept map
+        encodes the word as given, and T5 is case-sensitive (``"▁dog"`` and ``"▁Dog"`` are other tokens), so where
+        the prompt spells a concept otherwise an ``AttnprobeWarning`` names the spellings: pass the concept as the
+        prompt spells it for both to read the same word.
+
         Raises:
             ProbeError: the probe's calls or samples do not line up with the concept stream's.
         """
@@ -96,15 +104,24 @@ class ConceptMaps:
                              f"samples, the concept stream {n_call} × {n_sample}; they cannot be compared")
         sites = [f"{b}.attn" for b in self.blocks]
         out = torch.full((n_call, n_sample, n_concept, qh, qw), float("nan"))
+        spelled: dict[str, dict[str, list[int]]] = {}  # concept -> another spelling in a prompt -> its samples
         for s in range(n_sample):
             for k, concept in enumerate(self.concepts):
                 try:
                     found = store.token_indices(s, concept)
                 except ConceptError:
                     continue  # not a prompt word: NaN
+                for other in _other_spellings(concept, store.samples[s].text):
+                    spelled.setdefault(concept, {}).setdefault(other, []).append(s)
                 positions = sorted({p for occurrence in found for p in occurrence})
                 mass = [store.maps(site, samples=[s], tokens=positions).float().sum(-1).mean(2)[:, 0] for site in sites]
                 out[:, s, k] = torch.stack(mass).mean(0)
+        for concept, others in spelled.items():
+            where = "; ".join(f"{other!r} (samples {samples})" for other, samples in others.items())
+            warn(f"concept_attention: cross_attention of the concept {concept!r} sums the prompt's {where} (concepts "
+                 f"match prompt words case-insensitively), but its concept map encodes {concept!r} as given, and T5 "
+                 "is case-sensitive (other tokens): pass the concept as the prompt spells it for both to read the "
+                 "same word")
         return out
 
     def heatmap(self, concept: str, sample: int | None = None) -> torch.Tensor:
@@ -140,6 +157,16 @@ class ConceptMaps:
                 f"calls={len(self.record.calls)}, compare={self.store is not None})")
 
 
+def _other_spellings(concept: str, text: str | None) -> list[str]:
+    """The spellings of ``concept`` in ``text`` that differ from it (its words matched case-insensitively, as
+    ``find_concept`` does; whitespace between words aside), in text order, each once."""
+    if text is None:
+        return []
+    given = " ".join(concept.split())
+    matched = (" ".join(m.group(0).split()) for m in concept_pattern(concept).finditer(text))
+    return list(dict.fromkeys(m for m in matched if m != given))
+
+
 @contextlib.contextmanager
 def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bool = True,
                       max_sequence_length: int | None = None) -> Iterator[ConceptMaps]:
@@ -154,7 +181,8 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
 
     Args:
         pipe: a Flux or SD3 pipeline (``FluxPipeline``, ``StableDiffusion3Pipeline`` or another built on
-            ``FluxTransformer2DModel`` / ``SD3Transformer2DModel``; SD3.5 too).
+            ``FluxTransformer2DModel`` / ``SD3Transformer2DModel``; SD3.5 too). ``FluxKontextPipeline`` with
+            ``compare=False``: the maps cover the generated image; its input image's tokens are keys only.
         concepts: concept words, e.g. ``["dog", "grass", "sky"]``; each once, each encodable by the tokenizer.
         blocks: which double-stream blocks to average: ``None`` (all), an index, a module path
             (``"transformer_blocks.18"``) or a list of them. The paper's Flux figures use ``range(15, 19)``.
@@ -162,7 +190,8 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
         compare: also probe the same blocks' joint sites (``heads="mean"``, ``joint="renorm"``, float32, every
             batch row) for ``ConceptMaps.cross_attention``. It keeps ``N × T`` values per block and call (Flux-dev at
             1024 px: 8 MB per block and call); ``False`` keeps none. Flux true CFG runs unconditional calls the probe
-            cannot hold beside the conditional ones (``ProbeError``): pass ``False`` there. Default ``True``.
+            cannot hold beside the conditional ones, nor read Flux Kontext's input-image tokens apart from the
+            generated image's (``ProbeError`` at the first such call): pass ``False`` there. Default ``True``.
         max_sequence_length: the length the concepts are padded to when encoded (pass the pipeline call's value).
             Default ``None``: the pipeline's own default (FluxPipeline's 512, StableDiffusion3Pipeline's 256).
 
@@ -177,7 +206,8 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
         ProbeError: a pipeline whose denoiser is not Flux's or SD3's transformer (a UNet, PixArt, …; names what is
             supported), fused projections, an attention processor other than the family's plain one
             (``FluxAttnProcessor``, ``JointAttnProcessor2_0``), attention kwargs (a mask, IP-Adapter), ControlNet
-            residuals or SD3's skipped layers (skip-layer guidance) at run time.
+            residuals or SD3's skipped layers (skip-layer guidance) at run time; a Flux Kontext call with an input
+            image under ``compare=True``.
         ArgumentError: no concepts, an empty or repeated concept, a block that does not exist, a bad
             ``max_sequence_length``.
         ConceptError: a concept the tokenizer cannot encode (only special tokens or an unknown piece).
@@ -192,7 +222,7 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
         >>> torch.allclose(result.maps.sum(2), torch.ones(1, 1, 4, 6))
         True
     """
-    with concept_stream(pipe, concepts, blocks, max_sequence_length) as record:
+    with concept_stream(pipe, concepts, blocks, max_sequence_length, conditioning=not compare) as record:
         result = ConceptMaps(record.concepts, record.blocks, record)
         if not compare:
             yield result
@@ -202,12 +232,12 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
             with probe(pipe, sites=sites, passes="all", heads="mean", dtype=torch.float32, joint="renorm") as store:
                 result.store = store
                 yield result
-        except ProbeError as exc:
-            if not record.calls and "saw no denoiser call" in str(exc):
-                return  # an empty block: as with compare=False (the result's maps say nothing was recorded)
-            if "open a new probe()" not in str(exc):
+        except NoDenoiserCallError:
+            if record.calls:
                 raise
+            return  # an empty block: as with compare=False (the result's maps say nothing was recorded)
+        except SampleLayoutError as exc:
             # the comparison's probe holds one sample layout: say what to do here, not in the probe's words
-            raise ProbeError(f"concept_attention(compare=True) compares with a probe of the same blocks, which holds "
-                             f"one pipeline call's prompts and size: {exc}. Pass compare=False (the concept maps alone), "
-                             "or use one with block per pipeline call") from exc
+            raise SampleLayoutError(f"concept_attention(compare=True) compares with a probe of the same blocks, which "
+                                    f"holds one pipeline call's prompts and size: {exc}. Pass compare=False (the concept "
+                                    "maps alone), or use one with block per pipeline call") from exc

@@ -25,7 +25,9 @@ and the prompt never see the concepts (one-directional), so the pipeline's outpu
 In each block the concept tokens' attention outputs ``o_c`` (``[sample, concept, head·d]``, before ``to_add_out``) are
 compared with the image tokens' attention outputs ``o_x`` (``[sample, N, head·d]``, the input of ``attn.to_out[0]``,
 read from the model's own call) by a dot product, and a softmax over concepts gives, per image position, which
-concept it is: ``softmax_c(o_x · o_cᵀ)``, summing to 1 over ``concept``. Single-stream blocks are not used: the
+concept it is: ``softmax_c(o_x · o_cᵀ)``, summing to 1 over ``concept``. FluxKontextPipeline's input-image tokens,
+which follow the generated image's in the image sequence, are keys of the concepts' attention (as of the prompt's)
+but get no map: the maps cover the generated image's grid. Single-stream blocks are not used: the
 paper (and its code) stops the concept stream after the last double-stream block, where the text and image
 streams still have weights of their own; a single-stream block has one set of weights for both.
 """
@@ -49,7 +51,7 @@ __all__ = ["SUPPORTED", "ConceptRecord", "ConceptStream", "concept_stream", "enc
 #: what the concept stream supports (named in every refusal)
 SUPPORTED = ("Flux (FluxTransformer2DModel: FluxTransformerBlock double-stream blocks with FluxAttnProcessor) and SD3 / "
              "SD3.5 (SD3Transformer2DModel: JointTransformerBlock with JointAttnProcessor2_0), as their pipelines "
-             "(FluxPipeline, StableDiffusion3Pipeline, …) call them")
+             "(FluxPipeline, FluxKontextPipeline, StableDiffusion3Pipeline, …) call them")
 
 
 def _kinds():
@@ -85,6 +87,8 @@ class ConceptRecord:
         timesteps: the transformer's ``timestep`` argument per call (Flux: the scheduler's ``t / 1000``).
         batch_cfg: per call, whether its batch is ``[unconditional; conditional]`` rows of classifier-free guidance
             (SD3's ``do_classifier_free_guidance``).
+        input_image_tokens: per call, how many image-conditioning tokens followed the generated image's in the image
+            sequence (``FluxKontextPipeline``'s input image; 0 otherwise): the maps cover the generated image only.
     """
 
     concepts: tuple[str, ...]
@@ -92,6 +96,7 @@ class ConceptRecord:
     calls: list = field(default_factory=list)
     timesteps: list = field(default_factory=list)
     batch_cfg: list = field(default_factory=list)
+    input_image_tokens: list = field(default_factory=list)
 
     def __repr__(self) -> str:  # not every recorded tensor
         return f"ConceptRecord(concepts={list(self.concepts)}, blocks={len(self.blocks)}, calls={len(self.calls)})"
@@ -187,16 +192,20 @@ class ConceptStream:
     Args:
         denoiser: the ``FluxTransformer2DModel`` or ``SD3Transformer2DModel``. embeds: ``[concept, feature]`` (``encode_concepts``).
         record: the ``ConceptRecord`` to fill (its ``blocks`` are those recorded; the stream runs up to the last).
+        conditioning: accept Flux calls whose image sequence appends image-conditioning tokens (FluxKontextPipeline's
+            input image) after the generated image's; ``False`` refuses them (``ProbeError``). Default ``True``.
     """
 
-    def __init__(self, denoiser, embeds: torch.Tensor, record: ConceptRecord, pipe=None, length: int = 0) -> None:
-        self.denoiser, self.embeds, self.record = denoiser, embeds, record
+    def __init__(self, denoiser, embeds: torch.Tensor, record: ConceptRecord, pipe=None, length: int = 0,
+                 conditioning: bool = True) -> None:
+        self.denoiser, self.embeds, self.record, self.conditioning = denoiser, embeds, record, conditioning
         self.pipe, self.length, self.warned = pipe, length, False  # length: the max_sequence_length encoded at
         self.timestep = float("nan")
         names = [f"transformer_blocks.{i}" for i in range(len(denoiser.transformer_blocks))]
         self.last = max(names.index(b) for b in record.blocks)
         self.handles: list = []
-        self.stream = self.grid = None
+        self.stream = self.grid = self.n_image = None
+        self.extra = 0  # the call's image-conditioning tokens (FluxKontextPipeline's input image)
         self.active = False  # inside a denoiser call
         self.seen: dict = {}
         self.scores: list = []
@@ -229,19 +238,16 @@ class ConceptStream:
                              "— a mask, IP-Adapter — change its attention); the concept stream reads plain calls only")
         if states.dim() == 4:  # SD3: [sample, channel, h, w] latents, patch × patch per token
             patch = module.config.patch_size
-            self.grid, n = (states.shape[-2] // patch, states.shape[-1] // patch), None
+            self.grid, n, self.extra = (states.shape[-2] // patch, states.shape[-1] // patch), None, 0
         elif kwargs.get("img_ids") is not None:  # Flux: packed [sample, token, channel] with their position ids
-            n = states.shape[1]
-            self.grid = query_grid(n, tuple(s // 2 for s in packed_grid(kwargs["img_ids"])))
+            n = self._generated(states, kwargs["img_ids"])
         else:
             raise ProbeError("ConceptAttention: the Flux transformer was called without img_ids; call it as "
                              "FluxPipeline does")
-        if self.grid is None:
-            raise ProbeError(f"ConceptAttention: {n} image tokens do not fit the grid of img_ids")
         with torch.no_grad():
             embeds = self.embeds.to(device=states.device, dtype=module.context_embedder.weight.dtype)
             self.stream = module.context_embedder(embeds).unsqueeze(0).expand(states.shape[0], -1, -1)
-        self.scores, self.active = [], True
+        self.scores, self.active, self.n_image = [], True, n
         # appended with the call's maps (_on_return): a call that raises leaves neither behind
         self.timestep = float(kwargs["timestep"].flatten()[0]) if "timestep" in kwargs else float("nan")
         text = kwargs.get("encoder_hidden_states")
@@ -251,6 +257,35 @@ class ConceptStream:
             warn(f"ConceptAttention: the concepts were encoded at max_sequence_length={self.length}, but this pipeline "
                  f"call's T5 text has {t5} positions: pass max_sequence_length={t5} to concept_attention, as to the "
                  "pipeline (T5 reads its padding, so a concept's encoding depends on the length)")
+
+    def _generated(self, states: torch.Tensor, img_ids: torch.Tensor) -> int:
+        """The generated image's tokens of a Flux call, and its grid (``self.grid``): the leading tokens whose
+        ``img_ids`` share the first's first coordinate (0); FluxKontextPipeline appends its input image's tokens after
+        them at coordinate 1. Those are image-conditioning tokens: they are keys of the concepts' attention, as of the
+        prompt's, but get no map.
+
+        Raises:
+            ProbeError: the ids do not match the tokens, the generated tokens do not form the ids' grid, or the
+                conditioning tokens come to a stream that refuses them (``conditioning=False``: ``compare=True``).
+        """
+        ids = img_ids.reshape(-1, img_ids.shape[-1])
+        total = states.shape[1]
+        if ids.shape[0] != total:
+            raise ProbeError(f"ConceptAttention: the Flux transformer got {total} image tokens but img_ids of "
+                             f"{ids.shape[0]} positions {tuple(img_ids.shape)}; call it as FluxPipeline does")
+        n = int((ids[:, 0] == ids[0, 0]).int().cumprod(0).sum())
+        self.grid = query_grid(n, tuple(s // 2 for s in packed_grid(ids[:n])))
+        if self.grid is None:
+            raise ProbeError(f"ConceptAttention: the first {n} of the Flux call's {total} image tokens (img_ids of "
+                             f"first coordinate {float(ids[0, 0]):g}) do not fill the grid of their img_ids "
+                             f"({packed_grid(ids[:n])} latent); ConceptAttention reads a generated image's grid")
+        self.extra = total - n
+        if self.extra and not self.conditioning:
+            raise ProbeError(f"ConceptAttention(compare=True): this Flux call appends {total - n} image-conditioning "
+                             f"tokens (FluxKontextPipeline's input image) to the generated image's {n}; the concept "
+                             "maps cover the generated image alone, but the probe beside them cannot tell the two "
+                             "apart: pass compare=False")
+        return n
 
     def _on_block(self, module, args, kwargs):
         self.seen = {"temb": kwargs.get("temb"), "emb": kwargs.get("image_rotary_emb"),
@@ -281,7 +316,7 @@ class ConceptStream:
             with torch.no_grad():
                 self.stream, scores = block_step(module, self.stream, seen)
             if f"transformer_blocks.{index}" in self.record.blocks:
-                self.scores.append(scores)
+                self.scores.append(scores if self.n_image is None else scores[..., : self.n_image])
         return after
 
     def _on_return(self, module, args, output):
@@ -291,6 +326,7 @@ class ConceptStream:
         maps = scores.softmax(dim=2).unflatten(-1, self.grid)  # [block, sample, concept, qh, qw]
         self.record.calls.append(maps.cpu())
         self.record.timesteps.append(self.timestep)
+        self.record.input_image_tokens.append(self.extra)
         self.record.batch_cfg.append(bool(getattr(self.pipe, "do_classifier_free_guidance", False)) if self.pipe
                                      is not None and maps.shape[1] % 2 == 0 else False)
         self.stream, self.scores, self.active = None, [], False
@@ -389,8 +425,8 @@ def check_blocks(names: list[str], blocks) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def concept_stream(pipe, concepts: Sequence[str], blocks=None, max_sequence_length: int | None = None
-                   ) -> Iterator[ConceptRecord]:
+def concept_stream(pipe, concepts: Sequence[str], blocks=None, max_sequence_length: int | None = None,
+                   conditioning: bool = True) -> Iterator[ConceptRecord]:
     """Carry ``concepts`` through a Flux or SD3 transformer's double-stream blocks while the pipeline runs as usual.
 
     Args:
@@ -399,6 +435,8 @@ def concept_stream(pipe, concepts: Sequence[str], blocks=None, max_sequence_leng
         max_sequence_length: the padded length the concepts are encoded at (as the pipeline's argument of that
             name; pass the same value as the pipeline call). Default ``None``: the pipeline's default (FluxPipeline's
             512, StableDiffusion3Pipeline's 256).
+        conditioning: accept Flux calls with image-conditioning tokens after the generated image's
+            (FluxKontextPipeline's input image: keys of the concepts' attention, no map). Default ``True``.
 
     Yields:
         A ``ConceptRecord``, one ``[block, sample, concept, qh, qw]`` tensor per denoiser call.
@@ -411,7 +449,7 @@ def concept_stream(pipe, concepts: Sequence[str], blocks=None, max_sequence_leng
     chosen = check_blocks(names, blocks)
     embeds, length = encode_concepts(pipe, concepts, max_sequence_length)
     record = ConceptRecord(tuple(concepts), chosen)
-    stream = ConceptStream(denoiser_of(pipe), embeds, record, pipe, length)
+    stream = ConceptStream(denoiser_of(pipe), embeds, record, pipe, length, conditioning)
     try:
         stream.install()
         yield record

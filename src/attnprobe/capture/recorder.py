@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from ..errors import ProbeError, warn
+from ..errors import NoDenoiserCallError, ProbeError, warn
 from ..store import Call, StoreWriter
 from .cross import ProbeProcessor, chain
 from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, schedule_meta
@@ -494,6 +494,6 @@ class Recorder:
                     f"pipeline call (indices 0..{self.calls_in_generation - 1}, timesteps counting down from "
                     f"{meta['timesteps'][0] if meta.get('timesteps') else '?'})"
                 )
-            raise ProbeError(
+            raise NoDenoiserCallError(
                 "the probe saw no denoiser call: call the pipeline inside the `with attnprobe.probe(pipe) as store:` block"
             )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ProbeError, warn
+from ..errors import ProbeError, SampleLayoutError, warn
 from ..store.records import Sample
 from ..text.tokens import TokenLayout, unlabelled_layout
 from .evidence import encodings, same_rows, verdicts
@@ -550,7 +550,7 @@ class BatchRows:
 
         key = (tuple(labels), tuple((s.pass_label, s.prompt_index, s.image_index, s.text) for s in samples), hw, n_keys)
         if self.sample_key is not None and key != self.sample_key:
-            raise ProbeError(
+            raise SampleLayoutError(
                 f"this probe holds generation 0 with samples {list(self.sample_key[1])} on a "
                 f"{self.sample_key[2][0]}×{self.sample_key[2][1]} latent; pipeline call {generation} has "
                 f"{list(key[1])} on {hw[0]}×{hw[1]}. One store holds one sample layout and size: open a new probe() "
