@@ -240,8 +240,8 @@ def test_against_a_float64_reference(pipes, run, sd3_run, sd35_run, family):
 def test_flux_kontext_maps_the_generated_image(pipes, kontext_run):
     """FluxKontextPipeline appends its input image's tokens to the generated image's: the maps cover the generated
     image's 4×6 tokens (recomputed in float64, the input image's 2×4 tokens keys of every attention, the concepts'
-    too, as the prompt's), the images stay bit-identical, and compare=True, whose probe cannot tell the two apart,
-    is refused at the first such call with what to pass."""
+    too, as the prompt's), the images stay bit-identical, and compare=True sets the probe's maps of the same grid
+    beside them."""
     plain, probed, result, inputs = kontext_run
     assert torch.equal(plain, probed)
     n_image, n_input = (64 // 16) * (96 // 16), (32 // 16) * (64 // 16)  # 2×2 patches of the 8× VAE's latents
@@ -250,11 +250,10 @@ def test_flux_kontext_maps_the_generated_image(pipes, kontext_run):
     for call in range(2):
         expect = _reference(pipes["kontext"], inputs, call, n_image).float().unflatten(-1, (4, 6))
         torch.testing.assert_close(result.block_maps[call], expect, atol=2e-5, rtol=1e-4)
-    with pytest.raises(ProbeError, match=r"compare=True\): this Flux call appends 8 image-conditioning tokens "
-                                         r"\(FluxKontextPipeline's input image\) to the generated image's 24.*pass "
-                                         "compare=False$"):
-        with attnprobe.concept_attention(pipes["kontext"], CONCEPTS, max_sequence_length=T5_LEN):
-            generate(pipes["kontext"], num_inference_steps=1, **KONTEXT)
+    with attnprobe.concept_attention(pipes["kontext"], CONCEPTS, max_sequence_length=T5_LEN) as compared:
+        generate(pipes["kontext"], num_inference_steps=1, **KONTEXT)
+    assert tuple(compared.cross_attention.shape) == (1, 1, 3, 4, 6) and not compared.store.flat_sites
+    assert not compared.cross_attention[:, :, :2].isnan().any()
     with attnprobe.concept_attention(pipes["kontext"], CONCEPTS, max_sequence_length=T5_LEN) as without:
         generate(pipes["kontext"], num_inference_steps=1)   # no input image: a plain Flux call, compared as usual
     assert without.record.input_image_tokens == [0] and not without.cross_attention[:, :, :2].isnan().any()

@@ -559,3 +559,39 @@ def test_a_denoiser_that_adds_text_keys_of_its_own_is_refused_without_its_family
         with pytest.warns(attnprobe.AttnprobeWarning, match="structure alone"), attnprobe.probe(pipe, allow_generic=True):
             pipe(PROMPT, num_inference_steps=1, height=64, width=64, output_type="latent", max_sequence_length=16)
     assert processors(pipe) == before
+
+
+def test_flux_kontext_input_image_tokens_are_keys_not_queries(pipes):
+    """FluxKontextPipeline appends its input image's tokens (img_ids first coordinate 1) after the generated image's:
+    the maps cover the generated image's grid, with the input image's keys in the same softmax (float64 reference
+    from our own hooks over the whole sequence)."""
+    from diffusers import FluxKontextPipeline
+
+    flux = pipes["flux"]
+    pipe = FluxKontextPipeline(**{k: v for k, v in flux.components.items() if v is not None})
+    image = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(1))  # 2×4 tokens beside the 4×6 generated
+    options = dict(OPTIONS["flux"], num_inference_steps=2, output_type="latent", _auto_resize=False, max_area=64 * 96)
+    run = lambda: pipe(image=image, prompt=PROMPT, generator=torch.Generator().manual_seed(0), **options).images  # noqa: E731
+    plain = run()
+    sites = attnprobe.list_sites(pipe)
+    seen = Inputs(pipe.transformer, [s.name for s in sites])
+    try:
+        with attnprobe.probe(pipe, dtype=torch.float32) as store:
+            probed = run()
+    finally:
+        seen.close()
+    assert torch.equal(plain, probed) and not store.flat_sites
+    for site in sites:
+        hidden, states, emb, mask = seen.seen[site.name][0]
+        t = seen.text_len[0]
+        n_all = (hidden.shape[1] - t) if site.kind == "single" else hidden.shape[1]
+        assert n_all == 24 + 8  # generated 4×6, input 2×4
+        probs, image_rows, text = full_softmax(pipe.transformer.get_submodule(site.name), site.kind, hidden, states,
+                                               emb, t, mask)
+        want = probs[:, :, image_rows, text][:, :, :24]
+        got = store[site.name][0].flatten(2, 3).double()  # [sample, head, 4·6, T]
+        assert got.shape[2] == 24 and (got - want).abs().max() <= 1e-6, site.name
+        assert store.meta["processor_check"][site.name]["verdict"] == "equal"
+    with pytest.raises(ProbeError, match="image keys are not image positions"):
+        with attnprobe.probe(pipe, relations="image->image", points=(0.5, 0.5)):
+            run()

@@ -181,8 +181,8 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
 
     Args:
         pipe: a Flux or SD3 pipeline (``FluxPipeline``, ``StableDiffusion3Pipeline`` or another built on
-            ``FluxTransformer2DModel`` / ``SD3Transformer2DModel``; SD3.5 too). ``FluxKontextPipeline`` with
-            ``compare=False``: the maps cover the generated image; its input image's tokens are keys only.
+            ``FluxTransformer2DModel`` / ``SD3Transformer2DModel``; SD3.5 too). ``FluxKontextPipeline``: the maps
+            (and the cross-attention beside them) cover the generated image; its input image's tokens are keys only.
         concepts: concept words, e.g. ``["dog", "grass", "sky"]``; each once, each encodable by the tokenizer.
         blocks: which double-stream blocks to average: ``None`` (all), an index, a module path
             (``"transformer_blocks.18"``) or a list of them. The paper's Flux figures use ``range(15, 19)``.
@@ -190,8 +190,8 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
         compare: also probe the same blocks' joint sites (``heads="mean"``, ``joint="renorm"``, float32, every
             batch row) for ``ConceptMaps.cross_attention``. It keeps ``N × T`` values per block and call (Flux-dev at
             1024 px: 8 MB per block and call); ``False`` keeps none. Flux true CFG runs unconditional calls the probe
-            cannot hold beside the conditional ones, nor read Flux Kontext's input-image tokens apart from the
-            generated image's (``ProbeError`` at the first such call): pass ``False`` there. Default ``True``.
+            cannot hold beside the conditional ones (``ProbeError`` at the first such call): pass ``False`` there.
+            Default ``True``.
         max_sequence_length: the length the concepts are padded to when encoded (pass the pipeline call's value).
             Default ``None``: the pipeline's own default (FluxPipeline's 512, StableDiffusion3Pipeline's 256).
 
@@ -206,8 +206,7 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
         ProbeError: a pipeline whose denoiser is not Flux's or SD3's transformer (a UNet, PixArt, …; names what is
             supported), fused projections, an attention processor other than the family's plain one
             (``FluxAttnProcessor``, ``JointAttnProcessor2_0``), attention kwargs (a mask, IP-Adapter), ControlNet
-            residuals or SD3's skipped layers (skip-layer guidance) at run time; a Flux Kontext call with an input
-            image under ``compare=True``.
+            residuals or SD3's skipped layers (skip-layer guidance) at run time.
         ArgumentError: no concepts, an empty or repeated concept, a block that does not exist, a bad
             ``max_sequence_length``.
         ConceptError: a concept the tokenizer cannot encode (only special tokens or an unknown piece).
@@ -222,7 +221,7 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
         >>> torch.allclose(result.maps.sum(2), torch.ones(1, 1, 4, 6))
         True
     """
-    with concept_stream(pipe, concepts, blocks, max_sequence_length, conditioning=not compare) as record:
+    with concept_stream(pipe, concepts, blocks, max_sequence_length) as record:
         result = ConceptMaps(record.concepts, record.blocks, record)
         if not compare:
             yield result

@@ -43,7 +43,7 @@ import torch
 
 from ..errors import ArgumentError, ConceptError, ProbeError, warn
 from ..store.axes import as_index
-from .denoiser_call import packed_grid, query_grid
+from .denoiser_call import generated_tokens, packed_grid, query_grid
 from .sites import denoiser_of
 
 __all__ = ["SUPPORTED", "ConceptRecord", "ConceptStream", "concept_stream", "encode_concepts", "double_blocks"]
@@ -273,7 +273,7 @@ class ConceptStream:
         if ids.shape[0] != total:
             raise ProbeError(f"ConceptAttention: the Flux transformer got {total} image tokens but img_ids of "
                              f"{ids.shape[0]} positions {tuple(img_ids.shape)}; call it as FluxPipeline does")
-        n = int((ids[:, 0] == ids[0, 0]).int().cumprod(0).sum())
+        n = generated_tokens(ids)
         self.grid = query_grid(n, tuple(s // 2 for s in packed_grid(ids[:n])))
         if self.grid is None:
             raise ProbeError(f"ConceptAttention: the first {n} of the Flux call's {total} image tokens (img_ids of "

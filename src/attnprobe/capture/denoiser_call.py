@@ -24,7 +24,8 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["DenoiserCall", "Timesteps", "query_grid", "packed_grid", "pad_rows", "first_value", "schedule_meta"]
+__all__ = ["DenoiserCall", "Timesteps", "query_grid", "packed_grid", "generated_tokens", "pad_rows", "first_value",
+           "schedule_meta"]
 
 
 def first_value(timestep) -> float:
@@ -179,11 +180,24 @@ def _rows_joined(latents, captions):
     return sample, states, mask
 
 
+def generated_tokens(img_ids: torch.Tensor) -> int:
+    """How many of a packed call's image tokens are the generated image's: the leading ones whose ids ``[token, (0,
+    row, column)]`` share the first token's first coordinate. FluxKontextPipeline appends its input image's tokens
+    after them with first coordinate 1 (image-conditioning tokens: keys of every attention, not image positions);
+    Flux.2's four-coordinate ids are counted whole."""
+    ids = img_ids.reshape(-1, img_ids.shape[-1])
+    if ids.shape[-1] == 4:
+        return int(ids.shape[0])
+    return int((ids[:, 0] == ids[0, 0]).int().cumprod(0).sum())
+
+
 def packed_grid(img_ids: torch.Tensor) -> tuple[int, int]:
     """The latent size of packed latents (Flux: 2×2 latent patches per token) from their position ids
-    ``[token, (0, row, column)]`` (Flux.2: ``(t, row, column, l)``): twice the token grid. Rows and columns are counted
-    from the smallest id (LongCat's image ids start at 512, after its text's)."""
+    ``[token, (0, row, column)]`` (Flux.2: ``(t, row, column, l)``): twice the token grid of the generated image's tokens
+    (``generated_tokens``). Rows and columns are counted from the smallest id (LongCat's image ids start at 512, after
+    its text's)."""
     ids = img_ids.reshape(-1, img_ids.shape[-1])
+    ids = ids[:generated_tokens(ids)]
     row, col = (1, 2) if ids.shape[-1] == 4 else (-2, -1)
     span = lambda axis: int(ids[:, axis].max()) - int(ids[:, axis].min()) + 1  # noqa: E731
     rows, cols = span(row), span(col)

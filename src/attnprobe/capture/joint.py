@@ -287,6 +287,7 @@ class JointProbeProcessor(ProbeProcessor):
         out = seen["out"]
         with torch.no_grad():
             q_img, k_img, k_txt, _ = self._split(attn, query, key, text_key, emb, self.state, rows=None)
+            out = out[:, :q_img.shape[2]]  # the image queries recorded (Kontext's input image's are not)
             values = [seen[k].unflatten(-1, (attn.heads, -1)).transpose(1, 2) for k in ("image", "text")]
             bias = None if mask is None else mask_bias(mask, None, k_txt.shape[2])
             error = joint_output_error(q_img, k_img, k_txt, *values, out, bias=bias)
@@ -330,6 +331,8 @@ class JointProbeProcessor(ProbeProcessor):
                 if getattr(attn, "norm_added_q", None) is not None:
                     q_txt = attn.norm_added_q(q_txt)
                 q_txt = _rotary(q_txt, emb, 0, t)
+        if state.image_len and q_img.shape[1] > state.image_len:  # Kontext: its input image's tokens are keys only
+            q_img = q_img[:, :state.image_len]
         q_img = q_img.transpose(1, 2).float() * d**-0.5
         q_txt = None if q_txt is None else q_txt.transpose(1, 2).float() * d**-0.5
         return q_img, k_img.transpose(1, 2), k_txt.transpose(1, 2), q_txt

@@ -322,6 +322,10 @@ class Relations:
                                  "relations='image->image' is")
         with torch.no_grad():
             q_img, k_img, k_txt, q_txt = wrapper._split(attn, query, key, text_key, emb, state, text_query=text_query)
+            if k_img.shape[2] != q_img.shape[2]:
+                raise ProbeError(f"site {site}: {k_img.shape[2] - q_img.shape[2]} image keys are not image positions "
+                                 "(FluxKontextPipeline's input image): relations= are read where every image key is "
+                                 "a generated position")
             bias = None if mask is None else mask_bias(mask, state.rows, k_txt.shape[2])
             grid = None
             if "image->image" in wanted:

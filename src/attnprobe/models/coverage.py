@@ -58,6 +58,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "StableDiffusionXLPipeline": ("sdxl", "tests/test_probe.py"),
     "StableDiffusion3Pipeline": ("sd3", "tests/test_joint.py"),
     "FluxPipeline": ("flux", "tests/test_joint.py"),
+    "FluxKontextPipeline": (None, "tests/test_joint.py"),
     "ChromaPipeline": ("chroma", "tests/test_joint.py"),
     "PixArtAlphaPipeline": ("pixart", "tests/test_joint.py"),
     "PixArtSigmaPipeline": ("pixart-sigma", "tests/test_joint.py"),
