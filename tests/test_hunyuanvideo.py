@@ -174,6 +174,21 @@ def test_true_cfg_runs_the_negative_prompt_as_separate_calls(pipe):
             generate(pipe, "a dog", **kwargs)
 
 
+def test_videos_per_prompt_label_each_row(pipe):
+    """num_videos_per_prompt=2 with two prompts: rows [p0, p0, p1, p1] in both passes, each with its own text."""
+    kwargs = dict(num_videos_per_prompt=2, true_cfg_scale=2.0, negative_prompt=["ugly", "blurry dark"],
+                  num_inference_steps=1, num_frames=5, output_type="latent")
+    with attnprobe.probe(pipe, heads="mean", passes="uncond") as uncond, attnprobe.probe(
+            pipe, heads="mean", passes="cond") as cond:
+        generate(pipe, ["a dog", "a red cat"], **kwargs)
+    rows = [(s.prompt_index, s.image_index, s.row) for s in cond.samples]
+    assert rows == [(0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3)]
+    assert [s.text for s in cond.samples] == ["a dog", "a dog", "a red cat", "a red cat"]
+    assert [s.text for s in uncond.samples] == ["ugly", "ugly", "blurry dark", "blurry dark"]
+    assert cond.tokens(2)[:3] == ["a", "red", "cat"] and uncond.tokens(3)[:2] == ["blurry", "dark"]
+    assert [c.index for c in cond.calls] == [0] and [c.index for c in uncond.calls] == [1]
+
+
 def test_another_template_is_not_labelled(pipe):
     """A prompt_template other than diffusers' default: the keys are recorded, labelled 'unknown', with a warning."""
     template = {"template": "<|im_start|>user\n{}<|im_end|>", "crop_start": 3}

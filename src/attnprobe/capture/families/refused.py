@@ -1,8 +1,9 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
 other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX and HunyuanVideo text-to-video (each with what is
-missing to record it), audio denoisers (no image grid), priors that denoise one CLIP image embedding (no image positions), Stable Cascade's decoder (no
-per-token text) and Qwen-Image 2.1 (a block-causal sequence with a KV cache). Each names the diffusers 0.42 classes it covers; a class it does not name
-falls to the generic family, which is refused too unless a probe is told to record it by structure.
+missing to record it), audio denoisers (no image grid), priors that denoise one CLIP image embedding (no image
+positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a block-causal sequence with a KV cache).
+Each names the diffusers 0.42 classes it covers; a class it does not name falls to the generic family, which is refused
+too unless a probe is told to record it by structure.
 """
 
 from .cascade import is_prior
@@ -42,12 +43,17 @@ VIDEO_FAMILIES = (
     _video("hunyuanvideo-framepack", "HunyuanVideo Framepack (HunyuanVideoFramepackTransformer3DModel)",
            ("HunyuanVideoFramepackTransformer3DModel",),
            "it denoises the video one section at a time, its video positions joined with clean history latents "
-           "patchified at 1×, 2× and 4× (latents_clean, latents_history_2x/4x) and an image's SigLIP tokens, each at "
-           "frame indices passed per call: its queries are not one qt × qh × qw grid of the latents it is called with"),
+           "patchified at 1×, 2× and 4× (latents_clean, latents_history_2x/4x) and an image's SigLIP tokens, each "
+           "at frame indices passed per call: its queries are not one qt × qh × qw grid of the latents it is called "
+           "with"),
     _video("hunyuanvideo-1.5", "HunyuanVideo 1.5 (HunyuanVideo15Transformer3DModel)",
            ("HunyuanVideo15Transformer3DModel",),
-           "its text keys join a Qwen2.5-VL encoder's templated hidden states, ByT5 glyph tokens and SigLIP image "
-           "tokens in an order set per row by attention masks: no labelling of those keys exists yet"),
+           "each row's text keys are reordered by its masks to [attended SigLIP image tokens; attended ByT5 glyphs; "
+           "attended Qwen2.5-VL chat-template positions; masked image tokens (all 729 in text-to-video, passed as "
+           "image_embeds); masked ByT5; masked Qwen], and attnprobe neither counts image_embeds among the text keys "
+           "nor labels that order yet (no tiny builder or reference test either); with several prompts and "
+           "num_videos_per_prompt > 1, diffusers 0.42's encode_prompt repeats the masks in another row order than the "
+           "embeddings"),
     _video("ltx", "LTX-Video (LTXVideoTransformer3DModel)", ("LTXVideoTransformer3DModel",),
            "it is called with packed latents [batch, frame·h·w, channel] and num_frames, height and width arguments "
            "(and a rope_interpolation_scale); attnprobe reads the frame grid of 5-D latents only"),
