@@ -33,6 +33,7 @@ from ..capture.relations import FAMILIES as RELATION_FAMILIES, RELATIONS
 from ..errors import ProbeError
 from ..capture.sites import DENOISER_ATTRS, denoiser_of
 from .tiny import TINY_PIPELINES, tiny_pipeline
+from .tiny_video import TINY_HUNYUANVIDEO_TEMPLATE
 
 __all__ = ["Verdict", "pipeline_verdicts", "measure", "render_page", "TESTED"]
 
@@ -86,6 +87,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "WanPipeline": ("wan", "tests/test_video.py"),
     "SkyReelsV2Pipeline": ("skyreels-v2", "tests/test_video.py"),
     "CogVideoXPipeline": ("cogvideox", "tests/test_video.py"),
+    "HunyuanVideoPipeline": ("hunyuanvideo", "tests/test_hunyuanvideo.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
@@ -175,6 +177,8 @@ def measure(name: str) -> dict:
         kwargs["output_type"] = "latent" if hasattr(pipe, "vae") else "pt"  # DeepFloyd IF: pixel space
         if name in ("lumina2", "flux2-dev"):  # their system prompts alone take 30 to 40 positions
             kwargs["max_sequence_length"] = 64
+        if name == "hunyuanvideo":  # the default template's crop_start counts the real Llama tokenizer's tokens
+            kwargs["prompt_template"] = TINY_HUNYUANVIDEO_TEMPLATE
         # the output's first field: images, or the image embeddings of a prior (Stable Cascade's)
         run = lambda: pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs)[0]
         plain = run()

@@ -27,7 +27,7 @@ from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_dev_pipeline, tiny_flu
                        tiny_ovis_pipeline, tiny_qwen_pipeline, tiny_sana_pipeline, tiny_zimage_pipeline)
 from .tiny_dits import tiny_prx_pipeline
 from .tiny_unets import tiny_cascade_prior_pipeline, tiny_kandinsky3_pipeline
-from .tiny_video import tiny_cogvideox_pipeline, tiny_skyreels_v2_pipeline, tiny_wan_pipeline
+from .tiny_video import tiny_cogvideox_pipeline, tiny_hunyuanvideo_pipeline, tiny_skyreels_v2_pipeline, tiny_wan_pipeline
 from .tiny_vlm import tiny_longcat_pipeline
 from .tokenizers import clip_tokenizer, t5_tokenizer, t5_vocab_size
 
@@ -480,6 +480,7 @@ _BUILDERS = {
     "wan": tiny_wan_pipeline,
     "skyreels-v2": tiny_skyreels_v2_pipeline,
     "cogvideox": tiny_cogvideox_pipeline,
+    "hunyuanvideo": tiny_hunyuanvideo_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

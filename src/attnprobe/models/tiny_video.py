@@ -1,13 +1,15 @@
-"""Tiny video pipelines: the real diffusers pipeline, denoiser and video-VAE classes of Wan 2.1, SkyReels-V2 and
-CogVideoX at widths of 8 to 32, seeded, with the offline ``t5_tokenizer``. ``attnprobe.models.tiny.tiny_pipeline``
-builds them by name (``"wan"``, ``"skyreels-v2"``, ``"cogvideox"``).
+"""Tiny video pipelines: the real diffusers pipeline, denoiser and video-VAE classes of Wan 2.1, SkyReels-V2,
+CogVideoX and HunyuanVideo at widths of 8 to 32, seeded, with the offline ``t5_tokenizer`` (HunyuanVideo:
+``llm_tokenizer`` and ``clip_tokenizer``). ``attnprobe.models.tiny.tiny_pipeline`` builds them by name (``"wan"``,
+``"skyreels-v2"``, ``"cogvideox"``, ``"hunyuanvideo"``).
 
     >>> pipe = tiny_wan_pipeline()
     >>> type(pipe).__name__, type(pipe.transformer).__name__, pipe.transformer.config.patch_size
     ('WanPipeline', 'WanTransformer3DModel', (1, 2, 2))
 
 Call them with small videos: ``num_frames=9`` (3 latent frames after the VAEs' temporal compression of 4),
-``height=width=32`` or 48, 2 steps, ``max_sequence_length=16`` (CogVideoX: exactly its ``max_text_seq_length``, 16).
+``height=width=32`` or 48, 2 steps, ``max_sequence_length=16`` (CogVideoX: exactly its ``max_text_seq_length``, 16;
+HunyuanVideo: also ``prompt_template=TINY_HUNYUANVIDEO_TEMPLATE``, whose ``crop_start`` is the tiny tokenizer's).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from __future__ import annotations
 import torch
 
 from .._quiet import quiet_notes
-from .components import finish, ftfy_stand_in
-from .tokenizers import t5_tokenizer, t5_vocab_size
+from .components import finish, ftfy_stand_in, make_clip_encoder
+from .tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer, t5_vocab_size
 
-__all__ = ["tiny_wan_pipeline", "tiny_skyreels_v2_pipeline", "tiny_cogvideox_pipeline"]
+__all__ = ["tiny_wan_pipeline", "tiny_skyreels_v2_pipeline", "tiny_cogvideox_pipeline", "tiny_hunyuanvideo_pipeline",
+           "TINY_HUNYUANVIDEO_TEMPLATE"]
 
 
 def _t5(seed: int, umt5: bool):
@@ -115,4 +118,64 @@ def tiny_cogvideox_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     ).eval()
     pipe = CogVideoXPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5(seed + 2, umt5=False), vae=vae,
                              transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+    return finish(pipe, dtype)
+
+
+def _hunyuanvideo_template() -> dict:
+    """HunyuanVideo's default prompt template with the ``crop_start`` of ``llm_tokenizer`` (the template's tokens before
+    the prompt): the pipeline's own ``crop_start`` (95) counts the real Llama tokenizer's tokens."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    return {"template": template, "crop_start": len(llm_tokenizer()(template.split("{}")[0]).input_ids)}
+
+
+#: ``prompt_template`` for ``tiny_hunyuanvideo_pipeline``'s calls: diffusers' default template, its ``crop_start``
+#: counted with the tiny tokenizer (166), so the text keys start at the prompt as the real ones do
+TINY_HUNYUANVIDEO_TEMPLATE = _hunyuanvideo_template()
+
+
+@quiet_notes()
+def tiny_hunyuanvideo_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``HunyuanVideoPipeline`` with HunyuanVideo's structure: a 1-layer token refiner, 1 double-stream block
+    (``transformer_blocks.0.attn``: ``[video; text]`` with text projections of its own) and 2 single-stream blocks
+    (``single_transformer_blocks.i.attn``), 2 heads of 8 channels, ``(1, 2, 2)`` patches, a 3-D RoPE on the video
+    positions only, the text padding masked out; a 3-layer Llama encoder of width 16 (``llm_tokenizer``; the keys are
+    its third-from-last hidden states, as the real one's) reading the prompt inside diffusers' template, a 2-layer CLIP
+    encoder of width 32 for the pooled vector (``clip_tokenizer``), HunyuanVideo's causal video VAE (temporal
+    compression 4, spatial 8, 4 latent channels) and a flow-matching Euler scheduler. Guidance is embedded
+    (``guidance_embeds``): one conditional call per step; ``true_cfg_scale > 1`` with a negative prompt adds a separate
+    unconditional call. Pass ``prompt_template=TINY_HUNYUANVIDEO_TEMPLATE`` (the default's ``crop_start`` counts the
+    real Llama tokenizer's tokens).
+
+    Args:
+        seed: weight seed. dtype: parameter dtype.
+    """
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import LlamaConfig, LlamaModel
+
+    tokenizer = llm_tokenizer()
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=32,
+        rope_axes_dim=(2, 2, 4),
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+        mid_block_add_attention=False,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    llama = LlamaModel(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="eager",
+    )).eval()
+    pipe = HunyuanVideoPipeline(
+        text_encoder=llama, tokenizer=tokenizer, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=make_clip_encoder(32, seed + 3),
+        tokenizer_2=clip_tokenizer(),
+    )
     return finish(pipe, dtype)

@@ -1,8 +1,9 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
-other 3-D denoisers other than Wan 2.1, SkyReels-V2 and CogVideoX text-to-video (each with what is missing to record it), audio denoisers (no
-image grid), priors that denoise one CLIP image embedding (no image positions), Stable Cascade's decoder (no
-per-token text) and Qwen-Image 2.1 (a block-causal sequence with a KV cache). Each names the diffusers 0.42 classes it covers; a class it does not name
-falls to the generic family, which is refused too unless a probe is told to record it by structure.
+other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX and HunyuanVideo text-to-video (each with what is
+missing to record it), audio denoisers (no image grid), priors that denoise one CLIP image embedding (no image
+positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a block-causal sequence with a KV cache).
+Each names the diffusers 0.42 classes it covers; a class it does not name falls to the generic family, which is refused
+too unless a probe is told to record it by structure.
 """
 
 from .cascade import is_prior
@@ -10,8 +11,8 @@ from .registry import Family, first_text_encoder
 
 def _video(name: str, title: str, denoisers: tuple[str, ...], why: str, **more) -> Family:
     """A video denoiser refused up front: ``why`` names what attnprobe lacks to record it exactly (it records the frame
-    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2 and CogVideoX, whose reading is checked against a
-    reference)."""
+    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2, CogVideoX and HunyuanVideo, whose reading
+    is checked against a reference)."""
     return Family(name=name, title=title, denoisers=denoisers, kinds=(), text_streams=first_text_encoder,
                   refused=why, **more)
 
@@ -26,17 +27,33 @@ WAN_IMAGE = _video(
     matches=lambda denoiser: denoiser.config.image_dim is not None or denoiser.config.added_kv_proj_dim is not None,
     pipelines=("WanImageToVideo", "SkyReelsV2ImageToVideo"))
 
+#: HunyuanVideo's image-to-video denoiser (the class of ``hunyuanvideo.FAMILY``, built with ``image_condition_type``)
+HUNYUANVIDEO_IMAGE = _video(
+    "hunyuanvideo-image", "HunyuanVideo image-to-video (HunyuanVideoTransformer3DModel with image_condition_type)",
+    ("HunyuanVideoTransformer3DModel",),
+    "its text keys are a LLaVA encoder's hidden states that start with the input image's tokens (every "
+    "image_embed_interleave-th of them), the prompt's cut around the assistant header row by row, and with "
+    "image_condition_type='token_replace' its first latent frame is modulated apart: no labelling of those keys exists",
+    matches=lambda denoiser: denoiser.config.image_condition_type is not None,
+    pipelines=("HunyuanVideoImageToVideo",))
+
 VIDEO_FAMILIES = (
     WAN_IMAGE,
-    _video("hunyuanvideo", "HunyuanVideo (HunyuanVideoTransformer3DModel, its Framepack variant)",
-           ("HunyuanVideoTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel"),
-           "its text keys are a LLaVA-Llama encoder's hidden states cut out of a chat template at crop_start, refined "
-           "by a token refiner, and joined after the video positions with a per-row attention mask in its dual- and "
-           "single-stream blocks: the template's labels and a masked [video; text] joint read are missing"),
+    HUNYUANVIDEO_IMAGE,
+    _video("hunyuanvideo-framepack", "HunyuanVideo Framepack (HunyuanVideoFramepackTransformer3DModel)",
+           ("HunyuanVideoFramepackTransformer3DModel",),
+           "it denoises the video one section at a time, its video positions joined with clean history latents "
+           "patchified at 1×, 2× and 4× (latents_clean, latents_history_2x/4x) and an image's SigLIP tokens, each "
+           "at frame indices passed per call: its queries are not one qt × qh × qw grid of the latents it is called "
+           "with"),
     _video("hunyuanvideo-1.5", "HunyuanVideo 1.5 (HunyuanVideo15Transformer3DModel)",
            ("HunyuanVideo15Transformer3DModel",),
-           "its text keys join a Qwen2.5-VL encoder's templated hidden states, ByT5 glyph tokens and SigLIP image "
-           "tokens in an order set per row by attention masks: no labelling of those keys exists yet"),
+           "each row's text keys are reordered by its masks to [attended SigLIP image tokens; attended ByT5 glyphs; "
+           "attended Qwen2.5-VL chat-template positions; masked image tokens (all 729 in text-to-video, passed as "
+           "image_embeds); masked ByT5; masked Qwen], and attnprobe neither counts image_embeds among the text keys "
+           "nor labels that order yet (no tiny builder or reference test either); with several prompts and "
+           "num_videos_per_prompt > 1, diffusers 0.42's encode_prompt repeats the masks in another row order than the "
+           "embeddings"),
     _video("ltx", "LTX-Video (LTXVideoTransformer3DModel)", ("LTXVideoTransformer3DModel",),
            "it is called with packed latents [batch, frame·h·w, channel] and num_frames, height and width arguments "
            "(and a rope_interpolation_scale); attnprobe reads the frame grid of 5-D latents only"),
@@ -70,7 +87,8 @@ VIDEO_FAMILIES = (
             "UNetSpatioTemporalConditionModel", "WanAnimateTransformer3DModel", "WanVACETransformer3DModel"),
            "this denoiser's layout of frames, patches and text keys (extra conditioning streams, control hints, "
            "identity or image tokens, or no text at all) has no family that reads it; attnprobe records the frame "
-           "axis of Wan 2.1 (WanPipeline), SkyReels-V2 (SkyReelsV2Pipeline) and CogVideoX (CogVideoXPipeline)"),
+           "axis of Wan 2.1 (WanPipeline), SkyReels-V2 (SkyReelsV2Pipeline), CogVideoX (CogVideoXPipeline) and "
+           "HunyuanVideo (HunyuanVideoPipeline)"),
 )
 VIDEO = VIDEO_FAMILIES[-1]
 

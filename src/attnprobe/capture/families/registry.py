@@ -91,6 +91,15 @@ class Family:
             at a time, its padding, then the template's suffix): ``(pipe, tokenizer, prompt, source) -> TokenLayout``
             of every position the encoder reads (kinds ``template``, ``word``, ``pad``), or ``None`` where the
             pipeline's pieces cannot be rebuilt; ``text_positions`` then picks the keys from it.
+        keys_from_end: with ``template``, the text keys are the last ``n_keys`` positions of the encoding, key ``i``
+            encoded position ``len(ids) − n_keys + i``: the pipeline cuts the template's head by a count of tokens
+            that is an argument of its call (HunyuanVideo's ``prompt_template["crop_start"]``, 95 for its Llama
+            tokenizer) and pads the rest to ``max_sequence_length``. Without the ids the encoder read
+            (``prompt_embeds``) the cut is unknown and nothing is labelled.
+        video: ``(denoiser, latents) -> (latent frames, (pt, ph, pw))`` for a video denoiser (``capture.frames``);
+            ``None`` for an image one.
+        pipe_refused: ``pipe -> why or None``: a pipeline of a recorded denoiser that attnprobe refuses (Wan 2.2's two
+            experts), said before it runs.
     """
 
     name: str
@@ -119,6 +128,7 @@ class Family:
     pieces: Callable | None = None
     video: Callable | None = None
     pipe_refused: Callable | None = None
+    keys_from_end: bool = False
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""
@@ -155,12 +165,14 @@ class Family:
         guess)."""
         if not self.templated or text is None or tokenizer is None or not getattr(tokenizer, "is_fast", False):
             return None
-        if ids is None and self.template is not None and len(self.template(pipe, text, n_keys)) > 1:
-            return None  # prompt_embeds: which template (Sana: with its instruction or not) made them is unknown
+        if ids is None and self.template is not None and (
+                self.keys_from_end or len(self.template(pipe, text, n_keys)) > 1):
+            return None  # prompt_embeds: which template (Sana: with or without its instruction), or cut, is unknown
         for prompt in dict.fromkeys((text, text.lower().strip())):  # Sana and PixArt encode it lower-cased, stripped
             for lay in self.encodings(pipe, tokenizer, prompt, n_keys, len(ids) if ids is not None else None, source):
-                if ids is None or lay.ids == ids:
+                if (ids is None or lay.ids == ids) and not (self.keys_from_end and len(lay.ids) < n_keys):
                     positions = (self.text_positions(pipe, lay, n_keys) if self.text_positions
+                                 else list(range(len(lay.ids) - n_keys, len(lay.ids))) if self.keys_from_end
                                  else list(range(n_keys)))  # default: key i is encoded position i
                     picked = select_positions(lay, positions)
                     # words the pipeline cut after encoding (Qwen-Image keeps max_sequence_length of 1024 tokens)
