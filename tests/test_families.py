@@ -104,9 +104,16 @@ def _rope_complex(x, freqs):
 REGISTERS = {"auraflow": 8}
 
 
-@torch.no_grad()
 def reference(family, kind, attn, inputs, text_len):
     """The image-query × text-key block of the softmax over all keys, float64 ``[batch, head, image, text]``."""
+    probs, image, text = full_softmax(family, kind, attn, inputs, text_len)
+    return probs[:, :, image, text]
+
+
+@torch.no_grad()
+def full_softmax(family, kind, attn, inputs, text_len):
+    """The softmax over all keys in float64, ``[batch, head, query, key]``, and its image and text slices (the
+    query and key sequences are one, except for cross-attention and IF's added-KV attention)."""
     a = copy.deepcopy(attn).double()
     h = inputs["hidden_states"].double()
     heads = lambda x: x.unflatten(-1, (-1, a.head_dim if hasattr(a, "head_dim") else x.shape[-1] // a.heads))  # noqa: E731
@@ -169,7 +176,7 @@ def reference(family, kind, attn, inputs, text_len):
     logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
     if bias is not None:
         logits = logits + bias
-    return logits.softmax(-1)[:, :, image, text]
+    return logits.softmax(-1), image, text
 
 
 # ---------------------------------------------------------------------------------------------- maps

@@ -16,6 +16,8 @@ import torch
 import attnprobe
 from attnprobe.errors import ProbeError, StoreError, UnknownSiteError
 from attnprobe.testing import tiny_pipeline, tiny_pixart_pipeline, tiny_sd_pipeline
+from test_families import GRID as KERNEL_GRID, Inputs as KernelInputs, full_softmax as kernel_softmax
+from test_families import generate as kernel_generate
 from test_joint import OPTIONS as JOINT_OPTIONS, Inputs, full_softmax
 
 POINTS = [(0.5, 0.5), (0.0, 1.0), (0.99, 0.2)]
@@ -192,6 +194,43 @@ def test_text_queries_follow_the_kept_tokens(joint_pipes):
     assert kept.relation("text->text", kept.sites[0]).shape[-1] == every.relation("text->text", every.sites[0]).shape[-1]
 
 
+# ---------------------------------------------------------------------------------------------- read at the kernel
+KERNEL = ["qwen", "flux2", "cogview4"]
+
+
+@pytest.fixture(scope="module")
+def kernel_pipes():
+    return {name: tiny_pipeline(name) for name in KERNEL}
+
+
+@pytest.mark.parametrize("family", KERNEL)
+def test_relations_read_at_the_kernel_are_blocks_of_the_float64_softmax(kernel_pipes, family):
+    """Qwen-Image, Flux.2 and CogView4 (q and k read at scaled_dot_product_attention): every relation against
+    test_families' float64 softmax from our own hooks (Qwen's masked text padding included)."""
+    pipe = kernel_pipes[family]
+    sites = attnprobe.list_sites(pipe)
+    plain = kernel_generate(pipe, family)
+    denoiser = attnprobe.capture.denoiser_of(pipe)
+    with KernelInputs(denoiser, [s.name for s in sites]) as seen:
+        with attnprobe.probe(pipe, dtype=torch.float32, relations=ALL, points=POINTS) as store:
+            probed = kernel_generate(pipe, family)
+    assert torch.equal(plain, probed)
+    for site in sites:
+        attn = denoiser.get_submodule(site.name)
+        for call in range(len(store.calls)):
+            index = store.calls[call].index
+            probs, image, text = kernel_softmax(family, site.kind, attn, seen.seen[site.name][index],
+                                                seen.text_len[index])
+            rows = [s.row for s in store.samples]
+            blocks = {"image->image": probs[rows][:, :, image][:, :, cells(POINTS, KERNEL_GRID[family])][..., image],
+                      "text->image": probs[rows][:, :, text][..., image],
+                      "text->text": probs[rows][:, :, text][..., text]}
+            for relation, want in blocks.items():
+                got = store.relation(relation, site)[call].double()
+                got = got.flatten(-2) if relation != "text->text" else got
+                assert got.shape == want.shape and (got - want).abs().max() <= 1e-6, (site.name, relation, call)
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("options, match", [
     (dict(relations="image->text"), "the probe's own map"),
@@ -218,7 +257,7 @@ def test_bad_relations_are_refused_before_generating(cross_pipes, options, match
 
 def test_a_family_without_relations_is_refused_naming_those_with():
     pipe = tiny_pipeline("auraflow")
-    with pytest.raises(ProbeError, match="relations= are read at SD 1.x/2.x.*Flux.1; AuraFlowTransformer2DModel"):
+    with pytest.raises(ProbeError, match="relations= are read at SD 1.x/2.x.*CogView4; AuraFlowTransformer2DModel"):
         with attnprobe.probe(pipe, relations="image->image", points=(0.5, 0.5)):
             pass
 

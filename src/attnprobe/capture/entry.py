@@ -93,7 +93,7 @@ def probe(
             warning that its labels are unchecked. Default: ``False`` (refused).
         relations: other blocks of the probed sites' attention, kept beside the maps in ``store.relations``:
             ``"image->image"`` (with ``points``), ``"text->image"``, ``"text->text"`` (joint-attention sites), or a
-            list of them; for UNet, PixArt, SD3 and Flux (``attnprobe.capture.relations``). Default: ``None``.
+            list of them; for UNet, PixArt, SD3, Flux, Qwen-Image, Flux.2 and CogView4 (``attnprobe.capture.relations``). Default: ``None``.
         points: the image positions ``(y, x)`` whose attention to every image position ``"image->image"`` keeps,
             fractions of the image's height and width in [0, 1]. Default: ``None``.
 

@@ -34,7 +34,7 @@ from .cross import ProbeProcessor, with_tolerance
 from .joint import joint_output_error, joint_probs
 from .processor import batch_rows, check_keys
 
-__all__ = ["KernelTap", "KernelProbeProcessor"]
+__all__ = ["KernelTap", "KernelProbeProcessor", "sequence_bias"]
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -60,7 +60,7 @@ class KernelTap(TorchFunctionMode):
         return out
 
 
-def _bias(mask, rows, queries: slice, keys: slice):
+def sequence_bias(mask, rows, queries: slice, keys: slice):
     """The additive bias of an ``attn_mask`` ``[sample | 1, head | 1, query | 1, key]`` (or fewer leading
     dimensions) for the recorded batch ``rows``, image ``queries`` and the ``keys`` slice: a boolean mask (``True``
     = attend) becomes 0 / ``-inf``, a float one is added as it is."""
@@ -124,9 +124,12 @@ class KernelProbeProcessor(ProbeProcessor):
             k = batch_rows(key, rows)
             mode = "renorm" if self.kind == "cross" else state.joint
             other_k = k[:, :, others] if isinstance(others, slice) else k.index_select(2, others.to(k.device))
-            bias = None if mask is None else (_bias(mask, rows, image_q, others), _bias(mask, rows, image_q, text))
+            bias = None if mask is None else (sequence_bias(mask, rows, image_q, others),
+                                              sequence_bias(mask, rows, image_q, text))
             probs, share = joint_probs(q, other_k, k[:, :, text], mode, bias=bias, scale=scale,
                                        reduce=(state.heads, state.tokens, state.dtype))
+        if state.relate is not None:  # probe(relations=...): other blocks of the same softmax
+            state.relate.at_kernel(self, query, key, mask, scale, (image_q, others, text))
         self._hand_on(probs, share, query, key, mask, scale, seen)
         return output
 
@@ -158,7 +161,7 @@ class KernelProbeProcessor(ProbeProcessor):
             others = torch.zeros(own_text.shape, device=q.device).masked_fill_(own_text, float("-inf"))
             others = others[:, None, None, :n_keys]
             if mask is not None:
-                others = others + _bias(mask, rows, slice(0, 1), slice(0, n_keys))[:, :, :1]
+                others = others + sequence_bias(mask, rows, slice(0, 1), slice(0, n_keys))[:, :, :1]
             past = ~own_text[:, text_start:text_start + n_text]
             text_bias = torch.zeros(past.shape, device=q.device).masked_fill_(past, float("-inf"))[:, None, None]
             probs, share = joint_probs(q, k[:, :, :n_keys], k[:, :, text_start:text_start + n_text], state.joint,
@@ -214,7 +217,7 @@ class KernelProbeProcessor(ProbeProcessor):
         out = seen["output"]
         every = slice(0, key.shape[2])
         with torch.no_grad():
-            full = None if mask is None else _bias(mask, None, slice(None), every)
+            full = None if mask is None else sequence_bias(mask, None, slice(None), every)
             bias = None if full is None else (full, full[..., :0])
             error = joint_output_error(query.float() * scale, key, key[:, :, :0], seen["value"], seen["value"][:, :, :0],
                                        out.transpose(1, 2).flatten(2), bias=bias)

@@ -6,7 +6,7 @@ outputs stay bit-identical):
 
 | relation | where it is read | axes of one call | a row sums to |
 |---|---|---|---|
-| ``"image->image"`` | at a cross-attention site (UNet, PixArt): its transformer block's self-attention (``attn1``); at a joint or single-stream site (SD3, Flux): the site itself | ``[sample, head, point, kh, kw]`` | 1 (self-attention); for ``joint="exact"`` the query's image share |
+| ``"image->image"`` | at a cross-attention site (UNet, PixArt): its transformer block's self-attention (``attn1``); at a joint or single-stream site (SD3, Flux, Qwen-Image, Flux.2, CogView4): the site itself | ``[sample, head, point, kh, kw]`` | 1 (self-attention); for ``joint="exact"`` the query's image share |
 | ``"text->image"`` | joint and single-stream sites | ``[sample, head, token, kh, kw]`` | the text query's image share (``"exact"``), 1 (``"renorm"``) |
 | ``"text->text"`` | joint and single-stream sites | ``[sample, head, token, key]`` | the text query's text share (``"exact"``), 1 (``"renorm"``) |
 
@@ -18,8 +18,10 @@ kept text positions (``tokens=``; all by default), ``key`` every text key. ``kh,
 softmax over that block's keys alone, as for the probe's own maps (``attnprobe.joint``). Heads are averaged with
 ``heads="mean"``; the maps are kept in the probe's ``dtype`` on its ``device``.
 
-Read at denoisers whose q and k attnprobe reads through forward hooks and has checked for these blocks
-(``FAMILIES``); every other denoiser is refused when the probe opens, naming what is supported.
+Read at the families whose blocks are checked against a float64 reference (``FAMILIES``): through forward hooks
+(UNet, PixArt, SD3, Flux: ``Relations.at_joint`` and ``SelfProbeProcessor``) or at the attention kernel (Qwen-Image,
+Flux.2, CogView4: ``Relations.at_kernel``, from the q and k handed to ``scaled_dot_product_attention``); every other
+denoiser is refused when the probe opens, naming what is supported.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..errors import ProbeError
 from .cross import ProbeProcessor, attention_logits, chain as _chain, output_error, with_tolerance
 from .denoiser_call import query_grid
 from .joint import CHUNK_ELEMENTS, mask_bias
+from .kernel import sequence_bias
 from .kinds import _wrapper_class, is_attention
 from .processor import batch_rows
 
@@ -41,7 +44,7 @@ __all__ = ["RELATIONS", "FAMILIES", "check_relations", "relation_modules", "bloc
 RELATIONS = ("image->image", "text->image", "text->text")
 #: the families whose relations are read and tested (named in every refusal)
 FAMILIES = {"unet": "SD 1.x/2.x, SDXL and other UNet pipelines", "pixart": "PixArt-α/Σ", "sd3": "SD3/SD3.5",
-            "flux": "Flux.1"}
+            "flux": "Flux.1", "qwen": "Qwen-Image", "flux2": "Flux.2", "cogview4": "CogView4"}
 _TEXT = ("text->image", "text->text")
 
 
@@ -348,6 +351,49 @@ class Relations:
                     if relation == "text->image":
                         probs = probs.unflatten(-1, grid or self.cells(site, q_img.shape[2])[1])
                     self.outbox.append((relation, site, probs))
+
+    def at_kernel(self, wrapper, query, key, mask, scale, positions) -> None:
+        """The relations of a site read at its attention kernel (``kernel.KernelProbeProcessor``: a family whose q and
+        k are read at ``scaled_dot_product_attention``), from the kernel's ``query`` and ``key`` ``[batch, head, seq,
+        d]``, its mask and scale, and ``positions``: the image queries, the other keys and the text keys of the
+        sequence (slices)."""
+        state, site = wrapper.state, wrapper.site
+        wanted = self.joint.get(site, ())
+        if not wanted:
+            return
+        image_q, image_k, text = positions
+        if not isinstance(image_k, slice) or image_k != image_q:
+            raise ProbeError(f"site {site}: keys other than its image and text positions share its softmax (register "
+                             "or padding tokens): relations= are read where the keys are the image and the text")
+        rows = state.rows
+        with torch.no_grad():
+            q, k = batch_rows(query, rows), batch_rows(key, rows)
+            k_img, k_txt = k[:, :, image_k], k[:, :, text]
+            if "image->image" in wanted:
+                cells, grid = self.cells(site, image_q.stop - image_q.start)
+                at = cells.to(q.device)
+                bias = None if mask is None else tuple(
+                    b.index_select(2, at) if b.shape[2] > 1 else b
+                    for b in (sequence_bias(mask, rows, image_q, image_k), sequence_bias(mask, rows, image_q, text)))
+                probs = block_probs(q[:, :, image_q].index_select(2, at).float() * scale, k_img, k_txt, state.joint,
+                                    ("image",), bias, state.heads, state.dtype)["image"]
+                self.outbox.append(("image->image", site, probs.unflatten(-1, grid)))
+            if not wanted & set(_TEXT):
+                return
+            if query.shape[2] != key.shape[2]:
+                raise ProbeError(f"site {site}: its queries are image positions only, so relations= has no text "
+                                 "queries to read there")
+            kept = slice(None) if state.tokens is None else state.tokens.to(q.device)
+            bias = None if mask is None else tuple(
+                b if b.shape[2] == 1 else b[:, :, kept] for b in (sequence_bias(mask, rows, text, image_k),
+                                                                  sequence_bias(mask, rows, text, text)))
+            found = block_probs(q[:, :, text][:, :, kept].float() * scale, k_img, k_txt, state.joint,
+                                ("image", "text"), bias, state.heads, state.dtype)
+            grid = self.cells(site, image_q.stop - image_q.start)[1]
+            for relation, block in (("text->image", "image"), ("text->text", "text")):
+                if relation in wanted:
+                    probs = found[block]
+                    self.outbox.append((relation, site, probs.unflatten(-1, grid) if block == "image" else probs))
 
     def collect(self, call: int | None, fill, device) -> None:
         """The call in progress is over: its maps are kept under ``call`` (``None``: not kept, dropped), each

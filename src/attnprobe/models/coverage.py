@@ -229,7 +229,8 @@ def render_page() -> str:
         "seeded weights, no downloads): its sites and their kinds, the text encoders whose positions are the keys, "
         "images bit-identical with the probe on, the token positions of a concept found in the prompt, and the "
         "relations a probe records beside the image→text maps (`probe(relations=...)`; `tests/test_relations.py` "
-        "checks them on `sd`, `pixart`, `sd3` and `flux` against a float64 reference). The test files hold the rest: "
+        "checks them on `sd`, `pixart`, `sd3`, `flux`, `chroma`, `qwen`, `flux2` and `cogview4` against a float64 "
+        "reference). The test files hold the rest: "
         "maps against an independent reference, pass labels, grids.",
         "",
         "| tiny | pipeline | family | sites (kinds) | token labels from | bit-identical fp32 / bf16 | concept found | "
