@@ -91,6 +91,12 @@ class Family:
             at a time, its padding, then the template's suffix): ``(pipe, tokenizer, prompt, source) -> TokenLayout``
             of every position the encoder reads (kinds ``template``, ``word``, ``pad``), or ``None`` where the
             pipeline's pieces cannot be rebuilt; ``text_positions`` then picks the keys from it.
+        video: for a video denoiser called with 5-D latents: ``(denoiser, sample) -> (latent frames, (pt, ph, pw))``,
+            from which ``capture.frames`` makes the query grid ``(qt, qh, qw)``; ``None`` for an image denoiser.
+        packed_video: for a video denoiser called with packed latents ``[batch, qt·qh·qw, channel]`` and its grid as
+            arguments (LTX-Video): ``(denoiser, the call's keyword arguments) -> ((qt, qh, qw), (pt, ph, pw))``; it
+            raises ``ProbeError`` for a call it cannot read. Such a family sets ``video`` too (it is a video family),
+            which is then not called.
     """
 
     name: str
@@ -119,6 +125,7 @@ class Family:
     pieces: Callable | None = None
     video: Callable | None = None
     pipe_refused: Callable | None = None
+    packed_video: Callable | None = None
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""
