@@ -209,3 +209,14 @@ def test_patches_come_from_the_denoiser_config():
     got = store["transformer_blocks.0.attn2"][0, 0].double()  # [head, qt, qh, qw, token]
     torch.testing.assert_close(got.flatten(1, 3), ref, atol=2e-6, rtol=1e-5)  # tokens in (t, h, w) order, as its RoPE
     assert torch.all(got[..., 5:] == 0)
+
+
+def test_several_prompts_label_their_rows(pipe):
+    """[uncond × 2, cond × 2] for two prompts; each prompt's "dog" where its tokenizer put it."""
+    with attnprobe.probe(pipe, passes="all", heads="mean") as store:
+        generate(pipe, prompt=["a dog", "a red dog"])
+    assert [(x.pass_label, x.row, x.prompt_index) for x in store.samples] == [
+        ("uncond", 0, 0), ("uncond", 1, 1), ("cond", 2, 0), ("cond", 3, 1)]
+    assert store.token_indices(2, "dog") == [[1]] and store.token_indices(3, "dog") == [[2]]
+    assert store.tokens(3)[:4] == ["a", "red", "dog", "</s>"]
+    assert tuple(store[store.sites[0].name].shape) == (2, 4, 1, *GRID, 16)
