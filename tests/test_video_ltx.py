@@ -103,7 +103,7 @@ def test_rows_tokens_and_padding(probed):
     for sample in store.samples:  # T5's padding gets probability 0 (exp of −10000), the rest all of it
         assert torch.all(maps[:, sample.index][..., ~mask[sample.index]] == 0)
     assert float(maps[:, uncond.index, ..., 0].min()) == 1.0  # "</s>" alone: all of every query's attention
-    dog = attnprobe.trajectory(store, "dog", cond.index, by_frame=True)  # [call, qt]: the prompt's "dog", every site and head
+    dog = attnprobe.trajectory(store, "dog", cond.index, by_frame=True)  # [call, qt]: mean over sites, heads, qh, qw
     every = torch.stack([store[s.name][:, cond.index, ..., 1] for s in store.sites])  # [site, call, head, qt, qh, qw]
     torch.testing.assert_close(dog, every.double().mean(dim=(0, 2, 4, 5)).to(dog.dtype), atol=1e-6, rtol=0)
 

@@ -263,7 +263,7 @@ def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
     """``store.meta`` entries of a run's schedule and size: ``scheduler`` (class name), ``scheduler_config``,
     ``timesteps`` (the scheduler's last schedule), ``latent_size`` and ``image_size`` (``[h, w]``; the latent grid
     times its autoencoder's down-sampling (``vae`` or Kandinsky 3's ``movq``), or the pipeline's ``vae_scale_factor``
-    where the autoencoder's config does not tell)."""
+    where the autoencoder's config does not tell; LTX-Video's pipelines: their ``vae_spatial_compression_ratio``)."""
     meta = {}
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is not None:
@@ -277,9 +277,10 @@ def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
     # VAE), else 1 (pixel space: IF)
     coder = getattr(pipe, "vae", None) or getattr(pipe, "movq", None)
     levels = getattr(getattr(coder, "config", None), "block_out_channels", None)
-    ratio = getattr(pipe, "vae_spatial_compression_ratio", None)  # LTX-Video's VAE: 4×4 patches, then its levels
-    scale = ratio if isinstance(ratio, int) and ratio >= 1 else 2 ** (len(levels) - 1) if levels else int(getattr(pipe, "vae_scale_factor", 0)
+    scale = 2 ** (len(levels) - 1) if levels else int(getattr(pipe, "vae_scale_factor", 0)
                                                        or getattr(pipe, "vae_scale_factor_spatial", 0) or 1)  # Wan's
+    ratio = getattr(pipe, "vae_spatial_compression_ratio", None)  # LTX-Video's VAE: 4×4 pixel patches, then its levels
+    scale = ratio if isinstance(ratio, int) and ratio >= 1 else scale
     meta["latent_size"] = [h, w]
     meta["image_size"] = [h * scale, w * scale]
     return meta

@@ -23,8 +23,8 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["video_grid", "call_video", "packed_call_video", "check_grid", "frame_maps", "video_meta", "store_bytes", "kept_calls",
-           "check_budget"]
+__all__ = ["video_grid", "call_video", "packed_call_video", "check_grid", "frame_maps", "video_meta", "store_bytes",
+           "kept_calls", "check_budget"]
 
 
 def video_grid(frames: int, hw: tuple[int, int], patch) -> tuple[int, int, int]:

@@ -33,7 +33,8 @@ def tiny_ltx_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     Args:
         seed: weight seed. dtype: parameter dtype.
     """
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline,
+                           LTXVideoTransformer3DModel)
 
     torch.manual_seed(seed)
     transformer = LTXVideoTransformer3DModel(
