@@ -497,7 +497,7 @@ def test_video_audio_and_prior_denoisers_and_unknown_ones_are_refused_before_the
     verdicts = {v.pipeline: v for v in pipeline_verdicts()}
     assert verdicts["AnimateDiffPipeline"].family == "frames-in-batch"  # its UNet2DConditionModel becomes a UNetMotionModel
     assert verdicts["WanImageToVideoPipeline"].verdict.startswith("refused: Wan 2.1 or SkyReels-V2 image-to-video")
-    assert verdicts["LTXPipeline"].verdict.startswith("refused: LTX-Video")
+    assert verdicts["LTX2Pipeline"].verdict.startswith("refused: LTX-2")  # LTX-Video (LTXPipeline) is recorded
     assert verdicts["StableAudioPipeline"].family == "audio"
     assert not [v for v in verdicts.values() if "untested" in v.verdict and v.family == "generic"]
 

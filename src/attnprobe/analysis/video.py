@@ -7,11 +7,12 @@ concept's heat map per decoded frame (``frame_heatmaps``) and an animated GIF of
     >>> decoded_frame_index(store, 9)
     [0, 1, 1, 1, 1, 2, 2, 2, 2]
 
-Wan's and CogVideoX's VAEs are causal in time: the first latent frame decodes to the first frame alone, and each
-later one to ``temporal_compression`` frames (4), so ``frames = (latent_frames − 1) · 4 + 1`` — except CogVideoX's
+Wan's, CogVideoX's and LTX-Video's VAEs are causal in time: the first latent frame decodes to the first frame alone,
+and each later one to ``temporal_compression`` frames (4; LTX-Video's 8), so ``frames = (latent_frames − 1) · 4 + 1``
+— except CogVideoX's
 with an even number of latent frames, which it decodes in pairs, each latent frame to 4 frames
 (``store.video["first_frame_alone"]`` says which; ``attnprobe.capture.frames.video_meta``). A query frame ``qt``
-covers ``pt`` latent frames (the denoiser's temporal patch: 1 for Wan and CogVideoX, 2 for CogVideoX 1.5).
+covers ``pt`` latent frames (the denoiser's temporal patch: 1 for Wan, CogVideoX and LTX-Video, 2 for CogVideoX 1.5).
 """
 
 from __future__ import annotations

@@ -110,8 +110,10 @@ class DenoiserCall:
         states = self.states
         return int(states.shape[1]) + self.more_text if isinstance(states, torch.Tensor) and states.ndim == 3 else 0
 
-    def check(self, denoiser: torch.nn.Module, kernel: bool = False, video: bool = False) -> None:
-        """Raise ``ProbeError`` unless the call has 4-D latents (5-D, ``video``: a video denoiser's frames) or packed
+    def check(self, denoiser: torch.nn.Module, kernel: bool = False, video: bool = False,
+              packed_video: bool = False) -> None:
+        """Raise ``ProbeError`` unless the call has 4-D latents (5-D, ``video``: a video denoiser's frames; 3-D,
+        ``packed_video``: LTX-Video's packed tokens, whose grid ``capture.frames.packed_call_video`` checks) or packed
         latents with ``img_ids``; with ``kernel``
         (a family read at the attention kernel), also when the denoiser is compiled: its processors run outside the
         compiled graph (a graph break at each site), which fuses the rest differently, so images would not stay
@@ -121,9 +123,10 @@ class DenoiserCall:
                 f"{type(denoiser).__name__} is compiled (torch.compile): its family is read at the attention kernel, "
                 "outside the compiled graph, which would change its images. Probe it uncompiled"
             )
-        if not isinstance(self.sample, torch.Tensor) or (self.sample.ndim != (5 if video else 4) and not self.packed):
+        ndim = 3 if packed_video else 5 if video else 4
+        if not isinstance(self.sample, torch.Tensor) or (self.sample.ndim != ndim and not self.packed):
             raise ProbeError(
-                f"the denoiser {type(denoiser).__name__} was called without a {5 if video else 4}-D latent sample or "
+                f"the denoiser {type(denoiser).__name__} was called without a {ndim}-D latent sample or "
                 "packed latents with "
                 f"img_ids or img_shapes (got {type(self.sample).__name__}); attnprobe supports denoisers called as diffusers "
                 "pipelines do"
@@ -274,7 +277,7 @@ def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
     """``store.meta`` entries of a run's schedule and size: ``scheduler`` (class name), ``scheduler_config``,
     ``timesteps`` (the scheduler's last schedule), ``latent_size`` and ``image_size`` (``[h, w]``; the latent grid
     times its autoencoder's down-sampling (``vae`` or Kandinsky 3's ``movq``), or the pipeline's ``vae_scale_factor``
-    where the autoencoder's config does not tell)."""
+    where the autoencoder's config does not tell; LTX-Video's pipelines: their ``vae_spatial_compression_ratio``)."""
     meta = {}
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is not None:
@@ -290,6 +293,8 @@ def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
     levels = getattr(getattr(coder, "config", None), "block_out_channels", None)
     scale = 2 ** (len(levels) - 1) if levels else int(getattr(pipe, "vae_scale_factor", 0)
                                                        or getattr(pipe, "vae_scale_factor_spatial", 0) or 1)  # Wan's
+    ratio = getattr(pipe, "vae_spatial_compression_ratio", None)  # LTX-Video's VAE: 4×4 pixel patches, then its levels
+    scale = ratio if isinstance(ratio, int) and ratio >= 1 else scale
     meta["latent_size"] = [h, w]
     meta["image_size"] = [h * scale, w * scale]
     return meta

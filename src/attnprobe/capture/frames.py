@@ -23,8 +23,8 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["video_grid", "call_video", "check_grid", "frame_maps", "video_meta", "store_bytes", "kept_calls",
-           "check_budget"]
+__all__ = ["video_grid", "call_video", "packed_call_video", "check_grid", "frame_maps", "video_meta", "store_bytes",
+           "kept_calls", "check_budget"]
 
 
 def video_grid(frames: int, hw: tuple[int, int], patch) -> tuple[int, int, int]:
@@ -41,6 +41,27 @@ def call_video(family, denoiser, sample, hw: tuple[int, int]) -> tuple | None:
         return None
     frames, patch = family.video(denoiser, sample)
     return frames, patch, video_grid(frames, hw, patch)
+
+
+def packed_call_video(family, denoiser, sample, kwargs: dict) -> tuple[tuple, tuple[int, int]]:
+    """``((latent frames, patch, (qt, qh, qw)), latent (h, w))`` of a call of a video ``family`` with packed latents
+    ``sample`` ``[batch, qt·qh·qw, channel]`` whose grid its keyword arguments give (``Family.packed_video``: LTX-Video's
+    ``num_frames``, ``height``, ``width``, in tokens): ``qt · pt`` latent frames of ``qh · ph × qw · pw``.
+
+    Raises:
+        ProbeError: the family cannot read the call (``packed_video`` says why), or ``sample`` is not packed latents of
+            that grid's token count.
+    """
+    grid, patch = family.packed_video(denoiser, kwargs)
+    pt, ph, pw = (int(p) for p in patch)
+    if not isinstance(sample, torch.Tensor) or sample.ndim != 3 or sample.shape[1] != math.prod(grid):
+        shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+        raise ProbeError(
+            f"{type(denoiser).__name__} was called with latents of shape {shape}, not packed latents [batch, "
+            f"{grid[0]}·{grid[1]}·{grid[2]} = {math.prod(grid)} tokens, channel] of the grid its arguments give "
+            "(num_frames, height, width): attnprobe refuses rather than reshape them into frames it cannot tell apart"
+        )
+    return (grid[0] * pt, (pt, ph, pw), tuple(grid)), (grid[1] * ph, grid[2] * pw)
 
 
 def check_grid(site: str, n_query: int, grid: tuple[int, int, int], frames: int, patch) -> None:
@@ -72,20 +93,30 @@ def video_meta(pipe, frames: int, patch, grid: tuple[int, int, int]) -> dict:
     and ``frames`` (the decoded frames: ``(latent_frames − 1) · c + 1`` when the first is alone, else
     ``latent_frames · c``).
 
-    Wan's causal VAE decodes the first latent frame alone. CogVideoX's decodes latent frames in pairs
-    (``num_latent_frames_batch_size`` 2), the first three together when their number is odd: the first alone then,
-    and with an even number every latent frame makes ``c`` frames (13 latent frames → 49 frames, 12 → 48). ``frames``
-    is ``None`` where the denoiser's frames do not say it: a temporal patch ``pt > 1`` (CogVideoX 1.5 pads its latent
-    frames to a multiple of ``pt`` and drops the padding before decoding), no compression, or a VAE that decodes in
-    batches of another size."""
-    compression = getattr(pipe, "vae_scale_factor_temporal", None)
+    Wan's and LTX-Video's causal VAEs decode the first latent frame alone (LTX: ``vae_temporal_compression_ratio`` 8).
+    CogVideoX's (``AutoencoderKLCogVideoX``) decodes latent frames in pairs (``num_latent_frames_batch_size`` 2), the
+    first three together when their number is odd: the first alone then, and with an even number every latent frame
+    makes ``c`` frames (13 latent frames → 49 frames, 12 → 48). ``frames`` is ``None`` where the denoiser's frames do
+    not say it: a temporal patch ``pt > 1`` (CogVideoX 1.5 pads its latent frames to a multiple of ``pt`` and drops the
+    padding before decoding), no compression, or CogVideoX's VAE set to decode in batches of another size."""
+    compression = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio",
+                                                                              None)  # LTX-Video's pipelines: the latter
     compression = int(compression) if isinstance(compression, int) and compression >= 1 else None
-    batch = getattr(getattr(pipe, "vae", None), "num_latent_frames_batch_size", None)
+    vae = getattr(pipe, "vae", None)
+    # only CogVideoX's VAE decodes in pairs (LTX-Video's has a num_latent_frames_batch_size too, for tiled decoding)
+    batch = vae.num_latent_frames_batch_size if _decodes_in_pairs(vae) else None
     first_alone = batch is None or frames % 2 == 1  # CogVideoX's pairs: alone only when the first batch is of three
     known = compression is not None and int(patch[0]) == 1 and batch in (None, 2)
     decoded = ((frames - 1) * compression + 1 if first_alone else frames * compression) if known else None
     return {"qt": int(grid[0]), "latent_frames": int(frames), "patch": [int(p) for p in patch],
             "temporal_compression": compression, "first_frame_alone": bool(first_alone), "frames": decoded}
+
+
+def _decodes_in_pairs(vae) -> bool:
+    """Whether ``vae`` is CogVideoX's VAE, which decodes latent frames in batches of ``num_latent_frames_batch_size``."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    return isinstance(vae, AutoencoderKLCogVideoX)
 
 
 def store_bytes(sites, samples: int, grid, tokens: int, heads: str, dtype: torch.dtype, calls: int) -> int:

@@ -70,6 +70,11 @@ REFUSED = {
                     "denoiser call), while a store keeps one timestep per call")
        for name in ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                     "SkyReelsV2DiffusionForcingVideoToVideoPipeline")},
+    "LTXImageToVideoPipeline": (None, "gives each video token its own timestep (its first latent frame, the input "
+                                      "image, at 0), while a store keeps one timestep per call"),
+    **{name: (None, "places every token by video_coords (conditioning frames and videos among the generated ones) "
+                    "instead of the num_frames × height × width grid attnprobe reads LTX-Video's frames from")
+       for name in ("LTXConditionPipeline", "LTXI2VLongMultiPromptPipeline")},
     "LongCatImageEditPipeline": (None, "reads the input image inside its text encoder's template (its vision tokens "
                                        "are text keys) and appends the image's latents to the image queries"),
 }

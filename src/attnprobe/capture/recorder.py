@@ -25,7 +25,7 @@ from .cross import ProbeProcessor, chain
 from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, schedule_meta
 from .evidence import EncodeWatch, note_checks
 from .families import family_of
-from .frames import call_video, check_budget, frame_maps, kept_calls, store_bytes, video_meta
+from .frames import call_video, check_budget, frame_maps, kept_calls, packed_call_video, store_bytes, video_meta
 from .kinds import wrap_processor
 from .processor import CaptureState
 from .options import capture_meta
@@ -261,10 +261,15 @@ class Recorder:
         self.running = True
         self._close_call()
         call = DenoiserCall.read(args, kwargs)
-        call.check(module, kernel=self.family.reader == "kernel", video=self.family.video is not None)
+        packed = self.family.packed_video is not None  # LTX-Video: packed tokens, their grid as arguments
+        call.check(module, kernel=self.family.reader == "kernel", video=self.family.video is not None,
+                   packed_video=packed)
         t = self.timesteps.value(call.timestep, getattr(self.pipe, "scheduler", None))
-        hw = call.latent_hw(self._packed_hw)
-        self.video = call_video(self.family, module, call.sample, hw)  # a video denoiser's frames, patch, query grid
+        if packed:
+            self.video, hw = packed_call_video(self.family, module, call.sample, kwargs)
+        else:
+            hw = call.latent_hw(self._packed_hw)
+            self.video = call_video(self.family, module, call.sample, hw)  # a video denoiser's frames, patch, grid
         self.state.text_len = call.text_len
         self.state.row_text = call.mask.sum(-1) if self.family.row_text and call.mask is not None else None
         self.state.image_len = self.family.image_len(module, hw) if self.family.image_len else 0

@@ -88,6 +88,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "SkyReelsV2Pipeline": ("skyreels-v2", "tests/test_video.py"),
     "CogVideoXPipeline": ("cogvideox", "tests/test_video.py"),
     "HunyuanVideoPipeline": ("hunyuanvideo", "tests/test_hunyuanvideo.py"),
+    "LTXPipeline": ("ltx", "tests/test_video_ltx.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),

@@ -22,6 +22,7 @@ from ..errors import ArgumentError
 from .components import finish, make_clip_encoder, make_flow_vae, make_scheduler, make_t5_encoder, make_vae
 from .configs import SD15_UNET, SDXL_UNET
 from .shapes.model import load as load_shapes
+from .tiny_ltx import tiny_ltx_pipeline
 from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_dev_pipeline, tiny_flux2_pipeline, tiny_hidream_pipeline,
                        tiny_hunyuanimage_pipeline, tiny_kolors_pipeline, tiny_lumina2_pipeline, tiny_lumina_next_pipeline,
                        tiny_ovis_pipeline, tiny_qwen_pipeline, tiny_sana_pipeline, tiny_zimage_pipeline)
@@ -481,6 +482,7 @@ _BUILDERS = {
     "skyreels-v2": tiny_skyreels_v2_pipeline,
     "cogvideox": tiny_cogvideox_pipeline,
     "hunyuanvideo": tiny_hunyuanvideo_pipeline,
+    "ltx": tiny_ltx_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

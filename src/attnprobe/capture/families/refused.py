@@ -1,5 +1,5 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
-other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX and HunyuanVideo text-to-video (each with what is
+other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo and LTX-Video text-to-video (each with what is
 missing to record it), audio denoisers (no image grid), priors that denoise one CLIP image embedding (no image
 positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a block-causal sequence with a KV cache).
 Each names the diffusers 0.42 classes it covers; a class it does not name falls to the generic family, which is refused
@@ -11,7 +11,7 @@ from .registry import Family, first_text_encoder
 
 def _video(name: str, title: str, denoisers: tuple[str, ...], why: str, **more) -> Family:
     """A video denoiser refused up front: ``why`` names what attnprobe lacks to record it exactly (it records the frame
-    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2, CogVideoX and HunyuanVideo, whose reading
+    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo and LTX-Video, whose reading
     is checked against a reference)."""
     return Family(name=name, title=title, denoisers=denoisers, kinds=(), text_streams=first_text_encoder,
                   refused=why, **more)
@@ -54,12 +54,10 @@ VIDEO_FAMILIES = (
            "nor labels that order yet (no tiny builder or reference test either); with several prompts and "
            "num_videos_per_prompt > 1, diffusers 0.42's encode_prompt repeats the masks in another row order than the "
            "embeddings"),
-    _video("ltx", "LTX-Video (LTXVideoTransformer3DModel)", ("LTXVideoTransformer3DModel",),
-           "it is called with packed latents [batch, frame·h·w, channel] and num_frames, height and width arguments "
-           "(and a rope_interpolation_scale); attnprobe reads the frame grid of 5-D latents only"),
     _video("ltx2", "LTX-2 (LTX2VideoTransformer3DModel)", ("LTX2VideoTransformer3DModel",),
            "it denoises audio and video together (audio-to-video and video-to-audio cross-attention beside the text's) "
-           "from packed latents: neither the audio stream nor packed frames are read"),
+           "from packed latents: its audio stream and the audio-video cross-attention are not read (LTX-Video's "
+           "LTXPipeline is recorded)"),
     _video("mochi", "Mochi 1 (MochiTransformer3DModel)", ("MochiTransformer3DModel",),
            "its joint attention runs one kernel call per batch row over that row's unpadded text (MochiAttnProcessor2_0), "
            "and attnprobe's kernel reader reads one call per site"),
@@ -87,8 +85,8 @@ VIDEO_FAMILIES = (
             "UNetSpatioTemporalConditionModel", "WanAnimateTransformer3DModel", "WanVACETransformer3DModel"),
            "this denoiser's layout of frames, patches and text keys (extra conditioning streams, control hints, "
            "identity or image tokens, or no text at all) has no family that reads it; attnprobe records the frame "
-           "axis of Wan 2.1 (WanPipeline), SkyReels-V2 (SkyReelsV2Pipeline), CogVideoX (CogVideoXPipeline) and "
-           "HunyuanVideo (HunyuanVideoPipeline)"),
+           "axis of Wan 2.1 (WanPipeline), SkyReels-V2 (SkyReelsV2Pipeline), CogVideoX (CogVideoXPipeline), "
+           "HunyuanVideo (HunyuanVideoPipeline) and LTX-Video (LTXPipeline)"),
 )
 VIDEO = VIDEO_FAMILIES[-1]
 

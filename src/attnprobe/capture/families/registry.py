@@ -96,8 +96,12 @@ class Family:
             that is an argument of its call (HunyuanVideo's ``prompt_template["crop_start"]``, 95 for its Llama
             tokenizer) and pads the rest to ``max_sequence_length``. Without the ids the encoder read
             (``prompt_embeds``) the cut is unknown and nothing is labelled.
-        video: ``(denoiser, latents) -> (latent frames, (pt, ph, pw))`` for a video denoiser (``capture.frames``);
-            ``None`` for an image one.
+        video: for a video denoiser called with 5-D latents: ``(denoiser, sample) -> (latent frames, (pt, ph, pw))``,
+            from which ``capture.frames`` makes the query grid ``(qt, qh, qw)``; ``None`` for an image denoiser.
+        packed_video: for a video denoiser called with packed latents ``[batch, qt·qh·qw, channel]`` and its grid as
+            arguments (LTX-Video): ``(denoiser, the call's keyword arguments) -> ((qt, qh, qw), (pt, ph, pw))``; it
+            raises ``ProbeError`` for a call it cannot read. Such a family sets ``video`` too (it is a video family),
+            which is then not called.
         pipe_refused: ``pipe -> why or None``: a pipeline of a recorded denoiser that attnprobe refuses (Wan 2.2's two
             experts), said before it runs.
     """
@@ -129,6 +133,7 @@ class Family:
     video: Callable | None = None
     pipe_refused: Callable | None = None
     keys_from_end: bool = False
+    packed_video: Callable | None = None
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""
