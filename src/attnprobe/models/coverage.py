@@ -85,6 +85,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "WanPipeline": ("wan", "tests/test_video.py"),
     "SkyReelsV2Pipeline": ("skyreels-v2", "tests/test_video.py"),
     "CogVideoXPipeline": ("cogvideox", "tests/test_video.py"),
+    "AllegroPipeline": ("allegro", "tests/test_video_allegro.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),

@@ -17,7 +17,7 @@ import weakref
 import torch
 
 from ...errors import ProbeError, warn
-from . import (auraflow, bria, cascade, cogview3, cogvideox, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage,
+from . import (allegro, auraflow, bria, cascade, cogview3, cogvideox, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage,
                kandinsky3, longcat, lumina, lumina2, ovis, pixart, prx, qwen, refused, sana, sd3, unet, wan, zimage)
 from .registry import Family
 
@@ -29,7 +29,8 @@ FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.
                                   hunyuandit.FAMILY, auraflow.FAMILY, lumina2.FAMILY, zimage.FAMILY,
                                   kandinsky3.FAMILY, hidream.FAMILY, hunyuanimage.FAMILY, cascade.FAMILY,
                                   cogview3.FAMILY, lumina.FAMILY, bria.FAMILY, ovis.FAMILY, prx.FAMILY,
-                                  longcat.FAMILY, wan.FAMILY, wan.SKYREELS_V2, cogvideox.FAMILY)
+                                  longcat.FAMILY, wan.FAMILY, wan.SKYREELS_V2, cogvideox.FAMILY,
+                                  allegro.FAMILY)
 #: Denoisers refused by what they are (video, audio, CLIP-embedding priors, Stable Cascade's decoder), tried before
 #: ``FAMILIES``.
 REFUSED_FAMILIES: tuple[Family, ...] = refused.FAMILIES

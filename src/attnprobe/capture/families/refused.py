@@ -46,9 +46,6 @@ VIDEO_FAMILIES = (
     _video("mochi", "Mochi 1 (MochiTransformer3DModel)", ("MochiTransformer3DModel",),
            "its joint attention runs one kernel call per batch row over that row's unpadded text (MochiAttnProcessor2_0), "
            "and attnprobe's kernel reader reads one call per site"),
-    _video("allegro", "Allegro (AllegroTransformer3DModel)", ("AllegroTransformer3DModel",),
-           "its attn2 cross-attends to T5 with a padding bias, but no tiny Allegro builder (AutoencoderKLAllegro) and no "
-           "reference test of its maps exist yet, so its reading is unchecked"),
     _video("sana-video", "Sana-Video (SanaVideoTransformer3DModel)", ("SanaVideoTransformer3DModel",),
            "its text keys are a Gemma encoder's positions inside Sana's complex-human-instruction template, and no tiny "
            "builder or reference test of its attn2 over 5-D latents exists yet"),
