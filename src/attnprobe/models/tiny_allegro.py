@@ -10,7 +10,8 @@ Call it with a small video: ``num_frames=16`` (4 latent frames after the VAE's t
 ``height=width=32`` (4 × 4 latents, 2 × 2 patches), 2 steps, ``max_sequence_length=16``, ``clean_caption=False``
 (cleaning needs ``bs4`` and ``ftfy``). Its VAE decodes only in tiles (``enable_tiling``, as Allegro's model card
 does): the tiny one's tile is 8 frames × 32 × 32 pixels (2 × 4 × 4 latents) without overlap, so a video decodes
-when its latent frames are a multiple of 2 and its sides multiples of 32.
+when its latent frames are a multiple of 2 and its sides multiples of 32. diffusers 0.42's tiled decoding takes one
+video per pipeline call (several prompts fail in ``tiled_decode``): with several, ask for ``output_type="latent"``.
 """
 
 from __future__ import annotations
