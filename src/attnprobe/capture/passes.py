@@ -70,6 +70,9 @@ REFUSED = {
                     "denoiser call), while a store keeps one timestep per call")
        for name in ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                     "SkyReelsV2DiffusionForcingVideoToVideoPipeline")},
+    "SanaImageToVideoPipeline": (None, "gives its input image's latent frame timestep 0 and the others the step's (a "
+                                       "[batch, frame, …] timestep per denoiser call), while a store keeps one "
+                                       "timestep per call; SanaVideoPipeline (text-to-video) is recorded"),
     "LongCatImageEditPipeline": (None, "reads the input image inside its text encoder's template (its vision tokens "
                                        "are text keys) and appends the image's latents to the image queries"),
 }

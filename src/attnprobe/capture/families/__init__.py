@@ -18,7 +18,7 @@ import torch
 
 from ...errors import ProbeError, warn
 from . import (allegro, auraflow, bria, cascade, cogview3, cogvideox, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage,
-               kandinsky3, longcat, lumina, lumina2, ovis, pixart, prx, qwen, refused, sana, sd3, unet, wan, zimage)
+               kandinsky3, longcat, lumina, lumina2, ovis, pixart, prx, qwen, refused, sana, sana_video, sd3, unet, wan, zimage)
 from .registry import Family
 
 __all__ = ["Family", "FAMILIES", "REFUSED_FAMILIES", "GENERIC", "family_of", "checked_family"]
@@ -30,7 +30,7 @@ FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.
                                   kandinsky3.FAMILY, hidream.FAMILY, hunyuanimage.FAMILY, cascade.FAMILY,
                                   cogview3.FAMILY, lumina.FAMILY, bria.FAMILY, ovis.FAMILY, prx.FAMILY,
                                   longcat.FAMILY, wan.FAMILY, wan.SKYREELS_V2, cogvideox.FAMILY,
-                                  allegro.FAMILY)
+                                  allegro.FAMILY, sana_video.FAMILY)
 #: Denoisers refused by what they are (video, audio, CLIP-embedding priors, Stable Cascade's decoder), tried before
 #: ``FAMILIES``.
 REFUSED_FAMILIES: tuple[Family, ...] = refused.FAMILIES
