@@ -49,12 +49,15 @@ def decoded_frame_index(store: AttentionStore, n_frames: int) -> list[int]:
     if not isinstance(n_frames, int) or isinstance(n_frames, bool) or n_frames != expected:
         raise ArgumentError(
             f"{n_frames!r} decoded frames, but this store's {latent} latent frames decode to {expected} frames "
-            f"(temporal compression {c}): pass the frames of the video the probed pipeline call made")
+            f"(temporal compression {c}): pass the frames of the video the probed pipeline call made"
+            + ("; a pipeline that keeps only the first frames of those it decodes (Allegro's, with a num_frames that is "
+               f"not a multiple of {c}) made fewer: use heatmap(frame=...) per latent frame"
+               if isinstance(n_frames, int) and c and n_frames < expected else ""))
     if not c:
         causal = list(range(n_frames))
     elif video.get("first_frame_alone", True):  # Wan; CogVideoX with an odd number of latent frames
         causal = [0 if f == 0 else (f - 1) // c + 1 for f in range(n_frames)]
-    else:  # CogVideoX with an even number: every latent frame decodes to c frames
+    else:  # CogVideoX with an even number, Allegro: every latent frame decodes to c frames
         causal = [f // c for f in range(n_frames)]
     index = [lat // pt for lat in causal]
     if max(index) >= qt:

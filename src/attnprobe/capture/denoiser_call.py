@@ -76,6 +76,7 @@ class DenoiserCall:
         image_prompt = isinstance(states, (tuple, list)) and bool(states)
         if image_prompt:  # IP-Adapter: (text states, image-prompt states)
             states = states[0]
+        states = _one_text_axis(states)  # Allegro: [batch, 1, token, hidden]
         shapes, t5, llama = kwargs.get("img_shapes"), kwargs.get("encoder_hidden_states_t5"), kwargs.get(
             "encoder_hidden_states_llama3")
         more = int(t5.shape[1]) if isinstance(t5, torch.Tensor) and t5.ndim == 3 and t5 is not states else 0
@@ -160,6 +161,23 @@ def pad_rows(rows) -> torch.Tensor | None:
 #: the last call's caption list, weakly, and its joined tensors: the pipeline builds a new list each step from the
 #: same tensors, and the probe tells a change of conditioning by the states tensor's identity
 _JOINED: list = [(), None, None]
+
+
+def _one_text_axis(states):
+    """``encoder_hidden_states`` of ``[batch, 1, token, hidden]`` (Allegro's pipeline adds the 1; its transformer
+    views them as ``[batch, token, hidden]``) as that view, the same view object for the same tensor from call to call
+    (the probe tells a changed conditioning by identity); anything else as it is."""
+    if not (isinstance(states, torch.Tensor) and states.dim() == 4 and states.shape[1] == 1):
+        return states
+    ref, view = _SQUEEZED
+    if ref is None or ref() is not states:
+        view = states[:, 0]
+        _SQUEEZED[:] = [weakref.ref(states), view]
+    return view
+
+
+#: the last ``_one_text_axis``: a weak reference to the tensor given, and its view
+_SQUEEZED: list = [None, None]
 
 
 def _rows_joined(latents, captions):

@@ -86,6 +86,19 @@ def frame_maps(site: str, probs: torch.Tensor, video) -> torch.Tensor:
     return probs.unflatten(2, grid)
 
 
+#: video VAEs (diffusers class names) that decode every latent frame to ``temporal_compression`` frames, the first
+#: too: Allegro's
+EVERY_FRAME_VAES = ("AutoencoderKLAllegro",)
+
+
+def _every_frame_vae(vae) -> bool:
+    """Whether ``vae`` is an instance of one of ``EVERY_FRAME_VAES`` (a subclass too)."""
+    import diffusers
+
+    classes = tuple(c for c in (getattr(diffusers, n, None) for n in EVERY_FRAME_VAES) if isinstance(c, type))
+    return bool(classes) and isinstance(vae, classes)
+
+
 def video_meta(pipe, frames: int, patch, grid: tuple[int, int, int]) -> dict:
     """``store.meta["video"]``: ``qt``, ``latent_frames``, ``patch`` (``[pt, ph, pw]``), ``temporal_compression``
     (the pipeline's ``vae_scale_factor_temporal``: decoded frames per latent frame; ``None`` when it has none),
@@ -93,19 +106,23 @@ def video_meta(pipe, frames: int, patch, grid: tuple[int, int, int]) -> dict:
     and ``frames`` (the decoded frames: ``(latent_frames − 1) · c + 1`` when the first is alone, else
     ``latent_frames · c``).
 
-    Wan's and LTX-Video's causal VAEs decode the first latent frame alone (LTX: ``vae_temporal_compression_ratio`` 8).
-    CogVideoX's (``AutoencoderKLCogVideoX``) decodes latent frames in pairs (``num_latent_frames_batch_size`` 2), the
-    first three together when their number is odd: the first alone then, and with an even number every latent frame
-    makes ``c`` frames (13 latent frames → 49 frames, 12 → 48). ``frames`` is ``None`` where the denoiser's frames do
-    not say it: a temporal patch ``pt > 1`` (CogVideoX 1.5 pads its latent frames to a multiple of ``pt`` and drops the
-    padding before decoding), no compression, or CogVideoX's VAE set to decode in batches of another size."""
+    Wan's, HunyuanVideo's and LTX-Video's causal VAEs decode the first latent frame alone (LTX:
+    ``vae_temporal_compression_ratio`` 8). CogVideoX's (``AutoencoderKLCogVideoX``) decodes latent frames in pairs
+    (``num_latent_frames_batch_size`` 2), the first three together when their number is odd: the first alone then, and
+    with an even number every latent frame makes ``c`` frames (13 latent frames → 49 frames, 12 → 48). Allegro's
+    (``EVERY_FRAME_VAES``) makes ``c`` frames of every latent frame (22 → 88); its pipeline then keeps the first
+    ``num_frames`` of them. ``frames`` is ``None`` where the denoiser's frames do not say it: a temporal patch ``pt > 1``
+    (CogVideoX 1.5 pads its latent frames to a multiple of ``pt`` and drops the padding before decoding), no
+    compression, or CogVideoX's VAE set to decode in batches of another size."""
     compression = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio",
                                                                               None)  # LTX-Video's pipelines: the latter
     compression = int(compression) if isinstance(compression, int) and compression >= 1 else None
     vae = getattr(pipe, "vae", None)
     # only CogVideoX's VAE decodes in pairs (LTX-Video's has a num_latent_frames_batch_size too, for tiled decoding)
     batch = vae.num_latent_frames_batch_size if _decodes_in_pairs(vae) else None
-    first_alone = batch is None or frames % 2 == 1  # CogVideoX's pairs: alone only when the first batch is of three
+    every = _every_frame_vae(vae)
+    # CogVideoX's pairs: alone only when the first batch is of three; Allegro's: never
+    first_alone = not every and (batch is None or frames % 2 == 1)
     known = compression is not None and int(patch[0]) == 1 and batch in (None, 2)
     decoded = ((frames - 1) * compression + 1 if first_alone else frames * compression) if known else None
     return {"qt": int(grid[0]), "latent_frames": int(frames), "patch": [int(p) for p in patch],

@@ -75,6 +75,9 @@ REFUSED = {
     **{name: (None, "places every token by video_coords (conditioning frames and videos among the generated ones) "
                     "instead of the num_frames × height × width grid attnprobe reads LTX-Video's frames from")
        for name in ("LTXConditionPipeline", "LTXI2VLongMultiPromptPipeline")},
+    "SanaImageToVideoPipeline": (None, "gives its input image's latent frame timestep 0 and the others the step's (a "
+                                       "[batch, frame, …] timestep per denoiser call), while a store keeps one "
+                                       "timestep per call; SanaVideoPipeline (text-to-video) is recorded"),
     "LongCatImageEditPipeline": (None, "reads the input image inside its text encoder's template (its vision tokens "
                                        "are text keys) and appends the image's latents to the image queries"),
 }

@@ -89,6 +89,8 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "CogVideoXPipeline": ("cogvideox", "tests/test_video.py"),
     "HunyuanVideoPipeline": ("hunyuanvideo", "tests/test_hunyuanvideo.py"),
     "LTXPipeline": ("ltx", "tests/test_video_ltx.py"),
+    "AllegroPipeline": ("allegro", "tests/test_video_allegro.py"),
+    "SanaVideoPipeline": ("sana-video", "tests/test_video_sana_video.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
@@ -174,7 +176,7 @@ def measure(name: str) -> dict:
         params = inspect.signature(type(pipe).__call__).parameters
         kwargs.update({k: v for k, v in (("max_sequence_length", 16), ("use_resolution_binning", False),
                                          ("clean_caption", False), ("enable_prompt_rewrite", False),
-                                         ("num_frames", 9)) if k in params})  # video: 3 latent frames
+                                         ("num_frames", 9), ("frames", 9)) if k in params})  # video: 3 latent frames
         kwargs["output_type"] = "latent" if hasattr(pipe, "vae") else "pt"  # DeepFloyd IF: pixel space
         if name in ("lumina2", "flux2-dev"):  # their system prompts alone take 30 to 40 positions
             kwargs["max_sequence_length"] = 64

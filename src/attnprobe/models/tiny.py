@@ -26,6 +26,8 @@ from .tiny_ltx import tiny_ltx_pipeline
 from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_dev_pipeline, tiny_flux2_pipeline, tiny_hidream_pipeline,
                        tiny_hunyuanimage_pipeline, tiny_kolors_pipeline, tiny_lumina2_pipeline, tiny_lumina_next_pipeline,
                        tiny_ovis_pipeline, tiny_qwen_pipeline, tiny_sana_pipeline, tiny_zimage_pipeline)
+from .tiny_allegro import tiny_allegro_pipeline
+from .tiny_sana_video import tiny_sana_video_pipeline
 from .tiny_dits import tiny_prx_pipeline
 from .tiny_unets import tiny_cascade_prior_pipeline, tiny_kandinsky3_pipeline
 from .tiny_video import tiny_cogvideox_pipeline, tiny_hunyuanvideo_pipeline, tiny_skyreels_v2_pipeline, tiny_wan_pipeline
@@ -483,6 +485,8 @@ _BUILDERS = {
     "cogvideox": tiny_cogvideox_pipeline,
     "hunyuanvideo": tiny_hunyuanvideo_pipeline,
     "ltx": tiny_ltx_pipeline,
+    "allegro": tiny_allegro_pipeline,
+    "sana-video": tiny_sana_video_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

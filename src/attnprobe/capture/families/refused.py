@@ -1,5 +1,5 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
-other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo and LTX-Video text-to-video (each with what is
+other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video, Allegro and Sana-Video text-to-video (each with what is
 missing to record it), audio denoisers (no image grid), priors that denoise one CLIP image embedding (no image
 positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a block-causal sequence with a KV cache).
 Each names the diffusers 0.42 classes it covers; a class it does not name falls to the generic family, which is refused
@@ -11,7 +11,7 @@ from .registry import Family, first_text_encoder
 
 def _video(name: str, title: str, denoisers: tuple[str, ...], why: str, **more) -> Family:
     """A video denoiser refused up front: ``why`` names what attnprobe lacks to record it exactly (it records the frame
-    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo and LTX-Video, whose reading
+    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video, Allegro and Sana-Video, whose reading
     is checked against a reference)."""
     return Family(name=name, title=title, denoisers=denoisers, kinds=(), text_streams=first_text_encoder,
                   refused=why, **more)
@@ -61,12 +61,6 @@ VIDEO_FAMILIES = (
     _video("mochi", "Mochi 1 (MochiTransformer3DModel)", ("MochiTransformer3DModel",),
            "its joint attention runs one kernel call per batch row over that row's unpadded text (MochiAttnProcessor2_0), "
            "and attnprobe's kernel reader reads one call per site"),
-    _video("allegro", "Allegro (AllegroTransformer3DModel)", ("AllegroTransformer3DModel",),
-           "its attn2 cross-attends to T5 with a padding bias, but no tiny Allegro builder (AutoencoderKLAllegro) and no "
-           "reference test of its maps exist yet, so its reading is unchecked"),
-    _video("sana-video", "Sana-Video (SanaVideoTransformer3DModel)", ("SanaVideoTransformer3DModel",),
-           "its text keys are a Gemma encoder's positions inside Sana's complex-human-instruction template, and no tiny "
-           "builder or reference test of its attn2 over 5-D latents exists yet"),
     _video("kandinsky5", "Kandinsky 5 (Kandinsky5Transformer3DModel)", ("Kandinsky5Transformer3DModel",),
            "its text keys are Qwen2.5-VL hidden states cut from a chat template, and its video self-attention may run "
            "in sparse NABLA blocks; no labelling of those keys exists yet"),
@@ -86,7 +80,8 @@ VIDEO_FAMILIES = (
            "this denoiser's layout of frames, patches and text keys (extra conditioning streams, control hints, "
            "identity or image tokens, or no text at all) has no family that reads it; attnprobe records the frame "
            "axis of Wan 2.1 (WanPipeline), SkyReels-V2 (SkyReelsV2Pipeline), CogVideoX (CogVideoXPipeline), "
-           "HunyuanVideo (HunyuanVideoPipeline) and LTX-Video (LTXPipeline)"),
+           "HunyuanVideo (HunyuanVideoPipeline), LTX-Video (LTXPipeline), "
+           "Allegro (AllegroPipeline) and Sana-Video (SanaVideoPipeline)"),
 )
 VIDEO = VIDEO_FAMILIES[-1]
 
