@@ -355,8 +355,8 @@ def video_lines(videos: dict, scored: bool) -> list[str]:
     for model, v in videos.items():
         lines += [f"Video ({model}): {v['frames']} frames per video ({v['latent_frames']} latent frames). Trajectories and AUCs",
                   "  average every video position (each latent frame weighs the same); heatmaps.png averages the latent",
-                  f"  frames over each video's middle decoded frame (frame {v['shown']} of 0–{v['frames'] - 1}); frames.png "
-                  "shows each latent frame" + ("; Δ presence scores that middle frame only." if scored else ".")]
+                  f"  frames over each video's middle decoded frame (frame {v['shown']} of 0–{v['frames'] - 1});",
+                  "  frames.png shows each latent frame" + ("; Δ presence scores the middle frame only." if scored else ".")]
     return lines
 
 
