@@ -158,8 +158,8 @@ def study(
 
     Args:
         model: ``"tiny"`` (default, offline), ``"tiny-xl"``, ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-pixart"``,
-            or a hub id / local folder of a diffusers text-to-image pipeline (UNet, SD3, Flux, PixArt); or a list of
-            them (each a grid axis: tables get rows per model, figures go to ``out/figures/<model>/``).
+            ``"tiny-wan"`` (a video model: see ``frames``), any ``"tiny-<name>"``, or a hub id / local folder of a
+            diffusers text-to-image or text-to-video pipeline attnprobe records; or a list of them (each a grid axis: tables get rows per model, figures go to ``out/figures/<model>/``).
         out: output folder (created). concepts: default ``DEFAULT_CONCEPTS`` (``SHAPES_CONCEPTS`` when the first
             model is ``"shapes"``).
         variants: names of ``DEFAULT_VARIANTS`` (``SHAPES_VARIANTS`` when the first model is ``"shapes"``) and/or
