@@ -168,7 +168,7 @@ def write_figures(result, out: Path, figures: dict, write=write_atomic, note: st
         if figures.get("frames"):
             fig = plot_frames(figures["frames"])
             fig.suptitle("Attention on the requested mention per latent frame (each concept's first seed; every site "
-                         "and denoiser call), over the decoded frame in the middle of those the latent frame makes",
+                         "and denoiser call),\nover the decoded frame in the middle of those the latent frame makes",
                          fontsize=8)
             files.append(save(fig, out / "frames.png"))
         if deltas and any(math.isfinite(r["presence"]) for r in deltas):
