@@ -276,6 +276,7 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
 
     def made(output) -> list:  # per sample: its image, or its video's frames
         return list(output.frames) if video else list(output.images)
+
     if maps is not None:
         shutil.rmtree(maps, ignore_errors=True)  # a half-written earlier attempt of this cell
 
