@@ -1,6 +1,6 @@
 """Video denoisers with a frame axis: Wan 2.1 (``attn2`` cross-attention to UMT5) and CogVideoX (one softmax over
 ``[text; video]``), tiny pipelines (``attnprobe.testing.tiny_pipeline``), CPU; the frame axis of the store, its files
-and exports; analysis over frames; video denoisers refused up front.
+and exports; analysis over frames; video denoisers refused up front (the study on video models: test_video_study.py).
 
 The float64 reference never touches attnprobe: our own pre-forward hooks keep each attention module's inputs; q and
 k are recomputed from a float64 copy of the module's projections and norms (Wan: RMS norm across heads before the
@@ -322,11 +322,6 @@ def test_other_video_denoisers_refused_with_their_reason(family):
         with pytest.raises(ProbeError, match="does not record it") as info:
             checked_family(denoiser, denoiser)
         assert family.refused in str(info.value)
-
-
-def test_the_study_refuses_a_video_model_before_it_generates(tmp_path):
-    with pytest.raises(attnprobe.errors.ConfigError, match="tiny-wan.*does not run video denoisers"):
-        attnprobe.study(concepts=["dog"], model="tiny-wan", out=tmp_path / "s", seeds=[0], steps=1)
 
 
 def test_cogvideox_even_latent_frames_decode_in_pairs(pipes):

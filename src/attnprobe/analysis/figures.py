@@ -14,7 +14,7 @@ import numpy as np
 from .measures import concept_positions, require_per_call
 
 __all__ = ["plot_trajectories", "plot_delta_auc", "plot_heatmaps", "plot_text_similarity", "plot_site_call_grid", "shorten",
-           "plot_presence"]
+           "plot_presence", "plot_frames"]
 
 
 _KNOWN = ("baseline", "instruction", "implicit", "repetition")
@@ -259,6 +259,66 @@ def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, 
         label = "attention on concept (min–max scaled)" if len(concepts) > 1 else "attention\n(min–max scaled)"
         bar = fig.colorbar(im, ax=axes, shrink=min(0.8, 3.0 / len(concepts) + 0.2))
         bar.set_label(label, fontsize=8)  # one row of maps: a shorter label, as tall as the bar
+    return fig
+
+
+#: The most latent frames a frame strip shows (evenly picked, the first and last kept, when a video has more).
+MAX_FRAME_COLUMNS = 12
+
+
+def plot_frames(frames: Mapping[str, Mapping[str, tuple]], max_columns: int = MAX_FRAME_COLUMNS):
+    """A video's heat map per latent frame: one strip per concept and row (variant), one panel per latent frame.
+
+    Args:
+        frames: ``{concept: {row: (maps, stills, record)}}``: ``maps`` ``[qt, h, w]`` (the requested mention's
+            attention per latent frame), ``stills`` ``[qt, H, W, 3]`` uint8 (per latent frame, the decoded frame in
+            the middle of those it shows; drawn in grey under the map) or ``None``, ``record`` the cell's frame record
+            (``attnprobe.study.video.frame_record``: ``spans``, per latent frame its decoded frames) or ``None``.
+        max_columns: the most latent frames shown; more are picked evenly, the first and last kept. Default 12.
+
+    Returns:
+        The figure. Each strip is scaled by the minimum and maximum over its own frames, so that frames compare within a
+        strip (the level is in the trajectories).
+    """
+    plt = _plt()
+    lines = [(c, v) for c in frames for v in frames[c]]
+    qt = max(np.asarray(frames[c][v][0]).shape[0] for c, v in lines)
+    shown = sorted({round(i * (qt - 1) / (max_columns - 1)) for i in range(max_columns)}) if qt > max_columns else list(range(qt))
+    fig, axes = plt.subplots(len(lines), len(shown), figsize=(1.5 * len(shown) + 1.6, 1.5 * len(lines) + 0.3),
+                             squeeze=False, layout="constrained")
+    im = None
+    for i, (c, v) in enumerate(lines):
+        maps, stills, record = frames[c][v]
+        maps = np.asarray(maps, dtype=float)
+        finite = np.isfinite(maps)
+        low = maps[finite].min() if finite.any() else 0.0
+        span = (maps[finite].max() - low) if finite.any() else 0.0
+        spans = (record or {}).get("spans") or [None] * maps.shape[0]
+        for j, t in enumerate(shown):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if t >= maps.shape[0]:
+                ax.set_visible(False)
+                continue
+            extent = None
+            if stills is not None:
+                img = np.asarray(stills[t])
+                extent = (0, img.shape[1], img.shape[0], 0)
+                grey = img[..., :3].mean(axis=-1).astype(float) / max(float(img.max()), 1e-9)
+                ax.imshow(0.3 + 0.7 * grey, cmap="gray", vmin=0, vmax=1, extent=extent)
+            m = np.where(finite[t], (maps[t] - low) / span if span > 0 else 0.0, np.nan)
+            im = ax.imshow(m, cmap="viridis", alpha=0.6 if stills is not None else 1.0, vmin=0, vmax=1, extent=extent)
+            if i == 0:
+                where = spans[t] if t < len(spans) else None
+                frames_of = "" if where is None else (f"\nframe {where[0]}" if where[0] == where[1]
+                                                       else f"\nframes {where[0]}–{where[1]}")
+                ax.set_title(f"latent {t}{frames_of}", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(textwrap.fill(f"{c}: {v}", 22, max_lines=3, placeholder="…"), fontsize=7)
+    if im is not None:
+        bar = fig.colorbar(im, ax=axes, shrink=min(0.8, 3.0 / len(lines) + 0.2))
+        bar.set_label("attention (min–max over\neach strip's frames)", fontsize=8)
     return fig
 
 

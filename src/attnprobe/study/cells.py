@@ -213,7 +213,8 @@ def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | N
     finished = Manifest(out, settings=settings).finished(cells, complete=False)
     figures: dict[str, dict] = {}
     for cell in cells:
-        fig = figures.setdefault(cell.model, {"images": {}, "maps": {}, "curves": {}, "scorer": scorer_name})
+        fig = figures.setdefault(cell.model, {"images": {}, "maps": {}, "curves": {}, "scorer": scorer_name,
+                                              "frames": {}})
         entry = finished.get(cell.id)
         record, seed = None, "text" if cell.seed is None else cell.seed
         if entry is not None:
@@ -242,6 +243,8 @@ def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | N
         result.partial += bool(record.get("failures"))  # done, with a failed row or measure (its rows are kept)
         result.trajectories += record["trajectories"]
         result.aucs += record["aucs"]
+        if record.get("video") and hasattr(result, "videos"):  # a video model's cells: which frames stand for a video
+            result.videos.setdefault(cell.model, record["video"])
         where = result.where_when_data.setdefault((cell.model, cell.concept), {"sites": None, "rows": {}})
         for k, row in enumerate(record["rows"]):
             curve = [r["mass_last"] for r in record["trajectories"] if r["variant"] == row]
@@ -250,10 +253,11 @@ def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | N
                 where["sites"] = record.get("sites")
                 where["rows"].setdefault(row, {})[cell.seed] = tensors[f"sites.{k}"].double().numpy()
         if hasattr(result, "browser"):  # report.html's heat-map browser: every cell's small maps and images
-            keep = ("image", "sitemaps", "callmaps", "sitecalls") if "sitemaps.0" in tensors else ("image", "map")
+            keep = ("image", "sitemaps", "callmaps", "sitecalls", "framemaps", "frameimages") if "sitemaps.0" in tensors \
+                else ("image", "map")
             timesteps = {r["call"]: r["timestep"] for r in record["trajectories"]}
             result.browser.append(dict(model=cell.model, concept=cell.concept, seed=cell.seed, rows=record["rows"],
-                                       sites=record.get("map_sites") or [],
+                                       sites=record.get("map_sites") or [], video=record.get("video"),
                                        timesteps=[timesteps[c] for c in sorted(timesteps)],
                                        tensors={k: v for k, v in tensors.items() if k.split(".")[0] in keep}))
         shown = fig.setdefault("shown", set())
@@ -267,4 +271,9 @@ def collect(out: Path, cells, seeds, result, scorer_name=None, settings: str | N
                     fig["maps"].setdefault(label, {})[row] = tensors[f"map.{k}"].numpy()
                 if f"image.{k}" in tensors:
                     fig["images"].setdefault(label, {})[row] = Image.fromarray(tensors[f"image.{k}"].numpy())
+                if f"framemaps.{k}" in tensors:  # a video: per latent frame, its map (and its decoded frame)
+                    still = tensors.get(f"frameimages.{k}")
+                    fig["frames"].setdefault(label, {})[row] = (
+                        tensors[f"framemaps.{k}"].float().numpy(), None if still is None else still.numpy(),
+                        record.get("video"))
     return figures

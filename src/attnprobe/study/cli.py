@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--config", default=None,
                     help="a study file (TOML: models, concepts, variants, interventions, seeds, steps, guidance, size, "
-                    "capture, out); the options below override its values")
+                    "frames, capture, out); the options below override its values")
     st.add_argument("--model", default=None,
                     help="'shapes' (default: offline, trained on coloured shapes: its own concepts, variants and "
                     "scorer), 'tiny' (offline SD 1.5 layout, random weights: plumbing only), 'tiny-xl', or 'tiny-<name>' of "
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--steps", type=int, default=None, help="inference steps (default: 10)")
     st.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 7.5)")
     st.add_argument("--size", type=int, default=None, help="image side in pixels (default: 64 for tiny, else native)")
+    st.add_argument("--frames", type=int, default=None,
+                    help="video models: decoded frames per video, k·c + 1 for the VAE's temporal compression c (default: "
+                    "3 latent frames, 9 for Wan, SkyReels-V2 and CogVideoX)")
     st.add_argument("--device", default=None, help="auto (default: CUDA if available), cpu, cuda, cuda:1 …")
     st.add_argument("--dtype", type=_dtype, default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)")
     st.add_argument("--interventions", default=None,
@@ -109,7 +112,7 @@ def _study_arguments(args) -> dict:
     kwargs = load_config(args.config) if args.config else {}
     flags = dict(model=args.model, out=args.out, concepts=args.concepts, variants=args.variants, seeds=args.seeds,
                  steps=args.steps, guidance=args.guidance, size=args.size, device=args.device, dtype=args.dtype,
-                 interventions=args.interventions, scorer=args.scorer)
+                 interventions=args.interventions, scorer=args.scorer, frames=args.frames)
     kwargs.update({k: v for k, v in flags.items() if v is not None})
     kwargs.setdefault("model", "shapes")  # the default study means something: a trained model (tiny: plumbing)
     if kwargs["model"] == "shapes":  # the fewest seeds whose exact test, Holm over its 3 concepts, can reach 5%

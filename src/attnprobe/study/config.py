@@ -51,6 +51,7 @@ CONFIG_KEYS = {
     "steps": "integer",
     "guidance": "number",
     "size": "integer (pixels, a multiple of 8)",
+    "frames": "integer: a video model's decoded frames per video (k·c + 1 for its temporal compression c)",
     "device": "string: auto, cpu, cuda, …",
     "dtype": "string: fp32, fp16 or bf16",
     "scorer": "string: auto, shapes, tiny, none, or a CLIP hub id / folder",
@@ -60,7 +61,7 @@ CONFIG_KEYS = {
 
 _TYPES = {
     "out": str, "model": str, "models": list, "concepts": list, "variants": (list, dict), "interventions": (list, dict, str),
-    "seeds": list, "steps": int, "guidance": (int, float), "size": int, "device": str, "dtype": str, "scorer": str,
+    "seeds": list, "steps": int, "guidance": (int, float), "size": int, "frames": int, "device": str, "dtype": str, "scorer": str,
     "capture": dict,
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 import os
 import shutil
 import traceback
@@ -30,6 +31,7 @@ from .cells import slug
 from .config import check_capture
 from .report import warn
 from .scorer import checked_scores
+from . import video as vid
 
 __all__ = ["measure_cell", "check_prompts", "check_makes_images", "check_size", "size_factor", "default_size",
            "initial_latents", "concept_mass", "failure_row", "browser_maps", "THUMBNAIL", "BROWSER_SIDE",
@@ -53,14 +55,24 @@ def default_size(pipe, model: str) -> int:
         return 64
     denoiser = denoiser_of(pipe)
     sample = int(getattr(denoiser.config, "sample_size", 64))
-    return sample * int(getattr(pipe, "vae_scale_factor", 8))
+    return sample * spatial_factor(pipe)
+
+
+def spatial_factor(pipe) -> int:
+    """The VAE's spatial downsampling: ``vae_scale_factor`` (image pipelines), ``vae_scale_factor_spatial`` (video
+    pipelines: Wan, CogVideoX, HunyuanVideo), ``vae_spatial_compression_ratio`` (LTX); 8 for a pipeline with none."""
+    for name in ("vae_scale_factor", "vae_scale_factor_spatial", "vae_spatial_compression_ratio"):
+        value = getattr(pipe, name, None)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 1:
+            return int(value)
+    return 8
 
 
 def size_factor(pipe) -> tuple[int, int]:
     """What an image side (pixels) must be a multiple of for this pipeline: ``(vae, patch)``, the VAE's downsampling
     (``vae_scale_factor``; 8 for a pixel-space or MoVQ pipeline without one) and the latent patch (2 for pipelines that
     pack 2×2 latents into tokens, else the denoiser's ``patch_size``)."""
-    vae = int(getattr(pipe, "vae_scale_factor", None) or 8)
+    vae = spatial_factor(pipe)
     patch = getattr(denoiser_of(pipe).config, "patch_size", None) or 1
     patch = max(patch) if isinstance(patch, (tuple, list)) else int(patch)
     return vae, 2 if getattr(pipe, "_pack_latents", None) is not None else patch
@@ -163,7 +175,7 @@ def check_makes_images(pipe) -> None:
         return
     outputs = [c for c in typing.get_args(returned) or (returned,) if isinstance(c, type) and dataclasses.is_dataclass(c)]
     fields = [f.name for c in outputs for f in dataclasses.fields(c)]
-    if fields and not {"images", "image"} & set(fields):
+    if fields and not {"images", "image", "frames"} & set(fields):  # frames: a video pipeline's (study.video)
         raise ConfigError(
             f"{type(pipe).__name__} returns {', '.join(fields)}, not images, and a study scores and draws each "
             "generation's image: probe it with attnprobe.probe(pipe) instead, or study a pipeline that makes images"
@@ -219,7 +231,7 @@ def check_finite(mass: torch.Tensor, what: str) -> None:
 
 
 def measure_cell(pipe, concept, seed, variants, steps, guidance, size, interventions=None, scorer=None,
-                  capture=None, maps=None) -> tuple[dict, dict]:
+                  capture=None, maps=None, frames: int | None = None) -> tuple[dict, dict]:
     """One concept and seed: every variant in one pipeline call from the seed's noise, then one call of the baseline
     prompt per intervention row from the same noise, each under a probe; every image scored for presence.
 
@@ -229,6 +241,12 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
     heat-map browser ``sitemaps.<k>`` ``[site, h, w]`` and ``callmaps.<k>`` ``[call, h, w]`` (``browser_maps``; the
     record's ``map_sites`` names their sites).
     With ``maps`` (a folder), every probe streams its store there (``AttentionStore.load`` reads it back).
+
+    A video pipeline (``frames``: decoded frames per video, ``video.check_frames``) makes videos from one generator
+    per video (``video.noise``); ``image.<k>`` is the video's middle decoded frame, the one scored, and ``map.<k>``
+    the mean over latent frames; per latent frame, ``framemaps.<k>`` ``[qt, h, w]`` and ``frameimages.<k>`` ``[qt, h,
+    w, 3]`` (``video.frame_maps``, ``video.frame_stills``); the record's ``video`` says which frames
+    (``video.frame_record``).
     """
     capture = capture or check_capture(None)
     names = list(variants)
@@ -236,14 +254,15 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
     # a one_prompt family (Bria) runs every row alone: a generator per call gives each the same noise, and its latent
     # layout (packing counted in its vae_scale_factor) need not be rebuilt here
     one_prompt = family_of(denoiser_of(pipe)).one_prompt
-    takes_latents = "latents" in inspect.signature(type(pipe).__call__).parameters and not one_prompt
+    video = vid.is_video(pipe)  # its latents' layout is the pipeline's own (5-D, packed…): it draws them
+    takes_latents = "latents" in inspect.signature(type(pipe).__call__).parameters and not one_prompt and not video
     latents = initial_latents(pipe, seed, size, len(prompts), pipe.device, denoiser_of(pipe).dtype) if takes_latents \
         else None
 
     def noise(copies: int) -> dict:  # every row from the seed's noise: the latents, or one generator per image (IF)
         if takes_latents:
             return {"latents": latents[:copies]}
-        return {"generator": [torch.Generator("cpu").manual_seed(seed) for _ in range(copies)]}
+        return vid.noise(seed, copies)
 
     options = guided(pipe, dict(num_inference_steps=int(steps), guidance_scale=float(guidance), height=size,
                                 width=size))
@@ -252,6 +271,12 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
         options["use_resolution_binning"] = False  # PixArt, Sana, HunyuanDiT: the study's size, not their table's
     if "enable_prompt_rewrite" in params:
         options["enable_prompt_rewrite"] = False  # LongCat: the study's prompts, not its text encoder's rewriting
+    if video:
+        options.update(vid.video_options(pipe, vid.check_frames(pipe, frames, type(pipe).__name__)))
+
+    def made(output) -> list:  # per sample: its image, or its video's frames
+        return list(output.frames) if video else list(output.images)
+
     if maps is not None:
         shutil.rmtree(maps, ignore_errors=True)  # a half-written earlier attempt of this cell
 
@@ -266,11 +291,11 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
         for i, v in enumerate(names):
             with recording(pipe, f"variant-{slug(v)}") as store:
                 generated = pipe(prompt=[prompts[i]], **noise(1), **negatives(options, 1))
-            runs.append((v, store, 0, prompts[i], generated.images[0], "", None))
+            runs.append((v, store, 0, prompts[i], made(generated)[0], "", None))
     else:
         with recording(pipe, "variants") as store:
             generated = pipe(prompt=prompts, **noise(len(prompts)), **negatives(options, len(prompts)))
-        runs = [(v, store, i, prompts[i], generated.images[i], "", None) for i, v in enumerate(names)]
+        runs = [(v, store, i, prompts[i], made(generated)[i], "", None) for i, v in enumerate(names)]
     failures = []
     base = prompts[names.index("baseline")]
     for label, items in (interventions or {}).items():
@@ -283,11 +308,13 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
         except Exception as exc:  # one failed row must not lose the cell's others
             failures.append(failure_row("", concept, seed, exc, row=label))
             continue
-        runs.append((label, st, run.conditional_sample(st), base, out.images[0],
+        runs.append((label, st, run.conditional_sample(st), base, made(out)[0],
                      " + ".join(n["intervention"] for n in run.notes), factors))
-    presence, accuracy, count = presence_scores(scorer, [r[4] for r in runs], concept, seed, failures)
-    rows, aucs, tensors = [], [], {}
-    for k, ((variant, st, i, prompt, image, what, factors), p, a, n) in enumerate(zip(runs, presence, accuracy, count)):
+    stills = [vid.middle_frame(r[4]) if video else r[4] for r in runs]  # a video's: its middle decoded frame
+    presence, accuracy, count = presence_scores(scorer, stills, concept, seed, failures)
+    rows, aucs, tensors, shown = [], [], {}, None
+    for k, ((variant, st, i, prompt, made_, what, factors), image, p, a, n) in enumerate(
+            zip(runs, stills, presence, accuracy, count)):
         mentions = len(st.token_indices(i, concept))
         expected = variants.get(variant, variants["baseline"]).format(c="\0").count("\0")
         if mentions != expected:
@@ -304,6 +331,12 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
         tensors[f"map.{k}"] = heatmap(st, concept, i, occurrence=-1).float()
         map_sites, tensors[f"sitemaps.{k}"], tensors[f"callmaps.{k}"], tensors[f"sitecalls.{k}"] = browser_maps(
             st, concept, i)
+        if video:  # per latent frame: its map, over the decoded frame in the middle of those it shows
+            shown = shown or vid.frame_record(st, len(made_))
+            tensors[f"framemaps.{k}"] = vid.frame_maps(st, concept, i, tuple(tensors[f"sitemaps.{k}"].shape[-2:]))
+            stills_k = vid.frame_stills(made_, shown["spans"])
+            if stills_k is not None:
+                tensors[f"frameimages.{k}"] = stills_k
         thumb = image.convert("RGB")
         thumb.thumbnail((THUMBNAIL, THUMBNAIL))  # for the heat-map figure: small, so every cell can keep its images
         tensors[f"image.{k}"] = torch.from_numpy(np.asarray(thumb, dtype=np.uint8).copy())
@@ -311,10 +344,14 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
     for r in aucs:
         for key in ("auc", "auc_last", "presence", "clip_accuracy", "count"):
             r[f"delta_{key}"] = r[key] - base_row[key]
-    sites = [[s.name, "×".join(map(str, store.maps(s, calls=[0], samples=[0], tokens=[0]).shape[-3:-1]))]
+    axes = len(store.grid_dims)  # qh qw, or qt qh qw for a video
+    sites = [[s.name, "×".join(map(str, store.maps(s, calls=[0], samples=[0], tokens=[0]).shape[-1 - axes:-1]))]
              for s in store.sites]  # in execution order, with each site's query grid
-    return dict(rows=[r[0] for r in runs], trajectories=rows, aucs=aucs, failures=failures, sites=sites,
-                map_sites=map_sites), tensors
+    record = dict(rows=[r[0] for r in runs], trajectories=rows, aucs=aucs, failures=failures, sites=sites,
+                  map_sites=map_sites)
+    if shown is not None:
+        record["video"] = shown
+    return record, tensors
 
 
 def browser_maps(store, concept, sample, side: int = BROWSER_SIDE,
@@ -323,7 +360,8 @@ def browser_maps(store, concept, sample, side: int = BROWSER_SIDE,
 
     Each (site, call) map is the mention's tokens summed and the heads averaged (``[qh, qw]``, as ``heatmap``), resized
     bilinearly (antialiased when it shrinks) to one grid ``[h, w]``: the largest site grid, cut to ``side`` pixels on
-    its longer side (the aspect kept). Flat sites (no grid) are left out, as in ``heatmap``.
+    its longer side (the aspect kept). Flat sites (no grid) are left out, as in ``heatmap``; a video's latent frames are
+    averaged (each weighs the same, as in ``heatmap(frame=None)``).
 
     Returns:
         ``(names, per_site, per_call, joint)``: the sites' names in execution order; ``per_site`` ``[site, h, w]`` (each
@@ -340,8 +378,8 @@ def browser_maps(store, concept, sample, side: int = BROWSER_SIDE,
     shape = (max(1, round(qh * scale)), max(1, round(qw * scale)))
     per_site = []
     for name in names:
-        maps = store.maps(name, samples=[idx], tokens=positions).float().sum(-1)  # [call, 1, head, qh, qw]
-        grid = maps.mean(dim=(1, 2))[:, None]  # [call, 1, qh, qw]
+        maps = store.maps(name, samples=[idx], tokens=positions).float().sum(-1)  # [call, 1, head, (qt,) qh, qw]
+        grid = maps.mean(dim=tuple(range(1, maps.ndim - 2)))[:, None]  # [call, 1, qh, qw]: a video's frames averaged
         shrink = grid.shape[-2] > shape[0] or grid.shape[-1] > shape[1]
         per_site.append(torch.nn.functional.interpolate(grid, size=shape, mode="bilinear", align_corners=False,
                                                         antialias=shrink)[:, 0])  # [call, h, w]

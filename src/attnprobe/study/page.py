@@ -36,7 +36,7 @@ from .cells import Cell, collect, settings_key
 from .contrasts import MEASURES
 from .files import writing
 from .lock import FolderLock
-from .report import SHAPES_NOTE, answer_lines
+from .report import SHAPES_NOTE, answer_lines, video_lines
 
 __all__ = ["PAGE", "MAX_ROWS", "page_html", "write_page", "rewrite_page", "browser_data"]
 
@@ -53,7 +53,10 @@ FIGURES = {
     "trajectories.png": "Attention on the requested mention per denoiser call (mean over seeds, band: min–max).",
     "delta_auc.png": "Δ AUC vs the baseline per concept and row, with 95% intervals.",
     "presence.png": "Δ presence against Δ attention AUC per concept and row.",
-    "heatmaps.png": "Where each row's attention lands on its image (each concept's first seed; each panel min–max scaled).",
+    "heatmaps.png": "Where each row's attention lands on its image (each concept's first seed; each panel min–max scaled; "
+                    "a video's: the mean over latent frames, over its middle decoded frame).",
+    "frames.png": "A video's attention per latent frame (each concept's first seed; each strip min–max scaled over its "
+                  "frames), over the decoded frame in the middle of those each latent frame makes.",
     "text_similarity.png": "The text encoder's side: the requested mention's cosine to the baseline's, per layer.",
 }
 
@@ -136,25 +139,42 @@ def _quantised(maps: torch.Tensor) -> dict:
 #: the most values of one-site-at-one-call maps a page embeds (about 5 MB of base64); past it, the browser shows each
 #: site over all calls and each call over all sites, and says so
 JOINT_BUDGET = 4_000_000
+#: the most pixels of a video's per-latent-frame images a page embeds (all cells together, about 2 MB of PNG at most);
+#: past it, the browser draws a latent frame's map without its frame, and says so
+FRAME_BUDGET = 1_000_000
+
+
+def _png(array: np.ndarray) -> str:
+    """An ``[h, w, 3]`` uint8 image as a PNG data URI."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=True)
+    return _png_uri(buf.getvalue())
 
 
 def browser_data(browser: list[dict], side: int = 32) -> list[dict]:
     """The heat-map browser's data (JSON-ready) from ``collect``'s ``result.browser`` entries: per generation, each row's
     thumbnail (PNG data URI) and quantised maps (``sites``: ``[site, h, w]``, ``calls``: ``[call, h, w]``; a cell of
-    an older run: ``mean`` only, its ``map`` shrunk to ``side`` pixels on its longer side)."""
-    from PIL import Image
-
+    an older run: ``mean`` only, its ``map`` shrunk to ``side`` pixels on its longer side); a video's also ``frames``
+    (``[qt, h, w]``, per latent frame) and ``frame_images`` (per latent frame a PNG data URI, up to ``FRAME_BUDGET``
+    pixels per page, else ``None``), with the cell's ``video`` record (``attnprobe.study.video.frame_record``)."""
     cells = []
     joint_budget = JOINT_BUDGET  # values of the site × call maps the page takes, all cells together
+    frame_budget = FRAME_BUDGET  # pixels of the per-latent-frame images, all cells together
     for entry in browser:
         t = entry["tensors"]
         rows = []
         for k, name in enumerate(entry["rows"]):
             row = {"name": name}
             if f"image.{k}" in t:
-                buf = io.BytesIO()
-                Image.fromarray(t[f"image.{k}"].numpy()).save(buf, format="PNG", optimize=True)
-                row["image"] = _png_uri(buf.getvalue())
+                row["image"] = _png(t[f"image.{k}"].numpy())
+            if f"framemaps.{k}" in t:  # a video: per latent frame, its map and the decoded frame it is drawn over
+                row["frames"] = _quantised(t[f"framemaps.{k}"])
+                stills = t.get(f"frameimages.{k}")
+                if stills is not None:
+                    frame_budget -= stills.shape[0] * stills.shape[1] * stills.shape[2]
+                    row["frame_images"] = [_png(f) for f in stills.numpy()] if frame_budget >= 0 else None
             if f"sitemaps.{k}" in t and f"callmaps.{k}" in t:
                 row["sites"], row["calls"] = _quantised(t[f"sitemaps.{k}"]), _quantised(t[f"callmaps.{k}"])
                 row["mean"] = _quantised(t[f"sitemaps.{k}"].float().mean(0, keepdim=True))
@@ -171,6 +191,7 @@ def browser_data(browser: list[dict], side: int = 32) -> list[dict]:
             rows.append(row)
         has_sites = all("sites" in r for r in rows)
         cells.append(dict(model=entry["model"], concept=entry["concept"], seed=entry["seed"], rows=rows,
+                          video=entry.get("video") if all("frames" in r for r in rows) else None,
                           sites=entry["sites"] if has_sites else [], timesteps=entry["timesteps"] if has_sites else []))
     return cells
 
@@ -182,7 +203,7 @@ def page_html(files: dict[str, bytes], browser: list[dict], settings: dict | Non
     contrasts = _contrasts(tables.get("contrasts.csv", []))
     models = list(dict.fromkeys(r["model"] for r in tables.get("summary.csv", [])))
     settings = settings or {}
-    shown = {k: settings[k] for k in ("steps", "guidance", "size", "scorer") if settings.get(k) is not None}
+    shown = {k: settings[k] for k in ("steps", "guidance", "size", "frames", "scorer") if settings.get(k) is not None}
     meta = ", ".join([f"model{'s' * (len(models) > 1)} {', '.join(models) or '?'}"]
                      + [f"{k} {v}" for k, v in shown.items()] + [f"rows {', '.join(settings.get('variants') or {})}"])
     parts = [f"<h1>attnprobe study</h1><p class=meta>{html.escape(meta)}</p>"]
@@ -191,6 +212,10 @@ def page_html(files: dict[str, bytes], browser: list[dict], settings: dict | Non
                      + "): these numbers test the plumbing, not the question. Run --model shapes, or a real model.</p>")
     if "shapes" in models:
         parts.append(f"<p class=note>{html.escape(SHAPES_NOTE)}</p>")
+    videos = {c["model"]: c["video"] for c in reversed(browser) if c.get("video")}
+    if videos:
+        scored = bool(settings.get("scorer")) and settings.get("scorer") != "none"
+        parts.append("<p class=note>" + html.escape(" ".join(video_lines(videos, scored))) + "</p>")
     parts.append("<section id=answer><h2>The answer</h2><p class=q>Does an unlearning instruction lower the denoiser's "
                  "attention to the concept beyond naming it twice? Each contrast is row − reference of the same seed "
                  "(e.g. instruction − repetition), on each row's Δ against the baseline of that seed; green: its 95% "
@@ -297,10 +322,11 @@ figcaption{font-size:13px;color:#444}#browser .controls label{margin-right:12px;
 _BROWSER = """<section id=browser><h2>Heat-map browser</h2>
 <p class=note>Left: the generated image; right: the requested mention's attention over it: every site and denoiser call together, one site
 over every call, one call over every site, or one site at one call (smaller maps, kept within a page budget). Each map is scaled to its own min–max
-(below), to show where, not how much.</p>
+(below), to show where, not how much. A video: its middle decoded frame under the maps averaged over latent frames, or (frame) one latent
+frame's map over every site and call, over the decoded frame in the middle of those it makes.</p>
 <div class=controls><label>concept <select id=c></select></label><label>row <select id=v></select></label>
 <label>seed <select id=s></select></label><label>site <select id=site></select></label>
-<label>call <select id=call></select></label><label>map opacity <input id=op type=range min=0 max=100 value=60></label></div>
+<label>call <select id=call></select></label><label id=framelabel>frame <select id=frame></select></label><label>map opacity <input id=op type=range min=0 max=100 value=60></label></div>
 <canvas id=hm width=776 height=384></canvas>
 <p id=info class=note></p><p class=note>low <canvas id=bar width=256 height=1></canvas> high</p></section>
 <script>
@@ -326,30 +352,39 @@ function changedSeed(){const c=current(),v=$("v").value;fill($("v"),c.rows.map(r
  fill($("call"),[["all","all calls"]].concat(c.timesteps.map((t,i)=>[String(i),"call "+i+" (t="+(+t).toFixed(0)+")"])));
  if([...$("site").options].some(o=>o.value===site))$("site").value=site;
  if([...$("call").options].some(o=>o.value===call))$("call").value=call;
- $("site").disabled=$("call").disabled=!c.sites.length;draw();}
+ $("site").disabled=$("call").disabled=!c.sites.length;
+ const fr=$("frame").value,v2=c.video;$("framelabel").style.display=v2?"":"none";
+ fill($("frame"),[["all","mean over frames"]].concat(v2?(c.rows[0].frames?c.rows[0].frames.min:[]).map((_,t)=>{const sp=(v2.spans||[])[t];
+  return [String(t),"latent "+t+(sp?(sp[0]===sp[1]?" (frame "+sp[0]+")":" (frames "+sp[0]+"–"+sp[1]+")"):"")];}):[]));
+ if([...$("frame").options].some(o=>o.value===fr))$("frame").value=fr;draw();}
 let drawing=0;
 function draw(){const token=++drawing,c=current(),row=c.rows.find(r=>r.name===$("v").value)||c.rows[0];
- const site=$("site").value,call=$("call").value;let m=row.mean,i=0,what="all sites, all calls";
+ const site=$("site").value,call=$("call").value,fr=c.video&&row.frames?$("frame").value:"all";let m=row.mean,i=0,what="all sites, all calls";
+ let src=row.image;if(c.video)what+=", mean over latent frames, over the middle decoded frame (frame "+c.video.shown+" of "+c.video.frames+")";
  if(site!=="all"&&call!=="all"){m=row.joint;i=(+site)*c.timesteps.length+(+call);what="site "+c.sites[+site]+", call "+call+
   (m?"":" (not kept: the page's budget for one-site-one-call maps is spent; choose all sites or all calls)");}
  else if(site!=="all"&&row.sites){m=row.sites;i=+site;what="site "+c.sites[i]+", mean over calls";}
  else if(call!=="all"&&row.calls){m=row.calls;i=+call;what="call "+i+", mean over sites";}
+ if(fr!=="all"){m=row.frames;i=+fr;src=row.frame_images?row.frame_images[i]:null;const sp=(c.video.spans||[])[i];
+  what="latent frame "+i+(sp?" (decoded frames "+sp[0]+"–"+sp[1]+")":"")+", all sites, all calls (per-frame maps are kept over every site and call)"+
+  (src?"":"; its frame's image is not on the page (the page's budget for frame images is spent, or the frames are unknown)");}
  const cv=$("hm"),ctx=cv.getContext("2d"),H=cv.height,W=H,X=cv.width-W;ctx.clearRect(0,0,cv.width,H);
  const finish=()=>{if(token!==drawing)return;if(!m){$("info").textContent="No map kept for this row: "+what+".";return;}
   const h=m.shape[1],w=m.shape[2],q=decode(m),off=document.createElement("canvas");off.width=w;off.height=h;
   const ox=off.getContext("2d"),img=ox.createImageData(w,h);
   for(let p=0;p<h*w;p++){const [r,g,b]=lut(q[i*h*w+p]/255);img.data.set([r,g,b,255],4*p);}
-  ox.putImageData(img,0,0);ctx.globalAlpha=row.image?$("op").value/100:1;ctx.imageSmoothingEnabled=true;
-  ctx.drawImage(off,X,0,W,H);ctx.globalAlpha=1;if(!row.image)ctx.drawImage(off,0,0,W,H);
+  ox.putImageData(img,0,0);ctx.globalAlpha=src?$("op").value/100:1;ctx.imageSmoothingEnabled=true;
+  ctx.drawImage(off,X,0,W,H);ctx.globalAlpha=1;if(!src)ctx.drawImage(off,0,0,W,H);
   $("info").textContent=(several?c.model+", ":"")+c.concept+", "+row.name+", seed "+c.seed+": "+what+
    "; attention on the requested mention from "+m.min[i].toPrecision(3)+" (low) to "+m.max[i].toPrecision(3)+" (high)"+
    (c.sites.length?"":" (a cell of an older run: its image and mean map only)");
-  cv.dataset.drawn=String(token);cv.dataset.shown=[c.concept,row.name,c.seed,site,call].join("|");};
- if(row.image){const im=new Image();im.onload=()=>{if(token!==drawing)return;ctx.imageSmoothingEnabled=false;ctx.drawImage(im,0,0,W,H);ctx.drawImage(im,X,0,W,H);finish();};im.src=row.image;}
+  cv.dataset.drawn=String(token);cv.dataset.shown=[c.concept,row.name,c.seed,site,call,fr].join("|");};
+ if(src){const im=new Image();im.onload=()=>{if(token!==drawing)return;ctx.imageSmoothingEnabled=false;ctx.drawImage(im,0,0,W,H);ctx.drawImage(im,X,0,W,H);finish();};im.src=src;}
  else finish();}
 $("c").onchange=changedConcept;$("s").onchange=changedSeed;$("v").onchange=draw;$("op").oninput=draw;
 $("site").onchange=draw;
 $("call").onchange=draw;
+$("frame").onchange=draw;
 (()=>{const b=$("bar").getContext("2d"),d=b.createImageData(256,1);for(let x=0;x<256;x++)d.data.set([...lut(x/255),255],4*x);b.putImageData(d,0,0);})();
 setup();
 </script>"""

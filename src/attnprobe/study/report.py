@@ -20,17 +20,17 @@ import numpy as np
 from .._atomic import write_atomic
 from .contrasts import CONTRAST_COLUMNS, MEASURES, WHERE_WHEN_COLUMNS
 from ..analysis.figures import (
-    plot_contrasts, plot_delta_auc, plot_heatmaps, plot_presence, plot_text_similarity, plot_trajectories,
+    plot_contrasts, plot_delta_auc, plot_frames, plot_heatmaps, plot_presence, plot_text_similarity, plot_trajectories,
     plot_where_when, shorten,
 )
 
-__all__ = ["OUTPUT_FILES", "interval", "answer_lines", "summarize", "write_tables", "write_figures", "format_summary", "done_line", "warn", "WARNED"]
+__all__ = ["OUTPUT_FILES", "interval", "answer_lines", "video_lines", "summarize", "write_tables", "write_figures", "format_summary", "done_line", "warn", "WARNED"]
 
 #: Every table and figure of a study's folder (rewritten by each run or merge; an old one not written again is removed).
 OUTPUT_FILES = (
     "trajectories.csv", "auc.csv", "summary.csv", "text_similarity.csv", "failures.csv",
     "trajectories.png", "delta_auc.png", "heatmaps.png", "text_similarity.png", "presence.png",
-    "contrasts.csv", "where_when.csv", "contrasts.png", "where_when.png", "report.html",
+    "contrasts.csv", "where_when.csv", "contrasts.png", "where_when.png", "frames.png", "report.html",
 )
 
 COLUMNS = {
@@ -160,7 +160,17 @@ def write_figures(result, out: Path, figures: dict, write=write_atomic, note: st
         if deltas:
             files.append(save(plot_delta_auc(deltas), out / "delta_auc.png"))
         if figures["maps"]:
-            files.append(save(plot_heatmaps(figures["images"], figures["maps"]), out / "heatmaps.png"))
+            fig = plot_heatmaps(figures["images"], figures["maps"])
+            if figures.get("frames"):  # a video model: say which frame the still is
+                fig.suptitle("Videos: the map averaged over latent frames, over each video's middle decoded frame "
+                             "(frames.png: per latent frame)", fontsize=8)
+            files.append(save(fig, out / "heatmaps.png"))
+        if figures.get("frames"):
+            fig = plot_frames(figures["frames"])
+            fig.suptitle("Attention on the requested mention per latent frame (each concept's first seed; every site "
+                         "and denoiser call),\nover the decoded frame in the middle of those the latent frame makes",
+                         fontsize=8)
+            files.append(save(fig, out / "frames.png"))
         if deltas and any(math.isfinite(r["presence"]) for r in deltas):
             files.append(save(plot_presence(deltas, scorer=figures.get("scorer")), out / "presence.png"))
     if result.text:
@@ -332,10 +342,22 @@ def format_summary(result, *, scorer_kind: str | None = None, random_weights=(),
         figure = " and presence.png" if any(math.isfinite(r["delta_presence"]) for r in result.summary) else ""
         lines += [f"  Its 95% interval over seeds is in summary.csv (ci_low_presence, ci_high_presence){figure},",
                   "  cut to the range a difference of two scores can take (±(high − low) of the scorer's score_range)."]
+    lines += video_lines(getattr(result, "videos", {}), bool(scorer))
     if any(r["intervention"] for r in result.summary):
         lines.append("Intervention rows: the baseline prompt with the intervention (auc.csv: 'intervention'), one more "
                      "pipeline call from the same noise.")
     return "\n".join(lines)
+
+
+def video_lines(videos: dict, scored: bool) -> list[str]:
+    """What a video model's numbers and figures are of (``videos``: ``{model: frame record}``, ``study.video``)."""
+    lines = []
+    for model, v in videos.items():
+        lines += [f"Video ({model}): {v['frames']} frames per video ({v['latent_frames']} latent frames). Trajectories and AUCs",
+                  "  average every video position (each latent frame weighs the same); heatmaps.png averages the latent",
+                  f"  frames over each video's middle decoded frame (frame {v['shown']} of 0–{v['frames'] - 1});",
+                  "  frames.png shows each latent frame" + ("; Δ presence scores the middle frame only." if scored else ".")]
+    return lines
 
 
 #: warnings already printed by the study in progress (a cell-level warning would repeat for every seed)

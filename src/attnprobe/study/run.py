@@ -44,6 +44,7 @@ from ..models.loader import OFFLINE_MODELS, TINY_MODELS, check_model_name, first
 from ..models.shapes.model import tokenizer as shapes_tokenizer
 from ..text import similarity_rows, text_unsupported
 from . import measure
+from . import video as vid
 from .cells import Manifest, collect, grid, settings_key, shard_path, slug, write_cell
 from .config import (
     STUDY_PARTS, check_capture, check_earlier_run, check_grid, check_models, check_out, is_study_folder, resolve_dtype,
@@ -121,6 +122,7 @@ class StudyResult:
     where_when: list[dict] = field(default_factory=list)
     where_when_data: dict = field(default_factory=dict, repr=False)
     browser: list = field(default_factory=list, repr=False)  # report.html's heat-map data per generation (collect)
+    videos: dict = field(default_factory=dict)  # per video model, its cells' frame record (video.frame_record)
     done: int = 0
     skipped: int = 0
     failed: int = 0
@@ -144,6 +146,7 @@ def study(
     scorer: str | PresenceScorer | None = "auto",
     capture: Mapping | None = None,
     restart: bool = False,
+    frames: int | None = None,
 ) -> StudyResult:
     """Concepts × prompt variants × seeds on one or more pipelines: concept-attention trajectories, AUC, Δ AUC, figures.
 
@@ -155,8 +158,8 @@ def study(
 
     Args:
         model: ``"tiny"`` (default, offline), ``"tiny-xl"``, ``"tiny-sd3"``, ``"tiny-flux"``, ``"tiny-pixart"``,
-            or a hub id / local folder of a diffusers text-to-image pipeline (UNet, SD3, Flux, PixArt); or a list of
-            them (each a grid axis: tables get rows per model, figures go to ``out/figures/<model>/``).
+            ``"tiny-wan"`` (a video model: see ``frames``), any ``"tiny-<name>"``, or a hub id / local folder of a
+            diffusers text-to-image or text-to-video pipeline attnprobe records; or a list of them (each a grid axis: tables get rows per model, figures go to ``out/figures/<model>/``).
         out: output folder (created). concepts: default ``DEFAULT_CONCEPTS`` (``SHAPES_CONCEPTS`` when the first
             model is ``"shapes"``).
         variants: names of ``DEFAULT_VARIANTS`` (``SHAPES_VARIANTS`` when the first model is ``"shapes"``) and/or
@@ -178,6 +181,9 @@ def study(
             ``"keep"``), ``dtype`` (``"float16"``, default, ``"bfloat16"`` or ``"float32"``).
         restart: discard the finished generations of an earlier run in ``out`` instead of resuming. Default ``False``;
             resuming a folder whose study had other settings (steps, variants…) is refused.
+        frames: a video model's decoded frames per video (``num_frames``), ``k · c + 1`` for its temporal compression
+            ``c``. Default ``None``: 3 latent frames (9 frames for Wan, SkyReels-V2 and CogVideoX). Refused for an
+            image model. See ``attnprobe.study.video`` (the still of a video is its middle decoded frame).
 
     Writes to ``out``: ``trajectories.csv`` (per call), ``auc.csv`` (per seed), ``summary.csv`` (mean Δ AUC with
     95% interval), ``failures.csv`` (cells that failed; the study goes on), ``trajectories.png``,
@@ -197,6 +203,7 @@ def study(
             missing directory, no permission); the message names it and the cause. What was written before is kept,
             the previous merge's tables and figures included (``files.Staged``).
         InterventionError, ConceptError: an intervention that cannot run here (checked before generating).
+        ConfigError: ``frames`` for an image model, or a count the video model's temporal compression cannot make.
     """
     models = check_models(model)
     WARNED.clear()
@@ -212,6 +219,8 @@ def study(
     concepts = list(default_concepts if concepts is None else concepts)
     scorer = default_scorer if isinstance(scorer, str) and scorer == "auto" else scorer
     check_grid(concepts, list(seeds), steps, guidance, size)
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise ConfigError(f"frames must be a whole number ≥ 1 (decoded frames per video); got {frames!r}")
     seeds = [int(s) for s in seeds]
     capture = check_capture(capture)
     procs = processes()
@@ -225,6 +234,8 @@ def study(
                     size=size or _known_size(models),
                     dtype=str(dtype).replace("torch.", ""), scorer=scorer_name, capture=capture,
                     interventions={k: [repr(c) for c in v] for k, v in rows.items()})
+    if frames is not None:  # only when given: the settings (and the key of every finished cell) of image studies stay
+        settings["frames"] = int(frames)
     if restart:
         if out.is_dir() and any(out.iterdir()) and not is_study_folder(out):
             raise ConfigError(f"--restart: {str(out)!r} holds files but no study (no study.json or manifest/); "
@@ -239,10 +250,10 @@ def study(
         for message in shapes_concept_warnings(concepts):
             warn(message)
     _check_other_models(models, concepts, variants)
-    pipe = _ready_pipeline(models[0], device, dtype, concepts, variants, rows, steps, guidance, size)
+    pipe = _ready_pipeline(models[0], device, dtype, concepts, variants, rows, steps, guidance, size, frames)
     plan = _Plan(out=out, procs=procs, settings=settings, models=models, concepts=concepts, seeds=seeds,
                  variants=variants, rows=rows, steps=steps, guidance=guidance, size=size, capture=capture, scorer=scorer,
-                 device=device, dtype=dtype)
+                 device=device, dtype=dtype, frames=frames)
     # only now, when everything has been checked and loaded: a run that cannot start leaves the folder as it was
     if procs.is_main:
         try:
@@ -275,6 +286,7 @@ class _Plan:
     scorer: object
     device: torch.device
     dtype: torch.dtype
+    frames: int | None = None
     notes: set = field(default_factory=set)  # models already warned about (once per process)
 
 
@@ -325,7 +337,7 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
                     pipe = loaded = None  # one pipeline in memory at a time
                     try:
                         pipe = _ready_pipeline(cell.model, plan.device, plan.dtype, plan.concepts, plan.variants,
-                                               plan.rows, plan.steps, plan.guidance, plan.size)
+                                               plan.rows, plan.steps, plan.guidance, plan.size, plan.frames)
                     except Exception as exc:
                         broken[cell.model] = exc
                         raise
@@ -376,7 +388,7 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
     if echo:
         shown = plan.size or (measure.default_size(pipe, plan.models[0]) if len(plan.models) == 1 and pipe else "native")
         print(format_summary(result, model=", ".join(plan.models), steps=plan.steps, guidance=plan.guidance,
-                             size=shown, scorer=scorer_name, scorer_kind=scorer_kind(plan.scorer),
+                             size=shown, frames=plan.frames, scorer=scorer_name, scorer_kind=scorer_kind(plan.scorer),
                              random_weights=[m for m in plan.models if m in TINY_MODELS]))
     if interrupted:
         raise KeyboardInterrupt
@@ -401,15 +413,16 @@ def _device(device, procs) -> torch.device:
     return device
 
 
-def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guidance, size=None):
-    """Load a model and check that every prompt, intervention row and the image size apply to it, before it
-    generates."""
+def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guidance, size=None, frames=None):
+    """Load a model and check that every prompt, intervention row, the image size and a video model's frame count
+    apply to it, before it generates."""
     pipe = load_pipeline(model, str(device), dtype)
     family = checked_family(pipe, denoiser_of(pipe))  # a refused or unknown denoiser fails here, not in every cell
     if family.video is not None:
-        raise ConfigError(f"model {model!r} is {family.title}: probe() records its maps with a frame axis "
-                          "(docs/video.md), but the study generates images from 4-D latents and does not run video "
-                          "denoisers yet")
+        vid.check_frames(pipe, frames, model)  # its num_frames and a count its temporal compression can make
+    elif frames is not None:
+        raise ConfigError(f"frames={frames}: model {model!r} ({family.title}) makes images; frames is for video models "
+                          "(leave it out for a study of image models, or one mixing both)")
     measure.check_makes_images(pipe)  # so does a pipeline that makes no image (Stable Cascade's prior)
     if size is not None:  # its factor and memory (the native size fits the model)
         images = 1 if family_of(denoiser_of(pipe)).one_prompt else len(variants)
@@ -478,8 +491,10 @@ def _run_cell(pipe, cell, plan: "_Plan"):
     else:
         size = int(plan.size or measure.default_size(pipe, cell.model))
         maps = plan.out / "maps" / cell.id if plan.capture["save"] else None
+        frames = vid.check_frames(pipe, plan.frames, cell.model) if vid.is_video(pipe) else None
         record, tensors = measure.measure_cell(pipe, cell.concept, cell.seed, plan.variants, plan.steps, plan.guidance, size,
-                                        interventions=plan.rows, scorer=plan.scorer, capture=plan.capture, maps=maps)
+                                        interventions=plan.rows, scorer=plan.scorer, capture=plan.capture, maps=maps,
+                                        frames=frames)
     for key in ("trajectories", "aucs", "failures", "text"):
         record[key] = [{"model": cell.model, **r} for r in record.get(key, [])]
     return record, tensors
