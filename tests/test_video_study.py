@@ -165,3 +165,18 @@ def test_a_long_video_s_strip_shows_twelve_latent_frames_first_and_last_kept():
 def test_a_video_is_told_by_its_family_and_gets_a_generator_per_video():
     assert not video.is_video(tiny_pipeline("sd")) and video.is_video(tiny_pipeline("cogvideox"))
     assert [g.initial_seed() for g in video.noise(7, 2)["generator"]] == [7, 7]
+
+
+def test_frame_counts_follow_the_vae_and_the_pipelines_argument():
+    """Allegro's VAE decodes every latent frame to 4 frames (k·4, not k·4 + 1); Sana-Video's pipeline takes
+    ``frames``, not ``num_frames``."""
+    from attnprobe.study import video as vid
+    from attnprobe.testing import tiny_pipeline
+
+    allegro = tiny_pipeline("allegro")
+    assert vid.check_frames(allegro, None, "tiny-allegro") == 12 and vid.check_frames(allegro, 8, "tiny-allegro") == 8
+    with pytest.raises(attnprobe.ConfigError, match="decodes every latent frame to 4 frames.*use 8 or 12"):
+        vid.check_frames(allegro, 9, "tiny-allegro")
+    sana = tiny_pipeline("sana-video")
+    assert vid.frame_argument(sana) == "frames" and vid.video_options(sana, 9)["frames"] == 9
+    assert vid.check_frames(sana, None, "tiny-sana-video") == 9

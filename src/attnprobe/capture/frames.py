@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["video_grid", "call_video", "packed_call_video", "check_grid", "frame_maps", "video_meta", "store_bytes",
+__all__ = ["every_frame_vae", "video_grid", "call_video", "packed_call_video", "check_grid", "frame_maps", "video_meta", "store_bytes",
            "kept_calls", "check_budget"]
 
 
@@ -91,7 +91,7 @@ def frame_maps(site: str, probs: torch.Tensor, video) -> torch.Tensor:
 EVERY_FRAME_VAES = ("AutoencoderKLAllegro",)
 
 
-def _every_frame_vae(vae) -> bool:
+def every_frame_vae(vae) -> bool:
     """Whether ``vae`` is an instance of one of ``EVERY_FRAME_VAES`` (a subclass too)."""
     import diffusers
 
@@ -120,7 +120,7 @@ def video_meta(pipe, frames: int, patch, grid: tuple[int, int, int]) -> dict:
     vae = getattr(pipe, "vae", None)
     # only CogVideoX's VAE decodes in pairs (LTX-Video's has a num_latent_frames_batch_size too, for tiled decoding)
     batch = vae.num_latent_frames_batch_size if _decodes_in_pairs(vae) else None
-    every = _every_frame_vae(vae)
+    every = every_frame_vae(vae)
     # CogVideoX's pairs: alone only when the first batch is of three; Allegro's: never
     first_alone = not every and (batch is None or frames % 2 == 1)
     known = compression is not None and int(patch[0]) == 1 and batch in (None, 2)

@@ -32,9 +32,10 @@ import torch
 
 from ..analysis import decoded_frame_index, heatmap
 from ..capture import denoiser_of, family_of
+from ..capture.frames import every_frame_vae
 from ..errors import AttnprobeError, ConfigError, StoreError
 
-__all__ = ["DEFAULT_LATENT_FRAMES", "FRAME_THUMBNAIL", "is_video", "temporal_compression", "check_frames",
+__all__ = ["DEFAULT_LATENT_FRAMES", "FRAME_THUMBNAIL", "is_video", "temporal_compression", "frame_argument", "check_frames",
            "video_options", "noise", "middle_frame", "as_stills", "frame_stills", "frame_maps", "frame_record"]
 
 #: Latent frames of a video when ``frames`` is not given: the fewest that show a first frame, a middle and an end.
@@ -58,18 +59,36 @@ def temporal_compression(pipe) -> int | None:
     return None
 
 
+def frame_argument(pipe) -> str | None:
+    """The name of the pipeline's frame-count argument: ``num_frames`` (Wan, CogVideoX, …) or ``frames``
+    (Sana-Video); ``None`` when ``__call__`` takes neither."""
+    params = inspect.signature(type(pipe).__call__).parameters
+    return next((name for name in ("num_frames", "frames") if name in params), None)
+
+
 def check_frames(pipe, frames: int | None, model: str) -> int:
     """The decoded frames per video of a video pipeline: ``frames``, checked, or the default (``DEFAULT_LATENT_FRAMES``
     latent frames).
 
+    A VAE that decodes every latent frame to ``c`` frames (Allegro's, ``capture.frames.every_frame_vae``) makes
+    ``k · c`` frames; a causal one (the first latent frame alone) ``k · c + 1``.
+
     Raises:
-        ConfigError (a ValueError): the pipeline's ``__call__`` takes no ``num_frames``; ``frames`` below 1 or not
-            ``k · c + 1`` for the temporal compression ``c`` (the message gives the counts around it).
+        ConfigError (a ValueError): the pipeline's ``__call__`` takes no ``num_frames`` (or ``frames``); ``frames``
+            below 1 or not a count the VAE makes (the message gives the counts around it).
     """
-    if "num_frames" not in inspect.signature(type(pipe).__call__).parameters:
+    if frame_argument(pipe) is None:
         raise ConfigError(f"model {model!r} ({type(pipe).__name__}) records a frame axis, but its pipeline takes no "
                           "num_frames: the study cannot set its frame count")
     c = temporal_compression(pipe) or 1
+    if every_frame_vae(getattr(pipe, "vae", None)):
+        if frames is None:
+            return DEFAULT_LATENT_FRAMES * c
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or frames % c:
+            lower = max(c, (frames // c) * c) if isinstance(frames, int) and not isinstance(frames, bool) else c
+            raise ConfigError(f"frames {frames!r}: model {model!r}'s VAE decodes every latent frame to {c} frames, so "
+                              f"a video has k·{c} frames: use {lower} or {lower + c}")
+        return frames
     if frames is None:
         return (DEFAULT_LATENT_FRAMES - 1) * c + 1
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
@@ -83,9 +102,9 @@ def check_frames(pipe, frames: int | None, model: str) -> int:
 
 
 def video_options(pipe, frames: int) -> dict:
-    """The call options of a video pipeline: ``num_frames``, and PIL frames out (``output_type="pil"``) where it takes
-    an ``output_type``."""
-    options = {"num_frames": int(frames)}
+    """The call options of a video pipeline: its frame count (``frame_argument``), and PIL frames out
+    (``output_type="pil"``) where it takes an ``output_type``."""
+    options = {frame_argument(pipe) or "num_frames": int(frames)}
     if "output_type" in inspect.signature(type(pipe).__call__).parameters:
         options["output_type"] = "pil"
     return options

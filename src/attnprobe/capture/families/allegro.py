@@ -40,4 +40,5 @@ FAMILY = Family(
     reader="kernel",
     video=_frames,
     pipe_refused=_temporal_patch,
+    one_prompt=True,  # diffusers 0.42's AutoencoderKLAllegro.tiled_decode fails for more than one video per call
 )

@@ -75,7 +75,8 @@ class Family:
             attention module where structure alone is wrong: ``None`` for one structure takes for a site but is not
             (Kandinsky 3 builds its image self-attention and its text pooling with a ``cross_attention_dim``, so
             ``is_cross_attention`` holds for them too), a kind for one structure cannot tell is a site.
-        one_prompt: the pipeline takes one prompt per pipeline call, so the study generates its variants one at a time:
+        one_prompt: the pipeline takes one prompt per pipeline call, so the study generates its variants one at a time
+            (Allegro: diffusers 0.42's VAE decodes one video per call):
             Bria encodes each prompt in a text-encoder call of its own (a probe refuses several); PRX builds the
             timestep of a guided batch for one prompt (diffusers 0.42 fails on several).
         batched_encode: the pipeline encodes the negative prompts and the prompts in one text-encoder call,
