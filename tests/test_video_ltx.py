@@ -180,9 +180,13 @@ def test_other_ltx_pipelines_and_ltx2_stay_refused():
     assert verdicts["LTX2Pipeline"].verdict.startswith("refused: LTX-2")
 
 
-def test_the_study_refuses_ltx(tmp_path):
-    with pytest.raises(attnprobe.errors.ConfigError, match="tiny-ltx.*does not run video denoisers"):
-        attnprobe.study(concepts=["dog"], model="tiny-ltx", out=tmp_path / "s", seeds=[0], steps=1)
+def test_the_study_counts_ltx_frames_by_its_compression(pipe):
+    """LTX-Video's pipelines name the compression vae_temporal_compression_ratio (8): 3 latent frames are 17 frames."""
+    from attnprobe.study import video as vid
+
+    assert vid.temporal_compression(pipe) == 8 and vid.check_frames(pipe, None, "tiny-ltx") == 17
+    with pytest.raises(attnprobe.errors.ConfigError, match="use 9 or 17"):
+        vid.check_frames(pipe, 12, "tiny-ltx")
 
 
 def test_patches_come_from_the_denoiser_config():
