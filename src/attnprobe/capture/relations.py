@@ -30,7 +30,7 @@ from numbers import Real
 
 import torch
 
-from ..errors import ProbeError
+from ..errors import ProbeError, warn
 from .cross import ProbeProcessor, attention_logits, chain as _chain, output_error, with_tolerance
 from .denoiser_call import query_grid
 from .joint import CHUNK_ELEMENTS, mask_bias
@@ -428,6 +428,9 @@ class Relations:
                 per_call = [by_call[c][(relation, module)] for c in kept if (relation, module) in by_call.get(c, {})]
                 if per_call and len(per_call) == len(kept):
                     maps.setdefault(relation, {})[module] = torch.stack(per_call)
+                elif kept:  # every kept call was checked for its relations; said, not raised: the maps stay
+                    warn(f"relation {relation} of {module} holds {len(per_call)} of the store's {len(kept)} calls: "
+                         "not kept (a relation is kept only with every call)")
         meta = {"relations": list(self.relations), "points": [list(p) for p in self.points], "modules": {}}
         for (module, n, hw), (cells, (h, w)) in self.grids.items():
             meta["modules"][module] = {"grid": [h, w], "cells": [[c // w, c % w] for c in cells.tolist()]}

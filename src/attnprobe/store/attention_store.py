@@ -361,9 +361,10 @@ class AttentionStore:
         calls = f"the {self.aggregate} over {len(self.calls)} calls" if self.aggregate else f"{len(self.calls)} calls"
         tokens = f", tokens {self.token_positions}" if self.token_positions is not None else ""
         where = f", in {str(self._folder)!r}" if self._folder is not None else ""
+        related = "".join(f", {r} at {len(m)} sites" for r, m in self.relations.items())
         return (
             f"AttentionStore({len(self.sites)} sites, {calls}, {len(self.samples)} samples, "
-            f"grids {grids}{tokens}, {self.nbytes / 1e6:.3g} MB{where})"
+            f"grids {grids}{tokens}, {self.nbytes / 1e6:.3g} MB{related}{where})"
         )
 
     # ------------------------------------------------------------------ files
