@@ -276,7 +276,7 @@ def test_store_relation_errors_and_a_replaced_self_attention(cross_pipes):
         plain.relation("image->image", plain.sites[0])
     attn1 = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1")
     original = attn1.processor
-    with pytest.raises(ProbeError, match="attn1 were changed during the probe"):
+    with pytest.raises(ProbeError, match="attn1 \\(read for relations=\\) were changed during the probe"):
         with attnprobe.probe(pipe, sites="mid_block.*", relations="image->image", points=(0.5, 0.5)):
             _generate(pipe, options, prompt=("a dog",), callback_on_step_end=lambda p, i, t, kw: (
                 attn1.set_processor(type(original)()) or kw))
@@ -292,9 +292,18 @@ def test_relation_map_is_the_mean_over_calls_and_heads(cross_pipes):
     assert torch.allclose(attnprobe.relation_map(store, "image->image", site, query=2),
                           maps[:, 0, :, 2].mean((0, 1)), atol=1e-7)
     assert torch.allclose(attnprobe.relation_map(store, "image->image", site, calls=[1]), maps[1, 0, :, 0].mean(0))
-    for bad in (dict(query=3), dict(sample=1), dict(calls=[2]), dict(calls=[]), dict(query=True)):
+    for bad in (dict(query=3), dict(sample=1), dict(calls=[2]), dict(calls=[]), dict(query=True), dict(calls=[True]),
+                dict(calls={0}), dict(calls="0")):
         with pytest.raises(attnprobe.SelectionError, match="axis|call axis"):
             attnprobe.relation_map(store, "image->image", site, **bad)
+    import numpy as np
+
+    same = attnprobe.relation_map(store, "image->image", site, query=np.int64(2), sample=store.samples[0], calls=slice(0, 2))
+    assert torch.equal(same, attnprobe.relation_map(store, "image->image", site, query=2))
+    assert torch.equal(attnprobe.relation_map(store, "image->image", site, calls=1),
+                       attnprobe.relation_map(store, "image->image", site, calls=[1]))
+    with pytest.raises(attnprobe.ArgumentTypeError, match="AttentionStore.load"):
+        attnprobe.relation_map("store.safetensors", "image->image", site)
 
 
 def test_nested_probes_with_relations_agree_and_restore_the_processors(cross_pipes):
@@ -306,3 +315,45 @@ def test_nested_probes_with_relations_agree_and_restore_the_processors(cross_pip
     name = "mid_block.attentions.0.transformer_blocks.0.attn1"
     assert torch.equal(inner.relation("image->image", name), outer.relation("image->image", name)[:, :, :, :1])
     assert before == {n: m.processor for n, m in pipe.unet.named_modules() if hasattr(m, "processor")}
+
+
+def _resigned(path, edit):
+    """The saved store at ``path`` rewritten by ``edit(header, tensors)`` and signed again (a consistent checksum:
+    only the header-against-maps checks can tell)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from attnprobe.store.integrity import INTEGRITY_KEY, file_record
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["attnprobe"])
+    edit(header, tensors)
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
+    text = json.dumps(header)
+    save_file(tensors, str(path), metadata={"attnprobe": text, INTEGRITY_KEY: file_record(text, tensors)})
+    return path
+
+
+RELATION_KEY = "relation/image->image/mid_block.attentions.0.transformer_blocks.0.attn1"
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h, t: t.update({RELATION_KEY: t[RELATION_KEY][:, :, :, :1]}), "has shape .* but the header says"),
+    (lambda h, t: t.update({RELATION_KEY: torch.cat([t[RELATION_KEY]] * 2, dim=-2) / 2}), "has shape .* but the header says"),
+    (lambda h, t: t.update({RELATION_KEY: t[RELATION_KEY] * 3}), "sum to more|outside|probabilit"),
+    (lambda h, t: h["meta"]["relations"].update(points=[[0.5, 0.5]]), "has shape .* but the header says"),
+    (lambda h, t: t.update({"relation/foo/bar": t[RELATION_KEY]}), "header lists relations"),
+    (lambda h, t: t.pop(RELATION_KEY), "header lists relations"),
+    (lambda h, t: h["meta"].update(relations=["image->image"]), "relations record is malformed"),
+    (lambda h, t: h["meta"]["relations"].update(modules={}), "gives no grid and site"),
+])
+def test_an_edited_relation_file_is_refused_even_signed_again(cross_pipes, tmp_path, edit, match):
+    pipe, options = cross_pipes["sd"], CROSS["sd"][1]
+    with attnprobe.probe(pipe, sites="mid_block.*", relations="image->image", points=POINTS[:2]) as store:
+        _generate(pipe, options, prompt=("a dog",))
+    path = _resigned(store.save(tmp_path / "s.safetensors"), edit)
+    with pytest.raises(StoreError, match=match):
+        attnprobe.AttentionStore.load(path)

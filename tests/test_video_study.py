@@ -180,3 +180,16 @@ def test_frame_counts_follow_the_vae_and_the_pipelines_argument():
     sana = tiny_pipeline("sana-video")
     assert vid.frame_argument(sana) == "frames" and vid.video_options(sana, 9)["frames"] == 9
     assert vid.check_frames(sana, None, "tiny-sana-video") == 9
+
+
+def test_cogvideox_frame_counts_give_an_odd_number_of_latent_frames():
+    """CogVideoX's VAE decodes an even number of latent frames in pairs (13 frames → 4 latent frames → 16 frames): the
+    study refuses those counts instead of recording a frame count the videos do not have."""
+    from attnprobe.study import video as vid
+    from attnprobe.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("cogvideox")
+    assert vid.check_frames(pipe, 9, "tiny-cogvideox") == 9 and vid.check_frames(pipe, 17, "tiny-cogvideox") == 17
+    for frames in (5, 13):
+        with pytest.raises(attnprobe.ConfigError, match=f"decodes latent frames in pairs.*not {frames}: use"):
+            vid.check_frames(pipe, frames, "tiny-cogvideox")

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["every_frame_vae", "video_grid", "call_video", "packed_call_video", "check_grid", "frame_maps", "video_meta", "store_bytes",
+__all__ = ["every_frame_vae", "decodes_in_pairs", "video_grid", "call_video", "packed_call_video", "check_grid", "frame_maps", "video_meta", "store_bytes",
            "kept_calls", "check_budget"]
 
 
@@ -119,7 +119,7 @@ def video_meta(pipe, frames: int, patch, grid: tuple[int, int, int]) -> dict:
     compression = int(compression) if isinstance(compression, int) and compression >= 1 else None
     vae = getattr(pipe, "vae", None)
     # only CogVideoX's VAE decodes in pairs (LTX-Video's has a num_latent_frames_batch_size too, for tiled decoding)
-    batch = vae.num_latent_frames_batch_size if _decodes_in_pairs(vae) else None
+    batch = vae.num_latent_frames_batch_size if decodes_in_pairs(vae) else None
     every = every_frame_vae(vae)
     # CogVideoX's pairs: alone only when the first batch is of three; Allegro's: never
     first_alone = not every and (batch is None or frames % 2 == 1)
@@ -129,7 +129,7 @@ def video_meta(pipe, frames: int, patch, grid: tuple[int, int, int]) -> dict:
             "temporal_compression": compression, "first_frame_alone": bool(first_alone), "frames": decoded}
 
 
-def _decodes_in_pairs(vae) -> bool:
+def decodes_in_pairs(vae) -> bool:
     """Whether ``vae`` is CogVideoX's VAE, which decodes latent frames in batches of ``num_latent_frames_batch_size``."""
     from diffusers import AutoencoderKLCogVideoX
 

@@ -208,7 +208,8 @@ class Recorder:
             if (name in replaced or not any(p is self.wrappers[name] for p in chain(attn.processor))
                     or bool(getattr(attn, "fused_projections", False)) != self._fused[name]):
                 raise ProbeError(
-                    f"the processor or projections of site {name} were changed during the probe (now "
+                    f"the processor or projections of {'module' if name in replaced else 'site'} {name}"
+                    f"{' (read for relations=)' if name in replaced else ''} were changed during the probe (now "
                     f"{type(attn.processor).__name__}; attention slicing, fuse_qkv_projections, "
                     "set_default_attn_processor, xformers or a LoRA/adapter load do this). Enable such options "
                     "before opening the probe, not inside it. "

@@ -36,12 +36,12 @@ from .denoiser_call import query_grid
 from .joint import CHUNK_ELEMENTS, mask_bias
 from .kernel import sequence_bias
 from .kinds import _wrapper_class, is_attention
+from ..store.records import RELATIONS
 from .processor import batch_rows
 
 __all__ = ["RELATIONS", "FAMILIES", "check_relations", "relation_modules", "block_probs", "Relations",
            "SelfProbeProcessor"]
 
-RELATIONS = ("image->image", "text->image", "text->text")
 #: the families whose relations are read and tested (named in every refusal)
 FAMILIES = {"unet": "SD 1.x/2.x, SDXL and other UNet pipelines", "pixart": "PixArt-α/Σ", "sd3": "SD3/SD3.5",
             "flux": "Flux.1", "qwen": "Qwen-Image", "flux2": "Flux.2", "cogview4": "CogView4"}
@@ -86,12 +86,14 @@ def check_relations(relations, points) -> tuple[tuple[str, ...], tuple[tuple[flo
     if points is None:
         raise ProbeError("relations='image->image' needs points=[(y, x), …]: the image positions whose attention to "
                          "every image position is kept, as fractions of the height and width (0.5, 0.5 is the middle)")
+    if hasattr(points, "tolist") and not isinstance(points, (list, tuple)):  # a numpy array or a tensor
+        points = points.tolist()
     if _is_point(points):
         points = [points]
     if not isinstance(points, (list, tuple)) or not points or not all(_is_point(p) for p in points):
         raise ProbeError(f"points={points!r} is not a list of (y, x) pairs of numbers in [0, 1] (fractions of the "
                          "image's height and width)")
-    return chosen, tuple((float(y), float(x)) for y, x in points)
+    return chosen, tuple((float(y) + 0.0, float(x) + 0.0) for y, x in points)  # + 0.0: no -0.0 in the metadata
 
 
 def _is_point(p) -> bool:
@@ -120,7 +122,8 @@ def relation_modules(denoiser, family, sites, relations) -> dict[str, dict[str, 
             name = _self_attention(denoiser, site) if site.kind == "cross" else site.name
             modules[name] = site
         if not modules:
-            raise ProbeError(f"relations={relation!r}: text queries exist only at joint-attention sites (SD3, Flux), "
+            raise ProbeError(f"relations={relation!r}: text queries exist only at joint-attention sites (SD3, Flux, "
+                             "Qwen-Image, Flux.2, CogView4), "
                              f"and the probed sites of {type(denoiser).__name__} are cross-attention (keys only)")
         found[relation] = modules
     return found
@@ -431,7 +434,8 @@ class Relations:
                 elif kept:  # every kept call was checked for its relations; said, not raised: the maps stay
                     warn(f"relation {relation} of {module} holds {len(per_call)} of the store's {len(kept)} calls: "
                          "not kept (a relation is kept only with every call)")
-        meta = {"relations": list(self.relations), "points": [list(p) for p in self.points], "modules": {}}
+        meta = {"relations": list(self.relations), "points": [list(p) for p in self.points], "modules": {},
+                "read": {relation: sorted(modules) for relation, modules in maps.items()}}
         for (module, n, hw), (cells, (h, w)) in self.grids.items():
             meta["modules"][module] = {"grid": [h, w], "cells": [[c // w, c % w] for c in cells.tolist()]}
         for relation, modules in self.modules.items():

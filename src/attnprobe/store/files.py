@@ -18,8 +18,8 @@ from pathlib import Path
 from .._atomic import atomic_path
 from ..errors import ArgumentError, ArgumentTypeError, StoreError, warn
 from ..text.tokens import TokenLayout
-from .integrity import (INTEGRITY_KEY, check_coordinates, check_shapes, check_values, file_record, open_header,
-                        parse_record, verify_file, verify_shard)
+from .integrity import (INTEGRITY_KEY, check_coordinates, check_relations, check_shapes, check_values, file_record,
+                        open_header, parse_record, verify_file, verify_shard)
 from .shards import HEADER, io_error, read_shard, shard_paths
 from .records import Call, Sample, Site
 
@@ -126,7 +126,7 @@ def load(cls, path, verify: bool = True, missing_calls: str = "error"):
     store = _from_header(cls, path, found, maps)
     store.relations = relations
     n_calls = 1 if store.aggregate else len(store.calls)
-    _check_relations(path, store, n_calls, verify)
+    check_relations(path, store, n_calls, verify)
     if not store.calls and all(t.numel() == 0 for t in maps.values()):
         return store  # a probe whose block raised before any denoiser call
     check_shapes(path, store, {n: tuple(t.shape) for n, t in maps.items()}, n_calls)
@@ -138,29 +138,12 @@ def load(cls, path, verify: bool = True, missing_calls: str = "error"):
 
 
 def _relations(path: Path, found, maps: dict) -> dict:
-    """Take the relations' tensors out of a file's ``maps``: ``relation -> module -> map``, each one that the header's
-    ``meta["relations"]`` lists."""
+    """Take the relations' tensors out of a file's ``maps``: ``relation -> module -> map``."""
     relations: dict = {}
     for name in [n for n in maps if n.startswith(_RELATION)]:
         relation, _, module = name[len(_RELATION):].partition("/")
         relations.setdefault(relation, {})[module] = maps.pop(name)
-    meta = (found.get("meta") or {}) if isinstance(found, dict) else {}
-    listed = (meta.get("relations") or {}).get("relations") or [] if isinstance(meta, dict) else []
-    if sorted(listed) != sorted(relations):
-        raise StoreError(f"{str(path)!r}: its header lists relations {sorted(listed)} but the file holds "
-                         f"{sorted(relations)}: edited or damaged")
     return relations
-
-
-def _check_relations(path: Path, store, n_calls: int, verify: bool) -> None:
-    """Each relation's map has the store's calls and samples, and holds probabilities (``verify``)."""
-    for relation, maps in store.relations.items():
-        for module, m in maps.items():
-            if m.dim() < 5 or tuple(m.shape[:2]) != (n_calls, len(store.samples)):
-                raise StoreError(f"{str(path)!r}: relation {relation} of {module} has shape {list(m.shape)}, not "
-                                 f"[{n_calls} calls, {len(store.samples)} samples, …]")
-            if verify:
-                check_values(path, f"{module} ({relation})", m)
 
 
 def _from_header(cls, path: Path, found, maps: dict, folder: Path | None = None, shards=()):

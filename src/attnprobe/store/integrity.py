@@ -36,8 +36,9 @@ import secrets
 import torch
 
 from ..errors import StoreError
+from .records import RELATIONS
 
-__all__ = ["HASH", "INTEGRITY_KEY", "new_store_id", "digest_text", "digest_maps", "file_record", "shard_record",
+__all__ = ["check_relations", "HASH", "INTEGRITY_KEY", "new_store_id", "digest_text", "digest_maps", "file_record", "shard_record",
            "parse_record", "verify_file", "verify_shard", "seal_header", "open_header", "check_coordinates",
            "check_shapes", "check_values"]
 
@@ -291,3 +292,48 @@ def check_values(path, site: str, maps: torch.Tensor, token_major: bool = False,
         raise StoreError(f"{str(path)!r}: site {site} has maps whose values over the tokens sum to {most:.6g}, but a "
                          f"query's probabilities sum to at most {high:g}: the maps are damaged or not attention "
                          "probabilities")
+
+
+def check_relations(path, store, n_calls: int, verify: bool) -> None:
+    """Check a loaded store's relations (``store.relations``, ``probe(relations=...)``) against its header
+    (``meta["relations"]``): the relations and the modules each was read at, and per map its calls, samples, heads,
+    query axis (the points; the kept tokens) and key axes (the module's grid; every text key); with ``verify``, its
+    values (probabilities, each query's row summing to at most 1 over its keys).
+
+    Raises:
+        StoreError: a header that is not a relations record, a relation or module the header does not list (or one it
+            lists missing), a map of another shape, values that are not probabilities.
+    """
+    where, record = str(path), store.meta.get("relations")
+    if not store.relations and record is None:
+        return
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in (
+            ("relations", list), ("points", list), ("modules", dict), ("read", dict))):
+        raise StoreError(f"{where!r}: its header's relations record is malformed (edited?): {str(record)[:200]}")
+    listed = {r: sorted(m) if isinstance(m, list) else m for r, m in record["read"].items()}
+    found = {r: sorted(m) for r, m in store.relations.items()}
+    if listed != found or not set(found) <= set(RELATIONS) or sorted(record["relations"]) != sorted(found):
+        raise StoreError(f"{where!r}: its header lists relations {listed} but the file holds {found} (relations are "
+                         f"any of {RELATIONS}): edited or damaged")
+    samples, keys = len(store.samples), len(store.layout(0).strings) if store.samples else None
+    heads = {s.name: s.heads for s in store.sites}
+    for relation, maps in store.relations.items():
+        for module, m in maps.items():
+            info = record["modules"].get(module)
+            grid = info.get("grid") if isinstance(info, dict) else None
+            site = info.get("site") if isinstance(info, dict) else None
+            if not isinstance(grid, list) or len(grid) != 2 or site not in heads:
+                raise StoreError(f"{where!r}: relation {relation} of {module}: the header gives no grid and site for it")
+            queries = len(record["points"]) if relation == "image->image" else store.n_tokens
+            tail = [keys] if relation == "text->text" else grid
+            want = [n_calls, samples, m.shape[2] if m.dim() > 2 and m.shape[2] in (1, heads[site]) else heads[site],
+                    queries, *tail]
+            if list(m.shape) != want:
+                raise StoreError(f"{where!r}: relation {relation} of {module} has shape {list(m.shape)}, but the header "
+                                 f"says {want} ([call, sample, head, {'point' if relation == 'image->image' else 'token'}"
+                                 f", {'key' if relation == 'text->text' else 'kh, kw'}])")
+            if relation == "image->image" and len(info.get("cells") or []) != queries:
+                raise StoreError(f"{where!r}: relation {relation} of {module}: the header places "
+                                 f"{len(info.get('cells') or [])} cells for its {queries} points")
+            if verify:
+                check_values(path, f"{module} ({relation})", m if relation == "text->text" else m.flatten(-2))

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Site", "Call", "Sample"]
+__all__ = ["Site", "Call", "Sample", "RELATIONS"]
+
+#: the relations a store may hold beside its maps (``probe(relations=...)``, ``attnprobe.capture.relations``)
+RELATIONS = ("image->image", "text->image", "text->text")
 
 
 @dataclass(frozen=True)

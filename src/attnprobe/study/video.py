@@ -32,7 +32,7 @@ import torch
 
 from ..analysis import decoded_frame_index, heatmap
 from ..capture import denoiser_of, family_of
-from ..capture.frames import every_frame_vae
+from ..capture.frames import decodes_in_pairs, every_frame_vae
 from ..errors import AttnprobeError, ConfigError, StoreError
 
 __all__ = ["DEFAULT_LATENT_FRAMES", "FRAME_THUMBNAIL", "is_video", "temporal_compression", "frame_argument", "check_frames",
@@ -98,6 +98,12 @@ def check_frames(pipe, frames: int | None, model: str) -> int:
         raise ConfigError(f"frames {frames}: model {model!r} compresses time by {c} (its VAE decodes the first latent "
                           f"frame alone, then {c} frames per latent frame), so a video has k·{c} + 1 frames: use "
                           f"{lower} or {lower + c}")
+    if decodes_in_pairs(getattr(pipe, "vae", None)) and ((frames - 1) // c) % 2:
+        # CogVideoX's VAE decodes an even number of latent frames in pairs, every one to c frames: not `frames` frames
+        latent = (frames - 1) // c + 1
+        raise ConfigError(f"frames {frames}: model {model!r}'s VAE (CogVideoX's) decodes latent frames in pairs, so "
+                          f"its {latent} latent frames would make {latent * c} frames, not {frames}: use "
+                          f"{frames - c} or {frames + c} (an odd number of latent frames)")
     return frames
 
 
