@@ -528,3 +528,10 @@ def test_compare_says_what_to_do(pipe, monkeypatch):
         with attnprobe.concept_attention(pipe, ["dog"], max_sequence_length=16):
             pipe(prompt="a dog", **run)
             pipe(prompt="a cat and a dog", **run)
+
+
+def test_one_concept_is_warned_about(pipes):
+    """A softmax over one concept is 1 everywhere: said, with what to pass."""
+    with pytest.warns(attnprobe.AttnprobeWarning, match="one concept's map is 1 everywhere"):
+        with attnprobe.concept_attention(pipes["flux"], ["dog"], compare=False, max_sequence_length=T5_LEN):
+            generate(pipes["flux"], num_inference_steps=1)

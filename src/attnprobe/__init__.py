@@ -15,7 +15,8 @@ from . import _moved
 from ._version import __version__
 
 from . import study, text  # attnprobe.text: the text side; attnprobe.study: the study, callable
-from .analysis import Comparison, ConceptMaps, auc, compare, concept_attention, heatmap, relation_map, trajectory
+from .analysis import (Comparison, ConceptMaps, animate_heatmap, auc, compare, concept_attention, heatmap, relation_map,
+                       trajectory)
 from .capture import list_sites, probe
 from .errors import (
     ArgumentError,
@@ -79,6 +80,7 @@ __all__ = [
     "StoreError",
     "StoreIOError",
     "UnknownSiteError",
+    "animate_heatmap",
     "auc",
     "compare",
     "concept_attention",

@@ -221,6 +221,9 @@ def concept_attention(pipe, concepts: Sequence[str], *, blocks=None, compare: bo
         >>> torch.allclose(result.maps.sum(2), torch.ones(1, 1, 4, 6))
         True
     """
+    if isinstance(concepts, (list, tuple)) and len(concepts) == 1:
+        warn(f"concept_attention({list(concepts)}): the maps are a softmax over the concepts, so one concept's map is 1 "
+             "everywhere; pass the others it competes with (e.g. ['dog', 'grass', 'sky']; the paper adds 'background')")
     with concept_stream(pipe, concepts, blocks, max_sequence_length) as record:
         result = ConceptMaps(record.concepts, record.blocks, record)
         if not compare:

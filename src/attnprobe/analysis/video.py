@@ -107,7 +107,7 @@ def _as_frames(frames) -> np.ndarray:
 
 def animate_heatmap(store: AttentionStore, concept: str, frames, path, *, sample: int = 0, calls=None, sites=None,
                     occurrence="all", generation: int | None = None, fps: float = 8.0, alpha: float = 0.5,
-                    cmap: str = "jet") -> Path:
+                    cmap: str = "viridis") -> Path:
     """An animated GIF of a concept's heat map over the decoded video: each frame the video's frame with its latent
     frame's map laid over it (``frame_heatmaps``, divided by its maximum over the whole video so that frames compare;
     colours from matplotlib's ``cmap``), written with Pillow, atomically.
@@ -117,7 +117,7 @@ def animate_heatmap(store: AttentionStore, concept: str, frames, path, *, sample
         frames: the decoded frames of the probed pipeline call's video for that sample: ``output.frames[i]`` with
             ``output_type="pt"`` (``[frame, C, H, W]``) or ``"np"`` (``[frame, H, W, C]``), or a list of PIL images.
         path: where the GIF goes (``.gif``). fps: frames per second. Default: 8. alpha: the map's opacity, 0–1.
-            Default: 0.5. cmap: a matplotlib colormap name. Default: ``"jet"``.
+            Default: 0.5. cmap: a matplotlib colormap name. Default: ``"viridis"`` (as every figure).
 
     Returns:
         The path written.

@@ -26,6 +26,9 @@ from ..analysis.figures import (
 
 __all__ = ["OUTPUT_FILES", "interval", "answer_lines", "video_lines", "summarize", "write_tables", "write_figures", "format_summary", "done_line", "warn", "WARNED"]
 
+#: the concepts frames.png draws (the first ones; report.html's frame selector shows every concept)
+FRAME_CONCEPTS = 4
+
 #: Every table and figure of a study's folder (rewritten by each run or merge; an old one not written again is removed).
 OUTPUT_FILES = (
     "trajectories.csv", "auc.csv", "summary.csv", "text_similarity.csv", "failures.csv",
@@ -166,10 +169,17 @@ def write_figures(result, out: Path, figures: dict, write=write_atomic, note: st
                              "(frames.png: per latent frame)", fontsize=8)
             files.append(save(fig, out / "heatmaps.png"))
         if figures.get("frames"):
-            fig = plot_frames(figures["frames"])
+            # the question's two rows when the study has them (a strip per row of every concept made a page 6000 px
+            # tall); report.html's frame selector shows every row
+            concepts = list(figures["frames"])[:FRAME_CONCEPTS]
+            pair = {c: {v: m for v, m in figures["frames"][c].items() if v in ("baseline", "instruction")}
+                    or figures["frames"][c] for c in concepts}
+            fig = plot_frames(pair)
+            more = len(figures["frames"]) - len(concepts)
             fig.suptitle("Attention on the requested mention per latent frame (each concept's first seed; every site "
-                         "and denoiser call),\nover the decoded frame in the middle of those the latent frame makes",
-                         fontsize=8)
+                         "and denoiser call; each strip scaled to its own min–max),\nover the decoded frame in the "
+                         "middle of those the latent frame makes; every row"
+                         + (f" and the {more} other concepts" if more > 0 else "") + ": report.html", fontsize=8)
             files.append(save(fig, out / "frames.png"))
         if deltas and any(math.isfinite(r["presence"]) for r in deltas):
             files.append(save(plot_presence(deltas, scorer=figures.get("scorer")), out / "presence.png"))
