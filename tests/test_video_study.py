@@ -56,7 +56,7 @@ def test_a_wan_study_writes_its_tables_frame_figures_and_page(wan_study):
     assert tensors["frameimages.0"].shape == (3, 64, 64, 3) and tensors["image.0"].shape == (64, 64, 3)
     assert tensors["sitemaps.0"].shape[-2:] == (4, 4)  # the browser's maps: the latent frames averaged
     frames = Image.open(out / "frames.png")
-    assert frames.size[1] > frames.size[0] / 2  # a strip per row: 4 rows of 3 latent frames
+    assert frames.size[1] > frames.size[0] / 4  # a strip per row of the question: baseline and instruction
     cell = _page_data(out)[0]
     assert cell["video"]["spans"] == [[0, 0], [1, 4], [5, 8]]
     assert all(r["frames"]["shape"] == [3, 4, 4] and len(r["frame_images"]) == 3 for r in cell["rows"])
