@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["DenoiserCall", "Timesteps", "query_grid", "packed_grid", "generated_tokens", "pad_rows", "first_value",
+__all__ = ["DenoiserCall", "Timesteps", "query_grid", "packed_grid", "generated_tokens", "pad_rows", "first_value", "row_mask",
            "schedule_meta"]
 
 
@@ -142,6 +142,27 @@ class DenoiserCall:
         if self.packed:
             return (packed_hw or packed_grid)(self.img_ids)
         return int(self.sample.shape[-2]), int(self.sample.shape[-1])
+
+
+def row_mask(denoiser: torch.nn.Module, call: DenoiserCall) -> torch.Tensor:
+    """The attended text positions of each batch row, ``[batch, text]`` booleans, of a denoiser whose processor calls
+    the kernel once per row over them (``Family.row_calls``: Mochi 1 picks ``encoder_attention_mask.nonzero()``).
+
+    Raises:
+        ProbeError: the call has no ``encoder_attention_mask`` keyword, or not one ``[batch, text]`` mask of its
+            ``encoder_hidden_states`` (what was passed and what is read are named).
+    """
+    mask, states = call.mask, call.states
+    want = (call.batch, int(states.shape[1])) if isinstance(states, torch.Tensor) and states.ndim == 3 else None
+    if mask is None or want is None or tuple(mask.shape) != want:
+        got = "none" if mask is None else f"shape {tuple(mask.shape)}"
+        raise ProbeError(
+            f"{type(denoiser).__name__} was called with encoder_attention_mask {got}; attnprobe reads its attention "
+            "one batch row at a time over the text positions that mask keeps, so it needs the mask by keyword, "
+            f"[batch, text] = {list(want) if want else '[batch, text] of 3-D encoder_hidden_states'}, as its pipeline "
+            "passes it"
+        )
+    return mask != 0
 
 
 def _named(kwargs: dict, *names: str):
