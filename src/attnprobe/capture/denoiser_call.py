@@ -159,8 +159,8 @@ def row_mask(denoiser: torch.nn.Module, call: DenoiserCall) -> torch.Tensor:
         raise ProbeError(
             f"{type(denoiser).__name__} was called with encoder_attention_mask {got}; attnprobe reads its attention "
             "one batch row at a time over the text positions that mask keeps, so it needs the mask by keyword, "
-            f"[batch, text] = {list(want) if want else '[batch, text] of 3-D encoder_hidden_states'}, as its pipeline "
-            "passes it"
+            f"[batch, text] = {list(want) if want else 'those of encoder_hidden_states (by keyword too)'}, as its "
+            "pipeline passes them"
         )
     return mask != 0
 
@@ -316,7 +316,8 @@ def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
     """``store.meta`` entries of a run's schedule and size: ``scheduler`` (class name), ``scheduler_config``,
     ``timesteps`` (the scheduler's last schedule), ``latent_size`` and ``image_size`` (``[h, w]``; the latent grid
     times its autoencoder's down-sampling (``vae`` or Kandinsky 3's ``movq``), or the pipeline's ``vae_scale_factor``
-    where the autoencoder's config does not tell; LTX-Video's pipelines: their ``vae_spatial_compression_ratio``)."""
+    (``vae_scale_factor_spatial``: Wan; ``vae_spatial_scale_factor``: Mochi 1) where the autoencoder's config does not
+    tell; LTX-Video's pipelines: their ``vae_spatial_compression_ratio``)."""
     meta = {}
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is not None:
@@ -326,12 +327,13 @@ def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
         meta["timesteps"] = [float(t) for t in ts] if ts is not None else None
     h, w = latent_hw
     # the autoencoder's own down-sampling where its config tells (Bria's vae_scale_factor counts its 2×2 packing too),
-    # else the pipeline's vae_scale_factor (Sana's DC-AE, Qwen-Image's VAE) or vae_scale_factor_spatial (Wan's video
-    # VAE), else 1 (pixel space: IF)
+    # else the pipeline's vae_scale_factor (Sana's DC-AE, Qwen-Image's VAE), vae_scale_factor_spatial (Wan's video
+    # VAE) or vae_spatial_scale_factor (Mochi's), else 1 (pixel space: IF)
     coder = getattr(pipe, "vae", None) or getattr(pipe, "movq", None)
     levels = getattr(getattr(coder, "config", None), "block_out_channels", None)
     scale = 2 ** (len(levels) - 1) if levels else int(getattr(pipe, "vae_scale_factor", 0)
-                                                       or getattr(pipe, "vae_scale_factor_spatial", 0) or 1)  # Wan's
+                                                       or getattr(pipe, "vae_scale_factor_spatial", 0)  # Wan's
+                                                       or getattr(pipe, "vae_spatial_scale_factor", 0) or 1)  # Mochi's
     ratio = getattr(pipe, "vae_spatial_compression_ratio", None)  # LTX-Video's VAE: 4×4 pixel patches, then its levels
     scale = ratio if isinstance(ratio, int) and ratio >= 1 else scale
     meta["latent_size"] = [h, w]
