@@ -19,8 +19,12 @@ Rather than re-implement each, ``KernelProbeProcessor`` runs the installed proce
   with the image keys and are not on the ``token`` axis: an ``exact`` map is ``[sample, head, query, token]`` whose
   rows sum to the text share, the rest being the image's and the added keys'.
 
-A processor that calls the kernel more than once, or not at all (another attention backend: flash-attn, xformers),
-is refused with a message that says which. Verify once: the kernel's output is compared with
+- a family whose processor calls the kernel once per batch row over ``[image; that row's attended text]``
+  (``Family.row_calls``, Mochi 1): call ``b`` is row ``b``'s softmax; its text keys go back to their positions on the
+  ``token`` axis, and the ones its ``encoder_attention_mask`` leaves out get exactly 0.
+
+Any other processor that calls the kernel more than once, or not at all (another attention backend: flash-attn,
+xformers), is refused with a message that says which. Verify once: the kernel's output is compared with
 ``softmax(q·kᵀ·scale + mask)·v`` of what was read (``state.checks``).
 """
 
