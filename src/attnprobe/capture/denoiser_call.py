@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["DenoiserCall", "Timesteps", "query_grid", "packed_grid", "generated_tokens", "pad_rows", "first_value",
+__all__ = ["DenoiserCall", "Timesteps", "query_grid", "packed_grid", "generated_tokens", "pad_rows", "first_value", "row_mask",
            "schedule_meta"]
 
 
@@ -142,6 +142,27 @@ class DenoiserCall:
         if self.packed:
             return (packed_hw or packed_grid)(self.img_ids)
         return int(self.sample.shape[-2]), int(self.sample.shape[-1])
+
+
+def row_mask(denoiser: torch.nn.Module, call: DenoiserCall) -> torch.Tensor:
+    """The attended text positions of each batch row, ``[batch, text]`` booleans, of a denoiser whose processor calls
+    the kernel once per row over them (``Family.row_calls``: Mochi 1 picks ``encoder_attention_mask.nonzero()``).
+
+    Raises:
+        ProbeError: the call has no ``encoder_attention_mask`` keyword, or not one ``[batch, text]`` mask of its
+            ``encoder_hidden_states`` (what was passed and what is read are named).
+    """
+    mask, states = call.mask, call.states
+    want = (call.batch, int(states.shape[1])) if isinstance(states, torch.Tensor) and states.ndim == 3 else None
+    if mask is None or want is None or tuple(mask.shape) != want:
+        got = "none" if mask is None else f"shape {tuple(mask.shape)}"
+        raise ProbeError(
+            f"{type(denoiser).__name__} was called with encoder_attention_mask {got}; attnprobe reads its attention "
+            "one batch row at a time over the text positions that mask keeps, so it needs the mask by keyword, "
+            f"[batch, text] = {list(want) if want else 'those of encoder_hidden_states (by keyword too)'}, as its "
+            "pipeline passes them"
+        )
+    return mask != 0
 
 
 def _named(kwargs: dict, *names: str):
@@ -295,7 +316,8 @@ def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
     """``store.meta`` entries of a run's schedule and size: ``scheduler`` (class name), ``scheduler_config``,
     ``timesteps`` (the scheduler's last schedule), ``latent_size`` and ``image_size`` (``[h, w]``; the latent grid
     times its autoencoder's down-sampling (``vae`` or Kandinsky 3's ``movq``), or the pipeline's ``vae_scale_factor``
-    where the autoencoder's config does not tell; LTX-Video's pipelines: their ``vae_spatial_compression_ratio``)."""
+    (``vae_scale_factor_spatial``: Wan; ``vae_spatial_scale_factor``: Mochi 1) where the autoencoder's config does not
+    tell; LTX-Video's pipelines: their ``vae_spatial_compression_ratio``)."""
     meta = {}
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is not None:
@@ -305,12 +327,13 @@ def schedule_meta(pipe, latent_hw: tuple[int, int]) -> dict:
         meta["timesteps"] = [float(t) for t in ts] if ts is not None else None
     h, w = latent_hw
     # the autoencoder's own down-sampling where its config tells (Bria's vae_scale_factor counts its 2×2 packing too),
-    # else the pipeline's vae_scale_factor (Sana's DC-AE, Qwen-Image's VAE) or vae_scale_factor_spatial (Wan's video
-    # VAE), else 1 (pixel space: IF)
+    # else the pipeline's vae_scale_factor (Sana's DC-AE, Qwen-Image's VAE), vae_scale_factor_spatial (Wan's video
+    # VAE) or vae_spatial_scale_factor (Mochi's), else 1 (pixel space: IF)
     coder = getattr(pipe, "vae", None) or getattr(pipe, "movq", None)
     levels = getattr(getattr(coder, "config", None), "block_out_channels", None)
     scale = 2 ** (len(levels) - 1) if levels else int(getattr(pipe, "vae_scale_factor", 0)
-                                                       or getattr(pipe, "vae_scale_factor_spatial", 0) or 1)  # Wan's
+                                                       or getattr(pipe, "vae_scale_factor_spatial", 0)  # Wan's
+                                                       or getattr(pipe, "vae_spatial_scale_factor", 0) or 1)  # Mochi's
     ratio = getattr(pipe, "vae_spatial_compression_ratio", None)  # LTX-Video's VAE: 4×4 pixel patches, then its levels
     scale = ratio if isinstance(ratio, int) and ratio >= 1 else scale
     meta["latent_size"] = [h, w]

@@ -92,11 +92,23 @@ EVERY_FRAME_VAES = ("AutoencoderKLAllegro",)
 
 
 def every_frame_vae(vae) -> bool:
-    """Whether ``vae`` is an instance of one of ``EVERY_FRAME_VAES`` (a subclass too)."""
+    """Whether ``vae`` decodes every latent frame to ``temporal_compression`` frames, the first too: an instance of
+    one of ``EVERY_FRAME_VAES`` (a subclass too), or Mochi's VAE set not to drop its first frames
+    (``drop_last_temporal_frames = False``)."""
     import diffusers
 
     classes = tuple(c for c in (getattr(diffusers, n, None) for n in EVERY_FRAME_VAES) if isinstance(c, type))
-    return bool(classes) and isinstance(vae, classes)
+    return (bool(classes) and isinstance(vae, classes)) or (_mochi_vae(vae) and not vae.drop_last_temporal_frames)
+
+
+def _mochi_vae(vae) -> bool:
+    """Whether ``vae`` is Mochi 1's (``AutoencoderKLMochi``): it decodes every latent frame to its
+    ``temporal_compression_ratio`` frames, then (``drop_last_temporal_frames``, the default) drops the first
+    ``ratio − 1`` of them, which leaves the first latent frame one frame."""
+    import diffusers
+
+    mochi = getattr(diffusers, "AutoencoderKLMochi", None)
+    return isinstance(mochi, type) and isinstance(vae, mochi)
 
 
 def video_meta(pipe, frames: int, patch, grid: tuple[int, int, int]) -> dict:
@@ -107,7 +119,10 @@ def video_meta(pipe, frames: int, patch, grid: tuple[int, int, int]) -> dict:
     ``latent_frames · c``).
 
     Wan's, HunyuanVideo's and LTX-Video's causal VAEs decode the first latent frame alone (LTX:
-    ``vae_temporal_compression_ratio`` 8). CogVideoX's (``AutoencoderKLCogVideoX``) decodes latent frames in pairs
+    ``vae_temporal_compression_ratio`` 8). Mochi 1's (``AutoencoderKLMochi``, compression its
+    ``temporal_compression_ratio``, 6) decodes every latent frame to ``c`` frames and drops the first ``c − 1``: the
+    first latent frame makes one frame (28 latent frames → 163 frames), unless its ``drop_last_temporal_frames`` is
+    off (then ``latent_frames · c``, as Allegro's). CogVideoX's (``AutoencoderKLCogVideoX``) decodes latent frames in pairs
     (``num_latent_frames_batch_size`` 2), the first three together when their number is odd: the first alone then, and
     with an even number every latent frame makes ``c`` frames (13 latent frames → 49 frames, 12 → 48). Allegro's
     (``EVERY_FRAME_VAES``) makes ``c`` frames of every latent frame (22 → 88); its pipeline then keeps the first
@@ -118,6 +133,8 @@ def video_meta(pipe, frames: int, patch, grid: tuple[int, int, int]) -> dict:
                                                                               None)  # LTX-Video's pipelines: the latter
     compression = int(compression) if isinstance(compression, int) and compression >= 1 else None
     vae = getattr(pipe, "vae", None)
+    if _mochi_vae(vae):  # its pipeline's vae_temporal_scale_factor (6) counts latent frames; the VAE decodes them
+        compression = int(vae.temporal_compression_ratio)
     # only CogVideoX's VAE decodes in pairs (LTX-Video's has a num_latent_frames_batch_size too, for tiled decoding)
     batch = vae.num_latent_frames_batch_size if decodes_in_pairs(vae) else None
     every = every_frame_vae(vae)

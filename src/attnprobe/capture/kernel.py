@@ -19,8 +19,12 @@ Rather than re-implement each, ``KernelProbeProcessor`` runs the installed proce
   with the image keys and are not on the ``token`` axis: an ``exact`` map is ``[sample, head, query, token]`` whose
   rows sum to the text share, the rest being the image's and the added keys'.
 
-A processor that calls the kernel more than once, or not at all (another attention backend: flash-attn, xformers),
-is refused with a message that says which. Verify once: the kernel's output is compared with
+- a family whose processor calls the kernel once per batch row over ``[image; that row's attended text]``
+  (``Family.row_calls``, Mochi 1): call ``b`` is row ``b``'s softmax; its text keys go back to their positions on the
+  ``token`` axis, and the ones its ``encoder_attention_mask`` leaves out get exactly 0.
+
+Any other processor that calls the kernel more than once, or not at all (another attention backend: flash-attn,
+xformers), is refused with a message that says which. Verify once: the kernel's output is compared with
 ``softmax(q·kᵀ·scale + mask)·v`` of what was read (``state.checks``).
 """
 
@@ -95,6 +99,8 @@ class KernelProbeProcessor(ProbeProcessor):
         tap = KernelTap()
         with tap:
             output = self.inner(attn, hidden_states, *args, **kwargs)
+        if state.row_mask is not None and self.kind != "cross":
+            return self._row_calls(tap.calls, hidden_states.shape[1], output)
         if len(tap.calls) != 1:
             backend = getattr(self.inner, "_attention_backend", None)
             raise ProbeError(
@@ -130,7 +136,9 @@ class KernelProbeProcessor(ProbeProcessor):
                                        reduce=(state.heads, state.tokens, state.dtype))
         if state.relate is not None:  # probe(relations=...): other blocks of the same softmax
             state.relate.at_kernel(self, query, key, mask, scale, (image_q, others, text))
-        self._hand_on(probs, share, query, key, mask, scale, seen)
+        self._hand_on(probs, share)
+        if not self.checked:
+            self._check_kernel(query, key, mask, scale, seen)
         return output
 
     def _per_row(self, query, key, mask, seen, output):
@@ -166,17 +174,93 @@ class KernelProbeProcessor(ProbeProcessor):
             text_bias = torch.zeros(past.shape, device=q.device).masked_fill_(past, float("-inf"))[:, None, None]
             probs, share = joint_probs(q, k[:, :, :n_keys], k[:, :, text_start:text_start + n_text], state.joint,
                                        bias=(others, text_bias), reduce=(state.heads, state.tokens, state.dtype))
-        self._hand_on(probs, share, query, key, mask, scale, seen)
+        self._hand_on(probs, share)
+        if not self.checked:
+            self._check_kernel(query, key, mask, scale, seen)
         return output
 
-    def _hand_on(self, probs, share, query, key, mask, scale, seen) -> None:
-        """The site's map and text share to the probe's outbox; the first call's kernel verified."""
+    def _row_calls(self, calls: list[dict], n_image: int, output):
+        """A processor that calls the kernel once per batch row over ``[image; that row's attended text]``
+        (``state.row_mask``, ``[batch, text]``: Mochi 1's ``encoder_attention_mask``), call ``b`` being row ``b``'s.
+        Each recorded row's map is the image-query × text-key block of its own softmax, its text keys put back at
+        their positions on the ``token`` axis (``state.n_keys``): the positions its mask leaves out get probability
+        exactly 0 (they are in none of its softmax). ``exact`` rows sum to the row's text share, ``renorm`` rows to 1.
+
+        Raises:
+            ProbeError: not one call per batch row, a call that is not ``[image; the row's attended text]`` (its
+                length), with a mask, causal or with dropout, or ``renorm`` for a row that attends to no text.
+        """
+        state = self.state
+        mask = state.row_mask.to(calls[0]["query"].device) if calls else state.row_mask
+        batch, n_text = mask.shape
+        if len(calls) != batch:
+            raise ProbeError(
+                f"site {self.site}: its processor {type(self.innermost()).__name__} called scaled_dot_product_attention "
+                f"{len(calls)} times for a batch of {batch} rows; attnprobe reads one call per batch row over [image; "
+                "that row's attended text] (MochiAttnProcessor2_0) with the native attention backend"
+            )
+        check_keys(state, self.site, n_text)
+        rows = state.rows
+        kept = (range(batch) if rows is None else range(*rows.indices(batch)) if isinstance(rows, slice)
+                else rows.tolist())
+        maps, shares = [], []
+        with torch.no_grad():
+            for b in kept:
+                seen, own = calls[b], mask[b].nonzero().flatten()
+                query, key = seen["query"], seen["key"]
+                if (seen.get("attn_mask") is not None or seen.get("is_causal") or seen.get("dropout_p")
+                        or query.shape[0] != 1 or key.shape[1] != query.shape[1]
+                        or query.shape[2] != n_image + len(own) or key.shape[2] != query.shape[2]):
+                    raise ProbeError(
+                        f"site {self.site}: kernel call {b} has queries {tuple(query.shape)} and keys "
+                        f"{tuple(key.shape)}, not one row of {n_image} image and {len(own)} attended text positions "
+                        "(its encoder_attention_mask) without a mask, causality or dropout: attnprobe cannot tell "
+                        "its text keys apart"
+                    )
+                if not len(own) and state.joint == "renorm":
+                    raise ProbeError(
+                        f"site {self.site}: batch row {b} attends to no text position (its encoder_attention_mask is "
+                        "all 0: an empty prompt with force_zeros_for_empty_prompt), so joint='renorm' has nothing to "
+                        "renormalise over; use joint='exact' (that row's maps are 0, its text share 0)"
+                    )
+                text = key.new_zeros((1, key.shape[1], n_text, key.shape[3]))
+                text[:, :, own] = key[:, :, n_image:]  # back at their positions on the token axis
+                past = torch.zeros(n_text, device=key.device).masked_fill_(~mask[b], float("-inf"))
+                probs, share = joint_probs(query[:, :, :n_image], key[:, :, :n_image], text, state.joint,
+                                           bias=(None, past[None, None, None]), scale=seen.get("scale") or
+                                           query.shape[-1] ** -0.5, reduce=(state.heads, state.tokens, state.dtype))
+                maps.append(probs)
+                shares.append(share)
+        if not self.checked:
+            self._check_rows(calls)
+        if not maps:  # no recorded row in this call: an empty map, as batch_rows gives the other readers
+            heads = calls[0]["query"].shape[1]
+            tokens = n_text if state.tokens is None else len(state.tokens)
+            maps = [torch.empty((0, 1 if state.heads == "mean" else heads, n_image, tokens), dtype=state.dtype,
+                                device=mask.device)]
+            shares = [None if state.joint == "renorm" else torch.empty((0, heads), device=mask.device)]
+        self._hand_on(torch.cat(maps), None if shares[0] is None else torch.cat(shares))
+        return output
+
+    def _check_rows(self, calls: list[dict]) -> None:
+        """Verify once: each row's kernel output against ``softmax(q·kᵀ·scale)·v`` of its call (the largest error)."""
+        self.checked = True
+        errors, dtype = [], calls[0]["output"].dtype if calls else torch.float32
+        with torch.no_grad():
+            for seen in calls:
+                q, k, v, out = seen["query"], seen["key"], seen["value"], seen["output"]
+                scale = seen.get("scale") or q.shape[-1] ** -0.5
+                errors.append(joint_output_error(q.float() * scale, k, k[:, :, :0], v, v[:, :, :0],
+                                                 out.transpose(1, 2).flatten(2)))
+        self.state.checks.append((self.site, type(self.innermost()).__name__, *with_tolerance(max(errors), dtype),
+                                  None))
+
+    def _hand_on(self, probs, share) -> None:
+        """The site's map and text share to the probe's outbox."""
         state = self.state
         state.outbox.append((self.site, probs))
         if share is not None:
             state.shares.append((self.site, share.mean(1, keepdim=True) if state.heads == "mean" else share))
-        if not self.checked:
-            self._check_kernel(query, key, mask, scale, seen)
 
     def _positions(self, n_query: int, n_key: int, n_hidden: int) -> tuple[slice, slice | torch.Tensor, slice]:
         """The image queries, the other keys of the softmax (a slice, or the positions where the denoiser adds keys)

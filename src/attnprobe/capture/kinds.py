@@ -28,7 +28,7 @@ from .joint import JointProbeProcessor
 from .kernel import KernelProbeProcessor
 from .processor import CaptureState
 
-__all__ = ["KINDS", "WRAPPERS", "site_kind", "is_attention", "attention_classes", "wrap_processor"]
+__all__ = ["KINDS", "WRAPPERS", "site_kind", "is_attention", "attention_classes", "set_processor", "wrap_processor"]
 
 #: The recording wrapper of each site kind.
 WRAPPERS: dict[str, type[ProbeProcessor]] = {"cross": ProbeProcessor, "joint": JointProbeProcessor,
@@ -82,22 +82,39 @@ def _takes_text(forward) -> bool | None:
         return None
 
 
+#: diffusers attention classes that are plain ``torch.nn.Module``s with a ``processor`` (neither ``Attention`` nor
+#: ``AttentionModuleMixin``), by their names in ``diffusers.models.attention_processor``: Mochi 1's
+PLAIN_ATTENTION = ("MochiAttention",)
+
+
 @functools.cache
 def attention_classes() -> tuple[type, ...]:
-    """diffusers' attention module classes: ``Attention`` and, where the installed diffusers has it, the
-    ``AttentionModuleMixin`` of its newer per-model attention classes (``FluxAttention``)."""
-    from diffusers.models.attention_processor import Attention
+    """diffusers' attention module classes: ``Attention``, where the installed diffusers has them the
+    ``AttentionModuleMixin`` of its newer per-model attention classes (``FluxAttention``) and ``PLAIN_ATTENTION``."""
+    from diffusers.models import attention_processor
 
+    classes = [attention_processor.Attention]
     try:
         from diffusers.models.attention import AttentionModuleMixin
+        classes.append(AttentionModuleMixin)
     except ImportError:  # pragma: no cover - diffusers without the mixin
-        return (Attention,)
-    return (Attention, AttentionModuleMixin)
+        pass
+    classes += [c for c in (getattr(attention_processor, n, None) for n in PLAIN_ATTENTION) if isinstance(c, type)]
+    return tuple(classes)
 
 
 def is_attention(module) -> bool:
     """Whether a module is a diffusers attention module with a processor (a candidate site)."""
     return isinstance(module, attention_classes()) and hasattr(module, "processor")
+
+
+def set_processor(attn, processor) -> None:
+    """Install ``processor`` on an attention module: its ``set_processor`` where it has one, else (``PLAIN_ATTENTION``,
+    whose ``forward`` calls ``self.processor``) the attribute itself."""
+    if hasattr(attn, "set_processor"):
+        attn.set_processor(processor)
+    else:
+        attn.processor = processor
 
 
 def wrap_processor(inner: Any, site: str, attn, state: CaptureState, kind: str = "cross",

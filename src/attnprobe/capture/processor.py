@@ -154,6 +154,8 @@ class CaptureState:
             another number of text keys (a denoiser that adds keys of its own) cannot be labelled. 0: not known.
         row_text: per batch row, the text positions a denoiser that joins each row's attended text with the image
             joins (Lumina 2: the ``encoder_attention_mask`` count; Z-Image: its caption's length), else ``None``.
+        row_mask: a denoiser whose processor calls the kernel once per batch row over that row's attended text
+            (``Family.row_calls``: Mochi 1): its ``encoder_attention_mask`` as booleans ``[batch, text]``, else ``None``.
         pad_to, image_len: a denoiser that pads its image positions (to a multiple of ``pad_to``: Z-Image; HiDream):
             the family's ``pad_to``, and the image positions of the call in progress (the family's ``image_len``).
         extra_keys: keys the denoiser puts before the text keys in every joint sequence (AuraFlow's register tokens:
@@ -177,6 +179,7 @@ class CaptureState:
     extra_keys: int = 0
     keys_after: int = 0
     row_text: Any = None
+    row_mask: Any = None
     pad_to: int = 0
     image_len: int = 0
     outbox: list = field(default_factory=list)

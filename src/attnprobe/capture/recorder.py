@@ -22,11 +22,11 @@ import torch
 from ..errors import NoDenoiserCallError, ProbeError, warn
 from ..store import Call, StoreWriter
 from .cross import ProbeProcessor, chain
-from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, schedule_meta
+from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, row_mask, schedule_meta
 from .evidence import EncodeWatch, note_checks
 from .families import family_of
 from .frames import call_video, check_budget, frame_maps, kept_calls, packed_call_video, store_bytes, video_meta
-from .kinds import wrap_processor
+from .kinds import set_processor, wrap_processor
 from .processor import CaptureState
 from .options import capture_meta
 from .passes import refuse_rewrite
@@ -114,7 +114,7 @@ class Recorder:
                 wrapper = wrap_processor(original, name, attn, self.state, self.kinds[name], self.family)
                 self.originals[name] = original
                 self.wrappers[name] = wrapper
-                attn.set_processor(wrapper)
+                set_processor(attn, wrapper)
             self.handles.append(self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True))
             # a call is closed when the denoiser returns, so store.calls is right inside the with block
             self.handles.append(self.denoiser.register_forward_hook(self._on_denoiser_return))
@@ -162,7 +162,7 @@ class Recorder:
             while isinstance(original, ProbeProcessor) and original.removed:  # an outer probe closed first
                 original = original.inner
             if attn.processor is wrapper:
-                attn.set_processor(original)
+                set_processor(attn, original)
                 continue
             for outer in chain(attn.processor):  # a probe opened inside this one is still installed
                 if isinstance(outer, ProbeProcessor) and outer.inner is wrapper:
@@ -273,6 +273,7 @@ class Recorder:
             self.video = call_video(self.family, module, call.sample, hw)  # a video denoiser's frames, patch, grid
         self.state.text_len = call.text_len
         self.state.row_text = call.mask.sum(-1) if self.family.row_text and call.mask is not None else None
+        self.state.row_mask = row_mask(module, call) if self.family.row_calls else None
         self.state.image_len = self.family.image_len(module, hw) if self.family.image_len else 0
         self.state.keys_after = self.family.keys_after(module, kwargs) if self.family.keys_after else 0
         self.state.states = call.states if self.same_states else None

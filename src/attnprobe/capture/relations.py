@@ -35,7 +35,7 @@ from .cross import ProbeProcessor, attention_logits, chain as _chain, output_err
 from .denoiser_call import query_grid
 from .joint import CHUNK_ELEMENTS, mask_bias
 from .kernel import sequence_bias
-from .kinds import _wrapper_class, is_attention
+from .kinds import _wrapper_class, is_attention, set_processor
 from ..store.records import RELATIONS
 from .processor import batch_rows
 
@@ -259,7 +259,7 @@ class Relations:
             attn = denoiser.get_submodule(name)
             self.originals[name] = attn.processor
             self.wrappers[name] = _wrapper_class(attn.processor, SelfProbeProcessor)(attn.processor, name, attn, state)
-            attn.set_processor(self.wrappers[name])
+            set_processor(attn, self.wrappers[name])
         for name, relations in self.joint.items():
             attn = denoiser.get_submodule(name)
             if not relations & set(_TEXT) or getattr(attn, "add_k_proj", None) is None and getattr(
@@ -283,7 +283,7 @@ class Relations:
             wrapper.remove_hooks()
             attn = denoiser.get_submodule(name)
             if attn.processor is wrapper:
-                attn.set_processor(self.originals[name])
+                set_processor(attn, self.originals[name])
                 continue
             for outer in _chain(attn.processor):  # a probe opened inside this one is still installed
                 if isinstance(outer, ProbeProcessor) and outer.inner is wrapper:

@@ -10,7 +10,7 @@ stores with known answers, and the loader of any pipeline by name.
 - ``tiny_vlm``: more of them, whose vision-language encoder also rewrites prompts (LongCat-Image).
 - ``tiny_video``: the tiny video pipelines (Wan 2.1, SkyReels-V2, CogVideoX), whose maps have a frame axis.
 - ``tiny_ltx``: the tiny LTX-Video pipeline (packed video latents, a frame axis too).
-- ``tiny_allegro``, ``tiny_sana_video``: the tiny Allegro and Sana-Video pipelines, frame axis too.
+- ``tiny_allegro``, ``tiny_sana_video``, ``tiny_mochi``: the tiny Allegro, Sana-Video and Mochi 1 pipelines, frame axis too.
 - ``tiny_unets``: the tiny pipelines of UNets that are not ``UNet2DConditionModel`` (Kandinsky 3, Stable Cascade's
   prior).
 - ``configs``: real UNet and transformer configs and ``unet_on_meta`` / ``transformer_on_meta``.

@@ -91,6 +91,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "LTXPipeline": ("ltx", "tests/test_video_ltx.py"),
     "AllegroPipeline": ("allegro", "tests/test_video_allegro.py"),
     "SanaVideoPipeline": ("sana-video", "tests/test_video_sana_video.py"),
+    "MochiPipeline": ("mochi", "tests/test_video_mochi.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),

@@ -7,8 +7,8 @@ stand for a video in the figures, the page and the presence scorer.
     (True, 4, 9)
 
 A study reads everything here from the pipeline and its store, never from a list of families: the temporal compression
-(the pipeline's ``vae_scale_factor_temporal``, or ``vae_temporal_compression_ratio``), whether ``__call__`` takes
-``num_frames``, and the frame record of the store it probed (``store.video``, ``attnprobe.analysis.decoded_frame_index``).
+(the pipeline's ``vae_scale_factor_temporal``, ``vae_temporal_compression_ratio`` or ``vae_temporal_scale_factor``),
+whether ``__call__`` takes ``num_frames``, and the frame record of the store it probed (``store.video``, ``attnprobe.analysis.decoded_frame_index``).
 
 - **Frames**: ``frames`` decoded frames per video (``num_frames``); default ``DEFAULT_LATENT_FRAMES`` latent frames,
   ``(3 − 1) · c + 1`` decoded frames for a temporal compression ``c`` (9 for Wan, SkyReels-V2 and CogVideoX). A causal
@@ -51,8 +51,9 @@ def is_video(pipe) -> bool:
 
 def temporal_compression(pipe) -> int | None:
     """Decoded frames per latent frame after the first: the pipeline's ``vae_scale_factor_temporal`` (Wan, CogVideoX,
-    HunyuanVideo) or ``vae_temporal_compression_ratio`` (LTX); ``None`` when it has neither."""
-    for name in ("vae_scale_factor_temporal", "vae_temporal_compression_ratio"):
+    HunyuanVideo), ``vae_temporal_compression_ratio`` (LTX) or ``vae_temporal_scale_factor`` (Mochi 1); ``None``
+    when it has none of them."""
+    for name in ("vae_scale_factor_temporal", "vae_temporal_compression_ratio", "vae_temporal_scale_factor"):
         value = getattr(pipe, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return value

@@ -1,9 +1,9 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
-other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video, Allegro and Sana-Video text-to-video (each with what is
-missing to record it), audio denoisers (no image grid), priors that denoise one CLIP image embedding (no image
-positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a block-causal sequence with a KV cache).
-Each names the diffusers 0.42 classes it covers; a class it does not name falls to the generic family, which is refused
-too unless a probe is told to record it by structure.
+other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video, Allegro, Sana-Video and
+Mochi 1 text-to-video (each with what is missing to record it), audio denoisers (no image grid), priors that denoise one
+CLIP image embedding (no image positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a
+block-causal sequence with a KV cache). Each names the diffusers 0.42 classes it covers; a class it does not name falls
+to the generic family, which is refused too unless a probe is told to record it by structure.
 """
 
 from .cascade import is_prior
@@ -11,8 +11,8 @@ from .registry import Family, first_text_encoder
 
 def _video(name: str, title: str, denoisers: tuple[str, ...], why: str, **more) -> Family:
     """A video denoiser refused up front: ``why`` names what attnprobe lacks to record it exactly (it records the frame
-    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video, Allegro and Sana-Video, whose reading
-    is checked against a reference)."""
+    axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video,
+    Allegro, Sana-Video and Mochi 1, whose reading is checked against a reference)."""
     return Family(name=name, title=title, denoisers=denoisers, kinds=(), text_streams=first_text_encoder,
                   refused=why, **more)
 
@@ -58,9 +58,6 @@ VIDEO_FAMILIES = (
            "it denoises audio and video together (audio-to-video and video-to-audio cross-attention beside the text's) "
            "from packed latents: its audio stream and the audio-video cross-attention are not read (LTX-Video's "
            "LTXPipeline is recorded)"),
-    _video("mochi", "Mochi 1 (MochiTransformer3DModel)", ("MochiTransformer3DModel",),
-           "its joint attention runs one kernel call per batch row over that row's unpadded text (MochiAttnProcessor2_0), "
-           "and attnprobe's kernel reader reads one call per site"),
     _video("kandinsky5", "Kandinsky 5 (Kandinsky5Transformer3DModel)", ("Kandinsky5Transformer3DModel",),
            "its text keys are Qwen2.5-VL hidden states cut from a chat template, and its video self-attention may run "
            "in sparse NABLA blocks; no labelling of those keys exists yet"),
@@ -81,7 +78,7 @@ VIDEO_FAMILIES = (
            "identity or image tokens, or no text at all) has no family that reads it; attnprobe records the frame "
            "axis of Wan 2.1 (WanPipeline), SkyReels-V2 (SkyReelsV2Pipeline), CogVideoX (CogVideoXPipeline), "
            "HunyuanVideo (HunyuanVideoPipeline), LTX-Video (LTXPipeline), "
-           "Allegro (AllegroPipeline) and Sana-Video (SanaVideoPipeline)"),
+           "Allegro (AllegroPipeline), Sana-Video (SanaVideoPipeline) and Mochi 1 (MochiPipeline)"),
 )
 VIDEO = VIDEO_FAMILIES[-1]
 

@@ -60,6 +60,9 @@ class Family:
             their attention from image self-attention.
         row_text: the denoiser joins each row's attended text positions (its ``encoder_attention_mask``) with the image
             positions, so where the image starts differs by row (Lumina 2); the keys past a row's text are its image.
+        row_calls: the processor calls the attention kernel once per batch row, over ``[image; that row's attended
+            text positions]`` (Mochi 1: ``encoder_attention_mask`` picks each row's positions; the padded ones are in
+            no softmax of that row); read at the kernel, each call as its row's. A call without that mask is refused.
         pad_to: with ``row_text``, the denoiser pads the image positions and each row's text positions to a multiple of
             this with pad tokens that share the softmax (Z-Image: 32); the sequence is then ``[image; pad; text; pad]``
             (``text_first=False``) and the pad queries are not image positions.
@@ -123,6 +126,7 @@ class Family:
     keys_after: Callable | None = None
     single_blocks: str | None = None
     row_text: bool = False
+    row_calls: bool = False
     pad_to: int = 0
     image_len: Callable | None = None
     pipelines: tuple[str, ...] = ()
