@@ -193,8 +193,10 @@ def guidance_on(pipe, scale: float | None = None) -> bool | None:
 
 def guider_on(loc: dict | None) -> bool:
     """Whether a pipeline that guides through a diffusers guider (HunyuanImage: the ``guider`` local of its
-    ``__call__``) runs an unconditional pass at the step in progress: the guider is enabled with two conditions."""
-    guider = (loc or {}).get("guider")
+    ``__call__``; HunyuanVideo 1.5: its ``self.guider``) runs an unconditional pass at the step in progress: the guider
+    is enabled with two conditions."""
+    loc = loc or {}
+    guider = loc.get("guider", getattr(loc.get("self"), "guider", None))
     try:
         return bool(guider is not None and guider._enabled and guider.num_conditions > 1)
     except Exception:  # another guider API: nothing says
