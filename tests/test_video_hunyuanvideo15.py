@@ -21,6 +21,7 @@ from attnprobe.analysis import decoded_frame_index
 from attnprobe.capture.families import checked_family, family_of
 from attnprobe.capture.families.hunyuanvideo15 import FAMILY
 from attnprobe.errors import ProbeError
+from attnprobe.models.coverage import pipeline_verdicts
 from attnprobe.testing import tiny_pipeline
 from test_families import Inputs  # our own pre-forward hooks: each attention module's call arguments, per call
 
@@ -197,6 +198,16 @@ def test_refusals(pipe):
     with pytest.raises(ProbeError, match="num_videos_per_prompt=1"):
         with attnprobe.probe(pipe):
             generate(pipe, PROMPTS, num_videos_per_prompt=2, num_inference_steps=1)
-    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    verdicts = {v.pipeline: v.verdict for v in pipeline_verdicts()}
+    assert verdicts["HunyuanVideo15ImageToVideoPipeline"].startswith("refused: puts the input image's SigLIP tokens")
+    assert verdicts["HunyuanVideo15Pipeline"].startswith("tested")
 
-    assert "text-to-video" in FAMILY.pipe_refused(object.__new__(HunyuanVideo15ImageToVideoPipeline))
+
+def test_hunyuanimage_negative_pass_counts_its_glyph_keys():
+    """The separate negative calls of HunyuanImage 2.1 (same [ByT5; Qwen] keys) are labelled over all their keys,
+    ByT5's included: one label per position of the token axis."""
+    image = tiny_pipeline("hunyuanimage")
+    with attnprobe.probe(image, passes="uncond", heads="mean") as store:
+        image(prompt="a red cat", height=32, width=32, num_inference_steps=1, output_type="latent")
+    assert len(store.tokens(0)) == store[store.sites[0].name].shape[-1] == 48  # 16 ByT5 + 32 Qwen
+    assert store.tokens(0)[:2] == ["<|im_end|>", ""]  # the empty prompt's template end, then its masked ByT5 keys

@@ -78,6 +78,9 @@ REFUSED = {
     "SanaImageToVideoPipeline": (None, "gives its input image's latent frame timestep 0 and the others the step's (a "
                                        "[batch, frame, …] timestep per denoiser call), while a store keeps one "
                                        "timestep per call; SanaVideoPipeline (text-to-video) is recorded"),
+    "HunyuanVideo15ImageToVideoPipeline": (None, "puts the input image's SigLIP tokens (attended) before the text keys "
+                                                 "and its latents in extra channels of the video's; no tiny pipeline "
+                                                 "checks it: HunyuanVideo15Pipeline (text-to-video) is recorded"),
     "LongCatImageEditPipeline": (None, "reads the input image inside its text encoder's template (its vision tokens "
                                        "are text keys) and appends the image's latents to the image queries"),
 }

@@ -23,7 +23,7 @@ positions only. Guidance runs as separate calls (the pipeline's guider: the prom
 Refused: a call whose ``image_embeds`` rows are not the latents' (diffusers 0.42 makes them per prompt, not per video:
 ``num_videos_per_prompt > 1``, where its ``encode_prompt`` also repeats the masks in another row order than the states)
 or without the masks by keyword; the image-to-video pipeline (``HunyuanVideo15ImageToVideoPipeline``: the input
-image's latents in extra channels, untested).
+image's tokens attended, its latents in extra channels; untested) by name (``capture.passes.REFUSED``).
 """
 
 from __future__ import annotations
@@ -95,14 +95,6 @@ def _text_order(denoiser, kwargs: dict):
     return text, image_at + torch.arange(n_image, device=qwen.device)[None]
 
 
-def _image_pipeline(pipe):
-    if any(c.__name__ == "HunyuanVideo15ImageToVideoPipeline" for c in type(pipe).__mro__):
-        return ("its image_embeds are the input image's SigLIP tokens (attended) and its latents carry the image in "
-                "extra channels; attnprobe records HunyuanVideo15Pipeline (text-to-video) only (no tiny "
-                "image-to-video pipeline checks it)")
-    return None
-
-
 FAMILY = Family(
     name="hunyuanvideo15",
     title="HunyuanVideo 1.5 text-to-video (HunyuanVideo15Transformer3DModel)",
@@ -115,6 +107,5 @@ FAMILY = Family(
     text_positions=_positions,
     text_order=_text_order,
     video=_frames,
-    pipe_refused=_image_pipeline,
     one_prompt=True,
 )
