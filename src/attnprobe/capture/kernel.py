@@ -119,6 +119,8 @@ class KernelProbeProcessor(ProbeProcessor):
             seen["value"] = seen["value"].repeat_interleave(query.shape[1] // seen["value"].shape[1], dim=1)
         if state.row_text is not None and self.kind != "cross":
             return self._per_row(query, key, mask, seen, output)
+        if state.text_order is not None and self.kind != "cross":
+            return self._ordered(query, key, mask, seen, output, hidden_states.shape[1])
         # a 4-D hidden_states (Stable Cascade's [sample, channel, h, w]) holds h·w positions
         n_hidden = hidden_states.shape[1] if hidden_states.dim() == 3 else hidden_states[0, 0].numel()
         image_q, others, text = self._positions(query.shape[2], key.shape[2], n_hidden)
@@ -177,6 +179,57 @@ class KernelProbeProcessor(ProbeProcessor):
         self._hand_on(probs, share)
         if not self.checked:
             self._check_kernel(query, key, mask, scale, seen)
+        return output
+
+    def _ordered(self, query, key, mask, seen, output, n_image: int):
+        """A denoiser that reorders each row's keys after its ``n_image`` image positions by its masks
+        (``state.text_order``: HunyuanVideo 1.5's ``[attended image tokens; attended ByT5; attended Qwen; masked image
+        tokens; masked ByT5; masked Qwen]``): each row's ``token``-axis keys are gathered from their own positions,
+        the keys it adds (image tokens) share the softmax with the image's. The mask row of the image queries (one
+        for all of them, checked) biases every key: masked keys get probability 0. ``exact`` rows sum to the text
+        share, ``renorm`` rows to 1.
+
+        Raises:
+            ProbeError: a sequence that is not ``[image; text block]`` of the order's length, image queries whose
+                mask rows differ, or ``probe(relations=...)`` (not read for a per-row order).
+        """
+        state, rows = self.state, self.state.rows
+        n_text, n_added = (int(t.shape[1]) for t in state.text_order)
+        n_keys = key.shape[2]
+        m = None if mask is None else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        if (query.shape[2] != n_keys or n_keys != n_image + n_text + n_added
+                or (m is not None and m.shape[2] > 1 and not bool((m[:, :, :n_image] == m[:, :, :1]).all()))):
+            raise ProbeError(
+                f"site {self.site}: its attention has {query.shape[2]} queries and {n_keys} keys, not one sequence of "
+                f"{n_image} image positions then {n_text} text and {n_added} added keys whose image queries share one "
+                "mask row; attnprobe cannot tell each row's text keys apart"
+            )
+        if state.relate is not None:
+            raise ProbeError(f"site {self.site}: probe(relations=...) is not read for a denoiser that orders each "
+                             "row's text keys by its masks; probe it without relations")
+        scale = seen.get("scale") or query.shape[-1] ** -0.5
+        with torch.no_grad():
+            check_keys(state, self.site, n_text)
+            q, k = batch_rows(query, rows)[:, :, :n_image], batch_rows(key, rows)
+            text_at, added_at = (batch_rows(t.to(k.device), rows) for t in state.text_order)
+            image = torch.arange(n_image, device=k.device).expand(k.shape[0], -1)
+            text_at, others_at = n_image + text_at, torch.cat([image, n_image + added_at], 1)  # [b, keys]
+
+            def pick(x, at, axis):  # x's positions ``at`` (per row) along ``axis``
+                shape = list(x.shape)
+                shape[axis] = at.shape[1]
+                index = at.reshape(at.shape[0], *([1] * (axis - 1)), at.shape[1], *([1] * (x.dim() - axis - 1)))
+                return x.gather(axis, index.expand(*shape))
+
+            bias = None
+            if mask is not None:  # the image queries' one mask row: [b, 1 | head, 1, keys]
+                row = sequence_bias(mask, rows, slice(0, 1), slice(0, n_keys)).expand(k.shape[0], -1, -1, -1)
+                bias = (pick(row, others_at, 3), pick(row, text_at, 3))
+            probs, share = joint_probs(q, pick(k, others_at, 2), pick(k, text_at, 2), state.joint, bias=bias,
+                                       scale=scale, reduce=(state.heads, state.tokens, state.dtype))
+        self._hand_on(probs, share)
+        if not self.checked:
+            self._check_kernel(query, key, mask, scale, seen, slice(0, n_image))
         return output
 
     def _row_calls(self, calls: list[dict], n_image: int, output):
@@ -295,16 +348,18 @@ class KernelProbeProcessor(ProbeProcessor):
                             torch.arange(image.start, image.stop)])
         return queries, others, text
 
-    def _check_kernel(self, query, key, mask, scale, seen) -> None:
-        """Verify once: the kernel's output against ``softmax(q·kᵀ·scale + mask)·v`` of every batch row."""
+    def _check_kernel(self, query, key, mask, scale, seen, queries: slice = slice(None)) -> None:
+        """Verify once: the kernel's output against ``softmax(q·kᵀ·scale + mask)·v`` of every batch row, for the
+        ``queries`` positions (default all; HunyuanVideo 1.5: the image's, as its masked text queries attend to no
+        key)."""
         self.checked = True
-        out = seen["output"]
+        out = seen["output"][:, :, queries]
         every = slice(0, key.shape[2])
         with torch.no_grad():
-            full = None if mask is None else sequence_bias(mask, None, slice(None), every)
+            full = None if mask is None else sequence_bias(mask, None, queries, every)
             bias = None if full is None else (full, full[..., :0])
-            error = joint_output_error(query.float() * scale, key, key[:, :, :0], seen["value"], seen["value"][:, :, :0],
-                                       out.transpose(1, 2).flatten(2), bias=bias)
+            error = joint_output_error(query[:, :, queries].float() * scale, key, key[:, :, :0], seen["value"],
+                                       seen["value"][:, :, :0], out.transpose(1, 2).flatten(2), bias=bias)
         self.state.checks.append((self.site, type(self.innermost()).__name__, *with_tolerance(error, out.dtype), None))
 
     def __repr__(self) -> str:

@@ -78,6 +78,9 @@ REFUSED = {
     "SanaImageToVideoPipeline": (None, "gives its input image's latent frame timestep 0 and the others the step's (a "
                                        "[batch, frame, …] timestep per denoiser call), while a store keeps one "
                                        "timestep per call; SanaVideoPipeline (text-to-video) is recorded"),
+    "HunyuanVideo15ImageToVideoPipeline": (None, "puts the input image's SigLIP tokens (attended) before the text keys "
+                                                 "and its latents in extra channels of the video's; no tiny pipeline "
+                                                 "checks it: HunyuanVideo15Pipeline (text-to-video) is recorded"),
     "LongCatImageEditPipeline": (None, "reads the input image inside its text encoder's template (its vision tokens "
                                        "are text keys) and appends the image's latents to the image queries"),
 }
@@ -193,8 +196,10 @@ def guidance_on(pipe, scale: float | None = None) -> bool | None:
 
 def guider_on(loc: dict | None) -> bool:
     """Whether a pipeline that guides through a diffusers guider (HunyuanImage: the ``guider`` local of its
-    ``__call__``) runs an unconditional pass at the step in progress: the guider is enabled with two conditions."""
-    guider = (loc or {}).get("guider")
+    ``__call__``; HunyuanVideo 1.5: its ``self.guider``) runs an unconditional pass at the step in progress: the guider
+    is enabled with two conditions."""
+    loc = loc or {}
+    guider = loc.get("guider", getattr(loc.get("self"), "guider", None))
     try:
         return bool(guider is not None and guider._enabled and guider.num_conditions > 1)
     except Exception:  # another guider API: nothing says

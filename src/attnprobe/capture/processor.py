@@ -156,6 +156,8 @@ class CaptureState:
             joins (Lumina 2: the ``encoder_attention_mask`` count; Z-Image: its caption's length), else ``None``.
         row_mask: a denoiser whose processor calls the kernel once per batch row over that row's attended text
             (``Family.row_calls``: Mochi 1): its ``encoder_attention_mask`` as booleans ``[batch, text]``, else ``None``.
+        text_order: a denoiser that reorders each row's keys after the image by its masks (``Family.text_order``:
+            HunyuanVideo 1.5): ``(text [batch, n_keys], added [batch, A])`` positions among those keys, else ``None``.
         pad_to, image_len: a denoiser that pads its image positions (to a multiple of ``pad_to``: Z-Image; HiDream):
             the family's ``pad_to``, and the image positions of the call in progress (the family's ``image_len``).
         extra_keys: keys the denoiser puts before the text keys in every joint sequence (AuraFlow's register tokens:
@@ -180,6 +182,7 @@ class CaptureState:
     keys_after: int = 0
     row_text: Any = None
     row_mask: Any = None
+    text_order: Any = None
     pad_to: int = 0
     image_len: int = 0
     outbox: list = field(default_factory=list)

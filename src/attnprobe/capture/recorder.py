@@ -276,6 +276,7 @@ class Recorder:
         self.state.row_mask = row_mask(module, call) if self.family.row_calls else None
         self.state.image_len = self.family.image_len(module, hw) if self.family.image_len else 0
         self.state.keys_after = self.family.keys_after(module, kwargs) if self.family.keys_after else 0
+        self.state.text_order = self.family.text_order(module, kwargs) if self.family.text_order else None
         self.state.states = call.states if self.same_states else None
         uncond_call = self.rows.separate and self.rows.uncond_call(call.states)
         self.state.n_keys = call.text_len if self.rows.separate else self.state.n_keys  # each pass its own length

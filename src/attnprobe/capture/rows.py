@@ -457,7 +457,10 @@ class BatchRows:
         if separate and self.passes == "uncond":
             order = (("uncond", "negative"),)  # the rows of the separate unconditional calls the store keeps
             negative = loc.get("negative_prompt_embeds")  # their text length may differ (Qwen-Image pads per prompt)
-            n_keys = int(negative.shape[1]) if isinstance(negative, torch.Tensor) and negative.ndim == 3 else n_keys
+            if isinstance(negative, torch.Tensor) and negative.ndim == 3:
+                glyphs = loc.get("negative_prompt_embeds_2")  # HunyuanImage's, HunyuanVideo 1.5's ByT5 keys after them
+                n_keys = int(negative.shape[1]) + (int(glyphs.shape[1]) if isinstance(glyphs, torch.Tensor)
+                                                   and glyphs.ndim == 3 else 0)
         if batch % len(order):
             raise ProbeError(
                 f"{type(self.pipe).__name__}'s denoiser batch of {batch} rows does not split into the blocks of its "

@@ -92,6 +92,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "AllegroPipeline": ("allegro", "tests/test_video_allegro.py"),
     "SanaVideoPipeline": ("sana-video", "tests/test_video_sana_video.py"),
     "MochiPipeline": ("mochi", "tests/test_video_mochi.py"),
+    "HunyuanVideo15Pipeline": ("hunyuanvideo-1.5", "tests/test_video_hunyuanvideo15.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),

@@ -17,27 +17,34 @@ from __future__ import annotations
 from .registry import Family, encode_template, first_text_encoder
 
 
-def _glyph_len(pipe, prompt: str) -> int:
-    """The attended ByT5 positions of the prompt's quoted text, as the pipeline encodes it (0: no quoted text)."""
+def _glyph_text(prompt: str):
     from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
 
-    glyph = extract_glyph_text(prompt)
+    return extract_glyph_text(prompt)
+
+
+def _glyph_len(pipe, prompt: str, glyph_text) -> int:
+    """The attended ByT5 positions of the prompt's quoted text (``glyph_text(prompt)``, ``None``: none), as the
+    pipeline encodes it (0: no quoted text)."""
+    glyph = glyph_text(prompt)
     if glyph is None:
         return 0
     size = pipe.tokenizer_2_max_length
     return len(pipe.tokenizer_2(glyph, max_length=size, truncation=True, add_special_tokens=True).input_ids)
 
 
-def _positions(pipe, layout, n_keys: int):
-    # the pipeline keeps the encoding past the template's head; the transformer then moves each stream's attended
-    # positions first: [attended ByT5; attended Qwen; masked ByT5; masked Qwen]
+def glyph_positions(pipe, layout, n_keys: int, glyph_text=_glyph_text):
+    """A ``Family.text_positions`` for the denoisers that order each row's keys as ``[attended ByT5; attended Qwen;
+    masked ByT5; masked Qwen]`` (HunyuanImage 2.1, HunyuanVideo 1.5): the Qwen positions past the template's head
+    (``prompt_template_encode_start_idx``, ``tokenizer_max_length`` of them), the ByT5 ones ``"unknown"`` (attended)
+    or ``None`` (masked). ``glyph_text``: ``prompt -> the text ByT5 encodes, or None``, as the pipeline extracts it."""
     # (n_keys without the ByT5 positions: encode_prompt's own conditioning, before the transformer joins them)
     drop = pipe.prompt_template_encode_start_idx
     kinds = layout.kinds[drop:drop + pipe.tokenizer_max_length]  # the pipeline keeps no more (words past it: cut)
     attended = [drop + i for i, kind in enumerate(kinds) if kind != "pad"]
     masked = [drop + i for i, kind in enumerate(kinds) if kind == "pad"]
     n_glyph = max(n_keys - len(kinds), 0)
-    glyph = min(_glyph_len(pipe, layout.text or ""), n_glyph)
+    glyph = min(_glyph_len(pipe, layout.text or "", glyph_text), n_glyph)
     return (["unknown"] * glyph + attended + [None] * (n_glyph - glyph) + masked)[:n_keys]
 
 
@@ -51,5 +58,5 @@ FAMILY = Family(
     reader="kernel",
     text_first=False,
     template=encode_template,
-    text_positions=_positions,
+    text_positions=glyph_positions,
 )

@@ -46,14 +46,6 @@ VIDEO_FAMILIES = (
            "patchified at 1×, 2× and 4× (latents_clean, latents_history_2x/4x) and an image's SigLIP tokens, each "
            "at frame indices passed per call: its queries are not one qt × qh × qw grid of the latents it is called "
            "with"),
-    _video("hunyuanvideo-1.5", "HunyuanVideo 1.5 (HunyuanVideo15Transformer3DModel)",
-           ("HunyuanVideo15Transformer3DModel",),
-           "each row's text keys are reordered by its masks to [attended SigLIP image tokens; attended ByT5 glyphs; "
-           "attended Qwen2.5-VL chat-template positions; masked image tokens (all 729 in text-to-video, passed as "
-           "image_embeds); masked ByT5; masked Qwen], and attnprobe neither counts image_embeds among the text keys "
-           "nor labels that order yet (no tiny builder or reference test either); with several prompts and "
-           "num_videos_per_prompt > 1, diffusers 0.42's encode_prompt repeats the masks in another row order than the "
-           "embeddings"),
     _video("ltx2", "LTX-2 (LTX2VideoTransformer3DModel)", ("LTX2VideoTransformer3DModel",),
            "it denoises audio and video together (audio-to-video and video-to-audio cross-attention beside the text's) "
            "from packed latents: its audio stream and the audio-video cross-attention are not read (LTX-Video's "

@@ -106,6 +106,11 @@ class Family:
             arguments (LTX-Video): ``(denoiser, the call's keyword arguments) -> ((qt, qh, qw), (pt, ph, pw))``; it
             raises ``ProbeError`` for a call it cannot read. Such a family sets ``video`` too (it is a video family),
             which is then not called.
+        text_order: ``(denoiser, the call's keyword arguments) -> (text [batch, n_keys], added [batch, A])``: for a
+            denoiser that reorders each row's keys after the image stream by its masks (HunyuanVideo 1.5): where each
+            row's ``token``-axis keys and the ``A`` keys it adds (its image tokens; they share the softmax, not on the
+            ``token`` axis) sit among the keys after the image (long tensors, positions from the first of them); read
+            at the kernel. It raises ``ProbeError`` for a call it cannot read.
         pipe_refused: ``pipe -> why or None``: a pipeline of a recorded denoiser that attnprobe refuses (Wan 2.2's two
             experts), said before it runs.
     """
@@ -139,6 +144,7 @@ class Family:
     pipe_refused: Callable | None = None
     keys_from_end: bool = False
     packed_video: Callable | None = None
+    text_order: Callable | None = None
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""
