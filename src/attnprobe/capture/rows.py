@@ -55,7 +55,16 @@ def _pipeline(obj) -> bool:
     return isinstance(obj, DiffusionPipeline)
 
 
+
+def _embeds(loc: dict, name: str):
+    """``prompt_embeds`` or ``negative_prompt_embeds`` of a pipeline's ``__call__`` locals, or Kandinsky 5's names for
+    its text keys (``prompt_embeds_qwen``: its CLIP's ``prompt_embeds_clip`` is a pooled vector)."""
+    value = loc.get(name)
+    return value if value is not None else loc.get(f"{name}_qwen")
+
+
 @dataclass(frozen=True)
+
 class BatchLabels:
     """One pipeline call's denoiser batch, labelled.
 
@@ -203,13 +212,13 @@ class BatchRows:
                 )
         true_cfg = "true_cfg_scale" in loc
         if true_cfg and "do_true_cfg" not in loc:  # read before the pipeline decided (during encode_prompt)
-            negative = loc.get("negative_prompt") is not None or loc.get("negative_prompt_embeds") is not None
+            negative = loc.get("negative_prompt") is not None or _embeds(loc, "negative_prompt_embeds") is not None
             loc = {**loc, "do_true_cfg": bool((loc.get("true_cfg_scale") or 0) > 1 and negative)}
         return {
             "prompt": as_texts(self.as_given(loc.get("prompt"))),
             "negative_prompt": as_texts(self.as_given(loc.get("negative_prompt"))),
-            "prompt_embeds": loc.get("prompt_embeds") is not None,
-            "negative_prompt_embeds": loc.get("negative_prompt_embeds") is not None,
+            "prompt_embeds": _embeds(loc, "prompt_embeds") is not None,
+            "negative_prompt_embeds": _embeds(loc, "negative_prompt_embeds") is not None,
             "separate_cfg": bool(loc["do_true_cfg"]) if true_cfg else None,
             "guidance_scale": loc.get("guidance_scale") if isinstance(loc.get("guidance_scale"), (int, float)) else None,
             "safety_pass": bool(loc.get("enable_safety_guidance")),  # SLD: [uncond, cond, safety concept] rows
@@ -225,7 +234,7 @@ class BatchRows:
         """Whether a guided pipeline without ``true_cfg_scale`` runs its passes as separate denoiser calls (Wan, Chroma,
         CogView4, Lumina 2, HunyuanImage, LongCat): the first call's conditioning is ``__call__``'s ``prompt_embeds``,
         as many rows as ``negative_prompt_embeds`` (or it has one row per image and the negative one: broadcast)."""
-        positive, negative = loc.get("prompt_embeds"), loc.get("negative_prompt_embeds")
+        positive, negative = _embeds(loc, "prompt_embeds"), _embeds(loc, "negative_prompt_embeds")
         if not (isinstance(positive, torch.Tensor) and isinstance(negative, torch.Tensor)):
             return False
         n = (loc.get("batch_size"), loc.get("num_images_per_prompt") or 1)  # one row per image: negative broadcast
@@ -241,7 +250,7 @@ class BatchRows:
         loc = self.pipe_locals()
         if not (loc and loc.get("do_true_cfg", True) and states is not None):
             return False
-        negative, positive = loc.get("negative_prompt_embeds"), loc.get("prompt_embeds")
+        negative, positive = _embeds(loc, "negative_prompt_embeds"), _embeds(loc, "prompt_embeds")
         if states is not positive or states is not negative:
             return states is negative
         return self._cond_line is not None and self._pipe_line != self._cond_line
@@ -456,7 +465,7 @@ class BatchRows:
         order = blocks(self.pipe, cfg or sld, sld) if not separate else (("cond", "prompt"),)
         if separate and self.passes == "uncond":
             order = (("uncond", "negative"),)  # the rows of the separate unconditional calls the store keeps
-            negative = loc.get("negative_prompt_embeds")  # their text length may differ (Qwen-Image pads per prompt)
+            negative = _embeds(loc, "negative_prompt_embeds")  # their text length may differ (Qwen-Image pads per prompt)
             n_keys = int(negative.shape[1]) if isinstance(negative, torch.Tensor) and negative.ndim == 3 else n_keys
         if batch % len(order):
             raise ProbeError(

@@ -92,6 +92,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "AllegroPipeline": ("allegro", "tests/test_video_allegro.py"),
     "SanaVideoPipeline": ("sana-video", "tests/test_video_sana_video.py"),
     "MochiPipeline": ("mochi", "tests/test_video_mochi.py"),
+    "Kandinsky5T2VPipeline": ("kandinsky5", "tests/test_video_kandinsky5.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),

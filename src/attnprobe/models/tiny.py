@@ -27,6 +27,7 @@ from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_dev_pipeline, tiny_flu
                        tiny_hunyuanimage_pipeline, tiny_kolors_pipeline, tiny_lumina2_pipeline, tiny_lumina_next_pipeline,
                        tiny_ovis_pipeline, tiny_qwen_pipeline, tiny_sana_pipeline, tiny_zimage_pipeline)
 from .tiny_allegro import tiny_allegro_pipeline
+from .tiny_kandinsky5 import tiny_kandinsky5_pipeline
 from .tiny_mochi import tiny_mochi_pipeline
 from .tiny_sana_video import tiny_sana_video_pipeline
 from .tiny_dits import tiny_prx_pipeline
@@ -489,6 +490,7 @@ _BUILDERS = {
     "allegro": tiny_allegro_pipeline,
     "sana-video": tiny_sana_video_pipeline,
     "mochi": tiny_mochi_pipeline,
+    "kandinsky5": tiny_kandinsky5_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

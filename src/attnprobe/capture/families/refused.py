@@ -37,6 +37,17 @@ HUNYUANVIDEO_IMAGE = _video(
     matches=lambda denoiser: denoiser.config.image_condition_type is not None,
     pipelines=("HunyuanVideoImageToVideo",))
 
+#: Kandinsky 5's sparse configuration (the class of ``kandinsky5.FAMILY`` built with ``attention_type`` other than
+#: ``"regular"``)
+KANDINSKY5_NABLA = _video(
+    "kandinsky5-nabla", "Kandinsky 5 with sparse attention (Kandinsky5Transformer3DModel, attention_type='nabla')",
+    ("Kandinsky5Transformer3DModel",),
+    "its attention_type is not 'regular': its pipeline passes sparse_params (NABLA), which reorder the video tokens in "
+    "8 × 8 blocks (to_fractal) and run the video self-attention in sparse blocks through flex attention, so its "
+    "queries are not one (t, h, w) grid attnprobe can read. Kandinsky 5 with attention_type='regular' is recorded",
+    matches=lambda denoiser: getattr(denoiser.config, "attention_type", "regular") != "regular",
+    pipelines=())
+
 VIDEO_FAMILIES = (
     WAN_IMAGE,
     HUNYUANVIDEO_IMAGE,
@@ -58,9 +69,7 @@ VIDEO_FAMILIES = (
            "it denoises audio and video together (audio-to-video and video-to-audio cross-attention beside the text's) "
            "from packed latents: its audio stream and the audio-video cross-attention are not read (LTX-Video's "
            "LTXPipeline is recorded)"),
-    _video("kandinsky5", "Kandinsky 5 (Kandinsky5Transformer3DModel)", ("Kandinsky5Transformer3DModel",),
-           "its text keys are Qwen2.5-VL hidden states cut from a chat template, and its video self-attention may run "
-           "in sparse NABLA blocks; no labelling of those keys exists yet"),
+    KANDINSKY5_NABLA,
     _video("frames-in-batch", "a UNet that folds frames into the batch (UNetMotionModel: AnimateDiff; UNet3DConditionModel: "
            "ModelScope text-to-video; I2VGenXLUNet; LatteTransformer3DModel)",
            ("UNetMotionModel", "UNet3DConditionModel", "I2VGenXLUNet", "LatteTransformer3DModel"),

@@ -106,6 +106,8 @@ class Family:
             arguments (LTX-Video): ``(denoiser, the call's keyword arguments) -> ((qt, qh, qw), (pt, ph, pw))``; it
             raises ``ProbeError`` for a call it cannot read. Such a family sets ``video`` too (it is a video family),
             which is then not called.
+        channels_last: with ``video``, the denoiser is called with channel-last latents ``[batch, frame, h, w,
+            channel]`` (Kandinsky 5): the latent grid is their axes 2 and 3, not the last two.
         pipe_refused: ``pipe -> why or None``: a pipeline of a recorded denoiser that attnprobe refuses (Wan 2.2's two
             experts), said before it runs.
     """
@@ -139,6 +141,7 @@ class Family:
     pipe_refused: Callable | None = None
     keys_from_end: bool = False
     packed_video: Callable | None = None
+    channels_last: bool = False
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""
