@@ -63,6 +63,13 @@ def _embeds(loc: dict, name: str):
     return value if value is not None else loc.get(f"{name}_qwen")
 
 
+
+def _tokenizer(tok):
+    """A pipeline's tokenizer, or the tokenizer inside its processor (Kandinsky 5's ``tokenizer`` is a Qwen2-VL
+    processor, which tokenizes text with its ``tokenizer``)."""
+    inner = getattr(tok, "tokenizer", None)
+    return inner if not hasattr(tok, "convert_ids_to_tokens") and hasattr(inner, "convert_ids_to_tokens") else tok
+
 @dataclass(frozen=True)
 
 class BatchLabels:
@@ -123,7 +130,7 @@ class BatchRows:
         key order (the family's ``text_streams``), their pipeline attribute names, and the ids each encoded."""
         names = self.family.text_streams(self.pipe) if self.pipe is not None else []
         self.stream_names = [enc for enc, _ in names]
-        self.streams = [(getattr(self.pipe, enc), getattr(self.pipe, tok, None)) for enc, tok in names]
+        self.streams = [(getattr(self.pipe, enc), _tokenizer(getattr(self.pipe, tok, None))) for enc, tok in names]
         self.encoded: list[list[torch.Tensor]] = [[] for _ in self.streams]
         self.tokenizer = self.streams[0][1] if self.streams else getattr(self.pipe, "tokenizer", None)
 

@@ -33,7 +33,8 @@ def tiny_kandinsky5_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     ``prompt_template_encode_start_idx`` set to the tiny tokenizer's count of the template before the prompt less 2
     (the real pipeline's 128 counts the real tokenizer's): the keys start with ``<|im_start|>`` and ``user``; a 2-layer CLIP of width 16 for the pooled vector
     (``clip_tokenizer``), HunyuanVideo's causal video VAE (temporal compression 4, spatial 8, 4 latent channels) and a
-    flow-matching Euler scheduler. Guided calls run as separate denoiser calls, the prompt's first.
+    flow-matching Euler scheduler. Guided calls run as separate denoiser calls, the prompt's first. With another
+    ``dtype`` the transformer's ``_keep_in_fp32_modules`` stay float32, as ``from_pretrained`` keeps them.
 
     Args:
         seed: weight seed. dtype: parameter dtype.
@@ -65,4 +66,9 @@ def tiny_kandinsky5_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     # the template before the prompt less its last two tokens ("<|im_start|>", "▁user"): 137 of the tiny tokenizer's
     # 139, so the keys start with template positions, as the real pipeline's cut (128) may leave some
     pipe.prompt_template_encode_start_idx = len(tokenizer(pipe.prompt_template.split("{}")[0]).input_ids) - 2
-    return finish(pipe, dtype)
+    pipe = finish(pipe, dtype)
+    keep = set(transformer._keep_in_fp32_modules)  # as from_pretrained keeps them (the time embedding's input is fp32)
+    for name, module in pipe.transformer.named_modules():
+        if keep & set(name.split(".")):
+            module.float()
+    return pipe

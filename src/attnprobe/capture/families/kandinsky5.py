@@ -15,7 +15,8 @@ encoder read: what is left of the template's head and ``<|im_start|>user`` (``te
 transformer attends to like any key (it gets no mask). The CLIP encoder (``text_encoder_2``) gives only the pooled
 vector. Guidance runs as separate denoiser calls, the prompt's first.
 
-Refused: the sparse configuration (``attention_type="nabla"``: the video tokens are reordered in 8 × 8 blocks and the
+Refused: ``Kandinsky5I2IPipeline`` (image tokens among the text keys), ``Kandinsky5I2VPipeline`` and
+``Kandinsky5T2IPipeline`` (not checked yet), the sparse configuration (``attention_type="nabla"``: the video tokens are reordered in 8 × 8 blocks and the
 self-attention runs in sparse NABLA blocks, ``refused.KANDINSKY5_NABLA``), a call with ``sparse_params``, and any
 attention backend whose kernel is not ``scaled_dot_product_attention`` (the kernel reader says so).
 """
@@ -49,6 +50,18 @@ def _dense_only(denoiser, kwargs: dict) -> int:
     return 0
 
 
+def _other_pipelines(pipe):
+    names = {c.__name__ for c in type(pipe).__mro__}
+    if "Kandinsky5I2IPipeline" in names:
+        return ("its Qwen2.5-VL encoder reads the input image with the prompt, so its text keys hold image tokens that "
+                "attnprobe does not label. Probe Kandinsky5T2VPipeline (text-to-video)")
+    if names & {"Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline"}:
+        return ("attnprobe has checked Kandinsky 5's reading only in Kandinsky5T2VPipeline (text-to-video); this "
+                "pipeline (an input image in extra latent channels, or single-image latents with another template "
+                "cut) has no tiny builder or reference test yet. Probe Kandinsky5T2VPipeline")
+    return None
+
+
 def _site_kind(denoiser, name: str, kind):
     """Each visual block's ``cross_attention`` is a site (structure cannot tell: ``Kandinsky5Attention`` has no
     ``is_cross_attention``, and its block's forward takes the text positionally); the self-attentions are not."""
@@ -70,4 +83,5 @@ FAMILY = Family(
     site_kind=_site_kind,
     video=_frames,
     channels_last=True,
+    pipe_refused=_other_pipelines,
 )

@@ -1,7 +1,7 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
-other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video, Allegro, Sana-Video and
-Mochi 1 text-to-video (each with what is missing to record it), audio denoisers (no image grid), priors that denoise one
-CLIP image embedding (no image positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a
+other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video, Allegro, Sana-Video, Mochi 1
+and Kandinsky 5 (dense attention) text-to-video (each with what is missing to record it), audio denoisers (no image
+grid), priors that denoise one CLIP image embedding (no image positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a
 block-causal sequence with a KV cache). Each names the diffusers 0.42 classes it covers; a class it does not name falls
 to the generic family, which is refused too unless a probe is told to record it by structure.
 """
@@ -12,7 +12,7 @@ from .registry import Family, first_text_encoder
 def _video(name: str, title: str, denoisers: tuple[str, ...], why: str, **more) -> Family:
     """A video denoiser refused up front: ``why`` names what attnprobe lacks to record it exactly (it records the frame
     axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video,
-    Allegro, Sana-Video and Mochi 1, whose reading is checked against a reference)."""
+    Allegro, Sana-Video, Mochi 1 and Kandinsky 5, whose reading is checked against a reference)."""
     return Family(name=name, title=title, denoisers=denoisers, kinds=(), text_streams=first_text_encoder,
                   refused=why, **more)
 
@@ -87,7 +87,8 @@ VIDEO_FAMILIES = (
            "identity or image tokens, or no text at all) has no family that reads it; attnprobe records the frame "
            "axis of Wan 2.1 (WanPipeline), SkyReels-V2 (SkyReelsV2Pipeline), CogVideoX (CogVideoXPipeline), "
            "HunyuanVideo (HunyuanVideoPipeline), LTX-Video (LTXPipeline), "
-           "Allegro (AllegroPipeline), Sana-Video (SanaVideoPipeline) and Mochi 1 (MochiPipeline)"),
+           "Allegro (AllegroPipeline), Sana-Video (SanaVideoPipeline), Mochi 1 (MochiPipeline) and Kandinsky 5 "
+           "(Kandinsky5T2VPipeline)"),
 )
 VIDEO = VIDEO_FAMILIES[-1]
 
