@@ -163,6 +163,17 @@ def test_sparse_nabla_and_unreadable_backends_are_refused(pipe):
         pipe.transformer.set_attention_backend("native")
 
 
+def test_its_other_pipelines_are_refused_by_name(pipe):
+    from diffusers import Kandinsky5I2IPipeline, Kandinsky5I2VPipeline, Kandinsky5T2IPipeline
+
+    parts = {k: v for k, v in pipe.components.items()}
+    for cls, why in ((Kandinsky5I2IPipeline, "image tokens"), (Kandinsky5I2VPipeline, "only in Kandinsky5T2VPipeline"),
+                     (Kandinsky5T2IPipeline, "only in Kandinsky5T2VPipeline")):
+        with pytest.raises(AttnprobeError, match=why):
+            with attnprobe.probe(cls(**parts)):
+                pass
+
+
 def test_family_and_restore(pipe):
     family = checked_family(pipe, pipe.transformer)
     assert family.name == "kandinsky5" and family.video is not None and family.channels_last
@@ -178,3 +189,29 @@ def test_a_kandinsky5_study_runs(tmp_path):
     assert result.videos["tiny-kandinsky5"]["frames"] == 9 and result.videos["tiny-kandinsky5"]["latent_frames"] == 3
     assert (tmp_path / "s" / "frames.png").exists()
     assert all(0 < float(r["auc_last"]) < 1 for r in result.aucs)
+
+
+class _Processor:
+    """A stand-in for the Qwen2-VL processor the real pipeline has as its ``tokenizer``: text goes to its
+    ``tokenizer`` (the real one also needs torchvision for its image processor)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text=None, images=None, videos=None, **kwargs):
+        return self.tokenizer(text, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def test_a_processor_as_tokenizer_is_read_through_its_tokenizer(pipe):
+    tokenizer = pipe.tokenizer
+    pipe.__dict__["tokenizer"] = _Processor(tokenizer)  # past register_modules, which wants a known class
+    try:
+        with attnprobe.probe(pipe, heads="mean") as store:
+            generate(pipe, PROMPTS[1], num_inference_steps=1, output_type="latent")
+    finally:
+        pipe.__dict__["tokenizer"] = tokenizer
+    assert store.tokens(0) == ["<|im_start|>", "user", "a", "red", "dog", "<|im_end|>"]
+    assert store.token_indices(0, "dog") == [[4]]

@@ -50,16 +50,20 @@ def _dense_only(denoiser, kwargs: dict) -> int:
     return 0
 
 
+_UNCHECKED = ("attnprobe has checked Kandinsky 5's reading only in Kandinsky5T2VPipeline (text-to-video); this pipeline "
+              "({}) has no tiny builder or reference test yet. Probe Kandinsky5T2VPipeline")
+
+#: Kandinsky 5's other pipelines, refused by name before they run (``Family.pipe_refused``), with why
+REFUSED_PIPELINES = {
+    "Kandinsky5I2IPipeline": "its Qwen2.5-VL encoder reads the input image with the prompt, so its text keys hold image "
+                             "tokens that attnprobe does not label. Probe Kandinsky5T2VPipeline (text-to-video)",
+    "Kandinsky5I2VPipeline": _UNCHECKED.format("the input image's latents in extra channels of the first frame"),
+    "Kandinsky5T2IPipeline": _UNCHECKED.format("one-frame latents, another template cut"),
+}
+
+
 def _other_pipelines(pipe):
-    names = {c.__name__ for c in type(pipe).__mro__}
-    if "Kandinsky5I2IPipeline" in names:
-        return ("its Qwen2.5-VL encoder reads the input image with the prompt, so its text keys hold image tokens that "
-                "attnprobe does not label. Probe Kandinsky5T2VPipeline (text-to-video)")
-    if names & {"Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline"}:
-        return ("attnprobe has checked Kandinsky 5's reading only in Kandinsky5T2VPipeline (text-to-video); this "
-                "pipeline (an input image in extra latent channels, or single-image latents with another template "
-                "cut) has no tiny builder or reference test yet. Probe Kandinsky5T2VPipeline")
-    return None
+    return next((REFUSED_PIPELINES[c.__name__] for c in type(pipe).__mro__ if c.__name__ in REFUSED_PIPELINES), None)
 
 
 def _site_kind(denoiser, name: str, kind):
