@@ -133,9 +133,12 @@ class DenoiserCall:
                 "pipelines do"
             )
 
-    def latent_hw(self, packed_hw=None) -> tuple[int, int]:
-        """The latent grid: the sample's last two axes, or for packed latents ``packed_hw(img_ids)`` (default:
-        ``packed_grid``; the probe passes a cached one, as reading GPU ids synchronises)."""
+    def latent_hw(self, packed_hw=None, channels_last: bool = False) -> tuple[int, int]:
+        """The latent grid: the sample's last two axes (``channels_last``: the two before its last, Kandinsky 5's
+        ``[batch, frame, h, w, channel]``), or for packed latents ``packed_hw(img_ids)`` (default: ``packed_grid``; the
+        probe passes a cached one, as reading GPU ids synchronises)."""
+        if channels_last:
+            return int(self.sample.shape[-3]), int(self.sample.shape[-2])
         if self.packed and self.img_ids is None:  # img_shapes: [(frames, rows, columns)] of 2×2 patches, per sample
             first = self.shapes[0][0] if isinstance(self.shapes[0], list) else self.shapes[0]
             return 2 * int(first[-2]), 2 * int(first[-1])

@@ -38,6 +38,16 @@ from .sites import record_order
 
 __all__ = ["Recorder"]
 
+
+def _other_texts(given: dict, before: dict) -> bool:
+    """Whether a text encode's pipeline arguments name other prompts than the encodes before it in the same pipeline
+    call: another ``prompt``, or another ``negative_prompt`` than one it filled in (Kandinsky 5 sets a default
+    negative prompt for ``None``, then repeats one text per prompt, between its two encodes)."""
+    if given.get("prompt") != before.get("prompt"):
+        return True
+    now, then = given.get("negative_prompt"), before.get("negative_prompt")
+    return then is not None and now != then and set(now or ()) != set(then)
+
 class Recorder:
     """The state of one probe: installed wrappers and hooks, the call counter, and the objects it hands work to
     (``rows``: the batch labels; ``sink``: where each call's maps go; ``writer``: the store)."""
@@ -180,9 +190,7 @@ class Recorder:
         # a new pipeline call begins by encoding its prompts; one with other prompts may follow a call that failed
         # after encoding (its ids must not label this one). Only the texts tell: a pipeline that encodes its negative
         # prompt in a second encode_prompt (Qwen-Image, HunyuanImage) has set its prompt_embeds local by then
-        texts = ("prompt", "negative_prompt")
-        if self.calls_in_generation > 0 or (self.rows.given is not None and any(
-                given.get(k) != self.rows.given.get(k) for k in texts)):
+        if self.calls_in_generation > 0 or (self.rows.given is not None and _other_texts(given, self.rows.given)):
             self.calls_in_generation = 0
             self.rows.new_pipeline_call()
         self.rows.encoded_ids(stream, args[0] if args else kwargs.get("input_ids"), given)
@@ -269,7 +277,7 @@ class Recorder:
         if packed:
             self.video, hw = packed_call_video(self.family, module, call.sample, kwargs)
         else:
-            hw = call.latent_hw(self._packed_hw)
+            hw = call.latent_hw(self._packed_hw, self.family.channels_last)
             self.video = call_video(self.family, module, call.sample, hw)  # a video denoiser's frames, patch, grid
         self.state.text_len = call.text_len
         self.state.row_text = call.mask.sum(-1) if self.family.row_text and call.mask is not None else None

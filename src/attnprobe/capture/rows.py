@@ -55,7 +55,23 @@ def _pipeline(obj) -> bool:
     return isinstance(obj, DiffusionPipeline)
 
 
+
+def _embeds(loc: dict, name: str):
+    """``prompt_embeds`` or ``negative_prompt_embeds`` of a pipeline's ``__call__`` locals, or Kandinsky 5's names for
+    its text keys (``prompt_embeds_qwen``: its CLIP's ``prompt_embeds_clip`` is a pooled vector)."""
+    value = loc.get(name)
+    return value if value is not None else loc.get(f"{name}_qwen")
+
+
+
+def _tokenizer(tok):
+    """A pipeline's tokenizer, or the tokenizer inside its processor (Kandinsky 5's ``tokenizer`` is a Qwen2-VL
+    processor, which tokenizes text with its ``tokenizer``)."""
+    inner = getattr(tok, "tokenizer", None)
+    return inner if not hasattr(tok, "convert_ids_to_tokens") and hasattr(inner, "convert_ids_to_tokens") else tok
+
 @dataclass(frozen=True)
+
 class BatchLabels:
     """One pipeline call's denoiser batch, labelled.
 
@@ -114,7 +130,7 @@ class BatchRows:
         key order (the family's ``text_streams``), their pipeline attribute names, and the ids each encoded."""
         names = self.family.text_streams(self.pipe) if self.pipe is not None else []
         self.stream_names = [enc for enc, _ in names]
-        self.streams = [(getattr(self.pipe, enc), getattr(self.pipe, tok, None)) for enc, tok in names]
+        self.streams = [(getattr(self.pipe, enc), _tokenizer(getattr(self.pipe, tok, None))) for enc, tok in names]
         self.encoded: list[list[torch.Tensor]] = [[] for _ in self.streams]
         self.tokenizer = self.streams[0][1] if self.streams else getattr(self.pipe, "tokenizer", None)
 
@@ -203,13 +219,13 @@ class BatchRows:
                 )
         true_cfg = "true_cfg_scale" in loc
         if true_cfg and "do_true_cfg" not in loc:  # read before the pipeline decided (during encode_prompt)
-            negative = loc.get("negative_prompt") is not None or loc.get("negative_prompt_embeds") is not None
+            negative = loc.get("negative_prompt") is not None or _embeds(loc, "negative_prompt_embeds") is not None
             loc = {**loc, "do_true_cfg": bool((loc.get("true_cfg_scale") or 0) > 1 and negative)}
         return {
             "prompt": as_texts(self.as_given(loc.get("prompt"))),
             "negative_prompt": as_texts(self.as_given(loc.get("negative_prompt"))),
-            "prompt_embeds": loc.get("prompt_embeds") is not None,
-            "negative_prompt_embeds": loc.get("negative_prompt_embeds") is not None,
+            "prompt_embeds": _embeds(loc, "prompt_embeds") is not None,
+            "negative_prompt_embeds": _embeds(loc, "negative_prompt_embeds") is not None,
             "separate_cfg": bool(loc["do_true_cfg"]) if true_cfg else None,
             "guidance_scale": loc.get("guidance_scale") if isinstance(loc.get("guidance_scale"), (int, float)) else None,
             "safety_pass": bool(loc.get("enable_safety_guidance")),  # SLD: [uncond, cond, safety concept] rows
@@ -225,7 +241,7 @@ class BatchRows:
         """Whether a guided pipeline without ``true_cfg_scale`` runs its passes as separate denoiser calls (Wan, Chroma,
         CogView4, Lumina 2, HunyuanImage, LongCat): the first call's conditioning is ``__call__``'s ``prompt_embeds``,
         as many rows as ``negative_prompt_embeds`` (or it has one row per image and the negative one: broadcast)."""
-        positive, negative = loc.get("prompt_embeds"), loc.get("negative_prompt_embeds")
+        positive, negative = _embeds(loc, "prompt_embeds"), _embeds(loc, "negative_prompt_embeds")
         if not (isinstance(positive, torch.Tensor) and isinstance(negative, torch.Tensor)):
             return False
         n = (loc.get("batch_size"), loc.get("num_images_per_prompt") or 1)  # one row per image: negative broadcast
@@ -241,7 +257,7 @@ class BatchRows:
         loc = self.pipe_locals()
         if not (loc and loc.get("do_true_cfg", True) and states is not None):
             return False
-        negative, positive = loc.get("negative_prompt_embeds"), loc.get("prompt_embeds")
+        negative, positive = _embeds(loc, "negative_prompt_embeds"), _embeds(loc, "prompt_embeds")
         if states is not positive or states is not negative:
             return states is negative
         return self._cond_line is not None and self._pipe_line != self._cond_line
@@ -456,7 +472,7 @@ class BatchRows:
         order = blocks(self.pipe, cfg or sld, sld) if not separate else (("cond", "prompt"),)
         if separate and self.passes == "uncond":
             order = (("uncond", "negative"),)  # the rows of the separate unconditional calls the store keeps
-            negative = loc.get("negative_prompt_embeds")  # their text length may differ (Qwen-Image pads per prompt)
+            negative = _embeds(loc, "negative_prompt_embeds")  # their text length may differ (Qwen-Image pads per prompt)
             if isinstance(negative, torch.Tensor) and negative.ndim == 3:
                 glyphs = loc.get("negative_prompt_embeds_2")  # HunyuanImage's, HunyuanVideo 1.5's ByT5 keys after them
                 n_keys = int(negative.shape[1]) + (int(glyphs.shape[1]) if isinstance(glyphs, torch.Tensor)

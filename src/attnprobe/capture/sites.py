@@ -112,8 +112,9 @@ def list_sites(pipe_or_denoiser) -> list[Site]:
             other += 1
             continue
         group, block = _group_and_block(name)
-        heads = int(module.heads)
-        head_dim = int(module.inner_dim // heads) if getattr(module, "inner_dim", None) else 0
+        heads = int(module.heads if hasattr(module, "heads") else module.num_heads)  # Kandinsky 5: num_heads
+        inner = getattr(module, "inner_dim", None) or getattr(getattr(module, "to_query", None), "out_features", 0)
+        head_dim = int(inner // heads) if inner else 0
         found.append(Site(name=name, kind=kind, heads=heads, head_dim=head_dim, group=group, block=block))
     if family.single_needs_joint and found and not any(s.kind == "joint" for s in found):
         # a block called with encoder_hidden_states whose only attention is image self-attention (a class-

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..capture import probe
-from ..capture.families import FAMILIES, GENERIC, REFUSED_FAMILIES, family_of
+from ..capture.families import FAMILIES, GENERIC, REFUSED_FAMILIES, family_of, kandinsky5
 from ..capture.passes import REFUSED
 from ..capture.relations import FAMILIES as RELATION_FAMILIES, RELATIONS
 from ..errors import ProbeError
@@ -93,6 +93,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "SanaVideoPipeline": ("sana-video", "tests/test_video_sana_video.py"),
     "MochiPipeline": ("mochi", "tests/test_video_mochi.py"),
     "HunyuanVideo15Pipeline": ("hunyuanvideo-1.5", "tests/test_video_hunyuanvideo15.py"),
+    "Kandinsky5T2VPipeline": ("kandinsky5", "tests/test_video_kandinsky5.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
@@ -101,6 +102,8 @@ TESTED: dict[str, tuple[str | None, str]] = {
 
 #: pipeline classes a test shows refused at their first denoiser call (not by name: by what the probe sees)
 REFUSED_AT_RUN: dict[str, str] = {}
+#: pipeline classes of a recorded denoiser that its family refuses by name (``Family.pipe_refused``), with why
+REFUSED_BY_FAMILY: dict[str, str] = {**kandinsky5.REFUSED_PIPELINES}
 
 
 def _denoiser(cls) -> tuple[str, tuple[type, ...]] | None:
@@ -151,8 +154,8 @@ def pipeline_verdicts() -> list[Verdict]:
         elif refused is not None:
             when, why = REFUSED[refused]
             verdict = f"refused: {why}" + (f" (only when `{when}` is set)" if when else "")
-        elif name in REFUSED_AT_RUN:
-            verdict = f"refused: {REFUSED_AT_RUN[name]}"
+        elif name in REFUSED_AT_RUN or name in REFUSED_BY_FAMILY:
+            verdict = f"refused: {REFUSED_AT_RUN.get(name) or REFUSED_BY_FAMILY[name]}"
         elif name in TESTED:
             verdict = f"tested ({TESTED[name][1]})"
         elif family is not GENERIC:

@@ -28,6 +28,7 @@ from .tiny_llm import (tiny_cogview4_pipeline, tiny_flux2_dev_pipeline, tiny_flu
                        tiny_ovis_pipeline, tiny_qwen_pipeline, tiny_sana_pipeline, tiny_zimage_pipeline)
 from .tiny_allegro import tiny_allegro_pipeline
 from .tiny_hunyuanvideo15 import tiny_hunyuanvideo15_pipeline
+from .tiny_kandinsky5 import tiny_kandinsky5_pipeline
 from .tiny_mochi import tiny_mochi_pipeline
 from .tiny_sana_video import tiny_sana_video_pipeline
 from .tiny_dits import tiny_prx_pipeline
@@ -491,6 +492,7 @@ _BUILDERS = {
     "sana-video": tiny_sana_video_pipeline,
     "mochi": tiny_mochi_pipeline,
     "hunyuanvideo-1.5": tiny_hunyuanvideo15_pipeline,
+    "kandinsky5": tiny_kandinsky5_pipeline,
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

@@ -1,7 +1,7 @@
 """Denoisers attnprobe refuses by what they are, before the pipeline runs (``Family.refused`` says why): video and
-other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video, Allegro, Sana-Video and
-Mochi 1 text-to-video (each with what is missing to record it), audio denoisers (no image grid), priors that denoise one
-CLIP image embedding (no image positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a
+other 3-D denoisers other than Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video, Allegro, Sana-Video, Mochi 1
+and Kandinsky 5 (dense attention) text-to-video (each with what is missing to record it), audio denoisers (no image
+grid), priors that denoise one CLIP image embedding (no image positions), Stable Cascade's decoder (no per-token text) and Qwen-Image 2.1 (a
 block-causal sequence with a KV cache). Each names the diffusers 0.42 classes it covers; a class it does not name falls
 to the generic family, which is refused too unless a probe is told to record it by structure.
 """
@@ -12,7 +12,7 @@ from .registry import Family, first_text_encoder
 def _video(name: str, title: str, denoisers: tuple[str, ...], why: str, **more) -> Family:
     """A video denoiser refused up front: ``why`` names what attnprobe lacks to record it exactly (it records the frame
     axis, ``[call, sample, head, qt, qh, qw, token]``, of Wan 2.1, SkyReels-V2, CogVideoX, HunyuanVideo, LTX-Video,
-    Allegro, Sana-Video and Mochi 1, whose reading is checked against a reference)."""
+    Allegro, Sana-Video, Mochi 1 and Kandinsky 5, whose reading is checked against a reference)."""
     return Family(name=name, title=title, denoisers=denoisers, kinds=(), text_streams=first_text_encoder,
                   refused=why, **more)
 
@@ -37,6 +37,17 @@ HUNYUANVIDEO_IMAGE = _video(
     matches=lambda denoiser: denoiser.config.image_condition_type is not None,
     pipelines=("HunyuanVideoImageToVideo",))
 
+#: Kandinsky 5's sparse configuration (the class of ``kandinsky5.FAMILY`` built with ``attention_type`` other than
+#: ``"regular"``)
+KANDINSKY5_NABLA = _video(
+    "kandinsky5-nabla", "Kandinsky 5 with sparse attention (Kandinsky5Transformer3DModel, attention_type='nabla')",
+    ("Kandinsky5Transformer3DModel",),
+    "its attention_type is not 'regular': its pipeline passes sparse_params (NABLA), which reorder the video tokens in "
+    "8 × 8 blocks (to_fractal) and run the video self-attention in sparse blocks through flex attention, so its "
+    "queries are not one (t, h, w) grid attnprobe can read. Kandinsky 5 with attention_type='regular' is recorded",
+    matches=lambda denoiser: getattr(denoiser.config, "attention_type", "regular") != "regular",
+    pipelines=())
+
 VIDEO_FAMILIES = (
     WAN_IMAGE,
     HUNYUANVIDEO_IMAGE,
@@ -50,9 +61,7 @@ VIDEO_FAMILIES = (
            "it denoises audio and video together (audio-to-video and video-to-audio cross-attention beside the text's) "
            "from packed latents: its audio stream and the audio-video cross-attention are not read (LTX-Video's "
            "LTXPipeline is recorded)"),
-    _video("kandinsky5", "Kandinsky 5 (Kandinsky5Transformer3DModel)", ("Kandinsky5Transformer3DModel",),
-           "its text keys are Qwen2.5-VL hidden states cut from a chat template, and its video self-attention may run "
-           "in sparse NABLA blocks; no labelling of those keys exists yet"),
+    KANDINSKY5_NABLA,
     _video("frames-in-batch", "a UNet that folds frames into the batch (UNetMotionModel: AnimateDiff; UNet3DConditionModel: "
            "ModelScope text-to-video; I2VGenXLUNet; LatteTransformer3DModel)",
            ("UNetMotionModel", "UNet3DConditionModel", "I2VGenXLUNet", "LatteTransformer3DModel"),
@@ -70,7 +79,8 @@ VIDEO_FAMILIES = (
            "identity or image tokens, or no text at all) has no family that reads it; attnprobe records the frame "
            "axis of Wan 2.1 (WanPipeline), SkyReels-V2 (SkyReelsV2Pipeline), CogVideoX (CogVideoXPipeline), "
            "HunyuanVideo (HunyuanVideoPipeline), LTX-Video (LTXPipeline), "
-           "Allegro (AllegroPipeline), Sana-Video (SanaVideoPipeline) and Mochi 1 (MochiPipeline)"),
+           "Allegro (AllegroPipeline), Sana-Video (SanaVideoPipeline), Mochi 1 (MochiPipeline) and Kandinsky 5 "
+           "(Kandinsky5T2VPipeline)"),
 )
 VIDEO = VIDEO_FAMILIES[-1]
 

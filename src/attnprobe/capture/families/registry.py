@@ -111,6 +111,8 @@ class Family:
             row's ``token``-axis keys and the ``A`` keys it adds (its image tokens; they share the softmax, not on the
             ``token`` axis) sit among the keys after the image (long tensors, positions from the first of them); read
             at the kernel. It raises ``ProbeError`` for a call it cannot read.
+        channels_last: with ``video``, the denoiser is called with channel-last latents ``[batch, frame, h, w,
+            channel]`` (Kandinsky 5): the latent grid is their axes 2 and 3, not the last two.
         pipe_refused: ``pipe -> why or None``: a pipeline of a recorded denoiser that attnprobe refuses (Wan 2.2's two
             experts), said before it runs.
     """
@@ -145,6 +147,7 @@ class Family:
     keys_from_end: bool = False
     packed_video: Callable | None = None
     text_order: Callable | None = None
+    channels_last: bool = False
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""
