@@ -31,7 +31,8 @@ from .cells import slug
 from .config import check_capture
 from .report import warn
 from .scorer import checked_scores
-from . import video as vid
+from .video import (check_frames, frame_maps, frame_record, frame_stills, is_video, middle_frame,
+                    noise as video_noise, video_options)
 
 __all__ = ["measure_cell", "check_prompts", "check_makes_images", "check_size", "size_factor", "default_size",
            "initial_latents", "concept_mass", "failure_row", "browser_maps", "THUMBNAIL", "BROWSER_SIDE",
@@ -254,7 +255,7 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
     # a one_prompt family (Bria) runs every row alone: a generator per call gives each the same noise, and its latent
     # layout (packing counted in its vae_scale_factor) need not be rebuilt here
     one_prompt = family_of(denoiser_of(pipe)).one_prompt
-    video = vid.is_video(pipe)  # its latents' layout is the pipeline's own (5-D, packed…): it draws them
+    video = is_video(pipe)  # its latents' layout is the pipeline's own (5-D, packed…): it draws them
     takes_latents = "latents" in inspect.signature(type(pipe).__call__).parameters and not one_prompt and not video
     latents = initial_latents(pipe, seed, size, len(prompts), pipe.device, denoiser_of(pipe).dtype) if takes_latents \
         else None
@@ -262,7 +263,7 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
     def noise(copies: int) -> dict:  # every row from the seed's noise: the latents, or one generator per image (IF)
         if takes_latents:
             return {"latents": latents[:copies]}
-        return vid.noise(seed, copies)
+        return video_noise(seed, copies)
 
     options = guided(pipe, dict(num_inference_steps=int(steps), guidance_scale=float(guidance), height=size,
                                 width=size))
@@ -272,7 +273,7 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
     if "enable_prompt_rewrite" in params:
         options["enable_prompt_rewrite"] = False  # LongCat: the study's prompts, not its text encoder's rewriting
     if video:
-        options.update(vid.video_options(pipe, vid.check_frames(pipe, frames, type(pipe).__name__)))
+        options.update(video_options(pipe, check_frames(pipe, frames, type(pipe).__name__)))
 
     def made(output) -> list:  # per sample: its image, or its video's frames
         return list(output.frames) if video else list(output.images)
@@ -310,7 +311,7 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
             continue
         runs.append((label, st, run.conditional_sample(st), base, made(out)[0],
                      " + ".join(n["intervention"] for n in run.notes), factors))
-    stills = [vid.middle_frame(r[4]) if video else r[4] for r in runs]  # a video's: its middle decoded frame
+    stills = [middle_frame(r[4]) if video else r[4] for r in runs]  # a video's: its middle decoded frame
     presence, accuracy, count = presence_scores(scorer, stills, concept, seed, failures)
     rows, aucs, tensors, shown = [], [], {}, None
     for k, ((variant, st, i, prompt, made_, what, factors), image, p, a, n) in enumerate(
@@ -332,9 +333,9 @@ def measure_cell(pipe, concept, seed, variants, steps, guidance, size, intervent
         map_sites, tensors[f"sitemaps.{k}"], tensors[f"callmaps.{k}"], tensors[f"sitecalls.{k}"] = browser_maps(
             st, concept, i)
         if video:  # per latent frame: its map, over the decoded frame in the middle of those it shows
-            shown = shown or vid.frame_record(st, len(made_))
-            tensors[f"framemaps.{k}"] = vid.frame_maps(st, concept, i, tuple(tensors[f"sitemaps.{k}"].shape[-2:]))
-            stills_k = vid.frame_stills(made_, shown["spans"])
+            shown = shown or frame_record(st, len(made_))
+            tensors[f"framemaps.{k}"] = frame_maps(st, concept, i, tuple(tensors[f"sitemaps.{k}"].shape[-2:]))
+            stills_k = frame_stills(made_, shown["spans"])
             if stills_k is not None:
                 tensors[f"frameimages.{k}"] = stills_k
         thumb = image.convert("RGB")

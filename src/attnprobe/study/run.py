@@ -44,7 +44,7 @@ from ..models.loader import OFFLINE_MODELS, TINY_MODELS, check_model_name, first
 from ..models.shapes.model import tokenizer as shapes_tokenizer
 from ..text import similarity_rows, text_unsupported
 from . import measure
-from . import video as vid
+from .video import check_frames, is_video
 from .cells import Manifest, collect, grid, settings_key, shard_path, slug, write_cell
 from .config import (
     STUDY_PARTS, check_capture, check_earlier_run, check_grid, check_models, check_out, is_study_folder, resolve_dtype,
@@ -419,7 +419,7 @@ def _ready_pipeline(model, device, dtype, concepts, variants, rows, steps, guida
     pipe = load_pipeline(model, str(device), dtype)
     family = checked_family(pipe, denoiser_of(pipe))  # a refused or unknown denoiser fails here, not in every cell
     if family.video is not None:
-        vid.check_frames(pipe, frames, model)  # its num_frames and a count its temporal compression can make
+        check_frames(pipe, frames, model)  # its num_frames and a count its temporal compression can make
     elif frames is not None:
         raise ConfigError(f"frames={frames}: model {model!r} ({family.title}) makes images; frames is for video models "
                           "(leave it out for a study of image models, or one mixing both)")
@@ -491,7 +491,7 @@ def _run_cell(pipe, cell, plan: "_Plan"):
     else:
         size = int(plan.size or measure.default_size(pipe, cell.model))
         maps = plan.out / "maps" / cell.id if plan.capture["save"] else None
-        frames = vid.check_frames(pipe, plan.frames, cell.model) if vid.is_video(pipe) else None
+        frames = check_frames(pipe, plan.frames, cell.model) if is_video(pipe) else None
         record, tensors = measure.measure_cell(pipe, cell.concept, cell.seed, plan.variants, plan.steps, plan.guidance, size,
                                         interventions=plan.rows, scorer=plan.scorer, capture=plan.capture, maps=maps,
                                         frames=frames)

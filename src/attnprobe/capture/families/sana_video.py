@@ -9,7 +9,7 @@ the prompt's words, then padding (probability 0 in fp32). Guidance batches ``[un
 
 from dataclasses import replace
 
-from . import sana
+from .sana import FAMILY as SANA
 
 
 def _frames(denoiser, sample):
@@ -17,5 +17,5 @@ def _frames(denoiser, sample):
     return int(sample.shape[2]), tuple(int(p) for p in denoiser.config.patch_size)
 
 
-FAMILY = replace(sana.FAMILY, name="sana-video", title="Sana-Video (SanaVideoTransformer3DModel)",
+FAMILY = replace(SANA, name="sana-video", title="Sana-Video (SanaVideoTransformer3DModel)",
                  denoisers=("SanaVideoTransformer3DModel",), video=_frames)
