@@ -284,13 +284,13 @@ def test_memory_estimate_refuses_before_the_first_call(pipes, monkeypatch):
     assert calls == [] and store.calls == []  # refused at the first call's pre-hook: the denoiser never ran
 
 
-def test_wan_two_experts_and_image_to_video_are_refused(pipes):
+def test_wan_one_module_as_both_experts_and_image_to_video_are_refused(pipes):
     from diffusers import WanTransformer3DModel
 
     pipe = pipes["wan"]
     pipe.register_modules(transformer_2=pipe.transformer)
     try:
-        with pytest.raises(ProbeError, match="transformer_2"):
+        with pytest.raises(ProbeError, match="transformer_2 is its transformer"):
             with attnprobe.probe(pipe):
                 pass
     finally:

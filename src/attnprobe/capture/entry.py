@@ -22,6 +22,7 @@ from ..store import AttentionStore
 from ..store.files import json_safe
 from .families import checked_family, family_of
 from .options import check_options
+from .experts import ExpertsRecorder, experts_of
 from .recorder import Recorder
 from .relations import check_relations
 from .selection import call_filter, check_tokens
@@ -129,8 +130,10 @@ def probe(
     every = list_sites(denoiser) if family_of(denoiser).refused is None else []  # no text attention at all says
     checked_family(pipe, denoiser, allow_generic)  # more than "no family"; a refused family's reason, more still
     chosen = select_sites(every, sites)
-    recorder = Recorder(pipe, denoiser, chosen, passes, heads, dtype, device, prompts, every, calls, tokens,
-                         aggregate, stream_to, joint, relations, points)
+    experts = experts_of(pipe, denoiser)  # Wan 2.2: both experts, one store
+    args = (pipe, denoiser, chosen, passes, heads, dtype, device, prompts, every, calls, tokens, aggregate, stream_to,
+            joint, relations, points)
+    recorder = ExpertsRecorder(experts, *args) if experts else Recorder(*args)
     if prompts is not None and recorder.rows.tokenizer is None:
         raise ProbeError(
             f"prompts= needs a tokenizer to label positions, and {type(pipe).__name__} has none: pass the pipeline "

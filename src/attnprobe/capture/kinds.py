@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 from ..errors import ProbeError
-from .cross import ProbeProcessor
+from .cross import ProbeProcessor, chain
 from .families import Family
 from .joint import JointProbeProcessor
 from .kernel import KernelProbeProcessor
 from .processor import CaptureState
 
-__all__ = ["KINDS", "WRAPPERS", "site_kind", "is_attention", "attention_classes", "set_processor", "wrap_processor"]
+__all__ = ["KINDS", "WRAPPERS", "site_kind", "is_attention", "attention_classes", "set_processor", "wrap_processor",
+           "restore_processor"]
 
 #: The recording wrapper of each site kind.
 WRAPPERS: dict[str, type[ProbeProcessor]] = {"cross": ProbeProcessor, "joint": JointProbeProcessor,
@@ -115,6 +116,21 @@ def set_processor(attn, processor) -> None:
         attn.set_processor(processor)
     else:
         attn.processor = processor
+
+
+def restore_processor(attn, wrapper: ProbeProcessor, original) -> None:
+    """Take a probe's ``wrapper`` off ``attn``: ``original`` back in its place (past the wrappers of outer probes that
+    closed first), or, when a probe opened inside this one still wraps it, ``original`` under that probe's wrapper."""
+    wrapper.remove_hooks()
+    while isinstance(original, ProbeProcessor) and original.removed:  # an outer probe closed first
+        original = original.inner
+    if attn.processor is wrapper:
+        set_processor(attn, original)
+        return
+    for outer in chain(attn.processor):  # a probe opened inside this one is still installed
+        if isinstance(outer, ProbeProcessor) and outer.inner is wrapper:
+            outer.inner = original
+            return
 
 
 def wrap_processor(inner: Any, site: str, attn, state: CaptureState, kind: str = "cross",

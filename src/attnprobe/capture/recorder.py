@@ -26,7 +26,8 @@ from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, row
 from .evidence import EncodeWatch, note_checks
 from .families import family_of
 from .frames import call_video, check_budget, frame_maps, kept_calls, packed_call_video, store_bytes, video_meta
-from .kinds import set_processor, wrap_processor
+from .families.wan import refuse_lone_expert
+from .kinds import restore_processor, set_processor, wrap_processor
 from .processor import CaptureState
 from .options import capture_meta
 from .passes import refuse_rewrite
@@ -55,6 +56,7 @@ class Recorder:
     def __init__(self, pipe, denoiser, sites, passes, heads, dtype, device, prompts, all_sites=(),
                  calls=None, tokens=None, aggregate=None, stream_to=None, joint="exact", relations=(), points=()):
         self.denoiser = denoiser
+        self.experts: dict = {}  # Wan 2.2: each expert denoiser by its pipeline attribute (``experts.ExpertsRecorder``)
         self.family = family_of(denoiser)
         # a UNet hands its encoder_hidden_states to its cross sites unchanged (unless it projects them first)
         self.same_states = self.family.name == "unet" and getattr(denoiser, "encoder_hid_proj", None) is None
@@ -166,18 +168,7 @@ class Recorder:
         self.handles.clear()
         self.order_handles.clear()
         for name, wrapper in self.wrappers.items():
-            wrapper.remove_hooks()
-            attn = self.modules[name]
-            original = self.originals[name]
-            while isinstance(original, ProbeProcessor) and original.removed:  # an outer probe closed first
-                original = original.inner
-            if attn.processor is wrapper:
-                set_processor(attn, original)
-                continue
-            for outer in chain(attn.processor):  # a probe opened inside this one is still installed
-                if isinstance(outer, ProbeProcessor) and outer.inner is wrapper:
-                    outer.inner = original
-                    break
+            restore_processor(self.modules[name], wrapper, self.originals[name])
         self.wrappers.clear()
 
     # -------------------------------------------------------------- hooks
@@ -269,6 +260,8 @@ class Recorder:
             self._drop_unfinished()
         self.running = True
         self._close_call()
+        if self.call < 0 and not self.experts:  # a denoiser probed on its own that shares its pipeline call
+            refuse_lone_expert(self.pipe, module)
         call = DenoiserCall.read(args, kwargs)
         packed = self.family.packed_video is not None  # LTX-Video: packed tokens, their grid as arguments
         call.check(module, kernel=self.family.reader == "kernel", video=self.family.video is not None,

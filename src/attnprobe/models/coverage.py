@@ -84,7 +84,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "OvisImagePipeline": ("ovis", "tests/test_more_families.py"),
     "PRXPipeline": ("prx", "tests/test_new_families.py"),
     "LongCatImagePipeline": ("longcat", "tests/test_longcat.py"),
-    "WanPipeline": ("wan", "tests/test_video.py"),
+    "WanPipeline": ("wan", "tests/test_video.py, tests/test_video_wan22.py"),
     "SkyReelsV2Pipeline": ("skyreels-v2", "tests/test_video.py"),
     "CogVideoXPipeline": ("cogvideox", "tests/test_video.py"),
     "HunyuanVideoPipeline": ("hunyuanvideo", "tests/test_hunyuanvideo.py"),
@@ -99,6 +99,9 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
 }
 
+
+#: tiny pipelines of a class ``TESTED`` lists under another tiny (``wan2.2``: WanPipeline with its two experts)
+MORE_TINY: dict[str, tuple[str, str]] = {"wan2.2": ("WanPipeline", "tests/test_video_wan22.py")}
 
 #: pipeline classes a test shows refused at their first denoiser call (not by name: by what the probe sees)
 REFUSED_AT_RUN: dict[str, str] = {}
@@ -246,6 +249,7 @@ def render_page() -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     by_tiny = {tiny: (cls, where) for cls, (tiny, where) in TESTED.items() if tiny}
+    by_tiny.update(MORE_TINY)
     for name in TINY_PIPELINES:
         m = measure(name)
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(m["kinds"].items()))

@@ -34,6 +34,7 @@ from .tiny_sana_video import tiny_sana_video_pipeline
 from .tiny_dits import tiny_prx_pipeline
 from .tiny_unets import tiny_cascade_prior_pipeline, tiny_kandinsky3_pipeline
 from .tiny_video import tiny_cogvideox_pipeline, tiny_hunyuanvideo_pipeline, tiny_skyreels_v2_pipeline, tiny_wan_pipeline
+from .tiny_wan22 import tiny_wan22_pipeline
 from .tiny_vlm import tiny_longcat_pipeline
 from .tokenizers import clip_tokenizer, t5_tokenizer, t5_vocab_size
 
@@ -484,6 +485,7 @@ _BUILDERS = {
     "prx": tiny_prx_pipeline,
     "longcat": tiny_longcat_pipeline,
     "wan": tiny_wan_pipeline,
+    "wan2.2": tiny_wan22_pipeline,
     "skyreels-v2": tiny_skyreels_v2_pipeline,
     "cogvideox": tiny_cogvideox_pipeline,
     "hunyuanvideo": tiny_hunyuanvideo_pipeline,
