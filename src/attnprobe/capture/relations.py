@@ -35,7 +35,7 @@ from .cross import ProbeProcessor, attention_logits, chain as _chain, output_err
 from .denoiser_call import query_grid
 from .joint import CHUNK_ELEMENTS, mask_bias
 from .kernel import sequence_bias
-from .kinds import _wrapper_class, is_attention, set_processor
+from .kinds import _wrapper_class, is_attention, restore_processor, set_processor
 from ..store.records import RELATIONS
 from .processor import batch_rows
 
@@ -280,15 +280,7 @@ class Relations:
             hook.remove()
         self.hooks.clear()
         for name, wrapper in self.wrappers.items():
-            wrapper.remove_hooks()
-            attn = denoiser.get_submodule(name)
-            if attn.processor is wrapper:
-                set_processor(attn, self.originals[name])
-                continue
-            for outer in _chain(attn.processor):  # a probe opened inside this one is still installed
-                if isinstance(outer, ProbeProcessor) and outer.inner is wrapper:
-                    outer.inner = self.originals[name]
-                    break
+            restore_processor(denoiser.get_submodule(name), wrapper, self.originals[name])
         self.wrappers.clear()
 
     def replaced(self, denoiser) -> dict:
