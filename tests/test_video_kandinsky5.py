@@ -215,3 +215,12 @@ def test_a_processor_as_tokenizer_is_read_through_its_tokenizer(pipe):
         pipe.__dict__["tokenizer"] = tokenizer
     assert store.tokens(0) == ["<|im_start|>", "user", "a", "red", "dog", "<|im_end|>"]
     assert store.token_indices(0, "dog") == [[4]]
+
+
+def test_several_videos_per_prompt_are_refused_with_what_to_pass(pipe):
+    """Kandinsky5T2VPipeline hands its denoiser one text row for num_videos_per_prompt videos: which text each video
+    row read cannot be labelled, so the call is refused, saying to repeat the prompt."""
+    with pytest.raises(ProbeError, match="1 text row\\(s\\) for 2 video rows.*num_videos_per_prompt=1"):
+        with attnprobe.probe(pipe, heads="mean"):
+            pipe(prompt="a red dog", num_videos_per_prompt=2, num_frames=9, height=32, width=48, num_inference_steps=1,
+                 max_sequence_length=32, output_type="latent")

@@ -52,7 +52,8 @@ def decoded_frame_index(store: AttentionStore, n_frames: int) -> list[int]:
             f"(temporal compression {c}): pass the frames of the video the probed pipeline call made"
             + ("; a pipeline that keeps only the first frames of those it decodes (Allegro's, with a num_frames that is "
                f"not a multiple of {c}) made fewer: use heatmap(frame=...) per latent frame"
-               if isinstance(n_frames, int) and c and n_frames < expected else ""))
+               if isinstance(n_frames, int) and c and n_frames < expected and not video.get("first_frame_alone", True)
+               else ""))
     if not c:
         causal = list(range(n_frames))
     elif video.get("first_frame_alone", True):  # Wan; CogVideoX with an odd number of latent frames

@@ -23,6 +23,8 @@ attention backend whose kernel is not ``scaled_dot_product_attention`` (the kern
 
 from __future__ import annotations
 
+import torch
+
 from ...errors import ProbeError
 from .registry import Family, first_text_encoder
 
@@ -40,7 +42,15 @@ def _template(pipe, prompt: str, n_keys: int):
 
 def _dense_only(denoiser, kwargs: dict) -> int:
     """No keys after the text; a call with ``sparse_params`` (NABLA: video tokens reordered in 8 × 8 blocks) is
-    refused: its queries are not in ``(t, h, w)`` order."""
+    refused: its queries are not in ``(t, h, w)`` order; so is a call whose text rows are not one per video row
+    (``num_videos_per_prompt > 1``: diffusers 0.42's pipeline hands one text row for the prompt's videos)."""
+    text, video = kwargs.get("encoder_hidden_states"), kwargs.get("hidden_states")
+    if isinstance(text, torch.Tensor) and isinstance(video, torch.Tensor) and text.shape[0] != video.shape[0]:
+        raise ProbeError(
+            f"{type(denoiser).__name__} was called with {text.shape[0]} text row(s) for {video.shape[0]} video rows "
+            "(Kandinsky5T2VPipeline with num_videos_per_prompt > 1 does not repeat the text per video): which text "
+            "each video row read cannot be labelled. Pass num_videos_per_prompt=1 and repeat the prompt instead"
+        )
     if kwargs.get("sparse_params") is not None:
         raise ProbeError(
             f"{type(denoiser).__name__} was called with sparse_params (NABLA sparse attention): its video tokens are "
