@@ -323,8 +323,8 @@ def format_summary(result, *, scorer_kind: str | None = None, random_weights=(),
         )
     lines.append(f"{done_line(result.done, result.skipped, result.failed, result.partial)} Files in {result.out}/")
     lines += [
-        "AUC: attention mass on the concept's tokens (summed over its tokens, averaged over image positions, heads",
-        "  and sites) over the denoising, 0-1, for the requested mention: the last one (in the default variants,",
+        "AUC: attention mass on the concept's tokens (summed over its tokens, averaged over image (or video) positions,",
+        "  heads and sites) over the denoising, 0-1, for the requested mention: the last one (in the default variants,",
         "  the one in the baseline's words).",
         "Δ AUC, requested mention: the question of the study; < 0 means the variant lowers attention to the concept.",
         "Δ AUC, all mentions: every mention summed; a variant that names the concept twice is > 0 by construction",
