@@ -495,7 +495,7 @@ def test_video_audio_and_prior_denoisers_and_unknown_ones_are_refused_before_the
     with pytest.raises(ProbeError, match="no attnprobe family covers MyDiT.*allow_generic=True"):
         attnprobe.probe(MyDiT()).__enter__()
     verdicts = {v.pipeline: v for v in pipeline_verdicts()}
-    assert verdicts["AnimateDiffPipeline"].family == "frames-in-batch"  # its UNet2DConditionModel becomes a UNetMotionModel
+    assert verdicts["AnimateDiffPipeline"].family == "animatediff"  # its UNet2DConditionModel becomes a UNetMotionModel
     assert verdicts["WanImageToVideoPipeline"].verdict.startswith("refused: Wan 2.1 or SkyReels-V2 image-to-video")
     assert verdicts["LTX2Pipeline"].verdict.startswith("refused: LTX-2")  # LTX-Video (LTXPipeline) is recorded
     assert verdicts["StableAudioPipeline"].family == "audio"

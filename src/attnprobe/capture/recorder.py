@@ -23,6 +23,7 @@ from ..errors import NoDenoiserCallError, ProbeError, warn
 from ..store import Call, StoreWriter
 from .cross import ProbeProcessor, chain
 from .denoiser_call import DenoiserCall, Timesteps, packed_grid, query_grid, row_mask, schedule_meta
+from .batch_frames import fold_frames, frame_record, frame_rows, latent_states
 from .evidence import EncodeWatch, note_checks
 from .families import family_of
 from .frames import call_video, check_budget, frame_maps, kept_calls, packed_call_video, store_bytes, video_meta
@@ -64,6 +65,7 @@ class Recorder:
         self.encode_watch = EncodeWatch(self.rows.pipe, self._on_encode_prompt)
         self.rows.as_given = self.encode_watch.as_given
         self.fill: tuple[int, torch.Tensor] | None = None  # samples with a row in this call, when not all have one
+        self.latent_rows = None  # the latent batch rows recorded (``state.rows`` of an image denoiser)
         self.nan_calls = 0  # kept calls in which no sample had a row
         self.states = None  # the conditioning of the last denoiser call
         self.sites = sites
@@ -82,6 +84,8 @@ class Recorder:
                                   pad_to=self.family.pad_to)
         self.joint = joint
         self.kinds = {s.name: s.kind for s in sites}
+        if relations and self.family.frames_in_batch:
+            raise ProbeError(f"relations= is not read for {self.family.title}: its sites' rows are frames of samples")
         modules = relation_modules(denoiser, self.family, sites, relations)
         self.relate = self.state.relate = Relations(relations, points, modules, self._relation_budget) if modules else None
         self.shares: list[tuple[int, str, torch.Tensor]] = []  # (call, site, [sample, head]) of joint sites
@@ -263,6 +267,9 @@ class Recorder:
         if self.call < 0 and not self.experts:  # a denoiser probed on its own that shares its pipeline call
             refuse_lone_expert(self.pipe, module)
         call = DenoiserCall.read(args, kwargs)
+        fold = self.family.frames_in_batch  # AnimateDiff: frames folded into the sites' batch (capture.batch_frames)
+        if fold and isinstance(call.sample, torch.Tensor) and call.sample.ndim == 5:
+            call.states = latent_states(call.states, call.batch, int(call.sample.shape[2]), type(module).__name__)
         packed = self.family.packed_video is not None  # LTX-Video: packed tokens, their grid as arguments
         call.check(module, kernel=self.family.reader == "kernel", video=self.family.video is not None,
                    packed_video=packed)
@@ -305,6 +312,8 @@ class Recorder:
         self.last_timestep = t
         self.latent_hw = hw
         state = self.state
+        if fold:  # the kept samples' (row, frame) rows
+            state.rows = frame_rows(self.latent_rows, self.video[0])
         for name in ("rows", "tokens"):  # on the device the maps are computed on (moved once, not per call)
             value = getattr(state, name)
             if isinstance(value, torch.Tensor) and value.device != call.sample.device:
@@ -347,6 +356,7 @@ class Recorder:
         """A video pipeline call starts: its frames are the store's (``meta["video"]``), and its maps fit."""
         frames, patch, grid = self.video
         meta = video_meta(self.pipe, frames, patch, grid)
+        meta = frame_record(meta) if self.family.frames_in_batch else meta
         if self.store.meta.setdefault("video", meta)["qt"] != meta["qt"]:
             raise ProbeError(f"this pipeline call's latents have {frames} frames ({meta['qt']} query frames), the "
                              f"store's first had {self.store.meta['video']['qt']}: one store holds one frame count")
@@ -364,6 +374,7 @@ class Recorder:
         rows = [r for r in present if r is not None] or [0]  # none left: compute one row, store only NaN
         contiguous = rows == list(range(rows[0], rows[-1] + 1))
         self.state.rows = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, dtype=torch.long)
+        self.latent_rows = self.state.rows  # frames_in_batch: the sites' rows are their frames' (frame_rows)
         self.fill = None
         if None in present:
             self.fill = (len(present), torch.tensor([i for i, r in enumerate(present) if r is not None], dtype=torch.long))
@@ -428,10 +439,14 @@ class Recorder:
         self.state.shares.clear()
         self._checked()
         outbox += state.pending.finish(state.heads, state.tokens, state.dtype, state.workspace)
+        fold = self.family.frames_in_batch
         for site, probs in outbox:
             if site in self.current:
                 raise ProbeError(f"site {site} ran twice in denoiser call {self.call}; attnprobe expects one run per call")
             # [sample, head, (qh qw) | (qt qh qw), token] -> its grid, in the store's dtype (fp32 for an aggregate)
+            if fold:  # AnimateDiff: [sample·frame, head, query, token] -> [sample, head, qt, qh, qw, token]
+                self.current[site] = self._filled(fold_frames(probs, self.video[0], self._grid(site, probs.shape[2])))
+                continue
             grid = self._grid(site, probs.shape[2]) if self.video is None else None  # a video's: frames.frame_maps
             self.current[site] = self._filled(probs.unflatten(2, grid) if grid else frame_maps(site, probs, self.video))
         outbox.clear()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..capture import probe
-from ..capture.families import FAMILIES, GENERIC, REFUSED_FAMILIES, family_of, kandinsky5
+from ..capture.families import FAMILIES, GENERIC, REFUSED_FAMILIES, animatediff, family_of, kandinsky5
 from ..capture.passes import REFUSED
 from ..capture.relations import FAMILIES as RELATION_FAMILIES, RELATIONS
 from ..errors import ProbeError
@@ -94,6 +94,7 @@ TESTED: dict[str, tuple[str | None, str]] = {
     "MochiPipeline": ("mochi", "tests/test_video_mochi.py"),
     "HunyuanVideo15Pipeline": ("hunyuanvideo-1.5", "tests/test_video_hunyuanvideo15.py"),
     "Kandinsky5T2VPipeline": ("kandinsky5", "tests/test_video_kandinsky5.py"),
+    "AnimateDiffPipeline": ("animatediff", "tests/test_video_animatediff.py"),
     "StableDiffusionPAGPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionInstructPix2PixPipeline": (None, "tests/test_passes.py"),
     "StableDiffusionPipelineSafe": (None, "tests/test_passes.py"),
@@ -106,7 +107,7 @@ MORE_TINY: dict[str, tuple[str, str]] = {"wan2.2": ("WanPipeline", "tests/test_v
 #: pipeline classes a test shows refused at their first denoiser call (not by name: by what the probe sees)
 REFUSED_AT_RUN: dict[str, str] = {}
 #: pipeline classes of a recorded denoiser that its family refuses by name (``Family.pipe_refused``), with why
-REFUSED_BY_FAMILY: dict[str, str] = {**kandinsky5.REFUSED_PIPELINES}
+REFUSED_BY_FAMILY: dict[str, str] = {**kandinsky5.REFUSED_PIPELINES, **animatediff.REFUSED_PIPELINES}
 
 
 def _denoiser(cls) -> tuple[str, tuple[type, ...]] | None:
@@ -146,7 +147,7 @@ def pipeline_verdicts() -> list[Verdict]:
         if found is None or not any(arg in params for arg in _TEXT_ARGS):
             continue  # no denoiser, or not text-conditioned: nothing to probe for text attention
         denoiser, classes = found
-        known = REFUSED_FAMILIES + FAMILIES  # a pipeline that may run a video denoiser (AnimateDiff) is refused
+        known = REFUSED_FAMILIES + FAMILIES
         family = next((f for f in known if f.matches is not None and name.startswith(f.pipelines)
                        and any(issubclass(c, f.classes()) for c in classes)), None)
         family = family or next((f for f in known if f.matches is None

@@ -35,6 +35,7 @@ from .tiny_dits import tiny_prx_pipeline
 from .tiny_unets import tiny_cascade_prior_pipeline, tiny_kandinsky3_pipeline
 from .tiny_video import tiny_cogvideox_pipeline, tiny_hunyuanvideo_pipeline, tiny_skyreels_v2_pipeline, tiny_wan_pipeline
 from .tiny_wan22 import tiny_wan22_pipeline
+from .tiny_animatediff import tiny_animatediff_pipeline
 from .tiny_vlm import tiny_longcat_pipeline
 from .tokenizers import clip_tokenizer, t5_tokenizer, t5_vocab_size
 
@@ -495,6 +496,7 @@ _BUILDERS = {
     "mochi": tiny_mochi_pipeline,
     "hunyuanvideo-1.5": tiny_hunyuanvideo15_pipeline,
     "kandinsky5": tiny_kandinsky5_pipeline,
+    "animatediff": lambda seed=0, dtype=torch.float32: tiny_animatediff_pipeline(seed, dtype, tiny_sd_pipeline),
 }
 #: the names ``tiny_pipeline`` takes
 TINY_PIPELINES: tuple[str, ...] = tuple(_BUILDERS)

@@ -17,7 +17,7 @@ import weakref
 import torch
 
 from ...errors import ProbeError, warn
-from . import (allegro, auraflow, bria, cascade, cogview3, cogvideox, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage,
+from . import (allegro, animatediff, auraflow, bria, cascade, cogview3, cogvideox, cogview4, deepfloyd, flux, flux2, generic, hidream, hunyuandit, hunyuanimage,
                hunyuanvideo, hunyuanvideo15,
                kandinsky3, kandinsky5, longcat, ltx, lumina, lumina2, mochi, ovis, pixart, prx, qwen, refused, sana, sana_video, sd3, unet, wan, zimage)
 from .registry import Family
@@ -32,7 +32,7 @@ FAMILIES: tuple[Family, ...] = (deepfloyd.FAMILY, unet.FAMILY, sd3.FAMILY, flux.
                                   cogview3.FAMILY, lumina.FAMILY, bria.FAMILY, ovis.FAMILY, prx.FAMILY,
                                   longcat.FAMILY, wan.FAMILY, wan.SKYREELS_V2, cogvideox.FAMILY,
                                   hunyuanvideo.FAMILY, ltx.FAMILY, allegro.FAMILY, sana_video.FAMILY,
-                                  mochi.FAMILY, hunyuanvideo15.FAMILY, kandinsky5.FAMILY)
+                                  mochi.FAMILY, hunyuanvideo15.FAMILY, kandinsky5.FAMILY, animatediff.FAMILY)
 #: Denoisers refused by what they are (video, audio, CLIP-embedding priors, Stable Cascade's decoder), tried before
 #: ``FAMILIES``.
 REFUSED_FAMILIES: tuple[Family, ...] = refused.FAMILIES

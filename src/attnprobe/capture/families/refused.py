@@ -62,13 +62,12 @@ VIDEO_FAMILIES = (
            "from packed latents: its audio stream and the audio-video cross-attention are not read (LTX-Video's "
            "LTXPipeline is recorded)"),
     KANDINSKY5_NABLA,
-    _video("frames-in-batch", "a UNet that folds frames into the batch (UNetMotionModel: AnimateDiff; UNet3DConditionModel: "
+    _video("frames-in-batch", "a UNet that folds frames into the batch (UNet3DConditionModel: "
            "ModelScope text-to-video; I2VGenXLUNet; LatteTransformer3DModel)",
-           ("UNetMotionModel", "UNet3DConditionModel", "I2VGenXLUNet", "LatteTransformer3DModel"),
+           ("UNet3DConditionModel", "I2VGenXLUNet", "LatteTransformer3DModel"),
            "its spatial cross-attention runs on batch × frame rows (each frame an image of its own, frames then mixed "
-           "by temporal modules), and AnimateDiff's pipelines repeat each row's prompt embeddings once per frame "
-           "(encoder_hidden_states of batch × frames rows for a latent batch of batch rows): a site's rows are not the "
-           "batch's samples, and labelling rows and reading frames from the batch axis is not built yet"),
+           "by temporal modules) in this denoiser's own layout of rows, frames and conditioning, which no family reads "
+           "yet (AnimateDiff's UNetMotionModel, which folds frames the same way, is recorded: AnimateDiffPipeline)"),
     _video("video", "a video or other 3-D denoiser",
            ("AnyFlowTransformer3DModel", "AnyFlowFARTransformer3DModel", "ChronoEditTransformer3DModel",
             "ConsisIDTransformer3DModel", "CosmosTransformer3DModel", "EasyAnimateTransformer3DModel",

@@ -113,6 +113,9 @@ class Family:
             at the kernel. It raises ``ProbeError`` for a call it cannot read.
         channels_last: with ``video``, the denoiser is called with channel-last latents ``[batch, frame, h, w,
             channel]`` (Kandinsky 5): the latent grid is their axes 2 and 3, not the last two.
+        frames_in_batch: with ``video``, the denoiser folds the frames into the batch of its sites (AnimateDiff's
+            ``UNetMotionModel``): a site's rows are ``(row, frame)``, row-major, its encoder states one row per
+            ``(row, frame)`` (``capture.batch_frames``).
         pipe_refused: ``pipe -> why or None``: a pipeline of a recorded denoiser that attnprobe refuses (Wan 2.2's two
             experts), said before it runs.
     """
@@ -148,6 +151,7 @@ class Family:
     packed_video: Callable | None = None
     text_order: Callable | None = None
     channels_last: bool = False
+    frames_in_batch: bool = False
 
     def classes(self) -> tuple[type, ...]:
         """The family's diffusers classes that the installed diffusers has."""
