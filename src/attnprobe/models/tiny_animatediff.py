@@ -3,7 +3,8 @@ the tiny SD 1.5 UNet of ``tiny.tiny_sd_pipeline`` and a seeded ``MotionAdapter``
 temporal self-attention only), with that pipeline's VAE, CLIP text encoder and tokenizer.
 ``attnprobe.models.tiny.tiny_pipeline("animatediff")`` builds it.
 
-    >>> pipe = tiny_animatediff_pipeline()
+    >>> from attnprobe.testing import tiny_pipeline
+    >>> pipe = tiny_pipeline("animatediff")
     >>> type(pipe.unet).__name__
     'UNetMotionModel'
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._quiet import quiet_notes
+from ..errors import ArgumentError
 from .components import finish
 
 __all__ = ["tiny_animatediff_pipeline"]
@@ -31,6 +33,9 @@ def tiny_animatediff_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32,
     from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
     from diffusers.utils import logging
 
+    if sd_pipeline is None:  # tiny.py passes its SD 1.5 builder (it imports this module, so this one cannot)
+        raise ArgumentError("tiny_animatediff_pipeline needs sd_pipeline, the tiny SD 1.5 builder: build it with "
+                            "attnprobe.testing.tiny_pipeline('animatediff')")
     sd = sd_pipeline(seed=seed)
     channels = tuple(sd.unet.config.block_out_channels)
     torch.manual_seed(seed + 5)
