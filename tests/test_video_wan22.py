@@ -122,3 +122,24 @@ def test_experts_with_other_sites_or_classes_are_refused(pipe):
     finally:
         pipe.transformer_2 = second
     assert not any("Probe" in type(p).__name__ for p in _attn2(pipe).values())
+
+
+def test_an_expert_replaced_inside_the_probe_is_refused(pipe):
+    """pipe.transformer_2 swapped inside the probe: its calls would run unhooked and the store miss them without a
+    word; the probe refuses at its next call (or at the end) and says the store is incomplete."""
+    import copy
+
+    original = pipe.transformer_2
+    try:
+        with pytest.raises(attnprobe.ProbeError, match="transformer_2 was replaced during the probe"):
+            with attnprobe.probe(pipe, heads="mean") as store:
+                pipe.transformer_2 = copy.deepcopy(original)
+                pipe(prompt="a dog", num_frames=5, height=32, width=32, num_inference_steps=4,
+                     max_sequence_length=16, guidance_scale=1.0, output_type="latent")
+        assert not store.meta["complete"]
+    finally:
+        pipe.transformer_2 = original
+    only = copy.copy(pipe)
+    only.transformer = None
+    with pytest.raises(attnprobe.NoSitesError, match="has only its transformer_2"):
+        attnprobe.probe(only).__enter__()

@@ -121,7 +121,19 @@ class ExpertsRecorder(Recorder):
                 restore_processor(expert.modules[name], wrapper, expert.originals[name])
             expert.wrappers.clear()
 
+    def _replaced_experts(self) -> list[str]:
+        """The experts the pipeline no longer holds (``pipe.transformer_2 = …`` inside the probe): their calls would run
+        unhooked, and the store would miss them without a word."""
+        return [name for name, module in self.experts.items() if getattr(self.pipe, name, None) is not module]
+
     def _check_intact(self) -> None:
+        replaced = self._replaced_experts()
+        if replaced:
+            raise ProbeError(
+                f"{type(self.pipe).__name__}.{replaced[0]} was replaced during the probe: the new expert's denoiser "
+                "calls are not hooked, so the store would miss them. Swap experts before opening the probe, not inside "
+                "it. " + (f"The store holds calls 0..{self.call} only." if self.call >= 0 else "The store holds no call.")
+            )
         super()._check_intact()
         for label, expert in self.others.items():
             for name, attn in expert.modules.items():
@@ -139,6 +151,14 @@ class ExpertsRecorder(Recorder):
     def _on_denoiser_call(self, module, args, kwargs):
         super()._on_denoiser_call(module, args, kwargs)
         self.call_expert = self.expert_names[id(module)]  # after the previous call was closed under its own
+
+    def finish(self, complete: bool) -> None:
+        replaced = self._replaced_experts()  # after the last hooked call: its calls ran unseen
+        super().finish(complete and not replaced)
+        if replaced:
+            self.store.meta["complete"] = False
+            raise ProbeError(f"{type(self.pipe).__name__}.{replaced[0]} was replaced during the probe: the calls it ran "
+                             "are not in the store (it keeps those of the experts it hooked; meta['complete'] is False)")
 
     def _close_call(self) -> None:
         call, expert = self.current_call, self.call_expert

@@ -49,6 +49,11 @@ def denoiser_of(pipe_or_denoiser) -> torch.nn.Module:
         module = getattr(pipe_or_denoiser, attr, None)
         if isinstance(module, torch.nn.Module):
             return _uncompiled(module)
+    if isinstance(getattr(pipe_or_denoiser, "transformer_2", None), torch.nn.Module):
+        raise NoSitesError(
+            f"{type(pipe_or_denoiser).__name__} has only its transformer_2 (Wan 2.2's low-noise expert; transformer is "
+            "None): attnprobe records Wan 2.2 with both experts loaded, or a single-transformer pipeline (Wan 2.1)"
+        )
     raise NoSitesError(
         f"{type(pipe_or_denoiser).__name__} is neither a torch.nn.Module nor a pipeline with a denoiser "
         f"(looked for {', '.join('.' + a for a in DENOISER_ATTRS)}): pass a diffusers pipeline or its denoiser."
