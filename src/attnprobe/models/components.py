@@ -99,6 +99,25 @@ def make_t5_encoder(seed: int, d_model: int = 32, layers: int = 2):
     return T5EncoderModel(config).eval()
 
 
+def make_byt5_encoder(seed: int, vocab: int):
+    """A 1-layer ``T5EncoderModel`` of width 32 over a ByT5 tokenizer's ``vocab`` bytes, seeded: the glyph encoder of
+    HunyuanImage 2.1 and HunyuanVideo 1.5."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).eval()
+
+
+def make_hunyuan_video_vae(seed: int):
+    """HunyuanVideo's causal video VAE (temporal compression 4, spatial 8, 4 latent channels) at width 8, seeded: the
+    VAE of HunyuanVideo and of Kandinsky 5."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    torch.manual_seed(seed)
+    return AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                     norm_num_groups=4, mid_block_add_attention=False).eval()
+
+
 def make_flow_vae(seed: int, latent_channels: int = 4):
     """``make_vae``'s tiny VAE with the flow-matching pipelines' latent scaling (shift 0, scale 1), seeded;
     ``latent_channels`` 4 (LongCat's pipeline asks for 16)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._quiet import quiet_notes
-from .components import finish
+from .components import finish, make_byt5_encoder
 from .tiny_llm import qwen25vl_encoder
 from .tokenizers import llm_tokenizer
 
@@ -41,7 +41,7 @@ def tiny_hunyuanvideo15_pipeline(seed: int = 0, dtype: torch.dtype = torch.float
     from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
                            HunyuanVideo15Transformer3DModel)
     from diffusers.guiders import ClassifierFreeGuidance
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from transformers import ByT5Tokenizer
 
     tokenizer, glyphs = llm_tokenizer(), ByT5Tokenizer()
     torch.manual_seed(seed)
@@ -57,9 +57,7 @@ def tiny_hunyuanvideo15_pipeline(seed: int = 0, dtype: torch.dtype = torch.float
     ).eval()
     torch.manual_seed(seed + 2)
     encoder = qwen25vl_encoder(tokenizer)
-    torch.manual_seed(seed + 3)
-    byt5 = T5EncoderModel(T5Config(vocab_size=len(glyphs), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                   num_heads=4)).eval()
+    byt5 = make_byt5_encoder(seed + 3, len(glyphs))
     pipe = HunyuanVideo15Pipeline(
         text_encoder=encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=byt5, tokenizer_2=glyphs,

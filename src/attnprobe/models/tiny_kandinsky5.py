@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .._quiet import quiet_notes
-from .components import finish, make_clip_encoder
+from .components import finish, make_clip_encoder, make_hunyuan_video_vae
 from .tiny_llm import qwen25vl_encoder
 from .tokenizers import clip_tokenizer, llm_tokenizer
 
@@ -39,7 +39,7 @@ def tiny_kandinsky5_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     Args:
         seed: weight seed. dtype: parameter dtype.
     """
-    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline,
+    from diffusers import (FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline,
                            Kandinsky5Transformer3DModel)
 
     tokenizer = llm_tokenizer()
@@ -52,11 +52,7 @@ def tiny_kandinsky5_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         for name, param in transformer.named_parameters():
             if "modulation" in name:
                 param.normal_(0.0, 0.3)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKLHunyuanVideo(
-        latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-        mid_block_add_attention=False,
-    ).eval()
+    vae = make_hunyuan_video_vae(seed + 1)
     torch.manual_seed(seed + 2)
     pipe = Kandinsky5T2VPipeline(
         transformer=transformer, vae=vae, text_encoder=qwen25vl_encoder(tokenizer), tokenizer=tokenizer,

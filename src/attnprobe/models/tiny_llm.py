@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .._quiet import quiet_notes
-from .components import finish, make_clip_encoder, make_flow_vae, make_scheduler, make_t5_encoder, make_vae
+from .components import (finish, make_byt5_encoder, make_clip_encoder, make_flow_vae, make_scheduler, make_t5_encoder,
+                         make_vae)
 from .configs import SDXL_UNET
 from .tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer
 
@@ -392,7 +393,7 @@ def tiny_hunyuanimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
     from diffusers import (AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline,
                            HunyuanImageTransformer2DModel)
     from diffusers.guiders import AdaptiveProjectedMixGuidance
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from transformers import ByT5Tokenizer
 
     tokenizer, glyphs = llm_tokenizer(), ByT5Tokenizer()
     torch.manual_seed(seed)
@@ -407,9 +408,7 @@ def tiny_hunyuanimage_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
     ).eval()
     torch.manual_seed(seed + 2)
     encoder = qwen25vl_encoder(tokenizer)
-    torch.manual_seed(seed + 3)
-    byt5 = T5EncoderModel(T5Config(vocab_size=len(glyphs), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                   num_heads=4)).eval()
+    byt5 = make_byt5_encoder(seed + 3, len(glyphs))
     pipe = HunyuanImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder, tokenizer=tokenizer,
         text_encoder_2=byt5, tokenizer_2=glyphs, transformer=transformer, guider=AdaptiveProjectedMixGuidance(),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .._quiet import quiet_notes
-from .components import finish, ftfy_stand_in, make_clip_encoder
+from .components import finish, ftfy_stand_in, make_clip_encoder, make_hunyuan_video_vae
 from .tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer, t5_vocab_size
 
 __all__ = ["tiny_wan_pipeline", "tiny_skyreels_v2_pipeline", "tiny_cogvideox_pipeline", "tiny_hunyuanvideo_pipeline",
@@ -151,7 +151,7 @@ def tiny_hunyuanvideo_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
     Args:
         seed: weight seed. dtype: parameter dtype.
     """
-    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+    from diffusers import (FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
                            HunyuanVideoTransformer3DModel)
     from transformers import LlamaConfig, LlamaModel
 
@@ -162,11 +162,7 @@ def tiny_hunyuanvideo_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
         num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=32,
         rope_axes_dim=(2, 2, 4),
     ).eval()
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKLHunyuanVideo(
-        latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-        mid_block_add_attention=False,
-    ).eval()
+    vae = make_hunyuan_video_vae(seed + 1)
     torch.manual_seed(seed + 2)
     llama = LlamaModel(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
