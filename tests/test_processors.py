@@ -173,32 +173,85 @@ def test_nested_probes_both_record_and_restore_in_any_order():
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
 
 
-def test_pending_logits_take_the_softmax_once_per_shape_with_the_per_site_values():
-    """Sites of one shape share a buffer; the batched softmax, head mean and token selection give each site what
-    softmax(logits) followed by the same reductions gives it alone, bit for bit; the buffer keeps its size."""
+def _site(heads, scale):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(heads=heads, scale=scale, norm_q=None, norm_k=None)
+
+
+@pytest.mark.parametrize("heads,tokens", [("mean", [0, 3]), ("keep", None)])
+def test_deferred_sites_get_the_per_site_values_bit_for_bit(heads, tokens):
+    """Small sites of several shapes deferred to the call's end (one buffer per text length, a batched product per
+    shape, one softmax) get what the per-site path (attention_probs, reduce_probs) gives each alone up to fp32
+    rounding (exp2 rounds a buffer's last values by another code path, so not bit for bit: every call of a site takes
+    the same path, tests/test_capture.py), and the float64 softmax of q·kᵀ·scale; a site's verify-once check gets
+    its probabilities before any reduction; the buffers keep their size between calls."""
+    from attnprobe.capture.cross import attention_probs
     from attnprobe.capture.processor import PendingLogits, reduce_probs
 
     torch.manual_seed(0)
     pending, workspace = PendingLogits(), {}
-    cpu = torch.device("cpu")
+    keep = None if tokens is None else torch.tensor(tokens)
+    rows = slice(1, 2)  # the conditional half of a CFG batch
     for call in range(2):
-        given = {}
-        for i, shape in enumerate([(1, 4, 16, 7)] * 5 + [(1, 4, 4, 7)] * 2):
-            logits = torch.randn(shape) * 5
-            pending.slot(f"s{i}", shape, cpu).copy_(logits)
-            given[f"s{i}"] = logits
-        tokens = torch.tensor([0, 3])
-        done = dict(pending.finish("mean", tokens, torch.float16, workspace))
-        assert list(done) == [f"s{i}" for i in range(7)]
-        for site, logits in given.items():
-            want = reduce_probs(logits.softmax(-1), "mean", tokens).to(torch.float16)
-            assert torch.equal(done[site], want), (call, site)
-        assert pending.buffers[(1, 4, 16, 7)].shape[0] >= 5
-    sizes = {k: v.data_ptr() for k, v in pending.buffers.items()}
-    pending.slot("again", (1, 4, 16, 7), cpu)
-    assert pending.buffers[(1, 4, 16, 7)].data_ptr() == sizes[(1, 4, 16, 7)]  # no new buffer after the first call
+        given, seen = {}, []
+        for i, (n_query, width, n_heads) in enumerate([(16, 8, 4)] * 5 + [(4, 8, 4)] * 2 + [(4, 12, 3)]):
+            attn = _site(n_heads, (width // n_heads) ** -0.5)
+            query, key = torch.randn(2, n_query, width) * 3, torch.randn(2, 7, width) * 3
+            assert pending.defer(f"s{i}", attn, query, key, rows, seen.append if i == 5 else None)
+            given[f"s{i}"] = (attn, query, key)
+        done = dict(pending.finish(heads, keep, torch.float32, workspace))
+        assert list(done) == [f"s{i}" for i in range(8)]
+        for site, (attn, query, key) in given.items():
+            full = attention_probs(attn, query, key, None, rows, {})
+            torch.testing.assert_close(done[site], reduce_probs(full, heads, keep), rtol=1e-6, atol=1e-8)
+            if site == "s5":
+                torch.testing.assert_close(seen[0], full, rtol=1e-6, atol=1e-8)
+            q = query[1:].double().unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+            k = key[1:].double().unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+            want = reduce_probs(torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1), heads, keep)
+            torch.testing.assert_close(done[site].double(), want, rtol=1e-3, atol=1e-4)
+        sizes = {k: v.data_ptr() for k, v in pending.buffers.items()}
+    assert {k: v.data_ptr() for k, v in pending.buffers.items()} == sizes  # no new buffer after the first call
     pending.drop()
     assert pending.finish("keep", None, torch.float32, workspace) == []
+
+
+def test_deferred_sites_refuse_large_sites_index_rows_and_edited_queries():
+    from attnprobe.capture.processor import PendingLogits
+
+    pending = PendingLogits()
+    big = torch.randn(1, 4096, 8)
+    assert not pending.defer("big", _site(4, 0.5), big, torch.randn(1, 77, 8), None)  # 4·4096·77 values: at once
+    assert not pending.defer("rows", _site(4, 0.5), torch.randn(2, 4, 8), torch.randn(2, 7, 8), torch.tensor([1]))
+    query = torch.randn(1, 4, 8)
+    assert pending.defer("edited", _site(4, 0.5), query, torch.randn(1, 7, 8), None)
+    query.mul_(2)  # changed in place after its processor ran: its map would not be the one the model used
+    with pytest.raises(attnprobe.ProbeError, match="edited: its query or key was changed in place"):
+        pending.finish("keep", None, torch.float32, {})
+
+
+@pytest.mark.parametrize("shift", [-300.0, 0.0, 200.0])
+def test_base2_softmax_matches_the_float64_softmax_also_where_it_must_subtract_the_maximum(shift):
+    """softmax2 skips the row maximum unless a row's sum of 2^l overflows or underflows: logits far above 128 or far
+    below -100 (base 2) take the recomputation, and every result is the float64 softmax within fp32 rounding."""
+    from attnprobe.capture.processor import LOG2E, softmax2
+
+    torch.manual_seed(1)
+    natural = torch.randn(3, 2, 5, 9, dtype=torch.float64) * 4 + shift
+    natural[0, 0, 0] = float("-inf")
+    natural[0, 0, 0, 2] = shift  # one attended key in a masked row
+    for redo in (None, "in place"):
+        logits2 = (natural * LOG2E).float()
+        again = logits2.clone()
+        probs = softmax2(logits2, {}, None if redo is None else (lambda: logits2.copy_(again)))
+        # fp32 logits of magnitude m carry m·2^-24 of rounding into every exponential: torch.softmax's error too
+        rtol = 2 * (abs(shift) + 20) * 2.0 ** -24 * LOG2E
+        torch.testing.assert_close(probs.double(), torch.softmax(natural, -1), rtol=rtol, atol=1e-7)
+        assert (probs.double() - torch.softmax(natural, -1)).abs().max() <= 2 * (
+            torch.softmax(natural.float(), -1).double() - torch.softmax(natural, -1)).abs().max() + 1e-7
+    masked = torch.full((1, 4), float("-inf"))
+    assert torch.isnan(softmax2(masked, {})).all()  # as torch.softmax: a row with no attended key is NaN
 
 
 @pytest.mark.parametrize("options", [dict(heads="mean"), dict(heads="keep", tokens="dog"), dict(aggregate="mean")])

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ProbeError
-from .processor import CaptureState, batch_rows, check_keys, reduce_probs, scratch
+from .processor import LOG2E, CaptureState, batch_rows, check_keys, reduce_probs, scratch, softmax2
 
 __all__ = ["ProbeProcessor", "attention_probs", "attention_logits", "output_error", "TOLERANCE", "chain", "keep_first", "to_out_hook", "with_tolerance"]
 
@@ -49,18 +49,22 @@ def attention_probs(
     Returns:
         ``[sample, head, query, token]`` float32 probabilities; each row sums to 1 over ``token``.
     """
-    logits = attention_logits(attn, query, key, attention_mask, rows,
-                              None if workspace is None else lambda shape: scratch(workspace, "logits", shape, query.device))
     if workspace is None:
-        return logits.softmax(dim=-1)
-    return torch.ops.aten._softmax.out(logits, -1, False, out=scratch(workspace, "probs", logits.shape, logits.device))
+        return attention_logits(attn, query, key, attention_mask, rows).softmax(dim=-1)
+    # on the CPU, base-2 logits and exp2 (processor.softmax2): the same probabilities, the exponentials 4× cheaper
+    def logits():
+        return attention_logits(attn, query, key, attention_mask, rows,
+                                lambda shape: scratch(workspace, "logits", shape, query.device), base2=True)
+
+    return softmax2(logits(), workspace, redo=logits)
 
 
 def attention_logits(attn, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, rows=None,
-                     out=None) -> torch.Tensor:
+                     out=None, base2: bool = False) -> torch.Tensor:
     """``q · kᵀ · attn.scale + mask`` of one site call in fp32, ``[sample, head, query, token]``: what
     ``attention_probs`` takes the softmax of (arguments as there). ``out``: ``shape -> tensor`` giving the buffer to
-    write into (a scratch buffer, or a slot of ``processor.PendingLogits``), or ``None`` for a fresh tensor."""
+    write into (a scratch buffer), or ``None`` for a fresh tensor. ``base2``: times ``log2(e)``, for
+    ``processor.softmax2``."""
     batch, n_keys, heads = query.shape[0], key.shape[1], attn.heads
     if isinstance(rows, slice):  # a view: no copy of q and k
         query, key = query[rows], key[rows]
@@ -80,7 +84,9 @@ def attention_logits(attn, query: torch.Tensor, key: torch.Tensor, attention_mas
     k = key.float().permute(0, 2, 3, 1).reshape(samples * heads, -1, n_keys)
     shape = (samples, heads, n_query, n_keys)
     logits = out(shape) if out is not None else torch.empty(shape, dtype=torch.float32, device=q.device)
-    torch.baddbmm(logits.view(-1, n_query, n_keys), q, k, beta=0, alpha=attn.scale, out=logits.view(-1, n_query, n_keys))
+    rescale = LOG2E if base2 else 1.0
+    flat = logits.view(-1, n_query, n_keys)
+    torch.baddbmm(flat, q, k, beta=0, alpha=attn.scale * rescale, out=flat)
     if attention_mask is not None:
         mask = attn.prepare_attention_mask(attention_mask, n_keys, batch)
         mask = mask.reshape(batch, heads, -1, mask.shape[-1])
@@ -91,7 +97,7 @@ def attention_logits(attn, query: torch.Tensor, key: torch.Tensor, attention_mas
         if mask.dtype == torch.bool:
             logits = logits.masked_fill_(~mask, float("-inf"))
         else:
-            logits = logits.add_(mask.float())
+            logits = logits.add_(mask.float(), alpha=rescale)
     return logits
 
 
@@ -171,6 +177,8 @@ class ProbeProcessor:
         self._hooks = []
         self.checked = False  # the site's output was compared with its probabilities (output_error)
         self.attn_fused = bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_kv", None) is not None
+        # no q/k normalisation: q and k can wait for the call's end as they are (processor.PendingLogits)
+        self.plain = getattr(attn, "norm_q", None) is None and getattr(attn, "norm_k", None) is None
         if getattr(attn, "to_q", None) is None or (getattr(attn, "to_k", None) is None and not self.attn_fused):
             raise ProbeError(f"site {site}: the attention module has no to_q/to_k projection to read q and k from")
         self._hooks.append(attn.to_q.register_forward_hook(self._take_query))
@@ -239,20 +247,19 @@ class ProbeProcessor:
                 f"{'query' if query is None else 'key'}. Processors that compute q/k another way are not supported."
             )
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        check_keys(state, self.site, key.shape[1])
+        states = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        if check is not False and mask is None and self.plain and query.is_cpu and state.pending.defer(
+                self.site, attn, query, key, state.rows,
+                (lambda full: self._check(attn, full, key, check[1], states)) if check else None):
+            return output  # a small site: computed with the call's other small sites at its end
         workspace = state.workspace if query.is_cpu and check is not False else None
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():  # pipelines run without grad
-            check_keys(state, self.site, key.shape[1])
-            if workspace is not None and not check and state.pending.takes(query, key, attn.heads, state.rows):
-                # a small site: its softmax, reductions and cast once per shape, at the call's end
-                attention_logits(attn, query, key, mask, state.rows,
-                                 lambda shape: state.pending.slot(self.site, shape, query.device))
-                return output
             full = attention_probs(attn, query, key, mask, state.rows, workspace)
             probs = reduce_probs(full, state.heads, state.tokens, workspace)
             probs = probs.to(state.dtype, copy=workspace is not None)  # never hand on a scratch buffer
         state.outbox.append((self.site, probs))
         if check:
-            states = kwargs.get("encoder_hidden_states", args[0] if args else None)
             self._check(attn, full, key, check[1], states)
         return output
 

@@ -8,6 +8,7 @@ denoiser call and collects the maps the wrappers leave in ``state.outbox``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,8 @@ import torch
 
 from ..errors import ProbeError
 
-__all__ = ["check_keys", "CaptureState", "PendingLogits", "reduce_probs", "scratch", "lasting", "batch_rows"]
+__all__ = ["check_keys", "CaptureState", "PendingLogits", "reduce_probs", "scratch", "lasting", "batch_rows", "softmax2",
+           "LOG2E"]
 
 
 def scratch(workspace: dict | None, name: str, shape, device) -> torch.Tensor | None:
@@ -59,24 +61,67 @@ def reduce_probs(probs: torch.Tensor, heads: str, tokens: torch.Tensor | None, w
     return probs
 
 
+#: log2(e): base-2 logits ``q·kᵀ·scale·log2(e)`` give ``softmax(q·kᵀ·scale) = 2^l / Σ 2^l``
+LOG2E = 1.4426950408889634
+#: a softmax without its row maximum subtracted is kept when every row's sum of ``2^l`` lies in [2^-100, inf): no
+#: term overflowed and the largest is a normal float, so each quotient is as exact as with the maximum subtracted
+_SAFE_SUM = 2.0 ** -100
+
+
+def softmax2(logits2: torch.Tensor, workspace: dict, redo=None) -> torch.Tensor:
+    """``softmax`` over the last axis of base-2 logits (``LOG2E`` folded into the scale), in the workspace's
+    scratch buffers (CPU). ``torch.exp2`` is about 4× faster than ``torch.exp`` on x86 CPUs (measured: 0.13 against
+    0.57 ns a value, one core), and ``torch.softmax`` runs at ``exp``'s speed; so: ``e = 2^l``, ``s = Σ e``,
+    ``p = e · (1/s)``, without the row maximum unless a row's sum leaves [2^-100, inf) (a logit above 128 or every
+    logit below -100), where it is recomputed with its maximum subtracted.
+
+    ``redo``: ``None`` to keep ``logits2`` and compute in a scratch buffer; or a function that writes the logits into
+    ``logits2`` again, and then ``p`` is computed in place (half the memory a large site's map goes through) and the
+    rare recomputation calls it.
+
+    Returns ``p`` (``logits2`` itself or a scratch buffer of its shape), each row summing to 1 up to fp32 rounding
+    (the probabilities of ``torch.softmax`` of the natural logits, within a few fp32 ulps)."""
+    shape = logits2.shape
+    e = torch.exp2(logits2, out=logits2 if redo is not None else scratch(workspace, "exp2", shape, logits2.device))
+    s = torch.sum(e, -1, keepdim=True, out=scratch(workspace, "sum", (*shape[:-1], 1), logits2.device))
+    low, high = torch.aminmax(s)
+    if not (float(low) >= _SAFE_SUM and float(high) < float("inf")):  # NaN fails too: recomputed, and stays NaN
+        if redo is not None:
+            redo()
+        logits2.sub_(logits2.amax(-1, keepdim=True))
+        torch.exp2(logits2, out=e)
+        torch.sum(e, -1, keepdim=True, out=s)
+    return e.mul_(s.reciprocal_())
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place edits of a tensor so far (-1 for an inference tensor, which keeps no count)."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
 class PendingLogits:
-    """The cross-attention logits of the small sites of the denoiser call in progress, one fp32 buffer per shape
-    ``[sample, head, query, token]``: those sites write their ``q · kᵀ · scale + mask`` into slots, and ``finish``
-    takes the softmax, the capture-time reductions and the cast once per shape and call, not once per site (each
-    torch op costs 5–15 µs to dispatch on a CPU, more than the arithmetic of a small site). A large site computes
-    its map at once in reused scratch buffers instead: its cost is the arithmetic, and buffers that stay in the
-    CPU's cache beat a call's worth of logits that would push the model's own tensors out of it (``takes``). Used on
-    the CPU outside ``torch.compile``. The values are those of the per-site path: the softmax is row by row and the
-    head mean element by element."""
+    """The small cross-attention sites of the denoiser call in progress, computed together at its end (CPU,
+    outside ``torch.compile``).
+
+    A small site only leaves its query and key (``defer``); ``finish`` takes every deferred site's logits into one
+    fp32 buffer per text length (a batched product per shape), then the base-2 softmax (``softmax2``), the token
+    selection and the cast once for all of them, and the head mean once per shape: each torch op costs 2–15 µs to
+    dispatch on a CPU, more than the arithmetic of a small site, so the work no longer grows with the number of sites.
+    A large site computes its map at once in reused scratch buffers instead: its cost is the arithmetic, and buffers
+    that stay in the CPU's cache beat a call's worth of logits that would push the model's own tensors out of it
+    (``takes``). The values are those of the per-site path (``cross.attention_probs``, then ``reduce_probs``) bit for
+    bit: the softmax is row by row and the head mean element by element (tested)."""
 
     #: the largest site map (samples × heads × queries × tokens) taken at the call's end: 64 Ki values, 256 KiB of
     #: fp32 (SD 1.5 at 512 px: the 8×8 and 16×16 sites; the 32×32 and 64×64 ones at once)
     LARGEST = 64 * 1024
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple, torch.Tensor] = {}  # shape -> [capacity, *shape]
-        self.slots: dict[tuple, tuple] = {}  # shape -> its buffer's slots (views, made once: indexing costs ~1 µs)
-        self.sites: dict[tuple, list[str]] = {}  # shape -> the sites of the call in progress, in slot order
+        #: (query shape, key shape, heads, scale, dtypes) -> [(site, query, key, their versions)], in call order
+        self.groups: dict[tuple, list] = {}
+        self.rows: Any = None  # the recorded rows of the deferred sites (one per denoiser call)
+        self.buffers: dict[tuple, torch.Tensor] = {}  # reused fp32 buffers, grown to the largest call
+        self._small: dict[tuple, bool] = {}  # (group key, rows) -> takes()
 
     def takes(self, query: torch.Tensor, key: torch.Tensor, heads: int, rows) -> bool:
         """Whether a site call of ``query`` ``[batch, query, (head d)]`` and ``key`` ``[batch, token, (head d)]``
@@ -91,39 +136,116 @@ class PendingLogits:
             samples = rows.numel()
         return samples * heads * query.shape[1] * key.shape[1] <= self.LARGEST
 
-    def slot(self, site: str, shape, device: torch.device) -> torch.Tensor:
-        """The next free ``shape`` buffer of the call in progress, for ``site``."""
-        shape = tuple(shape)
-        sites = self.sites.setdefault(shape, [])
-        buffer = self.buffers.get(shape)
-        if buffer is None or buffer.device != device or len(sites) == buffer.shape[0]:
-            grown = lasting((2 * len(sites) or 1, *shape), device)
-            if sites:  # the first call finds how many sites share a shape; the buffer keeps that size after
-                grown[: len(sites)].copy_(buffer[: len(sites)])
-            self.buffers[shape] = grown
-            self.slots[shape] = grown.unbind(0)
-        sites.append(site)
-        return self.slots[shape][len(sites) - 1]
+    def defer(self, site: str, attn, query: torch.Tensor, key: torch.Tensor, rows, check=None) -> bool:
+        """Leave a small site's ``attn.to_q`` and ``attn.to_k`` outputs (``[batch, query | token, (head d)]``) for
+        ``finish``; ``False`` (nothing left) for a large site or batch rows given as indices. The caller has checked
+        that the site has no ``norm_q``/``norm_k`` and no attention mask. ``check``: ``None``, or a function that
+        ``finish`` hands the site's probabilities ``[sample, head, query, token]`` before any reduction (the
+        verify-once check): every call of a site then goes through the same arithmetic, so its maps do not depend
+        on which call was its first (``exp2`` rounds the tail of a buffer differently)."""
+        if not (rows is None or isinstance(rows, slice)):
+            return False
+        group = (query.shape, key.shape, attn.heads, attn.scale, query.dtype, key.dtype)
+        spec = (group, None if rows is None else (rows.start, rows.stop, rows.step))
+        small = self._small.get(spec)
+        if small is None:
+            small = self._small[spec] = self.takes(query, key, attn.heads, rows)
+        if not small:
+            return False
+        if self.rows is not rows and any(self.groups.values()):
+            raise ProbeError(f"site {site}: the recorded batch rows changed inside a denoiser call")
+        self.rows = rows
+        self.groups.setdefault(group, []).append((site, query, key, _version(query), _version(key), check))
+        return True
+
+    def _buffer(self, name: str, shape, device) -> torch.Tensor:
+        """``shape`` of a reused fp32 buffer (a view of its first values), grown when a call needs more."""
+        size = 1
+        for n in shape:
+            size *= n
+        buffer = self.buffers.get((name, device))
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[(name, device)] = lasting((size,), device)
+        return buffer[:size].view(shape)
 
     def finish(self, heads: str, tokens: torch.Tensor | None, dtype: torch.dtype, workspace: dict) -> list:
-        """``(site, probs)`` of every slot written since the last ``finish``: ``probs`` ``[sample, head or 1, query,
-        kept token]`` in ``dtype`` (as ``reduce_probs``), fresh tensors (views of one per shape)."""
+        """``(site, probs)`` of every site deferred since the last ``finish``: ``probs`` ``[sample, head or 1,
+        query, kept token]`` in ``dtype`` (as ``reduce_probs``), fresh tensors (views of one per text length).
+
+        Raises:
+            ProbeError: a deferred query or key was changed in place before the call's end."""
+        by_keys: dict[int, list] = {}
+        for group, entries in self.groups.items():
+            if entries:
+                by_keys.setdefault(group[1][1], []).append((group, entries))
         done = []
-        for shape, sites in self.sites.items():
-            if not sites:
-                continue
-            logits = self.buffers[shape][: len(sites)]
-            probs = torch.ops.aten._softmax.out(logits, -1, False, out=scratch(workspace, "pending", logits.shape,
-                                                                               logits.device))
-            probs = reduce_probs(probs.flatten(0, 1), heads, tokens, workspace).to(dtype, copy=True)
-            done += zip(sites, probs.unflatten(0, (len(sites), -1)).unbind(0))
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():  # pipelines run without grad
+            for n_keys, plan in by_keys.items():
+                done += self._finish_keys(n_keys, plan, heads, tokens, dtype, workspace)
         self.drop()
         return done
 
+    def _finish_keys(self, n_keys: int, plan: list, heads: str, tokens, dtype, workspace) -> list:
+        """The deferred sites of one text length: their logits as consecutive blocks ``[site·sample·head, query,
+        token]`` of one buffer, so that the softmax, token selection and cast are one op each."""
+        rows = self.rows
+        sizes = []  # per group: (sites, samples, heads, queries)
+        for (q_shape, _, n_heads, *_), entries in plan:
+            samples = q_shape[0] if rows is None else len(range(*rows.indices(q_shape[0])))
+            sizes.append((len(entries), samples, n_heads, q_shape[1]))
+        total = sum(n * s * h * q for n, s, h, q in sizes)
+        device = plan[0][1][0][1].device
+        logits = self._buffer(("logits", n_keys), (total, n_keys), device)
+        start = 0
+        for ((q_shape, _, n_heads, scale, *_), entries), (n, samples, _, n_query) in zip(plan, sizes):
+            for site, query, key, q_version, k_version, _ in entries:
+                if _version(query) != q_version or _version(key) != k_version:
+                    raise ProbeError(f"site {site}: its query or key was changed in place after its processor ran")
+            query = torch.stack([e[1] for e in entries])  # [site, batch, query, (head d)]
+            key = torch.stack([e[2] for e in entries])
+            if rows is not None:
+                query, key = query[:, rows], key[:, rows]
+            # [site·sample·head, query, d] × [site·sample·head, d, token], LOG2E folded into the scale
+            q = query.float().unflatten(-1, (n_heads, -1)).transpose(2, 3).reshape(n * samples * n_heads, n_query, -1)
+            k = key.float().unflatten(-1, (n_heads, -1)).permute(0, 1, 3, 4, 2).reshape(n * samples * n_heads, -1, n_keys)
+            block = logits[start:start + n * samples * n_heads * n_query].view(-1, n_query, n_keys)
+            torch.baddbmm(block, q, k, beta=0, alpha=scale * LOG2E, out=block)
+            start += n * samples * n_heads * n_query
+        probs = softmax2(logits, workspace)  # [rows, token]
+        at = 0
+        for (_, entries), (n, samples, n_heads, n_query) in zip(plan, sizes):
+            for i, entry in enumerate(entries):
+                if entry[-1] is not None:
+                    size = samples * n_heads * n_query
+                    entry[-1](probs[at + i * size:at + (i + 1) * size].view(samples, n_heads, n_query, n_keys))
+            at += n * samples * n_heads * n_query
+        if tokens is not None:
+            probs = torch.index_select(probs, -1, tokens, out=scratch(workspace, "tokens", (total, tokens.numel()),
+                                                                     probs.device))
+        if heads == "mean":
+            mean = self._buffer(("mean", probs.shape[1]), (sum(n * s * q for n, s, _, q in sizes), probs.shape[1]),
+                                device)
+            at = out_at = 0
+            for n, samples, n_heads, n_query in sizes:
+                block = probs[at:at + n * samples * n_heads * n_query].view(n * samples, n_heads, n_query, -1)
+                out = mean[out_at:out_at + n * samples * n_query].view(n * samples, 1, n_query, -1)
+                torch.mean(block, dim=1, keepdim=True, out=out)
+                at, out_at = at + n * samples * n_heads * n_query, out_at + n * samples * n_query
+            probs = mean
+        probs = probs.to(dtype, copy=True)
+        done, at = [], 0
+        for (_, entries), (n, samples, n_heads, n_query) in zip(plan, sizes):
+            kept_heads = 1 if heads == "mean" else n_heads
+            block = probs[at:at + n * samples * kept_heads * n_query]
+            done += zip([e[0] for e in entries], block.view(n, samples, kept_heads, n_query, -1).unbind(0))
+            at += n * samples * kept_heads * n_query
+        return done
+
     def drop(self) -> None:
-        """Forget the slots of the call in progress (the buffers stay, sized for the next call)."""
-        for sites in self.sites.values():
-            sites.clear()
+        """Forget the sites of the call in progress (the buffers stay, sized for the next call)."""
+        for entries in self.groups.values():
+            entries.clear()
+        self.rows = None
 
 
 @dataclass

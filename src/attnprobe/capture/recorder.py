@@ -162,8 +162,8 @@ class Recorder:
 
     def remove(self) -> None:
         self.state.workspace.clear()
+        self.state.pending.drop()
         self.state.pending.buffers.clear()
-        self.state.pending.slots.clear()
         self.encode_watch.remove()
         if self.relate is not None:
             self.relate.remove(self.denoiser)
