@@ -196,7 +196,7 @@ class PendingLogits:
         total = sum(n * s * h * q for n, s, h, q in sizes)
         device = plan[0][1][0][1].device
         logits = self._buffer(("logits", n_keys), (total, n_keys), device)
-        start = 0
+        start, products = 0, []
         for ((q_shape, _, n_heads, scale, *_), entries), (n, samples, _, n_query) in zip(plan, sizes):
             for site, query, key, q_version, k_version, _ in entries:
                 if _version(query) != q_version or _version(key) != k_version:
@@ -208,10 +208,16 @@ class PendingLogits:
             # [site·sample·head, query, d] × [site·sample·head, d, token], LOG2E folded into the scale
             q = query.float().unflatten(-1, (n_heads, -1)).transpose(2, 3).reshape(n * samples * n_heads, n_query, -1)
             k = key.float().unflatten(-1, (n_heads, -1)).permute(0, 1, 3, 4, 2).reshape(n * samples * n_heads, -1, n_keys)
-            block = logits[start:start + n * samples * n_heads * n_query].view(-1, n_query, n_keys)
-            torch.baddbmm(block, q, k, beta=0, alpha=scale * LOG2E, out=block)
+            products.append((logits[start:start + n * samples * n_heads * n_query].view(-1, n_query, n_keys), q, k,
+                             scale * LOG2E))
             start += n * samples * n_heads * n_query
-        probs = softmax2(logits, workspace)  # [rows, token]
+
+        def fill():
+            for block, q, k, alpha in products:
+                torch.baddbmm(block, q, k, beta=0, alpha=alpha, out=block)
+
+        fill()
+        probs = softmax2(logits, workspace, redo=fill)  # [rows, token], in place: half the memory to go through
         at = 0
         for (_, entries), (n, samples, n_heads, n_query) in zip(plan, sizes):
             for i, entry in enumerate(entries):

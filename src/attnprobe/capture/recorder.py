@@ -208,7 +208,9 @@ class Recorder:
     def _check_intact(self) -> None:
         replaced = self.relate.replaced(self.denoiser) if self.relate is not None else {}
         for name, attn in {**self.modules, **replaced}.items():
-            if (name in replaced or not any(p is self.wrappers[name] for p in chain(attn.processor))
+            processor = attn.processor  # the wrapper itself, unless a nested probe wrapped it again
+            if (name in replaced or (processor is not self.wrappers[name]
+                                     and not any(p is self.wrappers[name] for p in chain(processor)))
                     or bool(getattr(attn, "fused_projections", False)) != self._fused[name]):
                 raise ProbeError(
                     f"the processor or projections of {'module' if name in replaced else 'site'} {name}"
