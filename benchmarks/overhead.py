@@ -137,13 +137,12 @@ def child_compile(repeats: int) -> dict:
 
 def child_breakdown(repeats: int, size: int = 256) -> dict:
     """Where the target row's probed time goes, per generation (median of ``repeats``), against a plain one, each
-    part timed inside the probe: the small sites' logits (``attention_logits``: q·kᵀ into ``PendingLogits``) and
-    their softmax, head mean and cast (``PendingLogits.finish``, once per shape and denoiser call); the per-site path
-    (``attention_probs`` and ``reduce_probs``: the large sites, and every site's first recorded call with its
-    verify-once check); ``other`` is the rest of the probed generation's extra time (hooks, labels, Python per site,
-    the store, and the model's own tensors pushed out of the caches). Returns seconds per generation (``plain_s``,
-    ``probed_s``, ``logits_s``, ``softmax_s``, ``first_s``: the per-site path, ``other_s``) and ``share`` = (logits +
-    softmax + per-site) / plain."""
+    part timed inside the probe: the small sites, deferred to the end of each denoiser call (``PendingLogits.finish``:
+    their logits, softmax, head mean and cast, all sites together); the per-site path (``attention_probs`` and
+    ``reduce_probs``: the large sites, at every call); ``other`` is the rest of the probed generation's extra time
+    (hooks, labels, Python per site, the store, the verify-once checks, and the model's own tensors pushed out of the
+    caches). Returns seconds per generation (``plain_s``, ``probed_s``, ``deferred_s``, ``per_site_s``, ``other_s``)
+    and ``share`` = (deferred + per-site) / plain."""
     import statistics
     import time
 
@@ -169,11 +168,10 @@ def child_breakdown(repeats: int, size: int = 256) -> dict:
                 inside.pop()
         setattr(owner, name, timed_fn)
 
-    timing(processor.PendingLogits, "finish", "softmax")
-    timing(cross, "attention_probs", "first")  # the per-site path, with attention_logits inside it
-    timing(cross, "reduce_probs", "first")
-    timing(cross, "attention_logits", "logits")
-    rows: dict[str, list[float]] = {k: [] for k in ("plain", "probed", "logits", "softmax", "first")}
+    timing(processor.PendingLogits, "finish", "deferred")
+    timing(cross, "attention_probs", "per_site")
+    timing(cross, "reduce_probs", "per_site")
+    rows: dict[str, list[float]] = {k: [] for k in ("plain", "probed", "deferred", "per_site")}
     generate(pipe, size, STEPS)
     for _ in range(repeats + 1):
         spent.clear()
@@ -181,15 +179,15 @@ def child_breakdown(repeats: int, size: int = 256) -> dict:
         with attnprobe.probe(pipe, heads="mean"):
             generate(pipe, size, STEPS)
         rows["probed"].append(time.perf_counter() - t0)
-        for part in ("logits", "softmax", "first"):
+        for part in ("deferred", "per_site"):
             rows[part].append(spent.get(part, 0.0))
         t0 = time.perf_counter()
         generate(pipe, size, STEPS)
         rows["plain"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v[1:]) for k, v in rows.items()}
-    own = med["logits"] + med["softmax"] + med["first"]
-    return {"plain_s": med["plain"], "probed_s": med["probed"], "logits_s": med["logits"], "softmax_s": med["softmax"],
-            "first_s": med["first"], "other_s": med["probed"] - med["plain"] - own, "share": own / med["plain"],
+    own = med["deferred"] + med["per_site"]
+    return {"plain_s": med["plain"], "probed_s": med["probed"], "deferred_s": med["deferred"],
+            "per_site_s": med["per_site"], "other_s": med["probed"] - med["plain"] - own, "share": own / med["plain"],
             "px": size}
 
 
@@ -229,11 +227,10 @@ def main():
             if "share" not in split:
                 continue
             print(f"target row at {px} px, per generation: plain {split['plain_s'] * 1e3:.0f} ms, probed "
-                  f"{split['probed_s'] * 1e3:.0f} ms. The probe's arithmetic: small sites' logits "
-                  f"{split['logits_s'] * 1e3:.1f} ms + their softmax, head mean and cast once per call "
-                  f"{split['softmax_s'] * 1e3:.1f} ms + the per-site path (large sites, first calls with the check) "
-                  f"{split['first_s'] * 1e3:.1f} ms = {split['share']:.1%} of a plain generation; the rest (hooks, "
-                  f"labels, Python per site, the store, the caches) {split['other_s'] * 1e3:.1f} ms")
+                  f"{split['probed_s'] * 1e3:.0f} ms. The probe's arithmetic: the small sites, together at each "
+                  f"call's end {split['deferred_s'] * 1e3:.1f} ms + the large sites, one by one "
+                  f"{split['per_site_s'] * 1e3:.1f} ms = {split['share']:.1%} of a plain generation; the rest (hooks, "
+                  f"labels, Python per site, the checks, the store, the caches) {split['other_s'] * 1e3:.1f} ms")
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} thread(s), {os.cpu_count()} cores; "
           f"{STEPS} steps and guidance 7.5 unless said, fp16 maps on the CPU; median of {repeats} alternating pairs "
           f"({FULL_SIZE_PAIRS} for full size; ratio range in brackets); identical: plain and probed latents bit for bit")

@@ -450,7 +450,9 @@ class Recorder:
                 self.current[site] = self._filled(fold_frames(probs, self.video[0], self._grid(site, probs.shape[2])))
                 continue
             grid = self._grid(site, probs.shape[2]) if self.video is None else None  # a video's: frames.frame_maps
-            self.current[site] = self._filled(probs.unflatten(2, grid) if grid else frame_maps(site, probs, self.video))
+            # reshape, not Tensor.unflatten (a Python function: ~2 µs a site call more)
+            self.current[site] = self._filled(probs.reshape(*probs.shape[:2], *grid, probs.shape[-1]) if grid
+                                              else frame_maps(site, probs, self.video))
         outbox.clear()
         if self.relate is not None:
             self.relate.collect(self.call, self._filled, self.device)
