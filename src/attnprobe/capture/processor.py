@@ -109,15 +109,17 @@ class PendingLogits:
     dispatch on a CPU, more than the arithmetic of a small site, so the work no longer grows with the number of sites.
     A large site computes its map at once in reused scratch buffers instead: its cost is the arithmetic, and buffers
     that stay in the CPU's cache beat a call's worth of logits that would push the model's own tensors out of it
-    (``takes``). The values are those of the per-site path (``cross.attention_probs``, then ``reduce_probs``) bit for
-    bit: the softmax is row by row and the head mean element by element (tested)."""
+    (``takes``). The values are those of the per-site path (``cross.attention_probs``, then ``reduce_probs``) up to
+    fp32 rounding, not bit for bit: ``exp2`` rounds the last values of a buffer by another code path than the rest.
+    So every call of a site takes the same path (the verify-once call included), and a site's maps do not depend on
+    which call was its first (tested)."""
 
     #: the largest site map (samples × heads × queries × tokens) taken at the call's end: 64 Ki values, 256 KiB of
     #: fp32 (SD 1.5 at 512 px: the 8×8 and 16×16 sites; the 32×32 and 64×64 ones at once)
     LARGEST = 64 * 1024
 
     def __init__(self) -> None:
-        #: (query shape, key shape, heads, scale, dtypes) -> [(site, query, key, their versions)], in call order
+        #: (query shape, key shape, heads, scale, dtypes) -> [(site, query, key, their versions, check)], in call order
         self.groups: dict[tuple, list] = {}
         self.rows: Any = None  # the recorded rows of the deferred sites (one per denoiser call)
         self.buffers: dict[tuple, torch.Tensor] = {}  # reused fp32 buffers, grown to the largest call
@@ -158,7 +160,7 @@ class PendingLogits:
         self.groups.setdefault(group, []).append((site, query, key, _version(query), _version(key), check))
         return True
 
-    def _buffer(self, name: str, shape, device) -> torch.Tensor:
+    def _buffer(self, name: tuple, shape, device) -> torch.Tensor:
         """``shape`` of a reused fp32 buffer (a view of its first values), grown when a call needs more."""
         size = 1
         for n in shape:
@@ -294,8 +296,8 @@ class CaptureState:
             text and image embedding: the family's ``keys_after``); they share the softmax but are not text.
         states: the denoiser call's ``encoder_hidden_states`` where its cross sites receive them unchanged (UNets),
             for the once-per-site check that no hook or processor changed them on the way; else ``None``.
-        pending: the cross-attention logits of the call in progress whose softmax the probe takes at its end
-            (``PendingLogits``; CPU, outside ``torch.compile``).
+        pending: the small cross-attention sites of the call in progress (their q and k), whose maps the probe
+            computes together at its end (``PendingLogits``; CPU, outside ``torch.compile``).
         relate: the probe's ``relations.Relations`` (``probe(relations=...)``), else ``None``.
     """
 
