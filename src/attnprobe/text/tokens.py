@@ -119,9 +119,11 @@ def concat_layouts(parts: list[tuple[str, TokenLayout]], n_keys: int) -> TokenLa
     )
 
 
-def _readable(tokenizer, token: str) -> str:
-    """A token as text: byte-level characters decoded (``cafÃ©`` → ``café``), CLIP's ``</w>`` dropped."""
-    if token in tokenizer.all_special_tokens:
+def _readable(tokenizer, token: str, special: set) -> str:
+    """A token as text: byte-level characters decoded (``cafÃ©`` → ``café``), CLIP's ``</w>`` dropped; ``special``
+    (the tokenizer's special tokens, as they are) read once by the caller: ``all_special_tokens`` builds a new list
+    each time."""
+    if token in special:
         return token
     try:
         text = tokenizer.convert_tokens_to_string([token])
@@ -134,7 +136,8 @@ def _readable(tokenizer, token: str) -> str:
 def token_strings(tokenizer, ids: list[int]) -> list[str]:
     """One readable string per id, as ``TokenLayout.strings`` shows them (byte-level pieces decoded, CLIP's ``</w>``
     dropped, special tokens as they are)."""
-    return [_readable(tokenizer, t) for t in tokenizer.convert_ids_to_tokens(ids)]
+    special = set(tokenizer.all_special_tokens)
+    return [_readable(tokenizer, t, special) for t in tokenizer.convert_ids_to_tokens(ids)]
 
 
 def decode_ids(tokenizer, ids: list[int]) -> str:
@@ -178,12 +181,13 @@ def token_layout(tokenizer, text: str, n_keys: int | None = None, source: str = 
     if "end" not in kinds and len(starts) > 1:  # an empty prompt: start, then end (not a lone start after left padding)
         kinds[starts[1]] = "end"
     truncated_at = None
+    special = set(tokenizer.all_special_tokens)
     kept_words = kinds.count("word")
     full_words = [tuple(o) for o, sp in zip(full["offset_mapping"], full["special_tokens_mask"]) if not sp]
     if len(full_words) > kept_words:
         truncated_at = full_words[kept_words][0]
     return TokenLayout(
-        strings=[_readable(tokenizer, t) for t in tokens],
+        strings=[_readable(tokenizer, t, special) for t in tokens],
         kinds=kinds,
         ids=ids,
         text=text,
