@@ -1,8 +1,10 @@
 """Probe overhead, store size, peak memory and torch.compile recompiles on SD 1.5- and SDXL-shaped pipelines
 built from configs (CPU, no downloads, random weights: the timings do not depend on the weights).
 
-    .venv/bin/python benchmarks/overhead.py            # the full table (about 10 minutes on 2 idle cores)
+    .venv/bin/python benchmarks/overhead.py            # the full table (about 15 minutes on 2 idle cores)
     .venv/bin/python benchmarks/overhead.py --quick    # 5 pairs per row instead of 9, fewer generations
+    .venv/bin/python benchmarks/overhead.py --only target --pairs 15   # the two target rows (256 and 64 px)
+    .venv/bin/python benchmarks/overhead.py --breakdown                 # where the target rows' time goes
 
 Every row runs in a fresh interpreter (its own peak RSS). Timed rows alternate plain and probed generations
 in one process (median of N pairs; the ratio is taken per pair, then the median), so that machine noise hits
@@ -13,8 +15,8 @@ The SD 1.5-shaped pipeline has SD 1.5's block layout (16 cross-attention sites, 
 channels (32, 64, 64, 64) so that it runs on 2 CPU cores (head size 4-8; SD 1.5's is 40-160). The probe's
 softmax over image positions × 77 tokens × 8 heads does not shrink with the channels while the convolutions
 do, so it weighs more here than in the real model: the "×2" and "×4 channels" rows show the trend (benchmarks/gpu.py
-measures full size). Before the table, one line splits the target row's probed time: the probe's softmax and its
-reductions timed inside the wrappers (``--child breakdown N``), what the probe's own compute costs in exact mode.
+measures full size). In the full run (and alone with ``--breakdown``), one line per target row splits its probed
+time: the probe's arithmetic timed inside the probe (``child_breakdown``), what its own compute costs in exact mode.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from _common import generate, in_child, measure, pairs, peak_rss_mb, print_table
 STEPS = 10
 #: name: (model, px, probe options[, steps, guidance]); 10 steps and guidance 7.5 unless said
 TIMED = {
-    "SD1.5-shaped, cond, head mean (target)": ("sd15", 256, dict(heads="mean")),
+    "SD1.5-shaped, cond, head mean, 256 px (target)": ("sd15", 256, dict(heads="mean")),
     "SD1.5-shaped, cond, head mean, 64 px (target)": ("sd15", 64, dict(heads="mean")),
     "SD1.5-shaped ×2 channels, cond, head mean": ("sd15x2", 256, dict(heads="mean")),
     "SD1.5-shaped ×4 channels, cond, head mean": ("sd15x4", 256, dict(heads="mean")),
@@ -196,7 +198,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="5 pairs per row instead of 9; 30 generations, not 100")
     parser.add_argument("--pairs", type=int, help="alternating pairs per timed row (default 9, 5 with --quick)")
     parser.add_argument("--threads", type=int, help="torch threads in every child (default: torch's own, one per core)")
-    parser.add_argument("--only", help="run only the timed rows whose name contains this text (no memory rows)")
+    parser.add_argument("--only", help="run only the timed rows whose name contains this text (no memory rows, no "
+                                       "breakdown); e.g. 'target', '64 px', 'few-step'")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only the lines that split the target rows' probed time (256 and 64 px)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -211,17 +216,20 @@ def main():
     repeats, many = (5, 30) if args.quick else (9, 100)
     repeats = args.pairs or repeats
     threads = ("--threads", str(args.threads)) if args.threads else ()
+    chosen = [name for name in TIMED if not args.only or args.only in name] if not args.breakdown else []
+    if args.only and not chosen:
+        parser.error(f"--only {args.only!r} is in no row's name; the rows: " + "; ".join(TIMED))
     rows = []
-    for name in TIMED:
-        if args.only and args.only not in name:
-            continue
+    for name in chosen:
         rows.append(in_child(__file__, "timed", name, str(repeats), *threads))
         print(f"  {name}: ×{rows[-1].get('ratio', float('nan')):.3f}", file=sys.stderr)
     if not args.only:
-        rows.append(in_child(__file__, "compile", str(repeats), *threads))
-        for mode, g in (("in memory", 1), ("in memory", many), ("streamed", 1), ("streamed", many)):
-            rows.append(in_child(__file__, "memory", mode.split()[-1] if mode == "streamed" else "memory", str(g), *threads))
-            rows[-1]["case"] = f"{mode}, {g} generation(s), heads keep"
+        if not args.breakdown:
+            rows.append(in_child(__file__, "compile", str(repeats), *threads))
+            for mode, g in (("in memory", 1), ("in memory", many), ("streamed", 1), ("streamed", many)):
+                rows.append(in_child(__file__, "memory", mode.split()[-1] if mode == "streamed" else "memory", str(g),
+                                     *threads))
+                rows[-1]["case"] = f"{mode}, {g} generation(s), heads keep"
         for px in (256, 64):
             split = in_child(__file__, "breakdown", str(repeats), str(px), *threads)
             if "share" not in split:
@@ -231,9 +239,13 @@ def main():
                   f"call's end {split['deferred_s'] * 1e3:.1f} ms + the large sites, one by one "
                   f"{split['per_site_s'] * 1e3:.1f} ms = {split['share']:.1%} of a plain generation; the rest (hooks, "
                   f"labels, Python per site, the checks, the store, the caches) {split['other_s'] * 1e3:.1f} ms")
+    if args.breakdown:
+        return
+    full = f" ({FULL_SIZE_PAIRS} for full size)" if any("full size" in name for name in chosen) else ""
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} thread(s), {os.cpu_count()} cores; "
-          f"{STEPS} steps and guidance 7.5 unless said, fp16 maps on the CPU; median of {repeats} alternating pairs "
-          f"({FULL_SIZE_PAIRS} for full size; ratio range in brackets); identical: plain and probed latents bit for bit")
+          f"{STEPS} steps and guidance 7.5 unless said, fp16 maps on the CPU; median of {repeats} alternating pairs"
+          f"{full}; range: the lowest and highest pair's ratio (1 = no cost); identical: plain and probed latents bit "
+          "for bit")
     for row in rows:
         if "ratio" in row:
             row["range"] = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"

@@ -259,8 +259,9 @@ def _verdicts(contrasts: Sequence[dict], several: bool) -> list[str]:
                        f"{len(lower)} of {len(rows)} concepts (95% interval below 0 and Holm p < 0.05).")
         elif higher:
             out.append(f"  Verdict: {where}no evidence that the instruction lowers attention on the concept beyond "
-                       f"naming it twice: it raises it for {len(higher)} of {len(rows)} concepts (instruction − "
-                       "repetition, Δ AUC of the requested mention: 95% interval above 0 and Holm p < 0.05).")
+                       f"naming it twice: it raises it over naming it twice for {len(higher)} of {len(rows)} "
+                       "concepts (instruction − repetition, Δ AUC of the requested mention: 95% interval above 0 and "
+                       "Holm p < 0.05; the table's Δ is against the baseline).")
         else:
             direction = ("higher" if all(r["mean"] > 0 for r in rows) else "lower" if all(r["mean"] < 0 for r in rows)
                          else "mixed")
