@@ -254,6 +254,58 @@ def test_base2_softmax_matches_the_float64_softmax_also_where_it_must_subtract_t
     assert torch.isnan(softmax2(masked, {})).all()  # as torch.softmax: a row with no attended key is NaN
 
 
+@pytest.mark.parametrize("redo", [False, True])
+def test_base2_softmax_under_flush_to_zero_and_far_from_zero(redo):
+    """From a breaker: with the CPU's flush-to-zero on, rows whose sum of 2^l neared 2^128 gave a subnormal 1/sum,
+    flushed to 0: all-zero maps. Rows far above or below 0 are now taken row by row by torch.softmax, every
+    probability at least 2^-99 is torch.softmax's within fp32 rounding, and the other rows' values do not change
+    (their bits do not depend on which other sites share the buffer)."""
+    from attnprobe.capture.processor import LOG2E, softmax2
+
+    torch.manual_seed(2)
+    natural = torch.randn(6, 77, dtype=torch.float64) * 3
+    natural[1] = 84.0  # every logit equal and large: 1/77 each
+    natural[2] = torch.tensor([-69.0, -80.0, -90.0, -100.0, -110.0] * 15 + [-69.0, -70.0])  # every logit far below 0
+    natural[3, 5] = 150.0  # one large logit: overflow without the maximum
+    plain = [0, 4, 5]
+
+    def run():
+        logits2 = (natural * LOG2E).float()
+        again = logits2.clone()
+        return softmax2(logits2, {}, (lambda: logits2.copy_(again)) if redo else None).clone()
+
+    before = torch.is_flush_denormal_enabled() if hasattr(torch, "is_flush_denormal_enabled") else False
+    try:
+        for ftz in (False, True):
+            torch.set_flush_denormal(ftz)
+            probs, want = run().double(), torch.softmax(natural, -1)
+            assert torch.isfinite(probs).all()
+            torch.testing.assert_close(probs[1], torch.full((77,), 1 / 77, dtype=torch.float64))
+            big = want >= 2.0 ** -99
+            torch.testing.assert_close(probs[big], want[big], rtol=2e-5, atol=0)
+            alone = softmax2((natural[plain] * LOG2E).float(), {})  # without the rows that need torch.softmax
+            assert torch.equal(probs[plain].float(), alone)
+    finally:
+        torch.set_flush_denormal(before)
+
+
+def test_deferred_sites_copy_inference_tensors_that_count_no_edits():
+    """From a breaker: an inference tensor keeps no version count, so an edit in place after its processor ran (a
+    projection writing into one shared buffer) went unseen under torch.inference_mode; its q and k are now copied
+    when deferred, and the map is the one of the values the processor used."""
+    from attnprobe.capture.cross import attention_probs
+    from attnprobe.capture.processor import PendingLogits
+
+    pending, attn = PendingLogits(), _site(4, 0.5)
+    with torch.inference_mode():
+        query, key = torch.randn(1, 4, 8), torch.randn(1, 7, 8)
+        want = attention_probs(attn, query.clone(), key.clone(), None, None, {}).clone()
+        assert pending.defer("s", attn, query, key, None)
+        query.mul_(3)  # the shared buffer written by the next site
+        done = dict(pending.finish("keep", None, torch.float32, {}))
+    torch.testing.assert_close(done["s"], want, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("options", [dict(heads="mean"), dict(heads="keep", tokens="dog"), dict(aggregate="mean")])
 def test_pipeline_calls_in_and_out_of_inference_mode_in_one_probe(options):
     """Scratch buffers, PendingLogits slots and aggregate sums made during an inference-mode call stay writable in a

@@ -17,7 +17,7 @@ import torch
 from ..errors import ProbeError
 
 __all__ = ["check_keys", "CaptureState", "PendingLogits", "reduce_probs", "scratch", "lasting", "batch_rows", "softmax2",
-           "LOG2E"]
+           "LOG2E", "LN2"]
 
 
 def scratch(workspace: dict | None, name: str, shape, device) -> torch.Tensor | None:
@@ -63,39 +63,50 @@ def reduce_probs(probs: torch.Tensor, heads: str, tokens: torch.Tensor | None, w
 
 #: log2(e): base-2 logits ``q·kᵀ·scale·log2(e)`` give ``softmax(q·kᵀ·scale) = 2^l / Σ 2^l``
 LOG2E = 1.4426950408889634
-#: a softmax without its row maximum subtracted is kept when every row's sum of ``2^l`` lies in [2^-100, inf): no
-#: term overflowed and the largest is a normal float, so each quotient is as exact as with the maximum subtracted
-_SAFE_SUM = 2.0 ** -100
+LN2 = 0.6931471805599453
+#: the rows whose sum of ``2^l`` lies in [2^-20, 2^64) need no maximum subtracted: no term overflows, ``1/sum`` is a
+#: normal float (a flush-to-zero CPU setting would zero a subnormal one), and every term at least 2^-99 of its row's
+#: sum is a normal float, as exact as with the maximum subtracted; the other rows are taken by ``torch.softmax``
+_SAFE_SUM = (2.0 ** -20, 2.0 ** 64)
 
 
 def softmax2(logits2: torch.Tensor, workspace: dict, redo=None) -> torch.Tensor:
     """``softmax`` over the last axis of base-2 logits (``LOG2E`` folded into the scale), in the workspace's
     scratch buffers (CPU). ``torch.exp2`` is about 4× faster than ``torch.exp`` on x86 CPUs (measured: 0.13 against
     0.57 ns a value, one core), and ``torch.softmax`` runs at ``exp``'s speed; so: ``e = 2^l``, ``s = Σ e``,
-    ``p = e · (1/s)``, without the row maximum unless a row's sum leaves [2^-100, inf) (a logit above 128 or every
-    logit below -100), where it is recomputed with its maximum subtracted.
+    ``p = e · (1/s)``, without the row maximum. A row whose sum leaves ``_SAFE_SUM`` (a logit above about 64, or
+    every logit below about -20, base 2) is taken by ``torch.softmax`` of its natural logits instead, row by row, so
+    a row's values never depend on the other rows in the buffer (other sites, in ``PendingLogits``).
 
     ``redo``: ``None`` to keep ``logits2`` and compute in a scratch buffer; or a function that writes the logits into
     ``logits2`` again, and then ``p`` is computed in place (half the memory a large site's map goes through) and the
     rare recomputation calls it.
 
-    Returns ``p`` (``logits2`` itself or a scratch buffer of its shape), each row summing to 1 up to fp32 rounding
-    (the probabilities of ``torch.softmax`` of the natural logits, within a few fp32 ulps)."""
+    Returns ``p`` (``logits2`` itself or a scratch buffer of its shape), each row summing to 1 up to fp32 rounding:
+    ``torch.softmax``'s probabilities within a few fp32 ulps, for every probability at least 2^-99 of 1 (smaller ones
+    may be less exact or 0; they are below every store dtype's resolution but float32's and float64's)."""
     shape = logits2.shape
     e = torch.exp2(logits2, out=logits2 if redo is not None else scratch(workspace, "exp2", shape, logits2.device))
     s = torch.sum(e, -1, keepdim=True, out=scratch(workspace, "sum", (*shape[:-1], 1), logits2.device))
     low, high = torch.aminmax(s)
-    if not (float(low) >= _SAFE_SUM and float(high) < float("inf")):  # NaN fails too: recomputed, and stays NaN
-        if redo is not None:
-            redo()
-        logits2.sub_(logits2.amax(-1, keepdim=True))
+    if float(low) >= _SAFE_SUM[0] and float(high) < _SAFE_SUM[1]:  # NaN fails too
+        return e.mul_(s.reciprocal_())
+    flat = s.view(-1)
+    bad = ((flat >= _SAFE_SUM[0]) & (flat < _SAFE_SUM[1])).logical_not_().nonzero().view(-1)
+    if redo is not None:  # the logits again, and the same exponentials for the other rows
+        redo()
+    natural = logits2.reshape(-1, shape[-1]).index_select(0, bad).mul_(LN2)
+    if redo is not None:
         torch.exp2(logits2, out=e)
         torch.sum(e, -1, keepdim=True, out=s)
-    return e.mul_(s.reciprocal_())
+    e.mul_(s.reciprocal_())
+    e.view(-1, shape[-1]).index_copy_(0, bad, torch.softmax(natural, -1))
+    return e
 
 
 def _version(tensor: torch.Tensor) -> int:
-    """The in-place edits of a tensor so far (-1 for an inference tensor, which keeps no count)."""
+    """The in-place edits of a tensor so far (-1 for an inference tensor, which keeps no count: ``defer`` keeps a
+    copy of those)."""
     return -1 if tensor.is_inference() else tensor._version
 
 
@@ -157,6 +168,8 @@ class PendingLogits:
         if self.rows is not rows and any(self.groups.values()):
             raise ProbeError(f"site {site}: the recorded batch rows changed inside a denoiser call")
         self.rows = rows
+        if query.is_inference():  # no version count to see an edit in place by: a copy, as it is now
+            query, key = query.clone(), key.clone()
         self.groups.setdefault(group, []).append((site, query, key, _version(query), _version(key), check))
         return True
 
