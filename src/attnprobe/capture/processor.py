@@ -64,17 +64,18 @@ def reduce_probs(probs: torch.Tensor, heads: str, tokens: torch.Tensor | None, w
 #: log2(e): base-2 logits ``q·kᵀ·scale·log2(e)`` give ``softmax(q·kᵀ·scale) = 2^l / Σ 2^l``
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-#: the rows whose sum of ``2^l`` lies in [2^-20, 2^64) need no maximum subtracted: no term overflows, ``1/sum`` is a
+#: the rows whose sum of ``2^l`` lies in [2^-20, 2^120) need no maximum subtracted: no term overflows, ``1/sum`` is a
 #: normal float (a flush-to-zero CPU setting would zero a subnormal one), and every term at least 2^-99 of its row's
-#: sum is a normal float, as exact as with the maximum subtracted; the other rows are taken by ``torch.softmax``
-_SAFE_SUM = (2.0 ** -20, 2.0 ** 64)
+#: sum is a normal float, as exact as with the maximum subtracted; the other rows (a logit above about 120, 83 in
+#: natural units, or every logit below about -20, -14 natural) are taken by ``torch.softmax``
+_SAFE_SUM = (2.0 ** -20, 2.0 ** 120)
 
 
 def softmax2(logits2: torch.Tensor, workspace: dict, redo=None) -> torch.Tensor:
     """``softmax`` over the last axis of base-2 logits (``LOG2E`` folded into the scale), in the workspace's
     scratch buffers (CPU). ``torch.exp2`` is about 4× faster than ``torch.exp`` on x86 CPUs (measured: 0.13 against
     0.57 ns a value, one core), and ``torch.softmax`` runs at ``exp``'s speed; so: ``e = 2^l``, ``s = Σ e``,
-    ``p = e · (1/s)``, without the row maximum. A row whose sum leaves ``_SAFE_SUM`` (a logit above about 64, or
+    ``p = e · (1/s)``, without the row maximum. A row whose sum leaves ``_SAFE_SUM`` (a logit above about 120, or
     every logit below about -20, base 2) is taken by ``torch.softmax`` of its natural logits instead, row by row, so
     a row's values never depend on the other rows in the buffer (other sites, in ``PendingLogits``).
 
