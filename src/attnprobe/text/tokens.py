@@ -164,7 +164,6 @@ def token_layout(tokenizer, text: str, n_keys: int | None = None, source: str = 
     full = tokenizer(text, truncation=False, **common)
     enc = tokenizer(text, padding="max_length", max_length=n, truncation=True, return_attention_mask=True, **common)
     ids = list(enc["input_ids"])
-    tokens = tokenizer.convert_ids_to_tokens(ids)
     # padding is what the attention mask leaves out (a literal "!" stays a word where "!" also pads);
     # special tokens the tokenizer added are the start and end
     kinds, offsets, seen_word = [], [], False
@@ -181,13 +180,12 @@ def token_layout(tokenizer, text: str, n_keys: int | None = None, source: str = 
     if "end" not in kinds and len(starts) > 1:  # an empty prompt: start, then end (not a lone start after left padding)
         kinds[starts[1]] = "end"
     truncated_at = None
-    special = set(tokenizer.all_special_tokens)
     kept_words = kinds.count("word")
     full_words = [tuple(o) for o, sp in zip(full["offset_mapping"], full["special_tokens_mask"]) if not sp]
     if len(full_words) > kept_words:
         truncated_at = full_words[kept_words][0]
     return TokenLayout(
-        strings=[_readable(tokenizer, t, special) for t in tokens],
+        strings=token_strings(tokenizer, ids),
         kinds=kinds,
         ids=ids,
         text=text,
