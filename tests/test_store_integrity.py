@@ -145,6 +145,38 @@ def test_a_streamed_store_with_a_sample_without_a_row_loads(tmp_path):
     assert back[back.site_names[0]][1].isnan().all() and not back[back.site_names[0]][0].isnan().any()
 
 
+def test_the_models_own_nan_in_part_of_a_map_is_saved_with_a_warning_and_loads(tmp_path):
+    """From a breaker: a site whose q held a NaN (a diverged weight) gets NaN in part of a map, as the model computed
+    it; the probe's own file was then refused as damaged at load. The integrity record now names such sites, save and
+    streaming say so, and load accepts them (and still refuses partial NaN in a file whose record names none)."""
+    store = _store()
+    site = store.site_names[0]
+    maps = {n: store[n].clone() for n in store}
+    maps[site][0, 0, 0, 0, 0, :2] = float("nan")  # one query of one head: the model's NaN
+    writer = StoreWriter(store.sites, dict(store.meta))
+    writer.set_samples(store.samples, [store.layout(0)])
+    for i, call in enumerate(store.calls):
+        writer.append(call, {n: m[i] for n, m in maps.items()})
+    writer.finish(store.sites)
+    with pytest.warns(UserWarning, match=f"sites \\['{site}'\\] hold NaN inside their maps: the model's own"):
+        path = writer.store.save(tmp_path / "s.safetensors")
+    back = AttentionStore.load(path)
+    assert torch.equal(back[site].isnan(), maps[site].isnan())
+    with pytest.raises(StoreError, match="part of the map of \\(call, sample\\) \\(0, 0\\)"):
+        AttentionStore.load(_rewrite(path, integrity=None))  # a record that names no NaN: damage, as before
+
+    folder = tmp_path / "streamed"
+    writer = StoreWriter(store.sites, dict(store.meta), folder)
+    writer.set_samples(store.samples, [store.layout(0)])
+    writer.write_header({**store.meta, "complete": False})
+    with pytest.warns(UserWarning, match="hold NaN inside their maps"):
+        for i, call in enumerate(store.calls):
+            writer.append(call, {n: m[i] for n, m in maps.items()})
+    writer.store.meta["complete"] = True
+    writer.finish(store.sites)
+    assert torch.equal(AttentionStore.load(folder)[site].isnan(), maps[site].isnan())
+
+
 # ---------------------------------------------------------------------------------------------- streamed stores
 def test_a_streamed_store_carries_its_id_in_the_header_and_every_shard(tmp_path):
     store = _stream(tmp_path / "s")

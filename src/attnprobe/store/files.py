@@ -19,7 +19,7 @@ from .._atomic import atomic_path
 from ..errors import ArgumentError, ArgumentTypeError, StoreError, warn
 from ..text.tokens import TokenLayout
 from .integrity import (INTEGRITY_KEY, check_coordinates, check_relations, check_shapes, check_values, file_record,
-                        open_header, parse_record, verify_file, verify_shard)
+                        model_nan, open_header, parse_record, verify_file, verify_shard, warn_model_nan)
 from .shards import HEADER, io_error, read_shard, shard_paths
 from .records import Call, Sample, Site
 
@@ -80,7 +80,9 @@ def save(store, path) -> Path:
     tensors.update({f"{_RELATION}{relation}/{module}": m.contiguous()
                     for relation, maps in store.relations.items() for module, m in maps.items()})
     text = json.dumps(header(store))
-    metadata = {_META_KEY: text, INTEGRITY_KEY: file_record(text, tensors)}
+    record = file_record(text, tensors)
+    warn_model_nan(model_nan(json.loads(record)))
+    metadata = {_META_KEY: text, INTEGRITY_KEY: record}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
@@ -132,8 +134,9 @@ def load(cls, path, verify: bool = True, missing_calls: str = "error"):
     check_shapes(path, store, {n: tuple(t.shape) for n, t in maps.items()}, n_calls)
     if verify:
         high = float(len(store.calls)) if store.aggregate == "sum" else 1.0
+        own = model_nan(record)
         for name, t in maps.items():
-            check_values(path, name, t, high=high)
+            check_values(path, name, t, high=high, model_nan=name in own)
     return store
 
 
@@ -195,8 +198,9 @@ def _open_folder(cls, folder: Path, verify: bool, missing_calls: str):
         if verify:
             if record is not None:
                 verify_shard(path, record, text, maps)
+            own = model_nan(record)
             for name, t in maps.items():
-                check_values(path, name, t, token_major=True, high=high)
+                check_values(path, name, t, token_major=True, high=high, model_nan=name in own)
         try:
             call = json.loads(text)
             calls.append(Call(**{**call, "layout": tuple(call["layout"])}))

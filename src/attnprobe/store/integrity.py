@@ -14,6 +14,8 @@ safetensors metadata, key ``attnprobe_integrity``):
 - ``header`` (a saved file) or ``call`` (a shard): a SHA-256 of the JSON header or call record as written.
 - ``store_id`` and ``shard`` (a shard): the random id of the streamed store it belongs to (also in the folder's
   ``attnprobe.json``) and its position in the recording (its file number).
+- ``nan``: the sites whose maps the model itself gave NaN in part of a map (its q or k not finite: diverged weights
+  or inputs), which ``save`` and a streaming probe warn about when they write them.
 
 A streamed folder's ``attnprobe.json`` carries ``store_id`` and ``integrity.header``, a SHA-256 of the rest of the
 header (sorted-key JSON). Files written before these records existed (attnprobe 0.2.0) have none: they load without
@@ -22,8 +24,8 @@ noise); the checks below still run on them.
 
 ``check_coordinates``, ``check_shapes`` and ``check_values`` compare a header with the maps: sample indices, token
 positions, sites, shapes, and values (probabilities: finite, in ``[0, 1]``; ``[0, calls]`` for a sum over calls;
-NaN only as whole samples of a call, how a probe records samples without a row). Every mismatch is a
-``StoreError`` naming the file and what is wrong.
+NaN only as whole samples of a call, how a probe records samples without a row, or anywhere at a site the verified
+record's ``nan`` names). Every mismatch is a ``StoreError`` naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ import secrets
 
 import torch
 
-from ..errors import StoreError
+from ..errors import StoreError, warn
 from .records import RELATIONS
 
 __all__ = ["check_relations", "HASH", "INTEGRITY_KEY", "new_store_id", "digest_text", "digest_maps", "file_record", "shard_record",
            "parse_record", "verify_file", "verify_shard", "seal_header", "open_header", "check_coordinates",
-           "check_shapes", "check_values"]
+           "check_shapes", "check_values", "partial_nan", "model_nan", "warn_model_nan"]
 
 HASH = "sha256"
 INTEGRITY_KEY = "attnprobe_integrity"
@@ -72,15 +74,54 @@ def digest_maps(maps: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def partial_nan(maps: torch.Tensor, token_major: bool = False) -> torch.Tensor | None:
+    """Where a site's maps hold NaN in part of one map (a map: one call and sample, ``[head, qh, qw, token]``):
+    ``[call, sample]`` booleans (``[sample]`` for a token-major shard, ``[token, sample, head, qh, qw]``), or ``None``
+    when no value is NaN. A probe stores NaN for a whole map where a sample has no row in a call; NaN in part of one
+    comes from the model itself (its q or k not finite), or from damage."""
+    if not maps.is_floating_point() or not maps.numel() or not bool(maps.isnan().any()):
+        return None
+    nan = maps.isnan()
+    per = nan.movedim(1, 0).reshape(nan.shape[1], -1) if token_major else nan.flatten(2)  # one row per map
+    return per.any(-1) & ~per.all(-1)
+
+
+def _model_nan(maps: dict[str, torch.Tensor], token_major: bool) -> list[str]:
+    """The sites whose maps hold NaN in part of a map (``partial_nan``), in name order."""
+    found = []
+    for name in sorted(maps):
+        partial = partial_nan(maps[name], token_major)
+        if partial is not None and bool(partial.any()):
+            found.append(name)
+    return found
+
+
 def file_record(header_text: str, maps: dict[str, torch.Tensor]) -> str:
-    """The integrity record of a file ``save`` writes."""
-    return json.dumps({"hash": HASH, "header": digest_text(header_text), "data": digest_maps(maps)})
+    """The integrity record of a file ``save`` writes; ``nan``: the sites whose maps the model gave NaN in part of
+    (``partial_nan``), which ``check_values`` then accepts."""
+    return json.dumps({"hash": HASH, "header": digest_text(header_text), "data": digest_maps(maps),
+                       "nan": _model_nan(maps, False)})
 
 
 def shard_record(store_id: str, shard: int, call_text: str, maps: dict[str, torch.Tensor]) -> str:
-    """The integrity record of shard number ``shard`` of streamed store ``store_id``."""
+    """The integrity record of shard number ``shard`` of streamed store ``store_id`` (token-major maps); ``nan``: as
+    for ``file_record``."""
     return json.dumps({"hash": HASH, "store_id": store_id, "shard": shard, "call": digest_text(call_text),
-                       "data": digest_maps(maps)})
+                       "data": digest_maps(maps), "nan": _model_nan(maps, True)})
+
+
+def warn_model_nan(sites: list[str]) -> None:
+    """Say that maps being written hold the model's own NaN (``partial_nan``), which ``load`` accepts."""
+    if sites:
+        warn(f"sites {sites[:3]}{' …' if len(sites) > 3 else ''} hold NaN inside their maps: the model's own attention "
+             "was not finite there (its q or k hold NaN or inf: diverged weights or inputs?). They are kept as "
+             "recorded; the file's integrity record names them, so load() accepts them")
+
+
+def model_nan(record: dict | None) -> list[str]:
+    """The sites an integrity record says hold the model's own NaN (``file_record``)."""
+    found = record.get("nan", []) if isinstance(record, dict) else []
+    return [n for n in found if isinstance(n, str)] if isinstance(found, list) else []
 
 
 def parse_record(path, text: str | None) -> dict | None:
@@ -248,14 +289,17 @@ def check_shapes(path, store, shapes: dict[str, tuple[int, ...]], calls: int | N
                              "header was edited, or the maps belong to another store")
 
 
-def check_values(path, site: str, maps: torch.Tensor, token_major: bool = False, high: float = 1.0) -> None:
+def check_values(path, site: str, maps: torch.Tensor, token_major: bool = False, high: float = 1.0,
+                 model_nan: bool = False) -> None:
     """Check that stored probabilities are probabilities: finite, in ``[0, high]`` (``high`` = 1, or the number of
     calls of a sum over calls) up to ``TOLERANCE``; NaN only where a whole sample of a call is NaN (how a probe
-    records a sample without a row in that call).
+    records a sample without a row in that call), unless ``model_nan``.
 
     Args:
         maps: one site's maps, ``[call, sample, head, qh, qw, token]``, or one shard's ``[token, sample, head, qh,
             qw]`` with ``token_major=True`` (a video store's: ``qt qh qw`` in place of ``qh qw``).
+        model_nan: the file's verified integrity record says the model gave this site NaN in part of a map (its q or
+            k not finite): NaN is then accepted anywhere, the other values checked.
 
     Raises:
         StoreError: a value outside the range, an infinity, a NaN in part of a sample's map, a query whose values
@@ -269,15 +313,14 @@ def check_values(path, site: str, maps: torch.Tensor, token_major: bool = False,
     lo, hi = (float(v) for v in torch.aminmax(maps))  # NaN propagates: one pass over the maps when there is none
     has_nan = math.isnan(lo) or math.isnan(hi)
     if has_nan:
-        nan = maps.isnan()
-        per = nan.movedim(1, 0).reshape(nan.shape[1], -1) if token_major else nan.flatten(2)  # one row per map
-        partial = per.any(-1) & ~per.all(-1)
-        if bool(partial.any()):
+        partial = partial_nan(maps, token_major)
+        if not model_nan and bool(partial.any()):
             at = partial.nonzero()[0].tolist()
             what = f"sample {at[0]}" if token_major else f"(call, sample) {tuple(at)}"
             raise StoreError(f"{str(path)!r}: site {site} has NaN in part of the map of {what} (a probe stores NaN "
-                             "only for the whole map of a sample without a row): the maps are damaged")
-        finite = maps[~nan]
+                             "only for the whole map of a sample without a row, and its integrity record names no "
+                             "NaN of the model's own there): the maps are damaged")
+        finite = maps[~maps.isnan()]
         if not finite.numel():
             return
         lo, hi = (float(v) for v in torch.aminmax(finite))

@@ -30,7 +30,7 @@ import torch
 
 from .._atomic import atomic_path, write_atomic
 from ..errors import StoreError, StoreIOError
-from .integrity import INTEGRITY_KEY, new_store_id, seal_header, shard_record
+from .integrity import INTEGRITY_KEY, model_nan, new_store_id, seal_header, shard_record, warn_model_nan
 
 __all__ = ["HEADER", "ShardWriter", "shard_paths", "read_shard", "read_shard_call", "read_site", "io_error"]
 
@@ -69,6 +69,7 @@ class ShardWriter:
                 f"stream_to={str(self.folder)!r} is {what}: give a new or empty folder (a store is never overwritten)"
             )
         self.count = 0  # the folder is made when the first pipeline call starts, not before the probe opens
+        self.nan_sites: set[str] = set()  # sites already said to hold the model's own NaN (warned once each)
 
     def write(self, call: dict, maps: dict[str, torch.Tensor]) -> Path:
         """Write one call's maps (``site -> [sample, head, qh, qw, token]``; a video store's ``[sample, head, qt, qh,
@@ -84,6 +85,10 @@ class ShardWriter:
         tensors = {site: t.movedim(-1, 0).contiguous() for site, t in maps.items()}  # token-major
         text = json.dumps(call)
         record = shard_record(self.store_id, self.count, text, tensors)
+        new_nan = [site for site in model_nan(json.loads(record)) if site not in self.nan_sites]
+        if new_nan:
+            self.nan_sites.update(new_nan)
+            warn_model_nan(new_nan)
         try:
             (self.folder / CALLS).mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
