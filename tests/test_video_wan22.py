@@ -143,3 +143,24 @@ def test_an_expert_replaced_inside_the_probe_is_refused(pipe):
     only.transformer = None
     with pytest.raises(attnprobe.NoSitesError, match="has only its transformer_2"):
         attnprobe.probe(only).__enter__()
+
+
+def test_aggregate_stream_and_calls_across_the_two_experts(pipe, probed, tmp_path):
+    """aggregate=, stream_to= and calls= on a pipeline call that switches experts (untested before): the streamed
+    store and the kept calls hold the full store's values bit for bit, with each call's expert; the aggregate is the
+    mean of every call, from both experts."""
+    full = probed[2]["cond"]
+    with attnprobe.probe(pipe, dtype=torch.float32, aggregate="mean") as agg, \
+            attnprobe.probe(pipe, dtype=torch.float32, stream_to=tmp_path / "s") as streamed, \
+            attnprobe.probe(pipe, dtype=torch.float32, calls=[2, 4]) as some:
+        generate(pipe)
+    loaded = AttentionStore.load(tmp_path / "s")
+    experts = full.meta["experts"]["calls"]
+    assert loaded.meta["experts"]["calls"] == streamed.meta["experts"]["calls"] == experts
+    assert [c.index for c in some.calls] == [2, 4]
+    assert {int(i): e for i, e in some.meta["experts"]["calls"].items()} == {2: "transformer", 4: "transformer_2"}
+    assert {int(i) for i in agg.meta["experts"]["calls"]} == {0, 2, 4, 6}
+    for site in full.site_names:
+        assert torch.equal(loaded[site], full[site])
+        assert torch.equal(some[site], full[site][1:3])  # calls 2 and 4 are the full store's second and third
+        torch.testing.assert_close(agg[site][0], full[site].mean(0), rtol=1e-6, atol=1e-7)
