@@ -95,6 +95,14 @@ def test_tokens_concept_keeps_its_positions_in_every_sample(sd_pipe, full):
     assert store.meta["capture"]["tokens"] == ["dog"]
 
 
+def test_tokens_concept_missing_from_some_prompts_warns(sd_pipe):
+    """The token axis keeps the union of every sample's occurrences: a conditional prompt without the concept then
+    holds other words there, which the probe now says (negative prompts are not counted)."""
+    with pytest.warns(UserWarning, match=r"tokens='dog' is not in the prompt of sample\(s\) \[3\] \(e\.g\. 'a red car'\)"):
+        store, _ = _capture(sd_pipe, prompt=["a picture of dog", "a red car"], steps=1, tokens="dog", passes="all")
+    assert store.tokens(3) != store.tokens(2)
+
+
 def test_tokens_positions_and_combined_reductions(sd_pipe, full):
     base, _ = full
     store, _ = _capture(sd_pipe, tokens=[0, -1], heads="mean", calls=[1, 2], dtype=torch.float32)

@@ -34,7 +34,7 @@ from .options import capture_meta
 from .passes import refuse_rewrite
 from .relations import Relations, relation_modules
 from .rows import BatchRows
-from .selection import call_filter, check_tokens, resolve_tokens
+from .selection import call_filter, check_tokens, concept_gaps, resolve_tokens
 from .sink import CallSink
 from .sites import record_order
 
@@ -341,6 +341,10 @@ class Recorder:
             positions = resolve_tokens(self.tokens_spec, labels.layouts,
                                        len(labels.layouts[0].strings) if labels.layouts else n_keys)
             self.state.tokens = torch.tensor(positions, dtype=torch.long)
+            for concept, missing in concept_gaps(self.tokens_spec, labels.samples, labels.layouts).items():
+                warn(f"tokens={concept!r} is not in the prompt of sample(s) {missing} (e.g. "
+                     f"{labels.samples[missing[0]].text!r}): the token axis keeps the positions of every sample's "
+                     "occurrences, so at those samples they hold other words (store.tokens(sample) names them)")
         if self.video is not None:  # the token axis: the kept positions, else every text key
             self._video_generation(len(labels.keep),
                                    len(positions) if positions is not None else self.store.n_tokens or n_keys)

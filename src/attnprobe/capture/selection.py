@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 from ..errors import ConceptError, ProbeError
 from ..text.tokens import TokenLayout, find_concept
 
-__all__ = ["call_filter", "check_tokens", "resolve_tokens"]
+__all__ = ["call_filter", "check_tokens", "resolve_tokens", "concept_gaps"]
 
 CallFilter = Callable[[int, float], bool]
 
@@ -124,3 +124,24 @@ def resolve_tokens(spec: tuple, layouts: Sequence[TokenLayout], n_keys: int) -> 
         if not found:
             raise ConceptError(f"probe(tokens={concept!r}): the concept is in none of this call's prompts. {errors[0]}")
     return sorted(positions)
+
+
+def concept_gaps(spec: tuple, samples: Sequence, layouts: Sequence[TokenLayout]) -> dict[str, list[int]]:
+    """For each concept of ``probe(tokens=spec)``: the conditional samples whose prompt does not hold it (``samples``:
+    the store's ``Sample``s, ``layouts`` their token layouts). At those samples the kept positions (the union over
+    every sample) are other words; an empty dict when every conditional prompt holds every concept."""
+    gaps = {}
+    for concept in spec:
+        if _is_int(concept):
+            continue
+        missing = []
+        for sample, lay in zip(samples, layouts):
+            if sample.pass_label != "cond":
+                continue  # a negative prompt without the concept is expected
+            try:
+                find_concept(lay, concept)
+            except ConceptError:
+                missing.append(sample.index)
+        if missing:
+            gaps[concept] = missing
+    return gaps
