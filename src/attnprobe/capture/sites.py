@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
-from dataclasses import replace
 from typing import Callable, Iterable, Union
 
 import torch
@@ -104,6 +103,8 @@ def list_sites(pipe_or_denoiser) -> list[Site]:
     denoiser = denoiser_of(pipe_or_denoiser)
     family = family_of(denoiser)
     found, other = [], 0
+    observed = _OBSERVED_ORDER.get(denoiser)
+    rank = {n: i for i, n in enumerate(observed)} if observed else {}
     modules = dict(denoiser.named_modules())
     for name, module in modules.items():
         if not is_attention(module):
@@ -120,7 +121,8 @@ def list_sites(pipe_or_denoiser) -> list[Site]:
         heads = int(module.heads if hasattr(module, "heads") else module.num_heads)  # Kandinsky 5: num_heads
         inner = getattr(module, "inner_dim", None) or getattr(getattr(module, "to_query", None), "out_features", 0)
         head_dim = int(inner // heads) if inner else 0
-        found.append(Site(name=name, kind=kind, heads=heads, head_dim=head_dim, group=group, block=block))
+        found.append(Site(name=name, kind=kind, heads=heads, head_dim=head_dim, group=group, block=block,
+                          order=rank.get(name)))
     if family.single_needs_joint and found and not any(s.kind == "joint" for s in found):
         # a block called with encoder_hidden_states whose only attention is image self-attention (a class-
         # conditional DiT's attn1, attn2 being None) is single-stream only in an MM-DiT, next to joint blocks
@@ -133,10 +135,7 @@ def list_sites(pipe_or_denoiser) -> list[Site]:
             "so it needs a text-conditioned denoiser."
         )
     found = family.order(denoiser, found)
-    order = _OBSERVED_ORDER.get(denoiser)
-    if order:
-        rank = {n: i for i, n in enumerate(order)}
-        found = [replace(s, order=rank.get(s.name)) for s in found]
+    if rank:
         found.sort(key=lambda s: (s.order is None, s.order if s.order is not None else 0))
     return found
 
