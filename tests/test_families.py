@@ -10,6 +10,7 @@ k are recomputed from a float64 copy of the module's projections and norms, with
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 
@@ -81,6 +82,20 @@ class Inputs:
         for h in self.handles:
             h.remove()
 
+
+
+def recorded_under_inputs(pipe, generate, prompt, probes=({},), around=contextlib.nullcontext, **kwargs):
+    """One generation without a probe, one with the probes (``probes``: each one's options, fp32 maps unless said;
+    opened one inside the other) under our own input hooks on every site of ``pipe.transformer`` and ``around()`` (a
+    context of the caller's own, e.g. more hooks); ``generate(pipe, prompt, **kwargs)`` makes one. Returns ``(plain,
+    frames, stores, inputs)``."""
+    plain = generate(pipe, prompt, **kwargs)
+    sites = [s.name for s in attnprobe.list_sites(pipe)]
+    with around(), Inputs(pipe.transformer, sites) as seen, contextlib.ExitStack() as stack:
+        stores = [stack.enter_context(attnprobe.probe(pipe, **{"dtype": torch.float32, **options}))
+                  for options in probes]
+        frames = generate(pipe, prompt, **kwargs)
+    return plain, frames, stores, seen.seen
 
 def _rope_pairs(x, emb):
     """Flux's rotary embedding on interleaved pairs, in float64 (test_joint's own, x: [batch, seq, head, d])."""

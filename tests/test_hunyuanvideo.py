@@ -21,7 +21,7 @@ from attnprobe.errors import ProbeError
 from attnprobe.models.coverage import pipeline_verdicts
 from attnprobe.models.tiny_video import TINY_HUNYUANVIDEO_TEMPLATE
 from attnprobe.testing import tiny_pipeline
-from test_families import Inputs  # our own pre-forward hooks: each attention module's call arguments, per call
+from test_families import recorded_under_inputs  # our own pre-forward hooks: each attention module's call arguments, per call
 
 PROMPTS = ["a dog running on grass", "a cat"]
 #: 9 frames → 3 latent frames (temporal compression 4); 32 × 48 px → 4 × 6 latents → 2 × 3 patches of 2 × 2
@@ -41,21 +41,8 @@ def generate(pipe, prompt=PROMPTS, **kwargs):
 
 
 def recorded(pipe, prompt=PROMPTS, probes=({},), **kwargs):
-    """One generation without the probe, one with the probes (``probes``: each one's options, fp32 maps; opened one
-    inside the other) under our own input hooks on every site: ``(plain, frames, stores, inputs)``."""
-    plain = generate(pipe, prompt, **kwargs)
-    sites = [s.name for s in attnprobe.list_sites(pipe)]
-    with Inputs(pipe.transformer, sites) as seen:
-        stores, opened = [], []
-        try:
-            for options in probes:
-                opened.append(attnprobe.probe(pipe, **{"dtype": torch.float32, **options}))
-                stores.append(opened[-1].__enter__())
-            frames = generate(pipe, prompt, **kwargs)
-        finally:
-            for ctx in reversed(opened):
-                ctx.__exit__(None, None, None)
-    return plain, frames, stores, seen.seen
+    """``test_families.recorded_under_inputs``: ``(plain, frames, stores, inputs)``."""
+    return recorded_under_inputs(pipe, generate, prompt, probes, **kwargs)
 
 
 def _rotate(x, cos, sin):

@@ -11,6 +11,7 @@ block is worked out here from the denoiser's masks, as its forward orders them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -23,7 +24,7 @@ from attnprobe.capture.families.hunyuanvideo15 import FAMILY
 from attnprobe.errors import ProbeError
 from attnprobe.models.coverage import pipeline_verdicts
 from attnprobe.testing import tiny_pipeline
-from test_families import Inputs  # our own pre-forward hooks: each attention module's call arguments, per call
+from test_families import recorded_under_inputs  # our own pre-forward hooks: each attention module's call arguments, per call
 
 PROMPTS = ['a dog "HI" on grass', "a red cat"]
 #: 9 frames → 3 latent frames (temporal compression 4); 32 × 48 px → 4 × 6 latents, patch 1
@@ -46,21 +47,23 @@ def generate(pipe, prompt=PROMPTS, **kwargs):
 
 
 def recorded(pipe, prompt=PROMPTS, options=None, **kwargs):
-    """One generation without the probe, one with it under our own input hooks on every site and on the denoiser
-    (fp32 maps): ``(plain, frames, store, site inputs, denoiser inputs)``."""
-    plain = generate(pipe, prompt, **kwargs)
-    sites = [s.name for s in attnprobe.list_sites(pipe)]
+    """``test_families.recorded_under_inputs`` with one probe, and our own hook on the denoiser around the probed
+    generation: ``(plain, frames, store, site inputs, denoiser inputs)``."""
     calls = []  # the denoiser's masks and image_embeds, per call
-    hook = pipe.transformer.register_forward_pre_hook(  # only around the probed generation
-        lambda m, a, k: calls.append({n: k[n].clone() for n in ("encoder_attention_mask", "encoder_attention_mask_2",
-                                                                 "image_embeds")}), with_kwargs=True)
-    try:
-        with Inputs(pipe.transformer, sites) as seen:
-            with attnprobe.probe(pipe, **{"dtype": torch.float32, **(options or {})}) as store:
-                frames = generate(pipe, prompt, **kwargs)
-    finally:
-        hook.remove()
-    return plain, frames, store, seen.seen, calls
+
+    @contextlib.contextmanager
+    def denoiser_inputs():
+        hook = pipe.transformer.register_forward_pre_hook(
+            lambda m, a, k: calls.append({n: k[n].clone() for n in ("encoder_attention_mask", "encoder_attention_mask_2",
+                                                                     "image_embeds")}), with_kwargs=True)
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    plain, frames, (store,), seen = recorded_under_inputs(pipe, generate, prompt, (options or {},), denoiser_inputs,
+                                                          **kwargs)
+    return plain, frames, store, seen, calls
 
 
 def _rotate(x, cos, sin):

@@ -19,7 +19,7 @@ from attnprobe.analysis import decoded_frame_index
 from attnprobe.capture.families import checked_family
 from attnprobe.errors import AttnprobeError, ProbeError
 from attnprobe.testing import tiny_pipeline
-from test_families import Inputs  # our own pre-forward hooks: each attention module's call arguments, per call
+from test_families import recorded_under_inputs  # our own pre-forward hooks: each attention module's call arguments, per call
 
 # flex attention on CPU (the refused backend) warns that it runs unfused
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -43,14 +43,9 @@ def generate(pipe, prompt=PROMPTS, **kwargs):
 
 
 def recorded(pipe, prompt=PROMPTS, options=None, **kwargs):
-    """One generation without the probe, one with it under our own input hooks on every site (fp32 maps):
-    ``(plain, frames, store, inputs)``."""
-    plain = generate(pipe, prompt, **kwargs)
-    sites = [s.name for s in attnprobe.list_sites(pipe)]
-    with Inputs(pipe.transformer, sites) as seen:
-        with attnprobe.probe(pipe, **{"dtype": torch.float32, **(options or {})}) as store:
-            frames = generate(pipe, prompt, **kwargs)
-    return plain, frames, store, seen.seen
+    """``test_families.recorded_under_inputs`` with one probe: ``(plain, frames, store, inputs)``."""
+    plain, frames, (store,), seen = recorded_under_inputs(pipe, generate, prompt, (options or {},), **kwargs)
+    return plain, frames, store, seen
 
 
 @torch.no_grad()
