@@ -21,7 +21,7 @@ from attnprobe.errors import ProbeError
 from attnprobe.models.coverage import pipeline_verdicts
 from attnprobe.models.tiny_video import TINY_HUNYUANVIDEO_TEMPLATE
 from attnprobe.testing import tiny_pipeline
-from test_families import recorded_under_inputs  # our own pre-forward hooks: each attention module's call arguments, per call
+from test_families import recorded_under_inputs  # a probed generation under our own input hooks
 
 PROMPTS = ["a dog running on grass", "a cat"]
 #: 9 frames → 3 latent frames (temporal compression 4); 32 × 48 px → 4 × 6 latents → 2 × 3 patches of 2 × 2

@@ -41,6 +41,19 @@ def generate(pipe, prompt=PROMPT, **kwargs):
     return pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **{**VIDEO, **kwargs}).frames
 
 
+
+@torch.no_grad()
+def first_changed_frames(vae, z) -> list[int]:
+    """Per latent frame j of ``z`` ``[batch, channel, frame, h, w]``: the first decoded frame that changes when latent
+    frame j moves, read from the VAE itself (what ``decoded_frame_index`` must map back to j)."""
+    base, first = vae.decode(z).sample, []
+    for j in range(z.shape[2]):
+        moved = z.clone()
+        moved[:, :, j] += 1.0
+        changed = (vae.decode(moved).sample - base).abs().amax(dim=(0, 1, 3, 4)) > 0
+        first.append(int(changed.nonzero()[0]))
+    return first
+
 def _rope_pairs(x, cos, sin):
     """CogVideoX's rotary embedding on interleaved pairs, float64; ``x``: ``[batch, head, position, d]``."""
     real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)

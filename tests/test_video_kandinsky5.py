@@ -19,7 +19,7 @@ from attnprobe.analysis import decoded_frame_index
 from attnprobe.capture.families import checked_family
 from attnprobe.errors import AttnprobeError, ProbeError
 from attnprobe.testing import tiny_pipeline
-from test_families import recorded_under_inputs  # our own pre-forward hooks: each attention module's call arguments, per call
+from test_families import recorded_under_inputs  # a probed generation under our own input hooks
 
 # flex attention on CPU (the refused backend) warns that it runs unfused
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
