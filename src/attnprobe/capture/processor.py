@@ -111,6 +111,18 @@ def _version(tensor: torch.Tensor) -> int:
     return -1 if tensor.is_inference() else tensor._version
 
 
+def _blocks(flat: torch.Tensor, sizes: list, kept_heads: int | None = None) -> list:
+    """``flat`` ``[row, x]`` (``PendingLogits``' buffer: the groups one after the other) as one view per group,
+    ``[site, sample, head, query, x]``; ``sizes``: per group ``(sites, samples, heads, queries)``, of which
+    ``kept_heads`` (1 after the head mean) replaces the heads."""
+    views, at = [], 0
+    for n, samples, n_heads, n_query in sizes:
+        rows = n * samples * (n_heads if kept_heads is None else kept_heads) * n_query
+        views.append(flat[at:at + rows].view(n, samples, -1, n_query, flat.shape[-1]))
+        at += rows
+    return views
+
+
 class PendingLogits:
     """The small cross-attention sites of the denoiser call in progress, computed together at its end (CPU,
     outside ``torch.compile``).
@@ -234,34 +246,22 @@ class PendingLogits:
 
         fill()
         probs = softmax2(logits, workspace, redo=fill)  # [rows, token], in place: half the memory to go through
-        at = 0
-        for (_, entries), (n, samples, n_heads, n_query) in zip(plan, sizes):
-            for i, entry in enumerate(entries):
-                if entry[-1] is not None:
-                    size = samples * n_heads * n_query
-                    entry[-1](probs[at + i * size:at + (i + 1) * size].view(samples, n_heads, n_query, n_keys))
-            at += n * samples * n_heads * n_query
+        for (_, entries), full in zip(plan, _blocks(probs, sizes)):
+            if any(entry[-1] is not None for entry in entries):  # the verify-once checks
+                for entry, site_probs in zip(entries, full.unbind(0)):
+                    if entry[-1] is not None:
+                        entry[-1](site_probs)
         if tokens is not None:
             probs = torch.index_select(probs, -1, tokens, out=scratch(workspace, "tokens", (total, tokens.numel()),
                                                                      probs.device))
         if heads == "mean":
             mean = self._buffer(("mean", probs.shape[1]), (sum(n * s * q for n, s, _, q in sizes), probs.shape[1]),
                                 device)
-            at = out_at = 0
-            for n, samples, n_heads, n_query in sizes:
-                block = probs[at:at + n * samples * n_heads * n_query].view(n * samples, n_heads, n_query, -1)
-                out = mean[out_at:out_at + n * samples * n_query].view(n * samples, 1, n_query, -1)
-                torch.mean(block, dim=1, keepdim=True, out=out)
-                at, out_at = at + n * samples * n_heads * n_query, out_at + n * samples * n_query
+            for block, out in zip(_blocks(probs, sizes), _blocks(mean, sizes, kept_heads=1)):
+                torch.mean(block, dim=2, keepdim=True, out=out)
             probs = mean
-        probs = probs.to(dtype, copy=True)
-        done, at = [], 0
-        for (_, entries), (n, samples, n_heads, n_query) in zip(plan, sizes):
-            kept_heads = 1 if heads == "mean" else n_heads
-            block = probs[at:at + n * samples * kept_heads * n_query]
-            done += zip([e[0] for e in entries], block.view(n, samples, kept_heads, n_query, -1).unbind(0))
-            at += n * samples * kept_heads * n_query
-        return done
+        kept = _blocks(probs.to(dtype, copy=True), sizes, kept_heads=1 if heads == "mean" else None)
+        return [done for (_, entries), block in zip(plan, kept) for done in zip([e[0] for e in entries], block.unbind(0))]
 
     def drop(self) -> None:
         """Forget the sites of the call in progress (the buffers stay, sized for the next call)."""
