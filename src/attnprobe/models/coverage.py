@@ -33,7 +33,7 @@ from ..capture.relations import FAMILIES as RELATION_FAMILIES, RELATIONS
 from ..errors import ProbeError
 from ..capture.sites import DENOISER_ATTRS, denoiser_of
 from .tiny import TINY_PIPELINES, tiny_pipeline
-from .tiny_video import TINY_HUNYUANVIDEO_TEMPLATE
+from .tiny_video import tiny_hunyuanvideo_template
 
 __all__ = ["Verdict", "pipeline_verdicts", "measure", "render_page", "TESTED"]
 
@@ -190,7 +190,7 @@ def measure(name: str) -> dict:
         if name in ("lumina2", "flux2-dev"):  # their system prompts alone take 30 to 40 positions
             kwargs["max_sequence_length"] = 64
         if name == "hunyuanvideo":  # the default template's crop_start counts the real Llama tokenizer's tokens
-            kwargs["prompt_template"] = TINY_HUNYUANVIDEO_TEMPLATE
+            kwargs["prompt_template"] = tiny_hunyuanvideo_template()
         # the output's first field: images, or the image embeddings of a prior (Stable Cascade's)
         run = lambda: pipe(prompt="a picture of dog", generator=torch.Generator().manual_seed(0), **kwargs)[0]
         plain = run()

@@ -14,6 +14,8 @@ HunyuanVideo: also ``prompt_template=TINY_HUNYUANVIDEO_TEMPLATE``, whose ``crop_
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._quiet import quiet_notes
@@ -21,7 +23,7 @@ from .components import finish, ftfy_stand_in, make_clip_encoder, make_hunyuan_v
 from .tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer, t5_vocab_size
 
 __all__ = ["tiny_wan_pipeline", "tiny_skyreels_v2_pipeline", "tiny_cogvideox_pipeline", "tiny_hunyuanvideo_pipeline",
-           "TINY_HUNYUANVIDEO_TEMPLATE"]
+           "TINY_HUNYUANVIDEO_TEMPLATE", "tiny_hunyuanvideo_template"]
 
 
 def _t5(seed: int, umt5: bool):
@@ -121,18 +123,24 @@ def tiny_cogvideox_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return finish(pipe, dtype)
 
 
-def _hunyuanvideo_template() -> dict:
-    """HunyuanVideo's default prompt template with the ``crop_start`` of ``llm_tokenizer`` (the template's tokens before
-    the prompt): the pipeline's own ``crop_start`` (95) counts the real Llama tokenizer's tokens."""
+@functools.cache
+def tiny_hunyuanvideo_template() -> dict:
+    """``prompt_template`` for ``tiny_hunyuanvideo_pipeline``'s calls: HunyuanVideo's default prompt template with the
+    ``crop_start`` of ``llm_tokenizer`` (the template's tokens before the prompt: 166), so the text keys start at the
+    prompt as the real ones do; the pipeline's own ``crop_start`` (95) counts the real Llama tokenizer's tokens. Made
+    at first use (also as ``TINY_HUNYUANVIDEO_TEMPLATE``): reading diffusers' template imports its HunyuanVideo
+    pipeline module, which took about a second of every ``import attnprobe``. Do not change the dict it returns."""
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
     template = DEFAULT_PROMPT_TEMPLATE["template"]
     return {"template": template, "crop_start": len(llm_tokenizer()(template.split("{}")[0]).input_ids)}
 
 
-#: ``prompt_template`` for ``tiny_hunyuanvideo_pipeline``'s calls: diffusers' default template, its ``crop_start``
-#: counted with the tiny tokenizer (166), so the text keys start at the prompt as the real ones do
-TINY_HUNYUANVIDEO_TEMPLATE = _hunyuanvideo_template()
+def __getattr__(name: str):
+    """``TINY_HUNYUANVIDEO_TEMPLATE``: ``tiny_hunyuanvideo_template()``, made at first use."""
+    if name == "TINY_HUNYUANVIDEO_TEMPLATE":
+        return tiny_hunyuanvideo_template()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @quiet_notes()
