@@ -37,7 +37,7 @@ from .daam import daam_map
 #: the largest heat-map side heatmap() makes (pixels): a larger size is a mistake, not a request
 MAX_SIDE = 16384
 
-__all__ = ["trajectory", "auc", "compare", "heatmap", "Comparison", "concept_positions", "check_comparable",
+__all__ = ["trajectory", "auc", "compare", "heatmap", "Comparison", "concept_positions", "check_comparable", "require_store",
            "require_per_call", "generation_calls", "MAX_SIDE", "HEATMAP_METHODS"]
 
 #: heatmap()'s aggregations: attnprobe's mean (the default) and DAAM 0.2.0's (``analysis.daam``)
@@ -49,9 +49,11 @@ def concept_positions(store: AttentionStore, concept: str, sample: int = 0, occu
     counts from the end, so ``-1`` is the last mention).
 
     Raises:
+        ArgumentTypeError: ``store`` is not an ``AttentionStore`` (a path: ``AttentionStore.load`` it first).
         ConceptError: see ``AttentionStore.token_indices``.
         SelectionError: no such occurrence (says how many there are; an ``IndexError`` too).
     """
+    require_store(store, "concept_positions")
     found = store.token_indices(sample, concept)
     if occurrence == "all":
         return sorted({p for occ in found for p in occ})
@@ -73,12 +75,24 @@ def _site_mass(store: AttentionStore, site: str, sample: int, positions: list[in
     return picked.mean(dim=(1, 2, 4, 5)) if by_frame else picked.mean(dim=(1, 2, 3, 4, 5))
 
 
+def require_store(value, what: str, name: str = "store") -> None:
+    """Raise ``ArgumentTypeError`` unless ``value`` is an ``AttentionStore`` (a path or a probe's output folder is
+    not one yet: ``AttentionStore.load``). ``what``: the function, for the message; ``name``: its argument."""
+    if not isinstance(value, AttentionStore):
+        raise ArgumentTypeError(
+            f"{what}: {name} is a {type(value).__name__} {value!r:.60}, not an AttentionStore: pass the store a probe "
+            "returned, or AttentionStore.load(path) to read one from a file or folder"
+        )
+
+
 def require_video(store: AttentionStore, what: str) -> dict:
     """A video store's frame record (``store.video``).
 
     Raises:
+        ArgumentTypeError: ``store`` is not an ``AttentionStore``.
         StoreError: an image store (no ``qt`` axis); says what was asked.
     """
+    require_store(store, what)
     video = store.video
     if video is None:
         raise StoreError(f"{what} needs a video store ([call, sample, head, qt, qh, qw, token]), but this store's "
@@ -153,6 +167,7 @@ def trajectory(
         attention on the concept's tokens.
 
     Raises:
+        ArgumentTypeError: ``store`` is not an ``AttentionStore`` (a path: ``AttentionStore.load`` it first).
         ConceptError: concept not in the sample's prompt, or truncated.
         StoreError: an aggregate store; a store of several pipeline calls without ``generation`` (names them);
             ``by_frame`` on an image store.
@@ -166,6 +181,7 @@ def trajectory(
         >>> round(float(trajectory(store, "dog")[0]), 6)      # pooled: every frame weighs the same
         0.3
     """
+    require_store(store, "trajectory")
     require_per_call(store, "trajectory")
     if by_frame:
         require_video(store, "trajectory(by_frame=True)")
@@ -262,11 +278,7 @@ def check_comparable(base: AttentionStore, other: AttentionStore, calls=(None, N
     Raises:
         ArgumentTypeError: either is not an ``AttentionStore``. StoreError: they cannot be compared."""
     for name, value in (("base", base), ("other", other)):
-        if not isinstance(value, AttentionStore):
-            raise ArgumentTypeError(
-                f"{name} is a {type(value).__name__} {value!r:.60}, not an AttentionStore: pass the store a probe "
-                "returned, or AttentionStore.load(path) to read one from a file or folder"
-            )
+        require_store(value, "compare", name)
     problems = []
     for key in ("denoiser", "pipeline"):
         if base.meta.get(key) != other.meta.get(key):
@@ -415,10 +427,12 @@ def heatmap(
             ``normalize`` divides by the maximum of what is returned. Default: ``None``.
 
     Raises:
+        ArgumentTypeError: ``store`` is not an ``AttentionStore``.
         ConceptError: see ``trajectory``. StoreError: no site with a spatial grid was chosen; ``"daam"``: what it
             cannot reproduce (above); ``frame`` on an image store. ArgumentError: a bad ``size``, ``normalize``,
             ``method`` or ``frame``. SelectionError: a frame out of range (says the ``qt`` length).
     """
+    require_store(store, "heatmap")
     if method not in HEATMAP_METHODS:
         raise ArgumentError(f"method={method!r}: give one of {list(HEATMAP_METHODS)}")
     frames = _frames(store, frame, method)

@@ -16,9 +16,10 @@ import operator
 
 import torch
 
-from ..errors import ArgumentTypeError, SelectionError
+from ..errors import SelectionError
 from ..store import AttentionStore
 from ..store.records import Sample
+from .measures import require_store
 
 __all__ = ["relation_map"]
 
@@ -46,9 +47,7 @@ def relation_map(store: AttentionStore, relation: str, site, query: int = 0, sam
         StoreError: the store holds no such relation. UnknownSiteError: no such site. SelectionError: ``query``,
             ``sample`` or ``calls`` not indices in range (it says the range).
     """
-    if not isinstance(store, AttentionStore):
-        raise ArgumentTypeError(f"relation_map takes an AttentionStore, got {type(store).__name__} {store!r:.80}"
-                                " (a saved file: AttentionStore.load(path) first)")
+    require_store(store, "relation_map")
     maps = store.relation(relation, site)  # [call, sample, head, query, …]
     if isinstance(sample, Sample):
         sample = store.sample_index(sample)

@@ -25,7 +25,7 @@ import torch
 from .._atomic import atomic_path
 from ..errors import ArgumentError, StoreError, StoreIOError
 from ..store import AttentionStore
-from .measures import heatmap, require_video
+from .measures import heatmap, require_store, require_video
 
 __all__ = ["decoded_frame_index", "frame_heatmaps", "animate_heatmap"]
 
@@ -74,8 +74,9 @@ def frame_heatmaps(store: AttentionStore, concept: str, n_frames: int, size: tup
     ``decoded_frame_index``. Units: attention probability (not normalised).
 
     Raises:
-        As ``heatmap`` and ``decoded_frame_index``.
+        As ``heatmap`` and ``decoded_frame_index`` (ArgumentTypeError: ``store`` is not an ``AttentionStore``).
     """
+    require_store(store, "frame_heatmaps")
     index = decoded_frame_index(store, n_frames)
     maps = heatmap(store, concept, sample, calls=calls, sites=sites, occurrence=occurrence, size=size,
                    generation=generation, frame="all")  # [qt, H, W]
@@ -124,6 +125,7 @@ def animate_heatmap(store: AttentionStore, concept: str, frames, path, *, sample
         The path written.
 
     Raises:
+        ArgumentTypeError: ``store`` is not an ``AttentionStore``.
         StoreError: an image store. ArgumentError: frames that are not one video of the store's decoded frame count;
             a path not ending in ``.gif``, a folder, or in a folder that does not exist; ``fps`` ≤ 0 or ``alpha``
             outside [0, 1]; an unknown ``cmap``. ConceptError: see ``heatmap``. StoreIOError: the file cannot be
@@ -141,6 +143,7 @@ def animate_heatmap(store: AttentionStore, concept: str, frames, path, *, sample
     from matplotlib import colormaps
     from PIL import Image
 
+    require_store(store, "animate_heatmap")
     path = Path(path)
     if path.suffix.lower() != ".gif":
         raise ArgumentError(f"path {str(path)!r}: animate_heatmap writes a GIF; give a path ending in .gif")
