@@ -472,3 +472,24 @@ def test_maps_whose_sum_over_tokens_is_over_one_are_refused(tmp_path):
                     maps={n: torch.full_like(store[n], 0.9) for n in store})
     with pytest.raises(StoreError, match="sum to 69.3, but a query's probabilities sum to at most 1"):
         AttentionStore.load(path)
+
+
+def test_saved_and_streamed_files_get_the_permissions_a_plain_write_gives(tmp_path):
+    """safetensors writes a private (0o600) temporary file and renames it: the store's files get 0o666 less the
+    umask as any written file does, and a file saved over keeps its own permissions."""
+    import stat
+
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    old = os.umask(0o022)
+    try:
+        store = _store()
+        store.save(tmp_path / "s.safetensors")
+        assert mode(tmp_path / "s.safetensors") == 0o644
+        os.chmod(tmp_path / "s.safetensors", 0o640)
+        store.save(tmp_path / "s.safetensors")
+        assert mode(tmp_path / "s.safetensors") == 0o640
+        _stream(tmp_path / "stream")
+        files = [p for p in (tmp_path / "stream").rglob("*") if p.is_file()]
+        assert len(files) > 2 and {mode(p) for p in files} == {0o644}, {p.name: oct(mode(p)) for p in files}
+    finally:
+        os.umask(old)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -57,9 +58,33 @@ def atomic_path(path) -> Iterator[Path]:
     tmp = temporary_path(path)
     try:
         yield tmp
+        _give_mode(tmp, path)
         os.replace(tmp, path)
     finally:
         discard(tmp)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc/self/status``)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_mode(tmp: Path, path: Path) -> None:
+    """The written file gets the permissions of the file it replaces, or those a plain ``open(path, "w")`` gives
+    (0o666 less the umask): safetensors' ``save_file`` writes a private (0o600) temporary file and renames it over
+    ``tmp``, which would make a saved store unreadable to the rest of a group."""
+    try:
+        want = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        want = 0o666 & ~_umask()
+    if stat.S_IMODE(tmp.stat().st_mode) != want:
+        os.chmod(tmp, want)
 
 
 def write_atomic(path, data: bytes) -> Path:
