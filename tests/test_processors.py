@@ -171,6 +171,18 @@ def test_nested_probes_both_record_and_restore_in_any_order():
     pipe("a dog", **GEN)
     a.__exit__(None, None, None); b.__exit__(None, None, None)
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+    # one probe object entered a second time, after its block and inside it: a ProbeError, and the pipeline clean
+    once = attnprobe.probe(pipe, sites="mid_block.*")
+    with once as first:
+        pipe("a dog", **GEN)
+        with pytest.raises(attnprobe.ProbeError, match=r"already entered: a probe records one `with` block"):
+            with once:
+                pass
+    with pytest.raises(attnprobe.ProbeError, match="already entered"):
+        with once:
+            pass
+    assert len(first.calls) == 2 and all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+    assert torch.equal(pipe("a dog", generator=torch.Generator().manual_seed(0), **GEN).images, plain)
 
 
 def _site(heads, scale):

@@ -13,6 +13,7 @@ the ``Recorder`` it opens does the work, ``attnprobe.capture.recorder``).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, Sequence
 
 import torch
@@ -31,7 +32,35 @@ from .sites import SiteSelector, denoiser_of, list_sites, select_sites
 __all__ = ["probe"]
 
 
-@contextlib.contextmanager
+class _OneBlock:
+    """A probe's context manager, which records one ``with`` block: entering it again (after its block, or inside
+    it) raises a ``ProbeError`` saying so, where a generator's context manager fails inside ``contextlib``."""
+
+    def __init__(self, manager) -> None:
+        self._manager, self._entered = manager, False
+
+    def __enter__(self) -> AttentionStore:
+        if self._entered:
+            raise ProbeError("this attnprobe.probe(...) was already entered: a probe records one `with` block and "
+                             "gives one store; call attnprobe.probe(pipe, ...) again for each block")
+        self._entered = True
+        return self._manager.__enter__()
+
+    def __exit__(self, *exc) -> bool:
+        return self._manager.__exit__(*exc)
+
+
+def _one_block(function):
+    manager = contextlib.contextmanager(function)
+
+    @functools.wraps(function)
+    def make(*args, **kwargs) -> _OneBlock:
+        return _OneBlock(manager(*args, **kwargs))
+
+    return make
+
+
+@_one_block
 def probe(
     pipe,
     sites: SiteSelector = None,
@@ -111,7 +140,8 @@ def probe(
             ``"uncond"`` probe); an attention mask at a joint site; no denoiser call (or ``calls`` kept none). ConceptError: a ``tokens`` concept in none of the prompts. StoreError:
             ``stream_to`` is a file or a folder that is not empty; StoreIOError if a shard cannot be written (full disk).
             ProbeError, too, for a video store whose estimated size is over the free memory (or disk), before its first call;
-            for ``relations`` outside ``relations.FAMILIES``, with ``aggregate``/``stream_to``, or over the free memory.
+            for ``relations`` outside ``relations.FAMILIES``, with ``aggregate``/``stream_to``, or over the free memory;
+            and when the object ``probe(...)`` returned is entered a second time (one ``with`` block per probe).
         NoSitesError, UnknownSiteError: see ``list_sites`` / ``select_sites``.
 
     Examples:
