@@ -170,6 +170,8 @@ def test_token_strings_are_readable_text():
 def test_study_refuses_a_bad_grid_before_generating(tmp_path):
     with pytest.raises(ValueError, match="seeds repeat"):
         study(out=tmp_path, concepts=["dog"], seeds=[0, 0], progress=False, echo=False)
+    with pytest.raises(ValueError, match=r"concepts repeat \['dog'\]: each must be given once \(a repeated concept"):
+        study(out=tmp_path, concepts=["dog", "cat", "dog"], seeds=[0], progress=False, echo=False)
     with pytest.raises(ValueError, match="braces"):
         parse_variants("mine=a {c} {x}")
     with pytest.raises(ValueError, match="multiple of 8"):

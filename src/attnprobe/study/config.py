@@ -287,10 +287,11 @@ def check_grid(concepts, seeds, steps, guidance, size) -> None:
     bad = [s for s in seeds if not 0 <= s < 2**63]
     if bad:
         raise ConfigError(f"seeds {bad} are outside 0 … 2**63 − 1 (torch's generator seeds)")
-    for kind, values in (("concepts", concepts), ("seeds", seeds)):
+    for kind, values, why in (("concepts", concepts, "a repeated concept would be run and counted twice"),
+                              ("seeds", seeds, "a repeated seed fakes a narrower interval")):
         repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
         if repeated:
-            raise ConfigError(f"{kind} repeat {repeated}: each must be given once (a repeated seed fakes a narrower interval)")
+            raise ConfigError(f"{kind} repeat {repeated}: each must be given once ({why})")
     if not _whole(steps):
         raise ConfigError(f"steps must be a whole number; got {steps!r}")
     if not 1 <= int(steps) <= MAX_STEPS:
