@@ -225,7 +225,7 @@ def test_a_middle_shard_deleted_names_the_missing_call(tmp_path, finish):
     _stream(tmp_path / "s", calls=5, finish=finish)
     (tmp_path / "s" / "calls" / "00000002.safetensors").unlink()
     with pytest.raises(StoreError, match=r"lacks 1 of .*5 calls.*shards \[2\] \(00000002\.safetensors\).*"
-                                         r"missing_calls='skip'") as info:
+                                         r"join calls that are not consecutive.*missing_calls='skip'") as info:
         AttentionStore.load(tmp_path / "s")
     assert ("denoiser calls [2]" in str(info.value)) == finish  # a finished header says which call it was
     with pytest.warns(attnprobe.AttnprobeWarning, match=r"shards \[2\].*loaded without them"):
@@ -239,7 +239,14 @@ def test_a_middle_shard_deleted_names_the_missing_call(tmp_path, finish):
 def test_the_last_shard_of_a_finished_store_deleted_is_a_gap_too(tmp_path):
     _stream(tmp_path / "s", calls=3)
     (tmp_path / "s" / "calls" / "00000002.safetensors").unlink()
-    with pytest.raises(StoreError, match=r"lacks 1 of the 3 calls its header lists: shards \[2\]"):
+    with pytest.raises(StoreError, match=r"lacks 1 of the 3 calls its header lists: shards \[2\].*would leave out "
+                                         r"its last calls unnoticed"):
+        AttentionStore.load(tmp_path / "s")
+    (tmp_path / "s" / "calls" / "00000000.safetensors").unlink()
+    with pytest.raises(StoreError, match=r"shards \[0, 2\].*would leave out its first and last calls unnoticed"):
+        AttentionStore.load(tmp_path / "s")
+    (tmp_path / "s" / "calls" / "00000001.safetensors").unlink()
+    with pytest.raises(StoreError, match=r"lacks 3 of the 3 calls.*no shard of a call is left to load$"):
         AttentionStore.load(tmp_path / "s")
 
 
@@ -493,3 +500,26 @@ def test_saved_and_streamed_files_get_the_permissions_a_plain_write_gives(tmp_pa
         assert len(files) > 2 and {mode(p) for p in files} == {0o644}, {p.name: oct(mode(p)) for p in files}
     finally:
         os.umask(old)
+
+
+def test_a_streamed_stores_header_given_as_the_store_points_to_its_folder(tmp_path):
+    _stream(tmp_path / "s")
+    with pytest.raises(StoreError, match=r"attnprobe.json' is the header of a streamed store: load its folder, "
+                                         r"AttentionStore.load\('.*/s'\)"):
+        AttentionStore.load(tmp_path / "s" / "attnprobe.json")
+
+
+def test_a_concept_where_token_positions_go_says_where_its_positions_come_from():
+    store = _store()
+    with pytest.raises(attnprobe.ArgumentTypeError, match=r"token positions must be .*got the string 'dog': a "
+                                                          r"concept's positions are store.token_indices"):
+        store.maps(store.site_names[0], tokens="dog")
+
+
+def test_save_to_a_path_ending_with_a_separator_is_refused(tmp_path):
+    """``Path("new/")`` is ``Path("new")``: saving there would make a file named like the folder that was meant."""
+    with pytest.raises(StoreError, match=r"new/' ends with a path separator, as a folder does; give a file name such "
+                                         r"as '.*new/store.safetensors'"):
+        _store().save(f"{tmp_path}/new/")
+    assert not (tmp_path / "new").exists()
+    assert _store().save(tmp_path / "made" / "s.safetensors").is_file()  # a missing folder is made

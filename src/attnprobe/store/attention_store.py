@@ -376,8 +376,9 @@ class AttentionStore:
         store and never harms a file already at ``path``. No pickle is involved. Returns the path.
 
         Raises:
-            StoreError: ``path`` is a folder. StoreIOError (a StoreError and an OSError): the file could not be
-                written (full disk, missing or read-only folder, permission); the message names the path and cause.
+            StoreError: ``path`` is a folder, or ends with a path separator. StoreIOError (a StoreError and an
+                OSError): the file could not be written (full disk, a folder that cannot be made, read-only,
+                permission); the message names the path and cause. A missing folder is made.
             ArgumentTypeError: ``path`` is not a str or ``os.PathLike``.
         """
         return save_file(self, path)

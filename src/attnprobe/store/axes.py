@@ -42,6 +42,10 @@ def positions(axis: str, chosen, length: int) -> list[int] | None:
         return list(range(length))[chosen]
     if as_index(chosen) is not None:
         chosen = [chosen]
+    if isinstance(chosen, str):  # a concept given where positions go: its letters are not positions
+        hint = (": a concept's positions are store.token_indices(sample, concept)" if axis == "token" else "")
+        raise ArgumentTypeError(f"{axis} positions must be an int, a slice or a list of ints; got the string "
+                                f"{chosen!r}{hint}")
     try:
         items = list(chosen.tolist() if isinstance(chosen, (np.ndarray, torch.Tensor)) else chosen)
     except TypeError:

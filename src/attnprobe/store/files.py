@@ -73,9 +73,13 @@ def save(store, path) -> Path:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path = _as_path(path, "store.save")
+    given, path = path, _as_path(path, "store.save")
+    given = os.fspath(given)
     if path.is_dir():
         raise StoreError(f"{str(path)!r} is a folder; give a file name such as {str(path / 'store.safetensors')!r}")
+    if isinstance(given, str) and given.endswith(("/", os.sep)):  # Path() drops the separator, making it a file name
+        raise StoreError(f"{given!r} ends with a path separator, as a folder does; give a file name such as "
+                         f"{str(path / 'store.safetensors')!r}")
     tensors = {name: store[name].contiguous() for name in store.site_names}
     tensors.update({f"{_RELATION}{relation}/{module}": m.contiguous()
                     for relation, maps in store.relations.items() for module, m in maps.items()})
@@ -103,6 +107,9 @@ def load(cls, path, verify: bool = True, missing_calls: str = "error"):
         return _open_folder(cls, path, verify, missing_calls)
     if not path.is_file():
         raise StoreError(f"no store file or folder at {str(path)!r}")
+    if path.name == HEADER and (path.parent / "calls").is_dir():
+        raise StoreError(f"{str(path)!r} is the header of a streamed store: load its folder, "
+                         f"AttentionStore.load({str(path.parent)!r})")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -257,9 +264,16 @@ def _gap(folder: Path, listed, numbers: list, complete: bool, missing_calls: str
             "so a shard was deleted or lost" if not complete else
             f"{str(folder)!r} lacks {len(missing)} of the {total} calls its header lists: {which}")
     if missing_calls == "error":
-        raise StoreError(f"{what}; loading the rest would join calls that are not consecutive. "
-                         "AttentionStore.load(path, missing_calls='skip') loads the other calls and lists the missing "
-                         "ones in store.meta['missing_calls']")
+        if not known:
+            raise StoreError(f"{what}; no shard of a call is left to load")
+        ends = " and ".join(end for end, cut in (("first", missing[0] < min(known)), ("last", missing[-1] > max(known)))
+                            if cut)
+        if any(min(known) < n < max(known) for n in missing):
+            harm = "join calls that are not consecutive"
+        else:
+            harm = f"leave out its {ends} calls unnoticed"
+        raise StoreError(f"{what}; loading the rest would {harm}. AttentionStore.load(path, missing_calls='skip') "
+                         "loads the other calls and lists the missing ones in store.meta['missing_calls']")
     warn(f"{what}; loaded without them (missing_calls='skip'): store.meta['missing_calls'] lists them")
     listed.meta["missing_calls"] = missing
     return missing
