@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
@@ -549,6 +550,14 @@ def test_a_calls_predicate_that_fails_says_so():
     with pytest.raises(ProbeError, match=r"must take \(index, timestep\)"):
         with attnprobe.probe(pipe, calls=lambda i: i < 2):
             pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+    # what is not a bool would keep every call it is truthy for: refused, naming what came back
+    with pytest.raises(ProbeError, match=r"must return a bool; called with \(0, .*\) it returned str 'no'"):
+        with attnprobe.probe(pipe, calls=lambda i, t: "no"):
+            pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+    for answer in (lambda i, t: torch.tensor(i) < 1, lambda i, t: np.int64(i) < 1):  # torch's and numpy's bools
+        with attnprobe.probe(pipe, calls=answer) as store:
+            pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+        assert [c.index for c in store.calls] == [0]
     with pytest.raises(ProbeError, match="meta"):
         attnprobe.probe(pipe, device="meta").__enter__()
     with pytest.raises(ProbeError, match="float8"):

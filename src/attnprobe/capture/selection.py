@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
+import torch
+
 from ..errors import ConceptError, ProbeError
 from ..text.tokens import TokenLayout, find_concept
 
@@ -37,18 +40,26 @@ def call_filter(calls) -> CallFilter | None:
 
     Raises:
         ProbeError: anything else, or negative indices (the number of calls is not known while generating); a
-            predicate that raises when called (a wrong signature), at that denoiser call.
+            predicate that raises when called (a wrong signature), or returns anything but a bool (Python's,
+            numpy's or a one-element bool tensor), at that denoiser call.
     """
     if calls is None:
         return None
     if callable(calls) and not isinstance(calls, (range, slice)):
         def keep(index: int, timestep: float) -> bool:
             try:
-                return bool(calls(index, timestep))
+                answer = calls(index, timestep)
             except Exception as exc:  # inside the denoiser's hook: say what is wrong with the predicate, not where
                 raise ProbeError(
                     f"calls={calls!r}: the predicate must take (index, timestep) and return a bool; called with "
                     f"({index}, {timestep}) it raised {type(exc).__name__}: {exc}") from exc
+            if isinstance(answer, torch.Tensor) and answer.dtype == torch.bool and answer.numel() == 1:
+                answer = bool(answer)
+            if not isinstance(answer, (bool, np.bool_)):  # "no" or a list would keep every call without a word
+                raise ProbeError(
+                    f"calls={calls!r}: the predicate must return a bool; called with ({index}, {timestep}) it returned "
+                    f"{type(answer).__name__} {answer!r:.60}")
+            return bool(answer)
         return keep
     if _is_int(calls):
         calls = [calls]
