@@ -232,3 +232,29 @@ def test_a_study_that_cannot_start_leaves_its_folder_alone(tmp_path):
                      progress=False, echo=False)
     assert (tmp_path / "old" / "summary.csv").read_text() == "earlier results"
     assert not (tmp_path / "new").exists()
+
+
+def test_sigterm_stops_the_study_cli_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """SIGTERM (SLURM's, docker's) during a cell: the finished generation is merged into the tables, the command
+    says so and exits with 143, and SIGTERM's handler is given back."""
+    import os
+    import signal
+
+    from attnprobe.study.cli import main
+
+    st = importlib.import_module("attnprobe.study.measure")
+    real, seen = st.measure_cell, []
+
+    def terminated_on_second(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(st, "measure_cell", terminated_on_second)
+    before = signal.getsignal(signal.SIGTERM)
+    code = main(["study", "--model", "tiny", "--concepts", "dog,cat", "--seeds", "0", "--steps", "2",
+                 "--out", str(tmp_path), "--no-progress"])
+    assert code == 143 and signal.getsignal(signal.SIGTERM) is before
+    assert "attnprobe: terminated (SIGTERM); every finished generation is kept" in capsys.readouterr().err
+    assert (tmp_path / "auc.csv").read_text().count("\ntiny,dog,") == 4  # the first generation's 4 variants

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 
 from .._version import __version__
@@ -139,13 +141,36 @@ def _quiet_libraries() -> None:
         pass
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, docker and kill send before SIGKILL), taken as Ctrl-C is: the study merges what
+    finished before it stops."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    def stop(signum, frame):
+        raise _Terminated
+
+    try:
+        before = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``attnprobe`` command. Returns the exit status (2 on a user error)."""
+    """Entry point of the ``attnprobe`` command. Returns the exit status (2 on a user error; 130 after Ctrl-C and
+    143 after SIGTERM, once the study has merged what finished)."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         if args.command == "study":
-            result = run.study(**_study_arguments(args))
+            with _terminate_as_interrupt():
+                result = run.study(**_study_arguments(args))
             return 1 if result.failures and not result.aucs else 0
         if args.command == "report":
             print(f"wrote {rewrite_page(args.dir)}")
@@ -159,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     except AttnprobeError as exc:
         print(f"attnprobe: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("attnprobe: interrupted; every finished generation is kept: run the same command again to resume",
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"attnprobe: {how}; every finished generation is kept: run the same command again to resume",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
     return 0
 
 

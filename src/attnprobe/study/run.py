@@ -325,7 +325,7 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
     where = f" [process {procs.rank + 1}/{procs.world}]" if procs.world > 1 else ""
     bar = tqdm(total=len(mine), desc=f"attnprobe study{where}", unit="cell", disable=not progress, file=sys.stderr,
                position=procs.rank)
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None  # raised again once what finished is merged
     try:
         for cell in mine:
             bar.set_postfix_str(f"{cell.concept}, {'text' if cell.seed is None else f'seed {cell.seed}'}")
@@ -365,8 +365,8 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
                     pass  # the console line below still says it
                 tqdm.write(f"attnprobe study: {cell.describe()} failed: {first_line(exc)}", file=sys.stderr)
             bar.update()
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupted = exc
         tqdm.write("attnprobe study: interrupted; what finished is kept (run again to resume)", file=sys.stderr)
     finally:
         bar.close()
@@ -374,7 +374,7 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
         line = done_line(counts["done"], skipped if procs.is_main else 0, counts["failed"], counts["partial"])
         print(f"attnprobe study{where}: {line}", file=sys.stderr)
         if interrupted:
-            raise KeyboardInterrupt
+            raise interrupted
         procs.wait()  # every process's cells are written: the main process merges them
     if not procs.is_main:
         return StudyResult(out=out, done=counts["done"], failed=counts["failed"], partial=counts["partial"])
@@ -391,7 +391,7 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
                              size=shown, frames=plan.frames, scorer=scorer_name, scorer_kind=scorer_kind(plan.scorer),
                              random_weights=[m for m in plan.models if m in TINY_MODELS]))
     if interrupted:
-        raise KeyboardInterrupt
+        raise interrupted
     return result
 
 
