@@ -143,6 +143,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"TINY_HUNYUANVIDEO_TEMPLATE"})
+
+
 @quiet_notes()
 def tiny_hunyuanvideo_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``HunyuanVideoPipeline`` with HunyuanVideo's structure: a 1-layer token refiner, 1 double-stream block
