@@ -4,6 +4,9 @@ independent recompute, restore in every exit path, batch layout, call counting, 
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -168,6 +171,26 @@ def test_no_denoiser_call_raises_and_restores(sd_pipe, assert_clean, processors_
     assert_clean(sd_pipe, before)
     assert issubclass(NoDenoiserCallError, ProbeError)  # except ProbeError keeps catching it
 
+
+
+NEVER_EXITED = """
+import sys, attnprobe
+from attnprobe.testing import tiny_sd_pipeline
+pipe = tiny_sd_pipeline()
+block = attnprobe.probe(pipe, heads="mean", stream_to=sys.argv[1])
+store = block.__enter__()
+pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+"""
+
+
+def test_a_probe_never_exited_is_closed_at_interpreter_exit(tmp_path):
+    # left to the interpreter's teardown, the probe's generator ran torch after torch's clean-up: a C++ abort
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, "-c", NEVER_EXITED, str(tmp_path / "maps")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
+    assert "entered and never exited: closed at interpreter exit" in done.stderr
+    assert len(attnprobe.AttentionStore.load(tmp_path / "maps").calls) == 2  # its streamed calls are whole
 
 @pytest.mark.parametrize(
     "options, match",

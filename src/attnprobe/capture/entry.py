@@ -12,13 +12,15 @@ the ``Recorder`` it opens does the work, ``attnprobe.capture.recorder``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import weakref
 from typing import Iterator, Sequence
 
 import torch
 
-from ..errors import ProbeError
+from ..errors import ProbeError, warn
 from ..store import AttentionStore
 from ..store.files import json_safe
 from .families import checked_family, family_of
@@ -44,10 +46,30 @@ class _OneBlock:
             raise ProbeError("this attnprobe.probe(...) was already entered: a probe records one `with` block and "
                              "gives one store; call attnprobe.probe(pipe, ...) again for each block")
         self._entered = True
-        return self._manager.__enter__()
+        store = self._manager.__enter__()
+        _OPEN.add(self)
+        return store
 
     def __exit__(self, *exc) -> bool:
+        _OPEN.discard(self)
         return self._manager.__exit__(*exc)
+
+
+#: probes entered (``probe(...).__enter__()``) and not yet exited
+_OPEN: "weakref.WeakSet[_OneBlock]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_probes() -> None:
+    """Close, as an interrupted block, every probe still open when the interpreter exits: left to the interpreter's
+    teardown, its generator runs torch after torch has begun to clean up, and the process aborts in C++."""
+    for block in list(_OPEN):
+        warn("an attnprobe.probe(...) was entered and never exited: closed at interpreter exit as an interrupted "
+             "block (its whole calls kept, the processors restored)")
+        try:
+            block.__exit__(GeneratorExit, GeneratorExit(), None)
+        except Exception as error:  # noqa: BLE001 - one probe's failure must not keep the others open
+            warn(f"closing that probe at interpreter exit failed: {type(error).__name__}: {error}")
 
 
 def _one_block(function):
