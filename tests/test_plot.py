@@ -6,7 +6,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 
-from attnprobe.analysis.figures import plot_delta_auc, plot_heatmaps, plot_site_call_grid, plot_text_similarity, plot_trajectories  # noqa: E402
+from attnprobe.analysis.figures import plot_delta_auc, plot_heatmaps, plot_presence, plot_site_call_grid, plot_text_similarity, plot_trajectories  # noqa: E402
 from attnprobe.testing import synthetic_store  # noqa: E402
 
 
@@ -62,3 +62,15 @@ def test_custom_variants_keep_distinct_colours_in_every_figure():
     fig = plot_text_similarity(rows)
     colours = [line.get_color() for line in fig.axes[0].lines if line.get_label() in ("mine", "yours")]
     assert len(set(colours)) == 2
+
+
+def test_presence_labels_of_near_points_do_not_overlap():
+    # three concepts of one variant a hair apart on the same Δ presence: their labels ran into one another
+    rows = [dict(concept=c, variant="instruction", delta_auc_last=x, ci_low_last=x - 0.001, ci_high_last=x + 0.001,
+                 delta_presence=0.0, ci_low_presence=-0.1, ci_high_presence=0.1)
+            for c, x in (("green square", -0.0330), ("red circle", -0.0325), ("blue triangle", -0.0320))]
+    fig = plot_presence(rows, scorer="shapes")
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["green square", "red circle", "blue triangle"]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

@@ -179,7 +179,7 @@ def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
         v, lo, hi = (float(r.get(k, float("nan"))) for k in (value, low, high))
         return [[_err_length(v, lo)], [_err_length(hi, v)]]
 
-    handles = []
+    handles, labels = [], []
     for k, variant in enumerate(variants):
         mine = [r for r in rows if r["variant"] == variant]
         marker = markers[k % len(markers)]
@@ -189,8 +189,9 @@ def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
                         yerr=err(r, "delta_presence", "ci_low_presence", "ci_high_presence"),
                         fmt=marker, color=colours[variant], ms=5, capsize=2, lw=0.8)
             # each variant's labels on their own line beside the point: points that coincide keep readable labels
-            ax.annotate(shorten(r["concept"], 20), (r["delta_auc_last"], r["delta_presence"]), fontsize=6, alpha=0.8,
-                        color=colours[variant], xytext=(4, 4 - 8 * k), textcoords="offset points")
+            labels.append(ax.annotate(shorten(r["concept"], 20), (r["delta_auc_last"], r["delta_presence"]),
+                                      fontsize=6, alpha=0.8, color=colours[variant], xytext=(4, 4 - 8 * k),
+                                      textcoords="offset points"))
         handles.append(plt.Line2D([], [], ls="none", marker=marker, color=colours[variant], ms=5, label=variant))
     ax.axhline(0, color="black", lw=0.8)
     ax.axvline(0, color="black", lw=0.8)
@@ -201,7 +202,29 @@ def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
+    _apart(fig, labels)
     return fig
+
+
+def _apart(fig, labels: list, step: float = 7.0, tries: int = 6) -> None:
+    """Move each annotation down or up by ``step`` points (0, -1, +1, -2, … steps) until its box overlaps none of
+    those placed before it (points a few pixels apart in x otherwise run their labels together); one that finds no
+    free place within ``tries`` steps stays where it was asked to be."""
+    get_renderer = getattr(fig.canvas, "get_renderer", None)
+    if get_renderer is None:
+        return
+    renderer, placed = get_renderer(), []
+    for label in labels:
+        x, y = label.xyann
+        for dy in [0.0] + [sign * i * step for i in range(1, tries + 1) for sign in (-1, 1)]:
+            label.xyann = (x, y + dy)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        else:
+            label.xyann = (x, y)
+            box = label.get_window_extent(renderer)
+        placed.append(box)
 
 
 def plot_heatmaps(images: Mapping[str, object], maps: Mapping[str, Mapping[str, np.ndarray]]):
