@@ -189,7 +189,7 @@ def test_a_probe_never_exited_is_closed_at_interpreter_exit(tmp_path):
     done = subprocess.run([sys.executable, "-c", NEVER_EXITED, str(tmp_path / "maps")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
-    assert "entered and never exited: closed at interpreter exit" in done.stderr
+    assert "was entered and never exited: closed at interpreter exit" in done.stderr
     assert len(attnprobe.AttentionStore.load(tmp_path / "maps").calls) == 2  # its streamed calls are whole
 
 @pytest.mark.parametrize(

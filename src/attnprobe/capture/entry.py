@@ -64,8 +64,8 @@ def _close_open_probes() -> None:
     """Close, as an interrupted block, every probe still open when the interpreter exits: left to the interpreter's
     teardown, its generator runs torch after torch has begun to clean up, and the process aborts in C++."""
     for block in list(_OPEN):
-        warn("an attnprobe.probe(...) was entered and never exited: closed at interpreter exit as an interrupted "
-             "block (its whole calls kept, the processors restored)")
+        warn("a probe (attnprobe.probe(...), or the one concept_attention(...) opens) was entered and never exited: "
+             "closed at interpreter exit as an interrupted block (its whole calls kept, the processors restored)")
         try:
             block.__exit__(GeneratorExit, GeneratorExit(), None)
         except Exception as error:  # noqa: BLE001 - one probe's failure must not keep the others open
