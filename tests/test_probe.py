@@ -174,23 +174,39 @@ def test_no_denoiser_call_raises_and_restores(sd_pipe, assert_clean, processors_
 
 
 NEVER_EXITED = """
-import sys, attnprobe
+import os, sys, attnprobe
 from attnprobe.testing import tiny_sd_pipeline
-pipe = tiny_sd_pipeline()
-block = attnprobe.probe(pipe, heads="mean", stream_to=sys.argv[1])
-store = block.__enter__()
+pipe, other = tiny_sd_pipeline(), tiny_sd_pipeline()
+store = attnprobe.probe(pipe, heads="mean", stream_to=sys.argv[1]).__enter__()  # the block object is not kept
 pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+block = attnprobe.probe(other, heads="mean", stream_to=sys.argv[2])
+block.__enter__()
+other("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+go, wait = os.pipe()
+if os.fork() == 0:  # a forked child (a data-loader worker) that exits after its parent closed the probe
+    os.read(go, 1)
+    sys.exit(0)
+block.__exit__(None, None, None)
+os.write(wait, b"x")
+os.wait()
 """
 
 
 def test_a_probe_never_exited_is_closed_at_interpreter_exit(tmp_path):
-    # left to the interpreter's teardown, the probe's generator ran torch after torch's clean-up: a C++ abort
+    # left to the interpreter's teardown, the probe's generator ran torch after torch's clean-up: a C++ abort; a probe
+    # whose block object was not kept was closed by the garbage collector at once; a forked child's exit rewrote the
+    # parent's store as interrupted
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run([sys.executable, "-c", NEVER_EXITED, str(tmp_path / "maps")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", NEVER_EXITED, str(tmp_path / "open"), str(tmp_path / "closed")],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
-    assert "was entered and never exited: closed at interpreter exit" in done.stderr
-    assert len(attnprobe.AttentionStore.load(tmp_path / "maps").calls) == 2  # its streamed calls are whole
+    assert done.stderr.count("was entered and never exited: closed at interpreter exit") == 1, done.stderr[-2000:]
+    assert f"2 call(s), streamed to {tmp_path / 'open'})" in done.stderr
+    kept = attnprobe.AttentionStore.load(tmp_path / "open")
+    assert len(kept.calls) == 2 and kept.meta["complete"] is False  # its streamed calls are whole
+    closed = attnprobe.AttentionStore.load(tmp_path / "closed")
+    assert len(closed.calls) == 2 and closed.meta["complete"] is True
+
 
 @pytest.mark.parametrize(
     "options, match",

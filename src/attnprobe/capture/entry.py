@@ -15,7 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import weakref
+import os
 from typing import Iterator, Sequence
 
 import torch
@@ -39,33 +39,37 @@ class _OneBlock:
     it) raises a ``ProbeError`` saying so, where a generator's context manager fails inside ``contextlib``."""
 
     def __init__(self, manager) -> None:
-        self._manager, self._entered = manager, False
+        self._manager, self._entered, self._store, self._pid = manager, False, None, None
 
     def __enter__(self) -> AttentionStore:
         if self._entered:
             raise ProbeError("this attnprobe.probe(...) was already entered: a probe records one `with` block and "
                              "gives one store; call attnprobe.probe(pipe, ...) again for each block")
         self._entered = True
-        store = self._manager.__enter__()
-        _OPEN.add(self)
-        return store
+        self._store, self._pid = self._manager.__enter__(), os.getpid()
+        _OPEN.add(self)  # held here: `store = probe(pipe).__enter__()` keeps recording until its exit
+        return self._store
 
     def __exit__(self, *exc) -> bool:
         _OPEN.discard(self)
         return self._manager.__exit__(*exc)
 
 
-#: probes entered (``probe(...).__enter__()``) and not yet exited
-_OPEN: "weakref.WeakSet[_OneBlock]" = weakref.WeakSet()
+#: probes entered and not yet exited
+_OPEN: "set[_OneBlock]" = set()
 
 
 @atexit.register
 def _close_open_probes() -> None:
     """Close, as an interrupted block, every probe still open when the interpreter exits: left to the interpreter's
-    teardown, its generator runs torch after torch has begun to clean up, and the process aborts in C++."""
+    teardown, its generator runs torch after torch has begun to clean up, and the process aborts in C++. A forked
+    child closes its copies without a word (and without writing: ``probe`` finishes a store in its own process only)."""
     for block in list(_OPEN):
-        warn("a probe (attnprobe.probe(...), or the one concept_attention(...) opens) was entered and never exited: "
-             "closed at interpreter exit as an interrupted block (its whole calls kept, the processors restored)")
+        if block._pid == os.getpid():
+            where = f"streamed to {block._store.folder}" if block._store.folder else "in memory"
+            warn(f"a probe (attnprobe.probe(...), or the one concept_attention(...) opens; {len(block._store.calls)} "
+                 f"call(s), {where}) was entered and never exited: closed at interpreter exit as an interrupted block "
+                 "(its whole calls kept, the processors restored)")
         try:
             block.__exit__(GeneratorExit, GeneratorExit(), None)
         except Exception as error:  # noqa: BLE001 - one probe's failure must not keep the others open
@@ -192,11 +196,13 @@ def probe(
             "(its tokenizer is used), not its denoiser"
         )
     recorder.install()
+    owner = os.getpid()
     try:
         try:
             yield recorder.store
         except BaseException:
-            recorder.finish(complete=False)  # keep whole calls only; the error that ended the block goes on
+            if os.getpid() == owner:  # a forked child's copy, closed at its exit, must not rewrite the store's files
+                recorder.finish(complete=False)  # keep whole calls only; the error that ended the block goes on
             raise
         recorder.finish(complete=True)
     finally:
