@@ -172,6 +172,11 @@ def test_study_refuses_a_bad_grid_before_generating(tmp_path):
         study(out=tmp_path, concepts=["dog"], seeds=[0, 0], progress=False, echo=False)
     with pytest.raises(ValueError, match=r"concepts repeat \['dog'\]: each must be given once \(a repeated concept"):
         study(out=tmp_path, concepts=["dog", "cat", "dog"], seeds=[0], progress=False, echo=False)
+    with pytest.raises(ValueError, match=r"concepts repeat \['garbage truck'\] \(spaces aside\)"):  # as a study file gives them
+        study(out=tmp_path, concepts=["garbage truck", "garbage  truck "], seeds=[0], progress=False, echo=False)
+    with pytest.raises(ValueError, match="concepts 'red circle' and 'Red Circle' are the same tokens for this model's "
+                                         r"tokenizer \(CLIP's lowercases\)"):
+        study(out=tmp_path, concepts=["red circle", "Red Circle"], seeds=[0], progress=False, echo=False)
     with pytest.raises(ValueError, match="braces"):
         parse_variants("mine=a {c} {x}")
     with pytest.raises(ValueError, match="multiple of 8"):

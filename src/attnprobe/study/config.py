@@ -273,7 +273,7 @@ def check_grid(concepts, seeds, steps, guidance, size) -> None:
     """Refuse a grid that cannot run, before anything is loaded.
 
     Raises:
-        ConfigError (a ValueError): no concept or seed; a blank concept; a concept or seed given twice (a repeated seed fakes a
+        ConfigError (a ValueError): no concept or seed; a blank concept; a concept (spaces aside) or seed given twice (a repeated seed fakes a
             narrower interval); a seed outside 0 … 2**63 − 1; steps not a whole number in 1 … ``MAX_STEPS`` (1000);
             guidance not finite or < 0; a size (pixels) that is not a positive multiple of 8 or is over ``MAX_SIZE``
             (4096).
@@ -287,11 +287,13 @@ def check_grid(concepts, seeds, steps, guidance, size) -> None:
     bad = [s for s in seeds if not 0 <= s < 2**63]
     if bad:
         raise ConfigError(f"seeds {bad} are outside 0 … 2**63 − 1 (torch's generator seeds)")
-    for kind, values, why in (("concepts", concepts, "a repeated concept would be run and counted twice"),
+    words = [" ".join(c.split()) for c in concepts]  # "dog " and "garbage  truck" are "dog" and "garbage truck"
+    for kind, values, why in (("concepts", words, "a repeated concept would be run and counted twice"),
                               ("seeds", seeds, "a repeated seed fakes a narrower interval")):
         repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
         if repeated:
-            raise ConfigError(f"{kind} repeat {repeated}: each must be given once ({why})")
+            spaces = " (spaces aside)" if kind == "concepts" and len(set(concepts)) > len(set(words)) else ""
+            raise ConfigError(f"{kind} repeat {repeated}{spaces}: each must be given once ({why})")
     if not _whole(steps):
         raise ConfigError(f"steps must be a whole number; got {steps!r}")
     if not 1 <= int(steps) <= MAX_STEPS:

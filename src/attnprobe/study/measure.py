@@ -184,10 +184,21 @@ def check_makes_images(pipe) -> None:
 
 
 def check_prompts(pipe, concepts, variants) -> None:
-    """Every concept must be found (whole words) in every variant's prompt, before anything is generated."""
+    """Every concept must be found (whole words) in every variant's prompt, and no two concepts may be the same tokens
+    for every tokenizer of the pipeline ("dog" and "Dog" for CLIP, which lowercases), before anything is generated."""
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
     if tokenizer is None:
         return
+    tokenizers = [t for t in (getattr(pipe, n, None) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")) if t]
+    seen: dict[tuple, str] = {}
+    for concept in concepts:
+        ids = tuple(tuple(t(concept, add_special_tokens=False).input_ids) for t in tokenizers)
+        if ids in seen:
+            case = " (CLIP's lowercases)" if seen[ids].lower() != seen[ids] or concept.lower() != concept else ""
+            raise ConfigError(f"concepts {seen[ids]!r} and {concept!r} are the same tokens for this model's "
+                              f"tokenizer{'s' if len(tokenizers) > 1 else ''}{case}: one concept would be run and "
+                              "counted twice; give it once")
+        seen[ids] = concept
     problems, cut = [], {}
     limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
     for concept in concepts:
