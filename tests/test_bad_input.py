@@ -256,10 +256,34 @@ def test_sigterm_stops_the_study_cli_as_ctrl_c_does(tmp_path, monkeypatch, capsy
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
+    run = importlib.import_module("attnprobe.study.run")
+    merge = run._merge
+
+    def terminated_again(*args, **kwargs):  # a second SIGTERM, while what finished is merged, is not obeyed
+        os.kill(os.getpid(), signal.SIGTERM)
+        return merge(*args, **kwargs)
+
     monkeypatch.setattr(st, "measure_cell", terminated_on_second)
+    monkeypatch.setattr(run, "_merge", terminated_again)
     before = signal.getsignal(signal.SIGTERM)
     code = main(["study", "--model", "tiny", "--concepts", "dog,cat", "--seeds", "0", "--steps", "2",
                  "--out", str(tmp_path), "--no-progress"])
     assert code == 143 and signal.getsignal(signal.SIGTERM) is before
-    assert "attnprobe: terminated (SIGTERM); every finished generation is kept" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "attnprobe study: terminated (SIGTERM); what finished is kept" in err
+    assert "attnprobe: terminated (SIGTERM); every finished generation is kept" in err
     assert (tmp_path / "auc.csv").read_text().count("\ntiny,dog,") == 4  # the first generation's 4 variants
+
+
+def test_an_interrupt_during_the_merge_says_the_merge_was_not_made(tmp_path, monkeypatch, capsys):
+    run = importlib.import_module("attnprobe.study.run")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_merge", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.study(out=tmp_path, model="tiny", concepts=["dog"], seeds=[0], steps=2, variants="baseline,instruction",
+                  progress=False, echo=False)
+    assert "stopped while merging: the tables, figures and report are the previous merge's" in capsys.readouterr().err
+    assert not (tmp_path / "auc.csv").exists() and list((tmp_path / "cells").rglob("*.safetensors"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 
@@ -149,7 +150,11 @@ class _Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def _terminate_as_interrupt():
     def stop(signum, frame):
-        raise _Terminated
+        signal.signal(signal.SIGTERM, again)  # a second SIGTERM must not cut the merge of what finished
+        raise _Terminated("terminated (SIGTERM)")
+
+    def again(signum, frame):
+        os.write(2, b"attnprobe: SIGTERM again: still merging what finished (SIGKILL stops at once)\n")
 
     try:
         before = signal.signal(signal.SIGTERM, stop)

@@ -367,7 +367,8 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
             bar.update()
     except KeyboardInterrupt as exc:
         interrupted = exc
-        tqdm.write("attnprobe study: interrupted; what finished is kept (run again to resume)", file=sys.stderr)
+        tqdm.write(f"attnprobe study: {exc or 'interrupted'}; what finished is kept (run again to resume)",
+                   file=sys.stderr)
     finally:
         bar.close()
     if procs.world > 1:
@@ -379,11 +380,16 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
     if not procs.is_main:
         return StudyResult(out=out, done=counts["done"], failed=counts["failed"], partial=counts["partial"])
     scorer_name = getattr(plan.scorer, "name", None)
-    with writing(out, then="every table and figure is whole (the previous merge's, or this one's where it was already "
-                      "in place) and every finished generation is kept: run the same command again to merge"):
-        result = _merge(out, cells, plan.models, plan.concepts, plan.seeds, list(plan.variants) + list(plan.rows),
-                        scorer_name=scorer_name, settings=key, presence_range=checked_range(plan.scorer),
-                        interventions=list(plan.rows))
+    try:
+        with writing(out, then="every table and figure is whole (the previous merge's, or this one's where it was "
+                          "already in place) and every finished generation is kept: run the same command again to merge"):
+            result = _merge(out, cells, plan.models, plan.concepts, plan.seeds, list(plan.variants) + list(plan.rows),
+                            scorer_name=scorer_name, settings=key, presence_range=checked_range(plan.scorer),
+                            interventions=list(plan.rows))
+    except KeyboardInterrupt:
+        tqdm.write("attnprobe study: stopped while merging: the tables, figures and report are the previous merge's "
+                   "(none if there was none); run the same command again to merge", file=sys.stderr)
+        raise
     result.skipped = skipped
     if echo:
         shown = plan.size or (measure.default_size(pipe, plan.models[0]) if len(plan.models) == 1 and pipe else "native")
