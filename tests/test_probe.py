@@ -593,7 +593,9 @@ def test_a_calls_predicate_that_fails_says_so():
     with pytest.raises(ProbeError, match=r"must return a bool; called with \(0, .*\) it returned str 'no'"):
         with attnprobe.probe(pipe, calls=lambda i, t: "no"):
             pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
-    for answer in (lambda i, t: torch.tensor(i) < 1, lambda i, t: np.int64(i) < 1):  # torch's and numpy's bools
+    # torch's and numpy's bools (a 0-d array too); numpy's ints as indices
+    for answer in (lambda i, t: torch.tensor(i) < 1, lambda i, t: np.int64(i) < 1, lambda i, t: np.array(i < 1),
+                   np.arange(0, 1), [np.int64(0)], np.int32(0)):
         with attnprobe.probe(pipe, calls=answer) as store:
             pipe("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
         assert [c.index for c in store.calls] == [0]

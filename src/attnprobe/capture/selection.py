@@ -25,7 +25,8 @@ CallFilter = Callable[[int, float], bool]
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Python's or numpy's int, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def call_filter(calls) -> CallFilter | None:
@@ -35,13 +36,13 @@ def call_filter(calls) -> CallFilter | None:
     probe); ``timestep`` is the scheduler timestep the denoiser got.
 
     Args:
-        calls: ``None`` (all), an int, a sequence or ``range`` of ints, a ``slice`` (``slice(0, 10, 2)``), or a
-            callable ``(index, timestep) -> bool`` (e.g. ``lambda i, t: t > 500``).
+        calls: ``None`` (all), an int, a sequence, ``range`` or 1-D numpy array of ints (numpy's too), a ``slice``
+            (``slice(0, 10, 2)``), or a callable ``(index, timestep) -> bool`` (e.g. ``lambda i, t: t > 500``).
 
     Raises:
         ProbeError: anything else, or negative indices (the number of calls is not known while generating); a
             predicate that raises when called (a wrong signature), or returns anything but a bool (Python's,
-            numpy's or a one-element bool tensor), at that denoiser call.
+            numpy's, or a one-element bool tensor or array), at that denoiser call.
     """
     if calls is None:
         return None
@@ -53,7 +54,8 @@ def call_filter(calls) -> CallFilter | None:
                 raise ProbeError(
                     f"calls={calls!r}: the predicate must take (index, timestep) and return a bool; called with "
                     f"({index}, {timestep}) it raised {type(exc).__name__}: {exc}") from exc
-            if isinstance(answer, torch.Tensor) and answer.dtype == torch.bool and answer.numel() == 1:
+            if ((isinstance(answer, torch.Tensor) and answer.dtype == torch.bool and answer.numel() == 1)
+                    or (isinstance(answer, np.ndarray) and answer.dtype == np.bool_ and answer.size == 1)):
                 answer = bool(answer)
             if not isinstance(answer, (bool, np.bool_)):  # "no" or a list would keep every call without a word
                 raise ProbeError(
@@ -61,6 +63,8 @@ def call_filter(calls) -> CallFilter | None:
                     f"{type(answer).__name__} {answer!r:.60}")
             return bool(answer)
         return keep
+    if isinstance(calls, np.ndarray) and calls.ndim <= 1 and np.issubdtype(calls.dtype, np.integer):
+        calls = calls.tolist()  # np.arange(10, 20)
     if _is_int(calls):
         calls = [calls]
     if isinstance(calls, slice):
@@ -72,7 +76,7 @@ def call_filter(calls) -> CallFilter | None:
         start, stop, step = calls.start or 0, calls.stop, calls.step or 1
         return lambda index, timestep: index >= start and (stop is None or index < stop) and (index - start) % step == 0
     if isinstance(calls, (list, tuple, range, set, frozenset)) and all(_is_int(i) for i in calls):
-        chosen = frozenset(calls)
+        chosen = frozenset(int(i) for i in calls)
         if not chosen:
             raise ProbeError("calls=[] keeps no denoiser call; use calls=None to keep them all")
         if min(chosen) < 0:
@@ -99,7 +103,9 @@ def check_tokens(tokens) -> tuple | None:
     if isinstance(tokens, str) or _is_int(tokens):
         tokens = [tokens]
     if isinstance(tokens, (list, tuple, range)) and tokens:
-        if all(_is_int(t) for t in tokens) or all(isinstance(t, str) and t.strip() for t in tokens):
+        if all(_is_int(t) for t in tokens):
+            return tuple(int(t) for t in tokens)
+        if all(isinstance(t, str) and t.strip() for t in tokens):
             return tuple(tokens)
     raise ProbeError(
         f"tokens={tokens!r} is not a token selection: give None (every position), a concept such as 'dog', a "
