@@ -507,6 +507,10 @@ def test_a_streamed_stores_header_given_as_the_store_points_to_its_folder(tmp_pa
     with pytest.raises(StoreError, match=r"attnprobe.json' is the header of a streamed store: load its folder, "
                                          r"AttentionStore.load\('.*/s'\)"):
         AttentionStore.load(tmp_path / "s" / "attnprobe.json")
+    shutil.rmtree(tmp_path / "s" / "calls")  # the header alone still points to its folder
+    with pytest.raises(StoreError, match=r"attnprobe.json' is the header of a streamed store: load its folder"):
+        AttentionStore.load(tmp_path / "s" / "attnprobe.json")
+    assert AttentionStore.load(_store().save(tmp_path / "attnprobe.json")).site_names  # a store saved by that name
 
 
 def test_a_concept_where_token_positions_go_says_where_its_positions_come_from():
@@ -521,5 +525,18 @@ def test_save_to_a_path_ending_with_a_separator_is_refused(tmp_path):
     with pytest.raises(StoreError, match=r"new/' ends with a path separator, as a folder does; give a file name such "
                                          r"as '.*new/store.safetensors'"):
         _store().save(f"{tmp_path}/new/")
+    for dots in (".", ".."):  # Path("new/.") is Path("new") too
+        with pytest.raises(StoreError, match=rf"new/\{dots}' names a folder \('\{dots}'\); give a file name such as "):
+            _store().save(f"{tmp_path}/new/{dots}")
     assert not (tmp_path / "new").exists()
     assert _store().save(tmp_path / "made" / "s.safetensors").is_file()  # a missing folder is made
+
+
+def test_saving_through_a_symbolic_link_writes_the_file_it_points_to(tmp_path):
+    target = _store().save(tmp_path / "real.safetensors")
+    (tmp_path / "link.safetensors").symlink_to(target)
+    store = _store()
+    store.meta["note"] = "saved again"
+    store.save(tmp_path / "link.safetensors")
+    assert (tmp_path / "link.safetensors").is_symlink()  # the rename went over the target, not the link
+    assert AttentionStore.load(target).meta["note"] == "saved again"

@@ -44,8 +44,8 @@ def discard(path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; renamed over ``path`` when the block ends without an error,
-    removed in every case otherwise.
+    """A temporary path beside ``path`` to write to; renamed over ``path`` (over the file a symbolic link ``path``
+    points to) when the block ends without an error, removed in every case otherwise.
 
         >>> import tempfile
         >>> target = Path(tempfile.mkdtemp()) / "table.csv"
@@ -55,6 +55,8 @@ def atomic_path(path) -> Iterator[Path]:
         ('a,b\\n', ['table.csv'])
     """
     path = Path(path)
+    if path.is_symlink():  # write where the link points: a rename over the link would replace the link itself
+        path = Path(os.path.realpath(path))
     tmp = temporary_path(path)
     try:
         yield tmp

@@ -67,6 +67,14 @@ def _as_path(path, what: str) -> Path:
     return Path(path)
 
 
+def _starts_with_brace(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == b"{"
+    except OSError:
+        return False
+
+
 def save(store, path) -> Path:
     """Write ``store`` to one safetensors file (maps) with its JSON header and integrity record, atomically. See
     ``AttentionStore.save``."""
@@ -80,6 +88,9 @@ def save(store, path) -> Path:
     if isinstance(given, str) and given.endswith(("/", os.sep)):  # Path() drops the separator, making it a file name
         raise StoreError(f"{given!r} ends with a path separator, as a folder does; give a file name such as "
                          f"{str(path / 'store.safetensors')!r}")
+    if isinstance(given, str) and os.path.basename(given) in (".", ".."):  # Path("out/.") is Path("out")
+        raise StoreError(f"{given!r} names a folder ({os.path.basename(given)!r}); give a file name such as "
+                         f"{os.path.join(given, 'store.safetensors')!r}")
     tensors = {name: store[name].contiguous() for name in store.site_names}
     tensors.update({f"{_RELATION}{relation}/{module}": m.contiguous()
                     for relation, maps in store.relations.items() for module, m in maps.items()})
@@ -107,7 +118,7 @@ def load(cls, path, verify: bool = True, missing_calls: str = "error"):
         return _open_folder(cls, path, verify, missing_calls)
     if not path.is_file():
         raise StoreError(f"no store file or folder at {str(path)!r}")
-    if path.name == HEADER and (path.parent / "calls").is_dir():
+    if path.name == HEADER and _starts_with_brace(path):  # JSON, where a safetensors file starts with its length
         raise StoreError(f"{str(path)!r} is the header of a streamed store: load its folder, "
                          f"AttentionStore.load({str(path.parent)!r})")
     try:
