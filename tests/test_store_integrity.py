@@ -361,11 +361,17 @@ def test_compare_with_something_that_is_not_a_store():
     lambda x: attnprobe.analysis.concept_positions(x, "dog"), lambda x: attnprobe.relation_map(x, "self", "a"),
     lambda x: attnprobe.analysis.video.frame_heatmaps(x, "dog", 9, (8, 8)),
     lambda x: attnprobe.animate_heatmap(x, "dog", [], "/tmp/none.gif"),
-], ids=["trajectory", "heatmap", "concept_positions", "relation_map", "frame_heatmaps", "animate_heatmap"])
+    lambda x: attnprobe.analysis.figures.plot_site_call_grid(x, "dog"), lambda x: attnprobe.analysis.daam.daam_sites(x),
+], ids=["trajectory", "heatmap", "concept_positions", "relation_map", "frame_heatmaps", "animate_heatmap",
+        "plot_site_call_grid", "daam_sites"])
 def test_the_measures_say_what_they_were_given_instead_of_a_store(call, tmp_path):
     """A path (the file a store was saved to) or None, where a store belongs: the measure's name, what it got and
-    how to load one, not an AttributeError from inside."""
-    for wrong, shown in ((str(tmp_path / "s.safetensors"), "a str '"), (None, "a NoneType None")):
+    how to load one, not an AttributeError from inside (nor the error of a broken ``__repr__``)."""
+    class Broken:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    for wrong, shown in ((str(tmp_path / "s.safetensors"), "a str '"), (None, "a NoneType None"), (Broken(), "a Broken,")):
         with pytest.raises(ArgumentTypeError, match=f"store is {shown}.*not an AttentionStore.*AttentionStore.load"):
             call(wrong)
 

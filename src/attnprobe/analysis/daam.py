@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..capture.sites import select_sites
 from ..errors import ArgumentError, StoreError
 from ..store import AttentionStore
+from ..store.attention_store import require_store
 
 __all__ = ["daam_map", "daam_sites", "DAAM_FACTORS", "DAAM_CONTEXT"]
 
@@ -32,7 +33,12 @@ DAAM_CONTEXT = 77
 def daam_sites(store: AttentionStore) -> list[str]:
     """The sites DAAM 0.2.0 hooks in a ``UNet2DConditionModel``, as store site names: every ``attn2`` of every
     transformer block of the ``up_blocks`` and ``down_blocks`` (``daam/hook.py``, ``UNetCrossAttentionLocator`` with
-    ``locate_middle_block=False``: the mid block is hooked only to save or load heads), in the store's order."""
+    ``locate_middle_block=False``: the mid block is hooked only to save or load heads), in the store's order.
+
+    Raises:
+        ArgumentTypeError: ``store`` is not an ``AttentionStore``.
+    """
+    require_store(store, "daam_sites")
     return [s.name for s in store.sites
             if s.name.split(".")[0] in ("up_blocks", "down_blocks") and s.name.endswith(".attn2")
             and ".attentions." in s.name and ".transformer_blocks." in s.name]

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .measures import concept_positions, require_per_call
+from .measures import concept_positions, require_per_call, require_store
 
 __all__ = ["plot_trajectories", "plot_delta_auc", "plot_heatmaps", "plot_text_similarity", "plot_site_call_grid", "shorten",
            "plot_presence", "plot_frames"]
@@ -410,7 +410,11 @@ def plot_site_call_grid(store, concept: str, sample: int = 0, calls=None, max_ca
 
     Returns:
         The figure (axes titled ``call c (t=…)``, rows labelled with the site's block).
+
+    Raises:
+        ArgumentTypeError: ``store`` is not an ``AttentionStore``. StoreError: a store of ``probe(aggregate=...)``.
     """
+    require_store(store, "plot_site_call_grid")
     require_per_call(store, "plot_site_call_grid")
     plt = _plt()
     positions = concept_positions(store, concept, sample, occurrence)

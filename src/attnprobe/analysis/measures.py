@@ -31,6 +31,7 @@ import torch
 from ..capture.sites import select_sites
 from ..errors import ArgumentError, ArgumentTypeError, SelectionError, StoreError
 from ..store import AttentionStore
+from ..store.attention_store import require_store
 from ..store.axes import as_index, positions as axis_positions
 from .daam import daam_map
 
@@ -73,16 +74,6 @@ def _site_mass(store: AttentionStore, site: str, sample: int, positions: list[in
         return picked.mean(dim=(1, 2, 3, 4))
     # a video store's [call, 1, head, qt, qh, qw] → [call, qt] or, pooled over every video position, [call]
     return picked.mean(dim=(1, 2, 4, 5)) if by_frame else picked.mean(dim=(1, 2, 3, 4, 5))
-
-
-def require_store(value, what: str, name: str = "store") -> None:
-    """Raise ``ArgumentTypeError`` unless ``value`` is an ``AttentionStore`` (a path or a probe's output folder is
-    not one yet: ``AttentionStore.load``). ``what``: the function, for the message; ``name``: its argument."""
-    if not isinstance(value, AttentionStore):
-        raise ArgumentTypeError(
-            f"{what}: {name} is a {type(value).__name__} {value!r:.60}, not an AttentionStore: pass the store a probe "
-            "returned, or AttentionStore.load(path) to read one from a file or folder"
-        )
 
 
 def require_video(store: AttentionStore, what: str) -> dict:

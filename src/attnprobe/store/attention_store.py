@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConceptError, SelectionError, StoreError, UnknownSiteError
+from ..errors import ArgumentTypeError, ConceptError, SelectionError, StoreError, UnknownSiteError
 from ..text.tokens import TokenLayout, find_concept
 from .export import to_pandas as export_pandas, to_xarray as export_xarray
 from .files import header, json_safe, load as load_file, save as save_file
@@ -46,7 +46,7 @@ from .shards import ShardWriter, read_shard_call, read_site
 from .axes import as_index, positions
 from .records import Call, Sample, Site
 
-__all__ = ["AttentionStore", "StoreWriter"]
+__all__ = ["AttentionStore", "StoreWriter", "require_store"]
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -483,3 +483,17 @@ class StoreWriter:
         else:
             for name in store.site_names:
                 store[name]  # joins the per-call chunks
+
+
+def require_store(value, what: str, name: str = "store") -> None:
+    """Raise ``ArgumentTypeError`` unless ``value`` is an ``AttentionStore`` (a path or a probe's output folder is
+    not one yet: ``AttentionStore.load``). ``what``: the function, for the message; ``name``: its argument."""
+    if not isinstance(value, AttentionStore):
+        try:
+            shown = f" {value!r:.60}"
+        except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the message
+            shown = ""
+        raise ArgumentTypeError(
+            f"{what}: {name} is a {type(value).__name__}{shown}, not an AttentionStore: pass the store a probe "
+            "returned, or AttentionStore.load(path) to read one from a file or folder"
+        )
