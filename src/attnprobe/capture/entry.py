@@ -64,12 +64,13 @@ def _close_open_probes() -> None:
     """Close, as an interrupted block, every probe still open when the interpreter exits: left to the interpreter's
     teardown, its generator runs torch after torch has begun to clean up, and the process aborts in C++. A forked
     child closes its copies without a word (and without writing: ``probe`` finishes a store in its own process only)."""
+    mine = [block for block in _OPEN if block._pid == os.getpid()]
+    for k, block in enumerate(mine):  # numbered: the default filter shows a repeated text once
+        where = f"streamed to {block._store.folder}" if block._store.folder else "in memory"
+        warn(f"a probe (attnprobe.probe(...), or the one concept_attention(...) opens; {len(block._store.calls)} "
+             f"call(s), {where}{f'; {k + 1} of {len(mine)}' if len(mine) > 1 else ''}) was entered and never exited: "
+             "closed at interpreter exit as an interrupted block (its whole calls kept, the processors restored)")
     for block in list(_OPEN):
-        if block._pid == os.getpid():
-            where = f"streamed to {block._store.folder}" if block._store.folder else "in memory"
-            warn(f"a probe (attnprobe.probe(...), or the one concept_attention(...) opens; {len(block._store.calls)} "
-                 f"call(s), {where}) was entered and never exited: closed at interpreter exit as an interrupted block "
-                 "(its whole calls kept, the processors restored)")
         try:
             block.__exit__(GeneratorExit, GeneratorExit(), None)
         except Exception as error:  # noqa: BLE001 - one probe's failure must not keep the others open
