@@ -190,8 +190,9 @@ def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
                         fmt=marker, color=colours[variant], ms=5, capsize=2, lw=0.8)
             # each variant's labels on their own line beside the point: points that coincide keep readable labels
             labels.append(ax.annotate(shorten(r["concept"], 20), (r["delta_auc_last"], r["delta_presence"]),
-                                      fontsize=6, alpha=0.8, color=colours[variant], xytext=(4, 4 - 8 * k),
-                                      textcoords="offset points"))
+                                      fontsize=6, color=colours[variant], xytext=(4, 4 - 8 * k),
+                                      textcoords="offset points",  # a pale ground: readable over error bars
+                                      bbox=dict(boxstyle="square,pad=0.05", fc="white", ec="none", alpha=0.7)))
         handles.append(plt.Line2D([], [], ls="none", marker=marker, color=colours[variant], ms=5, label=variant))
     ax.axhline(0, color="black", lw=0.8)
     ax.axvline(0, color="black", lw=0.8)
@@ -202,18 +203,23 @@ def plot_presence(summary: Sequence[Mapping], scorer: str | None = None):
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    _apart(fig, labels)
+    _apart(fig, labels, ax)
     return fig
 
 
-def _apart(fig, labels: list, step: float = 7.0, tries: int = 6) -> None:
+def _apart(fig, labels: list, ax, step: float = 7.0, tries: int = 6) -> None:
     """Move each annotation down or up by ``step`` points (0, -1, +1, -2, … steps) until its box overlaps none of
-    those placed before it (points a few pixels apart in x otherwise run their labels together); one that finds no
-    free place within ``tries`` steps stays where it was asked to be."""
+    those placed before it nor a labelled point's marker (points a few pixels apart in x otherwise run their labels
+    together); one that finds no free place within ``tries`` steps stays where it was asked to be."""
     get_renderer = getattr(fig.canvas, "get_renderer", None)
     if get_renderer is None:
         return
-    renderer, placed = get_renderer(), []
+    from matplotlib.transforms import Bbox
+
+    renderer = get_renderer()
+    radius = 3.0 * fig.dpi / 72  # a marker of ms=5 is 5 points across
+    points = ax.transData.transform([label.xy for label in labels]) if labels else []
+    placed = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius) for x, y in points]
     for label in labels:
         x, y = label.xyann
         for dy in [0.0] + [sign * i * step for i in range(1, tries + 1) for sign in (-1, 1)]:
