@@ -189,6 +189,16 @@ if os.fork() == 0:  # a forked child (a data-loader worker) that exits after its
 block.__exit__(None, None, None)
 os.write(wait, b"x")
 os.wait()
+go, wait = os.pipe()
+with attnprobe.probe(other, heads="mean", stream_to=sys.argv[3]):
+    other("a dog", num_inference_steps=2, height=64, width=64, output_type="latent")
+    child = os.fork()
+    if child == 0:  # leaves the block after its parent did
+        os.read(go, 1)
+if child == 0:
+    os._exit(0)
+os.write(wait, b"x")
+os.waitpid(child, 0)
 """
 
 
@@ -197,15 +207,27 @@ def test_a_probe_never_exited_is_closed_at_interpreter_exit(tmp_path):
     # whose block object was not kept was closed by the garbage collector at once; a forked child's exit rewrote the
     # parent's store as interrupted
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run([sys.executable, "-c", NEVER_EXITED, str(tmp_path / "open"), str(tmp_path / "closed")],
+    done = subprocess.run([sys.executable, "-c", NEVER_EXITED, *(str(tmp_path / n) for n in ("open", "closed", "left"))],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.count("was entered and never exited: closed at interpreter exit") == 1, done.stderr[-2000:]
     assert f"2 call(s), streamed to {tmp_path / 'open'})" in done.stderr
     kept = attnprobe.AttentionStore.load(tmp_path / "open")
     assert len(kept.calls) == 2 and kept.meta["complete"] is False  # its streamed calls are whole
-    closed = attnprobe.AttentionStore.load(tmp_path / "closed")
-    assert len(closed.calls) == 2 and closed.meta["complete"] is True
+    for name in ("closed", "left"):  # neither a forked child's exit nor its leaving the block wrote the store
+        closed = attnprobe.AttentionStore.load(tmp_path / name)
+        assert len(closed.calls) == 2 and closed.meta["complete"] is True
+    assert "its block, left in a forked child" in done.stderr
+
+
+def test_a_probe_left_open_is_closed_at_exit_also_where_warnings_are_errors(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    errors = "import warnings, attnprobe\nwarnings.simplefilter('error', attnprobe.AttnprobeWarning)\n"
+    done = subprocess.run([sys.executable, "-c", errors + NEVER_EXITED.split("block = ")[0], str(tmp_path / "open")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
+    assert "attnprobe: a probe (" in done.stderr and "closed at interpreter exit" in done.stderr  # said on stderr
+    assert len(attnprobe.AttentionStore.load(tmp_path / "open").calls) == 2
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import functools
 import os
+import sys
 from typing import Iterator, Sequence
 
 import torch
@@ -62,19 +63,35 @@ _OPEN: "set[_OneBlock]" = set()
 @atexit.register
 def _close_open_probes() -> None:
     """Close, as an interrupted block, every probe still open when the interpreter exits: left to the interpreter's
-    teardown, its generator runs torch after torch has begun to clean up, and the process aborts in C++. A forked
-    child closes its copies without a word (and without writing: ``probe`` finishes a store in its own process only)."""
-    mine = [block for block in _OPEN if block._pid == os.getpid()]
+    teardown, its generator runs torch after torch has begun to clean up, and the process aborts in C++. Every probe
+    is closed before anything is said (warnings turned into errors cannot stop it). A forked child closes its copies
+    without a word (and without writing: ``probe`` finishes a store in its own process only)."""
+    blocks = list(_OPEN)
+    mine = [block for block in blocks if block._pid == os.getpid()]
+    told = {}
     for k, block in enumerate(mine):  # numbered: the default filter shows a repeated text once
         where = f"streamed to {block._store.folder}" if block._store.folder else "in memory"
-        warn(f"a probe (attnprobe.probe(...), or the one concept_attention(...) opens; {len(block._store.calls)} "
-             f"call(s), {where}{f'; {k + 1} of {len(mine)}' if len(mine) > 1 else ''}) was entered and never exited: "
-             "closed at interpreter exit as an interrupted block (its whole calls kept, the processors restored)")
-    for block in list(_OPEN):
+        told[block] = (f"a probe (attnprobe.probe(...), or the one concept_attention(...) opens; "
+                       f"{len(block._store.calls)} call(s), {where}{f'; {k + 1} of {len(mine)}' if len(mine) > 1 else ''})")
+    failed = {}
+    for block in blocks:
         try:
             block.__exit__(GeneratorExit, GeneratorExit(), None)
         except Exception as error:  # noqa: BLE001 - one probe's failure must not keep the others open
-            warn(f"closing that probe at interpreter exit failed: {type(error).__name__}: {error}")
+            failed[block] = error
+    for block, what in told.items():
+        error = failed.get(block)
+        _say(f"{what} was entered and never exited: " + (
+            f"closing it at interpreter exit failed: {type(error).__name__}: {error}" if error else
+            "closed at interpreter exit as an interrupted block (its whole calls kept, the processors restored)"))
+
+
+def _say(message: str) -> None:
+    """A warning, or a line on stderr where warnings are errors (at exit, nobody could catch one)."""
+    try:
+        warn(message)
+    except Exception:  # noqa: BLE001
+        print(f"attnprobe: {message}", file=sys.stderr)
 
 
 def _one_block(function):
@@ -205,7 +222,11 @@ def probe(
             if os.getpid() == owner:  # a forked child's copy, closed at its exit, must not rewrite the store's files
                 recorder.finish(complete=False)  # keep whole calls only; the error that ended the block goes on
             raise
-        recorder.finish(complete=True)
+        if os.getpid() == owner:
+            recorder.finish(complete=True)
+        else:
+            warn(f"this probe was opened in process {owner}: its block, left in a forked child (process "
+                 f"{os.getpid()}), leaves the store to that process (nothing of the child's is written or checked)")
     finally:
         recorder.remove()
         recorder.store.meta = json_safe(recorder.store.meta)
