@@ -287,3 +287,43 @@ def test_an_interrupt_during_the_merge_says_the_merge_was_not_made(tmp_path, mon
                   progress=False, echo=False)
     assert "stopped while merging: the tables, figures and report are the previous merge's" in capsys.readouterr().err
     assert not (tmp_path / "auc.csv").exists() and list((tmp_path / "cells").rglob("*.safetensors"))
+
+
+def test_sigterm_while_merging_lets_the_merge_end(tmp_path, monkeypatch, capsys):
+    """A batch scheduler's time limit that lands in the merge: the tables are still written, then exit 143."""
+    import os
+    import signal
+
+    from attnprobe.study.cli import main
+
+    run = importlib.import_module("attnprobe.study.run")
+    merge = run._merge
+
+    def terminated_while_merging(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(run, "_merge", terminated_while_merging)
+    code = main(["study", "--model", "tiny", "--concepts", "dog", "--seeds", "0", "--steps", "2",
+                 "--variants", "baseline,instruction", "--out", str(tmp_path), "--no-progress"])
+    assert code == 143 and not run.MERGING.is_set()
+    assert "attnprobe: terminated (SIGTERM) while merging, once the merge had ended" in capsys.readouterr().err
+    assert (tmp_path / "auc.csv").read_text().count("\ntiny,dog,") == 2
+
+
+def test_ctrl_c_during_the_cells_says_interrupted(tmp_path, monkeypatch, capsys):
+    st = importlib.import_module("attnprobe.study.measure")
+    run = importlib.import_module("attnprobe.study.run")
+    real, seen = st.measure_cell, []
+
+    def interrupted_on_second(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(st, "measure_cell", interrupted_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run.study(out=tmp_path, model="tiny", concepts=["dog", "cat"], seeds=[0], steps=2,
+                  variants="baseline,instruction", progress=False, echo=False)
+    assert "attnprobe study: interrupted; what finished is kept" in capsys.readouterr().err

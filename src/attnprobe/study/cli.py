@@ -149,20 +149,24 @@ class _Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    def stop(signum, frame):
-        signal.signal(signal.SIGTERM, again)  # a second SIGTERM must not cut the merge of what finished
-        raise _Terminated("terminated (SIGTERM)")
+    """SIGTERM stops the cells as Ctrl-C does; while what finished is merged (``run.MERGING``), it is noted and the
+    merge ends first. Yields a list that holds the SIGTERMs so noted."""
+    noted: list[int] = []
 
-    def again(signum, frame):
-        os.write(2, b"attnprobe: SIGTERM again: still merging what finished (SIGKILL stops at once)\n")
+    def stop(signum, frame):
+        if run.MERGING.is_set():
+            noted.append(signum)
+            os.write(2, b"attnprobe: SIGTERM: the merge of what finished ends first (SIGKILL stops at once)\n")
+            return
+        raise _Terminated("terminated (SIGTERM)")
 
     try:
         before = signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread: leave SIGTERM as it is
-        yield
+        yield noted
         return
     try:
-        yield
+        yield noted
     finally:
         signal.signal(signal.SIGTERM, before)
 
@@ -174,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         if args.command == "study":
-            with _terminate_as_interrupt():
+            with _terminate_as_interrupt() as noted:
                 result = run.study(**_study_arguments(args))
+            if noted:
+                print("attnprobe: terminated (SIGTERM) while merging, once the merge had ended", file=sys.stderr)
+                return 143
             return 1 if result.failures and not result.aucs else 0
         if args.command == "report":
             print(f"wrote {rewrite_page(args.dir)}")

@@ -28,6 +28,7 @@ import contextlib
 import json
 import shutil
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -305,6 +306,9 @@ def _start(plan: _Plan, restart: bool) -> None:
 
 
 #: What a run stopped by its folder says it kept.
+#: set while a study merges what finished: the command's SIGTERM lets the merge end first (study.cli)
+MERGING = threading.Event()
+
 _RESUME = "every generation finished before is kept: run the same command again to resume"
 
 
@@ -367,7 +371,7 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
             bar.update()
     except KeyboardInterrupt as exc:
         interrupted = exc
-        tqdm.write(f"attnprobe study: {exc or 'interrupted'}; what finished is kept (run again to resume)",
+        tqdm.write(f"attnprobe study: {str(exc) or 'interrupted'}; what finished is kept (run again to resume)",
                    file=sys.stderr)
     finally:
         bar.close()
@@ -380,6 +384,7 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
     if not procs.is_main:
         return StudyResult(out=out, done=counts["done"], failed=counts["failed"], partial=counts["partial"])
     scorer_name = getattr(plan.scorer, "name", None)
+    MERGING.set()
     try:
         with writing(out, then="every table and figure is whole (the previous merge's, or this one's where it was "
                           "already in place) and every finished generation is kept: run the same command again to merge"):
@@ -390,6 +395,8 @@ def _run(plan: _Plan, pipe, progress: bool, echo: bool) -> StudyResult:
         tqdm.write("attnprobe study: stopped while merging: the tables, figures and report are the previous merge's "
                    "(none if there was none); run the same command again to merge", file=sys.stderr)
         raise
+    finally:
+        MERGING.clear()
     result.skipped = skipped
     if echo:
         shown = plan.size or (measure.default_size(pipe, plan.models[0]) if len(plan.models) == 1 and pipe else "native")
