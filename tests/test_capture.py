@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import safetensors
 import torch
@@ -109,6 +110,12 @@ def test_tokens_positions_and_combined_reductions(sd_pipe, full):
     assert store.token_positions == [0, 76] and len(store.tokens(0)) == 2
     for site in store.site_names:
         _equal(store[site], base[site][[1, 2]][..., [0, 76]].mean(dim=2, keepdim=True))
+    # numpy's ints and int arrays, as an analysis hands them on, select the same
+    numpy_store, _ = _capture(sd_pipe, tokens=np.array([0, -1]), heads="mean", calls=np.arange(1, 3),
+                              dtype=torch.float32)
+    assert numpy_store.token_positions == [0, 76] and [c.index for c in numpy_store.calls] == [1, 2]
+    for site in store.site_names:
+        _equal(numpy_store[site], store[site])
 
 
 def test_tokens_absent_concept_raises_before_any_map(sd_pipe, processors_of, assert_clean):
@@ -118,7 +125,7 @@ def test_tokens_absent_concept_raises_before_any_map(sd_pipe, processors_of, ass
     assert_clean(sd_pipe, before)
 
 
-@pytest.mark.parametrize("tokens", [[], [1, "dog"], 3.5, [" "]])
+@pytest.mark.parametrize("tokens", [[], [1, "dog"], 3.5, [" "], np.arange(3.0), np.array([[1, 2]])])
 def test_bad_tokens_raise_before_anything_runs(sd_pipe, tokens):
     with pytest.raises(ProbeError, match="not a token selection"):
         with probe(sd_pipe, tokens=tokens):

@@ -29,6 +29,13 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _from_numpy(value):
+    """A numpy array of ints (0-d or 1-D) as Python's int or list of ints; anything else as it is."""
+    if isinstance(value, np.ndarray) and value.ndim <= 1 and np.issubdtype(value.dtype, np.integer):
+        return value.tolist()  # np.arange(10, 20)
+    return value
+
+
 def call_filter(calls) -> CallFilter | None:
     """``probe(calls=...)`` as a predicate ``(index, timestep) -> bool``, or ``None`` to keep every call.
 
@@ -63,8 +70,7 @@ def call_filter(calls) -> CallFilter | None:
                     f"{type(answer).__name__} {answer!r:.60}")
             return bool(answer)
         return keep
-    if isinstance(calls, np.ndarray) and calls.ndim <= 1 and np.issubdtype(calls.dtype, np.integer):
-        calls = calls.tolist()  # np.arange(10, 20)
+    calls = _from_numpy(calls)
     if _is_int(calls):
         calls = [calls]
     if isinstance(calls, slice):
@@ -92,14 +98,15 @@ def call_filter(calls) -> CallFilter | None:
 
 
 def check_tokens(tokens) -> tuple | None:
-    """``probe(tokens=...)`` checked: ``None``, a tuple of ints (prompt positions) or a tuple of strings
-    (concepts, resolved per sample with ``find_concept``).
+    """``probe(tokens=...)`` checked: ``None``, a tuple of ints (prompt positions; numpy's ints and int arrays too) or a
+    tuple of strings (concepts, resolved per sample with ``find_concept``).
 
     Raises:
         ProbeError: an empty selection, a mix of ints and strings, or another type.
     """
     if tokens is None:
         return None
+    tokens = _from_numpy(tokens)
     if isinstance(tokens, str) or _is_int(tokens):
         tokens = [tokens]
     if isinstance(tokens, (list, tuple, range)) and tokens:
