@@ -517,6 +517,19 @@ def test_a_streamed_stores_header_given_as_the_store_points_to_its_folder(tmp_pa
     with pytest.raises(StoreError, match=r"attnprobe.json' is the header of a streamed store: load its folder"):
         AttentionStore.load(tmp_path / "s" / "attnprobe.json")
     assert AttentionStore.load(_store().save(tmp_path / "attnprobe.json")).site_names  # a store saved by that name
+    header = tmp_path / "s" / "attnprobe.json"
+    header.write_text("\n  " + header.read_text())  # JSON that starts with spaces is still JSON
+    with pytest.raises(StoreError, match=r"attnprobe.json' is the header of a streamed store: load its folder"):
+        AttentionStore.load(header)
+
+
+def test_a_folder_whose_attnprobe_json_is_other_json_is_not_a_store(tmp_path):
+    (tmp_path / "y").mkdir()
+    for text in ('{"name": "my notes"}', "[1, 2]"):
+        (tmp_path / "y" / "attnprobe.json").write_text(text)
+        with pytest.raises(StoreError, match=r"y' is not an attnprobe store: its header \(JSON (dict|list)\) has no "
+                                             "store format"):
+            AttentionStore.load(tmp_path / "y")
 
 
 def test_a_concept_where_token_positions_go_says_where_its_positions_come_from():
@@ -546,3 +559,6 @@ def test_saving_through_a_symbolic_link_writes_the_file_it_points_to(tmp_path):
     store.save(tmp_path / "link.safetensors")
     assert (tmp_path / "link.safetensors").is_symlink()  # the rename went over the target, not the link
     assert AttentionStore.load(target).meta["note"] == "saved again"
+    (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "missing" / "s.safetensors")  # as for a plain path,
+    store.save(tmp_path / "dangling.safetensors")  # the folder it points into is made
+    assert AttentionStore.load(tmp_path / "missing" / "s.safetensors").meta["note"] == "saved again"

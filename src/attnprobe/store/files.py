@@ -70,9 +70,11 @@ def _as_path(path, what: str) -> Path:
 def _starts_with_brace(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
-            return f.read(1) == b"{"
+            head = f.read(256).lstrip()
     except OSError:
         return False
+    # a safetensors file starts with its header's length, 8 bytes little-endian: the high ones are 0
+    return head[:1] == b"{" and b"\x00" not in head[:8]
 
 
 def save(store, path) -> Path:
@@ -99,7 +101,8 @@ def save(store, path) -> Path:
     warn_model_nan(model_nan(json.loads(record)))
     metadata = {_META_KEY: text, INTEGRITY_KEY: record}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        target = Path(os.path.realpath(path)) if path.is_symlink() else path  # the folder a link points into
+        target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
     except (OSError, SafetensorError) as exc:
@@ -168,9 +171,11 @@ def _relations(path: Path, found, maps: dict) -> dict:
 
 
 def _from_header(cls, path: Path, found, maps: dict, folder: Path | None = None, shards=()):
-    if not isinstance(found, dict) or found.get("format") != FORMAT_VERSION:
-        version = found.get("format") if isinstance(found, dict) else type(found).__name__
-        raise StoreError(f"{str(path)!r} has store format {version!r}; this attnprobe reads {FORMAT_VERSION}")
+    if not isinstance(found, dict) or "format" not in found:
+        raise StoreError(f"{str(path)!r} is not an attnprobe store: its header (JSON "
+                         f"{type(found).__name__}) has no store format")
+    if found.get("format") != FORMAT_VERSION:
+        raise StoreError(f"{str(path)!r} has store format {found['format']!r}; this attnprobe reads {FORMAT_VERSION}")
     try:
         sites = [Site(**s) for s in found["sites"]]
         calls = [Call(**{**c, "layout": tuple(c["layout"])}) for c in found["calls"]]
