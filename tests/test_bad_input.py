@@ -174,6 +174,9 @@ def test_study_refuses_a_bad_grid_before_generating(tmp_path):
         study(out=tmp_path, concepts=["dog", "cat", "dog"], seeds=[0], progress=False, echo=False)
     with pytest.raises(ValueError, match=r"concepts repeat \['garbage truck'\] \(spaces aside\)"):  # as a study file gives them
         study(out=tmp_path, concepts=["garbage truck", "garbage  truck "], seeds=[0], progress=False, echo=False)
+    for hidden in ("hot\ndog", "dog\u200b"):  # it would run, with a line break in its prompts or an invisible twin
+        with pytest.raises(ValueError, match="holds a line break, tab or invisible character"):
+            study(out=tmp_path, concepts=[hidden], seeds=[0], progress=False, echo=False)
     with pytest.raises(ValueError, match="concepts 'red circle' and 'Red Circle' are the same tokens for this model's "
                                          r"tokenizer \(CLIP's lowercases\)"):
         study(out=tmp_path, concepts=["red circle", "Red Circle"], seeds=[0], progress=False, echo=False)

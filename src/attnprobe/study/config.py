@@ -28,6 +28,7 @@ import math
 import numbers
 import os
 import tomllib
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -269,11 +270,18 @@ def _whole(value) -> bool:
     return isinstance(value, numbers.Integral) or (math.isfinite(value) and value == int(value))
 
 
+def _hidden(ch: str) -> bool:
+    """A control character (line break, tab) or an invisible format one (zero-width space, BOM), but for the
+    zero-width joiner of emoji sequences; a plain space is neither."""
+    return unicodedata.category(ch) == "Cc" or (unicodedata.category(ch) == "Cf" and ch != "\u200d")
+
+
 def check_grid(concepts, seeds, steps, guidance, size) -> None:
     """Refuse a grid that cannot run, before anything is loaded.
 
     Raises:
-        ConfigError (a ValueError): no concept or seed; a blank concept; a concept (spaces aside) or seed given twice (a repeated seed fakes a
+        ConfigError (a ValueError): no concept or seed; a blank concept, or one with a line break, tab or invisible
+            character; a concept (spaces aside) or seed given twice (a repeated seed fakes a
             narrower interval); a seed outside 0 … 2**63 − 1; steps not a whole number in 1 … ``MAX_STEPS`` (1000);
             guidance not finite or < 0; a size (pixels) that is not a positive multiple of 8 or is over ``MAX_SIZE``
             (4096).
@@ -282,6 +290,10 @@ def check_grid(concepts, seeds, steps, guidance, size) -> None:
         raise ConfigError(f"need at least one concept and one seed; got concepts={concepts}, seeds={seeds}")
     if any(not isinstance(c, str) or not c.strip() for c in concepts):
         raise ConfigError(f"concepts must be non-empty words or phrases; got {concepts}")
+    hidden = [c for c in concepts if any(_hidden(ch) for ch in c)]
+    if hidden:
+        raise ConfigError(f"concept {hidden[0]!r} holds a line break, tab or invisible character: give each concept "
+                          "on one line, in plain words")
     if not all(_whole(s) for s in seeds):
         raise ConfigError(f"seeds must be whole numbers; got {list(seeds)}")
     bad = [s for s in seeds if not 0 <= s < 2**63]
