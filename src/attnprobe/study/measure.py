@@ -189,7 +189,8 @@ def check_prompts(pipe, concepts, variants) -> None:
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
     if tokenizer is None:
         return
-    tokenizers = [t for t in (getattr(pipe, n, None) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")) if t]
+    tokenizers = [t for t in (getattr(pipe, n, None) for n in ("tokenizer", "tokenizer_2", "tokenizer_3"))
+                  if t is not None]
     seen: dict[tuple, str] = {}
     for concept in concepts:
         ids = tuple(tuple(t(concept, add_special_tokens=False).input_ids) for t in tokenizers)
