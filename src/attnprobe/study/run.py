@@ -305,10 +305,10 @@ def _start(plan: _Plan, restart: bool) -> None:
         raise ConfigError(f"out {str(out)!r} cannot be written to ({exc.strerror})") from None
 
 
-#: What a run stopped by its folder says it kept.
 #: set while a study merges what finished: the command's SIGTERM lets the merge end first (study.cli)
 MERGING = threading.Event()
 
+#: What a run stopped by its folder says it kept.
 _RESUME = "every generation finished before is kept: run the same command again to resume"
 
 
