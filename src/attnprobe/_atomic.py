@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_atomic", "temporary_path", "is_temporary", "discard"]
+__all__ = ["atomic_path", "write_atomic", "temporary_path", "is_temporary", "discard", "link_target"]
 
 #: ours (``.<name>.<pid>.tmp``), and the ``.tmpXXXXXXXX`` that safetensors' ``save_file`` writes beside its target
 #: (through Python's ``tempfile``) before renaming it over ours: a run killed during that write leaves it
@@ -42,6 +42,12 @@ def discard(path) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+def link_target(path) -> Path:
+    """``path``, or the file it points to when it is a symbolic link (followed to the end, also when dangling)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 @contextlib.contextmanager
 def atomic_path(path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed over ``path`` (over the file a symbolic link ``path``
@@ -54,9 +60,7 @@ def atomic_path(path) -> Iterator[Path]:
         >>> target.read_text(), sorted(p.name for p in target.parent.iterdir())
         ('a,b\\n', ['table.csv'])
     """
-    path = Path(path)
-    if path.is_symlink():  # write where the link points: a rename over the link would replace the link itself
-        path = Path(os.path.realpath(path))
+    path = link_target(path)  # a rename over a link would replace the link itself
     tmp = temporary_path(path)
     try:
         yield tmp

@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from .._atomic import atomic_path
+from .._atomic import atomic_path, link_target
 from ..errors import ArgumentError, ArgumentTypeError, StoreError, warn
 from ..text.tokens import TokenLayout
 from .integrity import (INTEGRITY_KEY, check_coordinates, check_relations, check_shapes, check_values, file_record,
@@ -101,8 +101,7 @@ def save(store, path) -> Path:
     warn_model_nan(model_nan(json.loads(record)))
     metadata = {_META_KEY: text, INTEGRITY_KEY: record}
     try:
-        target = Path(os.path.realpath(path)) if path.is_symlink() else path  # the folder a link points into
-        target.parent.mkdir(parents=True, exist_ok=True)
+        link_target(path).parent.mkdir(parents=True, exist_ok=True)  # the folder a link points into
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
     except (OSError, SafetensorError) as exc:
