@@ -360,7 +360,10 @@ def test_negative_prompt_labels_uncond_samples(sd_pipe, run):
     assert store.token_indices(cond, "cat") == [[2]]
     with pytest.raises(ConceptError, match="dog"):
         store.token_indices(cond, "dog")
-    with pytest.raises(ConceptError, match="cat"):
+    # the text shown is the negative prompt's, and the message ends on where the prompt's rows are
+    with pytest.raises(ConceptError, match=r"not in sample 0 \(uncond pass, prompt 0\): 'dog'\. .* Sample 0 is a row of "
+                                           r"the uncond pass \(its text is not the prompt\); the conditional samples "
+                                           r"are \[1\]: pass sample=1$"):
         store.token_indices(uncond, "cat")
     assert store.meta["negative_prompts"] == ["dog"]
 

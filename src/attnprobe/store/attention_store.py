@@ -261,10 +261,15 @@ class AttentionStore:
         idx = self.sample_index(sample)
         s = self.samples[idx]
         where = f"sample {idx} ({s.pass_label} pass, prompt {s.prompt_index})"
-        if s.pass_label != "cond":  # a concept is usually looked up in the prompt: say where the prompt's rows are
+        try:
+            found = find_concept(self._layouts[idx], concept, where=where)
+        except ConceptError as exc:
             cond = [x.index for x in self.samples if x.pass_label == "cond"]
-            where += f"; the conditional samples are {cond}" if cond else ""
-        found = find_concept(self._layouts[idx], concept, where=where)
+            if s.pass_label == "cond" or not cond:
+                raise
+            # a concept is usually looked up in the prompt: say where the prompt's rows are
+            raise ConceptError(f"{exc} Sample {idx} is a row of the {s.pass_label} pass (its text is not the prompt); "
+                               f"the conditional samples are {cond}: pass sample={cond[0]}") from None
         if self.token_positions is None:
             return found
         axis = {p: i for i, p in enumerate(self.token_positions)}
