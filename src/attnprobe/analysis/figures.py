@@ -221,8 +221,8 @@ def _apart(fig, labels: list, ax, step: float = 7.0, tries: int = 6) -> None:
     points = points[np.isfinite(points).all(axis=1)]
     # [x0, y0, x1, y1] of every box placed: the markers first, then each label where it lands
     boxes = np.empty((len(points) + len(labels), 4))
-    boxes[:len(points)] = np.column_stack([points - radius, points + radius]) if len(points) else boxes[:0]
     n = len(points)
+    boxes[:n] = np.hstack([points - radius, points + radius])
     shifts = [0.0] + [sign * i * step for i in range(1, tries + 1) for sign in (-1, 1)]
     pixels = fig.dpi / 72  # an offset in points moves the box by this many pixels a point
     for label in labels:

@@ -197,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attnprobe: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        how = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
-        print(f"attnprobe: {how}; every finished generation is kept: run the same command again to resume",
+        print(f"attnprobe: {str(exc) or 'interrupted'}; every finished generation is kept: run the same command again to resume",
               file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
     return 0
